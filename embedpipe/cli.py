@@ -1,0 +1,209 @@
+"""The `embedpipe` command line: parses options, calls the modules, prints results.
+
+Heavy imports (torch, timm) happen inside the commands that need them, so `info` and `--help`
+stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cache pretrained-backbone embeddings of image folders in HDF5; "
+                       "train and evaluate classical heads on them.")
+
+CACHE_DIR = Path("cache")
+
+
+def _fail(e: BaseException) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+    from .datasets import DatasetError
+    from .store import StoreError
+
+    errs: list[type[BaseException]] = [DataError, StoreError, DatasetError]
+    if "embedpipe.backbones" in sys.modules:
+        errs.append(sys.modules["embedpipe.backbones"].WeightsError)
+    if "embedpipe.extract" in sys.modules:
+        errs.append(sys.modules["embedpipe.extract"].ExtractError)
+    return tuple(errs)
+
+
+def _run(fn: Any, *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def extract(
+    data: Path = typer.Argument(..., help="Image folder (class, split/class or unlabeled "
+                                          "layout) or a CSV manifest (path,label[,split])."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store to create or extend "
+                                       "(default: cache/<data>__<model>__<weights>.h5)."),
+    model: str = typer.Option("tf_efficientnet_lite0", "--model", "-m",
+                              help="Any timm model name. Default: EfficientNet-Lite0 with the "
+                                   "bundled offline ImageNet weights."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w",
+                                          help="PATH to a .pth/.pt/.safetensors state dict or "
+                                               "timm checkpoint; or 'bundled' / 'hub'. Default: "
+                                               "bundled when the model has them, else hub."),
+    random_init: bool = typer.Option(False, "--random-init",
+                                     help="Use random weights (recorded in the store)."),
+    pool: Optional[str] = typer.Option(None, help="Global pool: avg, max, avgmax, catavgmax "
+                                                  "(ViTs: token, avg, map)."),
+    img_size: Optional[int] = typer.Option(None, help="Override the model's input size."),
+    crop_pct: Optional[float] = typer.Option(None, help="Override the model's center-crop "
+                                                        "fraction."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16. auto: bf16 on CUDA "
+                                               "(fp16 without bf16) and on CPUs with native "
+                                               "bf16, else fp32; an existing store keeps its own."),
+    dtype: str = typer.Option("float32", help="Stored feature dtype: float32 or float16."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    workers: Optional[int] = typer.Option(None, help="Loader worker processes "
+                                                     "(default: cores - 1, at least 1)."),
+    layout: str = typer.Option("auto", help="auto, class-folders, split-folders, unlabeled, "
+                                            "manifest."),
+    exact_decode: bool = typer.Option(False, help="Decode JPEGs at full size (default: "
+                                                  "reduced-size decoding when the image is at "
+                                                  "least twice the size the model needs)."),
+    max_pixels: int = typer.Option(89_478_485, help="Skip images with more pixels than this "
+                                                    "(decompression-bomb guard)."),
+    prune: bool = typer.Option(False, help="Remove rows of files that are gone from DATA."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
+    from . import extract as ex
+
+    opts = ex.ExtractOptions(model=model, weights=weights, random_init=random_init, pool=pool,
+                             img_size=img_size, crop_pct=crop_pct, device=device,
+                             precision=precision, dtype=dtype, batch_size=batch_size,
+                             workers=workers, layout=layout, exact_decode=exact_decode,
+                             max_pixels=max_pixels, prune=prune)
+    store = out or ex.default_store_path(data, opts, CACHE_DIR)
+    summary = _run(ex.run, data, store, opts, progress=not quiet)
+    skipped = summary.failures + summary.ignored_files
+    for path, reason in skipped[:20]:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    if len(skipped) > 20:
+        typer.echo(f"... and {len(skipped) - 20} more (see `embedpipe info {store}`)", err=True)
+    if summary.vanished and not summary.pruned:
+        shown = ", ".join(summary.vanished[:5])
+        more = f" and {len(summary.vanished) - 5} more" if len(summary.vanished) > 5 else ""
+        typer.echo(f"{len(summary.vanished)} stored files are gone from {data}: {shown}{more} "
+                   "(rerun with --prune to remove them)", err=True)
+    typer.echo(summary.line())
+    if summary.interrupted:
+        typer.echo("interrupted: every finished batch is in the store; rerun the same command "
+                   "to continue", err=True)
+        raise typer.Exit(130)
+
+
+@app.command()
+def info(
+    store: Path = typer.Argument(..., help="An HDF5 store made by `embedpipe extract`."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    show: int = typer.Option(50, help="List at most this many skipped files."),
+) -> None:
+    """Show what a store holds: size, classes, splits, backbone, preprocessing, skipped files."""
+    from .store import open_store
+
+    s = _run(open_store, store, features=False)
+    splits: dict[str, int] = {}
+    for sp in s.splits:
+        splits[sp or "(none)"] = splits.get(sp or "(none)", 0) + 1
+    unlabeled = int((s.labels < 0).sum())
+    report = {
+        "store": str(store), "rows": len(s), "feature_dim": s.meta.get("feature_dim"),
+        "dtype": s.meta.get("dtype"), "classes": s.class_counts(), "unlabeled": unlabeled,
+        "splits": splits, "model": s.meta.get("model"),
+        "weights": {"source": s.meta.get("weights_source"),
+                    "sha256": s.meta.get("weights_sha256")},
+        "pool": s.meta.get("pool"), "precision": s.meta.get("precision"),
+        "data_config": s.meta.get("data_config"), "created": s.meta.get("created"),
+        "versions": s.meta.get("versions"), "runs": len(s.runs),
+        "skipped": [{"path": p, "reason": r} for p, r in s.errors],
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    dc = report["data_config"] or {}
+    lines = [
+        f"store      {store}",
+        f"rows       {len(s)} × {report['feature_dim']} ({report['dtype']})",
+        f"model      {report['model']}  pool={report['pool']}  precision={report['precision']}",
+        f"weights    {report['weights']['source']}  sha256={report['weights']['sha256']}",
+        "preprocess " + ", ".join(f"{k}={v}" for k, v in sorted(dc.items())),
+        f"classes    {len(s.classes)}" + (f" (+{unlabeled} unlabeled)" if unlabeled else ""),
+    ]
+    width = max((len(c) for c in s.classes), default=0)
+    lines += [f"  {c:<{width}}  {n}" for c, n in report["classes"].items()]
+    lines.append("splits     " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
+    if s.runs:
+        last = s.runs[-1]
+        lines.append(f"last run   {last.get('started')} {last.get('status')} "
+                     f"on {last.get('device')}")
+    lines.append(f"skipped    {len(s.errors)}")
+    lines += [f"  {p}: {r}" for p, r in s.errors[:show]]
+    if len(s.errors) > show:
+        lines.append(f"  ... and {len(s.errors) - show} more (--show N)")
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List backbones usable offline here (bundled weights, hub cache) with feature dims."""
+    from .backbones import available_models, offline_feature_dim
+
+    rows = available_models()
+    for r in rows:
+        r["feature_dim"] = offline_feature_dim(r["model"])
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'model':<28} {'dim':>5}  {'status':<13} source")
+    for r in rows:
+        status = "available" if r["installed"] else "not installed"
+        typer.echo(f"{r['model']:<28} {r['feature_dim'] or '?':>5}  {status:<13} {r['source']}")
+    typer.echo("Any other timm model works with --weights PATH (or from the hub when reachable).")
+
+
+@app.command()
+def quickstart(
+    folder: Path = typer.Option(CACHE_DIR / "quickstart" / "fashion-mnist",
+                                help="Where to write the demo images."),
+    per_class: int = typer.Option(10, help="Images per class."),
+    out: Path = typer.Option(CACHE_DIR / "quickstart.h5", "--out", "-o"),
+) -> None:
+    """Offline demo: write Fashion-MNIST images, extract them with the bundled backbone, show
+    the store."""
+    from .datasets import write_fashion_mnist_folder
+
+    _run(write_fashion_mnist_folder, folder, per_class=per_class)
+    typer.echo(f"wrote {10 * per_class} Fashion-MNIST images to {folder}")
+    extract(data=folder, out=out, model="tf_efficientnet_lite0", weights=None,
+            random_init=False, pool=None, img_size=None, crop_pct=None, device="auto",
+            precision="auto", dtype="float32", batch_size=32, workers=None, layout="auto",
+            exact_decode=False, max_pixels=89_478_485, prune=False, quiet=False)
+    info(store=out, as_json=False, show=50)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

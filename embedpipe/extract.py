@@ -1,0 +1,423 @@
+"""The batch engine: plan what to extract, decode in loader workers, run the backbone, commit.
+
+A run is planned against what the store already holds, so a rerun does only new work:
+  * a path already stored whose size and mtime are unchanged is skipped without reading it;
+  * one whose stat changed is re-hashed in a worker: same content → only the stat is updated,
+    other content → extracted again and its row overwritten;
+  * a file that failed before with the same stat is not retried (it is still reported);
+  * paths in the store that are gone from the data are reported, and removed with ``prune``.
+Rows are committed per finished batch (see store.py), so an interrupted run loses at most the
+batch in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbones import DEFAULT_MODEL, Backbone, decode_size, load_backbone, make_transform
+from .data import (DEFAULT_MAX_PIXELS, DecodeError, Discovery, ImageRef, content_hash,
+                   decode_image, discover, read_file)
+from .progress import Progress, printer
+from .store import StoreError, StoreWriter, prune, read_identity
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("float32", "float16")
+_AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ExtractError(Exception):
+    """A bad option or environment; one line naming the problem and the fix."""
+
+
+@dataclass
+class ExtractOptions:
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    random_init: bool = False
+    pool: str | None = None
+    img_size: int | None = None
+    crop_pct: float | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 32
+    workers: int | None = None
+    layout: str = "auto"
+    exact_decode: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    prune: bool = False
+    channels_last: bool = True
+
+
+@dataclass
+class Summary:
+    store: Path
+    total: int = 0
+    extracted: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    ignored: int = 0
+    vanished: list[str] = field(default_factory=list)
+    pruned: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    ignored_files: list[tuple[str, str]] = field(default_factory=list)
+    device: str = ""
+    precision: str = ""
+    interrupted: bool = False
+
+    @property
+    def rate(self) -> float:
+        done = self.extracted + self.replaced
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        parts = [f"{self.extracted} extracted"]
+        if self.replaced:
+            parts.append(f"{self.replaced} changed and re-extracted")
+        parts.append(f"{self.unchanged} already in store")
+        parts.append(f"{self.failed} failed")
+        if self.ignored:
+            parts.append(f"{self.ignored} ignored")
+        if self.vanished:
+            parts.append(f"{len(self.vanished)} vanished" + (f" ({self.pruned} pruned)"
+                                                             if self.pruned else ""))
+        head = "interrupted" if self.interrupted else "done"
+        return (f"{head}: {', '.join(parts)} of {self.total} images in {self.seconds:.1f} s "
+                f"({self.rate:.1f} img/s, {self.device}, {self.precision}) → {self.store}")
+
+
+# -- device / precision --------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ExtractError(f"--device {device}: not a device; pass auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExtractError(f"--device {device}: CUDA is not available on this machine; "
+                               "pass --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ExtractError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                               "device(s); pass a smaller index")
+    elif dev.type != "cpu":
+        raise ExtractError(f"--device {device}: unsupported; pass auto, cpu or cuda[:N]")
+    return dev
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX), where it is measured faster
+    than fp32 (bench/precision.py); elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, stored: str | None = None) -> str:
+    if precision not in PRECISIONS:
+        raise ExtractError(f"--precision {precision}: pass one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if stored in ("fp32", "bf16", "fp16"):
+            return stored  # keep an existing store consistent across machines
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) - 1))
+
+
+def versions() -> dict[str, str]:
+    import h5py
+    import PIL
+    import timm
+
+    return {"embedpipe": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
+            "python": platform.python_version()}
+
+
+# -- loading -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Task:
+    ref: ImageRef
+    expect_hash: str | None  # set when only a content check is needed first
+
+
+class _Images(torch.utils.data.Dataset):
+    """Reads, hashes and decodes one image per item; never raises for a bad file."""
+
+    def __init__(self, tasks: list[Task], transform: Any, min_size: tuple[int, int] | None,
+                 max_pixels: int | None):
+        self.tasks, self.transform = tasks, transform
+        self.min_size, self.max_pixels = min_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        task = self.tasks[i]
+        out: dict[str, Any] = {"i": i, "hash": "", "mtime_ns": 0, "size": 0}
+        try:
+            st = os.stat(task.ref.path)
+            out["mtime_ns"], out["size"] = st.st_mtime_ns, st.st_size
+        except OSError:
+            pass
+        try:
+            data = read_file(task.ref.path)
+            out["hash"] = content_hash(data)
+            if task.expect_hash is not None and out["hash"] == task.expect_hash:
+                out["status"] = "same"
+                return out
+            img = decode_image(data, min_size=self.min_size, max_pixels=self.max_pixels)
+            out["tensor"] = self.transform(img)
+            out["status"] = "ok"
+        except DecodeError as e:
+            out["status"], out["reason"] = "error", str(e)
+        except Exception as e:  # noqa: BLE001 - a transform failure is this file's failure too
+            out["status"], out["reason"] = "error", f"preprocessing failed: {type(e).__name__}: {e}"
+        return out
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [it for it in items if it["status"] == "ok"]
+    return {
+        "items": items,
+        "tensor": torch.stack([it.pop("tensor") for it in good]) if good else None,
+        "good": [it["i"] for it in good],
+    }
+
+
+# -- the run -------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    new: list[Task]
+    check: list[tuple[Task, int]]  # stat changed: (task, row)
+    relabel: list[tuple[int, str | None, str | None]]  # row, label, split of unchanged files
+    still_failing: list[tuple[str, str]]
+    retry_fixed: list[str]
+    unchanged: int
+    vanished: list[str]
+    vanished_errors: list[str]
+
+
+def make_plan(disc: Discovery, writer: StoreWriter) -> Plan:
+    idx = writer.index()
+    classes = {c: i for i, c in enumerate(writer.classes)}
+    new, check, relabel, failing, retry = [], [], [], [], []
+    unchanged = 0
+    for ref in disc.items:
+        try:
+            st = os.stat(ref.path)
+            stat = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stat = None
+        row = idx.row.get(ref.rel)
+        if row is not None:
+            same = stat is not None and (int(idx.mtime_ns[row]), int(idx.size[row])) == stat
+            if same:
+                unchanged += 1
+                label = classes.get(ref.label, -2) if ref.label is not None else -1
+                if label != int(idx.label[row]) or (ref.split or "") != idx.split[row]:
+                    relabel.append((row, ref.label, ref.split))
+            else:
+                check.append((Task(ref, idx.hash[row]), row))
+            continue
+        err = idx.errors.get(ref.rel)
+        if err is not None and stat is not None and (err[2], err[3]) == stat:
+            failing.append((ref.rel, err[0]))
+            continue
+        if err is not None:
+            retry.append(ref.rel)
+        new.append(Task(ref, None))
+    seen = {r.rel for r in disc.items} | {p for p, _ in disc.ignored}
+    vanished = sorted(p for p in idx.row if p not in seen)
+    vanished_err = sorted(p for p in idx.errors if p not in seen)
+    return Plan(new, check, relabel, failing, retry, unchanged, vanished, vanished_err)
+
+
+def _label_ids(writer: StoreWriter, refs: list[ImageRef]) -> list[int]:
+    ids = writer.class_ids(r.label for r in refs if r.label is not None)
+    return [ids[r.label] if r.label is not None else -1 for r in refs]
+
+
+def run(source: str | Path, out: str | Path, opts: ExtractOptions, *,
+        progress: bool = True, say: Callable[[str], None] | None = None,
+        backbone: Backbone | None = None) -> Summary:
+    """Extract features of every image under ``source`` into the store ``out``."""
+    say = say or printer(progress)
+    t0 = time.perf_counter()
+    if opts.batch_size < 1:
+        raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
+    if opts.dtype not in DTYPES:
+        raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
+    out = Path(out)
+    disc = discover(source, opts.layout)
+    device = resolve_device(opts.device)
+    stored = read_identity(out) if out.exists() else {}
+    precision = resolve_precision(opts.precision, device, stored.get("precision"))
+    if precision == "fp16" and device.type == "cpu":
+        say("note: fp16 on the CPU is emulated and slow; bf16 or fp32 are faster there")
+    if backbone is None:
+        backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
+                                 pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
+    data_config = {**backbone.data_config, "jpeg_draft": not opts.exact_decode}
+    identity = {**backbone.identity(), "data_config": _json(data_config),
+                "precision": precision, "dtype": opts.dtype}
+    summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
+                      ignored_files=list(disc.ignored),
+                      device=str(device), precision=precision)
+    with StoreWriter.open(out, identity, versions=versions(), progress=say) as writer:
+        plan = make_plan(disc, writer)
+        summary.unchanged = plan.unchanged
+        summary.vanished = plan.vanished
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(disc.root),
+                  "layout": disc.layout, "options": asdict(opts), "device": str(device),
+                  "host": platform.node(), "versions": versions()}
+        writer.log_run({**record, "status": "running"})
+        if plan.relabel:
+            ids = writer.class_ids(lbl for _, lbl, _ in plan.relabel if lbl is not None)
+            writer.relabel([r for r, _, _ in plan.relabel],
+                           [ids[lbl] if lbl is not None else -1 for _, lbl, _ in plan.relabel],
+                           [s or "" for _, _, s in plan.relabel])
+        writer.record_errors([(p, r, "", 0, 0) for p, r in disc.ignored])
+        summary.failures = list(plan.still_failing)
+        try:
+            _extract(writer, backbone, plan, opts, device, precision, summary, progress)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        if plan.vanished_errors:
+            writer.forget_errors(plan.vanished_errors)
+        summary.failed = len(summary.failures)
+        summary.seconds = time.perf_counter() - t0
+        writer.log_run({**record, "status": "interrupted" if summary.interrupted else "done",
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "summary": {k: v for k, v in asdict(summary).items()
+                                    if k not in ("failures", "ignored_files", "vanished", "store")},
+                        "vanished": len(summary.vanished)})
+    if opts.prune and summary.vanished and not summary.interrupted:
+        summary.pruned = len(prune(out, {r.rel for r in disc.items} | {p for p, _ in disc.ignored}))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def _extract(writer: StoreWriter, backbone: Backbone, plan: Plan, opts: ExtractOptions,
+             device: torch.device, precision: str, summary: Summary, progress: bool) -> None:
+    tasks = [t for t, _ in plan.check] + plan.new
+    if not tasks:
+        return
+    rows_of = {id(t): row for t, row in plan.check}
+    min_size = None if opts.exact_decode else decode_size(backbone.data_config)
+    dataset = _Images(tasks, make_transform(backbone.data_config), min_size, opts.max_pixels)
+    workers = default_workers() if opts.workers is None else max(0, opts.workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    model = backbone.model.to(device)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp = (torch.autocast(device.type, dtype=_AMP_DTYPE[precision])
+           if precision in _AMP_DTYPE else contextlib.nullcontext())
+    out_dtype = np.dtype(opts.dtype)
+    retry = set(plan.retry_fixed)
+    with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
+        for batch in loader:
+            feats = None
+            if batch["tensor"] is not None:
+                x = batch["tensor"].to(device, non_blocking=True)
+                if opts.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with amp:
+                    feats = model(x)
+                feats = feats.float().cpu().numpy().astype(out_dtype, copy=False)
+            _commit_batch(writer, tasks, rows_of, batch, feats, retry, summary)
+            bar.update(len(batch["items"]))
+
+
+def _commit_batch(writer: StoreWriter, tasks: list[Task], rows_of: dict[int, int],
+                  batch: dict[str, Any], feats: np.ndarray | None, retry: set[str],
+                  summary: Summary) -> None:
+    items = {it["i"]: it for it in batch["items"]}
+    good = batch["good"]
+    new_pos = [k for k, i in enumerate(good) if id(tasks[i]) not in rows_of]
+    old_pos = [k for k, i in enumerate(good) if id(tasks[i]) in rows_of]
+
+    def cols(pos: list[int]) -> dict[str, Any]:
+        refs = [tasks[good[k]].ref for k in pos]
+        its = [items[good[k]] for k in pos]
+        return dict(labels=_label_ids(writer, refs), hashes=[it["hash"] for it in its],
+                    splits=[r.split or "" for r in refs],
+                    mtime_ns=[it["mtime_ns"] for it in its], size=[it["size"] for it in its])
+
+    if new_pos:
+        writer.append(feats[new_pos], paths=[tasks[good[k]].ref.rel for k in new_pos],
+                      **cols(new_pos))
+        summary.extracted += len(new_pos)
+    if old_pos:
+        writer.overwrite([rows_of[id(tasks[good[k]])] for k in old_pos], feats[old_pos],
+                         **cols(old_pos))
+        summary.replaced += len(old_pos)
+    same = [it for it in batch["items"] if it["status"] == "same"]
+    if same:
+        writer.update_stat([rows_of[id(tasks[it["i"]])] for it in same],
+                           [it["mtime_ns"] for it in same], [it["size"] for it in same])
+        summary.unchanged += len(same)
+    errors = [it for it in batch["items"] if it["status"] == "error"]
+    if errors:
+        writer.record_errors([(tasks[it["i"]].ref.rel, it["reason"], it["hash"],
+                               it["mtime_ns"], it["size"]) for it in errors])
+        summary.failures += [(tasks[it["i"]].ref.rel, it["reason"]) for it in errors]
+    fixed = [tasks[i].ref.rel for i in good if tasks[i].ref.rel in retry]
+    if fixed:
+        writer.forget_errors(fixed)
+
+
+def default_store_path(source: str | Path, opts: ExtractOptions, cache_dir: Path) -> Path:
+    """cache/<data>__<model>__<weights>.h5, so different backbones never share a store."""
+    src = Path(source).resolve()
+    data = src.stem if src.is_file() else src.name
+    if opts.random_init:
+        w = "random"
+    elif opts.weights in (None, "auto", "bundled", "hub"):
+        w = opts.weights or "default"
+    else:
+        w = Path(opts.weights).stem
+    parts = [data or "data", opts.model.replace("/", "_"), w]
+    if opts.pool:
+        parts.append(opts.pool)
+    if opts.img_size:
+        parts.append(str(opts.img_size))
+    return cache_dir / ("__".join(parts) + ".h5")
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
