@@ -1,0 +1,358 @@
+"""Image discovery (folder layouts, CSV manifests) and robust decoding to RGB.
+
+Depends only on numpy and Pillow (no torch), so it can run in light worker processes.
+
+Importing this module sets ``PIL.Image.MAX_IMAGE_PIXELS = None`` process-wide: Pillow's own
+decompression-bomb check would warn (or raise before the size is even known), so
+:func:`decode_image` enforces its own per-call ``max_pixels`` limit from the header instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = None  # we enforce max_pixels ourselves, see decode_image
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default bomb limit
+LAYOUTS = ("auto", "class-folders", "split-folders", "manifest", "unlabeled")
+
+_HIGH_BIT_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+class DataError(Exception):
+    """Bad input the user must fix; the message is one line naming the file/folder and the fix."""
+
+
+class DecodeError(Exception):
+    """One image cannot be read or decoded; the message is a short human-readable reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """One discovered image."""
+
+    path: Path  # absolute path on disk
+    rel: str  # POSIX path relative to the data root (manifest: as written, normalised)
+    label: str | None  # class name, None when unlabeled
+    split: str | None  # 'train' / 'val' / 'test' / manifest split name, None when no split
+
+
+@dataclass
+class Discovery:
+    """Result of :func:`discover`."""
+
+    root: Path  # data root (for a manifest: the CSV's folder)
+    layout: str  # 'class-folders' | 'split-folders' | 'manifest' | 'unlabeled'
+    items: list[ImageRef]  # sorted by rel
+    class_names: list[str]  # sorted unique labels
+    ignored: list[tuple[str, str]]  # sorted (rel, reason) of files skipped during discovery
+
+
+# ---------------------------------------------------------------------------------------
+# discovery
+
+
+def discover(source: str | Path, layout: str = "auto") -> Discovery:
+    """Find the images under a folder (class/split/unlabeled layout) or listed in a CSV manifest.
+
+    `layout` is one of LAYOUTS; raises DataError for input the user must fix.
+    """
+    source = Path(os.path.abspath(source))
+    if layout not in LAYOUTS:
+        raise DataError(f"{source}: unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder; pass an image folder or a .csv manifest")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(
+                f"{source}: is a file, not a folder; pass an image folder or a .csv manifest"
+            )
+        if layout not in ("auto", "manifest"):
+            raise DataError(f"{source}: a .csv manifest needs --layout manifest (or auto), not {layout}")
+        return _discover_manifest(source)
+    if layout == "manifest":
+        raise DataError(f"{source}: --layout manifest needs a .csv file, not a folder")
+    return _discover_folder(source, layout)
+
+
+def _discover_folder(root: Path, layout: str) -> Discovery:
+    files, ignored = _scan(root)
+    images: list[tuple[str, str]] = []
+    for rel, path in files:
+        ext = os.path.splitext(rel)[1].lower()
+        if ext in IMAGE_EXTENSIONS:
+            images.append((rel, path))
+        else:
+            ignored.append((rel, f"unsupported extension {ext}" if ext else "no file extension"))
+    if not images:
+        raise DataError(
+            f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "point to a folder of images or a .csv manifest"
+        )
+    if layout == "auto":
+        layout = _detect_layout(rel for rel, _ in images)
+    items: list[ImageRef] = []
+    layout_skipped: list[tuple[str, str]] = []
+    for rel, path in images:
+        label, split, reason = _label_split(rel, layout)
+        if reason is None:
+            items.append(ImageRef(Path(path), rel, label, split))
+        else:
+            layout_skipped.append((rel, reason))
+    if not items:
+        rel, reason = min(layout_skipped)
+        raise DataError(
+            f"{root}: no images usable as {layout} layout ({len(layout_skipped)} skipped, "
+            f"e.g. {rel}: {reason}); pick another --layout"
+        )
+    return _discovery(root, layout, items, ignored + layout_skipped)
+
+
+def _scan(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """List (rel, path) of every non-hidden non-folder entry below root, following symlinks.
+
+    Only folders are stat-ed (for symlink-loop detection); unreadable folders and loops are
+    returned as (rel, reason) in the second list.
+    """
+    files: list[tuple[str, str]] = []
+    ignored: list[tuple[str, str]] = []
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [("", str(root), frozenset())]
+    while stack:
+        rel_dir, dir_path, ancestors = stack.pop()
+        try:
+            st = os.stat(dir_path)
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                ignored.append((rel_dir, "symlinked folder loops back to a parent folder"))
+                continue
+            with os.scandir(dir_path) as it:
+                entries = list(it)
+        except OSError as e:
+            if not rel_dir:
+                raise DataError(f"{root}: cannot read folder ({e.strerror}); check permissions") from e
+            ignored.append((rel_dir, f"unreadable folder: {e.strerror}"))
+            continue
+        ancestors = ancestors | {key}
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or name == "__MACOSX":
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False  # reported as unreadable when read
+            if is_dir:
+                stack.append((rel, entry.path, ancestors))
+            else:
+                files.append((rel, entry.path))
+    return files, ignored
+
+
+def _detect_layout(rels: Iterable[str]) -> str:
+    """'split-folders' if some split folder holds class folders, else 'class-folders' if any
+    image sits in a subfolder, else 'unlabeled'."""
+    nested = False
+    for rel in rels:
+        parts = rel.split("/", 2)
+        if len(parts) == 3 and parts[0].lower() in SPLIT_ALIASES:
+            return "split-folders"
+        nested = nested or len(parts) > 1
+    return "class-folders" if nested else "unlabeled"
+
+
+def _label_split(rel: str, layout: str) -> tuple[str | None, str | None, str | None]:
+    """(label, split, reason to ignore or None) of the image at `rel` under a folder layout."""
+    if layout == "unlabeled":
+        return None, None, None
+    parts = rel.split("/", 2)
+    if layout == "class-folders":
+        if len(parts) == 1:
+            return None, None, "image outside any class folder (use --layout unlabeled to include it)"
+        return parts[0], None, None
+    if len(parts) == 1:
+        return None, None, "image outside any split folder (expected <split>/<class>/...)"
+    split = SPLIT_ALIASES.get(parts[0].lower())
+    if split is None:
+        return None, None, (
+            f"folder {parts[0]}/ is not a split folder (train/val/test); "
+            "use --layout class-folders to treat top folders as classes"
+        )
+    if len(parts) == 2:
+        return None, None, f"image directly under split folder {parts[0]}/, outside any class folder"
+    return parts[1], split, None
+
+
+def _discover_manifest(csv_path: Path) -> Discovery:
+    root = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: cannot read CSV ({e}); save it as UTF-8 CSV") from e
+    columns = {name.strip().lower(): i for i, name in enumerate(header or [])}
+    if "path" not in columns:
+        raise DataError(
+            f"{csv_path}: no 'path' column; the first row must be a header like path,label[,split]"
+        )
+
+    def cell(row: list[str], column: str) -> str:
+        i = columns.get(column)
+        return row[i].strip() if i is not None and i < len(row) else ""
+
+    items: list[ImageRef] = []
+    seen: dict[str, int] = {}
+    missing: list[str] = []
+    for row_no, row in enumerate(rows, start=2):  # spreadsheet row numbers (header = 1)
+        if not any(c.strip() for c in row):
+            continue  # blank line
+        written = cell(row, "path").replace("\\", "/")
+        if not written:
+            raise DataError(f"{csv_path}: row {row_no} has an empty path; fill it in or delete the row")
+        rel = posixpath.normpath(written)
+        if rel in seen:
+            raise DataError(
+                f"{csv_path}: duplicate path {rel} (rows {seen[rel]} and {row_no}); list each image once"
+            )
+        seen[rel] = row_no
+        path = Path(rel) if posixpath.isabs(rel) else root / rel
+        if not os.path.lexists(path):
+            missing.append(rel)
+        split = cell(row, "split")
+        split = SPLIT_ALIASES.get(split.lower(), split)
+        items.append(ImageRef(path, rel, cell(row, "label") or None, split or None))
+    if missing:
+        raise DataError(
+            f"{csv_path}: {len(missing)} listed file(s) not found, e.g. {', '.join(missing[:3])} "
+            f"(relative paths are resolved against {root}); fix or remove those rows"
+        )
+    if not items:
+        raise DataError(f"{csv_path}: the manifest lists no images; add rows below the header")
+    return _discovery(root, "manifest", items, [])
+
+
+def _discovery(
+    root: Path, layout: str, items: list[ImageRef], ignored: list[tuple[str, str]]
+) -> Discovery:
+    items.sort(key=lambda r: r.rel)
+    labels = {r.label for r in items if r.label is not None}
+    return Discovery(root, layout, items, sorted(labels), sorted(ignored))
+
+
+# ---------------------------------------------------------------------------------------
+# reading and decoding
+
+
+def content_hash(data: bytes) -> str:
+    """SHA-256 hex digest of the file bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_file(path: Path) -> bytes:
+    """Read a whole file; OS errors become DecodeError('unreadable: <reason>')."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DecodeError(f"unreadable: {e.strerror or e}") from e
+
+
+def decode_image(
+    data: bytes,
+    *,
+    min_size: tuple[int, int] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode image bytes to a fully loaded RGB image (first frame, EXIF orientation applied).
+
+    `min_size` (w, h) lets JPEGs decode at 1/2, 1/4 or 1/8 scale while staying >= that size
+    (after orientation). Images whose header declares more than `max_pixels` pixels are
+    rejected before any pixel is decoded (None disables the limit).
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (cannot identify format)") from None
+    except Exception as e:  # plugins raise assorted errors on corrupt headers
+        raise DecodeError(_corrupt_reason(e)) from e
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise DecodeError(
+            f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels} (raise --max-pixels)"
+        )
+    try:
+        if min_size is not None and img.format == "JPEG":
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            mw, mh = min_size
+            img.draft("RGB", (mh, mw) if orientation in _ROTATED_ORIENTATIONS else (mw, mh))
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except Exception as e:  # truncated data, broken streams, bad EXIF ...
+        raise DecodeError(_corrupt_reason(e)) from e
+
+
+def load_image(
+    path: str | Path,
+    *,
+    min_size: tuple[int, int] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """read_file + decode_image."""
+    return decode_image(read_file(Path(path)), min_size=min_size, max_pixels=max_pixels)
+
+
+def _corrupt_reason(e: Exception) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"truncated or corrupt image data: {msg}"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB: alpha composited on white, high-bit gray scaled to 8 bit.
+
+    Mode "I" is assumed to hold 16-bit-range data (as 16-bit PNG/TIFF often decode); "F" is
+    taken as 0..255 unless its maximum is <= 1.0.
+    """
+    if img.mode in _HIGH_BIT_GRAY:
+        a = np.asarray(img).astype(np.float64)
+        return _gray8(np.clip(a, 0, 65535) / 257)  # 16-bit range: 65535 -> 255
+    if img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.max() <= 1.0:
+            a = a * 255
+        return _gray8(np.clip(a, 0, 255))
+    if img.has_transparency_data:
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # no La->RGBA in Pillow
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _gray8(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.rint(a).astype(np.uint8)).convert("RGB")

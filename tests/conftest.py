@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from embedpipe.datasets import write_fashion_mnist_folder
+
+# Keep the suite honest about the offline promise: nothing may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def fmnist_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 real Fashion-MNIST test images (6 per class) in class folders; copy before changing."""
+    return write_fashion_mnist_folder(tmp_path_factory.mktemp("fmnist") / "data", per_class=6)
+
+
+@pytest.fixture
+def fmnist(fmnist_src: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of ``fmnist_src``."""
+    dst = tmp_path / "data"
+    shutil.copytree(fmnist_src, dst)
+    return dst

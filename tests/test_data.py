@@ -1,0 +1,476 @@
+"""Tests for embedpipe.data: discovery layouts, manifests, reading and decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedpipe import data
+from embedpipe.data import (
+    DataError,
+    DecodeError,
+    content_hash,
+    decode_image,
+    discover,
+    load_image,
+    read_file,
+)
+from imagegen import (
+    GREEN,
+    RED,
+    bomb_png,
+    encode,
+    exif_rotated_jpeg,
+    make_class_folders,
+    make_messy_folder,
+    save,
+)
+
+WHITE = (255, 255, 255)
+
+
+def touch_png(path: Path, color: tuple[int, int, int] = RED) -> None:
+    save(Image.new("RGB", (4, 4), color), path)
+
+
+def assert_one_line_error(exc: pytest.ExceptionInfo[DataError], *needles: object) -> None:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert str(needle) in msg, msg
+
+
+def pixels(img: Image.Image) -> list[tuple[int, ...]]:
+    return [tuple(p) for p in np.asarray(img).reshape(-1, 3).tolist()]
+
+
+def close(pixel: tuple[int, ...], expected: tuple[int, ...], tol: int = 6) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(pixel, expected, strict=True))
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str | None]]:
+    root = tmp_path_factory.mktemp("messy")
+    return root, make_messy_folder(root)
+
+
+# ---------------------------------------------------------------------------------------
+# discovery: folder layouts
+
+
+def test_class_folders_with_nested_subfolders(messy: tuple[Path, dict[str, str | None]]) -> None:
+    root, expected = messy
+    d = discover(root)
+    assert d.layout == "class-folders"
+    assert d.root == root
+    assert d.class_names == ["cats", "dogs"]
+    images = sorted(rel for rel, why in expected.items() if why != "unsupported extension")
+    assert [r.rel for r in d.items] == images  # sorted; hidden files and __MACOSX skipped
+    for r in d.items:
+        assert r.label == r.rel.split("/")[0] and r.split is None
+        assert r.path == root / r.rel and r.path.is_absolute()
+    assert d.ignored == [("notes.txt", "unsupported extension .txt")]
+    assert discover(str(root)) == d  # deterministic, accepts str
+
+
+def test_messy_files_decode_or_fail_with_reason(messy: tuple[Path, dict[str, str | None]]) -> None:
+    root, expected = messy
+    for r in discover(root).items:
+        if expected[r.rel] is None:
+            img = load_image(r.path)
+            assert img.mode == "RGB" and min(img.size) > 0, r.rel
+        else:
+            with pytest.raises(DecodeError, match=expected[r.rel]):
+                load_image(r.path)
+
+
+def test_loose_root_images_are_reported_not_dropped(tmp_path: Path) -> None:
+    touch_png(tmp_path / "cats/a.png")
+    touch_png(tmp_path / "loose.png")
+    (tmp_path / "README").write_text("x")
+    d = discover(tmp_path)
+    assert d.layout == "class-folders"
+    assert [r.rel for r in d.items] == ["cats/a.png"]
+    assert d.ignored == [
+        ("README", "no file extension"),
+        ("loose.png", "image outside any class folder (use --layout unlabeled to include it)"),
+    ]
+
+
+def test_unlabeled_auto_and_forced(tmp_path: Path, messy: tuple[Path, dict[str, str | None]]) -> None:
+    touch_png(tmp_path / "b.PNG")
+    touch_png(tmp_path / "a.png")
+    (tmp_path / "empty_sub").mkdir()
+    d = discover(tmp_path)
+    assert d.layout == "unlabeled" and d.class_names == []
+    assert [(r.rel, r.label, r.split) for r in d.items] == [("a.png", None, None), ("b.PNG", None, None)]
+
+    root, expected = messy
+    forced = discover(root, layout="unlabeled")
+    assert forced.layout == "unlabeled" and forced.class_names == []
+    assert len(forced.items) == len(expected) - 1  # everything but notes.txt, recursively
+    assert all(r.label is None for r in forced.items)
+
+
+def make_split_tree(root: Path) -> None:
+    for rel in ["train/cats/a.png", "train/dogs/b.png", "valid/cats/c.png", "Test/dogs/deep/d.png",
+                "train/stray.png", "extra/cats/e.png", "top.png"]:  # fmt: skip
+        touch_png(root / rel)
+
+
+def test_split_folders(tmp_path: Path) -> None:
+    make_split_tree(tmp_path)
+    d = discover(tmp_path)
+    assert d.layout == "split-folders"
+    assert [(r.rel, r.label, r.split) for r in d.items] == [
+        ("Test/dogs/deep/d.png", "dogs", "test"),
+        ("train/cats/a.png", "cats", "train"),
+        ("train/dogs/b.png", "dogs", "train"),
+        ("valid/cats/c.png", "cats", "val"),
+    ]
+    assert d.class_names == ["cats", "dogs"]
+    reasons = dict(d.ignored)
+    assert [rel for rel, _ in d.ignored] == ["extra/cats/e.png", "top.png", "train/stray.png"]
+    assert "not a split folder" in reasons["extra/cats/e.png"]
+    assert "outside any split folder" in reasons["top.png"]
+    assert "directly under split folder train/" in reasons["train/stray.png"]
+
+
+def test_forced_class_folders_on_split_tree(tmp_path: Path) -> None:
+    make_split_tree(tmp_path)
+    d = discover(tmp_path, layout="class-folders")
+    assert d.class_names == ["Test", "extra", "train", "valid"]
+    assert [rel for rel, _ in d.ignored] == ["top.png"]
+
+
+def test_split_names_without_class_subfolders_are_classes(tmp_path: Path) -> None:
+    touch_png(tmp_path / "train/a.png")
+    touch_png(tmp_path / "val/b.png")
+    d = discover(tmp_path)
+    assert d.layout == "class-folders" and d.class_names == ["train", "val"]
+
+
+def test_forced_layout_without_matching_images(tmp_path: Path) -> None:
+    touch_png(tmp_path / "a.png")
+    with pytest.raises(DataError) as exc:
+        discover(tmp_path, layout="split-folders")
+    assert_one_line_error(exc, tmp_path, "a.png", "--layout")
+
+
+def test_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    touch_png(outside / "ext.png")
+    root = tmp_path / "data"
+    touch_png(root / "cats/a.png")
+    (root / "cats/link.png").symlink_to(outside / "ext.png")
+    (root / "cats/gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (root / "dogs").symlink_to(outside, target_is_directory=True)
+    (root / "cats/loop").symlink_to(root, target_is_directory=True)
+    d = discover(root)
+    assert [(r.rel, r.label) for r in d.items] == [
+        ("cats/a.png", "cats"),
+        ("cats/gone.jpg", "cats"),
+        ("cats/link.png", "cats"),
+        ("dogs/ext.png", "dogs"),
+    ]
+    assert d.ignored == [("cats/loop", "symlinked folder loops back to a parent folder")]
+    assert load_image(d.items[2].path).getpixel((0, 0)) == RED
+    with pytest.raises(DecodeError, match=r"^unreadable: No such file"):
+        load_image(d.items[1].path)
+
+
+def test_unreadable_subfolder_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    touch_png(tmp_path / "cats/a.png")
+    touch_png(tmp_path / "locked/b.png")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if path.endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    d = discover(tmp_path)
+    assert [r.rel for r in d.items] == ["cats/a.png"]
+    assert d.ignored == [("locked", "unreadable folder: Permission denied")]
+
+
+def test_make_class_folders_is_deterministic(tmp_path: Path) -> None:
+    written = make_class_folders(tmp_path / "a", 3, ["x", "y"], size=(8, 8), seed=1)
+    make_class_folders(tmp_path / "b", 3, ["x", "y"], size=(8, 8), seed=1)
+    d = discover(tmp_path / "a")
+    assert {r.rel: r.label for r in d.items} == written and len(written) == 6
+    for rel in written:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------
+# discovery: manifests
+
+
+def test_manifest(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere/abs.png"
+    touch_png(elsewhere)
+    root = tmp_path / "ds"
+    for rel in ["cats/a, b.png", "dogs/c.png", "dogs/d.png", "e.png"]:
+        touch_png(root / rel)
+    csv_path = root / "list.csv"
+    csv_path.write_text(
+        "Path,label,split,extra\n"
+        '"cats/a, b.png",cat,train,x\n'
+        "./dogs/c.png,dog,valid,y\n"
+        "dogs\\d.png,dog,holdout\n"
+        f"{elsewhere},cat,,\n"
+        "\n"
+        "e.png,,\n",
+        encoding="utf-8",
+    )
+    d = discover(csv_path)
+    assert d.layout == "manifest" and d.root == root and d.ignored == []
+    assert d.class_names == ["cat", "dog"]
+    assert [(r.rel, r.path, r.label, r.split) for r in d.items] == sorted([
+        ("cats/a, b.png", root / "cats/a, b.png", "cat", "train"),
+        ("dogs/c.png", root / "dogs/c.png", "dog", "val"),
+        ("dogs/d.png", root / "dogs/d.png", "dog", "holdout"),
+        (str(elsewhere), elsewhere, "cat", None),
+        ("e.png", root / "e.png", None, None),
+    ])  # fmt: skip
+    assert discover(csv_path, layout="manifest") == d
+
+
+def test_manifest_path_column_only(tmp_path: Path) -> None:
+    touch_png(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("path\na.png\n")
+    d = discover(tmp_path / "m.csv")
+    assert [(r.rel, r.label, r.split) for r in d.items] == [("a.png", None, None)]
+    assert d.class_names == []
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ("file,label\na.png,x\n", ["no 'path' column", "header"]),
+        ("", ["no 'path' column"]),
+        ("path,label\n", ["lists no images"]),
+        ("path\na.png\n./a.png\n", ["duplicate path a.png", "rows 2 and 3"]),
+        ("path,label\na.png,x\n,y\n", ["row 3 has an empty path"]),
+        (
+            "path\na.png\nm1.png\nm2.png\nm3.png\nm4.png\nm5.png\n",
+            ["5 listed file(s) not found", "e.g. m1.png, m2.png, m3.png ("],
+        ),
+        (b"path\n\xff\xfe.png\n", ["cannot read CSV", "UTF-8"]),
+    ],
+)  # fmt: skip
+def test_manifest_errors(tmp_path: Path, content: str | bytes, needles: list[str]) -> None:
+    touch_png(tmp_path / "a.png")
+    csv_path = tmp_path / "m.csv"
+    if isinstance(content, bytes):
+        csv_path.write_bytes(content)
+    else:
+        csv_path.write_text(content)
+    with pytest.raises(DataError) as exc:
+        discover(csv_path)
+    assert_one_line_error(exc, csv_path, *needles)
+    assert "m4.png" not in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------
+# discovery: bad sources
+
+
+def test_discover_errors(tmp_path: Path) -> None:
+    cases: list[tuple[Path, str, list[str]]] = []
+    cases.append((tmp_path / "nope", "auto", ["no such file or folder"]))
+    (tmp_path / "empty").mkdir()
+    cases.append((tmp_path / "empty", "auto", ["no images found"]))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts/a.txt").write_text("x")
+    touch_png(tmp_path / "texts/.hidden.png")
+    cases.append((tmp_path / "texts", "auto", ["no images found"]))
+    cases.append((tmp_path / "texts", "sideways", ["unknown layout 'sideways'", "class-folders"]))
+    cases.append((tmp_path / "texts", "manifest", ["needs a .csv file"]))
+    cases.append((tmp_path / "texts/a.txt", "auto", ["not a folder"]))
+    (tmp_path / "m.csv").write_text("path\n")
+    cases.append((tmp_path / "m.csv", "class-folders", ["--layout manifest"]))
+    for source, layout, needles in cases:
+        with pytest.raises(DataError) as exc:
+            discover(source, layout=layout)
+        assert_one_line_error(exc, source, *needles)
+
+
+# ---------------------------------------------------------------------------------------
+# reading and hashing
+
+
+def test_read_file_errors(tmp_path: Path) -> None:
+    (tmp_path / "x.jpg").mkdir()
+    with pytest.raises(DecodeError, match=r"^unreadable: Is a directory$"):
+        read_file(tmp_path / "x.jpg")
+    with pytest.raises(DecodeError, match=r"^unreadable: No such file or directory$"):
+        read_file(tmp_path / "missing.jpg")
+
+
+def test_content_hash() -> None:
+    payload = b"\x89PNG fake bytes"
+    assert content_hash(payload) == hashlib.sha256(payload).hexdigest()
+
+
+def test_import_does_not_pull_torch() -> None:
+    code = "import embedpipe.data, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ---------------------------------------------------------------------------------------
+# decoding
+
+
+def test_rgba_composited_on_white() -> None:
+    img = Image.new("RGBA", (3, 1))
+    img.putpixel((0, 0), (255, 0, 0, 255))
+    img.putpixel((1, 0), (0, 0, 0, 0))
+    img.putpixel((2, 0), (0, 0, 0, 128))
+    out = decode_image(encode(img, "PNG"))
+    assert out.mode == "RGB"
+    assert [out.getpixel((x, 0)) for x in range(3)] == [RED, WHITE, (127, 127, 127)]
+
+
+def test_la_and_palette_transparency_on_white() -> None:
+    la = Image.new("LA", (2, 1), (0, 0))
+    la.putpixel((1, 0), (10, 255))
+    assert pixels(decode_image(encode(la, "PNG"))) == [WHITE, (10, 10, 10)]
+
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    out = decode_image(encode(pal, "PNG", transparency=0))
+    assert pixels(out) == [WHITE, GREEN]
+    gif = decode_image(encode(pal, "GIF", transparency=0))
+    assert pixels(gif) == [WHITE, GREEN]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "dtype"),
+    [("I;16", "PNG", "<u2"), ("I;16", "TIFF", "<u2"), ("I;16B", "TIFF", ">u2"), ("I", "TIFF", "<i4")],
+)
+def test_high_bit_gray_scaled_to_8bit(mode: str, fmt: str, dtype: str) -> None:
+    img = Image.fromarray(np.array([[65535, 32768, 257, 0]], dtype=dtype))
+    assert img.mode == mode
+    out = decode_image(encode(img, fmt))
+    assert [out.getpixel((x, 0)) for x in range(4)] == [(255,) * 3, (128,) * 3, (1,) * 3, (0,) * 3]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"), [([1.0, 0.5, 0.0], [255, 128, 0]), ([300.0, 127.6, -5.0], [255, 128, 0])]
+)
+def test_float_gray(values: list[float], expected: list[int]) -> None:
+    img = Image.fromarray(np.array([values], dtype=np.float32))
+    assert img.mode == "F"
+    out = decode_image(encode(img, "TIFF"))
+    assert [out.getpixel((x, 0))[0] for x in range(3)] == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "color", "expected"),
+    [
+        ("CMYK", (255, 0, 0, 0), (0, 255, 255)),  # cyan
+        ("CMYK", (0, 0, 0, 255), (0, 0, 0)),
+        ("La", (64, 128), (191, 191, 191)),  # premultiplied 64 at 50% alpha + 50% white
+        ("RGBa", (0, 0, 0, 0), WHITE),
+        ("PA", (0, 0), WHITE),
+        ("HSV", (0, 255, 255), RED),
+        ("YCbCr", (76, 85, 255), RED),
+        ("LAB", (255, 128, 128), WHITE),
+        ("1", (1,), WHITE),
+        ("L", (7,), (7, 7, 7)),
+    ],
+)
+def test_mode_conversion(mode: str, color: tuple[int, ...], expected: tuple[int, int, int]) -> None:
+    out = data._to_rgb(Image.new(mode, (2, 2), color))
+    assert out.mode == "RGB" and close(out.getpixel((1, 1)), expected), out.getpixel((1, 1))
+
+
+def test_cmyk_jpeg_to_rgb() -> None:
+    img = Image.new("CMYK", (16, 16), (255, 0, 0, 0))
+    img.paste((0, 0, 0, 0), (8, 0, 16, 16))
+    out = decode_image(encode(img, "JPEG", quality=95))
+    assert close(out.getpixel((2, 8)), (0, 255, 255), tol=12)
+    assert close(out.getpixel((13, 8)), WHITE, tol=12)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size", "red_corner"),
+    [(1, (60, 40), (2, 2)), (3, (60, 40), (57, 37)), (6, (40, 60), (37, 2)), (8, (40, 60), (2, 57))],
+)
+def test_exif_orientation(orientation: int, size: tuple[int, int], red_corner: tuple[int, int]) -> None:
+    out = decode_image(exif_rotated_jpeg((60, 40), orientation))
+    assert out.size == size
+    assert close(out.getpixel(red_corner), RED, tol=30)
+    w, h = size
+    for corner in {(2, 2), (w - 3, 2), (2, h - 3), (w - 3, h - 3)} - {red_corner}:
+        assert not close(out.getpixel(corner), RED, tol=30)
+
+
+def test_first_frame_of_multiframe_images() -> None:
+    frames = [Image.new("RGB", (8, 8), c) for c in (RED, GREEN)]
+    for fmt, params in (("GIF", {}), ("TIFF", {}), ("WEBP", {"lossless": True})):
+        blob = encode(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
+        assert Image.open(io.BytesIO(blob)).n_frames == 2
+        assert decode_image(blob).getpixel((4, 4)) == RED, fmt
+
+
+def test_jpeg_draft_reduced_decoding() -> None:
+    blob = encode(Image.new("RGB", (1024, 768), (90, 120, 150)), "JPEG")
+    assert decode_image(blob).size == (1024, 768)
+    small = decode_image(blob, min_size=(256, 256))
+    assert small.size == (512, 384) and small.mode == "RGB"
+    assert decode_image(blob, min_size=(100, 90)).size == (128, 96)
+    png = encode(Image.new("RGB", (1024, 768)), "PNG")
+    assert decode_image(png, min_size=(256, 256)).size == (1024, 768)
+
+
+def test_jpeg_draft_respects_exif_rotation() -> None:
+    blob = exif_rotated_jpeg((1024, 512), 6)  # displayed as 512x1024
+    assert decode_image(blob, min_size=(256, 512)).size == (256, 512)
+
+
+@pytest.mark.parametrize(
+    ("blob", "reason"),
+    [
+        (b"", r"^empty file \(0 bytes\)$"),
+        (b"hello, I am text\n", r"^not an image \(cannot identify format\)$"),
+        (
+            encode(Image.effect_noise((64, 64), 50), "JPEG")[:1500],
+            r"^truncated or corrupt image data: image file is truncated",
+        ),
+        (encode(Image.effect_noise((64, 64), 50), "PNG")[:2000], r"^truncated or corrupt image data: "),
+    ],
+)
+def test_undecodable(blob: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(blob)
+
+
+def test_decompression_bomb_is_rejected_before_decoding_without_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DecodeError) as exc:
+            decode_image(bomb_png((20000, 20000)))
+        assert str(exc.value) == (
+            "decompression bomb: 20000x20000 = 400000000 pixels > limit 89478485 (raise --max-pixels)"
+        )
+        expected = r"^decompression bomb: 12000x12000 = 144000000 pixels > limit 10000000 "
+        with pytest.raises(DecodeError, match=expected):
+            decode_image(bomb_png((12000, 12000)), max_pixels=10_000_000)
+        small = encode(Image.new("RGB", (100, 100)), "PNG")
+        with pytest.raises(DecodeError, match="decompression bomb"):
+            decode_image(small, max_pixels=9_999)
+        assert decode_image(small, max_pixels=None).size == (100, 100)

