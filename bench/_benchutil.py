@@ -1,0 +1,151 @@
+"""Shared helpers for the bench/ scripts: machine description, medians, markdown output.
+
+Not a benchmark itself. Every script here measures its configurations side by side in one
+process (interleaved repetitions, shuffled order per repetition) and reports medians and
+ratios, because the machine is shared and absolute numbers drift with other people's load.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags(wanted: Sequence[str] = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_snapshot() -> str:
+    """1-minute load average and CPU pressure (share of time some task waited for a CPU)."""
+    parts = []
+    try:
+        parts.append(f"loadavg(1m)={os.getloadavg()[0]:.2f}")
+    except OSError:
+        pass
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()
+        avg60 = dict(kv.split("=") for kv in some[1:] if "=" in kv).get("avg60")
+        if avg60 is not None:
+            parts.append(f"cpu-pressure(avg60)={avg60}%")
+    except OSError:
+        pass
+    return ", ".join(parts) or "n/a"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import PIL
+    import timm
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "timm": timm.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    try:
+        from embedpipe import __version__
+
+        out["embedpipe"] = __version__
+    except ImportError:
+        pass
+    return out
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: Sequence[float]) -> str:
+    """min–max of the repetitions, to show the noise next to a median."""
+    return f"{min(xs):.1f}–{max(xs):.1f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table (also readable as plain text on a terminal)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+class Header:
+    """Collects the facts every results file starts with."""
+
+    def __init__(self, title: str):
+        import torch
+
+        self.title = title
+        self.started = time.time()
+        self.date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.load_start = load_snapshot()
+        self.torch_threads = torch.get_num_threads()
+
+    def render(self, extra: Sequence[str] = ()) -> str:
+        v = versions()
+        elapsed = time.time() - self.started
+        lines = [
+            f"# {self.title}",
+            "",
+            f"- date: {self.date}",
+            f"- command: `{command_line()}` (from the repository root)",
+            f"- wall time of the whole script: {elapsed:.0f} s",
+            f"- CPU: {cpu_model()} ({cores()} cores usable; flags: {', '.join(cpu_flags()) or 'none of avx512f/avx512_bf16/amx'})",
+            f"- torch intra-op threads: {self.torch_threads}",
+            "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+            f"- machine load at start: {self.load_start}; at end: {load_snapshot()} "
+            "(shared machine; ratios are measured side by side, interleaved, so they are "
+            "more trustworthy than the absolute img/s)",
+        ]
+        lines += [f"- {e}" for e in extra]
+        return "\n".join(lines) + "\n"
+
+
+def write_result(name: str, text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    return path
