@@ -64,6 +64,41 @@ def load_snapshot() -> str:
     return ", ".join(parts) or "n/a"
 
 
+class CpuMeter:
+    """How many cores *other* processes kept busy while we measured.
+
+    Busy time of the whole machine (/proc/stat) minus this process and its reaped children
+    (getrusage), over wall time. Live DataLoader workers are counted once they have exited.
+    """
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy(), _own_cpu()
+
+    def foreign_cores(self) -> float:
+        dt = time.perf_counter() - self.t0
+        if dt <= 0:
+            return 0.0
+        busy, own = _machine_busy() - self.busy0, _own_cpu() - self.own0
+        return max(0.0, (busy - own) / dt)
+
+
+def _machine_busy() -> float:
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    import resource
+
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
 def versions() -> dict[str, str]:
     import numpy
     import PIL

@@ -81,6 +81,8 @@ def extract(
     max_pixels: int = typer.Option(89_478_485, help="Skip images with more pixels than this "
                                                     "(decompression-bomb guard)."),
     prune: bool = typer.Option(False, help="Remove rows of files that are gone from DATA."),
+    shard: Optional[str] = typer.Option(None, help="K/N: extract only shard K (0-based) of N, "
+                                                   "for parallel workers; join with `merge`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
@@ -90,7 +92,7 @@ def extract(
                              img_size=img_size, crop_pct=crop_pct, device=device,
                              precision=precision, dtype=dtype, batch_size=batch_size,
                              workers=workers, layout=layout, exact_decode=exact_decode,
-                             max_pixels=max_pixels, prune=prune)
+                             max_pixels=max_pixels, prune=prune, shard=shard)
     store = out or ex.default_store_path(data, opts, CACHE_DIR)
     summary = _run(ex.run, data, store, opts, progress=not quiet)
     skipped = summary.failures + summary.ignored_files
@@ -162,6 +164,22 @@ def info(
 
 
 @app.command()
+def merge(
+    out: Path = typer.Argument(..., help="Store to create or extend."),
+    inputs: list[Path] = typer.Argument(..., help="Stores made with the same model, weights, "
+                                                  "preprocessing and precision (e.g. shards)."),
+) -> None:
+    """Merge stores of one backbone (e.g. `extract --shard K/N` outputs) into one store."""
+    from .extract import versions
+    from .store import merge as merge_stores
+
+    counts = _run(merge_stores, out, inputs, versions=versions(),
+                  progress=lambda m: typer.echo(m, err=True))
+    typer.echo(f"merged {len(inputs)} stores into {out}: {counts['added']} rows added, "
+               f"{counts['skipped']} already there, {counts['errors']} skipped-file records")
+
+
+@app.command()
 def models(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -197,7 +215,7 @@ def quickstart(
     extract(data=folder, out=out, model="tf_efficientnet_lite0", weights=None,
             random_init=False, pool=None, img_size=None, crop_pct=None, device="auto",
             precision="auto", dtype="float32", batch_size=32, workers=None, layout="auto",
-            exact_decode=False, max_pixels=89_478_485, prune=False, quiet=False)
+            exact_decode=False, max_pixels=89_478_485, prune=False, shard=None, quiet=False)
     info(store=out, as_json=False, show=50)
 
 

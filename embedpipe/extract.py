@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -58,6 +59,7 @@ class ExtractOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     prune: bool = False
     channels_last: bool = True
+    shard: str | None = None  # "K/N": only the files of shard K of N (merge with store.merge)
 
 
 @dataclass
@@ -274,6 +276,8 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *,
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
     out = Path(out)
     disc = discover(source, opts.layout)
+    if opts.shard:
+        disc = select_shard(disc, opts.shard)
     device = resolve_device(opts.device)
     stored = read_identity(out) if out.exists() else {}
     precision = resolve_precision(opts.precision, device, stored.get("precision"))
@@ -322,6 +326,18 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *,
     return summary
 
 
+def select_shard(disc: Discovery, shard: str) -> Discovery:
+    """Keep the files of shard K of N (0-based; stable across runs: by a hash of the path)."""
+    try:
+        k, n = (int(v) for v in shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise ExtractError(f"--shard {shard}: pass K/N with 0 <= K < N, e.g. 0/4") from None
+    keep = [r for r in disc.items if zlib.crc32(r.rel.encode()) % n == k]
+    ign = [(p, why) for p, why in disc.ignored if zlib.crc32(p.encode()) % n == k]
+    return Discovery(disc.root, disc.layout, keep, disc.class_names, ign)
+
+
 def _json(obj: Any) -> str:
     import json
 
@@ -342,6 +358,8 @@ def _extract(writer: StoreWriter, backbone: Backbone, plan: Plan, opts: ExtractO
         collate_fn=_collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest
     model = backbone.model.to(device)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)

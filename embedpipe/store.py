@@ -169,8 +169,7 @@ def read_identity(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     with _open_swmr_read(path) as f:
         _check_schema(f, path)
-        meta = read_meta(f)
-    return {k: meta.get(k) for k in IDENTITY_KEYS}
+        return {k: _decode(f.attrs.get(k)) for k in IDENTITY_KEYS}  # as stored (JSON strings)
 
 
 def describe_mismatch(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
@@ -514,6 +513,69 @@ def prune(path: str | Path, keep_paths: set[str]) -> list[str]:
             return []
         _rewrite(src, path, keep=keep, n=n, n_err=n_err, keep_err=keep_err)
     return removed
+
+
+def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, str],
+          block_rows: int = 8192, progress: Any = None) -> dict[str, int]:
+    """Merge stores made with the same identity (e.g. ``extract --shard K/N`` workers) into
+    ``out`` (created or extended). Rows already in ``out`` (same path and hash) are skipped;
+    the same path with different content in two inputs is an error. Streams in blocks."""
+    out = Path(out)
+    identity = read_identity(inputs[0])
+    for p in inputs[1:]:
+        msg = describe_mismatch(Path(p), read_identity(p), identity)
+        if msg:
+            raise StoreMismatch(msg.replace("this run asks for", f"{inputs[0]} has"))
+    counts = {"added": 0, "skipped": 0, "errors": 0}
+    with StoreWriter.open(out, identity, versions=versions, progress=progress) as w:
+        idx = w.index()
+        have = {p: idx.hash[i] for p, i in idx.row.items()}
+        all_classes: set[str] = set()
+        for src_path in inputs:
+            with _open_swmr_read(Path(src_path)) as src:
+                all_classes.update(_decode(c) for c in src["class_names"][:])
+        w.class_ids(all_classes)  # one sorted append, as a single extract run would do
+        for src_path in inputs:
+            with _open_swmr_read(Path(src_path)) as src:
+                _check_schema(src, Path(src_path))
+                n, n_err = (int(v) for v in src["committed"][:2])
+                names = [_decode(c) for c in src["class_names"][:]]
+                ids = w.class_ids(names)
+                remap = np.array([ids[c] for c in names] + [-1], dtype=np.int64)
+                for lo in range(0, n, block_rows):
+                    hi = min(n, lo + block_rows)
+                    cols = {k: src[k][lo:hi] for k in ROW_FIELDS}
+                    paths = [_decode(p) for p in cols["paths"]]
+                    hashes = [_decode(h) for h in cols["hash"]]
+                    take = []
+                    for j, (p, h) in enumerate(zip(paths, hashes)):
+                        if p in have:
+                            if have[p] != h:
+                                raise StoreError(f"{src_path}: {p} differs from the row already "
+                                                 f"merged into {out}; merge shards of one data "
+                                                 "snapshot, or re-extract that file")
+                            counts["skipped"] += 1
+                            continue
+                        have[p] = h
+                        take.append(j)
+                    if not take:
+                        continue
+                    feats = src["features"][lo:hi][take]
+                    w.append(feats, paths=[paths[j] for j in take],
+                             labels=remap[cols["labels"][take]],
+                             hashes=[hashes[j] for j in take],
+                             splits=[_decode(x) for x in cols["split"][take]],
+                             mtime_ns=cols["mtime_ns"][take], size=cols["size"][take])
+                    counts["added"] += len(take)
+                errs = [tuple(_decode(v) if not isinstance(v, np.integer) else int(v)
+                              for v in row)
+                        for row in zip(*(src["errors/" + x][:n_err] for x in ERROR_FIELDS))]
+                errs = [e for e in errs if e[0] not in have]
+                w.record_errors(errs)
+                counts["errors"] += len(errs)
+        w.log_run({"merged": [str(p) for p in inputs], "counts": counts,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "done"})
+    return counts
 
 
 def iter_feature_blocks(path: str | Path, block_rows: int = 8192) -> Iterator[np.ndarray]:
