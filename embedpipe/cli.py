@@ -7,11 +7,12 @@ stay fast and torch-free.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache pretrained-backbone embeddings of image folders in HDF5; "
@@ -25,23 +26,10 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-    from .datasets import DatasetError
-    from .store import StoreError
-
-    errs: list[type[BaseException]] = [DataError, StoreError, DatasetError]
-    if "embedpipe.backbones" in sys.modules:
-        errs.append(sys.modules["embedpipe.backbones"].WeightsError)
-    if "embedpipe.extract" in sys.modules:
-        errs.append(sys.modules["embedpipe.extract"].ExtractError)
-    return tuple(errs)
-
-
 def _run(fn: Any, *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
-    except _user_errors() as e:
+    except UserError as e:
         _fail(e)
 
 

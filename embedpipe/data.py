@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 Image.MAX_IMAGE_PIXELS = None  # we enforce max_pixels ourselves, see decode_image
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -42,7 +44,7 @@ _HIGH_BIT_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input the user must fix; the message is one line naming the file/folder and the fix."""
 
 

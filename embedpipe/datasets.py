@@ -14,14 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 FASHION_CLASSES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                    "sneaker", "bag", "ankle_boot")
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-class DatasetError(Exception):
-    pass
+class DatasetError(UserError):
+    """The dataset's files are missing or malformed."""
 
 
 def fashion_mnist_dir() -> Path:

@@ -13,9 +13,9 @@ batch in flight.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
-import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -30,14 +30,15 @@ from .backbones import DEFAULT_MODEL, Backbone, decode_size, load_backbone, make
 from .data import (DEFAULT_MAX_PIXELS, DecodeError, Discovery, ImageRef, content_hash,
                    decode_image, discover, read_file)
 from .progress import Progress, printer
-from .store import StoreError, StoreWriter, prune, read_identity
+from .errors import UserError
+from .store import StoreWriter, prune, read_identity
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
 _AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ExtractError(Exception):
+class ExtractError(UserError):
     """A bad option or environment; one line naming the problem and the fix."""
 
 
@@ -287,18 +288,19 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *,
         backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
                                  pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
     data_config = {**backbone.data_config, "jpeg_draft": not opts.exact_decode}
-    identity = {**backbone.identity(), "data_config": _json(data_config),
+    identity = {**backbone.identity(), "data_config": json.dumps(data_config, sort_keys=True),
                 "precision": precision, "dtype": opts.dtype}
+    env = versions()
     summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                       ignored_files=list(disc.ignored),
                       device=str(device), precision=precision)
-    with StoreWriter.open(out, identity, versions=versions(), progress=say) as writer:
+    with StoreWriter.open(out, identity, versions=env, progress=say) as writer:
         plan = make_plan(disc, writer)
         summary.unchanged = plan.unchanged
         summary.vanished = plan.vanished
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(disc.root),
                   "layout": disc.layout, "options": asdict(opts), "device": str(device),
-                  "host": platform.node(), "versions": versions()}
+                  "host": platform.node(), "versions": env}
         writer.log_run({**record, "status": "running"})
         if plan.relabel:
             ids = writer.class_ids(lbl for _, lbl, _ in plan.relabel if lbl is not None)
@@ -336,12 +338,6 @@ def select_shard(disc: Discovery, shard: str) -> Discovery:
     keep = [r for r in disc.items if zlib.crc32(r.rel.encode()) % n == k]
     ign = [(p, why) for p, why in disc.ignored if zlib.crc32(p.encode()) % n == k]
     return Discovery(disc.root, disc.layout, keep, disc.class_names, ign)
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True)
 
 
 def _extract(writer: StoreWriter, backbone: Backbone, plan: Plan, opts: ExtractOptions,
@@ -435,7 +431,3 @@ def default_store_path(source: str | Path, opts: ExtractOptions, cache_dir: Path
     if opts.img_size:
         parts.append(str(opts.img_size))
     return cache_dir / ("__".join(parts) + ".h5")
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -30,10 +30,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import h5py
 import numpy as np
+
+from .errors import UserError
 
 SCHEMA_VERSION = 1
 IDENTITY_KEYS = ("model", "weights_source", "weights_sha256", "data_config", "pool",
@@ -45,7 +47,7 @@ _HASH = h5py.string_dtype("ascii", 64)
 _COPY_BLOCK_BYTES = 64 << 20
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store cannot be used as asked; the message is one line naming the file and the fix."""
 
 
@@ -576,13 +578,3 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
         w.log_run({"merged": [str(p) for p in inputs], "counts": counts,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "done"})
     return counts
-
-
-def iter_feature_blocks(path: str | Path, block_rows: int = 8192) -> Iterator[np.ndarray]:
-    """Stream committed features in blocks, for stores larger than memory."""
-    path = Path(path)
-    with _open_swmr_read(path) as f:
-        _check_schema(f, path)
-        n = int(f["committed"][0])
-        for lo in range(0, n, block_rows):
-            yield f["features"][lo:min(n, lo + block_rows)]

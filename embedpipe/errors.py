@@ -1,0 +1,5 @@
+"""The one base class of errors a user can fix: the CLI prints them as one line and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input, options or environment; str(e) is one line naming the file and the fix."""
