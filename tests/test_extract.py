@@ -57,13 +57,15 @@ def reference_features(files: list[Path]) -> np.ndarray:
         return model(x).numpy()
 
 
-def test_bundled_weights_classify_coffee_as_espresso():
+@pytest.mark.parametrize("model", [None, "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_bundled_weights_classify_coffee_as_espresso(model: str | None):
     from skimage import data as skdata
 
-    from embedpipe.backbones import load_backbone, make_transform
+    from embedpipe.backbones import DEFAULT_MODEL, load_backbone, make_transform
 
     coffee = Path(skdata.__file__).parent / "coffee.png"
-    bb = load_backbone(with_classifier=True)  # the default model with the bundled weights
+    # the default model (or a bundled sibling) with the bundled weights, as extract builds it
+    bb = load_backbone(model or DEFAULT_MODEL, with_classifier=True)
     assert bb.weights.source == "bundled"
     x = make_transform(bb.data_config)(data_mod.load_image(coffee)).unsqueeze(0)
     with torch.inference_mode():
@@ -192,6 +194,26 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted_run(tmp_path: Pa
     for p in b.paths:
         np.testing.assert_allclose(fa[p], fb[p], rtol=0, atol=1e-5)
     assert [r["status"] for r in a.runs] == ["running", "done"]  # the killed run left its record
+
+
+def test_ctrl_c_keeps_finished_batches_and_says_how_to_continue(tmp_path: Path):
+    from embedpipe.datasets import write_fashion_mnist_folder
+
+    src = write_fashion_mnist_folder(tmp_path / "data", per_class=16, seed=3)
+    out = tmp_path / "s.h5"
+    cmd = [sys.executable, "-m", "embedpipe.cli", "extract", str(src), "-o", str(out),
+           "--precision", "fp32", "--batch-size", "8", "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(out, 16, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stdout.startswith("interrupted: ") and "rerun the same command" in stderr
+    kept = len(open_store(out))
+    assert 16 <= kept < 160
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert f"{160 - kept} extracted, {kept} already in store" in done.stdout
+    assert [r["status"] for r in open_store(out).runs] == ["interrupted", "done"]
 
 
 def test_store_refuses_other_settings(fmnist: Path, tmp_path: Path):
