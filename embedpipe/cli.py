@@ -68,7 +68,8 @@ def extract(
                                                   "least twice the size the model needs)."),
     max_pixels: int = typer.Option(89_478_485, help="Skip images with more pixels than this "
                                                     "(decompression-bomb guard)."),
-    prune: bool = typer.Option(False, help="Remove rows of files that are gone from DATA."),
+    prune: bool = typer.Option(False, help="Remove rows of files that are gone from DATA or "
+                                           "changed into something undecodable."),
     shard: Optional[str] = typer.Option(None, help="K/N: extract only shard K (0-based) of N, "
                                                    "for parallel workers; join with `merge`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -88,6 +89,9 @@ def extract(
         typer.echo(f"skipped {path}: {reason}", err=True)
     if len(skipped) > 20:
         typer.echo(f"... and {len(skipped) - 20} more (see `embedpipe info {store}`)", err=True)
+    if summary.stale and not summary.pruned:
+        typer.echo(f"{len(summary.stale)} files changed and no longer decode; their rows still "
+                   "hold the old features (rerun with --prune to remove them)", err=True)
     if summary.vanished and not summary.pruned:
         shown = ", ".join(summary.vanished[:5])
         more = f" and {len(summary.vanished) - 5} more" if len(summary.vanished) > 5 else ""

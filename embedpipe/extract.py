@@ -5,7 +5,8 @@ A run is planned against what the store already holds, so a rerun does only new 
   * one whose stat changed is re-hashed in a worker: same content → only the stat is updated,
     other content → extracted again and its row overwritten;
   * a file that failed before with the same stat is not retried (it is still reported);
-  * paths in the store that are gone from the data are reported, and removed with ``prune``.
+  * paths in the store that are gone from the data, and changed files that no longer decode,
+    are reported, and their rows removed with ``prune``.
 Rows are committed per finished batch (see store.py), so an interrupted run loses at most the
 batch in flight.
 """
@@ -73,6 +74,7 @@ class Summary:
     failed: int = 0
     ignored: int = 0
     vanished: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # changed files that no longer decode
     pruned: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -94,9 +96,12 @@ class Summary:
         parts.append(f"{self.failed} failed")
         if self.ignored:
             parts.append(f"{self.ignored} ignored")
+        if self.stale:
+            parts.append(f"{len(self.stale)} changed but undecodable (old rows kept)")
         if self.vanished:
-            parts.append(f"{len(self.vanished)} vanished" + (f" ({self.pruned} pruned)"
-                                                             if self.pruned else ""))
+            parts.append(f"{len(self.vanished)} vanished")
+        if self.pruned:
+            parts.append(f"{self.pruned} pruned")
         head = "interrupted" if self.interrupted else "done"
         return (f"{head}: {', '.join(parts)} of {self.total} images in {self.seconds:.1f} s "
                 f"({self.rate:.1f} img/s, {self.device}, {self.precision}) → {self.store}")
@@ -322,8 +327,8 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *,
                         "summary": {k: v for k, v in asdict(summary).items()
                                     if k not in ("failures", "ignored_files", "vanished", "store")},
                         "vanished": len(summary.vanished)})
-    if opts.prune and summary.vanished and not summary.interrupted:
-        summary.pruned = len(prune(out, {r.rel for r in disc.items} | {p for p, _ in disc.ignored}))
+    if opts.prune and (summary.vanished or summary.stale) and not summary.interrupted:
+        summary.pruned = len(prune(out, set(summary.vanished) | set(summary.stale)))
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -402,14 +407,17 @@ def _commit_batch(writer: StoreWriter, tasks: list[Task], rows_of: dict[int, int
         summary.replaced += len(old_pos)
     same = [it for it in batch["items"] if it["status"] == "same"]
     if same:
-        writer.update_stat([rows_of[id(tasks[it["i"]])] for it in same],
-                           [it["mtime_ns"] for it in same], [it["size"] for it in same])
+        rows = [rows_of[id(tasks[it["i"]])] for it in same]
+        refs = [tasks[it["i"]].ref for it in same]
+        writer.update_stat(rows, [it["mtime_ns"] for it in same], [it["size"] for it in same])
+        writer.relabel(rows, _label_ids(writer, refs), [r.split or "" for r in refs])
         summary.unchanged += len(same)
     errors = [it for it in batch["items"] if it["status"] == "error"]
     if errors:
         writer.record_errors([(tasks[it["i"]].ref.rel, it["reason"], it["hash"],
                                it["mtime_ns"], it["size"]) for it in errors])
         summary.failures += [(tasks[it["i"]].ref.rel, it["reason"]) for it in errors]
+        summary.stale += [tasks[it["i"]].ref.rel for it in errors if id(tasks[it["i"]]) in rows_of]
     fixed = [tasks[i].ref.rel for i in good if tasks[i].ref.rel in retry]
     if fixed:
         writer.forget_errors(fixed)

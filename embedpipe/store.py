@@ -497,24 +497,22 @@ def _rewrite(src: h5py.File, path: Path, *, keep: np.ndarray | None, n: int, n_e
     os.replace(tmp, path)
 
 
-def prune(path: str | Path, keep_paths: set[str]) -> list[str]:
-    """Remove rows (and error records) whose path is not in ``keep_paths``; atomic rewrite.
-
-    Returns the removed paths. The store must not be open for writing elsewhere.
-    """
+def prune(path: str | Path, rows: set[str], errors: set[str] = frozenset()) -> list[str]:
+    """Remove the rows whose path is in ``rows`` and the error records whose path is in
+    ``errors``, by an atomic rewrite. Returns the removed row paths. The store must not be
+    open for writing elsewhere."""
     path = Path(path)
     with _open_swmr_read(path) as src:
         _check_schema(src, path)
         n, n_err = (int(v) for v in src["committed"][:2])
         paths = [_decode(p) for p in src["paths"][:n]]
         epaths = [_decode(p) for p in src["errors/path"][:n_err]]
-        keep = np.array([i for i, p in enumerate(paths) if p in keep_paths], dtype=np.int64)
-        keep_err = np.array([i for i, p in enumerate(epaths) if p in keep_paths], dtype=np.int64)
-        removed = [p for p in paths if p not in keep_paths]
-        if not removed and len(keep_err) == n_err:
+        keep = np.array([i for i, p in enumerate(paths) if p not in rows], dtype=np.int64)
+        keep_err = np.array([i for i, p in enumerate(epaths) if p not in errors], dtype=np.int64)
+        if len(keep) == n and len(keep_err) == n_err:
             return []
         _rewrite(src, path, keep=keep, n=n, n_err=n_err, keep_err=keep_err)
-    return removed
+    return [p for p in paths if p in rows]
 
 
 def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, str],

@@ -152,8 +152,19 @@ def test_rerun_extracts_nothing_then_exactly_what_is_new_or_changed(fmnist: Path
     assert "1 vanished" in res.output and f"bag/{bag[4].name}" in res.output
     assert len(open_store(out)) == 63
     res = extract_ok(fmnist, "-o", out, "-q", "--prune")
-    assert "(1 pruned)" in res.output
+    assert "1 vanished, 1 pruned" in res.output
     assert f"bag/{bag[4].name}" not in open_store(out).paths
+
+    # a stored file overwritten with garbage: reported, old row kept until --prune
+    bag[3].write_bytes(b"garbage")
+    res = extract_ok(fmnist, "-o", out, "-q")
+    assert "1 failed, 1 changed but undecodable (old rows kept)" in res.output
+    assert f"bag/{bag[3].name}" in open_store(out).paths
+    res = extract_ok(fmnist, "-o", out, "-q", "--prune")
+    assert "1 pruned" in res.output
+    s = open_store(out)
+    assert f"bag/{bag[3].name}" not in s.paths and len(s) == 61
+    assert "not an image" in dict(s.errors)[f"bag/{bag[3].name}"]
 
 
 def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
