@@ -270,10 +270,11 @@ def _label_ids(writer: StoreWriter, refs: list[ImageRef]) -> list[int]:
     return [ids[r.label] if r.label is not None else -1 for r in refs]
 
 
-def run(source: str | Path, out: str | Path, opts: ExtractOptions, *,
+def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *,
         progress: bool = True, say: Callable[[str], None] | None = None,
         backbone: Backbone | None = None) -> Summary:
-    """Extract features of every image under ``source`` into the store ``out``."""
+    """Extract features of every image under ``source`` (a folder, a CSV manifest, or images
+    already discovered) into the store ``out``."""
     say = say or printer(progress)
     t0 = time.perf_counter()
     if opts.batch_size < 1:
@@ -281,7 +282,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *,
     if opts.dtype not in DTYPES:
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
     out = Path(out)
-    disc = discover(source, opts.layout)
+    disc = source if isinstance(source, Discovery) else discover(source, opts.layout)
     if opts.shard:
         disc = select_shard(disc, opts.shard)
     device = resolve_device(opts.device)

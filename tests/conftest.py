@@ -24,3 +24,19 @@ def fmnist(fmnist_src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(fmnist_src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def fmnist_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real feature store (read-only: copy it before changing it): 250 Fashion-MNIST test
+    images in split folders, 20 per class in ``train`` and 5 per class in ``test``, extracted
+    in fp32 with the bundled pretrained EfficientNet-Lite0."""
+    from embedpipe.extract import ExtractOptions, run
+
+    root = tmp_path_factory.mktemp("fmnist_store")
+    src = write_fashion_mnist_folder(root / "data", splits={"train": 20, "test": 5})
+    out = root / "fmnist.h5"
+    summary = run(src, out, ExtractOptions(precision="fp32"), progress=False)
+    assert summary.extracted == 250 and not summary.failed, summary.line()
+    os.chmod(out, 0o444)
+    return out

@@ -1,0 +1,213 @@
+"""Head files: a fitted scikit-learn estimator plus its manifest, saved and loaded safely.
+
+A head file is a skops archive (a zip of JSON and numpy arrays, no pickle) holding
+``{"format": "embedpipe-head", "format_version": 1, "manifest": {...}, "estimator": ...}``.
+Loading never runs code from the file: skops rebuilds only types that are trusted, which are
+its defaults (scikit-learn estimators, numpy, builtins) plus the short allow-list below of
+scikit-learn internals that our heads contain. A file naming any other type, a truncated or
+damaged file, or one that is not a head at all is refused with one line.
+
+Needs numpy, scikit-learn and skops only; never torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+FORMAT = "embedpipe-head"
+FORMAT_VERSION = 1
+SUFFIX = ".skops"
+
+# scikit-learn internals inside our fitted heads that skops does not trust by default:
+# calibration of heads without native probabilities (svm, linear-svm, ridge) and the MLP's
+# optimizer state. Each is plain data (arrays and numbers); none runs code when rebuilt.
+TRUSTED_EXTRA = (
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._TemperatureScaling",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+)
+
+# What must agree between a head and the store (or images) it predicts: otherwise the features
+# mean something else. Precision and stored dtype only change features slightly: a warning.
+MUST_MATCH = ("model", "weights_sha256", "data_config", "pool", "feature_dim")
+SHOULD_MATCH = ("precision", "dtype")
+
+
+class ArtifactError(UserError):
+    """A head file that cannot be used; one line naming the file and the fix."""
+
+
+@dataclass
+class HeadFile:
+    path: Path
+    estimator: Any
+    manifest: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.estimator.classes_]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.manifest["store_identity"]
+
+
+class _NoTorch:
+    """A meta-path finder that makes ``import torch`` fail (see _skops_io)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden while loading skops)",
+                                      name=name)
+        return None
+
+
+@contextlib.contextmanager
+def _torch_hidden() -> Iterator[None]:
+    finder = _NoTorch()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def _skops_io() -> Any:
+    """``skops.io``, imported without importing torch.
+
+    skops builds its trusted-type list from ``sklearn.utils.all_estimators()``, whose package
+    walk imports scikit-learn's vendored array-API shim for torch and, through it, torch itself
+    (~2 s and ~1 GiB here) whenever torch is installed. The walk skips packages that fail to
+    import, so hiding torch during that one import gives the same list as on a machine without
+    torch, and keeps the prediction path torch-free.
+    """
+    if "skops.io" in sys.modules or "torch" in sys.modules:
+        import skops.io
+
+        return skops.io
+    with _torch_hidden():
+        import skops.io
+    return skops.io
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+
+    from . import __version__
+
+    out = {"embedpipe": __version__, "scikit-learn": sklearn.__version__,
+           "numpy": numpy.__version__, "python": platform.python_version()}
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        out["skops"] = version("skops")
+    return out
+
+
+def save(path: str | Path, estimator: Any, manifest: dict[str, Any]) -> Path:
+    """Write a head file atomically (a crash never leaves half a file at ``path``)."""
+    sio = _skops_io()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(json.dumps(manifest, default=_jsonable))  # plain data only
+    obj = {"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest,
+           "estimator": estimator}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        sio.dump(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):  # numpy scalars
+        return v.item()
+    if isinstance(v, (tuple, set)):
+        return list(v)
+    return str(v)
+
+
+def load(path: str | Path) -> HeadFile:
+    """Load a head file, refusing anything that is not a head made by `embedpipe fit`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such head file; make one with `embedpipe fit STORE "
+                            f"--head NAME -o {path}`")
+    sio = _skops_io()
+    fix = "make the head again with `embedpipe fit`"
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as e:  # noqa: BLE001 - zip, JSON and schema errors all mean "damaged"
+        raise ArtifactError(f"{path}: not a readable head file ({_why(e)}); it is damaged, "
+                            f"truncated or not made by embedpipe: {fix}") from None
+    foreign = sorted(set(untrusted) - set(TRUSTED_EXTRA))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4
+                                          else "")
+        raise ArtifactError(f"{path}: refusing to load: the file asks for types embedpipe does "
+                            f"not trust ({shown}), which could run code; {fix}")
+    try:
+        obj = sio.load(path, trusted=list(untrusted))
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{path}: head file is damaged ({_why(e)}); {fix}") from None
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT
+            and isinstance(obj.get("manifest"), dict) and hasattr(obj.get("estimator"),
+                                                                   "predict")):
+        raise ArtifactError(f"{path}: a skops file, but not an embedpipe head; {fix}")
+    if int(obj.get("format_version", 0)) > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: head format {obj['format_version']} is newer than this "
+                            f"embedpipe ({FORMAT_VERSION}); upgrade embedpipe")
+    return HeadFile(path, obj["estimator"], obj["manifest"])
+
+
+def _why(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {text[:160]}"
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, str) and v[:1] in "{[":
+        with contextlib.suppress(ValueError):
+            return json.loads(v)
+    return v
+
+
+def check_compatible(head: HeadFile, other: dict[str, Any], what: str) -> list[str]:
+    """Raise when ``other`` (a store's metadata) was made with another backbone, weights,
+    preprocessing, pool or feature dim than the head's; return warnings for precision/dtype."""
+    mine = head.identity
+    diffs = [k for k in MUST_MATCH if _norm(mine.get(k)) != _norm(other.get(k))]
+    if diffs:
+        parts = "; ".join(f"{k}: {what} has {_short(other.get(k))}, head has "
+                          f"{_short(mine.get(k))}" for k in diffs[:3])
+        raise ArtifactError(
+            f"{what}: made with another backbone than head {head.path} ({parts}); extract the "
+            f"images with the head's backbone (`embedpipe predict {head.path} IMAGES...` does "
+            "it for you) or fit a head on this store")
+    return [f"note: {what} has {k}={other.get(k)} while head {head.path} was trained on "
+            f"{k}={mine.get(k)}; features differ slightly" for k in SHOULD_MATCH
+            if _norm(mine.get(k)) != _norm(other.get(k))]
+
+
+def _short(v: Any) -> str:
+    v = _norm(v)
+    text = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else repr(v)
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def new_manifest(**fields: Any) -> dict[str, Any]:
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), **fields}

@@ -1,0 +1,221 @@
+"""Registry of classification heads: scikit-learn pipelines for cached embeddings (no torch).
+
+Every head is a ``Pipeline`` whose last step is named ``clf``, preceded by the preprocessing that
+suits it (``l2``: row L2 normalisation, ``scale``: standardisation) and a ``pca`` step that is
+``"passthrough"`` unless asked for (``pca=128`` keeps 128 components, ``pca=0.95`` keeps 95% of
+the variance). Parameters are named the short way on the command line (``C=10``,
+``n_neighbors=3``, ``pca=64``) and translated to pipeline names (``clf__C``) here, so the CLI,
+``fit``, ``cv`` and the search all speak one language.
+
+Only scikit-learn's own classes are used, so a fitted head can be saved with skops and loaded
+without trusting any code of ours or anybody else's (see artifacts.py).
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from .errors import UserError
+
+PREPROCESSING = {"l2": "L2-normalise each row", "scale": "standardise each feature"}
+
+
+class HeadError(UserError):
+    """An unknown head, parameter or value; one line naming it and the fix."""
+
+
+@dataclass(frozen=True)
+class Head:
+    name: str
+    summary: str
+    steps: tuple[str, ...]  # preprocessing before the (optional) PCA, from PREPROCESSING
+    make: Callable[[int], Any]  # seed -> unfitted final estimator with the head's defaults
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # short names -> values
+    class_weight: bool = False  # accepts class_weight="balanced"
+    native_proba: bool = True  # False: probabilities come from calibration (see artifacts)
+
+    def defaults(self) -> dict[str, Any]:
+        """The final estimator's parameters that differ from scikit-learn's own defaults."""
+        est = self.make(0)
+        base = type(est)().get_params()
+        return {k: v for k, v in est.get_params().items()
+                if k != "random_state" and repr(v) != repr(base.get(k))}
+
+
+HEADS: dict[str, Head] = {h.name: h for h in (
+    Head("logreg", "multinomial logistic regression on standardised features (the linear probe)",
+         ("scale",), lambda seed: LogisticRegression(C=1.0, max_iter=2000, random_state=seed),
+         {"C": [0.01, 0.1, 1.0, 10.0]}, class_weight=True),
+    Head("svm", "RBF-kernel support vector machine on standardised features",
+         ("scale",), lambda seed: SVC(C=10.0, gamma="scale", random_state=seed),
+         {"C": [1.0, 10.0, 100.0], "gamma": ["scale", 0.0002, 0.002]},
+         class_weight=True, native_proba=False),
+    Head("linear-svm", "linear support vector machine (one-vs-rest) on standardised features",
+         ("scale",), lambda seed: LinearSVC(C=0.01, max_iter=5000, random_state=seed),
+         {"C": [0.001, 0.01, 0.1, 1.0]}, class_weight=True, native_proba=False),
+    Head("knn", "k nearest neighbours, brute force (metric cosine or euclidean)",
+         (), lambda seed: KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute",
+                                               weights="distance"),
+         {"n_neighbors": [1, 5, 10, 20], "metric": ["cosine", "euclidean"],
+          "weights": ["uniform", "distance"]}),
+    Head("ridge", "ridge regression classifier on standardised features",
+         ("scale",), lambda seed: RidgeClassifier(alpha=100.0),
+         {"alpha": [1.0, 10.0, 100.0, 1000.0]}, class_weight=True, native_proba=False),
+    Head("centroid", "nearest class mean of L2-normalised features",
+         ("l2",), lambda seed: NearestCentroid(),
+         {"shrink_threshold": [None, 0.1, 0.3]}),
+    Head("mlp", "small multi-layer perceptron (one hidden layer, early stopping)",
+         ("scale",), lambda seed: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3,
+                                                early_stopping=True, max_iter=300,
+                                                random_state=seed),
+         {"alpha": [1e-4, 1e-3, 1e-2], "hidden_layer_sizes": [(256,), (512,)]}),
+)}
+
+
+def get(name: str) -> Head:
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise HeadError(f"--head {name}: unknown head; pass one of {', '.join(HEADS)} "
+                        "(see `embedpipe heads`)") from None
+
+
+def parse_value(text: str) -> Any:
+    """'10' → 10, '0.5' → 0.5, 'none' → None, 'true' → True, '256,128' → (256, 128), else str."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        v = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+    return tuple(v) if isinstance(v, list) else v
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``["C=10", "pca=64"]`` → ``{"C": 10, "pca": 64}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise HeadError(f"--param {item}: write NAME=VALUE, e.g. --param C=10")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _pca(value: Any, seed: int) -> Any:
+    if value in (None, 0, False, "none"):
+        return "passthrough"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+            isinstance(value, float) and value >= 1):
+        raise HeadError(f"--param pca={value}: pass a number of components (e.g. 128) or a "
+                        "variance fraction in (0, 1) (e.g. 0.95), or none")
+    return PCA(n_components=value, random_state=seed)
+
+
+def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Short parameter names → pipeline names, validated against the final estimator."""
+    valid = head.make(seed).get_params()
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "pca":
+            out["pca"] = _pca(value, seed)
+        elif key in valid:
+            out[f"clf__{key}"] = value
+        else:
+            names = ", ".join(sorted(["pca", *valid]))
+            raise HeadError(f"--param {key}: {head.name} has no such parameter; pass one of "
+                            f"{names}")
+    return out
+
+
+def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str | None = None,
+          seed: int = 0) -> Pipeline:
+    """An unfitted pipeline for head ``name`` with its defaults, overridden by ``params``."""
+    head = get(name)
+    steps: list[tuple[str, Any]] = []
+    if "l2" in head.steps:
+        steps.append(("l2", Normalizer()))
+    if "scale" in head.steps:
+        steps.append(("scale", StandardScaler()))
+    steps += [("pca", "passthrough"), ("clf", head.make(seed))]
+    pipe = Pipeline(steps)
+    if class_weight is not None:
+        if class_weight != "balanced":
+            raise HeadError(f"--class-weight {class_weight}: pass balanced (or leave it out)")
+        if not head.class_weight:
+            able = ", ".join(h.name for h in HEADS.values() if h.class_weight)
+            raise HeadError(f"--class-weight balanced: the {name} head does not take class "
+                            f"weights; use one of {able}, or leave it out")
+        pipe.set_params(clf__class_weight="balanced")
+    try:
+        pipe.set_params(**pipeline_params(head, params or {}, seed))
+    except (ValueError, TypeError) as e:
+        raise HeadError(f"--param for {name}: {e}") from None
+    return pipe
+
+
+def param_grid(name: str, fixed: dict[str, Any] | None = None, *,
+               seed: int = 0) -> dict[str, list[Any]]:
+    """The head's search grid in pipeline names, leaving out what the user fixed."""
+    head = get(name)
+    grid = {k: v for k, v in head.grid.items() if k not in (fixed or {})}
+    out: dict[str, list[Any]] = {}
+    for key, values in grid.items():
+        if key == "pca":
+            out["pca"] = [_pca(v, seed) for v in values]
+        else:
+            out[f"clf__{key}"] = list(values)
+    return out
+
+
+def short_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline names back to short ones for reports (``clf__C`` → ``C``; PCA → its size)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "pca":
+            out["pca"] = None if value == "passthrough" else value.n_components
+        else:
+            out[key.removeprefix("clf__")] = value
+    return out
+
+
+def class_scores(estimator: Any, X: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Per-class scores aligned with ``estimator.classes_``: probabilities where the estimator
+    has them (True), else a softmax of its decision function (False: a ranking, not
+    calibrated)."""
+    if hasattr(estimator, "predict_proba"):
+        try:
+            return estimator.predict_proba(X), True
+        except AttributeError:  # e.g. a pipeline whose final step has no predict_proba
+            pass
+    d = np.asarray(estimator.decision_function(X), dtype=np.float64)
+    if d.ndim == 1:  # binary: one score for classes_[1]
+        d = np.stack([-d, d], axis=1)
+    d = d - d.max(axis=1, keepdims=True)
+    e = np.exp(d)
+    return e / e.sum(axis=1, keepdims=True), False
+
+
+def describe() -> list[dict[str, Any]]:
+    """One row per head: name, summary, preprocessing, defaults, grid, class weights, proba."""
+    return [{"head": h.name, "summary": h.summary,
+             "preprocessing": [PREPROCESSING[s] for s in h.steps],
+             "defaults": {k: v for k, v in h.defaults().items()},
+             "grid": {k: list(v) for k, v in h.grid.items()},
+             "class_weight": h.class_weight,
+             "probabilities": "native" if h.native_proba else "calibrated (temperature)"}
+            for h in HEADS.values()]

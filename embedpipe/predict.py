@@ -1,0 +1,220 @@
+"""Prediction with a head file: from a feature store (torch-free) or end to end from images.
+
+``from_store`` imports numpy, h5py, scikit-learn and skops only, so it runs where torch is not
+installed. ``from_images`` extracts the images with exactly the backbone, weights, preprocessing
+and precision recorded in the head (through extract.run, into a temporary or kept store), then
+predicts from that store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import artifacts
+from .errors import UserError
+from .heads import class_scores
+from .store import FeatureStore, open_store
+
+
+class PredictError(UserError):
+    """Bad prediction input; one line naming it and the fix."""
+
+
+@dataclass
+class Predictions:
+    head: Path
+    classes: list[str]
+    paths: list[str]
+    labels: list[str | None]
+    predicted: list[str]
+    confidence: np.ndarray
+    top: list[list[tuple[str, float]]]
+    calibrated: bool
+    notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def accuracy(self) -> tuple[float, int] | None:
+        known = [(t, p) for t, p in zip(self.labels, self.predicted) if t is not None]
+        if not known:
+            return None
+        return sum(t == p for t, p in known) / len(known), len(known)
+
+    def line(self) -> str:
+        text = f"predicted {len(self)} images with {self.head} ({len(self.classes)} classes)"
+        acc = self.accuracy()
+        if acc:
+            text += f"; accuracy on the {acc[1]} labeled ones: {acc[0]:.3f}"
+        if self.skipped:
+            text += f"; {len(self.skipped)} skipped"
+        return text
+
+    def write_csv(self, out: str | Path | None, top_k: int) -> None:
+        """path,label,predicted,confidence,top1,top1_prob,...; to ``out`` or stdout ("-")."""
+        k = min(top_k, len(self.classes))
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        head = ["path", "label", "predicted", "confidence"]
+        for i in range(1, k + 1):
+            head += [f"top{i}", f"top{i}_prob"]
+        w.writerow(head)
+        for p, t, pred, conf, top in zip(self.paths, self.labels, self.predicted,
+                                         self.confidence, self.top):
+            row = [p, t or "", pred, f"{conf:.6f}"]
+            for c, prob in top[:k]:
+                row += [c, f"{prob:.6f}"]
+            w.writerow(row)
+        if out is None or str(out) == "-":
+            sys.stdout.write(buf.getvalue())
+            return
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
+                 ) -> tuple[list[str], np.ndarray, list[list[tuple[str, float]]], bool]:
+    """Predicted class, its probability, and the top-k (class, probability) of each row."""
+    classes = head.classes
+    if X.shape[0] == 0:
+        return [], np.zeros(0), [], True
+    predicted = [str(c) for c in head.estimator.predict(X)]
+    probs, calibrated = class_scores(head.estimator, X)
+    col = {c: i for i, c in enumerate(classes)}
+    conf = probs[np.arange(len(predicted)), [col[p] for p in predicted]]
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :max(1, top_k)]
+    top = [[(classes[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
+    return predicted, conf, top, calibrated
+
+
+def _predict(head: artifacts.HeadFile, store: FeatureStore, rows: np.ndarray, top_k: int,
+             notes: list[str]) -> Predictions:
+    X = store.features[rows].astype(np.float32, copy=False)
+    predicted, conf, top, calibrated = predict_rows(head, X, top_k)
+    names = store.label_names()
+    labels = [names[i] for i in rows]
+    if not calibrated:
+        notes.append(f"note: {head.path} has no calibrated probabilities; confidence is a "
+                     "softmax of its decision scores (a ranking, not a probability)")
+    unknown = sorted({t for t in labels if t is not None} - set(head.classes))
+    if unknown:
+        notes.append(f"note: {len(unknown)} true class(es) are unknown to the head "
+                     f"({', '.join(unknown[:5])}); those images count as errors")
+    return Predictions(head.path, head.classes, [store.paths[i] for i in rows], labels,
+                       predicted, conf, top, calibrated, notes)
+
+
+def from_store(head_path: str | Path, store_path: str | Path, *, top_k: int = 3,
+               split: str | None = None, only: set[str] | None = None) -> Predictions:
+    """Classify the rows of a store (optionally one split, or only the given paths)."""
+    head = artifacts.load(head_path)
+    store = open_store(store_path)
+    notes = artifacts.check_compatible(head, store.meta, str(store.path))
+    keep = np.ones(len(store), dtype=bool)
+    if split is not None:
+        keep &= np.asarray(store.splits, dtype=object) == split
+        if not keep.any():
+            have = sorted({s or "(none)" for s in store.splits})
+            raise PredictError(f"{store.path}: no rows in split {split!r}; pass one of "
+                               f"{', '.join(have)} or leave --split out")
+    if only is not None:
+        keep &= np.array([p in only for p in store.paths], dtype=bool)
+    return _predict(head, store, np.flatnonzero(keep), top_k, notes)
+
+
+# -- end to end from images ------------------------------------------------------------------
+
+def extract_options(head: artifacts.HeadFile, *, weights: str | None = None,
+                    device: str = "auto", batch_size: int = 32,
+                    workers: int | None = None) -> Any:
+    """ExtractOptions that reproduce the head's store identity (checked after extraction)."""
+    from .extract import ExtractOptions
+
+    ident = head.identity
+    cfg = ident["data_config"]
+    cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
+    source, _, where = str(ident["weights_source"]).partition(":")
+    opts: dict[str, Any] = {}
+    if weights is not None:
+        opts["weights"] = weights
+    elif source == "random":
+        opts["random_init"] = True
+    elif source == "file":
+        if not Path(where).is_file():
+            raise PredictError(f"{head.path}: the head's backbone weights file {where} is not "
+                               "here; pass --weights PATH to a copy of it (sha256 "
+                               f"{str(ident['weights_sha256'])[:12]}…)")
+        opts["weights"] = where
+    else:
+        opts["weights"] = source  # "bundled" or "hub"
+    return ExtractOptions(
+        model=ident["model"], pool=None if ident["pool"] == "default" else ident["pool"],
+        img_size=int(cfg["input_size"][-1]),
+        crop_pct=float(cfg["crop_pct"]), precision=ident["precision"], dtype=ident["dtype"],
+        exact_decode=not cfg.get("jpeg_draft", True), device=device, batch_size=batch_size,
+        workers=workers, **opts)
+
+
+def gather_images(inputs: Sequence[str | Path]) -> Any:
+    """One Discovery over image files, folders (any layout: class folders give true labels)
+    and CSV manifests, keyed by the paths as the user wrote them."""
+    from .data import Discovery, ImageRef, discover
+
+    items: dict[Path, ImageRef] = {}
+    ignored: list[tuple[str, str]] = []
+    for given in inputs:
+        p = Path(given)
+        shown = p.as_posix()
+        if p.is_dir() or p.suffix.lower() == ".csv":
+            disc = discover(p)
+            base = shown if p.is_dir() else p.parent.as_posix()
+            prefix = "" if base in ("", ".") else base.rstrip("/") + "/"
+            for ref in disc.items:
+                rel = ref.rel if Path(ref.rel).is_absolute() else prefix + ref.rel
+                items.setdefault(ref.path.resolve(), ImageRef(ref.path, rel, ref.label,
+                                                              ref.split))
+            ignored += [(prefix + r, why) for r, why in disc.ignored]
+        elif p.is_file():
+            items.setdefault(p.resolve(), ImageRef(p.resolve(), shown, None, None))
+        else:
+            raise PredictError(f"{given}: no such file or folder; pass image files, folders or "
+                               "a .csv manifest")
+    refs = sorted(items.values(), key=lambda r: r.rel)
+    labels = sorted({r.label for r in refs if r.label is not None})
+    return Discovery(Path.cwd(), "images", refs, labels, sorted(ignored))
+
+
+def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: int = 3,
+                weights: str | None = None, device: str = "auto", batch_size: int = 32,
+                workers: int | None = None, keep_store: str | Path | None = None,
+                progress: bool = True,
+                say: Callable[[str], None] | None = None) -> Predictions:
+    """Extract ``inputs`` with the head's own backbone and preprocessing, then classify."""
+    from .extract import run
+
+    head = artifacts.load(head_path)
+    opts = extract_options(head, weights=weights, device=device, batch_size=batch_size,
+                           workers=workers)
+    disc = gather_images(inputs)
+    if not disc.items:
+        raise PredictError(f"{', '.join(map(str, inputs))}: no images found; pass image files "
+                           "(jpg, png, ...) or folders holding them")
+    with tempfile.TemporaryDirectory(prefix="embedpipe-predict-") as tmp:
+        store = Path(keep_store) if keep_store else Path(tmp) / "features.h5"
+        summary = run(disc, store, opts, progress=progress, say=say)
+        if summary.interrupted:
+            raise KeyboardInterrupt
+        preds = from_store(head.path, store, top_k=top_k, only={r.rel for r in disc.items})
+    preds.skipped = list(summary.failures) + list(summary.ignored_files)
+    return preds

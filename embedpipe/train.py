@@ -1,0 +1,100 @@
+"""`embedpipe fit`: train one head on a store's training rows and write its head file (no torch).
+
+Training rows are those of the ``train`` split, or every labeled row when the store has no
+train split (evaluate.select_rows). Heads without native probabilities (svm, linear-svm, ridge)
+are wrapped in temperature scaling fitted on cross-validated decision scores, so `predict`
+reports calibrated confidences; the wrapped head predicts the same classes as the bare one.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import artifacts, heads
+from .evaluate import EvaluateError, fit_configuration, min_class, select_rows, targets
+from .store import open_store
+
+CALIBRATION_FOLDS = 5
+
+
+@dataclass
+class FitResult:
+    path: Path
+    head: str
+    params: dict[str, Any]
+    rows: int
+    classes: list[str]
+    calibration: str
+    seconds: float
+    train_accuracy: float
+
+    def line(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "defaults"
+        return (f"fitted {self.head} ({params}) on {self.rows} rows, {len(self.classes)} "
+                f"classes in {self.seconds:.1f} s; training accuracy {self.train_accuracy:.3f}; "
+                f"probabilities: {self.calibration} → {self.path}")
+
+
+def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, str]:
+    from sklearn.calibration import CalibratedClassifierCV
+
+    _, smallest = min_class(y)
+    k = min(CALIBRATION_FOLDS, smallest)
+    if k < 2:
+        return estimator, "none (a class has 1 image: confidence is a softmax of scores)"
+    # cv as a number (stratified, unshuffled folds): a splitter object would be stored in the
+    # head file as a type that skops does not trust.
+    cal = CalibratedClassifierCV(estimator, method="temperature", ensemble=False, cv=k)
+    return cal.fit(X, y), f"temperature scaling ({k}-fold)"
+
+
+def fit(store_path: str | Path, head: str, out: str | Path, *,
+        params: dict[str, Any] | None = None, class_weight: str | None = None,
+        search: bool = False, seed: int = 0, jobs: int | None = None,
+        say: Callable[[str], None] = lambda m: None) -> FitResult:
+    t0 = time.perf_counter()
+    spec = heads.get(head)
+    heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
+    store = open_store(store_path)
+    rows = select_rows(store)
+    X, y = store.features[rows.train], targets(store, rows.train)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
+                            "a head needs at least two: add images of other classes")
+    say(f"fitting {head} on {len(y)} rows ({rows.describe()}), {len(classes)} classes"
+        + (", searching its grid" if search else ""))
+    with warnings.catch_warnings():
+        # NearestCentroid warns whenever a feature is constant within a class, which pooled
+        # ReLU features often are (zeros); it changes nothing about the fit.
+        warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*")
+        estimator, chosen = fit_configuration(X, y, head, params, class_weight=class_weight,
+                                              search=search, seed=seed, jobs=jobs)
+        calibration = "native"
+        if not spec.native_proba:
+            base = heads.build(head, chosen, class_weight=class_weight, seed=seed)
+            estimator, calibration = _calibrated(base, X, y)
+    train_acc = float((estimator.predict(X) == y).mean())
+    manifest = artifacts.new_manifest(
+        head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
+        calibration=calibration, classes=[str(c) for c in estimator.classes_],
+        store_identity=store.identity,
+        training={"store": str(store.path), "rows": int(len(y)),
+                  "split": "train" if rows.heldout or len(rows.train) < (store.labels >= 0).sum()
+                  else "all labeled rows",
+                  "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
+                  "train_accuracy": train_acc},
+    )
+    path = artifacts.save(out, estimator, manifest)
+    return FitResult(path, head, chosen, len(y), [str(c) for c in classes], calibration,
+                     time.perf_counter() - t0, train_acc)
+
+
+def default_head_path(store: str | Path, head: str, cache_dir: Path) -> Path:
+    return cache_dir / f"{Path(store).stem}__{head}{artifacts.SUFFIX}"

@@ -1,0 +1,277 @@
+"""Heads, head files and prediction, on a real store (Fashion-MNIST, bundled EfficientNet-Lite0)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedpipe import artifacts, heads
+from embedpipe.cli import app
+from embedpipe.evaluate import select_rows, targets
+from embedpipe.store import open_store
+
+runner = CliRunner()
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args: object):
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def one_line_error(res, *needles: str) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def logreg_head(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("heads") / "logreg.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "--param", "C=0.1", "-o", out, "-q")
+    return out
+
+
+def test_heads_lists_every_head_with_defaults_and_grid():
+    res = ok("heads", "--json")
+    rows = {r["head"]: r for r in json.loads(res.output)}
+    assert {"svm", "linear-svm", "logreg", "knn", "ridge", "centroid", "mlp"} <= set(rows)
+    assert rows["svm"]["grid"]["C"] and rows["knn"]["defaults"]["metric"] == "cosine"
+    text = ok("heads").output
+    assert "search grid" in text and "linear-svm" in text
+
+
+@pytest.mark.parametrize("head", list(heads.HEADS))
+def test_every_head_fits_and_round_trips_without_manual_trust(head: str, fmnist_store: Path,
+                                                              tmp_path: Path):
+    out = tmp_path / f"{head}.skops"
+    res = ok("fit", fmnist_store, "--head", head, "-o", out)
+    assert "fitted" in res.output and out.is_file()
+    loaded = artifacts.load(out)  # no trusted= argument from the caller
+    store = open_store(fmnist_store)
+    rows = select_rows(store)
+    X = store.features[rows.heldout["test"]]
+    pred = loaded.estimator.predict(X)
+    acc = float((pred == targets(store, rows.heldout["test"])).mean())
+    assert acc > 0.4, (head, acc)  # 10 classes: chance is 0.1
+    probs = loaded.estimator.predict_proba(X)  # every saved head gives probabilities
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    m = loaded.manifest
+    assert m["head"] == head and m["classes"] == sorted(store.classes)
+    ident = m["store_identity"]
+    assert ident["model"] == "tf_efficientnet_lite0" and ident["feature_dim"] == 1280
+    assert ident["weights_sha256"] == store.meta["weights_sha256"]
+    assert ident["data_config"]["input_size"] == [3, 224, 224]
+    assert ident["pool"] and ident["precision"] == "fp32"
+    assert m["training"]["rows"] == 200 and set(m["training"]["per_class"].values()) == {20}
+    assert {"embedpipe", "scikit-learn", "numpy", "skops"} <= set(m["versions"])
+
+
+def test_fit_options_params_search_and_errors(fmnist_store: Path, tmp_path: Path):
+    out = tmp_path / "svm.skops"
+    ok("fit", fmnist_store, "--head", "svm", "--param", "C=3", "--param", "pca=32",
+       "--class-weight", "balanced", "-o", out, "-q")
+    m = artifacts.load(out).manifest
+    assert m["params"] == {"C": 3, "pca": 32} and m["class_weight"] == "balanced"
+    assert m["calibration"].startswith("temperature")
+    ok("fit", fmnist_store, "--head", "ridge", "--search", "-o", tmp_path / "r.skops", "-q")
+    assert "alpha" in artifacts.load(tmp_path / "r.skops").manifest["params"]
+    one_line_error(cli("fit", fmnist_store, "--head", "logreg", "--param", "k=3", "-o",
+                       tmp_path / "x.skops"), "--param k", "logreg", "C")
+    one_line_error(cli("fit", fmnist_store, "--head", "knn", "--class-weight", "balanced",
+                       "-o", tmp_path / "x.skops"), "knn", "class weights")
+    one_line_error(cli("fit", fmnist_store, "--head", "forest", "-o", tmp_path / "x.skops"),
+                   "forest", "logreg")
+    one_line_error(cli("fit", tmp_path / "nope.h5", "-o", tmp_path / "x.skops"), "nope.h5")
+    assert not (tmp_path / "x.skops").exists()
+
+
+def test_predict_store_csv_matches_the_fitted_pipeline(logreg_head: Path, fmnist_store: Path,
+                                                       tmp_path: Path):
+    out = tmp_path / "preds.csv"
+    res = ok("predict", logreg_head, "--store", fmnist_store, "-o", out, "--top-k", "10")
+    assert "accuracy on the 250 labeled" in res.output
+    rows = read_csv(out)
+    store = open_store(fmnist_store)
+    est = artifacts.load(logreg_head).estimator
+    assert [r["path"] for r in rows] == store.paths
+    assert [r["label"] for r in rows] == store.label_names()
+    assert [r["predicted"] for r in rows] == list(est.predict(store.features))
+    probs = est.predict_proba(store.features)
+    for r, p in zip(rows, probs):
+        tops = [float(r[f"top{i}_prob"]) for i in range(1, 11)]
+        assert tops == sorted(tops, reverse=True) and abs(sum(tops) - 1) < 1e-4
+        assert r["top1"] == r["predicted"] and float(r["confidence"]) == pytest.approx(p.max(),
+                                                                                    abs=1e-6)
+    test_only = tmp_path / "test.csv"
+    ok("predict", logreg_head, "--store", fmnist_store, "--split", "test", "-o", test_only)
+    assert len(read_csv(test_only)) == 50
+    one_line_error(cli("predict", logreg_head, "--store", fmnist_store, "--split", "val"),
+                   "val", "test")
+
+
+_BLOCK_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed on this machine (test)")
+sys.meta_path.insert(0, _Block())
+"""
+
+_RUN_CLI = """
+from embedpipe.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print("TORCH_IMPORTED=" + str(any(m == "torch" or m.startswith("torch.") for m in sys.modules)),
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _run_py(code: str, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_predict_store_runs_where_torch_cannot_be_imported(logreg_head: Path,
+                                                           fmnist_store: Path, tmp_path: Path):
+    out = tmp_path / "preds.csv"
+    proc = _run_py("import sys\n" + _BLOCK_TORCH + _RUN_CLI, "predict", logreg_head, "--store",
+                   fmnist_store, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    est = artifacts.load(logreg_head).estimator
+    store = open_store(fmnist_store)
+    assert [r["predicted"] for r in read_csv(out)] == list(est.predict(store.features))
+    # and where torch is installed, the store path still never imports it
+    proc = _run_py("import sys\n" + _RUN_CLI, "predict", logreg_head, "--store", fmnist_store,
+                   "-o", tmp_path / "again.csv")
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH_IMPORTED=False" in proc.stderr
+
+
+def test_head_refuses_a_store_of_another_backbone(logreg_head: Path, fmnist_store: Path,
+                                                  tmp_path: Path):
+    src = Path(open_store(fmnist_store, features=False).runs[0]["source"]) / "test" / "bag"
+    other = tmp_path / "random.h5"
+    ok("extract", src, "-o", other, "--random-init", "--precision", "fp32", "-q")
+    msg = one_line_error(cli("predict", logreg_head, "--store", other), "weights_sha256",
+                         str(other), str(logreg_head))
+    assert open_store(other).meta["weights_sha256"] in msg or "..." in msg
+
+
+def test_predict_images_end_to_end_equals_predict_from_the_store(logreg_head: Path,
+                                                                  fmnist_store: Path,
+                                                                  tmp_path: Path):
+    data = Path(open_store(fmnist_store, features=False).runs[0]["source"])
+    folder = tmp_path / "photos"
+    shutil.copytree(data / "test", folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "coat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    kept = tmp_path / "kept.h5"
+    out = tmp_path / "images.csv"
+    res = ok("predict", logreg_head, folder, "-o", out, "--keep-store", kept, "-q")
+    assert "skipped" in res.output and "broken.png" in res.output
+    by_image = {r["path"]: r for r in read_csv(out)}
+    assert len(by_image) == 50
+    ok("predict", logreg_head, "--store", fmnist_store, "--split", "test", "-o",
+       tmp_path / "store.csv")
+    for r in read_csv(tmp_path / "store.csv"):
+        mine = by_image[folder.as_posix() + "/" + r["path"].removeprefix("test/")]
+        assert mine["predicted"] == r["predicted"] and mine["label"] == r["label"]
+        assert float(mine["confidence"]) == pytest.approx(float(r["confidence"]), abs=1e-4)
+    # the kept store is a normal store for the same backbone: predict --store works on it
+    ok("predict", logreg_head, "--store", kept, "-o", tmp_path / "kept.csv")
+    # single files work too
+    one = next((folder / "bag").iterdir())
+    ok("predict", logreg_head, one, "-o", tmp_path / "one.csv", "-q")
+    assert [r["path"] for r in read_csv(tmp_path / "one.csv")] == [one.as_posix()]
+
+
+def test_predict_argument_errors(logreg_head: Path, fmnist_store: Path, tmp_path: Path):
+    one_line_error(cli("predict", logreg_head), "IMAGES", "--store")
+    one_line_error(cli("predict", logreg_head, tmp_path / "missing.jpg"), "missing.jpg")
+    one_line_error(cli("predict", tmp_path / "nohead.skops", "--store", fmnist_store),
+                   "nohead.skops", "embedpipe fit")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_head_files_that_could_run_code_or_are_damaged_are_refused(logreg_head: Path,
+                                                                  fmnist_store: Path,
+                                                                  tmp_path: Path):
+    marker = tmp_path / "pwned"
+    # 1. a plain pickle whose unpickling runs a shell command
+    evil = tmp_path / "evil.skops"
+    evil.write_bytes(pickle.dumps({"estimator": _Payload(marker)}))
+    one_line_error(cli("predict", evil, "--store", fmnist_store), "evil.skops",
+                   "not a readable head file")
+    # 2. a skops archive that names a function which could run code
+    sio = artifacts._skops_io()
+    funcs = tmp_path / "funcs.skops"
+    sio.dump({"format": artifacts.FORMAT, "format_version": 1, "manifest": {},
+              "estimator": os.system}, funcs)
+    one_line_error(cli("predict", funcs, "--store", fmnist_store), "funcs.skops",
+                   "does not trust", "system")
+    # 3. a real head whose schema was edited to build an untrusted type
+    edited = tmp_path / "edited.skops"
+    with zipfile.ZipFile(logreg_head) as zin, zipfile.ZipFile(edited, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "schema.json":
+                data = data.replace(b'"LogisticRegression"', b'"Popen"').replace(
+                    b'"sklearn.linear_model._logistic"', b'"subprocess"')
+            zout.writestr(item, data)
+    one_line_error(cli("predict", edited, "--store", fmnist_store), "edited.skops",
+                   "subprocess.Popen")
+    # 4. truncated and bit-flipped copies of a real head
+    blob = logreg_head.read_bytes()
+    trunc = tmp_path / "trunc.skops"
+    trunc.write_bytes(blob[: len(blob) // 2])
+    one_line_error(cli("predict", trunc, "--store", fmnist_store), "trunc.skops", "fit")
+    flipped = tmp_path / "flipped.skops"
+    raw = bytearray(blob)
+    with zipfile.ZipFile(logreg_head) as z:
+        arrays = [i for i in z.infolist() if i.filename.endswith(".npy")]
+        big = max(arrays, key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", blob[big.header_offset + 26:big.header_offset + 30])
+    raw[big.header_offset + 30 + name_len + extra_len + big.compress_size // 2] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    one_line_error(cli("predict", flipped, "--store", fmnist_store), "flipped.skops")
+    # 5. a skops file that is not a head
+    other = tmp_path / "other.skops"
+    sio.dump({"hello": [1, 2, 3]}, other)
+    one_line_error(cli("predict", other, "--store", fmnist_store), "not an embedpipe head")
+    assert not marker.exists()
