@@ -192,6 +192,100 @@ def models(
 
 
 @app.command()
+def heads(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the classification heads with their preprocessing, defaults and search grids."""
+    from .heads import describe
+
+    rows = describe()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=list))
+        return
+    for r in rows:
+        typer.echo(f"{r['head']:<11} {r['summary']}")
+        pre = ", ".join(r["preprocessing"]) or "none"
+        typer.echo(f"{'':<11} preprocessing: {pre}; then optional PCA (--param pca=N)")
+        defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) or "scikit-learn's"
+        typer.echo(f"{'':<11} defaults: {defaults}")
+        grid = "; ".join(f"{k} in {v}" for k, v in r["grid"].items())
+        typer.echo(f"{'':<11} search grid: {grid}")
+        typer.echo(f"{'':<11} class weights: {'yes' if r['class_weight'] else 'no'}; "
+                   f"probabilities: {r['probabilities']}")
+    typer.echo("Override with --param NAME=VALUE (e.g. --param C=10 --param pca=128).")
+
+
+@app.command()
+def fit(
+    store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
+    head: str = typer.Option("logreg", "--head", help="Head to train (see `embedpipe heads`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file to write "
+                                       "(default: cache/<store>__<head>.skops)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p",
+                                              help="NAME=VALUE override, repeatable."),
+    class_weight: Optional[str] = typer.Option(None, help="balanced: weight classes by "
+                                                          "inverse frequency."),
+    search: bool = typer.Option(False, help="Pick parameters from the head's grid by "
+                                            "stratified 3-fold CV on the training rows."),
+    seed: int = typer.Option(0, help="Random seed (folds, SVM/MLP initialisation)."),
+    jobs: Optional[int] = typer.Option(None, help="Parallel jobs for --search."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a head on a store's train split (or all labeled rows) and write a head file."""
+    from . import heads as heads_mod
+    from . import train
+
+    params = _run(heads_mod.parse_params, param)
+    dest = out or train.default_head_path(store, head, CACHE_DIR)
+    result = _run(train.fit, store, head, dest, params=params, class_weight=class_weight,
+                  search=search, seed=seed, jobs=jobs,
+                  say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    typer.echo(result.line())
+
+
+@app.command()
+def predict(
+    head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files, folders or CSV "
+                                                  "manifests to classify end to end."),
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="Classify the rows of "
+                                         "this feature store instead (no torch needed)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write (default: "
+                                       "standard output)."),
+    top_k: int = typer.Option(3, help="How many top classes (with probabilities) per image."),
+    split: Optional[str] = typer.Option(None, help="With --store: only rows of this split."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Images: the "
+                                          "backbone weights file, if it moved since `fit`."),
+    keep_store: Optional[Path] = typer.Option(None, help="Images: keep their features in this "
+                                              "store (reruns skip what is there)."),
+    device: str = typer.Option("auto", help="Images: auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    workers: Optional[int] = typer.Option(None, help="Images: loader worker processes."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
+    if (store is None) == (not images):
+        _fail(UserError("pass either IMAGES... or --store STORE (not both, not neither), e.g. "
+                        f"`embedpipe predict {head} photos/` or `--store cache/x.h5`"))
+    if top_k < 1:
+        _fail(UserError(f"--top-k {top_k}: pass 1 or more"))
+    from . import predict as pr
+
+    if store is not None:
+        preds = _run(pr.from_store, head, store, top_k=top_k, split=split)
+    else:
+        preds = _run(pr.from_images, head, images, top_k=top_k, weights=weights, device=device,
+                     batch_size=batch_size, workers=workers, keep_store=keep_store,
+                     progress=not quiet)
+    for path, reason in preds.skipped[:20]:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    for note in preds.notes:
+        typer.echo(note, err=True)
+    _run(preds.write_csv, out, top_k)
+    typer.echo(preds.line() + (f" → {out}" if out and str(out) != "-" else ""), err=out is None)
+
+
+@app.command()
 def quickstart(
     folder: Path = typer.Option(CACHE_DIR / "quickstart" / "fashion-mnist",
                                 help="Where to write the demo images."),
@@ -209,6 +303,60 @@ def quickstart(
             precision="auto", dtype="float32", batch_size=32, workers=None, layout="auto",
             exact_decode=False, max_pixels=89_478_485, prune=False, shard=None, quiet=False)
     info(store=out, as_json=False, show=50)
+
+
+@app.command()
+def cv(
+    store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
+    head: Optional[list[str]] = typer.Option(None, "--head", help="Head to evaluate, "
+                                             "repeatable (default: logreg svm knn ridge "
+                                             "centroid; see `embedpipe heads`)."),
+    folds: int = typer.Option(5, help="Outer folds (lowered, with a warning, to the size of "
+                                      "the smallest class)."),
+    repeats: int = typer.Option(1, help="Repeat the k-fold split this many times."),
+    search: bool = typer.Option(False, help="Nested CV: in each outer fold, pick the head's "
+                                            "grid parameters by 3-fold CV on the outer "
+                                            "training part only."),
+    metric: str = typer.Option("accuracy", help="Rank heads (and --search) by accuracy, "
+                                                "balanced_accuracy or f1_macro."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="NAME=VALUE for "
+                                              "every head that has NAME, or HEAD:NAME=VALUE; "
+                                              "repeatable."),
+    class_weight: Optional[str] = typer.Option(None, help="balanced: weight classes by "
+                                                          "inverse frequency (heads that "
+                                                          "take it)."),
+    jobs: int = typer.Option(1, help="Parallel (head, fold) fits; -1: one per CPU core."),
+    seed: int = typer.Option(0, help="Seeds the folds and the heads."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report "
+                                            "(JSON) here."),
+    plots: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and "
+                                                    "scores.png into this folder (needs "
+                                                    "embedpipe[plots])."),
+    top_errors: int = typer.Option(10, help="List this many most confidently misclassified "
+                                            "files of the best head."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Cross-validate heads on a store's train rows (stratified k-fold), rank them, and score
+    the best one on the held-out splits.
+
+    Folds are computed once on the train rows in store order and shared by all heads:
+    StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=SEED), or with --repeats R > 1
+    RepeatedStratifiedKFold(n_splits=FOLDS, n_repeats=R, random_state=SEED).
+    """
+    from . import evaluate as ev
+
+    _run(ev.check_outputs, json_out, plots)
+    report = _run(ev.run_cv, store, head, folds=folds, repeats=repeats, search=search,
+                  metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
+                  top_errors=top_errors, progress=not quiet,
+                  warn=lambda m: typer.echo(m, err=True))
+    typer.echo(ev.format_report(report))
+    if json_out is not None:
+        _run(ev.write_report, report, json_out)
+        typer.echo(f"report → {json_out}", err=True)
+    if plots is not None:
+        written = _run(ev.write_plots, report, plots)
+        typer.echo("plots → " + ", ".join(str(p) for p in written), err=True)
 
 
 def main() -> None:

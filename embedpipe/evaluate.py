@@ -1,0 +1,631 @@
+"""Choosing rows, fitting one head configuration, cross-validation and reports (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import heads
+from .errors import UserError
+from .store import FeatureStore
+
+TRAIN_SPLIT = "train"
+
+
+class EvaluateError(UserError):
+    """Data that cannot be evaluated as asked; one line naming the store and the fix."""
+
+
+@dataclass
+class Rows:
+    """The labeled rows of a store, split into the training rows and held-out splits."""
+
+    train: np.ndarray  # row indices
+    heldout: dict[str, np.ndarray]  # split name -> row indices (labeled, not train)
+
+    def describe(self) -> str:
+        parts = [f"{len(self.train)} train"] + [f"{len(v)} {k}" for k, v in self.heldout.items()]
+        return ", ".join(parts)
+
+
+def select_rows(store: FeatureStore) -> Rows:
+    """Training rows: the labeled rows of the ``train`` split, or every labeled row when the
+    store has no split named train. Other labeled splits are held out (val, test, ...)."""
+    labeled = store.labels >= 0
+    if not labeled.any():
+        raise EvaluateError(f"{store.path}: no labeled rows; extract a class-folder layout or a "
+                            "manifest with a label column")
+    splits = np.asarray(store.splits, dtype=object)
+    has_train = bool((splits[labeled] == TRAIN_SPLIT).any())
+    if not has_train:
+        return Rows(np.flatnonzero(labeled), {})
+    train = np.flatnonzero(labeled & (splits == TRAIN_SPLIT))
+    heldout = {}
+    for name in sorted({s for s in splits[labeled] if s != TRAIN_SPLIT}):
+        heldout[name or "(no split)"] = np.flatnonzero(labeled & (splits == name))
+    return Rows(train, heldout)
+
+
+def targets(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
+    """Class names (str) of ``rows``: heads are fitted on names, so they carry them."""
+    names = np.asarray(store.classes, dtype=object)
+    return names[store.labels[rows]].astype(str)
+
+
+def min_class(y: np.ndarray) -> tuple[str, int]:
+    values, counts = np.unique(y, return_counts=True)
+    i = int(np.argmin(counts))
+    return str(values[i]), int(counts[i])
+
+
+def fit_configuration(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any] | None,
+                      *, class_weight: str | None = None, search: bool = False,
+                      inner_folds: int = 3, scoring: str = "accuracy", seed: int = 0,
+                      jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Fit ``head`` on (X, y). With ``search``, pick its grid's best parameters by stratified
+    ``inner_folds``-fold CV on (X, y) only, then refit on all of it. Returns the fitted
+    estimator and the parameters used (short names: the user's plus the ones searched)."""
+    pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
+    chosen = dict(params or {})
+    grid = heads.param_grid(head, params, seed=seed) if search else {}
+    if not grid:
+        return pipe.fit(X, y), chosen
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    cls, n = min_class(y)
+    k = min(inner_folds, n)
+    if k < 2:
+        raise EvaluateError(f"--search: class {cls!r} has {n} training image(s); the inner "
+                            "search needs at least 2 per class: add images or drop --search")
+    gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs,
+                      cv=StratifiedKFold(k, shuffle=True, random_state=seed))
+    gs.fit(X, y)
+    chosen.update(heads.short_params(gs.best_params_))
+    return gs.best_estimator_, chosen
+
+
+# -- cross-validation (`embedpipe cv`) ------------------------------------------------------
+
+METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+           "f1_macro": "macro-F1"}
+DEFAULT_CV_HEADS = ("logreg", "svm", "knn", "ridge", "centroid")
+INNER_FOLDS = 3
+PLOTS_HINT = "pip install 'embedpipe[plots]'"
+
+
+def resolve_params(head_names: list[str], items: list[str] | None, *,
+                   seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``--param`` items → parameters per head. ``NAME=VALUE`` goes to every head in
+    ``head_names`` that has parameter NAME (an error when none has it); ``HEAD:NAME=VALUE`` to
+    that head only, overriding the former. Values are validated by building each head."""
+    out: dict[str, dict[str, Any]] = {h: {} for h in head_names}
+    specific: list[tuple[str, str, Any]] = []
+    for item in items or []:
+        ((key, value),) = heads.parse_params([item]).items()
+        head, sep, name = key.partition(":")
+        if sep:
+            heads.get(head.strip())
+            if head.strip() not in out:
+                raise heads.HeadError(f"--param {item}: {head.strip()} is not among the heads "
+                                      f"being evaluated ({', '.join(head_names)}); add --head "
+                                      f"{head.strip()} or drop the '{head.strip()}:' prefix")
+            specific.append((head.strip(), name.strip(), value))
+            continue
+        takers = [h for h in head_names if _has_param(h, key, seed)]
+        if not takers:
+            raise heads.HeadError(f"--param {item}: none of the heads {', '.join(head_names)} "
+                                  f"has a parameter {key}; see `embedpipe heads` for each "
+                                  "head's parameters")
+        for h in takers:
+            out[h][key] = value
+    for head, name, value in specific:
+        heads.pipeline_params(heads.get(head), {name: value}, seed)  # names the valid ones
+        out[head][name] = value
+    for h in head_names:
+        heads.build(h, out[h], seed=seed)  # bad values fail here, before any work
+    return out
+
+
+def _has_param(head: str, name: str, seed: int) -> bool:
+    return name == "pca" or name in heads.get(head).make(seed).get_params()
+
+
+def make_folds(y: np.ndarray, folds: int, repeats: int, seed: int) -> tuple[Any, str]:
+    """The splitter used by ``cv`` and a description that reproduces it."""
+    from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
+
+    if repeats == 1:
+        return (StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed),
+                f"StratifiedKFold(n_splits={folds}, shuffle=True, random_state={seed})")
+    return (RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed),
+            f"RepeatedStratifiedKFold(n_splits={folds}, n_repeats={repeats}, "
+            f"random_state={seed})")
+
+
+def check_outputs(json_path: Any = None, plots_dir: Any = None) -> None:
+    """Fail early (before any fitting) when the report or plots could not be written."""
+    from pathlib import Path
+
+    if plots_dir is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise EvaluateError(f"--plots {plots_dir}: matplotlib is not installed; "
+                                f"{PLOTS_HINT} (or leave out --plots)") from None
+        if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+            raise EvaluateError(f"--plots {plots_dir}: exists and is not a folder; pass a "
+                                "folder to write the PNGs into")
+    if json_path is not None and Path(json_path).is_dir():
+        raise EvaluateError(f"--json {json_path}: is a folder; pass a file name such as "
+                            f"{Path(json_path) / 'cv.json'}")
+
+
+def _check_options(folds: int, repeats: int, metric: str, jobs: int, top_errors: int) -> None:
+    if metric not in METRICS:
+        raise EvaluateError(f"--metric {metric}: pass one of {', '.join(METRICS)}")
+    if folds < 2:
+        raise EvaluateError(f"--folds {folds}: cross-validation needs at least 2 folds; "
+                            "pass --folds 5 (the default) or another number >= 2")
+    if repeats < 1:
+        raise EvaluateError(f"--repeats {repeats}: pass 1 (the default) or more")
+    if jobs == 0:
+        raise EvaluateError("--jobs 0: pass a number of worker processes >= 1, or -1 for one "
+                            "per CPU core")
+    if top_errors < 0:
+        raise EvaluateError(f"--top-errors {top_errors}: pass 0 or more")
+
+
+def _scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+            "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+
+
+class _Quiet:
+    """Silence scikit-learn's warnings (ConvergenceWarning, UserWarning, ...) and count the
+    convergence warnings."""
+
+    def __enter__(self) -> "_Quiet":
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        self._caught = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    @property
+    def convergence(self) -> int:
+        from sklearn.exceptions import ConvergenceWarning
+
+        return sum(issubclass(w.category, ConvergenceWarning) for w in self._caught)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+def _fit(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
+         class_weight: str | None, search: bool, metric: str, seed: int, where: str,
+         jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+    try:
+        if search:
+            return fit_configuration(X, y, head, params, class_weight=class_weight, search=True,
+                                     inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
+                                     jobs=jobs)
+        return (heads.build(head, params, class_weight=class_weight, seed=seed).fit(X, y),
+                dict(params))
+    except (ValueError, TypeError) as e:
+        if not params:
+            raise
+        given = " ".join(f"{k}={v}" for k, v in params.items())
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EvaluateError(f"{where}: {head} with {given} failed to fit ({first}); fix that "
+                            "--param value") from None
+
+
+def _cv_task(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, head: str,
+             params: dict[str, Any], class_weight: str | None, search: bool, metric: str,
+             seed: int, where: str) -> dict[str, Any]:
+    """Fit one head on the outer training part (searching its grid there only, if asked) and
+    score it on the outer test fold."""
+    import time
+
+    with _Quiet() as quiet:
+        t0 = time.perf_counter()
+        est, chosen = _fit(X[train], y[train], head, params, class_weight, search, metric, seed,
+                           where)
+        seconds = time.perf_counter() - t0
+        pred = np.asarray(est.predict(X[test])).astype(str)
+        scores, calibrated = heads.class_scores(est, X[test])
+    cols = {str(c): i for i, c in enumerate(est.classes_)}
+    conf = scores[np.arange(len(test)), [cols[p] for p in pred]]
+    return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
+            "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
+            "convergence_warnings": quiet.convergence}
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import joblib
+    import scipy
+    import sklearn
+
+    from . import __version__
+
+    return {"embedpipe": __version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "joblib": joblib.__version__,
+            "python": platform.python_version()}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    return v
+
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix
+
+    return {"labels": labels,
+            "matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
+
+
+def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int = 5,
+           repeats: int = 1, search: bool = False, metric: str = "accuracy",
+           params: list[str] | None = None, class_weight: str | None = None, jobs: int = 1,
+           seed: int = 0, top_errors: int = 10, progress: bool = True,
+           warn: Any = None) -> dict[str, Any]:
+    """Cross-validate heads on the train rows of a store; returns a JSON-ready report.
+
+    Folds are computed once, on the training rows in store order, and shared by every head:
+    ``StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)`` when ``repeats`` is 1,
+    else ``RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)``.
+    With ``search``, each head's grid is searched (``fit_configuration``, 3 inner folds) on the
+    outer training part only. The best head (by ``metric``) is also refit on all training rows
+    and scored on each held-out split. ``warn`` receives one-line warnings (default: stderr).
+    """
+    from joblib import Parallel, delayed
+
+    from .progress import Progress, printer
+    from .store import open_store
+
+    warn = warn or printer(True)
+    say = printer(progress)
+    _check_options(folds, repeats, metric, jobs, top_errors)
+    names = list(dict.fromkeys(head_names or DEFAULT_CV_HEADS))
+    for h in names:
+        heads.get(h)
+    per_params = resolve_params(names, params, seed=seed)
+    cw = _class_weights(names, class_weight, warn)
+
+    store = open_store(store_path)
+    where = str(store.path)
+    rows = select_rows(store)
+    X = store.features[rows.train]
+    if X.dtype != np.float32 and X.dtype != np.float64:
+        X = X.astype(np.float32)
+    y = targets(store, rows.train)
+    present = set(y.tolist())
+    labels = [c for c in store.classes if c in present]
+    if len(labels) < 2:
+        raise EvaluateError(f"{where}: the {len(y)} training rows all belong to class "
+                            f"{labels[0]!r}; cross-validation needs at least 2 classes")
+    cls, n = min_class(y)
+    if n < 2:
+        raise EvaluateError(f"{where}: class {cls!r} has a single training image; "
+                            "cross-validation needs at least 2 per class: add images of it, or "
+                            "move its folder out of the data and run `embedpipe extract DATA "
+                            f"-o {where} --prune`")
+    notes: list[str] = []
+    asked = folds
+    if n < folds:
+        folds = n
+        notes.append(f"class {cls!r} has only {n} training images: using {folds} folds "
+                     f"instead of {asked}")
+        warn(f"warning: {notes[-1]}")
+    splitter, splitter_text = make_folds(y, folds, repeats, seed)
+    splits = list(splitter.split(np.zeros((len(y), 1)), y))
+    if search:
+        for i, (tr, _) in enumerate(splits):
+            c, m = min_class(y[tr])
+            if m < 2:
+                raise EvaluateError(f"{where}: --search: class {c!r} keeps {m} image(s) in the "
+                                    f"training part of fold {i % folds + 1}, and the inner "
+                                    "search needs 2; add images, lower --folds, or drop "
+                                    "--search")
+
+    tasks = [(h, i) for h in names for i in range(len(splits))]
+    say(f"cv: {len(names)} head(s) x {len(splits)} folds = {len(tasks)} fits on {len(y)} "
+        f"train rows ({'nested search, ' if search else ''}{jobs} job(s))")
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    with Progress(len(tasks), "cv", enabled=progress, unit="fit") as bar:
+        gen = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_cv_task)(X, y, splits[i][0], splits[i][1], h, per_params[h], cw[h],
+                              search, metric, seed, where) for h, i in tasks)
+        for key, res in zip(tasks, gen):
+            results[key] = res
+            bar.update(1)
+
+    table = []
+    for h in names:
+        fold_rows = []
+        for i in range(len(splits)):
+            r = results[(h, i)]
+            fold_rows.append({"repeat": i // folds, "fold": i % folds, **r["scores"],
+                              "fit_seconds": r["fit_seconds"],
+                              **({"params": r["params"]} if search else {})})
+        entry: dict[str, Any] = {"head": h, "params": per_params[h], "class_weight": cw[h]}
+        for m in METRICS:
+            v = np.array([f[m] for f in fold_rows])
+            entry[m] = {"mean": float(v.mean()), "std": float(v.std())}
+        entry["fit_seconds"] = float(np.mean([f["fit_seconds"] for f in fold_rows]))
+        conv = [results[(h, i)]["convergence_warnings"] for i in range(len(splits))]
+        entry["convergence_warnings"] = int(sum(conv))
+        entry["folds_with_convergence_warnings"] = int(sum(c > 0 for c in conv))
+        entry["folds"] = fold_rows
+        table.append(entry)
+    table.sort(key=lambda e: -e[metric]["mean"])  # stable: ties keep the given head order
+    best = table[0]["head"]
+
+    # out-of-fold predictions of the best head, first repeat (every row predicted once)
+    oof = np.empty(len(y), dtype=object)
+    conf = np.zeros(len(y))
+    fold_of = np.zeros(len(y), dtype=int)
+    calibrated = True
+    for i in range(folds):
+        test = splits[i][1]
+        r = results[(best, i)]
+        oof[test], conf[test], fold_of[test] = r["pred"], r["confidence"], i
+        calibrated &= r["calibrated"]
+    oof = oof.astype(str)
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, rc, f1, sup = precision_recall_fscore_support(y, oof, labels=labels, zero_division=0)
+    wrong = np.flatnonzero(oof != y)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:top_errors]
+    best_report = {
+        "head": best,
+        "out_of_fold": _scores(y, oof),
+        "per_class": [{"class": c, "precision": float(a), "recall": float(b), "f1": float(d),
+                       "support": int(s)} for c, a, b, d, s in zip(labels, p, rc, f1, sup)],
+        "confusion_matrix": _confusion(y, oof, labels),
+        "confidence": ("predicted-class probability (predict_proba)" if calibrated else
+                       "softmax of the decision function: uncalibrated, a ranking only"),
+        "top_errors": [{"path": store.paths[rows.train[j]], "true": str(y[j]),
+                        "predicted": str(oof[j]), "confidence": float(conf[j]),
+                        "fold": int(fold_of[j])} for j in wrong],
+    }
+
+    heldout: dict[str, Any] = {}
+    if rows.heldout:
+        say(f"cv: refitting {best} on all {len(y)} train rows to score "
+            f"{', '.join(rows.heldout)}")
+        with _Quiet():
+            est, chosen = _fit(X, y, best, per_params[best], cw[best], search, metric, seed,
+                               where, jobs=jobs)
+            for split, idx in rows.heldout.items():
+                yh = targets(store, idx)
+                Xh = store.features[idx]
+                pred = np.asarray(est.predict(Xh.astype(X.dtype, copy=False))).astype(str)
+                seen = set(yh.tolist()) | present
+                heldout[split] = {
+                    "rows": int(len(idx)), **_scores(yh, pred),
+                    "classes_not_in_train": sorted(set(yh.tolist()) - present),
+                    "confusion_matrix": _confusion(
+                        yh, pred, [c for c in store.classes if c in seen]),
+                }
+        heldout = {"head": best, "params": chosen, "class_weight": cw[best],
+                   "searched": search, "splits": heldout}
+
+    counts = dict(zip(*np.unique(y, return_counts=True)))
+    report = {
+        "store": {"path": where, "model": store.meta.get("model"),
+                  "weights": store.meta.get("weights_source"),
+                  "feature_dim": store.dim, "dtype": str(store.features.dtype),
+                  "rows": len(store), "train_rows": int(len(y)),
+                  "heldout_rows": {k: int(len(v)) for k, v in rows.heldout.items()},
+                  "classes": {c: int(counts[c]) for c in labels}},
+        "folds": folds, "folds_requested": asked, "repeats": repeats, "seed": seed,
+        "splitter": splitter_text, "metric": metric, "search": search,
+        "inner_folds": INNER_FOLDS if search else None,
+        "chance": {"majority_accuracy": float(max(counts.values()) / len(y)),
+                   "balanced_accuracy": 1.0 / len(labels)},
+        "warnings": notes, "heads": table, "best": best_report, "heldout": heldout,
+        "versions": _versions(),
+    }
+    return _jsonable(report)
+
+
+def _class_weights(names: list[str], class_weight: str | None,
+                   warn: Any) -> dict[str, str | None]:
+    if class_weight is None:
+        return {h: None for h in names}
+    able = [h for h in names if heads.get(h).class_weight]
+    if not able or class_weight != "balanced":
+        heads.build(names[0], class_weight=class_weight)  # raises the one-line HeadError
+    skipped = [h for h in names if h not in able]
+    if skipped:
+        warn(f"warning: --class-weight {class_weight} is not applied to {', '.join(skipped)} "
+             "(they take no class weights)")
+    return {h: class_weight if h in able else None for h in names}
+
+
+def write_report(report: dict[str, Any], path: Any) -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        raise EvaluateError(f"--json {path}: cannot write ({e.strerror or e}); pass a writable "
+                            "path") from None
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    def v(x: Any) -> str:
+        if isinstance(x, (list, tuple)):
+            return ",".join(str(i) for i in x)
+        return f"{x:g}" if isinstance(x, float) else str(x)
+    return " ".join(f"{k}={v(x)}" for k, x in params.items())
+
+
+def _fmt_matrix(cm: dict[str, Any], indent: str = "  ") -> list[str]:
+    labels, mat = cm["labels"], cm["matrix"]
+    w = max([len(str(x)) for row in mat for x in row] + [len(str(len(labels) - 1)), 1])
+    nw = max(len(c) for c in labels) + len(str(len(labels))) + 1
+    head = indent + " " * nw + " " + " ".join(f"{j:>{w}}" for j in range(len(labels)))
+    lines = [indent + "rows: true class, columns: predicted class (by number)", head]
+    for i, (c, row) in enumerate(zip(labels, mat)):
+        lines.append(indent + f"{f'{i} {c}':<{nw}} " + " ".join(f"{x:>{w}}" for x in row))
+    return lines
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text for a terminal."""
+    st, metric = report["store"], report["metric"]
+    held = ", ".join(f"{n} {k}" for k, n in st["heldout_rows"].items())
+    out = [f"store    {st['path']}  ({st['model']}, {st['feature_dim']}-d, {st['rows']} rows)",
+           f"data     {st['train_rows']} train rows in {len(st['classes'])} classes"
+           + (f"; held out: {held}" if held else ""),
+           f"folds    {report['splitter']} on the train rows in store order"
+           + (f"; grid search with {report['inner_folds']} inner folds on each outer training "
+              "part" if report["search"] else ""),
+           f"chance   accuracy {report['chance']['majority_accuracy']:.3f} (majority class), "
+           f"balanced accuracy {report['chance']['balanced_accuracy']:.3f}"]
+    out += [f"warning  {w}" for w in report["warnings"]]
+    out.append("")
+    out.append(f"heads, best first by {METRICS[metric]} (mean ± std over "
+               f"{report['folds'] * report['repeats']} folds):")
+    hw = max(len(e["head"]) for e in report["heads"]) + 2
+    out.append(f"  {'head':<{hw}}{'accuracy':<16}{'bal. accuracy':<16}{'macro-F1':<16}"
+               f"{'fit s':>7}  params")
+    for e in report["heads"]:
+        cells = "".join(f"{e[m]['mean']:.3f} ± {e[m]['std']:.3f}".ljust(16) for m in METRICS)
+        extra = _fmt_params(e["params"]) or "defaults"
+        if e["class_weight"]:
+            extra += f" class_weight={e['class_weight']}"
+        out.append(f"  {e['head']:<{hw}}{cells}{e['fit_seconds']:>7.2f}  {extra}")
+        if report["search"]:
+            chosen = [_fmt_params(f["params"]) or "-" for f in e["folds"]]
+            out.append(f"  {'':<{hw}}chosen per fold: " + " | ".join(chosen))
+        if e["convergence_warnings"]:
+            out.append(f"  {'':<{hw}}{e['convergence_warnings']} ConvergenceWarning(s) in "
+                       f"{e['folds_with_convergence_warnings']} of {len(e['folds'])} folds: the "
+                       "solver stopped early (raise max_iter, or lower C)")
+    b = report["best"]
+    out += ["", f"best head: {b['head']}; out-of-fold predictions of the first repeat (each "
+            "train row predicted once): " + ", ".join(
+                f"{METRICS[m]} {b['out_of_fold'][m]:.3f}" for m in METRICS)]
+    cw = max(len(r["class"]) for r in b["per_class"]) + 2
+    out.append(f"  {'class':<{cw}}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
+    for r in b["per_class"]:
+        out.append(f"  {r['class']:<{cw}}{r['precision']:>10.3f}{r['recall']:>8.3f}"
+                   f"{r['f1']:>8.3f}{r['support']:>9d}")
+    out += ["", f"confusion matrix of {b['head']} (out-of-fold):"]
+    out += _fmt_matrix(b["confusion_matrix"])
+    if b["top_errors"]:
+        out += ["", f"most confidently misclassified files by {b['head']} (confidence: "
+                f"{b['confidence']}):"]
+        for t in b["top_errors"]:
+            out.append(f"  {t['confidence']:.3f}  {t['path']}  true {t['true']}, "
+                       f"predicted {t['predicted']}")
+    h = report["heldout"]
+    if h:
+        how = "grid-searched on" if h["searched"] else "refit on"
+        params = _fmt_params(h["params"])
+        out += ["", f"held-out splits: {h['head']} {how} all {st['train_rows']} train rows"
+                + (f" ({params})" if params else "")]
+        for split, s in h["splits"].items():
+            out.append(f"  {split}: {s['rows']} rows, " + ", ".join(
+                f"{METRICS[m]} {s[m]:.3f}" for m in METRICS))
+            if s["classes_not_in_train"]:
+                out.append(f"    classes not in train (always wrong): "
+                           f"{', '.join(s['classes_not_in_train'])}")
+            out += _fmt_matrix(s["confusion_matrix"], indent="    ")
+    v = report["versions"]
+    out += ["", f"seed {report['seed']}; scikit-learn {v['sklearn']}, numpy {v['numpy']}, "
+            f"embedpipe {v['embedpipe']}"]
+    return "\n".join(out)
+
+
+def write_plots(report: dict[str, Any], out_dir: Any) -> list[Any]:
+    """``confusion_matrix.png`` (best head, out-of-fold) and ``scores.png`` (the metric per
+    head, mean ± std over folds, with each fold's score) in ``out_dir``; needs matplotlib."""
+    from pathlib import Path
+
+    check_outputs(plots_dir=out_dir)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvaluateError(f"--plots {out_dir}: cannot create it ({e.strerror or e}); pass a "
+                            "writable folder") from None
+    written = []
+
+    b = report["best"]
+    labels, mat = b["confusion_matrix"]["labels"], np.array(b["confusion_matrix"]["matrix"])
+    size = max(5.0, 0.55 * len(labels) + 2.5)
+    fig = Figure(figsize=(size, size * 0.9))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    norm = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if len(labels) <= 40:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if mat[i, j]:
+                    ax.text(j, i, str(mat[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(f"{b['head']}: out-of-fold confusion matrix "
+                 f"({report['store']['train_rows']} train rows)")
+    fig.tight_layout()
+    written.append(out_dir / "confusion_matrix.png")
+    fig.savefig(written[-1], dpi=120)
+
+    metric = report["metric"]
+    rows = report["heads"]
+    fig = Figure(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    means = [e[metric]["mean"] for e in rows]
+    stds = [e[metric]["std"] for e in rows]
+    ax.bar(x, means, yerr=stds, capsize=6, color="#4c72b0", alpha=0.8)
+    for i, e in enumerate(rows):
+        vals = [f[metric] for f in e["folds"]]
+        ax.scatter(np.full(len(vals), i) + np.linspace(-0.2, 0.2, len(vals)), vals, s=10,
+                   color="black", zorder=3)
+    chance = report["chance"]["majority_accuracy" if metric == "accuracy"
+                              else "balanced_accuracy"]
+    ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, [e["head"] for e in rows])
+    ax.set_ylabel(f"{METRICS[metric]} (mean ± std, dots: folds)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{report['splitter']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    written.append(out_dir / "scores.png")
+    fig.savefig(written[-1], dpi=120)
+    return written
