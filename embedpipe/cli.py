@@ -331,7 +331,7 @@ def cv(
                                             "(JSON) here."),
     plots: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and "
                                                     "scores.png into this folder (needs "
-                                                    "embedpipe[plots])."),
+                                                    "matplotlib)."),
     top_errors: int = typer.Option(10, help="List this many most confidently misclassified "
                                             "files of the best head."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),

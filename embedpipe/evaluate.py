@@ -132,7 +132,7 @@ def _has_param(head: str, name: str, seed: int) -> bool:
     return name == "pca" or name in heads.get(head).make(seed).get_params()
 
 
-def make_folds(y: np.ndarray, folds: int, repeats: int, seed: int) -> tuple[Any, str]:
+def make_folds(folds: int, repeats: int, seed: int) -> tuple[Any, str]:
     """The splitter used by ``cv`` and a description that reproduces it."""
     from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
 
@@ -186,15 +186,20 @@ def _scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 
 class _Quiet:
-    """Silence scikit-learn's warnings (ConvergenceWarning, UserWarning, ...) and count the
-    convergence warnings."""
+    """Silence scikit-learn's warnings (ConvergenceWarning, UserWarning, ...); with ``count``,
+    record them to count the convergence warnings (else ignore them, a filter scikit-learn
+    passes on to its own worker processes)."""
+
+    def __init__(self, count: bool = True):
+        self._count = count
 
     def __enter__(self) -> "_Quiet":
         import warnings
 
-        self._cm = warnings.catch_warnings(record=True)
-        self._caught = self._cm.__enter__()
-        warnings.simplefilter("always")
+        self._cm = warnings.catch_warnings(record=self._count)
+        caught = self._cm.__enter__()
+        self._caught = caught if caught is not None else []
+        warnings.simplefilter("always" if self._count else "ignore")
         return self
 
     @property
@@ -239,7 +244,8 @@ def _cv_task(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, 
                            where)
         seconds = time.perf_counter() - t0
         pred = np.asarray(est.predict(X[test])).astype(str)
-        scores, calibrated = heads.class_scores(est, X[test])
+        scores, calibrated = heads.class_scores(est, X[test],
+                                                use_proba=heads.get(head).native_proba)
     cols = {str(c): i for i, c in enumerate(est.classes_)}
     conf = scores[np.arange(len(test)), [cols[p] for p in pred]]
     return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
@@ -333,16 +339,16 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
         notes.append(f"class {cls!r} has only {n} training images: using {folds} folds "
                      f"instead of {asked}")
         warn(f"warning: {notes[-1]}")
-    splitter, splitter_text = make_folds(y, folds, repeats, seed)
+    splitter, splitter_text = make_folds(folds, repeats, seed)
     splits = list(splitter.split(np.zeros((len(y), 1)), y))
     if search:
         for i, (tr, _) in enumerate(splits):
             c, m = min_class(y[tr])
             if m < 2:
-                raise EvaluateError(f"{where}: --search: class {c!r} keeps {m} image(s) in the "
-                                    f"training part of fold {i % folds + 1}, and the inner "
-                                    "search needs 2; add images, lower --folds, or drop "
-                                    "--search")
+                raise EvaluateError(f"{where}: --search: class {c!r} keeps only {m} "
+                                    "image(s) in the training part of an outer fold, and the "
+                                    "inner search needs 2 per class; add images of it or "
+                                    "drop --search")
 
     tasks = [(h, i) for h in names for i in range(len(splits))]
     say(f"cv: {len(names)} head(s) x {len(splits)} folds = {len(tasks)} fits on {len(y)} "
@@ -399,8 +405,9 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
         "per_class": [{"class": c, "precision": float(a), "recall": float(b), "f1": float(d),
                        "support": int(s)} for c, a, b, d, s in zip(labels, p, rc, f1, sup)],
         "confusion_matrix": _confusion(y, oof, labels),
-        "confidence": ("predicted-class probability (predict_proba)" if calibrated else
-                       "softmax of the decision function: uncalibrated, a ranking only"),
+        "confidence": ("the head's predict_proba of the predicted class" if calibrated else
+                       "softmax of the head's decision function: uncalibrated, a ranking "
+                       "rather than a probability"),
         "top_errors": [{"path": store.paths[rows.train[j]], "true": str(y[j]),
                         "predicted": str(oof[j]), "confidence": float(conf[j]),
                         "fold": int(fold_of[j])} for j in wrong],
@@ -410,7 +417,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     if rows.heldout:
         say(f"cv: refitting {best} on all {len(y)} train rows to score "
             f"{', '.join(rows.heldout)}")
-        with _Quiet():
+        with _Quiet(count=False):
             est, chosen = _fit(X, y, best, per_params[best], cw[best], search, metric, seed,
                                where, jobs=jobs)
             for split, idx in rows.heldout.items():
@@ -485,6 +492,9 @@ def _fmt_params(params: dict[str, Any]) -> str:
 
 def _fmt_matrix(cm: dict[str, Any], indent: str = "  ") -> list[str]:
     labels, mat = cm["labels"], cm["matrix"]
+    if len(labels) > 30:
+        return [indent + f"({len(labels)} classes: too wide for a terminal; see --json or "
+                "--plots)"]
     w = max([len(str(x)) for row in mat for x in row] + [len(str(len(labels) - 1)), 1])
     nw = max(len(c) for c in labels) + len(str(len(labels))) + 1
     head = indent + " " * nw + " " + " ".join(f"{j:>{w}}" for j in range(len(labels)))
@@ -510,22 +520,27 @@ def format_report(report: dict[str, Any]) -> str:
     out.append("")
     out.append(f"heads, best first by {METRICS[metric]} (mean ± std over "
                f"{report['folds'] * report['repeats']} folds):")
-    hw = max(len(e["head"]) for e in report["heads"]) + 2
+    hw = max(4, *(len(e["head"]) for e in report["heads"])) + 2
     out.append(f"  {'head':<{hw}}{'accuracy':<16}{'bal. accuracy':<16}{'macro-F1':<16}"
                f"{'fit s':>7}  params")
     for e in report["heads"]:
         cells = "".join(f"{e[m]['mean']:.3f} ± {e[m]['std']:.3f}".ljust(16) for m in METRICS)
-        extra = _fmt_params(e["params"]) or "defaults"
+        extra = _fmt_params(e["params"])
+        if report["search"]:
+            extra = (extra + "; " if extra else "") + "rest searched, per fold below"
+        extra = extra or "defaults"
         if e["class_weight"]:
             extra += f" class_weight={e['class_weight']}"
         out.append(f"  {e['head']:<{hw}}{cells}{e['fit_seconds']:>7.2f}  {extra}")
         if report["search"]:
-            chosen = [_fmt_params(f["params"]) or "-" for f in e["folds"]]
+            chosen = [_fmt_params({k: v for k, v in f["params"].items()
+                                   if k not in e["params"]}) or "-" for f in e["folds"]]
             out.append(f"  {'':<{hw}}chosen per fold: " + " | ".join(chosen))
         if e["convergence_warnings"]:
             out.append(f"  {'':<{hw}}{e['convergence_warnings']} ConvergenceWarning(s) in "
                        f"{e['folds_with_convergence_warnings']} of {len(e['folds'])} folds: the "
-                       "solver stopped early (raise max_iter, or lower C)")
+                       "solver stopped before converging; try a larger --param "
+                       f"{e['head']}:max_iter=N")
     b = report["best"]
     out += ["", f"best head: {b['head']}; out-of-fold predictions of the first repeat (each "
             "train row predicted once): " + ", ".join(
@@ -623,7 +638,10 @@ def write_plots(report: dict[str, Any], out_dir: Any) -> list[Any]:
     ax.set_xticks(x, [e["head"] for e in rows])
     ax.set_ylabel(f"{METRICS[metric]} (mean ± std, dots: folds)")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{report['splitter']}")
+    ax.set_title(f"{Path(report['store']['path']).name}: {report['folds']}-fold CV"
+                 + (f" x {report['repeats']} repeats" if report["repeats"] > 1 else "")
+                 + f", seed {report['seed']}" + (", nested search" if report["search"] else ""),
+                 fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     written.append(out_dir / "scores.png")

@@ -72,9 +72,11 @@ HEADS: dict[str, Head] = {h.name: h for h in (
     Head("ridge", "ridge regression classifier on standardised features",
          ("scale",), lambda seed: RidgeClassifier(alpha=100.0),
          {"alpha": [1.0, 10.0, 100.0, 1000.0]}, class_weight=True, native_proba=False),
+    # NearestCentroid.predict_proba saturates (1.0 for nearly every row, right or wrong), so
+    # its confidences come from calibrating its decision function like the SVMs'.
     Head("centroid", "nearest class mean of L2-normalised features",
          ("l2",), lambda seed: NearestCentroid(),
-         {"shrink_threshold": [None, 0.1, 0.3]}),
+         {"shrink_threshold": [None, 0.1, 0.3]}, native_proba=False),
     Head("mlp", "small multi-layer perceptron (one hidden layer, early stopping)",
          ("scale",), lambda seed: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3,
                                                 early_stopping=True, max_iter=300,
@@ -193,11 +195,12 @@ def short_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def class_scores(estimator: Any, X: np.ndarray) -> tuple[np.ndarray, bool]:
+def class_scores(estimator: Any, X: np.ndarray, *,
+                 use_proba: bool = True) -> tuple[np.ndarray, bool]:
     """Per-class scores aligned with ``estimator.classes_``: probabilities where the estimator
-    has them (True), else a softmax of its decision function (False: a ranking, not
-    calibrated)."""
-    if hasattr(estimator, "predict_proba"):
+    has them and ``use_proba`` (True), else a softmax of its decision function (False: a
+    ranking, not calibrated). Pass ``use_proba=Head.native_proba`` for a bare head."""
+    if use_proba and hasattr(estimator, "predict_proba"):
         try:
             return estimator.predict_proba(X), True
         except AttributeError:  # e.g. a pipeline whose final step has no predict_proba

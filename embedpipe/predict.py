@@ -90,7 +90,10 @@ def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
     if X.shape[0] == 0:
         return [], np.zeros(0), [], True
     predicted = [str(c) for c in head.estimator.predict(X)]
-    probs, calibrated = class_scores(head.estimator, X)
+    manifest = head.manifest
+    use_proba = manifest.get("calibration", "native") == "native" or str(
+        manifest.get("calibration")).startswith("temperature")
+    probs, calibrated = class_scores(head.estimator, X, use_proba=use_proba)
     col = {c: i for i, c in enumerate(classes)}
     conf = probs[np.arange(len(predicted)), [col[p] for p in predicted]]
     order = np.argsort(-probs, axis=1, kind="stable")[:, :max(1, top_k)]

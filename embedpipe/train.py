@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from . import artifacts, heads
-from .evaluate import EvaluateError, fit_configuration, min_class, select_rows, targets
+from .evaluate import (TRAIN_SPLIT, EvaluateError, fit_configuration, min_class, select_rows,
+                       targets)
 from .store import open_store
 
 CALIBRATION_FOLDS = 5
@@ -86,7 +87,7 @@ def fit(store_path: str | Path, head: str, out: str | Path, *,
         calibration=calibration, classes=[str(c) for c in estimator.classes_],
         store_identity=store.identity,
         training={"store": str(store.path), "rows": int(len(y)),
-                  "split": "train" if rows.heldout or len(rows.train) < (store.labels >= 0).sum()
+                  "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
                   else "all labeled rows",
                   "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
                   "train_accuracy": train_acc},
