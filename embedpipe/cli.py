@@ -289,20 +289,44 @@ def predict(
 def quickstart(
     folder: Path = typer.Option(CACHE_DIR / "quickstart" / "fashion-mnist",
                                 help="Where to write the demo images."),
-    per_class: int = typer.Option(10, help="Images per class."),
+    per_class: int = typer.Option(12, help="Training images per class."),
+    test_per_class: int = typer.Option(4, help="Held-out test images per class."),
     out: Path = typer.Option(CACHE_DIR / "quickstart.h5", "--out", "-o"),
 ) -> None:
-    """Offline demo: write Fashion-MNIST images, extract them with the bundled backbone, show
-    the store."""
+    """Offline demo of the whole pipeline on real Fashion-MNIST images: extract with the
+    bundled backbone → cv of three heads → fit the best → predict the test images end to end."""
+    from . import evaluate as ev
+    from . import predict as pr
+    from . import train
     from .datasets import write_fashion_mnist_folder
 
-    _run(write_fashion_mnist_folder, folder, per_class=per_class)
-    typer.echo(f"wrote {10 * per_class} Fashion-MNIST images to {folder}")
+    if per_class < 2 or test_per_class < 1:
+        _fail(UserError("--per-class must be at least 2 and --test-per-class at least 1"))
+    _run(write_fashion_mnist_folder, folder,
+         splits={"train": per_class, "test": test_per_class})
+    typer.echo(f"1/4 wrote {10 * (per_class + test_per_class)} Fashion-MNIST images to {folder} "
+               f"(train/: {per_class} per class, test/: {test_per_class} per class)")
+    typer.echo(f"2/4 embedpipe extract {folder} -o {out}")
     extract(data=folder, out=out, model="tf_efficientnet_lite0", weights=None,
             random_init=False, pool=None, img_size=None, crop_pct=None, device="auto",
             precision="auto", dtype="float32", batch_size=32, workers=None, layout="auto",
             exact_decode=False, max_pixels=89_478_485, prune=False, shard=None, quiet=False)
     info(store=out, as_json=False, show=50)
+    typer.echo(f"\n3/4 embedpipe cv {out} --head logreg --head knn --head centroid")
+    report = _run(ev.run_cv, out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
+                  progress=False, warn=lambda m: typer.echo(m, err=True))
+    typer.echo(ev.format_report(report))
+    best = report["heads"][0]["head"]
+    head_file = out.with_name(f"{out.stem}__{best}.skops")
+    typer.echo(f"\n4/4 embedpipe fit {out} --head {best} -o {head_file}; then "
+               f"embedpipe predict {head_file} {folder / 'test'}")
+    typer.echo(_run(train.fit, out, best, head_file).line())
+    preds = _run(pr.from_images, head_file, [folder / "test"], progress=False)
+    csv_path = out.with_name(f"{out.stem}__predictions.csv")
+    _run(preds.write_csv, csv_path, 3)
+    for line in csv_path.read_text().splitlines()[:6]:
+        typer.echo("  " + line)
+    typer.echo(preds.line() + f" → {csv_path}")
 
 
 @app.command()
@@ -357,6 +381,93 @@ def cv(
     if plots is not None:
         written = _run(ev.write_plots, report, plots)
         typer.echo("plots → " + ", ".join(str(p) for p in written), err=True)
+
+
+@app.command()
+def finetune(
+    data: Path = typer.Argument(..., help="Labeled images: class folders, split folders "
+                                          "(train/ and val/ are used; test/ is left out) or a "
+                                          "CSV manifest (path,label[,split])."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tuned backbone weights to "
+                                       "write (.pt; default cache/<data>__<model>__tuned.pt). "
+                                       "Beside it: <stem>.json (manifest), .history.json, "
+                                       ".classifier.pt, .curves.png, .checkpoints/."),
+    model: str = typer.Option("tf_efficientnet_lite0", "--model", "-m",
+                              help="timm model to fine-tune."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights: PATH, "
+                                          "'bundled' or 'hub' (as for extract)."),
+    epochs: int = typer.Option(10, help="Total epochs, head-only ones included."),
+    head_epochs: int = typer.Option(2, help="Stage 1: epochs that train only the new "
+                                            "classifier, backbone frozen."),
+    unfreeze: int = typer.Option(1, help="Stage 2: train the last N feature stages (e.g. "
+                                         "EfficientNet blocks[-N:] + conv_head/bn2, ResNet "
+                                         "layer4...); 0: classifier only."),
+    gradual: bool = typer.Option(False, help="Stage 2 unfreezes one more stage, deep to "
+                                             "shallow, every --stage-epochs epochs, up to "
+                                             "--unfreeze."),
+    stage_epochs: int = typer.Option(1, help="With --gradual: epochs per unfreezing step."),
+    img_size: Optional[int] = typer.Option(None, help="Input size (smaller is faster on a "
+                                                      "CPU); default: the model's own."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    lr: float = typer.Option(1e-4, help="Learning rate of the pretrained layers."),
+    head_lr: float = typer.Option(1e-3, help="Learning rate of the new classifier."),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on biases/norms)."),
+    warmup_epochs: float = typer.Option(1.0, help="Linear warmup at the start of each stage "
+                                                  "(at most half of it), then cosine decay."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
+    dropout: float = typer.Option(0.2, help="Dropout before the classifier."),
+    randaugment: bool = typer.Option(False, help="timm RandAugment (rand-m9-mstd0.5) instead "
+                                                 "of colour jitter."),
+    cutmix: bool = typer.Option(False, help="timm CutMix on training batches."),
+    hflip: bool = typer.Option(True, help="Random horizontal flips (--no-hflip for text, "
+                                          "digits, ...)."),
+    val_fraction: float = typer.Option(0.2, help="Without a val/ split: stratified fraction "
+                                                 "held out for validation (0: none)."),
+    patience: int = typer.Option(3, help="Stop when stage-2 validation accuracy has not "
+                                         "improved for this many epochs (0: never)."),
+    class_weight: Optional[str] = typer.Option(None, help="balanced: weight the loss by "
+                                                          "inverse class frequency."),
+    seed: int = typer.Option(0, help="Seeds the split, the classifier, augmentation and "
+                                     "shuffling."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto (CUDA: bf16 AMP, fp16 AMP without bf16; "
+                                               "CPU: fp32), fp32, bf16 or fp16."),
+    workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: "
+                                                     "cores - 1)."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: "
+                                                     "torch's; 1 is often faster on a busy "
+                                                     "machine)."),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic",
+                                                 help="Deterministic algorithms (default: on "
+                                                      "for the CPU, off for CUDA)."),
+    layout: str = typer.Option("auto", help="auto, class-folders, split-folders, manifest."),
+    max_pixels: int = typer.Option(89_478_485, help="Skip images with more pixels than this."),
+    keep_checkpoints: int = typer.Option(1, help="Keep the last N epoch checkpoints (0: all)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint file (or the "
+                                                     "checkpoint folder: its latest); pass the "
+                                                     "same DATA and options."),
+    overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Fine-tune a pretrained backbone on DATA (new classifier; frozen, then partly unfrozen
+    backbone) and write weights that `extract --weights` uses directly."""
+    from . import finetune as ft
+
+    opts = ft.FinetuneOptions(
+        model=model, weights=weights, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze,
+        gradual=gradual, stage_epochs=stage_epochs, img_size=img_size, batch_size=batch_size,
+        lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing, dropout=dropout, randaugment=randaugment,
+        cutmix=cutmix, hflip=hflip, val_fraction=val_fraction, patience=patience,
+        class_weight=class_weight, seed=seed, device=device, precision=precision,
+        workers=workers, threads=threads, deterministic=deterministic, layout=layout,
+        max_pixels=max_pixels, keep_checkpoints=keep_checkpoints)
+    dest = out or CACHE_DIR / f"{data.resolve().name}__{model.replace('/', '_')}__tuned.pt"
+    result = _run(ft.finetune, data, dest, opts, resume=resume, overwrite=overwrite,
+                  progress=not quiet)
+    typer.echo(result.line())
+    if not quiet:
+        typer.echo(result.extract_hint(data), err=True)
 
 
 def main() -> None:

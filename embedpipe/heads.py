@@ -199,7 +199,11 @@ def class_scores(estimator: Any, X: np.ndarray, *,
                  use_proba: bool = True) -> tuple[np.ndarray, bool]:
     """Per-class scores aligned with ``estimator.classes_``: probabilities where the estimator
     has them and ``use_proba`` (True), else a softmax of its decision function (False: a
-    ranking, not calibrated). Pass ``use_proba=Head.native_proba`` for a bare head."""
+    ranking, not calibrated). Pass ``use_proba=Head.native_proba`` for a bare head.
+
+    The decision values are divided by their standard deviation over ``X`` before the softmax:
+    their scale is arbitrary (NearestCentroid's would saturate every row at 1.0), and one
+    shared temperature keeps the order of rows by margin."""
     if use_proba and hasattr(estimator, "predict_proba"):
         try:
             return estimator.predict_proba(X), True
@@ -209,6 +213,7 @@ def class_scores(estimator: Any, X: np.ndarray, *,
     if d.ndim == 1:  # binary: one score for classes_[1]
         d = np.stack([-d, d], axis=1)
     d = d - d.max(axis=1, keepdims=True)
+    d = d / max(float(d.std()), 1e-12)
     e = np.exp(d)
     return e / e.sum(axis=1, keepdims=True), False
 

@@ -275,3 +275,34 @@ def test_head_files_that_could_run_code_or_are_damaged_are_refused(logreg_head: 
     sio.dump({"hello": [1, 2, 3]}, other)
     one_line_error(cli("predict", other, "--store", fmnist_store), "not an embedpipe head")
     assert not marker.exists()
+
+
+def test_quickstart_runs_the_whole_pipeline_offline(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "embedpipe.cli", "quickstart", "--per-class",
+                           "3", "--test-per-class", "1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for step in ("1/4", "2/4", "3/4", "4/4", "heads, best first", "held-out splits",
+                 "predicted 10 images"):
+        assert step in out, out
+    cache = tmp_path / "cache"
+    assert len(open_store(cache / "quickstart.h5")) == 40
+    heads_written = list(cache.glob("quickstart__*.skops"))
+    assert len(heads_written) == 1 and artifacts.load(heads_written[0]).manifest["training"][
+        "rows"] == 30
+    rows = read_csv(cache / "quickstart__predictions.csv")
+    assert len(rows) == 10 and all(r["label"] and r["predicted"] for r in rows)
+
+
+@pytest.mark.filterwarnings("ignore:.*within_class_std_dev_")
+def test_uncalibrated_scores_rank_rather_than_saturate(fmnist_store: Path):
+    store = open_store(fmnist_store)
+    rows = select_rows(store)
+    est = heads.build("centroid").fit(store.features[rows.train], targets(store, rows.train))
+    scores, calibrated = heads.class_scores(est, store.features[rows.heldout["test"]],
+                                            use_proba=False)
+    assert not calibrated
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-9)
+    top = scores.max(axis=1)
+    assert np.median(top) < 0.99 and len(np.unique(top.round(6))) > 10
