@@ -384,6 +384,39 @@ def cv(
 
 
 @app.command()
+def compare(
+    stores: list[Path] = typer.Argument(..., help="Two or more stores of the same labeled "
+                                        "images (other backbones, weights or precisions)."),
+    head: Optional[list[str]] = typer.Option(None, "--head", help="Head to evaluate, "
+                                             "repeatable (default: logreg svm knn)."),
+    folds: int = typer.Option(5, help="Folds (lowered, with a warning, to the smallest "
+                                      "class)."),
+    repeats: int = typer.Option(1, help="Repeat the k-fold split this many times."),
+    search: bool = typer.Option(False, help="Nested grid search inside each fold."),
+    metric: str = typer.Option("accuracy", help="accuracy, balanced_accuracy or f1_macro."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="NAME=VALUE or "
+                                              "HEAD:NAME=VALUE; repeatable."),
+    class_weight: Optional[str] = typer.Option(None, help="balanced (heads that take it)."),
+    jobs: int = typer.Option(1, help="Parallel fits; -1: one per CPU core."),
+    seed: int = typer.Option(0, help="Seeds the folds and the heads."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report (JSON)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Cross-validate the same heads on the same folds over several stores of the same images
+    and print one table (with the paired per-fold difference for two stores)."""
+    from . import evaluate as ev
+
+    _run(ev.check_outputs, json_out, None)
+    report = _run(ev.run_compare, stores, head, folds=folds, repeats=repeats, search=search,
+                  metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
+                  progress=not quiet, warn=lambda m: typer.echo(m, err=True))
+    typer.echo(ev.format_compare(report))
+    if json_out is not None:
+        _run(ev.write_report, report, json_out)
+        typer.echo(f"report → {json_out}", err=True)
+
+
+@app.command()
 def finetune(
     data: Path = typer.Argument(..., help="Labeled images: class folders, split folders "
                                           "(train/ and val/ are used; test/ is left out) or a "

@@ -647,3 +647,142 @@ def write_plots(report: dict[str, Any], out_dir: Any) -> list[Any]:
     written.append(out_dir / "scores.png")
     fig.savefig(written[-1], dpi=120)
     return written
+
+
+# -- comparing stores (`embedpipe compare`) -------------------------------------------------
+
+def _aligned_rows(stores: list[Any]) -> tuple[list[str], np.ndarray, list[np.ndarray], list[str]]:
+    """The train rows every store has (by path, same class), sorted by path: (paths, y, row
+    indices per store, notes about rows left out)."""
+    per_store = []
+    for s in stores:
+        rows = select_rows(s)
+        names = targets(s, rows.train)
+        per_store.append({s.paths[i]: (int(i), str(c)) for i, c in zip(rows.train, names)})
+    common = sorted(set.intersection(*(set(m) for m in per_store)))
+    notes = []
+    for s, m in zip(stores, per_store):
+        extra = len(m) - len(common)
+        if extra:
+            notes.append(f"{extra} train rows of {s.path} are not in every store and are left out")
+    for p in common:
+        labels = {m[p][1] for m in per_store}
+        if len(labels) > 1:
+            raise EvaluateError(f"{p}: labeled {' vs '.join(sorted(labels))} in the stores "
+                                f"being compared; compare stores of the same labeled data")
+    if not common:
+        raise EvaluateError(f"{', '.join(str(s.path) for s in stores)}: no train rows in "
+                            "common (paths differ); compare stores extracted from the same data")
+    y = np.array([per_store[0][p][1] for p in common])
+    idx = [np.array([m[p][0] for p in common], dtype=np.int64) for m in per_store]
+    return common, y, idx, notes
+
+
+def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
+                folds: int = 5, repeats: int = 1, search: bool = False,
+                metric: str = "accuracy", params: list[str] | None = None,
+                class_weight: str | None = None, jobs: int = 1, seed: int = 0,
+                progress: bool = True, warn: Any = None) -> dict[str, Any]:
+    """Cross-validate the same heads on the same folds over several stores of the same images
+    (e.g. two backbones, or base vs fine-tuned weights). Rows are matched by path: the train
+    rows all stores share, sorted by path, are split once (``make_folds``) and every
+    (store, head, fold) is fitted and scored on exactly those rows. With two stores the report
+    also has the paired per-fold difference (second − first)."""
+    from joblib import Parallel, delayed
+
+    from .progress import Progress, printer
+    from .store import open_store
+
+    warn = warn or printer(True)
+    say = printer(progress)
+    if len(store_paths) < 2:
+        raise EvaluateError("compare needs at least two stores; pass STORE_A STORE_B [...]")
+    _check_options(folds, repeats, metric, jobs, 0)
+    names = list(dict.fromkeys(head_names or ("logreg", "svm", "knn")))
+    per_params = resolve_params(names, params, seed=seed)
+    cw = _class_weights(names, class_weight, warn)
+    stores = [open_store(p) for p in store_paths]
+    paths, y, idx, notes = _aligned_rows(stores)
+    for n in notes:
+        warn(f"warning: {n}")
+    cls, n = min_class(y)
+    if n < 2:
+        raise EvaluateError(f"class {cls!r} has a single train image common to the stores; "
+                            "cross-validation needs at least 2 per class")
+    asked = folds
+    if n < folds:
+        folds = n
+        notes.append(f"class {cls!r} has only {n} common train images: using {folds} folds "
+                     f"instead of {asked}")
+        warn(f"warning: {notes[-1]}")
+    splitter, splitter_text = make_folds(folds, repeats, seed)
+    splits = list(splitter.split(np.zeros((len(y), 1)), y))
+    Xs = [s.features[i] for s, i in zip(stores, idx)]
+    tasks = [(k, h, f) for k in range(len(stores)) for h in names for f in range(len(splits))]
+    say(f"compare: {len(stores)} stores x {len(names)} head(s) x {len(splits)} folds = "
+        f"{len(tasks)} fits on {len(y)} common train rows")
+    results = {}
+    with Progress(len(tasks), "compare", enabled=progress, unit="fit") as bar:
+        gen = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_cv_task)(Xs[k], y, splits[f][0], splits[f][1], h, per_params[h], cw[h],
+                              search, metric, seed, str(stores[k].path)) for k, h, f in tasks)
+        for key, res in zip(tasks, gen):
+            results[key] = res
+            bar.update(1)
+    table = []
+    for h in names:
+        row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": []}
+        for k in range(len(stores)):
+            scores = [results[(k, h, f)]["scores"] for f in range(len(splits))]
+            row["stores"].append({m: {"mean": float(np.mean([s[m] for s in scores])),
+                                      "std": float(np.std([s[m] for s in scores])),
+                                      "folds": [s[m] for s in scores]} for m in METRICS})
+        if len(stores) == 2:
+            a = np.array(row["stores"][0][metric]["folds"])
+            b = np.array(row["stores"][1][metric]["folds"])
+            d = b - a
+            row["difference"] = {"metric": metric, "mean": float(d.mean()),
+                                 "std": float(d.std()), "second_better": int((d > 0).sum()),
+                                 "first_better": int((d < 0).sum()), "folds": d.tolist()}
+        table.append(row)
+    report = {
+        "stores": [{"path": str(s.path), "model": s.meta.get("model"),
+                    "weights": s.meta.get("weights_source"),
+                    "weights_sha256": s.meta.get("weights_sha256"),
+                    "feature_dim": s.dim, "precision": s.meta.get("precision")}
+                   for s in stores],
+        "rows": int(len(y)), "classes": sorted(set(y.tolist())), "folds": folds,
+        "repeats": repeats, "seed": seed, "splitter": splitter_text, "metric": metric,
+        "search": search, "warnings": notes, "heads": table, "versions": _versions(),
+    }
+    return _jsonable(report)
+
+
+def format_compare(report: dict[str, Any]) -> str:
+    metric = report["metric"]
+    out = [f"{report['rows']} train rows common to all stores, {len(report['classes'])} "
+           f"classes; {report['splitter']} on them sorted by path"
+           + ("; nested grid search" if report["search"] else "")]
+    out += [f"warning  {w}" for w in report["warnings"]]
+    for k, s in enumerate(report["stores"]):
+        out.append(f"  [{chr(65 + k)}] {s['path']}: {s['model']}, {s['weights']}, "
+                   f"{s['feature_dim']}-d, {s['precision']}")
+    out.append("")
+    out.append(f"{METRICS[metric]}, mean ± std over {report['folds'] * report['repeats']} "
+               "folds (same folds for every cell):")
+    letters = [chr(65 + k) for k in range(len(report["stores"]))]
+    hw = max(4, *(len(r["head"]) for r in report["heads"])) + 2
+    head = f"  {'head':<{hw}}" + "".join(f"{'[' + x + ']':<16}" for x in letters)
+    two = len(letters) == 2
+    if two:
+        head += "B − A (paired)       folds B>A / A>B"
+    out.append(head)
+    for r in report["heads"]:
+        line = f"  {r['head']:<{hw}}" + "".join(
+            f"{s[metric]['mean']:.3f} ± {s[metric]['std']:.3f}".ljust(16) for s in r["stores"])
+        if two:
+            d = r["difference"]
+            line += (f"{d['mean']:+.3f} ± {d['std']:.3f}".ljust(21)
+                     + f"{d['second_better']} / {d['first_better']}")
+        out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,80 @@
+"""`embedpipe compare`: the same heads on the same folds over several stores of the same images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedpipe.cli import app
+from embedpipe.store import StoreWriter, open_store, read_identity
+
+runner = CliRunner()
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def derived_store(src: Path, dst: Path, *, dtype: str = "float16", keep_every: int = 1,
+                  relabel: dict[str, str] | None = None) -> Path:
+    """A second store of (a subset of) the same images: ``src``'s real features stored as
+    ``dtype`` (a store another run could have made with ``--dtype``)."""
+    s = open_store(src)
+    keep = list(range(0, len(s), keep_every))
+    identity = {**read_identity(src), "dtype": dtype}
+    with StoreWriter.open(dst, identity, versions={}) as w:
+        names = [(relabel or {}).get(c, c) for c in s.classes]
+        ids = w.class_ids(names)
+        w.append(s.features[keep], paths=[s.paths[i] for i in keep],
+                 labels=[ids[names[s.labels[i]]] for i in keep],
+                 hashes=[s.hashes[i] for i in keep], splits=[s.splits[i] for i in keep],
+                 mtime_ns=[0] * len(keep), size=[0] * len(keep))
+    return dst
+
+
+def test_compare_uses_the_folds_of_cv_for_every_store(fmnist_store: Path, tmp_path: Path):
+    half = derived_store(fmnist_store, tmp_path / "half.h5")
+    out = tmp_path / "cmp.json"
+    res = cli("compare", fmnist_store, half, "--head", "ridge", "--head", "centroid",
+              "--json", out, "-q")
+    assert res.exit_code == 0, res.output
+    assert "[A]" in res.stdout and "[B]" in res.stdout and "B − A (paired)" in res.stdout
+    report = json.loads(out.read_text())
+    assert report["rows"] == 200 and len(report["stores"]) == 2
+    assert report["stores"][1]["path"] == str(half)
+    # the cells of store A are exactly what `cv` reports for A alone (same folds, same heads)
+    res = cli("cv", fmnist_store, "--head", "ridge", "--head", "centroid", "--json",
+              tmp_path / "cv.json", "-q")
+    assert res.exit_code == 0, res.output
+    cv = {h["head"]: [f["accuracy"] for f in h["folds"]]
+          for h in json.loads((tmp_path / "cv.json").read_text())["heads"]}
+    for row in report["heads"]:
+        assert row["stores"][0]["accuracy"]["folds"] == cv[row["head"]]
+        d = row["difference"]
+        a, b = (np.array(s["accuracy"]["folds"]) for s in row["stores"])
+        assert d["folds"] == pytest.approx((b - a).tolist())
+        # float16 copies of the same features: the heads barely notice
+        assert abs(d["mean"]) < 0.05
+
+
+def test_compare_matches_rows_by_path_and_reports_what_is_left_out(fmnist_store: Path,
+                                                                   tmp_path: Path):
+    third = derived_store(fmnist_store, tmp_path / "third.h5", keep_every=3)
+    res = cli("compare", fmnist_store, third, "--head", "centroid", "--folds", "3", "-q")
+    assert res.exit_code == 0, res.output
+    n_common = sum(1 for p in open_store(third).paths if p.startswith("train/"))
+    assert f"{n_common} train rows common to all stores" in res.stdout
+    assert f"{200 - n_common} train rows of {fmnist_store} are not in every store" in res.output
+
+
+def test_compare_refuses_stores_it_cannot_compare(fmnist_store: Path, tmp_path: Path):
+    other = derived_store(fmnist_store, tmp_path / "renamed.h5", relabel={"bag": "handbag"})
+    res = cli("compare", fmnist_store, other, "--head", "centroid")
+    assert res.exit_code == 2 and "labeled bag vs handbag" in res.output
+    assert "Traceback" not in res.output
+    res = cli("compare", fmnist_store, "--head", "centroid")
+    assert res.exit_code == 2 and "at least two stores" in res.output
