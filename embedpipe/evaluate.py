@@ -144,6 +144,20 @@ def make_folds(folds: int, repeats: int, seed: int) -> tuple[Any, str]:
             f"random_state={seed})")
 
 
+def _outer_splits(y: np.ndarray, folds: int, repeats: int, seed: int, notes: list[str],
+                  warn: Any, rows: str) -> tuple[int, list[Any], str]:
+    """The outer folds on ``y``, lowered (with a warning added to ``notes``) to the size of the
+    smallest class: (folds, [(train, test), ...], how to reproduce them)."""
+    cls, n = min_class(y)
+    if n < folds:
+        notes.append(f"class {cls!r} has only {n} {rows} images: using {n} folds "
+                     f"instead of {folds}")
+        warn(f"warning: {notes[-1]}")
+        folds = n
+    splitter, text = make_folds(folds, repeats, seed)
+    return folds, list(splitter.split(np.zeros((len(y), 1)), y)), text
+
+
 def check_outputs(json_path: Any = None, plots_dir: Any = None) -> None:
     """Fail early (before any fitting) when the report or plots could not be written."""
     from pathlib import Path
@@ -334,13 +348,8 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
                             f"-o {where} --prune`")
     notes: list[str] = []
     asked = folds
-    if n < folds:
-        folds = n
-        notes.append(f"class {cls!r} has only {n} training images: using {folds} folds "
-                     f"instead of {asked}")
-        warn(f"warning: {notes[-1]}")
-    splitter, splitter_text = make_folds(folds, repeats, seed)
-    splits = list(splitter.split(np.zeros((len(y), 1)), y))
+    folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
+                                                 "training")
     if search:
         for i, (tr, _) in enumerate(splits):
             c, m = min_class(y[tr])
@@ -709,14 +718,8 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     if n < 2:
         raise EvaluateError(f"class {cls!r} has a single train image common to the stores; "
                             "cross-validation needs at least 2 per class")
-    asked = folds
-    if n < folds:
-        folds = n
-        notes.append(f"class {cls!r} has only {n} common train images: using {folds} folds "
-                     f"instead of {asked}")
-        warn(f"warning: {notes[-1]}")
-    splitter, splitter_text = make_folds(folds, repeats, seed)
-    splits = list(splitter.split(np.zeros((len(y), 1)), y))
+    folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
+                                                 "common train")
     Xs = [s.features[i] for s, i in zip(stores, idx)]
     tasks = [(k, h, f) for k in range(len(stores)) for h in names for f in range(len(splits))]
     say(f"compare: {len(stores)} stores x {len(names)} head(s) x {len(splits)} folds = "
