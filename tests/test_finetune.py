@@ -1,0 +1,268 @@
+"""`embedpipe finetune`, end to end on real Fashion-MNIST images with the real bundled weights.
+
+Kept small for 2 busy CPU cores: 60 images (6 per class), 64 px inputs, batch 16, 1-3 epochs,
+one torch thread (two threads are many times slower when the other core is busy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from embedpipe.backbones import file_sha256, load_backbone
+from embedpipe.cli import app
+from embedpipe.finetune import (FinetuneError, FinetuneOptions, WarmupCosine, build_model,
+                                feature_stages, unfrozen_at)
+from embedpipe.store import open_store
+
+runner = CliRunner()
+MODEL = "tf_efficientnet_lite0"
+FAST = ["--img-size", "64", "--batch-size", "16", "--workers", "0", "--threads", "1"]
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def finetune_ok(*args: object):
+    res = cli("finetune", *args)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def one_line_error(res, *needles: str) -> str:
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """extract has no --threads option; keep every forward pass of this module on one core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def base_state(img_size: int = 64) -> dict[str, torch.Tensor]:
+    return load_backbone(MODEL, img_size=img_size).model.state_dict()
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(fmnist_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-epoch run (1 head-only epoch, 1 with blocks[-1:] unfrozen), every
+    checkpoint kept."""
+    out = tmp_path_factory.mktemp("ft_a") / "tuned.pt"
+    finetune_ok(fmnist_src, "-o", out, "--model", MODEL, "--epochs", "2", "--head-epochs", "1",
+                "--keep-checkpoints", "0", "-q", *FAST)
+    return out
+
+
+def test_short_finetune_lowers_loss_and_stage1_keeps_backbone_bit_identical(fmnist_src: Path,
+                                                                            tmp_path: Path):
+    out = tmp_path / "tuned.pt"
+    res = finetune_ok(fmnist_src, "-o", out, "--epochs", "3", "--head-epochs", "2",
+                      "--keep-checkpoints", "0", *FAST)
+    assert "epoch 1/3 stage 1" in res.stderr and "epoch 3/3 stage 2" in res.stderr
+    history = json.loads((tmp_path / "tuned.history.json").read_text())["history"]
+    losses = [h["train_loss"] for h in history]
+    assert [h["stage"] for h in history] == [1, 1, 2]
+    assert losses[1] < losses[0] and losses[2] < losses[0], losses
+
+    base = base_state()
+    initial = build_model(load_backbone(MODEL, img_size=64), 10, 0, 0.2).classifier.state_dict()
+    after_stage1 = ckpt(tmp_path / "tuned.checkpoints" / "epoch-002.pt")["model"]
+    # stage 1: every backbone tensor (weights and BatchNorm buffers) is bit-identical ...
+    assert all(torch.equal(base[k], after_stage1[k]) for k in base)
+    # ... while the new classifier moved away from its initialisation
+    assert not torch.equal(initial["weight"], after_stage1["classifier.weight"])
+    assert after_stage1["classifier.weight"].shape == (10, 1280)
+
+    # stage 2 (--unfreeze 1): the last block and conv_head/bn2 trained, nothing shallower did
+    after_stage2 = ckpt(tmp_path / "tuned.checkpoints" / "epoch-003.pt")["model"]
+    trained = {k for k in base if not torch.equal(base[k], after_stage2[k])}
+    assert any(k.startswith("blocks.6.") for k in trained)
+    assert any(k.startswith("conv_head.") for k in trained)
+    assert all(k.startswith(("blocks.6.", "conv_head.", "bn2.")) for k in trained), trained
+
+    # the output: the backbone of the best epoch, keyed exactly like timm's num_classes=0 model
+    tuned = torch.load(out, weights_only=True)
+    assert list(tuned) == list(base)
+    manifest = json.loads((tmp_path / "tuned.json").read_text())
+    best = manifest["best_epoch"]
+    best_state = ckpt(tmp_path / "tuned.checkpoints" / f"epoch-{best:03d}.pt")["model"]
+    assert all(torch.equal(tuned[k], best_state[k]) for k in tuned)
+    assert manifest["weights_sha256"] == file_sha256(out)
+    assert manifest["model"] == MODEL and len(manifest["classes"]) == 10
+    assert manifest["base_weights"]["source"].startswith("bundled:")
+    assert manifest["data_config"]["input_size"] == [3, 64, 64]
+    assert manifest["best_val_accuracy"] == max(h["val_accuracy"] for h in history)
+    assert sum(manifest["data"]["val_per_class"].values()) == 10  # stratified 0.2 of 60
+    assert set(manifest["versions"]) >= {"torch", "timm", "embedpipe"}
+    assert (tmp_path / "tuned.curves.png").stat().st_size > 1000
+    clf = torch.load(tmp_path / "tuned.classifier.pt", weights_only=True)
+    assert torch.equal(clf["weight"], best_state["classifier.weight"])
+
+
+def test_resume_from_epoch1_checkpoint_equals_uninterrupted_run(fmnist_src: Path,
+                                                                two_epoch_run: Path,
+                                                                tmp_path: Path):
+    first = two_epoch_run.parent / "tuned.checkpoints" / "epoch-001.pt"
+    out = tmp_path / "resumed.pt"
+    res = finetune_ok(fmnist_src, "-o", out, "--model", MODEL, "--epochs", "2",
+                      "--head-epochs", "1", "--keep-checkpoints", "0", "--resume", first, *FAST)
+    assert "resuming from" in res.stderr and "epoch 1/2" not in res.stderr
+    a = ckpt(two_epoch_run.parent / "tuned.checkpoints" / "epoch-002.pt")
+    b = ckpt(tmp_path / "resumed.checkpoints" / "epoch-002.pt")
+    # CPU, deterministic algorithms, one thread, workers 0, every RNG reseeded per epoch:
+    # bit-exact (atol 0), for the model, the optimizer state and the history alike
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 2
+    for i in sa:
+        for name in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name]))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    ta, tb = torch.load(two_epoch_run, weights_only=True), torch.load(out, weights_only=True)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert file_sha256(two_epoch_run) == file_sha256(out)
+
+
+def test_reextraction_with_tuned_weights_is_a_new_store_with_other_features(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
+    common = ["--img-size", "64", "--precision", "fp32", "--workers", "0", "-q"]
+    base_h5, tuned_h5 = tmp_path / "base.h5", tmp_path / "tuned.h5"
+    assert cli("extract", fmnist_src, "-o", base_h5, *common).exit_code == 0
+    res = cli("extract", fmnist_src, "-o", tuned_h5, "--model", MODEL, "--weights",
+              two_epoch_run, *common)
+    assert res.exit_code == 0, res.output
+    base, tuned = open_store(base_h5), open_store(tuned_h5)
+    sha = file_sha256(two_epoch_run)
+    assert tuned.meta["weights_sha256"] == sha
+    assert tuned.meta["weights_source"] == f"file:{two_epoch_run.resolve()}"
+    assert json.loads((two_epoch_run.parent / "tuned.json").read_text())["weights_sha256"] == sha
+    assert base.meta["weights_sha256"] != sha and base.meta["weights_source"].startswith("bundled:")
+    assert tuned.meta["model"] == base.meta["model"] == MODEL
+    fb, ft = dict(zip(base.paths, base.features)), dict(zip(tuned.paths, tuned.features))
+    assert fb.keys() == ft.keys() and len(fb) == 60
+    diff = np.array([np.abs(fb[p] - ft[p]).max() for p in fb])
+    assert (diff > 1e-3).all(), diff.min()
+    # the tuned weights never go into the base store
+    res = cli("extract", fmnist_src, "-o", base_h5, "--weights", two_epoch_run, *common)
+    one_line_error(res)
+
+
+def test_bad_files_are_skipped_and_options_run(fmnist_src: Path, tmp_path: Path):
+    """A truncated and an empty image are skipped with their reasons; --gradual, --randaugment,
+    --cutmix and --class-weight balanced run (on split folders with their own val/)."""
+    data = tmp_path / "data"
+    classes = sorted(p.name for p in fmnist_src.iterdir())
+    for c in classes:
+        files = sorted((fmnist_src / c).iterdir())
+        for split, chunk in (("train", files[:4]), ("val", files[4:]), ("test", files[5:])):
+            (data / split / c).mkdir(parents=True, exist_ok=True)
+            for f in chunk:
+                shutil.copy(f, data / split / c / f.name)
+    good = sorted((data / "train" / classes[0]).iterdir())[0].read_bytes()
+    (data / "train" / classes[1] / "truncated.png").write_bytes(good[: len(good) // 2])
+    (data / "train" / classes[2] / "empty.png").write_bytes(b"")
+    out = tmp_path / "tuned.pt"
+    res = finetune_ok(data, "-o", out, "--epochs", "3", "--head-epochs", "1", "--unfreeze", "2",
+                      "--gradual", "--randaugment", "--cutmix", "--class-weight", "balanced",
+                      *FAST)
+    assert f"skipped train/{classes[1]}/truncated.png: truncated or corrupt" in res.stderr
+    assert f"skipped train/{classes[2]}/empty.png: empty file" in res.stderr
+    assert "data's own val split (20 images)" in res.stderr
+    assert "10 in split test" in res.stderr
+    manifest = json.loads((tmp_path / "tuned.json").read_text())
+    assert manifest["data"]["skipped"] == 2
+    assert sum(manifest["data"]["train_per_class"].values()) == 40
+    assert [h["unfrozen_stages"] for h in manifest_history(tmp_path)] == [0, 1, 2]
+
+
+def manifest_history(folder: Path) -> list[dict]:
+    return json.loads((folder / "tuned.history.json").read_text())["history"]
+
+
+def test_bad_inputs_give_one_line_errors(fmnist_src: Path, two_epoch_run: Path,
+                                         tmp_path: Path):
+    out = tmp_path / "t.pt"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(cli("finetune", empty, "-o", out, "-q"), str(empty), "no images found")
+
+    one_class = tmp_path / "one"
+    shutil.copytree(fmnist_src / "bag", one_class / "bag")
+    one_line_error(cli("finetune", one_class, "-o", out, "-q", *FAST), "one class (bag)",
+                   "at least two")
+
+    few = tmp_path / "few"
+    shutil.copytree(fmnist_src, few)
+    for f in sorted((few / "sandal").iterdir())[1:]:
+        f.unlink()
+    one_line_error(cli("finetune", few, "-o", out, "-q", *FAST), "class 'sandal' has 1 usable",
+                   "--val-fraction 0")
+
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--model", "resnet_nope", "-q"),
+                   "resnet_nope: not a timm model name")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--unfreeze", "9", "-q", *FAST),
+                   "--unfreeze 9", "7 feature stages", "pass 0 to 7")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--epochs", "0", "-q"), "--epochs 0")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--val-fraction", "1.5", "-q"),
+                   "--val-fraction 1.5")
+    one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "t.txt", "-q"), ".pt or .pth")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--resume", tmp_path / "nope.pt",
+                       "-q"), "nope.pt", "no such checkpoint")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--resume", two_epoch_run, "-q"),
+                   "not an `embedpipe finetune` checkpoint")
+    first = two_epoch_run.parent / "tuned.checkpoints" / "epoch-001.pt"
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--model", MODEL, "--epochs", "2",
+                       "--head-epochs", "1", "--seed", "1", "--resume", first, "-q", *FAST),
+                   "from another run", "seed 0 vs 1")
+    one_line_error(cli("finetune", fmnist_src, "-o", two_epoch_run, "-q"), "exists",
+                   "--resume", "--overwrite")
+
+
+def test_stage_split_and_schedules():
+    class Flat(torch.nn.Module):  # no stage container, no feature_info: cannot be split
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def get_classifier(self):
+            return self.fc
+
+    with pytest.raises(FinetuneError, match="--unfreeze 0"):
+        feature_stages(Flat(), "flat")
+    import timm
+
+    resnet = timm.create_model("resnet18", num_classes=3)
+    split = feature_stages(resnet, "resnet18")
+    assert split.names == ["layer1", "layer2", "layer3", "layer4"]
+    assert split.head == ["fc.weight", "fc.bias"]
+    assert all(n.startswith("layer4.") for n in split.trainable(1) - set(split.head))
+
+    o = FinetuneOptions(epochs=8, head_epochs=2, unfreeze=3, gradual=True, stage_epochs=2)
+    assert [unfrozen_at(e, o) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    f = WarmupCosine([10, 30], warmup=4)
+    lr = [f(s) for s in range(30)]
+    assert lr[0] < lr[3] < lr[4] == 1.0 and lr[9] < 0.1  # warmup, peak, cosine (stage 1)
+    assert lr[10] < lr[14] == 1.0 and lr[29] == pytest.approx(0.01)  # again in stage 2
