@@ -292,6 +292,14 @@ def load_backbone(
                     path = Path(source).expanduser().resolve()
                     spec = WeightsSpec("file", str(path), file_sha256(path) if path.is_file()
                                        else "", {"file": path.name})
+                    tuned = finetune_manifest(path, spec.sha256)
+                    if tuned is not None:
+                        if tuned.get("model") != name:
+                            raise WeightsError(
+                                f"{path}: fine-tuned from {tuned.get('model')} by `embedpipe "
+                                f"finetune`, not {name}; pass --model {tuned.get('model')}")
+                        if img_size is None:  # extract at the resolution it was tuned at
+                            img_size = int(tuned["data_config"]["input_size"][-1])
                 sd = _read_state_dict(path)
                 model.load_state_dict(_fit_state_dict(model, sd, str(path), name))
     except TypeError as e:  # e.g. a global_pool this architecture does not take
@@ -306,6 +314,20 @@ def load_backbone(
     data_config = resolve_data_config(model, img_size=img_size, crop_pct=crop_pct)
     return Backbone(model, name, spec, data_config, pool or _default_pool(model),
                     feature_dim(model, data_config))
+
+
+def finetune_manifest(weights: Path, sha256: str) -> dict[str, Any] | None:
+    """The manifest `embedpipe finetune` wrote beside ``weights`` (``<stem>.json``), when it
+    describes exactly this file (same sha256); else None."""
+    side = weights.with_suffix(".json")
+    try:
+        m = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (isinstance(m, dict) and str(m.get("format", "")).startswith("embedpipe-finetune")
+            and m.get("weights_sha256") == sha256 and isinstance(m.get("data_config"), dict)):
+        return m
+    return None
 
 
 def _default_pool(model: torch.nn.Module) -> str:

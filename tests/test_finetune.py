@@ -167,6 +167,16 @@ def test_reextraction_with_tuned_weights_is_a_new_store_with_other_features(
     # the tuned weights never go into the base store
     res = cli("extract", fmnist_src, "-o", base_h5, "--weights", two_epoch_run, *common)
     one_line_error(res)
+    # without --img-size, extraction uses the resolution recorded in the fine-tune manifest;
+    # with another --model, the manifest names the right one
+    plain = tmp_path / "plain.h5"
+    res = cli("extract", fmnist_src, "-o", plain, "--weights", two_epoch_run, *common[2:])
+    assert res.exit_code == 0, res.output
+    cfg = open_store(plain).meta["data_config"]
+    assert cfg["input_size"] == [3, 64, 64]
+    np.testing.assert_allclose(open_store(plain).features, tuned.features, atol=1e-5)
+    one_line_error(cli("extract", fmnist_src, "-o", tmp_path / "r.h5", "--model", "resnet18",
+                       "--weights", two_epoch_run, *common), "--model " + MODEL)
 
 
 def test_bad_files_are_skipped_and_options_run(fmnist_src: Path, tmp_path: Path):
