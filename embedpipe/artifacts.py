@@ -29,12 +29,14 @@ FORMAT_VERSION = 1
 SUFFIX = ".skops"
 
 # scikit-learn internals inside our fitted heads that skops does not trust by default:
-# calibration of heads without native probabilities (svm, linear-svm, ridge) and the MLP's
-# optimizer state. Each is plain data (arrays and numbers); none runs code when rebuilt.
+# calibration of heads without native probabilities (svm, linear-svm, ridge, centroid), the
+# MLP's optimizer state and the ensembles' dict of members. Each is plain data (arrays,
+# numbers, a dict); none runs code when rebuilt.
 TRUSTED_EXTRA = (
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._TemperatureScaling",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.utils._bunch.Bunch",  # a dict with attribute access (ensembles' named members)
 )
 
 # What must agree between a head and the store (or images) it predicts: otherwise the features

@@ -213,12 +213,31 @@ def heads(
         typer.echo(f"{'':<11} class weights: {'yes' if r['class_weight'] else 'no'}; "
                    f"probabilities: {r['probabilities']}")
     typer.echo("Override with --param NAME=VALUE (e.g. --param C=10 --param pca=128).")
+    typer.echo("Ensembles: join heads with + (--head svm+logreg+knn, or fit --head svm --head "
+               "logreg --ensemble soft):\nsoft voting over their probabilities, members with "
+               "their defaults; --param takes a member's scikit-learn path, e.g. logreg__clf__C=0.1, "
+               "svm__estimator__clf__C=3 (calibrated members).")
+
+
+def _head_name(names: list[str], ensemble: str | None) -> str:
+    from .heads import ENSEMBLE_SEP, HeadError
+
+    if ensemble not in (None, "soft"):
+        raise HeadError(f"--ensemble {ensemble}: pass soft (soft voting over probabilities)")
+    if len(names) > 1 and ensemble is None:
+        raise HeadError(f"--head {' --head '.join(names)}: fit trains one head; add --ensemble "
+                        "soft to combine them, or pass a single --head")
+    return ENSEMBLE_SEP.join(names)
 
 
 @app.command()
 def fit(
     store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
-    head: str = typer.Option("logreg", "--head", help="Head to train (see `embedpipe heads`)."),
+    head: Optional[list[str]] = typer.Option(None, "--head", help="Head to train (default "
+                                             "logreg; see `embedpipe heads`); several with "
+                                             "--ensemble soft."),
+    ensemble: Optional[str] = typer.Option(None, help="soft: one soft-voting ensemble of the "
+                                                      "--head heads (same as --head a+b+c)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file to write "
                                        "(default: cache/<store>__<head>.skops)."),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p",
@@ -236,8 +255,9 @@ def fit(
     from . import train
 
     params = _run(heads_mod.parse_params, param)
-    dest = out or train.default_head_path(store, head, CACHE_DIR)
-    result = _run(train.fit, store, head, dest, params=params, class_weight=class_weight,
+    name = _run(_head_name, head or ["logreg"], ensemble)
+    dest = out or train.default_head_path(store, name, CACHE_DIR)
+    result = _run(train.fit, store, name, dest, params=params, class_weight=class_weight,
                   search=search, seed=seed, jobs=jobs,
                   say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(result.line())
@@ -358,6 +378,8 @@ def cv(
                                                     "matplotlib)."),
     top_errors: int = typer.Option(10, help="List this many most confidently misclassified "
                                             "files of the best head."),
+    ensemble: Optional[str] = typer.Option(None, help="soft: also score the soft-voting "
+                                                      "ensemble of the --head heads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Cross-validate heads on a store's train rows (stratified k-fold), rank them, and score
@@ -370,6 +392,9 @@ def cv(
     from . import evaluate as ev
 
     _run(ev.check_outputs, json_out, plots)
+    if ensemble is not None:
+        head = list(head or ev.DEFAULT_CV_HEADS)
+        head.append(_run(_head_name, head, ensemble))
     report = _run(ev.run_cv, store, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
                   top_errors=top_errors, progress=not quiet,

@@ -44,6 +44,7 @@ class Head:
     grid: dict[str, list[Any]] = field(default_factory=dict)  # short names -> values
     class_weight: bool = False  # accepts class_weight="balanced"
     native_proba: bool = True  # False: probabilities come from calibration (see artifacts)
+    members: tuple[str, ...] = ()  # a soft-voting ensemble of these heads
 
     def defaults(self) -> dict[str, Any]:
         """The final estimator's parameters that differ from scikit-learn's own defaults."""
@@ -85,12 +86,49 @@ HEADS: dict[str, Head] = {h.name: h for h in (
 )}
 
 
+ENSEMBLE_SEP = "+"
+ENSEMBLE_CALIBRATION_FOLDS = 3
+
+
 def get(name: str) -> Head:
+    """A registered head, or the soft-voting ensemble ``a+b+…`` of registered heads."""
+    if ENSEMBLE_SEP in name:
+        return _ensemble(name)
     try:
         return HEADS[name]
     except KeyError:
-        raise HeadError(f"--head {name}: unknown head; pass one of {', '.join(HEADS)} "
-                        "(see `embedpipe heads`)") from None
+        raise HeadError(f"--head {name}: unknown head; pass one of {', '.join(HEADS)}, or "
+                        "several joined by + for an ensemble (see `embedpipe heads`)") from None
+
+
+def _ensemble(name: str) -> Head:
+    names = [n.strip() for n in name.split(ENSEMBLE_SEP)]
+    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+        raise HeadError(f"--head {name}: an ensemble joins two or more different heads with +, "
+                        "e.g. svm+logreg+knn")
+    specs = [get(n) for n in names]
+    return Head(ENSEMBLE_SEP.join(names),
+                f"soft-voting ensemble of {', '.join(names)} (mean of their probabilities)",
+                (), lambda seed: _voting(specs, seed, None),
+                class_weight=any(h.class_weight for h in specs), members=tuple(names))
+
+
+def _voting(specs: list[Head], seed: int, class_weight: str | None) -> Any:
+    """Members with their defaults; those without native probabilities are calibrated by
+    temperature scaling on ENSEMBLE_CALIBRATION_FOLDS-fold CV of the ensemble's training data,
+    so every vote is a probability."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import VotingClassifier
+
+    members = []
+    for h in specs:
+        est: Any = build(h.name, class_weight=class_weight if h.class_weight else None,
+                         seed=seed)
+        if not h.native_proba:
+            est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
+                                         cv=ENSEMBLE_CALIBRATION_FOLDS)
+        members.append((h.name, est))
+    return VotingClassifier(members, voting="soft")
 
 
 def parse_value(text: str) -> Any:
@@ -138,9 +176,11 @@ def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, 
         elif key in valid:
             out[f"clf__{key}"] = value
         else:
-            names = ", ".join(sorted(["pca", *valid]))
+            names = sorted(["pca", *valid], key=lambda n: (n.count("__"), n))
+            shown = ", ".join(names[:16]) + (f" (and {len(names) - 16} more)"
+                                             if len(names) > 16 else "")
             raise HeadError(f"--param {key}: {head.name} has no such parameter; pass one of "
-                            f"{names}")
+                            f"{shown}")
     return out
 
 
@@ -153,7 +193,14 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
         steps.append(("l2", Normalizer()))
     if "scale" in head.steps:
         steps.append(("scale", StandardScaler()))
-    steps += [("pca", "passthrough"), ("clf", head.make(seed))]
+    if head.members:  # each member has its own preprocessing; class weights go to them
+        if class_weight not in (None, "balanced"):
+            raise HeadError(f"--class-weight {class_weight}: pass balanced (or leave it out)")
+        final = _voting([get(m) for m in head.members], seed, class_weight)
+        class_weight = None
+    else:
+        final = head.make(seed)
+    steps += [("pca", "passthrough"), ("clf", final)]
     pipe = Pipeline(steps)
     if class_weight is not None:
         if class_weight != "balanced":
@@ -165,8 +212,13 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
         pipe.set_params(clf__class_weight="balanced")
     try:
         pipe.set_params(**pipeline_params(head, params or {}, seed))
+        for _, step in pipe.steps:  # bad values (C=abc, C=-1) fail now, not inside a fit
+            check = getattr(step, "_validate_params", None)  # scikit-learn >= 1.2
+            if check is not None:
+                check()
     except (ValueError, TypeError) as e:
-        raise HeadError(f"--param for {name}: {e}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HeadError(f"--param for {name}: {first} (see `embedpipe heads`)") from None
     return pipe
 
 

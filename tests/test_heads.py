@@ -306,3 +306,41 @@ def test_uncalibrated_scores_rank_rather_than_saturate(fmnist_store: Path):
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-9)
     top = scores.max(axis=1)
     assert np.median(top) < 0.99 and len(np.unique(top.round(6))) > 10
+
+
+def test_soft_voting_ensemble_fits_predicts_and_scores_in_cv_next_to_its_members(
+        fmnist_store: Path, tmp_path: Path):
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    out = tmp_path / "ens.skops"
+    ok("fit", fmnist_store, "--head", "ridge", "--head", "logreg", "--ensemble", "soft", "-o",
+       out, "-q")
+    head = artifacts.load(out)  # the ensemble's types load without manual trust
+    assert head.manifest["head"] == "ridge+logreg"
+    store = open_store(fmnist_store)
+    rows = select_rows(store)
+    X = store.features[rows.heldout["test"]]
+    voting = head.estimator.named_steps["clf"]
+    members = [est.predict_proba(X) for est in voting.estimators_]
+    np.testing.assert_allclose(head.estimator.predict_proba(X), np.mean(members, axis=0),
+                               atol=1e-9)
+    ok("predict", out, "--store", fmnist_store, "--split", "test", "-o", tmp_path / "p.csv")
+    assert [r["predicted"] for r in read_csv(tmp_path / "p.csv")] == list(
+        head.estimator.predict(X))
+
+    report = tmp_path / "cv.json"
+    ok("cv", fmnist_store, "--head", "ridge", "--head", "centroid", "--ensemble", "soft",
+       "--folds", "3", "--json", report, "-q")
+    rep = json.loads(report.read_text())
+    scored = {h["head"]: [f["accuracy"] for f in h["folds"]] for h in rep["heads"]}
+    assert set(scored) == {"ridge", "centroid", "ridge+centroid"}
+    Xtr, ytr = store.features[rows.train], targets(store, rows.train)
+    expected = cross_val_score(heads.build("ridge+centroid", seed=0), Xtr, ytr,
+                               cv=StratifiedKFold(3, shuffle=True, random_state=0))
+    assert scored["ridge+centroid"] == pytest.approx(list(expected), abs=1e-12)
+
+    one_line_error(cli("fit", fmnist_store, "--head", "svm", "--head", "knn", "-o",
+                       tmp_path / "x.skops"), "--ensemble soft")
+    one_line_error(cli("fit", fmnist_store, "--head", "svm+svm", "-o", tmp_path / "x.skops"),
+                   "two or more different heads")
+    one_line_error(cli("cv", fmnist_store, "--head", "svm+forest"), "forest")
