@@ -1,0 +1,139 @@
+"""Every head on real cached features: fit time, predict time and test accuracy on Fashion-MNIST.
+
+Extracts N train images per class (from Fashion-MNIST's train split) and M test images per class
+(from its test split) with the bundled pretrained EfficientNet-Lite0 at `--precision auto`, into
+a store kept under cache/bench-heads/ (a rerun reuses it: extraction is incremental), then fits
+every registered head with its default parameters (`heads.build`, no search, no calibration) on
+the train rows and scores the test rows. Next to them, in the same run: RBF SVC (C=10) and
+logistic regression on the raw 28x28 pixels of the same images, the baseline the public
+Fashion-MNIST table reports (see ../shared/ANCHORS.md).
+
+    python bench/heads.py                 # 1000/class train (10k), 200/class test (2k)
+    python bench/heads.py --quick         # 50/class, 20/class: a smoke test, numbers mean little
+    python bench/heads.py --train 6000 --test 1000   # the full 60k / 10k
+
+Writes bench/results/heads.md (with --quick: a scratch file in the temp dir instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchutil as bu  # noqa: E402
+
+from embedpipe import heads  # noqa: E402
+from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
+from embedpipe.evaluate import select_rows, targets  # noqa: E402
+from embedpipe.extract import ExtractOptions, run  # noqa: E402
+from embedpipe.store import open_store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ANCHOR = {  # ../shared/ANCHORS.md: frozen Lite0 features, 10k train / 2k test, fp32
+    "logreg": "0.864", "svm": "0.890", "knn": "0.851 (k=5)", "linear-svm": "0.831",
+    "raw pixels: svm (C=10)": "0.874 (this split); 0.897 full 60k/10k",
+}
+
+
+def make_data(root: Path, train: int, test: int) -> Path:
+    if not (root / "train").is_dir():
+        write_fashion_mnist_folder(root / "train", per_class=train, split="train")
+    if not (root / "test").is_dir():
+        write_fashion_mnist_folder(root / "test", per_class=test, split="test")
+    return root
+
+
+def pixels(root: Path, paths: list[str]) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(root / p), dtype=np.float32).ravel() / 255.0
+                     for p in paths])
+
+
+def score(est, Xtr, ytr, Xte, yte) -> tuple[float, float, float, float, bool]:
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        est.fit(Xtr, ytr)
+        t1 = time.perf_counter()
+        pred = est.predict(Xte)
+        t2 = time.perf_counter()
+    converged = not any("converge" in str(w.message).lower() for w in caught)
+    acc = float((pred == yte).mean())
+    return acc, float(balanced_accuracy_score(yte, pred)), t1 - t0, t2 - t1, converged
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=None, help="train images per class")
+    ap.add_argument("--test", type=int, default=None, help="test images per class")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    train, test = (50, 20) if args.quick else (1000, 200)
+    train, test = args.train or train, args.test or test
+    hdr = bu.Header("Heads on cached EfficientNet-Lite0 features: Fashion-MNIST test accuracy")
+    base = (Path(tempfile.gettempdir()) / "bench-heads-quick" if args.quick
+            else ROOT / "cache" / "bench-heads")
+    data = make_data(base / f"fmnist-{train}-{test}", train, test)
+    store_path = base / f"fmnist-{train}-{test}.h5"
+    t0 = time.perf_counter()
+    summary = run(data, store_path, ExtractOptions(), progress=True)
+    print(summary.line(), file=sys.stderr)
+    store = open_store(store_path)
+    rows = select_rows(store)
+    te = rows.heldout["test"]
+    Xtr, Xte = store.features[rows.train], store.features[te]
+    ytr, yte = targets(store, rows.train), targets(store, te)
+    results = []
+    for name in heads.HEADS:
+        print(f"fitting {name} ...", file=sys.stderr, flush=True)
+        acc, bal, fit_s, pred_s, conv = score(heads.build(name), Xtr, ytr, Xte, yte)
+        results.append((name, acc, bal, fit_s, pred_s, conv))
+    print("raw pixels ...", file=sys.stderr, flush=True)
+    Ptr = pixels(data, [store.paths[i] for i in rows.train])
+    Pte = pixels(data, [store.paths[i] for i in te])
+    from sklearn.svm import SVC
+
+    acc, bal, fit_s, pred_s, conv = score(SVC(C=10.0), Ptr, ytr, Pte, yte)
+    results.append(("raw pixels: svm (C=10)", acc, bal, fit_s, pred_s, conv))
+    acc, bal, fit_s, pred_s, conv = score(heads.build("logreg"), Ptr, ytr, Pte, yte)
+    results.append(("raw pixels: logreg", acc, bal, fit_s, pred_s, conv))
+    results.sort(key=lambda r: -r[1])
+    table = bu.table(
+        ["head (defaults)", "test accuracy", "balanced acc.", "fit s", "predict s",
+         "converged", "ANCHORS.md"],
+        [(n, f"{a:.3f}", f"{b:.3f}", f"{f:.1f}", f"{p:.2f}", "yes" if c else "no",
+          ANCHOR.get(n, "")) for n, a, b, f, p, c in results])
+    extra = [
+        f"data: {len(ytr)} Fashion-MNIST train images ({train}/class, seed 0) and {len(yte)} "
+        f"test images ({test}/class), 28x28 PNG upscaled by the model's transform to 224",
+        f"features: {store.meta['model']} ({store.meta['weights_source']}), "
+        f"{store.dim}-d, precision {store.meta['precision']}; extraction this run: "
+        f"{summary.line()}",
+        "each head: `embedpipe.heads.build(name)` with its defaults (no search, no calibration) "
+        "fitted on the train rows, scored on the test rows; times are wall seconds on this "
+        "shared machine",
+    ]
+    if args.quick:
+        extra.append("QUICK smoke-test run: tiny sets; numbers mean little")
+    text = hdr.render(extra) + "\n" + table + "\n"
+    print(text)
+    if args.quick:
+        out = Path(tempfile.gettempdir()) / "heads.quick.md"
+        out.write_text(text)
+    else:
+        out = bu.write_result("heads", text)
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
