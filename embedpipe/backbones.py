@@ -154,6 +154,14 @@ def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin:
     headless = bool(cls) and not any(k.startswith(cls + ".") for k in target)
     extra = set(sd) - set(target)
     if set(target) <= set(sd) and all(headless and k.startswith(cls + ".") for k in extra):
+        wrong = [k for k, t in target.items() if tuple(sd[k].shape) != tuple(t.shape)]
+        if wrong:
+            k = wrong[0]
+            raise WeightsError(
+                f"{origin}: weights do not fit {name} ({len(wrong)} of {len(target)} tensors "
+                f"have another shape, e.g. {k!r}: {tuple(sd[k].shape)} in the file, "
+                f"{tuple(target[k].shape)} in the model); pass --weights saved from the same "
+                "timm architecture and variant")
         return {k: sd[k] for k in target}
     src = list(sd.values())
     if headless and len(src) == len(target) + 2:  # a classifier (weight, bias) at the end
@@ -372,6 +380,47 @@ def make_transform(data_config: dict[str, Any]):
         crop_mode=data_config["crop_mode"],
         is_training=False,
     )
+
+
+TTA_VIEWS = ("crops", "flip")
+
+
+def parse_tta(text: str | None) -> str | None:
+    """``--tta``: 'flip', 'crops' or both ('flip,crops', any order) → a canonical string
+    ('crops,flip'); 'none' or empty → None (no test-time augmentation)."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    parts = {p.strip().lower() for p in text.split(",") if p.strip()}
+    bad = parts - set(TTA_VIEWS)
+    if bad:
+        raise WeightsError(f"--tta {text}: unknown view(s) {', '.join(sorted(bad))}; pass flip, "
+                           "crops, flip,crops or none")
+    return ",".join(v for v in TTA_VIEWS if v in parts)
+
+
+def make_views_transform(data_config: dict[str, Any]):
+    """PIL RGB image → V×C×H×W tensor of the views to embed: the eval transform's one view, or
+    with ``crops`` in ``data_config['tta']`` five crops of the same resized image (center
+    first, then the corners, as torchvision's FiveCrop). Flips are added on the batch."""
+    import torch
+    from torchvision.transforms import CenterCrop, Compose, FiveCrop
+
+    base = make_transform(data_config)
+    if "crops" not in (data_config.get("tta") or ""):
+        return lambda img: base(img).unsqueeze(0)
+    steps = list(base.transforms)
+    at = [i for i, t in enumerate(steps) if isinstance(t, CenterCrop)]
+    if not at:
+        raise WeightsError(f"--tta crops needs a center-crop preprocessing; this model's is "
+                           f"crop_mode={data_config.get('crop_mode')}: use --tta flip")
+    pre, post = Compose(steps[:at[0]]), Compose(steps[at[0] + 1:])
+    crop = FiveCrop(steps[at[0]].size)
+
+    def views(img):
+        tl, tr, bl, br, center = crop(pre(img))
+        return torch.stack([post(v) for v in (center, tl, tr, bl, br)])
+
+    return views
 
 
 def decode_size(data_config: dict[str, Any]) -> tuple[int, int]:

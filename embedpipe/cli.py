@@ -6,30 +6,112 @@ stay fast and torch-free.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import UserError
 
+try:
+    from typer._click.exceptions import UsageError
+except ImportError:  # typer versions that use click itself
+    from click.exceptions import UsageError  # type: ignore[no-redef]
+
+_DEBUG = False  # `embedpipe --debug CMD`: let errors propagate with their traceback
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``; hard (os._exit, after flushing) when HDF5 could not close a store
+    after a failed write: its exit handlers would print errors and may crash."""
+    store = sys.modules.get(f"{__package__}.store")
+    if store is not None and store.hdf5_broken():
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    raise typer.Exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Every failure of a command ends in one line on stderr and a non-zero exit: a UserError
+    or a usage error (bad option, missing argument) exits 2 with the fix; anything else is a
+    bug and exits 1 naming --debug, which shows the full traceback instead."""
+
+    def make_context(self, info_name: Any, args: list[str], parent: Any = None,
+                     **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as e:  # an unknown option before the command
+            if "--debug" in args or type(e).__name__ == "NoArgsIsHelpError":
+                raise
+            typer.echo(f"error: {e.format_message()} (see `{info_name} --help`)", err=True)
+            raise typer.Exit(2) from None
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        global _DEBUG
+        _DEBUG = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:  # Ctrl-C outside extract's batch loop (start-up, fit, ...)
+            if _DEBUG:
+                raise
+            typer.echo("interrupted: rerun the same command (extract continues where it "
+                       "stopped)", err=True)
+            _exit(130)
+        except UsageError as e:
+            if _DEBUG:
+                raise
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            _fail(f"{e.format_message()} (see `{where} --help`)")
+        except UserError as e:
+            if _DEBUG:
+                raise
+            _fail(e)
+        except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+            if _DEBUG or (isinstance(e, OSError) and e.errno == errno.EPIPE):
+                raise
+            text = (str(e).strip().splitlines() or [""])[0][:200]
+            typer.echo(f"error: unexpected {type(e).__name__}: {text} (a bug in embedpipe; "
+                       "rerun with `embedpipe --debug ...` to see the traceback, and report "
+                       "it)", err=True)
+            _exit(1)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=_OneLineErrors,
                   help="Cache pretrained-backbone embeddings of image folders in HDF5; "
                        "train and evaluate classical heads on them.")
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of "
+                                        "any error (for bug reports) instead of one line.")
+             ) -> None:
+    """Cache pretrained-backbone embeddings of image folders in HDF5; train and evaluate
+    classical heads on them."""
+
 
 CACHE_DIR = Path("cache")
 
 
-def _fail(e: BaseException) -> None:
+def _fail(e: BaseException | str) -> None:
     typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+    _exit(2)
 
 
 def _run(fn: Any, *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
     except UserError as e:
+        if _DEBUG:
+            raise
         _fail(e)
 
 
@@ -72,6 +154,10 @@ def extract(
                                            "changed into something undecodable."),
     shard: Optional[str] = typer.Option(None, help="K/N: extract only shard K (0-based) of N, "
                                                    "for parallel workers; join with `merge`."),
+    tta: Optional[str] = typer.Option(None, help="Test-time augmentation: store the mean "
+                                                 "embedding over views: flip, crops (five "
+                                                 "crops) or flip,crops. Part of the store's "
+                                                 "provenance."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
@@ -81,7 +167,7 @@ def extract(
                              img_size=img_size, crop_pct=crop_pct, device=device,
                              precision=precision, dtype=dtype, batch_size=batch_size,
                              workers=workers, layout=layout, exact_decode=exact_decode,
-                             max_pixels=max_pixels, prune=prune, shard=shard)
+                             max_pixels=max_pixels, prune=prune, shard=shard, tta=tta)
     store = out or ex.default_store_path(data, opts, CACHE_DIR)
     summary = _run(ex.run, data, store, opts, progress=not quiet)
     skipped = summary.failures + summary.ignored_files
@@ -330,7 +416,8 @@ def quickstart(
     extract(data=folder, out=out, model="tf_efficientnet_lite0", weights=None,
             random_init=False, pool=None, img_size=None, crop_pct=None, device="auto",
             precision="auto", dtype="float32", batch_size=32, workers=None, layout="auto",
-            exact_decode=False, max_pixels=89_478_485, prune=False, shard=None, quiet=False)
+            exact_decode=False, max_pixels=89_478_485, prune=False, shard=None, tta=None,
+            quiet=False)
     info(store=out, as_json=False, show=50)
     typer.echo(f"\n3/4 embedpipe cv {out} --head logreg --head knn --head centroid")
     report = _run(ev.run_cv, out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
@@ -526,6 +613,68 @@ def finetune(
     typer.echo(result.line())
     if not quiet:
         typer.echo(result.extract_hint(data), err=True)
+
+
+@app.command()
+def serve(
+    head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (default: loopback "
+                             "only; 0.0.0.0 exposes the API to the network)."),
+    port: int = typer.Option(8000, help="TCP port (0: any free port, printed at start-up)."),
+    max_batch: int = typer.Option(32, help="Most images per backbone forward pass."),
+    batch_wait_ms: float = typer.Option(10.0, help="After the first image of a batch, wait "
+                                        "this long for more to arrive together."),
+    max_upload_mb: float = typer.Option(20.0, help="Request body limit in MB (413 above)."),
+    max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels "
+                                             "(413); default 40000000."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    top_k: int = typer.Option(3, help="Top classes per image (override per request with "
+                              "?top_k=N)."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="The backbone "
+                                          "weights file, if it moved since `fit`."),
+) -> None:
+    """Serve a head over HTTP: POST /predict (multipart images), GET /health, GET /info."""
+    from . import serve as sv
+
+    settings = sv.Settings(max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                           max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                           max_pixels=sv.DEFAULT_MAX_PIXELS if max_pixels is None
+                           else max_pixels, top_k=top_k)
+    _run(sv.serve, head, host=host, port=port, settings=settings, weights=weights,
+         device=device, say=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+def export(
+    head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="ONNX file to write "
+                                       "(default: HEAD with .onnx, or .int8.onnx with "
+                                       "--int8); the sidecar <out>.json goes beside it."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize the backbone to int8 "
+                              "(onnxruntime.quantization; the head stays fp32)."),
+    int8_mode: str = typer.Option("static", help="With --int8: static (calibrated on "
+                                  "images; default) or dynamic (no calibration, less "
+                                  "accurate on conv nets)."),
+    calib: Optional[list[Path]] = typer.Option(None, "--calib", help="With --int8 static: "
+                                               "calibration images (files or folders; "
+                                               "default: the head's training images)."),
+    calib_count: int = typer.Option(64, help="With --int8 static: how many calibration "
+                                    "images to use."),
+    opset: int = typer.Option(17, help="ONNX opset (13-20)."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="The backbone "
+                                          "weights file, if it moved since `fit`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Export backbone + head as one ONNX graph: input `image` (N x 3 x H x W float RGB in
+    [0,1], resized and centre-cropped as the sidecar says; mean/std inside), outputs
+    `probabilities` (N x C) and `label` (class index); class names in <out>.json."""
+    from . import export as ex
+
+    dest = out or head.with_suffix(".int8.onnx" if int8 else ".onnx")
+    res = _run(ex.export, head, dest, int8=int8, int8_mode=int8_mode, calib=calib,
+               calib_count=calib_count, opset=opset, weights=weights,
+               say=None if quiet else (lambda m: typer.echo(m, err=True)))
+    typer.echo(res.line())
 
 
 def main() -> None:

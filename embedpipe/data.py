@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import posixpath
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,7 @@ def _scan(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
             continue
         ancestors = ancestors | {key}
         for entry in entries:
-            name = entry.name
+            name = display_name(entry.name)
             if name.startswith(".") or name == "__MACOSX":
                 continue
             rel = f"{rel_dir}/{name}" if rel_dir else name
@@ -172,6 +173,17 @@ def _scan(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
             else:
                 files.append((rel, entry.path))
     return files, ignored
+
+
+def display_name(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) are written as backslash escapes, e.g. ``caf\\xe9.jpg``. Stores, class names
+    and messages use this form; the file itself is still opened by its real name."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _detect_layout(rels: Iterable[str]) -> str:
@@ -276,12 +288,29 @@ def content_hash(data: bytes) -> str:
 
 
 def read_file(path: Path) -> bytes:
-    """Read a whole file; OS errors become DecodeError('unreadable: <reason>')."""
+    """Read a whole regular file; OS errors become DecodeError('unreadable: <reason>').
+
+    The file is opened without blocking and must be a regular file: a named pipe or a device
+    with an image extension (or a symlink to one) would otherwise block forever or never end.
+    """
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise DecodeError(f"unreadable: {e.strerror or e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise DecodeError("unreadable: Is a directory")
+        if not stat.S_ISREG(mode):
+            kind = ("a named pipe" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise DecodeError(f"unreadable: {kind}, not a regular file")
+        with open(fd, "rb", closefd=False) as f:
             return f.read()
     except OSError as e:
         raise DecodeError(f"unreadable: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def decode_image(

@@ -71,8 +71,14 @@ def write_fashion_mnist_folder(out: Path, per_class: int = 20, split: str = "tes
     ``splits`` maps split names to per-class counts). Returns ``out``."""
     from PIL import Image
 
-    images, labels = load_fashion_mnist(split)
     plan = splits or {None: per_class}
+    if any(n < 1 for n in plan.values()):
+        raise DatasetError(f"--per-class {min(plan.values())}: pass 1 or more images per class")
+    images, labels = load_fashion_mnist(split)
+    most = int(np.bincount(labels).min())
+    if sum(plan.values()) > most:
+        raise DatasetError(f"--per-class {sum(plan.values())}: Fashion-MNIST's {split} split has "
+                           f"{most} images per class; pass at most {most}")
     idx = balanced_indices(labels, sum(plan.values()), seed)
     by_class: dict[int, list[int]] = {}
     for i in idx:
@@ -81,8 +87,12 @@ def write_fashion_mnist_folder(out: Path, per_class: int = 20, split: str = "tes
         start = 0
         for name, count in plan.items():
             folder = out / name / FASHION_CLASSES[c] if name else out / FASHION_CLASSES[c]
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in members[start:start + count]:
-                Image.fromarray(images[i], mode="L").save(folder / f"{split}_{i:05d}.png")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in members[start:start + count]:
+                    Image.fromarray(images[i], mode="L").save(folder / f"{split}_{i:05d}.png")
+            except OSError as e:
+                raise DatasetError(f"{out}: cannot write the images there ({e.strerror or e}); "
+                                   "pass a --folder in a writable place") from None
             start += count
     return out

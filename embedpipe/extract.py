@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import DEFAULT_MODEL, Backbone, decode_size, load_backbone, make_transform
+from .backbones import (DEFAULT_MODEL, Backbone, decode_size, load_backbone,
+                        make_views_transform, parse_tta)
 from .data import (DEFAULT_MAX_PIXELS, DecodeError, Discovery, ImageRef, content_hash,
                    decode_image, discover, read_file)
 from .progress import Progress, printer
 from .errors import UserError
-from .store import StoreWriter, prune, read_identity
+from .store import StoreError, StoreWriter, check_not_busy, prune, read_identity
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
@@ -62,6 +63,7 @@ class ExtractOptions:
     prune: bool = False
     channels_last: bool = True
     shard: str | None = None  # "K/N": only the files of shard K of N (merge with store.merge)
+    tta: str | None = None  # test-time augmentation: "flip", "crops" or "flip,crops"
 
 
 @dataclass
@@ -281,11 +283,16 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
     if opts.dtype not in DTYPES:
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
+    if opts.max_pixels is not None and opts.max_pixels < 1:
+        raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
+                           f"(default {DEFAULT_MAX_PIXELS})")
     out = Path(out)
     disc = source if isinstance(source, Discovery) else discover(source, opts.layout)
     if opts.shard:
         disc = select_shard(disc, opts.shard)
     device = resolve_device(opts.device)
+    parse_tta(opts.tta)  # a bad --tta fails before anything is loaded
+    check_not_busy(out)  # fail now rather than after loading the backbone
     stored = read_identity(out) if out.exists() else {}
     precision = resolve_precision(opts.precision, device, stored.get("precision"))
     if precision == "fp16" and device.type == "cpu":
@@ -293,9 +300,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     if backbone is None:
         backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
                                  pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
-    data_config = {**backbone.data_config, "jpeg_draft": not opts.exact_decode}
-    identity = {**backbone.identity(), "data_config": json.dumps(data_config, sort_keys=True),
-                "precision": precision, "dtype": opts.dtype}
+    data_config, identity = store_identity(backbone, opts, precision)
     env = versions()
     summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                       ignored_files=list(disc.ignored),
@@ -316,9 +321,15 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         writer.record_errors([(p, r, "", 0, 0) for p, r in disc.ignored])
         summary.failures = list(plan.still_failing)
         try:
-            _extract(writer, backbone, plan, opts, device, precision, summary, progress)
+            _extract(writer, backbone, data_config, plan, opts, device, precision, summary,
+                     progress)
         except KeyboardInterrupt:
             summary.interrupted = True
+        except StoreError as e:  # e.g. the disk filled up: note it in the run record if we can
+            with contextlib.suppress(StoreError):
+                writer.log_run({**record, "status": "failed", "error": str(e),
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            raise
         if plan.vanished_errors:
             writer.forget_errors(plan.vanished_errors)
         summary.failed = len(summary.failures)
@@ -334,6 +345,32 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     return summary
 
 
+def store_identity(backbone: Backbone, opts: ExtractOptions,
+                   precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The preprocessing (the model's data config, JPEG draft decoding, TTA) and the identity a
+    store of ``backbone`` features made with ``opts`` records and is checked against."""
+    tta = parse_tta(opts.tta)
+    data_config = {**backbone.data_config, "jpeg_draft": not opts.exact_decode,
+                   **({"tta": tta} if tta else {})}
+    identity = {**backbone.identity(), "data_config": json.dumps(data_config, sort_keys=True),
+                "precision": precision, "dtype": opts.dtype}
+    return data_config, identity
+
+
+def prepare_model(backbone: Backbone, device: torch.device, precision: str,
+                  channels_last: bool) -> tuple[torch.nn.Module, Any]:
+    """The backbone on ``device`` (channels-last when asked) and the autocast context of
+    ``precision`` (a no-op for fp32), for ``embed``."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest
+    model = backbone.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp = (torch.autocast(device.type, dtype=_AMP_DTYPE[precision])
+           if precision in _AMP_DTYPE else contextlib.nullcontext())
+    return model, amp
+
+
 def select_shard(disc: Discovery, shard: str) -> Discovery:
     """Keep the files of shard K of N (0-based; stable across runs: by a hash of the path)."""
     try:
@@ -346,41 +383,51 @@ def select_shard(disc: Discovery, shard: str) -> Discovery:
     return Discovery(disc.root, disc.layout, keep, disc.class_names, ign)
 
 
-def _extract(writer: StoreWriter, backbone: Backbone, plan: Plan, opts: ExtractOptions,
-             device: torch.device, precision: str, summary: Summary, progress: bool) -> None:
+def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any], plan: Plan,
+             opts: ExtractOptions, device: torch.device, precision: str, summary: Summary,
+             progress: bool) -> None:
     tasks = [t for t, _ in plan.check] + plan.new
     if not tasks:
         return
     rows_of = {id(t): row for t, row in plan.check}
-    min_size = None if opts.exact_decode else decode_size(backbone.data_config)
-    dataset = _Images(tasks, make_transform(backbone.data_config), min_size, opts.max_pixels)
+    min_size = None if opts.exact_decode else decode_size(data_config)
+    dataset = _Images(tasks, make_views_transform(data_config), min_size, opts.max_pixels)
     workers = default_workers() if opts.workers is None else max(0, opts.workers)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest
-    model = backbone.model.to(device)
-    if opts.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    amp = (torch.autocast(device.type, dtype=_AMP_DTYPE[precision])
-           if precision in _AMP_DTYPE else contextlib.nullcontext())
+    model, amp = prepare_model(backbone, device, precision, opts.channels_last)
     out_dtype = np.dtype(opts.dtype)
     retry = set(plan.retry_fixed)
     with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
         for batch in loader:
             feats = None
             if batch["tensor"] is not None:
-                x = batch["tensor"].to(device, non_blocking=True)
-                if opts.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with amp:
-                    feats = model(x)
-                feats = feats.float().cpu().numpy().astype(out_dtype, copy=False)
+                feats = embed(model, batch["tensor"], device, amp=amp,
+                              channels_last=opts.channels_last,
+                              flip="flip" in (data_config.get("tta") or ""),
+                              chunk=opts.batch_size)
+                feats = feats.cpu().numpy().astype(out_dtype, copy=False)
             _commit_batch(writer, tasks, rows_of, batch, feats, retry, summary)
             bar.update(len(batch["items"]))
+
+
+def embed(model: torch.nn.Module, views: torch.Tensor, device: torch.device, *, amp: Any,
+          channels_last: bool, flip: bool, chunk: int) -> torch.Tensor:
+    """B×V×C×H×W views (V = 1 without crops TTA) → B×D float32 pooled features: the mean over
+    the views and, with ``flip``, their mirror images. Forward passes of at most ``chunk``."""
+    b, v = views.shape[:2]
+    x = views.flatten(0, 1).to(device, non_blocking=True)
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with amp:
+        outs = [model(x[lo:lo + chunk]) for lo in range(0, x.shape[0], chunk)]
+    f = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
+    return f.view(-1, b, v, f.shape[-1]).mean(dim=(0, 2))
 
 
 def _commit_batch(writer: StoreWriter, tasks: list[Task], rows_of: dict[int, int],
@@ -439,4 +486,6 @@ def default_store_path(source: str | Path, opts: ExtractOptions, cache_dir: Path
         parts.append(opts.pool)
     if opts.img_size:
         parts.append(str(opts.img_size))
+    if opts.tta and parse_tta(opts.tta):
+        parts.append("tta-" + parse_tta(opts.tta).replace(",", "-"))
     return cache_dir / ("__".join(parts) + ".h5")

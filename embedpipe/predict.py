@@ -165,20 +165,21 @@ def extract_options(head: artifacts.HeadFile, *, weights: str | None = None,
         model=ident["model"], pool=None if ident["pool"] == "default" else ident["pool"],
         img_size=int(cfg["input_size"][-1]),
         crop_pct=float(cfg["crop_pct"]), precision=ident["precision"], dtype=ident["dtype"],
-        exact_decode=not cfg.get("jpeg_draft", True), device=device, batch_size=batch_size,
+        exact_decode=not cfg.get("jpeg_draft", True), tta=cfg.get("tta"), device=device,
+        batch_size=batch_size,
         workers=workers, **opts)
 
 
 def gather_images(inputs: Sequence[str | Path]) -> Any:
     """One Discovery over image files, folders (any layout: class folders give true labels)
     and CSV manifests, keyed by the paths as the user wrote them."""
-    from .data import Discovery, ImageRef, discover
+    from .data import Discovery, ImageRef, discover, display_name
 
     items: dict[Path, ImageRef] = {}
     ignored: list[tuple[str, str]] = []
     for given in inputs:
         p = Path(given)
-        shown = p.as_posix()
+        shown = display_name(p.as_posix())
         if p.is_dir() or p.suffix.lower() == ".csv":
             disc = discover(p)
             base = shown if p.is_dir() else p.parent.as_posix()

@@ -141,3 +141,110 @@ def make_class_folders(
             save(img, root / rel)
             written[rel] = name
     return written
+
+
+def header_only_png(size: tuple[int, int]) -> bytes:
+    """A PNG whose header declares `size` but whose pixel data is a few bytes: a decoder that
+    trusted the header would allocate w*h bytes before noticing."""
+    w, h = size
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _truncate_in(blob: bytes, start: int, end: int, rng: np.random.Generator) -> bytes:
+    """`blob` cut at a random offset in [start, end)."""
+    return blob[: int(rng.integers(start, end))]
+
+
+def make_hostile_folder(root: Path, seed: int = 0) -> dict[str, str | None]:
+    """Everything :func:`make_messy_folder` writes (modes, formats, broken files) plus the
+    hostile cases of a folder nobody curated, in class folders whose names have spaces,
+    unicode and bytes that are not UTF-8.
+
+    Returns rel -> None for decodable images, rel -> a keyword of the expected reason for the
+    others. Rels are as embedpipe shows them: non-UTF-8 bytes as backslash escapes.
+    ``dogs/locked.png`` is a good PNG made unreadable with chmod 000, which does not stop root:
+    callers running as root must make its reads fail themselves (see tests/test_hardening.py).
+    """
+    import os
+
+    rng = np.random.default_rng(seed)
+    expected: dict[str, str | None] = make_messy_folder(root)
+    noisy = Image.fromarray(pattern((96, 96), seed=seed + 3))
+
+    # truncated JPEGs (cut inside the entropy-coded scan) and PNGs (cut inside IDAT)
+    jpeg = encode(noisy, "JPEG", quality=95)
+    sos = jpeg.index(b"\xff\xda")
+    png = encode(noisy, "PNG")
+    idat = png.index(b"IDAT")
+    idat_len = struct.unpack(">I", png[idat - 4: idat])[0]
+    for i in range(3):
+        rel = f"big cats/cut_{i}.jpg"
+        (root / "big cats").mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(_truncate_in(jpeg, sos + 16, len(jpeg) - 16, rng))
+        expected[rel] = "truncated or corrupt"
+        rel = f"big cats/cut_{i}.png"
+        (root / rel).write_bytes(_truncate_in(png, idat + 8, idat + 4 + idat_len - 8, rng))
+        expected[rel] = "truncated or corrupt"
+    # random bytes with image extensions, and a zero-byte file
+    for ext in ("jpg", "png", "gif", "webp", "tiff"):
+        rel = f"big cats/noise.{ext}"
+        (root / rel).write_bytes(rng.bytes(int(rng.integers(16, 4096))))
+        expected[rel] = "not an image"
+    (root / "big cats/zero.jpg").write_bytes(b"")
+    expected["big cats/zero.jpg"] = "empty file"
+    save(noisy, root / "big cats/fine.png")
+    expected["big cats/fine.png"] = None
+
+    # decompression bombs: a header declaring 60000x60000, and a real 20000x20000 1-bit PNG
+    # (about 50 KB on disk; decoded 400 MB, and 1.2 GB more as RGB)
+    uni = "chats été 猫"
+    (root / uni).mkdir(parents=True, exist_ok=True)
+    (root / uni / "declared_60000.png").write_bytes(header_only_png((60000, 60000)))
+    expected[f"{uni}/declared_60000.png"] = "decompression bomb"
+    (root / uni / "bomb_20000.png").write_bytes(bomb_png((20000, 20000)))
+    expected[f"{uni}/bomb_20000.png"] = "decompression bomb"
+    # every EXIF orientation, a 16-bit RGBA PNG, a palette PNG with a transparent colour
+    for o in range(1, 9):
+        (root / uni / f"exif_{o}.jpg").write_bytes(exif_rotated_jpeg((60, 40), o))
+        expected[f"{uni}/exif_{o}.jpg"] = None
+    pal = noisy.quantize(8)
+    save(pal, root / uni / "palette_alpha.png", transparency=3)
+    expected[f"{uni}/palette_alpha.png"] = None
+    frames = [Image.new("RGB", (40, 30), c) for c in (RED, GREEN, (0, 0, 255))]
+    save(frames[0], root / uni / "anim.gif", save_all=True, append_images=frames[1:], duration=50,
+         loop=0)
+    expected[f"{uni}/anim.gif"] = None
+    save(frames[0], root / uni / "pages.tiff", save_all=True, append_images=frames[1:])
+    expected[f"{uni}/pages.tiff"] = None
+
+    # files that are not regular files or cannot be opened
+    dogs = root / "dogs"
+    save(noisy, dogs / "locked.png")
+    os.chmod(dogs / "locked.png", 0)
+    expected["dogs/locked.png"] = "Permission denied"
+    (dogs / "self_loop.jpg").symlink_to("self_loop.jpg")
+    expected["dogs/self_loop.jpg"] = "Too many levels of symbolic links"
+    (dogs / "loop").symlink_to("..", target_is_directory=True)
+    expected["dogs/loop"] = "loops back"
+    os.mkfifo(dogs / "pipe.jpg")
+    expected["dogs/pipe.jpg"] = "named pipe"
+    (dogs / "zeros.png").symlink_to("/dev/zero")
+    expected["dogs/zeros.png"] = "a device"
+
+    # names that are not UTF-8: a file and a whole class folder
+    bdogs = os.fsencode(dogs)
+    with open(bdogs + b"/caf\xe9.png", "wb") as f:
+        f.write(encode(noisy, "PNG"))
+    expected["dogs/caf\\xe9.png"] = None
+    bclass = os.fsencode(root) + b"/caf\xe9s"
+    os.mkdir(bclass)
+    with open(bclass + b"/x.png", "wb") as f:
+        f.write(encode(noisy.rotate(90), "PNG"))
+    expected["caf\\xe9s/x.png"] = None
+    return expected

@@ -214,14 +214,20 @@ def test_ctrl_c_keeps_finished_batches_and_says_how_to_continue(tmp_path: Path):
     out = tmp_path / "s.h5"
     cmd = [sys.executable, "-m", "embedpipe.cli", "extract", str(src), "-o", str(out),
            "--precision", "fp32", "--batch-size", "8", "--workers", "1", "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process group, which gets the SIGINT as a terminal's Ctrl-C would deliver it:
+    # to the main process and its loader worker at once
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     _wait_for_rows(out, 16, proc)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr
     assert stdout.startswith("interrupted: ") and "rerun the same command" in stderr
     kept = len(open_store(out))
     assert 16 <= kept < 160
+    said = int(stdout.split()[1])  # "interrupted: N extracted, ...": how far it got
+    assert said <= kept <= said + 8  # (a batch may commit just after the count was taken)
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert f"{160 - kept} extracted, {kept} already in store" in done.stdout
     assert [r["status"] for r in open_store(out).runs] == ["interrupted", "done"]
@@ -379,40 +385,6 @@ def test_models_lists_the_bundled_default():
     assert res.exit_code == 0
     line = next(l for l in res.output.splitlines() if l.startswith("tf_efficientnet_lite0 "))
     assert "1280" in line and "available" in line
-
-
-@pytest.mark.slow
-def test_repeated_random_sigkills_never_lose_or_duplicate_rows(tmp_path: Path):
-    """Kill -9 at random moments (including during commits) many times; the store stays
-    readable, never loses a committed row, and the final store equals an uninterrupted run."""
-    import random
-
-    from embedpipe.datasets import write_fashion_mnist_folder
-
-    src = write_fashion_mnist_folder(tmp_path / "data", per_class=30, seed=2)
-    killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
-    cmd = [sys.executable, "-m", "embedpipe.cli", "extract", str(src), "--precision", "fp32",
-           "--batch-size", "4", "--workers", "0", "-q"]
-    rng = random.Random(0)
-    committed = 0
-    for _ in range(12):
-        proc = subprocess.Popen(cmd + ["-o", str(killed)])
-        time.sleep(rng.uniform(2.5, 6.0))  # past start-up, inside the extraction loop
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if killed.exists():
-            now = len(open_store(killed, features=False))
-            assert now >= committed  # nothing committed is ever lost
-            committed = now
-        if committed == 300:
-            break
-    subprocess.run(cmd + ["-o", str(killed)], check=True)
-    subprocess.run(cmd + ["-o", str(clean)], check=True)
-    a, b = open_store(killed), open_store(clean)
-    assert len(a) == 300 and len(set(a.paths)) == 300 and sorted(a.paths) == sorted(b.paths)
-    fa, fb = by_path(a), by_path(b)
-    for p in b.paths:
-        np.testing.assert_allclose(fa[p], fb[p], rtol=0, atol=1e-5)
 
 
 def test_shards_merge_into_the_same_store_as_one_run(fmnist: Path, tmp_path: Path):

@@ -1,0 +1,589 @@
+"""Export a head file and its backbone as ONE ONNX graph (image in, class probabilities out).
+
+The graph (``embedpipe export HEAD -o model.onnx``):
+
+* input ``image``: float32, shape N x 3 x H x W (H, W from the head's data config, e.g. 224),
+  RGB, values in [0, 1]: the image decoded to RGB, its shorter side resized to
+  ``floor(H / crop_pct)`` with the recorded interpolation, centre-cropped to H x W, divided
+  by 255 (what torchvision's ``ToTensor`` gives). The backbone's mean/std normalisation is
+  *inside* the graph; :func:`preprocess` does the rest with Pillow and numpy only.
+* output ``probabilities``: float32, N x C, in the order of the sidecar's ``classes``; equal to
+  the head's ``predict_proba`` (calibrated heads included: their temperature softmax is part
+  of the graph).
+* output ``label``: int64, N: the index into ``classes`` of the most probable class.
+
+Linear heads (logreg, ridge, linear-svm, centroid) and the preprocessing steps (l2, scale, PCA)
+are written as plain ONNX ops here, exactly; svm, knn and mlp classifiers are converted with
+skl2onnx. Every exported head is checked against the fitted estimator on sample features
+before it is written; a head that does not match is refused with one line (in practice the
+default knn head: skl2onnx's float32 cosine distances with 1/distance weights move its
+probabilities by ~1e-2). A JSON sidecar
+``<out>.json`` beside the model records the class names, the input spec, the head's
+provenance and versions. ``--int8`` quantizes the backbone with onnxruntime's tools: static
+QDQ quantization calibrated on images by default, or dynamic quantization (see quantize()).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import platform
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import artifacts
+from .errors import UserError
+
+FORMAT = "embedpipe-onnx"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 17
+ML_OPSET = 3
+INPUT = "image"
+FEATURES = "features"
+PROBS = "probabilities"
+LABEL = "label"
+HEAD_ATOL = 1e-4  # |ONNX head - estimator.predict_proba| allowed when checking an export
+
+
+class ExportError(UserError):
+    """A head that cannot be exported, or a backbone that does not match it; one line."""
+
+
+@dataclass
+class ExportResult:
+    onnx: Path
+    sidecar: Path
+    head: str
+    int8: bool
+    size: int
+    int8_mode: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        kind = f"int8 {self.int8_mode}" if self.int8 else "fp32"
+        return (f"exported {self.head} head + backbone → {self.onnx} ({kind}, "
+                f"{self.size / 1e6:.1f} MB); sidecar {self.sidecar}")
+
+
+# -- the head as ONNX ops ---------------------------------------------------------------------
+
+class _Graph:
+    """A tiny builder: nodes and initializers with unique names under ``head/``."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.n = 0
+        self.ml = False
+
+    def name(self, what: str) -> str:
+        self.n += 1
+        return f"head/{what}_{self.n}"
+
+    def const(self, value: Any, what: str = "c") -> str:
+        from onnx import numpy_helper
+
+        name = self.name(what)
+        arr = np.asarray(value)
+        arr = arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], what: str | None = None,
+           out: str | None = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        out = out or self.name(what or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out],
+                                           name=self.name(op_type), **attrs))
+        return out
+
+
+def _steps(estimator: Any) -> tuple[Any, Any, float | None]:
+    """(pipeline, final classifier, temperature beta or None) of a head's estimator."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import Pipeline
+
+    beta = None
+    if isinstance(estimator, CalibratedClassifierCV):
+        cals = getattr(estimator, "calibrated_classifiers_", [])
+        if estimator.method != "temperature" or len(cals) != 1:
+            raise ExportError(f"calibration {estimator.method!r} with {len(cals)} calibrated "
+                              "copies is not exportable; refit the head with `embedpipe fit`")
+        beta = float(np.asarray(cals[0].calibrators[0].beta_))
+        estimator = cals[0].estimator
+    if not isinstance(estimator, Pipeline):
+        raise ExportError(f"estimator {type(estimator).__name__} is not a head pipeline")
+    return estimator, estimator.steps[-1][1], beta
+
+
+def _transform(g: _Graph, step: Any, x: str) -> str:
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if step is None or step == "passthrough":
+        return x
+    if isinstance(step, Normalizer) and step.norm == "l2":
+        return g.op("LpNormalization", [x], "l2", axis=1, p=2)
+    if isinstance(step, StandardScaler):
+        if step.mean_ is not None and step.with_mean:
+            x = g.op("Sub", [x, g.const(step.mean_, "mean")], "centred")
+        if step.scale_ is not None and step.with_std:
+            x = g.op("Div", [x, g.const(step.scale_, "scale")], "scaled")
+        return x
+    if isinstance(step, PCA):
+        x = g.op("Sub", [x, g.const(step.mean_, "pca_mean")], "pca_centred")
+        x = g.op("MatMul", [x, g.const(step.components_.T, "pca_components")], "pca")
+        if step.whiten:
+            x = g.op("Div", [x, g.const(np.sqrt(step.explained_variance_), "pca_sd")],
+                     "pca_white")
+        return x
+    raise ExportError(f"pipeline step {type(step).__name__} is not exportable")
+
+
+def _linear(g: _Graph, x: str, coef: np.ndarray, intercept: np.ndarray) -> str:
+    z = g.op("MatMul", [x, g.const(np.asarray(coef, dtype=np.float64).T, "coef")], "xw")
+    return g.op("Add", [z, g.const(np.ravel(intercept), "intercept")], "decision")
+
+
+def _softmax(g: _Graph, scores: str, n_out: int, beta: float = 1.0) -> str:
+    """Probabilities from decision scores: softmax(beta * d); binary (one score): (-d, d)."""
+    if n_out == 1:
+        neg = g.op("Neg", [scores], "neg")
+        scores = g.op("Concat", [neg, scores], "pair", axis=1)
+    if beta != 1.0:
+        scores = g.op("Mul", [scores, g.const(np.float32(beta), "beta")], "tempered")
+    return g.op("Softmax", [scores], "proba", axis=1)
+
+
+def _skl2onnx(g: _Graph, clf: Any, x: str, dim: int, opset: int, raw: bool) -> str:
+    """Convert one fitted classifier with skl2onnx and inline its graph; returns the name of
+    its score output (probabilities, or raw decision scores when ``raw``)."""
+    from onnx import compose, helper
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    opts: dict[str, Any] = {"zipmap": False}
+    if raw:
+        opts["raw_scores"] = True
+    try:
+        with warnings.catch_warnings():  # e.g. SVC's deprecated probA_ read by the converter
+            warnings.simplefilter("ignore")
+            m = convert_sklearn(clf, initial_types=[("X", FloatTensorType([None, dim]))],
+                                target_opset={"": opset, "ai.onnx.ml": ML_OPSET},
+                                options={id(clf): opts})
+    except Exception as e:  # noqa: BLE001 - skl2onnx raises many kinds; one line for all
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ExportError(f"skl2onnx cannot convert {type(clf).__name__}: {text}") from None
+    m = compose.add_prefix(m, g.name("clf") + "/")
+    inp, outs = m.graph.input[0].name, [o.name for o in m.graph.output]
+    g.nodes.append(helper.make_node("Identity", [x], [inp], name=g.name("Identity")))
+    g.nodes.extend(m.graph.node)
+    g.inits.extend(m.graph.initializer)
+    g.ml = g.ml or any(o.domain == "ai.onnx.ml" for o in m.opset_import)
+    return outs[1]  # (label, probabilities/scores)
+
+
+def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
+               head_name: str = "head") -> Any:
+    """The fitted head as an ONNX model: ``features`` (N x dim) → ``probabilities``, ``label``."""
+    from onnx import TensorProto, helper
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
+    from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.svm import SVC, LinearSVC
+
+    pipe, clf, beta = _steps(estimator)
+    n_classes = len(estimator.classes_)
+    g = _Graph()
+    x = FEATURES
+    for _, step in pipe.steps[:-1]:
+        x = _transform(g, step, x)
+    width = (pipe[:-1].transform(np.zeros((1, dim), np.float32)).shape[1]
+             if len(pipe.steps) > 1 else dim)
+    if isinstance(clf, LogisticRegression):
+        if beta is not None:
+            raise ExportError("a calibrated logreg head is not exportable")
+        z = _linear(g, x, clf.coef_, clf.intercept_)
+        if clf.coef_.shape[0] == 1:  # binary: sigmoid of one score
+            p1 = g.op("Sigmoid", [z], "p1")
+            p0 = g.op("Sub", [g.const(np.float32(1.0), "one"), p1], "p0")
+            probs = g.op("Concat", [p0, p1], "proba", axis=1)
+        else:
+            probs = g.op("Softmax", [z], "proba", axis=1)
+    elif isinstance(clf, (RidgeClassifier, LinearSVC)) and beta is not None:
+        z = _linear(g, x, clf.coef_, clf.intercept_)
+        probs = _softmax(g, z, clf.coef_.shape[0], beta)
+    elif isinstance(clf, NearestCentroid) and beta is not None:
+        if clf.metric != "euclidean" or n_classes < 3:
+            raise ExportError(f"a centroid head with metric {clf.metric} and {n_classes} "
+                              "classes is not exportable (euclidean, 3+ classes only)")
+        # score_k = -||(x - c_k)/s||^2 + 2 log prior_k (sklearn's discriminant); the ||x/s||^2
+        # term is the same for every class and cancels in the softmax: linear in x.
+        s = np.asarray(clf.within_class_std_dev_, dtype=np.float64).copy()
+        s[s == 0] = 1.0
+        c = np.asarray(clf.centroids_, dtype=np.float64) / s
+        coef = 2.0 * c / s
+        intercept = -(c ** 2).sum(axis=1) + 2.0 * np.log(clf.class_prior_)
+        probs = _softmax(g, _linear(g, x, coef, intercept), n_classes, beta)
+    elif isinstance(clf, SVC) and beta is not None:
+        scores = _skl2onnx(g, clf, x, width, opset, raw=True)
+        probs = _softmax(g, scores, 1 if n_classes == 2 else n_classes, beta)
+    elif isinstance(clf, (KNeighborsClassifier, MLPClassifier)) and beta is None:
+        probs = _skl2onnx(g, clf, x, width, opset, raw=False)
+    else:
+        kind = type(clf).__name__ + (" (calibrated)" if beta is not None else "")
+        raise ExportError(f"the {head_name} head ({kind}) cannot be exported to ONNX; "
+                          "exportable heads: logreg, ridge, linear-svm, centroid, svm, mlp (knn when "
+                          "skl2onnx reproduces it)")
+    g.op("Identity", [probs], out=PROBS)
+    g.op("ArgMax", [PROBS], out=LABEL, axis=1, keepdims=0)
+    graph = helper.make_graph(
+        g.nodes, "embedpipe_head",
+        [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", dim])],
+        [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", n_classes]),
+         helper.make_tensor_value_info(LABEL, TensorProto.INT64, ["N"])],
+        g.inits)
+    imports = [helper.make_opsetid("", opset)]
+    if g.ml:
+        imports.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
+    return helper.make_model(graph, opset_imports=imports, producer_name="embedpipe")
+
+
+def _session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def sample_features(estimator: Any, dim: int, n: int = 64, seed: int = 0) -> np.ndarray:
+    """Features to check an exported head on: around the training data where the head keeps
+    its statistics (the scaler's mean/std, knn's stored rows), else standard normal."""
+    pipe, clf, _ = _steps(estimator)
+    rng = np.random.default_rng(seed)
+    fit_x = getattr(clf, "_fit_X", None)
+    scaler = dict(pipe.steps).get("scale")
+    if fit_x is not None and len(pipe.steps) == 1:
+        X = fit_x[rng.integers(0, len(fit_x), n)] * (1 + 0.05 * rng.standard_normal((n, dim)))
+    elif scaler is not None and getattr(scaler, "mean_", None) is not None:
+        X = scaler.mean_ + scaler.scale_ * rng.standard_normal((n, dim))
+    else:
+        X = np.abs(rng.standard_normal((n, dim)))
+    return X.astype(np.float32)
+
+
+def check_head(model: Any, estimator: Any, X: np.ndarray, head_name: str) -> float:
+    """Max |ONNX probabilities - estimator.predict_proba| on X; refuses a mismatch."""
+    probs, label = _session(model).run([PROBS, LABEL], {FEATURES: X})
+    want = estimator.predict_proba(X)
+    err = float(np.abs(probs - want).max())
+    same = float((label == want.argmax(axis=1)).mean())
+    if err > HEAD_ATOL or same < 1.0:
+        raise ExportError(f"the {head_name} head does not convert exactly to ONNX (max "
+                          f"|Δp| {err:.2g}, top-1 agreement {same:.0%}); not exported")
+    return err
+
+
+# -- the backbone -----------------------------------------------------------------------------
+
+def _backbone(head: artifacts.HeadFile, weights: str | None) -> Any:
+    from .backbones import load_backbone
+    from .predict import extract_options
+
+    opts = extract_options(head, weights=weights)
+    ident = head.identity
+    bb = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
+                       pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
+    if bb.weights.sha256 != ident["weights_sha256"]:
+        raise ExportError(f"{head.path}: the backbone weights found ({bb.weights.describe()}, "
+                          f"sha256 {bb.weights.sha256[:12]}…) are not the ones the head was "
+                          f"fitted on (sha256 {str(ident['weights_sha256'])[:12]}…); pass "
+                          "--weights PATH to the right file")
+    cfg = ident["data_config"]
+    cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
+    mine = {k: bb.data_config[k] for k in bb.data_config}
+    if any(mine.get(k) != cfg.get(k) for k in mine) or bb.feature_dim != int(
+            ident["feature_dim"]):
+        raise ExportError(f"{head.path}: the rebuilt backbone's preprocessing or feature size "
+                          f"differs from the head's ({mine} vs {cfg}); not exported")
+    return bb
+
+
+def backbone_graph(bb: Any, opset: int = DEFAULT_OPSET) -> Any:
+    """The backbone with its mean/std normalisation in front: ``image`` in [0,1] →
+    ``features``, dynamic batch axis (TorchScript exporter: a plain, fixed-shape graph)."""
+    import onnx
+    import torch
+
+    mean = torch.tensor(bb.data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(bb.data_config["std"], dtype=torch.float32).view(1, 3, 1, 1)
+
+    class Normalised(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = bb.model
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model((x - self.mean) / self.std)
+
+    net = Normalised().eval()
+    x = torch.zeros(2, *bb.data_config["input_size"])
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript exporter"
+        torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=opset,
+                          input_names=[INPUT], output_names=[FEATURES],
+                          dynamic_axes={INPUT: {0: "N"}, FEATURES: {0: "N"}},
+                          do_constant_folding=True)
+    return onnx.load_model_from_string(buf.getvalue())
+
+
+# -- preprocessing without torch (the sidecar's contract) -------------------------------------
+
+_PIL_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4,
+                 "hamming": 5}
+
+
+def input_spec(data_config: dict[str, Any]) -> dict[str, Any]:
+    _, h, w = data_config["input_size"]
+    scale = math.floor(h / data_config["crop_pct"])
+    return {
+        "name": INPUT, "shape": ["N", 3, h, w], "dtype": "float32", "layout": "NCHW, RGB",
+        "value_range": [0.0, 1.0],
+        "preprocessing": [
+            "decode to RGB (EXIF orientation applied; alpha composited on white)",
+            f"resize the shorter side to {scale} px ({data_config['interpolation']}, Pillow), "
+            "the other side in proportion (int(scale * long / short))",
+            f"centre-crop to {h} x {w} (top = round((height - {h}) / 2), same for left)",
+            "divide by 255 → float32 in [0, 1], channels first",
+        ],
+        "normalisation": {"mean": data_config["mean"], "std": data_config["std"],
+                          "in_graph": True},
+        "crop_mode": data_config["crop_mode"], "crop_pct": data_config["crop_pct"],
+        "interpolation": data_config["interpolation"],
+    }
+
+
+def preprocess(img: Any, spec: dict[str, Any]) -> np.ndarray:
+    """A PIL RGB image → the model input (3 x H x W float32 in [0, 1]) as the sidecar's
+    ``input`` says; Pillow and numpy only (equal to timm's eval transform without Normalize)."""
+    from PIL import Image
+
+    _, _, h, w = spec["shape"]
+    if spec.get("crop_mode", "center") != "center" or h != w:
+        raise ExportError("preprocess() handles square centre crops only")
+    scale = math.floor(h / spec["crop_pct"])
+    iw, ih = img.size
+    if iw <= ih:
+        size = (scale, int(scale * ih / iw))
+    else:
+        size = (int(scale * iw / ih), scale)
+    if size != img.size:
+        img = img.resize(size, _PIL_RESAMPLE.get(spec["interpolation"], Image.BICUBIC))
+    top, left = int(round((size[1] - h) / 2.0)), int(round((size[0] - w) / 2.0))
+    img = img.crop((left, top, left + w, top + h))
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+# -- the whole export -------------------------------------------------------------------------
+
+def _versions() -> dict[str, str]:
+    out = dict(artifacts.versions())
+    for mod in ("torch", "timm", "onnx", "onnxruntime", "skl2onnx"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    out["python"] = platform.python_version()
+    return out
+
+
+INT8_MODES = ("static", "dynamic")
+
+
+def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | None,
+                       spec: dict[str, Any], count: int = 64) -> np.ndarray:
+    """Model inputs for static quantization: ``count`` images spread evenly over ``calib``
+    (files/folders), or by default over the training rows of the store the head was fitted
+    on (its source images, where they still are)."""
+    from .data import DecodeError, load_image
+
+    paths: list[Path] = []
+    if calib:
+        from .predict import gather_images
+
+        paths = [r.path for r in gather_images(list(calib)).items]
+    else:
+        from .store import open_store
+
+        train = head.manifest.get("training", {}) or {}
+        where = Path(str(train.get("store", "")))
+        for cand in (where, head.path.parent / where):
+            if train.get("store") and cand.is_file():
+                try:
+                    st = open_store(cand, features=False)
+                    src = Path(st.runs[0]["source"])
+                except Exception:  # noqa: BLE001 - unreadable store: ask for --calib
+                    break
+                split = train.get("split")
+                use_split = split in set(st.splits)  # else e.g. "all labeled rows"
+                paths = [src / p for p, sp in zip(st.paths, st.splits)
+                         if not use_split or sp == split]
+                paths = [p for p in paths if p.is_file()]
+                break
+    if not paths:
+        raise ExportError("--int8 (static) needs calibration images and the head's training "
+                          "images were not found; pass --calib FOLDER (a few dozen typical "
+                          "images) or --int8-mode dynamic")
+    pick = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
+    out = []
+    for p in pick:
+        try:
+            out.append(preprocess(load_image(p), spec))
+        except DecodeError:
+            continue
+    if not out:
+        raise ExportError(f"--calib: none of the {len(pick)} calibration images could be read")
+    return np.stack(out)
+
+
+def quantize(src: Path, dst: Path, mode: str = "static",
+             calib: np.ndarray | None = None) -> str:
+    """int8 copy of ``src`` at ``dst``; returns a description for the sidecar.
+
+    static (default): QDQ, per-channel weights and activation ranges from calibration
+    images (MinMax), for the backbone's Conv/MatMul/Gemm; the head (nodes ``head/*``) stays
+    fp32. Weights and activations are both uint8 (U8U8): on CPUs without VNNI (this one:
+    AVX2 only) int8 weights with uint8 activations saturate in the int16 accumulation
+    (onnxruntime's quantization docs) and cost accuracy (measured: 78% vs 84% top-1
+    agreement on a small head). dynamic: onnxruntime's quantize_dynamic of every supported op
+    (Conv → ConvInteger too): no calibration, but on conv nets much worse (bench/export.py).
+    """
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                          QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing first" advice
+    if mode == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+        return "int8 dynamic (onnxruntime quantize_dynamic, all supported ops, uint8 weights)"
+    if mode != "static":
+        raise ExportError(f"--int8-mode {mode}: pass one of {', '.join(INT8_MODES)}")
+    assert calib is not None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.i >= len(calib):
+                return None
+            self.i += 8
+            return {INPUT: calib[self.i - 8:self.i]}
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name(f".{dst.name}.pre.tmp")
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("head/")]
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QUInt8, op_types_to_quantize=["Conv", "MatMul",
+                                                                           "Gemm"],
+                        nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        pre.unlink(missing_ok=True)
+    return (f"int8 static (QDQ, per-channel uint8 weights, uint8 activations, MinMax over "
+            f"{len(calib)} calibration images; head in fp32)")
+
+
+def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
+           int8_mode: str = "static", calib: Sequence[str | Path] | None = None,
+           calib_count: int = 64, opset: int = DEFAULT_OPSET, weights: str | None = None,
+           say: Callable[[str], None] | None = None) -> ExportResult:
+    """Write ``out`` (ONNX: backbone + head) and ``out`` with suffix .json (the sidecar)."""
+    import onnx
+    from onnx import compose
+
+    if not 13 <= opset <= 20:
+        raise ExportError(f"--opset {opset}: pass 13 to 20 (default {DEFAULT_OPSET})")
+    if int8 and int8_mode not in INT8_MODES:
+        raise ExportError(f"--int8-mode {int8_mode}: pass one of {', '.join(INT8_MODES)}")
+    head = artifacts.load(head_path)
+    name = str(head.manifest.get("head", "head"))
+    dim = int(head.identity["feature_dim"])
+    hg = head_graph(head.estimator, dim, opset, name)  # refuse unexportable heads before torch
+    err = check_head(hg, head.estimator, sample_features(head.estimator, dim), name)
+    if say:
+        say(f"head {name}: ONNX equals predict_proba within {err:.1g} on sample features")
+    bb = _backbone(head, weights)
+    bg = backbone_graph(bb, opset)
+    hg.ir_version = bg.ir_version
+    for imp in bg.opset_import:
+        if imp.domain not in ("", "ai.onnx") and imp.domain not in {
+                i.domain for i in hg.opset_import}:
+            hg.opset_import.append(imp)
+    for imp in hg.opset_import:
+        if imp.domain not in {i.domain for i in bg.opset_import}:
+            bg.opset_import.append(imp)
+    model = compose.merge_models(bg, hg, io_map=[(FEATURES, FEATURES)],
+                                 producer_name="embedpipe", producer_version=_versions()[
+                                     "embedpipe"])
+    seen: dict[str, int] = {}
+    for imp in model.opset_import:  # merge_models may list a domain twice
+        seen[imp.domain] = max(seen.get(imp.domain, 0), imp.version)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in seen.items())
+    model.doc_string = (f"embedpipe {name} head on {bb.name}: {INPUT} (N x 3 x H x W float RGB "
+                        f"in [0,1]) → {PROBS} (N x C), {LABEL} (N, class index)")
+    onnx.checker.check_model(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fp32_path = out if not int8 else out.with_name(f".{out.name}.fp32.tmp")
+    onnx.save_model(model, str(fp32_path))
+    precision = "fp32"
+    try:
+        if int8:
+            images = (calibration_images(head, calib, input_spec(bb.data_config), calib_count)
+                      if int8_mode == "static" else None)
+            if say and images is not None:
+                say(f"calibrating int8 ranges on {len(images)} images")
+            precision = quantize(fp32_path, out, int8_mode, images)
+    finally:
+        if int8:
+            fp32_path.unlink(missing_ok=True)
+    sidecar = out.with_suffix(".json")
+    side = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "onnx": out.name, "precision": precision, "int8": int8,
+        "opset": opset,
+        "classes": head.classes,
+        "input": input_spec(bb.data_config),
+        "outputs": {PROBS: {"shape": ["N", len(head.classes)], "dtype": "float32",
+                            "meaning": "class probabilities in the order of `classes` (the "
+                                       "head's predict_proba)"},
+                    LABEL: {"shape": ["N"], "dtype": "int64",
+                            "meaning": "index into `classes` of the most probable class"}},
+        "head": name, "head_file": str(Path(head_path)),
+        "manifest": head.manifest,
+        "backbone": {"model": bb.name, "weights_source": bb.weights.describe(),
+                     "weights_sha256": bb.weights.sha256, "pool": bb.pool,
+                     "feature_dim": bb.feature_dim, "data_config": bb.data_config},
+        "versions": _versions(),
+    }
+    sidecar.write_text(json.dumps(side, indent=2, default=str) + "\n", encoding="utf-8")
+    return ExportResult(out, sidecar, name, int8, out.stat().st_size, int8_mode)

@@ -1,0 +1,186 @@
+"""`embedpipe export`: backbone + head as one ONNX graph, checked with ONNX Runtime against
+`embedpipe predict` on real Fashion-MNIST images (bundled EfficientNet-Lite0)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedpipe import artifacts
+from embedpipe.cli import app
+from embedpipe.data import load_image
+from embedpipe.store import open_store
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("skl2onnx")
+
+runner = CliRunner()
+FP32_ATOL = 1e-4  # |ONNX probability - embedpipe predict probability| (CSV has 6 decimals)
+INT8_MIN_AGREEMENT = 0.6  # measured 0.76-0.84 on these 50 images (heads fitted on 200 rows)
+INT8_MAX_MEAN_DP = 0.1  # measured ~0.04 mean |Δp| over all classes
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args: object):
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def one_line_error(res, *needles: str) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def work(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two heads (logreg: native probabilities; ridge: temperature-calibrated) fitted via the
+    CLI, and `embedpipe predict` CSVs (top 10) for the 50 test images."""
+    d = tmp_path_factory.mktemp("export")
+    images = Path(open_store(fmnist_store, features=False).runs[0]["source"]) / "test"
+    out: dict = {"dir": d, "images": images}
+    for head in ("logreg", "ridge"):
+        ok("fit", fmnist_store, "--head", head, "-o", d / f"{head}.skops",
+           "-q")
+    kept = d / "kept.h5"
+    ok("predict", d / "logreg.skops", images, "-o", d / "logreg.csv", "--top-k", "10",
+       "--keep-store", kept, "-q")
+    ok("predict", d / "ridge.skops", "--store", kept, "-o", d / "ridge.csv", "--top-k", "10")
+    ok("export", d / "logreg.skops", "-o", d / "logreg.onnx", "-q")
+    return out
+
+
+def run_onnx(model: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Preprocess exactly as the sidecar says (export.preprocess: Pillow + numpy) and run."""
+    from embedpipe.export import preprocess
+
+    side = json.loads(model.with_suffix(".json").read_text(encoding="utf-8"))
+    x = np.stack([preprocess(load_image(p), side["input"]) for p in paths])
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    probs, label = sess.run(["probabilities", "label"], {side["input"]["name"]: x})
+    return probs, label, side
+
+
+def csv_probs(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
+    p = np.zeros((len(rows), len(classes)))
+    for i, r in enumerate(rows):
+        for k in range(1, len(classes) + 1):
+            p[i, classes.index(r[f"top{k}"])] = float(r[f"top{k}_prob"])
+    return p
+
+
+@pytest.mark.parametrize("head", ["logreg", "ridge"])
+def test_onnx_fp32_equals_embedpipe_predict_on_real_images(work: dict, head: str):
+    d = work["dir"]
+    model = d / f"{head}.onnx"
+    if not model.exists():
+        res = ok("export", d / f"{head}.skops", "-o", model)
+        assert "exported ridge head" in res.output and "fp32" in res.output
+    rows = read_csv(d / f"{head}.csv")
+    paths = [str(work["images"] / r["path"].split("/test/", 1)[-1])
+             if not Path(r["path"]).is_file() else r["path"] for r in rows]
+    assert len(rows) == 50
+    probs, label, side = run_onnx(model, paths)
+    classes = side["classes"]
+    assert probs.shape == (50, len(classes)) and label.dtype == np.int64
+    assert [classes[i] for i in label] == [r["predicted"] for r in rows]  # same top-1, all
+    np.testing.assert_allclose(probs, csv_probs(rows, classes), atol=FP32_ATOL, rtol=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_sidecar_records_classes_input_spec_and_provenance(work: dict):
+    d = work["dir"]
+    side = json.loads((d / "logreg.json").read_text(encoding="utf-8"))
+    head = artifacts.load(d / "logreg.skops")
+    ident = head.identity
+    cfg = json.loads(ident["data_config"]) if isinstance(ident["data_config"], str) \
+        else ident["data_config"]
+    assert side["classes"] == head.classes and side["head"] == "logreg"
+    assert side["precision"] == "fp32" and side["int8"] is False and side["opset"] == 17
+    spec = side["input"]
+    assert spec["name"] == "image" and spec["shape"] == ["N", 3, *cfg["input_size"][1:]]
+    assert spec["dtype"] == "float32" and spec["value_range"] == [0.0, 1.0]
+    assert spec["normalisation"] == {"mean": cfg["mean"], "std": cfg["std"], "in_graph": True}
+    assert spec["interpolation"] == cfg["interpolation"] and spec["crop_pct"] == cfg["crop_pct"]
+    assert side["backbone"]["weights_sha256"] == ident["weights_sha256"]
+    assert side["manifest"]["store_identity"]["weights_sha256"] == ident["weights_sha256"]
+    assert set(side["outputs"]) == {"probabilities", "label"}
+    assert {"onnx", "onnxruntime", "torch", "scikit-learn"} <= set(side["versions"])
+
+
+def test_preprocess_equals_the_extraction_transform(work: dict):
+    """The sidecar's torch-free recipe gives the tensor embedpipe's own extraction feeds the
+    backbone (before mean/std, which the graph applies)."""
+    import torch
+
+    from embedpipe.backbones import make_transform
+    from embedpipe.export import input_spec, preprocess
+
+    head = artifacts.load(work["dir"] / "logreg.skops")
+    cfg = head.identity["data_config"]
+    cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
+    tf = make_transform(cfg)
+    spec = input_spec(cfg)
+    from PIL import Image
+
+    imgs = [load_image(p) for p in sorted(work["images"].rglob("*.png"))[:3]]
+    imgs.append(Image.new("RGB", (300, 180), (10, 200, 30)))  # non-square, needs a crop
+    for img in imgs:
+        mine = torch.from_numpy(preprocess(img, spec))
+        mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
+        std = torch.tensor(cfg["std"]).view(3, 1, 1)
+        assert torch.allclose((mine - mean) / std, tf(img), atol=1e-5)
+
+
+def test_int8_static_stays_close_to_fp32(work: dict):
+    d = work["dir"]
+    res = ok("export", d / "logreg.skops", "--int8", "-o", d / "logreg.int8.onnx")
+    assert "int8 static" in res.output and "calibrating" in res.output
+    paths = [str(p) for p in sorted(work["images"].rglob("*.png"))]
+    p32, l32, _ = run_onnx(d / "logreg.onnx", paths)
+    p8, l8, side = run_onnx(d / "logreg.int8.onnx", paths)
+    assert side["int8"] is True and side["precision"].startswith("int8 static")
+    agree = float((l8 == l32).mean())
+    mean_dp = float(np.abs(p8 - p32).mean())
+    assert agree >= INT8_MIN_AGREEMENT and mean_dp <= INT8_MAX_MEAN_DP, (agree, mean_dp)
+    assert (d / "logreg.int8.onnx").stat().st_size < 0.5 * (d / "logreg.onnx").stat().st_size
+    one_line_error(cli("export", d / "logreg.skops", "--int8", "--int8-mode", "fast", "-o",
+                       d / "x.onnx"), "--int8-mode fast", "static")
+
+
+def test_unexportable_head_and_wrong_weights_are_one_line_errors(work: dict, tmp_path: Path):
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.pipeline import Pipeline
+
+    head = artifacts.load(work["dir"] / "logreg.skops")
+    store = open_store(artifacts.load(work["dir"] / "logreg.skops").manifest["training"]
+                       ["store"])
+    nb = Pipeline([("clf", GaussianNB())]).fit(store.features, store.labels)
+    odd = artifacts.save(tmp_path / "nb.skops", nb, {**head.manifest, "head": "naive-bayes"})
+    one_line_error(cli("export", odd, "-o", tmp_path / "nb.onnx"), "naive-bayes",
+                   "cannot be exported", "logreg")
+    assert not (tmp_path / "nb.onnx").exists()
+
+    ident = {**head.identity, "weights_sha256": "0" * 64}
+    moved = artifacts.save(tmp_path / "moved.skops", head.estimator,
+                           {**head.manifest, "store_identity": ident})
+    one_line_error(cli("export", moved, "-o", tmp_path / "moved.onnx"), "sha256",
+                   "--weights")
+    assert not (tmp_path / "moved.onnx").exists()
