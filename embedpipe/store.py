@@ -412,6 +412,8 @@ class StoreWriter:
         self._run_row: int | None = None
         self._fd: int | None = None
         self._fallocate = _FALLOCATE is not None
+        self._chunking: list[tuple[int, int]] | None = None
+        self._space_needed(1)  # reads the chunk shapes while the file is open
         with contextlib.suppress(OSError):
             self._fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
 
@@ -633,12 +635,13 @@ class StoreWriter:
     def _space_needed(self, rows: int) -> int:
         """Bytes one write of ``rows`` rows may add to the file: new chunks of every dataset
         (twice over), strings in the global heap, and 1 MiB for metadata."""
+        if self._chunking is None:  # (chunk rows, bytes per row) of each chunked dataset
+            self._chunking = [
+                (ds.chunks[0], int(np.prod(ds.chunks[1:], dtype=np.int64))
+                 * max(ds.dtype.itemsize, 16))
+                for ds in self._ds.values() if ds.chunks is not None]
         total = 1 << 20
-        for name, ds in self._ds.items():
-            if ds.chunks is None:
-                continue
-            per_row = int(np.prod(ds.chunks[1:], dtype=np.int64)) * max(ds.dtype.itemsize, 16)
-            chunk_rows = ds.chunks[0]
+        for chunk_rows, per_row in self._chunking:
             total += (-(-max(rows, 1) // chunk_rows) + 1) * chunk_rows * per_row
         return total + rows * 4096
 
@@ -687,7 +690,7 @@ class StoreWriter:
                     _LEAKED.append((self._f, self._ds))
         finally:
             if self._fd is not None:
-                if self._fallocate and not _HDF5_BROKEN:
+                if self._fallocate and _SPACE_RESERVE and not _HDF5_BROKEN:
                     # Give back what was reserved past the end: tmpfs and xfs free it with a
                     # punched hole, ext4 when the file is truncated to its own size.
                     with contextlib.suppress(OSError):
@@ -804,9 +807,12 @@ def _make_parent(path: Path) -> None:
 def _remove_stale_tmp(path: Path) -> None:
     """Remove temporary files of writers that died while creating or rewriting ``path``.
     Only called under the store's lock, when no other writer can be using one."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path.parent):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    (path.parent / name).unlink()
 
 
 def _create(path: Path, identity: dict[str, Any], versions: dict[str, str]) -> None:
