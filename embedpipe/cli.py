@@ -60,7 +60,7 @@ class _OneLineErrors(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:  # Ctrl-C outside extract's batch loop (start-up, fit, ...)
-            if _DEBUG:
+            if _DEBUG or ctx.invoked_subcommand == "serve":  # Ctrl-C is how a server stops
                 raise
             typer.echo("interrupted: rerun the same command (extract continues where it "
                        "stopped)", err=True)

@@ -34,7 +34,6 @@ from imagegen import bomb_png, encode, header_only_png, make_hostile_folder, pat
 
 runner = CliRunner()
 EMBEDPIPE = [sys.executable, "-m", "embedpipe.cli"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: object):
@@ -122,7 +121,7 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path)
     store = tmp_path / "killed.h5"
     cmd = [*EMBEDPIPE, "extract", str(src), "-o", str(store), "--precision", "fp32",
            "--batch-size", "4", "--workers", "0", "-q"]
-    target_kills, committed, kills = 23, 0, []
+    target_kills, committed, kills = 24, 0, []
     gained, busy = 0, 0.0  # rows gained and seconds spent after start-up, over killed runs
     t_storm = time.monotonic()
     for cycle in range(1, 81):
@@ -148,12 +147,13 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path)
             remaining = total - committed
             left = max(1, target_kills - len(after_startup))
             rate = gained / busy if busy > 0 and gained > 0 else None
-            window = max(0.5, 2 * remaining / (left * rate)) if rate else 3.0
+            window = max(0.3, 2 * remaining / (left * rate)) if rate else 3.0
             phase, delay = "extracting", rng.uniform(0.0, window)
             while time.monotonic() - t_start < delay and proc.poll() is None:
                 seen = max(seen, _peek(store)[1])
                 time.sleep(0.1)
             delay = time.monotonic() - t0
+        t_kill = time.monotonic()
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed = True
@@ -170,7 +170,7 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path)
             assert rows >= seen, f"a reader saw {seen} committed rows, after the kill {rows}"
             if phase == "extracting" and killed:
                 gained += rows - committed
-                busy += max(0.0, time.monotonic() - t_start)
+                busy += max(0.0, t_kill - t_start)
             committed = rows
         if killed:
             kills.append((phase, round(delay, 2), committed))
@@ -198,6 +198,28 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path)
         np.testing.assert_allclose(fa[p], fb[p], rtol=0, atol=1e-5)
     assert dict(zip(a.paths, a.label_names())) == dict(zip(b.paths, b.label_names()))
     assert not list(tmp_path.glob(".killed.h5.*.tmp"))  # recoveries left no temporary files
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Ctrl-C (in the batch loop: tests/test_extract.py::test_ctrl_c_keeps_finished_batches_...)
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(fmnist_src: Path, tmp_path: Path):
+    """Ctrl-C while the command is still starting (here: loading torch), before any batch."""
+    proc = subprocess.Popen([*EMBEDPIPE, "extract", str(fmnist_src), "-o",
+                             str(tmp_path / "s.h5"), "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/maps") as maps:  # the command has begun importing torch
+            if "libtorch" in maps.read():
+                break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "interrupted" in stderr and "rerun the same command" in stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,6 +626,33 @@ def test_truncated_and_bit_flipped_stores_are_refused_in_one_line(store_copy: Pa
     for args in (("info", counter), ("predict", lite0_head, "--store", counter)):
         res = cli(*args)
         one_line_error(res.output, res.exit_code, str(counter), "damaged", "committed")
+
+
+def test_recovery_after_a_kill_keeps_the_rows_before_a_torn_chunk(store_copy: Path):
+    """A writer killed while rewriting a chunk can leave it torn (its checksum fails): the next
+    writer's recovery keeps every row before that chunk and drops the rest, which the run then
+    extracts again, instead of refusing the whole store."""
+    before = open_store(store_copy)
+    assert len(before) == 250
+    res = run(sys.executable, "-c", "import os, signal, sys\n"
+              "from embedpipe.store import StoreWriter, read_identity\n"
+              "w = StoreWriter.open(sys.argv[1], read_identity(sys.argv[1]), versions={})\n"
+              "os.kill(os.getpid(), signal.SIGKILL)", store_copy)
+    assert res.returncode == -signal.SIGKILL
+    with h5py.File(store_copy, "r", libver="latest", swmr=True) as f:
+        rows_per_chunk = f["features"].chunks[0]
+        chunk = f["features"].id.get_chunk_info(1)  # rows 204.. of 250
+    _flip(store_copy, chunk.byte_offset + 100)
+    said: list[str] = []
+    with StoreWriter.open(store_copy, read_identity(store_copy), versions={},
+                          progress=said.append):
+        pass
+    assert any(f"{250 - rows_per_chunk} committed rows" in m and "damaged chunk" in m
+               for m in said), said
+    after = open_store(store_copy)
+    assert len(after) == rows_per_chunk
+    assert after.paths == before.paths[:rows_per_chunk]
+    np.testing.assert_array_equal(after.features, before.features[:rows_per_chunk])
 
 
 def test_store_attributes_edited_to_claim_another_backbone(store_copy: Path, lite0_head: Path,
