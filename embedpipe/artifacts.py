@@ -188,21 +188,42 @@ def _norm(v: Any) -> Any:
     return v
 
 
+def members(identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The identity of each store whose features a head or store holds: one, or several side by
+    side for stacked stores (store.stack)."""
+    return list(identity["stacked"]) if "stacked" in identity else [identity]
+
+
+def _models(idents: list[dict[str, Any]]) -> str:
+    return " + ".join(str(i.get("model")) for i in idents)
+
+
 def check_compatible(head: HeadFile, other: dict[str, Any], what: str) -> list[str]:
     """Raise when ``other`` (a store's metadata) was made with another backbone, weights,
-    preprocessing, pool or feature dim than the head's; return warnings for precision/dtype."""
-    mine = head.identity
-    diffs = [k for k in MUST_MATCH if _norm(mine.get(k)) != _norm(other.get(k))]
-    if diffs:
-        parts = "; ".join(f"{k}: {what} has {_short(other.get(k))}, head has "
-                          f"{_short(mine.get(k))}" for k in diffs[:3])
-        raise ArtifactError(
-            f"{what}: made with another backbone than head {head.path} ({parts}); extract the "
-            f"images with the head's backbone (`embedpipe predict {head.path} IMAGES...` does "
-            "it for you) or fit a head on this store")
-    return [f"note: {what} has {k}={other.get(k)} while head {head.path} was trained on "
-            f"{k}={mine.get(k)}; features differ slightly" for k in SHOULD_MATCH
-            if _norm(mine.get(k)) != _norm(other.get(k))]
+    preprocessing, pool or feature dim than the head's; return warnings for precision/dtype.
+    A head fitted on stacked stores needs the same stores, stacked in the same order."""
+    mine, theirs = members(head.identity), members(other)
+    if len(mine) != len(theirs):
+        fix = (f"pass the {len(mine)} stores it was fitted on, in that order "
+               f"({_models(mine)}: `--store A --store B`)" if len(mine) > 1
+               else "pass a single store of the head's backbone")
+        raise ArtifactError(f"{what}: holds features of {_models(theirs)} but head {head.path} "
+                            f"was fitted on features of {_models(mine)}; {fix}")
+    notes: list[str] = []
+    for i, (m, o) in enumerate(zip(mine, theirs)):
+        where = what if len(mine) == 1 else f"{what} (stacked store {i + 1})"
+        diffs = [k for k in MUST_MATCH if _norm(m.get(k)) != _norm(o.get(k))]
+        if diffs:
+            parts = "; ".join(f"{k}: {where} has {_short(o.get(k))}, head has "
+                              f"{_short(m.get(k))}" for k in diffs[:3])
+            raise ArtifactError(
+                f"{where}: made with another backbone than head {head.path} ({parts}); extract "
+                f"the images with the head's backbone (`embedpipe predict {head.path} "
+                "IMAGES...` does it for you) or fit a head on this store")
+        notes += [f"note: {where} has {k}={o.get(k)} while head {head.path} was trained on "
+                  f"{k}={m.get(k)}; features differ slightly" for k in SHOULD_MATCH
+                  if _norm(m.get(k)) != _norm(o.get(k))]
+    return notes
 
 
 def _short(v: Any) -> str:

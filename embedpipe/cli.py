@@ -318,7 +318,9 @@ def _head_name(names: list[str], ensemble: str | None) -> str:
 
 @app.command()
 def fit(
-    store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
+    store: list[Path] = typer.Argument(..., help="A feature store made by `embedpipe "
+                                       "extract`; several stores of the same images (e.g. two "
+                                       "backbones) are stacked side by side."),
     head: Optional[list[str]] = typer.Option(None, "--head", help="Head to train (default "
                                              "logreg; see `embedpipe heads`); several with "
                                              "--ensemble soft."),
@@ -336,7 +338,10 @@ def fit(
     jobs: Optional[int] = typer.Option(None, help="Parallel jobs for --search."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train a head on a store's train split (or all labeled rows) and write a head file."""
+    """Train a head on a store's train split (or all labeled rows) and write a head file.
+
+    `fit A.h5 B.h5` trains on the features of both stores side by side, row by row matched by
+    image path; `predict HEAD --store A.h5 --store B.h5` (or images) uses both backbones."""
     from . import heads as heads_mod
     from . import train
 
@@ -354,8 +359,10 @@ def predict(
     head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
     images: Optional[list[Path]] = typer.Argument(None, help="Image files, folders or CSV "
                                                   "manifests to classify end to end."),
-    store: Optional[Path] = typer.Option(None, "--store", "-s", help="Classify the rows of "
-                                         "this feature store instead (no torch needed)."),
+    store: Optional[list[Path]] = typer.Option(None, "--store", "-s", help="Classify the rows "
+                                               "of this feature store instead (no torch "
+                                               "needed); repeat it for a head fitted on "
+                                               "stacked stores."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write (default: "
                                        "standard output)."),
     top_k: int = typer.Option(3, help="How many top classes (with probabilities) per image."),
@@ -370,14 +377,14 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
-    if (store is None) == (not images):
+    if (not store) == (not images):
         _fail(UserError("pass either IMAGES... or --store STORE (not both, not neither), e.g. "
                         f"`embedpipe predict {head} photos/` or `--store cache/x.h5`"))
     if top_k < 1:
         _fail(UserError(f"--top-k {top_k}: pass 1 or more"))
     from . import predict as pr
 
-    if store is not None:
+    if store:
         preds = _run(pr.from_store, head, store, top_k=top_k, split=split)
     else:
         preds = _run(pr.from_images, head, images, top_k=top_k, weights=weights, device=device,
@@ -438,7 +445,9 @@ def quickstart(
 
 @app.command()
 def cv(
-    store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
+    store: list[Path] = typer.Argument(..., help="A feature store made by `embedpipe "
+                                       "extract`; several stores of the same images are "
+                                       "stacked side by side (as `fit A B`)."),
     head: Optional[list[str]] = typer.Option(None, "--head", help="Head to evaluate, "
                                              "repeatable (default: logreg svm knn ridge "
                                              "centroid; see `embedpipe heads`)."),

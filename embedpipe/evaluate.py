@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -317,7 +318,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     from joblib import Parallel, delayed
 
     from .progress import Progress, printer
-    from .store import open_store
+    from .store import open_stores
 
     warn = warn or printer(True)
     say = printer(progress)
@@ -328,8 +329,10 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)
 
-    store = open_store(store_path)
+    store = open_stores([store_path] if isinstance(store_path, (str, Path)) else store_path)
     where = str(store.path)
+    for note in store.notes:
+        warn(note)
     rows = select_rows(store)
     X = store.features[rows.train]
     if X.dtype != np.float32 and X.dtype != np.float64:

@@ -22,7 +22,7 @@ import numpy as np
 from . import artifacts
 from .errors import UserError
 from .heads import class_scores
-from .store import FeatureStore, open_store
+from .store import FeatureStore, open_stores
 
 
 class PredictError(UserError):
@@ -118,12 +118,14 @@ def _predict(head: artifacts.HeadFile, store: FeatureStore, rows: np.ndarray, to
                        predicted, conf, top, calibrated, notes)
 
 
-def from_store(head_path: str | Path, store_path: str | Path, *, top_k: int = 3,
-               split: str | None = None, only: set[str] | None = None) -> Predictions:
-    """Classify the rows of a store (optionally one split, or only the given paths)."""
+def from_store(head_path: str | Path, store_path: str | Path | Sequence[str | Path], *,
+               top_k: int = 3, split: str | None = None,
+               only: set[str] | None = None) -> Predictions:
+    """Classify the rows of a store (optionally one split, or only the given paths); several
+    stores are stacked side by side, as for a head fitted on stacked stores."""
     head = artifacts.load(head_path)
-    store = open_store(store_path)
-    notes = artifacts.check_compatible(head, store.meta, str(store.path))
+    store = open_stores([store_path] if isinstance(store_path, (str, Path)) else store_path)
+    notes = artifacts.check_compatible(head, store.meta, str(store.path)) + store.notes
     keep = np.ones(len(store), dtype=bool)
     if split is not None:
         keep &= np.asarray(store.splits, dtype=object) == split
@@ -140,11 +142,17 @@ def from_store(head_path: str | Path, store_path: str | Path, *, top_k: int = 3,
 
 def extract_options(head: artifacts.HeadFile, *, weights: str | None = None,
                     device: str = "auto", batch_size: int = 32,
-                    workers: int | None = None) -> Any:
-    """ExtractOptions that reproduce the head's store identity (checked after extraction)."""
+                    workers: int | None = None, identity: dict[str, Any] | None = None) -> Any:
+    """ExtractOptions that reproduce the head's store identity (checked after extraction), or
+    ``identity`` (one of a stacked head's stores)."""
     from .extract import ExtractOptions
 
-    ident = head.identity
+    ident = head.identity if identity is None else identity
+    if "stacked" in ident:
+        stacked = artifacts.members(ident)
+        raise PredictError(f"{head.path}: fitted on the stacked features of {len(stacked)} "
+                           f"stores ({' + '.join(str(i.get('model')) for i in stacked)}); "
+                           "this command takes a head of one backbone: fit one on one store")
     cfg = ident["data_config"]
     cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
     source, _, where = str(ident["weights_source"]).partition(":")
@@ -208,17 +216,29 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
     from .extract import run
 
     head = artifacts.load(head_path)
-    opts = extract_options(head, weights=weights, device=device, batch_size=batch_size,
-                           workers=workers)
+    idents = artifacts.members(head.identity)  # a head on stacked stores: each backbone's
+    if weights is not None and len(idents) > 1:
+        raise PredictError(f"--weights {weights}: {head.path} stacks {len(idents)} backbones; "
+                           "--weights is for heads of one backbone: leave it out")
+    options = [extract_options(head, weights=weights, device=device, batch_size=batch_size,
+                               workers=workers, identity=ident) for ident in idents]
     disc = gather_images(inputs)
     if not disc.items:
         raise PredictError(f"{', '.join(map(str, inputs))}: no images found; pass image files "
                            "(jpg, png, ...) or folders holding them")
+    skipped: dict[tuple[str, str], None] = {}
     with tempfile.TemporaryDirectory(prefix="embedpipe-predict-") as tmp:
-        store = Path(keep_store) if keep_store else Path(tmp) / "features.h5"
-        summary = run(disc, store, opts, progress=progress, say=say)
-        if summary.interrupted:
-            raise KeyboardInterrupt
-        preds = from_store(head.path, store, top_k=top_k, only={r.rel for r in disc.items})
-    preds.skipped = list(summary.failures) + list(summary.ignored_files)
+        stores = []
+        for i, opts in enumerate(options):
+            if keep_store and len(options) > 1:  # x.h5 -> x.1.h5, x.2.h5: one per backbone
+                store = Path(keep_store).with_suffix(f".{i + 1}{Path(keep_store).suffix}")
+            else:
+                store = Path(keep_store) if keep_store else Path(tmp) / f"features{i}.h5"
+            summary = run(disc, store, opts, progress=progress, say=say)
+            if summary.interrupted:
+                raise KeyboardInterrupt
+            skipped.update(dict.fromkeys([*summary.failures, *summary.ignored_files]))
+            stores.append(store)
+        preds = from_store(head.path, stores, top_k=top_k, only={r.rel for r in disc.items})
+    preds.skipped = list(skipped)
     return preds

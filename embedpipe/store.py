@@ -43,7 +43,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -225,6 +225,7 @@ class FeatureStore:
     classes: list[str]
     errors: list[tuple[str, str]]
     runs: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)  # what stacking left out (see stack)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -235,6 +236,10 @@ class FeatureStore:
 
     @property
     def identity(self) -> dict[str, Any]:
+        """What made the features: backbone, weights, preprocessing, ... (IDENTITY_KEYS); for
+        stacked stores ``{"stacked": [identity of each store], "feature_dim": total}``."""
+        if "stacked" in self.meta:
+            return {"stacked": self.meta["stacked"], "feature_dim": self.dim}
         return {k: self.meta.get(k) for k in IDENTITY_KEYS}
 
     def label_names(self) -> list[str | None]:
@@ -332,6 +337,51 @@ def open_store(path: str | Path, *, features: bool = True) -> FeatureStore:
         return store
 
     return _reading(path, read)
+
+
+def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
+    """The features of several stores of the same images side by side (e.g. two backbones):
+    one row per path that every store holds, in the first store's order, its features the
+    concatenation of each store's (in argument order). Labels and splits must agree; rows that
+    some store lacks are left out, with a note saying how many."""
+    if len(stores) == 1:
+        return stores[0]
+    first = stores[0]
+    names = " + ".join(str(s.path) for s in stores)
+    if len({str(s.path.resolve()) for s in stores}) < len(stores):
+        raise StoreError(f"{names}: the same store is given twice; pass each store once")
+    index = [{p: i for i, p in enumerate(s.paths)} for s in stores]
+    common = [p for p in first.paths if all(p in m for m in index[1:])]
+    if not common:
+        raise StoreError(f"{names}: the stores share no image paths, so their features cannot "
+                         "be stacked; extract the same folder with each backbone")
+    rows = [np.array([m[p] for p in common], dtype=np.int64) for m in index]
+    for s, r in zip(stores[1:], rows[1:]):
+        mine = [first.classes[k] if k >= 0 else None for k in first.labels[rows[0]]]
+        theirs = [s.classes[k] if k >= 0 else None for k in s.labels[r]]
+        for p, a, b, sa, sb in zip(common, mine, theirs, first.splits[rows[0]], s.splits[r]):
+            if a != b or sa != sb:
+                raise StoreError(f"{p}: class {a!r} split {sa!r} in {first.path} but class "
+                                 f"{b!r} split {sb!r} in {s.path}; stack stores extracted from "
+                                 "the same labeled folder (or re-extract the stale one)")
+    notes = [note for s, m in zip(stores, index) for note in
+             ([f"note: {len(m) - len(common)} rows of {s.path} are not in every stacked store "
+               "and are left out"] if len(m) > len(common) else [])]
+    dtype = np.result_type(*(s.features.dtype for s in stores), np.float32)
+    features = np.concatenate([s.features[r].astype(dtype, copy=False)
+                               for s, r in zip(stores, rows)], axis=1)
+    errors = list(dict.fromkeys(e for s in stores for e in s.errors))
+    meta = {"stacked": [s.identity for s in stores], "stores": [str(s.path) for s in stores],
+            "feature_dim": int(features.shape[1])}
+    return FeatureStore(  # path: for messages only ("a.h5+b.h5"), never opened
+        path=Path("+".join(str(s.path) for s in stores)), meta=meta, features=features, labels=first.labels[rows[0]],
+        paths=common, hashes=[first.hashes[i] for i in rows[0]], splits=first.splits[rows[0]],
+        classes=first.classes, errors=errors, runs=[], notes=notes)
+
+
+def open_stores(paths: Sequence[str | Path]) -> FeatureStore:
+    """open_store for one path; several are stacked side by side (see stack)."""
+    return stack([open_store(p) for p in paths])
 
 
 def verify(path: str | Path, block_rows: int = 8192) -> int:

@@ -12,14 +12,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import artifacts, heads
 from .evaluate import (TRAIN_SPLIT, EvaluateError, fit_configuration, min_class, select_rows,
                        targets)
-from .store import open_store
+from .store import open_stores
 
 CALIBRATION_FOLDS = 5
 
@@ -55,14 +55,16 @@ def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, str]
     return cal.fit(X, y), f"temperature scaling ({k}-fold)"
 
 
-def fit(store_path: str | Path, head: str, out: str | Path, *,
+def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Path, *,
         params: dict[str, Any] | None = None, class_weight: str | None = None,
         search: bool = False, seed: int = 0, jobs: int | None = None,
         say: Callable[[str], None] = lambda m: None) -> FitResult:
     t0 = time.perf_counter()
     spec = heads.get(head)
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
-    store = open_store(store_path)
+    store = open_stores(_paths(store_path))
+    for note in store.notes:
+        say(note)
     rows = select_rows(store)
     X, y = store.features[rows.train], targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
@@ -97,5 +99,11 @@ def fit(store_path: str | Path, head: str, out: str | Path, *,
                      time.perf_counter() - t0, train_acc)
 
 
-def default_head_path(store: str | Path, head: str, cache_dir: Path) -> Path:
-    return cache_dir / f"{Path(store).stem}__{head}{artifacts.SUFFIX}"
+def _paths(store_path: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    return [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
+
+
+def default_head_path(store: str | Path | Sequence[str | Path], head: str,
+                      cache_dir: Path) -> Path:
+    stem = "+".join(Path(p).stem for p in _paths(store))
+    return cache_dir / f"{stem}__{head}{artifacts.SUFFIX}"

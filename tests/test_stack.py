@@ -1,0 +1,122 @@
+"""Stacking the features of two stores of the same images (two backbones): `fit A B`, `cv A B`,
+`predict HEAD --store A --store B` and end to end from images with both backbones."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clitools import cli, ok, one_line_error, read_csv
+from embedpipe import artifacts
+from embedpipe.extract import ExtractOptions, run
+from embedpipe.store import open_store
+
+
+@pytest.fixture(scope="module")
+def pair(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fmnist_store (Lite0, 250 images) and a bundled-Lite1 store of 100 of its images (train:
+    5 per class, test: all 5 per class), plus the stacked logreg head fitted on both."""
+    root = tmp_path_factory.mktemp("stack")
+    src = root / "data"
+    shutil.copytree(fmnist_store.parent / "data", src)
+    for cls in (src / "train").iterdir():
+        for extra in sorted(cls.iterdir())[5:]:
+            extra.unlink()
+    lite1 = root / "lite1.h5"
+    summary = run(src, lite1, ExtractOptions(model="tf_efficientnet_lite1", precision="fp32"),
+                  progress=False)
+    assert summary.extracted == 100, summary.line()
+    head = root / "stacked.skops"
+    res = ok("fit", fmnist_store, lite1, "--head", "logreg", "-o", head)
+    assert f"150 rows of {fmnist_store} are not in every stacked store" in res.output
+    return {"a": fmnist_store, "b": lite1, "head": head, "src": fmnist_store.parent / "data",
+            "root": root}
+
+
+def test_fit_on_two_stores_trains_on_both_feature_sets_side_by_side(pair):
+    head = artifacts.load(pair["head"])
+    a, b = open_store(pair["a"]), open_store(pair["b"])
+    assert a.dim == 1280 and b.dim == 1280
+    assert head.identity["feature_dim"] == a.dim + b.dim
+    assert [m["model"] for m in artifacts.members(head.identity)] == [
+        "tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    assert head.manifest["training"]["rows"] == 50  # the train rows both stores hold
+    # the head is exactly logreg on [Lite0 | Lite1] features of the rows matched by path
+    from embedpipe import heads
+
+    def xy(split: str):
+        rows = [p for p, s in zip(b.paths, b.splits) if s == split]
+        ia, ib = {p: i for i, p in enumerate(a.paths)}, {p: i for i, p in enumerate(b.paths)}
+        X = np.hstack([a.features[[ia[p] for p in rows]], b.features[[ib[p] for p in rows]]])
+        return X, [a.label_names()[ia[p]] for p in rows]
+
+    X, y = xy("train")
+    manual = heads.build("logreg", None, seed=0).fit(X, y)
+    Xt, _ = xy("test")
+    np.testing.assert_array_equal(head.estimator.predict(Xt), manual.predict(Xt))
+    assert head.estimator.n_features_in_ == 2560
+
+
+def test_predict_needs_the_same_stores_in_the_same_order(pair):
+    out = pair["root"] / "preds.csv"
+    res = ok("predict", pair["head"], "--store", pair["a"], "--store", pair["b"],
+             "--split", "test", "-o", out)
+    rows = read_csv(out)
+    assert len(rows) == 50
+    acc = np.mean([r["predicted"] == r["label"] for r in rows])
+    assert acc >= 0.5, res.output  # 10 classes: chance is 0.1
+    one_line_error(cli("predict", pair["head"], "--store", pair["a"]),
+                   "was fitted on features of tf_efficientnet_lite0 + tf_efficientnet_lite1",
+                   "pass the 2 stores")
+    one_line_error(cli("predict", pair["head"], "--store", pair["b"], "--store", pair["a"]),
+                   "stacked store 1", "another backbone")
+
+
+def test_stacked_head_predicts_images_end_to_end_like_its_stores(pair, tmp_path: Path):
+    via_stores = pair["root"] / "via_stores.csv"
+    ok("predict", pair["head"], "--store", pair["a"], "--store", pair["b"], "--split", "test",
+       "-o", via_stores)
+    via_images = tmp_path / "via_images.csv"
+    ok("predict", pair["head"], pair["src"] / "test", "-o", via_images, "-q",
+       "--keep-store", tmp_path / "kept.h5")
+    by_name = {Path(r["path"]).name: r for r in read_csv(via_stores)}
+    rows = read_csv(via_images)
+    assert len(rows) == 50
+    for r in rows:
+        mine = by_name[Path(r["path"]).name]
+        assert r["predicted"] == mine["predicted"]
+        assert abs(float(r["confidence"]) - float(mine["confidence"])) < 1e-3
+    kept = sorted(p.name for p in tmp_path.glob("kept.*.h5"))  # one store per backbone
+    assert kept == ["kept.1.h5", "kept.2.h5"]
+    assert open_store(tmp_path / "kept.2.h5").meta["model"] == "tf_efficientnet_lite1"
+
+
+def test_cv_scores_heads_on_stacked_stores(pair):
+    res = ok("cv", pair["a"], pair["b"], "--head", "logreg", "--head", "centroid", "--folds",
+             "3", "-q")
+    assert "50 train rows" in res.output, res.output
+    assert "logreg" in res.output and "centroid" in res.output
+
+
+def test_stacking_refuses_stores_that_cannot_be_paired(pair, tmp_path: Path):
+    one_line_error(cli("fit", pair["a"], pair["a"], "-o", tmp_path / "x.skops"),
+                   "the same store is given twice")
+    other = tmp_path / "other.h5"
+    src = tmp_path / "other"
+    (src / "x").mkdir(parents=True)
+    (src / "y").mkdir()
+    some = sorted((pair["src"] / "train").glob("*/*.png"))
+    for i, f in enumerate(some[:4]):
+        shutil.copy(f, src / ("x" if i % 2 else "y") / f"img{i}.png")
+    run(src, other, ExtractOptions(precision="fp32"), progress=False)
+    one_line_error(cli("fit", pair["a"], other, "-o", tmp_path / "x.skops"),
+                   "share no image paths")
+    assert not (tmp_path / "x.skops").exists()
+
+
+def test_commands_of_one_backbone_refuse_a_stacked_head(pair, tmp_path: Path):
+    one_line_error(cli("export", pair["head"], "-o", tmp_path / "m.onnx"),
+                   "stacked features of 2 stores", "fit one on one store")
