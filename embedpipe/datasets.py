@@ -67,9 +67,13 @@ def balanced_indices(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nd
 
 def write_fashion_mnist_folder(out: Path, per_class: int = 20, split: str = "test",
                                seed: int = 0, splits: dict[str, int] | None = None) -> Path:
-    """Write PNGs as ``out/<class>/<split>_<index>.png`` (or ``out/<split>/<class>/...`` when
-    ``splits`` maps split names to per-class counts). Returns ``out``."""
+    """Write PNGs of Fashion-MNIST's ``split`` as ``out/<class>/<split>_<index>.png``, or, when
+    ``splits`` maps folder names to per-class counts, as ``out/<name>/<class>/...``: disjoint
+    draws from that one Fashion-MNIST split (e.g. ``{"train": 20, "test": 5}`` of the test
+    split, so no image is in two folders). Returns ``out``."""
     from PIL import Image
+
+    out = Path(out)
 
     plan = splits or {None: per_class}
     if any(n < 1 for n in plan.values()):
