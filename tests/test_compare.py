@@ -7,16 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from embedpipe.cli import app
+from clitools import cli
 from embedpipe.store import StoreWriter, open_store, read_identity
 
-runner = CliRunner()
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def derived_store(src: Path, dst: Path, *, dtype: str = "float16", keep_every: int = 1,

@@ -3,50 +3,23 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from clitools import cli, ok, one_line_error, read_csv
 from embedpipe import artifacts
-from embedpipe.cli import app
 from embedpipe.data import load_image
 from embedpipe.store import open_store
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("skl2onnx")
 
-runner = CliRunner()
 FP32_ATOL = 1e-4  # |ONNX probability - embedpipe predict probability| (CSV has 6 decimals)
 INT8_MIN_AGREEMENT = 0.6  # measured 0.76-0.84 on these 50 images (heads fitted on 200 rows)
 INT8_MAX_MEAN_DP = 0.1  # measured ~0.04 mean |Δp| over all classes
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: object):
-    res = cli(*args)
-    assert res.exit_code == 0, res.output
-    return res
-
-
-def one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from clitools import cli, ok, runner
 from embedpipe import data as data_mod
 from embedpipe.cli import app
 from embedpipe.datasets import write_fashion_mnist_folder
@@ -32,18 +32,7 @@ from embedpipe.store import StoreWriter, open_store, read_identity
 
 from imagegen import bomb_png, encode, header_only_png, make_hostile_folder, pattern
 
-runner = CliRunner()
 EMBEDPIPE = [sys.executable, "-m", "embedpipe.cli"]
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: object):
-    res = cli(*args)
-    assert res.exit_code == 0, res.output
-    return res
 
 
 def one_line_error(output: str, code: int, *needles: str, expect: int = 2) -> str:

@@ -26,21 +26,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
+from clitools import ok, runner
 from embedpipe import artifacts
 from embedpipe.cli import app
 from embedpipe.store import open_store
 
-runner = CliRunner()
 MAX_UPLOAD = 1024 * 1024  # --max-upload-mb 1
 MAX_PIXELS = 1_000_000
-
-
-def ok(*args: object):
-    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return res
 
 
 def multipart(files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:

@@ -6,18 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from typer.testing import CliRunner
 
+from clitools import cli
 from embedpipe import data as data_mod
 from embedpipe.backbones import load_backbone, make_transform
-from embedpipe.cli import app
 from embedpipe.store import open_store
 
-runner = CliRunner()
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def few_images(src: Path, dst: Path, per_class: int = 2) -> Path:
