@@ -334,6 +334,9 @@ def fit(
                                             "stratified 3-fold CV on the training rows."),
     seed: int = typer.Option(0, help="Random seed (folds, SVM/MLP initialisation)."),
     jobs: Optional[int] = typer.Option(None, help="Parallel jobs for --search."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
+                                             "rows read from the store at a time; bounds "
+                                             "their memory (default 65536)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a head on a store's train split (or all labeled rows) and write a head file."""
@@ -344,7 +347,8 @@ def fit(
     name = _run(_head_name, head or ["logreg"], ensemble)
     dest = out or train.default_head_path(store, name, CACHE_DIR)
     result = _run(train.fit, store, name, dest, params=params, class_weight=class_weight,
-                  search=search, seed=seed, jobs=jobs,
+                  search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
+                  progress=not quiet,
                   say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(result.line())
 
