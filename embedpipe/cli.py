@@ -371,6 +371,8 @@ def predict(
     device: str = typer.Option("auto", help="Images: auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(32, "--batch-size", "-b"),
     workers: Optional[int] = typer.Option(None, help="Images: loader worker processes."),
+    chunk_rows: int = typer.Option(65536, help="With --store: rows classified at a time "
+                                   "(bounds memory; the CSV is written chunk by chunk)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
@@ -381,8 +383,9 @@ def predict(
         _fail(UserError(f"--top-k {top_k}: pass 1 or more"))
     from . import predict as pr
 
-    if store is not None:
-        preds = _run(pr.from_store, head, store, top_k=top_k, split=split)
+    if store is not None:  # streamed: each chunk's rows are written as they are done
+        preds = _run(pr.to_csv, head, store, out, top_k=top_k, split=split,
+                     chunk_rows=chunk_rows, progress=not quiet)
     else:
         preds = _run(pr.from_images, head, images, top_k=top_k, weights=weights, device=device,
                      batch_size=batch_size, workers=workers, keep_store=keep_store,
@@ -391,7 +394,8 @@ def predict(
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
         typer.echo(note, err=True)
-    _run(preds.write_csv, out, top_k)
+    if store is None:
+        _run(preds.write_csv, out, top_k)
     typer.echo(preds.line() + (f" → {out}" if out and str(out) != "-" else ""), err=out is None)
 
 
@@ -471,6 +475,9 @@ def cv(
                                             "files of the best head."),
     ensemble: Optional[str] = typer.Option(None, help="soft: also score the soft-voting "
                                                       "ensemble of the --head heads."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
+                                             "rows read from the store at a time (default "
+                                             "65536)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Cross-validate heads on a store's train rows (stratified k-fold), rank them, and score
@@ -488,7 +495,7 @@ def cv(
         head.append(_run(_head_name, head, ensemble))
     report = _run(ev.run_cv, store, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
-                  top_errors=top_errors, progress=not quiet,
+                  top_errors=top_errors, progress=not quiet, chunk_rows=chunk_rows,
                   warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev.format_report(report))
     if json_out is not None:
@@ -516,6 +523,9 @@ def compare(
     jobs: int = typer.Option(1, help="Parallel fits; -1: one per CPU core."),
     seed: int = typer.Option(0, help="Seeds the folds and the heads."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report (JSON)."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
+                                             "rows read from a store at a time (default "
+                                             "65536)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Cross-validate the same heads on the same folds over several stores of the same images
@@ -525,7 +535,8 @@ def compare(
     _run(ev.check_outputs, json_out, None)
     report = _run(ev.run_compare, stores, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
-                  progress=not quiet, warn=lambda m: typer.echo(m, err=True))
+                  progress=not quiet, chunk_rows=chunk_rows,
+                  warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev.format_compare(report))
     if json_out is not None:
         _run(ev.write_report, report, json_out)
