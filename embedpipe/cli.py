@@ -74,6 +74,13 @@ class _OneLineErrors(TyperGroup):
             if _DEBUG:
                 raise
             _fail(e)
+        except MemoryError:
+            if _DEBUG:
+                raise
+            typer.echo("error: out of memory (MemoryError); for a store larger than memory "
+                       "use a streaming head (fit/cv --head sgd or logreg-sgd) and a smaller "
+                       "--chunk-rows, or run on a machine with more memory", err=True)
+            _exit(1)
         except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
             if _DEBUG or (isinstance(e, OSError) and e.errno == errno.EPIPE):
                 raise

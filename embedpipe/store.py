@@ -344,7 +344,7 @@ def open_store(path: str | Path, *, features: bool = True) -> FeatureStore:
     def read(f: h5py.File) -> FeatureStore:
         n, n_err = _committed(f)
         feats = (f["features"][:n] if features
-                 else np.empty((n, f["features"].shape[1]), dtype=f["features"].dtype)[:0])
+                 else np.empty((0, f["features"].shape[1]), dtype=f["features"].dtype))
         store = FeatureStore(
             path=path,
             meta=read_meta(f),
