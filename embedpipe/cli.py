@@ -304,7 +304,9 @@ def heads(
         grid = "; ".join(f"{k} in {v}" for k, v in r["grid"].items())
         typer.echo(f"{'':<11} search grid: {grid}")
         typer.echo(f"{'':<11} class weights: {'yes' if r['class_weight'] else 'no'}; "
-                   f"probabilities: {r['probabilities']}")
+                   f"probabilities: {r['probabilities']}"
+                   + ("; streamed from the store in --chunk-rows chunks, max_iter = epochs"
+                      if r["streaming"] else ""))
     typer.echo("Override with --param NAME=VALUE (e.g. --param C=10 --param pca=128).")
     typer.echo("Ensembles: join heads with + (--head svm+logreg+knn, or fit --head svm --head "
                "logreg --ensemble soft):\nsoft voting over their probabilities, members with "

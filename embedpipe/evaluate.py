@@ -379,7 +379,8 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     warn = warn or printer(True)
     say = printer(progress)
     _check_options(folds, repeats, metric, jobs, top_errors)
-    chunk_rows = stream.check_chunk_rows(chunk_rows or stream.DEFAULT_CHUNK_ROWS)
+    chunk_rows = stream.check_chunk_rows(stream.DEFAULT_CHUNK_ROWS if chunk_rows is None
+                                         else chunk_rows)
     names = list(dict.fromkeys(head_names or DEFAULT_CV_HEADS))
     for h in names:
         heads.get(h)
@@ -783,7 +784,8 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     if len(store_paths) < 2:
         raise EvaluateError("compare needs at least two stores; pass STORE_A STORE_B [...]")
     _check_options(folds, repeats, metric, jobs, 0)
-    chunk_rows = stream.check_chunk_rows(chunk_rows or stream.DEFAULT_CHUNK_ROWS)
+    chunk_rows = stream.check_chunk_rows(stream.DEFAULT_CHUNK_ROWS if chunk_rows is None
+                                         else chunk_rows)
     names = list(dict.fromkeys(head_names or ("logreg", "svm", "knn")))
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)

@@ -181,15 +181,13 @@ def _fit_streaming(store_path: str | Path, head: str, out: str | Path, *,
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
         calibration=calibration, classes=[str(c) for c in estimator.classes_],
         store_identity=store.identity,
-        training={"store": str(store.path), "rows": int(n_fit),
+        training={"store": str(store.path), "rows": int(len(y)),
                   "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
                   else "all labeled rows",
-                  "per_class": {str(c): int(n) for c, n in zip(*np.unique(
-                      y[fit_pos], return_counts=True))},
+                  "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
                   "train_accuracy": train_acc,
-                  "streamed": {"chunk_rows": chunk_rows,
-                               "epochs": _epochs(estimator),
-                               "calibration_rows": int(len(cal))}},
+                  "streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
+                               "fitted_rows": int(n_fit), "calibration_rows": int(len(cal))}},
     )
     path = artifacts.save(out, estimator, manifest)
     return FitResult(path, head, chosen, int(n_fit), [str(c) for c in classes], calibration,
