@@ -317,5 +317,8 @@ def test_streamed_fit_under_a_memory_cap_smaller_than_the_feature_matrix(fmnist_
     Xt, yt = stream.read_rows(s, test, 4096), targets(s, test)
     ref_acc = float((ref.predict(Xt) == yt).mean())
     sgd_acc = float((artifacts.load(head).estimator.predict(Xt) == yt).mean())
+    print(f"matrix {matrix / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB, cap "
+          f"{cap / 2**20:.0f} MiB, streamed peak {peak / 2**20:.0f} MiB; test accuracy "
+          f"logreg-sgd {sgd_acc:.3f}, in-memory logreg {ref_acc:.3f}")
     assert abs(sgd_acc - ref_acc) <= 0.08, (sgd_acc, ref_acc)  # 50 images: 4 of them
     assert ref_acc > 0.6
