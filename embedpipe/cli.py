@@ -74,6 +74,13 @@ class _OneLineErrors(TyperGroup):
             if _DEBUG:
                 raise
             _fail(e)
+        except MemoryError:
+            if _DEBUG:
+                raise
+            typer.echo("error: out of memory (MemoryError); for a store larger than memory "
+                       "use a streaming head (fit/cv --head sgd or logreg-sgd) and a smaller "
+                       "--chunk-rows, or run on a machine with more memory", err=True)
+            _exit(1)
         except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
             if _DEBUG or (isinstance(e, OSError) and e.errno == errno.EPIPE):
                 raise
@@ -297,7 +304,9 @@ def heads(
         grid = "; ".join(f"{k} in {v}" for k, v in r["grid"].items())
         typer.echo(f"{'':<11} search grid: {grid}")
         typer.echo(f"{'':<11} class weights: {'yes' if r['class_weight'] else 'no'}; "
-                   f"probabilities: {r['probabilities']}")
+                   f"probabilities: {r['probabilities']}"
+                   + ("; streamed from the store in --chunk-rows chunks, max_iter = epochs"
+                      if r["streaming"] else ""))
     typer.echo("Override with --param NAME=VALUE (e.g. --param C=10 --param pca=128).")
     typer.echo("Ensembles: join heads with + (--head svm+logreg+knn, or fit --head svm --head "
                "logreg --ensemble soft):\nsoft voting over their probabilities, members with "
@@ -336,6 +345,9 @@ def fit(
                                             "stratified 3-fold CV on the training rows."),
     seed: int = typer.Option(0, help="Random seed (folds, SVM/MLP initialisation)."),
     jobs: Optional[int] = typer.Option(None, help="Parallel jobs for --search."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
+                                             "rows read from the store at a time; bounds "
+                                             "their memory (default 65536)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a head on a store's train split (or all labeled rows) and write a head file.
@@ -349,7 +361,8 @@ def fit(
     name = _run(_head_name, head or ["logreg"], ensemble)
     dest = out or train.default_head_path(store, name, CACHE_DIR)
     result = _run(train.fit, store, name, dest, params=params, class_weight=class_weight,
-                  search=search, seed=seed, jobs=jobs,
+                  search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
+                  progress=not quiet,
                   say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(result.line())
 
@@ -374,6 +387,8 @@ def predict(
     device: str = typer.Option("auto", help="Images: auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(32, "--batch-size", "-b"),
     workers: Optional[int] = typer.Option(None, help="Images: loader worker processes."),
+    chunk_rows: int = typer.Option(65536, help="With --store: rows classified at a time "
+                                   "(bounds memory; the CSV is written chunk by chunk)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
@@ -384,8 +399,9 @@ def predict(
         _fail(UserError(f"--top-k {top_k}: pass 1 or more"))
     from . import predict as pr
 
-    if store:
-        preds = _run(pr.from_store, head, store, top_k=top_k, split=split)
+    if store:  # streamed: each chunk's rows are written as they are done
+        preds = _run(pr.to_csv, head, store, out, top_k=top_k, split=split,
+                     chunk_rows=chunk_rows, progress=not quiet)
     else:
         preds = _run(pr.from_images, head, images, top_k=top_k, weights=weights, device=device,
                      batch_size=batch_size, workers=workers, keep_store=keep_store,
@@ -394,7 +410,8 @@ def predict(
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
         typer.echo(note, err=True)
-    _run(preds.write_csv, out, top_k)
+    if not store:
+        _run(preds.write_csv, out, top_k)
     typer.echo(preds.line() + (f" → {out}" if out and str(out) != "-" else ""), err=out is None)
 
 
@@ -476,6 +493,9 @@ def cv(
                                             "files of the best head."),
     ensemble: Optional[str] = typer.Option(None, help="soft: also score the soft-voting "
                                                       "ensemble of the --head heads."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
+                                             "rows read from the store at a time (default "
+                                             "65536)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Cross-validate heads on a store's train rows (stratified k-fold), rank them, and score
@@ -493,7 +513,7 @@ def cv(
         head.append(_run(_head_name, head, ensemble))
     report = _run(ev.run_cv, store, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
-                  top_errors=top_errors, progress=not quiet,
+                  top_errors=top_errors, progress=not quiet, chunk_rows=chunk_rows,
                   warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev.format_report(report))
     if json_out is not None:
@@ -521,6 +541,9 @@ def compare(
     jobs: int = typer.Option(1, help="Parallel fits; -1: one per CPU core."),
     seed: int = typer.Option(0, help="Seeds the folds and the heads."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report (JSON)."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
+                                             "rows read from a store at a time (default "
+                                             "65536)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Cross-validate the same heads on the same folds over several stores of the same images
@@ -530,7 +553,8 @@ def compare(
     _run(ev.check_outputs, json_out, None)
     report = _run(ev.run_compare, stores, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
-                  progress=not quiet, warn=lambda m: typer.echo(m, err=True))
+                  progress=not quiet, chunk_rows=chunk_rows,
+                  warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev.format_compare(report))
     if json_out is not None:
         _run(ev.write_report, report, json_out)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -227,16 +227,11 @@ class _Quiet:
         self._cm.__exit__(*exc)
 
 
-def _fit(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
-         class_weight: str | None, search: bool, metric: str, seed: int, where: str,
-         jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+@contextlib.contextmanager
+def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]:
+    """A fit that fails on a --param value (e.g. pca larger than the fold) is a user error."""
     try:
-        if search:
-            return fit_configuration(X, y, head, params, class_weight=class_weight, search=True,
-                                     inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
-                                     jobs=jobs)
-        return (heads.build(head, params, class_weight=class_weight, seed=seed).fit(X, y),
-                dict(params))
+        yield
     except (ValueError, TypeError) as e:
         if not params:
             raise
@@ -244,6 +239,33 @@ def _fit(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EvaluateError(f"{where}: {head} with {given} failed to fit ({first}); fix that "
                             "--param value") from None
+
+
+def _fit(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
+         class_weight: str | None, search: bool, metric: str, seed: int, where: str,
+         jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+    with _fit_errors(head, params, where):
+        if search:
+            return fit_configuration(X, y, head, params, class_weight=class_weight, search=True,
+                                     inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
+                                     jobs=jobs)
+        return (heads.build(head, params, class_weight=class_weight, seed=seed).fit(X, y),
+                dict(params))
+
+
+def _fit_stream(store: Any, rows: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
+                class_weight: str | None, search: bool, metric: str, seed: int, where: str,
+                chunk_rows: int, note: Any = None,
+                tick: Any = None) -> tuple[Any, dict[str, Any]]:
+    """A streaming head (stream.py) fitted on store rows ``rows`` read in chunks."""
+    from . import stream
+
+    with _fit_errors(head, params, where):
+        return stream.fit_configuration(store, rows, y, head, params,
+                                        class_weight=class_weight, search=search,
+                                        inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
+                                        chunk_rows=chunk_rows, note=note or stream._nothing,
+                                        tick=tick or stream._nothing)
 
 
 def _cv_task(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, head: str,
@@ -266,6 +288,36 @@ def _cv_task(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, 
     return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
             "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
             "convergence_warnings": quiet.convergence}
+
+
+def _cv_stream_task(store: Any, rows: np.ndarray, y: np.ndarray, train: np.ndarray,
+                    test: np.ndarray, head: str, params: dict[str, Any],
+                    class_weight: str | None, search: bool, metric: str, seed: int, where: str,
+                    chunk_rows: int, note: Any = None) -> dict[str, Any]:
+    """_cv_task for a streaming head: the fold's training rows (store rows ``rows[train]``)
+    are streamed from the store, its test rows predicted chunk by chunk."""
+    import time
+
+    from . import stream
+
+    with _Quiet() as quiet:
+        t0 = time.perf_counter()
+        est, chosen = _fit_stream(store, rows[train], y[train], head, params, class_weight,
+                                  search, metric, seed, where, chunk_rows, note)
+        seconds = time.perf_counter() - t0
+        pred, conf, calibrated = stream.predict_rows(est, store, rows[test],
+                                                     chunk_rows=chunk_rows,
+                                                     use_proba=heads.get(head).native_proba)
+    return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
+            "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
+            "convergence_warnings": quiet.convergence}
+
+
+def _tasks_note(bar: Any, jobs: int, what: str) -> Any:
+    """A progress note for a streamed fit run in this process (jobs == 1), else None."""
+    if jobs != 1:
+        return None
+    return lambda m: bar.note(f"{what}: {m}")
 
 
 def _versions() -> dict[str, str]:
@@ -305,7 +357,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
            repeats: int = 1, search: bool = False, metric: str = "accuracy",
            params: list[str] | None = None, class_weight: str | None = None, jobs: int = 1,
            seed: int = 0, top_errors: int = 10, progress: bool = True,
-           warn: Any = None) -> dict[str, Any]:
+           warn: Any = None, chunk_rows: int | None = None) -> dict[str, Any]:
     """Cross-validate heads on the train rows of a store; returns a JSON-ready report.
 
     Folds are computed once, on the training rows in store order, and shared by every head:
@@ -314,27 +366,34 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     With ``search``, each head's grid is searched (``fit_configuration``, 3 inner folds) on the
     outer training part only. The best head (by ``metric``) is also refit on all training rows
     and scored on each held-out split. ``warn`` receives one-line warnings (default: stderr).
+
+    Streaming heads (sgd, logreg-sgd) read each fold's rows from the store ``chunk_rows`` at
+    a time; the features are loaded into memory only when another head needs them.
     """
     from joblib import Parallel, delayed
 
+    from . import stream
     from .progress import Progress, printer
     from .store import open_stores
 
     warn = warn or printer(True)
     say = printer(progress)
     _check_options(folds, repeats, metric, jobs, top_errors)
+    chunk_rows = stream.check_chunk_rows(stream.DEFAULT_CHUNK_ROWS if chunk_rows is None
+                                         else chunk_rows)
     names = list(dict.fromkeys(head_names or DEFAULT_CV_HEADS))
     for h in names:
         heads.get(h)
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)
+    streamed = {h for h in names if heads.get(h).streaming}
 
-    store = open_stores([store_path] if isinstance(store_path, (str, Path)) else store_path)
+    store = open_stores(store_path, features=bool(set(names) - streamed))
     where = str(store.path)
     for note in store.notes:
         warn(note)
     rows = select_rows(store)
-    X = store.features[rows.train]
+    X = store.features[rows.train] if store.features_loaded else store.features
     if X.dtype != np.float32 and X.dtype != np.float64:
         X = X.astype(np.float32)
     y = targets(store, rows.train)
@@ -368,6 +427,10 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     results: dict[tuple[str, int], dict[str, Any]] = {}
     with Progress(len(tasks), "cv", enabled=progress, unit="fit") as bar:
         gen = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_cv_stream_task)(store, rows.train, y, splits[i][0], splits[i][1], h,
+                                     per_params[h], cw[h], search, metric, seed, where,
+                                     chunk_rows, _tasks_note(bar, jobs, f"{h} fold {i + 1}"))
+            if h in streamed else
             delayed(_cv_task)(X, y, splits[i][0], splits[i][1], h, per_params[h], cw[h],
                               search, metric, seed, where) for h, i in tasks)
         for key, res in zip(tasks, gen):
@@ -430,12 +493,23 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
         say(f"cv: refitting {best} on all {len(y)} train rows to score "
             f"{', '.join(rows.heldout)}")
         with _Quiet(count=False):
-            est, chosen = _fit(X, y, best, per_params[best], cw[best], search, metric, seed,
-                               where, jobs=jobs)
+            if best in streamed:
+                with Progress(stream.work(best, per_params[best], len(y), search=search,
+                                          inner_folds=INNER_FOLDS, seed=seed),
+                              f"cv: refit {best}", enabled=progress, unit="row") as bar:
+                    est, chosen = _fit_stream(store, rows.train, y, best, per_params[best],
+                                              cw[best], search, metric, seed, where,
+                                              chunk_rows, bar.note, bar.update)
+            else:
+                est, chosen = _fit(X, y, best, per_params[best], cw[best], search, metric,
+                                   seed, where, jobs=jobs)
             for split, idx in rows.heldout.items():
                 yh = targets(store, idx)
-                Xh = store.features[idx]
-                pred = np.asarray(est.predict(Xh.astype(X.dtype, copy=False))).astype(str)
+                if best in streamed:
+                    pred, _, _ = stream.predict_rows(est, store, idx, chunk_rows=chunk_rows)
+                else:
+                    Xh = store.features[idx]
+                    pred = np.asarray(est.predict(Xh.astype(X.dtype, copy=False))).astype(str)
                 seen = set(yh.tolist()) | present
                 heldout[split] = {
                     "rows": int(len(idx)), **_scores(yh, pred),
@@ -694,7 +768,8 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                 folds: int = 5, repeats: int = 1, search: bool = False,
                 metric: str = "accuracy", params: list[str] | None = None,
                 class_weight: str | None = None, jobs: int = 1, seed: int = 0,
-                progress: bool = True, warn: Any = None) -> dict[str, Any]:
+                progress: bool = True, warn: Any = None,
+                chunk_rows: int | None = None) -> dict[str, Any]:
     """Cross-validate the same heads on the same folds over several stores of the same images
     (e.g. two backbones, or base vs fine-tuned weights). Rows are matched by path: the train
     rows all stores share, sorted by path, are split once (``make_folds``) and every
@@ -702,6 +777,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     also has the paired per-fold difference (second − first)."""
     from joblib import Parallel, delayed
 
+    from . import stream
     from .progress import Progress, printer
     from .store import open_store
 
@@ -710,10 +786,13 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     if len(store_paths) < 2:
         raise EvaluateError("compare needs at least two stores; pass STORE_A STORE_B [...]")
     _check_options(folds, repeats, metric, jobs, 0)
+    chunk_rows = stream.check_chunk_rows(stream.DEFAULT_CHUNK_ROWS if chunk_rows is None
+                                         else chunk_rows)
     names = list(dict.fromkeys(head_names or ("logreg", "svm", "knn")))
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)
-    stores = [open_store(p) for p in store_paths]
+    streamed = {h for h in names if heads.get(h).streaming}
+    stores = [open_store(p, features=bool(set(names) - streamed)) for p in store_paths]
     paths, y, idx, notes = _aligned_rows(stores)
     for n in notes:
         warn(f"warning: {n}")
@@ -723,13 +802,18 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                             "cross-validation needs at least 2 per class")
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "common train")
-    Xs = [s.features[i] for s, i in zip(stores, idx)]
+    Xs = [s.features[i] if s.features_loaded else s.features for s, i in zip(stores, idx)]
     tasks = [(k, h, f) for k in range(len(stores)) for h in names for f in range(len(splits))]
     say(f"compare: {len(stores)} stores x {len(names)} head(s) x {len(splits)} folds = "
         f"{len(tasks)} fits on {len(y)} common train rows")
     results = {}
     with Progress(len(tasks), "compare", enabled=progress, unit="fit") as bar:
         gen = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_cv_stream_task)(stores[k], idx[k], y, splits[f][0], splits[f][1], h,
+                                     per_params[h], cw[h], search, metric, seed,
+                                     str(stores[k].path), chunk_rows,
+                                     _tasks_note(bar, jobs, f"[{chr(65 + k)}] {h} fold {f + 1}"))
+            if h in streamed else
             delayed(_cv_task)(Xs[k], y, splits[f][0], splits[f][1], h, per_params[h], cw[h],
                               search, metric, seed, str(stores[k].path)) for k, h, f in tasks)
         for key, res in zip(tasks, gen):

@@ -8,14 +8,15 @@ predicts from that store.
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from . import artifacts
 from .errors import UserError
 from .heads import class_scores
 from .store import FeatureStore, open_stores
+from .stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
+
+StorePaths = str | Path | Sequence[str | Path]  # several: stacked side by side (store.stack)
 
 
 class PredictError(UserError):
@@ -52,35 +56,72 @@ class Predictions:
         return sum(t == p for t, p in known) / len(known), len(known)
 
     def line(self) -> str:
-        text = f"predicted {len(self)} images with {self.head} ({len(self.classes)} classes)"
-        acc = self.accuracy()
-        if acc:
-            text += f"; accuracy on the {acc[1]} labeled ones: {acc[0]:.3f}"
-        if self.skipped:
-            text += f"; {len(self.skipped)} skipped"
-        return text
+        known = [(t, p) for t, p in zip(self.labels, self.predicted) if t is not None]
+        return _summary(self.head, len(self), len(self.classes), len(known),
+                        sum(t == p for t, p in known), len(self.skipped))
 
     def write_csv(self, out: str | Path | None, top_k: int) -> None:
         """path,label,predicted,confidence,top1,top1_prob,...; to ``out`` or stdout ("-")."""
-        k = min(top_k, len(self.classes))
-        buf = io.StringIO(newline="")
-        w = csv.writer(buf)
+        with CsvSink(out, top_k, len(self.classes)) as sink:
+            sink.write(self)
+
+
+def _summary(head: Path, n: int, n_classes: int, labeled: int, correct: int,
+             skipped: int) -> str:
+    text = f"predicted {n} images with {head} ({n_classes} classes)"
+    if labeled:
+        text += f"; accuracy on the {labeled} labeled ones: {correct / labeled:.3f}"
+    if skipped:
+        text += f"; {skipped} skipped"
+    return text
+
+
+class CsvSink:
+    """Writes the predictions CSV chunk by chunk: to stdout ("-" or None) as they come, or
+    to a temporary file beside ``out`` renamed into place when complete (an interrupted run
+    never leaves a partial CSV under the name asked for)."""
+
+    def __init__(self, out: str | Path | None, top_k: int, n_classes: int):
+        self.k = min(top_k, n_classes)
+        self._out = None if out is None or str(out) == "-" else Path(out)
+        self._tmp: Path | None = None
+        if self._out is None:
+            self._f: Any = sys.stdout
+        else:
+            try:
+                self._out.parent.mkdir(parents=True, exist_ok=True)
+                self._tmp = self._out.with_name(f".{self._out.name}.tmp")
+                self._f = open(self._tmp, "w", newline="", encoding="utf-8")
+            except OSError as e:
+                raise PredictError(f"--out {self._out}: cannot write ({e.strerror or e}); pass "
+                                   "a writable path") from None
+        self._w = csv.writer(self._f)
         head = ["path", "label", "predicted", "confidence"]
-        for i in range(1, k + 1):
+        for i in range(1, self.k + 1):
             head += [f"top{i}", f"top{i}_prob"]
-        w.writerow(head)
-        for p, t, pred, conf, top in zip(self.paths, self.labels, self.predicted,
-                                         self.confidence, self.top):
+        self._w.writerow(head)
+
+    def write(self, preds: "Predictions") -> None:
+        for p, t, pred, conf, top in zip(preds.paths, preds.labels, preds.predicted,
+                                         preds.confidence, preds.top):
             row = [p, t or "", pred, f"{conf:.6f}"]
-            for c, prob in top[:k]:
+            for c, prob in top[:self.k]:
                 row += [c, f"{prob:.6f}"]
-            w.writerow(row)
-        if out is None or str(out) == "-":
-            sys.stdout.write(buf.getvalue())
+            self._w.writerow(row)
+        self._f.flush()
+
+    def __enter__(self) -> "CsvSink":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self._tmp is None:
             return
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(buf.getvalue(), encoding="utf-8")
+        self._f.close()
+        if exc_type is None:
+            os.replace(self._tmp, self._out)
+        else:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink()
 
 
 def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
@@ -101,31 +142,19 @@ def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
     return predicted, conf, top, calibrated
 
 
-def _predict(head: artifacts.HeadFile, store: FeatureStore, rows: np.ndarray, top_k: int,
-             notes: list[str]) -> Predictions:
-    X = store.features[rows].astype(np.float32, copy=False)
-    predicted, conf, top, calibrated = predict_rows(head, X, top_k)
-    names = store.label_names()
-    labels = [names[i] for i in rows]
+def _notes(head: artifacts.HeadFile, labels: set[str], calibrated: bool) -> list[str]:
+    notes = []
     if not calibrated:
         notes.append(f"note: {head.path} has no calibrated probabilities; confidence is a "
                      "softmax of its decision scores (a ranking, not a probability)")
-    unknown = sorted({t for t in labels if t is not None} - set(head.classes))
+    unknown = sorted(labels - set(head.classes))
     if unknown:
         notes.append(f"note: {len(unknown)} true class(es) are unknown to the head "
                      f"({', '.join(unknown[:5])}); those images count as errors")
-    return Predictions(head.path, head.classes, [store.paths[i] for i in rows], labels,
-                       predicted, conf, top, calibrated, notes)
+    return notes
 
 
-def from_store(head_path: str | Path, store_path: str | Path | Sequence[str | Path], *,
-               top_k: int = 3, split: str | None = None,
-               only: set[str] | None = None) -> Predictions:
-    """Classify the rows of a store (optionally one split, or only the given paths); several
-    stores are stacked side by side, as for a head fitted on stacked stores."""
-    head = artifacts.load(head_path)
-    store = open_stores([store_path] if isinstance(store_path, (str, Path)) else store_path)
-    notes = artifacts.check_compatible(head, store.meta, str(store.path)) + store.notes
+def _rows(store: FeatureStore, split: str | None, only: set[str] | None) -> np.ndarray:
     keep = np.ones(len(store), dtype=bool)
     if split is not None:
         keep &= np.asarray(store.splits, dtype=object) == split
@@ -135,7 +164,93 @@ def from_store(head_path: str | Path, store_path: str | Path | Sequence[str | Pa
                                f"{', '.join(have)} or leave --split out")
     if only is not None:
         keep &= np.array([p in only for p in store.paths], dtype=bool)
-    return _predict(head, store, np.flatnonzero(keep), top_k, notes)
+    return np.flatnonzero(keep)
+
+
+def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
+               split: str | None = None, only: set[str] | None = None,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False
+               ) -> tuple[artifacts.HeadFile, int, list[str], Iterator[Predictions]]:
+    """Classify the rows of a store (optionally one split, or only the given paths) in chunks
+    of ``chunk_rows`` rows, in store order: (head, rows, notes, one Predictions per chunk).
+    Memory is bounded by the chunk, not the store (stacked stores, several paths, are held in
+    memory). ``notes`` fills as chunks are made."""
+    from .progress import Progress
+
+    check_chunk_rows(chunk_rows)
+    head = artifacts.load(head_path)
+    store = open_stores(store_path, features=False)
+    notes = artifacts.check_compatible(head, store.meta, str(store.path)) + store.notes
+    rows = _rows(store, split, only)
+    names = store.label_names()
+
+    def chunks() -> Iterator[Predictions]:
+        calibrated = True
+        with Progress(len(rows), "predict", enabled=progress, unit="row") as bar:
+            for idx, X in store.iter_feature_chunks(rows, chunk_rows):
+                sel = rows[idx]
+                predicted, conf, top, cal = predict_rows(
+                    head, X.astype(np.float32, copy=False), top_k)
+                calibrated &= cal
+                bar.update(len(sel))
+                yield Predictions(head.path, head.classes, [store.paths[i] for i in sel],
+                                  [names[i] for i in sel], predicted, conf, top, cal)
+        labels = {names[i] for i in rows if names[i] is not None}
+        notes.extend(_notes(head, labels, calibrated))
+
+    return head, len(rows), notes, chunks()
+
+
+def from_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
+               split: str | None = None, only: set[str] | None = None,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Predictions:
+    """Classify the rows of a store (optionally one split, or only the given paths), all
+    collected in memory (see iter_store and to_csv for the streamed form)."""
+    head, _, notes, chunks = iter_store(head_path, store_path, top_k=top_k, split=split,
+                                        only=only, chunk_rows=chunk_rows)
+    out = Predictions(head.path, head.classes, [], [], [], np.zeros(0), [], True, notes)
+    confs = []
+    for p in chunks:
+        out.paths += p.paths
+        out.labels += p.labels
+        out.predicted += p.predicted
+        out.top += p.top
+        confs.append(p.confidence)
+        out.calibrated &= p.calibrated
+    out.confidence = np.concatenate(confs) if confs else np.zeros(0)
+    return out
+
+
+@dataclass
+class StreamSummary:
+    head: Path
+    rows: int
+    classes: int
+    labeled: int
+    correct: int
+    notes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        return _summary(self.head, self.rows, self.classes, self.labeled, self.correct,
+                        len(self.skipped))
+
+
+def to_csv(head_path: str | Path, store_path: StorePaths, out: str | Path | None, *,
+           top_k: int = 3, split: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+           progress: bool = False) -> StreamSummary:
+    """`predict --store`: classify a store's rows chunk by chunk and write each chunk's CSV
+    rows as it is done; memory is bounded by ``chunk_rows``, not the store."""
+    head, n, notes, chunks = iter_store(head_path, store_path, top_k=top_k, split=split,
+                                        chunk_rows=chunk_rows, progress=progress)
+    labeled = correct = 0
+    with CsvSink(out, top_k, len(head.classes)) as sink:
+        for p in chunks:
+            sink.write(p)
+            known = [(t, q) for t, q in zip(p.labels, p.predicted) if t is not None]
+            labeled += len(known)
+            correct += sum(t == q for t, q in known)
+    return StreamSummary(head.path, n, len(head.classes), labeled, correct, notes)
 
 
 # -- end to end from images ------------------------------------------------------------------

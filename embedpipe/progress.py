@@ -25,6 +25,7 @@ class Progress:
                  stream: Any = None, unit: str = "img"):
         self.total, self.label, self.unit = total, label, unit
         self.done = 0
+        self.detail = ""  # what is being done now (see note), shown after the label
         self.start = time.perf_counter()
         self._every = every
         self._last = self.start
@@ -61,9 +62,21 @@ class Progress:
         if now - self._last >= self._every:
             self._last = now
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            what = f" [{self.detail}]" if self.detail else ""
             print(f"{self.label}: {self.done}/{self.total} {self.unit} "
                   f"({100 * self.done / self.total:.0f}%), {rate:.1f} {self.unit}/s, "
-                  f"ETA {_fmt_eta(eta)}", file=self._stream, flush=True)
+                  f"ETA {_fmt_eta(eta)}{what}", file=self._stream, flush=True)
+
+    def note(self, detail: str) -> None:
+        """Say what the current item is doing (e.g. the epoch of a long fit); shown after the
+        label on a terminal, and in the periodic lines (one is printed now if one is due)."""
+        self.detail = detail
+        if not self._enabled:
+            return
+        if self._rich is not None:
+            self._rich.update(self._task, description=f"{self.label} {detail}")
+            return
+        self.update(0)
 
     def close(self) -> None:
         if self._rich is not None:

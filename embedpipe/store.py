@@ -226,9 +226,41 @@ class FeatureStore:
     errors: list[tuple[str, str]]
     runs: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)  # what stacking left out (see stack)
+    block_rows: int = 0  # rows per HDF5 chunk of /features (the unit of a read); 0: unknown
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def features_loaded(self) -> bool:
+        return len(self.features) == len(self.paths)
+
+    def iter_feature_chunks(self, rows: np.ndarray, chunk_rows: int, *,
+                            rng: np.random.Generator | None = None
+                            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The features of ``rows`` (store row indices), ``chunk_rows`` rows at a time, as
+        ``(positions, X)``: ``X[j]`` is the feature row ``rows[positions[j]]``. Memory is
+        bounded by ``chunk_rows`` rows, never the store.
+
+        Rows are grouped by the HDF5 chunk (``block_rows`` rows) that holds them, so every
+        chunk is read (and checksummed) once per pass. Without ``rng`` the groups come in store
+        order; with it, their order and the rows within each yielded chunk are shuffled, which
+        mixes classes even in a store sorted by class folder. Reads from memory when the store
+        was opened with its features (the same chunks in the same order), else from the file
+        (opened once per pass; a damaged chunk raises StoreError)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if chunk_rows < 1:
+            raise StoreError(f"chunk_rows {chunk_rows}: pass a positive number of rows")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise StoreError(f"{self.path}: row {int(rows.max())} is past the {len(self)} "
+                             "committed rows")
+        plan = _chunk_plan(rows, chunk_rows, self.block_rows or _chunk_rows(
+            self.dim, self.features.dtype.itemsize), rng)
+        if self.features_loaded:
+            for batch in plan:
+                yield batch, self.features[rows[batch]]
+            return
+        yield from _read_chunks(self.path, rows, plan, self.dim, self.features.dtype)
 
     @property
     def dim(self) -> int:
@@ -317,7 +349,7 @@ def open_store(path: str | Path, *, features: bool = True) -> FeatureStore:
     def read(f: h5py.File) -> FeatureStore:
         n, n_err = _committed(f)
         feats = (f["features"][:n] if features
-                 else np.empty((n, f["features"].shape[1]), dtype=f["features"].dtype)[:0])
+                 else np.empty((0, f["features"].shape[1]), dtype=f["features"].dtype))
         store = FeatureStore(
             path=path,
             meta=read_meta(f),
@@ -330,6 +362,7 @@ def open_store(path: str | Path, *, features: bool = True) -> FeatureStore:
             errors=[(_decode(p), _decode(r)) for p, r in
                     zip(f["errors/path"][:n_err], f["errors/reason"][:n_err])],
             runs=[json.loads(_decode(r)) for r in f["runs"][:]],
+            block_rows=int((f["features"].chunks or (0,))[0]),
         )
         if len(store.labels) and not (-1 <= store.labels.min() and
                                       store.labels.max() < len(store.classes)):
@@ -379,9 +412,100 @@ def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
         classes=first.classes, errors=errors, runs=[], notes=notes)
 
 
-def open_stores(paths: Sequence[str | Path]) -> FeatureStore:
-    """open_store for one path; several are stacked side by side (see stack)."""
+def open_stores(paths: str | Path | Sequence[str | Path], *,
+                features: bool = True) -> FeatureStore:
+    """open_store for one path (``features=False``: features are read in chunks later, see
+    FeatureStore.iter_feature_chunks); several are stacked side by side in memory (see stack),
+    whatever ``features`` says."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if len(paths) == 1:
+        return open_store(paths[0], features=features)
     return stack([open_store(p) for p in paths])
+
+
+def _chunk_plan(rows: np.ndarray, chunk_rows: int, block: int,
+                rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Positions into ``rows`` in read batches of at most ``chunk_rows``: rows grouped by the
+    ``block``-row HDF5 chunk holding them, groups (and rows within a batch) shuffled by
+    ``rng`` when given."""
+    if not len(rows):
+        return []
+    order = np.argsort(rows, kind="stable")
+    keys = rows[order] // max(1, block)
+    groups = np.split(order, np.flatnonzero(np.diff(keys)) + 1)
+    if chunk_rows < block:  # a batch smaller than an HDF5 chunk: split the groups
+        groups = [g[i:i + chunk_rows] for g in groups for i in range(0, len(g), chunk_rows)]
+    if rng is not None:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    plan: list[np.ndarray] = []
+    batch: list[np.ndarray] = []
+    size = 0
+    for g in groups:
+        if size + len(g) > chunk_rows and batch:
+            plan.append(np.concatenate(batch))
+            batch, size = [], 0
+        batch.append(g)
+        size += len(g)
+    if batch:
+        plan.append(np.concatenate(batch))
+    if rng is not None:
+        plan = [p[rng.permutation(len(p))] for p in plan]
+    return plan
+
+
+def _read_chunks(path: Path, rows: np.ndarray, plan: list[np.ndarray], dim: int,
+                 dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Read the batches of ``plan`` from the file, a contiguous span per group of rows."""
+    try:
+        f = _open_swmr_read(path)
+    except StoreError:
+        raise
+    try:
+        try:
+            _check_schema(f, path)
+            n, _ = _committed(f)
+            if len(rows) and rows.max() >= n:
+                raise _Damaged(f"row {int(rows.max())} asked for, {n} committed")
+            feats = f["features"]
+        except _READ_ERRORS as e:
+            raise _damaged(path, e) from None
+        for batch in plan:
+            store_rows = rows[batch]
+            out = np.empty((len(batch), dim), dtype=dtype)
+            # read each run of rows as one span: sort the batch by store row, split into runs
+            # that share a span no longer than twice their length (one HDF5 chunk or so)
+            srt = np.argsort(store_rows, kind="stable")
+            sr = store_rows[srt]
+            cuts = np.flatnonzero(np.diff(sr) > 1) + 1
+            starts = np.concatenate([[0], cuts])
+            ends = np.concatenate([cuts, [len(sr)]])
+            try:
+                for a, b in _spans(sr, starts, ends):
+                    lo, hi = int(sr[a]), int(sr[b - 1]) + 1
+                    block = feats[lo:hi]
+                    out[srt[a:b]] = block[sr[a:b] - lo]
+            except _READ_ERRORS as e:
+                raise _damaged(path, e) from None
+            yield batch, out
+    finally:
+        with contextlib.suppress(Exception):
+            f.close()
+
+
+def _spans(sr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Merge runs of consecutive rows (sorted ``sr``) into spans worth reading whole: a gap is
+    bridged while the span stays at most twice the rows it delivers (plus 256)."""
+    a = int(starts[0]) if len(starts) else 0
+    for k in range(len(starts)):
+        b = int(ends[k])
+        nxt = k + 1
+        if nxt < len(starts):
+            span = int(sr[int(ends[nxt]) - 1]) - int(sr[a]) + 1
+            if span <= 2 * (int(ends[nxt]) - a) + 256:
+                continue  # bridge the gap to the next run
+        yield a, b
+        a = int(starts[nxt]) if nxt < len(starts) else b
 
 
 def verify(path: str | Path, block_rows: int = 8192) -> int:

@@ -22,6 +22,7 @@ from .evaluate import (TRAIN_SPLIT, EvaluateError, fit_configuration, min_class,
 from .store import open_stores
 
 CALIBRATION_FOLDS = 5
+CALIBRATION_FRACTION = 0.1  # of a streamed head's training rows
 
 
 @dataclass
@@ -58,11 +59,23 @@ def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, str]
 def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Path, *,
         params: dict[str, Any] | None = None, class_weight: str | None = None,
         search: bool = False, seed: int = 0, jobs: int | None = None,
+        chunk_rows: int | None = None, progress: bool = False,
         say: Callable[[str], None] = lambda m: None) -> FitResult:
+    """Fit ``head`` on the training rows and save it. Streaming heads (sgd, logreg-sgd) read
+    the store ``chunk_rows`` rows at a time (stream.py); the others load the training rows."""
+    from . import stream
+
     t0 = time.perf_counter()
     spec = heads.get(head)
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
-    store = open_stores(_paths(store_path))
+    if chunk_rows is not None:
+        stream.check_chunk_rows(chunk_rows)
+    if spec.streaming:
+        return _fit_streaming(store_path, head, out, params=params, class_weight=class_weight,
+                              search=search, seed=seed,
+                              chunk_rows=chunk_rows or stream.DEFAULT_CHUNK_ROWS,
+                              progress=progress, say=say, t0=t0)
+    store = open_stores(store_path)
     for note in store.notes:
         say(note)
     rows = select_rows(store)
@@ -107,3 +120,98 @@ def default_head_path(store: str | Path | Sequence[str | Path], head: str,
                       cache_dir: Path) -> Path:
     stem = "+".join(Path(p).stem for p in _paths(store))
     return cache_dir / f"{stem}__{head}{artifacts.SUFFIX}"
+
+
+def _calibration_rows(y: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
+    """Positions of a stratified sample of the training rows held out to calibrate a streamed
+    head: about 10% of each class (at least 2 of every class with 3 or more rows), at most
+    about ``chunk_rows`` rows in all, so it fits in one chunk's memory."""
+    rng = np.random.default_rng(seed)
+    frac = min(CALIBRATION_FRACTION, chunk_rows / max(1, len(y)))
+    out = []
+    for c in np.unique(y):
+        pos = np.flatnonzero(y == c)
+        if len(pos) < 3:
+            continue
+        k = min(len(pos) - 1, max(2, int(round(frac * len(pos)))))
+        out.append(rng.choice(pos, size=k, replace=False))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
+                   out: str | Path, *,
+                   params: dict[str, Any] | None, class_weight: str | None, search: bool,
+                   seed: int, chunk_rows: int, progress: bool, say: Callable[[str], None],
+                   t0: float) -> FitResult:
+    from . import stream
+    from .progress import Progress
+
+    spec = heads.get(head)
+    store = open_stores(store_path, features=False)  # labels, paths, splits: no features
+    for note in store.notes:
+        say(note)
+    rows = select_rows(store)
+    y = targets(store, rows.train)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
+                            "a head needs at least two: add images of other classes")
+    cal = _calibration_rows(y, chunk_rows, seed) if not spec.native_proba else np.zeros(0, int)
+    _, smallest = min_class(y[cal]) if len(cal) else ("", 0)
+    k = min(CALIBRATION_FOLDS, smallest)
+    if k < 2:
+        cal = np.zeros(0, dtype=np.int64)
+    fit_pos = np.setdiff1d(np.arange(len(y)), cal)
+    n_fit = len(fit_pos)
+    say(f"fitting {head} on {n_fit} rows ({rows.describe()}), {len(classes)} classes, "
+        f"streamed in chunks of {chunk_rows} rows"
+        + (f", {len(cal)} rows held out to calibrate" if len(cal) else "")
+        + (", searching its grid" if search else ""))
+    total = stream.work(head, params, n_fit, search=search, seed=seed) + len(cal) + len(y)
+    with Progress(total, f"fit {head}", enabled=progress, unit="row") as bar:
+        estimator, chosen = stream.fit_configuration(
+            store, rows.train[fit_pos], y[fit_pos], head, params, class_weight=class_weight,
+            search=search, seed=seed, chunk_rows=chunk_rows, tick=bar.update, note=bar.note)
+        calibration = "native"
+        if not spec.native_proba:
+            if len(cal):
+                from sklearn.calibration import CalibratedClassifierCV
+                from sklearn.frozen import FrozenEstimator
+
+                bar.note("calibrating")
+                Xc = stream.read_rows(store, rows.train[cal], chunk_rows)
+                bar.update(len(cal))
+                # the fitted pipeline is frozen: the folds only split the calibration rows
+                estimator = CalibratedClassifierCV(FrozenEstimator(estimator),
+                                                   method="temperature", cv=k).fit(Xc, y[cal])
+                calibration = (f"temperature scaling on {len(cal)} held-out training rows "
+                               "(not trained on)")
+            else:
+                calibration = "none (too few rows per class: confidence is a softmax of scores)"
+        bar.note("training accuracy")
+        pred, _, _ = stream.predict_rows(estimator, store, rows.train, chunk_rows=chunk_rows,
+                                         tick=bar.update)
+    train_acc = float((pred == y).mean())
+    manifest = artifacts.new_manifest(
+        head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
+        calibration=calibration, classes=[str(c) for c in estimator.classes_],
+        store_identity=store.identity,
+        training={"store": str(store.path), "rows": int(len(y)),
+                  "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
+                  else "all labeled rows",
+                  "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
+                  "train_accuracy": train_acc,
+                  "streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
+                               "fitted_rows": int(n_fit), "calibration_rows": int(len(cal))}},
+    )
+    path = artifacts.save(out, estimator, manifest)
+    return FitResult(path, head, chosen, int(n_fit), [str(c) for c in classes], calibration,
+                     time.perf_counter() - t0, train_acc)
+
+
+def _epochs(estimator: Any) -> int:
+    """max_iter of the SGD step inside a (calibrated) streamed head."""
+    for k, v in estimator.get_params().items():
+        if k.endswith("clf__max_iter"):
+            return int(v)
+    return 0

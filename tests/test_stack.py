@@ -120,3 +120,20 @@ def test_stacking_refuses_stores_that_cannot_be_paired(pair, tmp_path: Path):
 def test_commands_of_one_backbone_refuse_a_stacked_head(pair, tmp_path: Path):
     one_line_error(cli("export", pair["head"], "-o", tmp_path / "m.onnx"),
                    "stacked features of 2 stores", "fit one on one store")
+
+
+def test_streaming_heads_fit_and_predict_stacked_stores(pair, tmp_path: Path):
+    head = tmp_path / "sgd.skops"
+    ok("fit", pair["a"], pair["b"], "--head", "logreg-sgd", "-o", head, "-q")
+    assert artifacts.load(head).estimator.n_features_in_ == 2560
+    out = tmp_path / "p.csv"
+    ok("predict", head, "--store", pair["a"], "--store", pair["b"], "--split", "test", "-o", out,
+       "--chunk-rows", "7")
+    rows = read_csv(out)
+    assert len(rows) == 50
+    # 50 training rows of 2560 dims: SGD is weak here, but well above chance (0.1)
+    assert np.mean([r["predicted"] == r["label"] for r in rows]) >= 0.3
+    whole = tmp_path / "whole.csv"  # chunks of 7 rows predict what one chunk does
+    ok("predict", head, "--store", pair["a"], "--store", pair["b"], "--split", "test", "-o",
+       whole)
+    assert read_csv(whole) == rows

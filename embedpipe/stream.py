@@ -1,0 +1,223 @@
+"""Out-of-core heads: fit, search and score in chunks streamed from a store (no torch).
+
+Heads marked ``streaming`` in heads.py (sgd, logreg-sgd) never see the feature matrix whole:
+``FeatureStore.iter_feature_chunks`` hands them ``chunk_rows`` rows at a time, so memory is
+bounded by the chunk size, not by the store. A fit makes one pass per stateful preprocessing
+step (``StandardScaler.partial_fit``; ``pca=N`` becomes an ``IncrementalPCA``), then
+``max_iter`` epochs of ``SGDClassifier.partial_fit`` over the rows in a new shuffled order each
+epoch (HDF5 chunks in random order, rows shuffled within each read chunk; seeded). The result
+is a plain scikit-learn Pipeline, saved and loaded like any head.
+
+When the store was opened with its features (e.g. by `cv` next to in-memory heads), the same
+chunks are sliced from memory in the same order, so a streaming head scores the same either
+way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from . import heads
+from .errors import UserError
+from .store import FeatureStore
+
+DEFAULT_CHUNK_ROWS = 65536
+
+Tick = Callable[[int], None]
+Note = Callable[[str], None]
+
+
+class StreamError(UserError):
+    """A bad option for a streamed fit; one line naming it and the fix."""
+
+
+def check_chunk_rows(chunk_rows: Any) -> int:
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise StreamError(f"--chunk-rows {chunk_rows}: pass a positive number of rows per "
+                          f"chunk (default {DEFAULT_CHUNK_ROWS}); a chunk holds about rows x "
+                          "feature dim x 4 bytes of features in memory")
+    return chunk_rows
+
+
+def is_streaming(head: str) -> bool:
+    return heads.get(head).streaming
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+def build(head: str, params: dict[str, Any] | None, y: np.ndarray, *,
+          class_weight: str | None = None, seed: int = 0) -> Any:
+    """The unfitted pipeline, made streamable: ``class_weight="balanced"`` becomes the
+    explicit per-class weights of ``y`` (partial_fit refuses "balanced"), PCA becomes an
+    IncrementalPCA of the same size."""
+    pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
+    if class_weight is not None:
+        from sklearn.utils.class_weight import compute_class_weight
+
+        classes = np.unique(y)
+        w = compute_class_weight("balanced", classes=classes, y=y)
+        pipe.set_params(clf__class_weight={str(c): float(v) for c, v in zip(classes, w)})
+    pca = pipe.named_steps["pca"]
+    if pca != "passthrough":
+        n = pca.n_components
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+            raise StreamError(f"--param pca={n}: the streaming head {head} takes a number of "
+                              "components (e.g. pca=128), not a variance fraction")
+        from sklearn.decomposition import IncrementalPCA
+
+        pipe.set_params(pca=IncrementalPCA(n_components=int(n)))
+    return pipe
+
+
+def passes(head: str, params: dict[str, Any] | None, seed: int = 0) -> int:
+    """How many times a fit reads its rows: stateful preprocessing passes plus the epochs."""
+    pipe = heads.build(head, params, seed=seed)
+    pre = sum(hasattr(s, "partial_fit") for _, s in pipe.steps[:-1] if s != "passthrough")
+    return pre + int(pipe.steps[-1][1].max_iter)
+
+
+def work(head: str, params: dict[str, Any] | None, n: int, *, search: bool = False,
+         inner_folds: int = 3, seed: int = 0) -> int:
+    """Rows a fit (with its search, if asked) reads: the total of a progress bar."""
+    total = passes(head, params, seed) * n
+    if search:
+        for cand in _candidates(head, params, seed):
+            total += inner_folds * passes(head, {**(params or {}), **cand}, seed) * n * (
+                inner_folds - 1) // inner_folds + n
+    return total
+
+
+def _candidates(head: str, params: dict[str, Any] | None, seed: int) -> list[dict[str, Any]]:
+    from sklearn.model_selection import ParameterGrid
+
+    grid = heads.param_grid(head, params, seed=seed)
+    return [heads.short_params(c) for c in ParameterGrid(grid)] if grid else []
+
+
+def _transform(steps: list[Any], X: np.ndarray) -> np.ndarray:
+    for s in steps:
+        X = s.transform(X)
+    return X
+
+
+def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
+             params: dict[str, Any] | None = None, *, class_weight: str | None = None,
+             seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS, tick: Tick = _nothing,
+             note: Note = _nothing) -> Any:
+    """Fit ``head`` on store rows ``rows`` (labels ``y``, aligned) by streaming them."""
+    rows = np.asarray(rows, dtype=np.int64)
+    pipe = build(head, params, y, class_weight=class_weight, seed=seed)
+    fitted: list[Any] = []
+    for name, step in pipe.steps[:-1]:
+        if step == "passthrough":
+            continue
+        if not hasattr(step, "partial_fit"):  # stateless (Normalizer): fit on one chunk
+            for _, X in store.iter_feature_chunks(rows[:1], 1):
+                step.fit(_transform(fitted, X))
+            fitted.append(step)
+            continue
+        note(f"{name} pass")
+        need = getattr(step, "n_components", None) or 1  # IncrementalPCA's first batch
+        held: list[np.ndarray] = []
+        for idx, X in store.iter_feature_chunks(rows, chunk_rows):
+            held.append(_transform(fitted, X))
+            if sum(len(h) for h in held) >= need or hasattr(step, "components_"):
+                step.partial_fit(np.concatenate(held) if len(held) > 1 else held[0])
+                held = []
+            tick(len(idx))
+        if held:
+            if not hasattr(step, "components_") and need > 1:
+                raise StreamError(f"--param pca={need}: more components than the "
+                                  f"{len(rows)} training rows; pass a smaller pca")
+            step.partial_fit(np.concatenate(held))
+        fitted.append(step)
+    clf = pipe.steps[-1][1]
+    epochs = int(clf.max_iter)
+    classes = np.unique(y)
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        note(f"epoch {epoch + 1}/{epochs}")
+        for idx, X in store.iter_feature_chunks(rows, chunk_rows, rng=rng):
+            clf.partial_fit(_transform(fitted, X), y[idx], classes=classes)
+            tick(len(idx))
+    return pipe
+
+
+def predict_rows(estimator: Any, store: FeatureStore, rows: np.ndarray, *,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, use_proba: bool = True,
+                 tick: Tick = _nothing) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Predicted class (str) and its score for each of ``rows``, in store order, chunk by
+    chunk; and whether the scores are probabilities (see heads.class_scores)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    pred = np.empty(len(rows), dtype=object)
+    conf = np.zeros(len(rows))
+    calibrated = True
+    cols = {str(c): i for i, c in enumerate(estimator.classes_)}
+    for idx, X in store.iter_feature_chunks(rows, chunk_rows):
+        p = np.asarray(estimator.predict(X)).astype(str)
+        scores, cal = heads.class_scores(estimator, X, use_proba=use_proba)
+        calibrated &= cal
+        pred[idx] = p
+        conf[idx] = scores[np.arange(len(p)), [cols[c] for c in p]]
+        tick(len(idx))
+    return pred.astype(str), conf, bool(calibrated)
+
+
+def fit_configuration(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
+                      params: dict[str, Any] | None, *, class_weight: str | None = None,
+                      search: bool = False, inner_folds: int = 3, scoring: str = "accuracy",
+                      seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                      tick: Tick = _nothing, note: Note = _nothing
+                      ) -> tuple[Any, dict[str, Any]]:
+    """Streaming counterpart of evaluate.fit_configuration: with ``search``, pick the grid's
+    best parameters by stratified ``inner_folds``-fold CV on these rows (each candidate fitted
+    and scored by streaming), then refit on all of them."""
+    from .evaluate import EvaluateError, _scores, min_class
+
+    rows = np.asarray(rows, dtype=np.int64)
+    chosen = dict(params or {})
+    cands = _candidates(head, params, seed) if search else []
+    if cands:
+        from sklearn.model_selection import StratifiedKFold
+
+        cls, n = min_class(y)
+        k = min(inner_folds, n)
+        if k < 2:
+            raise EvaluateError(f"--search: class {cls!r} has {n} training image(s); the "
+                                "inner search needs at least 2 per class: add images or drop "
+                                "--search")
+        splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(
+            np.zeros((len(y), 1)), y))
+        best: tuple[float, dict[str, Any]] | None = None
+        for c, cand in enumerate(cands):
+            p = {**chosen, **cand}
+            got = []
+            for f, (tr, te) in enumerate(splits):
+                where = " ".join(f"{a}={b}" for a, b in cand.items())
+                est = fit_rows(store, rows[tr], y[tr], head, p, class_weight=class_weight,
+                               seed=seed, chunk_rows=chunk_rows, tick=tick,
+                               note=lambda m: note(f"search {c + 1}/{len(cands)} ({where}), "
+                                                   f"fold {f + 1}/{k}: {m}"))
+                pred, _, _ = predict_rows(est, store, rows[te], chunk_rows=chunk_rows,
+                                          tick=tick)
+                got.append(_scores(y[te], pred)[scoring])
+            if best is None or float(np.mean(got)) > best[0]:
+                best = (float(np.mean(got)), cand)
+        assert best is not None
+        chosen.update(best[1])
+    est = fit_rows(store, rows, y, head, chosen, class_weight=class_weight, seed=seed,
+                   chunk_rows=chunk_rows, tick=tick, note=note)
+    return est, chosen
+
+
+def read_rows(store: FeatureStore, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
+    """The features of ``rows`` in that order, in memory (for a few rows only)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), store.dim), dtype=store.features.dtype)
+    for idx, X in store.iter_feature_chunks(rows, chunk_rows):
+        out[idx] = X
+    return out
