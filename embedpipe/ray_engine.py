@@ -220,24 +220,14 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
 
     from .backbones import decode_size, load_backbone, make_views_transform
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        _init_ray(ray, address)
+    cluster = _Cluster(ray, address, workers, gpus_per_worker, say)
     try:
-        resources = ray.cluster_resources()
-        cpus = float(resources.get("CPU", 1))
-        if workers is None:  # one actor per GPU share, else one
-            workers = max(1, int(resources.get("GPU", 0) // gpus_per_worker)
-                          if gpus_per_worker else 1)
-        device, cuda_bf16, cpu_bf16 = ray.get(
-            ray.remote(_probe).options(num_gpus=gpus_per_worker or None,
-                                       num_cpus=0).remote(gpus_per_worker))
-        if opts.device == "cuda" and device != "cuda":
-            raise ExtractError("--device cuda with --engine ray: the Ray workers have no CUDA "
-                               "GPU; pass --num-gpus-per-worker G on a cluster with GPUs")
-        if opts.device == "cpu":
-            device = "cpu"
-        precision = _precision(opts.precision, device, cuda_bf16, cpu_bf16,
+        sdir = shard_dir(out)
+        known = (sdir / "shards.json").exists()
+        if opts.precision == "auto" and not stored.get("precision") or not known:
+            cluster.up()  # a first run, or the precision depends on the workers' hardware
+        device = cluster.device(opts.device)
+        precision = _precision(opts.precision, device, cluster.cuda_bf16, cluster.cpu_bf16,
                                stored.get("precision"))
         backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
                                  pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
@@ -253,34 +243,28 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
 
         view_shape = tuple(make_views_transform(data_config)(Image.new("RGB", (8, 8))).shape)
         min_size = None if opts.exact_decode else decode_size(data_config)
-        sdir = shard_dir(out)
-        n_shards = _shard_count(sdir, len(disc.items), workers)
+        n_shards = _shard_count(sdir, len(disc.items), cluster.workers or 1)
         parts = partition(disc, n_shards)
         env = versions()
         summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                           ignored_files=list(disc.ignored), device=f"ray:{device}",
                           precision=precision)
-        say(f"ray: {len(disc.items)} images in {n_shards} shards under {sdir}; {workers} "
-            f"backbone actor(s) on {device}"
-            + (f" ({gpus_per_worker:g} GPU each)" if gpus_per_worker else "")
-            + f", cluster of {cpus:g} CPUs")
+        say(f"ray: {len(disc.items)} images in {n_shards} shard stores under {sdir}")
         shard_summaries: list[Summary] = []
         changed = False
         bar = Progress(len(disc.items), "extract (ray)", enabled=progress)
         try:
             for lo in range(0, n_shards, MAX_OPEN_SHARDS):
                 wave = range(lo, min(n_shards, lo + MAX_OPEN_SHARDS))
-                changed |= _run_wave(ray, wave, parts, sdir, n_shards, opts, identity,
+                changed |= _run_wave(cluster, wave, parts, sdir, n_shards, opts, identity,
                                      data_config, env, device, precision, min_size,
-                                     view_shape, workers, gpus_per_worker, cpus, summary,
-                                     shard_summaries, bar, say)
+                                     view_shape, summary, shard_summaries, bar, say)
                 if summary.interrupted:
                     break
         finally:
             bar.close()
     finally:
-        if started_ray:
-            ray.shutdown()
+        cluster.close()
     for s in shard_summaries:
         for k in ("extracted", "replaced", "unchanged", "failed", "pruned"):
             setattr(summary, k, getattr(summary, k) + getattr(s, k))
@@ -297,11 +281,62 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     return summary
 
 
+class _Cluster:
+    """The Ray cluster, connected (or started) on first need: a rerun with nothing to do
+    never starts Ray."""
+
+    def __init__(self, ray: Any, address: str | None, workers: int | None, gpus: float,
+                 say: Callable[[str], None]):
+        self.ray, self.address, self.workers, self.gpus, self.say = ray, address, workers, gpus, say
+        self.ready = self.started = False
+        self.cpus = 1.0
+        self.probed: tuple[str, bool, bool] | None = None
+
+    def up(self) -> None:
+        if self.ready:
+            return
+        ray = self.ray
+        if not ray.is_initialized():
+            _init_ray(ray, self.address)
+            self.started = True
+        self.ready = True
+        resources = ray.cluster_resources()
+        self.cpus = float(resources.get("CPU", 1))
+        if self.workers is None:  # one actor per GPU share, else one
+            self.workers = max(1, int(resources.get("GPU", 0) // self.gpus) if self.gpus else 1)
+        self.probed = ray.get(ray.remote(_probe).options(num_gpus=self.gpus or None,
+                                                         num_cpus=0).remote(self.gpus))
+        self.say(f"ray: {self.workers} backbone actor(s) on {self.probed[0]}"
+                 + (f" ({self.gpus:g} GPU each)" if self.gpus else "")
+                 + f", cluster of {self.cpus:g} CPUs")
+
+    def device(self, wanted: str) -> str:
+        if self.probed is None:  # not started yet: the device the workers are asked for
+            return "cuda" if wanted == "cuda" or (wanted == "auto" and self.gpus) else "cpu"
+        if wanted == "cuda" and self.probed[0] != "cuda":
+            raise ExtractError("--device cuda with --engine ray: the Ray workers have no CUDA "
+                               "GPU; pass --num-gpus-per-worker G on a cluster with GPUs")
+        return "cpu" if wanted == "cpu" else self.probed[0]
+
+    @property
+    def cuda_bf16(self) -> bool:
+        return bool(self.probed and self.probed[1])
+
+    @property
+    def cpu_bf16(self) -> bool:
+        return bool(self.probed and self.probed[2])
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
 def _init_ray(ray: Any, address: str | None) -> None:
     kw: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": True,
                           "configure_logging": True}
-    if address in (None, "local"):
-        kw["include_dashboard"] = False
+    if address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+        # A new local cluster: no dashboard, and listening on loopback only.
+        kw.update(include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -327,11 +362,11 @@ def _precision(precision: str, device: str, cuda_bf16: bool, cpu_bf16: bool,
     return "bf16" if cpu_bf16 else "fp32"
 
 
-def _run_wave(ray: Any, wave: range, parts: list[Any], sdir: Path, n_shards: int,
+def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_shards: int,
               opts: ExtractOptions, identity: dict[str, Any], data_config: dict[str, Any],
               env: dict[str, str], device: str, precision: str,
-              min_size: tuple[int, int] | None, view_shape: tuple[int, ...], workers: int,
-              gpus: float, cpus: float, summary: Summary, shard_summaries: list[Summary],
+              min_size: tuple[int, int] | None, view_shape: tuple[int, ...],
+              summary: Summary, shard_summaries: list[Summary],
               bar: Progress, say: Callable[[str], None]) -> bool:
     """Plan the shards of ``wave``, run their work through one Ray Data pipeline, commit it to
     the shard stores. Returns whether any shard changed."""
@@ -362,8 +397,9 @@ def _run_wave(ray: Any, wave: range, parts: list[Any], sdir: Path, n_shards: int
                               "expect": t.expect_hash or ""})
                 where.append((k, i))
         if items:
-            _stream(ray, items, where, sessions, opts, identity, data_config, device,
-                    precision, min_size, view_shape, workers, gpus, cpus, summary, bar)
+            cluster.up()
+            _stream(cluster, items, where, sessions, opts, identity, data_config, device,
+                    precision, min_size, view_shape, summary, bar)
     except BaseException as e:
         error = e
         raise
@@ -385,11 +421,12 @@ def _run_wave(ray: Any, wave: range, parts: list[Any], sdir: Path, n_shards: int
     return changed
 
 
-def _stream(ray: Any, items: list[dict[str, Any]], where: list[tuple[int, int]],
+def _stream(cluster: _Cluster, items: list[dict[str, Any]], where: list[tuple[int, int]],
             sessions: dict[int, Session], opts: ExtractOptions, identity: dict[str, Any],
             data_config: dict[str, Any], device: str, precision: str,
-            min_size: tuple[int, int] | None, view_shape: tuple[int, ...], workers: int,
-            gpus: float, cpus: float, summary: Summary, bar: Progress) -> None:
+            min_size: tuple[int, int] | None, view_shape: tuple[int, ...],
+            summary: Summary, bar: Progress) -> None:
+    ray, workers, gpus, cpus = cluster.ray, cluster.workers or 1, cluster.gpus, cluster.cpus
     b = opts.batch_size
     # Leave at least half the cluster's CPUs to the decode tasks (Ray's CPUs are logical:
     # on a small machine the actors get a fraction each).
