@@ -175,6 +175,13 @@ def extract(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
+    if engine == "ray":
+        try:  # before torch is imported: a missing extra fails fast
+            import ray  # noqa: F401
+        except ImportError:
+            from .errors import RAY_MISSING
+
+            _fail(RAY_MISSING)
     from . import extract as ex
 
     opts = ex.ExtractOptions(model=model, weights=weights, random_init=random_init, pool=pool,

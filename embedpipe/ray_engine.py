@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import discover
+from .errors import RAY_MISSING
 from .extract import (ExtractError, ExtractOptions, Session, Summary, check_options,
                       load_one, partition, resolve_precision, store_identity, versions)
 from .progress import Progress, printer
@@ -47,7 +48,6 @@ from .store import (StoreError, StoreWriter, check_not_busy, identity_diffs, mer
 
 MAX_OPEN_SHARDS = 64  # shard stores written at once (one pipeline); more run in waves
 ROWS_PER_SHARD = 50_000  # default shard size on the first run (resume granularity)
-INSTALL_HINT = "pip install 'embedpipe[ray]'"
 
 
 def import_ray() -> Any:
@@ -55,9 +55,7 @@ def import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise ExtractError(f"--engine ray needs Ray, which is not installed here: "
-                           f"{INSTALL_HINT} (or drop --engine ray to extract in-process)"
-                           ) from None
+        raise ExtractError(RAY_MISSING) from None
     return ray
 
 
@@ -439,7 +437,11 @@ def _stream(cluster: _Cluster, items: list[dict[str, Any]], where: list[tuple[in
     embedder = _embedder_class(_opts_dict(opts), identity, device, precision)
     ds = ds.map_batches(embedder, batch_size=b, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers),
-                        num_cpus=actor_cpus, num_gpus=gpus or None)
+                        num_cpus=actor_cpus, num_gpus=gpus or None,
+                        # a killed actor is restarted and its batch retried (Ray Data's
+                        # default for actor pools, stated here); these args also keep Ray
+                        # Data from fusing the decode tasks into the actors
+                        max_restarts=-1, max_task_retries=-1)
     out_dtype = np.dtype(opts.dtype)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -96,7 +96,9 @@ def test_merge_drops_duplicate_paths_first_in_argument_order_wins(small: Path,
         np.testing.assert_array_equal(feats[rel_broken], fa[rel_broken])
         assert m.errors == []
     # merging the same stores again adds nothing; the legacy form `merge STORE SHARD...` too
+    # (a: 10 rows, b: 9 rows and the empty file's error record; 1 row differs)
     res = cli("merge", a, b, "-o", tmp_path / "m_a.h5")
-    assert "0 rows added, 10 already there" in res.output, res.output
+    assert "0 rows added, 18 already there, 1 conflicting" in res.output, res.output
     res = cli("merge", tmp_path / "m_a.h5", b)
-    assert "0 rows added, 9 already there, 1 conflicting" in res.output, res.output
+    assert "0 rows added, 8 already there, 1 conflicting" in res.output, res.output
+    assert len(open_store(tmp_path / "m_a.h5")) == 10

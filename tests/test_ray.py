@@ -1,5 +1,10 @@
 """`extract --engine ray` on a local Ray cluster (started by the CLI on loopback, 2 CPUs), with
-real Fashion-MNIST images, the bundled pretrained backbone and two undecodable files."""
+real Fashion-MNIST images, the bundled pretrained backbone and two undecodable files.
+
+The tests that start Ray clusters are marked `ray` and `slow` (each starts a cluster and loads
+the backbone in every actor: 2-5 minutes together on 2 busy cores); run them with
+`python -m pytest -m ray tests/test_ray.py` after `pip install -e '.[dev,ray]'`. The checks
+that need no cluster run in the default suite, with or without Ray installed."""
 
 from __future__ import annotations
 
@@ -105,6 +110,7 @@ def embed_actors(driver: int) -> list[int]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ray_engine_matches_the_in_process_engine(ray_data: Path, reference: Path,
                                                   tmp_path: Path):
     pytest.importorskip("ray")
@@ -134,6 +140,7 @@ def test_ray_engine_matches_the_in_process_engine(ray_data: Path, reference: Pat
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_killed_ray_actor_is_restarted_and_the_store_completes(ray_data: Path,
                                                                  reference: Path,
                                                                  tmp_path: Path):
