@@ -13,8 +13,12 @@ interleaved order; img/s = images / wall time of the run. Store bytes = file siz
 
     python bench/ray_scaling.py            # 20 per class (200 images), 2 repetitions
     python bench/ray_scaling.py --quick    # 4 per class, 1 repetition: a smoke test
+    python bench/ray_scaling.py --driver-writes   # only: how fast one process commits rows
 
-Writes bench/results/ray.md and ray.json (with --quick: scratch files in the temp dir).
+Writes bench/results/ray.md and ray.json (with --quick: scratch files in the temp dir);
+--driver-writes: bench/results/ray_driver_writes.md and .json. That one measures the ceiling
+of the Ray engine's design, where the driver commits every batch to the shard stores: rows/s
+of StoreWriter.append of 1280-d features (fp32, fp16) in batches of 256 into fresh stores.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
@@ -44,12 +50,59 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*.h5")) if path.exists() else 0
 
 
+def driver_writes(rows: int = 40_000, batch: int = 256, dim: int = 1280) -> None:
+    from embedpipe.extract import versions
+    from embedpipe.store import StoreWriter
+
+    hdr = bu.Header("Sizing: how fast one process commits feature rows (the Ray driver's job)")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-writes-"))
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((batch, dim)).astype(np.float32)
+    records, table_rows = [], []
+    try:
+        for dtype in ("float32", "float16", "float32", "float16"):
+            out = tmp / f"{dtype}-{len(records)}.h5"
+            identity = {"model": "bench", "weights_source": "none", "weights_sha256": "0",
+                        "data_config": "{}", "pool": "avg", "feature_dim": dim,
+                        "precision": "fp32", "dtype": dtype}
+            t0 = time.perf_counter()
+            with StoreWriter.open(out, identity, versions=versions()) as w:
+                for lo in range(0, rows, batch):
+                    paths = [f"class{i % 10}/img_{lo + i:09d}.jpg" for i in range(batch)]
+                    w.append(feats, paths=paths, labels=[i % 10 for i in range(batch)],
+                             hashes=["0" * 64] * batch, splits=[""] * batch,
+                             mtime_ns=[0] * batch, size=[0] * batch)
+            dt = time.perf_counter() - t0
+            rec = {"dtype": dtype, "rows": rows, "batch": batch, "dim": dim,
+                   "rows_per_s": rows / dt, "MB_per_s": out.stat().st_size / dt / 1e6,
+                   "bytes_per_row": out.stat().st_size / rows}
+            records.append(rec)
+            table_rows.append([dtype, f"{rec['rows_per_s']:,.0f}", f"{rec['MB_per_s']:.0f}",
+                               f"{rec['bytes_per_row']:,.0f}"])
+            print(table_rows[-1], file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    extra = [f"{rows} rows of {dim}-d random features per store, appended and committed in "
+             f"batches of {batch} (each commit flushes HDF5: crash-safe), local disk; two "
+             "repetitions per dtype, in order fp32, fp16, fp32, fp16"]
+    text = hdr.render(extra) + "\n" + bu.table(["dtype", "rows/s", "MB/s", "bytes/row"],
+                                                table_rows) + "\n"
+    print(text)
+    md = bu.write_result("ray_driver_writes", text)
+    md.with_suffix(".json").write_text(json.dumps({"settings": records,
+                                                   "header": hdr.render(extra)}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-class", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--driver-writes", action="store_true")
     args = ap.parse_args()
+    if args.driver_writes:
+        driver_writes()
+        return
     per_class, reps = (4, 1) if args.quick else (20, 2)
     per_class, reps = args.per_class or per_class, args.reps or reps
     hdr = bu.Header("Sizing: in-process vs Ray extraction, store bytes per image")

@@ -48,6 +48,7 @@ from .store import (StoreError, StoreWriter, check_not_busy, identity_diffs, mer
 
 MAX_OPEN_SHARDS = 64  # shard stores written at once (one pipeline); more run in waves
 ROWS_PER_SHARD = 50_000  # default shard size on the first run (resume granularity)
+ACTOR_MEMORY = 1 << 30  # bytes reserved per backbone actor (Ray's logical memory resource)
 
 
 def import_ray() -> Any:
@@ -87,6 +88,34 @@ def _shard_count(sdir: Path, n_files: int, workers: int) -> int:
         raise StoreError(f"{sdir}: cannot create the shard folder ({e.strerror}); pass an "
                          "--out in a writable place") from None
     return n
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _mark_merged(sdir: Path, out: Path) -> None:
+    """Record that ``out`` is the merge of the shard stores as they are now."""
+    tmp = sdir / "merged.json.tmp"
+    tmp.write_text(json.dumps({"store": str(out), "stat": _stat_key(out)}))
+    os.replace(tmp, sdir / "merged.json")
+
+
+def _merged(sdir: Path, out: Path) -> bool:
+    """Whether ``out`` is still the last merge of the shard stores: the record exists (a run
+    that changes a shard removes it first) and ``out`` is the file that merge wrote."""
+    try:
+        return json.loads((sdir / "merged.json").read_text())["stat"] == _stat_key(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _unmark_merged(sdir: Path) -> None:
+    try:
+        (sdir / "merged.json").unlink()
+    except FileNotFoundError:
+        pass
 
 
 # -- what runs on the cluster --------------------------------------------------------------
@@ -270,11 +299,12 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         summary.stale += s.stale
         summary.failures += [f for f in s.failures if f not in disc.ignored]
     summary.failed = len(summary.failures)
-    if not summary.interrupted and (changed or not out.exists()):
+    if not summary.interrupted and (changed or not _merged(sdir, out)):
         shards = [shard_path(sdir, k, n_shards) for k in range(n_shards)]
         shards = [p for p in shards if p.exists()]
         say(f"merging {len(shards)} shard stores into {out}")
         merge(out, shards, versions=env, rebuild=True, progress=say)
+        _mark_merged(sdir, out)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -383,6 +413,8 @@ def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_sh
             writers.append(w)
             sess = Session(w, parts[k], opts, f"ray:{device}", env, s)
             wave_summaries.append(s)
+            if sess.changes and not changed:
+                _unmark_merged(sdir)  # STORE is out of date until the merge at the end
             changed |= sess.changes
             bar.update(len(parts[k].items) - len(sess.tasks))
             if not sess.tasks:
@@ -414,6 +446,7 @@ def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_sh
     if opts.prune and not summary.interrupted:
         for s in wave_summaries:
             if s.vanished or s.stale:
+                _unmark_merged(sdir)
                 s.pruned = len(prune(s.store, set(s.vanished) | set(s.stale)))
                 changed = True
     return changed
@@ -438,10 +471,10 @@ def _stream(cluster: _Cluster, items: list[dict[str, Any]], where: list[tuple[in
     ds = ds.map_batches(embedder, batch_size=b, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         num_cpus=actor_cpus, num_gpus=gpus or None,
-                        # a killed actor is restarted and its batch retried (Ray Data's
-                        # default for actor pools, stated here); these args also keep Ray
-                        # Data from fusing the decode tasks into the actors
-                        max_restarts=-1, max_task_retries=-1)
+                        # What one backbone actor holds (model + a batch in flight). Resource
+                        # requests that differ from the decode tasks' also keep Ray Data from
+                        # fusing decoding into the actors: it stays in CPU tasks, overlapped.
+                        memory=ACTOR_MEMORY)
     out_dtype = np.dtype(opts.dtype)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
