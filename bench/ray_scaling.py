@@ -158,7 +158,11 @@ def main() -> None:
                  "actors' start-up (one backbone load per actor), the shard planning and the "
                  "final merge",
                  "one machine with 2 cores shared with other jobs: this measures the Ray "
-                 "engine's overhead, not its scaling (2 actors compete for the same 2 cores)"]
+                 "engine's overhead, not its scaling (2 actors compete for the same 2 cores)",
+                 "store bytes/img at this size are mostly fixed overhead (a ~1 MB feature "
+                 "chunk and metadata per store and per shard store), which is why float16 "
+                 "looks no smaller: see `--driver-writes` (ray_driver_writes.md) for the "
+                 "per-row bytes of a large store"]
         if args.quick:
             extra.append("QUICK smoke-test run: numbers mean nothing")
         text = hdr.render(extra) + "\n" + table + "\n"

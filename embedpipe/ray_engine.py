@@ -247,9 +247,12 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
 
     from .backbones import decode_size, load_backbone, make_views_transform
 
+    sdir = shard_dir(out)
+    if not stored:  # an earlier run that stopped before its merge: its shards' settings
+        first = next(iter(sorted(sdir.glob("shard-*.h5"))), None) if sdir.is_dir() else None
+        stored = read_identity(first) if first is not None else {}
     cluster = _Cluster(ray, address, workers, gpus_per_worker, say)
     try:
-        sdir = shard_dir(out)
         known = (sdir / "shards.json").exists()
         if opts.precision == "auto" and not stored.get("precision") or not known:
             cluster.up()  # a first run, or the precision depends on the workers' hardware
