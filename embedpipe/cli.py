@@ -148,8 +148,11 @@ def extract(
                                                "bf16, else fp32; an existing store keeps its own."),
     dtype: str = typer.Option("float32", help="Stored feature dtype: float32 or float16."),
     batch_size: int = typer.Option(32, "--batch-size", "-b"),
-    workers: Optional[int] = typer.Option(None, help="Loader worker processes "
-                                                     "(default: cores - 1, at least 1)."),
+    workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: cores "
+                                                     "- 1, at least 1); with --engine ray: "
+                                                     "backbone actors (default: one per "
+                                                     "--num-gpus-per-worker share of the "
+                                                     "cluster's GPUs, else 1)."),
     layout: str = typer.Option("auto", help="auto, class-folders, split-folders, unlabeled, "
                                             "manifest."),
     exact_decode: bool = typer.Option(False, help="Decode JPEGs at full size (default: "
@@ -165,9 +168,27 @@ def extract(
                                                  "embedding over views: flip, crops (five "
                                                  "crops) or flip,crops. Part of the store's "
                                                  "provenance."),
+    engine: str = typer.Option("in-process", help="in-process (default) or ray: decode as Ray "
+                                                  "tasks and run the backbone on a pool of Ray "
+                                                  "actors, writing shard stores under "
+                                                  "STORE.shards/ merged into STORE (needs "
+                                                  "`pip install 'embedpipe[ray]'`)."),
+    address: Optional[str] = typer.Option(None, help="--engine ray: the Ray cluster (e.g. "
+                                                     "HOST:6379, `auto`, or `local` for a new "
+                                                     "local one). Default: RAY_ADDRESS or a "
+                                                     "new local cluster."),
+    num_gpus_per_worker: float = typer.Option(0.0, help="--engine ray: GPUs per backbone "
+                                                        "actor (0: CPU actors)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
+    if engine == "ray":
+        try:  # before torch is imported: a missing extra fails fast
+            import ray  # noqa: F401
+        except ImportError:
+            from .errors import RAY_MISSING
+
+            _fail(RAY_MISSING)
     from . import extract as ex
 
     opts = ex.ExtractOptions(model=model, weights=weights, random_init=random_init, pool=pool,
@@ -176,7 +197,18 @@ def extract(
                              workers=workers, layout=layout, exact_decode=exact_decode,
                              max_pixels=max_pixels, prune=prune, shard=shard, tta=tta)
     store = out or ex.default_store_path(data, opts, CACHE_DIR)
-    summary = _run(ex.run, data, store, opts, progress=not quiet)
+    if engine == "ray":
+        from .ray_engine import run as run_ray
+
+        summary = _run(run_ray, data, store, opts, address=address, workers=workers,
+                       gpus_per_worker=num_gpus_per_worker, progress=not quiet)
+    elif engine != "in-process":
+        _fail(f"--engine {engine}: pass in-process (the default) or ray")
+    elif address is not None or num_gpus_per_worker:
+        _fail("--address and --num-gpus-per-worker go with --engine ray; add --engine ray or "
+              "drop them")
+    else:
+        summary = _run(ex.run, data, store, opts, progress=not quiet)
     skipped = summary.failures + summary.ignored_files
     for path, reason in skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
@@ -250,18 +282,35 @@ def info(
 
 @app.command()
 def merge(
-    out: Path = typer.Argument(..., help="Store to create or extend."),
-    inputs: list[Path] = typer.Argument(..., help="Stores made with the same model, weights, "
-                                                  "preprocessing and precision (e.g. shards)."),
+    stores: list[Path] = typer.Argument(..., help="Stores made with the same model, weights, "
+                                                  "preprocessing, precision and TTA (e.g. "
+                                                  "shards). Without -o the first is the store "
+                                                  "to create or extend."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store to create or extend "
+                                       "(rows already in it are kept)."),
 ) -> None:
-    """Merge stores of one backbone (e.g. `extract --shard K/N` outputs) into one store."""
+    """Merge stores of one backbone (e.g. `extract --shard K/N` outputs) into one store:
+    `merge SHARD... -o STORE` (or `merge STORE SHARD...`). Stores with other provenance are
+    refused; a path in several stores keeps its first row (STORE's own, then argument
+    order)."""
     from .extract import versions
     from .store import merge as merge_stores
 
-    counts = _run(merge_stores, out, inputs, versions=versions(),
+    if out is None:
+        if len(stores) < 2:
+            _fail("Missing argument: the stores to merge; pass SHARD... -o STORE (or STORE "
+                  "SHARD...) (see `embedpipe merge --help`)")
+        out, stores = stores[0], stores[1:]
+    counts = _run(merge_stores, out, stores, versions=versions(),
                   progress=lambda m: typer.echo(m, err=True))
-    typer.echo(f"merged {len(inputs)} stores into {out}: {counts['added']} rows added, "
-               f"{counts['skipped']} already there, {counts['errors']} skipped-file records")
+    conflicts = counts["conflicts"]
+    if conflicts:
+        typer.echo(f"{len(conflicts)} paths are in several stores with different content "
+                   f"(e.g. {conflicts[0]}); kept the first row of each (the target's own, then "
+                   "argument order)", err=True)
+    typer.echo(f"merged {len(stores)} stores into {out}: {counts['added']} rows added, "
+               f"{counts['skipped']} already there, {len(conflicts)} conflicting duplicates "
+               f"dropped, {counts['errors']} skipped-file records")
 
 
 @app.command()

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input, options or environment; str(e) is one line naming the file and the fix."""
+
+
+RAY_MISSING = ("--engine ray needs Ray, which is not installed here: pip install "
+               "'embedpipe[ray]' (or drop --engine ray to extract in-process)")

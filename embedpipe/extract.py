@@ -187,26 +187,35 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         task = self.tasks[i]
-        out: dict[str, Any] = {"i": i, "hash": "", "mtime_ns": 0, "size": 0}
-        try:
-            st = os.stat(task.ref.path)
-            out["mtime_ns"], out["size"] = st.st_mtime_ns, st.st_size
-        except OSError:
-            pass
-        try:
-            data = read_file(task.ref.path)
-            out["hash"] = content_hash(data)
-            if task.expect_hash is not None and out["hash"] == task.expect_hash:
-                out["status"] = "same"
-                return out
-            img = decode_image(data, min_size=self.min_size, max_pixels=self.max_pixels)
-            out["tensor"] = self.transform(img)
-            out["status"] = "ok"
-        except DecodeError as e:
-            out["status"], out["reason"] = "error", str(e)
-        except Exception as e:  # noqa: BLE001 - a transform failure is this file's failure too
-            out["status"], out["reason"] = "error", f"preprocessing failed: {type(e).__name__}: {e}"
-        return out
+        return {"i": i, **load_one(task.ref.path, task.expect_hash, self.transform,
+                                   self.min_size, self.max_pixels)}
+
+
+def load_one(path: str | Path, expect_hash: str | None, transform: Any,
+             min_size: tuple[int, int] | None, max_pixels: int | None) -> dict[str, Any]:
+    """Stat, read, hash and decode one file: a dict with status ok (and its ``tensor``), same
+    (content equals ``expect_hash``: nothing to extract) or error (and its ``reason``), plus
+    hash, mtime_ns and size. Never raises for a bad file (both engines use this)."""
+    out: dict[str, Any] = {"hash": "", "mtime_ns": 0, "size": 0}
+    try:
+        st = os.stat(path)
+        out["mtime_ns"], out["size"] = st.st_mtime_ns, st.st_size
+    except OSError:
+        pass
+    try:
+        data = read_file(path)
+        out["hash"] = content_hash(data)
+        if expect_hash is not None and out["hash"] == expect_hash:
+            out["status"] = "same"
+            return out
+        img = decode_image(data, min_size=min_size, max_pixels=max_pixels)
+        out["tensor"] = transform(img)
+        out["status"] = "ok"
+    except DecodeError as e:
+        out["status"], out["reason"] = "error", str(e)
+    except Exception as e:  # noqa: BLE001 - a transform failure is this file's failure too
+        out["status"], out["reason"] = "error", f"preprocessing failed: {type(e).__name__}: {e}"
+    return out
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -279,19 +288,12 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     already discovered) into the store ``out``."""
     say = say or printer(progress)
     t0 = time.perf_counter()
-    if opts.batch_size < 1:
-        raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
-    if opts.dtype not in DTYPES:
-        raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
-    if opts.max_pixels is not None and opts.max_pixels < 1:
-        raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
-                           f"(default {DEFAULT_MAX_PIXELS})")
+    check_options(opts)
     out = Path(out)
     disc = source if isinstance(source, Discovery) else discover(source, opts.layout)
     if opts.shard:
         disc = select_shard(disc, opts.shard)
     device = resolve_device(opts.device)
-    parse_tta(opts.tta)  # a bad --tta fails before anything is loaded
     check_not_busy(out)  # fail now rather than after loading the backbone
     stored = read_identity(out) if out.exists() else {}
     precision = resolve_precision(opts.precision, device, stored.get("precision"))
@@ -306,13 +308,49 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
                       ignored_files=list(disc.ignored),
                       device=str(device), precision=precision)
     with StoreWriter.open(out, identity, versions=env, progress=say) as writer:
-        plan = make_plan(disc, writer)
+        session = Session(writer, disc, opts, str(device), env, summary)
+        try:
+            _extract(session, backbone, data_config, opts, device, precision, progress)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        except StoreError as e:  # e.g. the disk filled up: note it in the run record if we can
+            session.failed(e)
+            raise
+        session.finish(time.perf_counter() - t0)
+    if opts.prune and (summary.vanished or summary.stale) and not summary.interrupted:
+        summary.pruned = len(prune(out, set(summary.vanished) | set(summary.stale)))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def check_options(opts: ExtractOptions) -> None:
+    """Fail on a bad option before anything is loaded."""
+    if opts.batch_size < 1:
+        raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
+    if opts.dtype not in DTYPES:
+        raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
+    if opts.max_pixels is not None and opts.max_pixels < 1:
+        raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
+                           f"(default {DEFAULT_MAX_PIXELS})")
+    parse_tta(opts.tta)
+
+
+class Session:
+    """One store brought up to date with one set of discovered images: the plan against what
+    the store holds, the run record, the commits of finished batches, and the final record.
+    The in-process engine runs one; the Ray engine one per shard store."""
+
+    def __init__(self, writer: StoreWriter, disc: Discovery, opts: ExtractOptions, device: str,
+                 env: dict[str, str], summary: Summary):
+        self.writer, self.summary = writer, summary
+        self.plan = plan = make_plan(disc, writer)
         summary.unchanged = plan.unchanged
         summary.vanished = plan.vanished
-        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(disc.root),
-                  "layout": disc.layout, "options": asdict(opts), "device": str(device),
-                  "host": platform.node(), "versions": env}
-        writer.log_run({**record, "status": "running"})
+        self.record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "source": str(disc.root), "layout": disc.layout,
+                       "options": asdict(opts), "device": device, "host": platform.node(),
+                       "versions": env}
+        writer.log_run({**self.record, "status": "running"})
         if plan.relabel:
             ids = writer.class_ids(lbl for _, lbl, _ in plan.relabel if lbl is not None)
             writer.relabel([r for r, _, _ in plan.relabel],
@@ -320,29 +358,40 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
                            [s or "" for _, _, s in plan.relabel])
         writer.record_errors([(p, r, "", 0, 0) for p, r in disc.ignored])
         summary.failures = list(plan.still_failing)
-        try:
-            _extract(writer, backbone, data_config, plan, opts, device, precision, summary,
-                     progress)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-        except StoreError as e:  # e.g. the disk filled up: note it in the run record if we can
-            with contextlib.suppress(StoreError):
-                writer.log_run({**record, "status": "failed", "error": str(e),
-                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            raise
-        if plan.vanished_errors:
-            writer.forget_errors(plan.vanished_errors)
+        self.tasks = [t for t, _ in plan.check] + plan.new
+        self.rows_of = {id(t): row for t, row in plan.check}
+        self.retry = set(plan.retry_fixed)
+
+    @property
+    def changes(self) -> bool:
+        """Whether this run changes the store's rows or errors (beyond its run record)."""
+        p = self.plan
+        return bool(self.tasks or p.relabel or p.vanished_errors)
+
+    def commit(self, batch: dict[str, Any], feats: np.ndarray | None) -> None:
+        """Commit one finished batch: ``batch['items']`` (dicts of load_one plus ``i``, the
+        index into ``tasks``), ``batch['good']`` (the ``i`` of the ok items, in the order of
+        the rows of ``feats``)."""
+        _commit_batch(self.writer, self.tasks, self.rows_of, batch, feats, self.retry,
+                      self.summary)
+
+    def failed(self, e: BaseException) -> None:
+        with contextlib.suppress(StoreError):
+            self.writer.log_run({**self.record, "status": "failed", "error": str(e),
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def finish(self, seconds: float) -> None:
+        summary = self.summary
+        if self.plan.vanished_errors:
+            self.writer.forget_errors(self.plan.vanished_errors)
         summary.failed = len(summary.failures)
-        summary.seconds = time.perf_counter() - t0
-        writer.log_run({**record, "status": "interrupted" if summary.interrupted else "done",
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "summary": {k: v for k, v in asdict(summary).items()
-                                    if k not in ("failures", "ignored_files", "vanished", "store")},
-                        "vanished": len(summary.vanished)})
-    if opts.prune and (summary.vanished or summary.stale) and not summary.interrupted:
-        summary.pruned = len(prune(out, set(summary.vanished) | set(summary.stale)))
-    summary.seconds = time.perf_counter() - t0
-    return summary
+        summary.seconds = seconds
+        self.writer.log_run(
+            {**self.record, "status": "interrupted" if summary.interrupted else "done",
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "summary": {k: v for k, v in asdict(summary).items()
+                         if k not in ("failures", "ignored_files", "vanished", "store")},
+             "vanished": len(summary.vanished)})
 
 
 def store_identity(backbone: Backbone, opts: ExtractOptions,
@@ -378,18 +427,33 @@ def select_shard(disc: Discovery, shard: str) -> Discovery:
         assert 0 <= k < n
     except (ValueError, AssertionError):
         raise ExtractError(f"--shard {shard}: pass K/N with 0 <= K < N, e.g. 0/4") from None
-    keep = [r for r in disc.items if zlib.crc32(r.rel.encode()) % n == k]
-    ign = [(p, why) for p, why in disc.ignored if zlib.crc32(p.encode()) % n == k]
-    return Discovery(disc.root, disc.layout, keep, disc.class_names, ign)
+    return partition(disc, n)[k]
 
 
-def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any], plan: Plan,
-             opts: ExtractOptions, device: torch.device, precision: str, summary: Summary,
+def shard_of(rel: str, n: int) -> int:
+    """The shard (of ``n``) a file belongs to: a hash of its relative path, so the same file
+    lands in the same shard on every run and every machine."""
+    return zlib.crc32(rel.encode()) % n
+
+
+def partition(disc: Discovery, n: int) -> list[Discovery]:
+    """Split the discovered files (and the ignored ones) into ``n`` shards by shard_of."""
+    items: list[list[ImageRef]] = [[] for _ in range(n)]
+    ign: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+    for r in disc.items:
+        items[shard_of(r.rel, n)].append(r)
+    for p, why in disc.ignored:
+        ign[shard_of(p, n)].append((p, why))
+    return [Discovery(disc.root, disc.layout, items[k], disc.class_names, ign[k])
+            for k in range(n)]
+
+
+def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
+             opts: ExtractOptions, device: torch.device, precision: str,
              progress: bool) -> None:
-    tasks = [t for t, _ in plan.check] + plan.new
+    tasks = session.tasks
     if not tasks:
         return
-    rows_of = {id(t): row for t, row in plan.check}
     min_size = None if opts.exact_decode else decode_size(data_config)
     dataset = _Images(tasks, make_views_transform(data_config), min_size, opts.max_pixels)
     workers = default_workers() if opts.workers is None else max(0, opts.workers)
@@ -400,7 +464,6 @@ def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any
     )
     model, amp = prepare_model(backbone, device, precision, opts.channels_last)
     out_dtype = np.dtype(opts.dtype)
-    retry = set(plan.retry_fixed)
     with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
         for batch in loader:
             feats = None
@@ -410,7 +473,7 @@ def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any
                               flip="flip" in (data_config.get("tta") or ""),
                               chunk=opts.batch_size)
                 feats = feats.cpu().numpy().astype(out_dtype, copy=False)
-            _commit_batch(writer, tasks, rows_of, batch, feats, retry, summary)
+            session.commit(batch, feats)
             bar.update(len(batch["items"]))
 
 

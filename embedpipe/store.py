@@ -1208,66 +1208,124 @@ def prune(path: str | Path, rows: set[str], errors: set[str] = frozenset()) -> l
     return [p for p in paths if p in rows]
 
 
+def identity_diffs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The provenance keys on which two identities differ, as ``key: a vs b`` (a differing
+    data_config names its differing fields, e.g. ``data_config.input_size: [3, 224, 224] vs
+    [3, 192, 192]``)."""
+    out = []
+    for k in IDENTITY_KEYS:
+        va, vb = _norm(a.get(k)), _norm(b.get(k))
+        if va == vb:
+            continue
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += [f"{k}.{f}: {va.get(f, '(none)')!r} vs {vb.get(f, '(none)')!r}"
+                    for f in sorted(set(va) | set(vb)) if va.get(f) != vb.get(f)]
+        else:
+            out.append(f"{k}: {va!r} vs {vb!r}")
+    return out
+
+
 def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, str],
-          block_rows: int = 8192, progress: Any = None) -> dict[str, int]:
-    """Merge stores made with the same identity (e.g. ``extract --shard K/N`` workers) into
-    ``out`` (created or extended). Rows already in ``out`` (same path and hash) are skipped;
-    the same path with different content in two inputs is an error. Streams in blocks."""
+          block_rows: int = 8192, progress: Any = None, rebuild: bool = False) -> dict[str, Any]:
+    """Merge stores made with the same identity (model, weights, preprocessing, precision,
+    TTA, dtype: e.g. ``extract --shard K/N`` workers or the Ray engine's shard stores) into
+    ``out``, created or extended (``rebuild``: made afresh from the inputs alone, in a
+    temporary file that atomically replaces ``out``).
+
+    Duplicate paths are dropped deterministically: the first row of a path wins, in the order
+    ``out`` (when extended), then the inputs in argument order; a path that is a row anywhere
+    is not an error record; of several error records of a path the first wins. Counts:
+    added, skipped (duplicates with the same content), conflicts (duplicates with other
+    content: list of paths, the first kept), errors. Streams in blocks of ``block_rows``."""
     out = Path(out)
+    if not inputs:
+        raise StoreError("merge: no input stores; pass the shard stores to merge")
     identity = read_identity(inputs[0])
     for p in inputs[1:]:
-        msg = describe_mismatch(Path(p), read_identity(p), identity)
-        if msg:
-            raise StoreMismatch(msg.replace("this run asks for", f"{inputs[0]} has"))
+        diffs = identity_diffs(identity, read_identity(p))
+        if diffs:
+            raise StoreMismatch(f"{p}: cannot merge with {inputs[0]}: made with other "
+                                f"settings ({'; '.join(diffs[:4])}); merge only stores of one "
+                                "backbone, weights, preprocessing and precision")
+    if out.exists() and not rebuild:
+        diffs = identity_diffs(read_identity(out), identity)
+        if diffs:
+            raise StoreMismatch(f"{out}: cannot merge {inputs[0]} into it: made with other "
+                                f"settings ({'; '.join(diffs[:4])}); pass another -o")
     for p in inputs:  # a damaged input fails here, before anything is written
         verify(p)
-    counts = {"added": 0, "skipped": 0, "errors": 0}
-    with StoreWriter.open(out, identity, versions=versions, progress=progress) as w:
-        idx = w.index()
-        have = {p: idx.hash[i] for p, i in idx.row.items()}
-        all_classes: set[str] = set()
-        for src_path in inputs:
-            with _open_swmr_read(Path(src_path)) as src:
-                all_classes.update(_decode(c) for c in src["class_names"][:])
-        w.class_ids(all_classes)  # one sorted append, as a single extract run would do
-        for src_path in inputs:
-            with _open_swmr_read(Path(src_path)) as src:
-                _check_schema(src, Path(src_path))
-                n, n_err = (int(v) for v in src["committed"][:2])
-                names = [_decode(c) for c in src["class_names"][:]]
-                ids = w.class_ids(names)
-                remap = np.array([ids[c] for c in names] + [-1], dtype=np.int64)
-                for lo in range(0, n, block_rows):
-                    hi = min(n, lo + block_rows)
-                    cols = {k: src[k][lo:hi] for k in ROW_FIELDS}
-                    paths = [_decode(p) for p in cols["paths"]]
-                    hashes = [_decode(h) for h in cols["hash"]]
-                    take = []
-                    for j, (p, h) in enumerate(zip(paths, hashes)):
-                        if p in have:
-                            if have[p] != h:
-                                raise StoreError(f"{src_path}: {p} differs from the row already "
-                                                 f"merged into {out}; merge shards of one data "
-                                                 "snapshot, or re-extract that file")
+    if not rebuild:
+        with StoreWriter.open(out, identity, versions=versions, progress=progress) as w:
+            return _merge_into(w, out, inputs, block_rows)
+    _make_parent(out)
+    lock = _lock(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.merge.h5")
+    try:
+        for leftover in (tmp, _lock_path(tmp)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        with StoreWriter.open(tmp, identity, versions=versions, progress=progress) as w:
+            counts = _merge_into(w, out, inputs, block_rows)
+        os.replace(tmp, out)
+        return counts
+    finally:
+        for leftover in (tmp, _lock_path(tmp)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        _unlock(lock)
+
+
+def _merge_into(w: "StoreWriter", out: Path, inputs: Sequence[str | Path],
+                block_rows: int) -> dict[str, Any]:
+    counts: dict[str, Any] = {"added": 0, "skipped": 0, "conflicts": [], "errors": 0}
+    idx = w.index()
+    have = {p: idx.hash[i] for p, i in idx.row.items()}
+    all_classes: set[str] = set()
+    for src_path in inputs:
+        with _open_swmr_read(Path(src_path)) as src:
+            all_classes.update(_decode(c) for c in src["class_names"][:])
+    w.class_ids(all_classes)  # one sorted append, as a single extract run would do
+    errors: dict[str, tuple[Any, ...]] = {}
+    for src_path in inputs:
+        with _open_swmr_read(Path(src_path)) as src:
+            _check_schema(src, Path(src_path))
+            n, n_err = _committed(src)
+            names = [_decode(c) for c in src["class_names"][:]]
+            ids = w.class_ids(names)
+            remap = np.array([ids[c] for c in names] + [-1], dtype=np.int64)
+            for lo in range(0, n, block_rows):
+                hi = min(n, lo + block_rows)
+                cols = {k: src[k][lo:hi] for k in ROW_FIELDS}
+                paths = [_decode(p) for p in cols["paths"]]
+                hashes = [_decode(h) for h in cols["hash"]]
+                take = []
+                for j, (p, h) in enumerate(zip(paths, hashes)):
+                    if p in have:  # the first row of a path wins
+                        if have[p] == h:
                             counts["skipped"] += 1
-                            continue
-                        have[p] = h
-                        take.append(j)
-                    if not take:
+                        else:
+                            counts["conflicts"].append(p)
                         continue
-                    feats = src["features"][lo:hi][take]
-                    w.append(feats, paths=[paths[j] for j in take],
-                             labels=remap[cols["labels"][take]],
-                             hashes=[hashes[j] for j in take],
-                             splits=[_decode(x) for x in cols["split"][take]],
-                             mtime_ns=cols["mtime_ns"][take], size=cols["size"][take])
-                    counts["added"] += len(take)
-                errs = [tuple(_decode(v) if not isinstance(v, np.integer) else int(v)
-                              for v in row)
-                        for row in zip(*(src["errors/" + x][:n_err] for x in ERROR_FIELDS))]
-                errs = [e for e in errs if e[0] not in have]
-                w.record_errors(errs)
-                counts["errors"] += len(errs)
-        w.log_run({"merged": [str(p) for p in inputs], "counts": counts,
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "done"})
+                    have[p] = h
+                    take.append(j)
+                if not take:
+                    continue
+                feats = src["features"][lo:hi][take]
+                w.append(feats, paths=[paths[j] for j in take],
+                         labels=remap[cols["labels"][take]],
+                         hashes=[hashes[j] for j in take],
+                         splits=[_decode(x) for x in cols["split"][take]],
+                         mtime_ns=cols["mtime_ns"][take], size=cols["size"][take])
+                counts["added"] += len(take)
+            for row in zip(*(src["errors/" + x][:n_err] for x in ERROR_FIELDS)):
+                e = tuple(int(v) if isinstance(v, np.integer) else _decode(v) for v in row)
+                errors.setdefault(e[0], e)  # the first record of a path wins
+    known = set(w.index().errors)  # records already in ``out`` stay as they are ...
+    w.forget_errors(known & set(have))  # ... unless the path now has a row
+    errs = [e for p, e in errors.items() if p not in have and p not in known]
+    w.record_errors(errs)
+    counts["errors"] = len(errs)
+    w.log_run({"merged": [str(p) for p in inputs],
+               "counts": {**counts, "conflicts": len(counts["conflicts"])},
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "done"})
     return counts

@@ -1,0 +1,104 @@
+"""`embedpipe merge SHARD... -o STORE`: provenance is checked key by key, duplicate paths are
+dropped deterministically (the first row of a path wins, in argument order). Real
+Fashion-MNIST images and the bundled pretrained backbone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedpipe.cli import app
+from embedpipe.datasets import write_fashion_mnist_folder
+from embedpipe.store import open_store
+
+runner = CliRunner()
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def extract(data: Path, out: Path, *extra: str) -> Path:
+    res = cli("extract", data, "-o", out, "-q", "--precision", "fp32", *extra)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def one_line_error(res) -> str:
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 real Fashion-MNIST images, one per class."""
+    return write_fashion_mnist_folder(tmp_path_factory.mktemp("merge") / "data", per_class=1)
+
+
+@pytest.fixture(scope="module")
+def small_store(small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return extract(small, tmp_path_factory.mktemp("merge_store") / "a.h5")
+
+
+def test_merge_refuses_shards_of_other_provenance_naming_the_keys(small: Path,
+                                                                  small_store: Path,
+                                                                  tmp_path: Path):
+    bag = small / "bag"
+    other_size = extract(bag, tmp_path / "b192.h5", "--img-size", "192")
+    random = extract(bag, tmp_path / "random.h5", "--random-init")
+    out = tmp_path / "m.h5"
+    line = one_line_error(cli("merge", small_store, other_size, "-o", out))
+    assert "b192.h5" in line and "data_config.input_size: [3, 224, 224] vs [3, 192, 192]" in line
+    line = one_line_error(cli("merge", small_store, random, "-o", out))
+    assert "random.h5" in line and "weights_source:" in line and "weights_sha256:" in line
+    assert " vs " in line
+    assert not out.exists()
+    # extending a store of another backbone is refused the same way
+    line = one_line_error(cli("merge", small_store, "-o", random))
+    assert "weights_sha256:" in line and "pass another -o" in line
+    assert len(open_store(random)) == 1
+
+
+def test_merge_drops_duplicate_paths_first_in_argument_order_wins(small: Path,
+                                                                  small_store: Path,
+                                                                  tmp_path: Path):
+    # a second snapshot of the data: one image replaced by another picture, one made empty
+    snap = tmp_path / "snap"
+    shutil.copytree(small, snap)
+    changed = sorted((snap / "bag").iterdir())[0]
+    broken = sorted((snap / "coat").iterdir())[0]
+    shutil.copyfile(sorted((snap / "sneaker").iterdir())[0], changed)
+    broken.write_bytes(b"")
+    b = extract(snap, tmp_path / "b.h5")
+    a = small_store
+    rel_changed = f"bag/{changed.name}"
+    rel_broken = f"coat/{broken.name}"
+    fa, fb = (dict(zip(s.paths, s.features)) for s in (open_store(a), open_store(b)))
+    assert not np.allclose(fa[rel_changed], fb[rel_changed])
+
+    for order, winner in (((a, b), fa), ((b, a), fb)):
+        out = tmp_path / f"m_{order[0].stem}.h5"
+        res = cli("merge", *order, "-o", out)
+        assert res.exit_code == 0, res.output
+        assert "1 paths are in several stores with different content" in res.output
+        assert "10 rows added" in res.output and "1 conflicting duplicates dropped" in res.output
+        m = open_store(out)
+        assert sorted(m.paths) == sorted(fa) and len(set(m.paths)) == 10
+        feats = dict(zip(m.paths, m.features))
+        np.testing.assert_array_equal(feats[rel_changed], winner[rel_changed])
+        # the file that decodes in one store and not in the other keeps its row, no error
+        np.testing.assert_array_equal(feats[rel_broken], fa[rel_broken])
+        assert m.errors == []
+    # merging the same stores again adds nothing; the legacy form `merge STORE SHARD...` too
+    # (a: 10 rows, b: 9 rows and the empty file's error record; 1 row differs)
+    res = cli("merge", a, b, "-o", tmp_path / "m_a.h5")
+    assert "0 rows added, 18 already there, 1 conflicting" in res.output, res.output
+    res = cli("merge", tmp_path / "m_a.h5", b)
+    assert "0 rows added, 8 already there, 1 conflicting" in res.output, res.output
+    assert len(open_store(tmp_path / "m_a.h5")) == 10
