@@ -12,7 +12,7 @@ The graph (``embedpipe export HEAD -o model.onnx``):
   of the graph).
 * output ``label``: int64, N: the index into ``classes`` of the most probable class.
 
-Linear heads (logreg, ridge, linear-svm, centroid) and the preprocessing steps (l2, scale, PCA)
+Linear heads (logreg, ridge, linear-svm, centroid, sgd, logreg-sgd) and the preprocessing steps (l2, scale, PCA)
 are written as plain ONNX ops here, exactly; svm, knn and mlp classifiers are converted with
 skl2onnx. Every exported head is checked against the fitted estimator on sample features
 before it is written; a head that does not match is refused with one line (in practice the
@@ -117,6 +117,10 @@ def _steps(estimator: Any) -> tuple[Any, Any, float | None]:
                               "copies is not exportable; refit the head with `embedpipe fit`")
         beta = float(np.asarray(cals[0].calibrators[0].beta_))
         estimator = cals[0].estimator
+    from sklearn.frozen import FrozenEstimator
+
+    if isinstance(estimator, FrozenEstimator):  # a streamed head calibrated after its fit
+        estimator = estimator.estimator
     if not isinstance(estimator, Pipeline):
         raise ExportError(f"estimator {type(estimator).__name__} is not a head pipeline")
     return estimator, estimator.steps[-1][1], beta
@@ -193,7 +197,7 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
                head_name: str = "head") -> Any:
     """The fitted head as an ONNX model: ``features`` (N x dim) → ``probabilities``, ``label``."""
     from onnx import TensorProto, helper
-    from sklearn.linear_model import LogisticRegression, RidgeClassifier
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
     from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
     from sklearn.neural_network import MLPClassifier
     from sklearn.svm import SVC, LinearSVC
@@ -216,9 +220,19 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
             probs = g.op("Concat", [p0, p1], "proba", axis=1)
         else:
             probs = g.op("Softmax", [z], "proba", axis=1)
-    elif isinstance(clf, (RidgeClassifier, LinearSVC)) and beta is not None:
+    elif isinstance(clf, (RidgeClassifier, LinearSVC, SGDClassifier)) and beta is not None:
         z = _linear(g, x, clf.coef_, clf.intercept_)
         probs = _softmax(g, z, clf.coef_.shape[0], beta)
+    elif isinstance(clf, SGDClassifier) and clf.loss == "log_loss" and beta is None:
+        # scikit-learn's one-vs-rest probabilities: sigmoid of each score, normalised
+        p = g.op("Sigmoid", [_linear(g, x, clf.coef_, clf.intercept_)], "sigmoid")
+        if clf.coef_.shape[0] == 1:
+            p0 = g.op("Sub", [g.const(np.float32(1.0), "one"), p], "p0")
+            probs = g.op("Concat", [p0, p], "proba", axis=1)
+        else:
+            total = g.op("ReduceSum", [p, g.const(np.array([1], dtype=np.int64), "axis")],
+                         "total", keepdims=1)
+            probs = g.op("Div", [p, total], "proba")
     elif isinstance(clf, NearestCentroid) and beta is not None:
         if clf.metric != "euclidean" or n_classes < 3:
             raise ExportError(f"a centroid head with metric {clf.metric} and {n_classes} "
@@ -239,8 +253,8 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
     else:
         kind = type(clf).__name__ + (" (calibrated)" if beta is not None else "")
         raise ExportError(f"the {head_name} head ({kind}) cannot be exported to ONNX; "
-                          "exportable heads: logreg, ridge, linear-svm, centroid, svm, mlp (knn when "
-                          "skl2onnx reproduces it)")
+                          "exportable heads: logreg, ridge, linear-svm, centroid, svm, mlp, sgd, "
+                          "logreg-sgd (knn when skl2onnx reproduces it)")
     g.op("Identity", [probs], out=PROBS)
     g.op("ArgMax", [PROBS], out=LABEL, axis=1, keepdims=0)
     graph = helper.make_graph(

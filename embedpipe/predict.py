@@ -79,7 +79,8 @@ def _summary(head: Path, n: int, n_classes: int, labeled: int, correct: int,
 class CsvSink:
     """Writes the predictions CSV chunk by chunk: to stdout ("-" or None) as they come, or
     to a temporary file beside ``out`` renamed into place when complete (an interrupted run
-    never leaves a partial CSV under the name asked for)."""
+    never leaves a partial CSV under the name asked for). The header is written with the
+    first chunk, so an error before it (a damaged store) prints nothing but its one line."""
 
     def __init__(self, out: str | Path | None, top_k: int, n_classes: int):
         self.k = min(top_k, n_classes)
@@ -96,12 +97,18 @@ class CsvSink:
                 raise PredictError(f"--out {self._out}: cannot write ({e.strerror or e}); pass "
                                    "a writable path") from None
         self._w = csv.writer(self._f)
+        self._started = False
+
+    def _header(self) -> None:
         head = ["path", "label", "predicted", "confidence"]
         for i in range(1, self.k + 1):
             head += [f"top{i}", f"top{i}_prob"]
         self._w.writerow(head)
+        self._started = True
 
     def write(self, preds: "Predictions") -> None:
+        if not self._started:
+            self._header()
         for p, t, pred, conf, top in zip(preds.paths, preds.labels, preds.predicted,
                                          preds.confidence, preds.top):
             row = [p, t or "", pred, f"{conf:.6f}"]
@@ -114,6 +121,9 @@ class CsvSink:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None and not self._started:  # no rows: the header alone
+            self._header()
+            self._f.flush()
         if self._tmp is None:
             return
         self._f.close()

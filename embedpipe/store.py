@@ -457,10 +457,7 @@ def _chunk_plan(rows: np.ndarray, chunk_rows: int, block: int,
 def _read_chunks(path: Path, rows: np.ndarray, plan: list[np.ndarray], dim: int,
                  dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Read the batches of ``plan`` from the file, a contiguous span per group of rows."""
-    try:
-        f = _open_swmr_read(path)
-    except StoreError:
-        raise
+    f = _open_swmr_read(path)
     try:
         try:
             _check_schema(f, path)

@@ -41,10 +41,6 @@ def check_chunk_rows(chunk_rows: Any) -> int:
     return chunk_rows
 
 
-def is_streaming(head: str) -> bool:
-    return heads.get(head).streaming
-
-
 def _nothing(*_: Any) -> None:
     return None
 

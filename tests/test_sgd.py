@@ -191,6 +191,23 @@ def test_search_compare_and_class_weights_take_streaming_heads(fmnist_store: Pat
     assert row["difference"]["folds"] == [0.0, 0.0]  # the same rows give the same scores
 
 
+def test_streaming_heads_export_to_onnx_equal_to_predict_proba(fitted: dict[str, Path],
+                                                               fmnist_store: Path):
+    """The head part of `export` (the backbone part is tested in test_export.py): the ONNX
+    graph of each streaming head gives its predict_proba on the real features."""
+    ort = pytest.importorskip("onnxruntime")
+    from embedpipe.export import FEATURES, PROBS, head_graph
+
+    store = open_store(fmnist_store)
+    for head in STREAMING:
+        est = artifacts.load(fitted[head]).estimator
+        model = head_graph(est, store.dim, head_name=head)
+        sess = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        (probs,) = sess.run([PROBS], {FEATURES: store.features.astype(np.float32)})
+        np.testing.assert_allclose(probs, est.predict_proba(store.features), atol=1e-4)
+
+
 def test_bad_streaming_options_are_one_line_errors(fmnist_store: Path, tmp_path: Path):
     x = tmp_path / "x.skops"
     for cmd in (["fit", fmnist_store, "--head", "sgd", "-o", x],
