@@ -158,6 +158,13 @@ def extract(
                                                  "embedding over views: flip, crops (five "
                                                  "crops) or flip,crops. Part of the store's "
                                                  "provenance."),
+    compile_: str = typer.Option("auto", "--compile",
+                                help="torch.compile the backbone: auto, on or off. Compiled "
+                                     "kernels are cached (~/.cache/embedpipe/inductor, or "
+                                     "$TORCHINDUCTOR_CACHE_DIR); a failed compile warns once "
+                                     "and continues eagerly. Not part of the store's identity "
+                                     "(same features within float tolerance). auto: "
+                                     "COMPILE_AUTO_HELP"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
@@ -167,7 +174,8 @@ def extract(
                              img_size=img_size, crop_pct=crop_pct, device=device,
                              precision=precision, dtype=dtype, batch_size=batch_size,
                              workers=workers, layout=layout, exact_decode=exact_decode,
-                             max_pixels=max_pixels, prune=prune, shard=shard, tta=tta)
+                             max_pixels=max_pixels, prune=prune, shard=shard, tta=tta,
+                             compile=compile_)
     store = out or ex.default_store_path(data, opts, CACHE_DIR)
     summary = _run(ex.run, data, store, opts, progress=not quiet)
     skipped = summary.failures + summary.ignored_files

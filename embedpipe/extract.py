@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
+import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -36,6 +38,7 @@ from .errors import UserError
 from .store import StoreError, StoreWriter, check_not_busy, prune, read_identity
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILES = ("auto", "on", "off")
 DTYPES = ("float32", "float16")
 _AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +67,7 @@ class ExtractOptions:
     channels_last: bool = True
     shard: str | None = None  # "K/N": only the files of shard K of N (merge with store.merge)
     tta: str | None = None  # test-time augmentation: "flip", "crops" or "flip,crops"
+    compile: str = "auto"  # torch.compile the backbone: auto, on, off (not part of the identity)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Summary:
     ignored_files: list[tuple[str, str]] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    compiled: str = ""  # "", "compiled" or "eager (compile failed)"
     interrupted: bool = False
 
     @property
@@ -105,8 +110,9 @@ class Summary:
         if self.pruned:
             parts.append(f"{self.pruned} pruned")
         head = "interrupted" if self.interrupted else "done"
+        how = ", ".join(x for x in (self.device, self.precision, self.compiled) if x)
         return (f"{head}: {', '.join(parts)} of {self.total} images in {self.seconds:.1f} s "
-                f"({self.rate:.1f} img/s, {self.device}, {self.precision}) → {self.store}")
+                f"({self.rate:.1f} img/s, {how}) → {self.store}")
 
 
 # -- device / precision --------------------------------------------------------------------
@@ -283,6 +289,8 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
     if opts.dtype not in DTYPES:
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
+    if opts.compile not in COMPILES:
+        raise ExtractError(f"--compile {opts.compile}: pass one of {', '.join(COMPILES)}")
     if opts.max_pixels is not None and opts.max_pixels < 1:
         raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
                            f"(default {DEFAULT_MAX_PIXELS})")
@@ -322,7 +330,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         summary.failures = list(plan.still_failing)
         try:
             _extract(writer, backbone, data_config, plan, opts, device, precision, summary,
-                     progress)
+                     progress, say)
         except KeyboardInterrupt:
             summary.interrupted = True
         except StoreError as e:  # e.g. the disk filled up: note it in the run record if we can
@@ -371,6 +379,81 @@ def prepare_model(backbone: Backbone, device: torch.device, precision: str,
     return model, amp
 
 
+# -- torch.compile ---------------------------------------------------------------------------
+
+# `--compile auto` compiles only when at least this many forward passes of one image are due
+# (images × TTA views); None: never on this device type. Measured by bench/extract.py
+# (bench/results/extract.md): see resolve_compile.
+COMPILE_MIN_IMAGES: dict[str, int | None] = {"cpu": None, "cuda": 2000}
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels and FX graphs between runs (unless the user set
+    TORCHINDUCTOR_CACHE_DIR): <XDG_CACHE_HOME or ~/.cache>/embedpipe/inductor."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embedpipe" / "inductor"
+
+
+def resolve_compile(mode: str, device: torch.device, forwards: int) -> bool:
+    """Whether to torch.compile the backbone for ``forwards`` single-image forward passes."""
+    if mode not in COMPILES:
+        raise ExtractError(f"--compile {mode}: pass one of {', '.join(COMPILES)}")
+    if mode != "auto":
+        return mode == "on"
+    least = COMPILE_MIN_IMAGES.get(device.type)
+    return least is not None and forwards >= least
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class CompiledForward:
+    """The backbone's forward through ``torch.compile`` with one fixed batch shape.
+
+    Shorter batches (the last one, or one with undecodable files) are padded with zeros to
+    ``batch`` and the padding's outputs dropped, so the compiled graph is never recompiled
+    for a new shape (eval-mode networks treat every image independently). Any failure to
+    compile -- torch.compile itself, a missing C++ compiler or an unsupported op surfacing at
+    the first call -- prints one warning line and the run continues in eager mode: the
+    failed batch is recomputed eagerly, so nothing is lost.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int,
+                 warn: Callable[[str], None] = _warn):
+        self.eager, self.batch, self.warn = model, batch, warn
+        self.failed = False
+        self.fn: Any = None
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        # torch.utils.cpp_extension logs "No CUDA runtime is found" on CPU-only machines
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        try:
+            self.fn = torch.compile(model, dynamic=False)
+        except Exception as e:  # noqa: BLE001 - e.g. a Python version dynamo does not support
+            self._fall_back(e)
+
+    def _fall_back(self, e: BaseException) -> None:
+        self.failed, self.fn = True, None
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        self.warn(f"warning: torch.compile failed ({type(e).__name__}: {first}); continuing "
+                  "in eager mode (same features; pass --compile off to skip compiling)")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fn is None:
+            return self.eager(x)
+        n = x.shape[0]
+        xp = x
+        if n < self.batch:
+            xp = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+            if x.is_contiguous(memory_format=torch.channels_last):
+                xp = xp.contiguous(memory_format=torch.channels_last)
+        try:
+            return self.fn(xp)[:n]
+        except Exception as e:  # noqa: BLE001 - compile errors surface at the first call
+            self._fall_back(e)
+            return self.eager(x)
+
+
 def select_shard(disc: Discovery, shard: str) -> Discovery:
     """Keep the files of shard K of N (0-based; stable across runs: by a hash of the path)."""
     try:
@@ -385,7 +468,7 @@ def select_shard(disc: Discovery, shard: str) -> Discovery:
 
 def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any], plan: Plan,
              opts: ExtractOptions, device: torch.device, precision: str, summary: Summary,
-             progress: bool) -> None:
+             progress: bool, say: Callable[[str], None]) -> None:
     tasks = [t for t, _ in plan.check] + plan.new
     if not tasks:
         return
@@ -399,6 +482,11 @@ def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     model, amp = prepare_model(backbone, device, precision, opts.channels_last)
+    tta = data_config.get("tta") or ""
+    forwards = len(tasks) * (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
+    if resolve_compile(opts.compile, device, forwards):
+        model = CompiledForward(model, opts.batch_size, say)
+        summary.compiled = "compiled"
     out_dtype = np.dtype(opts.dtype)
     retry = set(plan.retry_fixed)
     with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
@@ -412,6 +500,8 @@ def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any
                 feats = feats.cpu().numpy().astype(out_dtype, copy=False)
             _commit_batch(writer, tasks, rows_of, batch, feats, retry, summary)
             bar.update(len(batch["items"]))
+    if isinstance(model, CompiledForward) and model.failed:
+        summary.compiled = "eager (compile failed)"
 
 
 def embed(model: torch.nn.Module, views: torch.Tensor, device: torch.device, *, amp: Any,
