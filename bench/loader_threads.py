@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
-from extract_speed import JPEG_H, JPEG_W, embedpipe_run, folder_stats, write_jpeg_folder  # noqa: E402
+from _benchutil import JPEG_H, JPEG_W, folder_stats, write_jpeg_folder  # noqa: E402
+from extract_speed import embedpipe_run  # noqa: E402
 
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
 from embedpipe.extract import default_workers, resolve_precision  # noqa: E402

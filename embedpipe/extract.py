@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -382,9 +383,12 @@ def prepare_model(backbone: Backbone, device: torch.device, precision: str,
 # -- torch.compile ---------------------------------------------------------------------------
 
 # `--compile auto` compiles only when at least this many forward passes of one image are due
-# (images × TTA views); None: never on this device type. Measured by bench/extract.py
-# (bench/results/extract.md): see resolve_compile.
-COMPILE_MIN_IMAGES: dict[str, int | None] = {"cpu": None, "cuda": 2000}
+# (images × TTA views); None: never on this device type. Measured by bench/compile.py
+# (bench/results/compile.md) on a 2-core AMD EPYC without native bf16, fp32: compiling Lite0
+# took 245 s with an empty inductor cache and 17 s with a filled one, and the compiled model
+# ran 1.7× eager, so a cold compile paid back after ~1,500 images. CUDA: not measured here (no
+# GPU); the same threshold, as compile times there are of the same order.
+COMPILE_MIN_IMAGES: dict[str, int | None] = {"cpu": 2000, "cuda": 2000}
 
 
 def compile_cache_dir() -> Path:
@@ -489,17 +493,37 @@ def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any
         summary.compiled = "compiled"
     out_dtype = np.dtype(opts.dtype)
     retry = set(plan.retry_fixed)
+    # Writing a batch (HDF5 append + flush) runs in one background thread while the next
+    # batch computes; at most one batch is in flight, and it is always finished (also on
+    # Ctrl-C or an error) before the store closes.
+    writes = ThreadPoolExecutor(1, thread_name_prefix="embedpipe-write")
+    pending: list[tuple[Future, int]] = []
+
+    def settle() -> None:
+        while pending:
+            fut, n = pending.pop()
+            fut.result()  # a StoreError (e.g. disk full) surfaces here
+            bar.update(n)
+
     with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
-        for batch in loader:
-            feats = None
-            if batch["tensor"] is not None:
-                feats = embed(model, batch["tensor"], device, amp=amp,
-                              channels_last=opts.channels_last,
-                              flip="flip" in (data_config.get("tta") or ""),
-                              chunk=opts.batch_size)
-                feats = feats.cpu().numpy().astype(out_dtype, copy=False)
-            _commit_batch(writer, tasks, rows_of, batch, feats, retry, summary)
-            bar.update(len(batch["items"]))
+        try:
+            for batch in loader:
+                feats = None
+                if batch["tensor"] is not None:
+                    feats = embed(model, batch["tensor"], device, amp=amp,
+                                  channels_last=opts.channels_last,
+                                  flip="flip" in (data_config.get("tta") or ""),
+                                  chunk=opts.batch_size)
+                    feats = feats.cpu().numpy().astype(out_dtype, copy=False)
+                settle()
+                pending.append((writes.submit(_commit_batch, writer, tasks, rows_of, batch,
+                                              feats, retry, summary), len(batch["items"])))
+            settle()
+        finally:
+            try:
+                settle()
+            finally:
+                writes.shutdown(wait=True)
     if isinstance(model, CompiledForward) and model.failed:
         summary.compiled = "eager (compile failed)"
 

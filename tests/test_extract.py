@@ -469,6 +469,9 @@ def test_compiled_forward_sees_one_batch_shape(fmnist: Path, tmp_path: Path, mon
                      "--batch-size", "4", "--compile", "on", "-q")
     assert "compiled" in res.output and "warning" not in res.output
     assert shapes == [(4, 3, 224, 224)] * 2  # 6 images: 4 + 2 padded to 4
+    shapes.clear()  # --compile auto (the default) does not compile a few images on the CPU
+    res = extract_ok(fmnist / "bag", "-o", tmp_path / "auto.h5", "--layout", "unlabeled", "-q")
+    assert shapes == [] and "compiled" not in res.output
     files = _bag_files(fmnist)
     np.testing.assert_allclose(np.stack([by_path(open_store(out))[f.name] for f in files]),
                                reference_features(files), atol=1e-4, rtol=0)
