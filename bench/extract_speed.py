@@ -1,4 +1,8 @@
-"""End-to-end extraction throughput: `embedpipe.extract.run()` vs a tutorial loop.
+"""End-to-end extraction variants: workers, precision, draft vs exact decoding, PNG vs JPEG.
+
+The headline comparison (tutorial loop vs `embedpipe extract` defaults vs the model-only
+ceiling, for Lite0 and ResNet-50) is bench/extract.py; this script measures what the
+individual options contribute.
 
 Everything is measured side by side in one process, on the same two 1,000-image folders,
 3 interleaved repetitions (configuration order shuffled each repetition), median img/s,
@@ -18,7 +22,7 @@ Configurations (all with the bundled, pretrained tf_efficientnet_lite0, batch 32
 Image sets:
   (i)  1,000 Fashion-MNIST test PNGs, 28×28 grayscale (`write_fashion_mnist_folder`, 100/class);
   (ii) 1,000 JPEGs, 1024×768 RGB, quality 90: the same garments upscaled onto random smooth
-       colour fields with some fine texture (generated here, ~145 KB each).
+       colour fields with some fine texture (`_benchutil.write_jpeg_folder`, ~145 KB each).
 Also on set (ii): decode + eval transform only (no model), per image on one thread, draft vs
 exact decoding, over 200 images.
 

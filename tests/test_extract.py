@@ -467,11 +467,11 @@ def test_compiled_forward_sees_one_batch_shape(fmnist: Path, tmp_path: Path, mon
     out = tmp_path / "s.h5"
     res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
                      "--batch-size", "4", "--compile", "on", "-q")
-    assert "compiled" in res.output and "warning" not in res.output
+    assert ", compiled) → " in res.output and "warning" not in res.output
     assert shapes == [(4, 3, 224, 224)] * 2  # 6 images: 4 + 2 padded to 4
     shapes.clear()  # --compile auto (the default) does not compile a few images on the CPU
     res = extract_ok(fmnist / "bag", "-o", tmp_path / "auto.h5", "--layout", "unlabeled", "-q")
-    assert shapes == [] and "compiled" not in res.output
+    assert shapes == [] and ", compiled)" not in res.output
     files = _bag_files(fmnist)
     np.testing.assert_allclose(np.stack([by_path(open_store(out))[f.name] for f in files]),
                                reference_features(files), atol=1e-4, rtol=0)
@@ -486,7 +486,7 @@ def test_compiled_features_equal_eager_features(fmnist: Path, tmp_path: Path, mo
         res = extract_ok(fmnist / "bag", "-o", stores[mode], "--layout", "unlabeled",
                          "--precision", "fp32", "--batch-size", "4", "--compile", mode, "-q")
         assert "warning" not in res.output, res.output
-    assert "compiled" in res.output.splitlines()[-1]
+    assert ", compiled) → " in res.output.splitlines()[-1]
     assert any((tmp_path / "inductor").iterdir())  # compiled artefacts are cached there
     eager, compiled = by_path(open_store(stores["off"])), by_path(open_store(stores["on"]))
     assert eager.keys() == compiled.keys() and len(eager) == 6
