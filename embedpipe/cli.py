@@ -165,9 +165,10 @@ def extract(
                                      "and continues eagerly. Not part of the store's identity "
                                      "(same features within float tolerance). auto: "
                                      "compile when >= 2000 images (x TTA views) are to be "
-                                     "extracted: on this 2-core CPU compiling Lite0 took "
-                                     "245 s cold / 17 s cached and ran 1.7x eager, paying "
-                                     "back after ~1500 images (bench/results/compile.md)."),
+                                     "extracted: on a 2-core CPU compiling Lite0 took 245 s "
+                                     "cold / 17 s cached and ran 1.7x eager, paying back "
+                                     "after ~1500 images; ResNet-50 ran no faster compiled "
+                                     "(pass off for it) (bench/results/compile.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""

@@ -331,7 +331,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         summary.failures = list(plan.still_failing)
         try:
             _extract(writer, backbone, data_config, plan, opts, device, precision, summary,
-                     progress, say)
+                     progress)
         except KeyboardInterrupt:
             summary.interrupted = True
         except StoreError as e:  # e.g. the disk filled up: note it in the run record if we can
@@ -386,8 +386,9 @@ def prepare_model(backbone: Backbone, device: torch.device, precision: str,
 # (images × TTA views); None: never on this device type. Measured by bench/compile.py
 # (bench/results/compile.md) on a 2-core AMD EPYC without native bf16, fp32: compiling Lite0
 # took 245 s with an empty inductor cache and 17 s with a filled one, and the compiled model
-# ran 1.7× eager, so a cold compile paid back after ~1,500 images. CUDA: not measured here (no
-# GPU); the same threshold, as compile times there are of the same order.
+# ran 1.7× eager, so a cold compile paid back after ~1,500 images. ResNet-50 compiled ran
+# 0.93–1.07× eager (344 s cold compile): no gain, so the threshold is set for the default
+# backbone. CUDA: not measured here (no GPU); the same threshold.
 COMPILE_MIN_IMAGES: dict[str, int | None] = {"cpu": 2000, "cuda": 2000}
 
 
@@ -472,7 +473,7 @@ def select_shard(disc: Discovery, shard: str) -> Discovery:
 
 def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any], plan: Plan,
              opts: ExtractOptions, device: torch.device, precision: str, summary: Summary,
-             progress: bool, say: Callable[[str], None]) -> None:
+             progress: bool) -> None:
     tasks = [t for t, _ in plan.check] + plan.new
     if not tasks:
         return
