@@ -25,7 +25,6 @@ Writes bench/results/extract.md and extract.json (with --quick: scratch files in
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import sys

@@ -490,7 +490,7 @@ def _extract(writer: StoreWriter, backbone: Backbone, data_config: dict[str, Any
     tta = data_config.get("tta") or ""
     forwards = len(tasks) * (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
     if resolve_compile(opts.compile, device, forwards):
-        model = CompiledForward(model, opts.batch_size, say)
+        model = CompiledForward(model, opts.batch_size)  # warns on stderr even with -q
         summary.compiled = "compiled"
     out_dtype = np.dtype(opts.dtype)
     retry = set(plan.retry_fixed)

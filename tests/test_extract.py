@@ -434,7 +434,7 @@ def test_failed_compile_warns_once_and_extracts_everything_eagerly(fmnist: Path,
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     out = tmp_path / "s.h5"
     res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
-                     "--batch-size", "4", "--compile", "on")
+                     "--batch-size", "4", "--compile", "on", "-q")  # warns even when quiet
     warnings = [l for l in res.output.splitlines() if "torch.compile" in l]
     assert len(warnings) == 1, res.output
     assert warnings[0].startswith("warning: torch.compile failed (RuntimeError: ")
