@@ -184,3 +184,83 @@ def write_result(name: str, text: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     return path
+
+
+def machine_facts() -> dict:
+    """CPU, flags, cores, versions and load, for the JSON results."""
+    import torch
+
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"cpu": cpu_model(), "flags": cpu_flags(), "cores": cores(),
+            "torch_threads": torch.get_num_threads(), "versions": versions(),
+            "loadavg": load, "load": load_snapshot(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": command_line()}
+
+
+def write_json(name: str, data: dict) -> Path:
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return path
+
+
+# -- image sets shared by the extraction benches -----------------------------------------------
+
+JPEG_W, JPEG_H = 1024, 768
+
+
+def write_jpeg_folder(out: Path, per_class: int, seed: int = 0) -> Path:
+    """per_class × 10 JPEGs of JPEG_W×JPEG_H: a Fashion-MNIST garment on a random colour field."""
+    import numpy as np
+    from PIL import Image
+
+    from embedpipe.datasets import FASHION_CLASSES, balanced_indices, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    rng = np.random.default_rng(seed)
+
+    def noise(w: int, h: int, resample: int) -> Image.Image:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        return Image.fromarray(a).resize((JPEG_W, JPEG_H), resample)
+
+    side = int(JPEG_H * 0.91)
+    for i in balanced_indices(labels, per_class, seed):
+        base = Image.blend(noise(4, 3, Image.BICUBIC), noise(32, 24, Image.BICUBIC), 0.4)
+        fine = noise(JPEG_W // 4, JPEG_H // 4, Image.BILINEAR)
+        base = Image.blend(base, fine, 0.15)
+        colour = tuple(int(c) for c in rng.integers(40, 256, 3))
+        garment = Image.blend(Image.new("RGB", (JPEG_W, JPEG_H), colour), fine, 0.2)
+        mask = Image.new("L", (JPEG_W, JPEG_H), 0)
+        mask.paste(Image.fromarray(images[i]).resize((side, side), Image.BICUBIC),
+                   ((JPEG_W - side) // 2, (JPEG_H - side) // 2))
+        folder = out / FASHION_CLASSES[int(labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.composite(garment, base, mask).save(folder / f"test_{i:05d}.jpg", quality=90)
+    return out
+
+
+def write_small_jpeg_folder(out: Path, per_class: int, size: int = 224, seed: int = 1) -> Path:
+    """per_class × 10 Fashion-MNIST test images upscaled (bicubic) to size×size, saved as RGB
+    JPEGs (quality 90) in class folders, named small_<index>.jpg."""
+    from PIL import Image
+
+    from embedpipe.datasets import FASHION_CLASSES, balanced_indices, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    for i in balanced_indices(labels, per_class, seed):
+        folder = out / FASHION_CLASSES[int(labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BICUBIC)
+        img.convert("RGB").save(folder / f"small_{i:05d}.jpg", quality=90)
+    return out
+
+
+def folder_stats(root: Path) -> tuple[int, float]:
+    """Number of files under root and their mean size in KB."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files) / max(1, len(files)) / 1024

@@ -1,4 +1,8 @@
-"""End-to-end extraction throughput: `embedpipe.extract.run()` vs a tutorial loop.
+"""End-to-end extraction variants: workers, precision, draft vs exact decoding, PNG vs JPEG.
+
+The headline comparison (tutorial loop vs `embedpipe extract` defaults vs the model-only
+ceiling, for Lite0 and ResNet-50) is bench/extract.py; this script measures what the
+individual options contribute.
 
 Everything is measured side by side in one process, on the same two 1,000-image folders,
 3 interleaved repetitions (configuration order shuffled each repetition), median img/s,
@@ -18,7 +22,7 @@ Configurations (all with the bundled, pretrained tf_efficientnet_lite0, batch 32
 Image sets:
   (i)  1,000 Fashion-MNIST test PNGs, 28×28 grayscale (`write_fashion_mnist_folder`, 100/class);
   (ii) 1,000 JPEGs, 1024×768 RGB, quality 90: the same garments upscaled onto random smooth
-       colour fields with some fine texture (generated here, ~145 KB each).
+       colour fields with some fine texture (`_benchutil.write_jpeg_folder`, ~145 KB each).
 Also on set (ii): decode + eval transform only (no model), per image on one thread, draft vs
 exact decoding, over 200 images.
 
@@ -42,50 +46,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
+from _benchutil import JPEG_H, JPEG_W, folder_stats, write_jpeg_folder  # noqa: E402
 
 from embedpipe.backbones import decode_size, load_backbone, make_transform  # noqa: E402
 from embedpipe.data import decode_image  # noqa: E402
-from embedpipe.datasets import FASHION_CLASSES, balanced_indices, load_fashion_mnist  # noqa: E402
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
 from embedpipe.extract import ExtractOptions, default_workers, resolve_precision, run  # noqa: E402
 from embedpipe.store import open_store  # noqa: E402
 
 BATCH = 32
-JPEG_W, JPEG_H = 1024, 768
-
-
-# -- image sets ----------------------------------------------------------------------------
-
-def write_jpeg_folder(out: Path, per_class: int, seed: int = 0) -> Path:
-    """per_class × 10 JPEGs of JPEG_W×JPEG_H: a Fashion-MNIST garment on a random colour field."""
-    from PIL import Image
-
-    images, labels = load_fashion_mnist("test")
-    rng = np.random.default_rng(seed)
-
-    def noise(w: int, h: int, resample: int) -> Image.Image:
-        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        return Image.fromarray(a).resize((JPEG_W, JPEG_H), resample)
-
-    side = int(JPEG_H * 0.91)
-    for i in balanced_indices(labels, per_class, seed):
-        base = Image.blend(noise(4, 3, Image.BICUBIC), noise(32, 24, Image.BICUBIC), 0.4)
-        fine = noise(JPEG_W // 4, JPEG_H // 4, Image.BILINEAR)
-        base = Image.blend(base, fine, 0.15)
-        colour = tuple(int(c) for c in rng.integers(40, 256, 3))
-        garment = Image.blend(Image.new("RGB", (JPEG_W, JPEG_H), colour), fine, 0.2)
-        mask = Image.new("L", (JPEG_W, JPEG_H), 0)
-        mask.paste(Image.fromarray(images[i]).resize((side, side), Image.BICUBIC),
-                   ((JPEG_W - side) // 2, (JPEG_H - side) // 2))
-        folder = out / FASHION_CLASSES[int(labels[i])]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.composite(garment, base, mask).save(folder / f"test_{i:05d}.jpg", quality=90)
-    return out
-
-
-def folder_stats(root: Path) -> tuple[int, float]:
-    files = [p for p in root.rglob("*") if p.is_file()]
-    return len(files), sum(p.stat().st_size for p in files) / max(1, len(files)) / 1024
 
 
 # -- the pipelines -------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
-from extract_speed import JPEG_H, JPEG_W, embedpipe_run, folder_stats, write_jpeg_folder  # noqa: E402
+from _benchutil import JPEG_H, JPEG_W, folder_stats, write_jpeg_folder  # noqa: E402
+from extract_speed import embedpipe_run  # noqa: E402
 
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
 from embedpipe.extract import default_workers, resolve_precision  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> None:
     print("\n" + text)
     doc = hdr.render([f"`default_workers()` = {default_workers()}; `--precision auto` → "
                       f"{resolve_precision('auto', torch.device('cpu'))}; data: {n_files} JPEGs "
-                      f"{JPEG_W}×{JPEG_H} q90, mean {kb:.0f} KB (generated as in extract_speed.py); "
+                      f"{JPEG_W}×{JPEG_H} q90, mean {kb:.0f} KB (`_benchutil.write_jpeg_folder`); "
                       "bundled tf_efficientnet_lite0, batch 32, run() with progress=False, bf16"]
                      + (["QUICK smoke-test run: numbers mean nothing"] if args.quick else []))
     doc += (f"\n{reps} interleaved repetitions in a shuffled order after one untimed warm-up; "

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
+import sys
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +39,7 @@ from .errors import UserError
 from .store import StoreError, StoreWriter, check_not_busy, prune, read_identity
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILES = ("auto", "on", "off")
 DTYPES = ("float32", "float16")
 _AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +68,7 @@ class ExtractOptions:
     channels_last: bool = True
     shard: str | None = None  # "K/N": only the files of shard K of N (merge with store.merge)
     tta: str | None = None  # test-time augmentation: "flip", "crops" or "flip,crops"
+    compile: str = "auto"  # torch.compile the backbone: auto, on, off (not part of the identity)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Summary:
     ignored_files: list[tuple[str, str]] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    compiled: str = ""  # "", "compiled" or "eager (compile failed)"
     interrupted: bool = False
 
     @property
@@ -105,8 +111,9 @@ class Summary:
         if self.pruned:
             parts.append(f"{self.pruned} pruned")
         head = "interrupted" if self.interrupted else "done"
+        how = ", ".join(x for x in (self.device, self.precision, self.compiled) if x)
         return (f"{head}: {', '.join(parts)} of {self.total} images in {self.seconds:.1f} s "
-                f"({self.rate:.1f} img/s, {self.device}, {self.precision}) → {self.store}")
+                f"({self.rate:.1f} img/s, {how}) → {self.store}")
 
 
 # -- device / precision --------------------------------------------------------------------
@@ -329,6 +336,8 @@ def check_options(opts: ExtractOptions) -> None:
         raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
     if opts.dtype not in DTYPES:
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
+    if opts.compile not in COMPILES:
+        raise ExtractError(f"--compile {opts.compile}: pass one of {', '.join(COMPILES)}")
     if opts.max_pixels is not None and opts.max_pixels < 1:
         raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
                            f"(default {DEFAULT_MAX_PIXELS})")
@@ -420,6 +429,85 @@ def prepare_model(backbone: Backbone, device: torch.device, precision: str,
     return model, amp
 
 
+# -- torch.compile ---------------------------------------------------------------------------
+
+# `--compile auto` compiles only when at least this many forward passes of one image are due
+# (images × TTA views); None: never on this device type. Measured by bench/compile.py
+# (bench/results/compile.md) on a 2-core AMD EPYC without native bf16, fp32: compiling Lite0
+# took 245 s with an empty inductor cache and 17 s with a filled one, and the compiled model
+# ran 1.7× eager, so a cold compile paid back after ~1,500 images. ResNet-50 compiled ran
+# 0.93–1.07× eager (344 s cold compile): no gain, so the threshold is set for the default
+# backbone. CUDA: not measured here (no GPU); the same threshold.
+COMPILE_MIN_IMAGES: dict[str, int | None] = {"cpu": 2000, "cuda": 2000}
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels and FX graphs between runs (unless the user set
+    TORCHINDUCTOR_CACHE_DIR): <XDG_CACHE_HOME or ~/.cache>/embedpipe/inductor."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embedpipe" / "inductor"
+
+
+def resolve_compile(mode: str, device: torch.device, forwards: int) -> bool:
+    """Whether to torch.compile the backbone for ``forwards`` single-image forward passes."""
+    if mode not in COMPILES:
+        raise ExtractError(f"--compile {mode}: pass one of {', '.join(COMPILES)}")
+    if mode != "auto":
+        return mode == "on"
+    least = COMPILE_MIN_IMAGES.get(device.type)
+    return least is not None and forwards >= least
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class CompiledForward:
+    """The backbone's forward through ``torch.compile`` with one fixed batch shape.
+
+    Shorter batches (the last one, or one with undecodable files) are padded with zeros to
+    ``batch`` and the padding's outputs dropped, so the compiled graph is never recompiled
+    for a new shape (eval-mode networks treat every image independently). Any failure to
+    compile -- torch.compile itself, a missing C++ compiler or an unsupported op surfacing at
+    the first call -- prints one warning line and the run continues in eager mode: the
+    failed batch is recomputed eagerly, so nothing is lost.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int,
+                 warn: Callable[[str], None] = _warn):
+        self.eager, self.batch, self.warn = model, batch, warn
+        self.failed = False
+        self.fn: Any = None
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        # torch.utils.cpp_extension logs "No CUDA runtime is found" on CPU-only machines
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        try:
+            self.fn = torch.compile(model, dynamic=False)
+        except Exception as e:  # noqa: BLE001 - e.g. a Python version dynamo does not support
+            self._fall_back(e)
+
+    def _fall_back(self, e: BaseException) -> None:
+        self.failed, self.fn = True, None
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        self.warn(f"warning: torch.compile failed ({type(e).__name__}: {first}); continuing "
+                  "in eager mode (same features; pass --compile off to skip compiling)")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fn is None:
+            return self.eager(x)
+        n = x.shape[0]
+        xp = x
+        if n < self.batch:
+            xp = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+            if x.is_contiguous(memory_format=torch.channels_last):
+                xp = xp.contiguous(memory_format=torch.channels_last)
+        try:
+            return self.fn(xp)[:n]
+        except Exception as e:  # noqa: BLE001 - compile errors surface at the first call
+            self._fall_back(e)
+            return self.eager(x)
+
+
 def select_shard(disc: Discovery, shard: str) -> Discovery:
     """Keep the files of shard K of N (0-based; stable across runs: by a hash of the path)."""
     try:
@@ -463,18 +551,45 @@ def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     model, amp = prepare_model(backbone, device, precision, opts.channels_last)
+    tta = data_config.get("tta") or ""
+    forwards = len(tasks) * (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
+    if resolve_compile(opts.compile, device, forwards):
+        model = CompiledForward(model, opts.batch_size)  # warns on stderr even with -q
+        session.summary.compiled = "compiled"
     out_dtype = np.dtype(opts.dtype)
+    # Writing a batch (HDF5 append + flush) runs in one background thread while the next
+    # batch computes; at most one batch is in flight, and it is always finished (also on
+    # Ctrl-C or an error) before the store closes.
+    writes = ThreadPoolExecutor(1, thread_name_prefix="embedpipe-write")
+    pending: list[tuple[Future, int]] = []
+
+    def settle() -> None:
+        while pending:
+            fut, n = pending.pop()
+            fut.result()  # a StoreError (e.g. disk full) surfaces here
+            bar.update(n)
+
     with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
-        for batch in loader:
-            feats = None
-            if batch["tensor"] is not None:
-                feats = embed(model, batch["tensor"], device, amp=amp,
-                              channels_last=opts.channels_last,
-                              flip="flip" in (data_config.get("tta") or ""),
-                              chunk=opts.batch_size)
-                feats = feats.cpu().numpy().astype(out_dtype, copy=False)
-            session.commit(batch, feats)
-            bar.update(len(batch["items"]))
+        try:
+            for batch in loader:
+                feats = None
+                if batch["tensor"] is not None:
+                    feats = embed(model, batch["tensor"], device, amp=amp,
+                                  channels_last=opts.channels_last,
+                                  flip="flip" in (data_config.get("tta") or ""),
+                                  chunk=opts.batch_size)
+                    feats = feats.cpu().numpy().astype(out_dtype, copy=False)
+                settle()
+                pending.append((writes.submit(session.commit, batch, feats),
+                                len(batch["items"])))
+            settle()
+        finally:
+            try:
+                settle()
+            finally:
+                writes.shutdown(wait=True)
+    if isinstance(model, CompiledForward) and model.failed:
+        session.summary.compiled = "eager (compile failed)"
 
 
 def embed(model: torch.nn.Module, views: torch.Tensor, device: torch.device, *, amp: Any,

@@ -413,3 +413,89 @@ def test_shards_merge_into_the_same_store_as_one_run(fmnist: Path, tmp_path: Pat
     extract_ok(fmnist / "bag", "-o", other, "-q", "--precision", "bf16")
     res = cli("merge", merged, other)
     assert res.exit_code == 2 and "precision" in res.output
+
+
+def _bag_files(fmnist: Path) -> list[Path]:
+    return sorted((fmnist / "bag").iterdir())
+
+
+@pytest.mark.parametrize("where", ["at compile", "at the first batch"])
+def test_failed_compile_warns_once_and_extracts_everything_eagerly(fmnist: Path, tmp_path: Path,
+                                                                   monkeypatch, where: str):
+    def broken_compile(model, **kw):
+        if where == "at compile":
+            raise RuntimeError("Dynamo is not supported on this Python\nsecond line")
+
+        def fn(x):  # what a missing C++ compiler looks like: the error comes at the first call
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n g++ ...")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    out = tmp_path / "s.h5"
+    res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
+                     "--batch-size", "4", "--compile", "on", "-q")  # warns even when quiet
+    warnings = [l for l in res.output.splitlines() if "torch.compile" in l]
+    assert len(warnings) == 1, res.output
+    assert warnings[0].startswith("warning: torch.compile failed (RuntimeError: ")
+    assert "continuing in eager mode" in warnings[0] and "second line" not in res.output
+    assert "Traceback" not in res.output
+    assert "eager (compile failed)" in res.output.splitlines()[-1]
+    store = open_store(out)
+    files = _bag_files(fmnist)
+    assert sorted(store.paths) == [f.name for f in files]
+    np.testing.assert_allclose(np.stack([by_path(store)[f.name] for f in files]),
+                               reference_features(files), atol=1e-4, rtol=0)
+
+
+def test_compiled_forward_sees_one_batch_shape(fmnist: Path, tmp_path: Path, monkeypatch):
+    """The last, partial batch is padded to the batch size: a compiled graph never sees a new
+    shape (and so never recompiles). torch.compile is replaced by a recorder here; the real
+    compiler is exercised by the slow test below."""
+    shapes = []
+
+    def recording_compile(model, **kw):
+        assert kw.get("dynamic") is False
+
+        def fn(x):
+            shapes.append(tuple(x.shape))
+            return model(x)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    out = tmp_path / "s.h5"
+    res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
+                     "--batch-size", "4", "--compile", "on", "-q")
+    assert ", compiled) → " in res.output and "warning" not in res.output
+    assert shapes == [(4, 3, 224, 224)] * 2  # 6 images: 4 + 2 padded to 4
+    shapes.clear()  # --compile auto (the default) does not compile a few images on the CPU
+    res = extract_ok(fmnist / "bag", "-o", tmp_path / "auto.h5", "--layout", "unlabeled", "-q")
+    assert shapes == [] and ", compiled)" not in res.output
+    files = _bag_files(fmnist)
+    np.testing.assert_allclose(np.stack([by_path(open_store(out))[f.name] for f in files]),
+                               reference_features(files), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # compiling Lite0 takes 1-3 minutes on this 2-core machine
+def test_compiled_features_equal_eager_features(fmnist: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    stores = {}
+    for mode in ("off", "on"):
+        stores[mode] = tmp_path / f"{mode}.h5"
+        res = extract_ok(fmnist / "bag", "-o", stores[mode], "--layout", "unlabeled",
+                         "--precision", "fp32", "--batch-size", "4", "--compile", mode, "-q")
+        assert "warning" not in res.output, res.output
+    assert ", compiled) → " in res.output.splitlines()[-1]
+    assert any((tmp_path / "inductor").iterdir())  # compiled artefacts are cached there
+    eager, compiled = by_path(open_store(stores["off"])), by_path(open_store(stores["on"]))
+    assert eager.keys() == compiled.keys() and len(eager) == 6
+    for p in eager:
+        np.testing.assert_allclose(compiled[p], eager[p], atol=1e-4, rtol=0)
+
+
+def test_bad_compile_value_fails_in_one_line(fmnist: Path, tmp_path: Path):
+    res = cli("extract", fmnist, "-o", tmp_path / "s.h5", "--compile", "sometimes")
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == "error: --compile sometimes: pass one of auto, on, off"
+    assert not (tmp_path / "s.h5").exists()
