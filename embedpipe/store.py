@@ -357,6 +357,12 @@ def read_identity(path: str | Path) -> dict[str, Any]:
     return _reading(path, lambda f: {k: _decode(f.attrs.get(k)) for k in IDENTITY_KEYS})
 
 
+def read_runs(path: str | Path) -> list[dict[str, Any]]:
+    """The run records of a store, oldest first (without reading its rows)."""
+    path = Path(path)
+    return _reading(path, lambda f: [json.loads(_decode(r)) for r in f["runs"][:]])
+
+
 def describe_mismatch(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     diffs = [k for k in IDENTITY_KEYS if _norm(stored.get(k)) != _norm(wanted.get(k))]
     if not diffs:
