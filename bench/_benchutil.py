@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -184,3 +185,76 @@ def write_result(name: str, text: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     return path
+
+
+def machine() -> dict[str, object]:
+    """Machine facts for a results JSON (the markdown gets them from Header)."""
+    return {"cpu": cpu_model(), "flags": cpu_flags(), "cores": cores(), "versions": versions(),
+            "load": load_snapshot()}
+
+
+def write_json(name: str, payload: dict) -> Path:
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str) + "\n")
+    return path
+
+
+# -- Fashion-MNIST features shared by heads.py, fewshot.py and predict.py --------------------
+
+def fmnist_split_folder(root: Path, train: int, test: int) -> Path:
+    """``root/train/<class>/*.png`` (``train`` per class from Fashion-MNIST's train split) and
+    ``root/test/<class>/*.png`` (``test`` per class from its test split), written if missing."""
+    from embedpipe.datasets import write_fashion_mnist_folder
+
+    if not (root / "train").is_dir():
+        write_fashion_mnist_folder(root / "train", per_class=train, split="train")
+    if not (root / "test").is_dir():
+        write_fashion_mnist_folder(root / "test", per_class=test, split="test")
+    return root
+
+
+def fmnist_features(train: int = 1000, test: int = 200, base: Path | None = None):
+    """(image folder, store path, extraction Summary) of bundled-Lite0 features of
+    ``fmnist_split_folder``, under cache/bench-heads/ by default. The store is kept: a rerun
+    finds it complete and extracts nothing (extraction is incremental)."""
+    from embedpipe.extract import ExtractOptions, run
+
+    base = base or ROOT / "cache" / "bench-heads"
+    data = fmnist_split_folder(base / f"fmnist-{train}-{test}", train, test)
+    store_path = base / f"fmnist-{train}-{test}.h5"
+    summary = run(data, store_path, ExtractOptions(), progress=True)
+    print(summary.line(), file=sys.stderr)
+    return data, store_path, summary
+
+
+def pixels(root: Path, paths: Sequence[str]):
+    """Raw pixels in [0, 1] of the stored images (784-d for Fashion-MNIST), in ``paths`` order."""
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(root / p), dtype=np.float32).ravel() / 255.0
+                     for p in paths])
+
+
+def cli_command() -> list[str]:
+    """How a user runs the CLI: the installed `embedpipe` script beside this interpreter (it
+    imports embedpipe from PYTHONPATH first, like `python -m embedpipe.cli`)."""
+    script = Path(sys.executable).parent / "embedpipe"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "embedpipe.cli"]
+
+
+def timed_cli(*args: object, env: dict | None = None):
+    """(wall seconds, CompletedProcess) of ``embedpipe ARGS`` in a subprocess; raises with its
+    stderr when it fails."""
+    import subprocess
+
+    t = time.perf_counter()
+    res = subprocess.run(cli_command() + [str(a) for a in args], capture_output=True, text=True,
+                         env=env)
+    dt = time.perf_counter() - t
+    if res.returncode != 0:
+        raise SystemExit(f"embedpipe {' '.join(map(str, args))} failed:\n{res.stderr}")
+    return dt, res
