@@ -246,15 +246,29 @@ def cli_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "embedpipe.cli"]
 
 
-def timed_cli(*args: object, env: dict | None = None):
-    """(wall seconds, CompletedProcess) of ``embedpipe ARGS`` in a subprocess; raises with its
-    stderr when it fails."""
+def timed(cmd: Sequence[str], env: dict | None = None):
+    """(wall seconds, CPU seconds, CompletedProcess) of a command in a subprocess. CPU time
+    (user + sys of the child, from getrusage) barely depends on other people's load, so on a
+    busy machine it estimates what the wall time would be on an idle one (for single-threaded
+    work such as imports). Raises with the command's stderr when it fails."""
+    import resource
     import subprocess
 
-    t = time.perf_counter()
-    res = subprocess.run(cli_command() + [str(a) for a in args], capture_output=True, text=True,
-                         env=env)
-    dt = time.perf_counter() - t
+    def children() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    c0, t = children(), time.perf_counter()
+    res = subprocess.run(list(cmd), capture_output=True, text=True, env=env)
+    dt, cpu = time.perf_counter() - t, children() - c0
     if res.returncode != 0:
-        raise SystemExit(f"embedpipe {' '.join(map(str, args))} failed:\n{res.stderr}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr}")
+    return dt, cpu, res
+
+
+def timed_cli(*args: object, env: dict | None = None):
+    """(wall seconds, CompletedProcess) of ``embedpipe ARGS`` in a subprocess (see timed);
+    the CPU seconds are in ``res.cpu_s``."""
+    dt, cpu, res = timed(cli_command() + [str(a) for a in args], env=env)
+    res.cpu_s = cpu
     return dt, res

@@ -76,25 +76,19 @@ def main() -> None:
                              "-o", files[h], "-q")
         print(f"fit {h}: {dt:.1f} s", file=sys.stderr, flush=True)
 
-    def wall(cmd: list[str]) -> float:
-        import time
-
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        return time.perf_counter() - t
-
     floor = {"python -c pass": [sys.executable, "-c", "pass"],
              "python -c 'import embedpipe.cli'": [sys.executable, "-c", "import embedpipe.cli"]}
     start: dict[str, list[float]] = {k: [] for k in [*floor, *heads]}
+    cpu: dict[str, list[float]] = {k: [] for k in start}
     for rep in range(n_start):  # interleaved, shuffled order per repetition
         order = list(start)
         random.Random(rep).shuffle(order)
         for k in order:
-            if k in floor:
-                start[k].append(wall(floor[k]))
-            else:
-                dt, _ = bu.timed_cli("predict", files[k], "--store", small, "-o", tmp / "s.csv")
-                start[k].append(dt)
+            cmd = floor.get(k) or bu.cli_command() + ["predict", str(files[k]), "--store",
+                                                      str(small), "-o", str(tmp / "s.csv")]
+            dt, c, _ = bu.timed(cmd)
+            start[k].append(dt)
+            cpu[k].append(c)
     load_after_start = bu.load_snapshot()
     big_rows = {}
     for h in heads:
@@ -110,8 +104,10 @@ def main() -> None:
     rows = []
     for k, ts in start.items():
         label = k if k in floor else f"predict --store (20 rows), {k}"
-        rows.append((label, f"{bu.median(ts):.2f}", f"{min(ts):.2f}–{max(ts):.2f}", len(ts)))
-    t1 = bu.table(["command", "median wall s", "min–max", "runs"], rows)
+        rows.append((label, f"{bu.median(ts):.2f}", f"{min(ts):.2f}–{max(ts):.2f}",
+                     f"{bu.median(cpu[k]):.2f}", len(ts)))
+    t1 = bu.table(["command", "median wall s", "min–max", "median CPU s (user+sys)", "runs"],
+                  rows)
     rows2 = []
     for h, (n, ts, _) in big_rows.items():
         m, s0 = bu.median(ts), bu.median(start[h])
@@ -121,6 +117,7 @@ def main() -> None:
     t3 = bu.table(["top-level import (one run, -X importtime)", "cumulative s"],
                   [(m, f"{s:.2f}") for m, s in slow])
     met = all(bu.median(start[h]) < 1.0 for h in heads)
+    met_cpu = all(bu.median(cpu[h]) < 1.0 for h in heads)
     extra = [
         f"stores: {big.name} ({big_rows[heads[0]][0]} rows, bundled Lite0 features) and "
         f"{small.name} (20 rows); heads fitted with `embedpipe fit "
@@ -130,7 +127,9 @@ def main() -> None:
         f"torch imported on the predict --store path: {'YES' if torch else 'no'} "
         f"(python -X importtime; sum of top-level imports {total_imports:.2f} s)",
         f"target (issue #5): starts in < 1 s and never imports torch: start-up "
-        f"{'met' if met else 'NOT met'} on this machine at this load; torch "
+        f"{'met' if met else 'NOT met'} in wall time on this machine at this load "
+        f"({'under' if met_cpu else 'over'} 1 s in CPU time, what an idle machine would take "
+        "for this single-threaded start-up); torch "
         f"{'imported: NOT met' if torch else 'never imported: met'}",
         f"load after the start-up runs: {load_after_start}",
     ]
@@ -140,6 +139,7 @@ def main() -> None:
             + "\n\n## Slowest imports\n\n" + t3 + "\n")
     print(text)
     payload = {"date": hdr.date, "load_start": hdr.load_start, "startup_s": start,
+               "startup_cpu_s": cpu,
                "throughput": {h: {"rows": n, "wall_s": ts} for h, (n, ts, _) in big_rows.items()},
                "torch_imported": torch, "slowest_imports_s": slow}
     if args.quick:
