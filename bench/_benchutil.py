@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -264,3 +265,75 @@ def folder_stats(root: Path) -> tuple[int, float]:
     """Number of files under root and their mean size in KB."""
     files = [p for p in root.rglob("*") if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files) / max(1, len(files)) / 1024
+
+
+# -- Fashion-MNIST features shared by heads.py, fewshot.py and predict.py --------------------
+
+def fmnist_split_folder(root: Path, train: int, test: int) -> Path:
+    """``root/train/<class>/*.png`` (``train`` per class from Fashion-MNIST's train split) and
+    ``root/test/<class>/*.png`` (``test`` per class from its test split), written if missing."""
+    from embedpipe.datasets import write_fashion_mnist_folder
+
+    if not (root / "train").is_dir():
+        write_fashion_mnist_folder(root / "train", per_class=train, split="train")
+    if not (root / "test").is_dir():
+        write_fashion_mnist_folder(root / "test", per_class=test, split="test")
+    return root
+
+
+def fmnist_features(train: int = 1000, test: int = 200, base: Path | None = None):
+    """(image folder, store path, extraction Summary) of bundled-Lite0 features of
+    ``fmnist_split_folder``, under cache/bench-heads/ by default. The store is kept: a rerun
+    finds it complete and extracts nothing (extraction is incremental)."""
+    from embedpipe.extract import ExtractOptions, run
+
+    base = base or ROOT / "cache" / "bench-heads"
+    data = fmnist_split_folder(base / f"fmnist-{train}-{test}", train, test)
+    store_path = base / f"fmnist-{train}-{test}.h5"
+    summary = run(data, store_path, ExtractOptions(), progress=True)
+    print(summary.line(), file=sys.stderr)
+    return data, store_path, summary
+
+
+def pixels(root: Path, paths: Sequence[str]):
+    """Raw pixels in [0, 1] of the stored images (784-d for Fashion-MNIST), in ``paths`` order."""
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(root / p), dtype=np.float32).ravel() / 255.0
+                     for p in paths])
+
+
+def cli_command() -> list[str]:
+    """How a user runs the CLI: the installed `embedpipe` script beside this interpreter (it
+    imports embedpipe from PYTHONPATH first, like `python -m embedpipe.cli`)."""
+    script = Path(sys.executable).parent / "embedpipe"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "embedpipe.cli"]
+
+
+def timed(cmd: Sequence[str], env: dict | None = None):
+    """(wall seconds, CPU seconds, CompletedProcess) of a command in a subprocess. CPU time
+    (user + sys of the child, from getrusage) barely depends on other people's load, so on a
+    busy machine it estimates what the wall time would be on an idle one (for single-threaded
+    work such as imports). Raises with the command's stderr when it fails."""
+    import resource
+    import subprocess
+
+    def children() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    c0, t = children(), time.perf_counter()
+    res = subprocess.run(list(cmd), capture_output=True, text=True, env=env)
+    dt, cpu = time.perf_counter() - t, children() - c0
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr}")
+    return dt, cpu, res
+
+
+def timed_cli(*args: object, env: dict | None = None):
+    """(wall seconds, CompletedProcess) of ``embedpipe ARGS`` in a subprocess (see timed);
+    the CPU seconds are in ``res.cpu_s``."""
+    dt, cpu, res = timed(cli_command() + [str(a) for a in args], env=env)
+    res.cpu_s = cpu
+    return dt, res

@@ -24,37 +24,17 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 
 from embedpipe import heads  # noqa: E402
-from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
 from embedpipe.evaluate import select_rows, targets  # noqa: E402
-from embedpipe.extract import ExtractOptions, run  # noqa: E402
 from embedpipe.store import open_store  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 ANCHOR = {  # ../shared/ANCHORS.md: frozen Lite0 features, 10k train / 2k test, fp32
     "logreg": "0.864", "svm": "0.890", "knn": "0.851 (k=5)", "linear-svm": "0.831",
     "raw pixels: svm (C=10)": "0.874 (this split); 0.897 full 60k/10k",
 }
-
-
-def make_data(root: Path, train: int, test: int) -> Path:
-    if not (root / "train").is_dir():
-        write_fashion_mnist_folder(root / "train", per_class=train, split="train")
-    if not (root / "test").is_dir():
-        write_fashion_mnist_folder(root / "test", per_class=test, split="test")
-    return root
-
-
-def pixels(root: Path, paths: list[str]) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(root / p), dtype=np.float32).ravel() / 255.0
-                     for p in paths])
 
 
 def score(est, Xtr, ytr, Xte, yte) -> tuple[float, float, float, float, bool]:
@@ -81,13 +61,9 @@ def main() -> None:
     train, test = (50, 20) if args.quick else (1000, 200)
     train, test = args.train or train, args.test or test
     hdr = bu.Header("Heads on cached EfficientNet-Lite0 features: Fashion-MNIST test accuracy")
-    base = (Path(tempfile.gettempdir()) / "bench-heads-quick" if args.quick
-            else ROOT / "cache" / "bench-heads")
-    data = make_data(base / f"fmnist-{train}-{test}", train, test)
-    store_path = base / f"fmnist-{train}-{test}.h5"
+    base = Path(tempfile.gettempdir()) / "bench-heads-quick" if args.quick else None
     t0 = time.perf_counter()
-    summary = run(data, store_path, ExtractOptions(), progress=True)
-    print(summary.line(), file=sys.stderr)
+    data, store_path, summary = bu.fmnist_features(train, test, base)
     store = open_store(store_path)
     rows = select_rows(store)
     te = rows.heldout["test"]
@@ -99,8 +75,8 @@ def main() -> None:
         acc, bal, fit_s, pred_s, conv = score(heads.build(name), Xtr, ytr, Xte, yte)
         results.append((name, acc, bal, fit_s, pred_s, conv))
     print("raw pixels ...", file=sys.stderr, flush=True)
-    Ptr = pixels(data, [store.paths[i] for i in rows.train])
-    Pte = pixels(data, [store.paths[i] for i in te])
+    Ptr = bu.pixels(data, [store.paths[i] for i in rows.train])
+    Pte = bu.pixels(data, [store.paths[i] for i in te])
     from sklearn.svm import SVC
 
     acc, bal, fit_s, pred_s, conv = score(SVC(C=10.0), Ptr, ytr, Pte, yte)

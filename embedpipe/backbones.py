@@ -25,9 +25,9 @@ import timm
 import timm.data
 import torch
 
+from . import DEFAULT_MODEL  # noqa: F401 - re-exported; defined in __init__ (torch-free)
 from .errors import UserError
 
-DEFAULT_MODEL = "tf_efficientnet_lite0"
 RANDOM_SEED = 0
 
 

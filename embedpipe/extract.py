@@ -9,11 +9,17 @@ A run is planned against what the store already holds, so a rerun does only new 
     are reported, and their rows removed with ``prune``.
 Rows are committed per finished batch (see store.py), so an interrupted run loses at most the
 batch in flight.
+
+torch, timm and the backbone are imported and loaded only when something must be extracted: a
+rerun with the options of the store's last run on an unchanged folder plans against the store
+and finishes without them (see ``_same_as_last_run``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import json
 import logging
 import os
@@ -24,24 +30,26 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
-from . import __version__
-from .backbones import (DEFAULT_MODEL, Backbone, decode_size, load_backbone,
-                        make_views_transform, parse_tta)
+from . import DEFAULT_MODEL, __version__
 from .data import (DEFAULT_MAX_PIXELS, DecodeError, Discovery, ImageRef, content_hash,
                    decode_image, discover, read_file)
 from .progress import Progress, printer
 from .errors import UserError
-from .store import StoreError, StoreWriter, check_not_busy, prune, read_identity
+from .store import (StoreError, StoreMismatch, StoreWriter, check_not_busy, describe_mismatch,
+                    prune, read_identity, read_runs)
+
+if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
+    import torch
+
+    from .backbones import Backbone
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILES = ("auto", "on", "off")
 DTYPES = ("float32", "float16")
-_AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ExtractError(UserError):
@@ -119,6 +127,8 @@ class Summary:
 # -- device / precision --------------------------------------------------------------------
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -140,6 +150,8 @@ def resolve_device(device: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX), where it is measured faster
     than fp32 (bench/precision.py); elsewhere bf16 is emulated and slower."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -152,6 +164,8 @@ def resolve_precision(precision: str, device: torch.device, stored: str | None =
     if precision == "auto":
         if stored in ("fp32", "bf16", "fp16"):
             return stored  # keep an existing store consistent across machines
+        import torch
+
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
@@ -167,6 +181,7 @@ def versions() -> dict[str, str]:
     import h5py
     import PIL
     import timm
+    import torch
 
     return {"embedpipe": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
@@ -181,8 +196,9 @@ class Task:
     expect_hash: str | None  # set when only a content check is needed first
 
 
-class _Images(torch.utils.data.Dataset):
-    """Reads, hashes and decodes one image per item; never raises for a bad file."""
+class _Images:
+    """Reads, hashes and decodes one image per item; never raises for a bad file. (A map-style
+    dataset for torch's DataLoader: __len__ and __getitem__.)"""
 
     def __init__(self, tasks: list[Task], transform: Any, min_size: tuple[int, int] | None,
                  max_pixels: int | None):
@@ -226,6 +242,8 @@ def load_one(path: str | Path, expect_hash: str | None, transform: Any,
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
     good = [it for it in items if it["status"] == "ok"]
     return {
         "items": items,
@@ -283,6 +301,31 @@ def make_plan(disc: Discovery, writer: StoreWriter) -> Plan:
     return Plan(new, check, relabel, failing, retry, unchanged, vanished, vanished_err)
 
 
+def _settle_touched(writer: StoreWriter, plan: Plan, summary: Summary) -> None:
+    """Files whose size or mtime changed but whose bytes did not (touched, copied back) need no
+    model: hash them here, update their stat and labels, and leave only real changes in
+    ``plan.check``."""
+    keep, rows, refs, mtimes, sizes = [], [], [], [], []
+    for task, row in plan.check:
+        try:
+            st = os.stat(task.ref.path)
+            same = content_hash(read_file(task.ref.path)) == task.expect_hash
+        except (OSError, DecodeError):
+            same = False
+        if same:
+            rows.append(row)
+            refs.append(task.ref)
+            mtimes.append(st.st_mtime_ns)
+            sizes.append(st.st_size)
+        else:
+            keep.append((task, row))
+    if rows:
+        writer.update_stat(rows, mtimes, sizes)
+        writer.relabel(rows, _label_ids(writer, refs), [r.split or "" for r in refs])
+        summary.unchanged += len(rows)
+    plan.check = keep
+
+
 def _label_ids(writer: StoreWriter, refs: list[ImageRef]) -> list[int]:
     ids = writer.class_ids(r.label for r in refs if r.label is not None)
     return [ids[r.label] if r.label is not None else -1 for r in refs]
@@ -300,22 +343,28 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     disc = source if isinstance(source, Discovery) else discover(source, opts.layout)
     if opts.shard:
         disc = select_shard(disc, opts.shard)
-    device = resolve_device(opts.device)
     check_not_busy(out)  # fail now rather than after loading the backbone
     stored = read_identity(out) if out.exists() else {}
-    precision = resolve_precision(opts.precision, device, stored.get("precision"))
-    if precision == "fp16" and device.type == "cpu":
-        say("note: fp16 on the CPU is emulated and slow; bf16 or fp32 are faster there")
-    if backbone is None:
-        backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
-                                 pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
-    data_config, identity = store_identity(backbone, opts, precision)
-    env = versions()
+    lazy = backbone is None and _same_as_last_run(out, opts, stored)
+    if lazy:  # plan against the store first; load the backbone only if there is work
+        device, precision = None, stored["precision"]
+        identity, data_config, env = stored, json.loads(stored["data_config"]), _light_versions()
+    else:
+        device, precision, backbone, data_config, identity = _load(opts, stored, say, backbone)
+        env = versions()
     summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                       ignored_files=list(disc.ignored),
-                      device=str(device), precision=precision)
+                      device=str(device or "no model loaded"), precision=precision)
     with StoreWriter.open(out, identity, versions=env, progress=say) as writer:
-        session = Session(writer, disc, opts, str(device), env, summary)
+        session = Session(writer, disc, opts, summary.device, env, summary,
+                          settle_touched=lazy)
+        if lazy and session.tasks:  # new or changed files: now the backbone is needed
+            device, precision, backbone, data_config, identity = _load(opts, stored, say, None)
+            mismatch = describe_mismatch(out, stored, identity)
+            if mismatch:  # the same options no longer give the same features (e.g. weights)
+                raise StoreMismatch(mismatch)
+            summary.device, summary.precision = str(device), precision
+            session.record.update(device=summary.device, versions=versions())
         try:
             _extract(session, backbone, data_config, opts, device, precision, progress)
         except KeyboardInterrupt:
@@ -341,7 +390,10 @@ def check_options(opts: ExtractOptions) -> None:
     if opts.max_pixels is not None and opts.max_pixels < 1:
         raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
                            f"(default {DEFAULT_MAX_PIXELS})")
-    parse_tta(opts.tta)
+    if opts.tta is not None:
+        from .backbones import parse_tta
+
+        parse_tta(opts.tta)
 
 
 class Session:
@@ -350,15 +402,17 @@ class Session:
     The in-process engine runs one; the Ray engine one per shard store."""
 
     def __init__(self, writer: StoreWriter, disc: Discovery, opts: ExtractOptions, device: str,
-                 env: dict[str, str], summary: Summary):
+                 env: dict[str, str], summary: Summary, *, settle_touched: bool = False):
         self.writer, self.summary = writer, summary
         self.plan = plan = make_plan(disc, writer)
         summary.unchanged = plan.unchanged
+        if settle_touched and plan.check:  # without a model: hash touched files here
+            _settle_touched(writer, plan, summary)
         summary.vanished = plan.vanished
         self.record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "source": str(disc.root), "layout": disc.layout,
                        "options": asdict(opts), "device": device, "host": platform.node(),
-                       "versions": env}
+                       "versions": env, "weights_stat": _weights_stat(opts.weights)}
         writer.log_run({**self.record, "status": "running"})
         if plan.relabel:
             ids = writer.class_ids(lbl for _, lbl, _ in plan.relabel if lbl is not None)
@@ -403,10 +457,83 @@ class Session:
              "vanished": len(summary.vanished)})
 
 
+# Options that decide the features a run stores (the rest only change speed or what is planned).
+_IDENTITY_OPTIONS = ("model", "weights", "random_init", "pool", "img_size", "crop_pct", "dtype",
+                     "exact_decode", "tta")
+
+
+def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], None],
+          backbone: Backbone | None) -> tuple[Any, str, Backbone, dict[str, Any], dict[str, Any]]:
+    """Device, precision, backbone (loaded unless given), data config and store identity."""
+    from .backbones import load_backbone
+
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device, stored.get("precision"))
+    if precision == "fp16" and device.type == "cpu":
+        say("note: fp16 on the CPU is emulated and slow; bf16 or fp32 are faster there")
+    if backbone is None:
+        backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
+                                 pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
+    data_config, identity = store_identity(backbone, opts, precision)
+    return device, precision, backbone, data_config, identity
+
+
+def _weights_stat(weights: str | None) -> list[int] | None:
+    """(size, mtime_ns) of a --weights file, so a rerun can tell the file is unchanged."""
+    if weights in (None, "auto", "bundled", "hub"):
+        return None
+    try:
+        st = os.stat(weights)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _light_versions() -> dict[str, str]:
+    """versions() from package metadata, without importing torch or timm."""
+    out = {"embedpipe": __version__}
+    for name, dist in (("torch", "torch"), ("timm", "timm"), ("numpy", "numpy"),
+                       ("h5py", "h5py"), ("pillow", "pillow")):
+        try:
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    out["python"] = platform.python_version()
+    return out
+
+
+def _same_as_last_run(out: Path, opts: ExtractOptions, stored: dict[str, Any]) -> bool:
+    """True when ``opts`` would give the store's identity for sure, known without loading the
+    backbone: the store's last run used the same feature-deciding options, the same weights file
+    (size and mtime), embedpipe and timm versions, and the precision asked is 'auto' or the
+    store's own. Anything else takes the full check (load the backbone, compare identities)."""
+    if not stored.get("precision") or not stored.get("data_config"):
+        return False
+    if opts.precision not in ("auto", stored["precision"]) or opts.device not in ("auto", "cpu"):
+        return False
+    try:
+        runs = read_runs(out)
+    except StoreError:
+        return False
+    last = next((r for r in reversed(runs) if isinstance(r.get("options"), dict)), None)
+    if last is None:
+        return False
+    now = asdict(opts)
+    if any(last["options"].get(k) != now[k] for k in _IDENTITY_OPTIONS):
+        return False
+    if last.get("weights_stat") != _weights_stat(opts.weights):
+        return False
+    was = last.get("versions") or {}
+    return (was.get("embedpipe") == __version__
+            and was.get("timm") == _light_versions()["timm"])
+
+
 def store_identity(backbone: Backbone, opts: ExtractOptions,
                    precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The preprocessing (the model's data config, JPEG draft decoding, TTA) and the identity a
     store of ``backbone`` features made with ``opts`` records and is checked against."""
+    from .backbones import parse_tta
+
     tta = parse_tta(opts.tta)
     data_config = {**backbone.data_config, "jpeg_draft": not opts.exact_decode,
                    **({"tta": tta} if tta else {})}
@@ -419,13 +546,16 @@ def prepare_model(backbone: Backbone, device: torch.device, precision: str,
                   channels_last: bool) -> tuple[torch.nn.Module, Any]:
     """The backbone on ``device`` (channels-last when asked) and the autocast context of
     ``precision`` (a no-op for fp32), for ``embed``."""
+    import torch
+
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest
     model = backbone.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp = (torch.autocast(device.type, dtype=_AMP_DTYPE[precision])
-           if precision in _AMP_DTYPE else contextlib.nullcontext())
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+           else contextlib.nullcontext())
     return model, amp
 
 
@@ -478,6 +608,8 @@ class CompiledForward:
         self.eager, self.batch, self.warn = model, batch, warn
         self.failed = False
         self.fn: Any = None
+        import torch
+
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         # torch.utils.cpp_extension logs "No CUDA runtime is found" on CPU-only machines
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -495,6 +627,8 @@ class CompiledForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fn is None:
             return self.eager(x)
+        import torch
+
         n = x.shape[0]
         xp = x
         if n < self.batch:
@@ -542,6 +676,10 @@ def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
     tasks = session.tasks
     if not tasks:
         return
+    import torch
+
+    from .backbones import decode_size, make_views_transform
+
     min_size = None if opts.exact_decode else decode_size(data_config)
     dataset = _Images(tasks, make_views_transform(data_config), min_size, opts.max_pixels)
     workers = default_workers() if opts.workers is None else max(0, opts.workers)
@@ -549,6 +687,7 @@ def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
         dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
+        worker_init_fn=functools.partial(_close_in_worker, session.writer.inherited_lock()),
     )
     model, amp = prepare_model(backbone, device, precision, opts.channels_last)
     tta = data_config.get("tta") or ""
@@ -592,10 +731,20 @@ def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
         session.summary.compiled = "eager (compile failed)"
 
 
+def _close_in_worker(fd: int | None, worker_id: int) -> None:
+    """A loader worker's start: close its copy of the store's writer lock (see
+    StoreWriter.inherited_lock), so that it never holds the lock of a killed run."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def embed(model: torch.nn.Module, views: torch.Tensor, device: torch.device, *, amp: Any,
           channels_last: bool, flip: bool, chunk: int) -> torch.Tensor:
     """B×V×C×H×W views (V = 1 without crops TTA) → B×D float32 pooled features: the mean over
     the views and, with ``flip``, their mirror images. Forward passes of at most ``chunk``."""
+    import torch
+
     b, v = views.shape[:2]
     x = views.flatten(0, 1).to(device, non_blocking=True)
     if flip:
@@ -664,6 +813,9 @@ def default_store_path(source: str | Path, opts: ExtractOptions, cache_dir: Path
         parts.append(opts.pool)
     if opts.img_size:
         parts.append(str(opts.img_size))
-    if opts.tta and parse_tta(opts.tta):
-        parts.append("tta-" + parse_tta(opts.tta).replace(",", "-"))
+    if opts.tta:
+        from .backbones import parse_tta
+
+        if parse_tta(opts.tta):
+            parts.append("tta-" + parse_tta(opts.tta).replace(",", "-"))
     return cache_dir / ("__".join(parts) + ".h5")

@@ -528,6 +528,12 @@ def read_identity(path: str | Path) -> dict[str, Any]:
     return _reading(path, lambda f: {k: _decode(f.attrs.get(k)) for k in IDENTITY_KEYS})
 
 
+def read_runs(path: str | Path) -> list[dict[str, Any]]:
+    """The run records of a store, oldest first (without reading its rows)."""
+    path = Path(path)
+    return _reading(path, lambda f: [json.loads(_decode(r)) for r in f["runs"][:]])
+
+
 def describe_mismatch(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     diffs = [k for k in IDENTITY_KEYS if _norm(stored.get(k)) != _norm(wanted.get(k))]
     if not diffs:
@@ -873,6 +879,13 @@ class StoreWriter:
                 self._fd = None
             _unlock(self._lock)
             self._lock = None
+
+    def inherited_lock(self) -> int | None:
+        """The writer lock's file descriptor, for a forked child (a loader worker) to close:
+        a child keeps the lock held for as long as it lives, so an orphaned worker of a killed
+        run would refuse the rerun as "another process is writing". Closing the child's copy
+        leaves the parent's lock in place."""
+        return self._lock
 
     def __enter__(self) -> "StoreWriter":
         return self

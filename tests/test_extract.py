@@ -167,6 +167,46 @@ def test_rerun_extracts_nothing_then_exactly_what_is_new_or_changed(fmnist: Path
     assert "not an image" in dict(s.errors)[f"bag/{bag[3].name}"]
 
 
+def _extract_without_torch(*args: object) -> subprocess.CompletedProcess:
+    """`embedpipe extract ARGS` in a fresh interpreter where importing torch fails."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from embedpipe.cli import app\n"
+            f"app(['extract', *{[str(a) for a in args]!r}], standalone_mode=False)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_rerun_imports_torch_and_loads_the_model_only_when_there_is_work(fmnist: Path,
+                                                                         tmp_path: Path):
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "-q", "--workers", "0")
+    res = _extract_without_torch(fmnist, "-o", out, "-q")
+    assert res.returncode == 0, res.stderr
+    assert "done: 0 extracted, 60 already in store, 0 failed" in res.stdout
+    assert "no model loaded" in res.stdout
+    # touched files (same bytes, new mtime) are settled by their hash, still without the model
+    bag = sorted((fmnist / "bag").iterdir())
+    for f in bag[:2]:
+        os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    res = _extract_without_torch(fmnist, "-o", out, "-q")
+    assert res.returncode == 0, res.stderr
+    assert "done: 0 extracted, 60 already in store" in res.stdout
+    assert "no model loaded" in extract_ok(fmnist, "-o", out, "-q").output  # stat was stored
+    # a new image needs the model: without torch this run must fail ...
+    shutil.copy(bag[0], fmnist / "bag" / "new.png")
+    res = _extract_without_torch(fmnist, "-o", out, "-q")
+    assert "import of torch halted" in res.stderr and "done:" not in res.stdout
+    # ... and with it, the new image is extracted as before
+    res = extract_ok(fmnist, "-o", out, "-q", "--workers", "0")
+    assert "done: 1 extracted, 60 already in store" in res.output
+    assert "no model loaded" not in res.output
+    store = by_path(open_store(out))
+    # (a batch of one may round differently from the first run's batches)
+    np.testing.assert_allclose(store["bag/new.png"], store[f"bag/{bag[0].name}"], atol=1e-4)
+    # other settings on an unchanged folder are still refused (the backbone is loaded to check)
+    res = cli("extract", fmnist, "-o", out, "--img-size", "160")
+    assert res.exit_code == 2 and "data_config" in res.output
+
+
 def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
