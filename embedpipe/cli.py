@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -476,6 +476,21 @@ def predict(
     typer.echo(preds.line() + (f" → {out}" if out and str(out) != "-" else ""), err=out is None)
 
 
+def _call(command: Callable[..., Any], **given: Any) -> Any:
+    """Call another command's function in-process: ``given`` arguments, every other parameter
+    its command-line default (typer keeps those in OptionInfo/ArgumentInfo objects)."""
+    import inspect
+
+    kwargs = {}
+    for name, param in inspect.signature(command).parameters.items():
+        if name in given:
+            kwargs[name] = given[name]
+        else:
+            default = param.default
+            kwargs[name] = getattr(default, "default", default)
+    return command(**kwargs)
+
+
 @app.command()
 def quickstart(
     folder: Path = typer.Option(CACHE_DIR / "quickstart" / "fashion-mnist",
@@ -498,12 +513,8 @@ def quickstart(
     typer.echo(f"1/4 wrote {10 * (per_class + test_per_class)} Fashion-MNIST images to {folder} "
                f"(train/: {per_class} per class, test/: {test_per_class} per class)")
     typer.echo(f"2/4 embedpipe extract {folder} -o {out}")
-    extract(data=folder, out=out, model="tf_efficientnet_lite0", weights=None,
-            random_init=False, pool=None, img_size=None, crop_pct=None, device="auto",
-            precision="auto", dtype="float32", batch_size=32, workers=None, layout="auto",
-            exact_decode=False, max_pixels=89_478_485, prune=False, shard=None, tta=None,
-            quiet=False)
-    info(store=out, as_json=False, show=50)
+    _call(extract, data=folder, out=out)
+    _call(info, store=out)
     typer.echo(f"\n3/4 embedpipe cv {out} --head logreg --head knn --head centroid")
     report = _run(ev.run_cv, out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
                   progress=False, warn=lambda m: typer.echo(m, err=True))
