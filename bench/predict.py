@@ -111,7 +111,8 @@ def main() -> None:
     rows2 = []
     for h, (n, ts, _) in big_rows.items():
         m, s0 = bu.median(ts), bu.median(start[h])
-        rows2.append((h, n, f"{m:.2f}", f"{n / m:.0f}", f"{n / max(m - s0, 1e-9):.0f}"))
+        rows2.append((h, n, f"{m:.2f}", f"{n / m:.0f}",
+                      f"{n / (m - s0):.0f}" if m > s0 else "n/a (start-up median longer)"))
     t2 = bu.table(["head", "rows", "median wall s", "rows/s (incl. start-up)",
                    "rows/s (minus start-up median)"], rows2)
     t3 = bu.table(["top-level import (one run, -X importtime)", "cumulative s"],
