@@ -337,3 +337,19 @@ def timed_cli(*args: object, env: dict | None = None):
     dt, cpu, res = timed(cli_command() + [str(a) for a in args], env=env)
     res.cpu_s = cpu
     return dt, res
+
+
+def save_results(name: str, text: str, payload: dict, quick: bool) -> Path:
+    """Write ``name``'s markdown and JSON (with machine facts) under bench/results/, or, for a
+    --quick smoke run, to scratch files in the temp dir. Returns the markdown's path."""
+    import json
+    import tempfile
+
+    if quick:
+        out = Path(tempfile.gettempdir()) / f"{name}.quick.md"
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+        return out
+    out = write_result(name, text)
+    write_json(name, {"machine": machine_facts(), **payload})
+    return out

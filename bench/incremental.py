@@ -24,7 +24,6 @@ unchanged folder >= 50x faster than the first run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -107,13 +106,7 @@ def main() -> None:
     print(text)
     payload = {"date": hdr.date, "load_start": hdr.load_start, "images": n,
                "summary": summary, "runs": runs}
-    if args.quick:
-        out = Path(tempfile.gettempdir()) / "incremental.quick.md"
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    else:
-        out = bu.write_result("incremental", text)
-        bu.write_json("incremental", {"machine": bu.machine_facts()} | payload)
+    out = bu.save_results("incremental", text, payload, args.quick)
     print(f"wrote {out}", file=sys.stderr)
 
 

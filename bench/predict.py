@@ -22,7 +22,6 @@ imports torch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -143,13 +142,7 @@ def main() -> None:
                "startup_cpu_s": cpu,
                "throughput": {h: {"rows": n, "wall_s": ts} for h, (n, ts, _) in big_rows.items()},
                "torch_imported": torch, "slowest_imports_s": slow}
-    if args.quick:
-        out = Path(tempfile.gettempdir()) / "predict.quick.md"
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    else:
-        out = bu.write_result("predict", text)
-        bu.write_json("predict", {"machine": bu.machine_facts()} | payload)
+    out = bu.save_results("predict", text, payload, args.quick)
     print(f"wrote {out}", file=sys.stderr)
 
 

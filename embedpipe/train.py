@@ -101,15 +101,21 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
         calibration=calibration, classes=[str(c) for c in estimator.classes_],
         store_identity=store.identity,
-        training={"store": str(store.path), "rows": int(len(y)),
-                  "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
-                  else "all labeled rows",
-                  "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
-                  "train_accuracy": train_acc},
+        training=_training(store, rows, classes, counts, train_acc),
     )
     path = artifacts.save(out, estimator, manifest)
     return FitResult(path, head, chosen, len(y), [str(c) for c in classes], calibration,
                      time.perf_counter() - t0, train_acc)
+
+
+def _training(store: Any, rows: Any, classes: np.ndarray, counts: np.ndarray,
+              train_acc: float, **extra: Any) -> dict[str, Any]:
+    """The head manifest's record of what it was trained on."""
+    return {"store": str(store.path), "rows": int(counts.sum()),
+            "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
+            else "all labeled rows",
+            "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
+            "train_accuracy": train_acc, **extra}
 
 
 def _paths(store_path: str | Path | Sequence[str | Path]) -> list[str | Path]:
@@ -196,13 +202,10 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
         calibration=calibration, classes=[str(c) for c in estimator.classes_],
         store_identity=store.identity,
-        training={"store": str(store.path), "rows": int(len(y)),
-                  "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
-                  else "all labeled rows",
-                  "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
-                  "train_accuracy": train_acc,
-                  "streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
-                               "fitted_rows": int(n_fit), "calibration_rows": int(len(cal))}},
+        training=_training(store, rows, classes, counts, train_acc,
+                           streamed={"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
+                                     "fitted_rows": int(n_fit),
+                                     "calibration_rows": int(len(cal))}),
     )
     path = artifacts.save(out, estimator, manifest)
     return FitResult(path, head, chosen, int(n_fit), [str(c) for c in classes], calibration,

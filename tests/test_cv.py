@@ -12,18 +12,12 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
-from typer.testing import CliRunner
 
+from clitools import cli
 from embedpipe import heads
-from embedpipe.cli import app
 from embedpipe.evaluate import fit_configuration, select_rows, targets
 from embedpipe.store import StoreWriter, open_store, read_identity
 
-runner = CliRunner()
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def cv_ok(*args: object) -> tuple[str, dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import pickle
@@ -15,38 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from clitools import cli, ok, one_line_error, read_csv
 from embedpipe import artifacts, heads
-from embedpipe.cli import app
 from embedpipe.evaluate import select_rows, targets
 from embedpipe.store import open_store
 
-runner = CliRunner()
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: object):
-    res = cli(*args)
-    assert res.exit_code == 0, res.output
-    return res
-
-
-def one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

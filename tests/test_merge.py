@@ -9,17 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from embedpipe.cli import app
+from clitools import cli
 from embedpipe.datasets import write_fashion_mnist_folder
 from embedpipe.store import open_store
 
-runner = CliRunner()
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def extract(data: Path, out: Path, *extra: str) -> Path:

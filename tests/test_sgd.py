@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -14,34 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from clitools import cli, ok, one_line_error
 from embedpipe import artifacts, heads, stream
-from embedpipe.cli import app
 from embedpipe.evaluate import select_rows, targets
 from embedpipe.store import StoreWriter, open_store, read_identity
 
-runner = CliRunner()
 STREAMING = ("sgd", "logreg-sgd")
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: object):
-    res = cli(*args)
-    assert res.exit_code == 0, res.output
-    return res
-
-
-def one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def csv_accuracy(path: Path) -> float:
