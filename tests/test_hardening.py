@@ -97,13 +97,14 @@ def _peek(store: Path) -> tuple[int, int]:
 
 
 def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
-                target_kills: int) -> list[tuple[str, float, int]]:
+                target_kills: int) -> tuple[list[tuple[str, float, int]], int]:
     """Run `embedpipe extract SRC -o STORE` until the store holds all ``total`` rows, SIGKILLing
     each run at a random moment (start-up, recovery, extraction, commits). Kill times during
     extraction are drawn from a window sized by the extraction rate measured so far, so that
     about ``target_kills`` kills land before the work is done. After every kill, `embedpipe info`
     must read the store and show at least every row a reader saw committed before the kill.
-    Returns the kills as (phase, seconds after launch, rows committed after the kill)."""
+    Returns the kills as (phase, seconds after launch, rows committed after the kill), and how
+    many rows the killed runs committed (the last, unkilled run does the rest)."""
     cmd = [*EMBEDPIPE, "extract", str(src), "-o", str(store), "--precision", "fp32",
            "--batch-size", "4", "--workers", "0", "-q"]
     committed, kills = 0, []
@@ -162,7 +163,7 @@ def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
             print(f"  kill {len(kills):2d} ({phase:10s}) at {delay:5.2f} s after launch: "
                   f"{committed}/{total} rows committed")
         if committed == total:
-            return kills
+            return kills, gained
     raise AssertionError(f"{store}: not done after {cycle} runs ({len(kills)} kills)")
 
 
@@ -194,7 +195,12 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path)
         store = tmp_path / f"killed-{round_}.h5"
         during = sum(k[0] == "extracting" for k in kills)
         print(f" round {round_} ({during} kills during extraction so far)")
-        kills += _kill_storm(src, store, total, rng, target_kills=24 - during)
+        new, gained = _kill_storm(src, store, total, rng, target_kills=24 - during)
+        kills += new
+        # The killed runs must do the work: each keeps every batch it finished. (Without
+        # per-batch commits they keep nothing, and only the last, unkilled run gets rows.)
+        assert gained >= total // 4, (f"round {round_}: the {len(new)} killed runs kept "
+                                      f"{gained} of {total} rows", new)
         a = open_store(store)
         assert len(a) == total and len(set(a.paths)) == total
         assert sorted(a.paths) == sorted(b.paths)
