@@ -353,3 +353,25 @@ def save_results(name: str, text: str, payload: dict, quick: bool) -> Path:
     out = write_result(name, text)
     write_json(name, {"machine": machine_facts(), **payload})
     return out
+
+
+def tutorial_loop(model, root: Path, out: Path, batch: int = 32) -> int:
+    """What a transfer-learning tutorial does: torchvision ImageFolder + timm's eval transform +
+    DataLoader(batch, workers 0) + the model in fp32 under no_grad; features saved with
+    np.save to ``out`` (paths beside it). Returns the number of images."""
+    import numpy as np
+    import timm.data
+    import torch
+    import torchvision
+
+    config = timm.data.resolve_data_config({}, model=model)
+    ds = torchvision.datasets.ImageFolder(str(root), transform=timm.data.create_transform(**config))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=0)
+    feats = []
+    with torch.no_grad():
+        for x, _ in loader:
+            feats.append(model(x).numpy())
+    np.save(out, np.concatenate(feats))
+    np.save(out.with_suffix(".paths.npy"),
+            np.array([str(Path(p).relative_to(root)) for p, _ in ds.samples]))
+    return len(ds)

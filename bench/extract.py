@@ -62,20 +62,7 @@ def backbones(name: str):
 
 
 def tutorial(model: torch.nn.Module, root: Path, out: Path) -> int:
-    import timm.data
-    import torchvision
-
-    config = timm.data.resolve_data_config({}, model=model)
-    ds = torchvision.datasets.ImageFolder(str(root), transform=timm.data.create_transform(**config))
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False, num_workers=0)
-    feats = []
-    with torch.no_grad():
-        for x, _ in loader:
-            feats.append(model(x).numpy())
-    np.save(out, np.concatenate(feats))
-    np.save(out.with_suffix(".paths.npy"),
-            np.array([str(Path(p).relative_to(root)) for p, _ in ds.samples]))
-    return len(ds)
+    return bu.tutorial_loop(model, root, out, BATCH)
 
 
 def embedpipe(bb, root: Path, out: Path, opts: ExtractOptions) -> int:

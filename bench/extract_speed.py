@@ -61,22 +61,8 @@ BATCH = 32
 
 def tutorial(root: Path, out: Path) -> int:
     """What a transfer-learning tutorial does: ImageFolder + DataLoader + model, fp32."""
-    import timm.data
-    import torchvision
-
     model = load_backbone().model.eval()  # bundled lite0; fresh, so not channels_last
-    config = timm.data.resolve_data_config({}, model=model)
-    transform = timm.data.create_transform(**config)
-    ds = torchvision.datasets.ImageFolder(str(root), transform=transform)
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False, num_workers=0)
-    feats = []
-    with torch.no_grad():
-        for x, _ in loader:
-            feats.append(model(x).numpy())
-    np.save(out, np.concatenate(feats))
-    np.save(out.with_suffix(".paths.npy"), np.array([str(Path(p).relative_to(root))
-                                                     for p, _ in ds.samples]))
-    return len(ds)
+    return bu.tutorial_loop(model, root, out, BATCH)
 
 
 def embedpipe_run(root: Path, out: Path, **opts) -> int:
