@@ -42,8 +42,11 @@ def watch():  # loader workers: sample the live RSS of every child process
     while True:
         kids = set()
         for path in glob.glob("/proc/self/task/*/children"):
-            with open(path) as f:
-                kids.update(f.read().split())
+            try:  # a thread may end between glob and open
+                with open(path) as f:
+                    kids.update(f.read().split())
+            except OSError:
+                pass
         peak_child[0] = max([peak_child[0]] + [vmrss(k) for k in kids])
         time.sleep(0.1)
 

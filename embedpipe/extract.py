@@ -198,19 +198,26 @@ class Task:
 
 class _Images:
     """Reads, hashes and decodes one image per item; never raises for a bad file. (A map-style
-    dataset for torch's DataLoader: __len__ and __getitem__.)"""
+    dataset for torch's DataLoader: __len__ and __getitem__.)
+
+    Paths and expected hashes are kept in two numpy byte arrays, not as the tasks' Python
+    objects: a forked loader worker that reads a Python object writes its reference count,
+    which copies the object's memory page into the worker, so a worker walking a list of
+    tasks grew by ~16 KB per image (bench/results/memory.md). A numpy array is one object."""
 
     def __init__(self, tasks: list[Task], transform: Any, min_size: tuple[int, int] | None,
                  max_pixels: int | None):
-        self.tasks, self.transform = tasks, transform
+        self.paths = np.array([os.fsencode(t.ref.path) for t in tasks], dtype=np.bytes_)
+        self.hashes = np.array([(t.expect_hash or "").encode() for t in tasks], dtype=np.bytes_)
+        self.transform = transform
         self.min_size, self.max_pixels = min_size, max_pixels
 
     def __len__(self) -> int:
-        return len(self.tasks)
+        return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        task = self.tasks[i]
-        return {"i": i, **load_one(task.ref.path, task.expect_hash, self.transform,
+        expect = self.hashes[i].decode() or None
+        return {"i": i, **load_one(os.fsdecode(self.paths[i]), expect, self.transform,
                                    self.min_size, self.max_pixels)}
 
 
