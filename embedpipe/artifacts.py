@@ -117,22 +117,98 @@ def versions() -> dict[str, str]:
     return out
 
 
-def save(path: str | Path, estimator: Any, manifest: dict[str, Any]) -> Path:
-    """Write a head file atomically (a crash never leaves half a file at ``path``)."""
+def save(path: str | Path, estimator: Any, manifest: dict[str, Any],
+         check_rows: Any = None) -> Path:
+    """Write a head file atomically (a crash never leaves half a file at ``path``).
+
+    With ``check_rows`` (some training features), the head's compact form (compact.py) is
+    written too when it has one and predicts like the estimator on those rows: then
+    `predict --store` needs neither scikit-learn nor skops (see load_compact)."""
     sio = _skops_io()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(json.dumps(manifest, default=_jsonable))  # plain data only
-    obj = {"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest,
-           "estimator": estimator}
+    head = {"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        sio.dump(obj, tmp)
+        sio.dump({**head, "estimator": estimator}, tmp)
+        if check_rows is not None:
+            _add_compact(tmp, estimator, head, check_rows)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) -> bool:
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from . import compact
+
+    exported = compact.export(estimator)
+    if exported is None:
+        return False
+    spec, arrays = exported
+    if not compact.agrees(estimator, compact.load(spec, arrays), np.asarray(rows)):
+        return False
+    with zipfile.ZipFile(path) as z:
+        sealed = {**head, "skops_sha256": _skops_digest(z)}
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(compact.HEAD_MEMBER, json.dumps(sealed))
+        z.writestr(compact.SPEC_MEMBER, json.dumps(spec))
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            z.writestr(f"{compact.ARRAY_PREFIX}{name}.npy", buf.getvalue())
+    return True
+
+
+def _skops_digest(z: Any) -> str:
+    """sha256 over the names and contents of a head file's skops members (CRC-checked)."""
+    import hashlib
+
+    from . import compact
+
+    h = hashlib.sha256()
+    for name in sorted(z.namelist()):
+        if not name.startswith(compact.MEMBER_DIR):
+            h.update(name.encode() + b"\0" + z.read(name))
+    return h.hexdigest()
+
+
+def load_compact(path: str | Path) -> HeadFile | None:
+    """A head file's compact form (compact.py), read with zipfile, json and numpy only (no
+    scikit-learn, no skops, no pickle); None when it has none, it cannot be read, or the rest
+    of the file is no longer what `fit` wrote beside it (a digest of the skops members): then
+    ``load`` reads the whole head (and says what is wrong with the file, if anything)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from . import compact
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if compact.SPEC_MEMBER not in names or compact.HEAD_MEMBER not in names:
+                return None
+            head = json.loads(z.read(compact.HEAD_MEMBER))
+            spec = json.loads(z.read(compact.SPEC_MEMBER))
+            if (head.get("format") != FORMAT
+                    or int(head.get("format_version", 0)) > FORMAT_VERSION
+                    or head.get("skops_sha256") != _skops_digest(z)):
+                return None
+            wanted = {op[k] for op in spec["ops"] for k in ("a", "w") if k in op}
+            arrays = {n: np.load(io.BytesIO(z.read(f"{compact.ARRAY_PREFIX}{n}.npy")),
+                                 allow_pickle=False) for n in wanted}
+        return HeadFile(Path(path), compact.load(spec, arrays), head["manifest"])
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _jsonable(v: Any) -> Any:
@@ -143,12 +219,17 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def load(path: str | Path) -> HeadFile:
-    """Load a head file, refusing anything that is not a head made by `embedpipe fit`."""
+def load(path: str | Path, *, compact: bool = False) -> HeadFile:
+    """Load a head file, refusing anything that is not a head made by `embedpipe fit`.
+    ``compact``: its compact form, when it has one (enough to predict; see load_compact)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such head file; make one with `embedpipe fit STORE "
                             f"--head NAME -o {path}`")
+    if compact:
+        fast = load_compact(path)
+        if fast is not None:
+            return fast
     sio = _skops_io()
     fix = "make the head again with `embedpipe fit`"
     try:

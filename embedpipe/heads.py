@@ -26,6 +26,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from .compact import class_scores  # noqa: F401 - part of this module's API
 from .errors import UserError
 
 PREPROCESSING = {"l2": "L2-normalise each row", "scale": "standardise each feature"}
@@ -262,29 +263,6 @@ def short_params(params: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key.removeprefix("clf__")] = value
     return out
-
-
-def class_scores(estimator: Any, X: np.ndarray, *,
-                 use_proba: bool = True) -> tuple[np.ndarray, bool]:
-    """Per-class scores aligned with ``estimator.classes_``: probabilities where the estimator
-    has them and ``use_proba`` (True), else a softmax of its decision function (False: a
-    ranking, not calibrated). Pass ``use_proba=Head.native_proba`` for a bare head.
-
-    The decision values are divided by their standard deviation over ``X`` before the softmax:
-    their scale is arbitrary (NearestCentroid's would saturate every row at 1.0), and one
-    shared temperature keeps the order of rows by margin."""
-    if use_proba and hasattr(estimator, "predict_proba"):
-        try:
-            return estimator.predict_proba(X), True
-        except AttributeError:  # e.g. a pipeline whose final step has no predict_proba
-            pass
-    d = np.asarray(estimator.decision_function(X), dtype=np.float64)
-    if d.ndim == 1:  # binary: one score for classes_[1]
-        d = np.stack([-d, d], axis=1)
-    d = d - d.max(axis=1, keepdims=True)
-    d = d / max(float(d.std()), 1e-12)
-    e = np.exp(d)
-    return e / e.sum(axis=1, keepdims=True), False
 
 
 def describe() -> list[dict[str, Any]]:

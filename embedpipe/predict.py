@@ -22,7 +22,7 @@ import numpy as np
 
 from . import artifacts
 from .errors import UserError
-from .heads import class_scores
+from .compact import class_scores
 from .store import FeatureStore, open_stores
 from .stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
 
@@ -188,7 +188,7 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
     from .progress import Progress
 
     check_chunk_rows(chunk_rows)
-    head = artifacts.load(head_path)
+    head = artifacts.load(head_path, compact=True)
     store = open_stores(store_path, features=False)
     notes = artifacts.check_compatible(head, store.meta, str(store.path)) + store.notes
     rows = _rows(store, split, only)

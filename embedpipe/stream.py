@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import heads
+from .compact import class_scores
 from .errors import UserError
 from .store import FeatureStore
 
@@ -50,6 +50,8 @@ def build(head: str, params: dict[str, Any] | None, y: np.ndarray, *,
     """The unfitted pipeline, made streamable: ``class_weight="balanced"`` becomes the
     explicit per-class weights of ``y`` (partial_fit refuses "balanced"), PCA becomes an
     IncrementalPCA of the same size."""
+    from . import heads
+
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
     if class_weight is not None:
         from sklearn.utils.class_weight import compute_class_weight
@@ -71,6 +73,8 @@ def build(head: str, params: dict[str, Any] | None, y: np.ndarray, *,
 
 def passes(head: str, params: dict[str, Any] | None, seed: int = 0) -> int:
     """How many times a fit reads its rows: stateful preprocessing passes plus the epochs."""
+    from . import heads
+
     pipe = heads.build(head, params, seed=seed)
     pre = sum(hasattr(s, "partial_fit") for _, s in pipe.steps[:-1] if s != "passthrough")
     return pre + int(pipe.steps[-1][1].max_iter)
@@ -89,6 +93,8 @@ def work(head: str, params: dict[str, Any] | None, n: int, *, search: bool = Fal
 
 def _candidates(head: str, params: dict[str, Any] | None, seed: int) -> list[dict[str, Any]]:
     from sklearn.model_selection import ParameterGrid
+
+    from . import heads
 
     grid = heads.param_grid(head, params, seed=seed)
     return [heads.short_params(c) for c in ParameterGrid(grid)] if grid else []
@@ -147,7 +153,7 @@ def predict_rows(estimator: Any, store: FeatureStore, rows: np.ndarray, *,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, use_proba: bool = True,
                  tick: Tick = _nothing) -> tuple[np.ndarray, np.ndarray, bool]:
     """Predicted class (str) and its score for each of ``rows``, in store order, chunk by
-    chunk; and whether the scores are probabilities (see heads.class_scores)."""
+    chunk; and whether the scores are probabilities (see compact.class_scores)."""
     rows = np.asarray(rows, dtype=np.int64)
     pred = np.empty(len(rows), dtype=object)
     conf = np.zeros(len(rows))
@@ -155,7 +161,7 @@ def predict_rows(estimator: Any, store: FeatureStore, rows: np.ndarray, *,
     cols = {str(c): i for i, c in enumerate(estimator.classes_)}
     for idx, X in store.iter_feature_chunks(rows, chunk_rows):
         p = np.asarray(estimator.predict(X)).astype(str)
-        scores, cal = heads.class_scores(estimator, X, use_proba=use_proba)
+        scores, cal = class_scores(estimator, X, use_proba=use_proba)
         calibrated &= cal
         pred[idx] = p
         conf[idx] = scores[np.arange(len(p)), [cols[c] for c in p]]

@@ -103,9 +103,15 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc),
     )
-    path = artifacts.save(out, estimator, manifest)
+    path = artifacts.save(out, estimator, manifest, check_rows=X[_check_sample(len(y))])
     return FitResult(path, head, chosen, len(y), [str(c) for c in classes], calibration,
                      time.perf_counter() - t0, train_acc)
+
+
+def _check_sample(n: int, size: int = 512) -> np.ndarray:
+    """Training rows (positions) on which a head's compact form must predict like the head
+    before it is saved (artifacts.save): up to ``size``, spread over all of them."""
+    return np.unique(np.linspace(0, n - 1, min(n, size)).astype(np.int64))
 
 
 def _training(store: Any, rows: Any, classes: np.ndarray, counts: np.ndarray,
@@ -207,7 +213,8 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
                                      "fitted_rows": int(n_fit),
                                      "calibration_rows": int(len(cal))}),
     )
-    path = artifacts.save(out, estimator, manifest)
+    check = stream.read_rows(store, rows.train[_check_sample(len(y))], chunk_rows)
+    path = artifacts.save(out, estimator, manifest, check_rows=check)
     return FitResult(path, head, chosen, int(n_fit), [str(c) for c in classes], calibration,
                      time.perf_counter() - t0, train_acc)
 

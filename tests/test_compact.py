@@ -1,0 +1,120 @@
+"""Compact heads (compact.py): `predict --store` without scikit-learn gives what scikit-learn
+gives, and a head without a usable compact form still predicts through scikit-learn."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clitools import ok, read_csv
+
+from embedpipe import artifacts, compact, heads
+from embedpipe.store import open_store
+
+COMPACT = ["logreg", "mlp", "ridge", "linear-svm", "logreg-sgd", "sgd"]
+NOT_COMPACT = ["svm", "knn", "centroid", "logreg+knn"]
+
+
+@pytest.fixture(scope="module")
+def fitted(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Head files fitted by `embedpipe fit` on the real Lite0 store, by head name."""
+    d = tmp_path_factory.mktemp("compact")
+    out = {name: d / f"{name}.skops" for name in COMPACT + NOT_COMPACT + ["logreg-pca"]}
+    for name in COMPACT + NOT_COMPACT:
+        ok("fit", fmnist_store, "--head", name, "-o", out[name], "-q")
+    ok("fit", fmnist_store, "--head", "logreg", "--param", "pca=16", "-o", out["logreg-pca"],
+       "-q")
+    return out
+
+
+def _has_compact(path: Path) -> bool:
+    return compact.SPEC_MEMBER in zipfile.ZipFile(path).namelist()
+
+
+def _predict(head: Path, store: Path, out: Path) -> list[dict[str, str]]:
+    ok("predict", head, "--store", store, "-o", out, "--top-k", "10", "-q")
+    return read_csv(out)
+
+
+@pytest.mark.parametrize("name", COMPACT + ["logreg-pca"])
+def test_compact_head_predicts_like_scikit_learn(name: str, fitted: dict[str, Path],
+                                                 fmnist_store: Path, tmp_path: Path):
+    head = fitted[name]
+    assert _has_compact(head)
+    assert isinstance(artifacts.load(head, compact=True).estimator, compact.CompactHead)
+    fast = _predict(head, fmnist_store, tmp_path / "fast.csv")
+    slow = _predict(compact.strip(head, tmp_path / "plain.skops"), fmnist_store,
+                    tmp_path / "slow.csv")
+    assert len(fast) == len(slow) == 250
+    for f, s in zip(fast, slow):
+        assert [f[k] for k in ("path", "label", "predicted", "top1")] == \
+               [s[k] for k in ("path", "label", "predicted", "top1")]
+        for k in ["confidence"] + [f"top{i}_prob" for i in range(1, 11)]:
+            assert float(f[k]) == pytest.approx(float(s[k]), abs=2e-6), (k, f, s)
+
+
+@pytest.mark.parametrize("name", NOT_COMPACT)
+def test_other_heads_have_no_compact_form_and_predict_through_scikit_learn(
+        name: str, fitted: dict[str, Path], fmnist_store: Path, tmp_path: Path):
+    head = fitted[name]
+    assert not _has_compact(head)
+    rows = _predict(head, fmnist_store, tmp_path / "p.csv")
+    est = artifacts.load(head).estimator
+    assert [r["predicted"] for r in rows] == \
+           list(est.predict(open_store(fmnist_store).features))
+
+
+def test_predict_store_with_a_compact_head_imports_neither_sklearn_nor_torch(
+        fitted: dict[str, Path], fmnist_store: Path, tmp_path: Path):
+    code = ("import sys\nfrom embedpipe.cli import app\n"
+            "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'sklearn', 'scipy', 'skops', 'torch', 'pandas', 'timm'})\n"
+            "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\nsys.exit(code)\n")
+    out = tmp_path / "p.csv"
+    proc = subprocess.run([sys.executable, "-c", code, "predict", str(fitted["logreg"]),
+                           "--store", str(fmnist_store), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stderr, proc.stderr
+    assert len(read_csv(out)) == 250
+
+
+def test_a_damaged_compact_form_falls_back_to_scikit_learn(fitted: dict[str, Path],
+                                                           fmnist_store: Path, tmp_path: Path):
+    head = fitted["logreg"]
+    want = _predict(head, fmnist_store, tmp_path / "want.csv")
+    bad = tmp_path / "bad.skops"
+    with zipfile.ZipFile(head) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == compact.SPEC_MEMBER:  # an operation this version does not know
+                spec = json.loads(data)
+                spec["ops"].append({"op": "exec", "code": "print('pwned')"})
+                data = json.dumps(spec).encode()
+            dst.writestr(info, data)
+    assert artifacts.load_compact(bad) is None
+    assert not isinstance(artifacts.load(bad, compact=True).estimator, compact.CompactHead)
+    assert _predict(bad, fmnist_store, tmp_path / "got.csv") == want
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "ridge", "logreg-sgd", "sgd"])
+def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
+    """Two classes: scikit-learn's one-column decision functions and probabilities."""
+    from embedpipe.train import _calibrated
+
+    store = open_store(fmnist_store)
+    labels = np.asarray(store.label_names())
+    keep = np.isin(labels, ["shirt", "t-shirt_top"])
+    X, y = store.features[keep], labels[keep]
+    est = heads.build(name, seed=0).fit(X, y)
+    if not heads.get(name).native_proba:
+        est, _ = _calibrated(heads.build(name, seed=0), X, y)
+    exported = compact.export(est)
+    assert exported is not None
+    assert compact.agrees(est, compact.load(*exported), X)
