@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ from embedpipe.datasets import write_fashion_mnist_folder
 
 # Keep the suite honest about the offline promise: nothing may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A shell without job control starts a background command (`bash .ci/run &`, nohup) with
+# SIGINT ignored, and the CLI processes the tests start inherit that, so the tests that press
+# Ctrl-C would see it ignored (as such a user asked). They test what a terminal user gets.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
