@@ -61,6 +61,25 @@ def class_scores(estimator: Any, X: np.ndarray, *,
     return e / e.sum(axis=1, keepdims=True), False
 
 
+def predict_scored(estimator: Any, X: np.ndarray, *, use_proba: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Predicted class (str) of each row of ``X``, its per-class scores and the score of the
+    predicted class (see class_scores), and whether the scores are probabilities.
+
+    A CalibratedClassifierCV's predict is the argmax of its probabilities, so it is taken from
+    the scores instead of scoring ``X`` twice (an RBF SVM's kernel rows are most of its
+    prediction time); any other estimator predicts itself."""
+    scores, calibrated = class_scores(estimator, X, use_proba=use_proba)
+    classes = np.asarray(estimator.classes_).astype(str)
+    if calibrated and type(estimator).__name__ == "CalibratedClassifierCV":
+        best = np.argmax(scores, axis=1)
+    else:
+        col = {c: i for i, c in enumerate(classes)}
+        best = np.array([col[p] for p in np.asarray(estimator.predict(X)).astype(str)],
+                        dtype=np.int64)
+    return classes[best], scores, scores[np.arange(len(best)), best], calibrated
+
+
 # -- from a fitted scikit-learn estimator ------------------------------------------------------
 
 def _type(obj: Any) -> str:
@@ -110,15 +129,17 @@ def _step(b: _Builder, step: Any) -> None:
         raise _Unsupported(kind)
 
 
-def _decision(b: _Builder, est: Any) -> str:
-    """Ops for the final estimator's raw output; returns what it is: 'linear' (decision
-    function: one column for two classes) or the MLP's output activation."""
+def _decision(b: _Builder, est: Any) -> None:
+    """Ops for the final estimator's raw output: its decision function (one column for two
+    classes), or the MLP's output before its softmax or logistic."""
     kind = _type(est)
     if kind in ("LogisticRegression", "SGDClassifier", "RidgeClassifier", "LinearSVC"):
         b.op("matmul", w=b.array(np.atleast_2d(est.coef_).T))  # binary ridge: 1-D
         b.op("add", a=b.array(np.atleast_1d(est.intercept_)))
-        return "linear"
+        return
     if kind == "MLPClassifier":
+        if est.out_activation_ not in ("softmax", "logistic"):
+            raise _Unsupported(f"MLP output {est.out_activation_}")
         last = len(est.coefs_) - 1
         for i, (w, c) in enumerate(zip(est.coefs_, est.intercepts_)):
             b.op("matmul", w=b.array(w))
@@ -127,7 +148,7 @@ def _decision(b: _Builder, est: Any) -> str:
                 if est.activation not in _ACTIVATIONS:
                     raise _Unsupported(f"MLP activation {est.activation}")
                 b.op("act", f=est.activation)
-        return f"mlp-{est.out_activation_}"
+        return
     raise _Unsupported(kind)
 
 
@@ -153,14 +174,15 @@ def export(estimator: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]] | Non
             if estimator.method != "temperature" or len(cals) != 1:
                 return None
             final = _pipeline(b, cals[0].estimator)
-            if _decision(b, final) != "linear":
+            if _type(final) == "MLPClassifier":
                 return None  # scikit-learn would calibrate predict_proba's output instead
+            _decision(b, final)
             out["proba"] = "temperature"
             out["beta"] = float(np.asarray(cals[0].calibrators[0].beta_))
         else:
             final = _pipeline(b, estimator)
-            raw = _decision(b, final)
-            out["proba"] = _native_proba(final, raw)
+            _decision(b, final)
+            out["proba"] = _native_proba(final)
         out["output"] = "mlp" if _type(final) == "MLPClassifier" else "linear"
     except (_Unsupported, AttributeError, IndexError):
         return None
@@ -168,18 +190,16 @@ def export(estimator: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]] | Non
     return out, b.arrays
 
 
-def _native_proba(final: Any, raw: str) -> str | None:
+def _native_proba(final: Any) -> str | None:
+    """How the estimator turns its raw output into probabilities: "softmax" (the logistic of
+    the one column for two classes), "ovr-logistic" (one-vs-rest logistics, normalised), or
+    None (ridge, linear svm, SGD without log loss: a decision function only)."""
     kind = _type(final)
-    if kind == "LogisticRegression":
-        return "logistic-or-softmax"
-    if kind == "SGDClassifier":
-        return "ovr-logistic" if final.loss == "log_loss" else None
-    if raw.startswith("mlp-"):
-        act = raw[4:]
-        if act not in ("softmax", "logistic"):
-            raise _Unsupported(f"MLP output {act}")
-        return act
-    return None  # ridge, linear svm: a decision function only
+    if kind in ("LogisticRegression", "MLPClassifier"):
+        return "softmax"
+    if kind == "SGDClassifier" and final.loss == "log_loss":
+        return "ovr-logistic"
+    return None
 
 
 def _plain(c: Any) -> Any:
@@ -262,7 +282,7 @@ class CompactHead:
                 logits = np.log(logits + 1e-12)  # as scikit-learn: scores that look like
                 # probabilities are taken for probabilities
             return _softmax(self.spec["beta"] * logits)
-        if kind in ("logistic-or-softmax", "softmax") and d.shape[1] > 1:
+        if kind == "softmax" and d.shape[1] > 1:
             return _softmax(d)
         p = _logistic(d)
         if p.shape[1] == 1:
@@ -288,7 +308,7 @@ class _CompactProba(CompactHead):
         return self._probabilities(X)
 
 
-_PROBAS = (None, "temperature", "logistic-or-softmax", "softmax", "logistic", "ovr-logistic")
+_PROBAS = (None, "temperature", "softmax", "ovr-logistic")
 
 
 def load(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> CompactHead:

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import heads
+from .compact import predict_scored
 from .errors import UserError
 from .store import FeatureStore
 
@@ -280,11 +281,8 @@ def _cv_task(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, 
         est, chosen = _fit(X[train], y[train], head, params, class_weight, search, metric, seed,
                            where)
         seconds = time.perf_counter() - t0
-        pred = np.asarray(est.predict(X[test])).astype(str)
-        scores, calibrated = heads.class_scores(est, X[test],
-                                                use_proba=heads.get(head).native_proba)
-    cols = {str(c): i for i, c in enumerate(est.classes_)}
-    conf = scores[np.arange(len(test)), [cols[p] for p in pred]]
+        pred, _, conf, calibrated = predict_scored(est, X[test],
+                                                   use_proba=heads.get(head).native_proba)
     return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
             "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
             "convergence_warnings": quiet.convergence}

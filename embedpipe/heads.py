@@ -17,7 +17,6 @@ import ast
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import artifacts
 from .errors import UserError
-from .compact import class_scores
+from .compact import predict_scored
 from .store import FeatureStore, open_stores
 from .stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
 
@@ -143,17 +143,8 @@ def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
     manifest = head.manifest
     use_proba = manifest.get("calibration", "native") == "native" or str(
         manifest.get("calibration")).startswith("temperature")
-    probs, calibrated = class_scores(head.estimator, X, use_proba=use_proba)
-    if calibrated and type(head.estimator).__name__ == "CalibratedClassifierCV":
-        # its predict is the argmax of these probabilities: do not score X twice (an RBF
-        # SVM's kernel rows are most of its prediction time)
-        best = np.argmax(probs, axis=1)
-        predicted = [classes[j] for j in best]
-        conf = probs[np.arange(len(best)), best]
-    else:
-        predicted = [str(c) for c in head.estimator.predict(X)]
-        col = {c: i for i, c in enumerate(classes)}
-        conf = probs[np.arange(len(predicted)), [col[p] for p in predicted]]
+    pred, probs, conf, calibrated = predict_scored(head.estimator, X, use_proba=use_proba)
+    predicted = [str(p) for p in pred]
     order = np.argsort(-probs, axis=1, kind="stable")[:, :max(1, top_k)]
     top = [[(classes[j], float(probs[i, j])) for j in row] for i, row in enumerate(order)]
     return predicted, conf, top, calibrated

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .compact import class_scores
+from .compact import predict_scored
 from .errors import UserError
 from .store import FeatureStore
 
@@ -158,13 +158,9 @@ def predict_rows(estimator: Any, store: FeatureStore, rows: np.ndarray, *,
     pred = np.empty(len(rows), dtype=object)
     conf = np.zeros(len(rows))
     calibrated = True
-    cols = {str(c): i for i, c in enumerate(estimator.classes_)}
     for idx, X in store.iter_feature_chunks(rows, chunk_rows):
-        p = np.asarray(estimator.predict(X)).astype(str)
-        scores, cal = class_scores(estimator, X, use_proba=use_proba)
+        pred[idx], _, conf[idx], cal = predict_scored(estimator, X, use_proba=use_proba)
         calibrated &= cal
-        pred[idx] = p
-        conf[idx] = scores[np.arange(len(p)), [cols[c] for c in p]]
         tick(len(idx))
     return pred.astype(str), conf, bool(calibrated)
 
