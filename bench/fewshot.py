@@ -16,10 +16,8 @@ Writes bench/results/fewshot.md and fewshot.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -117,15 +115,9 @@ def main() -> None:
         extra.append("QUICK smoke-test run: 2 draws; numbers mean little")
     text = hdr.render(extra) + "\n" + table + "\n"
     print(text)
-    if args.quick:
-        out = Path(tempfile.gettempdir()) / "fewshot.quick.md"
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"summary": summary_rows}, indent=2))
-    else:
-        out = bu.write_result("fewshot", text)
-        bu.write_json("fewshot", {"machine": bu.machine_facts(), "date": hdr.date,
-                                  "load_start": hdr.load_start, "store": str(store_path),
-                                  "summary": summary_rows, "runs": runs})
+    out = bu.save_results("fewshot", text, {"date": hdr.date, "load_start": hdr.load_start,
+                                            "store": str(store_path), "summary": summary_rows,
+                                            "runs": runs}, args.quick)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -14,8 +14,8 @@ Fashion-MNIST table reports (see ../shared/ANCHORS.md).
                                           # the full 60k / 10k, some heads (RBF SVMs on 60k
                                           # rows take hours on 2 cores)
 
-Writes bench/results/heads.md for the default sizes, heads-<train>-<test>.md for others (with
---quick: a scratch file in the temp dir instead).
+Writes bench/results/heads.md and heads.json for the default sizes, heads-<train>-<test>.md/.json
+for others (with --quick: scratch files in the temp dir instead).
 """
 
 from __future__ import annotations
@@ -114,12 +114,13 @@ def main() -> None:
         extra.append("QUICK smoke-test run: tiny sets; numbers mean little")
     text = hdr.render(extra) + "\n" + table + "\n"
     print(text)
-    if args.quick:
-        out = Path(tempfile.gettempdir()) / "heads.quick.md"
-        out.write_text(text)
-    else:
-        out = bu.write_result("heads" if (train, test) == (1000, 200)
-                              else f"heads-{train * 10}-{test * 10}", text)
+    name = ("heads" if args.quick or (train, test) == (1000, 200)
+            else f"heads-{train * 10}-{test * 10}")
+    out = bu.save_results(name, text, {
+        "date": hdr.date, "load_start": hdr.load_start, "store": str(store_path),
+        "train": len(ytr), "test": len(yte),
+        "heads": [{"head": n, "accuracy": a, "balanced_accuracy": b, "fit_s": f,
+                   "predict_s": p, "converged": c} for n, a, b, f, p, c in results]}, args.quick)
     print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
 
