@@ -285,7 +285,8 @@ def fmnist_features(train: int = 1000, test: int = 200, base: Path | None = None
     """(image folder, store path, extraction Summary) of bundled-Lite0 features of
     ``fmnist_split_folder``, under cache/bench-heads/ by default. The store is kept: a rerun
     finds it complete and extracts nothing (extraction is incremental)."""
-    from embedpipe.extract import ExtractOptions, run
+    from embedpipe.extract.options import ExtractOptions
+    from embedpipe.extract.local import run
 
     base = base or ROOT / "cache" / "bench-heads"
     data = fmnist_split_folder(base / f"fmnist-{train}-{test}", train, test)

@@ -35,7 +35,7 @@ def child(model_name: str, reps: int) -> dict:
     import torch
 
     from embedpipe.backbones import load_backbone
-    from embedpipe.extract import CompiledForward, prepare_model, resolve_precision
+    from embedpipe.extract.runtime import CompiledForward, prepare_model, resolve_precision
 
     t = time.perf_counter()
     bb = load_backbone(model_name, random_init=model_name != "tf_efficientnet_lite0")

@@ -48,11 +48,13 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from embedpipe import artifacts, export as ex, train
+    from embedpipe import export as ex
+    from embedpipe.heads import artifacts, train
     from embedpipe.backbones import BUNDLED
     from embedpipe.data import discover, load_image
     from embedpipe.datasets import write_fashion_mnist_folder
-    from embedpipe.extract import ExtractOptions, run
+    from embedpipe.extract.options import ExtractOptions
+    from embedpipe.extract.local import run
 
     torch.set_num_threads(args.threads)
     header = bu.Header("ONNX export: PyTorch eager vs ONNX fp32 vs ONNX int8 (backbone + head)")

@@ -41,9 +41,10 @@ from _benchutil import JPEG_H, JPEG_W, folder_stats, write_jpeg_folder, write_sm
 
 from embedpipe.backbones import decode_size, load_backbone, make_views_transform  # noqa: E402
 from embedpipe.data import decode_image  # noqa: E402
-from embedpipe.extract import (CompiledForward, ExtractOptions, default_workers,  # noqa: E402
-                               prepare_model, resolve_compile, resolve_precision, run,
-                               store_identity)
+from embedpipe.extract.runtime import CompiledForward, prepare_model, resolve_compile, resolve_precision, store_identity
+from embedpipe.extract.options import ExtractOptions
+from embedpipe.extract.loader import default_workers
+from embedpipe.extract.local import run
 from embedpipe.store import open_store  # noqa: E402
 
 BATCH = 32

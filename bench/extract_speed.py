@@ -51,7 +51,10 @@ from _benchutil import JPEG_H, JPEG_W, folder_stats, write_jpeg_folder  # noqa: 
 from embedpipe.backbones import decode_size, load_backbone, make_transform  # noqa: E402
 from embedpipe.data import decode_image  # noqa: E402
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
-from embedpipe.extract import ExtractOptions, default_workers, resolve_precision, run  # noqa: E402
+from embedpipe.extract.options import ExtractOptions
+from embedpipe.extract.loader import default_workers
+from embedpipe.extract.runtime import resolve_precision
+from embedpipe.extract.local import run
 from embedpipe.store import open_store  # noqa: E402
 
 BATCH = 32

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 
 from embedpipe import heads  # noqa: E402
-from embedpipe.evaluate import select_rows, targets  # noqa: E402
+from embedpipe.heads.rows import select_rows, targets
 from embedpipe.store import open_store  # noqa: E402
 
 SHOTS = (1, 5, 10, 20, 50, 100)

@@ -50,7 +50,8 @@ def make_data(root: Path, train: int, val: int, test: int) -> Path:
 
 
 def extract(data: Path, out: Path, img_size: int | None, weights: str | None, workers: int):
-    from embedpipe.extract import ExtractOptions, run
+    from embedpipe.extract.options import ExtractOptions
+    from embedpipe.extract.local import run
 
     t0 = time.perf_counter()
     summary = run(data, out, ExtractOptions(model=MODEL, weights=weights, img_size=img_size,

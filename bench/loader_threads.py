@@ -32,7 +32,8 @@ from _benchutil import JPEG_H, JPEG_W, folder_stats, write_jpeg_folder  # noqa: 
 from extract_speed import embedpipe_run  # noqa: E402
 
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
-from embedpipe.extract import default_workers, resolve_precision  # noqa: E402
+from embedpipe.extract.loader import default_workers
+from embedpipe.extract.runtime import resolve_precision
 
 
 def main() -> None:

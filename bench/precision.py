@@ -38,7 +38,7 @@ import _benchutil as bu  # noqa: E402
 from embedpipe.backbones import load_backbone, make_transform  # noqa: E402
 from embedpipe.data import decode_image, discover, read_file  # noqa: E402
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
-from embedpipe.extract import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from embedpipe.extract.runtime import cpu_has_native_bf16, resolve_precision
 
 MODELS = ("tf_efficientnet_lite0", "resnet50")
 BATCH = 32

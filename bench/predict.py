@@ -77,7 +77,7 @@ def main() -> None:
     _, big, _ = bu.fmnist_features(1000, 200)
     _, small, _ = bu.fmnist_features(1, 1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
-    from embedpipe import artifacts, compact
+    from embedpipe.heads import artifacts, compact
 
     files = {}
     for h in heads:

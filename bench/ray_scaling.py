@@ -38,9 +38,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 
-from embedpipe import ray_engine  # noqa: E402
+from embedpipe.extract import ray as ray_engine  # noqa: E402
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
-from embedpipe.extract import ExtractOptions, run  # noqa: E402
+from embedpipe.extract.options import ExtractOptions
+from embedpipe.extract.local import run
 from embedpipe.store import open_store  # noqa: E402
 
 SETTINGS = ("in-process fp32", "in-process fp16", "ray 1 worker fp32", "ray 2 workers fp32")
@@ -51,7 +52,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def driver_writes(rows: int = 40_000, batch: int = 256, dim: int = 1280) -> None:
-    from embedpipe.extract import versions
+    from embedpipe.extract.runtime import versions
     from embedpipe.store import StoreWriter
 
     hdr = bu.Header("Sizing: how fast one process commits feature rows (the Ray driver's job)")

@@ -21,7 +21,6 @@ Writes bench/results/serve.md (with --quick: a file in the temp dir instead).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -50,9 +49,10 @@ LEVELS = (1, 4, 16)
 
 
 def make_head(work: Path) -> Path:
-    from embedpipe import train
+    from embedpipe.heads import train
     from embedpipe.datasets import write_fashion_mnist_folder
-    from embedpipe.extract import ExtractOptions, run
+    from embedpipe.extract.options import ExtractOptions
+    from embedpipe.extract.local import run
 
     data = work / "data"
     if not (data / "train").is_dir():

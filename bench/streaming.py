@@ -67,7 +67,7 @@ def main() -> None:
         sys.exit(f"{args.store}: no such store; run `python bench/heads.py` first (it builds "
                  "it) or pass --store")
     hdr = bu.Header("Streaming heads (sgd, logreg-sgd) next to in-memory logreg")
-    from embedpipe.evaluate import select_rows
+    from embedpipe.heads.rows import select_rows
     from embedpipe.store import open_store
 
     s = open_store(args.store, features=False)

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 
 from embedpipe.datasets import write_fashion_mnist_folder  # noqa: E402
-from embedpipe.evaluate import run_cv  # noqa: E402
-from embedpipe.extract import ExtractOptions, run  # noqa: E402
+from embedpipe.evaluate.cv import run_cv
+from embedpipe.extract.options import ExtractOptions
+from embedpipe.extract.local import run
 
 SETTINGS = ("none", "flip", "crops", "flip,crops")
 HEADS = ["logreg", "svm", "knn", "ridge"]

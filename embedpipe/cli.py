@@ -200,17 +200,18 @@ def extract(
             from .errors import RAY_MISSING
 
             _fail(RAY_MISSING)
-    from . import extract as ex
+    from .extract.local import run as run_local
+    from .extract.options import ExtractOptions, default_store_path
 
-    opts = ex.ExtractOptions(model=model, weights=weights, random_init=random_init, pool=pool,
+    opts = ExtractOptions(model=model, weights=weights, random_init=random_init, pool=pool,
                              img_size=img_size, crop_pct=crop_pct, device=device,
                              precision=precision, dtype=dtype, batch_size=batch_size,
                              workers=workers, layout=layout, exact_decode=exact_decode,
                              max_pixels=max_pixels, prune=prune, shard=shard, tta=tta,
                              compile=compile_)
-    store = out or ex.default_store_path(data, opts, CACHE_DIR)
+    store = out or default_store_path(data, opts, CACHE_DIR)
     if engine == "ray":
-        from .ray_engine import run as run_ray
+        from .extract.ray import run as run_ray
 
         summary = _run(run_ray, data, store, opts, address=address, workers=workers,
                        gpus_per_worker=num_gpus_per_worker, progress=not quiet)
@@ -220,7 +221,7 @@ def extract(
         _fail("--address and --num-gpus-per-worker go with --engine ray; add --engine ray or "
               "drop them")
     else:
-        summary = _run(ex.run, data, store, opts, progress=not quiet)
+        summary = _run(run_local, data, store, opts, progress=not quiet)
     skipped = summary.failures + summary.ignored_files
     for path, reason in skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
@@ -248,7 +249,7 @@ def info(
     show: int = typer.Option(50, help="List at most this many skipped files."),
 ) -> None:
     """Show what a store holds: size, classes, splits, backbone, preprocessing, skipped files."""
-    from .store import open_store
+    from .store.read import open_store
 
     s = _run(open_store, store, features=False)
     splits: dict[str, int] = {}
@@ -305,8 +306,8 @@ def merge(
     `merge SHARD... -o STORE` (or `merge STORE SHARD...`). Stores with other provenance are
     refused; a path in several stores keeps its first row (STORE's own, then argument
     order)."""
-    from .extract import versions
-    from .store import merge as merge_stores
+    from .extract.runtime import versions
+    from .store.ops import merge as merge_stores
 
     if out is None:
         if len(stores) < 2:
@@ -350,7 +351,7 @@ def heads(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """List the classification heads with their preprocessing, defaults and search grids."""
-    from .heads import describe
+    from .heads.registry import describe
 
     rows = describe()
     if as_json:
@@ -376,7 +377,7 @@ def heads(
 
 
 def _head_name(names: list[str], ensemble: str | None) -> str:
-    from .heads import ENSEMBLE_SEP, HeadError
+    from .heads.registry import ENSEMBLE_SEP, HeadError
 
     if ensemble not in (None, "soft"):
         raise HeadError(f"--ensemble {ensemble}: pass soft (soft voting over probabilities)")
@@ -415,8 +416,8 @@ def fit(
 
     `fit A.h5 B.h5` trains on the features of both stores side by side, row by row matched by
     image path; `predict HEAD --store A.h5 --store B.h5` (or images) uses both backbones."""
-    from . import heads as heads_mod
-    from . import train
+    from .heads import registry as heads_mod
+    from .heads import train
 
     params = _run(heads_mod.parse_params, param)
     name = _run(_head_name, head or ["logreg"], ensemble)
@@ -501,9 +502,10 @@ def quickstart(
 ) -> None:
     """Offline demo of the whole pipeline on real Fashion-MNIST images: extract with the
     bundled backbone → cv of three heads → fit the best → predict the test images end to end."""
-    from . import evaluate as ev
+    from .evaluate import cv as ev_cv
+    from .evaluate import report as ev_report
     from . import predict as pr
-    from . import train
+    from .heads import train
     from .datasets import write_fashion_mnist_folder
 
     if per_class < 2 or test_per_class < 1:
@@ -516,9 +518,9 @@ def quickstart(
     _call(extract, data=folder, out=out)
     _call(info, store=out)
     typer.echo(f"\n3/4 embedpipe cv {out} --head logreg --head knn --head centroid")
-    report = _run(ev.run_cv, out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
+    report = _run(ev_cv.run_cv, out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
                   progress=False, warn=lambda m: typer.echo(m, err=True))
-    typer.echo(ev.format_report(report))
+    typer.echo(ev_report.format_report(report))
     best = report["heads"][0]["head"]
     head_file = out.with_name(f"{out.stem}__{best}.skops")
     typer.echo(f"\n4/4 embedpipe fit {out} --head {best} -o {head_file}; then "
@@ -577,22 +579,23 @@ def cv(
     StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=SEED), or with --repeats R > 1
     RepeatedStratifiedKFold(n_splits=FOLDS, n_repeats=R, random_state=SEED).
     """
-    from . import evaluate as ev
+    from .evaluate import cv as ev_cv
+    from .evaluate import report as ev_report
 
-    _run(ev.check_outputs, json_out, plots)
+    _run(ev_report.check_outputs, json_out, plots)
     if ensemble is not None:
-        head = list(head or ev.DEFAULT_CV_HEADS)
+        head = list(head or ev_cv.DEFAULT_CV_HEADS)
         head.append(_run(_head_name, head, ensemble))
-    report = _run(ev.run_cv, store, head, folds=folds, repeats=repeats, search=search,
+    report = _run(ev_cv.run_cv, store, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
                   top_errors=top_errors, progress=not quiet, chunk_rows=chunk_rows,
                   warn=lambda m: typer.echo(m, err=True))
-    typer.echo(ev.format_report(report))
+    typer.echo(ev_report.format_report(report))
     if json_out is not None:
-        _run(ev.write_report, report, json_out)
+        _run(ev_report.write_report, report, json_out)
         typer.echo(f"report → {json_out}", err=True)
     if plots is not None:
-        written = _run(ev.write_plots, report, plots)
+        written = _run(ev_report.write_plots, report, plots)
         typer.echo("plots → " + ", ".join(str(p) for p in written), err=True)
 
 
@@ -620,16 +623,17 @@ def compare(
 ) -> None:
     """Cross-validate the same heads on the same folds over several stores of the same images
     and print one table (with the paired per-fold difference for two stores)."""
-    from . import evaluate as ev
+    from .evaluate import cv as ev_cv
+    from .evaluate import report as ev_report
 
-    _run(ev.check_outputs, json_out, None)
-    report = _run(ev.run_compare, stores, head, folds=folds, repeats=repeats, search=search,
+    _run(ev_report.check_outputs, json_out, None)
+    report = _run(ev_cv.run_compare, stores, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
                   progress=not quiet, chunk_rows=chunk_rows,
                   warn=lambda m: typer.echo(m, err=True))
-    typer.echo(ev.format_compare(report))
+    typer.echo(ev_report.format_compare(report))
     if json_out is not None:
-        _run(ev.write_report, report, json_out)
+        _run(ev_report.write_report, report, json_out)
         typer.echo(f"report → {json_out}", err=True)
 
 
@@ -701,9 +705,10 @@ def finetune(
 ) -> None:
     """Fine-tune a pretrained backbone on DATA (new classifier; frozen, then partly unfrozen
     backbone) and write weights that `extract --weights` uses directly."""
-    from . import finetune as ft
+    from .finetune import loop as ft_loop
+    from .finetune import options as ft_options
 
-    opts = ft.FinetuneOptions(
+    opts = ft_options.FinetuneOptions(
         model=model, weights=weights, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze,
         gradual=gradual, stage_epochs=stage_epochs, img_size=img_size, batch_size=batch_size,
         lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -713,7 +718,7 @@ def finetune(
         workers=workers, threads=threads, deterministic=deterministic, layout=layout,
         max_pixels=max_pixels, keep_checkpoints=keep_checkpoints)
     dest = out or CACHE_DIR / f"{data.resolve().name}__{model.replace('/', '_')}__tuned.pt"
-    result = _run(ft.finetune, data, dest, opts, resume=resume, overwrite=overwrite,
+    result = _run(ft_loop.finetune, data, dest, opts, resume=resume, overwrite=overwrite,
                   progress=not quiet)
     typer.echo(result.line())
     if not quiet:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import artifacts
+from .heads import artifacts
 from .errors import UserError
 
 FORMAT = "embedpipe-onnx"
@@ -438,7 +438,7 @@ def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | N
 
         paths = [r.path for r in gather_images(list(calib)).items]
     else:
-        from .store import open_store
+        from .store.read import open_store
 
         train = head.manifest.get("training", {}) or {}
         where = Path(str(train.get("store", "")))

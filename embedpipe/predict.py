@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import artifacts
+from .heads import artifacts
 from .errors import UserError
-from .compact import predict_scored
-from .store import FeatureStore, open_stores
-from .stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
+from .heads.compact import predict_scored
+from .store.read import FeatureStore, open_stores
+from .heads.stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
 
 StorePaths = str | Path | Sequence[str | Path]  # several: stacked side by side (store.stack)
 
@@ -268,7 +268,7 @@ def extract_options(head: artifacts.HeadFile, *, weights: str | None = None,
                     workers: int | None = None, identity: dict[str, Any] | None = None) -> Any:
     """ExtractOptions that reproduce the head's store identity (checked after extraction), or
     ``identity`` (one of a stacked head's stores)."""
-    from .extract import ExtractOptions
+    from .extract.options import ExtractOptions
 
     ident = head.identity if identity is None else identity
     if "stacked" in ident:
@@ -336,7 +336,7 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                 progress: bool = True,
                 say: Callable[[str], None] | None = None) -> Predictions:
     """Extract ``inputs`` with the head's own backbone and preprocessing, then classify."""
-    from .extract import run
+    from .extract.local import run
 
     head = artifacts.load(head_path)
     idents = artifacts.members(head.identity)  # a head on stacked stores: each backbone's

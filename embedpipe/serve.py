@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import artifacts
+from .heads import artifacts
 from .errors import UserError
 
 
@@ -104,7 +104,7 @@ class Model:
         import torch
 
         from .backbones import decode_size, load_backbone, make_views_transform
-        from .extract import prepare_model, resolve_device, resolve_precision, store_identity
+        from .extract.runtime import prepare_model, resolve_device, resolve_precision, store_identity
         from .predict import extract_options
 
         self.head = artifacts.load(head_path)
@@ -155,7 +155,7 @@ class Model:
 
     def run(self, tensors: list[Any]) -> list[dict[str, Any]]:
         """Classify a batch of preprocessed images (call from one thread at a time)."""
-        from .extract import embed
+        from .extract.runtime import embed
         from .predict import predict_rows
 
         torch = self._torch
@@ -192,7 +192,7 @@ class Model:
 def _server_versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    from .extract import versions
+    from .extract.runtime import versions
 
     out = dict(versions())
     for dist in ("scikit-learn", "fastapi", "uvicorn", "starlette"):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from clitools import ok, read_csv
 
-from embedpipe import artifacts, compact, heads
+from embedpipe import heads
+from embedpipe.heads import artifacts, compact
 from embedpipe.store import open_store
 
 COMPACT = ["logreg", "mlp", "ridge", "linear-svm", "logreg-sgd", "sgd"]
@@ -106,7 +107,7 @@ def test_a_damaged_compact_form_falls_back_to_scikit_learn(fitted: dict[str, Pat
 @pytest.mark.parametrize("name", ["logreg", "mlp", "ridge", "logreg-sgd", "sgd"])
 def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
     """Two classes: scikit-learn's one-column decision functions and probabilities."""
-    from embedpipe.train import _calibrated
+    from embedpipe.heads.train import _calibrated
 
     store = open_store(fmnist_store)
     labels = np.asarray(store.label_names())

@@ -15,7 +15,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from clitools import cli
 from embedpipe import heads
-from embedpipe.evaluate import fit_configuration, select_rows, targets
+from embedpipe.heads.fit import fit_configuration
+from embedpipe.heads.rows import select_rows, targets
 from embedpipe.store import StoreWriter, open_store, read_identity
 
 

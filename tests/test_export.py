@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clitools import cli, ok, one_line_error, read_csv
-from embedpipe import artifacts
+from embedpipe.heads import artifacts
 from embedpipe.data import load_image
 from embedpipe.store import open_store
 

@@ -123,7 +123,8 @@ def test_rerun_extracts_nothing_then_exactly_what_is_new_or_changed(fmnist: Path
 
     reads: list[Path] = []
     real_read = data_mod.read_file
-    monkeypatch.setattr("embedpipe.extract.read_file", lambda p: reads.append(p) or real_read(p))
+    for where in ("embedpipe.extract.loader.read_file", "embedpipe.extract.plan.read_file"):
+        monkeypatch.setattr(where, lambda p: reads.append(p) or real_read(p))
     res = extract_ok(fmnist, "-o", out, "-q", "--workers", "0")
     assert "done: 0 extracted, 60 already in store, 0 failed" in res.output
     assert reads == []  # unchanged files are not even read

@@ -436,8 +436,8 @@ def test_full_disk_stops_in_one_line_keeps_every_committed_batch_and_resumes(
 
 
 _NO_SPACE_RESERVE = r"""
-import embedpipe.store
-embedpipe.store._SPACE_RESERVE = False
+import embedpipe.store.write
+embedpipe.store.write._SPACE_RESERVE = False
 from embedpipe.cli import main
 main()
 """
@@ -675,7 +675,7 @@ def test_recovery_after_a_kill_keeps_the_rows_before_a_torn_chunk(store_copy: Pa
 
 def test_store_attributes_edited_to_claim_another_backbone(store_copy: Path, lite0_head: Path,
                                                            fmnist_src: Path):
-    from embedpipe.store import _identity_digest
+    from embedpipe.store.schema import _identity_digest
 
     def edit(forge: bool, **attrs: object) -> None:
         with h5py.File(store_copy, "r+") as f:
@@ -866,7 +866,7 @@ def test_debug_shows_the_traceback_and_unexpected_errors_exit_nonzero(tmp_path: 
     def bug(*a, **k):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("embedpipe.store.open_store", bug)
+    monkeypatch.setattr("embedpipe.store.read.open_store", bug)
     res = cli("info", tmp_path / "nope.h5")
     one_line_error(res.output, res.exit_code, "unexpected ZeroDivisionError", "division by zero",
                    "--debug", expect=1)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from clitools import cli, ok, one_line_error, read_csv
-from embedpipe import artifacts, heads
-from embedpipe.evaluate import select_rows, targets
+from embedpipe import heads
+from embedpipe.heads import artifacts
+from embedpipe.heads.rows import select_rows, targets
 from embedpipe.store import open_store
 
 

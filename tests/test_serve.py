@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from clitools import ok, runner
-from embedpipe import artifacts
+from embedpipe.heads import artifacts
 from embedpipe.cli import app
 from embedpipe.store import open_store
 

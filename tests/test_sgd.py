@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from clitools import cli, ok, one_line_error
-from embedpipe import artifacts, heads, stream
-from embedpipe.evaluate import select_rows, targets
+from embedpipe import heads
+from embedpipe.heads import artifacts, stream
+from embedpipe.heads.rows import select_rows, targets
 from embedpipe.store import StoreWriter, open_store, read_identity
 
 STREAMING = ("sgd", "logreg-sgd")

@@ -16,10 +16,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import artifacts, heads
-from .evaluate import (TRAIN_SPLIT, EvaluateError, fit_configuration, min_class, select_rows,
-                       targets)
-from .store import open_stores
+from . import artifacts
+from . import registry as heads
+from .rows import TRAIN_SPLIT, EvaluateError, min_class, select_rows, targets
+from .fit import fit_configuration
+from ..store.read import open_stores
 
 CALIBRATION_FOLDS = 5
 CALIBRATION_FRACTION = 0.1  # of a streamed head's training rows
@@ -156,7 +157,7 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
                    seed: int, chunk_rows: int, progress: bool, say: Callable[[str], None],
                    t0: float) -> FitResult:
     from . import stream
-    from .progress import Progress
+    from ..progress import Progress
 
     spec = heads.get(head)
     store = open_stores(store_path, features=False)  # labels, paths, splits: no features

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from ..errors import UserError
 
 FORMAT = "embedpipe-head"
 FORMAT_VERSION = 1
@@ -106,7 +106,7 @@ def versions() -> dict[str, str]:
     import numpy
     import sklearn
 
-    from . import __version__
+    from .. import __version__
 
     out = {"embedpipe": __version__, "scikit-learn": sklearn.__version__,
            "numpy": numpy.__version__, "python": platform.python_version()}

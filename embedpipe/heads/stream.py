@@ -20,8 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .compact import predict_scored
-from .errors import UserError
-from .store import FeatureStore
+from ..errors import UserError
+from .rows import EvaluateError, _scores, min_class
+from ..store.read import FeatureStore
 
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -50,7 +51,7 @@ def build(head: str, params: dict[str, Any] | None, y: np.ndarray, *,
     """The unfitted pipeline, made streamable: ``class_weight="balanced"`` becomes the
     explicit per-class weights of ``y`` (partial_fit refuses "balanced"), PCA becomes an
     IncrementalPCA of the same size."""
-    from . import heads
+    from . import registry as heads
 
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
     if class_weight is not None:
@@ -73,7 +74,7 @@ def build(head: str, params: dict[str, Any] | None, y: np.ndarray, *,
 
 def passes(head: str, params: dict[str, Any] | None, seed: int = 0) -> int:
     """How many times a fit reads its rows: stateful preprocessing passes plus the epochs."""
-    from . import heads
+    from . import registry as heads
 
     pipe = heads.build(head, params, seed=seed)
     pre = sum(hasattr(s, "partial_fit") for _, s in pipe.steps[:-1] if s != "passthrough")
@@ -94,7 +95,7 @@ def work(head: str, params: dict[str, Any] | None, n: int, *, search: bool = Fal
 def _candidates(head: str, params: dict[str, Any] | None, seed: int) -> list[dict[str, Any]]:
     from sklearn.model_selection import ParameterGrid
 
-    from . import heads
+    from . import registry as heads
 
     grid = heads.param_grid(head, params, seed=seed)
     return [heads.short_params(c) for c in ParameterGrid(grid)] if grid else []
@@ -174,7 +175,6 @@ def fit_configuration(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head
     """Streaming counterpart of evaluate.fit_configuration: with ``search``, pick the grid's
     best parameters by stratified ``inner_folds``-fold CV on these rows (each candidate fitted
     and scored by streaming), then refit on all of them."""
-    from .evaluate import EvaluateError, _scores, min_class
 
     rows = np.asarray(rows, dtype=np.int64)
     chosen = dict(params or {})

@@ -38,13 +38,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import discover
-from .errors import RAY_MISSING
-from .extract import (ExtractError, ExtractOptions, Session, Summary, check_options,
-                      load_one, partition, resolve_precision, store_identity, versions)
-from .progress import Progress, printer
-from .store import (StoreError, StoreWriter, check_not_busy, identity_diffs, merge, prune,
-                    read_identity)
+from ..data import discover
+from ..errors import RAY_MISSING
+from ..extract.options import ExtractError, ExtractOptions, Summary, check_options
+from ..extract.plan import Session
+from ..extract.loader import load_one
+from ..extract.shards import partition
+from ..extract.runtime import resolve_precision, store_identity, versions
+from ..progress import Progress, printer
+from ..store.schema import StoreError
+from ..store.write import StoreWriter
+from ..store._hdf5 import check_not_busy
+from ..provenance import diff_fields
+from ..store.ops import merge, prune
+from ..store.read import read_identity
 
 MAX_OPEN_SHARDS = 64  # shard stores written at once (one pipeline); more run in waves
 ROWS_PER_SHARD = 50_000  # default shard size on the first run (resume granularity)
@@ -128,7 +135,7 @@ def _decode_batch(batch: dict[str, np.ndarray], *, data_config: dict[str, Any],
                   view_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """A Ray Data CPU task: read, hash, decode and preprocess a batch of files (load_one, as
     the in-process loader). Bad files become status=error rows with their reason."""
-    from .backbones import make_views_transform
+    from ..backbones import make_views_transform
 
     key = json.dumps(data_config, sort_keys=True)
     if key not in _TRANSFORMS:
@@ -173,14 +180,14 @@ class _Embedder:
                  precision: str):
         import torch
 
-        from .backbones import load_backbone
-        from .extract import prepare_model
+        from ..backbones import load_backbone
+        from ..extract.runtime import prepare_model
 
         o = ExtractOptions(**opts)
         backbone = load_backbone(o.model, weights=o.weights, random_init=o.random_init,
                                  pool=o.pool, img_size=o.img_size, crop_pct=o.crop_pct)
         _, mine = store_identity(backbone, o, precision)
-        diffs = identity_diffs(identity, mine)
+        diffs = diff_fields(identity, mine)
         if diffs:  # e.g. another weights file or timm version on this node
             raise ExtractError(f"a Ray worker's backbone differs from the driver's "
                                f"({'; '.join(diffs[:3])}); install the same embedpipe, timm "
@@ -194,7 +201,7 @@ class _Embedder:
         self.dim = int(identity["feature_dim"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .extract import embed
+        from ..extract.runtime import embed
 
         ok = np.asarray(batch["status"] == "ok")
         feats = np.zeros((len(ok), self.dim), dtype=np.float32)
@@ -213,7 +220,7 @@ def _probe(gpus: float) -> tuple[str, bool, bool]:
     """Where the actors will run: (device, CUDA bf16 support, CPU native bf16)."""
     import torch
 
-    from .extract import cpu_has_native_bf16
+    from ..extract.runtime import cpu_has_native_bf16
 
     cuda = gpus > 0 and torch.cuda.is_available()
     return ("cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported(),
@@ -245,7 +252,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     check_not_busy(out)
     stored = read_identity(out) if out.exists() else {}
 
-    from .backbones import decode_size, load_backbone, make_views_transform
+    from ..backbones import decode_size, load_backbone, make_views_transform
 
     sdir = shard_dir(out)
     if not stored:  # an earlier run that stopped before its merge: its shards' settings
@@ -264,7 +271,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         data_config, identity = store_identity(backbone, opts, precision)
         del backbone
         if stored:
-            diffs = identity_diffs(stored, identity)
+            diffs = diff_fields(stored, identity)
             if diffs:
                 raise StoreError(f"{out}: store was made with other settings "
                                  f"({'; '.join(diffs[:3])}); a store never mixes them — pass "

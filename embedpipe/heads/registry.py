@@ -26,7 +26,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from .compact import class_scores  # noqa: F401 - part of this module's API
-from .errors import UserError
+from ..errors import UserError
 
 PREPROCESSING = {"l2": "L2-normalise each row", "scale": "standardise each feature"}
 

@@ -1,0 +1,242 @@
+"""Reports of ``cv`` and ``compare``: text tables, JSON and plots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..heads.rows import METRICS, EvaluateError
+
+PLOTS_HINT = "pip install 'embedpipe[plots]'"
+
+
+def write_report(report: dict[str, Any], path: Any) -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        raise EvaluateError(f"--json {path}: cannot write ({e.strerror or e}); pass a writable "
+                            "path") from None
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    def v(x: Any) -> str:
+        if isinstance(x, (list, tuple)):
+            return ",".join(str(i) for i in x)
+        return f"{x:g}" if isinstance(x, float) else str(x)
+    return " ".join(f"{k}={v(x)}" for k, x in params.items())
+
+
+def _fmt_matrix(cm: dict[str, Any], indent: str = "  ") -> list[str]:
+    labels, mat = cm["labels"], cm["matrix"]
+    if len(labels) > 30:
+        return [indent + f"({len(labels)} classes: too wide for a terminal; see --json or "
+                "--plots)"]
+    w = max([len(str(x)) for row in mat for x in row] + [len(str(len(labels) - 1)), 1])
+    nw = max(len(c) for c in labels) + len(str(len(labels))) + 1
+    head = indent + " " * nw + " " + " ".join(f"{j:>{w}}" for j in range(len(labels)))
+    lines = [indent + "rows: true class, columns: predicted class (by number)", head]
+    for i, (c, row) in enumerate(zip(labels, mat)):
+        lines.append(indent + f"{f'{i} {c}':<{nw}} " + " ".join(f"{x:>{w}}" for x in row))
+    return lines
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text for a terminal."""
+    st, metric = report["store"], report["metric"]
+    held = ", ".join(f"{n} {k}" for k, n in st["heldout_rows"].items())
+    out = [f"store    {st['path']}  ({st['model']}, {st['feature_dim']}-d, {st['rows']} rows)",
+           f"data     {st['train_rows']} train rows in {len(st['classes'])} classes"
+           + (f"; held out: {held}" if held else ""),
+           f"folds    {report['splitter']} on the train rows in store order"
+           + (f"; grid search with {report['inner_folds']} inner folds on each outer training "
+              "part" if report["search"] else ""),
+           f"chance   accuracy {report['chance']['majority_accuracy']:.3f} (majority class), "
+           f"balanced accuracy {report['chance']['balanced_accuracy']:.3f}"]
+    out += [f"warning  {w}" for w in report["warnings"]]
+    out.append("")
+    out.append(f"heads, best first by {METRICS[metric]} (mean ± std over "
+               f"{report['folds'] * report['repeats']} folds):")
+    hw = max(4, *(len(e["head"]) for e in report["heads"])) + 2
+    out.append(f"  {'head':<{hw}}{'accuracy':<16}{'bal. accuracy':<16}{'macro-F1':<16}"
+               f"{'fit s':>7}  params")
+    for e in report["heads"]:
+        cells = "".join(f"{e[m]['mean']:.3f} ± {e[m]['std']:.3f}".ljust(16) for m in METRICS)
+        extra = _fmt_params(e["params"])
+        if report["search"]:
+            extra = (extra + "; " if extra else "") + "rest searched, per fold below"
+        extra = extra or "defaults"
+        if e["class_weight"]:
+            extra += f" class_weight={e['class_weight']}"
+        out.append(f"  {e['head']:<{hw}}{cells}{e['fit_seconds']:>7.2f}  {extra}")
+        if report["search"]:
+            chosen = [_fmt_params({k: v for k, v in f["params"].items()
+                                   if k not in e["params"]}) or "-" for f in e["folds"]]
+            out.append(f"  {'':<{hw}}chosen per fold: " + " | ".join(chosen))
+        if e["convergence_warnings"]:
+            out.append(f"  {'':<{hw}}{e['convergence_warnings']} ConvergenceWarning(s) in "
+                       f"{e['folds_with_convergence_warnings']} of {len(e['folds'])} folds: the "
+                       "solver stopped before converging; try a larger --param "
+                       f"{e['head']}:max_iter=N")
+    b = report["best"]
+    out += ["", f"best head: {b['head']}; out-of-fold predictions of the first repeat (each "
+            "train row predicted once): " + ", ".join(
+                f"{METRICS[m]} {b['out_of_fold'][m]:.3f}" for m in METRICS)]
+    cw = max(len(r["class"]) for r in b["per_class"]) + 2
+    out.append(f"  {'class':<{cw}}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
+    for r in b["per_class"]:
+        out.append(f"  {r['class']:<{cw}}{r['precision']:>10.3f}{r['recall']:>8.3f}"
+                   f"{r['f1']:>8.3f}{r['support']:>9d}")
+    out += ["", f"confusion matrix of {b['head']} (out-of-fold):"]
+    out += _fmt_matrix(b["confusion_matrix"])
+    if b["top_errors"]:
+        out += ["", f"most confidently misclassified files by {b['head']} (confidence: "
+                f"{b['confidence']}):"]
+        for t in b["top_errors"]:
+            out.append(f"  {t['confidence']:.3f}  {t['path']}  true {t['true']}, "
+                       f"predicted {t['predicted']}")
+    h = report["heldout"]
+    if h:
+        how = "grid-searched on" if h["searched"] else "refit on"
+        params = _fmt_params(h["params"])
+        out += ["", f"held-out splits: {h['head']} {how} all {st['train_rows']} train rows"
+                + (f" ({params})" if params else "")]
+        for split, s in h["splits"].items():
+            out.append(f"  {split}: {s['rows']} rows, " + ", ".join(
+                f"{METRICS[m]} {s[m]:.3f}" for m in METRICS))
+            if s["classes_not_in_train"]:
+                out.append(f"    classes not in train (always wrong): "
+                           f"{', '.join(s['classes_not_in_train'])}")
+            out += _fmt_matrix(s["confusion_matrix"], indent="    ")
+    v = report["versions"]
+    out += ["", f"seed {report['seed']}; scikit-learn {v['sklearn']}, numpy {v['numpy']}, "
+            f"embedpipe {v['embedpipe']}"]
+    return "\n".join(out)
+
+
+def write_plots(report: dict[str, Any], out_dir: Any) -> list[Any]:
+    """``confusion_matrix.png`` (best head, out-of-fold) and ``scores.png`` (the metric per
+    head, mean ± std over folds, with each fold's score) in ``out_dir``; needs matplotlib."""
+    from pathlib import Path
+
+    check_outputs(plots_dir=out_dir)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvaluateError(f"--plots {out_dir}: cannot create it ({e.strerror or e}); pass a "
+                            "writable folder") from None
+    written = []
+
+    b = report["best"]
+    labels, mat = b["confusion_matrix"]["labels"], np.array(b["confusion_matrix"]["matrix"])
+    size = max(5.0, 0.55 * len(labels) + 2.5)
+    fig = Figure(figsize=(size, size * 0.9))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    norm = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if len(labels) <= 40:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if mat[i, j]:
+                    ax.text(j, i, str(mat[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(f"{b['head']}: out-of-fold confusion matrix "
+                 f"({report['store']['train_rows']} train rows)")
+    fig.tight_layout()
+    written.append(out_dir / "confusion_matrix.png")
+    fig.savefig(written[-1], dpi=120)
+
+    metric = report["metric"]
+    rows = report["heads"]
+    fig = Figure(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    means = [e[metric]["mean"] for e in rows]
+    stds = [e[metric]["std"] for e in rows]
+    ax.bar(x, means, yerr=stds, capsize=6, color="#4c72b0", alpha=0.8)
+    for i, e in enumerate(rows):
+        vals = [f[metric] for f in e["folds"]]
+        ax.scatter(np.full(len(vals), i) + np.linspace(-0.2, 0.2, len(vals)), vals, s=10,
+                   color="black", zorder=3)
+    chance = report["chance"]["majority_accuracy" if metric == "accuracy"
+                              else "balanced_accuracy"]
+    ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, [e["head"] for e in rows])
+    ax.set_ylabel(f"{METRICS[metric]} (mean ± std, dots: folds)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{Path(report['store']['path']).name}: {report['folds']}-fold CV"
+                 + (f" x {report['repeats']} repeats" if report["repeats"] > 1 else "")
+                 + f", seed {report['seed']}" + (", nested search" if report["search"] else ""),
+                 fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    written.append(out_dir / "scores.png")
+    fig.savefig(written[-1], dpi=120)
+    return written
+
+
+def format_compare(report: dict[str, Any]) -> str:
+    metric = report["metric"]
+    out = [f"{report['rows']} train rows common to all stores, {len(report['classes'])} "
+           f"classes; {report['splitter']} on them sorted by path"
+           + ("; nested grid search" if report["search"] else "")]
+    out += [f"warning  {w}" for w in report["warnings"]]
+    for k, s in enumerate(report["stores"]):
+        out.append(f"  [{chr(65 + k)}] {s['path']}: {s['model']}, {s['weights']}, "
+                   f"{s['feature_dim']}-d, {s['precision']}")
+    out.append("")
+    out.append(f"{METRICS[metric]}, mean ± std over {report['folds'] * report['repeats']} "
+               "folds (same folds for every cell):")
+    letters = [chr(65 + k) for k in range(len(report["stores"]))]
+    hw = max(4, *(len(r["head"]) for r in report["heads"])) + 2
+    head = f"  {'head':<{hw}}" + "".join(f"{'[' + x + ']':<16}" for x in letters)
+    two = len(letters) == 2
+    if two:
+        head += "B − A (paired)       folds B>A / A>B"
+    out.append(head)
+    for r in report["heads"]:
+        line = f"  {r['head']:<{hw}}" + "".join(
+            f"{s[metric]['mean']:.3f} ± {s[metric]['std']:.3f}".ljust(16) for s in r["stores"])
+        if two:
+            d = r["difference"]
+            line += (f"{d['mean']:+.3f} ± {d['std']:.3f}".ljust(21)
+                     + f"{d['second_better']} / {d['first_better']}")
+        out.append(line)
+    return "\n".join(out)
+
+
+def check_outputs(json_path: Any = None, plots_dir: Any = None) -> None:
+    """Fail early (before any fitting) when the report or plots could not be written."""
+    from pathlib import Path
+
+    if plots_dir is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise EvaluateError(f"--plots {plots_dir}: matplotlib is not installed; "
+                                f"{PLOTS_HINT} (or leave out --plots)") from None
+        if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+            raise EvaluateError(f"--plots {plots_dir}: exists and is not a folder; pass a "
+                                "folder to write the PNGs into")
+    if json_path is not None and Path(json_path).is_dir():
+        raise EvaluateError(f"--json {json_path}: is a folder; pass a file name such as "
+                            f"{Path(json_path) / 'cv.json'}")

@@ -1,0 +1,100 @@
+"""The reader: stat, read, hash and decode one image per item for torch's DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..data import (
+    DecodeError,
+    content_hash,
+    decode_image,
+    read_file,
+)
+from .plan import Task
+
+if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
+
+    pass
+
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) - 1))
+
+
+class _Images:
+    """Reads, hashes and decodes one image per item; never raises for a bad file. (A map-style
+    dataset for torch's DataLoader: __len__ and __getitem__.)
+
+    Paths and expected hashes are kept in two numpy byte arrays, not as the tasks' Python
+    objects: a forked loader worker that reads a Python object writes its reference count,
+    which copies the object's memory page into the worker, so a worker walking a list of
+    tasks grew by ~16 KB per image (bench/results/memory.md). A numpy array is one object."""
+
+    def __init__(self, tasks: list[Task], transform: Any, min_size: tuple[int, int] | None,
+                 max_pixels: int | None):
+        self.paths = np.array([os.fsencode(t.ref.path) for t in tasks], dtype=np.bytes_)
+        self.hashes = np.array([(t.expect_hash or "").encode() for t in tasks], dtype=np.bytes_)
+        self.transform = transform
+        self.min_size, self.max_pixels = min_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        expect = self.hashes[i].decode() or None
+        return {"i": i, **load_one(os.fsdecode(self.paths[i]), expect, self.transform,
+                                   self.min_size, self.max_pixels)}
+
+
+def load_one(path: str | Path, expect_hash: str | None, transform: Any,
+             min_size: tuple[int, int] | None, max_pixels: int | None) -> dict[str, Any]:
+    """Stat, read, hash and decode one file: a dict with status ok (and its ``tensor``), same
+    (content equals ``expect_hash``: nothing to extract) or error (and its ``reason``), plus
+    hash, mtime_ns and size. Never raises for a bad file (both engines use this)."""
+    out: dict[str, Any] = {"hash": "", "mtime_ns": 0, "size": 0}
+    try:
+        st = os.stat(path)
+        out["mtime_ns"], out["size"] = st.st_mtime_ns, st.st_size
+    except OSError:
+        pass
+    try:
+        data = read_file(path)
+        out["hash"] = content_hash(data)
+        if expect_hash is not None and out["hash"] == expect_hash:
+            out["status"] = "same"
+            return out
+        img = decode_image(data, min_size=min_size, max_pixels=max_pixels)
+        out["tensor"] = transform(img)
+        out["status"] = "ok"
+    except DecodeError as e:
+        out["status"], out["reason"] = "error", str(e)
+    except Exception as e:  # noqa: BLE001 - a transform failure is this file's failure too
+        out["status"], out["reason"] = "error", f"preprocessing failed: {type(e).__name__}: {e}"
+    return out
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    good = [it for it in items if it["status"] == "ok"]
+    return {
+        "items": items,
+        "tensor": torch.stack([it.pop("tensor") for it in good]) if good else None,
+        "good": [it["i"] for it in good],
+    }
+
+
+def _close_in_worker(fd: int | None, worker_id: int) -> None:
+    """A loader worker's start: close its copy of the store's writer lock (see
+    StoreWriter.inherited_lock), so that it never holds the lock of a killed run."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -1,0 +1,170 @@
+"""The in-process runner: plan, load the backbone only when there is work, decode in DataLoader
+workers, embed, and commit each finished batch from a writer thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..data import (
+    Discovery,
+    discover,
+)
+from ..progress import Progress, printer
+from ..store._hdf5 import check_not_busy
+from ..store.ops import prune
+from ..store.read import read_identity
+from ..store.schema import StoreError, StoreMismatch, describe_mismatch
+from ..store.write import StoreWriter
+from .loader import _close_in_worker, _collate, _Images, default_workers
+from .options import ExtractOptions, Summary, check_options
+from .plan import Session, _light_versions, _same_as_last_run
+from .runtime import (
+    CompiledForward,
+    embed,
+    prepare_model,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    store_identity,
+    versions,
+)
+from .shards import select_shard
+
+if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
+    import torch
+
+    from ..backbones import Backbone
+
+
+
+def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *,
+        progress: bool = True, say: Callable[[str], None] | None = None,
+        backbone: Backbone | None = None) -> Summary:
+    """Extract features of every image under ``source`` (a folder, a CSV manifest, or images
+    already discovered) into the store ``out``."""
+    say = say or printer(progress)
+    t0 = time.perf_counter()
+    check_options(opts)
+    out = Path(out)
+    disc = source if isinstance(source, Discovery) else discover(source, opts.layout)
+    if opts.shard:
+        disc = select_shard(disc, opts.shard)
+    check_not_busy(out)  # fail now rather than after loading the backbone
+    stored = read_identity(out) if out.exists() else {}
+    lazy = backbone is None and _same_as_last_run(out, opts, stored)
+    if lazy:  # plan against the store first; load the backbone only if there is work
+        device, precision = None, stored["precision"]
+        identity, data_config, env = stored, json.loads(stored["data_config"]), _light_versions()
+    else:
+        device, precision, backbone, data_config, identity = _load(opts, stored, say, backbone)
+        env = versions()
+    summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
+                      ignored_files=list(disc.ignored),
+                      device=str(device or "no model loaded"), precision=precision)
+    with StoreWriter.open(out, identity, versions=env, progress=say) as writer:
+        session = Session(writer, disc, opts, summary.device, env, summary,
+                          settle_touched=lazy)
+        if lazy and session.tasks:  # new or changed files: now the backbone is needed
+            device, precision, backbone, data_config, identity = _load(opts, stored, say, None)
+            mismatch = describe_mismatch(out, stored, identity)
+            if mismatch:  # the same options no longer give the same features (e.g. weights)
+                raise StoreMismatch(mismatch)
+            summary.device, summary.precision = str(device), precision
+            session.record.update(device=summary.device, versions=versions())
+        try:
+            _extract(session, backbone, data_config, opts, device, precision, progress)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        except StoreError as e:  # e.g. the disk filled up: note it in the run record if we can
+            session.failed(e)
+            raise
+        session.finish(time.perf_counter() - t0)
+    if opts.prune and (summary.vanished or summary.stale) and not summary.interrupted:
+        summary.pruned = len(prune(out, set(summary.vanished) | set(summary.stale)))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], None],
+          backbone: Backbone | None) -> tuple[Any, str, Backbone, dict[str, Any], dict[str, Any]]:
+    """Device, precision, backbone (loaded unless given), data config and store identity."""
+    from ..backbones import load_backbone
+
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device, stored.get("precision"))
+    if precision == "fp16" and device.type == "cpu":
+        say("note: fp16 on the CPU is emulated and slow; bf16 or fp32 are faster there")
+    if backbone is None:
+        backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
+                                 pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
+    data_config, identity = store_identity(backbone, opts, precision)
+    return device, precision, backbone, data_config, identity
+
+
+def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
+             opts: ExtractOptions, device: torch.device, precision: str,
+             progress: bool) -> None:
+    tasks = session.tasks
+    if not tasks:
+        return
+    import torch
+
+    from ..backbones import decode_size, make_views_transform
+
+    min_size = None if opts.exact_decode else decode_size(data_config)
+    dataset = _Images(tasks, make_views_transform(data_config), min_size, opts.max_pixels)
+    workers = default_workers() if opts.workers is None else max(0, opts.workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+        worker_init_fn=functools.partial(_close_in_worker, session.writer.inherited_lock()),
+    )
+    model, amp = prepare_model(backbone, device, precision, opts.channels_last)
+    tta = data_config.get("tta") or ""
+    forwards = len(tasks) * (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
+    if resolve_compile(opts.compile, device, forwards):
+        model = CompiledForward(model, opts.batch_size)  # warns on stderr even with -q
+        session.summary.compiled = "compiled"
+    out_dtype = np.dtype(opts.dtype)
+    # Writing a batch (HDF5 append + flush) runs in one background thread while the next
+    # batch computes; at most one batch is in flight, and it is always finished (also on
+    # Ctrl-C or an error) before the store closes.
+    writes = ThreadPoolExecutor(1, thread_name_prefix="embedpipe-write")
+    pending: list[tuple[Future, int]] = []
+
+    def settle() -> None:
+        while pending:
+            fut, n = pending.pop()
+            fut.result()  # a StoreError (e.g. disk full) surfaces here
+            bar.update(n)
+
+    with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
+        try:
+            for batch in loader:
+                feats = None
+                if batch["tensor"] is not None:
+                    feats = embed(model, batch["tensor"], device, amp=amp,
+                                  channels_last=opts.channels_last,
+                                  flip="flip" in (data_config.get("tta") or ""),
+                                  chunk=opts.batch_size)
+                    feats = feats.cpu().numpy().astype(out_dtype, copy=False)
+                settle()
+                pending.append((writes.submit(session.commit, batch, feats),
+                                len(batch["items"])))
+            settle()
+        finally:
+            try:
+                settle()
+            finally:
+                writes.shutdown(wait=True)
+    if isinstance(model, CompiledForward) and model.failed:
+        session.summary.compiled = "eager (compile failed)"

@@ -1,0 +1,142 @@
+"""What a user asks of ``extract``: ``ExtractOptions``, their checks, the run ``Summary`` and
+the default store path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import DEFAULT_MODEL
+from ..data import (
+    DEFAULT_MAX_PIXELS,
+)
+from ..errors import UserError
+
+if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
+
+    pass
+
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILES = ("auto", "on", "off")
+DTYPES = ("float32", "float16")
+
+
+class ExtractError(UserError):
+    """A bad option or environment; one line naming the problem and the fix."""
+
+
+@dataclass
+class ExtractOptions:
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    random_init: bool = False
+    pool: str | None = None
+    img_size: int | None = None
+    crop_pct: float | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 32
+    workers: int | None = None
+    layout: str = "auto"
+    exact_decode: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    prune: bool = False
+    channels_last: bool = True
+    shard: str | None = None  # "K/N": only the files of shard K of N (merge with store.merge)
+    tta: str | None = None  # test-time augmentation: "flip", "crops" or "flip,crops"
+    compile: str = "auto"  # torch.compile the backbone: auto, on, off (not part of the identity)
+
+
+@dataclass
+class Summary:
+    store: Path
+    total: int = 0
+    extracted: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    ignored: int = 0
+    vanished: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # changed files that no longer decode
+    pruned: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    ignored_files: list[tuple[str, str]] = field(default_factory=list)
+    device: str = ""
+    precision: str = ""
+    compiled: str = ""  # "", "compiled" or "eager (compile failed)"
+    interrupted: bool = False
+
+    @property
+    def rate(self) -> float:
+        done = self.extracted + self.replaced
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        parts = [f"{self.extracted} extracted"]
+        if self.replaced:
+            parts.append(f"{self.replaced} changed and re-extracted")
+        parts.append(f"{self.unchanged} already in store")
+        parts.append(f"{self.failed} failed")
+        if self.ignored:
+            parts.append(f"{self.ignored} ignored")
+        if self.stale:
+            parts.append(f"{len(self.stale)} changed but undecodable (old rows kept)")
+        if self.vanished:
+            parts.append(f"{len(self.vanished)} vanished")
+        if self.pruned:
+            parts.append(f"{self.pruned} pruned")
+        head = "interrupted" if self.interrupted else "done"
+        how = ", ".join(x for x in (self.device, self.precision, self.compiled) if x)
+        return (f"{head}: {', '.join(parts)} of {self.total} images in {self.seconds:.1f} s "
+                f"({self.rate:.1f} img/s, {how}) → {self.store}")
+
+
+def check_options(opts: ExtractOptions) -> None:
+    """Fail on a bad option before anything is loaded."""
+    if opts.batch_size < 1:
+        raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
+    if opts.dtype not in DTYPES:
+        raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
+    if opts.compile not in COMPILES:
+        raise ExtractError(f"--compile {opts.compile}: pass one of {', '.join(COMPILES)}")
+    if opts.max_pixels is not None and opts.max_pixels < 1:
+        raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
+                           f"(default {DEFAULT_MAX_PIXELS})")
+    if opts.tta is not None:
+        from ..backbones import parse_tta
+
+        parse_tta(opts.tta)
+
+
+# Options that decide the features a run stores (the rest only change speed or what is planned).
+_IDENTITY_OPTIONS = ("model", "weights", "random_init", "pool", "img_size", "crop_pct", "dtype",
+                     "exact_decode", "tta")
+
+
+def default_store_path(source: str | Path, opts: ExtractOptions, cache_dir: Path) -> Path:
+    """cache/<data>__<model>__<weights>.h5, so different backbones never share a store."""
+    src = Path(source).resolve()
+    data = src.stem if src.is_file() else src.name
+    if opts.random_init:
+        w = "random"
+    elif opts.weights in (None, "auto", "bundled", "hub"):
+        w = opts.weights or "default"
+    else:
+        w = Path(opts.weights).stem
+    parts = [data or "data", opts.model.replace("/", "_"), w]
+    if opts.pool:
+        parts.append(opts.pool)
+    if opts.img_size:
+        parts.append(str(opts.img_size))
+    if opts.tta:
+        from ..backbones import parse_tta
+
+        if parse_tta(opts.tta):
+            parts.append("tta-" + parse_tta(opts.tta).replace(",", "-"))
+    return cache_dir / ("__".join(parts) + ".h5")

@@ -1,0 +1,425 @@
+"""The fine-tuning loop: stages of epochs, evaluation, early stopping, checkpoints, outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones import (
+    decode_size,
+    file_sha256,
+    load_backbone,
+    make_transform,
+)
+from ..data import (
+    discover,
+)
+from ..extract.loader import default_workers
+from ..extract.runtime import resolve_device, versions
+from ..progress import Progress, printer
+from .checkpoint import (
+    _atomic_save,
+    _atomic_text,
+    _differences,
+    _save_checkpoint,
+    _seed_epoch,
+    _set_rng_state,
+    backbone_state_with_head,
+    find_checkpoint,
+    load_checkpoint,
+)
+from .data import _Images, _loader, plan_data, train_transform
+from .options import (
+    FORMAT,
+    PLOTS_HINT,
+    STRICT,
+    FinetuneError,
+    FinetuneOptions,
+    FinetuneResult,
+    check_options,
+    check_output,
+)
+from .stages import (
+    StageSplit,
+    WarmupCosine,
+    _param_groups,
+    apply_freeze,
+    build_model,
+    classifier_prefix,
+    feature_stages,
+    set_train_mode,
+    unfrozen_at,
+)
+
+
+@contextlib.contextmanager
+def _torch_settings(deterministic: bool, threads: int | None):
+    """Deterministic algorithms and the intra-op thread count for the run, restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    n_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+        torch.set_num_threads(n_threads)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise FinetuneError("--precision fp16: not supported for training on the CPU; pass fp32 "
+                            "(or bf16 on CPUs with native bf16)")
+    return precision
+
+
+# -- the run -------------------------------------------------------------------------------
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
+             resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+             say: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Fine-tune ``opts.model`` on the labeled images under ``data``; write the tuned backbone
+    weights to ``out`` (and the manifest, history, classifier, curves and checkpoints beside
+    it). ``resume``: a checkpoint file (or the checkpoint folder: its latest file)."""
+    t0 = time.perf_counter()
+    say = say or printer(progress)
+    check_options(opts)
+    out = Path(out)
+    ckpt_path = find_checkpoint(Path(resume)) if resume is not None else None
+    outs = check_output(out, ckpt_path, overwrite)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    deterministic = device.type == "cpu" if opts.deterministic is None else opts.deterministic
+    workers = default_workers() if opts.workers is None else opts.workers
+    disc = discover(data, opts.layout)
+    backbone = load_backbone(opts.model, weights=opts.weights, img_size=opts.img_size)
+    base_keys = list(backbone.model.state_dict())
+    data_config = backbone.data_config
+    plan = plan_data(disc, opts, data_config, workers, say)
+    classes = plan.classes
+    model = build_model(backbone, len(classes), opts.seed, opts.dropout)
+    prefix = classifier_prefix(model)
+    if opts.unfreeze > 0:
+        split = feature_stages(model, opts.model)
+        if opts.unfreeze > len(split.stages):
+            raise FinetuneError(
+                f"--unfreeze {opts.unfreeze}: {opts.model} has {len(split.stages)} feature "
+                f"stages ({split.names[0]} … {split.names[-1]}); pass 0 to {len(split.stages)} "
+                f"({len(split.stages)} trains the whole backbone)")
+    else:
+        head_names = [n for n, p in model.named_parameters()
+                      if n.startswith(prefix + ".")]
+        split = StageSplit([], [], [], [n for n, _ in model.named_parameters()
+                                        if n not in head_names], head_names)
+    fingerprint = json.loads(json.dumps({
+        **{k: getattr(opts, k) for k in STRICT}, "base_weights_sha256": backbone.weights.sha256,
+        "data_config": data_config, "classes": classes, **plan.fingerprint()}))
+    soft = {"device": str(device), "precision": precision, "workers": workers,
+            "threads": opts.threads or torch.get_num_threads(), "deterministic": deterministic}
+    if ckpt is not None:
+        diffs = _differences(ckpt["fingerprint"], fingerprint)
+        if diffs:
+            raise FinetuneError(
+                f"--resume {ckpt_path}: the checkpoint is from another run ({'; '.join(diffs[:4])}"
+                f"{'; …' if len(diffs) > 4 else ''}); rerun with that run's DATA and options, or "
+                "leave out --resume to start afresh")
+        changed = [f"{k} {ckpt['soft'].get(k)!r} → {v!r}" for k, v in soft.items()
+                   if ckpt["soft"].get(k) != v]
+        if changed:
+            say(f"note: resuming with {', '.join(changed)}: the continuation is valid but not "
+                "bit-identical to an uninterrupted run")
+
+    model.to(device)
+    groups = _param_groups(model, split, opts)
+    optimizer = torch.optim.AdamW(groups, lr=opts.head_lr, weight_decay=opts.weight_decay)
+    n_train, n_val = len(plan.train), len(plan.val)
+    drop_last = n_train > opts.batch_size and n_train % opts.batch_size == 1  # BN needs 2+
+    steps_per_epoch = n_train // opts.batch_size if drop_last else math.ceil(n_train / opts.batch_size)
+    head_epochs = min(opts.head_epochs, opts.epochs)
+    bounds = [b for b in (head_epochs * steps_per_epoch, opts.epochs * steps_per_epoch) if b > 0]
+    bounds = sorted(set(bounds))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(bounds, round(opts.warmup_epochs * steps_per_epoch)))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp = (torch.autocast(device.type, dtype=_AMP[precision]) if precision in _AMP
+           else contextlib.nullcontext())
+    class_weight = None
+    if opts.class_weight == "balanced":
+        counts = np.bincount([y for _, y, _ in plan.train], minlength=len(classes))
+        class_weight = torch.tensor(n_train / (len(classes) * counts), dtype=torch.float32,
+                                    device=device)
+    mixup = None
+    if opts.cutmix:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, mode="batch",
+                      label_smoothing=opts.label_smoothing, num_classes=len(classes))
+
+    min_size = decode_size(data_config)
+    train_ds = _Images(plan.train, train_transform(data_config, opts), min_size, opts.max_pixels)
+    val_ds = _Images(plan.val, make_transform(data_config), min_size, opts.max_pixels)
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "val_accuracy": None, "val_loss": None, "state": None}
+    start_epoch, bad_epochs, stopped = 0, 0, False
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        history = list(ckpt["history"])
+        best = dict(ckpt["best"])
+        start_epoch, bad_epochs = int(ckpt["epoch"]), int(ckpt["bad_epochs"])
+        stopped = bool(ckpt["stopped"])
+        say(f"resuming from {ckpt_path} after epoch {start_epoch} of {opts.epochs}")
+
+    say(f"fine-tuning {opts.model} ({backbone.weights.describe()}) on {n_train} training images, "
+        f"{len(classes)} classes; validation: {plan.val_source}; input "
+        f"{data_config['input_size'][1]}px, {device}, {precision}; "
+        f"{_plan_text(opts, split)}")
+    for rel, reason in plan.skipped[:20]:
+        say(f"skipped {rel}: {reason}")
+    if len(plan.skipped) > 20:
+        say(f"... and {len(plan.skipped) - 20} more skipped files")
+    if plan.left_out:
+        say("not used for training: " + ", ".join(f"{n} in split {s or '(none)'}"
+                                                   for s, n in sorted(plan.left_out.items())))
+
+    skipped_live: list[tuple[str, str]] = []
+    epoch = start_epoch
+    last_ckpt = ckpt_path
+    try:
+        with _torch_settings(deterministic, opts.threads):
+            while epoch < opts.epochs and not stopped:
+                k = unfrozen_at(epoch, opts)
+                apply_freeze(model, split.trainable(k))
+                stage = 1 if epoch < head_epochs or opts.unfreeze == 0 else 2
+                gen = _seed_epoch(opts.seed, epoch)
+                e0 = time.perf_counter()
+                tr = _train_epoch(model, train_ds, opts, workers, gen, drop_last, device, amp,
+                                  scaler, optimizer, sched, class_weight, mixup, progress,
+                                  f"epoch {epoch + 1}/{opts.epochs}", skipped_live)
+                lrs = tr["lr"]
+                va = _evaluate(model, val_ds, opts, workers, device, amp) if n_val else None
+                epoch += 1
+                improved = False
+                if va is None:
+                    improved = True
+                elif (best["val_accuracy"] is None or va["accuracy"] > best["val_accuracy"]
+                      or (va["accuracy"] == best["val_accuracy"]
+                          and va["loss"] < best["val_loss"])):
+                    improved = True
+                if improved:
+                    best = {"epoch": epoch, "val_accuracy": va["accuracy"] if va else None,
+                            "val_loss": va["loss"] if va else None,
+                            "state": backbone_state_with_head(model)}
+                if stage == 2 and n_val and opts.patience:
+                    bad_epochs = 0 if improved else bad_epochs + 1
+                    stopped = bad_epochs >= opts.patience and epoch < opts.epochs
+                row = {"epoch": epoch, "stage": stage, "unfrozen_stages": k,
+                       "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+                       "val_loss": va["loss"] if va else None,
+                       "val_accuracy": va["accuracy"] if va else None,
+                       "lr_head": lrs.get("head"), "lr_backbone": lrs.get("backbone") if k else 0.0,
+                       "images": tr["images"], "seconds": round(time.perf_counter() - e0, 2),
+                       "best": improved}
+                history.append(row)
+                say(_epoch_line(row, opts.epochs) + ("  (early stop)" if stopped else ""))
+                last_ckpt = outs.checkpoint(epoch)
+                _save_checkpoint(last_ckpt, outs, opts, fingerprint, soft, epoch, model,
+                                 optimizer, sched, scaler, history, best, bad_epochs, stopped)
+    except KeyboardInterrupt:
+        where = last_ckpt or "(none yet)"
+        raise FinetuneError(f"interrupted after epoch {epoch}; continue with the same command "
+                            f"plus --resume {where}") from None
+
+    if best["state"] is None:  # resumed from a finished checkpoint without a best state
+        best["state"] = backbone_state_with_head(model)
+    state = best["state"]
+    tuned = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    if set(tuned) != set(base_keys):
+        raise FinetuneError(f"{opts.model}: the tuned state dict does not match the "
+                            "num_classes=0 model's keys; this model cannot be saved headless")
+    head = {k.removeprefix(prefix + "."): v for k, v in state.items()
+            if k.startswith(prefix + ".")}
+    _atomic_save(tuned, out)
+    _atomic_save(head, outs.classifier)
+    sha = file_sha256(out)
+    history_doc = {"format": FORMAT, "classes": classes, "history": history,
+                   "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"]}
+    _atomic_text(json.dumps(history_doc, indent=2) + "\n", outs.history)
+    curves = _plot(history, head_epochs, best["epoch"], outs.curves, say)
+    seconds = time.perf_counter() - t0
+    manifest = {
+        "format": FORMAT,
+        "weights_file": out.name, "weights_sha256": sha,
+        "classifier_file": outs.classifier.name,
+        "model": opts.model,
+        "base_weights": {"source": backbone.weights.describe(),
+                         "sha256": backbone.weights.sha256},
+        "data_config": data_config,
+        "classes": classes,
+        "data": {"root": str(plan.root), "layout": plan.layout, "validation": plan.val_source,
+                 "train_per_class": plan.counts("train"), "val_per_class": plan.counts("val"),
+                 "skipped": len(plan.skipped) + len(skipped_live), "left_out": plan.left_out},
+        "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+        "best_val_loss": best["val_loss"], "epochs_run": epoch,
+        "stopped_early": bool(stopped and epoch < opts.epochs),
+        "stages": {"names": split.names, "post": sorted({n.rsplit(".", 2)[0] for n in split.post}),
+                   "unfreeze": opts.unfreeze, "gradual": opts.gradual},
+        "options": asdict(opts), "device": str(device), "precision": precision,
+        "deterministic": deterministic, "workers": workers,
+        "history_file": outs.history.name, "curves_file": curves.name if curves else None,
+        "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+    }
+    _atomic_text(json.dumps(manifest, indent=2) + "\n", outs.manifest)
+    return FinetuneResult(out, outs.manifest, outs.history, outs.classifier, curves, last_ckpt,
+                          opts.model, classes, n_train, n_val, best["epoch"],
+                          best["val_accuracy"], epoch, manifest["stopped_early"], seconds, sha,
+                          int(data_config["input_size"][1]), history,
+                          plan.skipped + skipped_live, sum(plan.left_out.values()))
+
+
+def _plan_text(opts: FinetuneOptions, split: StageSplit) -> str:
+    head = min(opts.head_epochs, opts.epochs)
+    if opts.unfreeze == 0:
+        return f"classifier only for {opts.epochs} epochs"
+    last = split.names[len(split.names) - opts.unfreeze:]
+    what = (f"then one more stage every {opts.stage_epochs} epoch(s) deep to shallow up to "
+            f"{', '.join(last)}" if opts.gradual else f"then {', '.join(last)}")
+    if split.post:
+        what += " + " + ", ".join(sorted({n.split(".")[0] for n in split.post}))
+    return f"classifier only for {head} epoch(s), {what} for {opts.epochs - head}"
+
+
+def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        out.setdefault(g["name"].split("-")[0], float(g["lr"]))
+    return out
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}"
+           if row["val_accuracy"] is not None else "no val")
+    lr_bb = f"{row['lr_backbone']:.1e}" if row["lr_backbone"] else "frozen"
+    return (f"epoch {row['epoch']}/{epochs} stage {row['stage']} (unfrozen {row['unfrozen_stages']})"
+            f": loss {row['train_loss']:.4f} train acc {row['train_accuracy']:.3f} {val} "
+            f"lr head {row['lr_head']:.1e} backbone {lr_bb} {row['seconds']:.1f} s"
+            + ("  *best" if row["best"] else ""))
+
+
+def _train_epoch(model, ds, opts, workers, gen, drop_last, device, amp, scaler, optimizer,
+                 sched, class_weight, mixup, progress, label, skipped) -> dict[str, float]:
+    set_train_mode(model)
+    loader = _loader(ds, opts.batch_size, workers, shuffle=True, generator=gen,
+                     drop_last=drop_last, pin=device.type == "cuda")
+    total_loss, correct, seen = 0.0, 0, 0
+    lrs = _group_lrs(optimizer)
+    with Progress(len(ds), label, enabled=progress) as bar:
+        for batch in loader:
+            skipped += batch["bad"]
+            n = len(batch["y"])
+            if batch["x"] is None or n < 2:
+                bar.update(n + len(batch["bad"]))
+                continue
+            x = batch["x"].to(device, non_blocking=True)
+            y = batch["y"].to(device, non_blocking=True)
+            target = None
+            if mixup is not None and n % 2 == 0:
+                x, target = mixup(x, y)
+            with amp:
+                logits = model(x)
+            logits = logits.float()
+            if target is not None:
+                loss = F.cross_entropy(logits, target, weight=class_weight)
+            else:
+                loss = F.cross_entropy(logits, y, weight=class_weight,
+                                       label_smoothing=opts.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            lrs = _group_lrs(optimizer)  # the learning rates this step used
+            sched.step()
+            total_loss += float(loss.detach()) * n
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += n
+            bar.update(n + len(batch["bad"]))
+    if seen == 0:
+        raise FinetuneError("no training batch could be used in this epoch (every image failed "
+                            "to load, or fewer than 2 images); check the data")
+    return {"loss": total_loss / seen, "accuracy": correct / seen, "images": seen, "lr": lrs}
+
+
+@torch.no_grad()
+def _evaluate(model, ds, opts, workers, device, amp) -> dict[str, float] | None:
+    model.eval()
+    loader = _loader(ds, opts.batch_size, workers, shuffle=False, pin=device.type == "cuda")
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in loader:
+        if batch["x"] is None:
+            continue
+        x, y = batch["x"].to(device), batch["y"].to(device)
+        with amp:
+            logits = model(x)
+        logits = logits.float()
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    if seen == 0:
+        return None
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+def _plot(history: list[dict[str, Any]], head_epochs: int, best_epoch: int, path: Path,
+          say: Callable[[str], None]) -> Path | None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        say(f"note: matplotlib is not installed, so no loss/accuracy curves PNG ({PLOTS_HINT})")
+        return None
+    ep = [r["epoch"] for r in history]
+    fig = Figure(figsize=(9, 3.6))
+    FigureCanvasAgg(fig)
+    for ax, key, title in ((fig.add_subplot(1, 2, 1), "loss", "loss"),
+                           (fig.add_subplot(1, 2, 2), "accuracy", "accuracy")):
+        ax.plot(ep, [r[f"train_{key}"] for r in history], "o-", label="train (augmented)")
+        val = [r[f"val_{key}"] for r in history]
+        if any(v is not None for v in val):
+            ax.plot(ep, [np.nan if v is None else v for v in val], "o-", label="validation")
+        if 0 < head_epochs < len(ep) + 1:
+            ax.axvline(head_epochs + 0.5, color="grey", ls=":", label="backbone unfrozen")
+        if best_epoch:
+            ax.axvline(best_epoch, color="green", ls="--", alpha=0.5, label="best epoch")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

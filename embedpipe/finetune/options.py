@@ -1,0 +1,218 @@
+"""What a user asks of ``finetune``: ``FinetuneOptions``, their checks, the result, the outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backbones import (
+    DEFAULT_MODEL,
+)
+from ..data import (
+    DEFAULT_MAX_PIXELS,
+    LAYOUTS,
+)
+from ..errors import UserError
+
+FORMAT = "embedpipe-finetune/1"
+CHECKPOINT_FORMAT = "embedpipe-finetune-checkpoint/1"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
+STAGE_CONTAINERS = ("blocks", "stages", "layers")
+RANDAUGMENT = "rand-m9-mstd0.5"
+CROP_SCALE = (0.25, 1.0)  # RandomResizedCrop area range: milder than ImageNet's 0.08 for small data
+ROTATION_DEGREES = 10.0
+COLOR_JITTER = 0.3
+MIN_LR_FACTOR = 0.01  # the cosine ends at 1% of each group's learning rate
+PLOTS_HINT = "pip install 'embedpipe[plots]'"
+
+
+class FinetuneError(UserError):
+    """A bad option, data set or checkpoint; one line naming it and the fix."""
+
+
+@dataclass
+class FinetuneOptions:
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    epochs: int = 10
+    head_epochs: int = 2
+    unfreeze: int = 1
+    gradual: bool = False
+    stage_epochs: int = 1
+    img_size: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    dropout: float = 0.2
+    randaugment: bool = False
+    cutmix: bool = False
+    hflip: bool = True
+    val_fraction: float = 0.2
+    patience: int = 3
+    class_weight: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    deterministic: bool | None = None  # None: on for the CPU, off for CUDA
+    layout: str = "auto"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    keep_checkpoints: int = 1  # 0 keeps every epoch's checkpoint
+
+
+# Options a resumed run must share with the checkpoint (they change the numbers); the others
+# (device, precision, workers, deterministic, ...) may change, with a note that the continuation
+# is then not bit-exact.
+STRICT = ("model", "weights", "epochs", "head_epochs", "unfreeze", "gradual", "stage_epochs",
+          "img_size", "batch_size", "lr", "head_lr", "weight_decay", "warmup_epochs",
+          "label_smoothing", "dropout", "randaugment", "cutmix", "hflip", "val_fraction",
+          "patience", "class_weight", "seed", "layout", "max_pixels")
+SOFT = ("device", "precision", "workers", "threads", "deterministic")
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    manifest: Path
+    history_path: Path
+    classifier: Path
+    curves: Path | None
+    checkpoint: Path | None
+    model: str
+    classes: list[str]
+    n_train: int
+    n_val: int
+    best_epoch: int
+    best_val_accuracy: float | None
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    sha256: str
+    img_size: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    left_out: int = 0
+
+    def line(self) -> str:
+        val = (f"best val accuracy {self.best_val_accuracy:.3f} at epoch {self.best_epoch}"
+               if self.best_val_accuracy is not None else f"no validation; kept epoch {self.best_epoch}")
+        stop = ", stopped early" if self.stopped_early else ""
+        return (f"fine-tuned {self.model} on {self.n_train} images ({self.n_val} val), "
+                f"{len(self.classes)} classes: {val} of {self.epochs_run}{stop} in "
+                f"{self.seconds:.0f} s → {self.out} (sha256 {self.sha256[:12]}…, manifest "
+                f"{self.manifest.name})")
+
+    def extract_hint(self, data: str | Path) -> str:
+        return (f"re-extract with: embedpipe extract {data} --model {self.model} --weights "
+                f"{self.out} --img-size {self.img_size}")
+
+
+# -- options, paths, checkpoints -----------------------------------------------------------
+
+def check_options(opts: FinetuneOptions) -> None:
+    def bad(option: str, value: Any, fix: str) -> None:
+        raise FinetuneError(f"{option} {value}: {fix}")
+
+    if opts.epochs < 1:
+        bad("--epochs", opts.epochs, "pass 1 or more")
+    if opts.head_epochs < 0:
+        bad("--head-epochs", opts.head_epochs, "pass 0 or more (0 skips the head-only stage)")
+    if opts.unfreeze < 0:
+        bad("--unfreeze", opts.unfreeze, "pass 0 (classifier only) or the number of last "
+            "feature stages to train")
+    if opts.stage_epochs < 1:
+        bad("--stage-epochs", opts.stage_epochs, "pass 1 or more")
+    if opts.batch_size < 1:
+        bad("--batch-size", opts.batch_size, "pass a positive number (16-32 is usual)")
+    for option, v in (("--lr", opts.lr), ("--head-lr", opts.head_lr)):
+        if not v > 0 or not math.isfinite(v):
+            bad(option, v, "pass a positive learning rate such as 1e-4")
+    if not 0 <= opts.weight_decay < 1:
+        bad("--weight-decay", opts.weight_decay, "pass a value in [0, 1), e.g. 0.05")
+    if not 0 <= opts.warmup_epochs:
+        bad("--warmup-epochs", opts.warmup_epochs, "pass 0 or more")
+    if not 0 <= opts.label_smoothing < 1:
+        bad("--label-smoothing", opts.label_smoothing, "pass a value in [0, 1), e.g. 0.1")
+    if not 0 <= opts.dropout < 1:
+        bad("--dropout", opts.dropout, "pass a value in [0, 1), e.g. 0.2")
+    if not 0 <= opts.val_fraction < 1:
+        bad("--val-fraction", opts.val_fraction, "pass a value in [0, 1), e.g. 0.2")
+    if opts.patience < 0:
+        bad("--patience", opts.patience, "pass 0 (no early stopping) or more epochs")
+    if opts.class_weight not in (None, "balanced"):
+        bad("--class-weight", opts.class_weight, "pass balanced (or leave it out)")
+    if opts.precision not in PRECISIONS:
+        bad("--precision", opts.precision, f"pass one of {', '.join(PRECISIONS)}")
+    if opts.layout not in LAYOUTS:
+        bad("--layout", opts.layout, f"pass one of {', '.join(LAYOUTS)}")
+    if opts.keep_checkpoints < 0:
+        bad("--keep-checkpoints", opts.keep_checkpoints, "pass 0 (keep all) or more")
+    if opts.workers is not None and opts.workers < 0:
+        bad("--workers", opts.workers, "pass 0 (load in the main process) or more")
+    if opts.threads is not None and opts.threads < 1:
+        bad("--threads", opts.threads, "pass 1 or more (or leave it out for torch's default)")
+
+
+@dataclass
+class Outputs:
+    weights: Path
+
+    @property
+    def stem(self) -> Path:
+        return self.weights.with_suffix("")
+
+    @property
+    def manifest(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".json")
+
+    @property
+    def history(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".history.json")
+
+    @property
+    def classifier(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".classifier.pt")
+
+    @property
+    def curves(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".curves.png")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".checkpoints")
+
+    def checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch-{epoch:03d}.pt"
+
+
+def check_output(out: Path, resume: Path | None, overwrite: bool) -> Outputs:
+    if out.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise FinetuneError(f"-o {out}: pass a weights file name ending in .pt or .pth "
+                            "(e.g. -o tuned.pt)")
+    if out.is_dir():
+        raise FinetuneError(f"-o {out}: is a folder; pass a file name such as {out / 'tuned.pt'}")
+    outs = Outputs(out)
+    stale = [p for p in (out, outs.manifest) if p.exists()]
+    stale += sorted(outs.checkpoints.glob("epoch-*.pt")) if outs.checkpoints.is_dir() else []
+    if stale and resume is None and not overwrite:
+        raise FinetuneError(f"-o {out}: {stale[0]} exists from an earlier run; pass --resume "
+                            f"{outs.checkpoints} to continue it, --overwrite to start afresh, "
+                            "or another -o")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FinetuneError(f"-o {out}: cannot create {out.parent} ({e.strerror or e}); pass a "
+                            "writable location") from None
+    if resume is None:  # a fresh run: no checkpoint of the earlier one may be resumed by mistake
+        for old in stale:
+            if old.parent == outs.checkpoints:
+                old.unlink(missing_ok=True)
+    return outs

@@ -1,0 +1,144 @@
+"""Fitting one head configuration on training rows: its parameters (``--param``), an optional
+inner grid search, and fit failures turned into one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import registry as heads
+from .rows import EvaluateError, min_class
+
+
+def fit_configuration(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any] | None,
+                      *, class_weight: str | None = None, search: bool = False,
+                      inner_folds: int = 3, scoring: str = "accuracy", seed: int = 0,
+                      jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Fit ``head`` on (X, y). With ``search``, pick its grid's best parameters by stratified
+    ``inner_folds``-fold CV on (X, y) only, then refit on all of it. Returns the fitted
+    estimator and the parameters used (short names: the user's plus the ones searched)."""
+    pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
+    chosen = dict(params or {})
+    grid = heads.param_grid(head, params, seed=seed) if search else {}
+    if not grid:
+        return pipe.fit(X, y), chosen
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    cls, n = min_class(y)
+    k = min(inner_folds, n)
+    if k < 2:
+        raise EvaluateError(f"--search: class {cls!r} has {n} training image(s); the inner "
+                            "search needs at least 2 per class: add images or drop --search")
+    gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs,
+                      cv=StratifiedKFold(k, shuffle=True, random_state=seed))
+    gs.fit(X, y)
+    chosen.update(heads.short_params(gs.best_params_))
+    return gs.best_estimator_, chosen
+INNER_FOLDS = 3
+
+
+def resolve_params(head_names: list[str], items: list[str] | None, *,
+                   seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``--param`` items → parameters per head. ``NAME=VALUE`` goes to every head in
+    ``head_names`` that has parameter NAME (an error when none has it); ``HEAD:NAME=VALUE`` to
+    that head only, overriding the former. Values are validated by building each head."""
+    out: dict[str, dict[str, Any]] = {h: {} for h in head_names}
+    specific: list[tuple[str, str, Any]] = []
+    for item in items or []:
+        ((key, value),) = heads.parse_params([item]).items()
+        head, sep, name = key.partition(":")
+        if sep:
+            heads.get(head.strip())
+            if head.strip() not in out:
+                raise heads.HeadError(f"--param {item}: {head.strip()} is not among the heads "
+                                      f"being evaluated ({', '.join(head_names)}); add --head "
+                                      f"{head.strip()} or drop the '{head.strip()}:' prefix")
+            specific.append((head.strip(), name.strip(), value))
+            continue
+        takers = [h for h in head_names if _has_param(h, key, seed)]
+        if not takers:
+            raise heads.HeadError(f"--param {item}: none of the heads {', '.join(head_names)} "
+                                  f"has a parameter {key}; see `embedpipe heads` for each "
+                                  "head's parameters")
+        for h in takers:
+            out[h][key] = value
+    for head, name, value in specific:
+        heads.pipeline_params(heads.get(head), {name: value}, seed)  # names the valid ones
+        out[head][name] = value
+    for h in head_names:
+        heads.build(h, out[h], seed=seed)  # bad values fail here, before any work
+    return out
+
+
+def _has_param(head: str, name: str, seed: int) -> bool:
+    return name == "pca" or name in heads.get(head).make(seed).get_params()
+
+
+class _Quiet:
+    """Silence scikit-learn's warnings (ConvergenceWarning, UserWarning, ...); with ``count``,
+    record them to count the convergence warnings (else ignore them, a filter scikit-learn
+    passes on to its own worker processes)."""
+
+    def __init__(self, count: bool = True):
+        self._count = count
+
+    def __enter__(self) -> "_Quiet":
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=self._count)
+        caught = self._cm.__enter__()
+        self._caught = caught if caught is not None else []
+        warnings.simplefilter("always" if self._count else "ignore")
+        return self
+
+    @property
+    def convergence(self) -> int:
+        from sklearn.exceptions import ConvergenceWarning
+
+        return sum(issubclass(w.category, ConvergenceWarning) for w in self._caught)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]:
+    """A fit that fails on a --param value (e.g. pca larger than the fold) is a user error."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if not params:
+            raise
+        given = " ".join(f"{k}={v}" for k, v in params.items())
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EvaluateError(f"{where}: {head} with {given} failed to fit ({first}); fix that "
+                            "--param value") from None
+
+
+def _fit(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
+         class_weight: str | None, search: bool, metric: str, seed: int, where: str,
+         jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+    with _fit_errors(head, params, where):
+        if search:
+            return fit_configuration(X, y, head, params, class_weight=class_weight, search=True,
+                                     inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
+                                     jobs=jobs)
+        return (heads.build(head, params, class_weight=class_weight, seed=seed).fit(X, y),
+                dict(params))
+
+
+def _fit_stream(store: Any, rows: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
+                class_weight: str | None, search: bool, metric: str, seed: int, where: str,
+                chunk_rows: int, note: Any = None,
+                tick: Any = None) -> tuple[Any, dict[str, Any]]:
+    """A streaming head (stream.py) fitted on store rows ``rows`` read in chunks."""
+    from . import stream
+
+    with _fit_errors(head, params, where):
+        return stream.fit_configuration(store, rows, y, head, params,
+                                        class_weight=class_weight, search=search,
+                                        inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
+                                        chunk_rows=chunk_rows, note=note or stream._nothing,
+                                        tick=tick or stream._nothing)

@@ -1,0 +1,99 @@
+"""What made a set of features, and whether two such records match. Torch-free.
+
+A store's *identity* is the record of everything that changes its features: the backbone
+(``model``), its weights (``weights_source``, ``weights_sha256``), the preprocessing
+(``data_config``: the model's timm data config plus JPEG draft decoding and test-time
+augmentation), the pooling, ``feature_dim``, the numeric ``precision`` and the stored ``dtype``.
+A store never mixes features of two identities; a head records the identity of the store it was
+fitted on and is only applied to features of the same backbone, weights and preprocessing.
+
+This module is the only one that decides whether two identities match (``diff``); callers
+choose the wording and the severity of what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from .errors import UserError
+
+#: Keys of a store's identity (HDF5 attributes of the store; see embedpipe.store.schema).
+IDENTITY_KEYS = ("model", "weights_source", "weights_sha256", "data_config", "pool",
+                 "feature_dim", "precision", "dtype")
+#: Keys on which a head and the features it scores must agree (else: refused).
+HEAD_KEYS = ("model", "weights_sha256", "data_config", "pool", "feature_dim")
+#: Keys on which a head and the features it scores should agree (else: a note; features
+#: differ slightly, e.g. bf16 vs fp32).
+HEAD_NOTE_KEYS = ("precision", "dtype")
+#: Test-time augmentation views, in canonical order.
+TTA_VIEWS = ("crops", "flip")
+
+
+class OptionError(UserError):
+    """An option's value cannot be used; the message names the option and the fix."""
+
+
+def norm(v: Any) -> Any:
+    """A comparable form of an identity value: JSON text (as stored in HDF5 attributes) is
+    parsed, so ``'{"a": 1}'`` equals ``{"a": 1}``."""
+    if isinstance(v, str) and v[:1] in "{[":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def diff(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str] = IDENTITY_KEYS
+         ) -> list[tuple[str, Any, Any]]:
+    """The keys of ``keys`` on which identities ``a`` and ``b`` differ, as ``(key, a's value,
+    b's value)`` (values normalised by ``norm``), in ``keys`` order."""
+    out = []
+    for k in keys:
+        va, vb = norm(a.get(k)), norm(b.get(k))
+        if va != vb:
+            out.append((k, va, vb))
+    return out
+
+
+def diff_fields(a: dict[str, Any], b: dict[str, Any], keys: Iterable[str] = IDENTITY_KEYS
+                ) -> list[str]:
+    """``diff`` as text, one ``key: a vs b`` per difference; a differing dict (data_config)
+    names its differing fields, e.g. ``data_config.input_size: [3, 224, 224] vs [3, 192, 192]``."""
+    out = []
+    for k, va, vb in diff(a, b, keys):
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += [f"{k}.{f}: {va.get(f, '(none)')!r} vs {vb.get(f, '(none)')!r}"
+                    for f in sorted(set(va) | set(vb)) if va.get(f) != vb.get(f)]
+        else:
+            out.append(f"{k}: {va!r} vs {vb!r}")
+    return out
+
+
+def short(v: Any, width: int = 90) -> str:
+    """An identity value in at most ``width`` characters, for messages."""
+    v = norm(v)
+    text = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else repr(v)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def members(identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The identity of each store whose features a head or store holds: one, or several side by
+    side for stacked stores (``{"stacked": [identity, ...], "feature_dim": total}``)."""
+    return list(identity["stacked"]) if "stacked" in identity else [identity]
+
+
+def parse_tta(text: str | None) -> str | None:
+    """``--tta``: 'flip', 'crops' or both ('flip,crops', any order) → a canonical string
+    ('crops,flip'); 'none' or empty → None (no test-time augmentation).
+
+    Raises OptionError for an unknown view."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    parts = {p.strip().lower() for p in text.split(",") if p.strip()}
+    bad = parts - set(TTA_VIEWS)
+    if bad:
+        raise OptionError(f"--tta {text}: unknown view(s) {', '.join(sorted(bad))}; pass flip, "
+                          "crops, flip,crops or none")
+    return ",".join(v for v in TTA_VIEWS if v in parts)
