@@ -101,26 +101,10 @@ def _own_cpu() -> float:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import PIL
-    import timm
-    import torch
+    """Versions of what a bench ran on (embedpipe.env.versions: package metadata, no imports)."""
+    from embedpipe.env import EXTRACT, versions as env_versions
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "timm": timm.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__}
-    try:
-        import torchvision
-
-        out["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
-    try:
-        from embedpipe import __version__
-
-        out["embedpipe"] = __version__
-    except ImportError:
-        pass
-    return out
+    return env_versions(*EXTRACT, "torchvision", "scikit-learn", "openvino", "onnxruntime")
 
 
 def command_line() -> str:

@@ -41,7 +41,8 @@ from _benchutil import JPEG_H, JPEG_W, folder_stats, write_jpeg_folder, write_sm
 
 from embedpipe.backbones import decode_size, load_backbone, make_views_transform  # noqa: E402
 from embedpipe.data import decode_image  # noqa: E402
-from embedpipe.extract.runtime import CompiledForward, prepare_model, resolve_compile, resolve_precision, store_identity
+from embedpipe.provenance import identity_of  # noqa: E402
+from embedpipe.extract.runtime import CompiledForward, prepare_model, resolve_compile, resolve_precision
 from embedpipe.extract.options import ExtractOptions
 from embedpipe.extract.loader import default_workers
 from embedpipe.extract.local import run
@@ -77,7 +78,7 @@ class Ceiling:
     """The model on pre-decoded batches, prepared exactly as run() prepares it."""
 
     def __init__(self, bb, root: Path, opts: ExtractOptions):
-        data_config, _ = store_identity(bb, opts, "fp32")
+        data_config, _ = identity_of(bb, opts, "fp32")
         transform = make_views_transform(data_config)
         size = None if opts.exact_decode else decode_size(data_config)
         files = sorted(p for p in root.rglob("*.jpg"))

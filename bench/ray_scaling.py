@@ -52,7 +52,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def driver_writes(rows: int = 40_000, batch: int = 256, dim: int = 1280) -> None:
-    from embedpipe.extract.runtime import versions
+    from embedpipe.env import EXTRACT, versions
     from embedpipe.store import StoreWriter
 
     hdr = bu.Header("Sizing: how fast one process commits feature rows (the Ray driver's job)")
@@ -67,7 +67,7 @@ def driver_writes(rows: int = 40_000, batch: int = 256, dim: int = 1280) -> None
                         "data_config": "{}", "pool": "avg", "feature_dim": dim,
                         "precision": "fp32", "dtype": dtype}
             t0 = time.perf_counter()
-            with StoreWriter.open(out, identity, versions=versions()) as w:
+            with StoreWriter.open(out, identity, versions=versions(*EXTRACT)) as w:
                 for lo in range(0, rows, batch):
                     paths = [f"class{i % 10}/img_{lo + i:09d}.jpg" for i in range(batch)]
                     w.append(feats, paths=paths, labels=[i % 10 for i in range(batch)],

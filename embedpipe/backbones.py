@@ -26,7 +26,7 @@ import timm.data
 import torch
 
 from . import DEFAULT_MODEL  # noqa: F401 - re-exported; defined in __init__ (torch-free)
-from .errors import UserError
+from .errors import UserError, first_line
 
 RANDOM_SEED = 0
 
@@ -203,7 +203,7 @@ def _load_hub(name: str, create_kw: dict[str, Any]) -> tuple[torch.nn.Module, We
     except WeightsError:
         raise
     except Exception as e:  # noqa: BLE001 - connection, cache and auth errors all end here
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        reason = first_line(e, 120)
         raise WeightsError(
             f"{name}: pretrained weights unavailable from the model hub or its local cache "
             f"({reason}); pass --weights PATH to a .pth/.pt/.safetensors file"
@@ -324,6 +324,16 @@ def load_backbone(
                     feature_dim(model, data_config))
 
 
+def build_backbone(opts: Any, *, with_classifier: bool = False) -> Backbone:
+    """``load_backbone`` with the backbone fields of ``opts`` (ExtractOptions, FinetuneOptions,
+    or the options provenance.options_for reproduces): model, weights, and where present
+    random_init, pool, img_size, crop_pct. Raises WeightsError as load_backbone."""
+    return load_backbone(opts.model, weights=opts.weights,
+                         random_init=getattr(opts, "random_init", False),
+                         pool=getattr(opts, "pool", None), img_size=getattr(opts, "img_size", None),
+                         crop_pct=getattr(opts, "crop_pct", None), with_classifier=with_classifier)
+
+
 def finetune_manifest(weights: Path, sha256: str) -> dict[str, Any] | None:
     """The manifest `embedpipe finetune` wrote beside ``weights`` (``<stem>.json``), when it
     describes exactly this file (same sha256); else None."""
@@ -381,21 +391,6 @@ def make_transform(data_config: dict[str, Any]):
         is_training=False,
     )
 
-
-TTA_VIEWS = ("crops", "flip")
-
-
-def parse_tta(text: str | None) -> str | None:
-    """``--tta``: 'flip', 'crops' or both ('flip,crops', any order) → a canonical string
-    ('crops,flip'); 'none' or empty → None (no test-time augmentation)."""
-    if text is None or text.strip().lower() in ("", "none"):
-        return None
-    parts = {p.strip().lower() for p in text.split(",") if p.strip()}
-    bad = parts - set(TTA_VIEWS)
-    if bad:
-        raise WeightsError(f"--tta {text}: unknown view(s) {', '.join(sorted(bad))}; pass flip, "
-                           "crops, flip,crops or none")
-    return ",".join(v for v in TTA_VIEWS if v in parts)
 
 
 def make_views_transform(data_config: dict[str, Any]):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 from typer.core import TyperGroup
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 try:
     from typer._click.exceptions import UsageError
@@ -84,7 +84,7 @@ class _OneLineErrors(TyperGroup):
         except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
             if _DEBUG or (isinstance(e, OSError) and e.errno == errno.EPIPE):
                 raise
-            text = (str(e).strip().splitlines() or [""])[0][:200]
+            text = first_line(e, 200)
             typer.echo(f"error: unexpected {type(e).__name__}: {text} (a bug in embedpipe; "
                        "rerun with `embedpipe --debug ...` to see the traceback, and report "
                        "it)", err=True)
@@ -306,7 +306,7 @@ def merge(
     `merge SHARD... -o STORE` (or `merge STORE SHARD...`). Stores with other provenance are
     refused; a path in several stores keeps its first row (STORE's own, then argument
     order)."""
-    from .extract.runtime import versions
+    from .env import EXTRACT, versions
     from .store.ops import merge as merge_stores
 
     if out is None:
@@ -314,7 +314,7 @@ def merge(
             _fail("Missing argument: the stores to merge; pass SHARD... -o STORE (or STORE "
                   "SHARD...) (see `embedpipe merge --help`)")
         out, stores = stores[0], stores[1:]
-    counts = _run(merge_stores, out, stores, versions=versions(),
+    counts = _run(merge_stores, out, stores, versions=versions(*EXTRACT),
                   progress=lambda m: typer.echo(m, err=True))
     conflicts = counts["conflicts"]
     if conflicts:
@@ -502,11 +502,11 @@ def quickstart(
 ) -> None:
     """Offline demo of the whole pipeline on real Fashion-MNIST images: extract with the
     bundled backbone → cv of three heads → fit the best → predict the test images end to end."""
+    from . import predict as pr
+    from .datasets import write_fashion_mnist_folder
     from .evaluate import cv as ev_cv
     from .evaluate import report as ev_report
-    from . import predict as pr
     from .heads import train
-    from .datasets import write_fashion_mnist_folder
 
     if per_class < 2 or test_per_class < 1:
         _fail(UserError("--per-class must be at least 2 and --test-per-class at least 1"))

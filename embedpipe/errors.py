@@ -7,3 +7,10 @@ class UserError(Exception):
 
 RAY_MISSING = ("--engine ray needs Ray, which is not installed here: pip install "
                "'embedpipe[ray]' (or drop --engine ray to extract in-process)")
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of ``str(e)`` (its type name when the message is empty), cut to ``limit``
+    characters: what a one-line error shows of an underlying exception."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if limit is None else text[:limit]

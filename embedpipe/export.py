@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .env import HEADS, versions
+from .errors import UserError, first_line
 from .heads import artifacts
-from .errors import UserError
 
 FORMAT = "embedpipe-onnx"
 FORMAT_VERSION = 1
@@ -182,7 +182,7 @@ def _skl2onnx(g: _Graph, clf: Any, x: str, dim: int, opset: int, raw: bool) -> s
                                 target_opset={"": opset, "ai.onnx.ml": ML_OPSET},
                                 options={id(clf): opts})
     except Exception as e:  # noqa: BLE001 - skl2onnx raises many kinds; one line for all
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        text = first_line(e, 160)
         raise ExportError(f"skl2onnx cannot convert {type(clf).__name__}: {text}") from None
     m = compose.add_prefix(m, g.name("clf") + "/")
     inp, outs = m.graph.input[0].name, [o.name for o in m.graph.output]
@@ -309,25 +309,18 @@ def check_head(model: Any, estimator: Any, X: np.ndarray, head_name: str) -> flo
 # -- the backbone -----------------------------------------------------------------------------
 
 def _backbone(head: artifacts.HeadFile, weights: str | None) -> Any:
-    from .backbones import load_backbone
-    from .predict import extract_options
+    """The head's backbone, rebuilt from its manifest and checked to give the head's features
+    (provenance: model, weights sha256, preprocessing, pool, feature dim)."""
+    from .backbones import build_backbone
+    from .extract.options import options_for_identity
+    from .provenance import identity_of
 
-    opts = extract_options(head, weights=weights)
-    ident = head.identity
-    bb = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
-                       pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
-    if bb.weights.sha256 != ident["weights_sha256"]:
-        raise ExportError(f"{head.path}: the backbone weights found ({bb.weights.describe()}, "
-                          f"sha256 {bb.weights.sha256[:12]}…) are not the ones the head was "
-                          f"fitted on (sha256 {str(ident['weights_sha256'])[:12]}…); pass "
-                          "--weights PATH to the right file")
-    cfg = ident["data_config"]
-    cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
-    mine = {k: bb.data_config[k] for k in bb.data_config}
-    if any(mine.get(k) != cfg.get(k) for k in mine) or bb.feature_dim != int(
-            ident["feature_dim"]):
-        raise ExportError(f"{head.path}: the rebuilt backbone's preprocessing or feature size "
-                          f"differs from the head's ({mine} vs {cfg}); not exported")
+    opts = options_for_identity(head.identity, weights=weights, what=str(head.path))
+    bb = build_backbone(opts)
+    _, ident = identity_of(bb, opts, opts.precision)
+    artifacts.check_compatible(head, ident, f"the backbone rebuilt for {head.path}",
+                               fix="pass --weights PATH to the weights file the head was "
+                                   f"fitted with (sha256 {str(head.identity['weights_sha256'])[:12]}…)")
     return bb
 
 
@@ -411,16 +404,6 @@ def preprocess(img: Any, spec: dict[str, Any]) -> np.ndarray:
 
 # -- the whole export -------------------------------------------------------------------------
 
-def _versions() -> dict[str, str]:
-    out = dict(artifacts.versions())
-    for mod in ("torch", "timm", "onnx", "onnxruntime", "skl2onnx"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    out["python"] = platform.python_version()
-    return out
-
 
 INT8_MODES = ("static", "dynamic")
 
@@ -486,9 +469,14 @@ def quantize(src: Path, dst: Path, mode: str = "static",
     import logging
 
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
-                                          QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing first" advice
     if mode == "dynamic":
@@ -555,7 +543,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
         if imp.domain not in {i.domain for i in bg.opset_import}:
             bg.opset_import.append(imp)
     model = compose.merge_models(bg, hg, io_map=[(FEATURES, FEATURES)],
-                                 producer_name="embedpipe", producer_version=_versions()[
+                                 producer_name="embedpipe", producer_version=versions(*HEADS, "torch", "timm", "onnx", "onnxruntime", "skl2onnx")[
                                      "embedpipe"])
     seen: dict[str, int] = {}
     for imp in model.opset_import:  # merge_models may list a domain twice
@@ -597,7 +585,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
         "backbone": {"model": bb.name, "weights_source": bb.weights.describe(),
                      "weights_sha256": bb.weights.sha256, "pool": bb.pool,
                      "feature_dim": bb.feature_dim, "data_config": bb.data_config},
-        "versions": _versions(),
+        "versions": versions(*HEADS, "torch", "timm", "onnx", "onnxruntime", "skl2onnx"),
     }
     sidecar.write_text(json.dumps(side, indent=2, default=str) + "\n", encoding="utf-8")
     return ExportResult(out, sidecar, name, int8, out.stat().st_size, int8_mode)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -20,11 +19,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .heads import artifacts
 from .errors import UserError
+from .heads import artifacts
 from .heads.compact import predict_scored
-from .store.read import FeatureStore, open_stores
 from .heads.stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
+from .provenance import members
+from .store.read import FeatureStore, open_stores
 
 StorePaths = str | Path | Sequence[str | Path]  # several: stacked side by side (store.stack)
 
@@ -141,8 +141,7 @@ def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
     if X.shape[0] == 0:
         return [], np.zeros(0), [], True
     manifest = head.manifest
-    use_proba = manifest.get("calibration", "native") == "native" or str(
-        manifest.get("calibration")).startswith("temperature")
+    use_proba = artifacts.probability_kind(manifest) in ("native", "calibrated")
     pred, probs, conf, calibrated = predict_scored(head.estimator, X, use_proba=use_proba)
     predicted = [str(p) for p in pred]
     order = np.argsort(-probs, axis=1, kind="stable")[:, :max(1, top_k)]
@@ -263,44 +262,6 @@ def to_csv(head_path: str | Path, store_path: StorePaths, out: str | Path | None
 
 # -- end to end from images ------------------------------------------------------------------
 
-def extract_options(head: artifacts.HeadFile, *, weights: str | None = None,
-                    device: str = "auto", batch_size: int = 32,
-                    workers: int | None = None, identity: dict[str, Any] | None = None) -> Any:
-    """ExtractOptions that reproduce the head's store identity (checked after extraction), or
-    ``identity`` (one of a stacked head's stores)."""
-    from .extract.options import ExtractOptions
-
-    ident = head.identity if identity is None else identity
-    if "stacked" in ident:
-        stacked = artifacts.members(ident)
-        raise PredictError(f"{head.path}: fitted on the stacked features of {len(stacked)} "
-                           f"stores ({' + '.join(str(i.get('model')) for i in stacked)}); "
-                           "this command takes a head of one backbone: fit one on one store")
-    cfg = ident["data_config"]
-    cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
-    source, _, where = str(ident["weights_source"]).partition(":")
-    opts: dict[str, Any] = {}
-    if weights is not None:
-        opts["weights"] = weights
-    elif source == "random":
-        opts["random_init"] = True
-    elif source == "file":
-        if not Path(where).is_file():
-            raise PredictError(f"{head.path}: the head's backbone weights file {where} is not "
-                               "here; pass --weights PATH to a copy of it (sha256 "
-                               f"{str(ident['weights_sha256'])[:12]}…)")
-        opts["weights"] = where
-    else:
-        opts["weights"] = source  # "bundled" or "hub"
-    return ExtractOptions(
-        model=ident["model"], pool=None if ident["pool"] == "default" else ident["pool"],
-        img_size=int(cfg["input_size"][-1]),
-        crop_pct=float(cfg["crop_pct"]), precision=ident["precision"], dtype=ident["dtype"],
-        exact_decode=not cfg.get("jpeg_draft", True), tta=cfg.get("tta"), device=device,
-        batch_size=batch_size,
-        workers=workers, **opts)
-
-
 def gather_images(inputs: Sequence[str | Path]) -> Any:
     """One Discovery over image files, folders (any layout: class folders give true labels)
     and CSV manifests, keyed by the paths as the user wrote them."""
@@ -337,14 +298,15 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                 say: Callable[[str], None] | None = None) -> Predictions:
     """Extract ``inputs`` with the head's own backbone and preprocessing, then classify."""
     from .extract.local import run
+    from .extract.options import options_for_identity
 
     head = artifacts.load(head_path)
-    idents = artifacts.members(head.identity)  # a head on stacked stores: each backbone's
+    idents = members(head.identity)  # a head on stacked stores: each backbone's
     if weights is not None and len(idents) > 1:
         raise PredictError(f"--weights {weights}: {head.path} stacks {len(idents)} backbones; "
                            "--weights is for heads of one backbone: leave it out")
-    options = [extract_options(head, weights=weights, device=device, batch_size=batch_size,
-                               workers=workers, identity=ident) for ident in idents]
+    options = [options_for_identity(ident, weights=weights, what=str(head.path), device=device,
+                                    batch_size=batch_size, workers=workers) for ident in idents]
     disc = gather_images(inputs)
     if not disc.items:
         raise PredictError(f"{', '.join(map(str, inputs))}: no images found; pass image files "

@@ -97,3 +97,58 @@ def parse_tta(text: str | None) -> str | None:
         raise OptionError(f"--tta {text}: unknown view(s) {', '.join(sorted(bad))}; pass flip, "
                           "crops, flip,crops or none")
     return ",".join(v for v in TTA_VIEWS if v in parts)
+
+
+def identity_of(backbone: Any, opts: Any, precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The preprocessing and the identity of features of ``backbone`` made with ``opts``.
+
+    ``backbone``: anything with ``identity()`` (model, weights_source, weights_sha256, pool,
+    feature_dim) and ``data_config`` (timm's: input_size, interpolation, mean, std, crop_pct,
+    crop_mode), i.e. embedpipe.backbones.Backbone; ``opts``: anything with ``exact_decode``,
+    ``tta`` and ``dtype`` (ExtractOptions). Returns ``(data_config, identity)``: the data config
+    with JPEG draft decoding and TTA added (what the loader applies), and the identity a store of
+    these features records and is checked against (``data_config`` as sorted JSON text, as
+    stored in HDF5)."""
+    tta = parse_tta(opts.tta)
+    data_config = {**backbone.data_config, "jpeg_draft": not opts.exact_decode,
+                   **({"tta": tta} if tta else {})}
+    identity = {**backbone.identity(), "data_config": json.dumps(data_config, sort_keys=True),
+                "precision": precision, "dtype": opts.dtype}
+    return data_config, identity
+
+
+def options_for(identity: dict[str, Any], *, weights: str | None = None,
+                what: str = "the head") -> dict[str, Any]:
+    """The extraction options (ExtractOptions fields) that reproduce ``identity``: the inverse of
+    ``identity_of``. ``weights`` overrides where the backbone weights come from; without it, a
+    file-weights identity needs its file where it was.
+
+    Raises OptionError for stacked identities (several backbones) and for a weights file that is
+    no longer there (naming ``what`` and the fix: ``--weights PATH``)."""
+    if "stacked" in identity:
+        stacked = members(identity)
+        raise OptionError(f"{what}: fitted on the stacked features of {len(stacked)} stores "
+                          f"({' + '.join(str(i.get('model')) for i in stacked)}); this command "
+                          "takes a head of one backbone: fit one on one store")
+    cfg = norm(identity["data_config"])
+    source, _, where = str(identity["weights_source"]).partition(":")
+    opts: dict[str, Any] = {}
+    if weights is not None:
+        opts["weights"] = weights
+    elif source == "random":
+        opts["random_init"] = True
+    elif source == "file":
+        from pathlib import Path
+
+        if not Path(where).is_file():
+            raise OptionError(f"{what}: the head's backbone weights file {where} is not here; "
+                              "pass --weights PATH to a copy of it (sha256 "
+                              f"{str(identity['weights_sha256'])[:12]}…)")
+        opts["weights"] = where
+    else:
+        opts["weights"] = source  # "bundled" or "hub"
+    return dict(model=identity["model"],
+                pool=None if identity["pool"] == "default" else identity["pool"],
+                img_size=int(cfg["input_size"][-1]), crop_pct=float(cfg["crop_pct"]),
+                precision=identity["precision"], dtype=identity["dtype"],
+                exact_decode=not cfg.get("jpeg_draft", True), tta=cfg.get("tta"), **opts)

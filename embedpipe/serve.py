@@ -41,8 +41,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .heads import artifacts
 from .errors import UserError
+from .heads import artifacts
 
 
 class ServeError(UserError):
@@ -103,18 +103,22 @@ class Model:
                  device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS):
         import torch
 
-        from .backbones import decode_size, load_backbone, make_views_transform
-        from .extract.runtime import prepare_model, resolve_device, resolve_precision, store_identity
-        from .predict import extract_options
+        from .backbones import decode_size, build_backbone, make_views_transform
+        from .extract.runtime import (
+            prepare_model,
+            resolve_device,
+            resolve_precision,
+        )
+        from .extract.options import options_for_identity
+        from .provenance import identity_of
 
         self.head = artifacts.load(head_path)
-        opts = extract_options(self.head, weights=weights, device=device)
+        opts = options_for_identity(self.head.identity, weights=weights, device=device,
+                                    what=str(self.head.path))
         self.device = resolve_device(opts.device)
         self.precision = resolve_precision(opts.precision, self.device)
-        self.backbone = load_backbone(opts.model, weights=opts.weights,
-                                      random_init=opts.random_init, pool=opts.pool,
-                                      img_size=opts.img_size, crop_pct=opts.crop_pct)
-        data_config, identity = store_identity(self.backbone, opts, self.precision)
+        self.backbone = build_backbone(opts)
+        data_config, identity = identity_of(self.backbone, opts, self.precision)
         # Model, weights sha256, data config, pool and feature dim must equal the head's.
         self.notes = artifacts.check_compatible(self.head, identity,
                                                 f"the backbone rebuilt for {self.head.path}")
@@ -190,15 +194,9 @@ class Model:
 
 
 def _server_versions() -> dict[str, str]:
-    from importlib.metadata import version
+    from .env import EXTRACT, versions
 
-    from .extract.runtime import versions
-
-    out = dict(versions())
-    for dist in ("scikit-learn", "fastapi", "uvicorn", "starlette"):
-        with contextlib.suppress(Exception):
-            out[dist] = version(dist)
-    return out
+    return versions(*EXTRACT, "scikit-learn", "fastapi", "uvicorn", "starlette")
 
 
 # -- batching ----------------------------------------------------------------------------------

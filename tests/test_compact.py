@@ -115,7 +115,7 @@ def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
     X, y = store.features[keep], labels[keep]
     est = heads.build(name, seed=0).fit(X, y)
     if not heads.get(name).native_proba:
-        est, _ = _calibrated(heads.build(name, seed=0), X, y)
+        est, *_ = _calibrated(heads.build(name, seed=0), X, y)
     exported = compact.export(est)
     assert exported is not None
     assert compact.agrees(est, compact.load(*exported), X)

@@ -2,6 +2,6 @@
 heads on shared folds) and ``report`` (text, JSON and plots of the results).
 """
 
-from .cv import run_cv, run_compare
+from .cv import run_compare, run_cv
 
 __all__ = ["run_cv", "run_compare"]

@@ -10,8 +10,16 @@ import numpy as np
 
 from ..heads import registry as heads
 from ..heads.compact import predict_scored
+from ..env import versions
 from ..heads.fit import INNER_FOLDS, _fit, _fit_stream, _Quiet, resolve_params
-from ..heads.rows import METRICS, EvaluateError, _scores, min_class, select_rows, targets
+from ..heads.rows import (
+    METRICS,
+    EvaluateError,
+    _scores,
+    min_class,
+    select_rows,
+    targets,
+)
 
 DEFAULT_CV_HEADS = ("logreg", "svm", "knn", "ridge", "centroid")
 
@@ -105,19 +113,6 @@ def _tasks_note(bar: Any, jobs: int, what: str) -> Any:
         return None
     return lambda m: bar.note(f"{what}: {m}")
 
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import joblib
-    import scipy
-    import sklearn
-
-    from .. import __version__
-
-    return {"embedpipe": __version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "joblib": joblib.__version__,
-            "python": platform.python_version()}
 
 
 def _jsonable(v: Any) -> Any:
@@ -320,7 +315,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
         "chance": {"majority_accuracy": float(max(counts.values()) / len(y)),
                    "balanced_accuracy": 1.0 / len(labels)},
         "warnings": notes, "heads": table, "best": best_report, "heldout": heldout,
-        "versions": _versions(),
+        "versions": versions("sklearn", "scipy", "joblib"),
     }
     return _jsonable(report)
 
@@ -447,6 +442,6 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                    for s in stores],
         "rows": int(len(y)), "classes": sorted(set(y.tolist())), "folds": folds,
         "repeats": repeats, "seed": seed, "splitter": splitter_text, "metric": metric,
-        "search": search, "warnings": notes, "heads": table, "versions": _versions(),
+        "search": search, "warnings": notes, "heads": table, "versions": versions("sklearn", "scipy", "joblib"),
     }
     return _jsonable(report)

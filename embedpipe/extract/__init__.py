@@ -14,7 +14,7 @@ rerun with the options of the store's last run on an unchanged folder plans agai
 and finishes without them.
 """
 
-from .options import ExtractOptions, ExtractError, Summary
 from .local import run
+from .options import ExtractError, ExtractOptions, Summary
 
 __all__ = ["ExtractOptions", "ExtractError", "Summary", "run"]

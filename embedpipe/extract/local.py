@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..provenance import identity_of
+from ..env import EXTRACT, versions
 from ..data import (
     Discovery,
     discover,
@@ -25,7 +27,7 @@ from ..store.schema import StoreError, StoreMismatch, describe_mismatch
 from ..store.write import StoreWriter
 from .loader import _close_in_worker, _collate, _Images, default_workers
 from .options import ExtractOptions, Summary, check_options
-from .plan import Session, _light_versions, _same_as_last_run
+from .plan import Session, _same_as_last_run
 from .runtime import (
     CompiledForward,
     embed,
@@ -33,8 +35,6 @@ from .runtime import (
     resolve_compile,
     resolve_device,
     resolve_precision,
-    store_identity,
-    versions,
 )
 from .shards import select_shard
 
@@ -62,10 +62,10 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     lazy = backbone is None and _same_as_last_run(out, opts, stored)
     if lazy:  # plan against the store first; load the backbone only if there is work
         device, precision = None, stored["precision"]
-        identity, data_config, env = stored, json.loads(stored["data_config"]), _light_versions()
+        identity, data_config = stored, json.loads(stored["data_config"])
     else:
         device, precision, backbone, data_config, identity = _load(opts, stored, say, backbone)
-        env = versions()
+    env = versions(*EXTRACT)
     summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                       ignored_files=list(disc.ignored),
                       device=str(device or "no model loaded"), precision=precision)
@@ -78,7 +78,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
             if mismatch:  # the same options no longer give the same features (e.g. weights)
                 raise StoreMismatch(mismatch)
             summary.device, summary.precision = str(device), precision
-            session.record.update(device=summary.device, versions=versions())
+            session.record.update(device=summary.device)
         try:
             _extract(session, backbone, data_config, opts, device, precision, progress)
         except KeyboardInterrupt:
@@ -96,16 +96,15 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
 def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], None],
           backbone: Backbone | None) -> tuple[Any, str, Backbone, dict[str, Any], dict[str, Any]]:
     """Device, precision, backbone (loaded unless given), data config and store identity."""
-    from ..backbones import load_backbone
+    from ..backbones import build_backbone
 
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device, stored.get("precision"))
     if precision == "fp16" and device.type == "cpu":
         say("note: fp16 on the CPU is emulated and slow; bf16 or fp32 are faster there")
     if backbone is None:
-        backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
-                                 pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
-    data_config, identity = store_identity(backbone, opts, precision)
+        backbone = build_backbone(opts)
+    data_config, identity = identity_of(backbone, opts, precision)
     return device, precision, backbone, data_config, identity
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from typing import TYPE_CHECKING
 
 from .. import DEFAULT_MODEL
@@ -13,6 +14,7 @@ from ..data import (
     DEFAULT_MAX_PIXELS,
 )
 from ..errors import UserError
+from ..provenance import options_for, parse_tta
 
 if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
 
@@ -109,8 +111,6 @@ def check_options(opts: ExtractOptions) -> None:
         raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
                            f"(default {DEFAULT_MAX_PIXELS})")
     if opts.tta is not None:
-        from ..backbones import parse_tta
-
         parse_tta(opts.tta)
 
 
@@ -135,8 +135,14 @@ def default_store_path(source: str | Path, opts: ExtractOptions, cache_dir: Path
     if opts.img_size:
         parts.append(str(opts.img_size))
     if opts.tta:
-        from ..backbones import parse_tta
-
         if parse_tta(opts.tta):
             parts.append("tta-" + parse_tta(opts.tta).replace(",", "-"))
     return cache_dir / ("__".join(parts) + ".h5")
+
+
+def options_for_identity(identity: dict[str, Any], *, weights: str | None = None,
+                         what: str = "the head", **overrides: Any) -> ExtractOptions:
+    """ExtractOptions that reproduce ``identity`` (a head's store identity: see
+    provenance.options_for, whose OptionError it raises), with ``overrides`` (device,
+    batch_size, workers, ...) for what does not change the features."""
+    return ExtractOptions(**options_for(identity, weights=weights, what=what), **overrides)

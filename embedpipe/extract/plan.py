@@ -14,7 +14,6 @@ most the batch in flight.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import platform
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
+from ..env import version_of
 from ..data import (
     DecodeError,
     Discovery,
@@ -202,18 +202,6 @@ def _weights_stat(weights: str | None) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _light_versions() -> dict[str, str]:
-    """versions() from package metadata, without importing torch or timm."""
-    out = {"embedpipe": __version__}
-    for name, dist in (("torch", "torch"), ("timm", "timm"), ("numpy", "numpy"),
-                       ("h5py", "h5py"), ("pillow", "pillow")):
-        try:
-            out[name] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    out["python"] = platform.python_version()
-    return out
-
 
 def _same_as_last_run(out: Path, opts: ExtractOptions, stored: dict[str, Any]) -> bool:
     """True when ``opts`` would give the store's identity for sure, known without loading the
@@ -238,7 +226,7 @@ def _same_as_last_run(out: Path, opts: ExtractOptions, stored: dict[str, Any]) -
         return False
     was = last.get("versions") or {}
     return (was.get("embedpipe") == __version__
-            and was.get("timm") == _light_versions()["timm"])
+            and was.get("timm") == version_of("timm"))
 
 
 def _commit_batch(writer: StoreWriter, tasks: list[Task], rows_of: dict[int, int],

@@ -38,20 +38,22 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..provenance import identity_of
 from ..data import discover
-from ..errors import RAY_MISSING
+from ..errors import RAY_MISSING, first_line
+from ..extract.loader import load_one
 from ..extract.options import ExtractError, ExtractOptions, Summary, check_options
 from ..extract.plan import Session
-from ..extract.loader import load_one
+from ..env import EXTRACT, versions
+from ..extract.runtime import resolve_precision
 from ..extract.shards import partition
-from ..extract.runtime import resolve_precision, store_identity, versions
 from ..progress import Progress, printer
-from ..store.schema import StoreError
-from ..store.write import StoreWriter
-from ..store._hdf5 import check_not_busy
 from ..provenance import diff_fields
+from ..store._hdf5 import check_not_busy
 from ..store.ops import merge, prune
 from ..store.read import read_identity
+from ..store.schema import StoreError
+from ..store.write import StoreWriter
 
 MAX_OPEN_SHARDS = 64  # shard stores written at once (one pipeline); more run in waves
 ROWS_PER_SHARD = 50_000  # default shard size on the first run (resume granularity)
@@ -180,13 +182,12 @@ class _Embedder:
                  precision: str):
         import torch
 
-        from ..backbones import load_backbone
+        from ..backbones import build_backbone
         from ..extract.runtime import prepare_model
 
         o = ExtractOptions(**opts)
-        backbone = load_backbone(o.model, weights=o.weights, random_init=o.random_init,
-                                 pool=o.pool, img_size=o.img_size, crop_pct=o.crop_pct)
-        _, mine = store_identity(backbone, o, precision)
+        backbone = build_backbone(o)
+        _, mine = identity_of(backbone, o, precision)
         diffs = diff_fields(identity, mine)
         if diffs:  # e.g. another weights file or timm version on this node
             raise ExtractError(f"a Ray worker's backbone differs from the driver's "
@@ -252,7 +253,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     check_not_busy(out)
     stored = read_identity(out) if out.exists() else {}
 
-    from ..backbones import decode_size, load_backbone, make_views_transform
+    from ..backbones import decode_size, build_backbone, make_views_transform
 
     sdir = shard_dir(out)
     if not stored:  # an earlier run that stopped before its merge: its shards' settings
@@ -266,9 +267,8 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         device = cluster.device(opts.device)
         precision = _precision(opts.precision, device, cluster.cuda_bf16, cluster.cpu_bf16,
                                stored.get("precision"))
-        backbone = load_backbone(opts.model, weights=opts.weights, random_init=opts.random_init,
-                                 pool=opts.pool, img_size=opts.img_size, crop_pct=opts.crop_pct)
-        data_config, identity = store_identity(backbone, opts, precision)
+        backbone = build_backbone(opts)
+        data_config, identity = identity_of(backbone, opts, precision)
         del backbone
         if stored:
             diffs = diff_fields(stored, identity)
@@ -282,7 +282,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         min_size = None if opts.exact_decode else decode_size(data_config)
         n_shards = _shard_count(sdir, len(disc.items), cluster.workers or 1)
         parts = partition(disc, n_shards)
-        env = versions()
+        env = versions(*EXTRACT)
         summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                           ignored_files=list(disc.ignored), device=f"ray:{device}",
                           precision=precision)
@@ -378,7 +378,7 @@ def _init_ray(ray: Any, address: str | None) -> None:
     try:
         ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200)
         raise ExtractError(f"--address {address}: cannot connect to a Ray cluster ({first}); "
                            "start one with `ray start --head` and pass its address, or omit "
                            "--address to start a local one") from None
@@ -514,7 +514,7 @@ def _stream(cluster: _Cluster, items: list[dict[str, Any]], where: list[tuple[in
         cause = e
         while cause.__cause__ is not None and not isinstance(cause, ExtractError):
             cause = cause.__cause__
-        text = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        text = first_line(cause, 300)
         raise ExtractError(f"the Ray pipeline failed ({type(cause).__name__}: {text}); every "
                            "committed batch is kept in the shard stores: fix the cause and "
                            "rerun the same command") from None

@@ -6,18 +6,15 @@ The only module that knows devices, precisions and inference runtimes.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
 
-from .. import __version__
-from .options import COMPILES, PRECISIONS, ExtractError, ExtractOptions
+from ..errors import first_line
+from .options import COMPILES, PRECISIONS, ExtractError
 
 if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
     import torch
@@ -74,29 +71,6 @@ def resolve_precision(precision: str, device: torch.device, stored: str | None =
     return precision
 
 
-def versions() -> dict[str, str]:
-    import h5py
-    import PIL
-    import timm
-    import torch
-
-    return {"embedpipe": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version()}
-
-
-def store_identity(backbone: Backbone, opts: ExtractOptions,
-                   precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The preprocessing (the model's data config, JPEG draft decoding, TTA) and the identity a
-    store of ``backbone`` features made with ``opts`` records and is checked against."""
-    from ..backbones import parse_tta
-
-    tta = parse_tta(opts.tta)
-    data_config = {**backbone.data_config, "jpeg_draft": not opts.exact_decode,
-                   **({"tta": tta} if tta else {})}
-    identity = {**backbone.identity(), "data_config": json.dumps(data_config, sort_keys=True),
-                "precision": precision, "dtype": opts.dtype}
-    return data_config, identity
 
 
 def prepare_model(backbone: Backbone, device: torch.device, precision: str,
@@ -177,7 +151,7 @@ class CompiledForward:
 
     def _fall_back(self, e: BaseException) -> None:
         self.failed, self.fn = True, None
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = first_line(e, 160)
         self.warn(f"warning: torch.compile failed ({type(e).__name__}: {first}); continuing "
                   "in eager mode (same features; pass --compile off to skip compiling)")
 

@@ -32,7 +32,7 @@ same tensors as an uninterrupted one.
 Modules: ``options`` · ``data`` · ``stages`` · ``checkpoint`` · ``loop`` (``finetune()``).
 """
 
-from .options import FinetuneOptions, FinetuneError, FinetuneResult
 from .loop import finetune
+from .options import FinetuneError, FinetuneOptions, FinetuneResult
 
 __all__ = ["FinetuneOptions", "FinetuneError", "FinetuneResult", "finetune"]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import first_line
 from .options import CHECKPOINT_FORMAT, FinetuneError, FinetuneOptions, Outputs
 
 
@@ -34,7 +35,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        first = first_line(e, 120)
         raise FinetuneError(f"--resume {path}: cannot read the checkpoint ({first}); pass a "
                             "checkpoint written by `embedpipe finetune`") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from ..backbones import (
     decode_size,
     file_sha256,
-    load_backbone,
+    build_backbone,
     make_transform,
 )
 from ..data import (
     discover,
 )
 from ..extract.loader import default_workers
-from ..extract.runtime import resolve_device, versions
+from ..env import EXTRACT, versions
+from ..extract.runtime import resolve_device
 from ..progress import Progress, printer
 from .checkpoint import (
     _atomic_save,
@@ -112,7 +113,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     deterministic = device.type == "cpu" if opts.deterministic is None else opts.deterministic
     workers = default_workers() if opts.workers is None else opts.workers
     disc = discover(data, opts.layout)
-    backbone = load_backbone(opts.model, weights=opts.weights, img_size=opts.img_size)
+    backbone = build_backbone(opts)
     base_keys = list(backbone.model.state_dict())
     data_config = backbone.data_config
     plan = plan_data(disc, opts, data_config, workers, say)
@@ -293,7 +294,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
         "deterministic": deterministic, "workers": workers,
         "history_file": outs.history.name, "curves_file": curves.name if curves else None,
         "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": versions(),
+        "versions": versions(*EXTRACT),
     }
     _atomic_text(json.dumps(manifest, indent=2) + "\n", outs.manifest)
     return FinetuneResult(out, outs.manifest, outs.history, outs.classifier, curves, last_ckpt,

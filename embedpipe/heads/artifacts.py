@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UserError
+from ..env import HEADS, versions
+from ..provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff, members, short
+from ..errors import UserError, first_line
 
 FORMAT = "embedpipe-head"
 FORMAT_VERSION = 1
@@ -41,8 +42,6 @@ TRUSTED_EXTRA = (
 
 # What must agree between a head and the store (or images) it predicts: otherwise the features
 # mean something else. Precision and stored dtype only change features slightly: a warning.
-MUST_MATCH = ("model", "weights_sha256", "data_config", "pool", "feature_dim")
-SHOULD_MATCH = ("precision", "dtype")
 
 
 class ArtifactError(UserError):
@@ -101,20 +100,6 @@ def _skops_io() -> Any:
         import skops.io
     return skops.io
 
-
-def versions() -> dict[str, str]:
-    import numpy
-    import sklearn
-
-    from .. import __version__
-
-    out = {"embedpipe": __version__, "scikit-learn": sklearn.__version__,
-           "numpy": numpy.__version__, "python": platform.python_version()}
-    with contextlib.suppress(Exception):
-        from importlib.metadata import version
-
-        out["skops"] = version("skops")
-    return out
 
 
 def save(path: str | Path, estimator: Any, manifest: dict[str, Any],
@@ -258,60 +243,60 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
 
 
 def _why(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = first_line(e)
     return f"{type(e).__name__}: {text[:160]}"
 
 
-def _norm(v: Any) -> Any:
-    if isinstance(v, str) and v[:1] in "{[":
-        with contextlib.suppress(ValueError):
-            return json.loads(v)
-    return v
-
-
-def members(identity: dict[str, Any]) -> list[dict[str, Any]]:
-    """The identity of each store whose features a head or store holds: one, or several side by
-    side for stacked stores (store.stack)."""
-    return list(identity["stacked"]) if "stacked" in identity else [identity]
+def check_compatible(head: HeadFile, other: dict[str, Any], what: str,
+                     fix: str | None = None) -> list[str]:
+    """Raise when ``other`` (a store's metadata, or the identity of a rebuilt backbone) was made
+    with another backbone, weights, preprocessing, pool or feature dim than the head's
+    (provenance.HEAD_KEYS); return notes for precision/dtype (provenance.HEAD_NOTE_KEYS). A head
+    fitted on stacked stores needs the same stores, stacked in the same order. ``fix``: what the
+    error tells the user to do (default: extract with the head's backbone or fit a new head)."""
+    mine, theirs = members(head.identity), members(other)
+    if len(mine) != len(theirs):
+        hint = (f"pass the {len(mine)} stores it was fitted on, in that order "
+                f"({_models(mine)}: `--store A --store B`)" if len(mine) > 1
+                else "pass a single store of the head's backbone")
+        raise ArtifactError(f"{what}: holds features of {_models(theirs)} but head {head.path} "
+                            f"was fitted on features of {_models(mine)}; {hint}")
+    notes: list[str] = []
+    for i, (m, o) in enumerate(zip(mine, theirs)):
+        where = what if len(mine) == 1 else f"{what} (stacked store {i + 1})"
+        diffs = diff(o, m, HEAD_KEYS)
+        if diffs:
+            parts = "; ".join(f"{k}: {where} has {short(theirs_v)}, head has {short(mine_v)}"
+                              for k, theirs_v, mine_v in diffs[:3])
+            raise ArtifactError(
+                f"{where}: made with another backbone than head {head.path} ({parts}); "
+                + (fix or f"extract the images with the head's backbone (`embedpipe predict "
+                          f"{head.path} IMAGES...` does it for you) or fit a head on this store"))
+        notes += [f"note: {where} has {k}={o.get(k)} while head {head.path} was trained on "
+                  f"{k}={m.get(k)}; features differ slightly" for k, _, _ in diff(o, m, HEAD_NOTE_KEYS)]
+    return notes
 
 
 def _models(idents: list[dict[str, Any]]) -> str:
     return " + ".join(str(i.get("model")) for i in idents)
 
 
-def check_compatible(head: HeadFile, other: dict[str, Any], what: str) -> list[str]:
-    """Raise when ``other`` (a store's metadata) was made with another backbone, weights,
-    preprocessing, pool or feature dim than the head's; return warnings for precision/dtype.
-    A head fitted on stacked stores needs the same stores, stacked in the same order."""
-    mine, theirs = members(head.identity), members(other)
-    if len(mine) != len(theirs):
-        fix = (f"pass the {len(mine)} stores it was fitted on, in that order "
-               f"({_models(mine)}: `--store A --store B`)" if len(mine) > 1
-               else "pass a single store of the head's backbone")
-        raise ArtifactError(f"{what}: holds features of {_models(theirs)} but head {head.path} "
-                            f"was fitted on features of {_models(mine)}; {fix}")
-    notes: list[str] = []
-    for i, (m, o) in enumerate(zip(mine, theirs)):
-        where = what if len(mine) == 1 else f"{what} (stacked store {i + 1})"
-        diffs = [k for k in MUST_MATCH if _norm(m.get(k)) != _norm(o.get(k))]
-        if diffs:
-            parts = "; ".join(f"{k}: {where} has {_short(o.get(k))}, head has "
-                              f"{_short(m.get(k))}" for k in diffs[:3])
-            raise ArtifactError(
-                f"{where}: made with another backbone than head {head.path} ({parts}); extract "
-                f"the images with the head's backbone (`embedpipe predict {head.path} "
-                "IMAGES...` does it for you) or fit a head on this store")
-        notes += [f"note: {where} has {k}={o.get(k)} while head {head.path} was trained on "
-                  f"{k}={m.get(k)}; features differ slightly" for k in SHOULD_MATCH
-                  if _norm(m.get(k)) != _norm(o.get(k))]
-    return notes
+#: What a head's class probabilities are (the manifest's ``probabilities``, which predict keys
+#: on): its own predict_proba, temperature-scaled decision values, or a plain softmax of decision
+#: values (no calibration was possible).
+PROBABILITIES = ("native", "calibrated", "scores")
 
 
-def _short(v: Any) -> str:
-    v = _norm(v)
-    text = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else repr(v)
-    return text if len(text) <= 90 else text[:87] + "..."
+def probability_kind(manifest: dict[str, Any]) -> str:
+    """The manifest's ``probabilities`` (PROBABILITIES); for a head written before manifests
+    recorded it, derived from its ``calibration`` text."""
+    if manifest.get("probabilities") in PROBABILITIES:
+        return manifest["probabilities"]
+    calibration = str(manifest.get("calibration", "native"))
+    if calibration == "native":
+        return "native"
+    return "calibrated" if calibration.startswith("temperature") else "scores"
 
 
 def new_manifest(**fields: Any) -> dict[str, Any]:
-    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), **fields}
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(*HEADS), **fields}

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import first_line
 from . import registry as heads
 from .rows import EvaluateError, min_class
 
@@ -112,7 +113,7 @@ def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]
         if not params:
             raise
         given = " ".join(f"{k}={v}" for k, v in params.items())
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise EvaluateError(f"{where}: {head} with {given} failed to fit ({first}); fix that "
                             "--param value") from None
 

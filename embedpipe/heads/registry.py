@@ -25,8 +25,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from ..errors import UserError, first_line
 from .compact import class_scores  # noqa: F401 - part of this module's API
-from ..errors import UserError
 
 PREPROCESSING = {"l2": "L2-normalise each row", "scale": "standardise each feature"}
 
@@ -234,7 +234,7 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
             if check is not None:
                 check()
     except (ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise HeadError(f"--param for {name}: {first} (see `embedpipe heads`)") from None
     return pipe
 

@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .compact import predict_scored
 from ..errors import UserError
-from .rows import EvaluateError, _scores, min_class
 from ..store.read import FeatureStore
+from .compact import predict_scored
+from .rows import EvaluateError, _scores, min_class
 
 DEFAULT_CHUNK_ROWS = 65536
 

@@ -16,11 +16,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..store.read import open_stores
 from . import artifacts
 from . import registry as heads
-from .rows import TRAIN_SPLIT, EvaluateError, min_class, select_rows, targets
 from .fit import fit_configuration
-from ..store.read import open_stores
+from .rows import TRAIN_SPLIT, EvaluateError, min_class, select_rows, targets
 
 CALIBRATION_FOLDS = 5
 CALIBRATION_FRACTION = 0.1  # of a streamed head's training rows
@@ -44,17 +44,20 @@ class FitResult:
                 f"probabilities: {self.calibration} → {self.path}")
 
 
-def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, str]:
+
+def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, str, str]:
+    """The head with calibrated probabilities, how (text for the manifest), and the kind of its
+    probabilities (artifacts.PROBABILITIES)."""
     from sklearn.calibration import CalibratedClassifierCV
 
     _, smallest = min_class(y)
     k = min(CALIBRATION_FOLDS, smallest)
     if k < 2:
-        return estimator, "none (a class has 1 image: confidence is a softmax of scores)"
+        return estimator, "none (a class has 1 image: confidence is a softmax of scores)", "scores"
     # cv as a number (stratified, unshuffled folds): a splitter object would be stored in the
     # head file as a type that skops does not trust.
     cal = CalibratedClassifierCV(estimator, method="temperature", ensemble=False, cv=k)
-    return cal.fit(X, y), f"temperature scaling ({k}-fold)"
+    return cal.fit(X, y), f"temperature scaling ({k}-fold)", "calibrated"
 
 
 def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Path, *,
@@ -93,14 +96,15 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*")
         estimator, chosen = fit_configuration(X, y, head, params, class_weight=class_weight,
                                               search=search, seed=seed, jobs=jobs)
-        calibration = "native"
+        calibration, probabilities = "native", "native"
         if not spec.native_proba:
             base = heads.build(head, chosen, class_weight=class_weight, seed=seed)
-            estimator, calibration = _calibrated(base, X, y)
+            estimator, calibration, probabilities = _calibrated(base, X, y)
     train_acc = float((estimator.predict(X) == y).mean())
     manifest = artifacts.new_manifest(
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
-        calibration=calibration, classes=[str(c) for c in estimator.classes_],
+        calibration=calibration, probabilities=probabilities,
+        classes=[str(c) for c in estimator.classes_],
         store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc),
     )
@@ -156,8 +160,8 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
                    params: dict[str, Any] | None, class_weight: str | None, search: bool,
                    seed: int, chunk_rows: int, progress: bool, say: Callable[[str], None],
                    t0: float) -> FitResult:
-    from . import stream
     from ..progress import Progress
+    from . import stream
 
     spec = heads.get(head)
     store = open_stores(store_path, features=False)  # labels, paths, splits: no features
@@ -185,7 +189,7 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
         estimator, chosen = stream.fit_configuration(
             store, rows.train[fit_pos], y[fit_pos], head, params, class_weight=class_weight,
             search=search, seed=seed, chunk_rows=chunk_rows, tick=bar.update, note=bar.note)
-        calibration = "native"
+        calibration, probabilities = "native", "native"
         if not spec.native_proba:
             if len(cal):
                 from sklearn.calibration import CalibratedClassifierCV
@@ -197,9 +201,11 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
                 # the fitted pipeline is frozen: the folds only split the calibration rows
                 estimator = CalibratedClassifierCV(FrozenEstimator(estimator),
                                                    method="temperature", cv=k).fit(Xc, y[cal])
+                probabilities = "calibrated"
                 calibration = (f"temperature scaling on {len(cal)} held-out training rows "
                                "(not trained on)")
             else:
+                probabilities = "scores"
                 calibration = "none (too few rows per class: confidence is a softmax of scores)"
         bar.note("training accuracy")
         pred, _, _ = stream.predict_rows(estimator, store, rows.train, chunk_rows=chunk_rows,
@@ -207,7 +213,8 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
     train_acc = float((pred == y).mean())
     manifest = artifacts.new_manifest(
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
-        calibration=calibration, classes=[str(c) for c in estimator.classes_],
+        calibration=calibration, probabilities=probabilities,
+        classes=[str(c) for c in estimator.classes_],
         store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc,
                            streamed={"chunk_rows": chunk_rows, "epochs": _epochs(estimator),

@@ -9,10 +9,18 @@
 - ``ops``: whole-store operations: ``merge`` and ``prune``.
 """
 
-from .read import open_store, open_stores, FeatureStore, stack, verify, read_identity, read_runs
-from .write import StoreWriter, hdf5_broken
-from .schema import StoreError, StoreMismatch, StoreBusy, StoreFull, SCHEMA_VERSION
 from ._hdf5 import check_not_busy
 from .ops import merge, prune
+from .read import (
+    FeatureStore,
+    open_store,
+    open_stores,
+    read_identity,
+    read_runs,
+    stack,
+    verify,
+)
+from .schema import SCHEMA_VERSION, StoreBusy, StoreError, StoreFull, StoreMismatch
+from .write import StoreWriter, hdf5_broken
 
 __all__ = ["open_store", "open_stores", "FeatureStore", "stack", "verify", "read_identity", "read_runs", "StoreWriter", "StoreError", "StoreMismatch", "StoreBusy", "StoreFull", "check_not_busy", "hdf5_broken", "merge", "prune", "SCHEMA_VERSION"]

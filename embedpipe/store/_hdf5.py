@@ -18,6 +18,7 @@ from typing import Any
 
 import h5py
 
+from ..errors import first_line
 from .schema import ERROR_FIELDS, ROW_FIELDS, StoreBusy, StoreError, _check_schema
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -38,7 +39,7 @@ def _open_swmr_read(path: Path) -> h5py.File:
         try:
             return h5py.File(path, "r")  # a store written by other HDF5 tools
         except OSError:
-            raise StoreError(f"{path}: not a readable embedpipe store ({_first_line(e)}); move it "
+            raise StoreError(f"{path}: not a readable embedpipe store ({first_line(e)}); move it "
                              "aside and extract again") from None
 
 
@@ -92,9 +93,6 @@ def _hdf5_library() -> str | None:
     return sorted(libs)[0] if len(libs) == 1 else None
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
 
 class _Damaged(Exception):
     """The file opens but its content is inconsistent (see _committed)."""
@@ -105,7 +103,7 @@ _READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexErr
 
 
 def _damaged(path: Path, e: BaseException) -> StoreError:
-    why = _first_line(e)
+    why = first_line(e)
     if "filter returned failure" in why or "checksum" in why.lower():
         why = f"checksum mismatch: {why}"
     return StoreError(f"{path}: the store is damaged ({why[:200]}); its rows cannot be trusted: "

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from ..errors import first_line
 from ..provenance import IDENTITY_KEYS
 from ._hdf5 import (
     _FALLOCATE,
@@ -35,7 +36,6 @@ from ._hdf5 import (
     _READ_ERRORS,
     _committed,
     _damaged,
-    _first_line,
     _lock,
     _make_parent,
     _open_swmr_read,
@@ -322,7 +322,7 @@ class StoreWriter:
                 self._failed = self._full("No space left on device")
             else:
                 self._failed = StoreError(
-                    f"{self.path}: cannot write the store ({_first_line(e)[:160]}); the "
+                    f"{self.path}: cannot write the store ({first_line(e, 160)}); the "
                     f"{self.n} rows committed before are kept: fix the cause and rerun the "
                     "same command to continue")
             raise self._failed from None
@@ -382,7 +382,7 @@ class StoreWriter:
                 except Exception as e:  # noqa: BLE001
                     if self._failed is None:
                         raise StoreError(f"{self.path}: cannot close the store "
-                                         f"({_first_line(e)[:160]}); rerun the same command to "
+                                         f"({first_line(e, 160)}); rerun the same command to "
                                          "continue") from None
                     # HDF5 failed mid-write and cannot close the file: keep its objects alive
                     # (their destructors would print errors) and let the CLI end the process.
@@ -443,7 +443,7 @@ def _write_failed(path: Path, e: BaseException, what: str) -> StoreError:
     if getattr(e, "errno", None) in _NO_SPACE or "errno = 28" in text or "No space left" in text:
         return StoreFull(f"{path}: disk full (No space left on device): {what}; free space on "
                          "that disk (or pass another --out) and rerun the same command")
-    return StoreError(f"{path}: {what} ({_first_line(e)[:160]}); check that the folder is "
+    return StoreError(f"{path}: {what} ({first_line(e, 160)}); check that the folder is "
                       "writable and rerun the same command")
 
 
@@ -463,7 +463,7 @@ def _open_swmr_write(path: Path, progress: Any = None) -> h5py.File:
             raise StoreBusy(f"{path}: the store is open in another process (another extract "
                             "running?); wait for it to finish or pass another --out") from None
         if "already open for write" not in msg:
-            raise StoreError(f"{path}: cannot open store for writing ({_first_line(e)}); move it "
+            raise StoreError(f"{path}: cannot open store for writing ({first_line(e)}); move it "
                              "aside and extract again") from None
         # The last writer died (a live one would hold the lock we hold). Its committed rows are
         # intact and readable in SWMR-read mode; copy them into a fresh file, since HDF5 refuses
@@ -517,7 +517,7 @@ def _read(fn: Any) -> Any:
     try:
         return fn()
     except (OSError, RuntimeError, ValueError) as e:
-        raise _Unreadable(_first_line(e)) from e
+        raise _Unreadable(first_line(e)) from e
 
 
 def _readable_rows(src: h5py.File, n: int) -> int:
