@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import csv
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import h5py
 from typer.testing import CliRunner
 
 from embedpipe.cli import app
+from embedpipe.store import StoreWriter, open_store, read_identity
 
 runner = CliRunner()
 
@@ -37,3 +43,74 @@ def one_line_error(res, *needles: str) -> str:
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+EMBEDPIPE = [sys.executable, "-m", "embedpipe.cli"]
+
+
+def one_line(output: str, code: int, *needles: str, expect: int = 2) -> str:
+    """The whole output is one `error: ...` line holding every needle; exit code ``expect``."""
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    assert code == expect, output
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    assert "Traceback" not in output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def run(*args: object, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+def rows_now(store: Path) -> int | None:
+    """Committed rows as a reader sees them now (None while the store cannot be read)."""
+    try:
+        return len(open_store(store, features=False))
+    except Exception:  # noqa: BLE001 - not created yet, or being replaced by a recovery
+        return None
+
+
+def wait_rows(store: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the extraction ended too early"
+        rows = rows_now(store)
+        if rows is not None and rows >= n:
+            return rows
+        time.sleep(0.05)
+    raise AssertionError(f"{store}: {n} rows not committed in {timeout} s")
+
+
+def copy_rows(src: Path, dst: Path, keep: list[int]) -> Path:
+    """A new store (same identity) holding rows ``keep`` of ``src``."""
+    s = open_store(src)
+    with StoreWriter.open(dst, read_identity(src), versions={}) as w:
+        ids = w.class_ids({s.classes[s.labels[i]] for i in keep})
+        w.append(s.features[keep], paths=[s.paths[i] for i in keep],
+                 labels=[ids[s.classes[s.labels[i]]] for i in keep],
+                 hashes=[s.hashes[i] for i in keep], splits=[s.splits[i] for i in keep],
+                 mtime_ns=[0] * len(keep), size=[0] * len(keep))
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. kill storm
+
+
+def peek_committed(store: Path) -> tuple[int, int]:
+    """(run records, committed rows) of a store being written: a light SWMR read, so that
+    polling does not take CPU from the run (-1, -1 while it cannot be read)."""
+    try:
+        with h5py.File(store, "r", libver="latest", swmr=True, locking=False) as f:
+            return f["runs"].shape[0], int(f["committed"][0])
+    except Exception:  # noqa: BLE001 - missing, or being replaced by a recovery
+        return -1, -1
+
+
+def copy_images(src: Path, dst: Path, n: int, start: int = 0) -> Path:
+    files = sorted(src.rglob("*.png"))[start:start + n]
+    for f in files:
+        (dst / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst / f.parent.name / f.name)
+    return dst

@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from clitools import ok
 
 from embedpipe.datasets import write_fashion_mnist_folder
 
@@ -46,4 +47,11 @@ def fmnist_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     summary = run(src, out, ExtractOptions(precision="fp32"), progress=False)
     assert summary.extracted == 250 and not summary.failed, summary.line()
     os.chmod(out, 0o444)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lite0_head(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("head") / "centroid.skops"
+    ok("fit", fmnist_store, "--head", "centroid", "-o", out, "-q")
     return out

@@ -169,7 +169,7 @@ def make_hostile_folder(root: Path, seed: int = 0) -> dict[str, str | None]:
     Returns rel -> None for decodable images, rel -> a keyword of the expected reason for the
     others. Rels are as embedpipe shows them: non-UTF-8 bytes as backslash escapes.
     ``dogs/locked.png`` is a good PNG made unreadable with chmod 000, which does not stop root:
-    callers running as root must make its reads fail themselves (see tests/test_hardening.py).
+    callers running as root must make its reads fail themselves (see tests/test_data.py).
     """
     import os
 

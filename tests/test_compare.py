@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clitools import cli
-from embedpipe.store import StoreWriter, open_store, read_identity
 
+from embedpipe.store import StoreWriter, open_store, read_identity
 
 
 def derived_store(src: Path, dst: Path, *, dtype: str = "float16", keep_every: int = 1,

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import cli
 from PIL import Image
 from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from clitools import cli
 from embedpipe import heads
 from embedpipe.heads.fit import fit_configuration
 from embedpipe.heads.rows import select_rows, targets
 from embedpipe.store import StoreWriter, open_store, read_identity
-
 
 
 def cv_ok(*args: object) -> tuple[str, dict]:

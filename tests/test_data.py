@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -12,9 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import ok
+from imagegen import (
+    GREEN,
+    RED,
+    bomb_png,
+    encode,
+    exif_rotated_jpeg,
+    header_only_png,
+    make_class_folders,
+    make_hostile_folder,
+    make_messy_folder,
+    pattern,
+    save,
+)
 from PIL import Image
 
 from embedpipe import data
+from embedpipe import data as data_mod
 from embedpipe.data import (
     DataError,
     DecodeError,
@@ -24,16 +41,7 @@ from embedpipe.data import (
     load_image,
     read_file,
 )
-from imagegen import (
-    GREEN,
-    RED,
-    bomb_png,
-    encode,
-    exif_rotated_jpeg,
-    make_class_folders,
-    make_messy_folder,
-    save,
-)
+from embedpipe.store import open_store
 
 WHITE = (255, 255, 255)
 
@@ -474,3 +482,134 @@ def test_decompression_bomb_is_rejected_before_decoding_without_warnings() -> No
         with pytest.raises(DecodeError, match="decompression bomb"):
             decode_image(small, max_pixels=9_999)
         assert decode_image(small, max_pixels=None).size == (100, 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. hostile images
+
+# Runs the CLI with reads of files named dogs/locked.png failing with EACCES, as they do for a
+# user without read permission (chmod 000 does not stop root, which runs these tests).
+_UNREADABLE_AS_ROOT = r"""
+import errno, os, sys
+_open = os.open
+def fake_open(path, flags, *a, **k):
+    if os.fsdecode(path).endswith("/dogs/locked.png") and os.geteuid() == 0:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    return _open(path, flags, *a, **k)
+os.open = fake_open
+from embedpipe.cli import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str | None]]:
+    root = tmp_path_factory.mktemp("hostile") / "data"
+    return root, make_hostile_folder(root, seed=6)
+
+
+def test_hostile_folder_every_decodable_image_extracted_every_other_file_named(
+        hostile: tuple[Path, dict[str, str | None]], tmp_path: Path):
+    """Truncated, random, empty, bomb, animated, multi-page, 16-bit, CMYK, palette+alpha, all
+    EXIF orientations, unreadable, symlink loops, a FIFO, /dev/zero, non-UTF-8 names, spaces and
+    unicode in class names: one subprocess run extracts every decodable image, lists every
+    other file with its reason (in its output and in `embedpipe info`), and its peak memory
+    stays far below what decoding the bomb would take."""
+    root, expected = hostile
+    good = sorted(p for p, why in expected.items() if why is None)
+    bad = {p: why for p, why in expected.items() if why is not None}
+    out = tmp_path / "hostile.h5"
+    code, peak_mib, text = _extract_peak_rss(root, out)
+    assert code == 0, text
+    plain = tmp_path / "plain"
+    shutil.copytree(root / "big cats", plain / "a", ignore=lambda d, names: [
+        n for n in names if n != "fine.png"])
+    _, baseline_mib, _ = _extract_peak_rss(plain, tmp_path / "plain.h5")
+    print(f"hostile folder: peak RSS {peak_mib:.0f} MiB (one plain image: {baseline_mib:.0f})")
+    assert "Traceback" not in text
+    store = open_store(out)
+    assert sorted(store.paths) == good
+    assert np.isfinite(store.features).all()
+    assert {"big cats", "chats été 猫", "caf\\xe9s", "cats", "dogs"} == set(store.classes)
+    errors = dict(store.errors)
+    assert set(errors) == set(bad)
+    for path, keyword in bad.items():
+        assert keyword in errors[path], (path, errors[path])
+    named = [p for p in bad if f"skipped {p}: " in text]  # the run names the first 20 ...
+    assert len(named) == min(20, len(bad))
+    assert f"... and {len(bad) - 20} more (see `embedpipe info {out}`)" in text  # ... and counts
+    info = ok("info", out, "--show", "100").output
+    for path, keyword in bad.items():
+        assert f"  {path}: " in info and keyword in info, path
+    report = json.loads(ok("info", out, "--json").output)
+    assert {d["path"]: d["reason"] for d in report["skipped"]} == errors
+    # Decoding the 20000x20000 bomb takes 400 MB, converting it to RGB 1.2 GB more.
+    assert peak_mib < baseline_mib + 500, (peak_mib, baseline_mib)
+    # A rerun reads nothing, retries nothing and adds no row: names are stable.
+    res = ok("extract", root, "-o", out, "--workers", "0", "-q")
+    assert f"0 extracted, {len(good)} already in store" in res.output
+    assert len(open_store(out, features=False)) == len(good)
+
+
+def _extract_peak_rss(data: Path, out: Path) -> tuple[int, float, str]:
+    """Extract in a subprocess; (exit code, peak RSS in MiB of it and its loader worker, output)."""
+    log = out.with_suffix(".log")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", _UNREADABLE_AS_ROOT, "extract",
+                                 str(data), "-o", str(out), "--workers", "1", "--batch-size",
+                                 "8", "--precision", "fp32", "-q"], stdout=f, stderr=f)
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of the child and what it reaped
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024, log.read_bytes().decode("utf-8", "replace")
+
+
+def test_bombs_are_refused_from_the_header_before_any_pixel_is_decoded(monkeypatch):
+    """Decode time per image is bounded structurally: the pixel count is checked from the
+    header, before Pillow allocates or decodes anything; multi-frame files decode frame 0."""
+    import io
+
+    from PIL import GifImagePlugin, Image, ImageFile, TiffImagePlugin
+
+    loads: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: loads.append(self.size) or real_load(self))
+    data_mod.decode_image(encode(Image.new("RGB", (5, 4)), "PNG"))
+    assert loads and set(loads) == {(5, 4)}  # the probe sees PNG pixel decoding
+    loads.clear()
+    for blob in (header_only_png((60000, 60000)), bomb_png((20000, 20000))):
+        with pytest.raises(data_mod.DecodeError, match="decompression bomb"):
+            data_mod.decode_image(blob)
+    assert loads == []  # refused before a single pixel was decoded
+
+    seeks: list[int] = []
+    for plugin in (GifImagePlugin.GifImageFile, TiffImagePlugin.TiffImageFile):
+        real_seek = plugin._seek  # where both plugins go to another frame
+
+        def _seek(self, frame, *a, _real=real_seek, **k):
+            seeks.append(frame)
+            return _real(self, frame, *a, **k)
+
+        monkeypatch.setattr(plugin, "_seek", _seek)
+    frames = [Image.fromarray(pattern((32, 24), seed=i)) for i in range(5)]
+    for fmt in ("GIF", "TIFF"):
+        blob = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+        assert Image.open(io.BytesIO(blob)).n_frames == 5 and max(seeks) >= 4  # probe works
+        seeks.clear()
+        assert data_mod.decode_image(blob).size == (32, 24)
+        assert not [f for f in seeks if f > 0], (fmt, seeks)  # only frame 0 is decoded
+
+
+def test_max_pixels_bounds_what_is_decoded(tmp_path: Path):
+    """The largest image extract decodes has --max-pixels pixels: one more is refused."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    Image.fromarray(pattern((64, 64))).save(data / "a/exact.png")  # 4096 pixels
+    Image.fromarray(pattern((65, 64))).save(data / "a/over.png")  # 4160 pixels
+    out = tmp_path / "s.h5"
+    res = ok("extract", data, "-o", out, "--max-pixels", "4096", "--workers", "0", "-q")
+    assert "skipped a/over.png: decompression bomb: 65x64 = 4160 pixels > limit 4096 " \
+           "(raise --max-pixels)" in res.output
+    assert open_store(out).paths == ["a/exact.png"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -16,14 +17,15 @@ import pytest
 import timm
 import timm.data
 import torch
+from clitools import EMBEDPIPE, peek_committed, run
+from imagegen import make_messy_folder
 from PIL import Image
 from typer.testing import CliRunner
 
 from embedpipe import data as data_mod
 from embedpipe.cli import app
+from embedpipe.datasets import write_fashion_mnist_folder
 from embedpipe.store import open_store
-
-from imagegen import make_messy_folder
 
 runner = CliRunner()
 
@@ -540,3 +542,148 @@ def test_bad_compile_value_fails_in_one_line(fmnist: Path, tmp_path: Path):
     assert res.exit_code == 2, res.output
     assert res.output.strip() == "error: --compile sometimes: pass one of auto, on, off"
     assert not (tmp_path / "s.h5").exists()
+
+
+def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
+                target_kills: int) -> tuple[list[tuple[str, float, int]], int]:
+    """Run `embedpipe extract SRC -o STORE` until the store holds all ``total`` rows, SIGKILLing
+    each run at a random moment (start-up, recovery, extraction, commits). Kill times during
+    extraction are drawn from a window sized by the extraction rate measured so far, so that
+    about ``target_kills`` kills land before the work is done. After every kill, `embedpipe info`
+    must read the store and show at least every row a reader saw committed before the kill.
+    Returns the kills as (phase, seconds after launch, rows committed after the kill), and how
+    many rows the killed runs committed (the last, unkilled run does the rest)."""
+    cmd = [*EMBEDPIPE, "extract", str(src), "-o", str(store), "--precision", "fp32",
+           "--batch-size", "4", "--workers", "0", "-q"]
+    committed, kills = 0, []
+    gained, busy = 0, 0.0  # rows gained and seconds spent after start-up, over killed runs
+    for cycle in range(1, 81):
+        after_startup = [k for k in kills if k[0] == "extracting"]
+        if len(after_startup) >= 10:
+            assert committed > 0, (f"{len(after_startup)} runs killed seconds into extraction "
+                                   "kept no rows at all: finished batches are not committed")
+        runs_before = peek_committed(store)[0]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        t0 = time.monotonic()
+        seen = committed
+        if rng.random() < 0.1:  # somewhere in imports, model loading or recovery
+            phase, delay = "start-up", rng.uniform(0.2, 4.0)
+            while time.monotonic() - t0 < delay and proc.poll() is None:
+                time.sleep(0.02)
+        else:
+            # start-up ends when this run's record appears in the store (recovery, if any, and
+            # the model are done; extraction starts right after)
+            while peek_committed(store)[0] <= runs_before and proc.poll() is None:
+                time.sleep(0.05)
+            t_start = time.monotonic()
+            remaining = total - committed
+            left = max(1, target_kills - len(after_startup))
+            rate = gained / busy if busy > 0 and gained > 0 else None
+            # until a killed run has committed something, widen the window on each kill (a
+            # loaded machine can take seconds per batch)
+            window = (max(0.3, 2 * remaining / (left * rate)) if rate
+                      else 3.0 * 2 ** min(5, len(after_startup)))
+            phase, delay = "extracting", rng.uniform(0.0, window)
+            while time.monotonic() - t_start < delay and proc.poll() is None:
+                seen = max(seen, peek_committed(store)[1])
+                time.sleep(0.1)
+            delay = time.monotonic() - t0
+        t_kill = time.monotonic()
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+        if not killed:
+            assert proc.returncode == 0, stderr
+        if store.exists():
+            res = run(*EMBEDPIPE, "info", store, "--json")
+            assert res.returncode == 0, f"info failed after kill {len(kills) + 1}: {res.stderr}"
+            rows = json.loads(res.stdout)["rows"]
+            assert rows >= committed, f"committed rows went down: {committed} -> {rows}"
+            assert rows >= seen, f"a reader saw {seen} committed rows, after the kill {rows}"
+            if phase == "extracting" and killed:
+                gained += rows - committed
+                busy += max(0.0, t_kill - t_start)
+            committed = rows
+        if killed:
+            kills.append((phase, round(delay, 2), committed))
+            print(f"  kill {len(kills):2d} ({phase:10s}) at {delay:5.2f} s after launch: "
+                  f"{committed}/{total} rows committed")
+        if committed == total:
+            return kills, gained
+    raise AssertionError(f"{store}: not done after {cycle} runs ({len(kills)} kills)")
+
+
+@pytest.mark.slow
+def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path):
+    """SIGKILL `embedpipe extract` at random moments (start-up, recovery, extraction, commits),
+    at least 20 times after start-up, rerunning until done. After every kill `embedpipe info`
+    reads the store and shows at least every row a reader saw committed before the kill; the
+    killed runs themselves get the work done; the final store equals an uninterrupted run.
+
+    How many kills fit into one extraction depends on the machine's speed, so the storm runs in
+    rounds, each on a fresh store of the same folder, until 20 kills have landed during
+    extraction (at most 6 rounds); every round's final store is checked."""
+    seed = int(os.environ.get("EMBEDPIPE_KILL_SEED", time.time_ns() % 2**32))
+    rng = random.Random(seed)
+    print(f"\nkill storm: seed {seed} (rerun with EMBEDPIPE_KILL_SEED={seed})")
+    src = write_fashion_mnist_folder(tmp_path / "data", per_class=20, seed=2)
+    total = 200
+
+    from embedpipe.extract import ExtractOptions
+    from embedpipe.extract import run as extract_run
+
+    clean = tmp_path / "clean.h5"
+    extract_run(src, clean, ExtractOptions(precision="fp32", batch_size=4, workers=0),
+                progress=False)
+    b = open_store(clean)
+    fb = dict(zip(b.paths, b.features))
+    t_storm, kills = time.monotonic(), []
+    for round_ in range(1, 7):
+        store = tmp_path / f"killed-{round_}.h5"
+        during = sum(k[0] == "extracting" for k in kills)
+        print(f" round {round_} ({during} kills during extraction so far)")
+        new, gained = _kill_storm(src, store, total, rng, target_kills=24 - during)
+        kills += new
+        # The killed runs must do the work: each keeps every batch it finished. (Without
+        # per-batch commits they keep nothing, and only the last, unkilled run gets rows.)
+        assert gained >= total // 4, (f"round {round_}: the {len(new)} killed runs kept "
+                                      f"{gained} of {total} rows", new)
+        a = open_store(store)
+        assert len(a) == total and len(set(a.paths)) == total
+        assert sorted(a.paths) == sorted(b.paths)
+        assert not a.errors
+        fa = dict(zip(a.paths, a.features))
+        for p in b.paths:
+            np.testing.assert_allclose(fa[p], fb[p], rtol=0, atol=1e-5)
+        assert dict(zip(a.paths, a.label_names())) == dict(zip(b.paths, b.label_names()))
+        assert not list(tmp_path.glob(f".{store.name}.*.tmp"))  # recoveries left no temp files
+        if sum(k[0] == "extracting" for k in kills) >= 20:
+            break
+    during = sum(k[0] == "extracting" for k in kills)
+    print(f"kill storm: {len(kills)} kills ({during} during extraction) in {round_} round(s), "
+          f"{time.monotonic() - t_storm:.0f} s; seed {seed}")
+    assert during >= 20, kills
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Ctrl-C (in the batch loop: tests/test_extract.py::test_ctrl_c_keeps_finished_batches_...)
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(fmnist_src: Path, tmp_path: Path):
+    """Ctrl-C while the command is still starting (here: loading torch), before any batch."""
+    proc = subprocess.Popen([*EMBEDPIPE, "extract", str(fmnist_src), "-o",
+                             str(tmp_path / "s.h5"), "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/maps") as maps:  # the command has begun importing torch
+            if "libtorch" in maps.read():
+                break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "interrupted" in stderr and "rerun the same command" in stderr

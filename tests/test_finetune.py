@@ -18,7 +18,12 @@ from typer.testing import CliRunner
 from embedpipe.backbones import file_sha256, load_backbone
 from embedpipe.cli import app
 from embedpipe.finetune.options import FinetuneError, FinetuneOptions
-from embedpipe.finetune.stages import WarmupCosine, build_model, feature_stages, unfrozen_at
+from embedpipe.finetune.stages import (
+    WarmupCosine,
+    build_model,
+    feature_stages,
+    unfrozen_at,
+)
 from embedpipe.store import open_store
 
 runner = CliRunner()

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clitools import cli, ok, one_line_error, read_csv
+
 from embedpipe import heads
 from embedpipe.heads import artifacts
 from embedpipe.heads.rows import select_rows, targets
 from embedpipe.store import open_store
-
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clitools import cli
+
 from embedpipe.datasets import write_fashion_mnist_folder
 from embedpipe.store import open_store
-
 
 
 def extract(data: Path, out: Path, *extra: str) -> Path:

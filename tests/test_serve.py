@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from clitools import ok, runner
 from PIL import Image
 
-from clitools import ok, runner
-from embedpipe.heads import artifacts
 from embedpipe.cli import app
+from embedpipe.heads import artifacts
 from embedpipe.store import open_store
 
 MAX_UPLOAD = 1024 * 1024  # --max-upload-mb 1

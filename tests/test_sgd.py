@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clitools import cli, ok, one_line_error
+
 from embedpipe import heads
 from embedpipe.heads import artifacts, stream
 from embedpipe.heads.rows import select_rows, targets

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clitools import cli, ok, one_line_error, read_csv
-from embedpipe.heads import artifacts
+
 from embedpipe.extract import ExtractOptions, run
+from embedpipe.heads import artifacts
 from embedpipe.store import open_store
 
 

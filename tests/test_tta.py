@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from clitools import cli
+
 from embedpipe import data as data_mod
 from embedpipe.backbones import load_backbone, make_transform
 from embedpipe.store import open_store
-
 
 
 def few_images(src: Path, dst: Path, per_class: int = 2) -> Path:

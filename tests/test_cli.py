@@ -1,0 +1,148 @@
+"""The command line as a user meets it: every bad argument fails in one line with the fix (exit 2), and an unexpected error exits 1 with one line (`--debug` shows the traceback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from clitools import EMBEDPIPE, cli, copy_rows, one_line, run, runner
+from imagegen import encode
+
+from embedpipe.cli import app
+from embedpipe.store import open_store
+
+# ---------------------------------------------------------------------------------------------
+# 7. bad arguments
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stores and files for the bad-argument table (features copied, no model run)."""
+    d = tmp_path_factory.mktemp("bad")
+    s = open_store(fmnist_store, features=False)
+    names = s.label_names()
+    one_class = [i for i, n in enumerate(names) if n == "bag"]
+    one_image = [i for i, n in enumerate(names) if n in ("bag", "coat") and s.splits[i] == "train"]
+    one_image = [i for i in one_image if names[i] == "bag"] + \
+        [i for i in one_image if names[i] == "coat"][:1]
+    (d / "empty").mkdir()
+    (d / "junk.h5").write_bytes(b"not an HDF5 file")
+    (d / "text.txt").write_text("hello")
+    (d / "one.png").write_bytes(encode(__import__("PIL.Image").Image.new("RGB", (8, 8)), "PNG"))
+    sd = {"conv_stem.weight": torch.zeros(2, 2)}
+    torch.save(sd, d / "tiny.pth")
+    return {"dir": d, "store": fmnist_store,
+            "one_class": copy_rows(fmnist_store, d / "one_class.h5", one_class),
+            "one_image": copy_rows(fmnist_store, d / "one_image.h5", one_image)}
+
+
+BAD_ARGS = [
+    # extract
+    (["extract", "{dir}/nope"], ["no such file or folder", "image folder"]),
+    (["extract", "{dir}/text.txt"], ["not a folder", "image folder or a .csv"]),
+    (["extract", "{dir}/empty", "-o", "{dir}/e.h5"], ["no images found", "folder of images"]),
+    (["extract", "{dir}", "--model", "resnet9000"], ["resnet9000", "not a timm model name"]),
+    (["extract", "{dir}", "--weights", "{dir}/missing.pth"], ["not found", "--weights"]),
+    (["extract", "{dir}", "--weights", "{dir}/tiny.pth", "-o", "{dir}/t.h5"],
+     ["do not fit", "--weights"]),
+    (["extract", "{dir}", "--device", "tpu"], ["--device tpu", "cpu"]),
+    (["extract", "{dir}", "--precision", "fp8"], ["--precision fp8", "fp32"]),
+    (["extract", "{dir}", "--dtype", "int8"], ["--dtype int8", "float16"]),
+    (["extract", "{dir}", "--batch-size", "0"], ["--batch-size 0", "positive"]),
+    (["extract", "{dir}", "--max-pixels", "0"], ["--max-pixels 0", "positive"]),
+    (["extract", "{dir}", "--shard", "3/2"], ["--shard 3/2", "K/N"]),
+    (["extract", "{dir}", "--layout", "sideways"], ["unknown layout", "class-folders"]),
+    (["extract", "{dir}", "--img-size", "3"], ["--img-size 3", "at least 8"]),
+    (["extract", "{dir}", "--crop-pct", "2"], ["--crop-pct 2", "range"]),
+    (["extract", "{dir}", "--pool", "median", "-o", "{dir}/p.h5"], ["--pool median", "avg"]),
+    (["extract", "{dir}", "-o", "{dir}/empty"], ["is a folder", ".h5"]),
+    (["extract", "{dir}", "-o", "{dir}/junk.h5"], ["junk.h5", "not a readable"]),
+    (["extract", "{dir}", "-o", "{dir}/text.txt/s.h5"], ["cannot create this folder",
+                                                       "--out"]),
+    (["extract", "{dir}", "--batch-size", "many"], ["--batch-size", "extract --help"]),
+    (["extract"], ["Missing argument", "extract --help"]),
+    # info, merge, models, heads
+    (["info", "{dir}/nope.h5"], ["no such store", "embedpipe extract"]),
+    (["info", "{dir}/empty"], ["is a folder", ".h5"]),
+    (["info", "{dir}/junk.h5"], ["not a readable embedpipe store", "extract again"]),
+    (["info"], ["Missing argument", "info --help"]),
+    (["merge", "{dir}/m.h5", "{dir}/nope.h5"], ["nope.h5", "no such store"]),
+    (["merge", "{dir}/m.h5", "{dir}/junk.h5"], ["junk.h5", "not a readable"]),
+    (["merge", "{dir}/m.h5"], ["Missing argument", "merge --help"]),
+    (["models", "--all"], ["No such option", "models --help"]),
+    (["heads", "--head", "svm"], ["No such option", "heads --help"]),
+    (["bogus"], ["No such command", "--help"]),
+    # fit
+    (["fit", "{dir}/nope.h5"], ["no such store", "embedpipe extract"]),
+    (["fit", "{store}", "--head", "forest"], ["--head forest", "logreg"]),
+    (["fit", "{store}", "--param", "C"], ["--param C", "NAME=VALUE"]),
+    (["fit", "{store}", "--param", "=3"], ["--param =3", "NAME=VALUE"]),
+    (["fit", "{store}", "--param", "gamma=2"], ["--param gamma", "logreg has no such"]),
+    (["fit", "{store}", "--param", "C=abc", "-o", "{dir}/x.skops"], ["C", "abc"]),
+    (["fit", "{store}", "--param", "C=-1", "-o", "{dir}/x.skops"], ["C", "-1"]),
+    (["fit", "{store}", "--head", "knn", "--param", "n_neighbors=0", "-o", "{dir}/x.skops"],
+     ["n_neighbors", "0"]),
+    (["fit", "{store}", "--param", "pca=2.5"], ["pca=2.5", "variance fraction"]),
+    (["fit", "{store}", "--class-weight", "heavy"], ["--class-weight heavy", "balanced"]),
+    (["fit", "{one_class}", "-o", "{dir}/x.skops"], ["one class", "at least two"]),
+    (["fit", "{one_image}", "--search", "-q", "-o", "{dir}/x.skops"],
+     ["coat", "1 training image", "drop --search"]),
+    # predict
+    (["predict", "{dir}/nope.skops", "--store", "{store}"], ["no such head file",
+                                                             "embedpipe fit"]),
+    (["predict", "{dir}/junk.h5", "--store", "{store}"], ["not a readable head file"]),
+    (["predict", "{head}", "--store", "{dir}/nope.h5"], ["no such store", "extract"]),
+    (["predict", "{head}", "{dir}/nope.jpg"], ["no such file or folder", "image files"]),
+    (["predict", "{head}", "{dir}/empty"], ["no images found"]),
+    (["predict", "{head}"], ["IMAGES", "--store"]),
+    (["predict", "{head}", "--store", "{store}", "--top-k", "0"], ["--top-k 0", "1 or more"]),
+    (["predict", "{head}", "--store", "{store}", "--split", "holdout"],
+     ["holdout", "leave --split out"]),
+    # cv
+    (["cv", "{dir}/nope.h5"], ["no such store", "embedpipe extract"]),
+    (["cv", "{store}", "--head", "forest"], ["forest", "logreg"]),
+    (["cv", "{store}", "--param", "C=abc", "--head", "logreg"], ["C", "abc"]),
+    (["cv", "{store}", "--folds", "1"], ["--folds 1", "at least 2"]),
+    (["cv", "{one_class}"], ["one_class.h5", "class"]),
+    (["cv", "{one_image}"], ["coat", "single training image"]),
+    # compare, finetune, serve, export (newer commands, same contract)
+    (["compare", "{dir}/nope.h5", "{store}"], ["no such store", "embedpipe extract"]),
+    (["finetune", "{dir}/nope", "-o", "{dir}/ft.pt"], ["no such file or folder"]),
+    (["serve", "{dir}/nope.skops"], ["no such head file", "embedpipe fit"]),
+    (["export", "{dir}/nope.skops"], ["no such head file", "embedpipe fit"]),
+    # quickstart
+    (["quickstart", "--per-class", "0", "--folder", "{dir}/qs", "-o", "{dir}/qs.h5"],
+     ["--per-class", "at least"]),
+    (["quickstart", "--folder", "{dir}/text.txt", "-o", "{dir}/qs.h5"], ["text.txt"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), BAD_ARGS,
+                         ids=[" ".join(a)[:60] for a, _ in BAD_ARGS])
+def test_bad_arguments_fail_in_one_line_with_the_fix(args: list[str], needles: list[str],
+                                                    bad_inputs: dict[str, Path],
+                                                    lite0_head: Path):
+    values = {**{k: str(v) for k, v in bad_inputs.items()}, "head": str(lite0_head)}
+    res = cli(*[a.format(**values) for a in args])
+    one_line(res.output, res.exit_code, *needles)
+
+
+def test_debug_shows_the_traceback_and_unexpected_errors_exit_nonzero(tmp_path: Path,
+                                                                      monkeypatch):
+    res = run(*EMBEDPIPE, "info", tmp_path / "nope.h5")
+    one_line(res.stdout + res.stderr, res.returncode, "no such store")
+    res = run(*EMBEDPIPE, "--debug", "info", tmp_path / "nope.h5")
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "StoreError: " in res.stderr and "no such store" in \
+        res.stderr
+
+    def bug(*a, **k):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("embedpipe.store.read.open_store", bug)
+    res = cli("info", tmp_path / "nope.h5")
+    one_line(res.output, res.exit_code, "unexpected ZeroDivisionError", "division by zero",
+                   "--debug", expect=1)
+    res = runner.invoke(app, ["--debug", "info", str(tmp_path / "nope.h5")])
+    assert res.exit_code == 1 and isinstance(res.exception, ZeroDivisionError)

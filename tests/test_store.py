@@ -1,0 +1,334 @@
+""""""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from clitools import EMBEDPIPE, cli, copy_images, ok, one_line, run, wait_rows
+
+from embedpipe.store import StoreWriter, open_store, read_identity
+
+# ---------------------------------------------------------------------------------------------
+# 4. full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MiB tmpfs (we run as root), unmounted afterwards; skips where mounting fails."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); "
+                    "test_disk_full_during_a_batch_write covers the write path in-process")
+    try:
+        yield mnt
+    finally:
+        run("umount", "-l", mnt, timeout=30)
+
+
+def _fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` up, then give back ``leave`` bytes."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        block = b"\xa5" * (1 << 16)
+        try:
+            while True:
+                f.write(block)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        f.truncate(max(0, f.tell() - leave))
+    return filler
+
+
+def test_full_disk_stops_in_one_line_keeps_every_committed_batch_and_resumes(
+        small_disk: Path, fmnist_src: Path, tmp_path: Path):
+    data = copy_images(fmnist_src, tmp_path / "data", 8)
+    store = small_disk / "s.h5"
+    ok("extract", data, "-o", store, "--precision", "fp32", "-b", "4", "--workers", "0", "-q")
+    before = open_store(store)
+    copy_images(fmnist_src, data, 12, start=8)
+    filler = _fill(small_disk)
+    res = run(*EMBEDPIPE, "extract", data, "-o", store, "--precision", "fp32", "-b", "4",
+              "--workers", "0", "-q")
+    one_line(res.stdout + res.stderr, res.returncode, str(store), "disk full",
+                   "8 rows committed before are kept", "free space", "rerun the same command")
+    info = run(*EMBEDPIPE, "info", store, "--json")  # readable, every committed row there
+    assert info.returncode == 0 and json.loads(info.stdout)["rows"] == 8
+    filler.unlink()
+    res = ok("extract", data, "-o", store, "--precision", "fp32", "-b", "4", "--workers", "0")
+    assert "12 extracted, 8 already in store" in res.output
+    after = open_store(store)
+    assert len(after) == 20 and len(set(after.paths)) == 20
+    np.testing.assert_array_equal(after.features[:8], before.features)
+
+
+_NO_SPACE_RESERVE = r"""
+import embedpipe.store.write
+embedpipe.store.write._SPACE_RESERVE = False
+from embedpipe.cli import main
+main()
+"""
+
+
+def test_disk_full_inside_hdf5_still_ends_in_one_line_and_the_store_recovers(
+        small_disk: Path, fmnist_src: Path, tmp_path: Path):
+    """Without the space reservation (a file system that fills up behind its back), HDF5
+    itself runs out of space mid-flush and cannot close the file: the run still ends with the
+    one-line error and exit 2 (not a crash), the store stays readable, and the next run
+    recovers it and finishes."""
+    data = copy_images(fmnist_src, tmp_path / "data", 8)
+    store = small_disk / "s.h5"
+    filler = _fill(small_disk, leave=256 << 10)  # room for a new store, not for its first chunk
+    res = run(sys.executable, "-c", _NO_SPACE_RESERVE, "extract", data, "-o", store,
+              "--precision", "fp32", "-b", "4", "--workers", "0", "-q")
+    one_line(res.stdout + res.stderr, res.returncode, str(store), "disk full",
+                   "free space", "rerun the same command")
+    info = run(*EMBEDPIPE, "info", store, "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["rows"] == 0, info.stderr
+    filler.unlink()
+    res = ok("extract", data, "-o", store, "--precision", "fp32", "-b", "4", "--workers", "0")
+    assert "8 extracted" in res.output
+    assert len(open_store(store)) == 8
+
+
+def test_disk_full_during_a_batch_write(fmnist_src: Path, tmp_path: Path, monkeypatch):
+    """The write path raising ENOSPC in the middle of a run (no mount needed): one line, the
+    batches committed before stay, the rerun continues."""
+    data = copy_images(fmnist_src, tmp_path / "data", 20)
+    store = tmp_path / "s.h5"
+    real_setitem = h5py.Dataset.__setitem__
+    calls = {"n": 0}
+
+    def setitem(self, key, value):
+        if self.name == "/features":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, "Can't write data (file write failed: errno = 28, "
+                                            "error message = 'No space left on device')")
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+    res = cli("extract", data, "-o", store, "--precision", "fp32", "-b", "4", "--workers", "0",
+              "-q")
+    one_line(res.output, res.exit_code, str(store), "disk full",
+                   "8 rows committed before are kept", "rerun the same command")
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real_setitem)
+    assert len(open_store(store)) == 8
+    res = ok("extract", data, "-o", store, "--precision", "fp32", "-b", "4", "--workers", "0")
+    assert "12 extracted, 8 already in store" in res.output
+    assert len(set(open_store(store).paths)) == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. concurrency
+
+# The CLI with a pause after every committed batch, and held at 40 rows while the file named
+# by $EMBEDPIPE_TEST_HOLD exists: the test acts while the writer is alive and writing.
+_SLOW_COMMITS = r"""
+import os, time
+import embedpipe.store as st
+_append = st.StoreWriter.append
+def append(self, *a, **k):
+    _append(self, *a, **k)
+    time.sleep(0.2)
+    while self.n >= 40 and os.path.exists(os.environ["EMBEDPIPE_TEST_HOLD"]):
+        time.sleep(0.05)
+st.StoreWriter.append = append
+from embedpipe.cli import main
+main()
+"""
+
+
+def test_second_writer_is_refused_while_readers_use_the_live_store(fmnist_src: Path,
+                                                                   tmp_path: Path):
+    store = tmp_path / "live.h5"
+    args = ["extract", str(fmnist_src), "-o", str(store), "--precision", "fp32", "-b", "4",
+            "--workers", "0", "-q"]
+    hold = tmp_path / "hold"
+    hold.touch()
+    writer = subprocess.Popen([sys.executable, "-c", _SLOW_COMMITS, *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True,
+                              env={**os.environ, "EMBEDPIPE_TEST_HOLD": str(hold)})
+    try:
+        first = wait_rows(store, 12, writer)
+        inode = store.stat().st_ino
+        # a second writer (this process): refused in one line, before any model is loaded
+        res = cli(*args)
+        one_line(res.output, res.exit_code, str(store), "another process is writing",
+                       "wait for it to finish")
+        res = cli("merge", store, store)
+        one_line(res.output, res.exit_code, "another process is writing")
+        # readers, while the writer keeps committing
+        res = run(*EMBEDPIPE, "info", store, "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["rows"] >= first
+        head = tmp_path / "live.skops"
+        ok("fit", store, "--head", "centroid", "-o", head, "-q")
+        preds = tmp_path / "live.csv"
+        res = ok("predict", head, "--store", store, "-o", preds)
+        assert len(preds.read_text().splitlines()) - 1 >= first
+        res = ok("cv", store, "--head", "centroid", "--folds", "2", "-q")
+        assert "centroid" in res.output
+        assert writer.poll() is None, "the writer ended while the readers ran"
+        assert store.stat().st_ino == inode  # nobody replaced the file under the writer
+        hold.unlink()
+        wait_rows(store, 44, writer)  # and it goes on writing the same file
+        assert store.stat().st_ino == inode
+    finally:
+        if writer.poll() is None:
+            os.killpg(writer.pid, signal.SIGINT)
+        stdout, stderr = writer.communicate(timeout=120)
+    assert writer.returncode == 130 and "Traceback" not in stderr, stderr
+    s = open_store(store)
+    assert len(s) == len(set(s.paths)) >= 44
+    # a reader that holds the store open (plain h5py, HDF5's default file locking) does not
+    # stop the next writer (another process) from opening it
+    with h5py.File(store, "r", libver="latest", swmr=True):
+        res = run(sys.executable, "-c", "import sys\n"
+                  "from embedpipe.store import StoreWriter, read_identity\n"
+                  "StoreWriter.open(sys.argv[1], read_identity(sys.argv[1]), versions={})"
+                  ".close()", store)
+    assert res.returncode == 0, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. tampered stores and weights
+
+
+@pytest.fixture
+def store_copy(fmnist_store: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy.h5"
+    shutil.copyfile(fmnist_store, dst)
+    return dst
+
+
+def _flip(path: Path, offset: int, bit: int = 0x10) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ bit]))
+
+
+def test_truncated_and_bit_flipped_stores_are_refused_in_one_line(store_copy: Path,
+                                                                  lite0_head: Path,
+                                                                  fmnist_src: Path,
+                                                                  tmp_path: Path):
+    blob = store_copy.read_bytes()
+    # truncated: every command that opens it refuses it
+    trunc = tmp_path / "trunc.h5"
+    trunc.write_bytes(blob[: len(blob) // 2])
+    for args in (("info", trunc), ("predict", lite0_head, "--store", trunc),
+                 ("fit", trunc, "-o", tmp_path / "x.skops"), ("cv", trunc),
+                 ("merge", tmp_path / "m.h5", trunc)):
+        res = cli(*args)
+        one_line(res.output, res.exit_code, str(trunc), "extract")
+    # a bit flipped in the feature data: the chunk's checksum fails, readers of features
+    # refuse the store (info, which reads no features, still shows it)
+    feats = tmp_path / "feats.h5"
+    with h5py.File(store_copy, "r") as f:
+        chunk = f["features"].id.get_chunk_info(0)
+    _flip_copy = bytearray(blob)
+    _flip_copy[chunk.byte_offset + chunk.size // 2] ^= 0x10
+    feats.write_bytes(bytes(_flip_copy))
+    for args in (("predict", lite0_head, "--store", feats),
+                 ("fit", feats, "-o", tmp_path / "x.skops"), ("cv", feats),
+                 ("merge", tmp_path / "m2.h5", feats)):
+        res = cli(*args)
+        one_line(res.output, res.exit_code, str(feats), "damaged", "checksum",
+                       "extract")
+    ok("info", feats)
+    assert not (tmp_path / "x.skops").exists() and not (tmp_path / "m2.h5").exists()
+    # a bit flipped in the metadata: in the object header of the features dataset (HDF5
+    # checksums it), and in the model name among the root's attributes (HDF5 does not
+    # checksum attribute values; the store's identity checksum does)
+    with h5py.File(store_copy, "r") as f:
+        header = h5py.h5o.get_info(f["features"].id).addr
+    for name, offset, needles in (
+            ("header.h5", header + 24, []),
+            ("meta.h5", blob.index(b"tf_efficientnet_lite0") + 3, ["edited", "damaged"])):
+        meta = tmp_path / name
+        meta.write_bytes(blob)
+        _flip(meta, offset)
+        for args in (("info", meta), ("predict", lite0_head, "--store", meta),
+                     ("fit", meta, "-o", tmp_path / "x.skops"),
+                     ("extract", fmnist_src, "-o", meta)):
+            res = cli(*args)
+            one_line(res.output, res.exit_code, str(meta), "extract", *needles)
+    # a committed counter that claims more rows than the file holds
+    counter = tmp_path / "counter.h5"
+    shutil.copyfile(store_copy, counter)
+    with h5py.File(counter, "r+") as f:
+        f["committed"][0] = 10**6
+    for args in (("info", counter), ("predict", lite0_head, "--store", counter)):
+        res = cli(*args)
+        one_line(res.output, res.exit_code, str(counter), "damaged", "committed")
+
+
+def test_recovery_after_a_kill_keeps_the_rows_before_a_torn_chunk(store_copy: Path):
+    """A writer killed while rewriting a chunk can leave it torn (its checksum fails): the next
+    writer's recovery keeps every row before that chunk and drops the rest, which the run then
+    extracts again, instead of refusing the whole store."""
+    before = open_store(store_copy)
+    assert len(before) == 250
+    res = run(sys.executable, "-c", "import os, signal, sys\n"
+              "from embedpipe.store import StoreWriter, read_identity\n"
+              "w = StoreWriter.open(sys.argv[1], read_identity(sys.argv[1]), versions={})\n"
+              "os.kill(os.getpid(), signal.SIGKILL)", store_copy)
+    assert res.returncode == -signal.SIGKILL
+    with h5py.File(store_copy, "r", libver="latest", swmr=True) as f:
+        rows_per_chunk = f["features"].chunks[0]
+        chunk = f["features"].id.get_chunk_info(1)  # rows 204.. of 250
+    _flip(store_copy, chunk.byte_offset + 100)
+    said: list[str] = []
+    with StoreWriter.open(store_copy, read_identity(store_copy), versions={},
+                          progress=said.append):
+        pass
+    assert any(f"{250 - rows_per_chunk} committed rows" in m and "damaged chunk" in m
+               for m in said), said
+    after = open_store(store_copy)
+    assert len(after) == rows_per_chunk
+    assert after.paths == before.paths[:rows_per_chunk]
+    np.testing.assert_array_equal(after.features, before.features[:rows_per_chunk])
+
+
+def test_store_attributes_edited_to_claim_another_backbone(store_copy: Path, lite0_head: Path,
+                                                           fmnist_src: Path):
+    from embedpipe.store.schema import _identity_digest
+
+    def edit(forge: bool, **attrs: object) -> None:
+        with h5py.File(store_copy, "r+") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            if forge:  # whoever edits the attributes can also recompute their checksum
+                f.attrs["identity_sha256"] = _identity_digest(f.attrs)
+
+    # edited with h5py: the identity checksum no longer matches
+    edit(False, model="resnet50", weights_source="hub:timm/resnet50.a1_in1k")
+    for args in (("info", store_copy), ("predict", lite0_head, "--store", store_copy)):
+        res = cli(*args)
+        one_line(res.output, res.exit_code, str(store_copy), "edited", "extract")
+    # edited consistently: the claim itself is refused by the head and by extract
+    edit(True)
+    res = cli("predict", lite0_head, "--store", store_copy)
+    one_line(res.output, res.exit_code, str(store_copy), "another backbone", "resnet50")
+    res = cli("extract", fmnist_src, "-o", store_copy)  # the real backbone may not extend it
+    one_line(res.output, res.exit_code, str(store_copy), "other settings", "resnet50")
+    # a feature_dim the stored features contradict
+    edit(True, model="tf_efficientnet_lite0", weights_source="bundled:efficientnet-lite0-"
+         "pytorch-model", feature_dim=2048)
+    res = cli("predict", lite0_head, "--store", store_copy)
+    one_line(res.output, res.exit_code, str(store_copy), "damaged", "feature_dim")
