@@ -6,17 +6,26 @@ stay fast and torch-free.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from typer.core import TyperGroup
 
+from . import DEFAULT_MODEL
+from .data import DEFAULT_MAX_PIXELS
 from .errors import UserError, first_line
+from .evaluate import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
+                       DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
+from .extract.options import ExtractOptions
+from .finetune.options import FinetuneOptions
+from .heads import DEFAULT_HEAD
+from .heads.stream import DEFAULT_CHUNK_ROWS
 
 try:
     from typer._click.exceptions import UsageError
@@ -106,20 +115,55 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the full tr
 
 
 CACHE_DIR = Path("cache")
+FT = FinetuneOptions  # `finetune` takes its defaults from here
+
+# -- options shared by several commands: declared once, defaults from the library ----------------
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Any timm model name. Default: "
+                                    "EfficientNet-Lite0 with the bundled offline ImageNet "
+                                    "weights.")]
+Weights = Annotated[Optional[str], typer.Option(
+    "--weights", "-w", help="PATH to a .pth/.pt/.safetensors state dict or timm checkpoint; or "
+    "'bundled' / 'hub'. Default: bundled when the model has them, else hub.")]
+MovedWeights = Annotated[Optional[str], typer.Option(
+    "--weights", "-w", help="The backbone weights file, if it moved since `fit`.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")]
+Layout = Annotated[str, typer.Option(help="auto, class-folders, split-folders, unlabeled, "
+                                          "manifest.")]
+MaxPixels = Annotated[int, typer.Option(help="Skip images with more pixels than this "
+                                             "(decompression-bomb guard).")]
+Stores = Annotated[list[Path], typer.Argument(help="A feature store made by `embedpipe "
+                                              "extract`; several stores of the same images "
+                                              "(e.g. two backbones) are stacked side by side.")]
+HeadParams = Annotated[Optional[list[str]], typer.Option(
+    "--param", "-p", help="NAME=VALUE for every head that has NAME, or HEAD:NAME=VALUE; "
+    "repeatable.")]
+ClassWeight = Annotated[Optional[str], typer.Option(help="balanced: weight classes by inverse "
+                                                         "frequency (heads that take it).")]
+Seed = Annotated[int, typer.Option(help="Random seed (folds, SVM/MLP initialisation).")]
+Folds = Annotated[int, typer.Option(help="Outer folds (lowered, with a warning, to the size of "
+                                         "the smallest class).")]
+Repeats = Annotated[int, typer.Option(help="Repeat the k-fold split this many times.")]
+Search = Annotated[bool, typer.Option(help="Pick each head's grid parameters by stratified "
+                                           "3-fold CV on its training rows only (nested inside "
+                                           "each outer fold for cv/compare).")]
+Metric = Annotated[str, typer.Option(help="Rank heads (and --search) by accuracy, "
+                                          "balanced_accuracy or f1_macro.")]
+CVJobs = Annotated[int, typer.Option(help="Parallel (head, fold) fits; -1: one per CPU core.")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the full report (JSON) "
+                                                                "here.")]
+ChunkRows = Annotated[Optional[int], typer.Option(
+    help="Streaming heads (sgd, logreg-sgd): rows read from the store at a time; bounds their "
+         f"memory (default {DEFAULT_CHUNK_ROWS}).")]
 
 
 def _fail(e: BaseException | str) -> None:
     typer.echo(f"error: {e}", err=True)
     _exit(2)
 
-
-def _run(fn: Any, *args: Any, **kw: Any) -> Any:
-    try:
-        return fn(*args, **kw)
-    except UserError as e:
-        if _DEBUG:
-            raise
-        _fail(e)
 
 
 @app.command()
@@ -128,13 +172,8 @@ def extract(
                                           "layout) or a CSV manifest (path,label[,split])."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store to create or extend "
                                        "(default: cache/<data>__<model>__<weights>.h5)."),
-    model: str = typer.Option("tf_efficientnet_lite0", "--model", "-m",
-                              help="Any timm model name. Default: EfficientNet-Lite0 with the "
-                                   "bundled offline ImageNet weights."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w",
-                                          help="PATH to a .pth/.pt/.safetensors state dict or "
-                                               "timm checkpoint; or 'bundled' / 'hub'. Default: "
-                                               "bundled when the model has them, else hub."),
+    model: Model = DEFAULT_MODEL,
+    weights: Weights = None,
     random_init: bool = typer.Option(False, "--random-init",
                                      help="Use random weights (recorded in the store)."),
     pool: Optional[str] = typer.Option(None, help="Global pool: avg, max, avgmax, catavgmax "
@@ -142,24 +181,24 @@ def extract(
     img_size: Optional[int] = typer.Option(None, help="Override the model's input size."),
     crop_pct: Optional[float] = typer.Option(None, help="Override the model's center-crop "
                                                         "fraction."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16. auto: bf16 on CUDA "
+    device: Device = ExtractOptions.device,
+    precision: str = typer.Option(ExtractOptions.precision,
+                                  help="auto, fp32, bf16 or fp16. auto: bf16 on CUDA "
                                                "(fp16 without bf16) and on CPUs with native "
                                                "bf16, else fp32; an existing store keeps its own."),
-    dtype: str = typer.Option("float32", help="Stored feature dtype: float32 or float16."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    dtype: str = typer.Option(ExtractOptions.dtype,
+                              help="Stored feature dtype: float32 or float16."),
+    batch_size: BatchSize = ExtractOptions.batch_size,
     workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: cores "
                                                      "- 1, at least 1); with --engine ray: "
                                                      "backbone actors (default: one per "
                                                      "--num-gpus-per-worker share of the "
                                                      "cluster's GPUs, else 1)."),
-    layout: str = typer.Option("auto", help="auto, class-folders, split-folders, unlabeled, "
-                                            "manifest."),
+    layout: Layout = ExtractOptions.layout,
     exact_decode: bool = typer.Option(False, help="Decode JPEGs at full size (default: "
                                                   "reduced-size decoding when the image is at "
                                                   "least twice the size the model needs)."),
-    max_pixels: int = typer.Option(89_478_485, help="Skip images with more pixels than this "
-                                                    "(decompression-bomb guard)."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     prune: bool = typer.Option(False, help="Remove rows of files that are gone from DATA or "
                                            "changed into something undecodable."),
     shard: Optional[str] = typer.Option(None, help="K/N: extract only shard K (0-based) of N, "
@@ -179,18 +218,15 @@ def extract(
                                                      "new local cluster."),
     num_gpus_per_worker: float = typer.Option(0.0, help="--engine ray: GPUs per backbone "
                                                         "actor (0: CPU actors)."),
-    compile_: str = typer.Option("auto", "--compile",
+    compile_: str = typer.Option(ExtractOptions.compile, "--compile",
                                 help="torch.compile the backbone: auto, on or off. Compiled "
                                      "kernels are cached (~/.cache/embedpipe/inductor, or "
                                      "$TORCHINDUCTOR_CACHE_DIR); a failed compile warns once "
                                      "and continues eagerly. Not part of the store's identity "
-                                     "(same features within float tolerance). auto: "
-                                     "compile when >= 2000 images (x TTA views) are to be "
-                                     "extracted: on a 2-core CPU compiling Lite0 took 245 s "
-                                     "cold / 17 s cached and ran 1.7x eager, paying back "
-                                     "after ~1500 images; ResNet-50 ran no faster compiled "
-                                     "(pass off for it) (bench/results/compile.md)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+                                     "(same features within float tolerance). auto: compile "
+                                     "when enough images (x TTA views) are to be extracted for "
+                                     "a cold compile to pay back (README: Performance)."),
+    quiet: Quiet = False,
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
     if engine == "ray":
@@ -201,19 +237,19 @@ def extract(
 
             _fail(RAY_MISSING)
     from .extract.local import run as run_local
-    from .extract.options import ExtractOptions, default_store_path
+    from .extract.options import default_store_path
 
     opts = ExtractOptions(model=model, weights=weights, random_init=random_init, pool=pool,
-                             img_size=img_size, crop_pct=crop_pct, device=device,
-                             precision=precision, dtype=dtype, batch_size=batch_size,
-                             workers=workers, layout=layout, exact_decode=exact_decode,
-                             max_pixels=max_pixels, prune=prune, shard=shard, tta=tta,
-                             compile=compile_)
+                          img_size=img_size, crop_pct=crop_pct, device=device,
+                          precision=precision, dtype=dtype, batch_size=batch_size,
+                          workers=workers, layout=layout, exact_decode=exact_decode,
+                          max_pixels=max_pixels, prune=prune, shard=shard, tta=tta,
+                          compile=compile_)
     store = out or default_store_path(data, opts, CACHE_DIR)
     if engine == "ray":
         from .extract.ray import run as run_ray
 
-        summary = _run(run_ray, data, store, opts, address=address, workers=workers,
+        summary = run_ray(data, store, opts, address=address, workers=workers,
                        gpus_per_worker=num_gpus_per_worker, progress=not quiet)
     elif engine != "in-process":
         _fail(f"--engine {engine}: pass in-process (the default) or ray")
@@ -221,7 +257,7 @@ def extract(
         _fail("--address and --num-gpus-per-worker go with --engine ray; add --engine ray or "
               "drop them")
     else:
-        summary = _run(run_local, data, store, opts, progress=not quiet)
+        summary = run_local(data, store, opts, progress=not quiet)
     skipped = summary.failures + summary.ignored_files
     for path, reason in skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
@@ -245,52 +281,14 @@ def extract(
 @app.command()
 def info(
     store: Path = typer.Argument(..., help="An HDF5 store made by `embedpipe extract`."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: AsJson = False,
     show: int = typer.Option(50, help="List at most this many skipped files."),
 ) -> None:
     """Show what a store holds: size, classes, splits, backbone, preprocessing, skipped files."""
-    from .store.read import open_store
+    from .store.report import describe, format_info
 
-    s = _run(open_store, store, features=False)
-    splits: dict[str, int] = {}
-    for sp in s.splits:
-        splits[sp or "(none)"] = splits.get(sp or "(none)", 0) + 1
-    unlabeled = int((s.labels < 0).sum())
-    report = {
-        "store": str(store), "rows": len(s), "feature_dim": s.meta.get("feature_dim"),
-        "dtype": s.meta.get("dtype"), "classes": s.class_counts(), "unlabeled": unlabeled,
-        "splits": splits, "model": s.meta.get("model"),
-        "weights": {"source": s.meta.get("weights_source"),
-                    "sha256": s.meta.get("weights_sha256")},
-        "pool": s.meta.get("pool"), "precision": s.meta.get("precision"),
-        "data_config": s.meta.get("data_config"), "created": s.meta.get("created"),
-        "versions": s.meta.get("versions"), "runs": len(s.runs),
-        "skipped": [{"path": p, "reason": r} for p, r in s.errors],
-    }
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-        return
-    dc = report["data_config"] or {}
-    lines = [
-        f"store      {store}",
-        f"rows       {len(s)} × {report['feature_dim']} ({report['dtype']})",
-        f"model      {report['model']}  pool={report['pool']}  precision={report['precision']}",
-        f"weights    {report['weights']['source']}  sha256={report['weights']['sha256']}",
-        "preprocess " + ", ".join(f"{k}={v}" for k, v in sorted(dc.items())),
-        f"classes    {len(s.classes)}" + (f" (+{unlabeled} unlabeled)" if unlabeled else ""),
-    ]
-    width = max((len(c) for c in s.classes), default=0)
-    lines += [f"  {c:<{width}}  {n}" for c, n in report["classes"].items()]
-    lines.append("splits     " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
-    if s.runs:
-        last = s.runs[-1]
-        lines.append(f"last run   {last.get('started')} {last.get('status')} "
-                     f"on {last.get('device')}")
-    lines.append(f"skipped    {len(s.errors)}")
-    lines += [f"  {p}: {r}" for p, r in s.errors[:show]]
-    if len(s.errors) > show:
-        lines.append(f"  ... and {len(s.errors) - show} more (--show N)")
-    typer.echo("\n".join(lines))
+    report = describe(store)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_info(report, show=show))
 
 
 @app.command()
@@ -314,7 +312,7 @@ def merge(
             _fail("Missing argument: the stores to merge; pass SHARD... -o STORE (or STORE "
                   "SHARD...) (see `embedpipe merge --help`)")
         out, stores = stores[0], stores[1:]
-    counts = _run(merge_stores, out, stores, versions=versions(*EXTRACT),
+    counts = merge_stores(out, stores, versions=versions(*EXTRACT),
                   progress=lambda m: typer.echo(m, err=True))
     conflicts = counts["conflicts"]
     if conflicts:
@@ -328,7 +326,7 @@ def merge(
 
 @app.command()
 def models(
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: AsJson = False,
 ) -> None:
     """List backbones usable offline here (bundled weights, hub cache) with feature dims."""
     from .backbones import available_models, offline_feature_dim
@@ -348,7 +346,7 @@ def models(
 
 @app.command()
 def heads(
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    as_json: AsJson = False,
 ) -> None:
     """List the classification heads with their preprocessing, defaults and search grids."""
     from .heads.registry import describe
@@ -389,28 +387,21 @@ def _head_name(names: list[str], ensemble: str | None) -> str:
 
 @app.command()
 def fit(
-    store: list[Path] = typer.Argument(..., help="A feature store made by `embedpipe "
-                                       "extract`; several stores of the same images (e.g. two "
-                                       "backbones) are stacked side by side."),
+    store: Stores,
     head: Optional[list[str]] = typer.Option(None, "--head", help="Head to train (default "
-                                             "logreg; see `embedpipe heads`); several with "
-                                             "--ensemble soft."),
+                                             f"{DEFAULT_HEAD}; see `embedpipe heads`); several "
+                                             "with --ensemble soft."),
     ensemble: Optional[str] = typer.Option(None, help="soft: one soft-voting ensemble of the "
                                                       "--head heads (same as --head a+b+c)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file to write "
                                        "(default: cache/<store>__<head>.skops)."),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p",
-                                              help="NAME=VALUE override, repeatable."),
-    class_weight: Optional[str] = typer.Option(None, help="balanced: weight classes by "
-                                                          "inverse frequency."),
-    search: bool = typer.Option(False, help="Pick parameters from the head's grid by "
-                                            "stratified 3-fold CV on the training rows."),
-    seed: int = typer.Option(0, help="Random seed (folds, SVM/MLP initialisation)."),
+    param: HeadParams = None,
+    class_weight: ClassWeight = None,
+    search: Search = False,
+    seed: Seed = 0,
     jobs: Optional[int] = typer.Option(None, help="Parallel jobs for --search."),
-    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
-                                             "rows read from the store at a time; bounds "
-                                             "their memory (default 65536)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    chunk_rows: ChunkRows = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train a head on a store's train split (or all labeled rows) and write a head file.
 
@@ -419,10 +410,10 @@ def fit(
     from .heads import registry as heads_mod
     from .heads import train
 
-    params = _run(heads_mod.parse_params, param)
-    name = _run(_head_name, head or ["logreg"], ensemble)
+    params = heads_mod.parse_params(param)
+    name = _head_name(head or [DEFAULT_HEAD], ensemble)
     dest = out or train.default_head_path(store, name, CACHE_DIR)
-    result = _run(train.fit, store, name, dest, params=params, class_weight=class_weight,
+    result = train.fit(store, name, dest, params=params, class_weight=class_weight,
                   search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
                   progress=not quiet,
                   say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
@@ -442,16 +433,15 @@ def predict(
                                        "standard output)."),
     top_k: int = typer.Option(3, help="How many top classes (with probabilities) per image."),
     split: Optional[str] = typer.Option(None, help="With --store: only rows of this split."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Images: the "
-                                          "backbone weights file, if it moved since `fit`."),
+    weights: MovedWeights = None,
     keep_store: Optional[Path] = typer.Option(None, help="Images: keep their features in this "
                                               "store (reruns skip what is there)."),
-    device: str = typer.Option("auto", help="Images: auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    device: Device = ExtractOptions.device,
+    batch_size: BatchSize = ExtractOptions.batch_size,
     workers: Optional[int] = typer.Option(None, help="Images: loader worker processes."),
-    chunk_rows: int = typer.Option(65536, help="With --store: rows classified at a time "
-                                   "(bounds memory; the CSV is written chunk by chunk)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, help="With --store: rows classified at "
+                                   "a time (bounds memory; the CSV is written chunk by chunk)."),
+    quiet: Quiet = False,
 ) -> None:
     """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
     if (not store) == (not images):
@@ -462,10 +452,10 @@ def predict(
     from . import predict as pr
 
     if store:  # streamed: each chunk's rows are written as they are done
-        preds = _run(pr.to_csv, head, store, out, top_k=top_k, split=split,
+        preds = pr.to_csv(head, store, out, top_k=top_k, split=split,
                      chunk_rows=chunk_rows, progress=not quiet)
     else:
-        preds = _run(pr.from_images, head, images, top_k=top_k, weights=weights, device=device,
+        preds = pr.from_images(head, images, top_k=top_k, weights=weights, device=device,
                      batch_size=batch_size, workers=workers, keep_store=keep_store,
                      progress=not quiet)
     for path, reason in preds.skipped[:20]:
@@ -473,7 +463,7 @@ def predict(
     for note in preds.notes:
         typer.echo(note, err=True)
     if not store:
-        _run(preds.write_csv, out, top_k)
+        preds.write_csv(out, top_k)
     typer.echo(preds.line() + (f" → {out}" if out and str(out) != "-" else ""), err=out is None)
 
 
@@ -510,7 +500,7 @@ def quickstart(
 
     if per_class < 2 or test_per_class < 1:
         _fail(UserError("--per-class must be at least 2 and --test-per-class at least 1"))
-    _run(write_fashion_mnist_folder, folder,
+    write_fashion_mnist_folder(folder,
          splits={"train": per_class, "test": test_per_class})
     typer.echo(f"1/4 wrote {10 * (per_class + test_per_class)} Fashion-MNIST images to {folder} "
                f"(train/: {per_class} per class, test/: {test_per_class} per class)")
@@ -518,17 +508,17 @@ def quickstart(
     _call(extract, data=folder, out=out)
     _call(info, store=out)
     typer.echo(f"\n3/4 embedpipe cv {out} --head logreg --head knn --head centroid")
-    report = _run(ev_cv.run_cv, out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
+    report = ev_cv.run_cv(out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
                   progress=False, warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev_report.format_report(report))
     best = report["heads"][0]["head"]
     head_file = out.with_name(f"{out.stem}__{best}.skops")
     typer.echo(f"\n4/4 embedpipe fit {out} --head {best} -o {head_file}; then "
                f"embedpipe predict {head_file} {folder / 'test'}")
-    typer.echo(_run(train.fit, out, best, head_file).line())
-    preds = _run(pr.from_images, head_file, [folder / "test"], progress=False)
+    typer.echo(train.fit(out, best, head_file).line())
+    preds = pr.from_images(head_file, [folder / "test"], progress=False)
     csv_path = out.with_name(f"{out.stem}__predictions.csv")
-    _run(preds.write_csv, csv_path, 3)
+    preds.write_csv(csv_path, 3)
     for line in csv_path.read_text().splitlines()[:6]:
         typer.echo("  " + line)
     typer.echo(preds.line() + f" → {csv_path}")
@@ -536,41 +526,29 @@ def quickstart(
 
 @app.command()
 def cv(
-    store: list[Path] = typer.Argument(..., help="A feature store made by `embedpipe "
-                                       "extract`; several stores of the same images are "
-                                       "stacked side by side (as `fit A B`)."),
+    store: Stores,
     head: Optional[list[str]] = typer.Option(None, "--head", help="Head to evaluate, "
-                                             "repeatable (default: logreg svm knn ridge "
-                                             "centroid; see `embedpipe heads`)."),
-    folds: int = typer.Option(5, help="Outer folds (lowered, with a warning, to the size of "
-                                      "the smallest class)."),
-    repeats: int = typer.Option(1, help="Repeat the k-fold split this many times."),
-    search: bool = typer.Option(False, help="Nested CV: in each outer fold, pick the head's "
-                                            "grid parameters by 3-fold CV on the outer "
-                                            "training part only."),
-    metric: str = typer.Option("accuracy", help="Rank heads (and --search) by accuracy, "
-                                                "balanced_accuracy or f1_macro."),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="NAME=VALUE for "
-                                              "every head that has NAME, or HEAD:NAME=VALUE; "
-                                              "repeatable."),
-    class_weight: Optional[str] = typer.Option(None, help="balanced: weight classes by "
-                                                          "inverse frequency (heads that "
-                                                          "take it)."),
-    jobs: int = typer.Option(1, help="Parallel (head, fold) fits; -1: one per CPU core."),
-    seed: int = typer.Option(0, help="Seeds the folds and the heads."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report "
-                                            "(JSON) here."),
+                                             "repeatable (default: "
+                                             f"{' '.join(DEFAULT_CV_HEADS)}; see `embedpipe "
+                                             "heads`)."),
+    folds: Folds = DEFAULT_FOLDS,
+    repeats: Repeats = DEFAULT_REPEATS,
+    search: Search = False,
+    metric: Metric = DEFAULT_METRIC,
+    param: HeadParams = None,
+    class_weight: ClassWeight = None,
+    jobs: CVJobs = 1,
+    seed: Seed = 0,
+    json_out: JsonOut = None,
     plots: Optional[Path] = typer.Option(None, help="Write confusion_matrix.png and "
                                                     "scores.png into this folder (needs "
                                                     "matplotlib)."),
-    top_errors: int = typer.Option(10, help="List this many most confidently misclassified "
-                                            "files of the best head."),
+    top_errors: int = typer.Option(DEFAULT_TOP_ERRORS, help="List this many most confidently "
+                                   "misclassified files of the best head."),
     ensemble: Optional[str] = typer.Option(None, help="soft: also score the soft-voting "
                                                       "ensemble of the --head heads."),
-    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
-                                             "rows read from the store at a time (default "
-                                             "65536)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    chunk_rows: ChunkRows = None,
+    quiet: Quiet = False,
 ) -> None:
     """Cross-validate heads on a store's train rows (stratified k-fold), rank them, and score
     the best one on the held-out splits.
@@ -582,20 +560,20 @@ def cv(
     from .evaluate import cv as ev_cv
     from .evaluate import report as ev_report
 
-    _run(ev_report.check_outputs, json_out, plots)
+    ev_report.check_outputs(json_out, plots)
     if ensemble is not None:
-        head = list(head or ev_cv.DEFAULT_CV_HEADS)
-        head.append(_run(_head_name, head, ensemble))
-    report = _run(ev_cv.run_cv, store, head, folds=folds, repeats=repeats, search=search,
+        head = list(head or DEFAULT_CV_HEADS)
+        head.append(_head_name(head, ensemble))
+    report = ev_cv.run_cv(store, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
                   top_errors=top_errors, progress=not quiet, chunk_rows=chunk_rows,
                   warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev_report.format_report(report))
     if json_out is not None:
-        _run(ev_report.write_report, report, json_out)
+        ev_report.write_report(report, json_out)
         typer.echo(f"report → {json_out}", err=True)
     if plots is not None:
-        written = _run(ev_report.write_plots, report, plots)
+        written = ev_report.write_plots(report, plots)
         typer.echo("plots → " + ", ".join(str(p) for p in written), err=True)
 
 
@@ -604,36 +582,33 @@ def compare(
     stores: list[Path] = typer.Argument(..., help="Two or more stores of the same labeled "
                                         "images (other backbones, weights or precisions)."),
     head: Optional[list[str]] = typer.Option(None, "--head", help="Head to evaluate, "
-                                             "repeatable (default: logreg svm knn)."),
-    folds: int = typer.Option(5, help="Folds (lowered, with a warning, to the smallest "
-                                      "class)."),
-    repeats: int = typer.Option(1, help="Repeat the k-fold split this many times."),
-    search: bool = typer.Option(False, help="Nested grid search inside each fold."),
-    metric: str = typer.Option("accuracy", help="accuracy, balanced_accuracy or f1_macro."),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="NAME=VALUE or "
-                                              "HEAD:NAME=VALUE; repeatable."),
-    class_weight: Optional[str] = typer.Option(None, help="balanced (heads that take it)."),
-    jobs: int = typer.Option(1, help="Parallel fits; -1: one per CPU core."),
-    seed: int = typer.Option(0, help="Seeds the folds and the heads."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report (JSON)."),
-    chunk_rows: Optional[int] = typer.Option(None, help="Streaming heads (sgd, logreg-sgd): "
-                                             "rows read from a store at a time (default "
-                                             "65536)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+                                             "repeatable (default: "
+                                             f"{' '.join(DEFAULT_COMPARE_HEADS)})."),
+    folds: Folds = DEFAULT_FOLDS,
+    repeats: Repeats = DEFAULT_REPEATS,
+    search: Search = False,
+    metric: Metric = DEFAULT_METRIC,
+    param: HeadParams = None,
+    class_weight: ClassWeight = None,
+    jobs: CVJobs = 1,
+    seed: Seed = 0,
+    json_out: JsonOut = None,
+    chunk_rows: ChunkRows = None,
+    quiet: Quiet = False,
 ) -> None:
     """Cross-validate the same heads on the same folds over several stores of the same images
     and print one table (with the paired per-fold difference for two stores)."""
     from .evaluate import cv as ev_cv
     from .evaluate import report as ev_report
 
-    _run(ev_report.check_outputs, json_out, None)
-    report = _run(ev_cv.run_compare, stores, head, folds=folds, repeats=repeats, search=search,
+    ev_report.check_outputs(json_out, None)
+    report = ev_cv.run_compare(stores, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
                   progress=not quiet, chunk_rows=chunk_rows,
                   warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev_report.format_compare(report))
     if json_out is not None:
-        _run(ev_report.write_report, report, json_out)
+        ev_report.write_report(report, json_out)
         typer.echo(f"report → {json_out}", err=True)
 
 
@@ -646,79 +621,77 @@ def finetune(
                                        "write (.pt; default cache/<data>__<model>__tuned.pt). "
                                        "Beside it: <stem>.json (manifest), .history.json, "
                                        ".classifier.pt, .curves.png, .checkpoints/."),
-    model: str = typer.Option("tf_efficientnet_lite0", "--model", "-m",
-                              help="timm model to fine-tune."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights: PATH, "
-                                          "'bundled' or 'hub' (as for extract)."),
-    epochs: int = typer.Option(10, help="Total epochs, head-only ones included."),
-    head_epochs: int = typer.Option(2, help="Stage 1: epochs that train only the new "
+    model: Model = FT.model,
+    weights: Weights = FT.weights,
+    epochs: int = typer.Option(FT.epochs, help="Total epochs, head-only ones included."),
+    head_epochs: int = typer.Option(FT.head_epochs, help="Stage 1: epochs that train only the new "
                                             "classifier, backbone frozen."),
-    unfreeze: int = typer.Option(1, help="Stage 2: train the last N feature stages (e.g. "
+    unfreeze: int = typer.Option(FT.unfreeze, help="Stage 2: train the last N feature stages (e.g. "
                                          "EfficientNet blocks[-N:] + conv_head/bn2, ResNet "
                                          "layer4...); 0: classifier only."),
-    gradual: bool = typer.Option(False, help="Stage 2 unfreezes one more stage, deep to "
+    gradual: bool = typer.Option(FT.gradual, help="Stage 2 unfreezes one more stage, deep to "
                                              "shallow, every --stage-epochs epochs, up to "
                                              "--unfreeze."),
-    stage_epochs: int = typer.Option(1, help="With --gradual: epochs per unfreezing step."),
-    img_size: Optional[int] = typer.Option(None, help="Input size (smaller is faster on a "
+    stage_epochs: int = typer.Option(FT.stage_epochs,
+                                     help="With --gradual: epochs per unfreezing step."),
+    img_size: Optional[int] = typer.Option(FT.img_size, help="Input size (smaller is faster on a "
                                                       "CPU); default: the model's own."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b"),
-    lr: float = typer.Option(1e-4, help="Learning rate of the pretrained layers."),
-    head_lr: float = typer.Option(1e-3, help="Learning rate of the new classifier."),
-    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on biases/norms)."),
-    warmup_epochs: float = typer.Option(1.0, help="Linear warmup at the start of each stage "
+    batch_size: BatchSize = FT.batch_size,
+    lr: float = typer.Option(FT.lr, help="Learning rate of the pretrained layers."),
+    head_lr: float = typer.Option(FT.head_lr, help="Learning rate of the new classifier."),
+    weight_decay: float = typer.Option(FT.weight_decay,
+                                       help="AdamW weight decay (not on biases/norms)."),
+    warmup_epochs: float = typer.Option(FT.warmup_epochs,
+                                        help="Linear warmup at the start of each stage "
                                                   "(at most half of it), then cosine decay."),
-    label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
-    dropout: float = typer.Option(0.2, help="Dropout before the classifier."),
-    randaugment: bool = typer.Option(False, help="timm RandAugment (rand-m9-mstd0.5) instead "
+    label_smoothing: float = typer.Option(FT.label_smoothing,
+                                          help="Label smoothing of the training loss."),
+    dropout: float = typer.Option(FT.dropout, help="Dropout before the classifier."),
+    randaugment: bool = typer.Option(FT.randaugment,
+                                     help="timm RandAugment (rand-m9-mstd0.5) instead "
                                                  "of colour jitter."),
-    cutmix: bool = typer.Option(False, help="timm CutMix on training batches."),
-    hflip: bool = typer.Option(True, help="Random horizontal flips (--no-hflip for text, "
+    cutmix: bool = typer.Option(FT.cutmix, help="timm CutMix on training batches."),
+    hflip: bool = typer.Option(FT.hflip, help="Random horizontal flips (--no-hflip for text, "
                                           "digits, ...)."),
-    val_fraction: float = typer.Option(0.2, help="Without a val/ split: stratified fraction "
+    val_fraction: float = typer.Option(FT.val_fraction,
+                                       help="Without a val/ split: stratified fraction "
                                                  "held out for validation (0: none)."),
-    patience: int = typer.Option(3, help="Stop when stage-2 validation accuracy has not "
+    patience: int = typer.Option(FT.patience, help="Stop when stage-2 validation accuracy has not "
                                          "improved for this many epochs (0: never)."),
-    class_weight: Optional[str] = typer.Option(None, help="balanced: weight the loss by "
+    class_weight: Optional[str] = typer.Option(FT.class_weight, help="balanced: weight the loss by "
                                                           "inverse class frequency."),
-    seed: int = typer.Option(0, help="Seeds the split, the classifier, augmentation and "
+    seed: int = typer.Option(FT.seed, help="Seeds the split, the classifier, augmentation and "
                                      "shuffling."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", help="auto (CUDA: bf16 AMP, fp16 AMP without bf16; "
+    device: Device = FT.device,
+    precision: str = typer.Option(FT.precision, help="auto (CUDA: bf16 AMP, fp16 AMP without bf16; "
                                                "CPU: fp32), fp32, bf16 or fp16."),
-    workers: Optional[int] = typer.Option(None, help="Loader worker processes (default: "
+    workers: Optional[int] = typer.Option(FT.workers, help="Loader worker processes (default: "
                                                      "cores - 1)."),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: "
+    threads: Optional[int] = typer.Option(FT.threads, help="torch intra-op threads (default: "
                                                      "torch's; 1 is often faster on a busy "
                                                      "machine)."),
-    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic",
+    deterministic: Optional[bool] = typer.Option(FT.deterministic,
+                                                 "--deterministic/--no-deterministic",
                                                  help="Deterministic algorithms (default: on "
                                                       "for the CPU, off for CUDA)."),
-    layout: str = typer.Option("auto", help="auto, class-folders, split-folders, manifest."),
-    max_pixels: int = typer.Option(89_478_485, help="Skip images with more pixels than this."),
-    keep_checkpoints: int = typer.Option(1, help="Keep the last N epoch checkpoints (0: all)."),
+    layout: str = typer.Option(FT.layout, help="auto, class-folders, split-folders, manifest."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    keep_checkpoints: int = typer.Option(FT.keep_checkpoints,
+                                         help="Keep the last N epoch checkpoints (0: all)."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint file (or the "
                                                      "checkpoint folder: its latest); pass the "
                                                      "same DATA and options."),
     overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier run."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained backbone on DATA (new classifier; frozen, then partly unfrozen
     backbone) and write weights that `extract --weights` uses directly."""
     from .finetune import loop as ft_loop
-    from .finetune import options as ft_options
 
-    opts = ft_options.FinetuneOptions(
-        model=model, weights=weights, epochs=epochs, head_epochs=head_epochs, unfreeze=unfreeze,
-        gradual=gradual, stage_epochs=stage_epochs, img_size=img_size, batch_size=batch_size,
-        lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing, dropout=dropout, randaugment=randaugment,
-        cutmix=cutmix, hflip=hflip, val_fraction=val_fraction, patience=patience,
-        class_weight=class_weight, seed=seed, device=device, precision=precision,
-        workers=workers, threads=threads, deterministic=deterministic, layout=layout,
-        max_pixels=max_pixels, keep_checkpoints=keep_checkpoints)
+    given = locals()
+    opts = FinetuneOptions(**{f.name: given[f.name] for f in dataclasses.fields(FinetuneOptions)})
     dest = out or CACHE_DIR / f"{data.resolve().name}__{model.replace('/', '_')}__tuned.pt"
-    result = _run(ft_loop.finetune, data, dest, opts, resume=resume, overwrite=overwrite,
+    result = ft_loop.finetune(data, dest, opts, resume=resume, overwrite=overwrite,
                   progress=not quiet)
     typer.echo(result.line())
     if not quiet:
@@ -737,11 +710,10 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, help="Request body limit in MB (413 above)."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images with more pixels "
                                              "(413); default 40000000."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: Device = "auto",
     top_k: int = typer.Option(3, help="Top classes per image (override per request with "
                               "?top_k=N)."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="The backbone "
-                                          "weights file, if it moved since `fit`."),
+    weights: MovedWeights = None,
 ) -> None:
     """Serve a head over HTTP: POST /predict (multipart images), GET /health, GET /info."""
     from . import serve as sv
@@ -750,7 +722,7 @@ def serve(
                            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                            max_pixels=sv.DEFAULT_MAX_PIXELS if max_pixels is None
                            else max_pixels, top_k=top_k)
-    _run(sv.serve, head, host=host, port=port, settings=settings, weights=weights,
+    sv.serve(head, host=host, port=port, settings=settings, weights=weights,
          device=device, say=lambda m: typer.echo(m, err=True))
 
 
@@ -771,9 +743,8 @@ def export(
     calib_count: int = typer.Option(64, help="With --int8 static: how many calibration "
                                     "images to use."),
     opset: int = typer.Option(17, help="ONNX opset (13-20)."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="The backbone "
-                                          "weights file, if it moved since `fit`."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    weights: MovedWeights = None,
+    quiet: Quiet = False,
 ) -> None:
     """Export backbone + head as one ONNX graph: input `image` (N x 3 x H x W float RGB in
     [0,1], resized and centre-cropped as the sidecar says; mean/std inside), outputs
@@ -781,7 +752,7 @@ def export(
     from . import export as ex
 
     dest = out or head.with_suffix(".int8.onnx" if int8 else ".onnx")
-    res = _run(ex.export, head, dest, int8=int8, int8_mode=int8_mode, calib=calib,
+    res = ex.export(head, dest, int8=int8, int8_mode=int8_mode, calib=calib,
                calib_count=calib_count, opset=opset, weights=weights,
                say=None if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(res.line())

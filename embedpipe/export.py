@@ -462,8 +462,8 @@ def quantize(src: Path, dst: Path, mode: str = "static",
     images (MinMax), for the backbone's Conv/MatMul/Gemm; the head (nodes ``head/*``) stays
     fp32. Weights and activations are both uint8 (U8U8): on CPUs without VNNI (this one:
     AVX2 only) int8 weights with uint8 activations saturate in the int16 accumulation
-    (onnxruntime's quantization docs) and cost accuracy (measured: 78% vs 84% top-1
-    agreement on a small head). dynamic: onnxruntime's quantize_dynamic of every supported op
+    (onnxruntime's quantization docs) and cost accuracy (bench/export.py measures the top-1
+    agreement: bench/results/export.md). dynamic: onnxruntime's quantize_dynamic of every supported op
     (Conv → ConvInteger too): no calibration, but on conv nets much worse (bench/export.py).
     """
     import logging

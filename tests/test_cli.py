@@ -140,7 +140,7 @@ def test_debug_shows_the_traceback_and_unexpected_errors_exit_nonzero(tmp_path: 
     def bug(*a, **k):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("embedpipe.store.read.open_store", bug)
+    monkeypatch.setattr("embedpipe.store.report.open_store", bug)
     res = cli("info", tmp_path / "nope.h5")
     one_line(res.output, res.exit_code, "unexpected ZeroDivisionError", "division by zero",
                    "--debug", expect=1)

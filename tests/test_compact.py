@@ -107,7 +107,8 @@ def test_a_damaged_compact_form_falls_back_to_scikit_learn(fitted: dict[str, Pat
 @pytest.mark.parametrize("name", ["logreg", "mlp", "ridge", "logreg-sgd", "sgd"])
 def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
     """Two classes: scikit-learn's one-column decision functions and probabilities."""
-    from embedpipe.heads.train import _calibrated
+    from embedpipe.heads.source import Labeled
+    from embedpipe.heads.train import _calibrated, _calibration_split
 
     store = open_store(fmnist_store)
     labels = np.asarray(store.label_names())
@@ -115,7 +116,8 @@ def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
     X, y = store.features[keep], labels[keep]
     est = heads.build(name, seed=0).fit(X, y)
     if not heads.get(name).native_proba:
-        est, *_ = _calibrated(heads.build(name, seed=0), X, y)
+        fit_on, held, k = _calibration_split(Labeled.in_memory(X, y), heads.get(name), 0)
+        est, *_ = _calibrated(None, heads.build(name, seed=0), fit_on, held, k)
     exported = compact.export(est)
     assert exported is not None
     assert compact.agrees(est, compact.load(*exported), X)

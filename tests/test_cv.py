@@ -16,6 +16,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from embedpipe import heads
 from embedpipe.heads.fit import fit_configuration
+from embedpipe.heads.source import Labeled
 from embedpipe.heads.rows import select_rows, targets
 from embedpipe.store import StoreWriter, open_store, read_identity
 
@@ -150,7 +151,8 @@ def test_search_is_nested_and_reports_chosen_params(fmnist_store: Path, tmp_path
     # fold 1 by hand: the search sees only the outer training part
     X, y, _ = train_xy(fmnist_store)
     train, test = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))[1]
-    est, chosen = fit_configuration(X[train], y[train], "ridge", {}, search=True, seed=0)
+    est, chosen = fit_configuration(Labeled.in_memory(X[train], y[train]), "ridge", {},
+                                    search=True, seed=0)
     assert folds[1]["params"] == chosen
     assert folds[1]["accuracy"] == accuracy_score(y[test], est.predict(X[test]))
     # ridge has no predict_proba: the confidence of its errors is said to be uncalibrated

@@ -9,19 +9,13 @@ from typing import Any
 import numpy as np
 
 from ..heads import registry as heads
-from ..heads.compact import predict_scored
 from ..env import versions
-from ..heads.fit import INNER_FOLDS, _fit, _fit_stream, _Quiet, resolve_params
-from ..heads.rows import (
-    METRICS,
-    EvaluateError,
-    _scores,
-    min_class,
-    select_rows,
-    targets,
-)
+from . import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
+               DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
+from ..heads.source import Labeled, _nothing
+from ..heads.fit import INNER_FOLDS, _Quiet, fit_checked, resolve_params
+from ..heads.rows import METRICS, EvaluateError, min_class, scores, select_rows, targets
 
-DEFAULT_CV_HEADS = ("logreg", "svm", "knn", "ridge", "centroid")
 
 
 def make_folds(folds: int, repeats: int, seed: int) -> tuple[Any, str]:
@@ -65,44 +59,21 @@ def _check_options(folds: int, repeats: int, metric: str, jobs: int, top_errors:
         raise EvaluateError(f"--top-errors {top_errors}: pass 0 or more")
 
 
-def _cv_task(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, head: str,
+def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
              params: dict[str, Any], class_weight: str | None, search: bool, metric: str,
-             seed: int, where: str) -> dict[str, Any]:
-    """Fit one head on the outer training part (searching its grid there only, if asked) and
-    score it on the outer test fold."""
+             seed: int, where: str, note: Any = None) -> dict[str, Any]:
+    """Fit one head on the outer training part of ``source`` (searching its grid there only,
+    if asked) and score it on the outer test fold; the rows are in memory or streamed."""
     import time
 
     with _Quiet() as quiet:
         t0 = time.perf_counter()
-        est, chosen = _fit(X[train], y[train], head, params, class_weight, search, metric, seed,
-                           where)
+        est, chosen = fit_checked(source.take(train), head, params, class_weight, search,
+                                  metric, seed, where, note=note or _nothing)
         seconds = time.perf_counter() - t0
-        pred, _, conf, calibrated = predict_scored(est, X[test],
-                                                   use_proba=heads.get(head).native_proba)
-    return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
-            "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
-            "convergence_warnings": quiet.convergence}
-
-
-def _cv_stream_task(store: Any, rows: np.ndarray, y: np.ndarray, train: np.ndarray,
-                    test: np.ndarray, head: str, params: dict[str, Any],
-                    class_weight: str | None, search: bool, metric: str, seed: int, where: str,
-                    chunk_rows: int, note: Any = None) -> dict[str, Any]:
-    """_cv_task for a streaming head: the fold's training rows (store rows ``rows[train]``)
-    are streamed from the store, its test rows predicted chunk by chunk."""
-    import time
-
-    from ..heads import stream
-
-    with _Quiet() as quiet:
-        t0 = time.perf_counter()
-        est, chosen = _fit_stream(store, rows[train], y[train], head, params, class_weight,
-                                  search, metric, seed, where, chunk_rows, note)
-        seconds = time.perf_counter() - t0
-        pred, conf, calibrated = stream.predict_rows(est, store, rows[test],
-                                                     chunk_rows=chunk_rows,
-                                                     use_proba=heads.get(head).native_proba)
-    return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
+        pred, conf, calibrated = source.take(test).predict(
+            est, use_proba=heads.get(head).native_proba)
+    return {"scores": scores(source.y[test], pred), "fit_seconds": seconds, "params": chosen,
             "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
             "convergence_warnings": quiet.convergence}
 
@@ -134,10 +105,11 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dic
             "matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
 
 
-def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int = 5,
-           repeats: int = 1, search: bool = False, metric: str = "accuracy",
+def run_cv(store_path: Any, head_names: list[str] | None = None, *,
+           folds: int = DEFAULT_FOLDS, repeats: int = DEFAULT_REPEATS, search: bool = False,
+           metric: str = DEFAULT_METRIC,
            params: list[str] | None = None, class_weight: str | None = None, jobs: int = 1,
-           seed: int = 0, top_errors: int = 10, progress: bool = True,
+           seed: int = 0, top_errors: int = DEFAULT_TOP_ERRORS, progress: bool = True,
            warn: Any = None, chunk_rows: int | None = None) -> dict[str, Any]:
     """Cross-validate heads on the train rows of a store; returns a JSON-ready report.
 
@@ -178,6 +150,9 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     if X.dtype != np.float32 and X.dtype != np.float64:
         X = X.astype(np.float32)
     y = targets(store, rows.train)
+    # the training rows in memory (for the in-memory heads), or streamed from the store
+    sources = {False: Labeled(None, rows.train, y, X),
+               True: Labeled(store, rows.train, y, None, chunk_rows)}
     present = set(y.tolist())
     labels = [c for c in store.classes if c in present]
     if len(labels) < 2:
@@ -208,12 +183,10 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     results: dict[tuple[str, int], dict[str, Any]] = {}
     with Progress(len(tasks), "cv", enabled=progress, unit="fit") as bar:
         gen = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(_cv_stream_task)(store, rows.train, y, splits[i][0], splits[i][1], h,
-                                     per_params[h], cw[h], search, metric, seed, where,
-                                     chunk_rows, _tasks_note(bar, jobs, f"{h} fold {i + 1}"))
-            if h in streamed else
-            delayed(_cv_task)(X, y, splits[i][0], splits[i][1], h, per_params[h], cw[h],
-                              search, metric, seed, where) for h, i in tasks)
+            delayed(_cv_task)(sources[h in streamed], splits[i][0], splits[i][1], h,
+                              per_params[h], cw[h], search, metric, seed, where,
+                              _tasks_note(bar, jobs, f"{h} fold {i + 1}") if h in streamed
+                              else None) for h, i in tasks)
         for key, res in zip(tasks, gen):
             results[key] = res
             bar.update(1)
@@ -257,7 +230,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:top_errors]
     best_report = {
         "head": best,
-        "out_of_fold": _scores(y, oof),
+        "out_of_fold": scores(y, oof),
         "per_class": [{"class": c, "precision": float(a), "recall": float(b), "f1": float(d),
                        "support": int(s)} for c, a, b, d, s in zip(labels, p, rc, f1, sup)],
         "confusion_matrix": _confusion(y, oof, labels),
@@ -274,26 +247,23 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
         say(f"cv: refitting {best} on all {len(y)} train rows to score "
             f"{', '.join(rows.heldout)}")
         with _Quiet(count=False):
-            if best in streamed:
-                with Progress(stream.work(best, per_params[best], len(y), search=search,
-                                          inner_folds=INNER_FOLDS, seed=seed),
-                              f"cv: refit {best}", enabled=progress, unit="row") as bar:
-                    est, chosen = _fit_stream(store, rows.train, y, best, per_params[best],
-                                              cw[best], search, metric, seed, where,
-                                              chunk_rows, bar.note, bar.update)
-            else:
-                est, chosen = _fit(X, y, best, per_params[best], cw[best], search, metric,
-                                   seed, where, jobs=jobs)
+            on_disk = best in streamed
+            work = (stream.work(best, per_params[best], len(y), search=search,
+                                inner_folds=INNER_FOLDS, seed=seed) if on_disk else 0)
+            with Progress(work, f"cv: refit {best}", enabled=progress and on_disk,
+                          unit="row") as bar:
+                est, chosen = fit_checked(sources[on_disk], best, per_params[best], cw[best],
+                                          search, metric, seed, where,
+                                          jobs=None if on_disk else jobs, tick=bar.update,
+                                          note=bar.note)
             for split, idx in rows.heldout.items():
                 yh = targets(store, idx)
-                if best in streamed:
-                    pred, _, _ = stream.predict_rows(est, store, idx, chunk_rows=chunk_rows)
-                else:
-                    Xh = store.features[idx]
-                    pred = np.asarray(est.predict(Xh.astype(X.dtype, copy=False))).astype(str)
+                held = Labeled(store, idx, yh, None if on_disk else
+                               store.features[idx].astype(X.dtype, copy=False), chunk_rows)
+                pred, _, _ = held.predict(est, use_proba=heads.get(best).native_proba)
                 seen = set(yh.tolist()) | present
                 heldout[split] = {
-                    "rows": int(len(idx)), **_scores(yh, pred),
+                    "rows": int(len(idx)), **scores(yh, pred),
                     "classes_not_in_train": sorted(set(yh.tolist()) - present),
                     "confusion_matrix": _confusion(
                         yh, pred, [c for c in store.classes if c in seen]),
@@ -364,8 +334,8 @@ def _aligned_rows(stores: list[Any]) -> tuple[list[str], np.ndarray, list[np.nda
 
 
 def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
-                folds: int = 5, repeats: int = 1, search: bool = False,
-                metric: str = "accuracy", params: list[str] | None = None,
+                folds: int = DEFAULT_FOLDS, repeats: int = DEFAULT_REPEATS,
+                search: bool = False, metric: str = DEFAULT_METRIC, params: list[str] | None = None,
                 class_weight: str | None = None, jobs: int = 1, seed: int = 0,
                 progress: bool = True, warn: Any = None,
                 chunk_rows: int | None = None) -> dict[str, Any]:
@@ -387,7 +357,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     _check_options(folds, repeats, metric, jobs, 0)
     chunk_rows = stream.check_chunk_rows(stream.DEFAULT_CHUNK_ROWS if chunk_rows is None
                                          else chunk_rows)
-    names = list(dict.fromkeys(head_names or ("logreg", "svm", "knn")))
+    names = list(dict.fromkeys(head_names or DEFAULT_COMPARE_HEADS))
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)
     streamed = {h for h in names if heads.get(h).streaming}
@@ -401,20 +371,19 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                             "cross-validation needs at least 2 per class")
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "common train")
-    Xs = [s.features[i] if s.features_loaded else s.features for s, i in zip(stores, idx)]
+    # each store's common train rows: in memory (in-memory heads) or streamed (streaming heads)
+    sources = [{False: Labeled(None, i, y, s.features[i] if s.features_loaded else None),
+                True: Labeled(s, i, y, None, chunk_rows)} for s, i in zip(stores, idx)]
     tasks = [(k, h, f) for k in range(len(stores)) for h in names for f in range(len(splits))]
     say(f"compare: {len(stores)} stores x {len(names)} head(s) x {len(splits)} folds = "
         f"{len(tasks)} fits on {len(y)} common train rows")
     results = {}
     with Progress(len(tasks), "compare", enabled=progress, unit="fit") as bar:
         gen = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(_cv_stream_task)(stores[k], idx[k], y, splits[f][0], splits[f][1], h,
-                                     per_params[h], cw[h], search, metric, seed,
-                                     str(stores[k].path), chunk_rows,
-                                     _tasks_note(bar, jobs, f"[{chr(65 + k)}] {h} fold {f + 1}"))
-            if h in streamed else
-            delayed(_cv_task)(Xs[k], y, splits[f][0], splits[f][1], h, per_params[h], cw[h],
-                              search, metric, seed, str(stores[k].path)) for k, h, f in tasks)
+            delayed(_cv_task)(sources[k][h in streamed], splits[f][0], splits[f][1], h,
+                              per_params[h], cw[h], search, metric, seed, str(stores[k].path),
+                              _tasks_note(bar, jobs, f"[{chr(65 + k)}] {h} fold {f + 1}")
+                              if h in streamed else None) for k, h, f in tasks)
         for key, res in zip(tasks, gen):
             results[key] = res
             bar.update(1)

@@ -36,7 +36,8 @@ class _Images:
     Paths and expected hashes are kept in two numpy byte arrays, not as the tasks' Python
     objects: a forked loader worker that reads a Python object writes its reference count,
     which copies the object's memory page into the worker, so a worker walking a list of
-    tasks grew by ~16 KB per image (bench/results/memory.md). A numpy array is one object."""
+    tasks grew with every image (bench/memory.py measured it: bench/results/memory.md). A
+    numpy array is one object."""
 
     def __init__(self, tasks: list[Task], transform: Any, min_size: tuple[int, int] | None,
                  max_pixels: int | None):

@@ -93,12 +93,10 @@ def prepare_model(backbone: Backbone, device: torch.device, precision: str,
 # -- torch.compile ---------------------------------------------------------------------------
 
 # `--compile auto` compiles only when at least this many forward passes of one image are due
-# (images × TTA views); None: never on this device type. Measured by bench/compile.py
-# (bench/results/compile.md) on a 2-core AMD EPYC without native bf16, fp32: compiling Lite0
-# took 245 s with an empty inductor cache and 17 s with a filled one, and the compiled model
-# ran 1.7× eager, so a cold compile paid back after ~1,500 images. ResNet-50 compiled ran
-# 0.93–1.07× eager (344 s cold compile): no gain, so the threshold is set for the default
-# backbone. CUDA: not measured here (no GPU); the same threshold.
+# (images × TTA views); None: never on this device type. The threshold is about where a cold
+# compile of the default backbone paid back on the project's 2-core CPU, measured by
+# bench/compile.py (bench/results/compile.md, which also shows ResNet-50 gaining nothing).
+# CUDA: not measured (no GPU here); the same threshold.
 COMPILE_MIN_IMAGES: dict[str, int | None] = {"cpu": 2000, "cuda": 2000}
 
 

@@ -32,7 +32,17 @@ same tensors as an uninterrupted one.
 Modules: ``options`` · ``data`` · ``stages`` · ``checkpoint`` · ``loop`` (``finetune()``).
 """
 
-from .loop import finetune
-from .options import FinetuneError, FinetuneOptions, FinetuneResult
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["FinetuneOptions", "FinetuneError", "FinetuneResult", "finetune"]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: options stay importable without torch
+    if name in ("FinetuneOptions", "FinetuneError", "FinetuneResult"):
+        return getattr(importlib.import_module(f"{__name__}.options"), name)
+    if name == "finetune":
+        return importlib.import_module(f"{__name__}.loop").finetune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

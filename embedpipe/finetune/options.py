@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backbones import (
-    DEFAULT_MODEL,
-)
+from .. import DEFAULT_MODEL
 from ..data import (
     DEFAULT_MAX_PIXELS,
     LAYOUTS,

@@ -20,6 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+#: The head `fit` and `quickstart` train when none is named.
+DEFAULT_HEAD = "logreg"
+
 _SUBMODULES = ("registry", "train", "stream", "artifacts", "compact")
 
 

@@ -2,8 +2,8 @@
 without importing scikit-learn.
 
 Importing scikit-learn (it imports scipy.stats, and pandas when installed) and skops (which
-walks every scikit-learn module to list its trusted types) takes ~3 s of the ~4 s that
-`predict --store` needed to start on this project's 2-core machine (bench/results/predict.md).
+walks every scikit-learn module to list its trusted types) is most of what `predict --store`
+spends starting (bench/predict.py measures it: bench/results/predict.md).
 Most heads are a short chain of array operations at prediction time, so `fit` also writes that
 chain into the head file (`artifacts.save`): JSON naming the operations and plain ``.npy``
 arrays, read back with ``allow_pickle=False``. Nothing in it can run code.

@@ -10,33 +10,66 @@ import numpy as np
 
 from ..errors import first_line
 from . import registry as heads
-from .rows import EvaluateError, min_class
+from .rows import EvaluateError, min_class, scores
+from .source import Labeled, Note, Tick, _nothing
 
 
-def fit_configuration(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any] | None,
-                      *, class_weight: str | None = None, search: bool = False,
+def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None, *,
+                      class_weight: str | None = None, search: bool = False,
                       inner_folds: int = 3, scoring: str = "accuracy", seed: int = 0,
-                      jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """Fit ``head`` on (X, y). With ``search``, pick its grid's best parameters by stratified
-    ``inner_folds``-fold CV on (X, y) only, then refit on all of it. Returns the fitted
-    estimator and the parameters used (short names: the user's plus the ones searched)."""
+                      jobs: int | None = None, tick: Tick = _nothing,
+                      note: Note = _nothing) -> tuple[Any, dict[str, Any]]:
+    """Fit ``head`` on the rows of ``source`` (in memory or streamed: source.Labeled). With
+    ``search``, pick its grid's best parameters by stratified ``inner_folds``-fold CV on these
+    rows only (``scoring``: a key of rows.METRICS), then refit on all of them. Returns the
+    fitted estimator and the parameters used (short names: the user's plus the ones searched).
+
+    In memory the search is scikit-learn's GridSearchCV (``jobs`` parallel fits); streamed, each
+    candidate is fitted and scored fold by fold from the store, on the same folds. Raises
+    EvaluateError when a class has fewer than 2 rows to search on."""
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
     chosen = dict(params or {})
     grid = heads.param_grid(head, params, seed=seed) if search else {}
     if not grid:
-        return pipe.fit(X, y), chosen
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+        return source.fit(pipe, head, params, class_weight=class_weight, seed=seed, tick=tick,
+                          note=note), chosen
+    from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 
-    cls, n = min_class(y)
+    cls, n = min_class(source.y)
     k = min(inner_folds, n)
     if k < 2:
         raise EvaluateError(f"--search: class {cls!r} has {n} training image(s); the inner "
                             "search needs at least 2 per class: add images or drop --search")
-    gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs,
-                      cv=StratifiedKFold(k, shuffle=True, random_state=seed))
-    gs.fit(X, y)
-    chosen.update(heads.short_params(gs.best_params_))
-    return gs.best_estimator_, chosen
+    folds = StratifiedKFold(k, shuffle=True, random_state=seed)
+    if not source.streamed:
+        gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs, cv=folds)
+        gs.fit(source.X, source.y)
+        chosen.update(heads.short_params(gs.best_params_))
+        return gs.best_estimator_, chosen
+    splits = list(folds.split(np.zeros((len(source), 1)), source.y))
+    cands = [heads.short_params(c) for c in ParameterGrid(grid)]
+    best: tuple[float, dict[str, Any]] | None = None
+    for c, cand in enumerate(cands):
+        p = {**chosen, **cand}
+        where = " ".join(f"{a}={b}" for a, b in cand.items())
+        got = []
+        for f, (tr, te) in enumerate(splits):
+            est = source.take(tr).fit(
+                heads.build(head, p, class_weight=class_weight, seed=seed), head, p,
+                class_weight=class_weight, seed=seed, tick=tick,
+                note=lambda m: note(f"search {c + 1}/{len(cands)} ({where}), "
+                                    f"fold {f + 1}/{k}: {m}"))
+            pred, _, _ = source.take(te).predict(est, tick=tick)
+            got.append(scores(source.y[te], pred)[scoring])
+        if best is None or float(np.mean(got)) > best[0]:
+            best = (float(np.mean(got)), cand)
+    assert best is not None
+    chosen.update(best[1])
+    return source.fit(heads.build(head, chosen, class_weight=class_weight, seed=seed), head,
+                      chosen, class_weight=class_weight, seed=seed, tick=tick,
+                      note=note), chosen
+
+
 INNER_FOLDS = 3
 
 
@@ -118,28 +151,13 @@ def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]
                             "--param value") from None
 
 
-def _fit(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
-         class_weight: str | None, search: bool, metric: str, seed: int, where: str,
-         jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
-    with _fit_errors(head, params, where):
-        if search:
-            return fit_configuration(X, y, head, params, class_weight=class_weight, search=True,
-                                     inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
-                                     jobs=jobs)
-        return (heads.build(head, params, class_weight=class_weight, seed=seed).fit(X, y),
-                dict(params))
-
-
-def _fit_stream(store: Any, rows: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
+def fit_checked(source: Labeled, head: str, params: dict[str, Any],
                 class_weight: str | None, search: bool, metric: str, seed: int, where: str,
-                chunk_rows: int, note: Any = None,
-                tick: Any = None) -> tuple[Any, dict[str, Any]]:
-    """A streaming head (stream.py) fitted on store rows ``rows`` read in chunks."""
-    from . import stream
-
+                jobs: int | None = None, tick: Tick = _nothing,
+                note: Note = _nothing) -> tuple[Any, dict[str, Any]]:
+    """fit_configuration with cv's inner folds, a fit that fails on a --param value turned
+    into one line naming ``where`` (_fit_errors)."""
     with _fit_errors(head, params, where):
-        return stream.fit_configuration(store, rows, y, head, params,
-                                        class_weight=class_weight, search=search,
-                                        inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
-                                        chunk_rows=chunk_rows, note=note or stream._nothing,
-                                        tick=tick or stream._nothing)
+        return fit_configuration(source, head, params, class_weight=class_weight, search=search,
+                                 inner_folds=INNER_FOLDS, scoring=metric, seed=seed, jobs=jobs,
+                                 tick=tick, note=note)

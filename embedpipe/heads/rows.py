@@ -64,7 +64,7 @@ METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
            "f1_macro": "macro-F1"}
 
 
-def _scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
     return {"accuracy": float(accuracy_score(y_true, y_pred)),

@@ -10,7 +10,8 @@ is a plain scikit-learn Pipeline, saved and loaded like any head.
 
 When the store was opened with its features (e.g. by `cv` next to in-memory heads), the same
 chunks are sliced from memory in the same order, so a streaming head scores the same either
-way.
+way. Search, cv and calibration reach these functions through the one row source,
+source.Labeled.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import numpy as np
 from ..errors import UserError
 from ..store.read import FeatureStore
 from .compact import predict_scored
-from .rows import EvaluateError, _scores, min_class
 
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -164,52 +164,6 @@ def predict_rows(estimator: Any, store: FeatureStore, rows: np.ndarray, *,
         calibrated &= cal
         tick(len(idx))
     return pred.astype(str), conf, bool(calibrated)
-
-
-def fit_configuration(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
-                      params: dict[str, Any] | None, *, class_weight: str | None = None,
-                      search: bool = False, inner_folds: int = 3, scoring: str = "accuracy",
-                      seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                      tick: Tick = _nothing, note: Note = _nothing
-                      ) -> tuple[Any, dict[str, Any]]:
-    """Streaming counterpart of evaluate.fit_configuration: with ``search``, pick the grid's
-    best parameters by stratified ``inner_folds``-fold CV on these rows (each candidate fitted
-    and scored by streaming), then refit on all of them."""
-
-    rows = np.asarray(rows, dtype=np.int64)
-    chosen = dict(params or {})
-    cands = _candidates(head, params, seed) if search else []
-    if cands:
-        from sklearn.model_selection import StratifiedKFold
-
-        cls, n = min_class(y)
-        k = min(inner_folds, n)
-        if k < 2:
-            raise EvaluateError(f"--search: class {cls!r} has {n} training image(s); the "
-                                "inner search needs at least 2 per class: add images or drop "
-                                "--search")
-        splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(
-            np.zeros((len(y), 1)), y))
-        best: tuple[float, dict[str, Any]] | None = None
-        for c, cand in enumerate(cands):
-            p = {**chosen, **cand}
-            got = []
-            for f, (tr, te) in enumerate(splits):
-                where = " ".join(f"{a}={b}" for a, b in cand.items())
-                est = fit_rows(store, rows[tr], y[tr], head, p, class_weight=class_weight,
-                               seed=seed, chunk_rows=chunk_rows, tick=tick,
-                               note=lambda m: note(f"search {c + 1}/{len(cands)} ({where}), "
-                                                   f"fold {f + 1}/{k}: {m}"))
-                pred, _, _ = predict_rows(est, store, rows[te], chunk_rows=chunk_rows,
-                                          tick=tick)
-                got.append(_scores(y[te], pred)[scoring])
-            if best is None or float(np.mean(got)) > best[0]:
-                best = (float(np.mean(got)), cand)
-        assert best is not None
-        chosen.update(best[1])
-    est = fit_rows(store, rows, y, head, chosen, class_weight=class_weight, seed=seed,
-                   chunk_rows=chunk_rows, tick=tick, note=note)
-    return est, chosen
 
 
 def read_rows(store: FeatureStore, rows: np.ndarray, chunk_rows: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from ..store.read import open_stores
 from . import artifacts
 from . import registry as heads
 from .fit import fit_configuration
+from .source import Labeled
 from .rows import TRAIN_SPLIT, EvaluateError, min_class, select_rows, targets
 
 CALIBRATION_FOLDS = 5
@@ -45,19 +46,48 @@ class FitResult:
 
 
 
-def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, str, str]:
-    """The head with calibrated probabilities, how (text for the manifest), and the kind of its
-    probabilities (artifacts.PROBABILITIES)."""
+def _calibration_split(source: Labeled, spec: Any,
+                       seed: int) -> tuple[Labeled, Labeled, int]:
+    """The rows a head is fitted on, the rows held out to calibrate it, and the calibration
+    folds. In memory nothing is held out: calibration cross-validates on all rows (k folds,
+    k = min(CALIBRATION_FOLDS, smallest class)). Streamed, a stratified sample is held out
+    (_calibration_rows) so that the head is fitted once, on the rest; k as above, over the
+    held-out rows. k < 2: no calibration (confidence is a softmax of scores)."""
+    none = source.take(np.zeros(0, dtype=np.int64))
+    if spec.native_proba:
+        return source, none, 0
+    if not source.streamed:
+        return source, none, min(CALIBRATION_FOLDS, min_class(source.y)[1])
+    cal = _calibration_rows(source.y, source.chunk_rows, seed)
+    k = min(CALIBRATION_FOLDS, min_class(source.y[cal])[1]) if len(cal) else 0
+    if k < 2:
+        return source, none, k
+    return source.take(np.setdiff1d(np.arange(len(source)), cal)), source.take(cal), k
+
+
+def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled,
+                k: int) -> tuple[Any, str, str]:
+    """The head with calibrated probabilities (temperature scaling), how (text for the
+    manifest), and the kind of its probabilities (artifacts.PROBABILITIES). In memory ``base``
+    (the unfitted head) is refitted in ``k`` cross-validation folds of ``fit_on``; streamed, the
+    ``fitted`` head is frozen and only the temperature is fitted on the ``held`` rows."""
     from sklearn.calibration import CalibratedClassifierCV
 
-    _, smallest = min_class(y)
-    k = min(CALIBRATION_FOLDS, smallest)
     if k < 2:
-        return estimator, "none (a class has 1 image: confidence is a softmax of scores)", "scores"
-    # cv as a number (stratified, unshuffled folds): a splitter object would be stored in the
-    # head file as a type that skops does not trust.
-    cal = CalibratedClassifierCV(estimator, method="temperature", ensemble=False, cv=k)
-    return cal.fit(X, y), f"temperature scaling ({k}-fold)", "calibrated"
+        why = ("a class has 1 image" if not fit_on.streamed else "too few rows per class")
+        return fitted, f"none ({why}: confidence is a softmax of scores)", "scores"
+    if not fit_on.streamed:
+        # cv as a number (stratified, unshuffled folds): a splitter object would be stored in
+        # the head file as a type that skops does not trust.
+        cal = CalibratedClassifierCV(base, method="temperature", ensemble=False, cv=k)
+        return cal.fit(fit_on.X, fit_on.y), f"temperature scaling ({k}-fold)", "calibrated"
+    from sklearn.frozen import FrozenEstimator
+
+    # the fitted pipeline is frozen: the folds only split the calibration rows
+    cal = CalibratedClassifierCV(FrozenEstimator(fitted), method="temperature", cv=k)
+    return (cal.fit(held.features(), held.y),
+            f"temperature scaling on {len(held)} held-out training rows (not trained on)",
+            "calibrated")
 
 
 def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Path, *,
@@ -66,7 +96,9 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         chunk_rows: int | None = None, progress: bool = False,
         say: Callable[[str], None] = lambda m: None) -> FitResult:
     """Fit ``head`` on the training rows and save it. Streaming heads (sgd, logreg-sgd) read
-    the store ``chunk_rows`` rows at a time (stream.py); the others load the training rows."""
+    the store ``chunk_rows`` rows at a time (stream.py); the others load the training rows.
+    Both go through the one row source (source.Labeled) and fit_configuration."""
+    from ..progress import Progress
     from . import stream
 
     t0 = time.perf_counter()
@@ -74,43 +106,58 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
     if chunk_rows is not None:
         stream.check_chunk_rows(chunk_rows)
-    if spec.streaming:
-        return _fit_streaming(store_path, head, out, params=params, class_weight=class_weight,
-                              search=search, seed=seed,
-                              chunk_rows=chunk_rows or stream.DEFAULT_CHUNK_ROWS,
-                              progress=progress, say=say, t0=t0)
-    store = open_stores(store_path)
+    chunk_rows = chunk_rows or stream.DEFAULT_CHUNK_ROWS
+    # a streaming head reads labels, paths and splits now, its features chunk by chunk later
+    store = open_stores(store_path, features=not spec.streaming)
     for note in store.notes:
         say(note)
     rows = select_rows(store)
-    X, y = store.features[rows.train], targets(store, rows.train)
+    y = targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
         raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
                             "a head needs at least two: add images of other classes")
-    say(f"fitting {head} on {len(y)} rows ({rows.describe()}), {len(classes)} classes"
+    source = Labeled(store, rows.train, y,
+                     None if spec.streaming else store.features[rows.train], chunk_rows)
+    fit_on, held, k = _calibration_split(source, spec, seed)
+    say(f"fitting {head} on {len(fit_on)} rows ({rows.describe()}), {len(classes)} classes"
+        + (f", streamed in chunks of {chunk_rows} rows" if source.streamed else "")
+        + (f", {len(held)} rows held out to calibrate" if len(held) else "")
         + (", searching its grid" if search else ""))
-    with warnings.catch_warnings():
+    total = (stream.work(head, params, len(fit_on), search=search, seed=seed) + len(held)
+             + len(y) if source.streamed else 0)
+    with warnings.catch_warnings(), Progress(total, f"fit {head}", unit="row",
+                                             enabled=progress and source.streamed) as bar:
         # NearestCentroid warns whenever a feature is constant within a class, which pooled
         # ReLU features often are (zeros); it changes nothing about the fit.
         warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*")
-        estimator, chosen = fit_configuration(X, y, head, params, class_weight=class_weight,
-                                              search=search, seed=seed, jobs=jobs)
+        estimator, chosen = fit_configuration(fit_on, head, params, class_weight=class_weight,
+                                              search=search, seed=seed, jobs=jobs,
+                                              tick=bar.update, note=bar.note)
         calibration, probabilities = "native", "native"
         if not spec.native_proba:
-            base = heads.build(head, chosen, class_weight=class_weight, seed=seed)
-            estimator, calibration, probabilities = _calibrated(base, X, y)
-    train_acc = float((estimator.predict(X) == y).mean())
+            bar.note("calibrating")
+            estimator, calibration, probabilities = _calibrated(
+                estimator, heads.build(head, chosen, class_weight=class_weight, seed=seed),
+                fit_on, held, k)
+            bar.update(len(held))
+        bar.note("training accuracy")
+        pred, _, _ = source.predict(estimator, tick=bar.update)
+    train_acc = float((pred == y).mean())
+    streamed = ({"streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
+                              "fitted_rows": int(len(fit_on)),
+                              "calibration_rows": int(len(held))}} if source.streamed else {})
     manifest = artifacts.new_manifest(
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
         calibration=calibration, probabilities=probabilities,
         classes=[str(c) for c in estimator.classes_],
         store_identity=store.identity,
-        training=_training(store, rows, classes, counts, train_acc),
+        training=_training(store, rows, classes, counts, train_acc, **streamed),
     )
-    path = artifacts.save(out, estimator, manifest, check_rows=X[_check_sample(len(y))])
-    return FitResult(path, head, chosen, len(y), [str(c) for c in classes], calibration,
-                     time.perf_counter() - t0, train_acc)
+    check = source.take(_check_sample(len(y))).features()
+    path = artifacts.save(out, estimator, manifest, check_rows=check)
+    return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
+                     calibration, time.perf_counter() - t0, train_acc)
 
 
 def _check_sample(n: int, size: int = 512) -> np.ndarray:
@@ -153,78 +200,6 @@ def _calibration_rows(y: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
         k = min(len(pos) - 1, max(2, int(round(frac * len(pos)))))
         out.append(rng.choice(pos, size=k, replace=False))
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
-
-
-def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
-                   out: str | Path, *,
-                   params: dict[str, Any] | None, class_weight: str | None, search: bool,
-                   seed: int, chunk_rows: int, progress: bool, say: Callable[[str], None],
-                   t0: float) -> FitResult:
-    from ..progress import Progress
-    from . import stream
-
-    spec = heads.get(head)
-    store = open_stores(store_path, features=False)  # labels, paths, splits: no features
-    for note in store.notes:
-        say(note)
-    rows = select_rows(store)
-    y = targets(store, rows.train)
-    classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
-                            "a head needs at least two: add images of other classes")
-    cal = _calibration_rows(y, chunk_rows, seed) if not spec.native_proba else np.zeros(0, int)
-    _, smallest = min_class(y[cal]) if len(cal) else ("", 0)
-    k = min(CALIBRATION_FOLDS, smallest)
-    if k < 2:
-        cal = np.zeros(0, dtype=np.int64)
-    fit_pos = np.setdiff1d(np.arange(len(y)), cal)
-    n_fit = len(fit_pos)
-    say(f"fitting {head} on {n_fit} rows ({rows.describe()}), {len(classes)} classes, "
-        f"streamed in chunks of {chunk_rows} rows"
-        + (f", {len(cal)} rows held out to calibrate" if len(cal) else "")
-        + (", searching its grid" if search else ""))
-    total = stream.work(head, params, n_fit, search=search, seed=seed) + len(cal) + len(y)
-    with Progress(total, f"fit {head}", enabled=progress, unit="row") as bar:
-        estimator, chosen = stream.fit_configuration(
-            store, rows.train[fit_pos], y[fit_pos], head, params, class_weight=class_weight,
-            search=search, seed=seed, chunk_rows=chunk_rows, tick=bar.update, note=bar.note)
-        calibration, probabilities = "native", "native"
-        if not spec.native_proba:
-            if len(cal):
-                from sklearn.calibration import CalibratedClassifierCV
-                from sklearn.frozen import FrozenEstimator
-
-                bar.note("calibrating")
-                Xc = stream.read_rows(store, rows.train[cal], chunk_rows)
-                bar.update(len(cal))
-                # the fitted pipeline is frozen: the folds only split the calibration rows
-                estimator = CalibratedClassifierCV(FrozenEstimator(estimator),
-                                                   method="temperature", cv=k).fit(Xc, y[cal])
-                probabilities = "calibrated"
-                calibration = (f"temperature scaling on {len(cal)} held-out training rows "
-                               "(not trained on)")
-            else:
-                probabilities = "scores"
-                calibration = "none (too few rows per class: confidence is a softmax of scores)"
-        bar.note("training accuracy")
-        pred, _, _ = stream.predict_rows(estimator, store, rows.train, chunk_rows=chunk_rows,
-                                         tick=bar.update)
-    train_acc = float((pred == y).mean())
-    manifest = artifacts.new_manifest(
-        head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
-        calibration=calibration, probabilities=probabilities,
-        classes=[str(c) for c in estimator.classes_],
-        store_identity=store.identity,
-        training=_training(store, rows, classes, counts, train_acc,
-                           streamed={"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
-                                     "fitted_rows": int(n_fit),
-                                     "calibration_rows": int(len(cal))}),
-    )
-    check = stream.read_rows(store, rows.train[_check_sample(len(y))], chunk_rows)
-    path = artifacts.save(out, estimator, manifest, check_rows=check)
-    return FitResult(path, head, chosen, int(n_fit), [str(c) for c in classes], calibration,
-                     time.perf_counter() - t0, train_acc)
 
 
 def _epochs(estimator: Any) -> int:

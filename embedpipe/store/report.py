@@ -1,0 +1,75 @@
+"""What a store holds, as a report (``embedpipe info``): a JSON-ready dict and its text form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .read import open_store
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """The report of the store at ``path`` (its features are not read): rows, feature_dim,
+    dtype, classes (name → rows), unlabeled rows, splits (name → rows), the identity (model,
+    weights source and sha256, pool, precision, data_config), created, versions, the number of
+    run records and the last one (``last_run``: what it was, when, its status and where), and
+    the skipped files with their reasons. Raises StoreError as open_store."""
+    s = open_store(path, features=False)
+    names, counts = np.unique(np.array([sp or "(none)" for sp in s.splits], dtype=object),
+                              return_counts=True)
+    return {
+        "store": str(path), "rows": len(s), "feature_dim": s.meta.get("feature_dim"),
+        "dtype": s.meta.get("dtype"), "classes": s.class_counts(),
+        "unlabeled": int((s.labels < 0).sum()),
+        "splits": {str(k): int(v) for k, v in zip(names, counts)},
+        "model": s.meta.get("model"),
+        "weights": {"source": s.meta.get("weights_source"),
+                    "sha256": s.meta.get("weights_sha256")},
+        "pool": s.meta.get("pool"), "precision": s.meta.get("precision"),
+        "data_config": s.meta.get("data_config"), "created": s.meta.get("created"),
+        "versions": s.meta.get("versions"), "runs": len(s.runs),
+        "last_run": _last_run(s.runs[-1]) if s.runs else None,
+        "skipped": [{"path": p, "reason": r} for p, r in s.errors],
+    }
+
+
+def _last_run(run: dict[str, Any]) -> dict[str, Any]:
+    """What a run record says in one line: an extract run (started, status, device) or a merge
+    (finished, status, how many stores)."""
+    if "merged" in run:
+        return {"kind": "merge", "when": run.get("finished"), "status": run.get("status"),
+                "where": f"{len(run['merged'])} stores"}
+    return {"kind": "extract", "when": run.get("started"), "status": run.get("status"),
+            "where": run.get("device")}
+
+
+def format_info(report: dict[str, Any], show: int = 50) -> str:
+    """The text of ``embedpipe info``: ``report`` (from ``describe``) with at most ``show``
+    skipped files listed."""
+    dc = report["data_config"] or {}
+    classes = report["classes"]
+    unlabeled = report["unlabeled"]
+    lines = [
+        f"store      {report['store']}",
+        f"rows       {report['rows']} × {report['feature_dim']} ({report['dtype']})",
+        f"model      {report['model']}  pool={report['pool']}  precision={report['precision']}",
+        f"weights    {report['weights']['source']}  sha256={report['weights']['sha256']}",
+        "preprocess " + ", ".join(f"{k}={v}" for k, v in sorted(dc.items())),
+        f"classes    {len(classes)}" + (f" (+{unlabeled} unlabeled)" if unlabeled else ""),
+    ]
+    width = max((len(c) for c in classes), default=0)
+    lines += [f"  {c:<{width}}  {n}" for c, n in classes.items()]
+    lines.append("splits     " + ", ".join(f"{k}={v}" for k, v in sorted(report["splits"].items())))
+    last = report["last_run"]
+    if last is not None:
+        lines.append(f"last run   {last['when']} {last['status']} on {last['where']}"
+                     if last["kind"] == "extract" else
+                     f"last run   merge of {last['where']}, {last['when']} {last['status']}")
+    skipped = report["skipped"]
+    lines.append(f"skipped    {len(skipped)}")
+    lines += [f"  {e['path']}: {e['reason']}" for e in skipped[:show]]
+    if len(skipped) > show:
+        lines.append(f"  ... and {len(skipped) - show} more (--show N)")
+    return "\n".join(lines)
