@@ -18,7 +18,8 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 from . import DEFAULT_MODEL
 from .errors import UserError
@@ -91,14 +92,14 @@ def run_extract(source: PathLike, out: PathLike, opts: ExtractOptions, *,
             raise ExtractError(RAY_MISSING) from None
         from .extract.ray import run as run_ray
 
-        return run_ray(source, out, opts, address=address, workers=workers,
+        return run_ray(Path(source), Path(out), opts, address=address, workers=workers,
                        gpus_per_worker=gpus_per_worker, progress=progress)
     if address is not None or gpus_per_worker:
         raise ExtractError("--address and --num-gpus-per-worker go with --engine ray; add "
                            "--engine ray or drop them")
     from .extract.local import run as run_local
 
-    return run_local(source, out, opts, progress=progress)
+    return run_local(Path(source), Path(out), opts, progress=progress)
 
 
 def extract(source: PathLike, out: PathLike | None = None, *, model: str = DEFAULT_MODEL,
@@ -131,7 +132,7 @@ def extract(source: PathLike, out: PathLike | None = None, *, model: str = DEFAU
     from .store.read import open_store
 
     opts = extract_options(model, weights, **options)
-    dest = Path(out) if out is not None else default_store_path(source, opts, CACHE_DIR)
+    dest = Path(out) if out is not None else default_store_path(Path(source), opts, CACHE_DIR)
     summary = run_extract(source, dest, opts, engine=engine, address=address,
                           workers=opts.workers, gpus_per_worker=num_gpus_per_worker,
                           progress=progress)
@@ -297,7 +298,7 @@ def load_head(path: PathLike) -> Head:
     a missing, damaged, foreign or untrusted file."""
     from .heads import artifacts
 
-    return Head(artifacts.load(path))
+    return Head(artifacts.load(Path(path)))
 
 
 def fit(store: StoreLike, head: str = "logreg", *, out: PathLike | None = None,
@@ -325,7 +326,7 @@ def fit(store: StoreLike, head: str = "logreg", *, out: PathLike | None = None,
     src: Any = paths[0] if len(paths) == 1 else paths
     say = (lambda m: None) if not progress else _stderr
     if out is not None:
-        train.fit(src, head, out, params=params, class_weight=class_weight, search=search,
+        train.fit(src, head, Path(out), params=params, class_weight=class_weight, search=search,
                   seed=seed, jobs=jobs, chunk_rows=chunk_rows, progress=progress, say=say)
         return load_head(out)
     with tempfile.TemporaryDirectory(prefix="embedpipe-fit-") as tmp:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -198,7 +199,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         if self.cache is not None and Path(self.cache).exists():
             from .store.read import read_identity
 
-            stored = read_identity(self.cache)
+            stored = read_identity(Path(self.cache))
             if stored.get("feature_dim"):
                 return int(stored["feature_dim"])
         return self._runtime_for(opts).dim
@@ -244,13 +245,14 @@ class Embedder(TransformerMixin, BaseEstimator):
             except DecodeError as e:
                 raise EmbedderError(f"{p}: {e}; pass image files that exist and can be "
                                     "read") from None
-        known = _trusted(cache, opts)
-        found = _lookup(cache, hashes) if known else {}
+        if cache.exists() and not _trusted(cache, opts):
+            self._check_identity(cache, opts)  # loads the backbone; StoreMismatch if it differs
+        found = _lookup(cache, hashes)
         missing = sorted({i for i, h in enumerate(hashes) if h not in found},
                          key=lambda i: str(paths[i]))
         feats: dict[str, np.ndarray] = {}
         embedded = 0
-        if missing or not known:
+        if missing:
             feats, embedded = self._extract_into(cache, [paths[i] for i in missing],
                                                  [hashes[i] for i in missing], opts)
             found = _lookup(cache, hashes)
@@ -259,10 +261,21 @@ class Embedder(TransformerMixin, BaseEstimator):
         self._count(embedded=embedded, cached=max(0, len(hashes) - embedded))
         return [feats[h] if h in feats else stored[found[h]] for h in hashes]
 
+    def _check_identity(self, cache: Path, opts: ExtractOptions) -> None:
+        """Raise StoreMismatch when the cache store holds features of another backbone,
+        weights, preprocessing, pool, precision or dtype than this Embedder's."""
+        from .store.read import read_identity
+        from .store.schema import StoreMismatch, describe_mismatch
+
+        stored = read_identity(cache)
+        rt = self._runtime_for(opts, stored.get("precision"))
+        mismatch = describe_mismatch(cache, stored, rt.identity)
+        if mismatch:
+            raise StoreMismatch(mismatch.replace("pass another --out", "pass another cache="))
+
     def _extract_into(self, cache: Path, paths: list[Path], hashes: list[str],
                       opts: ExtractOptions) -> tuple[dict[str, np.ndarray], int]:
-        """Extract ``paths`` into the cache store with this instance's backbone (also when
-        there are none: that checks the store's identity against the backbone's). Returns the
+        """Extract ``paths`` into the cache store with this instance's backbone. Returns the
         features embedded in memory instead, by hash, when the store is busy (else none), and
         how many images the backbone ran on."""
         from .data import Discovery, ImageRef

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import ok, read_csv
 
 import embedpipe
 from embedpipe.datasets import write_fashion_mnist_folder
-
-from clitools import ok, read_csv
 
 PER_CLASS = 4  # 40 images: 4 of each of the 10 classes
 
@@ -265,6 +264,26 @@ def test_extract_store_is_a_cache_keyed_by_content(photos, photos_store, tmp_pat
     want = store.features[[row[str(Path(p).relative_to(moved))] for p in _paths(moved)[::-1]]]
     np.testing.assert_array_equal(X, want)
     assert (getattr(embed, "n_embedded_", 0), embed.n_cached_) == (0, 40)
+
+
+def test_a_cache_of_other_options_is_checked_by_identity(photos, photos_store, tmp_path):
+    """Options that differ from the store's last run (weights="bundled" vs the default) take
+    the full check: the backbone is loaded and its identity compared; the same features are
+    then read by hash, other features (another input size) are refused in one line."""
+    cache = tmp_path / "cache.h5"
+    shutil.copy(photos_store, cache)
+    os.chmod(cache, 0o644)
+    embed = embedpipe.Embedder(weights="bundled", cache=cache)
+    X = embed.transform(_paths(photos))
+    assert (getattr(embed, "n_embedded_", 0), embed.n_cached_) == (0, 40)
+    store = embedpipe.open_store(photos_store)
+    row = {p: i for i, p in enumerate(store.paths)}
+    want = store.features[[row[str(Path(p).relative_to(photos))] for p in _paths(photos)]]
+    np.testing.assert_array_equal(X, want)
+    with pytest.raises(embedpipe.EmbedpipeError, match="another cache=") as info:
+        embedpipe.Embedder(img_size=160, cache=cache).transform(_paths(photos)[:1])
+    assert "data_config" in str(info.value) and "\n" not in str(info.value)
+    assert len(embedpipe.open_store(cache)) == 40  # nothing was added
 
 
 def test_cached_transform_in_a_fresh_process_never_imports_torch(photos, photos_store,
