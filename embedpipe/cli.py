@@ -114,7 +114,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the full tr
     classical heads on them."""
 
 
-CACHE_DIR = Path("cache")
+CACHE_DIR = Path("cache")  # the same as embedpipe.api.CACHE_DIR
 FT = FinetuneOptions  # `finetune` takes its defaults from here
 
 # -- options shared by several commands: declared once, defaults from the library ----------------
@@ -229,14 +229,7 @@ def extract(
     quiet: Quiet = False,
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
-    if engine == "ray":
-        try:  # before torch is imported: a missing extra fails fast
-            import ray  # noqa: F401
-        except ImportError:
-            from .errors import RAY_MISSING
-
-            _fail(RAY_MISSING)
-    from .extract.local import run as run_local
+    from .api import run_extract
     from .extract.options import default_store_path
 
     opts = ExtractOptions(model=model, weights=weights, random_init=random_init, pool=pool,
@@ -246,18 +239,8 @@ def extract(
                           max_pixels=max_pixels, prune=prune, shard=shard, tta=tta,
                           compile=compile_)
     store = out or default_store_path(data, opts, CACHE_DIR)
-    if engine == "ray":
-        from .extract.ray import run as run_ray
-
-        summary = run_ray(data, store, opts, address=address, workers=workers,
-                       gpus_per_worker=num_gpus_per_worker, progress=not quiet)
-    elif engine != "in-process":
-        _fail(f"--engine {engine}: pass in-process (the default) or ray")
-    elif address is not None or num_gpus_per_worker:
-        _fail("--address and --num-gpus-per-worker go with --engine ray; add --engine ray or "
-              "drop them")
-    else:
-        summary = run_local(data, store, opts, progress=not quiet)
+    summary = run_extract(data, store, opts, engine=engine, address=address, workers=workers,
+                          gpus_per_worker=num_gpus_per_worker, progress=not quiet)
     skipped = summary.failures + summary.ignored_files
     for path, reason in skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)

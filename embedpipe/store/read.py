@@ -96,6 +96,17 @@ class FeatureStore:
             return {"stacked": self.meta["stacked"], "feature_dim": self.dim}
         return {k: self.meta.get(k) for k in IDENTITY_KEYS}
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the features come from: the identity (model, weights source and sha256,
+        data_config as JSON, pool, feature_dim, precision, dtype) plus when the store was
+        created and the library versions of its runs (``created``, ``versions``); stacked
+        stores: their identity (one per member)."""
+        if "stacked" in self.meta:
+            return self.identity
+        return {**self.identity, "created": self.meta.get("created"),
+                "versions": self.meta.get("versions")}
+
     def label_names(self) -> list[str | None]:
         return [self.classes[i] if i >= 0 else None for i in self.labels]
 

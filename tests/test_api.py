@@ -1,0 +1,342 @@
+"""The Python API (embedpipe/__init__.py, api.py, embedder.py) on real Fashion-MNIST images and
+the bundled EfficientNet-Lite0: what a script or notebook user sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clitools import ok, read_csv
+
+import embedpipe
+from embedpipe.datasets import write_fashion_mnist_folder
+
+PER_CLASS = 4  # 40 images: 4 of each of the 10 classes
+
+
+def _python(code: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(embedpipe.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 real Fashion-MNIST images in class folders (read-only: copy before changing)."""
+    return write_fashion_mnist_folder(tmp_path_factory.mktemp("api") / "photos",
+                                      per_class=PER_CLASS)
+
+
+@pytest.fixture(scope="module")
+def photos_store(photos: Path) -> Path:
+    """``embedpipe.extract(photos, ...)``'s store (read-only: copy before changing)."""
+    out = photos.parent / "photos.h5"
+    store = embedpipe.extract(photos, out)
+    assert len(store) == 10 * PER_CLASS
+    os.chmod(out, 0o444)
+    return out
+
+
+def _paths(photos: Path) -> list[str]:
+    return sorted(str(p) for p in photos.rglob("*.png"))
+
+
+def _labels(paths: list[str]) -> np.ndarray:
+    return np.array([Path(p).parent.name for p in paths])
+
+
+def _no_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading a backbone (and any forward pass) fail the test."""
+    from embedpipe import embedder
+    from embedpipe.extract import runtime
+
+    def refuse(*a, **k):
+        raise AssertionError("the backbone was loaded or run")
+
+    monkeypatch.setattr(embedder._Runtime, "__init__", refuse)
+    monkeypatch.setattr(runtime, "embed", refuse)
+
+
+# -- the front door -----------------------------------------------------------------------
+
+def test_import_is_light_and_names_load_on_use():
+    res = _python(
+        "import sys, embedpipe\n"
+        "heavy = ('torch', 'timm', 'sklearn', 'h5py', 'numpy', 'PIL')\n"
+        "def loaded(): return sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+        "print(loaded())\n"
+        "assert set(embedpipe.__all__) <= set(dir(embedpipe))\n"
+        "for name in ('fit', 'cv', 'load_head', 'Head', 'CVReport', 'EmbedpipeError'):\n"
+        "    getattr(embedpipe, name)\n"
+        "print(loaded())\n"
+        "embedpipe.open_store, embedpipe.Store, embedpipe.extract\n"
+        "print(loaded())\n"
+        "embedpipe.Embedder\n"
+        "print(loaded())\n")
+    assert res.returncode == 0, res.stderr
+    bare, api, store, embedder = (json.loads(line.replace("'", '"'))
+                                  for line in res.stdout.splitlines())
+    assert bare == [] and api == []  # `import embedpipe` and the API functions: nothing heavy
+    assert "torch" not in store and "sklearn" not in store  # stores: numpy + h5py only
+    assert "torch" not in embedder  # the Embedder loads torch on its first transform
+
+
+def test_public_names_are_documented_and_typed():
+    import inspect
+
+    root = Path(embedpipe.__file__).parent
+    assert (root / "py.typed").is_file()
+    for name in embedpipe.__all__:
+        obj = getattr(embedpipe, name)
+        if name.startswith("__") or name == "DEFAULT_MODEL":
+            continue
+        assert (obj.__doc__ or "").strip(), name
+        if callable(obj) and not isinstance(obj, type):
+            sig = inspect.signature(obj)
+            assert sig.return_annotation is not inspect.Signature.empty, name
+    assert embedpipe.extract is sys.modules["embedpipe.extract"]  # the package, callable
+    assert "source" in inspect.signature(embedpipe.extract).parameters
+
+
+# -- extract / open_store / cv / fit / load_head -------------------------------------------------
+
+def test_extract_returns_the_store_and_reruns_do_nothing(photos, photos_store, tmp_path):
+    store = embedpipe.open_store(photos_store)
+    assert isinstance(store, embedpipe.Store)
+    assert store.features.shape == (40, 1280) and store.features.dtype == np.float32
+    assert sorted(store.class_counts().values()) == [PER_CLASS] * 10
+    assert store.provenance["model"] == embedpipe.DEFAULT_MODEL
+    assert store.provenance["weights_source"].startswith("bundled:")
+    assert store.provenance["feature_dim"] == 1280 and store.provenance["created"]
+    out = tmp_path / "again.h5"
+    shutil.copy(photos_store, out)
+    os.chmod(out, 0o644)
+    again = embedpipe.extract(photos, out)  # the CLI's resumability: nothing new to do
+    last = again.runs[-1]["summary"]
+    assert (last["extracted"], last["unchanged"]) == (0, 40)
+    np.testing.assert_array_equal(again.features, store.features)
+
+
+def test_cv_fit_predict_and_the_cli_agree(photos_store, tmp_path):
+    report = embedpipe.cv(photos_store, heads=["logreg", "centroid"], folds=4)
+    d = report.to_dict()
+    assert report.heads == [h["head"] for h in d["heads"]] and report.best == d["heads"][0]["head"]
+    assert d["splitter"] == "StratifiedKFold(n_splits=4, shuffle=True, random_state=0)"
+    frame = report.to_frame()
+    assert list(frame["head"]) == report.heads
+    assert frame.loc[0, "accuracy_mean"] == pytest.approx(report.score())
+    assert report.score() > 0.3  # chance is 0.1 on 10 balanced classes
+    assert "logreg" in str(report)
+    d["heads"].clear()
+    assert report.to_dict()["heads"]  # to_dict is a copy
+
+    cli_json = tmp_path / "cv.json"
+    ok("cv", photos_store, "--head", "logreg", "--head", "centroid", "--folds", "4", "--json",
+       cli_json, "-q")
+    cli_heads = json.loads(cli_json.read_text())["heads"]
+    assert [(h["head"], h["accuracy"]) for h in cli_heads] == \
+        [(h["head"], h["accuracy"]) for h in report.to_dict()["heads"]]
+
+    store = embedpipe.open_store(photos_store)
+    head = embedpipe.fit(store, "logreg", C=0.5)
+    assert head.path is None and head.manifest["params"] == {"C": 0.5}
+    assert list(head.classes_) == sorted(store.classes)
+    pred = head.predict(store)
+    np.testing.assert_array_equal(pred, head.predict(store.features))
+    np.testing.assert_array_equal(pred, head.predict(str(photos_store)))
+    proba = head.predict_proba(store)
+    assert proba.shape == (40, 10)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(head.classes_[proba.argmax(axis=1)], pred)
+    assert (pred == np.array(store.label_names())).mean() > 0.5  # its own training rows
+
+    saved = head.save(tmp_path / "logreg.skops")
+    loaded = embedpipe.load_head(saved)
+    assert loaded.path == saved and loaded.manifest == head.manifest
+    np.testing.assert_allclose(loaded.predict_proba(store.features), proba)
+    csv_out = tmp_path / "preds.csv"  # the CLI takes the library's head file
+    ok("predict", saved, "--store", photos_store, "-o", csv_out, "-q")
+    assert [r["predicted"] for r in read_csv(csv_out)] == list(pred)
+
+    written = embedpipe.fit(photos_store, "logreg", out=tmp_path / "cli-like.skops", C=0.5)
+    assert written.path == tmp_path / "cli-like.skops"
+    np.testing.assert_allclose(written.predict_proba(store.features), proba)
+
+
+def test_library_errors_are_embedpipe_errors_not_exits(photos, photos_store, tmp_path):
+    from embedpipe.api import Head
+
+    def raises(fn, *needles):
+        with pytest.raises(embedpipe.EmbedpipeError) as info:
+            fn()
+        text = str(info.value)
+        assert "\n" not in text, text
+        for n in needles:
+            assert n in text, text
+        return info.value
+
+    raises(lambda: embedpipe.extract(tmp_path / "nope", tmp_path / "x.h5"), "nope")
+    raises(lambda: embedpipe.extract(photos, tmp_path / "x.h5", img_sise=224), "img_sise",
+           "img_size")
+    raises(lambda: embedpipe.extract(photos, tmp_path / "x.h5", engine="spark"), "spark")
+    raises(lambda: embedpipe.fit(photos_store, "forest"), "forest")
+    raises(lambda: embedpipe.fit(photos_store, "logreg", C=-1), "C")
+    raises(lambda: embedpipe.cv(photos_store, heads=["logreg"], folds=1), "folds")
+    raises(lambda: embedpipe.load_head(tmp_path / "missing.skops"), "missing.skops")
+    raises(lambda: embedpipe.fit(42), "int")
+    head = embedpipe.fit(photos_store, "centroid")
+    assert isinstance(head, Head)
+    raises(lambda: head.predict(np.zeros((2, 7), dtype=np.float32)), "(2, 7)", "1280")
+    raises(lambda: embedpipe.Embedder().transform("one.png"), "list")
+    raises(lambda: embedpipe.Embedder().transform([1, 2]), "X[0]", "int")
+    raises(lambda: embedpipe.Embedder(batch_size=0).fit(), "batch_size")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not an image at all")
+    raises(lambda: embedpipe.Embedder(cache=tmp_path / "c.h5").transform([bad / "broken.png"]),
+           "broken.png")
+    raises(lambda: embedpipe.Embedder().transform([bad / "absent.png"]), "absent.png")
+
+
+# -- Embedder ---------------------------------------------------------------------------------
+
+def test_pipeline_cross_val_score_and_grid_search_read_the_cache(photos, tmp_path,
+                                                                 monkeypatch, capsys):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+    from sklearn.pipeline import Pipeline
+
+    paths, y = _paths(photos), _labels(_paths(photos))
+    cache = tmp_path / "embeddings.h5"
+    embed = embedpipe.Embedder(cache=cache)
+    t0 = time.perf_counter()
+    first = embed.transform(paths)
+    t1 = time.perf_counter()
+    second = embed.transform(paths)
+    t2 = time.perf_counter()
+    with capsys.disabled():
+        print(f"\nEmbedder cache: first transform of {len(paths)} images {t1 - t0:.2f} s "
+              f"(loads Lite0 and embeds), second {t2 - t1:.3f} s (reads the cache): "
+              f"{(t1 - t0) / (t2 - t1):.0f}x")
+    assert first.shape == (40, 1280) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, second)
+    assert (embed.n_embedded_, embed.n_cached_) == (40, 40)  # the second ran nothing
+
+    _no_backbone(monkeypatch)  # from here on, a backbone load or forward pass fails the test
+    pipe = Pipeline([("embed", embedpipe.Embedder(cache=cache)),
+                     ("clf", LogisticRegression(max_iter=1000))])
+    folds = StratifiedKFold(n_splits=4, shuffle=True, random_state=0)
+    scores = cross_val_score(pipe, paths, y, cv=folds)
+    assert scores.shape == (4,) and scores.mean() > 0.3  # chance: 0.1
+    # the same folds on the cached features directly: the pipeline adds nothing, loses nothing
+    direct = cross_val_score(LogisticRegression(max_iter=1000), first, y, cv=folds)
+    np.testing.assert_allclose(scores, direct)
+
+    search = GridSearchCV(pipe, {"clf__C": [0.1, 1.0]}, cv=folds).fit(paths, y)
+    assert search.best_params_["clf__C"] in (0.1, 1.0) and search.best_score_ > 0.3
+    assert list(search.predict(paths[:3])) == list(search.best_estimator_.predict(paths[:3]))
+    names = search.best_estimator_[:-1].get_feature_names_out()
+    assert len(names) == 1280 and names[0] == "embedder0"
+
+
+def test_extract_store_is_a_cache_keyed_by_content(photos, photos_store, tmp_path, monkeypatch):
+    """Files are found by the sha256 of their bytes, under any path: a copy of the folder
+    costs nothing, and the rows are exactly what `extract` stored."""
+    cache = tmp_path / "cache.h5"
+    shutil.copy(photos_store, cache)
+    os.chmod(cache, 0o644)
+    moved = tmp_path / "moved"
+    shutil.copytree(photos, moved)
+    _no_backbone(monkeypatch)
+    embed = embedpipe.Embedder(cache=cache)
+    X = embed.transform(_paths(moved)[::-1])
+    store = embedpipe.open_store(photos_store)
+    row = {p: i for i, p in enumerate(store.paths)}
+    want = store.features[[row[str(Path(p).relative_to(moved))] for p in _paths(moved)[::-1]]]
+    np.testing.assert_array_equal(X, want)
+    assert (getattr(embed, "n_embedded_", 0), embed.n_cached_) == (0, 40)
+
+
+def test_a_cache_of_other_options_is_checked_by_identity(photos, photos_store, tmp_path):
+    """Options that differ from the store's last run (weights="bundled" vs the default) take
+    the full check: the backbone is loaded and its identity compared; the same features are
+    then read by hash, other features (another input size) are refused in one line."""
+    cache = tmp_path / "cache.h5"
+    shutil.copy(photos_store, cache)
+    os.chmod(cache, 0o644)
+    embed = embedpipe.Embedder(weights="bundled", cache=cache)
+    X = embed.transform(_paths(photos))
+    assert (getattr(embed, "n_embedded_", 0), embed.n_cached_) == (0, 40)
+    store = embedpipe.open_store(photos_store)
+    row = {p: i for i, p in enumerate(store.paths)}
+    want = store.features[[row[str(Path(p).relative_to(photos))] for p in _paths(photos)]]
+    np.testing.assert_array_equal(X, want)
+    with pytest.raises(embedpipe.EmbedpipeError, match="another cache=") as info:
+        embedpipe.Embedder(img_size=160, cache=cache).transform(_paths(photos)[:1])
+    assert "data_config" in str(info.value) and "\n" not in str(info.value)
+    assert len(embedpipe.open_store(cache)) == 40  # nothing was added
+
+
+def test_cached_transform_in_a_fresh_process_never_imports_torch(photos, photos_store,
+                                                                  tmp_path):
+    cache = tmp_path / "cache.h5"
+    shutil.copy(photos_store, cache)
+    os.chmod(cache, 0o644)
+    res = _python(
+        "import sys, numpy as np, embedpipe\n"
+        f"paths = {_paths(photos)!r}\n"
+        f"X = embedpipe.Embedder(cache={str(cache)!r}).transform(paths)\n"
+        f"np.save({str(tmp_path / 'X.npy')!r}, X)\n"
+        "print('torch' in sys.modules, 'timm' in sys.modules)\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "False"]
+    store = embedpipe.open_store(photos_store)
+    row = {p: i for i, p in enumerate(store.paths)}
+    want = store.features[[row[str(Path(p).relative_to(photos))] for p in _paths(photos)]]
+    np.testing.assert_array_equal(np.load(tmp_path / "X.npy"), want)
+
+
+def test_no_cache_files_and_pil_images_match_extract(photos, photos_store):
+    from PIL import Image
+
+    paths = _paths(photos)[:3]
+    embed = embedpipe.Embedder()
+    with Image.open(paths[0]) as im:
+        pil = im.copy()
+    X = embed.transform([paths[0], pil, Path(paths[1]), paths[2]])
+    assert X.shape == (4, 1280) and X.dtype == np.float32
+    assert embed.n_embedded_ == 4 and getattr(embed, "n_cached_", 0) == 0
+    store = embedpipe.open_store(photos_store)
+    row = {p: i for i, p in enumerate(store.paths)}
+    want = store.features[[row[str(Path(p).relative_to(photos))] for p in paths]]
+    # same decoding, preprocessing, precision and forward pass as extract (batch size differs)
+    np.testing.assert_allclose(X[[0, 2, 3]], want, rtol=0, atol=2e-2 * np.abs(want).max())
+    np.testing.assert_allclose(X[1], X[0], rtol=0, atol=1e-6)  # a PIL image = its file
+    assert embed.transform([]).shape == (0, 1280)
+
+
+def test_embedder_clones_and_pickles_without_its_backbone(photos):
+    from sklearn.base import clone
+
+    embed = embedpipe.Embedder(batch_size=8, img_size=160, cache=None)
+    assert clone(embed).get_params() == embed.get_params()
+    X = embed.transform(_paths(photos)[:2])
+    assert X.shape == (2, 1280)
+    assert getattr(embed, "_runtime", None) is not None  # loaded for the transform
+    twin = clone(embed)
+    assert getattr(twin, "_runtime", None) is None and twin.get_params()["img_size"] == 160
+    blob = pickle.dumps(embed)
+    assert len(blob) < 20_000  # parameters only: the backbone's ~13 MB weights are not in it
+    back = pickle.loads(blob)
+    assert getattr(back, "_runtime", None) is None and back.get_params() == embed.get_params()
+    np.testing.assert_array_equal(back.transform(_paths(photos)[:2]), X)
+    assert repr(embed).startswith("Embedder(")
