@@ -60,7 +60,7 @@ class Plan:
 
     def __init__(self, dry: bool):
         self.dry = dry
-        self.small = 40 if dry else 8000  # 224×224 JPEGs
+        self.small = 20 if dry else 8000  # 224×224 JPEGs
         self.large = 10 if dry else 800  # 1024×768 JPEGs
         self.batches = (8, 16) if dry else (64, 256)
         self.workers = (0, 1, 2) if dry else (4, 8, 16)

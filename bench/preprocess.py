@@ -150,6 +150,7 @@ def ingraph_norm_cost(cfg: dict, reps: int = 20) -> float:
     """CPU ms per image that normalizing a uint8 NHWC batch of 32 costs inside torch."""
     import torch
 
+    torch.set_num_threads(1)  # one core, as the rest of part A
     x = torch.randint(0, 256, (32, 224, 224, 3), dtype=torch.uint8)
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255
@@ -159,6 +160,7 @@ def ingraph_norm_cost(cfg: dict, reps: int = 20) -> float:
         y = (x.permute(0, 3, 1, 2).float() - mean) / std
         y.contiguous(memory_format=torch.channels_last)
         best.append((time.process_time() - t) * 1000 / 32)
+    torch.set_num_threads(bu.cores())
     return bu.median(best)
 
 
@@ -319,8 +321,9 @@ def main() -> None:
                                         for s, f in sets.items()),
              f"part A: {a.reps} interleaved repetitions, one thread; CPU ms = process CPU "
              "time (robust to other load), wall ms beside it",
-             f"part B: {a.pipeline_images} images per set and run, {a.reps} interleaved "
-             "repetitions; Lite0 bf16 autocast, channels_last, compile off, batch 32",
+             (f"part B: {a.pipeline_images} images per set and run, {a.reps} interleaved "
+              "repetitions; Lite0 bf16 autocast, channels_last, compile off, batch 32"
+              if B["img_s"] else "part B: not run"),
              f"whole script {wall / 60:.1f} min"]
     if a.quick:
         facts.append("QUICK smoke-test run: numbers mean nothing")
