@@ -39,6 +39,10 @@ SPLIT_ALIASES: dict[str, str] = {
     "testing": "test",
 }
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default bomb limit
+# Longest side / shortest side an image keeps before any resize (limit_aspect). 16:1 leaves
+# every photo and panorama as it is; a 1x65000 strip would otherwise be resized to 256 x
+# 16.6 million pixels (12 GB) on its way to a 224 x 224 model input.
+MAX_ASPECT = 16
 LAYOUTS = ("auto", "class-folders", "split-folders", "manifest", "unlabeled")
 
 _HIGH_BIT_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -347,6 +351,30 @@ def decode_image(
         return _to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # truncated data, broken streams, bad EXIF ...
         raise DecodeError(_corrupt_reason(e)) from e
+
+
+def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
+    """Centre-crop the longer side of an image to at most ``max_aspect`` times its shorter side
+    (left = (width - new width) // 2, same for top); images within the limit are returned as
+    they are (the same object).
+
+    Every decode+resize path calls this before its first resize (backbones.make_transform,
+    hence extract, serve, predict from images and finetune; export.preprocess): a resize that
+    scales the shorter side to the model's size S then makes at most S x (max_aspect * S)
+    pixels, whatever the geometry (a 1 x 65000 PNG: 16 x 1 before the resize). With a
+    centre-crop preprocessing the model sees the central crop_pct * short side anyway, so
+    the crop changes no pixel it would have seen (up to the rounding of the crop offset).
+    """
+    w, h = img.size
+    if w > h * max_aspect:
+        nw = h * max_aspect
+        left = (w - nw) // 2
+        return img.crop((left, 0, left + nw, h))
+    if h > w * max_aspect:
+        nh = w * max_aspect
+        top = (h - nh) // 2
+        return img.crop((0, top, w, top + nh))
+    return img
 
 
 def load_image(

@@ -27,6 +27,7 @@ from imagegen import (
     make_messy_folder,
     pattern,
     save,
+    strip_png,
 )
 from PIL import Image
 
@@ -613,3 +614,24 @@ def test_max_pixels_bounds_what_is_decoded(tmp_path: Path):
     assert "skipped a/over.png: decompression bomb: 65x64 = 4160 pixels > limit 4096 " \
            "(raise --max-pixels)" in res.output
     assert open_store(out).paths == ["a/exact.png"]
+@pytest.mark.parametrize("size, kept, box", [
+    ((65000, 1), (16, 1), (32492, 0, 32508, 1)),
+    ((1, 65000), (1, 16), (0, 32492, 1, 32508)),
+    ((1000, 10), (160, 10), (420, 0, 580, 10)),
+    ((161, 10), (160, 10), (0, 0, 160, 10)),
+])
+def test_limit_aspect_centre_crops_elongated_images_to_16_to_1(size, kept, box) -> None:
+    """The one rule every decode+resize path applies before resizing (a 1 x 65000 PNG of a
+    few hundred bytes would otherwise become 256 x 16.6 million pixels)."""
+    blob = strip_png(size)
+    assert len(blob) < 1000
+    img = data.decode_image(blob)
+    out = data.limit_aspect(img)
+    assert out.size == kept
+    assert np.array_equal(np.asarray(out), np.asarray(img.crop(box)))
+
+
+@pytest.mark.parametrize("size", [(160, 10), (10, 160), (28, 28), (6000, 400), (1, 1)])
+def test_limit_aspect_leaves_ordinary_images_alone(size) -> None:
+    img = Image.new("RGB", size)
+    assert data.limit_aspect(img) is img

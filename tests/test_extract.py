@@ -18,7 +18,7 @@ import timm
 import timm.data
 import torch
 from clitools import EMBEDPIPE, peek_committed, run
-from imagegen import make_messy_folder
+from imagegen import make_aspect_bombs, make_messy_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -687,3 +687,36 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(fmnist_src: Path, tmp_p
     assert proc.returncode == 130, stdout + stderr
     assert "Traceback" not in stdout + stderr
     assert "interrupted" in stderr and "rerun the same command" in stderr
+def _extract_peak_rss_mib(src: Path, out: Path) -> tuple[float, str]:
+    """Peak resident memory (MiB) of `embedpipe extract SRC -o OUT` and of the loader workers it
+    starts (ru_maxrss of the largest child, read in a wrapper process so nothing the test
+    process ran before counts), and the run's output."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "sys.stderr.write(r.stdout + r.stderr)\n"
+               "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    res = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "embedpipe.cli",
+                          "extract", str(src), "-o", str(out), "--workers", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=out.parent)
+    rc, kib = res.stdout.split()
+    assert rc == "0", res.stderr
+    return int(kib) / 1024, res.stderr
+
+
+def test_aspect_ratio_bombs_extract_in_bounded_memory_as_their_centre_crop(fmnist: Path,
+                                                                           tmp_path: Path):
+    """A 20000 x 1 and a 1 x 20000 PNG (a few hundred bytes each; before the fix the resize
+    made 256 x 5.1 million pixels and extract peaked at 5.9 GB) extract like their documented
+    16:1 centre crops, and the run's peak memory stays that of a plain run."""
+    plain_mib, _ = _extract_peak_rss_mib(fmnist, tmp_path / "plain.h5")
+    pairs = make_aspect_bombs(fmnist / "strips", 20000)
+    bomb_mib, output = _extract_peak_rss_mib(fmnist, tmp_path / "bombs.h5")
+    assert "failed" not in output or " 0 failed" in output, output
+    assert bomb_mib < plain_mib * 1.1 + 64, (plain_mib, bomb_mib)
+    feats = by_path(open_store(tmp_path / "bombs.h5"))
+    for bomb, crop in pairs.items():
+        np.testing.assert_allclose(feats[f"strips/{bomb}"], feats[f"strips/{crop}"], atol=1e-5)
+    # and a plain image's features did not change
+    plain = by_path(open_store(tmp_path / "plain.h5"))
+    for path, f in plain.items():
+        np.testing.assert_array_equal(f, feats[path])
