@@ -180,14 +180,61 @@ def _scan(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 
 def display_name(name: str) -> str:
-    """A file name as valid UTF-8 text: bytes that are not UTF-8 (which Python keeps as lone
-    surrogates) are written as backslash escapes, e.g. ``caf\\xe9.jpg``. Stores, class names
-    and messages use this form; the file itself is still opened by its real name."""
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name (or path) as valid UTF-8 text, one to one: each byte that is not UTF-8
+    (which Python keeps as a lone surrogate, U+DC80..U+DCFF) is written ``\\xHH`` and a
+    literal backslash is doubled, so ``caf`` + byte 0xE9 + ``.jpg`` is ``caf\\xe9.jpg`` while a
+    file literally named ``caf\\xe9.jpg`` is ``caf\\\\xe9.jpg``. No two names give the same
+    text, and :func:`fs_name` gives the name back. Stores, class names, CSVs and messages use
+    this form; the file itself is opened by its real name.
+
+    Stores written before this rule kept a literal backslash single: such a
+    file is extracted again under its doubled path and the old row is reported as vanished
+    (``extract --prune`` removes it).
+    """
+    if "\\" not in name:
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch)  # other lone surrogates cannot come from os.fsdecode on UTF-8
+    return "".join(out)
+
+
+def fs_name(text: str) -> str:
+    """The inverse of :func:`display_name`: stored text → the name to open (a str with lone
+    surrogates for bytes that are not UTF-8, as ``os`` functions take). A backslash not
+    followed by a backslash or by ``x`` and two hex digits of a byte >= 0x80 is kept as it is
+    (the text of a store written before display_name doubled backslashes)."""
+    if "\\" not in text:
+        return text
+    out, i, n = [], 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\" and i + 1 < n and text[i + 1] == "\\":
+            out.append("\\")
+            i += 2
+            continue
+        if ch == "\\" and text[i + 1:i + 2] == "x":
+            hex2 = text[i + 2:i + 4]
+            try:
+                byte = int(hex2, 16) if len(hex2) == 2 else -1
+            except ValueError:
+                byte = -1
+            if byte >= 0x80:
+                out.append(chr(0xDC00 + byte))
+                i += 4
+                continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def _detect_layout(rels: Iterable[str]) -> str:

@@ -419,7 +419,7 @@ def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | N
     """Model inputs for static quantization: ``count`` images spread evenly over ``calib``
     (files/folders), or by default over the training rows of the store the head was fitted
     on (its source images, where they still are)."""
-    from .data import DecodeError, load_image
+    from .data import DecodeError, fs_name, load_image
 
     paths: list[Path] = []
     if calib:
@@ -440,7 +440,7 @@ def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | N
                     break
                 split = train.get("split")
                 use_split = split in set(st.splits)  # else e.g. "all labeled rows"
-                paths = [src / p for p, sp in zip(st.paths, st.splits)
+                paths = [src / fs_name(p) for p, sp in zip(st.paths, st.splits)
                          if not use_split or sp == split]
                 paths = [p for p in paths if p.is_file()]
                 break

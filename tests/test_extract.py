@@ -720,3 +720,48 @@ def test_aspect_ratio_bombs_extract_in_bounded_memory_as_their_centre_crop(fmnis
     plain = by_path(open_store(tmp_path / "plain.h5"))
     for path, f in plain.items():
         np.testing.assert_array_equal(f, feats[path])
+
+
+def test_non_utf8_name_beside_its_escape_text_gets_two_rows_and_reruns_clean(tmp_path: Path):
+    """`caf` + byte 0xE9 + `.jpg` beside a file literally named `caf\\xe9.jpg` (two different
+    pictures): two rows under two paths, a rerun extracts nothing, `info` and the predict
+    CSV tell them apart. Before, both were stored as `caf\\xe9.jpg` and every rerun extracted
+    one of them again."""
+    from clitools import ok, read_csv
+
+    from imagegen import encode, pattern
+
+    root = tmp_path / "data"
+    for k, cls in enumerate(("a", "b")):
+        for i in range(3):
+            Image.fromarray(pattern((40, 40), seed=10 * k + i)).save(
+                (root / cls).mkdir(parents=True, exist_ok=True) or root / cls / f"{i}.png")
+    a = os.fsencode(root / "a")
+    with open(a + b"/caf\xe9.jpg", "wb") as f:
+        f.write(encode(Image.fromarray(pattern((50, 30), seed=7)), "JPEG"))
+    with open(a + b"/caf\\xe9.jpg", "wb") as f:
+        f.write(encode(Image.fromarray(pattern((30, 50), seed=8)).rotate(90), "JPEG"))
+    with open(a + b"/bad\xe9.jpg", "wb") as f:  # two broken files: two error rows
+        f.write(b"\xff\xd8 not a jpeg")
+    with open(a + b"/bad\\xe9.jpg", "wb") as f:
+        f.write(b"not a jpeg either")
+    out = tmp_path / "s.h5"
+    extract_ok(root, "-o", out, "--precision", "fp32")
+    store = open_store(out)
+    assert len(store) == 8 and len(set(store.paths)) == 8
+    assert sorted(dict(store.errors)) == ["a/bad\\\\xe9.jpg", "a/bad\\xe9.jpg"]
+    info = cli("info", out).output
+    assert "a/bad\\\\xe9.jpg" in info and "a/bad\\xe9.jpg" in info.replace("a/bad\\\\", "")
+    feats = by_path(store)
+    odd, literal = "a/caf\\xe9.jpg", "a/caf\\\\xe9.jpg"
+    assert not np.allclose(feats[odd], feats[literal])
+    again = extract_ok(root, "-o", out, "--precision", "fp32")
+    assert "0 extracted, 8 already in store, 2 failed" in again.output, again.output
+    assert len(open_store(out)) == 8 and len(open_store(out).errors) == 2
+    head = tmp_path / "h.skops"
+    ok("fit", out, "--head", "centroid", "-o", head, "-q")
+    csv_out = tmp_path / "p.csv"
+    ok("predict", head, root, "-o", csv_out, "-q", "--workers", "0")
+    shown = sorted(r["path"] for r in read_csv(csv_out))
+    assert len(shown) == 8 and f"{root.as_posix()}/{odd}" in shown
+    assert f"{root.as_posix()}/{literal}" in shown
