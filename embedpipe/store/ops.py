@@ -21,6 +21,7 @@ from ._hdf5 import (
     _make_parent,
     _open_swmr_read,
     _unlock,
+    real_path,
 )
 from .read import read_identity, verify
 from .schema import (
@@ -38,8 +39,8 @@ def prune(path: str | Path, rows: set[str], errors: set[str] = frozenset()) -> l
     """Remove the rows whose path is in ``rows`` and the error records whose path is in
     ``errors``, by an atomic rewrite. Returns the removed row paths. Takes the store's writer
     lock (StoreBusy while another process writes it)."""
-    path = Path(path)
-    lock = _lock(path)
+    lock = _lock(Path(path))
+    path = real_path(path)  # rewrite the file, not a symlink to it
     try:
         with _open_swmr_read(path) as src:
             _check_schema(src, path)
@@ -93,6 +94,7 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
             return _merge_into(w, out, inputs, block_rows)
     _make_parent(out)
     lock = _lock(out)
+    out = real_path(out)  # replace the file, not a symlink to it
     tmp = out.with_name(f".{out.name}.{os.getpid()}.merge.h5")
     try:
         for leftover in (tmp, _lock_path(tmp)):
