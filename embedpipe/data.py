@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -386,9 +387,7 @@ def decode_image(
         raise DecodeError(_corrupt_reason(e)) from e
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
-        raise DecodeError(
-            f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels} (raise --max-pixels)"
-        )
+        raise DecodeError(bomb_reason(w, h, max_pixels))
     try:
         if min_size is not None and img.format == "JPEG":
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
@@ -422,6 +421,29 @@ def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
         top = (h - nh) // 2
         return img.crop((0, top, w, top + nh))
     return img
+
+
+def bomb_reason(w: int, h: int, max_pixels: int) -> str:
+    """The failure reason of an image of w x h pixels above ``max_pixels``. It records the
+    limit it failed under, so a later run can tell whether its own limit lets the image
+    through (:func:`passes_max_pixels`)."""
+    return f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels} (raise --max-pixels)"
+
+
+_BOMB_REASON = re.compile(r"decompression bomb: (\d+)x(\d+) = \d+ pixels > limit (\d+)")
+
+
+def passes_max_pixels(reason: str, max_pixels: int | None) -> tuple[bool, str] | None:
+    """For a failure ``reason`` recorded earlier: None when it does not depend on the pixel
+    limit; else (whether an image of that size passes ``max_pixels`` now, the reason as this
+    limit would word it)."""
+    m = _BOMB_REASON.match(reason)
+    if m is None:
+        return None
+    w, h, _ = map(int, m.groups())
+    if max_pixels is None or w * h <= max_pixels:
+        return True, reason
+    return False, bomb_reason(w, h, max_pixels)
 
 
 def load_image(

@@ -765,3 +765,31 @@ def test_non_utf8_name_beside_its_escape_text_gets_two_rows_and_reruns_clean(tmp
     shown = sorted(r["path"] for r in read_csv(csv_out))
     assert len(shown) == 8 and f"{root.as_posix()}/{odd}" in shown
     assert f"{root.as_posix()}/{literal}" in shown
+
+
+def test_a_picture_skipped_for_max_pixels_is_retried_when_the_limit_is_raised(tmp_path: Path):
+    """Before, a rerun with a larger --max-pixels retried nothing and repeated the old limit."""
+    from imagegen import pattern
+
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(pattern((32, 32), seed=ord(cls))).save(root / cls / "small.png")
+    Image.fromarray(pattern((1500, 1000), seed=3)).save(root / "a" / "big.png")  # 1.5 MP
+    out = tmp_path / "s.h5"
+    res = extract_ok(root, "-o", out, "--max-pixels", "1000000")
+    assert "2 extracted" in res.output and "limit 1000000" in res.output, res.output
+    # a limit still too small: not extracted, reported (and recorded) with the new limit
+    res = extract_ok(root, "-o", out, "--max-pixels", "1200000")
+    assert "0 extracted, 2 already in store, 1 failed" in res.output, res.output
+    assert "limit 1200000" in res.output and "limit 1000000" not in res.output
+    assert "limit 1200000" in dict(open_store(out, features=False).errors)["a/big.png"]
+    assert "limit 1200000" in cli("info", out).output
+    # a limit it passes: extracted, its error record gone
+    res = extract_ok(root, "-o", out, "--max-pixels", "2000000")
+    assert "1 extracted, 2 already in store, 0 failed" in res.output, res.output
+    store = open_store(out)
+    assert "a/big.png" in store.paths and not store.errors
+    # and back at the default, nothing to do
+    res = extract_ok(root, "-o", out)
+    assert "0 extracted, 3 already in store, 0 failed" in res.output, res.output
