@@ -380,8 +380,13 @@ def resolve_data_config(model: torch.nn.Module, *, img_size: int | None = None,
 
 
 def make_transform(data_config: dict[str, Any]):
-    """The eval transform (PIL RGB image → normalised CHW float tensor) for a data config."""
-    return timm.data.create_transform(
+    """The eval transform (PIL RGB image → normalised CHW float tensor) for a data config:
+    data.limit_aspect (long side at most MAX_ASPECT times the short side), then timm's."""
+    from torchvision.transforms import Compose
+
+    from .data import limit_aspect
+
+    base = timm.data.create_transform(
         input_size=tuple(data_config["input_size"]),
         interpolation=data_config["interpolation"],
         mean=tuple(data_config["mean"]),
@@ -390,6 +395,7 @@ def make_transform(data_config: dict[str, Any]):
         crop_mode=data_config["crop_mode"],
         is_training=False,
     )
+    return Compose([limit_aspect, *base.transforms])
 
 
 

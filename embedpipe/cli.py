@@ -282,11 +282,16 @@ def merge(
                                                   "to create or extend."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store to create or extend "
                                        "(rows already in it are kept)."),
+    on_conflict: str = typer.Option("error", "--on-conflict", help="A path holding different "
+                                    "images in two stores: error (refuse, the default), "
+                                    "first (keep the first row; the dropped ones are recorded "
+                                    "and listed by `info`), qualify (store every row as "
+                                    "<store name>/<path>)."),
 ) -> None:
     """Merge stores of one backbone (e.g. `extract --shard K/N` outputs) into one store:
     `merge SHARD... -o STORE` (or `merge STORE SHARD...`). Stores with other provenance are
-    refused; a path in several stores keeps its first row (STORE's own, then argument
-    order)."""
+    refused; a path in several stores with the same image is kept once; a path holding
+    different images is refused unless --on-conflict says otherwise."""
     from .env import EXTRACT, versions
     from .store.ops import merge as merge_stores
 
@@ -295,13 +300,17 @@ def merge(
             _fail("Missing argument: the stores to merge; pass SHARD... -o STORE (or STORE "
                   "SHARD...) (see `embedpipe merge --help`)")
         out, stores = stores[0], stores[1:]
-    counts = merge_stores(out, stores, versions=versions(*EXTRACT),
-                  progress=lambda m: typer.echo(m, err=True))
+    counts = merge_stores(out, stores, versions=versions(*EXTRACT), on_conflict=on_conflict,
+                          progress=lambda m: typer.echo(m, err=True))
     conflicts = counts["conflicts"]
     if conflicts:
         typer.echo(f"{len(conflicts)} paths are in several stores with different content "
                    f"(e.g. {conflicts[0]}); kept the first row of each (the target's own, then "
-                   "argument order)", err=True)
+                   "argument order); the dropped rows are recorded: `embedpipe info "
+                   f"{out}` lists them", err=True)
+    if counts.get("qualified"):
+        typer.echo("paths qualified by store: " + ", ".join(
+            f"{p} → {q}/" for p, q in counts["qualified"].items()), err=True)
     typer.echo(f"merged {len(stores)} stores into {out}: {counts['added']} rows added, "
                f"{counts['skipped']} already there, {len(conflicts)} conflicting duplicates "
                f"dropped, {counts['errors']} skipped-file records")

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ SPLIT_ALIASES: dict[str, str] = {
     "testing": "test",
 }
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default bomb limit
+# Longest side / shortest side an image keeps before any resize (limit_aspect). 16:1 leaves
+# every photo and panorama as it is; a 1x65000 strip would otherwise be resized to 256 x
+# 16.6 million pixels (12 GB) on its way to a 224 x 224 model input.
+MAX_ASPECT = 16
 LAYOUTS = ("auto", "class-folders", "split-folders", "manifest", "unlabeled")
 
 _HIGH_BIT_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -176,14 +181,61 @@ def _scan(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 
 def display_name(name: str) -> str:
-    """A file name as valid UTF-8 text: bytes that are not UTF-8 (which Python keeps as lone
-    surrogates) are written as backslash escapes, e.g. ``caf\\xe9.jpg``. Stores, class names
-    and messages use this form; the file itself is still opened by its real name."""
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name (or path) as valid UTF-8 text, one to one: each byte that is not UTF-8
+    (which Python keeps as a lone surrogate, U+DC80..U+DCFF) is written ``\\xHH`` and a
+    literal backslash is doubled, so ``caf`` + byte 0xE9 + ``.jpg`` is ``caf\\xe9.jpg`` while a
+    file literally named ``caf\\xe9.jpg`` is ``caf\\\\xe9.jpg``. No two names give the same
+    text, and :func:`fs_name` gives the name back. Stores, class names, CSVs and messages use
+    this form; the file itself is opened by its real name.
+
+    Stores written before this rule kept a literal backslash single: such a
+    file is extracted again under its doubled path and the old row is reported as vanished
+    (``extract --prune`` removes it).
+    """
+    if "\\" not in name:
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch)  # other lone surrogates cannot come from os.fsdecode on UTF-8
+    return "".join(out)
+
+
+def fs_name(text: str) -> str:
+    """The inverse of :func:`display_name`: stored text → the name to open (a str with lone
+    surrogates for bytes that are not UTF-8, as ``os`` functions take). A backslash not
+    followed by a backslash or by ``x`` and two hex digits of a byte >= 0x80 is kept as it is
+    (the text of a store written before display_name doubled backslashes)."""
+    if "\\" not in text:
+        return text
+    out, i, n = [], 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\" and i + 1 < n and text[i + 1] == "\\":
+            out.append("\\")
+            i += 2
+            continue
+        if ch == "\\" and text[i + 1:i + 2] == "x":
+            hex2 = text[i + 2:i + 4]
+            try:
+                byte = int(hex2, 16) if len(hex2) == 2 else -1
+            except ValueError:
+                byte = -1
+            if byte >= 0x80:
+                out.append(chr(0xDC00 + byte))
+                i += 4
+                continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def _detect_layout(rels: Iterable[str]) -> str:
@@ -335,9 +387,7 @@ def decode_image(
         raise DecodeError(_corrupt_reason(e)) from e
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
-        raise DecodeError(
-            f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels} (raise --max-pixels)"
-        )
+        raise DecodeError(bomb_reason(w, h, max_pixels))
     try:
         if min_size is not None and img.format == "JPEG":
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
@@ -347,6 +397,53 @@ def decode_image(
         return _to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # truncated data, broken streams, bad EXIF ...
         raise DecodeError(_corrupt_reason(e)) from e
+
+
+def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
+    """Centre-crop the longer side of an image to at most ``max_aspect`` times its shorter side
+    (left = (width - new width) // 2, same for top); images within the limit are returned as
+    they are (the same object).
+
+    Every decode+resize path calls this before its first resize (backbones.make_transform,
+    hence extract, serve, predict from images and finetune; export.preprocess): a resize that
+    scales the shorter side to the model's size S then makes at most S x (max_aspect * S)
+    pixels, whatever the geometry (a 1 x 65000 PNG: 16 x 1 before the resize). With a
+    centre-crop preprocessing the model sees the central crop_pct * short side anyway, so
+    the crop changes no pixel it would have seen (up to the rounding of the crop offset).
+    """
+    w, h = img.size
+    if w > h * max_aspect:
+        nw = h * max_aspect
+        left = (w - nw) // 2
+        return img.crop((left, 0, left + nw, h))
+    if h > w * max_aspect:
+        nh = w * max_aspect
+        top = (h - nh) // 2
+        return img.crop((0, top, w, top + nh))
+    return img
+
+
+def bomb_reason(w: int, h: int, max_pixels: int) -> str:
+    """The failure reason of an image of w x h pixels above ``max_pixels``. It records the
+    limit it failed under, so a later run can tell whether its own limit lets the image
+    through (:func:`passes_max_pixels`)."""
+    return f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels} (raise --max-pixels)"
+
+
+_BOMB_REASON = re.compile(r"decompression bomb: (\d+)x(\d+) = \d+ pixels > limit (\d+)")
+
+
+def passes_max_pixels(reason: str, max_pixels: int | None) -> tuple[bool, str] | None:
+    """For a failure ``reason`` recorded earlier: None when it does not depend on the pixel
+    limit; else (whether an image of that size passes ``max_pixels`` now, the reason as this
+    limit would word it)."""
+    m = _BOMB_REASON.match(reason)
+    if m is None:
+        return None
+    w, h, _ = map(int, m.groups())
+    if max_pixels is None or w * h <= max_pixels:
+        return True, reason
+    return False, bomb_reason(w, h, max_pixels)
 
 
 def load_image(

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .data import MAX_ASPECT
 from .env import HEADS, versions
 from .errors import UserError, first_line
 from .heads import artifacts
@@ -369,6 +370,8 @@ def input_spec(data_config: dict[str, Any]) -> dict[str, Any]:
         "value_range": [0.0, 1.0],
         "preprocessing": [
             "decode to RGB (EXIF orientation applied; alpha composited on white)",
+            f"centre-crop the longer side to at most {MAX_ASPECT} x the shorter side "
+            "(left = (width - new width) // 2; same for top)",
             f"resize the shorter side to {scale} px ({data_config['interpolation']}, Pillow), "
             "the other side in proportion (int(scale * long / short))",
             f"centre-crop to {h} x {w} (top = round((height - {h}) / 2), same for left)",
@@ -386,9 +389,12 @@ def preprocess(img: Any, spec: dict[str, Any]) -> np.ndarray:
     ``input`` says; Pillow and numpy only (equal to timm's eval transform without Normalize)."""
     from PIL import Image
 
+    from .data import limit_aspect
+
     _, _, h, w = spec["shape"]
     if spec.get("crop_mode", "center") != "center" or h != w:
         raise ExportError("preprocess() handles square centre crops only")
+    img = limit_aspect(img)
     scale = math.floor(h / spec["crop_pct"])
     iw, ih = img.size
     if iw <= ih:
@@ -413,7 +419,7 @@ def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | N
     """Model inputs for static quantization: ``count`` images spread evenly over ``calib``
     (files/folders), or by default over the training rows of the store the head was fitted
     on (its source images, where they still are)."""
-    from .data import DecodeError, load_image
+    from .data import DecodeError, fs_name, load_image
 
     paths: list[Path] = []
     if calib:
@@ -434,7 +440,7 @@ def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | N
                     break
                 split = train.get("split")
                 use_split = split in set(st.splits)  # else e.g. "all labeled rows"
-                paths = [src / p for p, sp in zip(st.paths, st.splits)
+                paths = [src / fs_name(p) for p, sp in zip(st.paths, st.splits)
                          if not use_split or sp == split]
                 paths = [p for p in paths if p.is_file()]
                 break

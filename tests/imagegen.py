@@ -248,3 +248,43 @@ def make_hostile_folder(root: Path, seed: int = 0) -> dict[str, str | None]:
         f.write(encode(noisy.rotate(90), "PNG"))
     expected["caf\\xe9s/x.png"] = None
     return expected
+
+
+def strip_png(size: tuple[int, int]) -> bytes:
+    """A 1-pixel-thin (or thin) RGB PNG of `size` holding a gradient along its long side: a
+    few hundred bytes on disk for 65000 pixels, an aspect-ratio bomb for a resize that scales
+    the short side up to the model's size."""
+    w, h = size
+    n = max(w, h)
+    ramp = (np.arange(n) * 255 // max(n - 1, 1)).astype(np.uint8)
+    a = np.stack([ramp, 255 - ramp, np.full(n, 64, np.uint8)], -1)
+    a = a[None, :, :] if w >= h else a[:, None, :]
+    a = np.broadcast_to(a, (h, w, 3))
+    return encode(Image.fromarray(np.ascontiguousarray(a)), "PNG", optimize=True)
+
+
+def centre_crop_16(blob: bytes) -> bytes:
+    """The documented handling of an elongated image, computed here independently of
+    embedpipe: the longer side centre-cropped to 16 x the shorter (offset (long - 16 *
+    short) // 2), as PNG."""
+    img = Image.open(io.BytesIO(blob)).convert("RGB")
+    a = np.asarray(img)
+    h, w = a.shape[:2]
+    if w > 16 * h:
+        a = a[:, (w - 16 * h) // 2:(w - 16 * h) // 2 + 16 * h]
+    elif h > 16 * w:
+        a = a[(h - 16 * w) // 2:(h - 16 * w) // 2 + 16 * w]
+    return encode(Image.fromarray(np.ascontiguousarray(a)), "PNG")
+
+
+def make_aspect_bombs(root: Path, n: int) -> dict[str, str]:
+    """Write ``wide.png`` (n x 1) and ``tall.png`` (1 x n) under root, and beside each its
+    documented 16:1 centre crop (``wide_crop.png``, ``tall_crop.png``); returns bomb → crop."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, size in (("wide", (n, 1)), ("tall", (1, n))):
+        blob = strip_png(size)
+        (root / f"{name}.png").write_bytes(blob)
+        (root / f"{name}_crop.png").write_bytes(centre_crop_16(blob))
+        out[f"{name}.png"] = f"{name}_crop.png"
+    return out

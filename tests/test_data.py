@@ -27,6 +27,7 @@ from imagegen import (
     make_messy_folder,
     pattern,
     save,
+    strip_png,
 )
 from PIL import Image
 
@@ -613,3 +614,67 @@ def test_max_pixels_bounds_what_is_decoded(tmp_path: Path):
     assert "skipped a/over.png: decompression bomb: 65x64 = 4160 pixels > limit 4096 " \
            "(raise --max-pixels)" in res.output
     assert open_store(out).paths == ["a/exact.png"]
+@pytest.mark.parametrize("size, kept, box", [
+    ((65000, 1), (16, 1), (32492, 0, 32508, 1)),
+    ((1, 65000), (1, 16), (0, 32492, 1, 32508)),
+    ((1000, 10), (160, 10), (420, 0, 580, 10)),
+    ((161, 10), (160, 10), (0, 0, 160, 10)),
+])
+def test_limit_aspect_centre_crops_elongated_images_to_16_to_1(size, kept, box) -> None:
+    """The one rule every decode+resize path applies before resizing (a 1 x 65000 PNG of a
+    few hundred bytes would otherwise become 256 x 16.6 million pixels)."""
+    blob = strip_png(size)
+    assert len(blob) < 1000
+    img = data.decode_image(blob)
+    out = data.limit_aspect(img)
+    assert out.size == kept
+    assert np.array_equal(np.asarray(out), np.asarray(img.crop(box)))
+
+
+@pytest.mark.parametrize("size", [(160, 10), (10, 160), (28, 28), (6000, 400), (1, 1)])
+def test_limit_aspect_leaves_ordinary_images_alone(size) -> None:
+    img = Image.new("RGB", size)
+    assert data.limit_aspect(img) is img
+
+
+def test_non_utf8_name_and_its_escape_text_are_two_paths_that_round_trip(tmp_path: Path) -> None:
+    """`caf` + byte 0xE9 + `.jpg` beside a file literally named `caf\\xe9.jpg`: before, both
+    were stored as the text `caf\\xe9.jpg`."""
+    c = os.fsencode(tmp_path / "c")
+    os.mkdir(c)
+    with open(c + b"/caf\xe9.jpg", "wb") as f:
+        f.write(encode(Image.new("RGB", (20, 20), RED), "JPEG"))
+    with open(c + b"/caf\\xe9.jpg", "wb") as f:
+        f.write(encode(Image.new("RGB", (20, 20), GREEN), "JPEG"))
+    with open(c + b"/back\\slash.jpg", "wb") as f:
+        f.write(encode(Image.new("RGB", (20, 20), WHITE), "JPEG"))
+    disc = discover(tmp_path)
+    rels = [r.rel for r in disc.items]
+    assert rels == ["c/back\\\\slash.jpg", "c/caf\\\\xe9.jpg", "c/caf\\xe9.jpg"]
+    for ref in disc.items:
+        rel = ref.rel.encode("utf-8")  # every stored path is valid UTF-8 text
+        assert os.fsencode(tmp_path / data.fs_name(ref.rel)) == os.fsencode(ref.path), rel
+    colours = {r.rel: data.load_image(tmp_path / data.fs_name(r.rel)).getpixel((10, 10))
+               for r in disc.items}
+    assert colours["c/caf\\xe9.jpg"][0] > 200 and colours["c/caf\\\\xe9.jpg"][1] > 200
+
+
+@pytest.mark.parametrize("raw", [b"caf\xe9.jpg", b"caf\\xe9.jpg", b"a\\\\b", b"\\", b"x\\",
+                                 b"\xff\\x41\\xe9", "été 猫.png".encode(), b"plain.png"])
+def test_display_name_is_one_to_one_and_fs_name_inverts_it(raw: bytes) -> None:
+    name = os.fsdecode(raw)
+    text = data.display_name(name)
+    text.encode("utf-8")
+    assert data.fs_name(text) == name
+
+
+def test_display_names_of_distinct_byte_strings_differ() -> None:
+    raws = [bytes(t) for t in ([0x5C], [0x5C, 0x5C], [0x5C, 0x78, 0x65, 0x39], [0xE9],
+                               [0x5C, 0xE9], [0xC3, 0xA9], [0x5C, 0x78, 0x63, 0x33])]
+    texts = [data.display_name(os.fsdecode(r)) for r in raws]
+    assert len(set(texts)) == len(raws), texts
+
+
+def test_fs_name_reads_the_single_backslash_text_of_older_stores() -> None:
+    assert data.fs_name("a\\b.jpg") == "a\\b.jpg"
+    assert data.fs_name("caf\\x41.jpg") == "caf\\x41.jpg"  # not a byte >= 0x80: literal

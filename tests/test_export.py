@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clitools import cli, ok, one_line_error, read_csv
+from imagegen import pattern
 
 from embedpipe.data import load_image
 from embedpipe.heads import artifacts
@@ -115,6 +116,8 @@ def test_preprocess_equals_the_extraction_transform(work: dict):
 
     imgs = [load_image(p) for p in sorted(work["images"].rglob("*.png"))[:3]]
     imgs.append(Image.new("RGB", (300, 180), (10, 200, 30)))  # non-square, needs a crop
+    # aspect-ratio bombs: both paths centre-crop them to 16:1 before the resize
+    imgs += [Image.fromarray(pattern((5000, 1), seed=1)), Image.fromarray(pattern((2, 9000)))]
     for img in imgs:
         mine = torch.from_numpy(preprocess(img, spec))
         mean = torch.tensor(cfg["mean"]).view(3, 1, 1)

@@ -18,7 +18,7 @@ import timm
 import timm.data
 import torch
 from clitools import EMBEDPIPE, peek_committed, run
-from imagegen import make_messy_folder
+from imagegen import make_aspect_bombs, make_messy_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -687,3 +687,106 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(fmnist_src: Path, tmp_p
     assert proc.returncode == 130, stdout + stderr
     assert "Traceback" not in stdout + stderr
     assert "interrupted" in stderr and "rerun the same command" in stderr
+def _extract_peak_rss_mib(src: Path, out: Path) -> tuple[float, str]:
+    """Peak resident memory (MiB) of `embedpipe extract SRC -o OUT` and of the loader worker it
+    starts (os.wait4: the rusage of the child and what it reaped), and the run's output."""
+    log = out.with_suffix(".log")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "embedpipe.cli", "extract", str(src), "-o",
+                                 str(out), "--workers", "1"], stdout=f, stderr=f, cwd=out.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+    text = log.read_text("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    return usage.ru_maxrss / 1024, text
+
+
+def test_aspect_ratio_bombs_extract_in_bounded_memory_as_their_centre_crop(fmnist: Path,
+                                                                           tmp_path: Path):
+    """A 20000 x 1 and a 1 x 20000 PNG (a few hundred bytes each; before the fix the resize
+    made 256 x 5.1 million pixels and extract peaked at 5.9 GB) extract like their documented
+    16:1 centre crops, and the run's peak memory stays that of a plain run."""
+    plain_mib, _ = _extract_peak_rss_mib(fmnist, tmp_path / "plain.h5")
+    pairs = make_aspect_bombs(fmnist / "strips", 20000)
+    bomb_mib, output = _extract_peak_rss_mib(fmnist, tmp_path / "bombs.h5")
+    assert "failed" not in output or " 0 failed" in output, output
+    assert bomb_mib < plain_mib * 1.1 + 64, (plain_mib, bomb_mib)
+    feats = by_path(open_store(tmp_path / "bombs.h5"))
+    for bomb, crop in pairs.items():
+        np.testing.assert_allclose(feats[f"strips/{bomb}"], feats[f"strips/{crop}"], atol=1e-5)
+    # and a plain image's features did not change
+    plain = by_path(open_store(tmp_path / "plain.h5"))
+    for path, f in plain.items():
+        np.testing.assert_array_equal(f, feats[path])
+
+
+def test_non_utf8_name_beside_its_escape_text_gets_two_rows_and_reruns_clean(tmp_path: Path):
+    """`caf` + byte 0xE9 + `.jpg` beside a file literally named `caf\\xe9.jpg` (two different
+    pictures): two rows under two paths, a rerun extracts nothing, `info` and the predict
+    CSV tell them apart. Before, both were stored as `caf\\xe9.jpg` and every rerun extracted
+    one of them again."""
+    from clitools import ok, read_csv
+
+    from imagegen import encode, pattern
+
+    root = tmp_path / "data"
+    for k, cls in enumerate(("a", "b")):
+        for i in range(3):
+            Image.fromarray(pattern((40, 40), seed=10 * k + i)).save(
+                (root / cls).mkdir(parents=True, exist_ok=True) or root / cls / f"{i}.png")
+    a = os.fsencode(root / "a")
+    with open(a + b"/caf\xe9.jpg", "wb") as f:
+        f.write(encode(Image.fromarray(pattern((50, 30), seed=7)), "JPEG"))
+    with open(a + b"/caf\\xe9.jpg", "wb") as f:
+        f.write(encode(Image.fromarray(pattern((30, 50), seed=8)).rotate(90), "JPEG"))
+    with open(a + b"/bad\xe9.jpg", "wb") as f:  # two broken files: two error rows
+        f.write(b"\xff\xd8 not a jpeg")
+    with open(a + b"/bad\\xe9.jpg", "wb") as f:
+        f.write(b"not a jpeg either")
+    out = tmp_path / "s.h5"
+    extract_ok(root, "-o", out, "--precision", "fp32")
+    store = open_store(out)
+    assert len(store) == 8 and len(set(store.paths)) == 8
+    assert sorted(dict(store.errors)) == ["a/bad\\\\xe9.jpg", "a/bad\\xe9.jpg"]
+    info = cli("info", out).output
+    assert "a/bad\\\\xe9.jpg" in info and "a/bad\\xe9.jpg" in info.replace("a/bad\\\\", "")
+    feats = by_path(store)
+    odd, literal = "a/caf\\xe9.jpg", "a/caf\\\\xe9.jpg"
+    assert not np.allclose(feats[odd], feats[literal])
+    again = extract_ok(root, "-o", out, "--precision", "fp32")
+    assert "0 extracted, 8 already in store, 2 failed" in again.output, again.output
+    assert len(open_store(out)) == 8 and len(open_store(out).errors) == 2
+    head = tmp_path / "h.skops"
+    ok("fit", out, "--head", "centroid", "-o", head, "-q")
+    csv_out = tmp_path / "p.csv"
+    ok("predict", head, root, "-o", csv_out, "-q", "--workers", "0")
+    shown = sorted(r["path"] for r in read_csv(csv_out))
+    assert len(shown) == 8 and f"{root.as_posix()}/{odd}" in shown
+    assert f"{root.as_posix()}/{literal}" in shown
+
+
+def test_a_picture_skipped_for_max_pixels_is_retried_when_the_limit_is_raised(tmp_path: Path):
+    """Before, a rerun with a larger --max-pixels retried nothing and repeated the old limit."""
+    from imagegen import pattern
+
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(pattern((32, 32), seed=ord(cls))).save(root / cls / "small.png")
+    Image.fromarray(pattern((1500, 1000), seed=3)).save(root / "a" / "big.png")  # 1.5 MP
+    out = tmp_path / "s.h5"
+    res = extract_ok(root, "-o", out, "--max-pixels", "1000000")
+    assert "2 extracted" in res.output and "limit 1000000" in res.output, res.output
+    # a limit still too small: not extracted, reported (and recorded) with the new limit
+    res = extract_ok(root, "-o", out, "--max-pixels", "1200000")
+    assert "0 extracted, 2 already in store, 1 failed" in res.output, res.output
+    assert "limit 1200000" in res.output and "limit 1000000" not in res.output
+    assert "limit 1200000" in dict(open_store(out, features=False).errors)["a/big.png"]
+    assert "limit 1200000" in cli("info", out).output
+    # a limit it passes: extracted, its error record gone
+    res = extract_ok(root, "-o", out, "--max-pixels", "2000000")
+    assert "1 extracted, 2 already in store, 0 failed" in res.output, res.output
+    store = open_store(out)
+    assert "a/big.png" in store.paths and not store.errors
+    # and back at the default, nothing to do
+    res = extract_ok(root, "-o", out)
+    assert "0 extracted, 3 already in store, 0 failed" in res.output, res.output

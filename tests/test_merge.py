@@ -1,6 +1,8 @@
-"""`embedpipe merge SHARD... -o STORE`: provenance is checked key by key, duplicate paths are
-dropped deterministically (the first row of a path wins, in argument order). Real
-Fashion-MNIST images and the bundled pretrained backbone."""
+"""`embedpipe merge SHARD... -o STORE`: provenance is checked key by key; the same image under
+one path is kept once; different images under one path are refused, or with --on-conflict
+first dropped deterministically (the first row wins, in argument order) and recorded, or with
+--on-conflict qualify kept under <store name>/<path>. Real Fashion-MNIST images and the
+bundled pretrained backbone."""
 
 from __future__ import annotations
 
@@ -77,10 +79,16 @@ def test_merge_drops_duplicate_paths_first_in_argument_order_wins(small: Path,
 
     for order, winner in (((a, b), fa), ((b, a), fb)):
         out = tmp_path / f"m_{order[0].stem}.h5"
-        res = cli("merge", *order, "-o", out)
+        line = one_line_error(cli("merge", *order, "-o", out))  # by default: refused
+        assert f"1 path(s) hold different images in different stores (e.g. {rel_changed} in " \
+               f"{order[0]} and {order[1]})" in line and "--on-conflict" in line, line
+        assert not out.exists()
+        res = cli("merge", *order, "-o", out, "--on-conflict", "first")
         assert res.exit_code == 0, res.output
         assert "1 paths are in several stores with different content" in res.output
         assert "10 rows added" in res.output and "1 conflicting duplicates dropped" in res.output
+        info = cli("info", out).output
+        assert f"dropped    1 by merge" in info and f"  {rel_changed} from {order[1]}" in info
         m = open_store(out)
         assert sorted(m.paths) == sorted(fa) and len(set(m.paths)) == 10
         feats = dict(zip(m.paths, m.features))
@@ -90,8 +98,50 @@ def test_merge_drops_duplicate_paths_first_in_argument_order_wins(small: Path,
         assert m.errors == []
     # merging the same stores again adds nothing; the legacy form `merge STORE SHARD...` too
     # (a: 10 rows, b: 9 rows and the empty file's error record; 1 row differs)
-    res = cli("merge", a, b, "-o", tmp_path / "m_a.h5")
+    res = cli("merge", a, b, "-o", tmp_path / "m_a.h5", "--on-conflict", "first")
     assert "0 rows added, 18 already there, 1 conflicting" in res.output, res.output
-    res = cli("merge", tmp_path / "m_a.h5", b)
+    one_line_error(cli("merge", tmp_path / "m_a.h5", b))
+    res = cli("merge", tmp_path / "m_a.h5", b, "--on-conflict", "first")
     assert "0 rows added, 8 already there, 1 conflicting" in res.output, res.output
     assert len(open_store(tmp_path / "m_a.h5")) == 10
+    # every merge that dropped a row says so in `info` (three merges, one row each)
+    assert "dropped    3 by merge" in cli("info", tmp_path / "m_a.h5").output
+
+
+def test_stores_of_two_folders_sharing_paths_are_refused_or_qualified_never_silently_cut(
+        tmp_path: Path):
+    """Two folders whose files share relative paths (class/test_NNNNN.png in both, different
+    pictures): before, merge kept 12 of 16 images, exit 0, and recorded nothing."""
+    one = write_fashion_mnist_folder(tmp_path / "one", per_class=1)
+    two = write_fashion_mnist_folder(tmp_path / "two", per_class=1, seed=1)
+    for cls in sorted(p.name for p in two.iterdir()):  # give `two` the same file names
+        for mine, theirs in zip(sorted((two / cls).iterdir()), sorted((one / cls).iterdir())):
+            mine.rename(two / cls / theirs.name)
+    a, b = extract(one, tmp_path / "a.h5"), extract(two, tmp_path / "b.h5")
+    fa, fb = (dict(zip(s.paths, s.features)) for s in (open_store(a), open_store(b)))
+    assert set(fa) == set(fb) and len(fa) == 10
+    out = tmp_path / "m.h5"
+    line = one_line_error(cli("merge", a, b, "-o", out))
+    assert "10 path(s) hold different images" in line and "--on-conflict qualify" in line
+    assert not out.exists()
+    # extending a store: refused the same way, the store untouched
+    shutil.copy(a, tmp_path / "ext.h5")
+    one_line_error(cli("merge", tmp_path / "ext.h5", b))
+    assert len(open_store(tmp_path / "ext.h5")) == 10
+
+    res = cli("merge", a, b, "-o", out, "--on-conflict", "qualify")
+    assert res.exit_code == 0, res.output
+    assert "20 rows added" in res.output and f"{a} → a/" in res.output, res.output
+    m = open_store(out)
+    assert len(m) == 20 and len(set(m.paths)) == 20
+    feats = dict(zip(m.paths, m.features))
+    for prefix, src in (("a/", fa), ("b/", fb)):
+        for p, f in src.items():
+            np.testing.assert_array_equal(feats[prefix + p], f)
+    assert sorted(m.class_counts().values()) == [2] * 10
+    # the same store twice: the names are made unique
+    res = cli("merge", a, a, "-o", tmp_path / "aa.h5", "--on-conflict", "qualify")
+    assert res.exit_code == 0 and "a-2/" in res.output, res.output
+    assert len(open_store(tmp_path / "aa.h5")) == 20
+    line = one_line_error(cli("merge", a, b, "-o", out, "--on-conflict", "sometimes"))
+    assert "error, first, qualify" in line

@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from clitools import ok, runner
+from clitools import ok, read_csv, runner
+from imagegen import make_aspect_bombs
 from PIL import Image
 
 from embedpipe.cli import app
@@ -217,6 +218,40 @@ def test_bad_uploads_get_4xx_with_a_message(url: str, images: list[Path]):
     status, body = post(url, [("file", "huge.png", buf.getvalue())])
     assert status == 413 and "1200x1000" in body["detail"], body
     assert get(url, "/health")["status"] == "ok"
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """VmHWM (the peak resident set size) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def test_aspect_ratio_bombs_answer_as_their_centre_crop_in_bounded_memory(
+        server_proc: Server, url: str, head: Path, tmp_path: Path):
+    """A 20000 x 1 and a 1 x 20000 PNG (a few hundred bytes; before the fix one such upload
+    took the server from 1.0 to 6.3 GB) are answered as their documented 16:1 centre crops,
+    by the server and by `embedpipe predict HEAD IMAGES`, and the server's peak memory does
+    not grow by more than a plain upload's working set."""
+    pairs = make_aspect_bombs(tmp_path, 20000)
+    files = [tmp_path / n for pair in pairs.items() for n in pair]
+    before = _peak_rss_mib(server_proc.proc.pid)
+    status, body = post(url, [("files", p.name, p.read_bytes()) for p in files])
+    assert status == 200, body
+    after = _peak_rss_mib(server_proc.proc.pid)
+    assert after < before + 128, (before, after)
+    served = {p["filename"]: p for p in body["predictions"]}
+    out = tmp_path / "pred.csv"
+    ok("predict", head, *files, "-o", out, "-q", "--workers", "0")
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    for bomb, crop in pairs.items():
+        assert served[bomb]["class"] == served[crop]["class"] == rows[bomb]["predicted"]
+        assert served[bomb]["confidence"] == pytest.approx(served[crop]["confidence"], abs=1e-5)
+        assert float(rows[bomb]["confidence"]) == pytest.approx(served[bomb]["confidence"],
+                                                                abs=1e-4)
+        assert float(rows[bomb]["confidence"]) == pytest.approx(float(rows[crop]["confidence"]),
+                                                                abs=1e-5)
 
 
 def test_oversize_upload_is_refused_with_413(url: str):

@@ -14,8 +14,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from clitools import EMBEDPIPE, cli, copy_images, ok, one_line, run, wait_rows
+from clitools import EMBEDPIPE, cli, copy_images, ok, one_line, one_line_error, run, wait_rows
 
+from embedpipe.datasets import write_fashion_mnist_folder
 from embedpipe.store import StoreWriter, open_store, read_identity
 
 # ---------------------------------------------------------------------------------------------
@@ -332,3 +333,84 @@ def test_store_attributes_edited_to_claim_another_backbone(store_copy: Path, lit
          "pytorch-model", feature_dim=2048)
     res = cli("predict", lite0_head, "--store", store_copy)
     one_line(res.output, res.exit_code, str(store_copy), "damaged", "feature_dim")
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per file, whatever its name
+
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Two disjoint Fashion-MNIST folders (15 and 35 images) and a store of the first."""
+    root = tmp_path_factory.mktemp("lock")
+    both = write_fashion_mnist_folder(root / "both", per_class=5)
+    first, second = root / "first", root / "second"
+    for cls in sorted(p.name for p in both.iterdir()):
+        files = sorted((both / cls).iterdir())
+        dst = (first if cls < "d" else second) / cls  # three classes, then seven
+        dst.mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, dst / f.name)
+    store = root / "first.h5"
+    ok("extract", first, "-o", store, "-q")
+    return first, second, store
+
+
+def _rows(path: Path) -> int:
+    return len(open_store(path, features=False))
+
+
+def _busy(res, path: Path) -> None:
+    one_line_error(res, str(path), "another process is writing this store")
+
+
+def test_a_writer_of_the_real_file_locks_out_its_symlinks_and_the_reverse(
+        two_folders: tuple[Path, Path, Path], tmp_path: Path):
+    """`extract -o alias.h5` (alias.h5 -> real.h5) while another writer holds real.h5 is refused,
+    and the reverse; before, the first "recovered" the live store and renamed a copy over it,
+    and the second reported "done" with rows missing."""
+    first, second, src = two_folders
+    real = tmp_path / "real.h5"
+    shutil.copy(src, real)
+    n = _rows(real)
+    alias = tmp_path / "alias.h5"
+    alias.symlink_to("real.h5")
+    (tmp_path / "dirlink").symlink_to(tmp_path, target_is_directory=True)
+    via_dir = tmp_path / "dirlink" / "real.h5"
+    other = tmp_path / "other.h5"
+    shutil.copy(src, other)
+
+    for held, others in ((real, [alias, via_dir]), (alias, [real, via_dir]),
+                         (via_dir, [real, alias])):
+        with StoreWriter.open(held, read_identity(real), versions={}):
+            for name in others:
+                _busy(cli("extract", second, "-o", name, "-q"), name)
+                _busy(cli("merge", other, "-o", name), name)
+                _busy(cli("extract", first, "-o", name, "--prune", "-q"), name)
+        assert _rows(real) == n and alias.is_symlink()
+    assert sorted(p.name for p in tmp_path.glob(".*.lock")) == [".real.h5.lock"]
+
+    # with nobody writing, a write through the alias goes to the real file, the link stays
+    res = ok("extract", second, "-o", alias, "-q")
+    assert alias.is_symlink() and os.readlink(alias) == "real.h5"
+    assert _rows(real) == n + sum(1 for _ in second.rglob("*.png")), res.output
+    assert sorted(p.name for p in tmp_path.glob(".*.lock")) == [".real.h5.lock"]
+
+
+def test_a_store_with_hard_links_is_not_written(two_folders: tuple[Path, Path, Path],
+                                                tmp_path: Path):
+    """A hard link is another name the lock beside one name cannot see: refused in one line,
+    the store untouched."""
+    _, second, src = two_folders
+    real = tmp_path / "real.h5"
+    shutil.copy(src, real)
+    n = _rows(real)
+    link = tmp_path / "link.h5"
+    os.link(real, link)
+    for name in (real, link):
+        one_line_error(cli("extract", second, "-o", name, "-q"), str(name), "2 hard links")
+        one_line_error(cli("merge", src, "-o", name), str(name), "2 hard links")
+    assert _rows(real) == n
+    link.unlink()
+    ok("extract", second, "-o", real, "-q")
+    assert _rows(real) > n

@@ -3,7 +3,8 @@
   * a path already stored whose size and mtime are unchanged is skipped without reading it;
   * one whose stat changed is re-hashed in a worker: same content → only the stat is updated,
     other content → extracted again and its row overwritten;
-  * a file that failed before with the same stat is not retried (it is still reported);
+  * a file that failed before with the same stat is not retried (it is still reported), unless
+    it failed under an option this run changes so that it may pass (a larger --max-pixels);
   * paths in the store that are gone from the data, and changed files that no longer decode,
     are reported, and their rows removed with ``prune``.
 
@@ -17,7 +18,7 @@ import contextlib
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from ..data import (
     Discovery,
     ImageRef,
     content_hash,
+    passes_max_pixels,
     read_file,
 )
 from ..store.read import read_runs
@@ -59,14 +61,30 @@ class Plan:
     check: list[tuple[Task, int]]  # stat changed: (task, row)
     relabel: list[tuple[int, str | None, str | None]]  # row, label, split of unchanged files
     still_failing: list[tuple[str, str]]
-    retry_fixed: list[str]
+    retry_fixed: list[str]  # failed before; retried (file changed, or an option that failed it)
     unchanged: int
     vanished: list[str]
     vanished_errors: list[str]
+    # still failing under an option whose value changed: the record, reworded for it
+    reworded: list[tuple[str, str, str, int, int]] = field(default_factory=list)
 
 
-def make_plan(disc: Discovery, writer: StoreWriter) -> Plan:
+def _option_verdict(reason: str, opts: ExtractOptions | None) -> tuple[bool, str] | None:
+    """For a failure recorded earlier: None when no option of this run bears on it; else
+    (whether this run's options may let the file through, the reason as they would word
+    it). The options that can fail a file without changing the store's identity: the pixel
+    limit (--max-pixels). Decoding options (--exact-decode, --img-size, --tta ...) are part of
+    the identity, so a change gives another store, where every file is tried afresh."""
+    if opts is None:
+        return None
+    return passes_max_pixels(reason, opts.max_pixels)
+
+
+def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None = None) -> Plan:
+    """What a run has to do; a file that failed before with the same size and mtime is retried
+    only when this run's options would now let it through (``opts``; see _option_verdict)."""
     idx = writer.index()
+    reworded = []
     classes = {c: i for i, c in enumerate(writer.classes)}
     new, check, relabel, failing, retry = [], [], [], [], []
     unchanged = 0
@@ -89,15 +107,21 @@ def make_plan(disc: Discovery, writer: StoreWriter) -> Plan:
             continue
         err = idx.errors.get(ref.rel)
         if err is not None and stat is not None and (err[2], err[3]) == stat:
-            failing.append((ref.rel, err[0]))
-            continue
+            verdict = _option_verdict(err[0], opts)
+            if verdict is None or not verdict[0]:
+                reason = err[0] if verdict is None else verdict[1]
+                failing.append((ref.rel, reason))
+                if reason != err[0]:
+                    reworded.append((ref.rel, reason, *err[1:]))
+                continue
         if err is not None:
             retry.append(ref.rel)
         new.append(Task(ref, None))
     seen = {r.rel for r in disc.items} | {p for p, _ in disc.ignored}
     vanished = sorted(p for p in idx.row if p not in seen)
     vanished_err = sorted(p for p in idx.errors if p not in seen)
-    return Plan(new, check, relabel, failing, retry, unchanged, vanished, vanished_err)
+    return Plan(new, check, relabel, failing, retry, unchanged, vanished, vanished_err,
+                reworded)
 
 
 def _settle_touched(writer: StoreWriter, plan: Plan, summary: Summary) -> None:
@@ -138,7 +162,7 @@ class Session:
     def __init__(self, writer: StoreWriter, disc: Discovery, opts: ExtractOptions, device: str,
                  env: dict[str, str], summary: Summary, *, settle_touched: bool = False):
         self.writer, self.summary = writer, summary
-        self.plan = plan = make_plan(disc, writer)
+        self.plan = plan = make_plan(disc, writer, opts)
         summary.unchanged = plan.unchanged
         if settle_touched and plan.check:  # without a model: hash touched files here
             _settle_touched(writer, plan, summary)
@@ -153,7 +177,7 @@ class Session:
             writer.relabel([r for r, _, _ in plan.relabel],
                            [ids[lbl] if lbl is not None else -1 for _, lbl, _ in plan.relabel],
                            [s or "" for _, _, s in plan.relabel])
-        writer.record_errors([(p, r, "", 0, 0) for p, r in disc.ignored])
+        writer.record_errors([(p, r, "", 0, 0) for p, r in disc.ignored] + plan.reworded)
         summary.failures = list(plan.still_failing)
         self.tasks = [t for t, _ in plan.check] + plan.new
         self.rows_of = {id(t): row for t, row in plan.check}

@@ -212,8 +212,8 @@ def _stratified_split(rows: list[tuple[ImageRef, int, str]], classes: list[str],
 
 
 def train_transform(data_config: dict[str, Any], opts: FinetuneOptions):
-    """timm's training transform at the model's input size and normalisation, with a small
-    rotation after the crop and flip; RandAugment replaces the colour jitter when asked for."""
+    """data.limit_aspect (as every path), then timm's training transform at the model's input
+    size and normalisation, with a small rotation after the crop and flip; RandAugment replaces the colour jitter when asked for."""
     import timm.data
     from torchvision import transforms
 
@@ -225,8 +225,10 @@ def train_transform(data_config: dict[str, Any], opts: FinetuneOptions):
         std=tuple(data_config["std"]), separate=True)
     fill = tuple(int(round(255 * m)) for m in data_config["mean"])
     rotate = transforms.RandomRotation(ROTATION_DEGREES, fill=fill)
-    return transforms.Compose([*primary.transforms, rotate, *secondary.transforms,
-                               *final.transforms])
+    from ..data import limit_aspect
+
+    return transforms.Compose([limit_aspect, *primary.transforms, rotate,
+                               *secondary.transforms, *final.transforms])
 
 
 def _loader(ds: torch.utils.data.Dataset, batch_size: int, workers: int, *, shuffle: bool,

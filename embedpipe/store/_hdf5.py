@@ -170,32 +170,67 @@ _FALLOCATE = _fallocate_fn(0x01)  # FALLOC_FL_KEEP_SIZE
 _PUNCH_HOLE = _fallocate_fn(0x01 | 0x02)  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
+def real_path(path: str | Path) -> Path:
+    """The file a store name stands for: symlinks (of the file and of its folders) resolved,
+    so that every name of one store locks, recovers and renames the same file."""
+    return Path(os.path.realpath(path))
+
+
 def _lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")
+    """``.<name>.lock`` beside the real file (see real_path), whatever name ``path`` gives it."""
+    real = real_path(path)
+    return real.with_name(f".{real.name}.lock")
+
+
+def _busy(path: Path) -> StoreBusy:
+    real = real_path(path)
+    also = f" (as {real})" if real != Path(os.path.abspath(path)) else ""
+    return StoreBusy(f"{path}: another process is writing this store{also} (an `embedpipe "
+                     "extract` or `merge` still running); wait for it to finish, or pass "
+                     "another --out")
+
+
+def _check_one_name(path: Path) -> None:
+    """Refuse a store file with several hard links: the lock is a file beside one name, so a
+    writer through another name would not see it (and a rewrite, renamed over one name,
+    would split the names into two stores)."""
+    try:
+        links = os.stat(path).st_nlink
+    except OSError:
+        return  # not there yet
+    if links > 1:
+        raise StoreError(f"{path}: this store file has {links} hard links (other names for "
+                         "the same file), which its one-writer lock cannot see; remove the "
+                         "other links, or copy the store (cp) and write the copy")
 
 
 def _lock(path: Path) -> int | None:
-    """Take the store's writer lock (an flock on ``.<name>.lock`` beside it), or fail with
-    StoreBusy. Returns the lock's file descriptor (None where advisory locks do not exist)."""
+    """Take the store's writer lock (an flock on ``.<name>.lock`` beside the real file, symlinks
+    resolved), or fail with StoreBusy; a store file with several hard links is refused
+    (StoreError). Returns the lock's file descriptor (None where advisory locks do not
+    exist)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: HDF5's own file locking is all there is
         return None
+    lock_path = _lock_path(path)
     try:
-        fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                     0o666)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as e:
-        raise StoreError(f"{path}: cannot create its lock file {_lock_path(path).name} "
+        raise StoreError(f"{path}: cannot create its lock file {lock_path} "
                          f"({e.strerror}); pass an --out in a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise StoreBusy(f"{path}: another process is writing this store (an `embedpipe "
-                            "extract` or `merge` still running); wait for it to finish, or "
-                            "pass another --out") from None
+            raise _busy(path) from None
         return None  # the file system has no locks (ENOLCK, EOPNOTSUPP): HDF5's are left
+    try:
+        _check_one_name(path)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -218,11 +253,10 @@ def check_not_busy(path: str | Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise StoreBusy(f"{path}: another process is writing this store (an `embedpipe "
-                            "extract` or `merge` still running); wait for it to finish, or "
-                            "pass another --out") from None
+            raise _busy(path) from None
     finally:
         os.close(fd)
+    _check_one_name(path)
 
 
 def _make_parent(path: Path) -> None:

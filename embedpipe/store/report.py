@@ -14,8 +14,10 @@ def describe(path: str | Path) -> dict[str, Any]:
     """The report of the store at ``path`` (its features are not read): rows, feature_dim,
     dtype, classes (name → rows), unlabeled rows, splits (name → rows), the identity (model,
     weights source and sha256, pool, precision, data_config), created, versions, the number of
-    run records and the last one (``last_run``: what it was, when, its status and where), and
-    the skipped files with their reasons. Raises StoreError as open_store."""
+    run records and the last one (``last_run``: what it was, when, its status and where), the
+    skipped files with their reasons, and the rows merges dropped (``dropped_by_merge``: path,
+    the store it came from, its hash; ``merge --on-conflict first``). Raises StoreError as
+    open_store."""
     s = open_store(path, features=False)
     names, counts = np.unique(np.array([sp or "(none)" for sp in s.splits], dtype=object),
                               return_counts=True)
@@ -32,6 +34,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "versions": s.meta.get("versions"), "runs": len(s.runs),
         "last_run": _last_run(s.runs[-1]) if s.runs else None,
         "skipped": [{"path": p, "reason": r} for p, r in s.errors],
+        "dropped_by_merge": [d for r in s.runs for d in (r.get("dropped") or [])],
     }
 
 
@@ -47,7 +50,7 @@ def _last_run(run: dict[str, Any]) -> dict[str, Any]:
 
 def format_info(report: dict[str, Any], show: int = 50) -> str:
     """The text of ``embedpipe info``: ``report`` (from ``describe``) with at most ``show``
-    skipped files listed."""
+    skipped files (and rows dropped by merges) listed."""
     dc = report["data_config"] or {}
     classes = report["classes"]
     unlabeled = report["unlabeled"]
@@ -72,4 +75,11 @@ def format_info(report: dict[str, Any], show: int = 50) -> str:
     lines += [f"  {e['path']}: {e['reason']}" for e in skipped[:show]]
     if len(skipped) > show:
         lines.append(f"  ... and {len(skipped) - show} more (--show N)")
+    dropped = report.get("dropped_by_merge") or []
+    if dropped:  # merge --on-conflict first: other images under a path already taken
+        lines.append(f"dropped    {len(dropped)} by merge (another image under a path already "
+                     "in the store)")
+        lines += [f"  {d['path']} from {d['store']}" for d in dropped[:show]]
+        if len(dropped) > show:
+            lines.append(f"  ... and {len(dropped) - show} more (--show N)")
     return "\n".join(lines)

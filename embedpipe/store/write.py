@@ -42,6 +42,7 @@ from ._hdf5 import (
     _remove_stale_tmp,
     _swmr_fapl,
     _unlock,
+    real_path,
 )
 from .read import read_identity
 from .schema import (
@@ -128,7 +129,8 @@ class StoreWriter:
         """
         path = Path(path)
         _make_parent(path)
-        lock = _lock(path)
+        lock = _lock(path)  # beside the real file, whatever name `path` gives it
+        path = real_path(path)  # recovery and rewrites rename onto the file, not a symlink
         try:
             _remove_stale_tmp(path)
             if path.exists():
