@@ -88,7 +88,7 @@ def test_merge_drops_duplicate_paths_first_in_argument_order_wins(small: Path,
         assert "1 paths are in several stores with different content" in res.output
         assert "10 rows added" in res.output and "1 conflicting duplicates dropped" in res.output
         info = cli("info", out).output
-        assert f"dropped    1 by merge" in info and f"  {rel_changed} from {order[1]}" in info
+        assert "dropped    1 by merge" in info and f"  {rel_changed} from {order[1]}" in info
         m = open_store(out)
         assert sorted(m.paths) == sorted(fa) and len(set(m.paths)) == 10
         feats = dict(zip(m.paths, m.features))
