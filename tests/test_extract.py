@@ -509,7 +509,7 @@ def test_compiled_forward_sees_one_batch_shape(fmnist: Path, tmp_path: Path, mon
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     out = tmp_path / "s.h5"
     res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
-                     "--batch-size", "4", "--compile", "on", "-q")
+                     "--batch-size", "4", "--compile", "on", "-q", "--runtime", "torch")
     assert ", compiled) → " in res.output and "warning" not in res.output
     assert shapes == [(4, 3, 224, 224)] * 2  # 6 images: 4 + 2 padded to 4
     shapes.clear()  # --compile auto (the default) does not compile a few images on the CPU

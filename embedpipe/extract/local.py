@@ -118,7 +118,9 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
     if backbone is None:
         backbone = build_backbone(opts)
     data_config, identity = identity_of(backbone, opts, precision)
-    engine = build_engine(backbone, device, precision, opts.runtime,
+    # --compile on asks for torch.compile: auto then means torch (OpenVINO compiles anyway)
+    runtime = "torch" if opts.runtime == "auto" and opts.compile == "on" else opts.runtime
+    engine = build_engine(backbone, device, precision, runtime,
                           channels_last=opts.channels_last, stored=stored.get("precision"),
                           say=_warn)  # on stderr even with -q: it changes what runs
     identity["precision"] = engine.stored_precision
