@@ -248,6 +248,11 @@ def _test_images(fmnist_store: Path) -> list[Path]:
 
 def test_predict_and_serve_with_openvino_answer_as_torch(head: Path, fmnist_store: Path,
                                                          tmp_path: Path):
+    from embedpipe.heads import artifacts
+
+    # the head's manifest names the runtime(s) that made its store's features
+    ran = artifacts.load(head).manifest["training"]["feature_runtimes"]
+    assert ran and all(r.split()[0] in ("torch", "openvino") for r in ran), ran
     images = _test_images(fmnist_store)
     by = {}
     for rt in ("torch", "openvino"):
