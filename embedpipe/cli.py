@@ -166,6 +166,14 @@ def _fail(e: BaseException | str) -> None:
 
 
 
+RUNTIME_HELP = ("Inference runtime: auto, torch or openvino. auto: OpenVINO on the CPU where "
+                "it is installed (`pip install 'embedpipe[openvino]'`) and runs the precision "
+                "(f32, or bf16 on CPUs with native bf16), else torch (one line says why); "
+                "torch on CUDA. The converted model is cached under "
+                "~/.cache/embedpipe/openvino. fp32 features are the same either way; bf16 "
+                "ones are not (a store records bf16-openvino and never mixes them).")
+
+
 @app.command()
 def extract(
     data: Path = typer.Argument(..., help="Image folder (class, split/class or unlabeled "
@@ -225,7 +233,9 @@ def extract(
                                      "and continues eagerly. Not part of the store's identity "
                                      "(same features within float tolerance). auto: compile "
                                      "when enough images (x TTA views) are to be extracted for "
-                                     "a cold compile to pay back (README: Performance)."),
+                                     "a cold compile to pay back (README: Performance). The "
+                                     "torch runtime's: `on` with --runtime auto runs torch."),
+    runtime: str = typer.Option(ExtractOptions.runtime, help=RUNTIME_HELP),
     quiet: Quiet = False,
 ) -> None:
     """Extract pooled features of every image under DATA into an HDF5 store (resumable)."""
@@ -237,7 +247,7 @@ def extract(
                           precision=precision, dtype=dtype, batch_size=batch_size,
                           workers=workers, layout=layout, exact_decode=exact_decode,
                           max_pixels=max_pixels, prune=prune, shard=shard, tta=tta,
-                          compile=compile_)
+                          compile=compile_, runtime=runtime)
     store = out or default_store_path(data, opts, CACHE_DIR)
     summary = run_extract(data, store, opts, engine=engine, address=address, workers=workers,
                           gpus_per_worker=num_gpus_per_worker, progress=not quiet)
@@ -431,6 +441,9 @@ def predict(
     device: Device = ExtractOptions.device,
     batch_size: BatchSize = ExtractOptions.batch_size,
     workers: Optional[int] = typer.Option(None, help="Images: loader worker processes."),
+    runtime: str = typer.Option(ExtractOptions.runtime, help="Images: auto, torch or "
+                                "openvino. auto: the runtime that made the head's features "
+                                "where it matters (bf16), else as `extract --runtime auto`."),
     chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, help="With --store: rows classified at "
                                    "a time (bounds memory; the CSV is written chunk by chunk)."),
     quiet: Quiet = False,
@@ -448,8 +461,8 @@ def predict(
                      chunk_rows=chunk_rows, progress=not quiet)
     else:
         preds = pr.from_images(head, images, top_k=top_k, weights=weights, device=device,
-                     batch_size=batch_size, workers=workers, keep_store=keep_store,
-                     progress=not quiet)
+                               batch_size=batch_size, workers=workers, keep_store=keep_store,
+                               progress=not quiet, runtime=runtime)
     for path, reason in preds.skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
@@ -706,6 +719,8 @@ def serve(
     top_k: int = typer.Option(3, help="Top classes per image (override per request with "
                               "?top_k=N)."),
     weights: MovedWeights = None,
+    runtime: str = typer.Option(ExtractOptions.runtime, help="auto, torch or openvino (as "
+                                "`predict HEAD IMAGES --runtime`)."),
 ) -> None:
     """Serve a head over HTTP: POST /predict (multipart images), GET /health, GET /info."""
     from . import serve as sv
@@ -715,7 +730,7 @@ def serve(
                            max_pixels=sv.DEFAULT_MAX_PIXELS if max_pixels is None
                            else max_pixels, top_k=top_k)
     sv.serve(head, host=host, port=port, settings=settings, weights=weights,
-         device=device, say=lambda m: typer.echo(m, err=True))
+             device=device, runtime=runtime, say=lambda m: typer.echo(m, err=True))
 
 
 @app.command()

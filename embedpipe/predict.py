@@ -294,9 +294,11 @@ def gather_images(inputs: Sequence[str | Path]) -> Any:
 def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: int = 3,
                 weights: str | None = None, device: str = "auto", batch_size: int = 32,
                 workers: int | None = None, keep_store: str | Path | None = None,
-                progress: bool = True,
+                progress: bool = True, runtime: str = "auto",
                 say: Callable[[str], None] | None = None) -> Predictions:
-    """Extract ``inputs`` with the head's own backbone and preprocessing, then classify."""
+    """Extract ``inputs`` with the head's own backbone and preprocessing, then classify.
+    ``runtime`` auto: the runtime that made the head's features where it matters (bf16: torch
+    or OpenVINO), else as `extract --runtime auto` (fp32 features are the same)."""
     from .extract.local import run
     from .extract.options import options_for_identity
 
@@ -306,7 +308,8 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
         raise PredictError(f"--weights {weights}: {head.path} stacks {len(idents)} backbones; "
                            "--weights is for heads of one backbone: leave it out")
     options = [options_for_identity(ident, weights=weights, what=str(head.path), device=device,
-                                    batch_size=batch_size, workers=workers) for ident in idents]
+                                    batch_size=batch_size, workers=workers, runtime=runtime)
+               for ident in idents]
     disc = gather_images(inputs)
     if not disc.items:
         raise PredictError(f"{', '.join(map(str, inputs))}: no images found; pass image files "

@@ -26,6 +26,14 @@ HEAD_KEYS = ("model", "weights_sha256", "data_config", "pool", "feature_dim")
 #: Keys on which a head and the features it scores should agree (else: a note; features
 #: differ slightly, e.g. bf16 vs fp32).
 HEAD_NOTE_KEYS = ("precision", "dtype")
+#: The stored precision of OpenVINO's bf16 features. Numeric precision is identity; f32 runtimes
+#: (torch, OpenVINO) are interchangeable (cosine ≥ 0.99999, same head accuracy:
+#: bench/results/runtime.md) and share ``fp32``; the bf16 of torch autocast and OpenVINO's bf16
+#: inference precision round in other places (cosine between them as low as 0.99), so
+#: OpenVINO's is recorded as a precision of its own and never mixes with torch's ``bf16``.
+OV_BF16 = "bf16-openvino"
+#: Values of a store's ``precision``.
+STORED_PRECISIONS = ("fp32", "bf16", "fp16", OV_BF16)
 #: Test-time augmentation views, in canonical order.
 TTA_VIEWS = ("crops", "flip")
 
@@ -117,6 +125,25 @@ def identity_of(backbone: Any, opts: Any, precision: str) -> tuple[dict[str, Any
     return data_config, identity
 
 
+def stored_precision(precision: str, runtime: str) -> str:
+    """The ``precision`` a store records for features of numeric ``precision`` (fp32, bf16,
+    fp16) computed by ``runtime`` (torch or openvino): only OpenVINO's bf16 differs."""
+    return OV_BF16 if runtime == "openvino" and precision == "bf16" else precision
+
+
+def numeric_precision(stored: str) -> str:
+    """The numeric precision of a stored one: ``bf16-openvino`` → ``bf16``."""
+    return "bf16" if stored == OV_BF16 else stored
+
+
+def runtime_for(stored: str | None) -> str:
+    """The runtime that reproduces features of a stored precision: 'openvino' for
+    bf16-openvino, 'torch' for bf16 and fp16 (torch autocast), 'auto' for fp32 (either)."""
+    if stored == OV_BF16:
+        return "openvino"
+    return "torch" if stored in ("bf16", "fp16") else "auto"
+
+
 def options_for(identity: dict[str, Any], *, weights: str | None = None,
                 what: str = "the head") -> dict[str, Any]:
     """The extraction options (ExtractOptions fields) that reproduce ``identity``: the inverse of
@@ -150,5 +177,6 @@ def options_for(identity: dict[str, Any], *, weights: str | None = None,
     return dict(model=identity["model"],
                 pool=None if identity["pool"] == "default" else identity["pool"],
                 img_size=int(cfg["input_size"][-1]), crop_pct=float(cfg["crop_pct"]),
-                precision=identity["precision"], dtype=identity["dtype"],
+                precision=numeric_precision(identity["precision"]),
+                runtime=runtime_for(identity["precision"]), dtype=identity["dtype"],
                 exact_decode=not cfg.get("jpeg_draft", True), tta=cfg.get("tta"), **opts)

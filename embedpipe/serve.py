@@ -100,25 +100,26 @@ class Model:
     """A head plus the backbone its manifest names, ready to classify decoded uploads."""
 
     def __init__(self, head_path: str | Path, *, weights: str | None = None,
-                 device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 runtime: str = "auto"):
         import torch
 
         from .backbones import decode_size, build_backbone, make_views_transform
-        from .extract.runtime import (
-            prepare_model,
-            resolve_device,
-            resolve_precision,
-        )
+        from .extract.runtime import build_engine, resolve_device, resolve_precision
         from .extract.options import options_for_identity
         from .provenance import identity_of
 
         self.head = artifacts.load(head_path)
         opts = options_for_identity(self.head.identity, weights=weights, device=device,
-                                    what=str(self.head.path))
+                                    what=str(self.head.path), runtime=runtime)
         self.device = resolve_device(opts.device)
         self.precision = resolve_precision(opts.precision, self.device)
         self.backbone = build_backbone(opts)
         data_config, identity = identity_of(self.backbone, opts, self.precision)
+        # As extract sets up its model (the forward itself is runtime.embed, via the engine).
+        self.engine = build_engine(self.backbone, self.device, self.precision, opts.runtime,
+                                   channels_last=opts.channels_last)
+        identity["precision"] = self.precision = self.engine.stored_precision
         # Model, weights sha256, data config, pool and feature dim must equal the head's.
         self.notes = artifacts.check_compatible(self.head, identity,
                                                 f"the backbone rebuilt for {self.head.path}")
@@ -129,10 +130,8 @@ class Model:
         self.min_size = None if opts.exact_decode else decode_size(self.backbone.data_config)
         self.max_pixels = max_pixels
         self.flip = "flip" in (data_config.get("tta") or "")
-        # As extract._extract sets up its model and batches (the forward itself is extract.embed).
         self.transform = make_views_transform(data_config)  # image → V×C×H×W views
-        self.model, self.amp = prepare_model(self.backbone, self.device, self.precision,
-                                             self.channels_last)
+        self.backbone.model = None  # the engine holds what runs (OpenVINO: torch's is unused)
         self._torch = torch
         self.calibrated = True
         # Warm up (first calls allocate) and learn whether the head's scores are calibrated.
@@ -159,15 +158,13 @@ class Model:
 
     def run(self, tensors: list[Any]) -> list[dict[str, Any]]:
         """Classify a batch of preprocessed images (call from one thread at a time)."""
-        from .extract.runtime import embed
         from .predict import predict_rows
 
         torch = self._torch
         views = torch.stack(tensors)  # B×V×C×H×W
         with torch.inference_mode():
-            feats = embed(self.model, views, self.device, amp=self.amp,
-                          channels_last=self.channels_last, flip=self.flip,
-                          chunk=max(1, views.shape[0] * views.shape[1])).cpu().numpy()
+            feats = self.engine(views, flip=self.flip,
+                                chunk=max(1, views.shape[0] * views.shape[1])).cpu().numpy()
         # Round through the head's store dtype, as `embedpipe predict` reads its store.
         X = feats.astype(self.dtype, copy=False).astype(np.float32, copy=False)
         predicted, conf, top, calibrated = predict_rows(self.head, X, len(self.classes))
@@ -183,6 +180,7 @@ class Model:
                          "weights": {"source": w.source, "location": w.location,
                                      "sha256": w.sha256},
                          "data_config": self.data_config, "precision": self.precision,
+                         "runtime": self.engine.record(),
                          "dtype": str(self.dtype), "device": str(self.device)},
             "head": {"path": str(self.head.path), "head": m.get("head"),
                      "params": m.get("params"), "calibration": m.get("calibration"),
@@ -483,19 +481,20 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(head: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           settings: Settings | None = None, weights: str | None = None, device: str = "auto",
-          say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
+          runtime: str = "auto", say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
     """Load the model, listen, and serve until Ctrl-C (SIGINT) or SIGTERM."""
     settings = settings or Settings()
     settings.check()
     sock = bind(host, port)
     try:
         t0 = time.perf_counter()
-        model = Model(head, weights=weights, device=device, max_pixels=settings.max_pixels)
+        model = Model(head, weights=weights, device=device, max_pixels=settings.max_pixels,
+                      runtime=runtime)
         for note in model.notes:
             say(note)
         say(f"loaded {model.head.path} ({model.head.manifest.get('head', 'head')}, "
             f"{len(model.classes)} classes) on {model.backbone.name} "
-            f"[{model.device}, {model.precision}] in {time.perf_counter() - t0:.1f} s")
+            f"[{model.device}, {model.engine.describe()}, {model.precision}] in {time.perf_counter() - t0:.1f} s")
         app = create_app(model, settings)
         url = url_of(sock)
 

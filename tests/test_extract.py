@@ -509,7 +509,7 @@ def test_compiled_forward_sees_one_batch_shape(fmnist: Path, tmp_path: Path, mon
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     out = tmp_path / "s.h5"
     res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
-                     "--batch-size", "4", "--compile", "on", "-q")
+                     "--batch-size", "4", "--compile", "on", "-q", "--runtime", "torch")
     assert ", compiled) → " in res.output and "warning" not in res.output
     assert shapes == [(4, 3, 224, 224)] * 2  # 6 images: 4 + 2 padded to 4
     shapes.clear()  # --compile auto (the default) does not compile a few images on the CPU
@@ -527,7 +527,8 @@ def test_compiled_features_equal_eager_features(fmnist: Path, tmp_path: Path, mo
     for mode in ("off", "on"):
         stores[mode] = tmp_path / f"{mode}.h5"
         res = extract_ok(fmnist / "bag", "-o", stores[mode], "--layout", "unlabeled",
-                         "--precision", "fp32", "--batch-size", "4", "--compile", mode, "-q")
+                         "--precision", "fp32", "--batch-size", "4", "--compile", mode, "-q",
+                         "--runtime", "torch")  # --compile is torch's
         assert "warning" not in res.output, res.output
     assert ", compiled) → " in res.output.splitlines()[-1]
     assert any((tmp_path / "inductor").iterdir())  # compiled artefacts are cached there
@@ -544,6 +545,14 @@ def test_bad_compile_value_fails_in_one_line(fmnist: Path, tmp_path: Path):
     assert not (tmp_path / "s.h5").exists()
 
 
+def _storm_runtime() -> list[str]:
+    """The storm runs OpenVINO where it is installed (kills then also land while its model
+    cache is written: the test's private XDG_CACHE_HOME starts empty), else torch."""
+    import importlib.util
+
+    return ["--runtime", "openvino" if importlib.util.find_spec("openvino") else "torch"]
+
+
 def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
                 target_kills: int) -> tuple[list[tuple[str, float, int]], int]:
     """Run `embedpipe extract SRC -o STORE` until the store holds all ``total`` rows, SIGKILLing
@@ -554,7 +563,7 @@ def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
     Returns the kills as (phase, seconds after launch, rows committed after the kill), and how
     many rows the killed runs committed (the last, unkilled run does the rest)."""
     cmd = [*EMBEDPIPE, "extract", str(src), "-o", str(store), "--precision", "fp32",
-           "--batch-size", "4", "--workers", "0", "-q"]
+           "--batch-size", "4", "--workers", "0", "-q", *_storm_runtime()]
     committed, kills = 0, []
     gained, busy = 0, 0.0  # rows gained and seconds spent after start-up, over killed runs
     for cycle in range(1, 81):
@@ -616,7 +625,8 @@ def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
 
 
 @pytest.mark.slow
-def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path):
+def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path,
+                                                                 monkeypatch):
     """SIGKILL `embedpipe extract` at random moments (start-up, recovery, extraction, commits),
     at least 20 times after start-up, rerunning until done. After every kill `embedpipe info`
     reads the store and shows at least every row a reader saw committed before the kill; the
@@ -626,6 +636,7 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path)
     rounds, each on a fresh store of the same folder, until 20 kills have landed during
     extraction (at most 6 rounds); every round's final store is checked."""
     seed = int(os.environ.get("EMBEDPIPE_KILL_SEED", time.time_ns() % 2**32))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-clean"))
     rng = random.Random(seed)
     print(f"\nkill storm: seed {seed} (rerun with EMBEDPIPE_KILL_SEED={seed})")
     src = write_fashion_mnist_folder(tmp_path / "data", per_class=20, seed=2)
@@ -635,8 +646,9 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path)
     from embedpipe.extract import run as extract_run
 
     clean = tmp_path / "clean.h5"
-    extract_run(src, clean, ExtractOptions(precision="fp32", batch_size=4, workers=0),
-                progress=False)
+    extract_run(src, clean, ExtractOptions(precision="fp32", batch_size=4, workers=0,
+                                           runtime=_storm_runtime()[1]), progress=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the storm's: empty
     b = open_store(clean)
     fb = dict(zip(b.paths, b.features))
     t_storm, kills = time.monotonic(), []

@@ -30,8 +30,8 @@ from .options import ExtractOptions, Summary, check_options
 from .plan import Session, _same_as_last_run
 from .runtime import (
     CompiledForward,
-    embed,
-    prepare_model,
+    _warn,
+    build_engine,
     resolve_compile,
     resolve_device,
     resolve_precision,
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or t
     import torch
 
     from ..backbones import Backbone
+    from .runtime import Engine
 
 
 
@@ -61,26 +62,31 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     stored = read_identity(out) if out.exists() else {}
     lazy = backbone is None and _same_as_last_run(out, opts, stored)
     if lazy:  # plan against the store first; load the backbone only if there is work
-        device, precision = None, stored["precision"]
+        device, engine = None, None
         identity, data_config = stored, json.loads(stored["data_config"])
     else:
-        device, precision, backbone, data_config, identity = _load(opts, stored, say, backbone)
-    env = versions(*EXTRACT)
+        device, engine, data_config, identity = _load(opts, stored, say, backbone)
+    env = _versions(engine)
     summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                       ignored_files=list(disc.ignored),
-                      device=str(device or "no model loaded"), precision=precision)
+                      device=str(device or "no model loaded"), precision=identity["precision"],
+                      runtime=engine.describe() if engine else "")
     with StoreWriter.open(out, identity, versions=env, progress=say) as writer:
         session = Session(writer, disc, opts, summary.device, env, summary,
                           settle_touched=lazy)
+        if engine is not None:
+            session.record["runtime"] = engine.record()
         if lazy and session.tasks:  # new or changed files: now the backbone is needed
-            device, precision, backbone, data_config, identity = _load(opts, stored, say, None)
+            device, engine, data_config, identity = _load(opts, stored, say, None)
             mismatch = describe_mismatch(out, stored, identity)
             if mismatch:  # the same options no longer give the same features (e.g. weights)
                 raise StoreMismatch(mismatch)
-            summary.device, summary.precision = str(device), precision
-            session.record.update(device=summary.device)
+            summary.device, summary.precision = str(device), identity["precision"]
+            summary.runtime = engine.describe()
+            session.record.update(device=summary.device, versions=_versions(engine),
+                                  runtime=engine.record())
         try:
-            _extract(session, backbone, data_config, opts, device, precision, progress)
+            _extract(session, engine, data_config, opts, progress)
         except KeyboardInterrupt:
             summary.interrupted = True
         except StoreError as e:  # e.g. the disk filled up: note it in the run record if we can
@@ -93,9 +99,16 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     return summary
 
 
+def _versions(engine: Engine | None) -> dict[str, str]:
+    """The run record's versions; with OpenVINO running the backbone, OpenVINO's too."""
+    return versions(*EXTRACT, *(("openvino",) if engine and engine.runtime == "openvino"
+                                else ()))
+
+
 def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], None],
-          backbone: Backbone | None) -> tuple[Any, str, Backbone, dict[str, Any], dict[str, Any]]:
-    """Device, precision, backbone (loaded unless given), data config and store identity."""
+          backbone: Backbone | None) -> tuple[Any, Engine, dict[str, Any], dict[str, Any]]:
+    """Device, the backbone (loaded unless given) ready on its runtime, data config and store
+    identity (whose precision names the runtime's bf16: provenance.OV_BF16)."""
     from ..backbones import build_backbone
 
     device = resolve_device(opts.device)
@@ -105,17 +118,23 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
     if backbone is None:
         backbone = build_backbone(opts)
     data_config, identity = identity_of(backbone, opts, precision)
-    return device, precision, backbone, data_config, identity
+    # --compile on asks for torch.compile: auto then means torch (OpenVINO compiles anyway)
+    runtime = "torch" if opts.runtime == "auto" and opts.compile == "on" else opts.runtime
+    engine = build_engine(backbone, device, precision, runtime,
+                          channels_last=opts.channels_last, stored=stored.get("precision"),
+                          say=_warn)  # on stderr even with -q: it changes what runs
+    identity["precision"] = engine.stored_precision
+    return device, engine, data_config, identity
 
 
-def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
-             opts: ExtractOptions, device: torch.device, precision: str,
-             progress: bool) -> None:
+def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
+             opts: ExtractOptions, progress: bool) -> None:
     tasks = session.tasks
     if not tasks:
         return
     import torch
 
+    device = engine.device
     from ..backbones import decode_size, make_views_transform
 
     min_size = None if opts.exact_decode else decode_size(data_config)
@@ -127,11 +146,11 @@ def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
         persistent_workers=False, prefetch_factor=4 if workers else None,
         worker_init_fn=functools.partial(_close_in_worker, session.writer.inherited_lock()),
     )
-    model, amp = prepare_model(backbone, device, precision, opts.channels_last)
     tta = data_config.get("tta") or ""
     forwards = len(tasks) * (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
-    if resolve_compile(opts.compile, device, forwards):
-        model = CompiledForward(model, opts.batch_size)  # warns on stderr even with -q
+    if engine.runtime == "torch" and resolve_compile(opts.compile, device, forwards):
+        # warns on stderr even with -q
+        engine.forward = CompiledForward(engine.forward, opts.batch_size)
         session.summary.compiled = "compiled"
     out_dtype = np.dtype(opts.dtype)
     # Writing a batch (HDF5 append + flush) runs in one background thread while the next
@@ -151,10 +170,7 @@ def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
             for batch in loader:
                 feats = None
                 if batch["tensor"] is not None:
-                    feats = embed(model, batch["tensor"], device, amp=amp,
-                                  channels_last=opts.channels_last,
-                                  flip="flip" in (data_config.get("tta") or ""),
-                                  chunk=opts.batch_size)
+                    feats = engine(batch["tensor"], flip="flip" in tta, chunk=opts.batch_size)
                     feats = feats.cpu().numpy().astype(out_dtype, copy=False)
                 settle()
                 pending.append((writes.submit(session.commit, batch, feats),
@@ -165,5 +181,5 @@ def _extract(session: Session, backbone: Backbone, data_config: dict[str, Any],
                 settle()
             finally:
                 writes.shutdown(wait=True)
-    if isinstance(model, CompiledForward) and model.failed:
+    if isinstance(engine.forward, CompiledForward) and engine.forward.failed:
         session.summary.compiled = "eager (compile failed)"

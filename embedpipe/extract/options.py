@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or t
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILES = ("auto", "on", "off")
+RUNTIMES = ("auto", "torch", "openvino")
 DTYPES = ("float32", "float16")
 
 
@@ -52,6 +53,7 @@ class ExtractOptions:
     shard: str | None = None  # "K/N": only the files of shard K of N (merge with store.merge)
     tta: str | None = None  # test-time augmentation: "flip", "crops" or "flip,crops"
     compile: str = "auto"  # torch.compile the backbone: auto, on, off (not part of the identity)
+    runtime: str = "auto"  # auto, torch, openvino (runtime.py; in the identity via precision)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Summary:
     device: str = ""
     precision: str = ""
     compiled: str = ""  # "", "compiled" or "eager (compile failed)"
+    runtime: str = ""  # "torch" or "openvino <version> (cache hit|miss|rebuilt|off)"
     interrupted: bool = False
 
     @property
@@ -94,7 +97,8 @@ class Summary:
         if self.pruned:
             parts.append(f"{self.pruned} pruned")
         head = "interrupted" if self.interrupted else "done"
-        how = ", ".join(x for x in (self.device, self.precision, self.compiled) if x)
+        how = ", ".join(x for x in (self.device, self.runtime, self.precision, self.compiled)
+                        if x)
         return (f"{head}: {', '.join(parts)} of {self.total} images in {self.seconds:.1f} s "
                 f"({self.rate:.1f} img/s, {how}) → {self.store}")
 
@@ -107,6 +111,8 @@ def check_options(opts: ExtractOptions) -> None:
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
     if opts.compile not in COMPILES:
         raise ExtractError(f"--compile {opts.compile}: pass one of {', '.join(COMPILES)}")
+    if opts.runtime not in RUNTIMES:
+        raise ExtractError(f"--runtime {opts.runtime}: pass one of {', '.join(RUNTIMES)}")
     if opts.max_pixels is not None and opts.max_pixels < 1:
         raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
                            f"(default {DEFAULT_MAX_PIXELS})")
@@ -144,5 +150,9 @@ def options_for_identity(identity: dict[str, Any], *, weights: str | None = None
                          what: str = "the head", **overrides: Any) -> ExtractOptions:
     """ExtractOptions that reproduce ``identity`` (a head's store identity: see
     provenance.options_for, whose OptionError it raises), with ``overrides`` (device,
-    batch_size, workers, ...) for what does not change the features."""
-    return ExtractOptions(**options_for(identity, weights=weights, what=what), **overrides)
+    batch_size, workers, ...) for what does not change the features. ``runtime`` 'auto' in
+    ``overrides`` keeps the runtime the identity needs (bf16: the one that made it)."""
+    opts = options_for(identity, weights=weights, what=what)
+    if overrides.get("runtime", "auto") == "auto":
+        overrides.pop("runtime", None)
+    return ExtractOptions(**{**opts, **overrides})

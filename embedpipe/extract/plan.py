@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import __version__
 from ..env import version_of
+from ..provenance import OV_BF16, numeric_precision
 from ..data import (
     DecodeError,
     Discovery,
@@ -231,11 +232,15 @@ def _same_as_last_run(out: Path, opts: ExtractOptions, stored: dict[str, Any]) -
     """True when ``opts`` would give the store's identity for sure, known without loading the
     backbone: the store's last run used the same feature-deciding options, the same weights file
     (size and mtime), embedpipe and timm versions, and the precision asked is 'auto' or the
-    store's own. Anything else takes the full check (load the backbone, compare identities)."""
+    store's own (by a runtime that makes the store's kind of bf16). Anything else takes the full
+    check (load the backbone, compare identities)."""
     if not stored.get("precision") or not stored.get("data_config"):
         return False
-    if opts.precision not in ("auto", stored["precision"]) or opts.device not in ("auto", "cpu"):
+    sp = stored["precision"]
+    if opts.precision not in ("auto", numeric_precision(sp)) or opts.device not in ("auto", "cpu"):
         return False
+    if (sp, opts.runtime) in (("bf16", "openvino"), (OV_BF16, "torch")):
+        return False  # another runtime's bf16: the full check names the mismatch
     try:
         runs = read_runs(out)
     except StoreError:

@@ -31,8 +31,10 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +47,8 @@ from ..extract.loader import load_one
 from ..extract.options import ExtractError, ExtractOptions, Summary, check_options
 from ..extract.plan import Session
 from ..env import EXTRACT, versions
-from ..extract.runtime import resolve_precision
+from ..extract.runtime import auto_precision, choose_runtime, resolve_precision
+from ..provenance import STORED_PRECISIONS, stored_precision
 from ..extract.shards import partition
 from ..progress import Progress, printer
 from ..provenance import diff_fields
@@ -183,34 +186,32 @@ class _Embedder:
         import torch
 
         from ..backbones import build_backbone
-        from ..extract.runtime import prepare_model
+        from ..extract.runtime import build_engine
 
-        o = ExtractOptions(**opts)
+        o = ExtractOptions(**opts)  # o.runtime: torch or openvino, as the driver resolved it
         backbone = build_backbone(o)
         _, mine = identity_of(backbone, o, precision)
+        self.engine = build_engine(backbone, torch.device(device), precision, o.runtime,
+                                   channels_last=o.channels_last)
+        del backbone
+        mine["precision"] = self.engine.stored_precision
         diffs = diff_fields(identity, mine)
         if diffs:  # e.g. another weights file or timm version on this node
             raise ExtractError(f"a Ray worker's backbone differs from the driver's "
                                f"({'; '.join(diffs[:3])}); install the same embedpipe, timm "
                                "and weights on every node")
         self.torch = torch
-        self.device = torch.device(device)
         self.opts = o
         self.flip = "flip" in (json.loads(identity["data_config"]).get("tta") or "")
-        self.model, self.amp = prepare_model(backbone, self.device, precision,
-                                             o.channels_last)
         self.dim = int(identity["feature_dim"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..extract.runtime import embed
-
         ok = np.asarray(batch["status"] == "ok")
         feats = np.zeros((len(ok), self.dim), dtype=np.float32)
         if ok.any():
             with self.torch.inference_mode():
-                f = embed(self.model, self.torch.from_numpy(batch["tensor"][ok]), self.device,
-                          amp=self.amp, channels_last=self.opts.channels_last, flip=self.flip,
-                          chunk=self.opts.batch_size)
+                f = self.engine(self.torch.from_numpy(batch["tensor"][ok]), flip=self.flip,
+                                chunk=self.opts.batch_size)
             feats[ok] = f.cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "tensor"}
         out["features"] = feats
@@ -267,8 +268,17 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         device = cluster.device(opts.device)
         precision = _precision(opts.precision, device, cluster.cuda_bf16, cluster.cpu_bf16,
                                stored.get("precision"))
+        # The actors run the runtime resolved here (an actor that cannot run it fails the
+        # pipeline with its reason), so every shard's identity is the driver's.
+        runtime, why = choose_runtime(opts.runtime, device, precision,
+                                      stored=stored.get("precision"),
+                                      cpu_bf16=cluster.cpu_bf16 if cluster.probed else None)
+        if why:
+            print(f"note: --runtime auto uses torch: {why}", file=sys.stderr, flush=True)
+        opts = replace(opts, runtime=runtime)
         backbone = build_backbone(opts)
         data_config, identity = identity_of(backbone, opts, precision)
+        identity["precision"] = stored_precision(precision, runtime)
         del backbone
         if stored:
             diffs = diff_fields(stored, identity)
@@ -282,10 +292,10 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         min_size = None if opts.exact_decode else decode_size(data_config)
         n_shards = _shard_count(sdir, len(disc.items), cluster.workers or 1)
         parts = partition(disc, n_shards)
-        env = versions(*EXTRACT)
+        env = versions(*EXTRACT, *(("openvino",) if runtime == "openvino" else ()))
         summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                           ignored_files=list(disc.ignored), device=f"ray:{device}",
-                          precision=precision)
+                          precision=identity["precision"], runtime=runtime)
         say(f"ray: {len(disc.items)} images in {n_shards} shard stores under {sdir}")
         shard_summaries: list[Summary] = []
         changed = False
@@ -391,13 +401,13 @@ def _init_ray(ray: Any, address: str | None) -> None:
 
 def _precision(precision: str, device: str, cuda_bf16: bool, cpu_bf16: bool,
                stored: str | None) -> str:
-    if precision != "auto" or stored in ("fp32", "bf16", "fp16"):
+    """The numeric precision: runtime.resolve_precision's rule, with the workers' hardware as
+    the cluster probe found it."""
+    if precision != "auto" or stored in STORED_PRECISIONS:
         import torch
 
         return resolve_precision(precision, torch.device("cpu"), stored)
-    if device == "cuda":
-        return "bf16" if cuda_bf16 else "fp16"
-    return "bf16" if cpu_bf16 else "fp32"
+    return auto_precision(device, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16)
 
 
 def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_shards: int,
@@ -422,6 +432,8 @@ def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_sh
             w = StoreWriter.open(s.store, identity, versions=env, progress=say)
             writers.append(w)
             sess = Session(w, parts[k], opts, f"ray:{device}", env, s)
+            sess.record["runtime"] = {"name": opts.runtime, "precision": precision,
+                                      "version": env.get(opts.runtime, "unknown")}
             wave_summaries.append(s)
             if sess.changes and not changed:
                 _unmark_merged(sdir)  # STORE is out of date until the merge at the end

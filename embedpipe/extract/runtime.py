@@ -1,26 +1,52 @@
-"""The inference runtime: device, precision rule, torch.compile, and ``embed`` (the mapper).
+"""The inference runtime: device, precision rule, torch/OpenVINO, torch.compile, ``embed``.
 
-The only module that knows devices, precisions and inference runtimes.
+The one owner of these decisions (DESIGN.md: only the runtime module knows devices,
+precisions and inference runtimes); extract, predict, serve, the Ray engine's actors and
+finetune call it.
+
+Runtimes (``--runtime``):
+  * ``torch``: the timm module itself, channels-last, under ``torch.autocast`` for bf16/fp16
+    (optionally ``torch.compile``d by extract).
+  * ``openvino``: the same module converted with ``openvino.convert_model`` (traced once,
+    batch dimension dynamic) and compiled for the CPU with ``INFERENCE_PRECISION_HINT`` f32 or
+    bf16. CPU only. The converted model (OpenVINO IR) is cached on disk (see ``ov_cache_dir``)
+    and OpenVINO's own compiled blobs under its ``CACHE_DIR``, so a second run neither traces
+    nor compiles again. torch's copy of the model is dropped once converted: one runtime's
+    thread pool per process.
+  * ``auto``: torch on CUDA, always; on the CPU OpenVINO where it is installed, the precision
+    is one it runs (f32, or bf16 on a CPU with native bf16) and the model converts; otherwise
+    torch, with one line on stderr saying why.
+
+Precision and store identity (provenance.OV_BF16): ``fp32`` features are the same from both
+runtimes and share stores; OpenVINO's bf16 is recorded as ``bf16-openvino``, never mixed with
+torch autocast's ``bf16``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-
 from ..errors import first_line
-from .options import COMPILES, PRECISIONS, ExtractError
+from ..provenance import OV_BF16, STORED_PRECISIONS, numeric_precision, stored_precision
+from .options import COMPILES, PRECISIONS, RUNTIMES, ExtractError
 
 if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
     import torch
 
     from ..backbones import Backbone
-
 
 
 # -- device / precision --------------------------------------------------------------------
@@ -57,20 +83,95 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device, stored: str | None = None) -> str:
+def auto_precision(device_type: str, *, cuda_bf16: bool, cpu_bf16: bool,
+                   training: bool = False) -> str:
+    """The one precision rule for ``--precision auto``: CUDA: bf16 where supported, else
+    fp16; CPU: bf16 where the CPU has native bf16 (``cpu_has_native_bf16``), else fp32.
+    Training on the CPU (finetune) stays fp32: its bf16 gradients were not validated."""
+    if device_type == "cuda":
+        return "bf16" if cuda_bf16 else "fp16"
+    return "bf16" if cpu_bf16 and not training else "fp32"
+
+
+def resolve_precision(precision: str, device: torch.device, stored: str | None = None, *,
+                      training: bool = False) -> str:
+    """``--precision`` (auto, fp32, bf16, fp16) → the numeric precision to run. auto keeps an
+    existing store's (``stored``) so a store stays consistent across machines, else
+    ``auto_precision``. Raises ExtractError for an unknown value."""
     if precision not in PRECISIONS:
         raise ExtractError(f"--precision {precision}: pass one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if stored in ("fp32", "bf16", "fp16"):
-            return stored  # keep an existing store consistent across machines
-        import torch
+    if precision != "auto":
+        return precision
+    if stored in STORED_PRECISIONS:
+        return numeric_precision(stored)
+    import torch
 
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return precision
+    cuda = device.type == "cuda"
+    return auto_precision(device.type, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+                          cpu_bf16=not cuda and cpu_has_native_bf16(), training=training)
 
 
+# -- runtime choice ----------------------------------------------------------------------------
+
+def openvino_version() -> str | None:
+    """OpenVINO's version where it is installed (package metadata: nothing imported)."""
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version("openvino")
+    except Exception:  # noqa: BLE001 - installed without metadata: still usable
+        return "unknown"
+
+
+def _openvino_missing() -> str | None:
+    """Why OpenVINO cannot be used here (None when it imports)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        return f"openvino is not installed ({e.name or e}): pip install 'embedpipe[openvino]'"
+    except Exception as e:  # noqa: BLE001 - a broken install is the same for the user
+        return f"openvino does not import ({type(e).__name__}: {e})"
+    return None
+
+
+def choose_runtime(runtime: str, device_type: str, precision: str, *,
+                   stored: str | None = None, cpu_bf16: bool | None = None
+                   ) -> tuple[str, str | None]:
+    """``--runtime`` → (torch or openvino, why auto did not pick OpenVINO on the CPU or None).
+
+    ``precision`` is the numeric precision to run; ``stored`` the precision an existing store
+    records (a bf16 store keeps the runtime that made it). Raises ExtractError where the
+    runtime asked for cannot run this (OpenVINO on CUDA, fp16, or bf16 without native bf16)."""
+    if runtime not in RUNTIMES:
+        raise ExtractError(f"--runtime {runtime}: pass one of {', '.join(RUNTIMES)}")
+    if runtime == "auto" and stored == OV_BF16:
+        runtime = "openvino"  # the store's features are OpenVINO's bf16: only it extends them
+    if runtime == "torch":
+        return "torch", None
+    if device_type != "cpu":
+        if runtime == "openvino":
+            raise ExtractError(f"--runtime openvino runs on the CPU only, and this run is on "
+                               f"{device_type}; pass --device cpu or --runtime torch (or auto)")
+        return "torch", None
+    why = None
+    if precision == "fp16":
+        why = "fp16 is a torch-only precision here (OpenVINO runs f32 and bf16 on the CPU)"
+    elif precision == "bf16":
+        if runtime == "auto" and stored == "bf16":
+            return "torch", None  # the store's bf16 features were made by torch: keep them so
+        if cpu_bf16 is None:
+            cpu_bf16 = cpu_has_native_bf16()
+        if not cpu_bf16:
+            why = "this CPU has no native bf16 (OpenVINO would run f32 instead)"
+    if why is None:
+        why = _openvino_missing()
+    if why is None:
+        return "openvino", None
+    if runtime == "openvino":
+        raise ExtractError(f"--runtime openvino: {why}; pass --runtime torch (or auto)")
+    return "torch", why
 
 
 def prepare_model(backbone: Backbone, device: torch.device, precision: str,
@@ -84,7 +185,7 @@ def prepare_model(backbone: Backbone, device: torch.device, precision: str,
     model = backbone.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(numeric_precision(precision))
     amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
     return model, amp
@@ -171,10 +272,12 @@ class CompiledForward:
             return self.eager(x)
 
 
-def embed(model: torch.nn.Module, views: torch.Tensor, device: torch.device, *, amp: Any,
-          channels_last: bool, flip: bool, chunk: int) -> torch.Tensor:
-    """B×V×C×H×W views (V = 1 without crops TTA) → B×D float32 pooled features: the mean over
-    the views and, with ``flip``, their mirror images. Forward passes of at most ``chunk``."""
+def embed(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor,
+          device: torch.device, *, amp: Any, channels_last: bool, flip: bool,
+          chunk: int) -> torch.Tensor:
+    """B×V×C×H×W float32 views (V = 1 without crops TTA) → B×D float32 pooled features: the
+    mean over the views and, with ``flip``, their mirror images. Forward passes of at most
+    ``chunk`` images through ``model`` (a torch module or an ``OpenVINOForward``)."""
     import torch
 
     b, v = views.shape[:2]
@@ -187,3 +290,224 @@ def embed(model: torch.nn.Module, views: torch.Tensor, device: torch.device, *, 
         outs = [model(x[lo:lo + chunk]) for lo in range(0, x.shape[0], chunk)]
     f = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
     return f.view(-1, b, v, f.shape[-1]).mean(dim=(0, 2))
+
+
+# -- OpenVINO -----------------------------------------------------------------------------------
+
+def ov_cache_dir() -> Path:
+    """Where converted OpenVINO models are kept: <XDG_CACHE_HOME or ~/.cache>/embedpipe/openvino/<model>-<key>/ (IR
+    model.xml + model.bin + meta.json), and OpenVINO's compiled blobs in
+    <XDG_CACHE_HOME or ~/.cache>/embedpipe/openvino/compiled/. Deleting the folder only costs the next run a conversion."""
+    return compile_cache_dir().parent / "openvino"
+
+
+def ov_cache_key(backbone: Backbone, ov_version: str) -> dict[str, Any]:
+    """What a converted model depends on: the architecture and its weights (sha256), pool and
+    input shape (3×H×W; the batch dimension is dynamic), the converter (OpenVINO, torch and
+    timm versions). Precision is not in it: the IR is f32 and the precision is a compile-time
+    hint (OpenVINO keys its compiled blobs by it under CACHE_DIR)."""
+    import timm
+    import torch
+
+    return {"format": "embedpipe-openvino-ir/1", "model": backbone.name,
+            "weights_sha256": backbone.weights.sha256, "pool": backbone.pool,
+            "input_size": list(backbone.data_config["input_size"]),
+            "feature_dim": int(backbone.feature_dim), "batch": "dynamic",
+            "openvino": ov_version, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class OpenVINOForward:
+    """A backbone compiled by OpenVINO for the CPU: N×C×H×W float32 torch tensor → N×D float32
+    torch tensor (one synchronous infer request; batch size free). ``cache`` tells how the
+    converted model was had: 'hit' (read from the disk cache), 'miss' (converted and cached),
+    'rebuilt' (a damaged cache entry was converted again) or 'off' (not cacheable here)."""
+
+    compiled: Any
+    precision: str  # "fp32" or "bf16"
+    version: str
+    cache: str
+    threads: int
+    seconds: dict[str, float] = field(default_factory=dict)  # convert / read / compile
+
+    def __post_init__(self) -> None:
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        arr = x.detach().cpu().contiguous().numpy()
+        out = self.request.infer({0: arr}, share_inputs=True, share_outputs=False)
+        return torch.from_numpy(next(iter(out.values())))
+
+
+def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = None,
+                   say: Callable[[str], None] = _warn) -> OpenVINOForward:
+    """Convert ``backbone`` (or read its cached conversion) and compile it for the CPU at
+    ``precision`` (fp32 or bf16). A cache entry that cannot be read, fails its checksum or does
+    not compile is deleted and converted again (one line through ``say``), never fatal; a cache
+    folder that cannot be written only costs the next run the conversion. Raises ExtractError
+    when the model does not convert or bf16 is asked on a CPU where OpenVINO would not run it.
+    """
+    import openvino as ov
+    import torch
+
+    version = ov.get_version().split("-")[0]
+    key = ov_cache_key(backbone, version)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    entry = ov_cache_dir() / f"{backbone.name.replace('/', '_')}-{digest}"
+    threads = threads or torch.get_num_threads()
+    core = ov.Core()
+    blobs = ov_cache_dir() / "compiled"
+    with contextlib.suppress(OSError):
+        blobs.mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(blobs)})
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+              "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
+    seconds: dict[str, float] = {}
+    status = "miss"
+    compiled = None
+    if (entry / "meta.json").is_file():
+        t = time.perf_counter()
+        try:
+            meta = json.loads((entry / "meta.json").read_text())
+            if meta.get("key") != key or _file_sha256(entry / "model.bin") != meta.get("bin"):
+                raise ValueError("its checksum or key does not match")
+            model = core.read_model(str(entry / "model.xml"), str(entry / "model.bin"))
+            seconds["read"] = time.perf_counter() - t
+            t = time.perf_counter()
+            compiled = core.compile_model(model, "CPU", config)
+            seconds["compile"] = time.perf_counter() - t
+            status = "hit"
+        except Exception as e:  # noqa: BLE001 - any damage: convert again
+            first = first_line(e, 120)
+            say(f"note: OpenVINO cache entry {entry} is damaged ({first}); converting again")
+            shutil.rmtree(entry, ignore_errors=True)
+            status, compiled = "rebuilt", None
+    elif entry.exists():  # an entry without meta.json: a conversion that never finished
+        shutil.rmtree(entry, ignore_errors=True)
+    if compiled is None:
+        t = time.perf_counter()
+        model = _convert(ov, backbone)
+        seconds["convert"] = time.perf_counter() - t
+        if not _save_entry(ov, model, entry, key):
+            status = "off"
+        t = time.perf_counter()
+        compiled = core.compile_model(model, "CPU", config)
+        seconds["compile"] = time.perf_counter() - t
+    got = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()  # <Type: 'bfloat16'>
+    if precision == "bf16" and "bf16" not in got and "bfloat16" not in got:
+        raise ExtractError(f"--runtime openvino --precision bf16: OpenVINO runs {got} on this "
+                           "CPU (no native bf16); pass --precision fp32 or --runtime torch")
+    return OpenVINOForward(compiled, precision, version, status, int(threads), seconds)
+
+
+def _convert(ov: Any, backbone: Backbone) -> Any:
+    import torch
+
+    c, h, w = backbone.data_config["input_size"]
+    example = torch.zeros(1, c, h, w)
+    try:
+        # the tracer's deprecation warnings say nothing a user can act on
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = ov.convert_model(backbone.model.float().eval(), example_input=example,
+                                     input=[(-1, c, h, w)])
+    except Exception as e:  # noqa: BLE001 - the converter's errors are many and deep
+        first = first_line(e, 160)
+        raise ExtractError(f"{backbone.name}: OpenVINO cannot convert this model "
+                           f"({type(e).__name__}: {first}); pass --runtime torch") from None
+    return model
+
+
+def _save_entry(ov: Any, model: Any, entry: Path, key: dict[str, Any]) -> bool:
+    """Write the IR to a temporary folder beside ``entry`` and rename it into place (another
+    process finishing first wins; a run killed half-way leaves only a temporary folder)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError:
+        return False
+    try:
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        meta = {"key": key, "bin": _file_sha256(tmp / "model.bin"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, entry)
+        return True
+    except OSError:
+        return entry.is_dir()  # another process renamed its copy first: that one is used
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- what the commands build ----------------------------------------------------------------------
+
+@dataclass
+class Engine:
+    """A backbone ready to embed: ``forward`` (torch module or OpenVINOForward) with its
+    autocast context ``amp`` and memory format, plus what run records say about it."""
+
+    forward: Any
+    amp: Any
+    channels_last: bool
+    device: torch.device
+    runtime: str  # "torch" or "openvino"
+    precision: str  # numeric: fp32, bf16 or fp16
+    note: str | None = None  # why auto chose torch on the CPU
+
+    @property
+    def stored_precision(self) -> str:
+        return stored_precision(self.precision, self.runtime)
+
+    def record(self) -> dict[str, Any]:
+        """The run record's ``runtime`` entry: name, version and (OpenVINO) cache use."""
+        if isinstance(self.forward, OpenVINOForward):
+            f = self.forward
+            return {"name": "openvino", "version": f.version, "precision": f.precision,
+                    "cache": f.cache, "threads": f.threads}
+        import torch
+
+        return {"name": "torch", "version": torch.__version__, "precision": self.precision}
+
+    def describe(self) -> str:
+        if isinstance(self.forward, OpenVINOForward):
+            return f"openvino {self.forward.version} (cache {self.forward.cache})"
+        return "torch"
+
+    def __call__(self, views: torch.Tensor, *, flip: bool, chunk: int) -> torch.Tensor:
+        """B×V×C×H×W views → B×D float32 features (``embed``)."""
+        return embed(self.forward, views, self.device, amp=self.amp,
+                     channels_last=self.channels_last, flip=flip, chunk=chunk)
+
+
+def build_engine(backbone: Backbone, device: torch.device, precision: str, runtime: str, *,
+                 channels_last: bool = True, stored: str | None = None,
+                 say: Callable[[str], None] = _warn) -> Engine:
+    """The backbone ready for inference on ``device`` at ``precision`` (numeric) by
+    ``runtime`` (auto, torch, openvino; see ``choose_runtime``). With OpenVINO the engine keeps
+    no reference to torch's module (one runtime per process). ``auto`` falls back to torch
+    with one line through ``say`` when OpenVINO is not installed, cannot run the precision, or
+    the model does not convert. Raises ExtractError when ``--runtime openvino`` cannot run."""
+    name, why = choose_runtime(runtime, device.type, precision, stored=stored)
+    if name == "openvino":
+        try:
+            fwd = build_openvino(backbone, precision, say=say)
+        except ExtractError as e:
+            if runtime == "openvino":
+                raise
+            name, why = "torch", str(e).split("; pass")[0]
+        else:
+            return Engine(fwd, contextlib.nullcontext(), False, device, "openvino", precision)
+    if why and runtime == "auto" and device.type == "cpu":
+        say(f"note: --runtime auto uses torch: {why}")
+    model, amp = prepare_model(backbone, device, precision, channels_last)
+    return Engine(model, amp, channels_last, device, "torch", precision, why)

@@ -80,10 +80,12 @@ def _torch_settings(deterministic: bool, threads: int | None):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """The training precision: the one rule (extract.runtime.resolve_precision) with
+    ``training``: auto on the CPU stays fp32. fp16 on the CPU is refused for training."""
+    from ..extract.runtime import resolve_precision as rule
+
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        return rule(precision, device, training=True)
     if precision == "fp16" and device.type == "cpu":
         raise FinetuneError("--precision fp16: not supported for training on the CPU; pass fp32 "
                             "(or bf16 on CPUs with native bf16)")

@@ -173,7 +173,16 @@ def _training(store: Any, rows: Any, classes: np.ndarray, counts: np.ndarray,
             "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
             else "all labeled rows",
             "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
-            "train_accuracy": train_acc, **extra}
+            "train_accuracy": train_acc, "feature_runtimes": _runtimes(store), **extra}
+
+
+def _runtimes(store: Any) -> list[str]:
+    """The inference runtimes (name and version) of the extract runs that wrote the store's
+    rows, from its run records (runs before runtimes were recorded ran torch: not listed)."""
+    seen = {f"{r['runtime'].get('name')} {r['runtime'].get('version')}"
+            for r in getattr(store, "runs", None) or []
+            if isinstance(r.get("runtime"), dict) and r.get("status") != "failed"}
+    return sorted(seen)
 
 
 def _paths(store_path: str | Path | Sequence[str | Path]) -> list[str | Path]:
