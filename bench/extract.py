@@ -442,9 +442,9 @@ def report(results: dict, hdr: bu.Header, args, load_start: str, wall: float) ->
                       rrows)
     facts = [f"CPU flags: avx512_bf16 {'yes' if 'avx512_bf16' in bu.cpu_flags() else 'no'}, "
              f"AMX {'yes' if 'amx_bf16' in bu.cpu_flags() else 'no'}",
-             f"runtimes: " + "; ".join(sorted({v.split(' (')[0] for r in results.values()
+             "runtimes: " + "; ".join(sorted({v.split(' (')[0] for r in results.values()
                                                for v in r['runtime_versions'].values()})),
-             f"images: Fashion-MNIST test images rendered at 224×224 RGB JPEG q90: "
+             "images: Fashion-MNIST test images rendered at 224×224 RGB JPEG q90: "
              + ", ".join(f"{k} {r['images']}" for k, r in results.items())
              + "; model-only passes on the first " + ", ".join(
                  f"{r['ceiling_images']} ({k})" for k, r in results.items())

@@ -39,7 +39,6 @@ Writes bench/results/preprocess.md and preprocess.json (with --quick: scratch fi
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import shutil
 import sys

@@ -4,9 +4,7 @@ OpenVINO, resume after an interrupt, and predict/serve answering as torch does."
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
