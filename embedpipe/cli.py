@@ -283,14 +283,24 @@ def info(
     lines += [f"  {c:<{width}}  {n}" for c, n in report["classes"].items()]
     lines.append("splits     " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
     if s.runs:
-        last = s.runs[-1]
-        lines.append(f"last run   {last.get('started')} {last.get('status')} "
-                     f"on {last.get('device')}")
+        lines.append(f"last run   {_describe_run(s.runs[-1])}")
     lines.append(f"skipped    {len(s.errors)}")
     lines += [f"  {p}: {r}" for p, r in s.errors[:show]]
     if len(s.errors) > show:
         lines.append(f"  ... and {len(s.errors) - show} more (--show N)")
     typer.echo("\n".join(lines))
+
+
+def _describe_run(run: dict[str, Any]) -> str:
+    """One line for a run record: an extraction (when, status, device) or a merge (of how
+    many stores, when, status); only the fields the record has."""
+    when = run.get("started") or run.get("finished") or "(time not recorded)"
+    status = run.get("status") or "(status not recorded)"
+    if "merged" in run:
+        merged = run["merged"]
+        return f"merge of {len(merged)} store(s) {status} at {when}"
+    device = f" on {run['device']}" if run.get("device") else ""
+    return f"{when} {status}{device}"
 
 
 @app.command()
@@ -467,7 +477,7 @@ def predict(
     else:
         preds = _run(pr.from_images, head, images, top_k=top_k, weights=weights, device=device,
                      batch_size=batch_size, workers=workers, keep_store=keep_store,
-                     progress=not quiet)
+                     progress=not quiet, out=out)
     for path, reason in preds.skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
@@ -582,7 +592,7 @@ def cv(
     from .evaluate import cv as ev_cv
     from .evaluate import report as ev_report
 
-    _run(ev_report.check_outputs, json_out, plots)
+    _run(ev_report.check_outputs, json_out, plots, store)
     if ensemble is not None:
         head = list(head or ev_cv.DEFAULT_CV_HEADS)
         head.append(_run(_head_name, head, ensemble))
@@ -626,7 +636,7 @@ def compare(
     from .evaluate import cv as ev_cv
     from .evaluate import report as ev_report
 
-    _run(ev_report.check_outputs, json_out, None)
+    _run(ev_report.check_outputs, json_out, None, stores)
     report = _run(ev_cv.run_compare, stores, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
                   progress=not quiet, chunk_rows=chunk_rows,

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
+from ..heads import fewshot
 from ..heads import registry as heads
 from ..heads.compact import predict_scored
 from ..env import versions
@@ -74,14 +76,31 @@ def _cv_task(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, 
 
     with _Quiet() as quiet:
         t0 = time.perf_counter()
-        est, chosen = _fit(X[train], y[train], head, params, class_weight, search, metric, seed,
-                           where)
+        notes: list[str] = []
+        try:
+            est, chosen = _fit(X[train], y[train], head, params, class_weight, search, metric,
+                               seed, where, notes=notes)
+        except fewshot.FewShotError as e:
+            raise fewshot.FewShotError(f"{where}: cross-validation fits on the training part "
+                                       f"of each fold, fewer images than the store has: {e}"
+                                       ) from None
         seconds = time.perf_counter() - t0
         pred, _, conf, calibrated = predict_scored(est, X[test],
                                                    use_proba=heads.get(head).native_proba)
     return {"scores": _scores(y[test], pred), "fit_seconds": seconds, "params": chosen,
             "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
-            "convergence_warnings": quiet.convergence}
+            "convergence_warnings": quiet.convergence, "notes": notes}
+
+
+def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[str]) -> None:
+    """The few-shot notes (fewshot.adapt) of every fit, each said once with its fit count."""
+    seen: dict[str, int] = {}
+    for r in results.values():
+        for n in r.get("notes", ()):
+            seen[n] = seen.get(n, 0) + 1
+    for n, times in seen.items():
+        notes.append(f"{n} ({times} fit{'s' if times > 1 else ''})")
+        warn(f"note: {notes[-1]}")
 
 
 def _cv_stream_task(store: Any, rows: np.ndarray, y: np.ndarray, train: np.ndarray,
@@ -178,11 +197,11 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
     if X.dtype != np.float32 and X.dtype != np.float64:
         X = X.astype(np.float32)
     y = targets(store, rows.train)
+    if store.features_loaded:
+        checks.refuse_nonfinite(X, [store.paths[i] for i in rows.train], where)
     present = set(y.tolist())
     labels = [c for c in store.classes if c in present]
-    if len(labels) < 2:
-        raise EvaluateError(f"{where}: the {len(y)} training rows all belong to class "
-                            f"{labels[0]!r}; cross-validation needs at least 2 classes")
+    fewshot.check_classes(y, where)
     cls, n = min_class(y)
     if n < 2:
         raise EvaluateError(f"{where}: class {cls!r} has a single training image; "
@@ -217,6 +236,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *, folds: int =
         for key, res in zip(tasks, gen):
             results[key] = res
             bar.update(1)
+    _fewshot_notes(results, warn, notes)
 
     table = []
     for h in names:
@@ -395,6 +415,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     paths, y, idx, notes = _aligned_rows(stores)
     for n in notes:
         warn(f"warning: {n}")
+    fewshot.check_classes(y, ", ".join(str(s.path) for s in stores), "common train rows")
     cls, n = min_class(y)
     if n < 2:
         raise EvaluateError(f"class {cls!r} has a single train image common to the stores; "
@@ -402,6 +423,9 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "common train")
     Xs = [s.features[i] if s.features_loaded else s.features for s, i in zip(stores, idx)]
+    for s, i, X in zip(stores, idx, Xs):
+        if s.features_loaded:
+            checks.refuse_nonfinite(X, [s.paths[j] for j in i], str(s.path))
     tasks = [(k, h, f) for k in range(len(stores)) for h in names for f in range(len(splits))]
     say(f"compare: {len(stores)} stores x {len(names)} head(s) x {len(splits)} folds = "
         f"{len(tasks)} fits on {len(y)} common train rows")
@@ -418,6 +442,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
         for key, res in zip(tasks, gen):
             results[key] = res
             bar.update(1)
+    _fewshot_notes(results, warn, notes)
     table = []
     for h in names:
         row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": []}

@@ -9,22 +9,35 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import first_line
+from . import fewshot
 from . import registry as heads
 from .rows import EvaluateError, min_class
+
+
+def fit_adapted(estimator: Any, X: np.ndarray, y: np.ndarray, name: str,
+                notes: list[str] | None = None) -> Any:
+    """``estimator.fit(X, y)`` after fewshot.adapt (its notes appended to ``notes``)."""
+    found = fewshot.adapt(estimator, y, name)
+    if notes is not None:
+        notes.extend(found)
+    return estimator.fit(X, y)
 
 
 def fit_configuration(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any] | None,
                       *, class_weight: str | None = None, search: bool = False,
                       inner_folds: int = 3, scoring: str = "accuracy", seed: int = 0,
-                      jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+                      jobs: int | None = None, notes: list[str] | None = None
+                      ) -> tuple[Any, dict[str, Any]]:
     """Fit ``head`` on (X, y). With ``search``, pick its grid's best parameters by stratified
     ``inner_folds``-fold CV on (X, y) only, then refit on all of it. Returns the fitted
-    estimator and the parameters used (short names: the user's plus the ones searched)."""
+    estimator and the parameters used (short names: the user's plus the ones searched).
+    Settings that few images per class cannot support are lowered first (fewshot.adapt; a
+    note for each goes to ``notes``), or the head is refused in one line (FewShotError)."""
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
     chosen = dict(params or {})
     grid = heads.param_grid(head, params, seed=seed) if search else {}
     if not grid:
-        return pipe.fit(X, y), chosen
+        return fit_adapted(pipe, X, y, head, notes), chosen
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
     cls, n = min_class(y)
@@ -32,6 +45,9 @@ def fit_configuration(X: np.ndarray, y: np.ndarray, head: str, params: dict[str,
     if k < 2:
         raise EvaluateError(f"--search: class {cls!r} has {n} training image(s); the inner "
                             "search needs at least 2 per class: add images or drop --search")
+    # the candidates are fitted on the inner folds' training parts: adapt to the smallest
+    (notes if notes is not None else []).extend(
+        fewshot.adapt(pipe, fewshot._fold_part(y, k), head))
     gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs,
                       cv=StratifiedKFold(k, shuffle=True, random_state=seed))
     gs.fit(X, y)
@@ -77,6 +93,13 @@ def _has_param(head: str, name: str, seed: int) -> bool:
     return name == "pca" or name in heads.get(head).make(seed).get_params()
 
 
+def convergence_note(head: str, count: int, where: str = "", param: str = "") -> str:
+    """The one line that summarises ``count`` ConvergenceWarnings of ``head`` (``where``: e.g.
+    "in 2 of 5 folds"), for `fit` and `cv` alike, instead of scikit-learn's raw warnings."""
+    return (f"{count} ConvergenceWarning(s){' ' + where if where else ''}: the solver stopped "
+            f"before converging; try a larger --param {param or ''}max_iter=N")
+
+
 class _Quiet:
     """Silence scikit-learn's warnings (ConvergenceWarning, UserWarning, ...); with ``count``,
     record them to count the convergence warnings (else ignore them, a filter scikit-learn
@@ -120,14 +143,12 @@ def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]
 
 def _fit(X: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],
          class_weight: str | None, search: bool, metric: str, seed: int, where: str,
-         jobs: int | None = None) -> tuple[Any, dict[str, Any]]:
+         jobs: int | None = None, notes: list[str] | None = None
+         ) -> tuple[Any, dict[str, Any]]:
     with _fit_errors(head, params, where):
-        if search:
-            return fit_configuration(X, y, head, params, class_weight=class_weight, search=True,
-                                     inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
-                                     jobs=jobs)
-        return (heads.build(head, params, class_weight=class_weight, seed=seed).fit(X, y),
-                dict(params))
+        return fit_configuration(X, y, head, params, class_weight=class_weight, search=search,
+                                 inner_folds=INNER_FOLDS, scoring=metric, seed=seed,
+                                 jobs=jobs, notes=notes)
 
 
 def _fit_stream(store: Any, rows: np.ndarray, y: np.ndarray, head: str, params: dict[str, Any],

@@ -9,17 +9,17 @@ reports calibrated confidences; the wrapped head predicts the same classes as th
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import _io, checks
 from ..store.read import open_stores
-from . import artifacts
+from . import artifacts, fewshot
 from . import registry as heads
-from .fit import fit_configuration
+from .fit import _fit_errors, _Quiet, convergence_note, fit_adapted, fit_configuration
 from .rows import TRAIN_SPLIT, EvaluateError, min_class, select_rows, targets
 
 CALIBRATION_FOLDS = 5
@@ -45,19 +45,25 @@ class FitResult:
 
 
 
-def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, str, str]:
-    """The head with calibrated probabilities, how (text for the manifest), and the kind of its
-    probabilities (artifacts.PROBABILITIES)."""
+def _calibrated(estimator: Any, X: np.ndarray, y: np.ndarray, name: str = "",
+                notes: list[str] | None = None) -> tuple[Any, str, str]:
+    """``estimator`` wrapped in temperature scaling on up to CALIBRATION_FOLDS stratified
+    folds, as many as the smallest class allows (fewshot.calibration_folds); with too few
+    images per class for 2 folds, ``estimator`` itself, fitted, uncalibrated. Returns the
+    head, how it was calibrated (text for the manifest) and the kind of its probabilities
+    (artifacts.PROBABILITIES)."""
     from sklearn.calibration import CalibratedClassifierCV
 
-    _, smallest = min_class(y)
-    k = min(CALIBRATION_FOLDS, smallest)
+    cls, smallest = min_class(y)
+    k = fewshot.calibration_folds(estimator, y, CALIBRATION_FOLDS)
     if k < 2:
-        return estimator, "none (a class has 1 image: confidence is a softmax of scores)", "scores"
+        return (fit_adapted(estimator, X, y, name, notes),
+                f"none (class {cls!r} has {smallest} image(s), too few to calibrate: "
+                "confidence is a softmax of scores)", "scores")
     # cv as a number (stratified, unshuffled folds): a splitter object would be stored in the
     # head file as a type that skops does not trust.
     cal = CalibratedClassifierCV(estimator, method="temperature", ensemble=False, cv=k)
-    return cal.fit(X, y), f"temperature scaling ({k}-fold)", "calibrated"
+    return fit_adapted(cal, X, y, name, notes), f"temperature scaling ({k}-fold)", "calibrated"
 
 
 def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Path, *,
@@ -70,6 +76,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     from . import stream
 
     t0 = time.perf_counter()
+    _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
     spec = heads.get(head)
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
     if chunk_rows is not None:
@@ -85,21 +92,27 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     rows = select_rows(store)
     X, y = store.features[rows.train], targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
-                            "a head needs at least two: add images of other classes")
+    fewshot.check_classes(y, str(store.path))
+    checks.refuse_nonfinite(X, [store.paths[i] for i in rows.train], str(store.path))
     say(f"fitting {head} on {len(y)} rows ({rows.describe()}), {len(classes)} classes"
         + (", searching its grid" if search else ""))
-    with warnings.catch_warnings():
-        # NearestCentroid warns whenever a feature is constant within a class, which pooled
-        # ReLU features often are (zeros); it changes nothing about the fit.
-        warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*")
-        estimator, chosen = fit_configuration(X, y, head, params, class_weight=class_weight,
-                                              search=search, seed=seed, jobs=jobs)
-        calibration, probabilities = "native", "native"
-        if not spec.native_proba:
+    notes: list[str] = []
+    with _Quiet() as quiet, _fit_errors(head, params or {}, str(store.path)):
+        if spec.native_proba:
+            estimator, chosen = fit_configuration(X, y, head, params, class_weight=class_weight,
+                                                  search=search, seed=seed, jobs=jobs,
+                                                  notes=notes)
+            calibration, probabilities = "native", "native"
+        else:  # the search (if any) on the bare head, then the chosen one calibrated
+            chosen = (fit_configuration(X, y, head, params, class_weight=class_weight,
+                                        search=True, seed=seed, jobs=jobs, notes=notes)[1]
+                      if search else dict(params or {}))
             base = heads.build(head, chosen, class_weight=class_weight, seed=seed)
-            estimator, calibration, probabilities = _calibrated(base, X, y)
+            estimator, calibration, probabilities = _calibrated(base, X, y, head, notes)
+    for n in dict.fromkeys(notes):
+        say(f"note: {n}")
+    if quiet.convergence:
+        say(convergence_note(head, quiet.convergence))
     train_acc = float((estimator.predict(X) == y).mean())
     manifest = artifacts.new_manifest(
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
@@ -108,7 +121,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc),
     )
-    path = artifacts.save(out, estimator, manifest, check_rows=X[_check_sample(len(y))])
+    path = artifacts.save(out, estimator, manifest, check_rows=X[_check_sample(len(y))],
+                          inputs=_paths(store_path))
     return FitResult(path, head, chosen, len(y), [str(c) for c in classes], calibration,
                      time.perf_counter() - t0, train_acc)
 
@@ -141,16 +155,17 @@ def default_head_path(store: str | Path | Sequence[str | Path], head: str,
 
 def _calibration_rows(y: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
     """Positions of a stratified sample of the training rows held out to calibrate a streamed
-    head: about 10% of each class (at least 2 of every class with 3 or more rows), at most
-    about ``chunk_rows`` rows in all, so it fits in one chunk's memory."""
+    head: about 10% of each class (at least 2 of every class with 4 or more rows, never more
+    than half of a class, so the head keeps as many to train on), at most about
+    ``chunk_rows`` rows in all, so it fits in one chunk's memory."""
     rng = np.random.default_rng(seed)
     frac = min(CALIBRATION_FRACTION, chunk_rows / max(1, len(y)))
     out = []
     for c in np.unique(y):
         pos = np.flatnonzero(y == c)
-        if len(pos) < 3:
+        if len(pos) < 4:
             continue
-        k = min(len(pos) - 1, max(2, int(round(frac * len(pos)))))
+        k = min(len(pos) // 2, max(2, int(round(frac * len(pos)))))
         out.append(rng.choice(pos, size=k, replace=False))
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
@@ -170,13 +185,13 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
     rows = select_rows(store)
     y = targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
-                            "a head needs at least two: add images of other classes")
+    fewshot.check_classes(y, str(store.path))
     cal = _calibration_rows(y, chunk_rows, seed) if not spec.native_proba else np.zeros(0, int)
     _, smallest = min_class(y[cal]) if len(cal) else ("", 0)
     k = min(CALIBRATION_FOLDS, smallest)
-    if k < 2:
+    if k < 2 or len(np.unique(y[cal])) < len(classes):
+        # a class of fewer than 4 rows has none held out: temperature scaling fitted without
+        # it cannot score it (scikit-learn's IndexError), so no calibration at all
         cal = np.zeros(0, dtype=np.int64)
     fit_pos = np.setdiff1d(np.arange(len(y)), cal)
     n_fit = len(fit_pos)
@@ -222,7 +237,8 @@ def _fit_streaming(store_path: str | Path | Sequence[str | Path], head: str,
                                      "calibration_rows": int(len(cal))}),
     )
     check = stream.read_rows(store, rows.train[_check_sample(len(y))], chunk_rows)
-    path = artifacts.save(out, estimator, manifest, check_rows=check)
+    path = artifacts.save(out, estimator, manifest, check_rows=check,
+                          inputs=_paths(store_path))
     return FitResult(path, head, chosen, int(n_fit), [str(c) for c in classes], calibration,
                      time.perf_counter() - t0, train_acc)
 
