@@ -392,10 +392,12 @@ def load_compact(path: str | Path) -> HeadFile | None:
 
     try:
         with zipfile.ZipFile(path) as z:
-            head = _read_seal(path, z)
-            if head is None or compact.SPEC_MEMBER not in z.namelist():
+            if compact.SPEC_MEMBER not in z.namelist():
                 return None
             if not _plain_schema(json.loads(z.read("schema.json"))):
+                return None  # skops' trust check (load) names what it refuses
+            head = _read_seal(path, z)
+            if head is None:
                 return None
             if (head.get("format") != FORMAT
                     or int(head.get("format_version", 0)) > FORMAT_VERSION):
