@@ -48,7 +48,7 @@ def check_classes(y: np.ndarray, where: str, what: str = "training rows") -> Non
     """Refuse (FewShotError) targets of fewer than two classes: no classifier is defined."""
     cls, _, n_classes, n = counts(y)
     if n_classes < 2:
-        held = f"all belong to class {cls!r}" if n_classes else "are empty"
+        held = f"hold one class ({cls!r})" if n_classes else "are empty"
         raise FewShotError(f"{where}: the {n} {what} {held}; a head needs at least two "
                            "classes: add images of other classes")
 
