@@ -109,11 +109,7 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
                 notes.append(f"{name}: calibrated on {k} folds instead of {est.cv} (class "
                              f"{cls!r} has {smallest} images)")
                 est.set_params(cv=k)
-            # the base is fitted on the training part of each fold
-            part = y[:0]
-            if n:
-                part = _fold_part(y, k)
-            _adapt(base, part, name, notes)
+            _adapt(base, fold_part(y, k), name, notes)  # fitted on each fold's training part
     elif kind == "KNeighborsClassifier":
         if est.n_neighbors > n >= 1:
             notes.append(f"{name}: n_neighbors lowered from {est.n_neighbors} to {n} (only {n} "
@@ -133,7 +129,7 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
                                "or logreg")
 
 
-def _fold_part(y: np.ndarray, k: int) -> np.ndarray:
+def fold_part(y: np.ndarray, k: int) -> np.ndarray:
     """Targets of the smallest training part of a stratified ``k``-fold split of ``y``."""
     values, n = np.unique(y, return_counts=True)
     return np.repeat(values, n - np.ceil(n / k).astype(int))

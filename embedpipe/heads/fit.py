@@ -47,7 +47,7 @@ def fit_configuration(X: np.ndarray, y: np.ndarray, head: str, params: dict[str,
                             "search needs at least 2 per class: add images or drop --search")
     # the candidates are fitted on the inner folds' training parts: adapt to the smallest
     (notes if notes is not None else []).extend(
-        fewshot.adapt(pipe, fewshot._fold_part(y, k), head))
+        fewshot.adapt(pipe, fewshot.fold_part(y, k), head))
     gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs,
                       cv=StratifiedKFold(k, shuffle=True, random_state=seed))
     gs.fit(X, y)
