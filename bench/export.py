@@ -81,7 +81,7 @@ def main() -> None:
         ex.export(head_path, out, **kw)
         export_s[name] = time.perf_counter() - t
         files[name] = out
-    side = json.loads(files["ONNX fp32"].with_suffix(".json").read_text())
+    side = json.loads(ex.sidecar_path(files["ONNX fp32"]).read_text())
     classes = side["classes"]
 
     # test images, preprocessed once as the sidecar says

@@ -462,7 +462,7 @@ def predict(
     else:
         preds = pr.from_images(head, images, top_k=top_k, weights=weights, device=device,
                                batch_size=batch_size, workers=workers, keep_store=keep_store,
-                               progress=not quiet, runtime=runtime)
+                               progress=not quiet, runtime=runtime, out=out)
     for path, reason in preds.skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
@@ -565,7 +565,7 @@ def cv(
     from .evaluate import cv as ev_cv
     from .evaluate import report as ev_report
 
-    ev_report.check_outputs(json_out, plots)
+    ev_report.check_outputs(json_out, plots, store)
     if ensemble is not None:
         head = list(head or DEFAULT_CV_HEADS)
         head.append(_head_name(head, ensemble))
@@ -606,7 +606,7 @@ def compare(
     from .evaluate import cv as ev_cv
     from .evaluate import report as ev_report
 
-    ev_report.check_outputs(json_out, None)
+    ev_report.check_outputs(json_out, None, stores)
     report = ev_cv.run_compare(stores, head, folds=folds, repeats=repeats, search=search,
                   metric=metric, params=param, class_weight=class_weight, jobs=jobs, seed=seed,
                   progress=not quiet, chunk_rows=chunk_rows,

@@ -289,7 +289,14 @@ def _discover_manifest(csv_path: Path) -> Discovery:
 
     def cell(row: list[str], column: str) -> str:
         i = columns.get(column)
-        return row[i].strip() if i is not None and i < len(row) else ""
+        text = row[i].strip() if i is not None and i < len(row) else ""
+        bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            # HDF5 strings end at a NUL (a label would be stored blank, for good), and no
+            # path, class or split name holds control characters: refuse before any work
+            raise DataError(f"{csv_path}: row {row_no}: the {column} {text!r} holds the control "
+                            f"character {bad!r}; remove it from the manifest")
+        return text
 
     items: list[ImageRef] = []
     seen: dict[str, int] = {}

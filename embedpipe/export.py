@@ -18,7 +18,7 @@ skl2onnx. Every exported head is checked against the fitted estimator on sample 
 before it is written; a head that does not match is refused with one line (in practice the
 default knn head: skl2onnx's float32 cosine distances with 1/distance weights move its
 probabilities by ~1e-2). A JSON sidecar
-``<out>.json`` beside the model records the class names, the input spec, the head's
+``<out>.json`` (``svm.onnx`` → ``svm.onnx.json``, see sidecar_path) beside the model records the class names, the input spec, the head's
 provenance and versions. ``--int8`` quantizes the backbone with onnxruntime's tools: static
 QDQ quantization calibrated on images by default, or dynamic quantization (see quantize()).
 """
@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import _io
 from .data import MAX_ASPECT
 from .env import HEADS, versions
 from .errors import UserError, first_line
@@ -461,7 +462,7 @@ def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | N
 
 
 def quantize(src: Path, dst: Path, mode: str = "static",
-             calib: np.ndarray | None = None) -> str:
+             calib: np.ndarray | None = None, pre: Path | None = None) -> str:
     """int8 copy of ``src`` at ``dst``; returns a description for the sidecar.
 
     static (default): QDQ, per-channel weights and activation ranges from calibration
@@ -504,7 +505,7 @@ def quantize(src: Path, dst: Path, mode: str = "static",
 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = dst.with_name(f".{dst.name}.pre.tmp")
+    pre = pre or dst.with_name(f".{dst.name}.pre.tmp")
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("head/")]
@@ -519,14 +520,29 @@ def quantize(src: Path, dst: Path, mode: str = "static",
             f"{len(calib)} calibration images; head in fp32)")
 
 
+def sidecar_path(out: str | Path) -> Path:
+    """The JSON sidecar of the ONNX file ``out``: its full name plus ``.json`` (``svm.onnx`` →
+    ``svm.onnx.json``), so it can never be ``out`` itself, whatever ``out`` is called."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
 def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
            int8_mode: str = "static", calib: Sequence[str | Path] | None = None,
            calib_count: int = 64, opset: int = DEFAULT_OPSET, weights: str | None = None,
            say: Callable[[str], None] | None = None) -> ExportResult:
-    """Write ``out`` (ONNX: backbone + head) and ``out`` with suffix .json (the sidecar)."""
+    """Write ``out`` (ONNX: backbone + head) and its sidecar (sidecar_path), each through a
+    temporary file renamed into place once complete and checked, so an older export survives
+    any failure. ``out`` or the sidecar being the head or the weights file is refused first
+    (OutputError); a full or read-only disk ends in one line."""
     import onnx
     from onnx import compose
 
+    out = Path(out)
+    sidecar = sidecar_path(out)
+    for what, path in (("--out", out), ("--out (its sidecar)", sidecar)):
+        _io.refuse_inputs(path, [head_path, weights if weights not in ("bundled", "hub")
+                                 else None], flag=what)
     if not 13 <= opset <= 20:
         raise ExportError(f"--opset {opset}: pass 13 to 20 (default {DEFAULT_OPSET})")
     if int8 and int8_mode not in INT8_MODES:
@@ -559,39 +575,42 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     model.doc_string = (f"embedpipe {name} head on {bb.name}: {INPUT} (N x 3 x H x W float RGB "
                         f"in [0,1]) → {PROBS} (N x C), {LABEL} (N, class index)")
     onnx.checker.check_model(model)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fp32_path = out if not int8 else out.with_name(f".{out.name}.fp32.tmp")
-    onnx.save_model(model, str(fp32_path))
-    precision = "fp32"
-    try:
-        if int8:
-            images = (calibration_images(head, calib, input_spec(bb.data_config), calib_count)
-                      if int8_mode == "static" else None)
-            if say and images is not None:
-                say(f"calibrating int8 ranges on {len(images)} images")
-            precision = quantize(fp32_path, out, int8_mode, images)
-    finally:
-        if int8:
-            fp32_path.unlink(missing_ok=True)
-    sidecar = out.with_suffix(".json")
-    side = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "onnx": out.name, "precision": precision, "int8": int8,
-        "opset": opset,
-        "classes": head.classes,
-        "input": input_spec(bb.data_config),
-        "outputs": {PROBS: {"shape": ["N", len(head.classes)], "dtype": "float32",
-                            "meaning": "class probabilities in the order of `classes` (the "
-                                       "head's predict_proba)"},
-                    LABEL: {"shape": ["N"], "dtype": "int64",
-                            "meaning": "index into `classes` of the most probable class"}},
-        "head": name, "head_file": str(Path(head_path)),
-        "manifest": head.manifest,
-        "backbone": {"model": bb.name, "weights_source": bb.weights.describe(),
-                     "weights_sha256": bb.weights.sha256, "pool": bb.pool,
-                     "feature_dim": bb.feature_dim, "data_config": bb.data_config},
-        "versions": versions(*HEADS, "torch", "timm", "onnx", "onnxruntime", "skl2onnx"),
-    }
-    sidecar.write_text(json.dumps(side, indent=2, default=str) + "\n", encoding="utf-8")
-    return ExportResult(out, sidecar, name, int8, out.stat().st_size, int8_mode)
+    with _io.atomic_output(out) as tmp:  # renamed into place last, after the sidecar
+        fp32_path = tmp if not int8 else _io.tmp_path(out, "fp32")
+        try:
+            onnx.save_model(model, str(fp32_path))
+            precision = "fp32"
+            if int8:
+                images = (calibration_images(head, calib, input_spec(bb.data_config),
+                                             calib_count) if int8_mode == "static" else None)
+                if say and images is not None:
+                    say(f"calibrating int8 ranges on {len(images)} images")
+                precision = quantize(fp32_path, tmp, int8_mode, images,
+                                     pre=_io.tmp_path(out, "pre"))
+        finally:
+            if int8:
+                fp32_path.unlink(missing_ok=True)
+        side = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "onnx": out.name, "precision": precision, "int8": int8,
+            "opset": opset,
+            "classes": head.classes,
+            "input": input_spec(bb.data_config),
+            "outputs": {PROBS: {"shape": ["N", len(head.classes)], "dtype": "float32",
+                                "meaning": "class probabilities in the order of "
+                                           "`classes` (the head's predict_proba)"},
+                        LABEL: {"shape": ["N"], "dtype": "int64",
+                                "meaning": "index into `classes` of the most probable "
+                                           "class"}},
+            "head": name, "head_file": str(Path(head_path)),
+            "manifest": head.manifest,
+            "backbone": {"model": bb.name, "weights_source": bb.weights.describe(),
+                         "weights_sha256": bb.weights.sha256, "pool": bb.pool,
+                         "feature_dim": bb.feature_dim, "data_config": bb.data_config},
+            "versions": versions(*HEADS, "torch", "timm", "onnx", "onnxruntime",
+                                 "skl2onnx"),
+        }
+        _io.write_text(sidecar, json.dumps(side, indent=2, default=str) + "\n",
+                       flag="--out (its sidecar)")
+        size = tmp.stat().st_size
+    return ExportResult(out, sidecar, name, int8, size, int8_mode)

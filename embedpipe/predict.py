@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import _io, checks
 from .errors import UserError
 from .heads import artifacts
 from .heads.compact import predict_scored
@@ -62,7 +62,7 @@ class Predictions:
 
     def write_csv(self, out: str | Path | None, top_k: int) -> None:
         """path,label,predicted,confidence,top1,top1_prob,...; to ``out`` or stdout ("-")."""
-        with CsvSink(out, top_k, len(self.classes)) as sink:
+        with CsvSink(out, top_k, len(self.classes), inputs=[self.head]) as sink:
             sink.write(self)
 
 
@@ -82,20 +82,21 @@ class CsvSink:
     never leaves a partial CSV under the name asked for). The header is written with the
     first chunk, so an error before it (a damaged store) prints nothing but its one line."""
 
-    def __init__(self, out: str | Path | None, top_k: int, n_classes: int):
+    def __init__(self, out: str | Path | None, top_k: int, n_classes: int,
+                 inputs: Sequence[str | Path | None] = ()):
         self.k = min(top_k, n_classes)
         self._out = None if out is None or str(out) == "-" else Path(out)
-        self._tmp: Path | None = None
+        self._stack = contextlib.ExitStack()
         if self._out is None:
             self._f: Any = sys.stdout
         else:
+            tmp = self._stack.enter_context(_io.atomic_output(self._out, inputs=inputs))
             try:
-                self._out.parent.mkdir(parents=True, exist_ok=True)
-                self._tmp = self._out.with_name(f".{self._out.name}.tmp")
-                self._f = open(self._tmp, "w", newline="", encoding="utf-8")
+                self._f = self._stack.enter_context(
+                    open(tmp, "w", newline="", encoding="utf-8"))
             except OSError as e:
-                raise PredictError(f"--out {self._out}: cannot write ({e.strerror or e}); pass "
-                                   "a writable path") from None
+                self._stack.close()
+                raise _io.write_failed(self._out, e) from None
         self._w = csv.writer(self._f)
         self._started = False
 
@@ -107,31 +108,29 @@ class CsvSink:
         self._started = True
 
     def write(self, preds: "Predictions") -> None:
-        if not self._started:
-            self._header()
-        for p, t, pred, conf, top in zip(preds.paths, preds.labels, preds.predicted,
-                                         preds.confidence, preds.top):
-            row = [p, t or "", pred, f"{conf:.6f}"]
-            for c, prob in top[:self.k]:
-                row += [c, f"{prob:.6f}"]
-            self._w.writerow(row)
-        self._f.flush()
+        try:
+            if not self._started:
+                self._header()
+            for p, t, pred, conf, top in zip(preds.paths, preds.labels, preds.predicted,
+                                             preds.confidence, preds.top):
+                row = [p, t or "", pred, f"{conf:.6f}"]
+                for c, prob in top[:self.k]:
+                    row += [c, f"{prob:.6f}"]
+                self._w.writerow(row)
+            self._f.flush()
+        except OSError as e:
+            if self._out is None:
+                raise
+            raise _io.write_failed(self._out, e) from None
 
     def __enter__(self) -> "CsvSink":
         return self
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None and not self._started:  # no rows: the header alone
-            self._header()
-            self._f.flush()
-        if self._tmp is None:
-            return
-        self._f.close()
-        if exc_type is None:
-            os.replace(self._tmp, self._out)
-        else:
-            with contextlib.suppress(OSError):
-                self._tmp.unlink()
+            self.write(Predictions(Path(), [], [], [], [], np.zeros(0), [], True))
+        # closes the file, then renames it into place (or removes it after an error)
+        self._stack.__exit__(exc_type, exc, tb)
 
 
 def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
@@ -196,6 +195,8 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
         with Progress(len(rows), "predict", enabled=progress, unit="row") as bar:
             for idx, X in store.iter_feature_chunks(rows, chunk_rows):
                 sel = rows[idx]
+                # NaN/inf features would come out as confidence "nan": refuse, naming them
+                checks.refuse_nonfinite(X, [store.paths[i] for i in sel], str(store.path))
                 predicted, conf, top, cal = predict_rows(
                     head, X.astype(np.float32, copy=False), top_k)
                 calibrated &= cal
@@ -247,11 +248,15 @@ def to_csv(head_path: str | Path, store_path: StorePaths, out: str | Path | None
            top_k: int = 3, split: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
            progress: bool = False) -> StreamSummary:
     """`predict --store`: classify a store's rows chunk by chunk and write each chunk's CSV
-    rows as it is done; memory is bounded by ``chunk_rows``, not the store."""
+    rows as it is done; memory is bounded by ``chunk_rows``, not the store. An ``out`` that is
+    the head or one of the stores is refused before anything is read (OutputError)."""
+    stores = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
+    if out is not None and str(out) != "-":
+        _io.refuse_inputs(out, [head_path, *stores])
     head, n, notes, chunks = iter_store(head_path, store_path, top_k=top_k, split=split,
                                         chunk_rows=chunk_rows, progress=progress)
     labeled = correct = 0
-    with CsvSink(out, top_k, len(head.classes)) as sink:
+    with CsvSink(out, top_k, len(head.classes), inputs=[head_path, *stores]) as sink:
         for p in chunks:
             sink.write(p)
             known = [(t, q) for t, q in zip(p.labels, p.predicted) if t is not None]
@@ -294,13 +299,21 @@ def gather_images(inputs: Sequence[str | Path]) -> Any:
 def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: int = 3,
                 weights: str | None = None, device: str = "auto", batch_size: int = 32,
                 workers: int | None = None, keep_store: str | Path | None = None,
-                progress: bool = True, runtime: str = "auto",
+                progress: bool = True, runtime: str = "auto", out: str | Path | None = None,
                 say: Callable[[str], None] | None = None) -> Predictions:
     """Extract ``inputs`` with the head's own backbone and preprocessing, then classify.
     ``runtime`` auto: the runtime that made the head's features where it matters (bf16: torch
-    or OpenVINO), else as `extract --runtime auto` (fp32 features are the same)."""
+    or OpenVINO), else as `extract --runtime auto` (fp32 features are the same). ``out``: the
+    CSV the caller will write (Predictions.write_csv); refused here, before any work, when it is
+    the head or one of ``inputs`` (OutputError), as is a ``keep_store`` that is the head, the
+    CSV or an input."""
     from .extract.local import run
     from .extract.options import options_for_identity
+
+    if out is not None and str(out) != "-":
+        _io.refuse_inputs(out, [head_path, *inputs, keep_store])
+    if keep_store is not None:
+        _io.refuse_inputs(keep_store, [head_path, *inputs], flag="--keep-store")
 
     head = artifacts.load(head_path)
     idents = members(head.identity)  # a head on stacked stores: each backbone's

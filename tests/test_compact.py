@@ -86,22 +86,39 @@ def test_predict_store_with_a_compact_head_imports_neither_sklearn_nor_torch(
     assert len(read_csv(out)) == 250
 
 
-def test_a_damaged_compact_form_falls_back_to_scikit_learn(fitted: dict[str, Path],
-                                                           fmnist_store: Path, tmp_path: Path):
+def test_a_compact_form_this_version_cannot_read_falls_back_to_scikit_learn(
+        fitted: dict[str, Path], fmnist_store: Path, tmp_path: Path):
+    """A compact operation this version does not know (as a newer embedpipe might write, the
+    file's digest matching): the head predicts through scikit-learn, with the same results;
+    the same edit without the matching digest is damage, refused (tests/test_artifacts.py)."""
+    import hashlib
+
     head = fitted["logreg"]
     want = _predict(head, fmnist_store, tmp_path / "want.csv")
-    bad = tmp_path / "bad.skops"
-    with zipfile.ZipFile(head) as src, zipfile.ZipFile(bad, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if info.filename == compact.SPEC_MEMBER:  # an operation this version does not know
-                spec = json.loads(data)
-                spec["ops"].append({"op": "exec", "code": "print('pwned')"})
-                data = json.dumps(spec).encode()
-            dst.writestr(info, data)
-    assert artifacts.load_compact(bad) is None
-    assert not isinstance(artifacts.load(bad, compact=True).estimator, compact.CompactHead)
-    assert _predict(bad, fmnist_store, tmp_path / "got.csv") == want
+    with zipfile.ZipFile(head) as src:
+        parts = {n: src.read(n) for n in src.namelist()}
+    spec = json.loads(parts[compact.SPEC_MEMBER])
+    spec["ops"].append({"op": "exec", "code": "print('pwned')"})
+    parts[compact.SPEC_MEMBER] = json.dumps(spec).encode()
+    for reseal in (False, True):
+        if reseal:
+            h = hashlib.sha256()
+            for name in sorted(parts):
+                if name != compact.HEAD_MEMBER:
+                    h.update(name.encode() + b"\0" + parts[name] + b"\0")
+            sealed = json.loads(parts[compact.HEAD_MEMBER])
+            parts[compact.HEAD_MEMBER] = json.dumps({**sealed, "sha256": h.hexdigest()}).encode()
+        bad = tmp_path / f"bad{int(reseal)}.skops"
+        with zipfile.ZipFile(bad, "w") as dst:
+            for name, data in parts.items():
+                dst.writestr(name, data)
+        if not reseal:
+            with pytest.raises(artifacts.ArtifactError, match="damaged"):
+                artifacts.load_compact(bad)
+            continue
+        assert artifacts.load_compact(bad) is None
+        assert not isinstance(artifacts.load(bad, compact=True).estimator, compact.CompactHead)
+        assert _predict(bad, fmnist_store, tmp_path / "got.csv") == want
 
 
 @pytest.mark.parametrize("name", ["logreg", "mlp", "ridge", "logreg-sgd", "sgd"])

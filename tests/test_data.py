@@ -256,6 +256,34 @@ def test_manifest(tmp_path: Path) -> None:
     assert discover(csv_path, layout="manifest") == d
 
 
+@pytest.mark.parametrize("column, value", [("label", "ba\0g"), ("label", "a\tb"),
+                                           ("split", "tr\0ain"), ("path", "a\0.png")])
+def test_manifest_cells_with_control_characters_are_refused_naming_the_row(
+        tmp_path: Path, column: str, value: str) -> None:
+    """A NUL in a label used to be stored as a blank class name, for good, after the model had
+    loaded; every cell with a control character is refused by discovery, before any work."""
+    touch_png(tmp_path / "a.png")
+    row = {"path": "a.png", "label": "bag", "split": "train", column: value}
+    (tmp_path / "m.csv").write_text("path,label,split\n" + ",".join(
+        row[k] for k in ("path", "label", "split")) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        discover(tmp_path / "m.csv")
+    assert "row 2" in str(e.value) and f"the {column}" in str(e.value)
+
+
+def test_the_store_never_keeps_a_blank_or_nul_class_name(tmp_path: Path) -> None:
+    from embedpipe.store import StoreError, StoreWriter
+
+    ident = {"model": "m", "weights_source": "random", "weights_sha256": "0" * 64,
+             "data_config": "{}", "pool": "avg", "precision": "fp32", "dtype": "float32",
+             "feature_dim": 4}
+    for name in ("", "ba\0g"):
+        with StoreWriter.open(tmp_path / "s.h5", ident, versions={}) as w:
+            with pytest.raises(StoreError, match="empty or holds a NUL"):
+                w.class_ids([name, "coat"])
+            assert w.classes == []
+
+
 def test_manifest_path_column_only(tmp_path: Path) -> None:
     touch_png(tmp_path / "a.png")
     (tmp_path / "m.csv").write_text("path\na.png\n")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def run_onnx(model: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray, dic
     """Preprocess exactly as the sidecar says (export.preprocess: Pillow + numpy) and run."""
     from embedpipe.export import preprocess
 
-    side = json.loads(model.with_suffix(".json").read_text(encoding="utf-8"))
+    side = json.loads(Path(f"{model}.json").read_text(encoding="utf-8"))
     x = np.stack([preprocess(load_image(p), side["input"]) for p in paths])
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     probs, label = sess.run(["probabilities", "label"], {side["input"]["name"]: x})
@@ -81,7 +82,7 @@ def test_onnx_fp32_equals_embedpipe_predict_on_real_images(work: dict, head: str
 
 def test_sidecar_records_classes_input_spec_and_provenance(work: dict):
     d = work["dir"]
-    side = json.loads((d / "logreg.json").read_text(encoding="utf-8"))
+    side = json.loads((d / "logreg.onnx.json").read_text(encoding="utf-8"))
     head = artifacts.load(d / "logreg.skops")
     ident = head.identity
     cfg = json.loads(ident["data_config"]) if isinstance(ident["data_config"], str) \
@@ -160,3 +161,58 @@ def test_unexportable_head_and_wrong_weights_are_one_line_errors(work: dict, tmp
     one_line_error(cli("export", moved, "-o", tmp_path / "moved.onnx"), "sha256",
                    "--weights")
     assert not (tmp_path / "moved.onnx").exists()
+
+
+def test_export_never_writes_over_its_inputs_and_the_sidecar_never_over_the_model(
+        work: dict, tmp_path: Path):
+    """-o naming the head (or a link to it) is refused in one line before the backbone loads;
+    -o x.json writes the model to x.json and the sidecar to x.json.json (before: the sidecar
+    overwrote the model)."""
+    import hashlib
+
+    d = work["dir"]
+    head = tmp_path / "h.skops"
+    head.write_bytes((d / "logreg.skops").read_bytes())
+    digest = hashlib.sha256(head.read_bytes()).hexdigest()
+    (tmp_path / "alias.skops").symlink_to(head)
+    for out in (head, tmp_path / "alias.skops"):
+        one_line_error(cli("export", head, "-o", out, "-q"), f"--out {out}", "input")
+    # a sidecar that would land on the head (m.json is a link to it) is refused too
+    side_clash = tmp_path / "m"
+    (tmp_path / "m.json").symlink_to(head)
+    one_line_error(cli("export", head, "-o", side_clash, "-q"), "sidecar", "input")
+    assert hashlib.sha256(head.read_bytes()).hexdigest() == digest
+
+    out = tmp_path / "x.json"
+    res = ok("export", head, "-o", out, "-q")
+    assert f"sidecar {tmp_path / 'x.json.json'}" in res.output
+    onnx = pytest.importorskip("onnx")
+    onnx.checker.check_model(str(out))  # the model, not JSON
+    side = json.loads((tmp_path / "x.json.json").read_text(encoding="utf-8"))
+    assert side["onnx"] == "x.json" and side["classes"] == artifacts.load(head).classes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_full_disk_during_export_keeps_the_older_export(work: dict, tmp_path: Path,
+                                                        monkeypatch):
+    """ENOSPC while the ONNX file is written: one line naming it, exit 2; the valid export of
+    an earlier run (model and sidecar) is unchanged and no temporary file is left."""
+    import onnx
+
+    d = work["dir"]
+    out = tmp_path / "m.onnx"
+    ok("export", d / "logreg.skops", "-o", out, "-q")
+    older = out.read_bytes(), Path(f"{out}.json").read_bytes()
+    real_save = onnx.save_model
+
+    def full_save(model, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"\x08" * 1000)  # part of a model, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full_save)
+    one_line_error(cli("export", d / "logreg.skops", "-o", out, "-q"), f"--out {out}",
+                   "disk full", "free space")
+    monkeypatch.setattr(onnx, "save_model", real_save)
+    assert (out.read_bytes(), Path(f"{out}.json").read_bytes()) == older
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]

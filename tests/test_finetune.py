@@ -281,3 +281,18 @@ def test_stage_split_and_schedules():
     lr = [f(s) for s in range(30)]
     assert lr[0] < lr[3] < lr[4] == 1.0 and lr[9] < 0.1  # warmup, peak, cosine (stage 1)
     assert lr[10] < lr[14] == 1.0 and lr[29] == pytest.approx(0.01)  # again in stage 2
+
+
+def test_outputs_never_overwrite_an_input(fmnist_src: Path, tmp_path: Path):
+    """-o naming the base weights (or a link to them): one line before any work, the weights
+    unchanged (the same check covers DATA and the resumed checkpoint, and each file written
+    beside the weights: manifest, history, classifier, curves)."""
+    import os
+
+    weights = tmp_path / "base.pt"
+    weights.write_bytes(b"not really weights")
+    os.symlink(weights, tmp_path / "link.pt")
+    for out in (weights, tmp_path / "link.pt"):
+        one_line_error(cli("finetune", fmnist_src, "--weights", weights, "-o", out, "-q"),
+                       "-o", "input")
+    assert weights.read_bytes() == b"not really weights"

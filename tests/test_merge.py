@@ -145,3 +145,30 @@ def test_stores_of_two_folders_sharing_paths_are_refused_or_qualified_never_sile
     assert len(open_store(tmp_path / "aa.h5")) == 20
     line = one_line_error(cli("merge", a, b, "-o", out, "--on-conflict", "sometimes"))
     assert "error, first, qualify" in line
+
+
+def test_a_store_with_labels_past_its_class_names_is_refused_before_anything_is_written(
+        small_store: Path, tmp_path: Path):
+    """A damaged input whose labels index no class name (before: IndexError, exit 1): one line
+    naming it, exit 2, and the output store is not created."""
+    from embedpipe.store import StoreWriter, read_identity
+
+    s = open_store(small_store)
+    bad = tmp_path / "bad.h5"
+    with StoreWriter.open(bad, read_identity(small_store), versions={}) as w:
+        w.class_ids(s.classes[:2])
+        w.append(s.features[:3], paths=["x/1.png", "x/2.png", "x/3.png"], labels=[0, 1, 7],
+                 hashes=["a", "b", "c"], splits=["", "", ""], mtime_ns=[0] * 3, size=[0] * 3)
+    out = tmp_path / "out.h5"
+    line = one_line_error(cli("merge", small_store, bad, "-o", out))
+    assert str(bad) in line and "label 7" in line and "2 class names" in line, line
+    assert not out.exists()
+
+
+def test_info_describes_a_merge_run(small_store: Path, tmp_path: Path):
+    out = tmp_path / "m.h5"
+    assert cli("merge", small_store, "-o", out).exit_code == 0
+    res = cli("info", out)
+    assert res.exit_code == 0 and "None" not in res.output, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("last run")]
+    assert "merge of 1 store(s) done at 20" in line, line

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import h5py
@@ -18,6 +19,8 @@ from clitools import EMBEDPIPE, cli, copy_images, ok, one_line, one_line_error, 
 
 from embedpipe.datasets import write_fashion_mnist_folder
 from embedpipe.store import StoreWriter, open_store, read_identity
+from embedpipe.store import write as store_write
+from embedpipe.store.schema import StoreFull
 
 # ---------------------------------------------------------------------------------------------
 # 4. full disk
@@ -414,3 +417,32 @@ def test_a_store_with_hard_links_is_not_written(two_folders: tuple[Path, Path, P
     link.unlink()
     ok("extract", second, "-o", real, "-q")
     assert _rows(real) > n
+# the free-space check says what is free and what is needed
+
+IDENT = {"model": "m", "weights_source": "random", "weights_sha256": "0" * 64,
+         "data_config": "{}", "pool": "avg", "precision": "fp32", "dtype": "float32",
+         "feature_dim": 1280}
+
+
+def test_too_little_free_space_names_free_and_needed_and_keeps_committed_rows(
+        tmp_path: Path, monkeypatch):
+    path = tmp_path / "s.h5"
+    batch = dict(labels=[-1] * 4, hashes=["h"] * 4, splits=[""] * 4, mtime_ns=[0] * 4,
+                 size=[0] * 4)
+    X = np.ones((4, 1280), np.float32)
+    usage = namedtuple("usage", "total used free")
+    with StoreWriter.open(path, IDENT, versions={}) as w:
+        w.append(X, paths=[f"a{i}.png" for i in range(4)], **batch)
+        w._fallocate = False  # a file system without fallocate: free space is checked
+        need = w._space_needed(4)
+        monkeypatch.setattr(store_write.shutil, "disk_usage",
+                            lambda p: usage(1 << 40, 0, need - (1 << 20)))
+        with pytest.raises(StoreFull) as e:
+            w.append(X, paths=[f"b{i}.png" for i in range(4)], **batch)
+    text = str(e.value)
+    assert "disk full" not in text and "not enough disk space" in text, text
+    assert f"{(need - (1 << 20)) / 2**20:.1f} MiB free" in text, text
+    assert f"up to {need / 2**20:.1f} MiB needed" in text, text
+    assert "4 rows committed before are kept" in text
+    monkeypatch.setattr(store_write.shutil, "disk_usage", shutil.disk_usage)
+    assert len(open_store(path)) == 4

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
+from ..heads import fewshot
 from ..heads import registry as heads
 from ..env import versions
 from . import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
@@ -68,14 +70,31 @@ def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
 
     with _Quiet() as quiet:
         t0 = time.perf_counter()
-        est, chosen = fit_checked(source.take(train), head, params, class_weight, search,
-                                  metric, seed, where, note=note or _nothing)
+        notes: list[str] = []
+        try:
+            est, chosen = fit_checked(source.take(train), head, params, class_weight, search,
+                                      metric, seed, where, note=note or _nothing, notes=notes)
+        except fewshot.FewShotError as e:
+            raise fewshot.FewShotError(f"{where}: cross-validation fits on the training part "
+                                       f"of each fold, fewer images than the store has: {e}"
+                                       ) from None
         seconds = time.perf_counter() - t0
         pred, conf, calibrated = source.take(test).predict(
             est, use_proba=heads.get(head).native_proba)
     return {"scores": scores(source.y[test], pred), "fit_seconds": seconds, "params": chosen,
             "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
-            "convergence_warnings": quiet.convergence}
+            "convergence_warnings": quiet.convergence, "notes": notes}
+
+
+def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[str]) -> None:
+    """The few-shot notes (fewshot.adapt) of every fit, each said once with its fit count."""
+    seen: dict[str, int] = {}
+    for r in results.values():
+        for n in r.get("notes", ()):
+            seen[n] = seen.get(n, 0) + 1
+    for n, times in seen.items():
+        notes.append(f"{n} ({times} fit{'s' if times > 1 else ''})")
+        warn(f"note: {notes[-1]}")
 
 
 def _tasks_note(bar: Any, jobs: int, what: str) -> Any:
@@ -150,14 +169,14 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     if X.dtype != np.float32 and X.dtype != np.float64:
         X = X.astype(np.float32)
     y = targets(store, rows.train)
+    if store.features_loaded:
+        checks.refuse_nonfinite(X, [store.paths[i] for i in rows.train], where)
     # the training rows in memory (for the in-memory heads), or streamed from the store
     sources = {False: Labeled(None, rows.train, y, X),
                True: Labeled(store, rows.train, y, None, chunk_rows)}
     present = set(y.tolist())
     labels = [c for c in store.classes if c in present]
-    if len(labels) < 2:
-        raise EvaluateError(f"{where}: the {len(y)} training rows all belong to class "
-                            f"{labels[0]!r}; cross-validation needs at least 2 classes")
+    fewshot.check_classes(y, where)
     cls, n = min_class(y)
     if n < 2:
         raise EvaluateError(f"{where}: class {cls!r} has a single training image; "
@@ -190,6 +209,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
         for key, res in zip(tasks, gen):
             results[key] = res
             bar.update(1)
+    _fewshot_notes(results, warn, notes)
 
     table = []
     for h in names:
@@ -365,12 +385,16 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     paths, y, idx, notes = _aligned_rows(stores)
     for n in notes:
         warn(f"warning: {n}")
+    fewshot.check_classes(y, ", ".join(str(s.path) for s in stores), "common train rows")
     cls, n = min_class(y)
     if n < 2:
         raise EvaluateError(f"class {cls!r} has a single train image common to the stores; "
                             "cross-validation needs at least 2 per class")
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "common train")
+    for s, i in zip(stores, idx):
+        if s.features_loaded:
+            checks.refuse_nonfinite(s.features[i], [s.paths[j] for j in i], str(s.path))
     # each store's common train rows: in memory (in-memory heads) or streamed (streaming heads)
     sources = [{False: Labeled(None, i, y, s.features[i] if s.features_loaded else None),
                 True: Labeled(s, i, y, None, chunk_rows)} for s, i in zip(stores, idx)]
@@ -387,6 +411,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
         for key, res in zip(tasks, gen):
             results[key] = res
             bar.update(1)
+    _fewshot_notes(results, warn, notes)
     table = []
     for h in names:
         row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": []}

@@ -16,15 +16,11 @@ def write_report(report: dict[str, Any], path: Any) -> None:
     import json
     from pathlib import Path
 
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
-    except OSError as e:
-        raise EvaluateError(f"--json {path}: cannot write ({e.strerror or e}); pass a writable "
-                            "path") from None
+    from .. import _io
+
+    stores = report.get("stores") or [report.get("store") or {}]
+    _io.write_text(Path(path), json.dumps(report, indent=2) + "\n", flag="--json",
+                   inputs=[s.get("path") for s in stores])
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
@@ -82,10 +78,12 @@ def format_report(report: dict[str, Any]) -> str:
                                    if k not in e["params"]}) or "-" for f in e["folds"]]
             out.append(f"  {'':<{hw}}chosen per fold: " + " | ".join(chosen))
         if e["convergence_warnings"]:
-            out.append(f"  {'':<{hw}}{e['convergence_warnings']} ConvergenceWarning(s) in "
-                       f"{e['folds_with_convergence_warnings']} of {len(e['folds'])} folds: the "
-                       "solver stopped before converging; try a larger --param "
-                       f"{e['head']}:max_iter=N")
+            from ..heads.fit import convergence_note
+
+            out.append(f"  {'':<{hw}}" + convergence_note(
+                e["head"], e["convergence_warnings"],
+                f"in {e['folds_with_convergence_warnings']} of {len(e['folds'])} folds",
+                f"{e['head']}:"))
     b = report["best"]
     out += ["", f"best head: {b['head']}; out-of-fold predictions of the first repeat (each "
             "train row predicted once): " + ", ".join(
@@ -224,9 +222,15 @@ def format_compare(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def check_outputs(json_path: Any = None, plots_dir: Any = None) -> None:
-    """Fail early (before any fitting) when the report or plots could not be written."""
+def check_outputs(json_path: Any = None, plots_dir: Any = None, inputs: Any = ()) -> None:
+    """Fail early (before any fitting) when the report or plots could not be written, or the
+    report would be written over one of ``inputs`` (the stores)."""
     from pathlib import Path
+
+    from .. import _io
+
+    if json_path is not None:
+        _io.refuse_inputs(json_path, inputs, flag="--json")
 
     if plots_dir is not None:
         try:

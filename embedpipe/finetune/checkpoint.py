@@ -5,7 +5,6 @@ history), and atomic writes of the outputs.
 from __future__ import annotations
 
 import io
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _io
 from ..errors import first_line
 from .options import CHECKPOINT_FORMAT, FinetuneError, FinetuneOptions, Outputs
 
@@ -95,15 +95,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
     to a path would embed the file name): equal tensors give equal bytes and sha256."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buf.getbuffer())
-    os.replace(tmp, path)
+    _io.write_bytes(path, bytes(buf.getbuffer()), flag="-o")
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _io.write_text(path, text, flag="-o")
 
 
 def backbone_state_with_head(model: torch.nn.Module) -> dict[str, torch.Tensor]:

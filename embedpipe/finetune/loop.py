@@ -108,7 +108,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     check_options(opts)
     out = Path(out)
     ckpt_path = find_checkpoint(Path(resume)) if resume is not None else None
-    outs = check_output(out, ckpt_path, overwrite)
+    outs = check_output(out, ckpt_path, overwrite, inputs=(
+        data, None if opts.weights in (None, "bundled", "hub") else opts.weights))
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)

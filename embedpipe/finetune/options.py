@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import DEFAULT_MODEL
+from .. import DEFAULT_MODEL, _io
 from ..data import (
     DEFAULT_MAX_PIXELS,
     LAYOUTS,
@@ -191,13 +191,17 @@ class Outputs:
         return self.checkpoints / f"epoch-{epoch:03d}.pt"
 
 
-def check_output(out: Path, resume: Path | None, overwrite: bool) -> Outputs:
+def check_output(out: Path, resume: Path | None, overwrite: bool,
+                 inputs: tuple[Any, ...] = ()) -> Outputs:
     if out.suffix.lower() not in WEIGHT_SUFFIXES:
         raise FinetuneError(f"-o {out}: pass a weights file name ending in .pt or .pth "
                             "(e.g. -o tuned.pt)")
     if out.is_dir():
         raise FinetuneError(f"-o {out}: is a folder; pass a file name such as {out / 'tuned.pt'}")
     outs = Outputs(out)
+    for path in (out, outs.manifest, outs.history, outs.classifier, outs.curves):
+        _io.refuse_inputs(path, [resume, *inputs], flag="-o" if path == out else
+                          f"-o (its {path.name})")
     stale = [p for p in (out, outs.manifest) if p.exists()]
     stale += sorted(outs.checkpoints.glob("epoch-*.pt")) if outs.checkpoints.is_dir() else []
     if stale and resume is None and not overwrite:

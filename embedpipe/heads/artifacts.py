@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -103,27 +102,114 @@ def _skops_io() -> Any:
 
 
 def save(path: str | Path, estimator: Any, manifest: dict[str, Any],
-         check_rows: Any = None) -> Path:
-    """Write a head file atomically (a crash never leaves half a file at ``path``).
+         check_rows: Any = None, inputs: Any = ()) -> Path:
+    """Write a head file atomically (a temporary file beside ``path``, renamed into place once
+    complete and checked: a crash or a full disk never leaves half a file at ``path``, and an
+    older head there survives any failure). ``path`` being one of ``inputs`` (the stores it
+    was fitted on; by path, symlink or hard link) is refused first (OutputError).
 
     With ``check_rows`` (some training features), the head's compact form (compact.py) is
     written too when it has one and predicts like the estimator on those rows: then
-    `predict --store` needs neither scikit-learn nor skops (see load_compact)."""
+    `predict --store` needs neither scikit-learn nor skops (see load_compact). Every head file
+    is then sealed (see _seal: a digest of all its parts and the head's own predictions on a
+    few of those rows), and loaded back with exactly the rules `predict` uses, predicting the
+    same, before it is renamed into place: whatever `fit` writes, `predict` loads; otherwise
+    ArtifactError names what the file would hold."""
+    from .. import _io
+
     sio = _skops_io()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(json.dumps(manifest, default=_jsonable))  # plain data only
     head = {"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with _io.atomic_output(path, inputs=inputs) as tmp:
         sio.dump({**head, "estimator": estimator}, tmp)
+        rows = None if check_rows is None else _probe_rows(check_rows)
         if check_rows is not None:
             _add_compact(tmp, estimator, head, check_rows)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _seal(tmp, estimator, head, rows)
+        _verify_saved(tmp, path, estimator, rows)
     return path
+
+
+PROBE_ROWS = 16  # training rows whose predictions a head file records (see _seal)
+PROBE_X = "embedpipe/probe/X.npy"
+PROBE_PREDICTED = "embedpipe/probe/predicted.npy"
+PROBE_SCORES = "embedpipe/probe/scores.npy"
+
+
+def _probe_rows(rows: Any) -> Any:
+    import numpy as np
+
+    rows = np.asarray(rows)
+    pick = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), PROBE_ROWS)).astype(int))
+    return np.ascontiguousarray(rows[pick]) if len(rows) else rows
+
+
+def _npy(arr: Any) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _scored(estimator: Any, X: Any) -> tuple[Any, Any]:
+    import numpy as np
+
+    from .compact import predict_scored
+
+    pred, scores, _, _ = predict_scored(estimator, X)
+    return np.asarray(pred).astype("U"), np.asarray(scores, dtype=np.float64)
+
+
+def _seal(path: Path, estimator: Any, head: dict[str, Any], rows: Any) -> None:
+    """Add the head member (compact.HEAD_MEMBER): format, manifest, ``probe`` (the estimator's
+    own predicted classes and scores on a few training rows, stored beside them as .npy) and
+    ``sha256``, a digest over the names and bytes of every other member of the file (the skops
+    pipeline, the compact form, the probe)."""
+    import zipfile
+
+    from . import compact
+
+    with zipfile.ZipFile(path, "a") as z:
+        if rows is not None and len(rows):
+            pred, scores = _scored(estimator, rows)
+            z.writestr(PROBE_X, _npy(rows))
+            z.writestr(PROBE_PREDICTED, _npy(pred))
+            z.writestr(PROBE_SCORES, _npy(scores))
+    with zipfile.ZipFile(path) as z:
+        sealed = {**head, "probe": rows is not None and len(rows) > 0,
+                  "sha256": _digest(z, exclude=(compact.HEAD_MEMBER,))}
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(compact.HEAD_MEMBER, json.dumps(sealed))
+
+
+def _verify_saved(tmp: Path, path: Path, estimator: Any, rows: Any) -> None:
+    """Load the file just written as `predict` will (both forms) and check it predicts like
+    ``estimator``; ArtifactError (naming ``path``) when it does not."""
+    try:
+        full = load(tmp)
+        fast = load_compact(tmp)
+    except ArtifactError as e:
+        why = str(e).split(": ", 1)[-1]
+        raise ArtifactError(f"{path}: this head cannot be saved so that `predict` loads it "
+                            f"({why[:300]}); fit it with other --param values (see "
+                            "`embedpipe heads`)") from None
+    if rows is not None and len(rows):
+        import numpy as np
+
+        want = _scored(estimator, rows)
+        for form in (full, fast):
+            if form is None:
+                continue
+            got = _scored(form.estimator, rows)
+            if not (np.array_equal(got[0], want[0]) and np.allclose(
+                    got[1], want[1], rtol=1e-5, atol=1e-6, equal_nan=True)):
+                raise ArtifactError(f"{path}: the saved head predicts differently from the "
+                                    "fitted one (a bug in embedpipe or skops: please report "
+                                    "it); nothing was written")
 
 
 def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) -> bool:
@@ -140,10 +226,7 @@ def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) ->
     spec, arrays = exported
     if not compact.agrees(estimator, compact.load(spec, arrays), np.asarray(rows)):
         return False
-    with zipfile.ZipFile(path) as z:
-        sealed = {**head, "skops_sha256": _skops_digest(z)}
     with zipfile.ZipFile(path, "a") as z:
-        z.writestr(compact.HEAD_MEMBER, json.dumps(sealed))
         z.writestr(compact.SPEC_MEMBER, json.dumps(spec))
         for name, arr in arrays.items():
             buf = io.BytesIO()
@@ -152,24 +235,153 @@ def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) ->
     return True
 
 
-def _skops_digest(z: Any) -> str:
-    """sha256 over the names and contents of a head file's skops members (CRC-checked)."""
+def _digest(z: Any, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over the names and contents of a head file's members (but ``exclude``), in name
+    order; reading them also checks each member's CRC-32."""
     import hashlib
-
-    from . import compact
 
     h = hashlib.sha256()
     for name in sorted(z.namelist()):
-        if not name.startswith(compact.MEMBER_DIR):
-            h.update(name.encode() + b"\0" + z.read(name))
+        if name not in exclude:
+            h.update(name.encode() + b"\0" + z.read(name) + b"\0")
     return h.hexdigest()
 
 
+# What a head's skops schema may name for the compact path to skip skops: plain containers
+# and scalars, numpy, and scikit-learn classes other than the tree structures that skops
+# itself does not trust (raw index arrays read without bounds checks). Anything else (a
+# function such as os.system or builtins.eval, operator.methodcaller, another package) sends
+# the file through skops' own trust check (load), which refuses it.
+_PLAIN_BUILTINS = {"dict", "list", "tuple", "str", "int", "float", "bool", "NoneType",
+                   "bytes", "complex"}
+_PLAIN_LOADERS = {"DictNode", "ListNode", "TupleNode", "JsonNode", "CachedNode", "NdArrayNode",
+                  "DtypeNode", "ObjectNode", "ReduceNode", "NoneNode", "BunchNode",
+                  "SparseMatrixNode", "RandomStateNode", "RandomGeneratorNode", "SetNode",
+                  "SliceNode", "SGDNode", "LossNode", "TypeNode"}
+
+
+def _schema_types(node: Any, out: set[tuple[str, str, str]]) -> None:
+    if isinstance(node, dict):
+        if "__module__" in node or "__class__" in node or "__loader__" in node:
+            out.add((str(node.get("__module__")), str(node.get("__class__")),
+                     str(node.get("__loader__"))))
+        for v in node.values():
+            _schema_types(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _schema_types(v, out)
+
+
+def _plain_schema(schema: Any) -> bool:
+    """Whether every type a skops schema names is plain (see _PLAIN_BUILTINS and above)."""
+    found: set[tuple[str, str, str]] = set()
+    _schema_types(schema, found)
+    for module, cls, loader in found:
+        if loader not in _PLAIN_LOADERS or "Tree" in cls:
+            return False
+        if module == "builtins":
+            if cls not in _PLAIN_BUILTINS:
+                return False
+        elif not (module == "numpy" or module.startswith(("numpy.", "sklearn."))
+                  or f"{module}.{cls}" in TRUSTED_EXTRA):
+            return False
+    return True
+
+
+def _schema_value(node: Any, ids: dict[Any, Any]) -> Any:
+    """A plain value (dicts, lists, JSON scalars) decoded from its skops schema node."""
+    loader = node.get("__loader__")
+    if loader == "DictNode":
+        value: Any = {k: _schema_value(v, ids) for k, v in node["content"].items()}
+    elif loader in ("ListNode", "TupleNode"):
+        value = [_schema_value(v, ids) for v in node["content"]]
+    elif loader == "JsonNode":
+        value = json.loads(node["content"])
+    elif loader == "CachedNode":
+        return ids[node["content"]]
+    else:
+        raise ValueError(f"not plain data: {loader}")
+    ids[node.get("__id__")] = value
+    return value
+
+
+def _skops_manifest(z: Any) -> Any:
+    """The manifest inside a head file's skops pipeline, read from its schema (no skops)."""
+    schema = json.loads(z.read("schema.json"))
+    return _schema_value(schema["content"]["manifest"], {})
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _disagree(path: Any, what: str) -> ArtifactError:
+    return ArtifactError(f"{path}: the parts of this head file disagree ({what}); it was "
+                         "damaged or edited after `embedpipe fit` wrote it: make the head "
+                         "again with `embedpipe fit`")
+
+
+def _read_seal(path: Any, z: Any) -> dict[str, Any] | None:
+    """The head member of a sealed head file, after checking the digest of every other member
+    (ArtifactError when it differs); None for a file without one (written before the seal:
+    it is loaded through skops only)."""
+    import zipfile
+
+    from . import compact
+
+    if compact.HEAD_MEMBER not in z.namelist():
+        return None
+    try:
+        head = json.loads(z.read(compact.HEAD_MEMBER))
+    except (ValueError, zipfile.BadZipFile, OSError) as e:
+        raise ArtifactError(f"{path}: head file is damaged ({_why(e)}); make the head again "
+                            "with `embedpipe fit`") from None
+    if not isinstance(head, dict) or "sha256" not in head:
+        return None
+    try:
+        digest = _digest(z, exclude=(compact.HEAD_MEMBER,))
+    except (zipfile.BadZipFile, OSError, EOFError) as e:  # a member's CRC-32 fails
+        raise ArtifactError(f"{path}: head file is damaged ({_why(e)}); make the head again "
+                            "with `embedpipe fit`") from None
+    if digest != head["sha256"]:
+        raise ArtifactError(f"{path}: head file is damaged: its contents no longer match the "
+                            "sha256 recorded when it was written; make the head again with "
+                            "`embedpipe fit`")
+    return head
+
+
+def _check_probe(path: Any, z: Any, head: dict[str, Any], estimator: Any, form: str) -> None:
+    """The estimator must predict the classes and scores the file recorded for its probe."""
+    import io
+
+    import numpy as np
+
+    if not head.get("probe"):
+        return
+    try:
+        X, pred, scores = (np.load(io.BytesIO(z.read(n)), allow_pickle=False)
+                           for n in (PROBE_X, PROBE_PREDICTED, PROBE_SCORES))
+        got = _scored(estimator, X)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise _disagree(path, f"its {form} cannot score the recorded rows: "
+                              f"{_why(e)}") from None
+    if not (np.array_equal(got[0], pred.astype("U")) and got[1].shape == scores.shape
+            and np.allclose(got[1], scores, rtol=1e-5, atol=1e-6, equal_nan=True)):
+        n = int((got[0] != pred.astype("U")).sum()) if got[0].shape == pred.shape else -1
+        raise _disagree(path, f"its {form} predicts {'differently' if n < 0 else n} of the "
+                              f"{len(X)} rows recorded with it "
+                              f"{'differently' if n >= 0 else ''}".rstrip())
+
+
 def load_compact(path: str | Path) -> HeadFile | None:
-    """A head file's compact form (compact.py), read with zipfile, json and numpy only (no
-    scikit-learn, no skops, no pickle); None when it has none, it cannot be read, or the rest
-    of the file is no longer what `fit` wrote beside it (a digest of the skops members): then
-    ``load`` reads the whole head (and says what is wrong with the file, if anything)."""
+    """A sealed head file's compact form (compact.py), read with zipfile, json and numpy only
+    (no scikit-learn, no skops, no pickle), after checking that the file holds together: the
+    digest of all its members (damage), a skops schema naming only plain types (else None:
+    ``load`` applies skops' trust rules, which refuse the file), the manifest beside the
+    compact form equal to the one inside the skops pipeline (classes, backbone, ...), and the
+    compact form predicting the rows recorded with the head as the head did. A file that
+    fails a check is refused (ArtifactError). None when the file has no compact form or no
+    seal (older files): then ``load`` reads the whole head."""
     import io
     import zipfile
 
@@ -179,19 +391,35 @@ def load_compact(path: str | Path) -> HeadFile | None:
 
     try:
         with zipfile.ZipFile(path) as z:
-            names = set(z.namelist())
-            if compact.SPEC_MEMBER not in names or compact.HEAD_MEMBER not in names:
+            if compact.SPEC_MEMBER not in z.namelist():
                 return None
-            head = json.loads(z.read(compact.HEAD_MEMBER))
-            spec = json.loads(z.read(compact.SPEC_MEMBER))
+            if not _plain_schema(json.loads(z.read("schema.json"))):
+                return None  # skops' trust check (load) names what it refuses
+            head = _read_seal(path, z)
+            if head is None:
+                return None
             if (head.get("format") != FORMAT
-                    or int(head.get("format_version", 0)) > FORMAT_VERSION
-                    or head.get("skops_sha256") != _skops_digest(z)):
+                    or int(head.get("format_version", 0)) > FORMAT_VERSION):
                 return None
+            try:
+                inner = _skops_manifest(z)
+            except (KeyError, ValueError, TypeError) as e:
+                raise _disagree(path, f"the pipeline's manifest cannot be read: {_why(e)}"
+                                ) from None
+            if not _same(inner, head.get("manifest")):
+                diff = sorted(k for k in set(inner) | set(head["manifest"])
+                              if not _same(inner.get(k), head["manifest"].get(k)))
+                raise _disagree(path, "the manifest of its compact form differs from the "
+                                      f"pipeline's in {', '.join(diff[:4])}")
+            spec = json.loads(z.read(compact.SPEC_MEMBER))
             wanted = {op[k] for op in spec["ops"] for k in ("a", "w") if k in op}
             arrays = {n: np.load(io.BytesIO(z.read(f"{compact.ARRAY_PREFIX}{n}.npy")),
                                  allow_pickle=False) for n in wanted}
-        return HeadFile(Path(path), compact.load(spec, arrays), head["manifest"])
+            fast = compact.load(spec, arrays)
+            _check_probe(path, z, head, fast, "compact form")
+        return HeadFile(Path(path), fast, head["manifest"])
+    except ArtifactError:
+        raise
     except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError):
         return None
 
@@ -239,6 +467,15 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
     if int(obj.get("format_version", 0)) > FORMAT_VERSION:
         raise ArtifactError(f"{path}: head format {obj['format_version']} is newer than this "
                             f"embedpipe ({FORMAT_VERSION}); upgrade embedpipe")
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:  # a sealed file must hold together (see load_compact)
+        head = _read_seal(path, z)
+        if head is not None:
+            if not _same(head.get("manifest"), obj["manifest"]):
+                raise _disagree(path, "the manifest beside the pipeline differs from the one "
+                                      "inside it")
+            _check_probe(path, z, head, obj["estimator"], "pipeline")
     return HeadFile(path, obj["estimator"], obj["manifest"])
 
 

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import first_line
+from . import fewshot
 from . import registry as heads
 from .rows import EvaluateError, min_class, scores
 from .source import Labeled, Note, Tick, _nothing
@@ -17,22 +18,24 @@ from .source import Labeled, Note, Tick, _nothing
 def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None, *,
                       class_weight: str | None = None, search: bool = False,
                       inner_folds: int = 3, scoring: str = "accuracy", seed: int = 0,
-                      jobs: int | None = None, tick: Tick = _nothing,
-                      note: Note = _nothing) -> tuple[Any, dict[str, Any]]:
+                      jobs: int | None = None, tick: Tick = _nothing, note: Note = _nothing,
+                      notes: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """Fit ``head`` on the rows of ``source`` (in memory or streamed: source.Labeled). With
     ``search``, pick its grid's best parameters by stratified ``inner_folds``-fold CV on these
     rows only (``scoring``: a key of rows.METRICS), then refit on all of them. Returns the
     fitted estimator and the parameters used (short names: the user's plus the ones searched).
 
     In memory the search is scikit-learn's GridSearchCV (``jobs`` parallel fits); streamed, each
-    candidate is fitted and scored fold by fold from the store, on the same folds. Raises
-    EvaluateError when a class has fewer than 2 rows to search on."""
+    candidate is fitted and scored fold by fold from the store, on the same folds. Settings that
+    few images per class cannot support are lowered first (fewshot.adapt; a note for each goes
+    to ``notes``), or the head is refused in one line (FewShotError). Raises EvaluateError when
+    a class has fewer than 2 rows to search on."""
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
     chosen = dict(params or {})
     grid = heads.param_grid(head, params, seed=seed) if search else {}
     if not grid:
         return source.fit(pipe, head, params, class_weight=class_weight, seed=seed, tick=tick,
-                          note=note), chosen
+                          note=note, notes=notes), chosen
     from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 
     cls, n = min_class(source.y)
@@ -42,6 +45,9 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
                             "search needs at least 2 per class: add images or drop --search")
     folds = StratifiedKFold(k, shuffle=True, random_state=seed)
     if not source.streamed:
+        # the candidates are fitted on the inner folds' training parts: adapt to the smallest
+        (notes if notes is not None else []).extend(
+            fewshot.adapt(pipe, fewshot.fold_part(source.y, k), head))
         gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs, cv=folds)
         gs.fit(source.X, source.y)
         chosen.update(heads.short_params(gs.best_params_))
@@ -67,7 +73,7 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     chosen.update(best[1])
     return source.fit(heads.build(head, chosen, class_weight=class_weight, seed=seed), head,
                       chosen, class_weight=class_weight, seed=seed, tick=tick,
-                      note=note), chosen
+                      note=note, notes=notes), chosen
 
 
 INNER_FOLDS = 3
@@ -108,6 +114,13 @@ def resolve_params(head_names: list[str], items: list[str] | None, *,
 
 def _has_param(head: str, name: str, seed: int) -> bool:
     return name == "pca" or name in heads.get(head).make(seed).get_params()
+
+
+def convergence_note(head: str, count: int, where: str = "", param: str = "") -> str:
+    """The one line that summarises ``count`` ConvergenceWarnings of ``head`` (``where``: e.g.
+    "in 2 of 5 folds"), for `fit` and `cv` alike, instead of scikit-learn's raw warnings."""
+    return (f"{count} ConvergenceWarning(s){' ' + where if where else ''}: the solver stopped "
+            f"before converging; try a larger --param {param or ''}max_iter=N")
 
 
 class _Quiet:
@@ -153,11 +166,11 @@ def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]
 
 def fit_checked(source: Labeled, head: str, params: dict[str, Any],
                 class_weight: str | None, search: bool, metric: str, seed: int, where: str,
-                jobs: int | None = None, tick: Tick = _nothing,
-                note: Note = _nothing) -> tuple[Any, dict[str, Any]]:
+                jobs: int | None = None, tick: Tick = _nothing, note: Note = _nothing,
+                notes: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """fit_configuration with cv's inner folds, a fit that fails on a --param value turned
     into one line naming ``where`` (_fit_errors)."""
     with _fit_errors(head, params, where):
         return fit_configuration(source, head, params, class_weight=class_weight, search=search,
                                  inner_folds=INNER_FOLDS, scoring=metric, seed=seed, jobs=jobs,
-                                 tick=tick, note=note)
+                                 tick=tick, note=note, notes=notes)

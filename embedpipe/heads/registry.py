@@ -227,6 +227,14 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
             raise HeadError(f"--class-weight balanced: the {name} head does not take class "
                             f"weights; use one of {able}, or leave it out")
         pipe.set_params(clf__class_weight="balanced")
+    algorithm = (params or {}).get("algorithm")
+    if head.name == "knn" and algorithm not in (None, "brute"):
+        # kd_tree/ball_tree (and auto, which may pick them) store a KDTree/BallTree, whose raw
+        # index arrays skops does not trust (read without bounds checks, like its Tree): no
+        # head file could hold them safely, so `predict` would refuse what `fit` wrote.
+        raise HeadError(f"--param algorithm={algorithm}: the knn head searches by brute force "
+                        "only (a KDTree or BallTree cannot be saved in a safe head file); "
+                        "leave algorithm out (brute)")
     try:
         pipe.set_params(**pipeline_params(head, params or {}, seed))
         for _, step in pipe.steps:  # bad values (C=abc, C=-1) fail now, not inside a fit

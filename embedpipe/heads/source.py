@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..store.read import FeatureStore
-from . import stream
+from . import fewshot, stream
 from .compact import predict_scored
 
 Tick = Callable[[int], None]
@@ -67,11 +67,16 @@ class Labeled:
 
     def fit(self, pipe: Any, head: str, params: dict[str, Any] | None, *,
             class_weight: str | None = None, seed: int = 0, tick: Tick = _nothing,
-            note: Note = _nothing) -> Any:
+            note: Note = _nothing, notes: list[str] | None = None) -> Any:
         """Fit ``pipe`` (the head's unfitted Pipeline, from registry.build with the same
         ``head``, ``params``, ``class_weight`` and ``seed``) on these rows; streamed rows
-        rebuild it streamable (stream.build) and fit it chunk by chunk."""
+        rebuild it streamable (stream.build) and fit it chunk by chunk. In memory, settings
+        these rows cannot support are lowered first (fewshot.adapt, a note for each appended to
+        ``notes``) or the head is refused (FewShotError)."""
         if self.X is not None:
+            found = fewshot.adapt(pipe, self.y, head)
+            if notes is not None:
+                notes.extend(found)
             return pipe.fit(self.X, self.y)
         assert self.store is not None
         return stream.fit_rows(self.store, self.rows, self.y, head, params,

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import checks
 from ..errors import UserError
 from ..store.read import FeatureStore
 from .compact import predict_scored
@@ -127,6 +128,9 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
         need = getattr(step, "n_components", None) or 1  # IncrementalPCA's first batch
         held: list[np.ndarray] = []
         for idx, X in store.iter_feature_chunks(rows, chunk_rows):
+            if not fitted:  # the first pass over the raw features: NaN/inf stop it here
+                checks.refuse_nonfinite(X, [store.paths[i] for i in rows[idx]],
+                                        str(store.path))
             held.append(_transform(fitted, X))
             if sum(len(h) for h in held) >= need or hasattr(step, "components_"):
                 step.partial_fit(np.concatenate(held) if len(held) > 1 else held[0])

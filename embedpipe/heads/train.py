@@ -9,19 +9,19 @@ reports calibrated confidences; the wrapped head predicts the same classes as th
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .. import _io, checks
 from ..store.read import open_stores
-from . import artifacts
+from . import artifacts, fewshot
 from . import registry as heads
-from .fit import fit_configuration
+from .fit import _fit_errors, _Quiet, convergence_note, fit_configuration
 from .source import Labeled
-from .rows import TRAIN_SPLIT, EvaluateError, min_class, select_rows, targets
+from .rows import TRAIN_SPLIT, min_class, select_rows, targets
 
 CALIBRATION_FOLDS = 5
 CALIBRATION_FRACTION = 0.1  # of a streamed head's training rows
@@ -49,38 +49,48 @@ class FitResult:
 def _calibration_split(source: Labeled, spec: Any,
                        seed: int) -> tuple[Labeled, Labeled, int]:
     """The rows a head is fitted on, the rows held out to calibrate it, and the calibration
-    folds. In memory nothing is held out: calibration cross-validates on all rows (k folds,
-    k = min(CALIBRATION_FOLDS, smallest class)). Streamed, a stratified sample is held out
-    (_calibration_rows) so that the head is fitted once, on the rest; k as above, over the
-    held-out rows. k < 2: no calibration (confidence is a softmax of scores)."""
+    folds over them. In memory nothing is held out: calibration cross-validates on all rows
+    (its folds are chosen by _calibrated). Streamed, a stratified sample is held out
+    (_calibration_rows) so that the head is fitted once, on the rest, with k =
+    min(CALIBRATION_FOLDS, smallest held-out class); k < 2, or a class with no row held out
+    (fewer than 3 rows: temperature scaling could not score it), means no calibration."""
     none = source.take(np.zeros(0, dtype=np.int64))
-    if spec.native_proba:
+    if spec.native_proba or not source.streamed:
         return source, none, 0
-    if not source.streamed:
-        return source, none, min(CALIBRATION_FOLDS, min_class(source.y)[1])
     cal = _calibration_rows(source.y, source.chunk_rows, seed)
     k = min(CALIBRATION_FOLDS, min_class(source.y[cal])[1]) if len(cal) else 0
-    if k < 2:
-        return source, none, k
+    if k < 2 or len(np.unique(source.y[cal])) < len(np.unique(source.y)):
+        return source, none, 0
     return source.take(np.setdiff1d(np.arange(len(source)), cal)), source.take(cal), k
 
 
-def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled,
-                k: int) -> tuple[Any, str, str]:
+def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
+                head: str = "", notes: list[str] | None = None) -> tuple[Any, str, str]:
     """The head with calibrated probabilities (temperature scaling), how (text for the
-    manifest), and the kind of its probabilities (artifacts.PROBABILITIES). In memory ``base``
-    (the unfitted head) is refitted in ``k`` cross-validation folds of ``fit_on``; streamed, the
-    ``fitted`` head is frozen and only the temperature is fitted on the ``held`` rows."""
+    manifest), and the kind of its probabilities (artifacts.PROBABILITIES).
+
+    In memory ``base`` (the unfitted head) is wrapped and fitted in up to CALIBRATION_FOLDS
+    stratified folds of ``fit_on``, as many as the smallest class allows
+    (fewshot.calibration_folds); with too few images for 2 folds, ``base`` itself is fitted,
+    uncalibrated. Streamed, the ``fitted`` head is frozen and only the temperature is fitted on
+    the ``held`` rows in ``k`` folds (none held out: ``fitted`` as it is, uncalibrated)."""
     from sklearn.calibration import CalibratedClassifierCV
 
-    if k < 2:
-        why = ("a class has 1 image" if not fit_on.streamed else "too few rows per class")
-        return fitted, f"none ({why}: confidence is a softmax of scores)", "scores"
     if not fit_on.streamed:
+        cls, smallest = min_class(fit_on.y)
+        k = fewshot.calibration_folds(base, fit_on.y, CALIBRATION_FOLDS)
+        if k < 2:
+            return (fit_on.fit(base, head, None, notes=notes),
+                    f"none (class {cls!r} has {smallest} image(s), too few to calibrate: "
+                    "confidence is a softmax of scores)", "scores")
         # cv as a number (stratified, unshuffled folds): a splitter object would be stored in
         # the head file as a type that skops does not trust.
         cal = CalibratedClassifierCV(base, method="temperature", ensemble=False, cv=k)
-        return cal.fit(fit_on.X, fit_on.y), f"temperature scaling ({k}-fold)", "calibrated"
+        return fit_on.fit(cal, head, None, notes=notes), f"temperature scaling ({k}-fold)", \
+            "calibrated"
+    if k < 2:
+        return fitted, "none (too few rows per class: confidence is a softmax of scores)", \
+            "scores"
     from sklearn.frozen import FrozenEstimator
 
     # the fitted pipeline is frozen: the folds only split the calibration rows
@@ -102,6 +112,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     from . import stream
 
     t0 = time.perf_counter()
+    _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
     spec = heads.get(head)
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
     if chunk_rows is not None:
@@ -114,11 +125,11 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     rows = select_rows(store)
     y = targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
-                            "a head needs at least two: add images of other classes")
+    fewshot.check_classes(y, str(store.path))
     source = Labeled(store, rows.train, y,
                      None if spec.streaming else store.features[rows.train], chunk_rows)
+    if not source.streamed:  # streamed: stream.fit_rows checks the chunks as it reads them
+        checks.refuse_nonfinite(source.X, [store.paths[i] for i in rows.train], str(store.path))
     fit_on, held, k = _calibration_split(source, spec, seed)
     say(f"fitting {head} on {len(fit_on)} rows ({rows.describe()}), {len(classes)} classes"
         + (f", streamed in chunks of {chunk_rows} rows" if source.streamed else "")
@@ -126,23 +137,31 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         + (", searching its grid" if search else ""))
     total = (stream.work(head, params, len(fit_on), search=search, seed=seed) + len(held)
              + len(y) if source.streamed else 0)
-    with warnings.catch_warnings(), Progress(total, f"fit {head}", unit="row",
-                                             enabled=progress and source.streamed) as bar:
-        # NearestCentroid warns whenever a feature is constant within a class, which pooled
-        # ReLU features often are (zeros); it changes nothing about the fit.
-        warnings.filterwarnings("ignore", message=".*within_class_std_dev_.*")
-        estimator, chosen = fit_configuration(fit_on, head, params, class_weight=class_weight,
-                                              search=search, seed=seed, jobs=jobs,
-                                              tick=bar.update, note=bar.note)
+    notes: list[str] = []
+    with _Quiet() as quiet, _fit_errors(head, params or {}, str(store.path)), \
+            Progress(total, f"fit {head}", unit="row", enabled=progress and source.streamed) as bar:
+        estimator = None
+        if spec.native_proba or source.streamed:
+            estimator, chosen = fit_configuration(fit_on, head, params, class_weight=class_weight,
+                                                  search=search, seed=seed, jobs=jobs,
+                                                  tick=bar.update, note=bar.note, notes=notes)
+        else:  # in memory: the search (if any) on the bare head, then the chosen one calibrated
+            chosen = (fit_configuration(fit_on, head, params, class_weight=class_weight,
+                                        search=True, seed=seed, jobs=jobs, notes=notes)[1]
+                      if search else dict(params or {}))
         calibration, probabilities = "native", "native"
         if not spec.native_proba:
             bar.note("calibrating")
             estimator, calibration, probabilities = _calibrated(
                 estimator, heads.build(head, chosen, class_weight=class_weight, seed=seed),
-                fit_on, held, k)
+                fit_on, held, k, head, notes)
             bar.update(len(held))
         bar.note("training accuracy")
         pred, _, _ = source.predict(estimator, tick=bar.update)
+    for n in dict.fromkeys(notes):
+        say(f"note: {n}")
+    if quiet.convergence:
+        say(convergence_note(head, quiet.convergence))
     train_acc = float((pred == y).mean())
     streamed = ({"streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
                               "fitted_rows": int(len(fit_on)),
@@ -155,7 +174,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         training=_training(store, rows, classes, counts, train_acc, **streamed),
     )
     check = source.take(_check_sample(len(y))).features()
-    path = artifacts.save(out, estimator, manifest, check_rows=check)
+    path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path))
     return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
                      calibration, time.perf_counter() - t0, train_acc)
 
@@ -197,16 +216,17 @@ def default_head_path(store: str | Path | Sequence[str | Path], head: str,
 
 def _calibration_rows(y: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
     """Positions of a stratified sample of the training rows held out to calibrate a streamed
-    head: about 10% of each class (at least 2 of every class with 3 or more rows), at most
-    about ``chunk_rows`` rows in all, so it fits in one chunk's memory."""
+    head: about 10% of each class (at least 2 of every class with 4 or more rows, never more
+    than half of a class, so the head keeps as many to train on), at most about
+    ``chunk_rows`` rows in all, so it fits in one chunk's memory."""
     rng = np.random.default_rng(seed)
     frac = min(CALIBRATION_FRACTION, chunk_rows / max(1, len(y)))
     out = []
     for c in np.unique(y):
         pos = np.flatnonzero(y == c)
-        if len(pos) < 3:
+        if len(pos) < 4:
             continue
-        k = min(len(pos) - 1, max(2, int(round(frac * len(pos)))))
+        k = min(len(pos) // 2, max(2, int(round(frac * len(pos)))))
         out.append(rng.choice(pos, size=k, replace=False))
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 

@@ -111,6 +111,8 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
                                 f"settings ({'; '.join(diffs[:4])}); pass another -o")
     for p in inputs:  # a damaged input fails here, before anything is written
         verify(p)
+        with _open_swmr_read(Path(p)) as src:
+            _check_labels(Path(p), src["labels"][:_committed(src)[0]], len(src["class_names"]))
     prefixes = _qualifiers(inputs) if on_conflict == "qualify" else [""] * len(inputs)
     conflicts = _conflicts(out if out.exists() and not rebuild else None, inputs, prefixes)
     if conflicts and on_conflict != "first":
@@ -175,6 +177,15 @@ def _conflicts(out: Path | None, inputs: Sequence[str | Path],
                 elif have[p][0] != h:
                     found.append((p, have[p][1], str(where)))
     return found
+
+
+def _check_labels(path: Path, labels: np.ndarray, n_classes: int) -> None:
+    """Labels must index the store's class names (-1: unlabeled); else the store is damaged."""
+    bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
+    if len(bad):
+        raise StoreError(f"{path}: row {int(bad[0])} has label {int(labels[bad[0]])} but the "
+                         f"store has {n_classes} class names ({len(bad)} such rows); the store "
+                         "is damaged: extract its images again into a new store")
 
 
 def _merge_into(w: "StoreWriter", out: Path, inputs: Sequence[str | Path],

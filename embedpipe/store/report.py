@@ -39,13 +39,23 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def _last_run(run: dict[str, Any]) -> dict[str, Any]:
-    """What a run record says in one line: an extract run (started, status, device) or a merge
-    (finished, status, how many stores)."""
+    """What a run record says, for one line: an extraction (when it started, status, device) or
+    a merge (when it finished, status, how many stores); only the fields the record has."""
+    out = {"kind": "merge" if "merged" in run else "extract",
+           "when": run.get("started") or run.get("finished"), "status": run.get("status")}
     if "merged" in run:
-        return {"kind": "merge", "when": run.get("finished"), "status": run.get("status"),
-                "where": f"{len(run['merged'])} stores"}
-    return {"kind": "extract", "when": run.get("started"), "status": run.get("status"),
-            "where": run.get("device")}
+        out["stores"] = len(run["merged"])
+    elif run.get("device"):
+        out["device"] = run["device"]
+    return out
+
+
+def _run_line(last: dict[str, Any]) -> str:
+    when = last.get("when") or "(time not recorded)"
+    status = last.get("status") or "(status not recorded)"
+    if last["kind"] == "merge":
+        return f"merge of {last['stores']} store(s) {status} at {when}"
+    return f"{when} {status}" + (f" on {last['device']}" if last.get("device") else "")
 
 
 def format_info(report: dict[str, Any], show: int = 50) -> str:
@@ -65,11 +75,8 @@ def format_info(report: dict[str, Any], show: int = 50) -> str:
     width = max((len(c) for c in classes), default=0)
     lines += [f"  {c:<{width}}  {n}" for c, n in classes.items()]
     lines.append("splits     " + ", ".join(f"{k}={v}" for k, v in sorted(report["splits"].items())))
-    last = report["last_run"]
-    if last is not None:
-        lines.append(f"last run   {last['when']} {last['status']} on {last['where']}"
-                     if last["kind"] == "extract" else
-                     f"last run   merge of {last['where']}, {last['when']} {last['status']}")
+    if report["last_run"] is not None:
+        lines.append(f"last run   {_run_line(report['last_run'])}")
     skipped = report["skipped"]
     lines.append(f"skipped    {len(skipped)}")
     lines += [f"  {e['path']}: {e['reason']}" for e in skipped[:show]]

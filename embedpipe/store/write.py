@@ -176,6 +176,10 @@ class StoreWriter:
     def class_ids(self, names: Iterable[str]) -> dict[str, int]:
         """Indices for class names, appending new ones (existing labels never change)."""
         new = sorted(set(names) - set(self.classes))
+        bad = [c for c in new if not c or "\0" in c]
+        if bad:  # HDF5 would store it cut at the NUL, or blank, for good
+            raise StoreError(f"{self.path}: class name {bad[0]!r} is empty or holds a NUL "
+                             "character; fix the label in the data (nothing was written)")
         if new:
             with self._writing(len(new)):
                 ds = self._ds["class_names"]
@@ -372,8 +376,11 @@ class StoreWriter:
         except OSError:
             return
         if free < need:
-            raise self._full(f"{free // 1024} KiB free, the next write may need "
-                             f"{need // 1024} KiB")
+            raise StoreFull(f"{self.path}: not enough disk space for the next write "
+                            f"({_mib(free)} free, up to {_mib(need)} needed: its new HDF5 "
+                            f"chunks and metadata); the {self.n} rows committed before are "
+                            "kept: free space on that disk (or pass another --out) and rerun "
+                            "the same command to continue")
 
     def close(self) -> None:
         global _HDF5_BROKEN
@@ -438,6 +445,10 @@ def _create(path: Path, identity: dict[str, Any], versions: dict[str, str]) -> N
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise _write_failed(path, e, "cannot create the store") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _write_failed(path: Path, e: BaseException, what: str) -> StoreError:
@@ -553,8 +564,9 @@ def _rewrite(src: h5py.File, path: Path, *, keep: np.ndarray | None, n: int, n_e
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(path.parent).free
         if _SPACE_RESERVE and free < need:
-            raise StoreFull(f"{path}: disk full ({free // 1024} KiB free): rewriting the store "
-                            f"needs about {need // 1024} KiB; free space on that disk and "
+            raise StoreFull(f"{path}: not enough disk space to rewrite the store "
+                            f"({_mib(free)} free, about {_mib(need)} needed: a copy of it); "
+                            "free space on that disk and "
                             "rerun the same command")
     try:
         with h5py.File(tmp, "w", libver="latest") as dst:

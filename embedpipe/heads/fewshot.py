@@ -1,0 +1,135 @@
+"""Few-shot and one-class data: what each head can do with 1, 2 or 3 images per class.
+
+One place decides it, for every command that fits a head (``fit``, ``cv``, ``compare``, the
+inner ``--search``, ensembles, calibration): ``adapt(estimator, y)`` is called on an unfitted
+estimator just before it is fitted on targets ``y``, lowers the settings that the data cannot
+support and returns a note for each, or raises FewShotError (one line) when the head cannot be
+fitted on such data at all. What it changes (scikit-learn would otherwise raise deep inside):
+
+* ``KNeighborsClassifier``: ``n_neighbors`` is lowered to the number of training rows.
+* ``MLPClassifier``: ``early_stopping`` is turned off when its stratified validation split
+  (``validation_fraction`` of the rows) cannot hold one image of every class, with the
+  training part keeping one too.
+* ``CalibratedClassifierCV`` with ``cv=k`` folds (temperature scaling of svm, linear-svm,
+  ridge, centroid, also inside ensembles): ``k`` is lowered to what the smallest class allows
+  (``calibration_folds``); when no 2-fold split is possible the head is refused
+  (an ensemble member needs probabilities), or, for a single head in ``fit``, the caller fits
+  it uncalibrated (train.py).
+* ``NearestCentroid`` scores rows by distances scaled by the pooled within-class standard
+  deviation, which is zero (NaN scores) when every class has a single image: refused.
+
+And ``check_classes(y, where)`` is the one refusal of training rows holding a single class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+
+class FewShotError(UserError):
+    """A head that cannot be fitted on so few images per class; one line with the fix."""
+
+
+def counts(y: np.ndarray) -> tuple[str, int, int, int]:
+    """(smallest class, its count, number of classes, rows) of targets ``y``."""
+    values, n = np.unique(np.asarray(y), return_counts=True)
+    if not len(values):
+        return "", 0, 0, 0
+    i = int(np.argmin(n))
+    return str(values[i]), int(n[i]), len(values), int(n.sum())
+
+
+def check_classes(y: np.ndarray, where: str, what: str = "training rows") -> None:
+    """Refuse (FewShotError) targets of fewer than two classes: no classifier is defined."""
+    cls, _, n_classes, n = counts(y)
+    if n_classes < 2:
+        held = f"hold one class ({cls!r})" if n_classes else "are empty"
+        raise FewShotError(f"{where}: the {n} {what} {held}; a head needs at least two "
+                           "classes: add images of other classes")
+
+
+def _needs_two_per_fold(estimator: Any) -> bool:
+    """Whether ``estimator`` (or the pipeline ending in it) is a NearestCentroid."""
+    last = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    return type(last).__name__ == "NearestCentroid"
+
+
+def calibration_folds(estimator: Any, y: np.ndarray, wanted: int) -> int:
+    """The most stratified folds (<= ``wanted``) for CV-calibrating ``estimator`` on ``y``:
+    every class must have an image in each fold, and a NearestCentroid needs two images of
+    every class in each training part. Below 2 no calibration is possible."""
+    _, smallest, _, _ = counts(y)
+    k = min(wanted, smallest)
+    if _needs_two_per_fold(estimator):
+        while k >= 2 and smallest - math.ceil(smallest / k) < 2:
+            k -= 1
+    return k
+
+
+def _mlp_split_ok(y: np.ndarray, fraction: float) -> bool:
+    _, smallest, n_classes, n = counts(y)
+    n_val = math.ceil(fraction * n)
+    return smallest >= 2 and n_val >= max(2, n_classes) and n - n_val >= n_classes
+
+
+def adapt(estimator: Any, y: np.ndarray, name: str = "") -> list[str]:
+    """Lower, in place, the settings of unfitted ``estimator`` (a head's Pipeline, an
+    ensemble, a calibrated head) that targets ``y`` cannot support; return one note per change.
+    Raises FewShotError when the head cannot be fitted on ``y`` (see the module docstring)."""
+    notes: list[str] = []
+    _adapt(estimator, np.asarray(y), name or type(estimator).__name__, notes)
+    return notes
+
+
+def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
+    kind = type(est).__name__
+    cls, smallest, n_classes, n = counts(y)
+    if hasattr(est, "steps"):  # Pipeline: the last step is the classifier
+        _adapt(est.steps[-1][1], y, name, notes)
+    elif kind == "VotingClassifier":
+        for member, sub in est.estimators:
+            _adapt(sub, y, f"{name} member {member}" if name else member, notes)
+    elif kind == "CalibratedClassifierCV":
+        base = est.estimator
+        if isinstance(est.cv, int) and type(base).__name__ != "FrozenEstimator":
+            k = calibration_folds(base, y, est.cv)
+            if k < 2:
+                need = 3 if _needs_two_per_fold(base) else 2
+                raise FewShotError(
+                    f"{name}: its probabilities come from temperature scaling fitted by "
+                    f"cross-validation, which needs {need} images of every class; class "
+                    f"{cls!r} has {smallest}: add images, or use members with native "
+                    "probabilities (logreg, knn, mlp, logreg-sgd)")
+            if k != est.cv:
+                notes.append(f"{name}: calibrated on {k} folds instead of {est.cv} (class "
+                             f"{cls!r} has {smallest} images)")
+                est.set_params(cv=k)
+            _adapt(base, fold_part(y, k), name, notes)  # fitted on each fold's training part
+    elif kind == "KNeighborsClassifier":
+        if est.n_neighbors > n >= 1:
+            notes.append(f"{name}: n_neighbors lowered from {est.n_neighbors} to {n} (only {n} "
+                         "training rows)")
+            est.set_params(n_neighbors=n)
+    elif kind == "MLPClassifier":
+        if est.early_stopping and not _mlp_split_ok(y, est.validation_fraction):
+            notes.append(f"{name}: early stopping off: a {est.validation_fraction:.0%} "
+                         f"validation split of {n} rows cannot hold every one of the "
+                         f"{n_classes} classes (trains for max_iter={est.max_iter} epochs)")
+            est.set_params(early_stopping=False)
+    elif kind == "NearestCentroid":
+        if 0 < smallest < 2 and n == n_classes:
+            raise FewShotError(f"{name}: nearest-centroid scores are distances scaled by the "
+                               "within-class spread, which is undefined with one image per "
+                               f"class (class {cls!r} has {smallest}); add images, or use knn "
+                               "or logreg")
+
+
+def fold_part(y: np.ndarray, k: int) -> np.ndarray:
+    """Targets of the smallest training part of a stratified ``k``-fold split of ``y``."""
+    values, n = np.unique(y, return_counts=True)
+    return np.repeat(values, n - np.ceil(n / k).astype(int))

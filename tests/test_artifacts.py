@@ -1,0 +1,220 @@
+"""What a head file guarantees (heads/artifacts.py): whatever `fit` writes, `predict` loads and
+predicts the same; every part of the file is covered by a digest (accidental damage is
+refused); a file whose parts disagree (an edited compact form or manifest, a schema naming an
+untrusted type) is refused on every path, the fast compact one included, even when the digest
+was recomputed to match."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import operator
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clitools import cli, ok, one_line_error
+
+HEAD_MEMBER = "embedpipe/head.json"
+
+
+@pytest.fixture(scope="module")
+def heads_dir(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("artifacts")
+    for head in ("logreg", "svm"):
+        ok("fit", fmnist_store, "--head", head, "-o", d / f"{head}.skops", "-q")
+    return d
+
+
+def members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+def rewrite(path: Path, parts: dict[str, bytes], reseal: bool = True) -> Path:
+    """Write ``parts`` as a zip at ``path``; with ``reseal``, recompute the digest in the head
+    member over every other member, as someone editing the file on purpose would."""
+    if reseal:
+        h = hashlib.sha256()
+        for name in sorted(parts):
+            if name != HEAD_MEMBER:
+                h.update(name.encode() + b"\0" + parts[name] + b"\0")
+        head = json.loads(parts[HEAD_MEMBER])
+        head["sha256"] = h.hexdigest()
+        parts = {**parts, HEAD_MEMBER: json.dumps(head).encode()}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in parts.items():
+            z.writestr(name, data)
+    return path
+
+
+def predict_store(head: Path, store: Path, out: Path):
+    return cli("predict", head, "--store", store, "-o", out, "-q")
+
+
+def test_untrusted_types_in_the_schema_are_refused_even_on_the_compact_path(
+        heads_dir: Path, fmnist_store: Path, tmp_path: Path):
+    """os.system, builtins.eval and operator.methodcaller written into the skops pipeline of
+    a head with a compact form (digest recomputed): refused in one line, nothing runs."""
+    from embedpipe.heads import artifacts
+
+    good = members(heads_dir / "logreg.skops")
+    head = artifacts.load(heads_dir / "logreg.skops")
+    sio = artifacts._skops_io()
+    for name, evil in (("os.system", os.system), ("eval", eval),
+                       ("methodcaller", operator.methodcaller("touch"))):
+        est = head.estimator
+        est.evil = evil  # an attribute skops writes into the schema
+        tmp = tmp_path / "evil.skops"
+        sio.dump({"format": "embedpipe-head", "format_version": 1,
+                  "manifest": head.manifest, "estimator": est}, tmp)
+        del est.evil
+        bad = {**members(tmp), **{k: v for k, v in good.items() if k.startswith("embedpipe/")}}
+        path = rewrite(tmp_path / f"{name}.skops", bad)
+        out = tmp_path / "p.csv"
+        line = one_line_error(predict_store(path, fmnist_store, out), str(path),
+                              "refusing to load", "types embedpipe does not trust")
+        assert name in line, line
+        assert not out.exists()
+
+
+def test_permuted_compact_weights_are_refused(heads_dir: Path, fmnist_store: Path,
+                                              tmp_path: Path):
+    """The compact form's weight matrix with its columns permuted (digest recomputed): before,
+    40 of 60 predictions changed silently; now the file is refused on both paths."""
+    parts = members(heads_dir / "logreg.skops")
+    spec = json.loads(parts["embedpipe/compact.json"])
+    (w,) = [op["w"] for op in spec["ops"] if op.get("w") is not None and np.load(io.BytesIO(
+        parts[f"embedpipe/compact/{op['w']}.npy"])).ndim == 2][:1]
+    arr = np.load(io.BytesIO(parts[f"embedpipe/compact/{w}.npy"]))
+    buf = io.BytesIO()
+    np.save(buf, arr[:, ::-1].copy())
+    parts[f"embedpipe/compact/{w}.npy"] = buf.getvalue()
+    path = rewrite(tmp_path / "permuted.skops", parts)
+    one_line_error(predict_store(path, fmnist_store, tmp_path / "p.csv"), str(path),
+                   "parts of this head file disagree", "compact form predicts")
+    from embedpipe.heads import artifacts
+
+    with pytest.raises(artifacts.ArtifactError, match="disagree"):
+        artifacts.load_compact(path)
+
+
+def test_an_edited_backbone_record_is_refused(heads_dir: Path, fmnist_store: Path,
+                                              tmp_path: Path):
+    """The compact form's manifest edited to claim another backbone (Lite1), digest
+    recomputed: it no longer matches the pipeline's own record, so it is refused instead of
+    letting a Lite0 head run on a Lite1 store."""
+    parts = members(heads_dir / "logreg.skops")
+    head = json.loads(parts[HEAD_MEMBER])
+    head["manifest"]["store_identity"]["model"] = "tf_efficientnet_lite1"
+    parts[HEAD_MEMBER] = json.dumps(head).encode()
+    path = rewrite(tmp_path / "lite1.skops", parts)
+    one_line_error(predict_store(path, fmnist_store, tmp_path / "p.csv"), str(path),
+                   "parts of this head file disagree", "store_identity")
+
+
+@pytest.mark.parametrize("head", ["logreg", "svm"])  # with and without a compact form
+def test_accidental_damage_anywhere_in_the_file_is_refused(heads_dir: Path,
+                                                           fmnist_store: Path,
+                                                           tmp_path: Path, head: str):
+    """One byte changed in any member (an array of the pipeline, of the compact form, the
+    recorded probe), the digest left as written: refused in one line naming the file."""
+    parts = members(heads_dir / f"{head}.skops")
+    names = [n for n in parts if n.endswith(".npy")]
+    for name in (names[0], names[-1], "embedpipe/probe/X.npy"):
+        data = bytearray(parts[name])
+        data[-3] ^= 0x10
+        path = rewrite(tmp_path / "damaged.skops", {**parts, name: bytes(data)},
+                       reseal=False)
+        one_line_error(predict_store(path, fmnist_store, tmp_path / "p.csv"), str(path),
+                       "damaged")
+
+
+def test_fit_refuses_what_predict_could_not_load(fmnist_store: Path, tmp_path: Path,
+                                                 monkeypatch):
+    """knn with a KD or ball tree (a type skops does not trust: its raw index arrays are read
+    without bounds checks) is refused before any work; and if a head held any type the loader
+    does not trust, fit fails in one line and writes nothing instead of exiting 0."""
+    out = tmp_path / "knn.skops"
+    for algo in ("kd_tree", "ball_tree", "auto"):
+        one_line_error(cli("fit", fmnist_store, "--head", "knn", "--param", f"algorithm={algo}",
+                           "--param", "metric=euclidean", "-o", out, "-q"),
+                       f"algorithm={algo}", "brute")
+    one_line_error(cli("fit", fmnist_store, "--head", "knn", "--param", "algorithm=kd_tree",
+                       "--param", "metric=cosine", "-o", out, "-q"), "algorithm=kd_tree")
+    from embedpipe.heads import artifacts
+
+    monkeypatch.setattr(artifacts, "TRUSTED_EXTRA", tuple(
+        t for t in artifacts.TRUSTED_EXTRA if "AdamOptimizer" not in t))
+    one_line_error(cli("fit", fmnist_store, "--head", "mlp", "-o", tmp_path / "mlp.skops",
+                       "-q"), "cannot be saved so that `predict` loads it", "AdamOptimizer")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_refuses_to_write_over_its_store_and_a_killed_fit_leaves_nothing(
+        fmnist_store: Path, tmp_path: Path):
+    """fit -o STORE (or a link to it) is refused before any work; the temporary file a killed
+    fit left beside the head is removed by the next fit; a head written earlier survives a
+    fit that fails."""
+    store = tmp_path / "s.h5"
+    store.write_bytes(fmnist_store.read_bytes())
+    digest = hashlib.sha256(store.read_bytes()).hexdigest()
+    (tmp_path / "alias.h5").symlink_to(store)
+    for out in (store, tmp_path / "alias.h5"):
+        one_line_error(cli("fit", store, "-o", out, "-q"), f"--out {out}", "input")
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == digest
+    head = tmp_path / "h.skops"
+    ok("fit", store, "-o", head, "-q")
+    before = head.read_bytes()
+    stale = tmp_path / ".h.skops.999999999.embedpipe.tmp"  # no such pid
+    stale.write_bytes(b"PK half a zip")
+    one_line_error(cli("fit", store, "--head", "knn", "--param", "n_neighbors=0", "-o", head,
+                       "-q"), "n_neighbors")
+    assert head.read_bytes() == before
+    ok("fit", store, "--head", "ridge", "-o", head, "-q")
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias.h5", "h.skops", "s.h5"]
+
+
+def test_fit_on_a_full_or_read_only_disk_is_one_line_and_keeps_the_older_head(
+        fmnist_store: Path, tmp_path: Path, monkeypatch):
+    """ENOSPC while the head is written (injected into skops' dump): one line naming the file,
+    exit 2, an older head unchanged, no temporary left; a read-only folder (a real read-only
+    tmpfs, where mounting is allowed): one line."""
+    import errno
+    import subprocess
+
+    from embedpipe.heads import artifacts
+
+    head = tmp_path / "h.skops"
+    ok("fit", fmnist_store, "-o", head, "-q")
+    before = head.read_bytes()
+    sio = artifacts._skops_io()
+    real_dump = sio.dump
+
+    def full_dump(obj, file, *a, **k):
+        Path(file).write_bytes(b"PK\x03\x04 part of a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sio, "dump", full_dump)
+    one_line_error(cli("fit", fmnist_store, "-o", head, "-q"), f"--out {head}", "disk full",
+                   "free space")
+    monkeypatch.setattr(sio, "dump", real_dump)
+    assert head.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.skops"]
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)],
+                         capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({res.stderr.strip()})")
+    try:
+        one_line_error(cli("fit", fmnist_store, "-o", ro / "h.skops", "-q"),
+                       f"--out {ro / 'h.skops'}", "cannot write there", "writable folder")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], timeout=30)

@@ -1,0 +1,112 @@
+"""Few-shot and one-class data (heads/fewshot.py): every head, ensemble and calibration, in
+every command (fit, predict, cv, compare), works (with a note) or refuses in one line (exit 2)
+at 1, 2 and 3 training images per class and with a single class. Real Lite0 features of
+Fashion-MNIST (3 classes)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from clitools import cli, one_line_error, read_csv
+from embedpipe.heads import HEADS
+from embedpipe.store import StoreWriter, open_store, read_identity
+
+ENSEMBLES = ["svm+logreg", "knn+ridge", "centroid+mlp", "sgd+logreg-sgd"]  # each calibrates
+ALL = [*HEADS, *ENSEMBLES]
+
+# (head, images per class, command) that must refuse in one line, with a word of the reason;
+# every other combination must succeed.
+REFUSED = {
+    **{(h, 1, "cv"): "single training image" for h in ALL},
+    **{(h, 1, "compare"): "single train image" for h in ALL},
+    ("centroid", 1, "fit"): "one image per class",
+    **{(e, 1, "fit"): "temperature scaling" for e in ENSEMBLES},
+    # cv fits on the training part of each fold: 2 images per class leave 1
+    ("centroid", 2, "cv"): "one image per class",
+    ("centroid", 2, "compare"): "one image per class",
+    **{(e, 2, c): "temperature scaling" for e in ENSEMBLES for c in ("cv", "compare")},
+    ("centroid+mlp", 2, "fit"): "temperature scaling",
+    ("centroid+mlp", 3, "cv"): "temperature scaling",
+    ("centroid+mlp", 3, "compare"): "temperature scaling",
+}
+
+
+def _small(src: Path, dst: Path, per_class: int, classes: list[str]) -> Path:
+    s = open_store(src)
+    keep, seen = [], {}
+    for i, (label, split) in enumerate(zip(s.labels, s.splits)):
+        name = s.classes[label]
+        if split == "train" and name in classes:
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] <= per_class:
+                keep.append(i)
+    with StoreWriter.open(dst, read_identity(src), versions={}) as w:
+        ids = w.class_ids(classes)
+        w.append(s.features[keep], paths=[s.paths[i] for i in keep],
+                 labels=[ids[s.classes[s.labels[i]]] for i in keep],
+                 hashes=[s.hashes[i] for i in keep], splits=[s.splits[i] for i in keep],
+                 mtime_ns=[0] * len(keep), size=[0] * len(keep))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def stores(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("fewshot")
+    classes = open_store(fmnist_store, features=False).classes[:3]
+    out = {k: _small(fmnist_store, d / f"k{k}.h5", k, classes) for k in (1, 2, 3)}
+    out["one"] = _small(fmnist_store, d / "one.h5", 5, classes[:1])
+    out["dir"] = d
+    return out
+
+
+def _check(res, head: str, k: int, command: str) -> bool:
+    """Assert the outcome the table above expects; True when the command succeeded."""
+    why = REFUSED.get((head, k, command))
+    if why is not None:
+        one_line_error(res, why)
+        return False
+    assert res.exit_code == 0, f"{head} k={k} {command}: {res.output}"
+    assert "Traceback" not in res.output and "Warning:" not in res.output, res.output
+    return True
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("head", ALL)
+def test_every_head_fits_predicts_and_cross_validates_or_refuses_in_one_line(
+        stores: dict, head: str, k: int):
+    store, d = stores[k], stores["dir"]
+    out = d / f"{head}-{k}.skops"
+    if _check(cli("fit", store, "--head", head, "-o", out, "-q"), head, k, "fit"):
+        csv = d / f"{head}-{k}.csv"
+        res = cli("predict", out, "--store", store, "-o", csv, "-q")
+        assert res.exit_code == 0, res.output
+        rows = read_csv(csv)
+        assert len(rows) == 3 * k
+        assert all(math.isfinite(float(r["confidence"])) and 0 <= float(r["confidence"]) <= 1
+                   for r in rows), rows
+    _check(cli("cv", store, "--head", head, "-q"), head, k, "cv")
+    _check(cli("compare", store, store, "--head", head, "-q"), head, k, "compare")
+
+
+def test_few_shot_adjustments_are_said_as_notes(stores: dict):
+    """What the data cannot support is lowered with a note, never silently."""
+    res = cli("fit", stores[1], "--head", "knn", "-o", stores["dir"] / "n.skops")
+    assert res.exit_code == 0 and "n_neighbors lowered from 5 to 3" in res.output, res.output
+    res = cli("fit", stores[2], "--head", "mlp", "-o", stores["dir"] / "m.skops")
+    assert res.exit_code == 0 and "early stopping off" in res.output, res.output
+    res = cli("fit", stores[1], "--head", "svm", "-o", stores["dir"] / "s.skops")
+    assert res.exit_code == 0 and "too few to calibrate" in res.output, res.output
+    res = cli("cv", stores[3], "--head", "svm+logreg")
+    assert res.exit_code == 0 and "calibrated on 2 folds instead of 3" in res.output, res.output
+
+
+@pytest.mark.parametrize("command", ["fit", "cv", "compare"])
+def test_one_class_is_refused_in_one_line_by_every_command(stores: dict, command: str):
+    one = stores["one"]
+    args = {"fit": ["fit", one, "-o", stores["dir"] / "x.skops"], "cv": ["cv", one],
+            "compare": ["compare", one, one]}[command]
+    for head in ("logreg", "svm", "sgd", "svm+logreg"):
+        one_line_error(cli(*args, "--head", head, "-q"), str(one), "class", "two")

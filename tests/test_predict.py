@@ -1,0 +1,168 @@
+"""`embedpipe predict`: its CSV is written atomically, never over one of its inputs, and a
+full or read-only disk, or features that are not finite, end in one line (exit 2)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clitools import cli, ok, one_line_error, read_csv
+from embedpipe.store import StoreWriter, open_store, read_identity
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def head(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("predict") / "logreg.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
+    return out
+
+
+@pytest.fixture
+def store(fmnist_store: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "s.h5"
+    dst.write_bytes(fmnist_store.read_bytes())
+    return dst
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_predict_refuses_to_write_over_its_own_inputs(head: Path, store: Path,
+                                                      tmp_path: Path):
+    """-o naming the store or the head (directly, through a symlink or a hard link), an input
+    image, or a --keep-store naming the head: one line, exit 2, the input unchanged."""
+    before = {store: sha(store), head: sha(head)}
+    (tmp_path / "alias.h5").symlink_to(store)
+    os.link(store, tmp_path / "hard.h5")
+    for out in (store, tmp_path / "alias.h5", tmp_path / "hard.h5", head):
+        one_line_error(cli("predict", head, "--store", store, "-o", out, "-q"),
+                       f"--out {out}", "input of this command", "another output path")
+    link = tmp_path / "head-link.skops"
+    link.symlink_to(head)
+    one_line_error(cli("predict", link, "--store", store, "-o", head, "-q"), "input")
+    image = next(Path(open_store(store, features=False).runs[0]["source"]).rglob("*.png"))
+    copy = tmp_path / "img.png"
+    copy.write_bytes(image.read_bytes())
+    png = sha(copy)
+    one_line_error(cli("predict", head, copy, "-o", copy, "-q"), f"--out {copy}", "input")
+    one_line_error(cli("predict", head, copy, "--keep-store", head, "-q"),
+                   f"--keep-store {head}", "input")
+    assert sha(copy) == png
+    assert {p: sha(p) for p in before} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_full_disk_keeps_the_older_csv_and_leaves_no_temporary(head: Path, store: Path,
+                                                               tmp_path: Path, monkeypatch):
+    """ENOSPC while the CSV is written (injected into the csv writer): one line naming the
+    file and the fix, the CSV of an earlier run unchanged, no temporary file left."""
+    import embedpipe.predict as pr
+
+    out = tmp_path / "preds.csv"
+    ok("predict", head, "--store", store, "-o", out, "-q")
+    older = out.read_bytes()
+
+    class FullWriter:
+        def __init__(self, f):
+            self.n = 0
+
+        def writerow(self, row):
+            self.n += 1
+            if self.n > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FakeCsv:
+        writer = FullWriter
+
+    monkeypatch.setattr(pr, "csv", FakeCsv)
+    res = cli("predict", head, "--store", store, "-o", out, "--top-k", "1", "-q")
+    one_line_error(res, f"--out {out}", "disk full", "free space")
+    assert out.read_bytes() == older
+    assert leftovers(tmp_path) == []
+
+
+def _mount(mnt: Path, options: str) -> None:
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
+                         capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); "
+                    "test_full_disk_keeps_the_older_csv_and_leaves_no_temporary injects ENOSPC")
+
+
+def test_real_full_and_read_only_disks_end_in_one_line(head: Path, store: Path,
+                                                       tmp_path: Path):
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    _mount(full, "size=64k")
+    try:
+        _mount(ro, "size=64k,ro")
+        try:
+            with open(full / "filler", "wb", buffering=0) as f:  # fill it up
+                with pytest.raises(OSError) as e:
+                    while True:
+                        f.write(b"\0" * 4096)
+                assert e.value.errno == errno.ENOSPC
+            one_line_error(cli("predict", head, "--store", store, "-o", full / "p.csv", "-q"),
+                           f"--out {full / 'p.csv'}", "disk full")
+            assert leftovers(full) == [] and not (full / "p.csv").exists()
+            one_line_error(cli("predict", head, "--store", store, "-o", ro / "p.csv", "-q"),
+                           f"--out {ro / 'p.csv'}", "cannot write there", "writable folder")
+        finally:
+            subprocess.run(["umount", "-l", str(ro)], timeout=30)
+    finally:
+        subprocess.run(["umount", "-l", str(full)], timeout=30)
+
+
+def test_stale_temporaries_of_killed_runs_are_cleaned_and_live_ones_kept(head: Path,
+                                                                         store: Path,
+                                                                         tmp_path: Path):
+    out = tmp_path / "preds.csv"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".preds.csv.{dead.pid}.embedpipe.tmp"
+        running = tmp_path / f".preds.csv.{live.pid}.embedpipe.tmp"
+        other = tmp_path / f".other.csv.{dead.pid}.embedpipe.tmp"  # not this output's
+        mine = tmp_path / ".preds.csv.tmp"  # not our pattern: someone else's file
+        for p in (stale, running, other, mine):
+            p.write_text("partial")
+        ok("predict", head, "--store", store, "-o", out, "-q")
+        assert not stale.exists()
+        assert running.exists() and other.exists() and mine.exists()
+        assert len(read_csv(out)) == len(open_store(store, features=False))
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_nonfinite_features_are_refused_naming_the_rows(head: Path, fmnist_store: Path,
+                                                        tmp_path: Path):
+    """A store with a NaN and an inf row: predict --store refuses in one line naming them
+    (before: confidence `nan` in the CSV), writes no CSV; fit refuses the same way."""
+    s = open_store(fmnist_store)
+    X = s.features.copy()
+    X[3, 7] = np.nan
+    X[10, 0] = np.inf
+    bad = tmp_path / "bad.h5"
+    with StoreWriter.open(bad, read_identity(fmnist_store), versions={}) as w:
+        ids = w.class_ids(s.classes)
+        w.append(X, paths=s.paths, labels=[ids[s.classes[i]] for i in s.labels],
+                 hashes=s.hashes, splits=s.splits, mtime_ns=[0] * len(s),
+                 size=[0] * len(s))
+    out = tmp_path / "p.csv"
+    one_line_error(cli("predict", head, "--store", bad, "-o", out, "-q"), str(bad),
+                   "NaN or infinite", s.paths[3], s.paths[10])
+    assert not out.exists() and leftovers(tmp_path) == []
