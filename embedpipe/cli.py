@@ -691,6 +691,44 @@ def finetune(
 
 
 @app.command()
+def similar(
+    store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
+    queries: list[str] = typer.Argument(..., help="Paths stored in STORE (their stored "
+                                        "features; no torch needed) and/or new image files, "
+                                        "folders or CSV manifests (embedded with the store's "
+                                        "backbone)."),
+    k: int = typer.Option(10, "-k", "--top-k", help="Neighbours per query."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: "
+                                       "standard output)."),
+    index: str = typer.Option("auto", help="auto (exact up to 100000 rows, then an HNSW "
+                              "index if faiss is installed), exact, or hnsw."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="New images: the "
+                                          "backbone weights file, if it moved since extract."),
+    device: str = typer.Option("auto", help="New images: auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    workers: Optional[int] = typer.Option(None, help="New images: loader worker processes."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Nearest stored images (cosine similarity of the features) of stored paths or new
+    images; exact search, or a cached HNSW index above 100000 rows."""
+    from . import similar as sim
+
+    if fmt not in sim.FORMATS:
+        _fail(UserError(f"--format {fmt}: pass one of {', '.join(sim.FORMATS)}"))
+    say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    res = sim.search(store, queries, k=k, method=index, weights=weights, device=device,
+                     batch_size=batch_size, workers=workers, progress=not quiet, say=say)
+    for path, reason in res.skipped[:20]:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    for note in res.notes:
+        typer.echo(note, err=True)
+    sim.write(res, fmt, out)
+    if out is not None and str(out) != "-":
+        typer.echo(f"{len(res.queries)} queries, {k} neighbours each ({res.method}) → {out}")
+
+
+@app.command()
 def serve(
     head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (default: loopback "

@@ -297,7 +297,6 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                 progress: bool = True,
                 say: Callable[[str], None] | None = None) -> Predictions:
     """Extract ``inputs`` with the head's own backbone and preprocessing, then classify."""
-    from .extract.local import run
     from .extract.options import options_for_identity
 
     head = artifacts.load(head_path)
@@ -311,19 +310,35 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
     if not disc.items:
         raise PredictError(f"{', '.join(map(str, inputs))}: no images found; pass image files "
                            "(jpg, png, ...) or folders holding them")
-    skipped: dict[tuple[str, str], None] = {}
     with tempfile.TemporaryDirectory(prefix="embedpipe-predict-") as tmp:
-        stores = []
-        for i, opts in enumerate(options):
-            if keep_store and len(options) > 1:  # x.h5 -> x.1.h5, x.2.h5: one per backbone
-                store = Path(keep_store).with_suffix(f".{i + 1}{Path(keep_store).suffix}")
-            else:
-                store = Path(keep_store) if keep_store else Path(tmp) / f"features{i}.h5"
-            summary = run(disc, store, opts, progress=progress, say=say)
-            if summary.interrupted:
-                raise KeyboardInterrupt
-            skipped.update(dict.fromkeys([*summary.failures, *summary.ignored_files]))
-            stores.append(store)
+        stores, skipped = extract_images(disc, options, Path(tmp), keep_store=keep_store,
+                                         progress=progress, say=say)
         preds = from_store(head.path, stores, top_k=top_k, only={r.rel for r in disc.items})
-    preds.skipped = list(skipped)
+    preds.skipped = skipped
     return preds
+
+
+def extract_images(disc: Any, options: Sequence[Any], tmp: Path, *,
+                   keep_store: str | Path | None = None, progress: bool = True,
+                   say: Callable[[str], None] | None = None
+                   ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Extract the images of ``disc`` (see gather_images) once per ExtractOptions in
+    ``options`` (one per backbone), through extract.run, into stores under ``tmp`` (or
+    ``keep_store``: x.h5, or x.1.h5, x.2.h5, ... for several backbones). Returns the store
+    paths (one per options, in order) and the (path, reason) of images that were skipped
+    (unreadable, not images). Ctrl-C during extraction raises KeyboardInterrupt."""
+    from .extract.local import run
+
+    skipped: dict[tuple[str, str], None] = {}
+    stores = []
+    for i, opts in enumerate(options):
+        if keep_store and len(options) > 1:  # x.h5 -> x.1.h5, x.2.h5: one per backbone
+            store = Path(keep_store).with_suffix(f".{i + 1}{Path(keep_store).suffix}")
+        else:
+            store = Path(keep_store) if keep_store else Path(tmp) / f"features{i}.h5"
+        summary = run(disc, store, opts, progress=progress, say=say)
+        if summary.interrupted:
+            raise KeyboardInterrupt
+        skipped.update(dict.fromkeys([*summary.failures, *summary.ignored_files]))
+        stores.append(store)
+    return stores, list(skipped)
