@@ -728,6 +728,42 @@ def similar(
         typer.echo(f"{len(res.queries)} queries, {k} neighbours each ({res.method}) → {out}")
 
 
+@app.command("export-features")
+def export_features(
+    store: Path = typer.Argument(..., help="A feature store."),
+    out: Path = typer.Option(..., "--out", "-o", help="x.parquet (pyarrow), x.npz or x.npy: "
+                             "columns path, label, split, features."),
+    chunk_rows: int = typer.Option(8192, help="Rows read and written at a time."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Write a store's rows (path, label, split, features) to Parquet, .npz or .npy."""
+    from . import features_io as fio
+
+    n = fio.export_features(store, out, chunk_rows=chunk_rows, progress=not quiet)
+    typer.echo(f"exported {n} rows of {store} → {out}")
+
+
+@app.command("import-features")
+def import_features(
+    file: Path = typer.Argument(..., help="A .parquet, .npz or .npy with columns path, label "
+                                "(class name; empty: unlabeled), features (D floats per row) "
+                                "and optionally split."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new store to write."),
+    model_name: Optional[str] = typer.Option(None, help="What made the features, for the "
+                                             "record (default: the file's stem); the store's "
+                                             "model is imported:NAME."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Make a store of precomputed embeddings (provenance imported:<file sha256>), so fit,
+    cv, compare, predict --store, similar and audit work on them."""
+    from . import features_io as fio
+
+    n, classes, dim = fio.import_features(
+        file, out, model_name=model_name, progress=not quiet,
+        say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    typer.echo(f"imported {n} rows ({classes} classes, {dim}-d) from {file} → {out}")
+
+
 @app.command()
 def serve(
     head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
