@@ -5,7 +5,7 @@ new images, extracted with the store's own backbone, weights, preprocessing and 
 through the same path as `predict HEAD IMAGES` (predict.gather_images + predict.extract_images
 into a temporary store); torch is imported only then.
 
-Search is exact up to ``INDEX_ROWS`` stored rows: the store is read in blocks of
+Search is exact up to ``INDEX_ROWS`` (50 000) stored rows: the store is read in blocks of
 ``block_rows`` rows, each block L2-normalised and multiplied with the normalised queries, and a
 running top-k kept, so memory is bounded by one block plus the queries, never the store. Above
 ``INDEX_ROWS`` rows, and when faiss (`pip install 'embedpipe[index]'`) is installed, an HNSW
@@ -36,11 +36,15 @@ from .provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff_fields
 from .store.read import FeatureStore, open_store
 
 #: Above this many stored rows `--index auto` uses the HNSW index when faiss is installed.
-#: From bench/results/similar.md: exact search of a 60k x 1280 store takes about a second per
-#: call (reading the features dominates), the index answers in milliseconds once built but its
-#: build costs tens of seconds and its recall@10 is below 1; 100k rows is where an exact call
-#: passes a few seconds on this machine.
-INDEX_ROWS = 100_000
+#: From bench/results/similar.md (2 loaded cores, 1280-d float32, 100 queries): exact search
+#: took 1.3 s at 10k rows, 2.1 s at 30k and 11 s at 60k (reading the store dominates); the
+#: HNSW index answered in 0.15-0.46 s, cost 14 s / 34 s / 102 s to build once (paid back after
+#: about 10-18 calls) and gave recall@10 0.994 at 60k with efSearch 256. Below 50k rows an exact
+#: call costs a few seconds and is exact, so the index is not worth its build and its misses.
+INDEX_ROWS = 50_000
+#: HNSW search beam (faiss efSearch) at least this wide: recall@10 0.893 / 0.951 / 0.994 at
+#: 60k rows with 64 / 128 / 256 (bench/results/similar.md).
+EF_SEARCH = 256
 #: Bytes of features read (and multiplied) per block in exact search.
 BLOCK_BYTES = 32 << 20
 FORMATS = ("table", "csv", "json")
@@ -237,12 +241,12 @@ def index_search(index: Any, queries: np.ndarray, k: int, *,
                  exclude: Sequence[int] | None = None, ef_search: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate cosine k-nearest neighbours from an HNSW index (see build_index); same
-    return as exact_search. ``ef_search``: search beam width (default max(64, 4k))."""
+    return as exact_search. ``ef_search``: search beam width (default max(EF_SEARCH, 4k))."""
     extra = 1 if exclude is not None else 0
     k = min(k, index.ntotal - extra)
     if k <= 0 or not len(queries):
         return np.full((len(queries), max(k, 0)), -1), np.zeros((len(queries), max(k, 0)))
-    index.hnsw.efSearch = ef_search or max(64, 4 * (k + extra))
+    index.hnsw.efSearch = ef_search or max(EF_SEARCH, 4 * (k + extra))
     sims, rows = index.search(normalise(queries), k + extra)
     if exclude is None:
         return rows.astype(np.int64), sims
