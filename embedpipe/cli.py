@@ -393,6 +393,9 @@ def fit(
     seed: Seed = 0,
     jobs: Optional[int] = typer.Option(None, help="Parallel jobs for --search."),
     chunk_rows: ChunkRows = None,
+    reject_rate: Optional[float] = typer.Option(None, help="Choose `predict --reject auto`'s "
+                                                "thresholds for this false-reject rate (e.g. "
+                                                "0.05) on out-of-fold rows (5 more fits)."),
     quiet: Quiet = False,
 ) -> None:
     """Train a head on a store's train split (or all labeled rows) and write a head file.
@@ -407,7 +410,7 @@ def fit(
     dest = out or train.default_head_path(store, name, CACHE_DIR)
     result = train.fit(store, name, dest, params=params, class_weight=class_weight,
                   search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
-                  progress=not quiet,
+                  reject_rate=reject_rate, progress=not quiet,
                   say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(result.line())
 
@@ -433,6 +436,11 @@ def predict(
     workers: Optional[int] = typer.Option(None, help="Images: loader worker processes."),
     chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, help="With --store: rows classified at "
                                    "a time (bounds memory; the CSV is written chunk by chunk)."),
+    reject: Optional[str] = typer.Option(None, help="Label `unknown` the rows the head should "
+                                         "not decide: auto (the thresholds `fit "
+                                         "--reject-rate` chose: low confidence or far from "
+                                         "the training classes), a minimum confidence such "
+                                         "as 0.5, or none."),
     quiet: Quiet = False,
 ) -> None:
     """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
@@ -445,11 +453,11 @@ def predict(
 
     if store:  # streamed: each chunk's rows are written as they are done
         preds = pr.to_csv(head, store, out, top_k=top_k, split=split,
-                     chunk_rows=chunk_rows, progress=not quiet)
+                     chunk_rows=chunk_rows, progress=not quiet, reject=reject)
     else:
         preds = pr.from_images(head, images, top_k=top_k, weights=weights, device=device,
                      batch_size=batch_size, workers=workers, keep_store=keep_store,
-                     progress=not quiet)
+                     progress=not quiet, reject=reject)
     for path, reason in preds.skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
@@ -701,7 +709,7 @@ def similar(
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: "
                                        "standard output)."),
-    index: str = typer.Option("auto", help="auto (exact up to 100000 rows, then an HNSW "
+    index: str = typer.Option("auto", help="auto (exact up to 50000 rows, then an HNSW "
                               "index if faiss is installed), exact, or hnsw."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="New images: the "
                                           "backbone weights file, if it moved since extract."),
@@ -711,7 +719,7 @@ def similar(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Nearest stored images (cosine similarity of the features) of stored paths or new
-    images; exact search, or a cached HNSW index above 100000 rows."""
+    images; exact search, or a cached HNSW index above 50000 rows."""
     from . import similar as sim
 
     if fmt not in sim.FORMATS:
