@@ -155,6 +155,10 @@ Metric = Annotated[str, typer.Option(help="Rank heads (and --search) by accuracy
 CVJobs = Annotated[int, typer.Option(help="Parallel (head, fold) fits; -1: one per CPU core.")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the full report (JSON) "
                                                                 "here.")]
+Reject = Annotated[Optional[str], typer.Option(
+    help="Label `unknown` the images the head should not decide: auto (the thresholds `fit "
+         "--reject-rate` chose: low confidence or far from the training classes), a minimum "
+         "confidence such as 0.5, or none. export: adds output `unknown` and label -1 there.")]
 ChunkRows = Annotated[Optional[int], typer.Option(
     help="Streaming heads (sgd, logreg-sgd): rows read from the store at a time; bounds their "
          f"memory (default {DEFAULT_CHUNK_ROWS}).")]
@@ -436,11 +440,7 @@ def predict(
     workers: Optional[int] = typer.Option(None, help="Images: loader worker processes."),
     chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, help="With --store: rows classified at "
                                    "a time (bounds memory; the CSV is written chunk by chunk)."),
-    reject: Optional[str] = typer.Option(None, help="Label `unknown` the rows the head should "
-                                         "not decide: auto (the thresholds `fit "
-                                         "--reject-rate` chose: low confidence or far from "
-                                         "the training classes), a minimum confidence such "
-                                         "as 0.5, or none."),
+    reject: Reject = None,
     quiet: Quiet = False,
 ) -> None:
     """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
@@ -788,6 +788,7 @@ def serve(
     top_k: int = typer.Option(3, help="Top classes per image (override per request with "
                               "?top_k=N)."),
     weights: MovedWeights = None,
+    reject: Reject = None,
 ) -> None:
     """Serve a head over HTTP: POST /predict (multipart images), GET /health, GET /info."""
     from . import serve as sv
@@ -795,7 +796,7 @@ def serve(
     settings = sv.Settings(max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                            max_pixels=sv.DEFAULT_MAX_PIXELS if max_pixels is None
-                           else max_pixels, top_k=top_k)
+                           else max_pixels, top_k=top_k, reject=reject)
     sv.serve(head, host=host, port=port, settings=settings, weights=weights,
          device=device, say=lambda m: typer.echo(m, err=True))
 
@@ -818,6 +819,7 @@ def export(
                                     "images to use."),
     opset: int = typer.Option(17, help="ONNX opset (13-20)."),
     weights: MovedWeights = None,
+    reject: Reject = None,
     quiet: Quiet = False,
 ) -> None:
     """Export backbone + head as one ONNX graph: input `image` (N x 3 x H x W float RGB in
@@ -827,7 +829,7 @@ def export(
 
     dest = out or head.with_suffix(".int8.onnx" if int8 else ".onnx")
     res = ex.export(head, dest, int8=int8, int8_mode=int8_mode, calib=calib,
-               calib_count=calib_count, opset=opset, weights=weights,
+               calib_count=calib_count, opset=opset, weights=weights, reject=reject,
                say=None if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(res.line())
 

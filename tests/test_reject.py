@@ -101,3 +101,32 @@ def test_fit_reject_rate_errors(open_set_store: Path, tmp_path: Path) -> None:
     one_line_error(cli("fit", open_set_store, "--head", "sgd", "--reject-rate", 0.05,
                        "-o", tmp_path / "h.skops"), "streaming")
     assert not (tmp_path / "h.skops").exists()
+
+
+def test_export_graph_honours_reject(open_set_store: Path, tmp_path: Path) -> None:
+    """The ONNX head graph of `export --reject auto`: output `unknown` equals the rule
+    `predict --reject auto` applies, and `label` is -1 exactly there (on real features)."""
+    pytest.importorskip("onnxruntime")
+    from embedpipe import export as ex
+    from embedpipe.predict import predict_rows
+
+    head_path = tmp_path / "h.skops"
+    ok("fit", open_set_store, "--head", "logreg", "--reject-rate", 0.1, "-o", head_path, "-q")
+    head = artifacts.load(head_path)
+    rule = reject.rule_for(head.manifest, "auto", str(head_path))
+    st = open_store(open_set_store)
+    X = st.features.astype(np.float32)
+    graph = ex.head_graph(head.estimator, st.dim, rule=rule)
+    ex.check_head(graph, head.estimator, X, "logreg", rule)  # raises on any disagreement
+    probs, label, unknown = ex._session(graph).run(["probabilities", "label", "unknown"],
+                                                   {"features": X})
+    _, conf, _, _ = predict_rows(head, X, 1)
+    assert unknown.any() and not unknown.all()
+    assert (label[unknown] == -1).all()
+    assert (label[~unknown] == probs[~unknown].argmax(axis=1)).all()
+    agree = (unknown == rule.mask(conf, X)).mean()
+    assert agree >= 0.99, agree  # float32 graph vs numpy: only rows at a threshold may differ
+    # and at opset 18+, where reductions take their axes as an input
+    g20 = ex.head_graph(head.estimator, st.dim, opset=20, rule=rule)
+    np.testing.assert_array_equal(ex._session(g20).run(["unknown"], {"features": X})[0],
+                                  unknown)
