@@ -713,10 +713,10 @@ def similar(
                               "index if faiss is installed), exact, or hnsw."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="New images: the "
                                           "backbone weights file, if it moved since extract."),
-    device: str = typer.Option("auto", help="New images: auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    device: Device = ExtractOptions.device,
+    batch_size: BatchSize = ExtractOptions.batch_size,
     workers: Optional[int] = typer.Option(None, help="New images: loader worker processes."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: Quiet = False,
 ) -> None:
     """Nearest stored images (cosine similarity of the features) of stored paths or new
     images; exact search, or a cached HNSW index above 50000 rows."""
@@ -742,7 +742,7 @@ def export_features(
     out: Path = typer.Option(..., "--out", "-o", help="x.parquet (pyarrow), x.npz or x.npy: "
                              "columns path, label, split, features."),
     chunk_rows: int = typer.Option(8192, help="Rows read and written at a time."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: Quiet = False,
 ) -> None:
     """Write a store's rows (path, label, split, features) to Parquet, .npz or .npy."""
     from . import features_io as fio
@@ -760,7 +760,7 @@ def import_features(
     model_name: Optional[str] = typer.Option(None, help="What made the features, for the "
                                              "record (default: the file's stem); the store's "
                                              "model is imported:NAME."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: Quiet = False,
 ) -> None:
     """Make a store of precomputed embeddings (provenance imported:<file sha256>), so fit,
     cv, compare, predict --store, similar and audit work on them."""

@@ -35,15 +35,12 @@ from .errors import UserError
 from .provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff_fields
 from .store.read import FeatureStore, open_store
 
-#: Above this many stored rows `--index auto` uses the HNSW index when faiss is installed.
-#: From bench/results/similar.md (2 loaded cores, 1280-d float32, 100 queries): exact search
-#: took 1.3 s at 10k rows, 2.1 s at 30k and 11 s at 60k (reading the store dominates); the
-#: HNSW index answered in 0.15-0.46 s, cost 14 s / 34 s / 102 s to build once (paid back after
-#: about 10-18 calls) and gave recall@10 0.994 at 60k with efSearch 256. Below 50k rows an exact
-#: call costs a few seconds and is exact, so the index is not worth its build and its misses.
+#: Above this many stored rows `--index auto` uses the HNSW index when faiss is installed:
+#: the crossover measured in bench/results/similar.md (exact time per call grows with the
+#: store; the index costs a one-off build and recall below 1).
 INDEX_ROWS = 50_000
-#: HNSW search beam (faiss efSearch) at least this wide: recall@10 0.893 / 0.951 / 0.994 at
-#: 60k rows with 64 / 128 / 256 (bench/results/similar.md).
+#: HNSW search beam (faiss efSearch) at least this wide: the recall@10 per efSearch is in
+#: bench/results/similar.md (faiss's default 64 loses recall at 60k rows).
 EF_SEARCH = 256
 #: Bytes of features read (and multiplied) per block in exact search.
 BLOCK_BYTES = 32 << 20
@@ -189,7 +186,7 @@ def build_index(store: FeatureStore, *, m: int = 32, ef_construction: int = 80,
     """A faiss.IndexHNSWFlat (inner product) of the store's L2-normalised rows, added in
     blocks of ``block_rows`` (memory: the index, about N·(4·D + 8·m) bytes, plus one block).
     ``m``: graph degree; ``ef_construction``: build-time beam width (faiss's defaults are 32
-    and 40; 80 gave recall@10 above 0.99 at 60k x 1280 in bench/similar.py)."""
+    and 40; see bench/results/similar.md for the recall these give)."""
     from .progress import Progress
 
     faiss = _faiss()
