@@ -130,3 +130,22 @@ def test_export_graph_honours_reject(open_set_store: Path, tmp_path: Path) -> No
     g20 = ex.head_graph(head.estimator, st.dim, opset=20, rule=rule)
     np.testing.assert_array_equal(ex._session(g20).run(["unknown"], {"features": X})[0],
                                   unknown)
+
+
+def test_serve_model_answers_like_predict_reject(fmnist_store: Path, tmp_path: Path) -> None:
+    """`serve --reject auto` answers the class `predict IMAGES --reject auto` writes (the same
+    rule on the same features), unknown included."""
+    pytest.importorskip("fastapi")
+    from embedpipe.serve import Model
+
+    head = tmp_path / "h.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "--reject-rate", 0.3, "-o", head, "-q")
+    imgs = sorted((fmnist_store.parent / "data" / "test").rglob("*.png"))[::5]
+    csv_out = tmp_path / "p.csv"
+    ok("predict", head, *imgs, "--reject", "auto", "-o", csv_out, "-q")
+    want = {Path(r["path"]).name: r["predicted"] for r in read_csv(csv_out)}
+    model = Model(head, reject="auto")
+    got = model.run([model.preprocess(p.read_bytes()) for p in imgs])
+    assert {p.name: r["class"] for p, r in zip(imgs, got)} == want
+    assert "unknown" in want.values()
+    assert model.info()["head"]["reject"]["source"].startswith("auto")
