@@ -155,6 +155,10 @@ Metric = Annotated[str, typer.Option(help="Rank heads (and --search) by accuracy
 CVJobs = Annotated[int, typer.Option(help="Parallel (head, fold) fits; -1: one per CPU core.")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the full report (JSON) "
                                                                 "here.")]
+Reject = Annotated[Optional[str], typer.Option(
+    help="Label `unknown` the images the head should not decide: auto (the thresholds `fit "
+         "--reject-rate` chose: low confidence or far from the training classes), a minimum "
+         "confidence such as 0.5, or none. export: adds output `unknown` and label -1 there.")]
 ChunkRows = Annotated[Optional[int], typer.Option(
     help="Streaming heads (sgd, logreg-sgd): rows read from the store at a time; bounds their "
          f"memory (default {DEFAULT_CHUNK_ROWS}).")]
@@ -403,6 +407,9 @@ def fit(
     seed: Seed = 0,
     jobs: Optional[int] = typer.Option(None, help="Parallel jobs for --search."),
     chunk_rows: ChunkRows = None,
+    reject_rate: Optional[float] = typer.Option(None, help="Choose `predict --reject auto`'s "
+                                                "thresholds for this false-reject rate (e.g. "
+                                                "0.05) on out-of-fold rows (5 more fits)."),
     quiet: Quiet = False,
 ) -> None:
     """Train a head on a store's train split (or all labeled rows) and write a head file.
@@ -417,7 +424,7 @@ def fit(
     dest = out or train.default_head_path(store, name, CACHE_DIR)
     result = train.fit(store, name, dest, params=params, class_weight=class_weight,
                   search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
-                  progress=not quiet,
+                  reject_rate=reject_rate, progress=not quiet,
                   say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(result.line())
 
@@ -446,6 +453,7 @@ def predict(
                                 "where it matters (bf16), else as `extract --runtime auto`."),
     chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, help="With --store: rows classified at "
                                    "a time (bounds memory; the CSV is written chunk by chunk)."),
+    reject: Reject = None,
     quiet: Quiet = False,
 ) -> None:
     """Classify a store's rows (torch-free) or images end to end; write a CSV of predictions."""
@@ -458,11 +466,11 @@ def predict(
 
     if store:  # streamed: each chunk's rows are written as they are done
         preds = pr.to_csv(head, store, out, top_k=top_k, split=split,
-                     chunk_rows=chunk_rows, progress=not quiet)
+                     chunk_rows=chunk_rows, progress=not quiet, reject=reject)
     else:
         preds = pr.from_images(head, images, top_k=top_k, weights=weights, device=device,
                                batch_size=batch_size, workers=workers, keep_store=keep_store,
-                               progress=not quiet, runtime=runtime, out=out)
+                               progress=not quiet, runtime=runtime, out=out, reject=reject)
     for path, reason in preds.skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
@@ -704,6 +712,80 @@ def finetune(
 
 
 @app.command()
+def similar(
+    store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
+    queries: list[str] = typer.Argument(..., help="Paths stored in STORE (their stored "
+                                        "features; no torch needed) and/or new image files, "
+                                        "folders or CSV manifests (embedded with the store's "
+                                        "backbone)."),
+    k: int = typer.Option(10, "-k", "--top-k", help="Neighbours per query."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write (default: "
+                                       "standard output)."),
+    index: str = typer.Option("auto", help="auto (exact up to 50000 rows, then an HNSW "
+                              "index if faiss is installed), exact, or hnsw."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="New images: the "
+                                          "backbone weights file, if it moved since extract."),
+    device: Device = ExtractOptions.device,
+    batch_size: BatchSize = ExtractOptions.batch_size,
+    workers: Optional[int] = typer.Option(None, help="New images: loader worker processes."),
+    quiet: Quiet = False,
+) -> None:
+    """Nearest stored images (cosine similarity of the features) of stored paths or new
+    images; exact search, or a cached HNSW index above 50000 rows."""
+    from . import similar as sim
+
+    if fmt not in sim.FORMATS:
+        _fail(UserError(f"--format {fmt}: pass one of {', '.join(sim.FORMATS)}"))
+    say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    res = sim.search(store, queries, k=k, method=index, weights=weights, device=device,
+                     batch_size=batch_size, workers=workers, progress=not quiet, say=say)
+    for path, reason in res.skipped[:20]:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    for note in res.notes:
+        typer.echo(note, err=True)
+    sim.write(res, fmt, out)
+    if out is not None and str(out) != "-":
+        typer.echo(f"{len(res.queries)} queries, {k} neighbours each ({res.method}) → {out}")
+
+
+@app.command("export-features")
+def export_features(
+    store: Path = typer.Argument(..., help="A feature store."),
+    out: Path = typer.Option(..., "--out", "-o", help="x.parquet (pyarrow), x.npz or x.npy: "
+                             "columns path, label, split, features."),
+    chunk_rows: int = typer.Option(8192, help="Rows read and written at a time."),
+    quiet: Quiet = False,
+) -> None:
+    """Write a store's rows (path, label, split, features) to Parquet, .npz or .npy."""
+    from . import features_io as fio
+
+    n = fio.export_features(store, out, chunk_rows=chunk_rows, progress=not quiet)
+    typer.echo(f"exported {n} rows of {store} → {out}")
+
+
+@app.command("import-features")
+def import_features(
+    file: Path = typer.Argument(..., help="A .parquet, .npz or .npy with columns path, label "
+                                "(class name; empty: unlabeled), features (D floats per row) "
+                                "and optionally split."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new store to write."),
+    model_name: Optional[str] = typer.Option(None, help="What made the features, for the "
+                                             "record (default: the file's stem); the store's "
+                                             "model is imported:NAME."),
+    quiet: Quiet = False,
+) -> None:
+    """Make a store of precomputed embeddings (provenance imported:<file sha256>), so fit,
+    cv, compare, predict --store, similar and audit work on them."""
+    from . import features_io as fio
+
+    n, classes, dim = fio.import_features(
+        file, out, model_name=model_name, progress=not quiet,
+        say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    typer.echo(f"imported {n} rows ({classes} classes, {dim}-d) from {file} → {out}")
+
+
+@app.command()
 def serve(
     head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (default: loopback "
@@ -721,6 +803,7 @@ def serve(
     weights: MovedWeights = None,
     runtime: str = typer.Option(ExtractOptions.runtime, help="auto, torch or openvino (as "
                                 "`predict HEAD IMAGES --runtime`)."),
+    reject: Reject = None,
 ) -> None:
     """Serve a head over HTTP: POST /predict (multipart images), GET /health, GET /info."""
     from . import serve as sv
@@ -728,7 +811,7 @@ def serve(
     settings = sv.Settings(max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                            max_pixels=sv.DEFAULT_MAX_PIXELS if max_pixels is None
-                           else max_pixels, top_k=top_k)
+                           else max_pixels, top_k=top_k, reject=reject)
     sv.serve(head, host=host, port=port, settings=settings, weights=weights,
              device=device, runtime=runtime, say=lambda m: typer.echo(m, err=True))
 
@@ -751,6 +834,7 @@ def export(
                                     "images to use."),
     opset: int = typer.Option(17, help="ONNX opset (13-20)."),
     weights: MovedWeights = None,
+    reject: Reject = None,
     quiet: Quiet = False,
 ) -> None:
     """Export backbone + head as one ONNX graph: input `image` (N x 3 x H x W float RGB in
@@ -760,7 +844,7 @@ def export(
 
     dest = out or head.with_suffix(".int8.onnx" if int8 else ".onnx")
     res = ex.export(head, dest, int8=int8, int8_mode=int8_mode, calib=calib,
-               calib_count=calib_count, opset=opset, weights=weights,
+               calib_count=calib_count, opset=opset, weights=weights, reject=reject,
                say=None if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(res.line())
 

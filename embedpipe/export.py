@@ -49,6 +49,7 @@ INPUT = "image"
 FEATURES = "features"
 PROBS = "probabilities"
 LABEL = "label"
+UNKNOWN_OUT = "unknown"  # with --reject: bool N, and label -1 where it is true
 HEAD_ATOL = 1e-4  # |ONNX head - estimator.predict_proba| allowed when checking an export
 
 
@@ -196,8 +197,12 @@ def _skl2onnx(g: _Graph, clf: Any, x: str, dim: int, opset: int, raw: bool) -> s
 
 
 def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
-               head_name: str = "head") -> Any:
-    """The fitted head as an ONNX model: ``features`` (N x dim) → ``probabilities``, ``label``."""
+               head_name: str = "head", rule: Any = None) -> Any:
+    """The fitted head as an ONNX model: ``features`` (N x dim) → ``probabilities``, ``label``.
+
+    With ``rule`` (heads.reject.Rule, from `export --reject`), also ``unknown`` (bool, N):
+    max probability < rule.min_confidence, or cosine distance from the features to the nearest
+    training class centroid > rule.max_distance; ``label`` is -1 for those rows."""
     from onnx import TensorProto, helper
     from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
     from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
@@ -258,13 +263,43 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
                           "exportable heads: logreg, ridge, linear-svm, centroid, svm, mlp, sgd, "
                           "logreg-sgd (knn when skl2onnx reproduces it)")
     g.op("Identity", [probs], out=PROBS)
-    g.op("ArgMax", [PROBS], out=LABEL, axis=1, keepdims=0)
+    outputs = [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", n_classes]),
+               helper.make_tensor_value_info(LABEL, TensorProto.INT64, ["N"])]
+    if rule is None:
+        g.op("ArgMax", [PROBS], out=LABEL, axis=1, keepdims=0)
+    else:
+        best = g.op("ArgMax", [PROBS], "best", axis=1, keepdims=0)
+        flags = []
+
+        def reduce(op: str, x: str, what: str, keepdims: int) -> str:
+            if opset >= 18:  # axes became an input in opset 18
+                return g.op(op, [x, g.const(np.array([1], dtype=np.int64), "axis1")], what,
+                            keepdims=keepdims)
+            return g.op(op, [x], what, axes=[1], keepdims=keepdims)
+
+        if rule.min_confidence is not None:
+            conf = reduce("ReduceMax", PROBS, "conf", 0)
+            flags.append(g.op("Less", [conf, g.const(np.float32(rule.min_confidence), "tc")],
+                              "low_conf"))
+        if rule.max_distance is not None and rule.cents is not None:
+            sq = reduce("ReduceSumSquare", FEATURES, "sq", 1)
+            norm = g.op("Max", [g.op("Sqrt", [sq], "norm0"), g.const(np.float32(1e-12), "eps")],
+                        "norm")
+            xn = g.op("Div", [FEATURES, norm], "xn")
+            sims = g.op("MatMul", [xn, g.const(np.ascontiguousarray(
+                rule.cents.T, dtype=np.float32), "cents_t")], "sims")
+            near = reduce("ReduceMax", sims, "near", 0)
+            dist = g.op("Sub", [g.const(np.float32(1.0), "one_d"), near], "dist")
+            flags.append(g.op("Greater", [dist, g.const(np.float32(rule.max_distance), "td")],
+                              "far"))
+        unknown = flags[0] if len(flags) == 1 else g.op("Or", flags, "either")
+        g.op("Identity", [unknown], out=UNKNOWN_OUT)
+        g.op("Where", [UNKNOWN_OUT, g.const(np.int64(-1), "minus_one"), best], out=LABEL)
+        outputs.append(helper.make_tensor_value_info(UNKNOWN_OUT, TensorProto.BOOL, ["N"]))
     graph = helper.make_graph(
         g.nodes, "embedpipe_head",
         [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", dim])],
-        [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", n_classes]),
-         helper.make_tensor_value_info(LABEL, TensorProto.INT64, ["N"])],
-        g.inits)
+        outputs, g.inits)
     imports = [helper.make_opsetid("", opset)]
     if g.ml:
         imports.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
@@ -296,12 +331,31 @@ def sample_features(estimator: Any, dim: int, n: int = 64, seed: int = 0) -> np.
     return X.astype(np.float32)
 
 
-def check_head(model: Any, estimator: Any, X: np.ndarray, head_name: str) -> float:
-    """Max |ONNX probabilities - estimator.predict_proba| on X; refuses a mismatch."""
-    probs, label = _session(model).run([PROBS, LABEL], {FEATURES: X})
+def check_head(model: Any, estimator: Any, X: np.ndarray, head_name: str,
+               rule: Any = None) -> float:
+    """Max |ONNX probabilities - estimator.predict_proba| on X; refuses a mismatch. With
+    ``rule`` (--reject), its ``unknown`` output must equal rule.mask on X too (rows within
+    1e-5 of a threshold excepted) and ``label`` be -1 exactly there."""
+    if rule is None:
+        probs, label = _session(model).run([PROBS, LABEL], {FEATURES: X})
+    else:
+        probs, label, unknown = _session(model).run([PROBS, LABEL, UNKNOWN_OUT], {FEATURES: X})
     want = estimator.predict_proba(X)
     err = float(np.abs(probs - want).max())
-    same = float((label == want.argmax(axis=1)).mean())
+    if rule is None:
+        same = float((label == want.argmax(axis=1)).mean())
+    else:
+        from .heads.reject import distance
+
+        expect = rule.mask(want.max(axis=1), X)
+        near = np.zeros(len(X), dtype=bool)
+        if rule.min_confidence is not None:
+            near |= np.abs(want.max(axis=1) - rule.min_confidence) < 1e-5
+        if rule.max_distance is not None and rule.cents is not None:
+            near |= np.abs(distance(X, rule.cents) - rule.max_distance) < 1e-5
+        ok = (unknown == expect) | near
+        ok &= np.where(unknown, label == -1, label == want.argmax(axis=1))
+        same = float(ok.mean())
     if err > HEAD_ATOL or same < 1.0:
         raise ExportError(f"the {head_name} head does not convert exactly to ONNX (max "
                           f"|Δp| {err:.2g}, top-1 agreement {same:.0%}); not exported")
@@ -530,11 +584,13 @@ def sidecar_path(out: str | Path) -> Path:
 def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
            int8_mode: str = "static", calib: Sequence[str | Path] | None = None,
            calib_count: int = 64, opset: int = DEFAULT_OPSET, weights: str | None = None,
+           reject: str | None = None,
            say: Callable[[str], None] | None = None) -> ExportResult:
     """Write ``out`` (ONNX: backbone + head) and its sidecar (sidecar_path), each through a
     temporary file renamed into place once complete and checked, so an older export survives
     any failure. ``out`` or the sidecar being the head or the weights file is refused first
-    (OutputError); a full or read-only disk ends in one line."""
+    (OutputError); a full or read-only disk ends in one line. ``reject`` (as `predict
+    --reject`) adds the output ``unknown`` and label -1 for it."""
     import onnx
     from onnx import compose
 
@@ -547,11 +603,14 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
         raise ExportError(f"--opset {opset}: pass 13 to 20 (default {DEFAULT_OPSET})")
     if int8 and int8_mode not in INT8_MODES:
         raise ExportError(f"--int8-mode {int8_mode}: pass one of {', '.join(INT8_MODES)}")
+    from .heads.reject import rule_for
+
     head = artifacts.load(head_path)
+    rule = rule_for(head.manifest, reject, str(head.path))
     name = str(head.manifest.get("head", "head"))
     dim = int(head.identity["feature_dim"])
-    hg = head_graph(head.estimator, dim, opset, name)  # refuse unexportable heads before torch
-    err = check_head(hg, head.estimator, sample_features(head.estimator, dim), name)
+    hg = head_graph(head.estimator, dim, opset, name, rule)  # refuse unexportable heads before torch
+    err = check_head(hg, head.estimator, sample_features(head.estimator, dim), name, rule)
     if say:
         say(f"head {name}: ONNX equals predict_proba within {err:.1g} on sample features")
     bb = _backbone(head, weights)
@@ -600,8 +659,12 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
                                 "meaning": "class probabilities in the order of "
                                            "`classes` (the head's predict_proba)"},
                         LABEL: {"shape": ["N"], "dtype": "int64",
-                                "meaning": "index into `classes` of the most probable "
-                                           "class"}},
+                                "meaning": "index into `classes` of the most probable class"
+                                           + ("; -1 where `unknown`" if rule else "")},
+                        **({UNKNOWN_OUT: {"shape": ["N"], "dtype": "bool",
+                                          "meaning": "the head should not decide (--reject "
+                                                     f"{rule.source})"}} if rule else {})},
+            "reject": None if rule is None else rule.record(),
             "head": name, "head_file": str(Path(head_path)),
             "manifest": head.manifest,
             "backbone": {"model": bb.name, "weights_source": bb.weights.describe(),

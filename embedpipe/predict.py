@@ -22,6 +22,7 @@ from . import _io, checks
 from .errors import UserError
 from .heads import artifacts
 from .heads.compact import predict_scored
+from .heads.reject import UNKNOWN, rule_for
 from .heads.stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
 from .provenance import members
 from .store.read import FeatureStore, open_stores
@@ -45,6 +46,7 @@ class Predictions:
     calibrated: bool
     notes: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    rejected: int = 0  # rows labeled "unknown" by --reject
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +60,7 @@ class Predictions:
     def line(self) -> str:
         known = [(t, p) for t, p in zip(self.labels, self.predicted) if t is not None]
         return _summary(self.head, len(self), len(self.classes), len(known),
-                        sum(t == p for t, p in known), len(self.skipped))
+                        sum(t == p for t, p in known), len(self.skipped), self.rejected)
 
     def write_csv(self, out: str | Path | None, top_k: int) -> None:
         """path,label,predicted,confidence,top1,top1_prob,...; to ``out`` or stdout ("-")."""
@@ -67,8 +69,10 @@ class Predictions:
 
 
 def _summary(head: Path, n: int, n_classes: int, labeled: int, correct: int,
-             skipped: int) -> str:
+             skipped: int, rejected: int = 0) -> str:
     text = f"predicted {n} images with {head} ({n_classes} classes)"
+    if rejected:
+        text += f"; {rejected} labeled {UNKNOWN} (--reject)"
     if labeled:
         text += f"; accuracy on the {labeled} labeled ones: {correct / labeled:.3f}"
     if skipped:
@@ -175,16 +179,20 @@ def _rows(store: FeatureStore, split: str | None, only: set[str] | None) -> np.n
 
 def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
                split: str | None = None, only: set[str] | None = None,
-               chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False,
+               reject: str | None = None
                ) -> tuple[artifacts.HeadFile, int, list[str], Iterator[Predictions]]:
     """Classify the rows of a store (optionally one split, or only the given paths) in chunks
     of ``chunk_rows`` rows, in store order: (head, rows, notes, one Predictions per chunk).
     Memory is bounded by the chunk, not the store (stacked stores, several paths, are held in
-    memory). ``notes`` fills as chunks are made."""
+    memory). ``notes`` fills as chunks are made. ``reject`` (auto, none or a confidence; see
+    heads.reject.rule_for) labels ``unknown`` the rows the head should not decide; their
+    confidence and top-k stay as the head scored them."""
     from .progress import Progress
 
     check_chunk_rows(chunk_rows)
     head = artifacts.load(head_path, compact=True)
+    rule = rule_for(head.manifest, reject, str(head.path))
     store = open_stores(store_path, features=False)
     notes = artifacts.check_compatible(head, store.meta, str(store.path)) + store.notes
     rows = _rows(store, split, only)
@@ -197,25 +205,34 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
                 sel = rows[idx]
                 # NaN/inf features would come out as confidence "nan": refuse, naming them
                 checks.refuse_nonfinite(X, [store.paths[i] for i in sel], str(store.path))
-                predicted, conf, top, cal = predict_rows(
-                    head, X.astype(np.float32, copy=False), top_k)
+                X = X.astype(np.float32, copy=False)
+                predicted, conf, top, cal = predict_rows(head, X, top_k)
                 calibrated &= cal
+                n_rejected = 0
+                if rule is not None and len(sel):
+                    unknown = rule.mask(conf, X)
+                    predicted = [UNKNOWN if u else p for p, u in zip(predicted, unknown)]
+                    n_rejected = int(unknown.sum())
                 bar.update(len(sel))
                 yield Predictions(head.path, head.classes, [store.paths[i] for i in sel],
-                                  [names[i] for i in sel], predicted, conf, top, cal)
+                                  [names[i] for i in sel], predicted, conf, top, cal,
+                                  rejected=n_rejected)
         labels = {names[i] for i in rows if names[i] is not None}
         notes.extend(_notes(head, labels, calibrated))
+        if rule is not None:
+            notes.append(f"note: --reject {rule.source}: rows labeled {UNKNOWN} count as "
+                         "errors in the accuracy")
 
     return head, len(rows), notes, chunks()
 
 
 def from_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
                split: str | None = None, only: set[str] | None = None,
-               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Predictions:
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, reject: str | None = None) -> Predictions:
     """Classify the rows of a store (optionally one split, or only the given paths), all
     collected in memory (see iter_store and to_csv for the streamed form)."""
     head, _, notes, chunks = iter_store(head_path, store_path, top_k=top_k, split=split,
-                                        only=only, chunk_rows=chunk_rows)
+                                        only=only, chunk_rows=chunk_rows, reject=reject)
     out = Predictions(head.path, head.classes, [], [], [], np.zeros(0), [], True, notes)
     confs = []
     for p in chunks:
@@ -223,6 +240,7 @@ def from_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
         out.labels += p.labels
         out.predicted += p.predicted
         out.top += p.top
+        out.rejected += p.rejected
         confs.append(p.confidence)
         out.calibrated &= p.calibrated
     out.confidence = np.concatenate(confs) if confs else np.zeros(0)
@@ -238,15 +256,16 @@ class StreamSummary:
     correct: int
     notes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    rejected: int = 0
 
     def line(self) -> str:
         return _summary(self.head, self.rows, self.classes, self.labeled, self.correct,
-                        len(self.skipped))
+                        len(self.skipped), self.rejected)
 
 
 def to_csv(head_path: str | Path, store_path: StorePaths, out: str | Path | None, *,
            top_k: int = 3, split: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-           progress: bool = False) -> StreamSummary:
+           progress: bool = False, reject: str | None = None) -> StreamSummary:
     """`predict --store`: classify a store's rows chunk by chunk and write each chunk's CSV
     rows as it is done; memory is bounded by ``chunk_rows``, not the store. An ``out`` that is
     the head or one of the stores is refused before anything is read (OutputError)."""
@@ -254,15 +273,17 @@ def to_csv(head_path: str | Path, store_path: StorePaths, out: str | Path | None
     if out is not None and str(out) != "-":
         _io.refuse_inputs(out, [head_path, *stores])
     head, n, notes, chunks = iter_store(head_path, store_path, top_k=top_k, split=split,
-                                        chunk_rows=chunk_rows, progress=progress)
-    labeled = correct = 0
+                                        chunk_rows=chunk_rows, progress=progress, reject=reject)
+    labeled = correct = rejected = 0
     with CsvSink(out, top_k, len(head.classes), inputs=[head_path, *stores]) as sink:
         for p in chunks:
             sink.write(p)
             known = [(t, q) for t, q in zip(p.labels, p.predicted) if t is not None]
             labeled += len(known)
             correct += sum(t == q for t, q in known)
-    return StreamSummary(head.path, n, len(head.classes), labeled, correct, notes)
+            rejected += p.rejected
+    return StreamSummary(head.path, n, len(head.classes), labeled, correct, notes,
+                         rejected=rejected)
 
 
 # -- end to end from images ------------------------------------------------------------------
@@ -300,14 +321,14 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                 weights: str | None = None, device: str = "auto", batch_size: int = 32,
                 workers: int | None = None, keep_store: str | Path | None = None,
                 progress: bool = True, runtime: str = "auto", out: str | Path | None = None,
+                reject: str | None = None,
                 say: Callable[[str], None] | None = None) -> Predictions:
     """Extract ``inputs`` with the head's own backbone and preprocessing, then classify.
     ``runtime`` auto: the runtime that made the head's features where it matters (bf16: torch
     or OpenVINO), else as `extract --runtime auto` (fp32 features are the same). ``out``: the
     CSV the caller will write (Predictions.write_csv); refused here, before any work, when it is
     the head or one of ``inputs`` (OutputError), as is a ``keep_store`` that is the head, the
-    CSV or an input."""
-    from .extract.local import run
+    CSV or an input. ``reject``: as predict --reject (heads.reject.rule_for)."""
     from .extract.options import options_for_identity
 
     if out is not None and str(out) != "-":
@@ -316,6 +337,7 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
         _io.refuse_inputs(keep_store, [head_path, *inputs], flag="--keep-store")
 
     head = artifacts.load(head_path)
+    rule_for(head.manifest, reject, str(head.path))  # a bad --reject fails before extracting
     idents = members(head.identity)  # a head on stacked stores: each backbone's
     if weights is not None and len(idents) > 1:
         raise PredictError(f"--weights {weights}: {head.path} stacks {len(idents)} backbones; "
@@ -327,19 +349,36 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
     if not disc.items:
         raise PredictError(f"{', '.join(map(str, inputs))}: no images found; pass image files "
                            "(jpg, png, ...) or folders holding them")
-    skipped: dict[tuple[str, str], None] = {}
     with tempfile.TemporaryDirectory(prefix="embedpipe-predict-") as tmp:
-        stores = []
-        for i, opts in enumerate(options):
-            if keep_store and len(options) > 1:  # x.h5 -> x.1.h5, x.2.h5: one per backbone
-                store = Path(keep_store).with_suffix(f".{i + 1}{Path(keep_store).suffix}")
-            else:
-                store = Path(keep_store) if keep_store else Path(tmp) / f"features{i}.h5"
-            summary = run(disc, store, opts, progress=progress, say=say)
-            if summary.interrupted:
-                raise KeyboardInterrupt
-            skipped.update(dict.fromkeys([*summary.failures, *summary.ignored_files]))
-            stores.append(store)
-        preds = from_store(head.path, stores, top_k=top_k, only={r.rel for r in disc.items})
-    preds.skipped = list(skipped)
+        stores, skipped = extract_images(disc, options, Path(tmp), keep_store=keep_store,
+                                         progress=progress, say=say)
+        preds = from_store(head.path, stores, top_k=top_k, only={r.rel for r in disc.items},
+                           reject=reject)
+    preds.skipped = skipped
     return preds
+
+
+def extract_images(disc: Any, options: Sequence[Any], tmp: Path, *,
+                   keep_store: str | Path | None = None, progress: bool = True,
+                   say: Callable[[str], None] | None = None
+                   ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Extract the images of ``disc`` (see gather_images) once per ExtractOptions in
+    ``options`` (one per backbone), through extract.run, into stores under ``tmp`` (or
+    ``keep_store``: x.h5, or x.1.h5, x.2.h5, ... for several backbones). Returns the store
+    paths (one per options, in order) and the (path, reason) of images that were skipped
+    (unreadable, not images). Ctrl-C during extraction raises KeyboardInterrupt."""
+    from .extract.local import run
+
+    skipped: dict[tuple[str, str], None] = {}
+    stores = []
+    for i, opts in enumerate(options):
+        if keep_store and len(options) > 1:  # x.h5 -> x.1.h5, x.2.h5: one per backbone
+            store = Path(keep_store).with_suffix(f".{i + 1}{Path(keep_store).suffix}")
+        else:
+            store = Path(keep_store) if keep_store else Path(tmp) / f"features{i}.h5"
+        summary = run(disc, store, opts, progress=progress, say=say)
+        if summary.interrupted:
+            raise KeyboardInterrupt
+        skipped.update(dict.fromkeys([*summary.failures, *summary.ignored_files]))
+        stores.append(store)
+    return stores, list(skipped)

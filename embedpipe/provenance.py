@@ -150,15 +150,20 @@ def options_for(identity: dict[str, Any], *, weights: str | None = None,
     ``identity_of``. ``weights`` overrides where the backbone weights come from; without it, a
     file-weights identity needs its file where it was.
 
-    Raises OptionError for stacked identities (several backbones) and for a weights file that is
-    no longer there (naming ``what`` and the fix: ``--weights PATH``)."""
+    Raises OptionError for stacked identities (several backbones), imported features (no
+    backbone) and for a weights file that is no longer there (naming ``what`` and the fix: ``--weights PATH``)."""
     if "stacked" in identity:
         stacked = members(identity)
         raise OptionError(f"{what}: fitted on the stacked features of {len(stacked)} stores "
                           f"({' + '.join(str(i.get('model')) for i in stacked)}); this command "
                           "takes a head of one backbone: fit one on one store")
-    cfg = norm(identity["data_config"])
     source, _, where = str(identity["weights_source"]).partition(":")
+    if source == "imported":
+        raise OptionError(f"{what}: its features were imported (`embedpipe import-features`, "
+                          f"model {identity.get('model')}); embedpipe has no backbone to embed "
+                          "new images with: embed them where the features were made, import "
+                          "them, and use the store (e.g. predict --store)")
+    cfg = norm(identity["data_config"])
     opts: dict[str, Any] = {}
     if weights is not None:
         opts["weights"] = weights

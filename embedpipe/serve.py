@@ -80,6 +80,7 @@ class Settings:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     top_k: int = 3
     max_files: int = MAX_FILES
+    reject: str | None = None  # as `predict --reject`: auto, none or a confidence
 
     def check(self) -> None:
         if self.max_batch < 1:
@@ -101,8 +102,10 @@ class Model:
 
     def __init__(self, head_path: str | Path, *, weights: str | None = None,
                  device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 runtime: str = "auto"):
+                 runtime: str = "auto", reject: str | None = None):
         import torch
+
+        from .heads.reject import rule_for
 
         from .backbones import decode_size, build_backbone, make_views_transform
         from .extract.runtime import build_engine, resolve_device, resolve_precision
@@ -110,6 +113,7 @@ class Model:
         from .provenance import identity_of
 
         self.head = artifacts.load(head_path)
+        self.rule = rule_for(self.head.manifest, reject, str(self.head.path))
         opts = options_for_identity(self.head.identity, weights=weights, device=device,
                                     what=str(self.head.path), runtime=runtime)
         self.device = resolve_device(opts.device)
@@ -168,6 +172,11 @@ class Model:
         # Round through the head's store dtype, as `embedpipe predict` reads its store.
         X = feats.astype(self.dtype, copy=False).astype(np.float32, copy=False)
         predicted, conf, top, calibrated = predict_rows(self.head, X, len(self.classes))
+        if self.rule is not None:  # --reject: as `embedpipe predict --reject`
+            from .heads.reject import UNKNOWN
+
+            unknown = self.rule.mask(conf, X)
+            predicted = [UNKNOWN if u else p for p, u in zip(predicted, unknown)]
         return [{"class": p, "confidence": float(c), "top": t, "calibrated": calibrated}
                 for p, c, t in zip(predicted, conf, top)]
 
@@ -184,7 +193,8 @@ class Model:
                          "dtype": str(self.dtype), "device": str(self.device)},
             "head": {"path": str(self.head.path), "head": m.get("head"),
                      "params": m.get("params"), "calibration": m.get("calibration"),
-                     "calibrated": self.calibrated, "created": m.get("created")},
+                     "calibrated": self.calibrated, "created": m.get("created"),
+                     "reject": None if self.rule is None else self.rule.record()},
             "classes": self.classes,
             "versions": {"head": m.get("versions", {}), "server": _server_versions()},
             "notes": self.notes,
@@ -489,7 +499,7 @@ def serve(head: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     try:
         t0 = time.perf_counter()
         model = Model(head, weights=weights, device=device, max_pixels=settings.max_pixels,
-                      runtime=runtime)
+                      runtime=runtime, reject=settings.reject)
         for note in model.notes:
             say(note)
         say(f"loaded {model.head.path} ({model.head.manifest.get('head', 'head')}, "

@@ -39,7 +39,6 @@ from .runtime import (
 from .shards import select_shard
 
 if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
-
     from ..backbones import Backbone
     from .runtime import Engine
 

@@ -103,13 +103,19 @@ def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
 def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Path, *,
         params: dict[str, Any] | None = None, class_weight: str | None = None,
         search: bool = False, seed: int = 0, jobs: int | None = None,
-        chunk_rows: int | None = None, progress: bool = False,
+        chunk_rows: int | None = None, progress: bool = False, reject_rate: float | None = None,
         say: Callable[[str], None] = lambda m: None) -> FitResult:
     """Fit ``head`` on the training rows and save it. Streaming heads (sgd, logreg-sgd) read
     the store ``chunk_rows`` rows at a time (stream.py); the others load the training rows.
-    Both go through the one row source (source.Labeled) and fit_configuration."""
+    Both go through the one row source (source.Labeled) and fit_configuration.
+
+    In-memory heads also record the class centroids of the training features (reject.py) in
+    the manifest's ``open_set``; with ``reject_rate`` (e.g. 0.05) the head configuration is
+    refitted on k-1 of 5 folds to choose `predict --reject auto`'s thresholds on out-of-fold
+    rows (about 5x the fit time more). Raises reject.RejectError for a rate outside (0, 1) or
+    a streaming head with a rate."""
     from ..progress import Progress
-    from . import stream
+    from . import reject, stream
 
     t0 = time.perf_counter()
     _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
@@ -118,6 +124,13 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     if chunk_rows is not None:
         stream.check_chunk_rows(chunk_rows)
     chunk_rows = chunk_rows or stream.DEFAULT_CHUNK_ROWS
+    if reject_rate is not None and not 0 < reject_rate < 1:
+        raise reject.RejectError(f"--reject-rate {reject_rate}: pass a false-reject rate "
+                                 "between 0 and 1, e.g. 0.05")
+    if reject_rate is not None and spec.streaming:
+        raise reject.RejectError(f"--reject-rate: not available for the streaming head {head}; "
+                                 "use an in-memory head (logreg, svm, mlp, ...) or predict "
+                                 "--reject with a confidence threshold")
     # a streaming head reads labels, paths and splits now, its features chunk by chunk later
     store = open_stores(store_path, features=not spec.streaming)
     for note in store.notes:
@@ -163,20 +176,52 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     if quiet.convergence:
         say(convergence_note(head, quiet.convergence))
     train_acc = float((pred == y).mean())
+    class_names = [str(c) for c in estimator.classes_]
+    open_set = None if source.X is None else reject.summary(source.X, y, class_names)
+    if reject_rate is not None and open_set is not None:
+        open_set["auto"] = _reject_thresholds(source.X, y, class_names, head, chosen, spec,
+                                              class_weight, seed, probabilities, reject_rate,
+                                              say)
     streamed = ({"streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
                               "fitted_rows": int(len(fit_on)),
                               "calibration_rows": int(len(held))}} if source.streamed else {})
     manifest = artifacts.new_manifest(
         head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
         calibration=calibration, probabilities=probabilities,
-        classes=[str(c) for c in estimator.classes_],
+        classes=class_names,
         store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc, **streamed),
+        **({"open_set": open_set} if open_set is not None else {}),
     )
     check = source.take(_check_sample(len(y))).features()
     path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path))
     return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
                      calibration, time.perf_counter() - t0, train_acc)
+
+
+def _reject_thresholds(X: np.ndarray, y: np.ndarray, class_names: list[str], head: str,
+                       chosen: dict[str, Any], spec: Any, class_weight: str | None, seed: int,
+                       probabilities: str, rate: float,
+                       say: Callable[[str], None]) -> dict[str, Any]:
+    """`fit --reject-rate`: the manifest's ``open_set.auto`` (reject.choose on out-of-fold
+    scores of the same head configuration, calibrated as fit calibrates it)."""
+    from . import reject
+
+    def fit_fold(Xf: np.ndarray, yf: np.ndarray) -> Any:  # as fit fits and calibrates it
+        base = heads.build(head, chosen, class_weight=class_weight, seed=seed)
+        fold = Labeled.in_memory(Xf, yf)
+        with _Quiet(count=False):
+            if spec.native_proba:
+                return fold.fit(base, head, chosen)
+            return _calibrated(None, base, fold, fold.take(np.zeros(0, np.int64)), 0, head)[0]
+
+    say(f"choosing rejection thresholds for a {rate:.0%} false-reject rate on out-of-fold rows")
+    conf, dist, k = reject.out_of_fold(X, y, class_names, fit_fold,
+                                       probabilities in ("native", "calibrated"), seed=seed)
+    auto = {"rate": rate, "folds": k, "oof_rows": int(len(y)), **reject.choose(conf, dist, rate)}
+    say(f"--reject auto: confidence < {auto['min_confidence']:.4f} or centroid distance > "
+        f"{auto['max_distance']:.4f} (rejects {auto['false_reject']:.1%} of out-of-fold rows)")
+    return auto
 
 
 def _check_sample(n: int, size: int = 512) -> np.ndarray:

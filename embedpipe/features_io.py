@@ -1,0 +1,373 @@
+"""Embeddings in and out: `embedpipe export-features` and `embedpipe import-features`. Torch-free.
+
+Files hold one row per image with four columns (the same names in every format):
+
+- ``path``: str, unique; ``label``: str class name ("" or null: unlabeled); ``split``: str
+  (optional on import; "" when absent); ``features``: float (D values per row).
+
+Formats, chosen by the file's suffix:
+
+- ``.parquet`` (Apache Parquet, through pyarrow: the ``parquet`` extra): ``features`` is a
+  fixed-size list of float32 (a list column of equal lengths is accepted on import). The
+  store's identity is kept in the schema metadata (key ``embedpipe``).
+- ``.npz`` (numpy): arrays ``path``, ``label``, ``split`` (unicode, shape (N,)) and
+  ``features`` (float32 or float16, (N, D)); ``paths``/``labels``/``splits`` are accepted too.
+- ``.npy`` (numpy): one structured array of N records with fields ``path``, ``label``,
+  ``split`` (unicode) and ``features`` (float32 or float16, (D,)). Loaded without pickle.
+
+An imported store records the identity ``model = imported:<--model-name or file stem>``,
+``weights_source = imported:<file sha256>``, ``weights_sha256`` = that sha256, and the feature
+dim; it never matches an extracted store's identity, so `extract` into it (or a head from one
+applied to the other) is refused by the usual identity checks. The row ``hash`` of an imported
+row is the sha256 of its float32 features (the image bytes are unknown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import UserError
+from .store.read import open_store
+
+SUFFIXES = (".parquet", ".npz", ".npy")
+IMPORTED = "imported:"
+
+
+class FeaturesFileError(UserError):
+    """A features file cannot be read or written as asked; one line naming it and the fix."""
+
+
+def _suffix(path: Path, what: str) -> str:
+    suf = path.suffix.lower()
+    if suf not in SUFFIXES:
+        raise FeaturesFileError(f"{what} {path}: unknown format {suf or '(no suffix)'}; pass a "
+                                f"file ending in {', '.join(SUFFIXES)}")
+    return suf
+
+
+def _pyarrow(path: Path) -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise FeaturesFileError(f"{path}: Parquet needs pyarrow: pip install "
+                                "'embedpipe[parquet]' (or use .npz / .npy)") from None
+    return pyarrow
+
+
+# -- export --------------------------------------------------------------------------------
+
+def export_features(store_path: str | Path, out: str | Path, *, chunk_rows: int = 8192,
+                    progress: bool = False) -> int:
+    """Write every committed row of a store to ``out`` (.parquet, .npz or .npy; see the
+    module docstring). Parquet and .npy are written ``chunk_rows`` rows at a time (memory
+    bounded by the chunk); .npz holds the features in memory (N·D·4 bytes). The file is
+    written under a temporary name and renamed into place. Returns the number of rows.
+
+    Raises FeaturesFileError (format, pyarrow missing, cannot write), StoreError."""
+    from .progress import Progress
+
+    out = Path(out)
+    suf = _suffix(out, "-o")
+    store = open_store(store_path, features=False)
+    if "stacked" in store.meta:  # pragma: no cover - open_store never stacks
+        raise FeaturesFileError(f"{store.path}: pass one store")
+    n, dim = len(store), store.dim
+    labels = np.array([c or "" for c in store.label_names()], dtype=str).reshape(n)
+    paths = np.array(store.paths, dtype=str).reshape(n)
+    splits = np.array([str(s) for s in store.splits], dtype=str).reshape(n)
+    dtype = np.float16 if store.features.dtype == np.float16 else np.float32
+    rows = np.arange(n, dtype=np.int64)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{suf}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Progress(n, "export", enabled=progress, unit="row") as bar:
+            if suf == ".npz":
+                X = np.empty((n, dim), dtype=dtype)
+                for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+                    X[pos] = block
+                    bar.update(len(pos))
+                with open(tmp, "wb") as f:
+                    np.savez(f, path=paths, label=labels, split=splits, features=X)
+            elif suf == ".npy":
+                rec = np.dtype([("path", paths.dtype), ("label", labels.dtype),
+                                ("split", splits.dtype), ("features", dtype, (dim,))])
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=rec, shape=(n,))
+                arr["path"], arr["label"], arr["split"] = paths, labels, splits
+                for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+                    arr["features"][pos] = block
+                    bar.update(len(pos))
+                arr.flush()
+                del arr
+            else:
+                _write_parquet(store, tmp, paths, labels, splits, chunk_rows, bar)
+        os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise FeaturesFileError(f"-o {out}: cannot write ({e.strerror or e}); pass a writable "
+                                "path") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return n
+
+
+def _write_parquet(store: Any, tmp: Path, paths: np.ndarray, labels: np.ndarray,
+                   splits: np.ndarray, chunk_rows: int, bar: Any) -> None:
+    pa = _pyarrow(tmp)
+    import pyarrow.parquet as pq
+
+    dim = store.dim
+    ftype = pa.float16() if store.features.dtype == np.float16 else pa.float32()
+    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("split", pa.string()),
+                        ("features", pa.list_(ftype, dim))],
+                       metadata={"embedpipe": json.dumps(
+                           {"store": str(store.path), "identity": store.identity},
+                           default=str)})
+    rows = np.arange(len(store), dtype=np.int64)
+    with pq.ParquetWriter(tmp, schema) as w:
+        for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+            flat = pa.array(np.ascontiguousarray(block).reshape(-1), type=ftype)
+            feats = pa.FixedSizeListArray.from_arrays(flat, dim)
+            w.write_table(pa.Table.from_arrays(
+                [pa.array(paths[pos]), pa.array(labels[pos]), pa.array(splits[pos]), feats],
+                schema=schema))
+            bar.update(len(pos))
+
+
+# -- import --------------------------------------------------------------------------------
+
+def _column(cols: dict[str, Any], name: str, path: Path, required: bool) -> Any:
+    for key in (name, name + "s"):
+        if key in cols:
+            return cols[key]
+    if required:
+        raise FeaturesFileError(f"{path}: no '{name}' column (has {', '.join(sorted(cols)) or 'none'}); "
+                                f"add one ({name} per row) — see `embedpipe import-features "
+                                "--help` for the columns")
+    return None
+
+
+def _strings(v: Any, name: str, path: Path, n: int, *, nullable: bool) -> list[str]:
+    arr = np.asarray(v)
+    if arr.shape != (n,):
+        raise FeaturesFileError(f"{path}: '{name}' has shape {arr.shape}, expected ({n},) like "
+                                "the features; give one value per row")
+    if arr.dtype.kind in "US":
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in arr.tolist()]
+    if arr.dtype.kind == "O":
+        out = []
+        for x in arr.tolist():
+            if x is None and nullable:
+                out.append("")
+            elif isinstance(x, str):
+                out.append(x)
+            else:
+                raise FeaturesFileError(f"{path}: '{name}' holds {type(x).__name__} values "
+                                        f"({x!r}); '{name}' must be text (class names, paths): "
+                                        "convert it to strings")
+        return out
+    raise FeaturesFileError(f"{path}: '{name}' has dtype {arr.dtype}; '{name}' must be text "
+                            "(class names, paths): convert it to strings")
+
+
+def _features(v: Any, path: Path) -> np.ndarray:
+    arr = v if isinstance(v, np.ndarray) else None
+    if arr is None or arr.dtype == object:
+        rows = list(v)
+        lens = {len(r) if hasattr(r, "__len__") else -1 for r in rows}
+        if len(lens) > 1:
+            raise FeaturesFileError(f"{path}: 'features' rows have different lengths "
+                                    f"({', '.join(map(str, sorted(lens)[:4]))}); every row "
+                                    "needs the same number of values")
+        try:
+            arr = np.array([np.asarray(r) for r in rows])
+            if arr.dtype == object:
+                arr = arr.astype(np.float64)
+        except (ValueError, TypeError):
+            raise FeaturesFileError(f"{path}: 'features' is not a table of numbers; give "
+                                    "each row D float values") from None
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise FeaturesFileError(f"{path}: 'features' has shape {arr.shape}; it must be N rows "
+                                "of D > 0 float values (N x D)")
+    if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
+        raise FeaturesFileError(f"{path}: 'features' has dtype {arr.dtype}; pass float values "
+                                "(float32 or float16)")
+    return arr
+
+
+def _read_npz(path: Path) -> dict[str, Any]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise FeaturesFileError(f"{path}: holds Python objects (pickled); save text "
+                                    "columns as numpy strings (np.array(x, dtype=str)) and "
+                                    "features as a float array") from None
+        raise FeaturesFileError(f"{path}: not a readable .npz ({e}); write it with "
+                                "numpy.savez") from None
+    except (OSError, EOFError) as e:
+        raise FeaturesFileError(f"{path}: not a readable .npz ({e}); write it with "
+                                "numpy.savez") from None
+
+
+def _read_npy(path: Path) -> dict[str, Any]:
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as e:
+        raise FeaturesFileError(f"{path}: cannot load without pickle ({e}); save a structured "
+                                "array with fields path, label, split, features") from None
+    except (OSError, EOFError) as e:
+        raise FeaturesFileError(f"{path}: not a readable .npy ({e}); write it with "
+                                "numpy.save") from None
+    if arr.dtype.names is None:
+        raise FeaturesFileError(f"{path}: a plain {arr.dtype} array of shape {arr.shape} has no "
+                                "paths or labels; save a structured array with fields path, "
+                                "label, split, features (or use .npz)")
+    return {k: np.asarray(arr[k]) for k in arr.dtype.names}
+
+
+def _read_parquet(path: Path) -> dict[str, Any]:
+    pa = _pyarrow(path)
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise FeaturesFileError(f"{path}: not a readable Parquet file ({str(e)[:120]}); write "
+                                "it with pyarrow or pandas") from None
+    cols: dict[str, Any] = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        t = col.type
+        if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+            if pa.types.is_fixed_size_list(t):
+                flat = col.flatten().to_numpy(zero_copy_only=False)
+                cols[name] = flat.reshape(len(col), t.list_size) if len(col) else \
+                    flat.reshape(0, t.list_size)
+            else:
+                vals = col.to_pylist()
+                cols[name] = np.empty(len(vals), dtype=object)  # rows, maybe ragged
+                cols[name][:] = [None if x is None else np.asarray(x) for x in vals]
+        else:
+            cols[name] = np.array(col.to_pylist(), dtype=object)
+    return cols
+
+
+def _check_values(X: np.ndarray, paths: list[str], path: Path) -> None:
+    bad = ~np.isfinite(X).all(axis=1) if X.dtype.kind == "f" else np.zeros(len(X), bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise FeaturesFileError(f"{path}: {int(bad.sum())} rows have NaN or infinite features "
+                                f"(first: {paths[i]!r}); drop or recompute them")
+    seen: dict[str, int] = {}
+    for p in paths:
+        if not p:
+            raise FeaturesFileError(f"{path}: an empty path; give every row a unique path")
+        if p in seen:
+            raise FeaturesFileError(f"{path}: path {p!r} appears more than once; paths must be "
+                                    "unique (one row per image): drop the duplicates")
+        seen[p] = 1
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def imported_identity(sha256: str, dim: int, dtype: str, model_name: str) -> dict[str, Any]:
+    """The store identity of features imported from a file with this sha256 (see the module
+    docstring): never equal to an extracted store's."""
+    return {"model": IMPORTED + model_name, "weights_source": IMPORTED + sha256,
+            "weights_sha256": sha256,
+            "data_config": json.dumps({"imported": True}, sort_keys=True),
+            "pool": "imported", "feature_dim": int(dim), "precision": "imported",
+            "dtype": dtype}
+
+
+def is_imported(identity: dict[str, Any]) -> bool:
+    """True for the identity of a store made by import-features."""
+    return str(identity.get("weights_source") or "").startswith(IMPORTED)
+
+
+def import_features(src: str | Path, out: str | Path, *, model_name: str | None = None,
+                    chunk_rows: int = 8192, progress: bool = False,
+                    say: Callable[[str], None] | None = None) -> tuple[int, int, int]:
+    """Make a new store ``out`` from a features file (.parquet, .npz or .npy; see the module
+    docstring), through StoreWriter. The file is read into memory (N·D values) and checked
+    first (columns, dtypes, ragged or non-finite features, duplicate paths); the store is
+    written under a temporary name and renamed into place, so a failure leaves nothing.
+    Returns (rows, classes, feature dim).
+
+    Raises FeaturesFileError naming the file and the fix, StoreError."""
+    from .env import versions
+    from .progress import Progress
+    from .store import StoreWriter
+
+    src, out = Path(src), Path(out)
+    suf = _suffix(src, "FILE")
+    if not src.is_file():
+        raise FeaturesFileError(f"{src}: no such file; pass a .parquet, .npz or .npy of "
+                                "features")
+    if out.exists():
+        raise FeaturesFileError(f"-o {out}: already exists; import into a new store (pass "
+                                "another -o), a store never mixes features")
+    cols = {".npz": _read_npz, ".npy": _read_npy, ".parquet": _read_parquet}[suf](src)
+    X = _features(_column(cols, "features", src, True), src)
+    n, dim = X.shape
+    paths = _strings(_column(cols, "path", src, True), "path", src, n, nullable=False)
+    labels = _strings(_column(cols, "label", src, True), "label", src, n, nullable=True)
+    split_col = _column(cols, "split", src, False)
+    splits = ([""] * n if split_col is None
+              else _strings(split_col, "split", src, n, nullable=True))
+    _check_values(X, paths, src)
+    dtype = "float16" if X.dtype == np.float16 else "float32"
+    X = X.astype(dtype, copy=False)
+    sha = file_sha256(src)
+    name = model_name or src.stem
+    identity = imported_identity(sha, dim, dtype, name)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.import.h5")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    try:
+        with StoreWriter.open(tmp, identity, versions=versions()) as w:
+            ids = w.class_ids(sorted({lab for lab in labels if lab}))
+            lab = np.array([ids[x] if x else -1 for x in labels], dtype=np.int32)
+            with Progress(n, "import", enabled=progress, unit="row") as bar:
+                for lo in range(0, n, chunk_rows):
+                    hi = min(n, lo + chunk_rows)
+                    block = np.ascontiguousarray(X[lo:hi])
+                    f32 = block.astype(np.float32, copy=False)
+                    w.append(block, paths=paths[lo:hi], labels=lab[lo:hi],
+                             hashes=[hashlib.sha256(r.tobytes()).hexdigest() for r in f32],
+                             splits=splits[lo:hi], mtime_ns=[0] * (hi - lo),
+                             size=[0] * (hi - lo))
+                    bar.update(hi - lo)
+            w.log_run({"command": "import-features", "source": str(src), "sha256": sha,
+                       "rows": n, "feature_dim": dim, "model_name": name,
+                       "started": started, "status": "complete", "device": "none",
+                       "versions": versions()})
+            classes = len(w.classes)
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.with_name(f".{tmp.name}.lock").unlink()
+    if say:
+        say(f"identity: model {identity['model']}, weights_source {IMPORTED}{sha[:12]}…, "
+            f"{dim}-d {dtype}")
+    return n, classes, dim
