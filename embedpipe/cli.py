@@ -373,6 +373,13 @@ def heads(
                    f"probabilities: {r['probabilities']}"
                    + ("; streamed from the store in --chunk-rows chunks, max_iter = epochs"
                       if r["streaming"] else ""))
+        for rule in r["data_rules"]:
+            typer.echo(f"{'':<11} data rule: {rule['rule']}")
+    from .heads.auto import DEFAULT_BUDGET
+    from .heads.registry import AUTO
+
+    typer.echo(f"{'auto':<11} {AUTO.summary} (default head of fit; --budget, default "
+               f"{DEFAULT_BUDGET:g} s; the candidates and the choice go into the head's manifest)")
     typer.echo("Override with --param NAME=VALUE (e.g. --param C=10 --param pca=128).")
     typer.echo("Ensembles: join heads with + (--head svm+logreg+knn, or fit --head svm --head "
                "logreg --ensemble soft):\nsoft voting over their probabilities, members with "
@@ -391,12 +398,24 @@ def _head_name(names: list[str], ensemble: str | None) -> str:
     return ENSEMBLE_SEP.join(names)
 
 
+def _budget(text: str, name: str) -> float:
+    from .heads.auto import AUTO, check_budget
+    from .heads.registry import HeadError
+
+    if AUTO not in name.split("+"):
+        raise HeadError(f"--budget {text}: only --head auto takes a budget; drop it or pass "
+                        "--head auto")
+    return check_budget(text)
+
+
 @app.command()
 def fit(
     store: Stores,
     head: Optional[list[str]] = typer.Option(None, "--head", help="Head to train (default "
-                                             f"{DEFAULT_HEAD}; see `embedpipe heads`); several "
-                                             "with --ensemble soft."),
+                                             f"{DEFAULT_HEAD}: chosen by cross-validation; see "
+                                             "`embedpipe heads`); several with --ensemble soft."),
+    budget: Optional[str] = typer.Option(None, help="--head auto: seconds it may spend "
+                                         "choosing (default 60)."),
     ensemble: Optional[str] = typer.Option(None, help="soft: one soft-voting ensemble of the "
                                                       "--head heads (same as --head a+b+c)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file to write "
@@ -421,6 +440,8 @@ def fit(
 
     params = heads_mod.parse_params(param)
     name = _head_name(head or [DEFAULT_HEAD], ensemble)
+    if budget is not None:
+        params["budget"] = _budget(budget, name)
     dest = out or train.default_head_path(store, name, CACHE_DIR)
     result = train.fit(store, name, dest, params=params, class_weight=class_weight,
                   search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
@@ -524,11 +545,12 @@ def quickstart(
     report = ev_cv.run_cv(out, ["logreg", "knn", "centroid"], folds=5, top_errors=3,
                   progress=False, warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev_report.format_report(report))
-    best = report["heads"][0]["head"]
-    head_file = out.with_name(f"{out.stem}__{best}.skops")
-    typer.echo(f"\n4/4 embedpipe fit {out} --head {best} -o {head_file}; then "
-               f"embedpipe predict {head_file} {folder / 'test'}")
-    typer.echo(train.fit(out, best, head_file).line())
+    head_file = out.with_name(f"{out.stem}__{DEFAULT_HEAD}.skops")
+    typer.echo(f"\n4/4 embedpipe fit {out} -o {head_file} (--head {DEFAULT_HEAD}: cv picks the "
+               f"head); then embedpipe predict {head_file} {folder / 'test'}")
+    typer.echo(train.fit(out, DEFAULT_HEAD, head_file,
+                         say=lambda m: typer.echo(m) if m.startswith(("  ", "auto chose"))
+                         else None).line())
     preds = pr.from_images(head_file, [folder / "test"], progress=False)
     csv_path = out.with_name(f"{out.stem}__predictions.csv")
     preds.write_csv(csv_path, 3)
@@ -544,6 +566,8 @@ def cv(
                                              "repeatable (default: "
                                              f"{' '.join(DEFAULT_CV_HEADS)}; see `embedpipe "
                                              "heads`)."),
+    budget: Optional[str] = typer.Option(None, help="--head auto: seconds each choice may "
+                                         "spend (default 60; one choice per outer fold)."),
     folds: Folds = DEFAULT_FOLDS,
     repeats: Repeats = DEFAULT_REPEATS,
     search: Search = False,
@@ -574,6 +598,8 @@ def cv(
     from .evaluate import report as ev_report
 
     ev_report.check_outputs(json_out, plots, store)
+    if budget is not None:
+        param = [*(param or []), f"auto:budget={_budget(budget, '+'.join(head or []))}"]
     if ensemble is not None:
         head = list(head or DEFAULT_CV_HEADS)
         head.append(_head_name(head, ensemble))

@@ -69,7 +69,8 @@ def test_fit_options_params_search_and_errors(fmnist_store: Path, tmp_path: Path
     ok("fit", fmnist_store, "--head", "svm", "--param", "C=3", "--param", "pca=32",
        "--class-weight", "balanced", "-o", out, "-q")
     m = artifacts.load(out).manifest
-    assert m["params"] == {"C": 3, "pca": 32} and m["class_weight"] == "balanced"
+    # the user's parameters, over the svm's defaults for this data (prep=l2: 20 rows/class)
+    assert m["params"] == {"C": 3, "pca": 32, "prep": "l2"} and m["class_weight"] == "balanced"
     assert m["calibration"].startswith("temperature")
     ok("fit", fmnist_store, "--head", "ridge", "--search", "-o", tmp_path / "r.skops", "-q")
     assert "alpha" in artifacts.load(tmp_path / "r.skops").manifest["params"]

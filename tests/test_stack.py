@@ -54,7 +54,8 @@ def test_fit_on_two_stores_trains_on_both_feature_sets_side_by_side(pair):
         return X, [a.label_names()[ia[p]] for p in rows]
 
     X, y = xy("train")
-    manual = heads.build("logreg", None, seed=0).fit(X, y)
+    params = heads.with_data_defaults("logreg", None, y, X.shape[1])  # its defaults for 50 rows
+    manual = heads.build("logreg", params, seed=0).fit(X, y)
     Xt, _ = xy("test")
     np.testing.assert_array_equal(head.estimator.predict(Xt), manual.predict(Xt))
     assert head.estimator.n_features_in_ == 2560

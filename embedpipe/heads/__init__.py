@@ -20,8 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: The head `fit` and `quickstart` train when none is named.
-DEFAULT_HEAD = "logreg"
+#: The head `fit` and `quickstart` train when none is named: chosen by cross-validation
+#: (heads/auto.py).
+DEFAULT_HEAD = "auto"
 
 _SUBMODULES = ("registry", "train", "stream", "artifacts", "compact")
 

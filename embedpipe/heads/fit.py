@@ -29,10 +29,15 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     candidate is fitted and scored fold by fold from the store, on the same folds. Settings that
     few images per class cannot support are lowered first (fewshot.adapt; a note for each goes
     to ``notes``), or the head is refused in one line (FewShotError). Raises EvaluateError when
-    a class has fewer than 2 rows to search on."""
+    a class has fewer than 2 rows to search on. The head's data-dependent defaults
+    (``registry.data_params``) fill the parameters the user did not set, and are recorded in the
+    parameters returned (the grid is still searched over them)."""
+    user = dict(params or {})
+    dim = source.X.shape[1] if source.X is not None else getattr(source.store, "dim", 0)
+    params = heads.with_data_defaults(head, params, source.y, dim)
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
     chosen = dict(params or {})
-    grid = heads.param_grid(head, params, seed=seed) if search else {}
+    grid = heads.param_grid(head, user, seed=seed) if search else {}
     if not grid:
         return source.fit(pipe, head, params, class_weight=class_weight, seed=seed, tick=tick,
                           note=note, notes=notes), chosen
@@ -105,14 +110,29 @@ def resolve_params(head_names: list[str], items: list[str] | None, *,
         for h in takers:
             out[h][key] = value
     for head, name, value in specific:
-        heads.pipeline_params(heads.get(head), {name: value}, seed)  # names the valid ones
+        if head != heads.AUTO.name:  # auto's are checked below
+            heads.pipeline_params(heads.get(head), {name: value}, seed)  # names the valid ones
         out[head][name] = value
     for h in head_names:
+        if h == heads.AUTO.name:
+            from .auto import check_budget
+
+            unknown = sorted(set(out[h]) - {"budget"})
+            if unknown:
+                raise heads.HeadError(f"--param {unknown[0]}: auto chooses the parameters "
+                                      "itself; its only one is budget (seconds)")
+            if "budget" in out[h]:
+                check_budget(out[h]["budget"])
+            continue
         heads.build(h, out[h], seed=seed)  # bad values fail here, before any work
     return out
 
 
 def _has_param(head: str, name: str, seed: int) -> bool:
+    if head == heads.AUTO.name:
+        return name == "budget"
+    if name == "prep":
+        return not heads.get(head).members
     return name == "pca" or name in heads.get(head).make(seed).get_params()
 
 
@@ -169,7 +189,15 @@ def fit_checked(source: Labeled, head: str, params: dict[str, Any],
                 jobs: int | None = None, tick: Tick = _nothing, note: Note = _nothing,
                 notes: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """fit_configuration with cv's inner folds, a fit that fails on a --param value turned
-    into one line naming ``where`` (_fit_errors)."""
+    into one line naming ``where`` (_fit_errors). ``auto`` runs its own selection
+    (heads/auto.py) on the in-memory rows; --search adds nothing to it."""
+    if head == heads.AUTO.name:
+        from .auto import DEFAULT_BUDGET, fit_auto
+
+        est, chosen, _ = fit_auto(source.features(), source.y,
+                                  budget=params.get("budget", DEFAULT_BUDGET), seed=seed,
+                                  metric=metric)
+        return est, chosen
     with _fit_errors(head, params, where):
         return fit_configuration(source, head, params, class_weight=class_weight, search=search,
                                  inner_folds=INNER_FOLDS, scoring=metric, seed=seed, jobs=jobs,

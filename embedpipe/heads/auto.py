@@ -1,0 +1,387 @@
+"""``--head auto``: choose the head, its parameters and its preprocessing by cross-validation on
+the training rows, within a time budget (no torch).
+
+How it chooses (``select``):
+
+1. Candidates (``candidates``): a fixed list of (head, parameters) configurations, strongest and
+   cheapest first — every head's data-dependent defaults (``registry.data_params``) plus the
+   alternatives that measured best on the bench sets (bench/results/accuracy.md), e.g. logistic
+   regression on L2-normalised features with weak regularisation.
+2. Each candidate is scored by stratified k-fold CV on the training rows (k = 5, or the size of
+   the smallest class; 3 above 5,000 rows), folds from ``evaluate.cv.make_folds`` and shared by
+   all candidates. Its out-of-fold class scores are kept.
+3. Budget: before a candidate starts, if the seconds spent plus its expected cost (what the last
+   candidate of the same head took, else the mean so far) exceed ``budget``, it and the rest are
+   skipped and a note says so. The first candidate always runs, so a tiny budget still yields a
+   valid head.
+4. Ensembles: soft voting over the best configuration of each head, members added greedily
+   (best first) only while the out-of-fold metric of their mean temperature-scaled
+   probabilities strictly improves; so an ensemble is chosen only if it beats its best member
+   on the same folds.
+5. The best row of that table (ties: the earlier, cheaper candidate) is refitted on all training
+   rows; ``fit`` saves it like any head, with the table in the manifest (``auto``).
+
+Several stores (``fit A.h5 B.h5 --head auto``) are stacked side by side first, as for any head,
+so the candidates are scored on the stacked features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import registry as heads
+from .rows import EvaluateError, min_class
+
+AUTO = "auto"
+DEFAULT_BUDGET = 60.0  # seconds of selection; small stores finish well inside it
+MAX_FOLDS = 5
+LARGE_ROWS = 5000  # above this, 3 folds
+MAX_ENSEMBLE = 3
+
+
+class BudgetError(EvaluateError):
+    """A bad --budget value."""
+
+
+def check_budget(budget: Any) -> float:
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        b = float("nan")
+    if not np.isfinite(b) or b <= 0:
+        raise BudgetError(f"--budget {budget}: pass the seconds auto may spend choosing, a "
+                          f"number > 0 (default {DEFAULT_BUDGET:g})")
+    return b
+
+
+def candidates(n_per_class: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
+    """The configurations auto scores, in order: (head name, short parameters). Every head's
+    defaults for this data (``registry.data_params``) are among them."""
+    def d(h: str, **extra: Any) -> tuple[str, dict[str, Any]]:
+        return h, {**heads.data_params(h, n_per_class, dim), **extra}
+
+    out = [
+        ("logreg", {"prep": "l2", "C": 10.0}),
+        d("logreg"),
+        ("logreg", {"prep": "l2", "C": 100.0}),
+        ("logreg", {"prep": "scale", "C": 1.0}),
+        d("centroid"),
+        d("ridge"),
+        ("ridge", {"prep": "l2", "alpha": 1.0}),
+        d("knn"),
+        ("knn", {"n_neighbors": 10, "metric": "cosine", "weights": "distance"}),
+        d("linear-svm"),
+        ("linear-svm", {"prep": "l2", "C": 1.0}),
+        d("svm"),
+        ("svm", {"prep": "l2", "C": 10.0}),
+        ("svm", {"prep": "scale", "C": 10.0}),
+        d("mlp"),
+    ]
+    seen: set[str] = set()
+    unique = []
+    for h, p in out:
+        key = describe(h, p)
+        if key not in seen:
+            seen.add(key)
+            unique.append((h, p))
+    return unique
+
+
+def describe(head: str, params: dict[str, Any]) -> str:
+    """'logreg prep=l2 C=10.0' (the head's own preprocessing when prep is not given)."""
+    prep = params.get("prep") or "+".join(heads.get(head).steps) or "none"
+    rest = " ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "prep")
+    return f"{head} prep={prep}" + (f" {rest}" if rest else "")
+
+
+@dataclass
+class Selection:
+    """The outcome of ``select``: the table of candidates (best first) and notes."""
+    table: list[dict[str, Any]]
+    folds: int
+    metric: str
+    budget: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def choice(self) -> dict[str, Any]:
+        return self.table[0]
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: what the manifest (``auto``) and the cv report keep."""
+        keep = ("name", "head", "params", "members", "mean", "std", "fit_seconds")
+        return {"choice": self.choice["name"], "head": self.choice["head"],
+                "params": self.choice["params"], "members": self.choice.get("members", []),
+                "metric": self.metric, "folds": self.folds, "budget_s": self.budget,
+                "seconds": round(self.seconds, 2), "notes": self.notes,
+                "candidates": [{k: r[k] for k in keep if k in r} for r in self.table]}
+
+    def lines(self) -> list[str]:
+        """The table as text, best first."""
+        out = [f"auto: {len(self.table)} candidates scored by {self.folds}-fold CV "
+               f"({self.metric}) in {self.seconds:.1f} s (budget {self.budget:g} s)"]
+        for i, r in enumerate(self.table):
+            mark = "→" if i == 0 else " "
+            out.append(f"  {mark} {r['mean']:.3f} ± {r['std']:.3f}  {r['fit_seconds']:6.2f} s  "
+                       f"{r['name']}")
+        out += [f"  note: {n}" for n in self.notes]
+        out.append(f"auto chose {self.choice['name']}")
+        return out
+
+
+def _temperature(scores: np.ndarray, y_idx: np.ndarray) -> float:
+    """The temperature T minimising the log-loss of softmax(log(scores) / T) on these rows (a
+    grid over 0.05–20; the same idea as scikit-learn's method="temperature")."""
+    logits = np.log(np.clip(scores, 1e-12, 1.0))
+    best, best_t = np.inf, 1.0
+    for t in np.geomspace(0.05, 20, 41):
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        loss = -logp[np.arange(len(y_idx)), y_idx].mean()
+        if loss < best:
+            best, best_t = loss, t
+    return float(best_t)
+
+
+def _calibrate(scores: np.ndarray, t: float) -> np.ndarray:
+    z = np.log(np.clip(scores, 1e-12, 1.0)) / t
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def select(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, seed: int = 0,
+           metric: str = "accuracy", say: Callable[[str], None] = lambda m: None) -> Selection:
+    """Score the candidates and their ensembles on (X, y) (N×D float, N labels) by stratified
+    CV; returns the table, best first (see the module docstring)."""
+    from threadpoolctl import threadpool_limits
+
+    budget = check_budget(budget)
+    # one BLAS thread: the many small fits of a selection gain little from more, and on a busy
+    # machine two threads made logreg on 170 rows 90x slower (0.6 s vs 56 s wall, spin-waits)
+    with threadpool_limits(1 if len(y) <= LARGE_ROWS else None):
+        return _select(X, y, budget, seed, metric, say)
+
+
+def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
+            say: Callable[[str], None]) -> Selection:
+    from ..evaluate.cv import make_folds
+    from .compact import class_scores
+    from .fit import _Quiet
+    from .rows import scores as _scores
+
+    t_start = time.perf_counter()
+    classes = np.unique(y)
+    y_idx = np.searchsorted(classes, y)
+    _, smallest = min_class(y)
+    cands = candidates(smallest, X.shape[1])
+    k = min(MAX_FOLDS if len(y) <= LARGE_ROWS else 3, smallest)
+    notes: list[str] = []
+    if k < 2:
+        head, params = cands[0]
+        notes.append(f"a class has {smallest} training image: nothing to cross-validate, so "
+                     f"the first candidate ({describe(head, params)}) was taken untested")
+        row = {"name": describe(head, params), "head": head, "params": params,
+               "mean": float("nan"), "std": float("nan"), "fit_seconds": 0.0}
+        return Selection([row], 0, metric, budget, time.perf_counter() - t_start, notes)
+    splitter, _ = make_folds(k, 1, seed)
+    splits = list(splitter.split(np.zeros((len(y), 1)), y))
+    rows: list[dict[str, Any]] = []
+    cost: dict[str, float] = {}
+    for i, (head, params) in enumerate(cands):
+        spent = time.perf_counter() - t_start
+        expect = cost.get(head, float(np.mean(list(cost.values()))) if cost else 0.0)
+        if i > 0 and spent + expect > budget:
+            left = [describe(h, p) for h, p in cands[i:]]
+            notes.append(f"the budget ({budget:g} s) cut the search after {i} of {len(cands)} "
+                         f"candidates ({spent:.1f} s spent); not scored: {', '.join(left)}; "
+                         "pass a larger --budget to score them")
+            break
+        name = describe(head, params)
+        say(f"auto: scoring {name}")
+        oof = np.zeros((len(y), len(classes)))
+        t0 = time.perf_counter()
+        cut = False
+        try:
+            with _Quiet(count=False):
+                for tr, te in splits:
+                    if i > 0 and time.perf_counter() - t_start > budget:
+                        cut = True  # over budget inside this candidate: drop it
+                        break
+                    est = heads.build(head, params, seed=seed).fit(X[tr], y[tr])
+                    s, _ = class_scores(est, X[te], use_proba=heads.get(head).native_proba)
+                    cols = np.searchsorted(classes, np.asarray(est.classes_))
+                    oof[np.ix_(te, cols)] = s
+        except (ValueError, np.linalg.LinAlgError) as e:  # e.g. a fold too small for a head
+            notes.append(f"{name} failed to fit ({type(e).__name__}); left out")
+            continue
+        cost[head] = time.perf_counter() - t0
+        if cut:
+            left = [describe(h, p) for h, p in cands[i:]]
+            notes.append(f"the budget ({budget:g} s) cut the search during candidate {i + 1} "
+                         f"of {len(cands)}; not scored: {', '.join(left)}; pass a larger "
+                         "--budget to score them")
+            break
+        rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
+                         cost[head] / k))
+    singles = sorted(rows, key=lambda r: -r["mean"])
+    table = singles + _ensembles(singles, y, y_idx, classes, splits, metric, _scores)
+    table.sort(key=lambda r: -r["mean"])  # stable: ties keep singles and cheap-first order
+    for r in table:
+        r.pop("oof", None)
+        r.pop("calibrated", None)
+    return Selection(table, k, metric, budget, time.perf_counter() - t_start, notes)
+
+
+def _row(name: str, head: str, params: dict[str, Any], oof: np.ndarray, y: np.ndarray,
+         classes: np.ndarray, splits: list[Any], metric: str, scores: Any,
+         fit_seconds: float) -> dict[str, Any]:
+    pred = classes[np.argmax(oof, axis=1)]
+    per_fold = [scores(y[te], pred[te])[metric] for _, te in splits]
+    return {"name": name, "head": head, "params": dict(params),
+            "mean": float(np.mean(per_fold)), "std": float(np.std(per_fold)),
+            "fit_seconds": float(fit_seconds), "oof": oof}
+
+
+def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
+               classes: np.ndarray, splits: list[Any], metric: str,
+               scores: Any) -> list[dict[str, Any]]:
+    """Greedy forward selection over the best configuration of each head: a member joins only
+    if the soft vote's out-of-fold metric strictly improves. Returns the ensembles found
+    (one row per accepted step; empty when no member helps)."""
+    best_of: dict[str, dict[str, Any]] = {}
+    for r in singles:
+        best_of.setdefault(r["head"], r)
+    pool = list(best_of.values())
+    if len(pool) < 2:
+        return []
+    for r in pool:
+        r["calibrated"] = _calibrate(r["oof"], _temperature(r["oof"], y_idx))
+    chosen = [pool[0]]
+    score = pool[0]["mean"]
+    out = []
+    for cand in pool[1:]:
+        if len(chosen) >= MAX_ENSEMBLE:
+            break
+        trial = chosen + [cand]
+        mean = np.mean([m["calibrated"] for m in trial], axis=0)
+        row = _row(" + ".join(m["name"] for m in trial), heads.ENSEMBLE_SEP.join(
+            m["head"] for m in trial), {}, mean, y, classes, splits, metric, scores,
+            sum(m["fit_seconds"] for m in trial))
+        if row["mean"] > score:
+            row["members"] = [{"head": m["head"], "params": m["params"]} for m in trial]
+            chosen, score = trial, row["mean"]
+            out.append(row)
+    return out
+
+
+def build_choice(choice: dict[str, Any], seed: int = 0) -> Any:
+    """An unfitted estimator for a row of the table: the head's pipeline, or for an ensemble a
+    soft-voting ``VotingClassifier`` of the members' pipelines (members without native
+    probabilities calibrated by temperature scaling on 3-fold CV, as registry ensembles),
+    inside a Pipeline like a registry ensemble's."""
+    if not choice.get("members"):
+        return heads.build(choice["head"], choice["params"], seed=seed)
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import VotingClassifier
+    from sklearn.pipeline import Pipeline
+
+    members = []
+    for m in choice["members"]:
+        est: Any = heads.build(m["head"], m["params"], seed=seed)
+        if not heads.get(m["head"]).native_proba:
+            est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
+                                         cv=heads.ENSEMBLE_CALIBRATION_FOLDS)
+        members.append((m["head"], est))
+    return Pipeline([("pca", "passthrough"), ("clf", VotingClassifier(members, voting="soft"))])
+
+
+def fit_auto(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, seed: int = 0,
+             metric: str = "accuracy",
+             say: Callable[[str], None] = lambda m: None) -> tuple[Any, dict[str, Any], Selection]:
+    """Select (``select``) and refit the choice on all of (X, y): (fitted estimator, the
+    parameters to record — ``budget`` and ``choice`` —, the selection)."""
+    from .fit import _Quiet
+
+    from threadpoolctl import threadpool_limits
+
+    sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
+    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None):
+        est = build_choice(sel.choice, seed).fit(X, y)
+    return est, {"budget": budget, "choice": sel.choice["name"]}, sel
+
+
+def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
+        params: dict[str, Any] | None = None, class_weight: str | None = None, seed: int = 0,
+        metric: str = "accuracy", say: Callable[[str], None] = lambda m: None) -> Any:
+    """``embedpipe fit --head auto``: select on the store's training rows, refit the choice on
+    all of them (a single head without native probabilities is calibrated like ``fit`` does),
+    and save it with the candidate table in the manifest's ``auto``. Returns a FitResult whose
+    ``head`` reads 'auto → CHOICE'."""
+    from ..store.read import open_stores
+    from . import artifacts
+    from .fit import _Quiet
+    from .rows import select_rows, targets
+    from .train import CALIBRATION_FOLDS, FitResult, _check_sample, _training
+
+    t0 = time.perf_counter()
+    unknown = sorted(set(params or {}) - {"budget"})
+    if unknown:
+        raise heads.HeadError(f"--param {unknown[0]}: --head auto chooses the parameters "
+                              "itself; pass a named head to set them (or --budget SECONDS)")
+    if class_weight is not None:
+        raise heads.HeadError(f"--class-weight {class_weight}: --head auto does not take class "
+                              "weights; pass a named head that does (see `embedpipe heads`)")
+    budget = check_budget((params or {}).get("budget", DEFAULT_BUDGET))
+    store = open_stores(store_path)
+    for note in store.notes:
+        say(note)
+    rows = select_rows(store)
+    X, y = store.features[rows.train], targets(store, rows.train)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
+                            "a head needs at least two: add images of other classes")
+    say(f"auto: choosing a head for {len(y)} rows ({rows.describe()}), {len(classes)} classes, "
+        f"{X.shape[1]}-d, budget {budget:g} s")
+    sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
+    for line in sel.lines():
+        say(line)
+    choice = sel.choice
+    from threadpoolctl import threadpool_limits
+
+    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None):
+        est = build_choice(choice, seed)
+        if not choice.get("members") and not heads.get(choice["head"]).native_proba:
+            from sklearn.calibration import CalibratedClassifierCV
+
+            k = min(CALIBRATION_FOLDS, int(counts.min()))
+            if k >= 2:  # temperature scaling on k-fold decision scores, as `fit` does
+                est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
+                                             cv=k).fit(X, y)
+                calibration, probabilities = f"temperature scaling ({k}-fold)", "calibrated"
+            else:
+                est, calibration, probabilities = est.fit(X, y), "none (a class has 1 image)", \
+                    "scores"
+        else:
+            est, calibration, probabilities = est.fit(X, y), "native", "native"
+            if choice.get("members"):
+                calibration = "soft vote; members without probabilities temperature-scaled"
+    train_acc = float((est.predict(X) == y).mean())
+    manifest = artifacts.new_manifest(
+        head=choice["head"], params=choice["params"], class_weight=None, search=False,
+        seed=seed, calibration=calibration, probabilities=probabilities,
+        classes=[str(c) for c in est.classes_], store_identity=store.identity,
+        training=_training(store, rows, classes, counts, train_acc),
+        auto=sel.record())
+    path = artifacts.save(out, est, manifest, check_rows=X[_check_sample(len(y))])
+    return FitResult(path, f"auto → {choice['name']}", dict(choice["params"]), len(y),
+                     [str(c) for c in classes], calibration, time.perf_counter() - t0,
+                     train_acc)

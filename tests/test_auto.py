@@ -1,0 +1,87 @@
+"""`fit --head auto` / `cv --head auto`: the head chosen by cross-validation within --budget,
+on a small real store (Fashion-MNIST, bundled Lite0 features)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clitools import cli, ok, one_line_error, read_csv
+from embedpipe.heads import artifacts
+
+
+def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
+    out = tmp_path / "auto.skops"
+    res = ok("fit", fmnist_store, "-o", out, "--budget", "10000")  # no --head: auto
+    assert "auto chose" in res.output and "fitted auto → " in res.output
+    m = artifacts.load(out).manifest
+    rec = m["auto"]
+    names = [c["name"] for c in rec["candidates"]]
+    assert len(names) >= 2 and rec["choice"] == names[0]
+    # the table is ranked by inner-CV score, and the head saved is the choice
+    means = [c["mean"] for c in rec["candidates"]]
+    assert means == sorted(means, reverse=True)
+    assert m["head"] == rec["head"] and m["params"] == rec["params"]
+    assert rec["folds"] == 5 and rec["metric"] == "accuracy"
+    # an ensemble is only there when it beat its best member on the same folds
+    for c in rec["candidates"]:
+        if c.get("members"):
+            best_member = max(x["mean"] for x in rec["candidates"] if not x.get("members")
+                              and x["head"] in c["head"].split("+"))
+            assert c["mean"] > best_member
+    # predict loads it and classifies the held-out rows
+    csv_path = tmp_path / "p.csv"
+    ok("predict", out, "--store", fmnist_store, "--split", "test", "-o", csv_path)
+    rows = read_csv(csv_path)
+    assert len(rows) == 50
+    assert sum(r["label"] == r["predicted"] for r in rows) >= 30, rows[:5]
+
+
+def test_tiny_budget_still_gives_a_valid_head_and_says_so(fmnist_store, tmp_path):
+    out = tmp_path / "tiny.skops"
+    res = ok("fit", fmnist_store, "--head", "auto", "--budget", "0.001", "-o", out)
+    assert "budget" in res.output and "cut the search" in res.output
+    rec = artifacts.load(out).manifest["auto"]
+    assert len(rec["candidates"]) == 1  # only the first candidate ran
+    assert any("cut the search" in n for n in rec["notes"])
+    ok("predict", out, "--store", fmnist_store, "-o", tmp_path / "p.csv")
+
+
+def test_cv_head_auto_is_nested(fmnist_store, tmp_path):
+    report = tmp_path / "r.json"
+    res = ok("cv", fmnist_store, "--head", "auto", "--head", "centroid", "--folds", "2",
+             "--budget", "2", "--json", report, "-q")
+    r = json.loads(report.read_text())
+    assert {h["head"] for h in r["heads"]} == {"auto", "centroid"}
+    auto = next(h for h in r["heads"] if h["head"] == "auto")
+    assert len(auto["folds"]) == 2 and 0.0 <= auto["accuracy"]["mean"] <= 1.0
+    assert "auto" in res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--budget", "abc"], "--budget abc"),
+    (["--budget", "0"], "--budget 0"),
+    (["--budget", "-5"], "--budget -5"),
+    (["--budget", "nan"], "--budget nan"),
+    (["--head", "logreg", "--budget", "5"], "only --head auto"),
+    (["--head", "auto", "--param", "C=10"], "auto chooses"),
+])
+def test_bad_budget_or_params_are_one_line_errors(fmnist_store, tmp_path, args, needle):
+    one_line_error(cli("fit", fmnist_store, "-o", tmp_path / "x.skops", *args), needle)
+    assert not (tmp_path / "x.skops").exists()
+
+
+def test_cv_bad_budget_is_one_line_error(fmnist_store):
+    one_line_error(cli("cv", fmnist_store, "--head", "auto", "--budget", "x"), "--budget x")
+    one_line_error(cli("cv", fmnist_store, "--budget", "5"), "only --head auto")
+
+
+def test_heads_lists_auto_and_the_prep_parameter(fmnist_store, tmp_path):
+    res = ok("heads")
+    assert "auto" in res.output and "--budget" in res.output
+    out = tmp_path / "l2.skops"
+    ok("fit", fmnist_store, "--head", "svm", "--param", "prep=l2", "-o", out)
+    assert artifacts.load(out).manifest["params"]["prep"] == "l2"
+    one_line_error(cli("fit", fmnist_store, "--head", "svm", "--param", "prep=x", "-o", out),
+                   "prep=x")
