@@ -84,8 +84,9 @@ def candidates(n_per_class: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
     ]
     seen: set[str] = set()
     unique = []
-    for h, p in out:
-        key = describe(h, p)
+    for h, p in out:  # the same pipeline twice (e.g. C=10 given and C=10 by default) once
+        own = heads.get(h).make(0).get_params()
+        key = describe(h, {k: v for k, v in p.items() if not (k in own and own[k] == v)})
         if key not in seen:
             seen.add(key)
             unique.append((h, p))
