@@ -166,7 +166,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         else:  # in memory: the search (if any) on the bare head, then the chosen one calibrated
             chosen = (fit_configuration(fit_on, head, params, class_weight=class_weight,
                                         search=True, seed=seed, jobs=jobs, notes=notes)[1]
-                      if search else dict(params or {}))
+                      if search else heads.with_data_defaults(head, params, fit_on.y,
+                                                              store.dim))
         calibration, probabilities = "native", "native"
         if not spec.native_proba:
             bar.note("calibrating")
