@@ -301,14 +301,16 @@ def load_head(path: PathLike) -> Head:
     return Head(artifacts.load(Path(path)))
 
 
-def fit(store: StoreLike, head: str = "logreg", *, out: PathLike | None = None,
+def fit(store: StoreLike, head: str = "auto", *, out: PathLike | None = None,
         class_weight: str | None = None, search: bool = False, seed: int = 0,
         jobs: int | None = None, chunk_rows: int | None = None, progress: bool = False,
         **params: Any) -> Head:
     """Fit a head on a store's training rows (the ``train`` split, or every labeled row when
     there is none), as ``embedpipe fit STORE --head HEAD``.
 
-    ``head``: a head name (``logreg``, ``svm``, ``linear-svm``, ``knn``, ``ridge``,
+    ``head``: ``auto`` (the default, as for the CLI: the head, its parameters and
+    preprocessing chosen by cross-validation on the training rows; see heads/auto.py), a head
+    name (``logreg``, ``svm``, ``linear-svm``, ``knn``, ``ridge``,
     ``centroid``, ``mlp``, ``sgd``, ``logreg-sgd``; see `embedpipe heads`), or ``a+b+c`` for a
     soft-voting ensemble. ``params``: parameters of the head's final estimator (``C=10``,
     ``n_neighbors=3``, ``hidden_layer_sizes=(512,)``) or ``pca=N`` (components, or a variance

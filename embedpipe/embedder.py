@@ -3,7 +3,7 @@ features), with an optional feature store as a cache.
 
 It uses extract's pieces rather than its own: the backbone is built by ``backbones``, images
 are decoded by ``data`` and preprocessed by the model's timm eval transform, forward passes go
-through ``extract.runtime.embed`` (device, precision, TTA), and with ``cache`` the files go
+through extract's runtime (device, precision, torch or OpenVINO, TTA), and with ``cache`` the files go
 through ``extract.local.run`` into a store like ``embedpipe extract`` does — so a cached
 transform returns the very features `extract` stores, and a store made by `extract` with the
 same options serves as the cache.
@@ -16,6 +16,7 @@ not cloned.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,18 +43,21 @@ class _Runtime:
 
     def __init__(self, opts: ExtractOptions, stored_precision: str | None):
         from .backbones import build_backbone, decode_size, make_views_transform
-        from .extract.runtime import prepare_model, resolve_device, resolve_precision
-        from .provenance import identity_of
+        from .extract.local import _load
 
-        self.device = resolve_device(opts.device)
-        self.precision = resolve_precision(opts.precision, self.device, stored_precision)
+        # the same device, precision, runtime and identity rules as `extract` (one code path);
+        # the backbone is kept for extract.run into the cache, so it is built once
         self.backbone = build_backbone(opts)
-        self.data_config, self.identity = identity_of(self.backbone, opts, self.precision)
-        self.model, self.amp = prepare_model(self.backbone, self.device, self.precision,
-                                             opts.channels_last)
+        self.device, self.engine, self.data_config, self.identity = _load(
+            opts, {"precision": stored_precision} if stored_precision else {}, _stderr,
+            self.backbone)
         self.transform = make_views_transform(self.data_config)
         self.min_size = None if opts.exact_decode else decode_size(self.data_config)
-        self.dim = int(self.backbone.feature_dim)
+        self.dim = int(self.identity["feature_dim"])
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class Embedder(TransformerMixin, BaseEstimator):
@@ -71,7 +75,8 @@ class Embedder(TransformerMixin, BaseEstimator):
     ``model`` (a timm name; default EfficientNet-Lite0 with bundled offline ImageNet weights),
     ``weights`` (a file path, ``"bundled"`` or ``"hub"``), ``pool``, ``img_size``,
     ``crop_pct``, ``precision`` (auto, fp32, bf16, fp16; auto: bf16 on CUDA and on CPUs with
-    native bf16, else fp32), ``device`` (auto, cpu, cuda[:N]), ``batch_size`` (images per
+    native bf16, else fp32), ``device`` (auto, cpu, cuda[:N]), ``runtime`` (auto, torch,
+    openvino: as `extract --runtime`), ``batch_size`` (images per
     forward pass), ``workers`` (loader processes for cached extraction; default cores − 1),
     ``cache`` (path of an HDF5 feature store, created when missing), ``progress`` (a progress
     bar on stderr).
@@ -94,7 +99,7 @@ class Embedder(TransformerMixin, BaseEstimator):
     def __init__(self, model: str = DEFAULT_MODEL, weights: str | None = None, *,
                  pool: str | None = None, img_size: int | None = None,
                  crop_pct: float | None = None, precision: str = "auto", device: str = "auto",
-                 batch_size: int = 32, workers: int | None = None,
+                 runtime: str = "auto", batch_size: int = 32, workers: int | None = None,
                  cache: str | os.PathLike[str] | None = None, progress: bool = False):
         self.model = model
         self.weights = weights
@@ -103,6 +108,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.crop_pct = crop_pct
         self.precision = precision
         self.device = device
+        self.runtime = runtime
         self.batch_size = batch_size
         self.workers = workers
         self.cache = cache
@@ -176,7 +182,8 @@ class Embedder(TransformerMixin, BaseEstimator):
         opts = extract_options(self.model, self.weights, pool=self.pool,
                                img_size=self.img_size, crop_pct=self.crop_pct,
                                precision=self.precision, device=self.device,
-                               batch_size=self.batch_size, workers=self.workers,
+                               runtime=self.runtime, batch_size=self.batch_size,
+                               workers=self.workers,
                                compile="off")
         check_options(opts)
         return opts
@@ -210,7 +217,6 @@ class Embedder(TransformerMixin, BaseEstimator):
         each."""
         import torch
 
-        from .extract.runtime import embed
         from .progress import Progress
 
         rt = self._runtime_for(opts, stored_precision)
@@ -222,9 +228,7 @@ class Embedder(TransformerMixin, BaseEstimator):
                 batch = sources[lo:lo + opts.batch_size]
                 views = torch.stack([rt.transform(s.image(rt.min_size, opts.max_pixels))
                                      for s in batch])
-                feats = embed(rt.model, views, rt.device, amp=rt.amp,
-                              channels_last=opts.channels_last, flip=flip,
-                              chunk=opts.batch_size)
+                feats = rt.engine(views, flip=flip, chunk=opts.batch_size)
                 out.extend(feats.float().cpu().numpy())
                 bar.update(len(batch))
         if count:
