@@ -302,9 +302,9 @@ def render(hdr, line_a: str, line_b: str, dt: float, rss: float, score: dict, ok
     done = [r[0] for r in scale_rows]
     missing = [str(n) for n in sorted(sizes) if str(n) not in done]
     return hdr.render([
-        f"- images: {line_a}",
-        f"- copies for the threshold: {line_b}",
-        f"- planted audit: `embedpipe audit planted.h5 --fix-plan` in {dt:.1f} s, peak RSS "
+        f"images: {line_a}",
+        f"copies for the threshold: {line_b}",
+        f"planted audit: `embedpipe audit planted.h5 --fix-plan` in {dt:.1f} s, peak RSS "
         f"{rss:.0f} MB; {score['groups']} duplicate groups, {score['issues']} label issues, "
         f"{score['flagged_outliers']} outliers flagged; default threshold "
         f"{NEAR_DUPLICATE_COSINE}",
