@@ -895,16 +895,16 @@ def audit(
                                           "extraction (thumbnails only)."),
     no_map: bool = typer.Option(False, "--no-map", help="Skip the 2-D embedding map."),
     seed: int = typer.Option(0, help="Seeds the folds, the head and the map."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: Quiet = False,
 ) -> None:
     """Audit a store: duplicates and train/test leaks, likely label errors, outliers, class
     balance and an embedding map, as one self-contained report.html plus audit.json."""
     from . import audit as au
 
     cut = au.NEAR_DUPLICATE_COSINE if threshold is None else threshold
-    res = _run(au.run_audit, store, out, threshold=cut, k=k, folds=folds, head=head,
-               seed=seed, images=images, draw_map=not no_map, fix_plan=fix_plan,
-               progress=not quiet)
+    res = au.run_audit(store, out, threshold=cut, k=k, folds=folds, head=head, seed=seed,
+                       images=images, draw_map=not no_map, fix_plan=fix_plan,
+                       progress=not quiet)
     typer.echo(res.line())
 
 
