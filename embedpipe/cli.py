@@ -875,6 +875,39 @@ def export(
     typer.echo(res.line())
 
 
+@app.command()
+def audit(
+    store: Path = typer.Argument(..., help="A feature store made by `embedpipe extract`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.html, "
+                                       "audit.json (and fix_plan.csv); default: "
+                                       "<store>-audit/ beside the store."),
+    fix_plan: bool = typer.Option(False, "--fix-plan", help="Also write fix_plan.csv: "
+                                  "suggested actions (drop-duplicate, review-label, "
+                                  "review-outlier) to review and edit; nothing is changed."),
+    threshold: Optional[float] = typer.Option(None, help="Cosine similarity at or above which "
+                                              "two images are near duplicates (default 0.94, "
+                                              "measured: see README)."),
+    k: int = typer.Option(5, "-k", help="Neighbours of the kNN outlier distance."),
+    folds: int = typer.Option(5, help="Cross-validation folds for the out-of-fold "
+                              "probabilities behind label errors."),
+    head: str = typer.Option("logreg", help="Head giving the out-of-fold probabilities."),
+    images: Optional[Path] = typer.Option(None, help="The image folder, if it moved since "
+                                          "extraction (thumbnails only)."),
+    no_map: bool = typer.Option(False, "--no-map", help="Skip the 2-D embedding map."),
+    seed: int = typer.Option(0, help="Seeds the folds, the head and the map."),
+    quiet: Quiet = False,
+) -> None:
+    """Audit a store: duplicates and train/test leaks, likely label errors, outliers, class
+    balance and an embedding map, as one self-contained report.html plus audit.json."""
+    from . import audit as au
+
+    cut = au.NEAR_DUPLICATE_COSINE if threshold is None else threshold
+    res = au.run_audit(store, out, threshold=cut, k=k, folds=folds, head=head, seed=seed,
+                       images=images, draw_map=not no_map, fix_plan=fix_plan,
+                       progress=not quiet)
+    typer.echo(res.line())
+
+
 def main() -> None:
     app()
 

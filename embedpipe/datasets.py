@@ -11,6 +11,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,3 +101,138 @@ def write_fashion_mnist_folder(out: Path, per_class: int = 20, split: str = "tes
                                    "pass a --folder in a writable place") from None
             start += count
     return out
+
+
+# -- planted problems (tests and bench/audit.py check that `embedpipe audit` finds them) --------
+
+FOREIGN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page",
+                  "text", "clock", "hubble_deep_field", "immunohistochemistry", "colorwheel",
+                  "brick", "grass", "gravel", "retina")
+"""scikit-image's bundled sample photos (``skimage.data``), used as images foreign to a set."""
+
+COPY_KINDS = {
+    "exact": "a byte-identical file",
+    "jpeg90": "re-encoded as JPEG quality 90",
+    "jpeg75": "re-encoded as JPEG quality 75",
+    "jpeg60": "re-encoded as JPEG quality 60",
+    "up2-jpeg90": "upscaled 2x (bicubic), saved as JPEG quality 90",
+    "up4-jpeg75": "upscaled 4x (bicubic), saved as JPEG quality 75",
+    "up2": "upscaled 2x (bicubic), PNG",
+    "down24": "downscaled to 6/7 of the size (bilinear), PNG",
+    "crop1": "1 px cropped from every side (93% of the width), PNG",
+    "crop2": "2 px cropped from every side (86% of the width), PNG",
+    "flip": "mirrored left-right, PNG",
+}
+"""How ``degraded_copy`` can alter an image (names and what they do)."""
+
+
+def degraded_copy(img: Any, kind: str) -> tuple[Any, str, dict]:
+    """A near-duplicate of the PIL image ``img`` (see COPY_KINDS): (image, file suffix,
+    save parameters)."""
+    from PIL import Image, ImageOps
+
+    w, h = img.size
+    if kind not in COPY_KINDS:
+        raise DatasetError(f"copy kind {kind!r}: use one of {', '.join(COPY_KINDS)}")
+    if kind.startswith("up"):
+        f = int(kind[2])
+        img = img.resize((f * w, f * h), Image.BICUBIC)
+    if kind.startswith("down"):
+        img = img.resize((w * 6 // 7, h * 6 // 7), Image.BILINEAR)
+    if kind.startswith("crop"):
+        c = int(kind[4:])
+        img = img.crop((c, c, w - c, h - c))
+    if kind == "flip":
+        img = ImageOps.mirror(img)
+    if "jpeg" in kind:
+        return img, ".jpg", {"quality": int(kind.split("jpeg")[1])}
+    return img, ".png", {}
+
+
+def write_planted_fashion_mnist(out: Path, *, splits: dict[str, int], classes: int = 10,
+                                duplicates: int = 0, copy_kinds: tuple[str, ...] = (
+                                    "exact", "jpeg90", "up2-jpeg90", "up2"),
+                                flip_fraction: float = 0.0, foreign: int = 0,
+                                source: str = "train", seed: int = 0) -> dict:
+    """A ``split/class/`` PNG folder of Fashion-MNIST (the first ``classes`` classes,
+    ``splits`` maps split names to per-class counts, disjoint draws from ``source``) with
+    known problems planted, for checking an audit:
+
+    - ``duplicates`` images of the first split get a copy (cycling through ``copy_kinds``,
+      see ``degraded_copy``) written into the last split, same class: train/test leaks;
+    - ``flip_fraction`` of the first split's originals are moved into another class folder;
+    - ``foreign`` photos (``FOREIGN_PHOTOS``, needs scikit-image) go into class folders of
+      the first split, as 64x64 RGB PNGs.
+
+    Returns the truth (paths relative to ``out``): {"duplicates": [[original, copy, kind]],
+    "flipped": [[path, true class, given class]], "foreign": [path]}."""
+    from PIL import Image
+
+    out = Path(out)
+    names = list(splits)
+    rng = np.random.default_rng(seed)
+    images, labels = load_fashion_mnist(source)
+    keep = labels < classes
+    pool = np.flatnonzero(keep)
+    idx = balanced_indices(labels[pool], sum(splits.values()), seed)
+    by_class: dict[int, list[int]] = {}
+    for i in pool[idx]:
+        by_class.setdefault(int(labels[i]), []).append(int(i))
+    placed: list[tuple[str, int, int]] = []  # (split, class, image index)
+    for c, members in sorted(by_class.items()):
+        start = 0
+        for name, count in splits.items():
+            placed += [(name, c, i) for i in members[start:start + count]]
+            start += count
+    first = [p for p in placed if p[0] == names[0]]
+    order = rng.permutation(len(first))
+    n_flip = int(round(flip_fraction * len(first)))
+    flip_ids = set(order[:n_flip].tolist())
+    dup_ids = order[n_flip:n_flip + duplicates].tolist()
+    truth: dict = {"duplicates": [], "flipped": [], "foreign": []}
+    given: dict[int, int] = {}
+    for j in flip_ids:
+        c = first[j][1]
+        given[j] = int((c + rng.integers(1, classes)) % classes)
+    rel_of: dict[int, str] = {}
+    for j, (split, c, i) in enumerate(first):
+        g = given.get(j, c)
+        rel = f"{split}/{FASHION_CLASSES[g]}/{source}_{i:05d}.png"
+        rel_of[j] = rel
+        if j in given:
+            truth["flipped"].append([rel, FASHION_CLASSES[c], FASHION_CLASSES[g]])
+    try:
+        for j, (split, c, i) in enumerate(first):
+            path = out / rel_of[j]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(path)
+        for split, c, i in placed:
+            if split != names[0]:
+                path = out / split / FASHION_CLASSES[c] / f"{source}_{i:05d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i], mode="L").save(path)
+        for n, j in enumerate(dup_ids):
+            split, c, i = first[j]
+            kind = copy_kinds[n % len(copy_kinds)]
+            img, suffix, params = degraded_copy(Image.fromarray(images[i], mode="L"), kind)
+            rel = f"{names[-1]}/{FASHION_CLASSES[c]}/copy_{kind}_{i:05d}{suffix}"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            if kind == "exact":
+                (out / rel).write_bytes((out / rel_of[j]).read_bytes())
+            else:
+                img.save(out / rel, **params)
+            truth["duplicates"].append([rel_of[j], rel, kind])
+        if foreign:
+            from skimage import data as skdata
+
+            for n in range(foreign):
+                name = FOREIGN_PHOTOS[n % len(FOREIGN_PHOTOS)]
+                photo = Image.fromarray(np.asarray(getattr(skdata, name)())).convert("RGB")
+                c = int(rng.integers(0, classes))
+                rel = f"{names[0]}/{FASHION_CLASSES[c]}/foreign_{n:02d}_{name}.png"
+                photo.resize((64, 64), Image.BILINEAR).save(out / rel)
+                truth["foreign"].append(rel)
+    except OSError as e:
+        raise DatasetError(f"{out}: cannot write the images there ({e.strerror or e}); "
+                           "pass a folder in a writable place") from None
+    return truth
