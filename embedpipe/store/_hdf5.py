@@ -24,6 +24,14 @@ from .schema import ERROR_FIELDS, ROW_FIELDS, StoreBusy, StoreError, _check_sche
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` says the disk (or the user's quota) is full: its errno, or the text HDF5
+    puts in the errors it raises for a failed write (``errno = 28``/``122``)."""
+    text = str(e)
+    return getattr(e, "errno", None) in _NO_SPACE or any(
+        s in text for s in ("errno = 28", "errno = 122", "No space left", "Disk quota exceeded"))
+
+
 def _open_swmr_read(path: Path) -> h5py.File:
     if path.is_dir():
         raise StoreError(f"{path}: is a folder, not a store; pass the .h5 file made by "

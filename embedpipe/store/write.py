@@ -32,6 +32,7 @@ from ..provenance import IDENTITY_KEYS
 from ._hdf5 import (
     _FALLOCATE,
     _NO_SPACE,
+    no_space,
     _PUNCH_HOLE,
     _READ_ERRORS,
     _committed,
@@ -321,10 +322,7 @@ class StoreWriter:
         try:
             yield
         except (OSError, RuntimeError) as e:
-            text = str(e)
-            if getattr(e, "errno", None) in _NO_SPACE or any(
-                    s in text for s in ("errno = 28", "errno = 122", "No space left",
-                                        "Disk quota exceeded")):
+            if no_space(e):
                 self._failed = self._full("No space left on device")
             else:
                 self._failed = StoreError(
@@ -452,8 +450,7 @@ def _mib(n: int) -> str:
 
 
 def _write_failed(path: Path, e: BaseException, what: str) -> StoreError:
-    text = str(e)
-    if getattr(e, "errno", None) in _NO_SPACE or "errno = 28" in text or "No space left" in text:
+    if no_space(e):
         return StoreFull(f"{path}: disk full (No space left on device): {what}; free space on "
                          "that disk (or pass another --out) and rerun the same command")
     return StoreError(f"{path}: {what} ({first_line(e, 160)}); check that the folder is "
