@@ -3,12 +3,21 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 from clitools import ok
 
 from embedpipe.datasets import write_fashion_mnist_folder
+
+# Many tests start `embedpipe` subprocesses from a test process that has also loaded torch and
+# OpenVINO in-process (other tests extract). CPython 3.11 starts subprocesses with vfork, and
+# after that mix of native runtimes the vfork child segfaulted in pthread_sigmask (seen with
+# gdb, in _posixsubprocess.subprocess_fork_exec): fork + exec instead, for the tests only
+# (CPython's documented switch; the product starts no subprocess on these paths).
+if hasattr(subprocess, "_USE_VFORK"):
+    subprocess._USE_VFORK = False
 
 # Keep the suite honest about the offline promise: nothing may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,8 +13,26 @@ from pathlib import Path
 
 import pytest
 
-from clitools import cli, ok, one_line_error, read_csv
+from clitools import cli, one_line_error, read_csv
 from embedpipe.datasets import write_planted_fashion_mnist
+
+class _Ran:
+    """What a finished `embedpipe` subprocess printed (stdout + stderr) and its exit code."""
+
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.output, self.exit_code = proc.stdout + proc.stderr, proc.returncode
+
+
+def audit_ok(*args: object) -> _Ran:
+    """`embedpipe audit ARGS...` in its own process, which must succeed. A real `audit` never
+    has torch or OpenVINO loaded; this test process does (other tests extract), and numba's
+    threads (UMAP) beside their OpenMP runtimes crashed the test process once (SIGSEGV)."""
+    proc = subprocess.run([sys.executable, "-m", "embedpipe.cli", "audit", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    res = _Ran(proc)
+    assert res.exit_code == 0, res.output
+    return res
+
 
 CLASSES, TRAIN, TEST = 4, 20, 5  # 4 classes x (20 train + 5 test) Fashion-MNIST images
 
@@ -51,7 +69,7 @@ def audited(planted: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathF
     data, store, _ = planted
     out = tmp_path_factory.mktemp("audit-out") / "report"
     before = _folder_digest(data)
-    res = ok("audit", store, "--out", out, "--fix-plan")
+    res = audit_ok(store, "--out", out, "--fix-plan")
     after = _folder_digest(data)
     report = json.loads((out / "audit.json").read_text())
     return res.output, out, report, read_csv(out / "fix_plan.csv"), before, after
@@ -164,7 +182,7 @@ def test_missing_image_files_show_as_missing_and_images_option(planted, tmp_path
     shutil.copytree(data, moved)
     gone = truth["duplicates"][0][1]
     (moved / gone).unlink()
-    ok("audit", store, "--out", tmp_path / "a", "--images", moved, "--no-map", "-q")
+    audit_ok(store, "--out", tmp_path / "a", "--images", moved, "--no-map", "-q")
     text = (tmp_path / "a" / "report.html").read_text()
     assert f'<div class="missing" title="{gone}">missing file</div>' in text
     report = json.loads((tmp_path / "a" / "audit.json").read_text())
@@ -250,7 +268,7 @@ def test_unlabeled_one_class_and_tiny_stores_skip_label_errors_with_a_note(plant
     # an unlabeled store: duplicates and outliers still work, label errors are skipped
     orig, copy, _ = truth["duplicates"][0]
     unl = _small_store(planted, tmp_path, "flat", files[:6] + [orig, copy], flat=True)
-    res = ok("audit", unl, "-o", tmp_path / "u", "-q")
+    res = audit_ok(unl, "-o", tmp_path / "u", "-q")
     assert "label errors skipped" in res.output
     rep = json.loads((tmp_path / "u" / "audit.json").read_text())
     assert "no labels" in rep["label_issues"]["skipped"]
@@ -259,13 +277,13 @@ def test_unlabeled_one_class_and_tiny_stores_skip_label_errors_with_a_note(plant
     assert '<section id="label-issues">' in (tmp_path / "u" / "report.html").read_text()
     # one class
     one = _small_store(planted, tmp_path, "one", files[:5], flat=False)
-    res = ok("audit", one, "-o", tmp_path / "o", "-q", "--fix-plan")
+    res = audit_ok(one, "-o", tmp_path / "o", "-q", "--fix-plan")
     rep = json.loads((tmp_path / "o" / "audit.json").read_text())
     assert "at least 2 classes" in rep["label_issues"]["skipped"]
     assert (tmp_path / "o" / "fix_plan.csv").read_text().startswith("path,action,")
     # a single image
     single = _small_store(planted, tmp_path, "single", files[:1], flat=False)
-    res = ok("audit", single, "-o", tmp_path / "s", "-q")
+    res = audit_ok(single, "-o", tmp_path / "s", "-q")
     rep = json.loads((tmp_path / "s" / "audit.json").read_text())
     assert rep["rows"] == 1 and rep["summary"]["duplicate_groups"] == 0
     assert any("one row" in n for n in rep["notes"])

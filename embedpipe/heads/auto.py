@@ -167,7 +167,7 @@ def select(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, seed
     budget = check_budget(budget)
     # one BLAS thread: the many small fits of a selection gain little from more, and on a busy
     # machine two threads made logreg on 170 rows 90x slower (0.6 s vs 56 s wall, spin-waits)
-    with threadpool_limits(1 if len(y) <= LARGE_ROWS else None):
+    with threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
         return _select(X, y, budget, seed, metric, say)
 
 
@@ -314,7 +314,7 @@ def fit_auto(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, se
     from threadpoolctl import threadpool_limits
 
     sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
-    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None):
+    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
         est = build_choice(sel.choice, seed).fit(X, y)
     return est, {"budget": budget, "choice": sel.choice["name"]}, sel
 
@@ -330,7 +330,9 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     from . import artifacts
     from .fit import _Quiet
     from .rows import select_rows, targets
-    from .train import CALIBRATION_FOLDS, FitResult, _check_sample, _training
+    from .. import checks
+    from . import fewshot
+    from .train import CALIBRATION_FOLDS, FitResult, _check_sample, _paths, _training
 
     t0 = time.perf_counter()
     unknown = sorted(set(params or {}) - {"budget"})
@@ -347,9 +349,8 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     rows = select_rows(store)
     X, y = store.features[rows.train], targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise EvaluateError(f"{store.path}: the training rows hold one class ({classes[0]}); "
-                            "a head needs at least two: add images of other classes")
+    fewshot.check_classes(y, str(store.path))  # the same refusals as any other head's fit
+    checks.refuse_nonfinite(X, [store.paths[i] for i in rows.train], str(store.path))
     say(f"auto: choosing a head for {len(y)} rows ({rows.describe()}), {len(classes)} classes, "
         f"{X.shape[1]}-d, budget {budget:g} s")
     sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
@@ -358,7 +359,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     choice = sel.choice
     from threadpoolctl import threadpool_limits
 
-    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None):
+    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
         est = build_choice(choice, seed)
         if not choice.get("members") and not heads.get(choice["head"]).native_proba:
             from sklearn.calibration import CalibratedClassifierCV
@@ -382,7 +383,8 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         classes=[str(c) for c in est.classes_], store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc),
         auto=sel.record())
-    path = artifacts.save(out, est, manifest, check_rows=X[_check_sample(len(y))])
+    path = artifacts.save(out, est, manifest, check_rows=X[_check_sample(len(y))],
+                          inputs=_paths(store_path))
     return FitResult(path, f"auto → {choice['name']}", dict(choice["params"]), len(y),
                      [str(c) for c in classes], calibration, time.perf_counter() - t0,
                      train_acc)

@@ -117,13 +117,13 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     from ..progress import Progress
     from . import reject, stream
 
+    _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
     if head == heads.AUTO.name:  # chooses by cross-validation, then saves like any head
         from . import auto
 
         return auto.fit(store_path, out, params=params, class_weight=class_weight, seed=seed,
                         say=say)
     t0 = time.perf_counter()
-    _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
     spec = heads.get(head)
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
     if chunk_rows is not None:
