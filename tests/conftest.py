@@ -19,6 +19,30 @@ from embedpipe.datasets import write_fashion_mnist_folder
 if hasattr(subprocess, "_USE_VFORK"):
     subprocess._USE_VFORK = False
 
+# `--runtime auto` picks OpenVINO on this CPU. With OpenVINO loaded in the long-lived pytest
+# process, that process later died of SIGSEGV while it waited on a subprocess (reproducible:
+# test_api + test_artifacts + test_audit; gone with openvino blocked; cause not found). So in
+# this process `auto` means torch, unless a store already holds OpenVINO's bf16 features;
+# subprocess runs of `embedpipe` keep the real `auto`, and tests/test_runtime.py (run in a
+# pytest process of its own, see the README's test command) tests OpenVINO explicitly.
+def _torch_in_this_process() -> None:
+    from embedpipe.extract import runtime
+    from embedpipe.provenance import OV_BF16
+
+    real = runtime.choose_runtime
+
+    def choose(name: str, device_type: str, precision: str, *, stored: str | None = None,
+               **kw):
+        if name == "auto" and stored != OV_BF16:
+            name = "torch"
+        return real(name, device_type, precision, stored=stored, **kw)
+
+    runtime.choose_runtime = choose
+
+
+if os.environ.get("EMBEDPIPE_TEST_OPENVINO_IN_PROCESS") != "1":
+    _torch_in_this_process()
+
 # Keep the suite honest about the offline promise: nothing may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

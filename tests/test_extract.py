@@ -546,11 +546,11 @@ def test_bad_compile_value_fails_in_one_line(fmnist: Path, tmp_path: Path):
 
 
 def _storm_runtime() -> list[str]:
-    """The storm runs OpenVINO where it is installed (kills then also land while its model
-    cache is written: the test's private XDG_CACHE_HOME starts empty), else torch."""
-    import importlib.util
-
-    return ["--runtime", "openvino" if importlib.util.find_spec("openvino") else "torch"]
+    """The storm runs torch: with OpenVINO (and an empty model cache) most kills landed while
+    the model converted on a loaded machine, and the killed runs could not keep the quarter of
+    the rows this test asks of them; OpenVINO's resume after a kill is tested in
+    tests/test_runtime.py."""
+    return ["--runtime", "torch"]
 
 
 def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
