@@ -118,7 +118,13 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     from . import reject, stream
 
     _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
+    if reject_rate is not None and not 0 < reject_rate < 1:
+        raise reject.RejectError(f"--reject-rate {reject_rate}: pass a false-reject rate "
+                                 "between 0 and 1, e.g. 0.05")
     if head == heads.AUTO.name:  # chooses by cross-validation, then saves like any head
+        if reject_rate is not None:
+            raise reject.RejectError("--reject-rate: not available with --head auto yet; pass "
+                                     "the head auto chose (or any named head) with --head")
         from . import auto
 
         return auto.fit(store_path, out, params=params, class_weight=class_weight, seed=seed,
@@ -129,9 +135,6 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     if chunk_rows is not None:
         stream.check_chunk_rows(chunk_rows)
     chunk_rows = chunk_rows or stream.DEFAULT_CHUNK_ROWS
-    if reject_rate is not None and not 0 < reject_rate < 1:
-        raise reject.RejectError(f"--reject-rate {reject_rate}: pass a false-reject rate "
-                                 "between 0 and 1, e.g. 0.05")
     if reject_rate is not None and spec.streaming:
         raise reject.RejectError(f"--reject-rate: not available for the streaming head {head}; "
                                  "use an in-memory head (logreg, svm, mlp, ...) or predict "
