@@ -299,7 +299,9 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         say(f"ray: {len(disc.items)} images in {n_shards} shard stores under {sdir}")
         shard_summaries: list[Summary] = []
         changed = False
-        bar = Progress(len(disc.items), "extract (ray)", enabled=progress)
+        # a line a second when not on a terminal: a fast cluster run (seconds) still shows one,
+        # where the 10-s default printed none
+        bar = Progress(len(disc.items), "extract (ray)", enabled=progress, every=1.0)
         try:
             for lo in range(0, n_shards, MAX_OPEN_SHARDS):
                 wave = range(lo, min(n_shards, lo + MAX_OPEN_SHARDS))
