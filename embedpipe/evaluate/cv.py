@@ -86,6 +86,24 @@ def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
             "convergence_warnings": quiet.convergence, "notes": notes}
 
 
+def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int,
+               args: Any) -> dict[Any, dict[str, Any]]:
+    """Run _cv_task for every key of ``tasks`` (``args(key, bar)`` gives its arguments) on
+    ``jobs`` joblib workers, with one progress bar of fits; the results by key."""
+    from joblib import Parallel, delayed
+
+    from ..progress import Progress
+
+    results: dict[Any, dict[str, Any]] = {}
+    with Progress(len(tasks), label, enabled=progress, unit="fit") as bar:
+        gen = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_cv_task)(*args(key, bar)) for key in tasks)
+        for key, res in zip(tasks, gen):
+            results[key] = res
+            bar.update(1)
+    return results
+
+
 def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[str]) -> None:
     """The few-shot notes (fewshot.adapt) of every fit, each said once with its fit count."""
     seen: dict[str, int] = {}
@@ -142,7 +160,6 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     Streaming heads (sgd, logreg-sgd) read each fold's rows from the store ``chunk_rows`` at
     a time; the features are loaded into memory only when another head needs them.
     """
-    from joblib import Parallel, delayed
 
     from ..heads import stream
     from ..progress import Progress, printer
@@ -199,16 +216,10 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     tasks = [(h, i) for h in names for i in range(len(splits))]
     say(f"cv: {len(names)} head(s) x {len(splits)} folds = {len(tasks)} fits on {len(y)} "
         f"train rows ({'nested search, ' if search else ''}{jobs} job(s))")
-    results: dict[tuple[str, int], dict[str, Any]] = {}
-    with Progress(len(tasks), "cv", enabled=progress, unit="fit") as bar:
-        gen = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(_cv_task)(sources[h in streamed], splits[i][0], splits[i][1], h,
-                              per_params[h], cw[h], search, metric, seed, where,
-                              _tasks_note(bar, jobs, f"{h} fold {i + 1}") if h in streamed
-                              else None) for h, i in tasks)
-        for key, res in zip(tasks, gen):
-            results[key] = res
-            bar.update(1)
+    results = _run_tasks(tasks, "cv", progress, jobs, lambda key, bar: (
+        sources[key[0] in streamed], splits[key[1]][0], splits[key[1]][1], key[0],
+        per_params[key[0]], cw[key[0]], search, metric, seed, where,
+        _tasks_note(bar, jobs, f"{key[0]} fold {key[1] + 1}") if key[0] in streamed else None))
     _fewshot_notes(results, warn, notes)
 
     table = []
@@ -364,10 +375,9 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     rows all stores share, sorted by path, are split once (``make_folds``) and every
     (store, head, fold) is fitted and scored on exactly those rows. With two stores the report
     also has the paired per-fold difference (second − first)."""
-    from joblib import Parallel, delayed
 
     from ..heads import stream
-    from ..progress import Progress, printer
+    from ..progress import printer
     from ..store.read import open_store
 
     warn = warn or printer(True)
@@ -401,16 +411,11 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     tasks = [(k, h, f) for k in range(len(stores)) for h in names for f in range(len(splits))]
     say(f"compare: {len(stores)} stores x {len(names)} head(s) x {len(splits)} folds = "
         f"{len(tasks)} fits on {len(y)} common train rows")
-    results = {}
-    with Progress(len(tasks), "compare", enabled=progress, unit="fit") as bar:
-        gen = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(_cv_task)(sources[k][h in streamed], splits[f][0], splits[f][1], h,
-                              per_params[h], cw[h], search, metric, seed, str(stores[k].path),
-                              _tasks_note(bar, jobs, f"[{chr(65 + k)}] {h} fold {f + 1}")
-                              if h in streamed else None) for k, h, f in tasks)
-        for key, res in zip(tasks, gen):
-            results[key] = res
-            bar.update(1)
+    results = _run_tasks(tasks, "compare", progress, jobs, lambda key, bar: (
+        sources[key[0]][key[1] in streamed], splits[key[2]][0], splits[key[2]][1], key[1],
+        per_params[key[1]], cw[key[1]], search, metric, seed, str(stores[key[0]].path),
+        _tasks_note(bar, jobs, f"[{chr(65 + key[0])}] {key[1]} fold {key[2] + 1}")
+        if key[1] in streamed else None))
     _fewshot_notes(results, warn, notes)
     table = []
     for h in names:
