@@ -571,7 +571,6 @@ def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
         if len(after_startup) >= 10:
             assert committed > 0, (f"{len(after_startup)} runs killed seconds into extraction "
                                    "kept no rows at all: finished batches are not committed")
-        runs_before = peek_committed(store)[0]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
         t0 = time.monotonic()
@@ -581,9 +580,9 @@ def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
             while time.monotonic() - t0 < delay and proc.poll() is None:
                 time.sleep(0.02)
         else:
-            # start-up ends when this run's record appears in the store (recovery, if any, and
-            # the model are done; extraction starts right after)
-            while peek_committed(store)[0] <= runs_before and proc.poll() is None:
+            # start-up (imports, recovery, the run's record, the model) ends when this run
+            # commits its first batch: the run record alone is written before the model loads
+            while (peek_committed(store)[1] <= committed and proc.poll() is None):
                 time.sleep(0.05)
             t_start = time.monotonic()
             remaining = total - committed
