@@ -122,7 +122,8 @@ class Model:
         data_config, identity = identity_of(self.backbone, opts, self.precision)
         # As extract sets up its model (the forward itself is runtime.embed, via the engine).
         self.engine = build_engine(self.backbone, self.device, self.precision, opts.runtime,
-                                   channels_last=opts.channels_last)
+                                   channels_last=opts.channels_last,
+                                   hint="latency")  # a request's few images, at once
         identity["precision"] = self.precision = self.engine.stored_precision
         # Model, weights sha256, data config, pool and feature dim must equal the head's.
         self.notes = artifacts.check_compatible(self.head, identity,

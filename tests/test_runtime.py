@@ -271,3 +271,29 @@ def test_predict_and_serve_with_openvino_answer_as_torch(head: Path, fmnist_stor
         r = next(v for k, v in by["torch"].items() if k.endswith(p.name))
         assert a["class"] == r["predicted"]
         assert abs(a["confidence"] - float(r["confidence"])) < 1e-3
+
+
+def test_openvino_takes_uint8_pixels_and_its_features_equal_a_plain_timm_forward(
+        tmp_path: Path, cache: Path):
+    """The loader hands uint8 pixels and OpenVINO normalises them inside its compiled graph
+    (PrePostProcessor), its batches split over CPU streams: the stored fp32 features equal a
+    forward pass built without embedpipe (timm's float transform + the bundled weights) on
+    real photos of several sizes and a grayscale image; the run record names the streams."""
+    from skimage import data as skdata
+    from test_extract import reference_features
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sk = Path(skdata.__file__).parent
+    for name in ("coffee.png", "astronaut.png", "chelsea.png", "camera.png"):
+        shutil.copy(sk / name, photos / name)
+    out = tmp_path / "ov.h5"
+    ok("extract", photos, "-o", out, "--precision", "fp32", "--runtime", "openvino", "-q",
+       "--layout", "unlabeled", "--workers", "0")
+    f = features(out)
+    files = sorted(photos.iterdir())
+    ref = reference_features(files)
+    got = np.stack([f[p.name] for p in files])
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
+    rt = last_runtime(out)
+    assert rt["streams"] >= 1 and rt["threads"] >= 1

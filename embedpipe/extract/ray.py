@@ -137,7 +137,8 @@ _TRANSFORMS: dict[str, Any] = {}
 
 def _decode_batch(batch: dict[str, np.ndarray], *, data_config: dict[str, Any],
                   min_size: tuple[int, int] | None, max_pixels: int | None,
-                  view_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+                  view_shape: tuple[int, ...], view_dtype: str = "uint8"
+                  ) -> dict[str, np.ndarray]:
     """A Ray Data CPU task: read, hash, decode and preprocess a batch of files (load_one, as
     the in-process loader). Bad files become status=error rows with their reason."""
     from ..backbones import make_views_transform
@@ -147,7 +148,7 @@ def _decode_batch(batch: dict[str, np.ndarray], *, data_config: dict[str, Any],
         _TRANSFORMS[key] = make_views_transform(data_config)
     transform = _TRANSFORMS[key]
     n = len(batch["key"])
-    tensor = np.zeros((n, *view_shape), dtype=np.float32)
+    tensor = np.zeros((n, *view_shape), dtype=view_dtype)
     cols: dict[str, list[Any]] = {"status": [], "reason": [], "hash": [], "mtime_ns": [],
                                   "size": []}
     for j in range(n):
@@ -288,7 +289,8 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
                                  "another --out, or the options the store was made with")
         from PIL import Image
 
-        view_shape = tuple(make_views_transform(data_config)(Image.new("RGB", (8, 8))).shape)
+        probe = make_views_transform(data_config)(Image.new("RGB", (8, 8)))
+        view_shape = (*probe.shape, str(probe.dtype).removeprefix("torch."))
         min_size = None if opts.exact_decode else decode_size(data_config)
         n_shards = _shard_count(sdir, len(disc.items), cluster.workers or 1)
         parts = partition(disc, n_shards)
@@ -415,7 +417,7 @@ def _precision(precision: str, device: str, cuda_bf16: bool, cpu_bf16: bool,
 def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_shards: int,
               opts: ExtractOptions, identity: dict[str, Any], data_config: dict[str, Any],
               env: dict[str, str], device: str, precision: str,
-              min_size: tuple[int, int] | None, view_shape: tuple[int, ...],
+              min_size: tuple[int, int] | None, view_shape: tuple[Any, ...],  # (*shape, dtype)
               summary: Summary, shard_summaries: list[Summary],
               bar: Progress, say: Callable[[str], None]) -> bool:
     """Plan the shards of ``wave``, run their work through one Ray Data pipeline, commit it to
@@ -479,7 +481,7 @@ def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_sh
 def _stream(cluster: _Cluster, items: list[dict[str, Any]], where: list[tuple[int, int]],
             sessions: dict[int, Session], opts: ExtractOptions, identity: dict[str, Any],
             data_config: dict[str, Any], device: str, precision: str,
-            min_size: tuple[int, int] | None, view_shape: tuple[int, ...],
+            min_size: tuple[int, int] | None, view_shape: tuple[Any, ...],  # (*shape, dtype)
             summary: Summary, bar: Progress) -> None:
     ray, workers, gpus, cpus = cluster.ray, cluster.workers or 1, cluster.gpus, cluster.cpus
     b = opts.batch_size
@@ -490,7 +492,8 @@ def _stream(cluster: _Cluster, items: list[dict[str, Any]], where: list[tuple[in
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(10_000, -(-len(items) // b))))
     ds = ds.map_batches(_decode_batch, batch_size=b, batch_format="numpy", num_cpus=decode_cpus,
                         fn_kwargs={"data_config": data_config, "min_size": min_size,
-                                   "max_pixels": opts.max_pixels, "view_shape": view_shape})
+                                   "max_pixels": opts.max_pixels, "view_shape": view_shape[:-1],
+                                   "view_dtype": view_shape[-1]})
     embedder = _embedder_class(_opts_dict(opts), identity, device, precision)
     ds = ds.map_batches(embedder, batch_size=b, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -272,19 +272,46 @@ class CompiledForward:
             return self.eager(x)
 
 
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def model_input(pixels: torch.Tensor, normalize: Normalization, *,
+                channels_last: bool) -> torch.Tensor:
+    """N×H×W×3 uint8 pixels → N×3×H×W float32 model input, (pixels/255 − mean)/std per
+    channel, as timm's ToTensor + Normalize compute it; channels-last memory when asked (the
+    pixels' own layout: no copy for the permute)."""
+    import torch
+
+    mean = torch.tensor(normalize[0], device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalize[1], device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2)
+    x = x.float() if channels_last else x.contiguous().float()
+    return x.div_(255).sub_(mean).div_(std)
+
+
 def embed(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor,
           device: torch.device, *, amp: Any, channels_last: bool, flip: bool,
-          chunk: int) -> torch.Tensor:
-    """B×V×C×H×W float32 views (V = 1 without crops TTA) → B×D float32 pooled features: the
-    mean over the views and, with ``flip``, their mirror images. Forward passes of at most
-    ``chunk`` images through ``model`` (a torch module or an ``OpenVINOForward``)."""
+          chunk: int, normalize: Normalization | None = None,
+          takes_pixels: bool = False) -> torch.Tensor:
+    """Views → B×D float32 pooled features: the mean over the views and, with ``flip``, their
+    mirror images. Forward passes of at most ``chunk`` images through ``model`` (a torch module
+    or an ``OpenVINOForward``).
+
+    ``views`` is B×V×H×W×3 uint8 pixels (``backbones.make_views_transform``; V = 1 without crops
+    TTA), normalised here with ``normalize`` unless the model ``takes_pixels`` (OpenVINO with the
+    normalisation in its graph), or B×V×3×H×W float32 views already normalised."""
     import torch
 
     b, v = views.shape[:2]
     x = views.flatten(0, 1).to(device, non_blocking=True)
+    pixels = x.dtype == torch.uint8
     if flip:
-        x = torch.cat([x, x.flip(-1)])
-    if channels_last:
+        x = torch.cat([x, x.flip(2 if pixels else -1)])
+    if pixels and not takes_pixels:
+        if normalize is None:
+            raise ValueError("uint8 views need the model's normalisation (mean, std)")
+        x = model_input(x, normalize, channels_last=channels_last)
+    elif channels_last and not pixels:
         x = x.contiguous(memory_format=torch.channels_last)
     with amp:
         outs = [model(x[lo:lo + chunk]) for lo in range(0, x.shape[0], chunk)]
@@ -326,7 +353,8 @@ def _file_sha256(path: Path) -> str:
 
 @dataclass
 class OpenVINOForward:
-    """A backbone compiled by OpenVINO for the CPU: N×C×H×W float32 torch tensor → N×D float32
+    """A backbone compiled by OpenVINO for the CPU: N×H×W×3 uint8 pixels (``pixels``: the
+    normalisation is in the compiled graph) or N×3×H×W float32 torch tensor → N×D float32
     torch tensor (one synchronous infer request; batch size free). ``cache`` tells how the
     converted model was had: 'hit' (read from the disk cache), 'miss' (converted and cached),
     'rebuilt' (a damaged cache entry was converted again) or 'off' (not cacheable here)."""
@@ -336,23 +364,47 @@ class OpenVINOForward:
     version: str
     cache: str
     threads: int
+    pixels: bool = False
     seconds: dict[str, float] = field(default_factory=dict)  # convert / read / compile
 
     def __post_init__(self) -> None:
-        self.request = self.compiled.create_infer_request()
+        # Two infer requests per stream: while one request's results are copied out, the
+        # stream already runs the other (bench/results/extract.md: OpenVINO settings).
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+        n = 1 if self.streams <= 1 else 2 * int(
+            self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.requests = [self.compiled.create_infer_request() for _ in range(max(1, n))]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
         import torch
 
         arr = x.detach().cpu().contiguous().numpy()
-        out = self.request.infer({0: arr}, share_inputs=True, share_outputs=False)
-        return torch.from_numpy(next(iter(out.values())))
+        if len(self.requests) == 1 or len(arr) == 1:
+            out = self.requests[0].infer({0: arr}, share_inputs=True, share_outputs=False)
+            return torch.from_numpy(next(iter(out.values())))
+        # the batch split into one part per request, all in flight at once
+        parts = [p for p in np.array_split(arr, min(len(self.requests), len(arr)))]
+        busy = list(zip(self.requests, parts))
+        for request, part in busy:
+            request.start_async({0: part}, share_inputs=True)
+        outs = []
+        for request, _ in busy:
+            request.wait()
+            outs.append(request.get_output_tensor(0).data.copy())
+        return torch.from_numpy(np.concatenate(outs))
 
 
 def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = None,
+                   normalize: Normalization | None = None, hint: str = "throughput",
                    say: Callable[[str], None] = _warn) -> OpenVINOForward:
     """Convert ``backbone`` (or read its cached conversion) and compile it for the CPU at
-    ``precision`` (fp32 or bf16). A cache entry that cannot be read, fails its checksum or does
+    ``precision`` (fp32 or bf16). With ``normalize`` (mean, std of pixel/255) the compiled
+    model takes N×H×W×3 uint8 pixels and normalises them in its graph (OpenVINO's
+    PrePostProcessor: convert to f32, subtract 255·mean, divide by 255·std, NHWC → NCHW); the
+    cached IR stays the plain model. ``hint``: "throughput" (OpenVINO's THROUGHPUT hint: CPU
+    streams, each batch split over their infer requests; for extraction) or "latency" (one
+    request on all ``threads``; for one image at a time, as serve). A cache entry that cannot be read, fails its checksum or does
     not compile is deleted and converted again (one line through ``say``), never fatal; a cache
     folder that cannot be written only costs the next run the conversion. Raises ExtractError
     when the model does not convert or bf16 is asked on a CPU where OpenVINO would not run it.
@@ -372,6 +424,8 @@ def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = 
         core.set_property({"CACHE_DIR": str(blobs)})
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
+    if hint == "throughput":  # streams of their own threads, each running a part of a batch
+        config["PERFORMANCE_HINT"] = "THROUGHPUT"
     seconds: dict[str, float] = {}
     status = "miss"
     compiled = None
@@ -384,7 +438,7 @@ def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = 
             model = core.read_model(str(entry / "model.xml"), str(entry / "model.bin"))
             seconds["read"] = time.perf_counter() - t
             t = time.perf_counter()
-            compiled = core.compile_model(model, "CPU", config)
+            compiled = core.compile_model(_with_pixels(ov, model, normalize), "CPU", config)
             seconds["compile"] = time.perf_counter() - t
             status = "hit"
         except Exception as e:  # noqa: BLE001 - any damage: convert again
@@ -401,13 +455,30 @@ def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = 
         if not _save_entry(ov, model, entry, key):
             status = "off"
         t = time.perf_counter()
-        compiled = core.compile_model(model, "CPU", config)
+        compiled = core.compile_model(_with_pixels(ov, model, normalize), "CPU", config)
         seconds["compile"] = time.perf_counter() - t
     got = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()  # <Type: 'bfloat16'>
     if precision == "bf16" and "bf16" not in got and "bfloat16" not in got:
         raise ExtractError(f"--runtime openvino --precision bf16: OpenVINO runs {got} on this "
                            "CPU (no native bf16); pass --precision fp32 or --runtime torch")
-    return OpenVINOForward(compiled, precision, version, status, int(threads), seconds)
+    return OpenVINOForward(compiled, precision, version, status, int(threads),
+                           normalize is not None, seconds)
+
+
+def _with_pixels(ov: Any, model: Any, normalize: Normalization | None) -> Any:
+    """``model`` (N×3×H×W float input) taking N×H×W×3 uint8 pixels instead, normalised in its
+    graph; ``model`` itself when ``normalize`` is None."""
+    if normalize is None:
+        return model
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    inp = ppp.input()
+    inp.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    inp.model().set_layout(ov.Layout("NCHW"))
+    inp.preprocess().convert_element_type(ov.Type.f32) \
+        .mean([255.0 * m for m in normalize[0]]).scale([255.0 * s for s in normalize[1]])
+    return ppp.build()
 
 
 def _convert(ov: Any, backbone: Backbone) -> Any:
@@ -463,6 +534,7 @@ class Engine:
     runtime: str  # "torch" or "openvino"
     precision: str  # numeric: fp32, bf16 or fp16
     note: str | None = None  # why auto chose torch on the CPU
+    normalize: Normalization | None = None  # of uint8 views (backbones.input_normalization)
 
     @property
     def stored_precision(self) -> str:
@@ -473,41 +545,51 @@ class Engine:
         if isinstance(self.forward, OpenVINOForward):
             f = self.forward
             return {"name": "openvino", "version": f.version, "precision": f.precision,
-                    "cache": f.cache, "threads": f.threads}
+                    "cache": f.cache, "threads": f.threads, "streams": f.streams}
         import torch
 
         return {"name": "torch", "version": torch.__version__, "precision": self.precision}
 
     def describe(self) -> str:
         if isinstance(self.forward, OpenVINOForward):
-            return f"openvino {self.forward.version} (cache {self.forward.cache})"
+            f = self.forward
+            streams = f", {f.streams} streams" if f.streams > 1 else ""
+            return f"openvino {f.version} (cache {f.cache}{streams})"
         return "torch"
 
     def __call__(self, views: torch.Tensor, *, flip: bool, chunk: int) -> torch.Tensor:
-        """B×V×C×H×W views → B×D float32 features (``embed``)."""
+        """B×V×H×W×3 uint8 (or B×V×3×H×W float) views → B×D float32 features (``embed``)."""
         return embed(self.forward, views, self.device, amp=self.amp,
-                     channels_last=self.channels_last, flip=flip, chunk=chunk)
+                     channels_last=self.channels_last, flip=flip, chunk=chunk,
+                     normalize=self.normalize,
+                     takes_pixels=getattr(self.forward, "pixels", False))
 
 
 def build_engine(backbone: Backbone, device: torch.device, precision: str, runtime: str, *,
                  channels_last: bool = True, stored: str | None = None,
-                 say: Callable[[str], None] = _warn) -> Engine:
+                 hint: str = "throughput", say: Callable[[str], None] = _warn) -> Engine:
     """The backbone ready for inference on ``device`` at ``precision`` (numeric) by
     ``runtime`` (auto, torch, openvino; see ``choose_runtime``). With OpenVINO the engine keeps
     no reference to torch's module (one runtime per process). ``auto`` falls back to torch
     with one line through ``say`` when OpenVINO is not installed, cannot run the precision, or
-    the model does not convert. Raises ExtractError when ``--runtime openvino`` cannot run."""
+    the model does not convert. ``hint`` as ``build_openvino``'s. Raises ExtractError when
+    ``--runtime openvino`` cannot run."""
+    from ..backbones import input_normalization
+
+    normalize = input_normalization(backbone.data_config)
     name, why = choose_runtime(runtime, device.type, precision, stored=stored)
     if name == "openvino":
         try:
-            fwd = build_openvino(backbone, precision, say=say)
+            fwd = build_openvino(backbone, precision, normalize=normalize, hint=hint, say=say)
         except ExtractError as e:
             if runtime == "openvino":
                 raise
             name, why = "torch", str(e).split("; pass")[0]
         else:
-            return Engine(fwd, contextlib.nullcontext(), False, device, "openvino", precision)
+            return Engine(fwd, contextlib.nullcontext(), False, device, "openvino", precision,
+                          normalize=normalize)
     if why and runtime == "auto" and device.type == "cpu":
         say(f"note: --runtime auto uses torch: {why}")
     model, amp = prepare_model(backbone, device, precision, channels_last)
-    return Engine(model, amp, channels_last, device, "torch", precision, why)
+    return Engine(model, amp, channels_last, device, "torch", precision, why,
+                  normalize=normalize)
