@@ -75,6 +75,7 @@ class Summary:
     precision: str = ""
     compiled: str = ""  # "", "compiled" or "eager (compile failed)"
     runtime: str = ""  # "torch" or "openvino <version> (cache hit|miss|rebuilt|off)"
+    pipeline: str = ""  # where decoding ran: "1 decode worker", "decode in-process"
     interrupted: bool = False
 
     @property
@@ -97,8 +98,8 @@ class Summary:
         if self.pruned:
             parts.append(f"{self.pruned} pruned")
         head = "interrupted" if self.interrupted else "done"
-        how = ", ".join(x for x in (self.device, self.runtime, self.precision, self.compiled)
-                        if x)
+        how = ", ".join(x for x in (self.device, self.runtime, self.precision, self.compiled,
+                                    self.pipeline) if x)
         return (f"{head}: {', '.join(parts)} of {self.total} images in {self.seconds:.1f} s "
                 f"({self.rate:.1f} img/s, {how}) → {self.store}")
 
