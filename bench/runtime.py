@@ -85,8 +85,13 @@ def main() -> None:
     import openvino as ov
     import torch
 
-    from embedpipe.backbones import load_backbone, make_views_transform
-    from embedpipe.extract.runtime import build_openvino, cpu_has_native_bf16, prepare_model
+    from embedpipe.backbones import input_normalization, load_backbone, make_views_transform
+    from embedpipe.extract.runtime import (
+        build_openvino,
+        cpu_has_native_bf16,
+        model_input,
+        prepare_model,
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg")  # a cold OpenVINO cache: conversion timed
@@ -94,7 +99,10 @@ def main() -> None:
     tf = make_views_transform(bb.data_config)
     tr, ytr = images("train", args.train)
     te, yte = images("test", args.test)
-    x = torch.stack([tf(im)[0] for im in tr + te])  # N×C×H×W float32, preprocessed once
+    x = torch.stack([tf(im)[0] for im in tr + te])  # N×H×W×3 uint8 pixels, decoded once
+    norm = input_normalization(bb.data_config)
+    if norm is not None:  # the float model input every runtime here takes (N×C×H×W)
+        x = model_input(x, norm, channels_last=False)
     print(f"{len(x)} images preprocessed", file=sys.stderr)
 
     native = cpu_has_native_bf16()
