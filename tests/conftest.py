@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,37 +10,9 @@ from clitools import ok
 
 from embedpipe.datasets import write_fashion_mnist_folder
 
-# Many tests start `embedpipe` subprocesses from a test process that has also loaded torch and
-# OpenVINO in-process (other tests extract). CPython 3.11 starts subprocesses with vfork, and
-# after that mix of native runtimes the vfork child segfaulted in pthread_sigmask (seen with
-# gdb, in _posixsubprocess.subprocess_fork_exec): fork + exec instead, for the tests only
-# (CPython's documented switch; the product starts no subprocess on these paths).
-if hasattr(subprocess, "_USE_VFORK"):
-    subprocess._USE_VFORK = False
-
-# `--runtime auto` picks OpenVINO on this CPU. With OpenVINO loaded in the long-lived pytest
-# process, that process later died of SIGSEGV while it waited on a subprocess (reproducible:
-# test_api + test_artifacts + test_audit; gone with openvino blocked; cause not found). So in
-# this process `auto` means torch, unless a store already holds OpenVINO's bf16 features;
-# subprocess runs of `embedpipe` keep the real `auto`, and tests/test_runtime.py (run in a
-# pytest process of its own, see the README's test command) tests OpenVINO explicitly.
-def _torch_in_this_process() -> None:
-    from embedpipe.extract import runtime
-    from embedpipe.provenance import OV_BF16
-
-    real = runtime.choose_runtime
-
-    def choose(name: str, device_type: str, precision: str, *, stored: str | None = None,
-               **kw):
-        if name == "auto" and stored != OV_BF16:
-            name = "torch"
-        return real(name, device_type, precision, stored=stored, **kw)
-
-    runtime.choose_runtime = choose
-
-
-if os.environ.get("EMBEDPIPE_TEST_OPENVINO_IN_PROCESS") != "1":
-    _torch_in_this_process()
+# OpenVINO runs in this long-lived test process too (`--runtime auto` picks it on this CPU):
+# the process used to die of SIGSEGV later, while it waited on a subprocess, until the runtime
+# kept one openvino.Core per process (extract/runtime.py: openvino_core).
 
 # Keep the suite honest about the offline promise: nothing may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

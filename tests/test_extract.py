@@ -510,11 +510,11 @@ def test_compiled_forward_sees_one_batch_shape(fmnist: Path, tmp_path: Path, mon
     out = tmp_path / "s.h5"
     res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
                      "--batch-size", "4", "--compile", "on", "-q", "--runtime", "torch")
-    assert ", compiled) → " in res.output and "warning" not in res.output
+    assert ", fp32, compiled, " in res.output and "warning" not in res.output
     assert shapes == [(4, 3, 224, 224)] * 2  # 6 images: 4 + 2 padded to 4
     shapes.clear()  # --compile auto (the default) does not compile a few images on the CPU
     res = extract_ok(fmnist / "bag", "-o", tmp_path / "auto.h5", "--layout", "unlabeled", "-q")
-    assert shapes == [] and ", compiled)" not in res.output
+    assert shapes == [] and ", compiled" not in res.output
     files = _bag_files(fmnist)
     np.testing.assert_allclose(np.stack([by_path(open_store(out))[f.name] for f in files]),
                                reference_features(files), atol=1e-4, rtol=0)
@@ -530,7 +530,7 @@ def test_compiled_features_equal_eager_features(fmnist: Path, tmp_path: Path, mo
                          "--precision", "fp32", "--batch-size", "4", "--compile", mode, "-q",
                          "--runtime", "torch")  # --compile is torch's
         assert "warning" not in res.output, res.output
-    assert ", compiled) → " in res.output.splitlines()[-1]
+    assert ", compiled, " in res.output.splitlines()[-1]
     assert any((tmp_path / "inductor").iterdir())  # compiled artefacts are cached there
     eager, compiled = by_path(open_store(stores["off"])), by_path(open_store(stores["on"]))
     assert eager.keys() == compiled.keys() and len(eager) == 6
@@ -801,3 +801,16 @@ def test_a_picture_skipped_for_max_pixels_is_retried_when_the_limit_is_raised(tm
     # and back at the default, nothing to do
     res = extract_ok(root, "-o", out)
     assert "0 extracted, 3 already in store, 0 failed" in res.output, res.output
+
+
+def test_summary_and_run_record_name_the_decode_workers(fmnist: Path, tmp_path: Path):
+    """Where decoding ran is part of what a user reads off a run: the summary line says it and
+    the run record keeps it."""
+    from embedpipe.store import read_runs
+
+    for workers, words in (("0", ", decode in-process) → "), ("2", ", 2 decode workers) → ")):
+        out = tmp_path / f"w{workers}.h5"
+        res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "-q",
+                         "--workers", workers)
+        assert words in res.output.splitlines()[-1], res.output
+        assert read_runs(out)[-1]["decode_workers"] == int(workers)

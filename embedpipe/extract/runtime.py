@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -395,6 +396,24 @@ class OpenVINOForward:
         return torch.from_numpy(np.concatenate(outs))
 
 
+_CORE: Any = None
+_CORE_LOCK = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``. A second Core in the same process can crash it
+    later with SIGSEGV (openvinotoolkit/openvino#35338; ultralytics/ultralytics#25864 fixed
+    the same crash by reusing one Core): every model this process compiles goes through
+    this one."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            import openvino as ov
+
+            _CORE = ov.Core()
+        return _CORE
+
+
 def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = None,
                    normalize: Normalization | None = None, hint: str = "throughput",
                    say: Callable[[str], None] = _warn) -> OpenVINOForward:
@@ -417,7 +436,7 @@ def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     entry = ov_cache_dir() / f"{backbone.name.replace('/', '_')}-{digest}"
     threads = threads or torch.get_num_threads()
-    core = ov.Core()
+    core = openvino_core()
     blobs = ov_cache_dir() / "compiled"
     with contextlib.suppress(OSError):
         blobs.mkdir(parents=True, exist_ok=True)
