@@ -183,7 +183,7 @@ def main() -> None:
         bu.table(["runtime", "cos min vs torch fp32", "cos mean", "logreg acc", "model img/s",
                   "vs torch fp32"], rows), "",
         *[f"- {e}" for e in extra], "",
-        "## Conversion (seconds, wall; loaded machine inflates them)", "",
+        "## Conversion (seconds, wall; a loaded machine inflates them)", "",
         bu.table(["what", "seconds"], [[k, f"{v:.2f}"] for k, v in conv.items()]), "",
         "- fidelity of the two routes (f32, cosine min to torch fp32 on one batch): "
         + ", ".join(f"{k} {v:.7f}" for k, v in route_cos.items()), "",
