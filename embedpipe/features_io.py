@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import _io
 from .errors import UserError
 from .store.read import open_store
 
@@ -86,39 +87,27 @@ def export_features(store_path: str | Path, out: str | Path, *, chunk_rows: int 
     splits = np.array([str(s) for s in store.splits], dtype=str).reshape(n)
     dtype = np.float16 if store.features.dtype == np.float16 else np.float32
     rows = np.arange(n, dtype=np.int64)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{suf}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with Progress(n, "export", enabled=progress, unit="row") as bar:
-            if suf == ".npz":
-                X = np.empty((n, dim), dtype=dtype)
-                for pos, block in store.iter_feature_chunks(rows, chunk_rows):
-                    X[pos] = block
-                    bar.update(len(pos))
-                with open(tmp, "wb") as f:
-                    np.savez(f, path=paths, label=labels, split=splits, features=X)
-            elif suf == ".npy":
-                rec = np.dtype([("path", paths.dtype), ("label", labels.dtype),
-                                ("split", splits.dtype), ("features", dtype, (dim,))])
-                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=rec, shape=(n,))
-                arr["path"], arr["label"], arr["split"] = paths, labels, splits
-                for pos, block in store.iter_feature_chunks(rows, chunk_rows):
-                    arr["features"][pos] = block
-                    bar.update(len(pos))
-                arr.flush()
-                del arr
-            else:
-                _write_parquet(store, tmp, paths, labels, splits, chunk_rows, bar)
-        os.replace(tmp, out)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise FeaturesFileError(f"-o {out}: cannot write ({e.strerror or e}); pass a writable "
-                                "path") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    with _io.atomic_output(out, flag="-o") as tmp, \
+            Progress(n, "export", enabled=progress, unit="row") as bar:
+        if suf == ".npz":
+            X = np.empty((n, dim), dtype=dtype)
+            for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+                X[pos] = block
+                bar.update(len(pos))
+            with open(tmp, "wb") as f:
+                np.savez(f, path=paths, label=labels, split=splits, features=X)
+        elif suf == ".npy":
+            rec = np.dtype([("path", paths.dtype), ("label", labels.dtype),
+                            ("split", splits.dtype), ("features", dtype, (dim,))])
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=rec, shape=(n,))
+            arr["path"], arr["label"], arr["split"] = paths, labels, splits
+            for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+                arr["features"][pos] = block
+                bar.update(len(pos))
+            arr.flush()
+            del arr
+        else:
+            _write_parquet(store, tmp, paths, labels, splits, chunk_rows, bar)
     return n
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import _io
 from .errors import UserError
 from .provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff_fields
 from .store.read import FeatureStore, open_store
@@ -401,14 +402,4 @@ def write(result: Result, fmt: str, out: str | Path | None) -> None:
     if out is None or str(out) == "-":
         sys.stdout.write(text)
         return
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise SimilarError(f"-o {out}: cannot write ({e.strerror or e}); pass a writable "
-                           "path") from None
+    _io.write_text(out, text, flag="-o")
