@@ -554,14 +554,18 @@ def _storm_runtime() -> list[str]:
 
 
 def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
-                target_kills: int) -> tuple[list[tuple[str, float, int]], int]:
+                target_kills: int, earlier: tuple[int, float] = (0, 0.0)
+                ) -> tuple[list[tuple[str, float, int]], int, float]:
     """Run `embedpipe extract SRC -o STORE` until the store holds all ``total`` rows, SIGKILLing
     each run at a random moment (start-up, recovery, extraction, commits). Kill times during
     extraction are drawn from a window sized by the extraction rate measured so far, so that
     about ``target_kills`` kills land before the work is done. After every kill, `embedpipe info`
     must read the store and show at least every row a reader saw committed before the kill.
-    Returns the kills as (phase, seconds after launch, rows committed after the kill), and how
-    many rows the killed runs committed (the last, unkilled run does the rest)."""
+    ``earlier``: (rows gained, seconds) of killed runs in earlier rounds, so that a round's
+    first kills are timed by the rate already measured (a fast machine finishes a round
+    within the unmeasured first window). Returns the kills as (phase, seconds after launch,
+    rows committed after the kill), how many rows the killed runs committed (the last,
+    unkilled run does the rest) and the seconds those runs spent extracting."""
     cmd = [*EMBEDPIPE, "extract", str(src), "-o", str(store), "--precision", "fp32",
            "--batch-size", "4", "--workers", "0", "-q", *_storm_runtime()]
     committed, kills = 0, []
@@ -587,7 +591,8 @@ def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
             t_start = time.monotonic()
             remaining = total - committed
             left = max(1, target_kills - len(after_startup))
-            rate = gained / busy if busy > 0 and gained > 0 else None
+            g, b = gained + earlier[0], busy + earlier[1]
+            rate = g / b if b > 0 and g > 0 else None
             # until a killed run has committed something, widen the window on each kill (a
             # loaded machine can take seconds per batch)
             window = (max(0.3, 2 * remaining / (left * rate)) if rate
@@ -619,7 +624,7 @@ def _kill_storm(src: Path, store: Path, total: int, rng: random.Random,
             print(f"  kill {len(kills):2d} ({phase:10s}) at {delay:5.2f} s after launch: "
                   f"{committed}/{total} rows committed")
         if committed == total:
-            return kills, gained
+            return kills, gained, busy
     raise AssertionError(f"{store}: not done after {cycle} runs ({len(kills)} kills)")
 
 
@@ -650,12 +655,14 @@ def test_kill_storm_random_sigkills_never_lose_a_committed_batch(tmp_path: Path,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the storm's: empty
     b = open_store(clean)
     fb = dict(zip(b.paths, b.features))
-    t_storm, kills = time.monotonic(), []
+    t_storm, kills, measured = time.monotonic(), [], (0, 0.0)
     for round_ in range(1, 7):
         store = tmp_path / f"killed-{round_}.h5"
         during = sum(k[0] == "extracting" for k in kills)
         print(f" round {round_} ({during} kills during extraction so far)")
-        new, gained = _kill_storm(src, store, total, rng, target_kills=24 - during)
+        new, gained, busy = _kill_storm(src, store, total, rng, target_kills=24 - during,
+                                        earlier=measured)
+        measured = (measured[0] + gained, measured[1] + busy)
         kills += new
         # The killed runs must do the work: each keeps every batch it finished. (Without
         # per-batch commits they keep nothing, and only the last, unkilled run gets rows.)
