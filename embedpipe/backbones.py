@@ -18,8 +18,9 @@ import io
 import json
 import socket
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import timm.data
@@ -426,6 +427,106 @@ def input_normalization(data_config: dict[str, Any]
     return None if split is None else (split[1], split[2])
 
 
+class ResizeCenterCrop:
+    """timm's eval geometry, torchvision's ``Resize`` (PIL) then ``CenterCrop``, with the
+    same pixels, computed without most of those the crop throws away.
+
+    PIL resizes in two separable passes (horizontal, vertical; the order by its own rule) and
+    rounds to uint8 in between. A pass along an axis whose scale (source / resized length) is
+    a binary fraction (224 → 256: 7/8; 768 → 256: 3) runs on the crop's source box only
+    (``Image.resize(..., box=)``): PIL's sampling positions are then exact in both forms, so
+    every weight and pixel is the same. Along any other axis the box's 32-bit floats would
+    move a few weights by rounding, so that pass resizes the full length and the crop follows
+    (exact too). Images the crop would pad go through the two steps as they are.
+
+    What it saves, one core, Lite0's geometry (shorter side → 256 bicubic, crop 224), in
+    bench/results/resize.md; tests/test_data.py checks the pixels equal the two steps' over a
+    sweep of sizes and geometries."""
+
+    def __init__(self, size: int | tuple[int, int], crop: tuple[int, int], resample: int,
+                 resize: Any, center_crop: Any):
+        self.size, self.crop, self.resample = size, crop, resample
+        self.steps = (resize, center_crop)
+
+    @classmethod
+    def fuse(cls, geometry: Any) -> Callable[[Any], Any]:
+        """``geometry`` (a torchvision Compose of PIL steps) with a Resize directly followed by
+        a CenterCrop replaced by one ResizeCenterCrop; unchanged where there is no such pair
+        or the Resize has a max_size or no antialiasing."""
+        from torchvision.transforms import CenterCrop, Compose, Resize
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        steps = list(getattr(geometry, "transforms", [geometry]))
+        for i in range(len(steps) - 1):
+            rs, cc = steps[i], steps[i + 1]
+            if (type(rs) is Resize and type(cc) is CenterCrop and rs.max_size is None
+                    and rs.antialias in (True, None) and rs.interpolation in pil_modes_mapping):
+                size = rs.size if isinstance(rs.size, int) else tuple(rs.size)
+                if not isinstance(size, int) and len(size) == 1:
+                    size = size[0]
+                crop = tuple(cc.size) if len(cc.size) == 2 else (cc.size[0], cc.size[0])
+                steps[i:i + 2] = [cls(size, crop, pil_modes_mapping[rs.interpolation], rs, cc)]
+                return Compose(steps)
+        return geometry
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) torchvision's Resize gives a w×h image."""
+        if not isinstance(self.size, int):
+            return self.size[1], self.size[0]
+        short, long = (w, h) if w <= h else (h, w)
+        if short == self.size:
+            return w, h
+        new_long = int(self.size * long / short)
+        return (self.size, new_long) if w <= h else (new_long, self.size)
+
+    @staticmethod
+    def _box_exact(n_in: int, n_out: int, end: int) -> bool:
+        """Whether PIL samples a box ending at resized position ``end`` exactly where it
+        samples the full resize: the scale n_in / n_out is a binary fraction and the box's
+        ends are exact 32-bit floats."""
+        scale = Fraction(n_in, n_out)
+        den = scale.denominator
+        return den & (den - 1) == 0 and den <= 1 << 16 and scale.numerator * end < 1 << 24
+
+    def __call__(self, img: Any) -> Any:
+        w, h = img.size
+        rw, rh = self.resized_size(w, h)
+        ch, cw = self.crop
+        if cw > rw or ch > rh:  # CenterCrop pads: keep its own steps
+            return self.steps[1](self.steps[0](img))
+        top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+        r = self.resample
+
+        def across(im: Any) -> Any:  # the horizontal pass, then the crop's columns
+            rows = im.size[1]
+            if rw == w:
+                return im.crop((left, 0, left + cw, rows))
+            if self._box_exact(w, rw, left + cw):
+                s = Fraction(w, rw)
+                return im.resize((cw, rows), r, box=(float(left * s), 0, float((left + cw) * s),
+                                                     rows))
+            return im.resize((rw, rows), r).crop((left, 0, left + cw, rows))
+
+        def down(im: Any) -> Any:  # the vertical pass, then the crop's rows
+            cols = im.size[0]
+            if rh == h:
+                return im.crop((0, top, cols, top + ch))
+            if self._box_exact(h, rh, top + ch):
+                s = Fraction(h, rh)
+                return im.resize((cols, ch), r, box=(0, float(top * s), cols,
+                                                     float((top + ch) * s)))
+            return im.resize((cols, rh), r).crop((0, top, cols, top + ch))
+
+        # PIL's ImagingResampleInner runs the vertical pass first when the height shrinks by
+        # more than twice what the width does; the order is part of the result
+        if (h - rh) > 0 and (h - rh) > (w - rw) * 2:
+            return across(down(img))
+        return down(across(img))
+
+    def __repr__(self) -> str:
+        return f"ResizeCenterCrop(size={self.size}, crop={self.crop}, resample={self.resample})"
+
+
 def _pixels(img) -> torch.Tensor:
     """PIL image → H×W×3 uint8 tensor (its own memory)."""
     import numpy as np
@@ -453,7 +554,8 @@ def make_views_transform(data_config: dict[str, Any]):
         return lambda img: base(img).unsqueeze(0)
     geometry = split[0]
     if "crops" not in tta:
-        return lambda img: _pixels(geometry(img)).unsqueeze(0)
+        fused = ResizeCenterCrop.fuse(geometry)
+        return lambda img: _pixels(fused(img)).unsqueeze(0)
     from torchvision.transforms import CenterCrop, Compose, FiveCrop
 
     steps = list(geometry.transforms)

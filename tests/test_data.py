@@ -706,3 +706,75 @@ def test_display_names_of_distinct_byte_strings_differ() -> None:
 def test_fs_name_reads_the_single_backslash_text_of_older_stores() -> None:
     assert data.fs_name("a\\b.jpg") == "a\\b.jpg"
     assert data.fs_name("caf\\x41.jpg") == "caf\\x41.jpg"  # not a byte >= 0x80: literal
+
+
+def _geometry_cases():
+    """(source w, h, Resize size, crop, interpolation): a sweep over the shapes users meet
+    (squares, photos both ways, panoramas, Fashion-MNIST's 28 px, sizes below the crop) and
+    timm's geometries (shorter side or squash, bicubic, bilinear, lanczos)."""
+    import random
+
+    from torchvision.transforms import InterpolationMode
+
+    rng = random.Random(7)
+    cases = [(224, 224, 256, 224, InterpolationMode.BICUBIC),
+             (28, 28, 256, 224, InterpolationMode.BICUBIC),
+             (1024, 768, 256, 224, InterpolationMode.BICUBIC),
+             (500, 375, 236, 224, InterpolationMode.BILINEAR),
+             (256, 256, 320, 224, InterpolationMode.BILINEAR),
+             (100, 60, 256, 224, InterpolationMode.BICUBIC),
+             (640, 256, 320, 224, InterpolationMode.BILINEAR)]
+    for _ in range(60):
+        cases.append((rng.choice([rng.randint(20, 1500), 224, 256, 512, 28]),
+                      rng.choice([rng.randint(20, 1500), 224, 256, 384, 28]),
+                      rng.choice([256, 232, 248, 292, 146, (256, 256), (240, 300)]),
+                      rng.choice([224, 240, 128, 256]),
+                      rng.choice([InterpolationMode.BICUBIC, InterpolationMode.BILINEAR,
+                                  InterpolationMode.LANCZOS])))
+    return cases
+
+
+def test_fused_resize_and_centre_crop_gives_the_two_steps_pixels_exactly() -> None:
+    """The loader's ResizeCenterCrop (PIL passes on the crop's source box where that is exact)
+    against torchvision's Resize then CenterCrop, pixel for pixel: uniform noise (where any
+    rounding difference shows) and a real Fashion-MNIST image at each size."""
+    from torchvision.transforms import CenterCrop, Compose, Resize
+
+    from embedpipe.backbones import ResizeCenterCrop
+    from embedpipe.datasets import load_fashion_mnist
+
+    real = Image.fromarray(load_fashion_mnist("test")[0][0]).convert("RGB")
+    rng = np.random.default_rng(0)
+    boxed = 0
+    for w, h, size, crop, interpolation in _geometry_cases():
+        two = Compose([Resize(size, interpolation=interpolation), CenterCrop(crop)])
+        fused = ResizeCenterCrop.fuse(two)
+        step = fused.transforms[0]
+        assert isinstance(step, ResizeCenterCrop)
+        rw, rh = step.resized_size(w, h)
+        boxed += crop <= min(rw, rh) and (step._box_exact(w, rw, rw) or step._box_exact(h, rh, rh))
+        for img in (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                    real.resize((w, h), Image.BICUBIC)):
+            want, got = np.asarray(two(img)), np.asarray(fused(img))
+            assert want.shape == got.shape and np.array_equal(want, got), (w, h, size, crop)
+    assert boxed >= 20  # the sweep exercises the box path, not only the fallbacks
+
+
+def test_the_views_transform_uses_the_fused_geometry_and_leaves_tta_crops_alone() -> None:
+    from embedpipe import backbones
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3,
+           "std": (0.5,) * 3, "crop_pct": 0.875, "crop_mode": "center"}
+    geometry = backbones._split_normalize(cfg)[0]
+    fused = backbones.ResizeCenterCrop.fuse(geometry)
+    assert [type(t).__name__ for t in fused.transforms][1:] == ["ResizeCenterCrop"]
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), np.uint8))
+    views = backbones.make_views_transform(cfg)(img)
+    assert views.shape == (1, 224, 224, 3)
+    assert np.array_equal(views[0].numpy(), np.asarray(geometry(img)))
+    crops = backbones.make_views_transform({**cfg, "tta": "crops"})(img)
+    assert crops.shape == (5, 224, 224, 3)
+    assert np.array_equal(crops[0].numpy(), views[0].numpy())  # the centre view first
+    squash = {**cfg, "crop_mode": "squash"}
+    assert np.array_equal(backbones.make_views_transform(squash)(img)[0].numpy(),
+                          np.asarray(backbones._split_normalize(squash)[0](img)))

@@ -297,3 +297,47 @@ def test_openvino_takes_uint8_pixels_and_its_features_equal_a_plain_timm_forward
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
     rt = last_runtime(out)
     assert rt["streams"] >= 1 and rt["threads"] >= 1
+
+
+def test_torch_ops_around_openvino_run_on_one_thread_and_the_count_is_restored(cache: Path):
+    """With OpenVINO running the backbone, torch's own ops in the engine call (the flip TTA's
+    cat, the mean over views) run on one intra-op thread: on two threads a parallel op waits
+    for a core the loader worker holds (bench/results/contention.md). The caller's thread
+    count is back afterwards, also when the forward raises; with TTA the features are the mean
+    of the image and its mirror."""
+    import torch
+
+    from embedpipe.backbones import load_backbone
+    from embedpipe.extract.runtime import build_engine, one_torch_thread
+
+    engine = build_engine(load_backbone(), torch.device("cpu"), "fp32", "openvino")
+    assert engine.runtime == "openvino"
+    real = engine.forward
+    seen: list[int] = []
+
+    class Recorder:
+        pixels = real.pixels
+
+        def __call__(self, x):
+            seen.append(torch.get_num_threads())
+            return real(x)
+
+    engine.forward = Recorder()
+    views = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 1, 224, 224, 3),
+                                                               dtype=np.uint8))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        both = engine(views, flip=True, chunk=32)
+        assert seen == [1] and torch.get_num_threads() == 2
+        plain = engine(views, flip=False, chunk=32)
+        mirror = engine(views.flip(3), flip=False, chunk=32)
+        np.testing.assert_allclose(both.numpy(), ((plain + mirror) / 2).numpy(), atol=1e-4)
+        assert plain.shape == (3, 1280)  # Lite0's pooled features, one row per image
+        with pytest.raises(RuntimeError), one_torch_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("the forward failed")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+

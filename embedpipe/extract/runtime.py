@@ -317,6 +317,8 @@ def embed(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor,
     with amp:
         outs = [model(x[lo:lo + chunk]) for lo in range(0, x.shape[0], chunk)]
     f = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
+    if f.shape[0] == b:  # one view per image: nothing to average (and no torch op to run)
+        return f
     return f.view(-1, b, v, f.shape[-1]).mean(dim=(0, 2))
 
 
@@ -577,11 +579,37 @@ class Engine:
         return "torch"
 
     def __call__(self, views: torch.Tensor, *, flip: bool, chunk: int) -> torch.Tensor:
-        """B×V×H×W×3 uint8 (or B×V×3×H×W float) views → B×D float32 features (``embed``)."""
-        return embed(self.forward, views, self.device, amp=self.amp,
-                     channels_last=self.channels_last, flip=flip, chunk=chunk,
-                     normalize=self.normalize,
-                     takes_pixels=getattr(self.forward, "pixels", False))
+        """B×V×H×W×3 uint8 (or B×V×3×H×W float) views → B×D float32 features (``embed``).
+        With OpenVINO, torch's own ops here (TTA flips, the mean over views) run on one
+        thread (``one_torch_thread``)."""
+        with one_torch_thread() if self.runtime == "openvino" else contextlib.nullcontext():
+            return embed(self.forward, views, self.device, amp=self.amp,
+                         channels_last=self.channels_last, flip=flip, chunk=chunk,
+                         normalize=self.normalize,
+                         takes_pixels=getattr(self.forward, "pixels", False))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch's intra-op threads set to 1 for the block, then restored.
+
+    Where OpenVINO runs the backbone, torch only moves and averages small tensors around it,
+    but by default on all cores: a parallel op (32×1280 floats is enough) then waits for a
+    thread of its OpenMP team that another process, or the loader worker, holds the core of.
+    On this 2-core machine with the other core busy, the mean over one batch's views took
+    20-24 ms on 2 threads and well under 1 ms on one (bench/results/extract.md); a
+    torch.stack of 32 views took 256 ms against 0.2-6 ms. Costs well under a microsecond."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def build_engine(backbone: Backbone, device: torch.device, precision: str, runtime: str, *,
