@@ -527,6 +527,16 @@ class ResizeCenterCrop:
         return f"ResizeCenterCrop(size={self.size}, crop={self.crop}, resample={self.resample})"
 
 
+def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image views (each V×H×W×3 uint8 or V×3×H×W float) → one B×V×… batch tensor.
+    numpy's stack: one thread wherever it runs. torch.stack runs on all intra-op threads, and
+    on two threads next to a busy core 32 views took 256-383 ms instead of 0.2-2 ms
+    (bench/results/contention.md)."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([v.numpy() for v in views]))
+
+
 def _pixels(img) -> torch.Tensor:
     """PIL image → H×W×3 uint8 tensor (its own memory)."""
     import numpy as np

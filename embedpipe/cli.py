@@ -369,6 +369,9 @@ def heads(
         typer.echo(f"{'':<11} defaults: {defaults}")
         grid = "; ".join(f"{k} in {v}" for k, v in r["grid"].items())
         typer.echo(f"{'':<11} search grid: {grid}")
+        for prep, g in r["prep_grid"].items():
+            typer.echo(f"{'':<11} search grid with prep={prep}: "
+                       + "; ".join(f"{k} in {v}" for k, v in g.items()))
         typer.echo(f"{'':<11} class weights: {'yes' if r['class_weight'] else 'no'}; "
                    f"probabilities: {r['probabilities']}"
                    + ("; streamed from the store in --chunk-rows chunks, max_iter = epochs"

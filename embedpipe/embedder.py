@@ -217,6 +217,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         each."""
         import torch
 
+        from .backbones import stack_views
         from .progress import Progress
 
         rt = self._runtime_for(opts, stored_precision)
@@ -226,7 +227,7 @@ class Embedder(TransformerMixin, BaseEstimator):
                 torch.inference_mode():
             for lo in range(0, len(sources), opts.batch_size):
                 batch = sources[lo:lo + opts.batch_size]
-                views = torch.stack([rt.transform(s.image(rt.min_size, opts.max_pixels))
+                views = stack_views([rt.transform(s.image(rt.min_size, opts.max_pixels))
                                      for s in batch])
                 feats = rt.engine(views, flip=flip, chunk=opts.batch_size)
                 out.extend(feats.float().cpu().numpy())

@@ -163,10 +163,11 @@ class Model:
 
     def run(self, tensors: list[Any]) -> list[dict[str, Any]]:
         """Classify a batch of preprocessed images (call from one thread at a time)."""
+        from .backbones import stack_views
         from .predict import predict_rows
 
         torch = self._torch
-        views = torch.stack(tensors)  # B×V×C×H×W
+        views = stack_views(tensors)  # B×V×H×W×3 uint8 (or B×V×C×H×W float)
         with torch.inference_mode():
             feats = self.engine(views, flip=self.flip,
                                 chunk=max(1, views.shape[0] * views.shape[1])).cpu().numpy()

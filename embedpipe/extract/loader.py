@@ -86,12 +86,14 @@ def load_one(path: str | Path, expect_hash: str | None, transform: Any,
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
+    """A batch: the items, their views stacked into one tensor (``stack_views``), and the
+    dataset indices of the good ones."""
+    from ..backbones import stack_views
 
     good = [it for it in items if it["status"] == "ok"]
     return {
         "items": items,
-        "tensor": torch.stack([it.pop("tensor") for it in good]) if good else None,
+        "tensor": stack_views([it.pop("tensor") for it in good]) if good else None,
         "good": [it["i"] for it in good],
     }
 

@@ -37,7 +37,7 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     params = heads.with_data_defaults(head, params, source.y, dim)
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
     chosen = dict(params or {})
-    grid = heads.param_grid(head, user, seed=seed) if search else {}
+    grid = heads.param_grid(head, user, seed=seed, prep=params.get("prep")) if search else {}
     if not grid:
         return source.fit(pipe, head, params, class_weight=class_weight, seed=seed, tick=tick,
                           note=note, notes=notes), chosen
