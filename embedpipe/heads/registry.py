@@ -64,12 +64,12 @@ class Head:
 
 HEADS: dict[str, Head] = {h.name: h for h in (
     # logreg and linear-svm: L2-normalised rows at every size measured, against standardised
-    # features (their earlier default; bench/results/accuracy.md, bench/natural.py), test
-    # accuracy on bundled-Lite0 features. logreg C=10: Fashion-MNIST 10/class 0.751 vs 0.725,
-    # 100/class 0.851 vs 0.834, 1,000/class 0.877 vs 0.847, 6,000/class 0.901 vs 0.884 (fit
-    # 21 vs 89 s). linear-svm C=1: 10/class 0.758 vs 0.726, 100/class 0.853 vs 0.830,
-    # 1,000/class 0.880 in 4 s vs 0.855 in 23 s (C=0.01), 6,000/class 0.899 in 30 s; natural
-    # set 0.859 vs 0.803.
+    # features (their earlier defaults), test accuracy on bundled-Lite0 features
+    # (bench/results/accuracy.md, bench/results/linear_prep.md). logreg C=10: Fashion-MNIST
+    # 10/class 0.751 vs 0.725, 100/class 0.851 vs 0.834, 1,000/class 0.879 vs 0.842,
+    # 6,000/class 0.901 vs 0.885 (fit 21 vs 31 CPU s). linear-svm C=1: 10/class 0.758 vs 0.726,
+    # 100/class 0.853 vs 0.830, 1,000/class 0.880 in 3 s vs 0.855 in 21 s (C=0.01),
+    # 6,000/class 0.899 in 31 s vs 0.898 in 131 s; natural set 0.859 vs 0.803.
     Head("logreg", "multinomial logistic regression on L2-normalised rows (the linear probe)",
          ("l2",), lambda seed: LogisticRegression(C=10.0, max_iter=2000, random_state=seed),
          {"C": [1.0, 10.0, 100.0]}, class_weight=True,
