@@ -686,6 +686,9 @@ def finetune(
     label_smoothing: float = typer.Option(FT.label_smoothing,
                                           help="Label smoothing of the training loss."),
     dropout: float = typer.Option(FT.dropout, help="Dropout before the classifier."),
+    ema: float = typer.Option(FT.ema, help="Decay of an exponential moving average of the "
+                                            "weights, validated beside them every epoch; the "
+                                            "better one is kept (0: none)."),
     randaugment: bool = typer.Option(FT.randaugment,
                                      help="timm RandAugment (rand-m9-mstd0.5) instead "
                                                  "of colour jitter."),
@@ -717,6 +720,10 @@ def finetune(
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     keep_checkpoints: int = typer.Option(FT.keep_checkpoints,
                                          help="Keep the last N epoch checkpoints (0: all)."),
+    budget: Optional[float] = typer.Option(FT.budget, help="CPU seconds the run may use "
+                                           "(user + system, loader workers included); checked "
+                                           "between epochs: the best epoch so far is the "
+                                           "output, --resume continues. Default: no cap."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint file (or the "
                                                      "checkpoint folder: its latest); pass the "
                                                      "same DATA and options."),

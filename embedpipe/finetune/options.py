@@ -49,6 +49,7 @@ class FinetuneOptions:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     dropout: float = 0.2
+    ema: float = 0.0  # decay of an EMA of the weights (0: none); loop.EMA
     randaugment: bool = False
     cutmix: bool = False
     hflip: bool = True
@@ -64,6 +65,7 @@ class FinetuneOptions:
     layout: str = "auto"
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     keep_checkpoints: int = 1  # 0 keeps every epoch's checkpoint
+    budget: float | None = None  # CPU seconds this call may train (loop.cpu_seconds); None: no cap
 
 
 # Options a resumed run must share with the checkpoint (they change the numbers); the others
@@ -71,9 +73,11 @@ class FinetuneOptions:
 # is then not bit-exact.
 STRICT = ("model", "weights", "epochs", "head_epochs", "unfreeze", "gradual", "stage_epochs",
           "img_size", "batch_size", "lr", "head_lr", "weight_decay", "warmup_epochs",
-          "label_smoothing", "dropout", "randaugment", "cutmix", "hflip", "val_fraction",
+          "label_smoothing", "dropout", "ema", "randaugment", "cutmix", "hflip", "val_fraction",
           "patience", "class_weight", "seed", "layout", "max_pixels")
 SOFT = ("device", "precision", "workers", "threads", "deterministic")
+# budget and keep_checkpoints are in neither: they decide where a run stops and what is kept,
+# not what an epoch computes (a run stopped by its budget resumes with any budget, or none).
 
 
 @dataclass
@@ -98,14 +102,21 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     left_out: int = 0
+    stopped_by_budget: bool = False
+    cpu_seconds: float = 0.0
+    best_weights: str = "trained"  # or "ema"
 
     def line(self) -> str:
         val = (f"best val accuracy {self.best_val_accuracy:.3f} at epoch {self.best_epoch}"
                if self.best_val_accuracy is not None else f"no validation; kept epoch {self.best_epoch}")
         stop = ", stopped early" if self.stopped_early else ""
+        if self.stopped_by_budget:
+            stop += ", stopped by --budget"
+        if self.best_weights == "ema":
+            val += " (EMA weights)"
         return (f"fine-tuned {self.model} on {self.n_train} images ({self.n_val} val), "
                 f"{len(self.classes)} classes: {val} of {self.epochs_run}{stop} in "
-                f"{self.seconds:.0f} s → {self.out} (sha256 {self.sha256[:12]}…, manifest "
+                f"{self.seconds:.0f} s ({self.cpu_seconds:.0f} CPU s) → {self.out} (sha256 {self.sha256[:12]}…, manifest "
                 f"{self.manifest.name})")
 
     def extract_hint(self, data: str | Path) -> str:
@@ -139,6 +150,8 @@ def check_options(opts: FinetuneOptions) -> None:
         bad("--warmup-epochs", opts.warmup_epochs, "pass 0 or more")
     if not 0 <= opts.label_smoothing < 1:
         bad("--label-smoothing", opts.label_smoothing, "pass a value in [0, 1), e.g. 0.1")
+    if not 0 <= opts.ema < 1 or not math.isfinite(opts.ema):
+        bad("--ema", opts.ema, "pass a decay in [0, 1), e.g. 0.99 (0: no EMA of the weights)")
     if not 0 <= opts.dropout < 1:
         bad("--dropout", opts.dropout, "pass a value in [0, 1), e.g. 0.2")
     if not 0 <= opts.val_fraction < 1:
@@ -155,6 +168,10 @@ def check_options(opts: FinetuneOptions) -> None:
         bad("--keep-checkpoints", opts.keep_checkpoints, "pass 0 (keep all) or more")
     if opts.workers is not None and opts.workers < 0:
         bad("--workers", opts.workers, "pass 0 (load in the main process) or more")
+    if opts.budget is not None and (isinstance(opts.budget, bool) or not isinstance(
+            opts.budget, (int, float)) or not math.isfinite(opts.budget) or opts.budget <= 0):
+        bad("--budget", opts.budget, "pass the CPU seconds the training may use, a number > 0 "
+            "(e.g. 900 for 15 CPU-minutes), or leave it out for no cap")
     if opts.threads is not None and opts.threads < 1:
         bad("--threads", opts.threads, "pass 1 or more (or leave it out for torch's default)")
 
