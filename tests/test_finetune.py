@@ -69,8 +69,8 @@ def ckpt(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def two_epoch_run(fmnist_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted 2-epoch run (1 head-only epoch, 1 with blocks[-1:] unfrozen), every
-    checkpoint kept."""
+    """An uninterrupted 2-epoch run (1 head-only epoch, 1 with the default --unfreeze: the last
+    two blocks), every checkpoint kept."""
     out = tmp_path_factory.mktemp("ft_a") / "tuned.pt"
     finetune_ok(fmnist_src, "-o", out, "--model", MODEL, "--epochs", "2", "--head-epochs", "1",
                 "--keep-checkpoints", "0", "-q", *FAST)
@@ -80,7 +80,10 @@ def two_epoch_run(fmnist_src: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_short_finetune_lowers_loss_and_stage1_keeps_backbone_bit_identical(fmnist_src: Path,
                                                                             tmp_path: Path):
     out = tmp_path / "tuned.pt"
+    # the recipe before the natural-set study: one stage, the best epoch, no EMA, BatchNorm
+    # statistics updated (what this test checks is the staging, not the defaults)
     res = finetune_ok(fmnist_src, "-o", out, "--epochs", "3", "--head-epochs", "2",
+                      "--unfreeze", "1", "--keep", "best", "--ema", "0", "--bn-train",
                       "--keep-checkpoints", "0", *FAST)
     assert "epoch 1/3 stage 1" in res.stderr and "epoch 3/3 stage 2" in res.stderr
     history = json.loads((tmp_path / "tuned.history.json").read_text())["history"]
@@ -241,6 +244,9 @@ def test_bad_inputs_give_one_line_errors(fmnist_src: Path, two_epoch_run: Path,
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--unfreeze", "9", "-q", *FAST),
                    "--unfreeze 9", "7 feature stages", "pass 0 to 7")
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--epochs", "0", "-q"), "--epochs 0")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--keep", "worst", "-q"),
+                   "--keep worst", "best or last")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--ema", "1.5", "-q"), "--ema 1.5")
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--val-fraction", "1.5", "-q"),
                    "--val-fraction 1.5")
     one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "t.txt", "-q"), ".pt or .pth")
@@ -389,3 +395,22 @@ def test_ema_of_the_weights_is_validated_saved_and_resumed_exactly(fmnist_src: P
     assert ea["updates"] == eb["updates"]
     assert all(torch.equal(ea["state"][k], eb["state"][k]) for k in ea["state"])
     assert file_sha256(a) == file_sha256(b)
+
+
+def test_default_recipe_trains_two_stages_with_batchnorm_statistics_frozen(two_epoch_run: Path):
+    """The defaults (--unfreeze 2, --bn-frozen): blocks 5 and 6 train, every BatchNorm keeps
+    the pretrained running statistics while its scale and shift train; the output is the last
+    epoch (--keep last) and the manifest says which weights (EMA or trained) it holds."""
+    base = base_state()
+    after = ckpt(two_epoch_run.parent / "tuned.checkpoints" / "epoch-002.pt")["model"]
+    trained = {k for k in base if not torch.equal(base[k], after[k])}
+    assert any(k.startswith("blocks.5.") for k in trained)
+    assert any(k.startswith("blocks.6.") for k in trained)
+    assert all(k.startswith(("blocks.5.", "blocks.6.", "conv_head.", "bn2.")) for k in trained)
+    assert "blocks.5.0.bn1.weight" in trained and "bn2.weight" in trained
+    assert not {k for k in trained if k.endswith(("running_mean", "running_var",
+                                                    "num_batches_tracked"))}
+    manifest = json.loads((two_epoch_run.parent / "tuned.json").read_text())
+    assert manifest["best_epoch"] == manifest["epochs_run"] == 2
+    assert manifest["best_weights"] in ("ema", "trained")
+    assert manifest["options"]["keep"] == "last" and manifest["options"]["bn_frozen"] is True

@@ -303,13 +303,17 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
                 cand = va_ema if use_ema else va
                 epoch += 1
                 improved = False
-                if cand is None:
+                if opts.keep == "last":  # improved: better than every earlier epoch (patience)
+                    prior = [v for v in map(_kept_val, history) if v[0] is not None]
+                    improved = cand is None or not prior or (
+                        (cand["accuracy"], -cand["loss"]) > max((a, -lo) for a, lo in prior))
+                elif cand is None:
                     improved = True
                 elif (best["val_accuracy"] is None or cand["accuracy"] > best["val_accuracy"]
                       or (cand["accuracy"] == best["val_accuracy"]
                           and cand["loss"] < best["val_loss"])):
                     improved = True
-                if improved:
+                if improved or opts.keep == "last":
                     best = {"epoch": epoch, "val_accuracy": cand["accuracy"] if cand else None,
                             "val_loss": cand["loss"] if cand else None,
                             "weights": "ema" if use_ema else "trained",
@@ -325,7 +329,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
                        "val_accuracy": va["accuracy"] if va else None,
                        "lr_head": lrs.get("head"), "lr_backbone": lrs.get("backbone") if k else 0.0,
                        "images": tr["images"], "seconds": round(time.perf_counter() - e0, 2),
-                       "cpu_seconds": round(epoch_cpu, 2), "best": improved}
+                       "cpu_seconds": round(epoch_cpu, 2),
+                       "best": improved or opts.keep == "last"}
                 if ema is not None:
                     row.update({"val_loss_ema": va_ema["loss"] if va_ema else None,
                                 "val_accuracy_ema": va_ema["accuracy"] if va_ema else None,
@@ -419,6 +424,8 @@ def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
     val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}"
            if row["val_accuracy"] is not None else "no val")
+    if row.get("val_accuracy_ema") is not None:
+        val += f" (EMA {row['val_accuracy_ema']:.3f}, kept {row['kept']})"
     lr_bb = f"{row['lr_backbone']:.1e}" if row["lr_backbone"] else "frozen"
     return (f"epoch {row['epoch']}/{epochs} stage {row['stage']} (unfrozen {row['unfrozen_stages']})"
             f": loss {row['train_loss']:.4f} train acc {row['train_accuracy']:.3f} {val} "
@@ -429,7 +436,7 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
 def _train_epoch(model, ds, opts, workers, gen, drop_last, device, amp, scaler, optimizer,
                  sched, class_weight, mixup, progress, label, skipped,
                  ema: EMA | None = None) -> dict[str, float]:
-    set_train_mode(model)
+    set_train_mode(model, opts.bn_frozen)
     loader = _loader(ds, opts.batch_size, workers, shuffle=True, generator=gen,
                      drop_last=drop_last, pin=device.type == "cuda")
     total_loss, correct, seen = 0.0, 0, 0
@@ -490,6 +497,13 @@ def _evaluate(model, ds, opts, workers, device, amp) -> dict[str, float] | None:
     if seen == 0:
         return None
     return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+def _kept_val(row: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(validation accuracy, loss) of the weights an epoch offered: its EMA or trained ones."""
+    if row.get("kept") == "ema":
+        return row["val_accuracy_ema"], row["val_loss_ema"]
+    return row["val_accuracy"], row["val_loss"]
 
 
 def _evaluate_state(model, state, ds, opts, workers, device, amp) -> dict[str, float] | None:

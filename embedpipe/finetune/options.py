@@ -18,6 +18,7 @@ from ..errors import UserError
 FORMAT = "embedpipe-finetune/1"
 CHECKPOINT_FORMAT = "embedpipe-finetune-checkpoint/1"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+KEEP = ("best", "last")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 STAGE_CONTAINERS = ("blocks", "stages", "layers")
 RANDAUGMENT = "rand-m9-mstd0.5"
@@ -36,25 +37,27 @@ class FinetuneError(UserError):
 class FinetuneOptions:
     model: str = DEFAULT_MODEL
     weights: str | None = None
-    epochs: int = 10
-    head_epochs: int = 2
-    unfreeze: int = 1
+    epochs: int = 20
+    head_epochs: int = 3
+    unfreeze: int = 2
     gradual: bool = False
     stage_epochs: int = 1
     img_size: int | None = None
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-4
-    head_lr: float = 1e-3
+    head_lr: float = 5e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     dropout: float = 0.2
-    ema: float = 0.0  # decay of an EMA of the weights (0: none); loop.EMA
+    ema: float = 0.99  # decay of an EMA of the weights (0: none); loop.EMA
+    bn_frozen: bool = True  # BatchNorm layers stay in eval mode (stages.set_train_mode)
     randaugment: bool = False
     cutmix: bool = False
     hflip: bool = True
     val_fraction: float = 0.2
-    patience: int = 3
+    patience: int = 0
+    keep: str = "last"  # the output: the last epoch, or the best validated one
     class_weight: str | None = None
     seed: int = 0
     device: str = "auto"
@@ -73,8 +76,8 @@ class FinetuneOptions:
 # is then not bit-exact.
 STRICT = ("model", "weights", "epochs", "head_epochs", "unfreeze", "gradual", "stage_epochs",
           "img_size", "batch_size", "lr", "head_lr", "weight_decay", "warmup_epochs",
-          "label_smoothing", "dropout", "ema", "randaugment", "cutmix", "hflip", "val_fraction",
-          "patience", "class_weight", "seed", "layout", "max_pixels")
+          "label_smoothing", "dropout", "ema", "bn_frozen", "randaugment", "cutmix", "hflip",
+          "val_fraction", "patience", "keep", "class_weight", "seed", "layout", "max_pixels")
 SOFT = ("device", "precision", "workers", "threads", "deterministic")
 # budget and keep_checkpoints are in neither: they decide where a run stops and what is kept,
 # not what an epoch computes (a run stopped by its budget resumes with any budget, or none).
@@ -158,6 +161,8 @@ def check_options(opts: FinetuneOptions) -> None:
         bad("--val-fraction", opts.val_fraction, "pass a value in [0, 1), e.g. 0.2")
     if opts.patience < 0:
         bad("--patience", opts.patience, "pass 0 (no early stopping) or more epochs")
+    if opts.keep not in KEEP:
+        bad("--keep", opts.keep, f"pass {' or '.join(KEEP)}")
     if opts.class_weight not in (None, "balanced"):
         bad("--class-weight", opts.class_weight, "pass balanced (or leave it out)")
     if opts.precision not in PRECISIONS:
