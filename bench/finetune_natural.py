@@ -17,12 +17,13 @@ classifier's initialisation, augmentation and shuffling). The trade-off table fo
 run through `--budget`: it is started with the smallest budget, and each later point is
 `--resume` of the same run with the rest of the next budget (a budget caps one call; the CPU
 seconds add up), so every point is exactly what `finetune --budget B` would have written, and
-the last point (no budget) is the uninterrupted run (resume is exact on the CPU).
+the last point (no budget) is the uninterrupted run (resume is exact on the CPU). With
+``--long N`` (default 40) the table also has seed 0 trained for N epochs instead of the default.
 
 CPU seconds are user + system of this process and its loader workers (getrusage SELF +
 CHILDREN), so another user's load changes the wall time, not them.
 
-    python bench/finetune_natural.py                  # seeds 0 1 2, budgets 60 120 240 s
+    python bench/finetune_natural.py                  # seeds 0 1 2, budgets 45 90 135 s
     python bench/finetune_natural.py --quick          # smoke test (2 epochs, 1 seed, scratch file)
 
 Writes bench/results/finetune.md and finetune.json (with --quick: scratch files in the temp dir).
@@ -33,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import shutil
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -116,27 +119,83 @@ def manifest_history(out: Path) -> list[dict]:
     return json.loads(out.with_name(out.stem + ".history.json").read_text())["history"]
 
 
+def run_seed(data: Path, base: dict, seed: int, chain: list[float],
+             extra: dict) -> tuple[list[dict], list[dict]]:
+    """One fine-tune (its own process: its CPU seconds are its own) of ``seed``: through the
+    budgets of ``chain`` (each a --resume of the same run), then to the end; each stop
+    re-extracted and scored."""
+    import torch
+
+    from embedpipe.finetune import FinetuneOptions, finetune
+
+    torch.set_num_threads(1)
+    # this process was spawned, so its children would be too; `extract`'s loader workers are
+    # started as from the command line (fork: its transform holds a lambda spawn cannot pickle)
+    multiprocessing.set_start_method("fork", force=True)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    opts = FinetuneOptions(**{**base, **extra, "seed": seed})
+    name = f"tuned-s{seed}" + "".join(f"-{k}{v}" for k, v in extra.items())
+    out = WORK / f"{name}.pt"
+    for stale in WORK.glob(f"{name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    resume, used = None, 0.0
+    runs: list[dict] = []
+    points: list[dict] = []
+    for b in [*chain, None]:
+        if b is not None and b <= used:
+            continue
+        step = FinetuneOptions(**{**asdict(opts), "budget": None if b is None else b - used})
+        w0 = time.perf_counter()
+        res = finetune(data, out, step, resume=resume, overwrite=resume is None,
+                       progress=False, say=lambda m: None)
+        wall = time.perf_counter() - w0
+        used += res.cpu_seconds
+        resume = out.with_name(out.stem + ".checkpoints")
+        log(f"(b) {name} budget {b}: {res.line()}")
+        pt = {"seed": seed, "budget": b, "cpu": used, "wall": wall, "extra": extra,
+              **tuned_point(data, out, f"{name}-{'end' if b is None else int(b)}")}
+        log(f"  {name} budget {b}: auto {pt['auto']:.3f} logreg {pt['logreg']:.3f} "
+            f"own {pt['own']:.3f}")
+        (points if b is not None else runs).append(pt)
+        if b is not None and not res.stopped_by_budget:
+            points[-1]["finished"] = True
+            runs.append(pt)
+            break
+    return runs, points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budgets", type=float, nargs="*", default=[60.0, 120.0, 240.0],
+    ap.add_argument("--budgets", type=float, nargs="*", default=[45.0, 90.0, 135.0],
                     help="CPU seconds for the trade-off points (seed 0), ascending")
+    ap.add_argument("--long", type=int, default=40,
+                    help="also seed 0 with this many epochs (0: not)")
+    ap.add_argument("--jobs", type=int, default=3,
+                    help="fine-tunes run side by side in their own processes (one torch thread "
+                         "each; CPU seconds are per process, so this changes only wall time)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, one seed")
     args = ap.parse_args()
 
     import natural
     import torch
 
-    from embedpipe.finetune import FinetuneOptions, finetune
+    from embedpipe.finetune import FinetuneOptions
 
     hdr = bu.Header("Fine-tuning that pays? The natural set (170 train / 71 test), defaults only")
     meter = bu.CpuMeter()
     data = natural.build()
     WORK.mkdir(parents=True, exist_ok=True)
-    base_opts = FinetuneOptions()
+    # the recipe's defaults; threads and loader workers are machine settings (not part of the
+    # recipe or of a checkpoint's fingerprint): one torch thread and no loader process, so
+    # that CPU seconds measure the work, not OpenMP threads spinning on a shared machine
+    base_opts = FinetuneOptions(threads=1, workers=0)
     if args.quick:
-        args.seeds, args.budgets = args.seeds[:1], args.budgets[:1]
-        base_opts = FinetuneOptions(epochs=2, head_epochs=1)
+        args.seeds, args.budgets, args.long = args.seeds[:1], args.budgets[:1], 3
+        base_opts = FinetuneOptions(epochs=2, head_epochs=1, threads=1, workers=0)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     log("(a) frozen features")
@@ -144,40 +203,21 @@ def main() -> None:
     frozen = {**scores(WORK / "frozen.h5"), "extract_cpu": fz_cpu}
     log(f"  frozen: {frozen}")
 
+    jobs = [(seed, args.budgets if seed == args.seeds[0] else [], {})
+            for seed in args.seeds]
+    if args.long:
+        jobs.append((args.seeds[0], [], {"epochs": args.long}))
     runs: list[dict] = []
     points: list[dict] = []
-    for seed in args.seeds:
-        opts = FinetuneOptions(**{**asdict(base_opts), "seed": seed})
-        out = WORK / f"tuned-s{seed}.pt"
-        for stale in WORK.glob(f"tuned-s{seed}.*"):
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
-        resume, used = None, 0.0
-        chain = args.budgets if seed == args.seeds[0] else []
-        for b in [*chain, None]:
-            if b is not None and b <= used:
-                continue
-            step = FinetuneOptions(**{**asdict(opts), "budget": None if b is None else b - used})
-            log(f"(b) seed {seed}: finetune " + (f"--budget {b - used:.0f} (to {b:.0f} CPU s in "
-                                                 "all)" if b else "to the end")
-                + (" --resume" if resume else ""))
-            w0 = time.perf_counter()
-            res = finetune(data, out, step, resume=resume, overwrite=resume is None,
-                           progress=False, say=lambda m: None)
-            wall = time.perf_counter() - w0
-            used += res.cpu_seconds
-            resume = out.with_name(out.stem + ".checkpoints")
-            log(f"  {res.line()}")
-            pt = {"seed": seed, "budget": b, "cpu": used, "wall": wall,
-                  **tuned_point(data, out, f"tuned-s{seed}-{'end' if b is None else int(b)}")}
-            log(f"  auto {pt['auto']:.3f} logreg {pt['logreg']:.3f} own {pt['own']:.3f}")
-            (points if b is not None else runs).append(pt)
-            if b is not None and not res.stopped_by_budget:
-                points[-1]["finished"] = True
-                runs.append(pt)
-                break
+    longer: list[dict] = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(run_seed, data, asdict(base_opts), seed, chain, extra)
+                   for seed, chain, extra in jobs]
+        for (seed, chain, extra), fut in zip(jobs, futures):
+            r, pts_ = fut.result()
+            (longer if extra else runs).extend(r)
+            points.extend(pts_)
     foreign = meter.foreign_cores()
 
     n = frozen["n_test"]
@@ -196,17 +236,18 @@ def main() -> None:
     mean = {k: float(np.mean([r[k] for r in runs])) for k in ("auto", "logreg", "own")}
     rows.append(("(b)/(c) tuned, mean of seeds", f"{np.mean([r['cpu'] for r in runs]) / 60:.1f}",
                  "", f"{mean['auto']:.3f}", f"{mean['logreg']:.3f}", f"{mean['own']:.3f}", ""))
-    main_table = bu.table(["features", "fine-tune CPU min", "best epoch (weights, val acc)",
+    main_table = bu.table(["features", "fine-tune CPU min", "kept epoch (weights, val acc)",
                            "--head auto", "logreg", "own classifier", "extract CPU s"], rows)
     trade = [("0 (frozen)", "—", acc(frozen["auto"]), acc(frozen["logreg"]), "—")]
     for p in [*points, *(r for r in runs if r["seed"] == args.seeds[0]
-                         and not r.get("finished"))]:
-        label = (f"--budget {p['budget']:.0f}" if p["budget"] is not None else "no budget")
+                         and not r.get("finished")), *longer]:
+        label = (f"--budget {p['budget']:.0f}" if p["budget"] is not None else
+                 f"--epochs {p['extra']['epochs']}" if p["extra"] else "no budget")
         trade.append((f"{p['cpu'] / 60:.1f} ({label}, epochs {p['epochs_run']}, best "
                       f"{p['best_epoch']})",
                       "stopped by budget" if p.get("stopped_by_budget") else "finished",
                       acc(p["auto"]), acc(p["logreg"]), acc(p["own"])))
-    trade_table = bu.table(["fine-tune CPU minutes (seed 0)", "how it ended", "--head auto",
+    trade_table = bu.table(["fine-tune CPU minutes (seed 0; kept epoch)", "how it ended", "--head auto",
                             "logreg", "own classifier"], trade)
     hist = runs[0]["history"]
     hist_table = bu.table(
@@ -239,9 +280,10 @@ def main() -> None:
     extra = [
         f"data: {data.relative_to(ROOT)} (bench/natural.py), {n} test images; heads fitted on "
         "the 170 train rows",
-        f"finetune defaults: {opts_text}; threads/workers: the defaults "
-        f"(torch {torch.get_num_threads()} threads, "
-        "cores − 1 loader workers)",
+        f"finetune defaults: {opts_text}; each fine-tune in its own process (--jobs "
+        f"{args.jobs} side by side) with one torch thread and no loader process (`--threads 1 "
+        "--workers 0`: machine settings, not part of the recipe), so that CPU seconds count "
+        "the work rather than OpenMP threads spinning on this shared machine",
         "extraction: `extract` defaults (frozen and tuned alike); `--head auto`: "
         "`heads.auto.fit_auto` defaults; logreg: its defaults",
         f"other processes kept {foreign:.2f} of {bu.cores()} cores busy on average (CPU "
@@ -256,7 +298,7 @@ def main() -> None:
               "(seed 0, the same run resumed)\n\n" + trade_table
             + f"\n\n## Fine-tuning history (seed {args.seeds[0]})\n\n" + hist_table + "\n")
     print(text)
-    payload = {"frozen": frozen, "runs": runs, "points": points,
+    payload = {"frozen": frozen, "runs": runs, "points": points, "longer": longer,
                "options": asdict(base_opts)}
     dest = bu.save_results("finetune", text, payload, args.quick)
     log(f"wrote {dest}")

@@ -52,7 +52,7 @@ class FinetuneOptions:
     dropout: float = 0.2
     ema: float = 0.99  # decay of an EMA of the weights (0: none); loop.EMA
     bn_frozen: bool = True  # BatchNorm layers stay in eval mode (stages.set_train_mode)
-    randaugment: bool = False
+    randaugment: bool = True
     cutmix: bool = False
     hflip: bool = True
     val_fraction: float = 0.2
@@ -110,17 +110,18 @@ class FinetuneResult:
     best_weights: str = "trained"  # or "ema"
 
     def line(self) -> str:
-        val = (f"best val accuracy {self.best_val_accuracy:.3f} at epoch {self.best_epoch}"
-               if self.best_val_accuracy is not None else f"no validation; kept epoch {self.best_epoch}")
+        kept = f"kept epoch {self.best_epoch} of {self.epochs_run}"
+        if self.best_weights == "ema":
+            kept += " (its EMA weights)"
+        val = (f"{kept}, val accuracy {self.best_val_accuracy:.3f}"
+               if self.best_val_accuracy is not None else f"no validation; {kept}")
         stop = ", stopped early" if self.stopped_early else ""
         if self.stopped_by_budget:
             stop += ", stopped by --budget"
-        if self.best_weights == "ema":
-            val += " (EMA weights)"
         return (f"fine-tuned {self.model} on {self.n_train} images ({self.n_val} val), "
-                f"{len(self.classes)} classes: {val} of {self.epochs_run}{stop} in "
-                f"{self.seconds:.0f} s ({self.cpu_seconds:.0f} CPU s) → {self.out} (sha256 {self.sha256[:12]}…, manifest "
-                f"{self.manifest.name})")
+                f"{len(self.classes)} classes: {val}{stop} in {self.seconds:.0f} s "
+                f"({self.cpu_seconds:.0f} CPU s) → {self.out} (sha256 {self.sha256[:12]}…, "
+                f"manifest {self.manifest.name})")
 
     def extract_hint(self, data: str | Path) -> str:
         return (f"re-extract with: embedpipe extract {data} --model {self.model} --weights "
