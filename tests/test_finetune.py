@@ -414,3 +414,18 @@ def test_default_recipe_trains_two_stages_with_batchnorm_statistics_frozen(two_e
     assert manifest["best_epoch"] == manifest["epochs_run"] == 2
     assert manifest["best_weights"] in ("ema", "trained")
     assert manifest["options"]["keep"] == "last" and manifest["options"]["bn_frozen"] is True
+
+
+def test_a_checkpoint_from_before_ema_bn_frozen_and_keep_resumes_with_their_old_values(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
+    old = ckpt(two_epoch_run.parent / "tuned.checkpoints" / "epoch-001.pt")
+    for k in ("ema", "bn_frozen", "keep"):
+        del old["fingerprint"][k]
+    old["ema"] = None
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    args = [fmnist_src, "-o", tmp_path / "t.pt", "--model", MODEL, "--epochs", "2",
+            "--head-epochs", "1", "--resume", path, *FAST]
+    one_line_error(cli("finetune", *args, "-q"), "from another run", "bn_frozen False vs True")
+    res = finetune_ok(*args, "--ema", "0", "--bn-train", "--keep", "best")
+    assert "resuming from" in res.stderr and "epoch 2/2" in res.stderr

@@ -42,6 +42,7 @@ from .checkpoint import (
 )
 from .data import _Images, _loader, plan_data, train_transform
 from .options import (
+    BEFORE_STUDY,
     FORMAT,
     PLOTS_HINT,
     STRICT,
@@ -193,7 +194,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     soft = {"device": str(device), "precision": precision, "workers": workers,
             "threads": opts.threads or torch.get_num_threads(), "deterministic": deterministic}
     if ckpt is not None:
-        diffs = _differences(ckpt["fingerprint"], fingerprint)
+        diffs = _differences({**BEFORE_STUDY, **ckpt["fingerprint"]}, fingerprint)
         if diffs:
             raise FinetuneError(
                 f"--resume {ckpt_path}: the checkpoint is from another run ({'; '.join(diffs[:4])}"

@@ -79,6 +79,9 @@ STRICT = ("model", "weights", "epochs", "head_epochs", "unfreeze", "gradual", "s
           "label_smoothing", "dropout", "ema", "bn_frozen", "randaugment", "cutmix", "hflip",
           "val_fraction", "patience", "keep", "class_weight", "seed", "layout", "max_pixels")
 SOFT = ("device", "precision", "workers", "threads", "deterministic")
+# What a checkpoint written before ema, bn_frozen and keep existed ran with: such a run resumes
+# with --ema 0 --bn-train --keep best (and is refused, naming them, with the newer defaults).
+BEFORE_STUDY = {"ema": 0.0, "bn_frozen": False, "keep": "best"}
 # budget and keep_checkpoints are in neither: they decide where a run stops and what is kept,
 # not what an epoch computes (a run stopped by its budget resumes with any budget, or none).
 
