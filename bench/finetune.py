@@ -16,7 +16,8 @@ number is test accuracy on the same T*10 test images.
     python bench/finetune.py                # 200/class train, 20/class val, 100/class test, 96 px
     python bench/finetune.py --quick        # tiny smoke test; writes a scratch file instead
 
-Writes bench/results/finetune.md (with --quick: a scratch file in the temp dir).
+Writes bench/results/finetune-fmnist.md (with --quick: a scratch file in the temp dir). The
+natural-set study of the defaults is bench/finetune_natural.py (bench/results/finetune.md).
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ def main() -> None:
         dest = Path(tempfile.gettempdir()) / "finetune.quick.md"
         dest.write_text(text)
     else:
-        dest = bu.write_result("finetune", text)
+        dest = bu.write_result("finetune-fmnist", text)
     print(f"wrote {dest}", file=sys.stderr)
 
 

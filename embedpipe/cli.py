@@ -689,6 +689,13 @@ def finetune(
     label_smoothing: float = typer.Option(FT.label_smoothing,
                                           help="Label smoothing of the training loss."),
     dropout: float = typer.Option(FT.dropout, help="Dropout before the classifier."),
+    bn_frozen: bool = typer.Option(FT.bn_frozen, "--bn-frozen/--bn-train",
+                                   help="BatchNorm layers keep the pretrained running "
+                                        "statistics (eval mode) while their scale and shift "
+                                        "train; --bn-train updates them from the batches."),
+    ema: float = typer.Option(FT.ema, help="Decay of an exponential moving average of the "
+                                            "weights, validated beside them every epoch; the "
+                                            "better one is kept (0: none)."),
     randaugment: bool = typer.Option(FT.randaugment,
                                      help="timm RandAugment (rand-m9-mstd0.5) instead "
                                                  "of colour jitter."),
@@ -700,6 +707,10 @@ def finetune(
                                                  "held out for validation (0: none)."),
     patience: int = typer.Option(FT.patience, help="Stop when stage-2 validation accuracy has not "
                                          "improved for this many epochs (0: never)."),
+    keep: str = typer.Option(FT.keep, help="The output: best (the epoch with the best "
+                                           "validation accuracy, then loss) or last (the end "
+                                           "of the schedule; validation still picks EMA or "
+                                           "trained weights)."),
     class_weight: Optional[str] = typer.Option(FT.class_weight, help="balanced: weight the loss by "
                                                           "inverse class frequency."),
     seed: int = typer.Option(FT.seed, help="Seeds the split, the classifier, augmentation and "
@@ -720,6 +731,10 @@ def finetune(
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     keep_checkpoints: int = typer.Option(FT.keep_checkpoints,
                                          help="Keep the last N epoch checkpoints (0: all)."),
+    budget: Optional[float] = typer.Option(FT.budget, help="CPU seconds the run may use "
+                                           "(user + system, loader workers included); checked "
+                                           "between epochs: the best epoch so far is the "
+                                           "output, --resume continues. Default: no cap."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint file (or the "
                                                      "checkpoint folder: its latest); pass the "
                                                      "same DATA and options."),

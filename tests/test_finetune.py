@@ -69,8 +69,8 @@ def ckpt(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def two_epoch_run(fmnist_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted 2-epoch run (1 head-only epoch, 1 with blocks[-1:] unfrozen), every
-    checkpoint kept."""
+    """An uninterrupted 2-epoch run (1 head-only epoch, 1 with the default --unfreeze: the last
+    two blocks), every checkpoint kept."""
     out = tmp_path_factory.mktemp("ft_a") / "tuned.pt"
     finetune_ok(fmnist_src, "-o", out, "--model", MODEL, "--epochs", "2", "--head-epochs", "1",
                 "--keep-checkpoints", "0", "-q", *FAST)
@@ -80,7 +80,10 @@ def two_epoch_run(fmnist_src: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_short_finetune_lowers_loss_and_stage1_keeps_backbone_bit_identical(fmnist_src: Path,
                                                                             tmp_path: Path):
     out = tmp_path / "tuned.pt"
+    # the recipe before the natural-set study: one stage, the best epoch, no EMA, BatchNorm
+    # statistics updated (what this test checks is the staging, not the defaults)
     res = finetune_ok(fmnist_src, "-o", out, "--epochs", "3", "--head-epochs", "2",
+                      "--unfreeze", "1", "--keep", "best", "--ema", "0", "--bn-train",
                       "--keep-checkpoints", "0", *FAST)
     assert "epoch 1/3 stage 1" in res.stderr and "epoch 3/3 stage 2" in res.stderr
     history = json.loads((tmp_path / "tuned.history.json").read_text())["history"]
@@ -143,7 +146,8 @@ def test_resume_from_epoch1_checkpoint_equals_uninterrupted_run(fmnist_src: Path
     for i in sa:
         for name in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name]))
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")}  # noqa: E731
+                       for r in h]
     assert strip(a["history"]) == strip(b["history"])
     ta, tb = torch.load(two_epoch_run, weights_only=True), torch.load(out, weights_only=True)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -240,6 +244,9 @@ def test_bad_inputs_give_one_line_errors(fmnist_src: Path, two_epoch_run: Path,
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--unfreeze", "9", "-q", *FAST),
                    "--unfreeze 9", "7 feature stages", "pass 0 to 7")
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--epochs", "0", "-q"), "--epochs 0")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--keep", "worst", "-q"),
+                   "--keep worst", "best or last")
+    one_line_error(cli("finetune", fmnist_src, "-o", out, "--ema", "1.5", "-q"), "--ema 1.5")
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--val-fraction", "1.5", "-q"),
                    "--val-fraction 1.5")
     one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "t.txt", "-q"), ".pt or .pth")
@@ -296,3 +303,129 @@ def test_outputs_never_overwrite_an_input(fmnist_src: Path, tmp_path: Path):
         one_line_error(cli("finetune", fmnist_src, "--weights", weights, "-o", out, "-q"),
                        "-o", "input")
     assert weights.read_bytes() == b"not really weights"
+
+
+def test_budget_stops_at_an_epoch_boundary_with_valid_outputs_and_resume_finishes_exactly(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
+    """--budget far below one epoch's CPU time: the first epoch still runs (one per call at
+    least), the run stops at the next boundary, the outputs are the best epoch so far with the
+    manifest saying the budget stopped it; --resume without a budget then finishes the run with
+    the same tensors as an uninterrupted one (the budget is not part of the fingerprint)."""
+    out = tmp_path / "tuned.pt"
+    args = ["-o", out, "--model", MODEL, "--epochs", "2", "--head-epochs", "1",
+            "--keep-checkpoints", "0", *FAST]
+    res = finetune_ok(fmnist_src, *args, "--budget", "0.001")
+    assert "stopped by --budget" in res.stdout and "--budget 0.001:" in res.stderr
+    manifest = json.loads((tmp_path / "tuned.json").read_text())
+    assert manifest["stopped_by_budget"] is True and manifest["stopped_early"] is False
+    assert manifest["epochs_run"] == 1 and manifest["best_epoch"] == 1
+    assert manifest["budget"]["cpu_seconds"] == 0.001 and manifest["budget"]["stopped"] is True
+    assert manifest["weights_sha256"] == file_sha256(out)
+    history = manifest_history(tmp_path)
+    assert len(history) == 1 and history[0]["cpu_seconds"] > 0
+    assert manifest["budget"]["used"] >= history[0]["cpu_seconds"]
+    assert sorted(p.name for p in (tmp_path / "tuned.checkpoints").iterdir()) == ["epoch-001.pt"]
+    tuned = torch.load(out, weights_only=True)
+    assert list(tuned) == list(base_state())  # a valid headless state dict
+
+    res = finetune_ok(fmnist_src, *args, "--resume", tmp_path / "tuned.checkpoints")
+    assert "resuming from" in res.stderr and "epoch 2/2" in res.stderr
+    manifest = json.loads((tmp_path / "tuned.json").read_text())
+    assert manifest["stopped_by_budget"] is False and manifest["budget"] is None
+    assert manifest["epochs_run"] == 2
+    a = ckpt(two_epoch_run.parent / "tuned.checkpoints" / "epoch-002.pt")["model"]
+    b = ckpt(tmp_path / "tuned.checkpoints" / "epoch-002.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert file_sha256(two_epoch_run) == file_sha256(out)
+    one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "x.pt", "--budget", "-5", "-q"),
+                   "--budget -5", "> 0")
+    one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "x.pt", "--budget", "soon",
+                       "-q"), "--budget")
+
+
+def test_ema_of_the_weights_is_validated_saved_and_resumed_exactly(fmnist_src: Path,
+                                                                   tmp_path: Path):
+    from embedpipe.finetune.loop import EMA
+
+    # the update rule, by hand: d = min(decay, (1 + n) / (10 + n)); integer buffers copied
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(lin, 0.5)
+    start = {k: v.clone() for k, v in lin.state_dict().items()}
+    with torch.no_grad():
+        lin[0].weight.add_(1.0)
+        lin[1].num_batches_tracked.fill_(7)
+    ema.update(lin)  # n = 0: d = min(0.5, 0.1) = 0.1
+    assert torch.allclose(ema.state["0.weight"], start["0.weight"] + 0.9)
+    assert int(ema.state["1.num_batches_tracked"]) == 7
+    ema.update(lin)  # n = 1: d = min(0.5, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.state["0.weight"],
+                          d * (start["0.weight"] + 0.9) + (1 - d) * (start["0.weight"] + 1))
+
+    a, b = tmp_path / "a" / "tuned.pt", tmp_path / "b" / "tuned.pt"
+    args = ["--model", MODEL, "--epochs", "2", "--head-epochs", "1", "--ema", "0.9",
+            "--keep-checkpoints", "0", *FAST]
+    finetune_ok(fmnist_src, "-o", a, *args, "-q")
+    history = manifest_history(a.parent)
+    assert all(r["val_accuracy_ema"] is not None and r["kept"] in ("ema", "trained")
+               for r in history)
+    manifest = json.loads((a.parent / "tuned.json").read_text())
+    best = manifest["best_epoch"]
+    c = ckpt(a.parent / "tuned.checkpoints" / f"epoch-{best:03d}.pt")
+    assert c["ema"]["updates"] > 0
+    # stage 2 moved the trained weights away from their average
+    last = ckpt(a.parent / "tuned.checkpoints" / "epoch-002.pt")
+    assert not torch.equal(last["ema"]["state"]["blocks.6.0.conv_pw.weight"],
+                           last["model"]["blocks.6.0.conv_pw.weight"])
+    kept = history[best - 1]["kept"]
+    assert manifest["best_weights"] == kept
+    source = c["ema"]["state"] if kept == "ema" else c["model"]
+    tuned = torch.load(a, weights_only=True)
+    assert all(torch.equal(tuned[k], source[k]) for k in tuned)
+    clf = torch.load(a.parent / "tuned.classifier.pt", weights_only=True)
+    assert torch.equal(clf["weight"], source["classifier.weight"])
+    expected_acc = history[best - 1]["val_accuracy_ema" if kept == "ema" else "val_accuracy"]
+    assert manifest["best_val_accuracy"] == expected_acc
+
+    # stopped by the budget after epoch 1, resumed: the EMA continues exactly
+    finetune_ok(fmnist_src, "-o", b, *args, "--budget", "0.001", "-q")
+    finetune_ok(fmnist_src, "-o", b, *args, "--resume", b.parent / "tuned.checkpoints", "-q")
+    ea = ckpt(a.parent / "tuned.checkpoints" / "epoch-002.pt")["ema"]
+    eb = ckpt(b.parent / "tuned.checkpoints" / "epoch-002.pt")["ema"]
+    assert ea["updates"] == eb["updates"]
+    assert all(torch.equal(ea["state"][k], eb["state"][k]) for k in ea["state"])
+    assert file_sha256(a) == file_sha256(b)
+
+
+def test_default_recipe_trains_two_stages_with_batchnorm_statistics_frozen(two_epoch_run: Path):
+    """The defaults (--unfreeze 2, --bn-frozen): blocks 5 and 6 train, every BatchNorm keeps
+    the pretrained running statistics while its scale and shift train; the output is the last
+    epoch (--keep last) and the manifest says which weights (EMA or trained) it holds."""
+    base = base_state()
+    after = ckpt(two_epoch_run.parent / "tuned.checkpoints" / "epoch-002.pt")["model"]
+    trained = {k for k in base if not torch.equal(base[k], after[k])}
+    assert any(k.startswith("blocks.5.") for k in trained)
+    assert any(k.startswith("blocks.6.") for k in trained)
+    assert all(k.startswith(("blocks.5.", "blocks.6.", "conv_head.", "bn2.")) for k in trained)
+    assert "blocks.5.0.bn1.weight" in trained and "bn2.weight" in trained
+    assert not {k for k in trained if k.endswith(("running_mean", "running_var",
+                                                    "num_batches_tracked"))}
+    manifest = json.loads((two_epoch_run.parent / "tuned.json").read_text())
+    assert manifest["best_epoch"] == manifest["epochs_run"] == 2
+    assert manifest["best_weights"] in ("ema", "trained")
+    assert manifest["options"]["keep"] == "last" and manifest["options"]["bn_frozen"] is True
+
+
+def test_a_checkpoint_from_before_ema_bn_frozen_and_keep_resumes_with_their_old_values(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
+    old = ckpt(two_epoch_run.parent / "tuned.checkpoints" / "epoch-001.pt")
+    for k in ("ema", "bn_frozen", "keep"):
+        del old["fingerprint"][k]
+    old["ema"] = None
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    args = [fmnist_src, "-o", tmp_path / "t.pt", "--model", MODEL, "--epochs", "2",
+            "--head-epochs", "1", "--resume", path, *FAST]
+    one_line_error(cli("finetune", *args, "-q"), "from another run", "bn_frozen False vs True")
+    res = finetune_ok(*args, "--ema", "0", "--bn-train", "--keep", "best")
+    assert "resuming from" in res.stderr and "epoch 2/2" in res.stderr

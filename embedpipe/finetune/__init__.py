@@ -9,12 +9,16 @@ The recipe (the seed recipe; see README "Fine-tuning"):
      ``stage_epochs`` epochs up to ``unfreeze``;
   3. discriminative learning rates (backbone ``lr``, classifier ``head_lr``), AdamW with weight
      decay (none on biases and norm weights), a cosine schedule with linear warmup per stage,
-     stepped every batch; label smoothing; dropout before the classifier;
-  4. augmentation on training images only (random resized crop, flip, small rotation, colour
-     jitter; timm's RandAugment and CutMix on request); validation uses the model's own
+     stepped every batch; label smoothing; dropout before the classifier; with ``bn_frozen``
+     (default) every BatchNorm keeps its pretrained running statistics while its scale and
+     shift train; with ``ema`` an EMA of the weights (loop.EMA) is validated beside them;
+  4. augmentation on training images only (random resized crop, flip, small rotation, then
+     timm's RandAugment or colour jitter; CutMix on request); validation uses the model's own
      pretrained preprocessing (backbones.make_transform);
-  5. validation on the data's own ``val`` split, else a seeded stratified fraction; early
-     stopping on validation accuracy; a checkpoint every epoch that ``resume`` continues exactly.
+  5. validation on the data's own ``val`` split, else a seeded stratified fraction; the output
+     is the last epoch (``keep="last"``, default) or the best validated one, early stopping on
+     request (``patience``); a checkpoint every epoch that ``resume`` continues exactly;
+     ``budget`` caps the call's CPU seconds (loop.cpu_seconds), checked between epochs.
 
 The output is a state dict of the backbone without the new classifier, keyed like timm's
 ``num_classes=0`` model, so ``embedpipe extract --weights tuned.pt --model M`` loads it through

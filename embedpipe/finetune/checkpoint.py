@@ -108,7 +108,8 @@ def backbone_state_with_head(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerprint, soft, epoch,
-                     model, optimizer, sched, scaler, history, best, bad_epochs, stopped) -> None:
+                     model, optimizer, sched, scaler, history, best, bad_epochs, stopped,
+                     ema: dict[str, Any] | None = None) -> None:
     outs.checkpoints.mkdir(parents=True, exist_ok=True)
     _atomic_save({
         "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "soft": soft, "epoch": epoch,
@@ -116,7 +117,7 @@ def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerpri
         "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "rng": _rng_state(), "history": history, "best": best, "bad_epochs": bad_epochs,
-        "stopped": stopped,
+        "stopped": stopped, "ema": ema,
     }, path)
     if opts.keep_checkpoints:
         for old in sorted(outs.checkpoints.glob("epoch-*.pt"))[:-opts.keep_checkpoints]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,7 @@ from .checkpoint import (
 )
 from .data import _Images, _loader, plan_data, train_transform
 from .options import (
+    BEFORE_STUDY,
     FORMAT,
     PLOTS_HINT,
     STRICT,
@@ -92,6 +94,56 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread) and of its finished child
+    processes: ``resource.getrusage(RUSAGE_SELF)`` + ``getrusage(RUSAGE_CHILDREN)``. The loader
+    workers are children that end with each epoch (no persistent workers), so at an epoch
+    boundary their CPU time is in the count. Where ``resource`` is missing (Windows), this
+    process's own time (``os.times``: user + system, children included where the OS reports
+    them)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class EMA:
+    """Exponential moving average of the model's whole state (weights and BatchNorm buffers),
+    updated after every optimizer step: ``ema = d * ema + (1 - d) * current`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (the usual warmup, as timm's
+    ModelEmaV2/V3 with warmup), so the first steps are not averaged with the untrained
+    classifier. Integer buffers (BatchNorm's step count) are copied. Kept on the model's device
+    in float32; ``state`` goes into the checkpoint, so ``resume`` continues it exactly."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.updates = 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            e = self.state[k]
+            if e.is_floating_point():
+                e.lerp_(v.detach(), 1.0 - d)
+            else:
+                e.copy_(v)
+        self.updates += 1
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.updates = int(saved["updates"])
+        for k, v in saved["state"].items():
+            self.state[k].copy_(v)
+
+    def saved(self) -> dict[str, Any]:
+        return {"updates": self.updates,
+                "state": {k: v.detach().cpu() for k, v in self.state.items()}}
+
+
 # -- the run -------------------------------------------------------------------------------
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,6 +156,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     weights to ``out`` (and the manifest, history, classifier, curves and checkpoints beside
     it). ``resume``: a checkpoint file (or the checkpoint folder: its latest file)."""
     t0 = time.perf_counter()
+    cpu0 = cpu_seconds()
     say = say or printer(progress)
     check_options(opts)
     out = Path(out)
@@ -141,7 +194,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     soft = {"device": str(device), "precision": precision, "workers": workers,
             "threads": opts.threads or torch.get_num_threads(), "deterministic": deterministic}
     if ckpt is not None:
-        diffs = _differences(ckpt["fingerprint"], fingerprint)
+        diffs = _differences({**BEFORE_STUDY, **ckpt["fingerprint"]}, fingerprint)
         if diffs:
             raise FinetuneError(
                 f"--resume {ckpt_path}: the checkpoint is from another run ({'; '.join(diffs[:4])}"
@@ -182,6 +235,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     min_size = decode_size(data_config)
     train_ds = _Images(plan.train, train_transform(data_config, opts), min_size, opts.max_pixels)
     val_ds = _Images(plan.val, make_transform(data_config), min_size, opts.max_pixels)
+    ema = EMA(model, opts.ema) if opts.ema else None
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_accuracy": None, "val_loss": None, "state": None}
@@ -192,6 +246,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
         sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load(ckpt["ema"])
         _set_rng_state(ckpt["rng"])
         history = list(ckpt["history"])
         best = dict(ckpt["best"])
@@ -214,9 +270,19 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     skipped_live: list[tuple[str, str]] = []
     epoch = start_epoch
     last_ckpt = ckpt_path
+    by_budget, epoch_cpu = False, 0.0
     try:
         with _torch_settings(deterministic, opts.threads):
             while epoch < opts.epochs and not stopped:
+                used = cpu_seconds() - cpu0
+                if (opts.budget is not None and epoch > start_epoch
+                        and used + epoch_cpu > opts.budget):
+                    by_budget = True  # the next epoch would not fit: stop at this boundary
+                    say(f"--budget {opts.budget:g}: {used:.0f} CPU s used, the next epoch "
+                        f"needs ~{epoch_cpu:.0f}; stopping after epoch {epoch} of "
+                        f"{opts.epochs} (continue with --resume {last_ckpt})")
+                    break
+                c0 = cpu_seconds()
                 k = unfrozen_at(epoch, opts)
                 apply_freeze(model, split.trainable(k))
                 stage = 1 if epoch < head_epochs or opts.unfreeze == 0 else 2
@@ -224,36 +290,58 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
                 e0 = time.perf_counter()
                 tr = _train_epoch(model, train_ds, opts, workers, gen, drop_last, device, amp,
                                   scaler, optimizer, sched, class_weight, mixup, progress,
-                                  f"epoch {epoch + 1}/{opts.epochs}", skipped_live)
+                                  f"epoch {epoch + 1}/{opts.epochs}", skipped_live, ema)
                 lrs = tr["lr"]
                 va = _evaluate(model, val_ds, opts, workers, device, amp) if n_val else None
+                va_ema = None
+                if ema is not None:
+                    va_ema = _evaluate_state(model, ema.state, val_ds, opts, workers, device,
+                                             amp) if n_val else None
+                # the epoch's candidate: the trained weights, or their EMA when it validates
+                # better (higher accuracy, then lower loss); without validation the EMA
+                use_ema = ema is not None and (va is None or (va_ema is not None and (
+                    va_ema["accuracy"], -va_ema["loss"]) > (va["accuracy"], -va["loss"])))
+                cand = va_ema if use_ema else va
                 epoch += 1
                 improved = False
-                if va is None:
+                if opts.keep == "last":  # improved: better than every earlier epoch (patience)
+                    prior = [v for v in map(_kept_val, history) if v[0] is not None]
+                    improved = cand is None or not prior or (
+                        (cand["accuracy"], -cand["loss"]) > max((a, -lo) for a, lo in prior))
+                elif cand is None:
                     improved = True
-                elif (best["val_accuracy"] is None or va["accuracy"] > best["val_accuracy"]
-                      or (va["accuracy"] == best["val_accuracy"]
-                          and va["loss"] < best["val_loss"])):
+                elif (best["val_accuracy"] is None or cand["accuracy"] > best["val_accuracy"]
+                      or (cand["accuracy"] == best["val_accuracy"]
+                          and cand["loss"] < best["val_loss"])):
                     improved = True
-                if improved:
-                    best = {"epoch": epoch, "val_accuracy": va["accuracy"] if va else None,
-                            "val_loss": va["loss"] if va else None,
-                            "state": backbone_state_with_head(model)}
+                if improved or opts.keep == "last":
+                    best = {"epoch": epoch, "val_accuracy": cand["accuracy"] if cand else None,
+                            "val_loss": cand["loss"] if cand else None,
+                            "weights": "ema" if use_ema else "trained",
+                            "state": ({k: v.detach().cpu().clone() for k, v in ema.state.items()}
+                                      if use_ema else backbone_state_with_head(model))}
                 if stage == 2 and n_val and opts.patience:
                     bad_epochs = 0 if improved else bad_epochs + 1
                     stopped = bad_epochs >= opts.patience and epoch < opts.epochs
+                epoch_cpu = cpu_seconds() - c0  # this epoch's training and validation
                 row = {"epoch": epoch, "stage": stage, "unfrozen_stages": k,
                        "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                        "val_loss": va["loss"] if va else None,
                        "val_accuracy": va["accuracy"] if va else None,
                        "lr_head": lrs.get("head"), "lr_backbone": lrs.get("backbone") if k else 0.0,
                        "images": tr["images"], "seconds": round(time.perf_counter() - e0, 2),
-                       "best": improved}
+                       "cpu_seconds": round(epoch_cpu, 2),
+                       "best": improved or opts.keep == "last"}
+                if ema is not None:
+                    row.update({"val_loss_ema": va_ema["loss"] if va_ema else None,
+                                "val_accuracy_ema": va_ema["accuracy"] if va_ema else None,
+                                "kept": "ema" if use_ema else "trained"})
                 history.append(row)
                 say(_epoch_line(row, opts.epochs) + ("  (early stop)" if stopped else ""))
                 last_ckpt = outs.checkpoint(epoch)
                 _save_checkpoint(last_ckpt, outs, opts, fingerprint, soft, epoch, model,
-                                 optimizer, sched, scaler, history, best, bad_epochs, stopped)
+                                 optimizer, sched, scaler, history, best, bad_epochs, stopped,
+                                 ema.saved() if ema is not None else None)
     except KeyboardInterrupt:
         where = last_ckpt or "(none yet)"
         raise FinetuneError(f"interrupted after epoch {epoch}; continue with the same command "
@@ -261,6 +349,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
 
     if best["state"] is None:  # resumed from a finished checkpoint without a best state
         best["state"] = backbone_state_with_head(model)
+    cpu_used = cpu_seconds() - cpu0
     state = best["state"]
     tuned = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
     if set(tuned) != set(base_keys):
@@ -291,6 +380,12 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
         "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
         "best_val_loss": best["val_loss"], "epochs_run": epoch,
         "stopped_early": bool(stopped and epoch < opts.epochs),
+        "stopped_by_budget": by_budget,
+        "best_weights": best.get("weights", "trained"),
+        "cpu_seconds": round(cpu_used, 1),
+        "budget": ({"cpu_seconds": opts.budget, "used": round(cpu_used, 1),
+                    "stopped": by_budget, "measure": "getrusage SELF + CHILDREN"}
+                   if opts.budget is not None else None),
         "stages": {"names": split.names, "post": sorted({n.rsplit(".", 2)[0] for n in split.post}),
                    "unfreeze": opts.unfreeze, "gradual": opts.gradual},
         "options": asdict(opts), "device": str(device), "precision": precision,
@@ -304,7 +399,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
                           opts.model, classes, n_train, n_val, best["epoch"],
                           best["val_accuracy"], epoch, manifest["stopped_early"], seconds, sha,
                           int(data_config["input_size"][1]), history,
-                          plan.skipped + skipped_live, sum(plan.left_out.values()))
+                          plan.skipped + skipped_live, sum(plan.left_out.values()),
+                          by_budget, cpu_used, best.get("weights", "trained"))
 
 
 def _plan_text(opts: FinetuneOptions, split: StageSplit) -> str:
@@ -329,6 +425,8 @@ def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
     val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}"
            if row["val_accuracy"] is not None else "no val")
+    if row.get("val_accuracy_ema") is not None:
+        val += f" (EMA {row['val_accuracy_ema']:.3f}, kept {row['kept']})"
     lr_bb = f"{row['lr_backbone']:.1e}" if row["lr_backbone"] else "frozen"
     return (f"epoch {row['epoch']}/{epochs} stage {row['stage']} (unfrozen {row['unfrozen_stages']})"
             f": loss {row['train_loss']:.4f} train acc {row['train_accuracy']:.3f} {val} "
@@ -337,8 +435,9 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 
 def _train_epoch(model, ds, opts, workers, gen, drop_last, device, amp, scaler, optimizer,
-                 sched, class_weight, mixup, progress, label, skipped) -> dict[str, float]:
-    set_train_mode(model)
+                 sched, class_weight, mixup, progress, label, skipped,
+                 ema: EMA | None = None) -> dict[str, float]:
+    set_train_mode(model, opts.bn_frozen)
     loader = _loader(ds, opts.batch_size, workers, shuffle=True, generator=gen,
                      drop_last=drop_last, pin=device.type == "cuda")
     total_loss, correct, seen = 0.0, 0, 0
@@ -367,6 +466,8 @@ def _train_epoch(model, ds, opts, workers, gen, drop_last, device, amp, scaler, 
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update(model)
             lrs = _group_lrs(optimizer)  # the learning rates this step used
             sched.step()
             total_loss += float(loss.detach()) * n
@@ -397,6 +498,25 @@ def _evaluate(model, ds, opts, workers, device, amp) -> dict[str, float] | None:
     if seen == 0:
         return None
     return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+def _kept_val(row: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(validation accuracy, loss) of the weights an epoch offered: its EMA or trained ones."""
+    if row.get("kept") == "ema":
+        return row["val_accuracy_ema"], row["val_loss_ema"]
+    return row["val_accuracy"], row["val_loss"]
+
+
+def _evaluate_state(model, state, ds, opts, workers, device, amp) -> dict[str, float] | None:
+    """Validation of ``state`` (the EMA weights) in ``model``; the trained weights are put
+    back bit for bit afterwards (load_state_dict copies in place, so the optimizer's
+    references stay valid)."""
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    try:
+        return _evaluate(model, ds, opts, workers, device, amp)
+    finally:
+        model.load_state_dict(trained)
 
 
 def _plot(history: list[dict[str, Any]], head_epochs: int, best_epoch: int, path: Path,

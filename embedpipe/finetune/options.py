@@ -18,6 +18,7 @@ from ..errors import UserError
 FORMAT = "embedpipe-finetune/1"
 CHECKPOINT_FORMAT = "embedpipe-finetune-checkpoint/1"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+KEEP = ("best", "last")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 STAGE_CONTAINERS = ("blocks", "stages", "layers")
 RANDAUGMENT = "rand-m9-mstd0.5"
@@ -36,24 +37,27 @@ class FinetuneError(UserError):
 class FinetuneOptions:
     model: str = DEFAULT_MODEL
     weights: str | None = None
-    epochs: int = 10
-    head_epochs: int = 2
-    unfreeze: int = 1
+    epochs: int = 20
+    head_epochs: int = 3
+    unfreeze: int = 2
     gradual: bool = False
     stage_epochs: int = 1
     img_size: int | None = None
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-4
-    head_lr: float = 1e-3
+    head_lr: float = 5e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     dropout: float = 0.2
-    randaugment: bool = False
+    ema: float = 0.99  # decay of an EMA of the weights (0: none); loop.EMA
+    bn_frozen: bool = True  # BatchNorm layers stay in eval mode (stages.set_train_mode)
+    randaugment: bool = True
     cutmix: bool = False
     hflip: bool = True
     val_fraction: float = 0.2
-    patience: int = 3
+    patience: int = 0
+    keep: str = "last"  # the output: the last epoch, or the best validated one
     class_weight: str | None = None
     seed: int = 0
     device: str = "auto"
@@ -64,6 +68,7 @@ class FinetuneOptions:
     layout: str = "auto"
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     keep_checkpoints: int = 1  # 0 keeps every epoch's checkpoint
+    budget: float | None = None  # CPU seconds this call may train (loop.cpu_seconds); None: no cap
 
 
 # Options a resumed run must share with the checkpoint (they change the numbers); the others
@@ -71,9 +76,14 @@ class FinetuneOptions:
 # is then not bit-exact.
 STRICT = ("model", "weights", "epochs", "head_epochs", "unfreeze", "gradual", "stage_epochs",
           "img_size", "batch_size", "lr", "head_lr", "weight_decay", "warmup_epochs",
-          "label_smoothing", "dropout", "randaugment", "cutmix", "hflip", "val_fraction",
-          "patience", "class_weight", "seed", "layout", "max_pixels")
+          "label_smoothing", "dropout", "ema", "bn_frozen", "randaugment", "cutmix", "hflip",
+          "val_fraction", "patience", "keep", "class_weight", "seed", "layout", "max_pixels")
 SOFT = ("device", "precision", "workers", "threads", "deterministic")
+# What a checkpoint written before ema, bn_frozen and keep existed ran with: such a run resumes
+# with --ema 0 --bn-train --keep best (and is refused, naming them, with the newer defaults).
+BEFORE_STUDY = {"ema": 0.0, "bn_frozen": False, "keep": "best"}
+# budget and keep_checkpoints are in neither: they decide where a run stops and what is kept,
+# not what an epoch computes (a run stopped by its budget resumes with any budget, or none).
 
 
 @dataclass
@@ -98,15 +108,23 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     left_out: int = 0
+    stopped_by_budget: bool = False
+    cpu_seconds: float = 0.0
+    best_weights: str = "trained"  # or "ema"
 
     def line(self) -> str:
-        val = (f"best val accuracy {self.best_val_accuracy:.3f} at epoch {self.best_epoch}"
-               if self.best_val_accuracy is not None else f"no validation; kept epoch {self.best_epoch}")
+        kept = f"kept epoch {self.best_epoch} of {self.epochs_run}"
+        if self.best_weights == "ema":
+            kept += " (its EMA weights)"
+        val = (f"{kept}, val accuracy {self.best_val_accuracy:.3f}"
+               if self.best_val_accuracy is not None else f"no validation; {kept}")
         stop = ", stopped early" if self.stopped_early else ""
+        if self.stopped_by_budget:
+            stop += ", stopped by --budget"
         return (f"fine-tuned {self.model} on {self.n_train} images ({self.n_val} val), "
-                f"{len(self.classes)} classes: {val} of {self.epochs_run}{stop} in "
-                f"{self.seconds:.0f} s → {self.out} (sha256 {self.sha256[:12]}…, manifest "
-                f"{self.manifest.name})")
+                f"{len(self.classes)} classes: {val}{stop} in {self.seconds:.0f} s "
+                f"({self.cpu_seconds:.0f} CPU s) → {self.out} (sha256 {self.sha256[:12]}…, "
+                f"manifest {self.manifest.name})")
 
     def extract_hint(self, data: str | Path) -> str:
         return (f"re-extract with: embedpipe extract {data} --model {self.model} --weights "
@@ -139,12 +157,16 @@ def check_options(opts: FinetuneOptions) -> None:
         bad("--warmup-epochs", opts.warmup_epochs, "pass 0 or more")
     if not 0 <= opts.label_smoothing < 1:
         bad("--label-smoothing", opts.label_smoothing, "pass a value in [0, 1), e.g. 0.1")
+    if not 0 <= opts.ema < 1 or not math.isfinite(opts.ema):
+        bad("--ema", opts.ema, "pass a decay in [0, 1), e.g. 0.99 (0: no EMA of the weights)")
     if not 0 <= opts.dropout < 1:
         bad("--dropout", opts.dropout, "pass a value in [0, 1), e.g. 0.2")
     if not 0 <= opts.val_fraction < 1:
         bad("--val-fraction", opts.val_fraction, "pass a value in [0, 1), e.g. 0.2")
     if opts.patience < 0:
         bad("--patience", opts.patience, "pass 0 (no early stopping) or more epochs")
+    if opts.keep not in KEEP:
+        bad("--keep", opts.keep, f"pass {' or '.join(KEEP)}")
     if opts.class_weight not in (None, "balanced"):
         bad("--class-weight", opts.class_weight, "pass balanced (or leave it out)")
     if opts.precision not in PRECISIONS:
@@ -155,6 +177,10 @@ def check_options(opts: FinetuneOptions) -> None:
         bad("--keep-checkpoints", opts.keep_checkpoints, "pass 0 (keep all) or more")
     if opts.workers is not None and opts.workers < 0:
         bad("--workers", opts.workers, "pass 0 (load in the main process) or more")
+    if opts.budget is not None and (isinstance(opts.budget, bool) or not isinstance(
+            opts.budget, (int, float)) or not math.isfinite(opts.budget) or opts.budget <= 0):
+        bad("--budget", opts.budget, "pass the CPU seconds the training may use, a number > 0 "
+            "(e.g. 900 for 15 CPU-minutes), or leave it out for no cap")
     if opts.threads is not None and opts.threads < 1:
         bad("--threads", opts.threads, "pass 1 or more (or leave it out for torch's default)")
 

@@ -136,10 +136,18 @@ def apply_freeze(model: torch.nn.Module, trainable: set[str]) -> None:
         p.requires_grad_(pname in trainable)
 
 
-def set_train_mode(model: torch.nn.Module) -> None:
+def set_train_mode(model: torch.nn.Module, bn_frozen: bool = False) -> None:
     """Train mode, except subtrees whose parameters are all frozen: those stay in eval mode
-    (BatchNorm keeps its running statistics, dropout inside them is off)."""
+    (BatchNorm keeps its running statistics, dropout inside them is off). With ``bn_frozen``
+    every BatchNorm stays in eval mode, trained or not: it normalises with the pretrained
+    running statistics (which never move) while its scale and shift still train, so the
+    features do not jump when a stage is unfrozen and small batches never replace ImageNet's
+    statistics (the Keras transfer-learning guide's advice)."""
     model.train()
+    if bn_frozen:
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.eval()
 
     def visit(mod: torch.nn.Module) -> None:
         for child in mod.children():
