@@ -529,9 +529,9 @@ class ResizeCenterCrop:
 
 def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
     """Per-image views (each V×H×W×3 uint8 or V×3×H×W float) → one B×V×… batch tensor.
-    numpy's stack: one thread wherever it runs. torch.stack runs on all intra-op threads, and
-    on two threads next to a busy core 32 views took 256-383 ms instead of 0.2-2 ms
-    (bench/results/contention.md)."""
+    numpy's stack: one thread wherever it runs. torch.stack runs on all intra-op threads: next
+    to one busy process 32 views took a median 5.1 ms on 2 threads against 1.9 on one (worst
+    159 vs 27 ms; bench/results/contention.md), 256-383 ms with two other jobs running."""
     import numpy as np
 
     return torch.from_numpy(np.stack([v.numpy() for v in views]))
@@ -557,15 +557,13 @@ def make_views_transform(data_config: dict[str, Any]):
     split = _split_normalize(data_config)
     tta = data_config.get("tta") or ""
     if split is None:
-        base = make_transform(data_config)
         if "crops" in tta:
             raise WeightsError("--tta crops needs timm's standard eval preprocessing; this "
                                "model's is not: use --tta flip")
-        return lambda img: base(img).unsqueeze(0)
+        return _OneView(make_transform(data_config), pixels=False)
     geometry = split[0]
     if "crops" not in tta:
-        fused = ResizeCenterCrop.fuse(geometry)
-        return lambda img: _pixels(fused(img)).unsqueeze(0)
+        return _OneView(ResizeCenterCrop.fuse(geometry), pixels=True)
     from torchvision.transforms import CenterCrop, Compose, FiveCrop
 
     steps = list(geometry.transforms)
@@ -573,14 +571,29 @@ def make_views_transform(data_config: dict[str, Any]):
     if not at:
         raise WeightsError(f"--tta crops needs a center-crop preprocessing; this model's is "
                            f"crop_mode={data_config.get('crop_mode')}: use --tta flip")
-    pre, post = Compose(steps[:at[0]]), Compose(steps[at[0] + 1:])
-    crop = FiveCrop(steps[at[0]].size)
+    return _FiveViews(Compose(steps[:at[0]]), FiveCrop(steps[at[0]].size),
+                      Compose(steps[at[0] + 1:]))
 
-    def views(img):
-        tl, tr, bl, br, center = crop(pre(img))
-        return torch.stack([_pixels(post(v)) for v in (center, tl, tr, bl, br)])
 
-    return views
+# The views transforms are classes, not closures: loader workers started by "spawn" (macOS's
+# and Windows' default) receive the dataset, transform included, by pickling.
+
+class _OneView:
+    def __init__(self, transform: Any, pixels: bool):
+        self.transform, self.pixels = transform, pixels
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        out = self.transform(img)
+        return (_pixels(out) if self.pixels else out).unsqueeze(0)
+
+
+class _FiveViews:
+    def __init__(self, pre: Any, crop: Any, post: Any):
+        self.pre, self.crop, self.post = pre, crop, post
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        tl, tr, bl, br, center = self.crop(self.pre(img))
+        return torch.stack([_pixels(self.post(v)) for v in (center, tl, tr, bl, br)])
 
 
 def decode_size(data_config: dict[str, Any]) -> tuple[int, int]:

@@ -821,3 +821,36 @@ def test_summary_and_run_record_name_the_decode_workers(fmnist: Path, tmp_path: 
                          "--workers", workers)
         assert words in res.output.splitlines()[-1], res.output
         assert read_runs(out)[-1]["decode_workers"] == int(workers)
+
+
+SPAWN_EXTRACT = """
+import multiprocessing, sys
+from pathlib import Path
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn", force=True)
+    from embedpipe.extract import ExtractOptions, run
+    tta = sys.argv[3] or None
+    s = run(sys.argv[1], Path(sys.argv[2]), ExtractOptions(workers=1, tta=tta), progress=False)
+    print(s.extracted, s.failed)
+"""
+
+
+@pytest.mark.parametrize("tta", ["", "crops"])
+def test_extract_with_spawned_loader_workers(fmnist: Path, tmp_path: Path, tta: str):
+    """macOS's and Windows' default start method is spawn: the loader workers get the dataset
+    (and its views transform) by pickling. Before, the transform was a closure and every
+    worker failed to start ("Can't pickle local object"). The features equal a forked run's."""
+    script = tmp_path / "spawn_extract.py"
+    script.write_text(SPAWN_EXTRACT)
+    out = tmp_path / "spawn.h5"
+    got = subprocess.run([sys.executable, str(script), str(fmnist), str(out), tta],
+                         capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.split() == ["60", "0"]
+    forked = tmp_path / "fork.h5"
+    extract_ok(fmnist, "-o", forked, "-q", "--workers", "1", *(["--tta", tta] if tta else []))
+    a, b = open_store(out), open_store(forked)
+    order = [b.paths.index(p) for p in a.paths]
+    x, y = a.features.astype(np.float64), b.features[order].astype(np.float64)
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cos.min() > 0.9999, cos.min()

@@ -594,11 +594,14 @@ def one_torch_thread():
     """torch's intra-op threads set to 1 for the block, then restored.
 
     Where OpenVINO runs the backbone, torch only moves and averages small tensors around it,
-    but by default on all cores: a parallel op (32×1280 floats is enough) then waits for a
-    thread of its OpenMP team that another process, or the loader worker, holds the core of.
-    On this 2-core machine with the other core busy, the mean over one batch's views took
-    20-24 ms on 2 threads and well under 1 ms on one (bench/results/extract.md); a
-    torch.stack of 32 views took 256 ms against 0.2-6 ms. Costs well under a microsecond."""
+    but by default on all cores: a parallel op then waits for a thread of its OpenMP team
+    whose core another process, or the loader worker, holds. On this 2-core machine next to
+    one busy process (bench/results/contention.md) the flip TTA's cat of a batch and its
+    mirror took a median 6.8 ms on 2 threads against 0.9 on one (worst 73 vs 5 ms); with two
+    other jobs running, a mean over a batch's views took 34 ms against 1.4. Extraction
+    steady state, interleaved A/B on 1,500 224-px JPEGs (with the numpy stacking of
+    ``backbones.stack_views``): 431-442 vs 418-441 img/s, main-process CPU 3.0 vs 3.2 ms per
+    image. Setting the count costs well under a microsecond."""
     import torch
 
     before = torch.get_num_threads()
