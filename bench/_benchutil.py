@@ -340,6 +340,17 @@ def save_results(name: str, text: str, payload: dict, quick: bool) -> Path:
     return out
 
 
+def publish(name: str, header: Header, extra: Sequence[str], headers: Sequence[str],
+            rows: Sequence[Sequence[object]], payload: dict, quick: bool) -> Path:
+    """The usual ending of a one-table bench: the header's facts plus ``extra`` lines, the
+    table, saved (``save_results``) and printed. Returns the markdown's path."""
+    text = header.render(extra) + "\n" + table(headers, rows)
+    out = save_results(name, text, payload, quick)
+    print(text)
+    print(f"wrote {out}")
+    return out
+
+
 def tutorial_loop(model, root: Path, out: Path, batch: int = 32) -> int:
     """What a transfer-learning tutorial does: torchvision ImageFolder + timm's eval transform +
     DataLoader(batch, workers 0) + the model in fp32 under no_grad; features saved with

@@ -86,14 +86,12 @@ def main() -> None:
                      f"{bu.median(one):.2f} ({bu.spread(one)})", f"{ratio:.1f}x"])
         payload.append({"condition": condition, "op": name, "ms_2_threads": xs,
                         "ms_1_thread": one})
-    text = head.render([f"{reps} interleaved timings of one call per cell; median (min-max) ms",
-                        "busy process: a Python busy loop in a subprocess (stands for the "
-                        "loader worker or any other job on the other core)"])
-    text += "\n" + bu.table(["condition", "op", "2 threads, ms", "1 thread, ms",
-                             "2 threads / 1 thread"], rows)
-    out = bu.save_results("contention", text, {"timings": payload}, args.quick)
-    print(text)
-    print(f"wrote {out}")
+    bu.publish("contention", head,
+               [f"{reps} interleaved timings of one call per cell; median (min-max) ms",
+                "busy process: a Python busy loop in a subprocess (stands for the loader "
+                "worker or any other job on the other core)"],
+               ["condition", "op", "2 threads, ms", "1 thread, ms", "2 threads / 1 thread"],
+               rows, {"timings": payload}, args.quick)
 
 
 if __name__ == "__main__":

@@ -76,15 +76,13 @@ def main() -> None:
                          f"{r['fit_cpu_s']:.1f}", "yes" if r["converged"] else "no"])
             payload.append({"train": len(tr), "test": len(te), "head": name, "prep": prep,
                             "C": C, **r})
-    text = head.render(["features: bundled EfficientNet-Lite0, 1280-d, extraction defaults",
-                        "one scikit-learn fit per row, one BLAS thread; fit s = CPU seconds",
-                        "not run: linear-svm on standardised rows at C >= 0.1 (C=1 took "
-                        "liblinear 485 s at 10k rows in an earlier one-off run)"])
-    text += "\n" + bu.table(["train/test rows", "head", "prep", "C", "", "test accuracy",
-                             "fit s (CPU)", "converged"], rows)
-    out = bu.save_results("linear_prep", text, {"rows": payload}, args.quick)
-    print(text)
-    print(f"wrote {out}")
+    bu.publish("linear_prep", head,
+               ["features: bundled EfficientNet-Lite0, 1280-d, extraction defaults",
+                "one scikit-learn fit per row, one BLAS thread; fit s = CPU seconds",
+                "not run: linear-svm on standardised rows at C >= 0.1 (C=1 took liblinear "
+                "485 s at 10k rows in an earlier one-off run)"],
+               ["train/test rows", "head", "prep", "C", "", "test accuracy", "fit s (CPU)",
+                "converged"], rows, {"rows": payload}, args.quick)
 
 
 if __name__ == "__main__":

@@ -80,15 +80,14 @@ def main() -> None:
                          f"{min(two) / min(one):.2f}x", f"{100 * max(fracs):.3f}%", maxd])
             payload.append({"size": [w, h], "images": kind, "two_steps_ms": two,
                             "fused_ms": one, "pixels_differing": fracs, "max_diff": maxd})
-    text = head.render([f"CPU ms per image: min of {rounds} interleaved rounds of {calls} calls "
-                        "(process time, one core)",
-                        f"photos: {len(srcs)} scikit-image photos per size (timing: the first); "
-                        "noise: one uniform-noise image"])
-    text += "\n" + bu.table(["source", "images", "two steps, ms", "fused, ms", "speed-up",
-                             "pixels differing (max)", "max diff (levels)"], rows)
-    out = bu.save_results("resize", text, {"rows": payload}, args.quick)
-    print(text)
-    print(f"wrote {out}")
+    bu.publish("resize", head,
+               [f"CPU ms per image: min of {rounds} interleaved rounds of {calls} calls "
+                "(process time, one core)",
+                f"photos: {len(srcs)} scikit-image photos per size (timing: the first); "
+                "noise: one uniform-noise image"],
+               ["source", "images", "two steps, ms", "fused, ms", "speed-up",
+                "pixels differing (max)", "max diff (levels)"], rows, {"rows": payload},
+               args.quick)
 
 
 if __name__ == "__main__":
