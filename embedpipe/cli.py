@@ -733,8 +733,9 @@ def finetune(
                                          help="Keep the last N epoch checkpoints (0: all)."),
     budget: Optional[float] = typer.Option(FT.budget, help="CPU seconds the run may use "
                                            "(user + system, loader workers included); checked "
-                                           "between epochs: the best epoch so far is the "
-                                           "output, --resume continues. Default: no cap."),
+                                           "between epochs: the epoch --keep chooses so far "
+                                           "is the output, --resume continues. Default: no "
+                                           "cap."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint file (or the "
                                                      "checkpoint folder: its latest); pass the "
                                                      "same DATA and options."),

@@ -429,3 +429,59 @@ def test_a_checkpoint_from_before_ema_bn_frozen_and_keep_resumes_with_their_old_
     one_line_error(cli("finetune", *args, "-q"), "from another run", "bn_frozen False vs True")
     res = finetune_ok(*args, "--ema", "0", "--bn-train", "--keep", "best")
     assert "resuming from" in res.stderr and "epoch 2/2" in res.stderr
+
+
+def test_ctrl_c_names_only_a_checkpoint_on_disk_and_overwrite_keeps_the_old_run_until_the_new_one_has_one(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C (KeyboardInterrupt) at the start of an --overwrite run leaves the earlier run's
+    checkpoints resumable (they were deleted at start-up before); Ctrl-C while a checkpoint is
+    being written names the one before it, which exists (the hint used to name the one being
+    written, sometimes never written). The new run's first checkpoint replaces the old ones."""
+    import embedpipe.finetune.loop as loop
+
+    run = tmp_path / "run"
+    shutil.copytree(two_epoch_run.parent, run)
+    out, ckdir = run / "tuned.pt", run / "tuned.checkpoints"
+    old = sorted(p.name for p in ckdir.glob("epoch-*.pt"))
+    assert old == ["epoch-001.pt", "epoch-002.pt"]
+    args = [fmnist_src, "-o", out, "--model", MODEL, "--epochs", "3", "--head-epochs", "1",
+            "--keep-checkpoints", "0", "--overwrite", "-q", *FAST]
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_train_epoch", interrupt)
+        line = one_line_error(cli("finetune", *args), "nothing to resume")
+    assert "--resume" not in line
+    assert sorted(p.name for p in ckdir.glob("epoch-*.pt")) == old  # still the earlier run's
+    finetune_ok(fmnist_src, "-o", tmp_path / "check.pt", "--model", MODEL, "--epochs", "2",
+                "--head-epochs", "1", "--resume", ckdir / "epoch-001.pt", *FAST)
+
+    real_save = loop._save_checkpoint
+
+    def save_then_interrupt_at_epoch_2(path, *a, **k):
+        if path.name == "epoch-002.pt":
+            raise KeyboardInterrupt  # before the file exists
+        return real_save(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_save_checkpoint", save_then_interrupt_at_epoch_2)
+        line = one_line_error(cli("finetune", *args), "--resume")
+    named = Path(line.rsplit("--resume ", 1)[1])
+    assert named.name == "epoch-001.pt" and named.exists()
+    # the new run's epoch 1 replaced the earlier run's checkpoints
+    assert sorted(p.name for p in ckdir.glob("epoch-*.pt")) == ["epoch-001.pt"]
+    assert torch.load(named, weights_only=False)["fingerprint"]["epochs"] == 3
+    finetune_ok(*args[:-len(FAST) - 2], "-q", "--resume", named, *FAST)
+
+
+def test_head_epochs_covering_the_run_says_the_backbone_will_not_change(fmnist_src: Path,
+                                                                         tmp_path: Path):
+    res = finetune_ok(fmnist_src, "-o", tmp_path / "t.pt", "--epochs", "1", "--head-epochs",
+                      "1", "-q", *FAST)
+    notes = [ln for ln in res.stderr.splitlines() if ln.startswith("note: --head-epochs 1")]
+    assert len(notes) == 1 and "backbone" in notes[0]
+    base = load_backbone().model.state_dict()
+    tuned = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert all(torch.equal(base[k], tuned[k]) for k in base)  # what the note says

@@ -318,3 +318,31 @@ def test_soft_voting_ensemble_fits_predicts_and_scores_in_cv_next_to_its_members
     one_line_error(cli("fit", fmnist_store, "--head", "svm+svm", "-o", tmp_path / "x.skops"),
                    "two or more different heads")
     one_line_error(cli("cv", fmnist_store, "--head", "svm+forest"), "forest")
+
+
+def test_prep_none_means_no_preprocessing_and_grids_follow_the_preprocessing(
+        fmnist_store: Path, tmp_path: Path):
+    """`--param prep=none` fits on the raw features (it was read as "the head's own" and the
+    default Normalizer/StandardScaler stayed), and a --search grid is the one for the rows'
+    preprocessing: svm on L2 rows (its small-data rule) never tries the standardised grid's
+    gamma=0.0002, which makes the kernel nearly constant there."""
+    for head in ("logreg", "linear-svm", "svm"):
+        out = tmp_path / f"{head}.skops"
+        ok("fit", fmnist_store, "--head", head, "--param", "prep=none", "-o", out, "-q")
+        loaded = artifacts.load(out)
+        pipe = loaded.estimator
+        while not hasattr(pipe, "steps"):  # a calibrated head wraps its pipeline
+            pipe = pipe.estimator
+        names = [type(step).__name__ for _, step in pipe.steps]
+        assert names[-1] in ("LogisticRegression", "LinearSVC", "SVC"), names
+        assert "Normalizer" not in names and "StandardScaler" not in names, (head, names)
+        assert loaded.manifest["params"]["prep"] == "none"
+    grid = heads.param_grid("svm", prep="l2")
+    assert 0.0002 not in grid["clf__gamma"] and "scale" in grid["clf__gamma"]
+    assert heads.param_grid("svm")["clf__gamma"] == ["scale", 0.0002, 0.002]
+    assert heads.param_grid("logreg", prep="l2+scale")["clf__C"] == [0.01, 0.1, 1.0, 10.0]
+    assert heads.param_grid("logreg")["clf__C"] == [1.0, 10.0, 100.0]
+    out = tmp_path / "svm-search.skops"
+    ok("fit", fmnist_store, "--head", "svm", "--search", "-o", out, "-q")
+    params = artifacts.load(out).manifest["params"]
+    assert params["prep"] == "l2" and params["gamma"] in ("scale", 0.5, 2.0)

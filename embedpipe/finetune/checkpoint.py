@@ -119,6 +119,10 @@ def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerpri
         "rng": _rng_state(), "history": history, "best": best, "bad_epochs": bad_epochs,
         "stopped": stopped, "ema": ema,
     }, path)
+    for old in outs.stale_checkpoints:  # the earlier run's (--overwrite), once this one has one
+        if old != path:
+            old.unlink(missing_ok=True)
+    outs.stale_checkpoints = []
     if opts.keep_checkpoints:
         for old in sorted(outs.checkpoints.glob("epoch-*.pt"))[:-opts.keep_checkpoints]:
             if old != path:

@@ -94,6 +94,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def _warn_line(msg: str) -> None:
+    """One line on stderr, also with -q: it says the run will not do what its options suggest."""
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process (every thread) and of its finished child
     processes: ``resource.getrusage(RUSAGE_SELF)`` + ``getrusage(RUSAGE_CHILDREN)``. The loader
@@ -159,6 +166,10 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     cpu0 = cpu_seconds()
     say = say or printer(progress)
     check_options(opts)
+    if opts.unfreeze and opts.head_epochs >= opts.epochs:
+        _warn_line(f"note: --head-epochs {opts.head_epochs} >= --epochs {opts.epochs}: only the "
+                   "new classifier trains, the backbone's weights stay the base model's (its "
+                   "features do not change); raise --epochs to fine-tune it")
     out = Path(out)
     ckpt_path = find_checkpoint(Path(resume)) if resume is not None else None
     outs = check_output(out, ckpt_path, overwrite, inputs=(
@@ -269,7 +280,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
 
     skipped_live: list[tuple[str, str]] = []
     epoch = start_epoch
-    last_ckpt = ckpt_path
+    last_ckpt, saving = ckpt_path, None
     by_budget, epoch_cpu = False, 0.0
     try:
         with _torch_settings(deterministic, opts.threads):
@@ -278,8 +289,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
                 if (opts.budget is not None and epoch > start_epoch
                         and used + epoch_cpu > opts.budget):
                     by_budget = True  # the next epoch would not fit: stop at this boundary
-                    say(f"--budget {opts.budget:g}: {used:.0f} CPU s used, the next epoch "
-                        f"needs ~{epoch_cpu:.0f}; stopping after epoch {epoch} of "
+                    say(f"--budget {opts.budget:g}: {used:.1f} CPU s used, the next epoch "
+                        f"needs ~{epoch_cpu:.1f}; stopping after epoch {epoch} of "
                         f"{opts.epochs} (continue with --resume {last_ckpt})")
                     break
                 c0 = cpu_seconds()
@@ -338,14 +349,20 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
                                 "kept": "ema" if use_ema else "trained"})
                 history.append(row)
                 say(_epoch_line(row, opts.epochs) + ("  (early stop)" if stopped else ""))
-                last_ckpt = outs.checkpoint(epoch)
-                _save_checkpoint(last_ckpt, outs, opts, fingerprint, soft, epoch, model,
+                saving = outs.checkpoint(epoch)
+                _save_checkpoint(saving, outs, opts, fingerprint, soft, epoch, model,
                                  optimizer, sched, scaler, history, best, bad_epochs, stopped,
                                  ema.saved() if ema is not None else None)
+                last_ckpt = saving
     except KeyboardInterrupt:
-        where = last_ckpt or "(none yet)"
-        raise FinetuneError(f"interrupted after epoch {epoch}; continue with the same command "
-                            f"plus --resume {where}") from None
+        # name only a checkpoint on disk: one being written is complete or absent (atomic)
+        done = [p for p in (saving, last_ckpt) if p is not None and Path(p).exists()]
+        if not done:
+            raise FinetuneError(f"interrupted in epoch {epoch + 1}, before any checkpoint of "
+                                "this run was written; nothing to resume: run the same "
+                                "command again") from None
+        raise FinetuneError(f"interrupted; the last checkpoint is {done[0].name}: continue with "
+                            f"the same command plus --resume {done[0]}") from None
 
     if best["state"] is None:  # resumed from a finished checkpoint without a best state
         best["state"] = backbone_state_with_head(model)

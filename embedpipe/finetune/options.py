@@ -188,6 +188,9 @@ def check_options(opts: FinetuneOptions) -> None:
 @dataclass
 class Outputs:
     weights: Path
+    # an earlier run's checkpoints that --overwrite replaces: removed when this run has written
+    # its first checkpoint (_save_checkpoint), so an interrupted start loses nothing
+    stale_checkpoints: list[Path] = field(default_factory=list)
 
     @property
     def stem(self) -> Path:
@@ -240,7 +243,5 @@ def check_output(out: Path, resume: Path | None, overwrite: bool,
         raise FinetuneError(f"-o {out}: cannot create {out.parent} ({e.strerror or e}); pass a "
                             "writable location") from None
     if resume is None:  # a fresh run: no checkpoint of the earlier one may be resumed by mistake
-        for old in stale:
-            if old.parent == outs.checkpoints:
-                old.unlink(missing_ok=True)
+        outs.stale_checkpoints = [old for old in stale if old.parent == outs.checkpoints]
     return outs
