@@ -146,3 +146,15 @@ def test_debug_shows_the_traceback_and_unexpected_errors_exit_nonzero(tmp_path: 
                    "--debug", expect=1)
     res = runner.invoke(app, ["--debug", "info", str(tmp_path / "nope.h5")])
     assert res.exit_code == 1 and isinstance(res.exception, ZeroDivisionError)
+
+
+def test_python_dash_m_embedpipe_is_the_same_command_line(tmp_path: Path):
+    import subprocess
+    import sys
+
+    ok_run = subprocess.run([sys.executable, "-m", "embedpipe", "heads"], capture_output=True,
+                            text=True, timeout=120)
+    assert ok_run.returncode == 0 and ok_run.stdout.startswith("logreg"), ok_run.stderr
+    bad = subprocess.run([sys.executable, "-m", "embedpipe", "info", str(tmp_path / "no.h5")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no.h5" in bad.stderr

@@ -474,6 +474,13 @@ def test_ctrl_c_names_only_a_checkpoint_on_disk_and_overwrite_keeps_the_old_run_
     assert sorted(p.name for p in ckdir.glob("epoch-*.pt")) == ["epoch-001.pt"]
     assert torch.load(named, weights_only=False)["fingerprint"]["epochs"] == 3
     finetune_ok(*args[:-len(FAST) - 2], "-q", "--resume", named, *FAST)
+    manifest = json.loads((run / "tuned.json").read_text())
+    history = json.loads((run / "tuned.history.json").read_text())
+    rows = history["history"]
+    assert len(rows) == 3  # epoch 1 from the interrupted call, 2-3 from the resumed one
+    assert manifest["epochs_cpu_seconds"] == pytest.approx(
+        sum(r["cpu_seconds"] for r in rows), abs=0.11)
+    assert manifest["epochs_cpu_seconds"] > manifest["cpu_seconds"] - 60
 
 
 def test_head_epochs_covering_the_run_says_the_backbone_will_not_change(fmnist_src: Path,

@@ -399,7 +399,9 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
         "stopped_early": bool(stopped and epoch < opts.epochs),
         "stopped_by_budget": by_budget,
         "best_weights": best.get("weights", "trained"),
-        "cpu_seconds": round(cpu_used, 1),
+        "cpu_seconds": round(cpu_used, 1),  # this call's (a resumed run: since the resume)
+        # every epoch's training + validation CPU seconds, over all the calls of a resumed run
+        "epochs_cpu_seconds": round(sum(r.get("cpu_seconds") or 0.0 for r in history), 1),
         "budget": ({"cpu_seconds": opts.budget, "used": round(cpu_used, 1),
                     "stopped": by_budget, "measure": "getrusage SELF + CHILDREN"}
                    if opts.budget is not None else None),
