@@ -488,6 +488,27 @@ class ResizeCenterCrop:
         den = scale.denominator
         return den & (den - 1) == 0 and den <= 1 << 16 and scale.numerator * end < 1 << 24
 
+    def _along(self, im: Any, axis: int, n: int, rn: int, start: int, length: int) -> Any:
+        """One resampling pass along ``axis`` (0: width, 1: height) of a source ``n`` long
+        resized to ``rn``, keeping [start, start + length) of the resized axis: on the crop's
+        source box where that is exact (``_box_exact``), else in full, then cropped."""
+        size = im.size
+
+        def box(lo: float, hi: float) -> tuple[float, float, float, float]:
+            return (lo, 0, hi, size[1]) if axis == 0 else (0, lo, size[0], hi)
+
+        end = start + length
+        if rn == n:
+            return im.crop(box(start, end))
+        out = list(size)
+        if self._box_exact(n, rn, end):
+            scale = Fraction(n, rn)
+            out[axis] = length
+            return im.resize(tuple(out), self.resample,
+                             box=box(float(start * scale), float(end * scale)))
+        out[axis] = rn
+        return im.resize(tuple(out), self.resample).crop(box(start, end))
+
     def __call__(self, img: Any) -> Any:
         w, h = img.size
         rw, rh = self.resized_size(w, h)
@@ -495,33 +516,11 @@ class ResizeCenterCrop:
         if cw > rw or ch > rh:  # CenterCrop pads: keep its own steps
             return self.steps[1](self.steps[0](img))
         top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
-        r = self.resample
-
-        def across(im: Any) -> Any:  # the horizontal pass, then the crop's columns
-            rows = im.size[1]
-            if rw == w:
-                return im.crop((left, 0, left + cw, rows))
-            if self._box_exact(w, rw, left + cw):
-                s = Fraction(w, rw)
-                return im.resize((cw, rows), r, box=(float(left * s), 0, float((left + cw) * s),
-                                                     rows))
-            return im.resize((rw, rows), r).crop((left, 0, left + cw, rows))
-
-        def down(im: Any) -> Any:  # the vertical pass, then the crop's rows
-            cols = im.size[0]
-            if rh == h:
-                return im.crop((0, top, cols, top + ch))
-            if self._box_exact(h, rh, top + ch):
-                s = Fraction(h, rh)
-                return im.resize((cols, ch), r, box=(0, float(top * s), cols,
-                                                     float((top + ch) * s)))
-            return im.resize((cols, rh), r).crop((0, top, cols, top + ch))
-
         # PIL's ImagingResampleInner runs the vertical pass first when the height shrinks by
         # more than twice what the width does; the order is part of the result
         if (h - rh) > 0 and (h - rh) > (w - rw) * 2:
-            return across(down(img))
-        return down(across(img))
+            return self._along(self._along(img, 1, h, rh, top, ch), 0, w, rw, left, cw)
+        return self._along(self._along(img, 0, w, rw, left, cw), 1, h, rh, top, ch)
 
     def __repr__(self) -> str:
         return f"ResizeCenterCrop(size={self.size}, crop={self.crop}, resample={self.resample})"

@@ -355,7 +355,7 @@ def heads(
     as_json: AsJson = False,
 ) -> None:
     """List the classification heads with their preprocessing, defaults and search grids."""
-    from .heads.registry import describe
+    from .heads.registry import PREP_CHOICES, describe
 
     rows = describe()
     if as_json:
@@ -369,8 +369,10 @@ def heads(
         typer.echo(f"{'':<11} defaults: {defaults}")
         grid = "; ".join(f"{k} in {v}" for k, v in r["grid"].items())
         typer.echo(f"{'':<11} search grid: {grid}")
-        for prep, g in r["prep_grid"].items():
-            typer.echo(f"{'':<11} search grid with prep={prep}: "
+        for last, g in r["prep_grid"].items():
+            preps = " or ".join(f"prep={p}" for p, steps in PREP_CHOICES.items()
+                                if steps and steps[-1] == last)
+            typer.echo(f"{'':<11} search grid with {preps}: "
                        + "; ".join(f"{k} in {v}" for k, v in g.items()))
         typer.echo(f"{'':<11} class weights: {'yes' if r['class_weight'] else 'no'}; "
                    f"probabilities: {r['probabilities']}"

@@ -27,7 +27,7 @@ from ..data import (
 )
 from ..extract.loader import default_workers
 from ..env import EXTRACT, versions
-from ..extract.runtime import resolve_device
+from ..extract.runtime import _warn, resolve_device
 from ..progress import Progress, printer
 from .checkpoint import (
     _atomic_save,
@@ -92,13 +92,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise FinetuneError("--precision fp16: not supported for training on the CPU; pass fp32 "
                             "(or bf16 on CPUs with native bf16)")
     return precision
-
-
-def _warn_line(msg: str) -> None:
-    """One line on stderr, also with -q: it says the run will not do what its options suggest."""
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
 
 
 def cpu_seconds() -> float:
@@ -167,9 +160,9 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     say = say or printer(progress)
     check_options(opts)
     if opts.unfreeze and opts.head_epochs >= opts.epochs:
-        _warn_line(f"note: --head-epochs {opts.head_epochs} >= --epochs {opts.epochs}: only the "
-                   "new classifier trains, the backbone's weights stay the base model's (its "
-                   "features do not change); raise --epochs to fine-tune it")
+        _warn(f"note: --head-epochs {opts.head_epochs} >= --epochs {opts.epochs}: only the new "
+              "classifier trains, the backbone's weights stay the base model's (its features "
+              "do not change); raise --epochs to fine-tune it")
     out = Path(out)
     ckpt_path = find_checkpoint(Path(resume)) if resume is not None else None
     outs = check_output(out, ckpt_path, overwrite, inputs=(
