@@ -522,6 +522,71 @@ class ResizeCenterCrop:
             return self._along(self._along(img, 1, h, rh, top, ch), 0, w, rw, left, cw)
         return self._along(self._along(img, 0, w, rw, left, cw), 1, h, rh, top, ch)
 
+    def pixels(self, img: Any) -> torch.Tensor:
+        """``img`` resized and cropped as ``self(img)``, as an H×W×3 uint8 tensor: the same
+        pixels as ``_pixels(self(img))``.
+
+        torchvision's uint8 resize (SIMD; about 0.14 ms against PIL's 0.54 for a 224-px
+        image to Lite0's input on one core, bench/results/resize.md) runs where it gives PIL's
+        pixels exactly: a geometry (source size) whose scales are binary fractions on both
+        axes (there the kernel weights are exact in both libraries' fixed point), checked once
+        per geometry and process on a noise image through both paths (``tensor_exact``).
+        Everything else goes through PIL."""
+        if img.mode == "RGB" and self.tensor_exact(*img.size):
+            return self._tensor_pixels(img)
+        return _pixels(self(img))
+
+    _PROBES = 64  # geometries a process checks at most; later new ones go through PIL
+
+    def tensor_exact(self, w: int, h: int) -> bool:
+        """Whether torchvision's uint8 resize + crop gives PIL's pixels for a w×h RGB image
+        (cached per geometry). Needs bilinear or bicubic resampling, binary-fraction scales
+        on both axes and no padding crop, then equal output on a seeded uniform-noise w×h
+        image: where the weights differ in either library's rounding, noise makes some output
+        pixel round differently with near certainty (150k outputs at 224×224)."""
+        cache = self.__dict__.setdefault("_exact", {})
+        if (w, h) in cache:
+            return cache[(w, h)]
+        from PIL import Image
+
+        rw, rh = self.resized_size(w, h)
+        ch, cw = self.crop
+        ok = (self.resample in (Image.BILINEAR, Image.BICUBIC) and len(cache) < self._PROBES
+              and cw <= rw and ch <= rh and w * h <= 1 << 22
+              and self._box_exact(w, rw, rw) and self._box_exact(h, rh, rh))
+        if ok:
+            import numpy as np
+
+            noise = np.random.default_rng(w * 65537 + h).integers(0, 256, (h, w, 3), np.uint8)
+            probe = Image.fromarray(noise)
+            try:
+                ok = torch.equal(self._tensor_pixels(probe), _pixels(self(probe)))
+            except Exception:  # noqa: BLE001 - a torchvision without the uint8 path: PIL
+                ok = False
+        cache[(w, h)] = ok
+        return ok
+
+    def _tensor_pixels(self, img: Any) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        w, h = img.size
+        rw, rh = self.resized_size(w, h)
+        ch, cw = self.crop
+        mode = InterpolationMode.BICUBIC if self.resample == Image.BICUBIC \
+            else InterpolationMode.BILINEAR
+        # H×W×3 memory seen as 3×H×W (channels-last): torchvision's uint8 SIMD kernel's layout
+        chw = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        if (rw, rh) != (w, h):
+            chw = F.resize(chw, [rh, rw], interpolation=mode, antialias=True)
+        top, left = round((rh - ch) / 2.0), round((rw - cw) / 2.0)  # CenterCrop's offsets
+        return chw[:, top:top + ch, left:left + cw].permute(1, 2, 0).contiguous()
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned worker checks its own geometries
+        return {k: v for k, v in self.__dict__.items() if k != "_exact"}
+
     def __repr__(self) -> str:
         return f"ResizeCenterCrop(size={self.size}, crop={self.crop}, resample={self.resample})"
 
@@ -582,6 +647,11 @@ class _OneView:
         self.transform, self.pixels = transform, pixels
 
     def __call__(self, img: Any) -> torch.Tensor:
+        steps = getattr(self.transform, "transforms", None)
+        if self.pixels and steps and isinstance(steps[-1], ResizeCenterCrop):
+            for step in steps[:-1]:
+                img = step(img)
+            return steps[-1].pixels(img).unsqueeze(0)
         out = self.transform(img)
         return (_pixels(out) if self.pixels else out).unsqueeze(0)
 

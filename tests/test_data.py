@@ -760,6 +760,41 @@ def test_fused_resize_and_centre_crop_gives_the_two_steps_pixels_exactly() -> No
     assert boxed >= 20  # the sweep exercises the box path, not only the fallbacks
 
 
+def test_the_uint8_tensor_resize_runs_only_where_it_gives_pils_pixels() -> None:
+    """ResizeCenterCrop.pixels takes torchvision's uint8 resize where a per-geometry probe on
+    noise says it equals PIL's pixels, else PIL: over the whole sweep, on noise and on a real
+    image, its pixels equal torchvision's two PIL steps exactly; the fast path is taken for
+    the geometries that qualify (224-px images to Lite0's input among them) and refused for
+    one that does not (a 640×480 photo: 640 → 341 is no binary fraction)."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+    from embedpipe.backbones import ResizeCenterCrop
+    from embedpipe.datasets import load_fashion_mnist
+
+    real = Image.fromarray(load_fashion_mnist("test")[0][0]).convert("RGB")
+    rng = np.random.default_rng(3)
+    fast = 0
+    for w, h, size, crop, interpolation in _geometry_cases():
+        two = Compose([Resize(size, interpolation=interpolation), CenterCrop(crop)])
+        step = ResizeCenterCrop.fuse(two).transforms[0]
+        fast += step.tensor_exact(w, h)
+        for img in (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                    real.resize((w, h), Image.BICUBIC)):
+            want, got = np.asarray(two(img)), step.pixels(img).numpy()
+            assert want.shape == got.shape and np.array_equal(want, got), (w, h, size, crop)
+    assert fast >= 3  # (4 of the sweep's 67 with this seed)
+    lite0 = ResizeCenterCrop.fuse(Compose([Resize(256, interpolation=InterpolationMode.BICUBIC),
+                                           CenterCrop(224)])).transforms[0]
+    assert lite0.tensor_exact(224, 224) and lite0.tensor_exact(512, 512)
+    assert not lite0.tensor_exact(640, 480)
+    calls: list[int] = []
+    lite0._tensor_pixels = lambda img: calls.append(1) or ResizeCenterCrop._tensor_pixels(
+        lite0, img)
+    lite0.pixels(Image.new("RGB", (224, 224)))
+    lite0.pixels(Image.new("RGB", (640, 480)))
+    assert calls == [1]  # the 224-px image took the tensor path, the photo PIL's
+
+
 def test_the_views_transform_uses_the_fused_geometry_and_leaves_tta_crops_alone() -> None:
     from embedpipe import backbones
 

@@ -299,6 +299,37 @@ def test_openvino_takes_uint8_pixels_and_its_features_equal_a_plain_timm_forward
     assert rt["streams"] >= 1 and rt["threads"] >= 1
 
 
+def test_openvino_batches_in_flight_together_give_each_its_own_features(cache: Path):
+    """Engine.submit with OpenVINO's streams runs a batch in the background in parts of
+    OV_PART images: batches submitted back to back (their parts queued behind each other,
+    sizes not multiples of the part, one image, flip TTA) return each its own features, equal
+    to one synchronous infer request on the whole batch."""
+    import torch
+
+    from embedpipe.backbones import load_backbone
+    from embedpipe.extract.runtime import OV_PART, build_engine
+
+    engine = build_engine(load_backbone(), torch.device("cpu"), "fp32", "openvino")
+    fwd = engine.forward
+    if fwd.queue is None:
+        pytest.skip("OpenVINO chose one stream on this machine: nothing runs in the background")
+    assert engine.background
+    rng = np.random.default_rng(0)
+    sizes = [13, 1, OV_PART, 32]
+    batches = [torch.from_numpy(rng.integers(0, 256, (n, 1, 224, 224, 3), dtype=np.uint8))
+               for n in sizes]
+    results = [engine.submit(b, flip=flip, chunk=32) for b in batches for flip in (False, True)]
+    got = [r() for r in results]
+    plain = fwd.compiled.create_infer_request()
+    for k, b in enumerate(batches):
+        x = b.flatten(0, 1).numpy()
+        want = next(iter(plain.infer({0: x}).values())).copy()
+        mirror = next(iter(plain.infer({0: np.ascontiguousarray(x[:, :, ::-1])}).values()))
+        assert got[2 * k].shape == (len(b), 1280)  # Lite0's pooled features
+        np.testing.assert_allclose(got[2 * k].numpy(), want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[2 * k + 1].numpy(), (want + mirror) / 2, atol=1e-5, rtol=0)
+
+
 def test_torch_ops_around_openvino_run_on_one_thread_and_the_count_is_restored(cache: Path):
     """With OpenVINO running the backbone, torch's own ops in the engine call (the flip TTA's
     cat, the mean over views) run on one intra-op thread: on two threads a parallel op waits

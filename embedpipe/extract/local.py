@@ -4,6 +4,7 @@ workers, embed, and commit each finished batch from a writer thread.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -166,19 +167,40 @@ def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
             fut.result()  # a StoreError (e.g. disk full) surfaces here
             bar.update(n)
 
+    def write(batch: dict[str, Any], result: Callable[[], Any] | None) -> None:
+        feats = None
+        if result is not None:
+            feats = result().cpu().numpy().astype(out_dtype, copy=False)
+        settle()
+        pending.append((writes.submit(session.commit, batch, feats), len(batch["items"])))
+
+    # With OpenVINO's streams a batch's forward runs in the background (Engine.submit): the
+    # next batch is submitted before this one is written, so no stream idles between them.
+    # At most one batch is in flight, and it is written on Ctrl-C or an error too.
+    inflight: tuple[dict[str, Any], Callable[[], Any] | None] | None = None
     with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
         try:
             for batch in loader:
-                feats = None
+                result = None
                 if batch["tensor"] is not None:
-                    feats = engine(batch["tensor"], flip="flip" in tta, chunk=opts.batch_size)
-                    feats = feats.cpu().numpy().astype(out_dtype, copy=False)
-                settle()
-                pending.append((writes.submit(session.commit, batch, feats),
-                                len(batch["items"])))
+                    result = engine.submit(batch["tensor"], flip="flip" in tta,
+                                           chunk=opts.batch_size)
+                if inflight is not None:
+                    write(*inflight)
+                    inflight = None
+                if engine.background:
+                    inflight = (batch, result)
+                else:
+                    write(batch, result)
+            if inflight is not None:
+                last, inflight = inflight, None
+                write(*last)
             settle()
         finally:
             try:
+                if inflight is not None:  # Ctrl-C or an error: its forward is done or nearly
+                    with contextlib.suppress(Exception):
+                        write(*inflight)
                 settle()
             finally:
                 writes.shutdown(wait=True)

@@ -303,7 +303,19 @@ def embed(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor,
     normalisation in its graph), or B×V×3×H×W float32 views already normalised."""
     import torch
 
-    b, v = views.shape[:2]
+    x = model_views(views, device, channels_last=channels_last, flip=flip,
+                    normalize=normalize, takes_pixels=takes_pixels)
+    with amp:
+        outs = [model(x[lo:lo + chunk]) for lo in range(0, x.shape[0], chunk)]
+    return pool_views(outs[0] if len(outs) == 1 else torch.cat(outs), *views.shape[:2])
+
+
+def model_views(views: torch.Tensor, device: torch.device, *, channels_last: bool, flip: bool,
+                normalize: Normalization | None, takes_pixels: bool) -> torch.Tensor:
+    """``embed``'s model input: B×V views (and with ``flip`` their mirror images after them)
+    as one (2·)B·V-image batch on ``device``, normalised unless the model ``takes_pixels``."""
+    import torch
+
     x = views.flatten(0, 1).to(device, non_blocking=True)
     pixels = x.dtype == torch.uint8
     if flip:
@@ -314,9 +326,13 @@ def embed(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor,
         x = model_input(x, normalize, channels_last=channels_last)
     elif channels_last and not pixels:
         x = x.contiguous(memory_format=torch.channels_last)
-    with amp:
-        outs = [model(x[lo:lo + chunk]) for lo in range(0, x.shape[0], chunk)]
-    f = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
+    return x
+
+
+def pool_views(f: torch.Tensor, b: int, v: int) -> torch.Tensor:
+    """The model's (2·)B·V×D output of ``model_views``' batch → B×D float32: the mean over
+    each image's views and mirror images."""
+    f = f.float()
     if f.shape[0] == b:  # one view per image: nothing to average (and no torch op to run)
         return f
     return f.view(-1, b, v, f.shape[-1]).mean(dim=(0, 2))
@@ -354,13 +370,23 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# A batch runs as parts of this many images, each handed to whichever CPU stream is free
+# (OpenVINO's AsyncInferQueue with one infer request per stream). Parts of 4 beat one part
+# per request (the batch split evenly): a stream the loader's worker slows no longer holds
+# the other at the batch's end. bench/results/extract.md (OpenVINO settings) measures it.
+OV_PART = 4
+OV_REQUESTS_PER_STREAM = 1
+
+
 @dataclass
 class OpenVINOForward:
     """A backbone compiled by OpenVINO for the CPU: N×H×W×3 uint8 pixels (``pixels``: the
     normalisation is in the compiled graph) or N×3×H×W float32 torch tensor → N×D float32
-    torch tensor (one synchronous infer request; batch size free). ``cache`` tells how the
-    converted model was had: 'hit' (read from the disk cache), 'miss' (converted and cached),
-    'rebuilt' (a damaged cache entry was converted again) or 'off' (not cacheable here)."""
+    torch tensor (batch size free). With one stream, one synchronous infer request; with
+    several (the THROUGHPUT hint), parts of ``OV_PART`` images on an AsyncInferQueue.
+    ``cache`` tells how the converted model was had: 'hit' (read from the disk cache), 'miss'
+    (converted and cached), 'rebuilt' (a damaged cache entry was converted again) or 'off'
+    (not cacheable here)."""
 
     compiled: Any
     precision: str  # "fp32" or "bf16"
@@ -371,31 +397,66 @@ class OpenVINOForward:
     seconds: dict[str, float] = field(default_factory=dict)  # convert / read / compile
 
     def __post_init__(self) -> None:
-        # Two infer requests per stream: while one request's results are copied out, the
-        # stream already runs the other (bench/results/extract.md: OpenVINO settings).
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
-        n = 1 if self.streams <= 1 else 2 * int(
-            self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        self.requests = [self.compiled.create_infer_request() for _ in range(max(1, n))]
+        self.request = self.compiled.create_infer_request()
+        self.queue = None
+        if self.streams > 1:
+            import openvino as ov
+
+            self.queue = ov.AsyncInferQueue(self.compiled,
+                                            OV_REQUESTS_PER_STREAM * self.streams)
+            self.queue.set_callback(self._done)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.submit(x)()
+
+    def submit(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start the forward of ``x`` and return a callable that waits for it and gives the
+        N×D features. With streams, the parts run in the background: a next batch submitted
+        before this one's result is asked queues its parts behind this one's, so no stream
+        idles between batches. ``x`` is read in place until the result is had."""
         import numpy as np
         import torch
 
         arr = x.detach().cpu().contiguous().numpy()
-        if len(self.requests) == 1 or len(arr) == 1:
-            out = self.requests[0].infer({0: arr}, share_inputs=True, share_outputs=False)
-            return torch.from_numpy(next(iter(out.values())))
-        # the batch split into one part per request, all in flight at once
-        parts = [p for p in np.array_split(arr, min(len(self.requests), len(arr)))]
-        busy = list(zip(self.requests, parts))
-        for request, part in busy:
-            request.start_async({0: part}, share_inputs=True)
-        outs = []
-        for request, _ in busy:
-            request.wait()
-            outs.append(request.get_output_tensor(0).data.copy())
-        return torch.from_numpy(np.concatenate(outs))
+        if self.queue is None or len(arr) <= OV_PART:
+            out = self.request.infer({0: arr}, share_inputs=True, share_outputs=False)
+            feats = torch.from_numpy(next(iter(out.values())))
+            return lambda: feats
+        job = _Job(arr, -(-len(arr) // OV_PART))
+        for part in range(job.parts):  # blocks while every request is busy
+            lo = part * OV_PART
+            self.queue.start_async({0: arr[lo:lo + OV_PART]}, (job, part), share_inputs=True)
+
+        def result() -> torch.Tensor:
+            if not job.done.wait(1.0):
+                self.queue.wait_all()  # raises what a failed request raised
+                if not job.done.is_set():
+                    raise RuntimeError(f"OpenVINO finished {job.parts - job.left} of "
+                                       f"{job.parts} parts of a batch")
+            return torch.from_numpy(np.concatenate(job.outs))
+
+        return result
+
+    @staticmethod
+    def _done(request: Any, userdata: tuple[_Job, int]) -> None:
+        job, part = userdata
+        job.outs[part] = request.get_output_tensor(0).data.copy()
+        with job.lock:
+            job.left -= 1
+            if job.left == 0:
+                job.done.set()
+
+
+class _Job:
+    """One batch on OpenVINOForward's AsyncInferQueue: its input (kept alive while requests
+    read it), its parts' outputs as they finish, and an event set when the last one has."""
+
+    def __init__(self, arr: Any, parts: int):
+        self.arr, self.parts, self.left = arr, parts, parts
+        self.outs: list[Any] = [None] * parts
+        self.lock = threading.Lock()
+        self.done = threading.Event()
 
 
 _CORE: Any = None
@@ -587,6 +648,34 @@ class Engine:
                          channels_last=self.channels_last, flip=flip, chunk=chunk,
                          normalize=self.normalize,
                          takes_pixels=getattr(self.forward, "pixels", False))
+
+
+    @property
+    def background(self) -> bool:
+        """Whether ``submit`` runs the forward in the background (OpenVINO on streams)."""
+        return isinstance(self.forward, OpenVINOForward) and self.forward.queue is not None
+
+    def submit(self, views: torch.Tensor, *, flip: bool, chunk: int
+               ) -> Callable[[], torch.Tensor]:
+        """As calling the engine, but where OpenVINO runs on streams the forward runs in the
+        background: returns a callable that waits for it and gives the B×D features, so the
+        caller can submit the next batch first and no stream idles between batches
+        (``OpenVINOForward.submit``). Elsewhere the features are computed now."""
+        if not self.background:
+            feats = self(views, flip=flip, chunk=chunk)
+            return lambda: feats
+        b, v = views.shape[:2]
+        with one_torch_thread():
+            x = model_views(views, self.device, channels_last=False, flip=flip,
+                            normalize=self.normalize, takes_pixels=self.forward.pixels)
+        pending = self.forward.submit(x)
+
+        def result() -> torch.Tensor:
+            f = pending()
+            with one_torch_thread():
+                return pool_views(f, b, v)
+
+        return result
 
 
 @contextlib.contextmanager
