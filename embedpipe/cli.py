@@ -706,7 +706,9 @@ def finetune(
                                           "digits, ...)."),
     val_fraction: float = typer.Option(FT.val_fraction,
                                        help="Without a val/ split: stratified fraction "
-                                                 "held out for validation (0: none)."),
+                                                 "held out for validation (0: none; then "
+                                                 "nothing can choose, so the EMA weights are "
+                                                 "kept when --ema > 0, else the last epoch)."),
     patience: int = typer.Option(FT.patience, help="Stop when stage-2 validation accuracy has not "
                                          "improved for this many epochs (0: never)."),
     keep: str = typer.Option(FT.keep, help="The output: best (the epoch with the best "

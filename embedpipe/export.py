@@ -131,6 +131,7 @@ def _steps(estimator: Any) -> tuple[Any, Any, float | None]:
 
 def _transform(g: _Graph, step: Any, x: str) -> str:
     from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     if step is None or step == "passthrough":
@@ -143,6 +144,13 @@ def _transform(g: _Graph, step: Any, x: str) -> str:
         if step.scale_ is not None and step.with_std:
             x = g.op("Div", [x, g.const(step.scale_, "scale")], "scaled")
         return x
+    if isinstance(step, LinearDiscriminantAnalysis) and step.solver in ("eigen", "svd"):
+        # scikit-learn's transform: X @ scalings (eigen) or (X - xbar) @ scalings (svd), first
+        # _max_components columns
+        if step.solver == "svd":
+            x = g.op("Sub", [x, g.const(step.xbar_, "lda_xbar")], "lda_centred")
+        scalings = np.asarray(step.scalings_)[:, :step._max_components]
+        return g.op("MatMul", [x, g.const(scalings, "lda_scalings")], "lda")
     if isinstance(step, PCA):
         x = g.op("Sub", [x, g.const(step.mean_, "pca_mean")], "pca_centred")
         x = g.op("MatMul", [x, g.const(step.components_.T, "pca_components")], "pca")

@@ -33,7 +33,10 @@ def test_heads_lists_every_head_with_defaults_and_grid():
     res = ok("heads", "--json")
     rows = {r["head"]: r for r in json.loads(res.output)}
     assert {"svm", "linear-svm", "logreg", "knn", "ridge", "centroid", "mlp"} <= set(rows)
-    assert rows["svm"]["grid"]["C"] and rows["knn"]["defaults"]["metric"] == "cosine"
+    assert rows["svm"]["grid"]["C"] and rows["knn"]["defaults"]["metric"] == "euclidean"
+    assert rows["knn"]["preprocessing"][-1].startswith("project onto the classes' linear")
+    rules = {r["params"]["prep"]: r["rule"] for r in rows["centroid"]["data_rules"]}
+    assert "fewer than 5 training rows" in rules["l2+scale"]  # too few rows for the lda step
     text = ok("heads").output
     assert "search grid" in text and "linear-svm" in text
 
@@ -80,6 +83,10 @@ def test_fit_options_params_search_and_errors(fmnist_store: Path, tmp_path: Path
                        "-o", tmp_path / "x.skops"), "knn", "class weights")
     one_line_error(cli("fit", fmnist_store, "--head", "forest", "-o", tmp_path / "x.skops"),
                    "forest", "logreg")
+    # inf is a number (scikit-learn's messages name ranges up to inf), not the text 'inf'
+    assert heads.parse_value("inf") == float("inf") and heads.parse_value("-Inf") < 0
+    one_line_error(cli("fit", fmnist_store, "--head", "logreg", "--param", "C=-inf", "-o",
+                       tmp_path / "x.skops"), "C")
     one_line_error(cli("fit", tmp_path / "nope.h5", "-o", tmp_path / "x.skops"), "nope.h5")
     assert not (tmp_path / "x.skops").exists()
 

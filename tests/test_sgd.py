@@ -203,6 +203,9 @@ def test_bad_streaming_options_are_one_line_errors(fmnist_store: Path, tmp_path:
                        "-o", x), "max_iter")
     one_line_error(cli("fit", fmnist_store, "--head", "sgd", "--param", "loss=cubic", "-o",
                        x), "loss")
+    # the lda step needs every row's class statistics at once: refused, not fitted on a chunk
+    one_line_error(cli("fit", fmnist_store, "--head", "sgd", "--param", "prep=l2+lda", "-o",
+                       x), "prep=l2+lda", "cannot learn the lda step")
     assert not x.exists()
 
 

@@ -17,6 +17,11 @@ fitted on such data at all. What it changes (scikit-learn would otherwise raise 
   it uncalibrated (train.py).
 * ``NearestCentroid`` scores rows by distances scaled by the pooled within-class standard
   deviation, which is zero (NaN scores) when every class has a single image: refused.
+* The ``lda`` preprocessing step (knn's and centroid's default from 5 rows per class,
+  ``--param prep=l2+lda``): scikit-learn's eigen solver cannot invert the within-class
+  covariance of classes with fewer than ``LDA_MIN_FIT_ROWS`` images (it raises a LinAlgError),
+  so there the step is turned off (the rows go on L2-normalised). Inside calibration this
+  changes the base pipeline itself, so the folds and the final fit stay the same pipeline.
 
 And ``check_classes(y, where)`` is the one refusal of training rows holding a single class.
 """
@@ -86,10 +91,20 @@ def adapt(estimator: Any, y: np.ndarray, name: str = "") -> list[str]:
     return notes
 
 
+LDA_MIN_FIT_ROWS = 3  # 2 per class failed on every draw of Lite0 features tried, 3 on none
+
+
 def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
     kind = type(est).__name__
     cls, smallest, n_classes, n = counts(y)
     if hasattr(est, "steps"):  # Pipeline: the last step is the classifier
+        lda = [step for step, obj in est.steps[:-1]
+               if type(obj).__name__ == "LinearDiscriminantAnalysis"]
+        if lda and smallest < LDA_MIN_FIT_ROWS:
+            notes.append(f"{name}: lda step off (rows stay L2-normalised): class {cls!r} has "
+                         f"{smallest} training image(s), the linear discriminants need "
+                         f"{LDA_MIN_FIT_ROWS} of every class")
+            est.set_params(**{step: "passthrough" for step in lda})
         _adapt(est.steps[-1][1], y, name, notes)
     elif kind == "VotingClassifier":
         for member, sub in est.estimators:

@@ -61,6 +61,10 @@ def build(head: str, params: dict[str, Any] | None, y: np.ndarray, *,
         classes = np.unique(y)
         w = compute_class_weight("balanced", classes=classes, y=y)
         pipe.set_params(clf__class_weight={str(c): float(v) for c, v in zip(classes, w)})
+    if "lda" in pipe.named_steps:  # it needs every row's class statistics at once
+        raise StreamError(f"--param prep={(params or {}).get('prep')}: the streaming head "
+                          f"{head} cannot learn the lda step chunk by chunk; pass prep=l2, "
+                          "scale, l2+scale or none, or use an in-memory head (logreg, knn, ...)")
     pca = pipe.named_steps["pca"]
     if pca != "passthrough":
         n = pca.n_components
