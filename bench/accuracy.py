@@ -71,26 +71,26 @@ def _fit_score(make, Xtr, ytr, Xte, yte):
     return acc, wall, cpu, extra
 
 
+def _train_test(path) -> tuple:
+    """(train features, train labels, test features, test labels) of a store's splits."""
+    s = open_store(path)
+    r = select_rows(s)
+    te = r.heldout["test"]
+    return s.features[r.train], targets(s, r.train), s.features[te], targets(s, te)
+
+
 def load_sets(args) -> dict[str, tuple]:
     sets = {}
     if "natural" in args.sets:
         import natural
 
         _, path = natural.features()
-        s = open_store(path)
-        r = select_rows(s)
-        te = r.heldout["test"]
-        sets["natural"] = (s.features[r.train], targets(s, r.train), s.features[te],
-                           targets(s, te), f"{path.name}")
+        sets["natural"] = (*_train_test(path), f"{path.name}")
     want = [n for n in args.sets if n.startswith("fmnist")]
     if want:
         train, test = args.fmnist
         _, path, _ = bu.fmnist_features(train, test)
-        s = open_store(path)
-        r = select_rows(s)
-        te = r.heldout["test"]
-        X, y = s.features[r.train], targets(s, r.train)
-        Xte, yte = s.features[te], targets(s, te)
+        X, y, Xte, yte = _train_test(path)
         rng = np.random.default_rng(0)
         for name in want:
             k = name.split("-")[1]
@@ -116,23 +116,16 @@ def repeated_splits(args) -> dict[str, tuple[list[tuple], str]]:
         from sklearn.model_selection import StratifiedShuffleSplit
 
         _, path = natural.features()
-        s = open_store(path)
-        r = select_rows(s)
-        te = r.heldout["test"]
-        X = np.concatenate([s.features[r.train], s.features[te]])
-        y = np.concatenate([targets(s, r.train), targets(s, te)])
-        cut = StratifiedShuffleSplit(n_splits=args.splits, test_size=len(te), random_state=0)
+        Xtr, ytr, Xte, yte = _train_test(path)
+        X, y = np.concatenate([Xtr, Xte]), np.concatenate([ytr, yte])
+        cut = StratifiedShuffleSplit(n_splits=args.splits, test_size=len(yte), random_state=0)
         out["natural"] = ([(X[a], y[a], X[b], y[b]) for a, b in cut.split(X, y)],
-                          f"{args.splits} random stratified {len(r.train)}/{len(te)} splits of "
+                          f"{args.splits} random stratified {len(ytr)}/{len(yte)} splits of "
                           f"the {len(y)} images")
     want = [n for n in args.sets if n.startswith("fmnist") and n != "fmnist-all"]
     if want:
         _, path, _ = bu.fmnist_features(*args.fmnist)
-        s = open_store(path)
-        r = select_rows(s)
-        te = r.heldout["test"]
-        X, y = s.features[r.train], targets(s, r.train)
-        Xte, yte = s.features[te], targets(s, te)
+        X, y, Xte, yte = _train_test(path)
         for name in want:
             k = int(name.split("-")[1])
             draws = []
