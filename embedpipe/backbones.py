@@ -488,6 +488,11 @@ class ResizeCenterCrop:
         den = scale.denominator
         return den & (den - 1) == 0 and den <= 1 << 16 and scale.numerator * end < 1 << 24
 
+    def _offsets(self, rw: int, rh: int) -> tuple[int, int]:
+        """(top, left) of the crop in a rw×rh resized image: CenterCrop's rounding."""
+        ch, cw = self.crop
+        return int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+
     def _along(self, im: Any, axis: int, n: int, rn: int, start: int, length: int) -> Any:
         """One resampling pass along ``axis`` (0: width, 1: height) of a source ``n`` long
         resized to ``rn``, keeping [start, start + length) of the resized axis: on the crop's
@@ -515,7 +520,7 @@ class ResizeCenterCrop:
         ch, cw = self.crop
         if cw > rw or ch > rh:  # CenterCrop pads: keep its own steps
             return self.steps[1](self.steps[0](img))
-        top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+        top, left = self._offsets(rw, rh)
         # PIL's ImagingResampleInner runs the vertical pass first when the height shrinks by
         # more than twice what the width does; the order is part of the result
         if (h - rh) > 0 and (h - rh) > (w - rw) * 2:
@@ -581,7 +586,7 @@ class ResizeCenterCrop:
         chw = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         if (rw, rh) != (w, h):
             chw = F.resize(chw, [rh, rw], interpolation=mode, antialias=True)
-        top, left = round((rh - ch) / 2.0), round((rw - cw) / 2.0)  # CenterCrop's offsets
+        top, left = self._offsets(rw, rh)
         return chw[:, top:top + ch, left:left + cw].permute(1, 2, 0).contiguous()
 
     def __getstate__(self) -> dict[str, Any]:  # a spawned worker checks its own geometries

@@ -649,7 +649,6 @@ class Engine:
                          normalize=self.normalize,
                          takes_pixels=getattr(self.forward, "pixels", False))
 
-
     @property
     def background(self) -> bool:
         """Whether ``submit`` runs the forward in the background (OpenVINO on streams)."""
@@ -666,7 +665,7 @@ class Engine:
             return lambda: feats
         b, v = views.shape[:2]
         with one_torch_thread():
-            x = model_views(views, self.device, channels_last=False, flip=flip,
+            x = model_views(views, self.device, channels_last=self.channels_last, flip=flip,
                             normalize=self.normalize, takes_pixels=self.forward.pixels)
         pending = self.forward.submit(x)
 
