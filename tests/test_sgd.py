@@ -63,15 +63,17 @@ def test_streaming_heads_fit_and_predict_close_to_logreg(fitted: dict[str, Path]
         acc[head] = csv_accuracy(out)
     # 50 real test images: a few points is 2-4 images
     for head in STREAMING:
-        assert acc[head] >= acc["logreg"] - 0.08, acc
+        assert acc[head] >= acc["logreg"] - 0.06, acc  # 3 images
     assert acc["logreg"] > 0.6, acc  # chance is 0.1
     lsgd, sgd = artifacts.load(fitted["logreg-sgd"]), artifacts.load(fitted["sgd"])
-    # plain scikit-learn objects: a Pipeline (scale, pca, SGDClassifier) ...
-    assert [n for n, _ in lsgd.estimator.steps] == ["scale", "pca", "clf"]
+    # plain scikit-learn objects: a Pipeline (l2, pca, SGDClassifier): 20 rows per class, so
+    # the small-data rule's L2-normalised rows and 20 epochs ...
+    assert [n for n, _ in lsgd.estimator.steps] == ["l2", "pca", "clf"]
     assert type(lsgd.estimator.named_steps["clf"]).__name__ == "SGDClassifier"
     m = lsgd.manifest
     assert m["calibration"] == "native" and m["training"]["rows"] == 200
-    assert m["training"]["streamed"] == {"chunk_rows": 64, "epochs": 5, "fitted_rows": 200,
+    assert m["params"]["max_iter"] == 20 and m["params"]["prep"] == "l2"
+    assert m["training"]["streamed"] == {"chunk_rows": 64, "epochs": 20, "fitted_rows": 200,
                                          "calibration_rows": 0}
     # ... and the hinge head calibrated on train rows it was not fitted on
     s = sgd.manifest["training"]["streamed"]
@@ -122,6 +124,32 @@ def test_iter_feature_chunks_reads_each_row_once_from_file_or_memory(fmnist_stor
     for (i, X), (_, Y) in zip(a, b):
         np.testing.assert_array_equal(X, Y)
         np.testing.assert_array_equal(X, in_memory.features[rows[i]])
+
+
+def test_a_training_epoch_mixes_classes_even_in_small_chunks(fmnist_store: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """The fixture's train rows are sorted by class folder (20 per class), so a 16-row piece of
+    one HDF5 chunk holds one or two classes. A training epoch (a generator given) reads a
+    shuffled mixing window and hands it out 16 rows at a time: every row once, each piece from
+    many classes. Without the window (MIX_BYTES = 0, the earlier reads) the pieces are near
+    pure, which is what made SGD on small chunks undertrain."""
+    from embedpipe.store import read
+
+    s = open_store(fmnist_store, features=False)
+    rows = select_rows(s).train
+    y = targets(s, rows)
+    assert np.all(y[:-1] <= y[1:])  # sorted by class, as extract writes a class folder tree
+
+    def classes_per_chunk() -> list[int]:
+        got = list(s.iter_feature_chunks(rows, 16, rng=np.random.default_rng(0)))
+        assert all(len(i) <= 16 for i, _ in got)
+        assert sorted(np.concatenate([i for i, _ in got]).tolist()) == list(range(len(rows)))
+        return [len(set(y[i])) for i, _ in got]
+
+    mixed = classes_per_chunk()
+    assert min(mixed) >= 5 and np.mean(mixed) >= 7, mixed  # 16 random rows of 10 classes
+    monkeypatch.setattr(read, "MIX_BYTES", 0)
+    assert max(classes_per_chunk()) <= 2
 
 
 def test_cv_streams_sgd_heads_next_to_logreg(fmnist_store: Path, tmp_path: Path):

