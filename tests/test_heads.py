@@ -353,3 +353,46 @@ def test_prep_none_means_no_preprocessing_and_grids_follow_the_preprocessing(
     ok("fit", fmnist_store, "--head", "svm", "--search", "-o", out, "-q")
     params = artifacts.load(out).manifest["params"]
     assert params["prep"] == "l2" and params["gamma"] in ("scale", 0.5, 2.0)
+
+
+def test_the_lda_step_is_fitted_once_per_fold_in_a_search_and_never_saved_with_its_cache(
+        fmnist_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """knn's grid used to refit the lda step (about 0.5 s at 1280-d) at every grid point.
+    Inside registry.lda_cache each fold's fitted preprocessing is reused: with n_neighbors
+    searched (4 values, 3 inner folds) 3 + 1 fits instead of 12 + 1. The cache is a temporary
+    directory gone after the fit, and a head file never holds a Pipeline that refers to it."""
+    import tempfile
+
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from embedpipe.heads.fit import fit_configuration
+    from embedpipe.heads.source import Labeled
+
+    s = open_store(fmnist_store)
+    rows = select_rows(s).train
+    X, y = s.features[rows], targets(s, rows)
+    fits = []
+    real = LinearDiscriminantAnalysis.fit
+    monkeypatch.setattr(LinearDiscriminantAnalysis, "fit",
+                        lambda self, *a, **k: (fits.append(1), real(self, *a, **k))[1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the cache goes
+    fixed = {"metric": "euclidean", "weights": "distance"}
+    est, chosen = fit_configuration(Labeled.in_memory(X, y), "knn", fixed, search=True)
+    assert len(fits) == 3 + 1, len(fits)
+    assert est.memory is None and chosen["n_neighbors"] in (1, 5, 10, 20)
+    assert not list(tmp_path.glob("embedpipe-lda-*"))  # removed with its block
+    fits.clear()
+    monkeypatch.setattr(heads.registry, "LDA_CACHE_MAX_ROWS", 0)  # the cache off: as before
+    fit_configuration(Labeled.in_memory(X, y), "knn", fixed, search=True)
+    assert len(fits) == 4 * 3 + 1, len(fits)
+
+    # a pipeline fitted inside the cache (as cv's and auto's are) saves without it
+    monkeypatch.setattr(heads.registry, "LDA_CACHE_MAX_ROWS", 20000)
+    with heads.registry.lda_cache(len(y)):
+        pipe = heads.build("centroid")
+        assert pipe.memory is not None
+        pipe.fit(X, y)
+    out = artifacts.save(tmp_path / "c.skops", pipe, {"head": "centroid"})
+    loaded = artifacts.load(out)
+    assert loaded.estimator.memory is None and pipe.memory is None
+    np.testing.assert_array_equal(loaded.estimator.predict(X), pipe.predict(X))

@@ -86,16 +86,19 @@ def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
             "convergence_warnings": quiet.convergence, "notes": notes}
 
 
-def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int,
+def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int, rows: int,
                args: Any) -> dict[Any, dict[str, Any]]:
     """Run _cv_task for every key of ``tasks`` (``args(key, bar)`` gives its arguments) on
-    ``jobs`` joblib workers, with one progress bar of fits; the results by key."""
+    ``jobs`` joblib workers, with one progress bar of fits; the results by key. ``rows``: the
+    training rows (for registry.lda_cache)."""
     from joblib import Parallel, delayed
 
     from ..progress import Progress
 
     results: dict[Any, dict[str, Any]] = {}
-    with Progress(len(tasks), label, enabled=progress, unit="fit") as bar:
+    # in this process (jobs=1), heads with an lda step fit it once per fold, not once per head
+    with Progress(len(tasks), label, enabled=progress, unit="fit") as bar, \
+            heads.lda_cache(rows):
         gen = Parallel(n_jobs=jobs, return_as="generator")(
             delayed(_cv_task)(*args(key, bar)) for key in tasks)
         for key, res in zip(tasks, gen):
@@ -216,7 +219,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     tasks = [(h, i) for h in names for i in range(len(splits))]
     say(f"cv: {len(names)} head(s) x {len(splits)} folds = {len(tasks)} fits on {len(y)} "
         f"train rows ({'nested search, ' if search else ''}{jobs} job(s))")
-    results = _run_tasks(tasks, "cv", progress, jobs, lambda key, bar: (
+    results = _run_tasks(tasks, "cv", progress, jobs, len(y), lambda key, bar: (
         sources[key[0] in streamed], splits[key[1]][0], splits[key[1]][1], key[0],
         per_params[key[0]], cw[key[0]], search, metric, seed, where,
         _tasks_note(bar, jobs, f"{key[0]} fold {key[1] + 1}") if key[0] in streamed else None))
@@ -411,7 +414,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     tasks = [(k, h, f) for k in range(len(stores)) for h in names for f in range(len(splits))]
     say(f"compare: {len(stores)} stores x {len(names)} head(s) x {len(splits)} folds = "
         f"{len(tasks)} fits on {len(y)} common train rows")
-    results = _run_tasks(tasks, "compare", progress, jobs, lambda key, bar: (
+    results = _run_tasks(tasks, "compare", progress, jobs, len(y), lambda key, bar: (
         sources[key[0]][key[1] in streamed], splits[key[2]][0], splits[key[2]][1], key[1],
         per_params[key[1]], cw[key[1]], search, metric, seed, str(stores[key[0]].path),
         _tasks_note(bar, jobs, f"[{chr(65 + key[0])}] {key[1]} fold {key[2] + 1}")

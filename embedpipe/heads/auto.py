@@ -167,7 +167,8 @@ def select(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, seed
     budget = check_budget(budget)
     # one BLAS thread: the many small fits of a selection gain little from more, and on a busy
     # machine two threads made logreg on 170 rows 90x slower (0.6 s vs 56 s wall, spin-waits)
-    with threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
+    with threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"), \
+            heads.lda_cache(len(y)):  # knn and centroid share each fold's lda fit
         return _select(X, y, budget, seed, metric, say)
 
 
@@ -316,7 +317,7 @@ def fit_auto(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, se
     sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
     with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
         est = build_choice(sel.choice, seed).fit(X, y)
-    return est, {"budget": budget, "choice": sel.choice["name"]}, sel
+    return heads.uncached(est), {"budget": budget, "choice": sel.choice["name"]}, sel
 
 
 def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,

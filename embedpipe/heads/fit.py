@@ -53,10 +53,12 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
         # the candidates are fitted on the inner folds' training parts: adapt to the smallest
         (notes if notes is not None else []).extend(
             fewshot.adapt(pipe, fewshot.fold_part(source.y, k), head))
-        gs = GridSearchCV(pipe, grid, scoring=scoring, refit=True, n_jobs=jobs, cv=folds)
-        gs.fit(source.X, source.y)
+        with heads.lda_cache(len(source)):  # the lda step once per fold, not per grid point
+            gs = GridSearchCV(heads.cached(pipe), grid, scoring=scoring, refit=True,
+                              n_jobs=jobs, cv=folds)
+            gs.fit(source.X, source.y)
         chosen.update(heads.short_params(gs.best_params_))
-        return gs.best_estimator_, chosen
+        return heads.uncached(gs.best_estimator_), chosen
     splits = list(folds.split(np.zeros((len(source), 1)), source.y))
     cands = [heads.short_params(c) for c in ParameterGrid(grid)]
     best: tuple[float, dict[str, Any]] | None = None
