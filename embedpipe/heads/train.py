@@ -19,7 +19,7 @@ from .. import _io, checks
 from ..store.read import open_stores
 from . import artifacts, fewshot
 from . import registry as heads
-from .fit import _fit_errors, _Quiet, convergence_note, fit_configuration
+from .fit import _as_fitted, _fit_errors, _Quiet, convergence_note, fit_configuration
 from .source import Labeled
 from .rows import TRAIN_SPLIT, min_class, select_rows, targets
 
@@ -181,6 +181,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
             bar.update(len(held))
         bar.note("training accuracy")
         pred, _, _ = source.predict(estimator, tick=bar.update)
+    chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed)  # as calibrated
     for n in dict.fromkeys(notes):
         say(f"note: {n}")
     if quiet.convergence:
