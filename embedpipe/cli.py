@@ -379,7 +379,11 @@ def heads(
                    + ("; streamed from the store in --chunk-rows chunks, max_iter = epochs"
                       if r["streaming"] else ""))
         for rule in r["data_rules"]:
-            typer.echo(f"{'':<11} data rule: {rule['rule']}")
+            prep = rule["params"].get("prep")
+            typer.echo(f"{'':<11} data rule: {rule['rule']}" + (
+                f" (without --param prep or with prep={prep}; with another prep the defaults "
+                "above apply)"
+                if prep else ""))
     from .heads.auto import DEFAULT_BUDGET
     from .heads.registry import AUTO
 

@@ -13,7 +13,9 @@ The graph (``embedpipe export HEAD -o model.onnx``):
 * output ``label``: int64, N: the index into ``classes`` of the most probable class.
 
 Linear heads (logreg, ridge, linear-svm, centroid, sgd, logreg-sgd) and the preprocessing steps (l2, scale, PCA)
-are written as plain ONNX ops here, exactly; svm, knn and mlp classifiers are converted with
+are written as plain ONNX ops here, exactly (ridge, linear-svm, svm, centroid and sgd with the
+temperature-scaled probabilities `fit` gives them: one it left uncalibrated, on too few images
+per class, is refused by refuse_uncalibrated); svm, knn and mlp classifiers are converted with
 skl2onnx. Every exported head is checked against the fitted estimator on sample features
 before it is written; a head that does not match is refused with one line (in practice the
 default knn head: skl2onnx's float32 cosine distances with 1/distance weights move its
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +128,8 @@ def _steps(estimator: Any) -> tuple[Any, Any, float | None]:
     if isinstance(estimator, FrozenEstimator):  # a streamed head calibrated after its fit
         estimator = estimator.estimator
     if not isinstance(estimator, Pipeline):
-        raise ExportError(f"estimator {type(estimator).__name__} is not a head pipeline")
+        raise ExportError(f"estimator {type(estimator).__name__} is not a head pipeline (not a "
+                          "head file of `embedpipe fit`): refit the head with `embedpipe fit`")
     return estimator, estimator.steps[-1][1], beta
 
 
@@ -158,7 +162,11 @@ def _transform(g: _Graph, step: Any, x: str) -> str:
             x = g.op("Div", [x, g.const(np.sqrt(step.explained_variance_), "pca_sd")],
                      "pca_white")
         return x
-    raise ExportError(f"pipeline step {type(step).__name__} is not exportable")
+    from .heads.registry import PREP_CHOICES
+
+    raise ExportError(f"pipeline step {type(step).__name__} is not exportable (l2, scale, lda "
+                      "and pca are): refit the head with `embedpipe fit`, its --param prep one "
+                      f"of {', '.join(PREP_CHOICES)}")
 
 
 def _linear(g: _Graph, x: str, coef: np.ndarray, intercept: np.ndarray) -> str:
@@ -227,7 +235,9 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
              if len(pipe.steps) > 1 else dim)
     if isinstance(clf, LogisticRegression):
         if beta is not None:
-            raise ExportError("a calibrated logreg head is not exportable")
+            raise ExportError(f"the {head_name} head is a calibrated logreg, which is not "
+                              "exportable: refit it with `embedpipe fit --head logreg` (native "
+                              "probabilities)")
         z = _linear(g, x, clf.coef_, clf.intercept_)
         if clf.coef_.shape[0] == 1:  # binary: sigmoid of one score
             p1 = g.op("Sigmoid", [z], "p1")
@@ -249,9 +259,14 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
                          "total", keepdims=1)
             probs = g.op("Div", [p, total], "proba")
     elif isinstance(clf, NearestCentroid) and beta is not None:
-        if clf.metric != "euclidean" or n_classes < 3:
-            raise ExportError(f"a centroid head with metric {clf.metric} and {n_classes} "
-                              "classes is not exportable (euclidean, 3+ classes only)")
+        if clf.metric != "euclidean":
+            raise ExportError(f"the {head_name} head measures {clf.metric} distances to the "
+                              "class centroids; only euclidean ones are exportable: refit it "
+                              "without --param metric (euclidean is its default)")
+        if n_classes < CENTROID_MIN_CLASSES:
+            raise ExportError(f"the {head_name} head has {n_classes} classes; a centroid head "
+                              f"is exportable with {CENTROID_MIN_CLASSES} or more: export a "
+                              "logreg, ridge, linear-svm, svm or mlp head of these classes")
         # score_k = -||(x - c_k)/s||^2 + 2 log prior_k (sklearn's discriminant); the ||x/s||^2
         # term is the same for every class and cancels in the softmax: linear in x.
         s = np.asarray(clf.within_class_std_dev_, dtype=np.float64).copy()
@@ -267,9 +282,11 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
         probs = _skl2onnx(g, clf, x, width, opset, raw=False)
     else:
         kind = type(clf).__name__ + (" (calibrated)" if beta is not None else "")
+        if beta is None and isinstance(clf, _score_classifiers()):
+            kind = type(clf).__name__ + ", uncalibrated scores"
         raise ExportError(f"the {head_name} head ({kind}) cannot be exported to ONNX; "
-                          "exportable heads: logreg, ridge, linear-svm, centroid, svm, mlp, sgd, "
-                          "logreg-sgd (knn when skl2onnx reproduces it)")
+                          f"exportable heads: {', '.join(_native_heads())}, and, when `fit` "
+                          "calibrated their probabilities, ridge, linear-svm, svm, sgd, centroid")
     g.op("Identity", [probs], out=PROBS)
     outputs = [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", n_classes]),
                helper.make_tensor_value_info(LABEL, TensorProto.INT64, ["N"])]
@@ -312,6 +329,52 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
     if g.ml:
         imports.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
     return helper.make_model(graph, opset_imports=imports, producer_name="embedpipe")
+
+
+CENTROID_MIN_CLASSES = 3  # the calibrated centroid graph (head_graph) needs 3+ classes
+
+
+def _score_classifiers() -> tuple[type, ...]:
+    from sklearn.linear_model import RidgeClassifier, SGDClassifier
+    from sklearn.neighbors import NearestCentroid
+    from sklearn.svm import SVC, LinearSVC
+
+    return NearestCentroid, SVC, LinearSVC, RidgeClassifier, SGDClassifier
+
+
+def _native_heads() -> list[str]:
+    """Heads exportable whatever their training rows: native probabilities (knn with the
+    caveat that skl2onnx must reproduce it)."""
+    from .heads.registry import HEADS
+
+    return [h.name + (" (when skl2onnx reproduces it)" if h.name == "knn" else "")
+            for h in HEADS.values() if h.native_proba]
+
+
+def refuse_uncalibrated(head: artifacts.HeadFile) -> None:
+    """A head whose probabilities are a plain softmax of scores (`fit` could not calibrate it:
+    too few images per class) has no probabilities to export: one line naming the file, why,
+    and the heads that `fit` makes exportable from the same training rows."""
+    if artifacts.probability_kind(head.manifest) != "scores":
+        return
+    from .heads import registry, train
+
+    name = str(head.manifest.get("head", "head"))
+    per_class = [int(n) for n in ((head.manifest.get("training") or {})
+                                  .get("per_class") or {}).values()]
+    why = re.search(r"none \((.*?)(?::|\)$)", str(head.manifest.get("calibration", "")))
+    able = _native_heads() + [
+        h.name for h in registry.HEADS.values()
+        if not h.native_proba and per_class and train.calibrates(h.name, per_class)
+        and (h.name != "centroid" or len(per_class) >= CENTROID_MIN_CLASSES)]
+    need = next((n for n in range(2, 100) if name in registry.HEADS and len(per_class) > 1
+                 and train.calibrates(name, [n] * len(per_class))), None)
+    more = f" (at least {need} of every class)" if need else ""
+    rows = f" on these training rows ({min(per_class)} in the smallest class)" if per_class else ""
+    raise ExportError(f"{head.path}: the {name} head has uncalibrated scores, not probabilities "
+                      f"(`fit` could not calibrate them: {why.group(1) if why else 'too few images'}"
+                      f"), so it cannot be exported; add images{more} and refit it, or fit and "
+                      f"export one of {', '.join(able)}{rows}")
 
 
 def _session(model: Any) -> Any:
@@ -366,7 +429,8 @@ def check_head(model: Any, estimator: Any, X: np.ndarray, head_name: str,
         same = float(ok.mean())
     if err > HEAD_ATOL or same < 1.0:
         raise ExportError(f"the {head_name} head does not convert exactly to ONNX (max "
-                          f"|Δp| {err:.2g}, top-1 agreement {same:.0%}); not exported")
+                          f"|Δp| {err:.2g}, top-1 agreement {same:.0%}); not exported: fit and "
+                          "export another head, e.g. logreg")
     return err
 
 
@@ -614,6 +678,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     from .heads.reject import rule_for
 
     head = artifacts.load(head_path)
+    refuse_uncalibrated(head)
     rule = rule_for(head.manifest, reject, str(head.path))
     name = str(head.manifest.get("head", "head"))
     dim = int(head.identity["feature_dim"])

@@ -216,3 +216,37 @@ def test_full_disk_during_export_keeps_the_older_export(work: dict, tmp_path: Pa
     monkeypatch.setattr(onnx, "save_model", real_save)
     assert (out.read_bytes(), Path(f"{out}.json").read_bytes()) == older
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+def test_uncalibrated_head_is_refused_naming_only_heads_exportable_from_its_rows(
+        fmnist_store: Path, tmp_path: Path):
+    """A centroid head fitted on 2 images per class is uncalibrated (calibration needs 3):
+    export refuses in one line that says so, and names only heads that are exportable when
+    fitted on the same rows (svm is, centroid and sgd are not); with 3 per class it exports."""
+    from clitools import copy_rows
+
+    s = open_store(fmnist_store, features=False)
+    classes = s.classes[:3]
+
+    def small(per_class: int) -> Path:
+        keep = [i for c in classes
+                for i in [j for j in range(len(s.paths)) if s.classes[s.labels[j]] == c
+                          and s.splits[j] == "train"][:per_class]]
+        return copy_rows(fmnist_store, tmp_path / f"k{per_class}.h5", keep)
+
+    k2 = small(2)
+    ok("fit", k2, "--head", "centroid", "-o", tmp_path / "c2.skops", "-q")
+    line = one_line_error(cli("export", tmp_path / "c2.skops", "-o", tmp_path / "c2.onnx"),
+                          str(tmp_path / "c2.skops"), "centroid head has uncalibrated scores",
+                          "at least 3 of every class", "(2 in the smallest class)")
+    listed = line.split("export one of ", 1)[1].split(" on these training rows")[0]
+    names = [n.split(" (")[0] for n in listed.split(", ")]
+    assert names == ["logreg", "knn", "mlp", "logreg-sgd", "svm", "linear-svm", "ridge"], line
+    assert not (tmp_path / "c2.onnx").exists()
+    ok("fit", k2, "--head", "svm", "-o", tmp_path / "svm.skops", "-q")  # listed: it exports
+    ok("export", tmp_path / "svm.skops", "-o", tmp_path / "svm.onnx", "-q")
+    ok("fit", k2, "--head", "sgd", "-o", tmp_path / "sgd.skops", "-q")  # not listed: it doesn't
+    one_line_error(cli("export", tmp_path / "sgd.skops", "-o", tmp_path / "sgd.onnx"),
+                   "sgd head has uncalibrated scores", "at least 4 of every class")
+    ok("fit", small(3), "--head", "centroid", "-o", tmp_path / "c3.skops", "-q")
+    ok("export", tmp_path / "c3.skops", "-o", tmp_path / "c3.onnx", "-q")  # 3 per class do

@@ -6,12 +6,14 @@ Fashion-MNIST (3 classes)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from clitools import cli, one_line_error, read_csv
-from embedpipe.heads import HEADS
+from embedpipe.heads import HEADS, artifacts
+from embedpipe.heads import registry as heads
 from embedpipe.store import StoreWriter, open_store, read_identity
 
 ENSEMBLES = ["svm+logreg", "knn+ridge", "centroid+mlp", "sgd+logreg-sgd"]  # each calibrates
@@ -113,3 +115,86 @@ def test_one_class_is_refused_in_one_line_by_every_command(stores: dict, command
             "compare": ["compare", one, one]}[command]
     for head in ("logreg", "svm", "sgd", "svm+logreg"):
         one_line_error(cli(*args, "--head", head, "-q"), str(one), "class", "two")
+
+
+def _fitted(res, head: str) -> str:
+    """The parameters the summary line of `fit --head HEAD` names ("defaults" when none)."""
+    assert res.exit_code == 0, res.output
+    found = re.search(rf"^fitted {re.escape(head)} \((.*?)\) on ", res.output, re.M)
+    assert found, res.output
+    return found.group(1)
+
+
+def _pipe(path: Path):
+    est = artifacts.load(path).estimator
+    while not hasattr(est, "steps"):  # a calibrated head wraps its pipeline
+        est = est.estimator
+    return est
+
+
+def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
+    """What fewshot.adapt lowered is what the summary line and the manifest say, not what was
+    asked for: 2 images per class turn knn's lda step off (prep l2) and lower n_neighbors to
+    the 6 rows; mlp's early stopping goes off; an ensemble's member settings too."""
+    d = stores["dir"]
+    res = cli("fit", stores[2], "--head", "knn", "--param", "prep=l2+lda", "-o", d / "a.skops")
+    assert "lda step off" in res.output  # the note, on stderr
+    assert _fitted(res, "knn") == "n_neighbors=6, prep=l2"
+    assert artifacts.load(d / "a.skops").manifest["params"] == {"prep": "l2", "n_neighbors": 6}
+    pipe = _pipe(d / "a.skops")
+    assert pipe.named_steps["lda"] == "passthrough" and pipe[-1].n_neighbors == 6
+
+    res = cli("fit", stores[2], "--head", "knn", "--param", "n_neighbors=50", "-o",
+              d / "b.skops", "-q")
+    assert _fitted(res, "knn") == "metric=cosine, n_neighbors=6, prep=none"
+    assert artifacts.load(d / "b.skops").manifest["params"] == {
+        "prep": "none", "metric": "cosine", "n_neighbors": 6}
+
+    res = cli("fit", stores[2], "--head", "mlp", "--param", "early_stopping=true", "-o",
+              d / "c.skops", "-q")
+    assert _fitted(res, "mlp") == "early_stopping=False"
+    assert _pipe(d / "c.skops")[-1].early_stopping is False
+
+    # knn+centroid on 3 per class: knn's k lowered to the 9 rows; the centroid member,
+    # calibrated on 3 folds of 2 images per class, loses its lda step
+    res = cli("fit", stores[3], "--head", "knn+centroid", "-o", d / "e.skops", "-q")
+    params = artifacts.load(d / "e.skops").manifest["params"]
+    assert params == {"knn__clf__n_neighbors": 9, "centroid__estimator__lda": "passthrough"}
+    assert _fitted(res, "knn+centroid") == ("centroid__estimator__lda=passthrough, "
+                                            "knn__clf__n_neighbors=9")
+    voting = _pipe(d / "e.skops")[-1]
+    assert voting.get_params()["knn__clf__n_neighbors"] == 9
+    assert voting.get_params()["centroid__estimator__lda"] == "passthrough"
+    # what the manifest records builds the head that was fitted
+    rebuilt = heads.build("knn+centroid", params).get_params()
+    assert rebuilt["clf__knn__clf__n_neighbors"] == 9
+    assert rebuilt["clf__centroid__estimator__lda"] == "passthrough"
+
+
+def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
+    """Below 5 images per class knn's data rule is cosine distance, k=5 on unprocessed rows;
+    --param prep=l2+lda (3 per class: enough for the lda step) takes the head's defaults for
+    it instead (euclidean, k=10, lowered to the 9 rows), not the rule's metric and k."""
+    d = stores["dir"]
+    res = cli("fit", stores[3], "--head", "knn", "--param", "prep=l2+lda", "-o",
+              d / "l.skops", "-q")
+    assert _fitted(res, "knn") == "n_neighbors=9, prep=l2+lda"
+    assert artifacts.load(d / "l.skops").manifest["params"] == {"prep": "l2+lda",
+                                                                  "n_neighbors": 9}
+    pipe = _pipe(d / "l.skops")
+    assert type(pipe.named_steps["lda"]).__name__ == "LinearDiscriminantAnalysis"
+    assert pipe[-1].metric == "euclidean" and pipe[-1].n_neighbors == 9
+    # without prep (or with the rule's own, prep=none) the small-data rule applies whole
+    for extra in ([], ["--param", "prep=none"]):
+        res = cli("fit", stores[3], "--head", "knn", *extra, "-o", d / "r.skops", "-q")
+        assert _fitted(res, "knn") == "metric=cosine, n_neighbors=5, prep=none"
+        assert _pipe(d / "r.skops")[-1].metric == "cosine"
+    # ridge's rule (L2 rows, alpha=1) is one whole too
+    y = ["a"] * 3 + ["b"] * 3
+    assert heads.with_data_defaults("ridge", {"prep": "scale"}, y, 8) == {"prep": "scale"}
+    assert heads.with_data_defaults("ridge", {"prep": "l2"}, y, 8) == {"prep": "l2",
+                                                                       "alpha": 1.0}
+    assert heads.with_data_defaults("ridge", {"alpha": 3}, y, 8) == {"prep": "l2", "alpha": 3}
+    text = cli("heads").output
+    assert ("k=5 (without --param prep or with prep=none; with another prep the defaults above "
+            "apply)") in text

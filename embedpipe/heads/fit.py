@@ -31,7 +31,8 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     to ``notes``), or the head is refused in one line (FewShotError). Raises EvaluateError when
     a class has fewer than 2 rows to search on. The head's data-dependent defaults
     (``registry.data_params``) fill the parameters the user did not set, and are recorded in the
-    parameters returned (the grid is still searched over them)."""
+    parameters returned (the grid is still searched over them), as is every setting that
+    fewshot.adapt lowered (registry.fitted_params): they name what was fitted."""
     user = dict(params or {})
     dim = source.X.shape[1] if source.X is not None else getattr(source.store, "dim", 0)
     params = heads.with_data_defaults(head, params, source.y, dim)
@@ -39,8 +40,9 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     chosen = dict(params or {})
     grid = heads.param_grid(head, user, seed=seed, prep=params.get("prep")) if search else {}
     if not grid:
-        return source.fit(pipe, head, params, class_weight=class_weight, seed=seed, tick=tick,
-                          note=note, notes=notes), chosen
+        est = source.fit(pipe, head, params, class_weight=class_weight, seed=seed, tick=tick,
+                         note=note, notes=notes)
+        return est, _as_fitted(source, head, chosen, est, class_weight, seed)
     from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 
     cls, n = min_class(source.y)
@@ -58,7 +60,8 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
                               n_jobs=jobs, cv=folds)
             gs.fit(source.X, source.y)
         chosen.update(heads.short_params(gs.best_params_))
-        return heads.uncached(gs.best_estimator_), chosen
+        best_est = heads.uncached(gs.best_estimator_)
+        return best_est, _as_fitted(source, head, chosen, best_est, class_weight, seed)
     splits = list(folds.split(np.zeros((len(source), 1)), source.y))
     cands = [heads.short_params(c) for c in ParameterGrid(grid)]
     best: tuple[float, dict[str, Any]] | None = None
@@ -81,6 +84,15 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     return source.fit(heads.build(head, chosen, class_weight=class_weight, seed=seed), head,
                       chosen, class_weight=class_weight, seed=seed, tick=tick,
                       note=note, notes=notes), chosen
+
+
+def _as_fitted(source: Labeled, head: str, params: dict[str, Any], estimator: Any,
+               class_weight: str | None, seed: int) -> dict[str, Any]:
+    """The parameters ``estimator`` was fitted with (registry.fitted_params: ``params`` with
+    what fewshot.adapt lowered). A streamed fit is not adapted: ``params`` as they are."""
+    if source.streamed:
+        return params
+    return heads.fitted_params(head, params, estimator, class_weight=class_weight, seed=seed)
 
 
 INNER_FOLDS = 3

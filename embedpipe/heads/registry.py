@@ -301,13 +301,22 @@ def data_params(name: str, rows_per_class: int, dim: int) -> dict[str, Any]:
 def with_data_defaults(name: str, params: dict[str, Any] | None, y: Any,
                        dim: int) -> dict[str, Any]:
     """``params`` over the head's data-dependent defaults for labels ``y`` (N) and ``dim``: what
-    a fit on that data uses; the user's parameters win."""
+    a fit on that data uses; the user's parameters win.
+
+    A rule that sets ``prep`` is one whole: its other parameters were chosen for that
+    preprocessing (knn's cosine k=5 for unprocessed rows), so when the user's ``prep`` is
+    another one, none of the rule applies and the head's registry defaults go with the
+    user's preprocessing (knn ``prep=l2+lda``: euclidean, k=10)."""
     import numpy as np
 
+    given = dict(params or {})
     if name == AUTO.name or ENSEMBLE_SEP in name or name not in DATA_RULES:
-        return dict(params or {})
+        return given
     _, counts = np.unique(np.asarray(y), return_counts=True)
-    return {**data_params(name, int(counts.min()) if len(counts) else 0, dim), **(params or {})}
+    rule = data_params(name, int(counts.min()) if len(counts) else 0, dim)
+    if "prep" in rule and "prep" in given and given["prep"] != rule["prep"]:
+        rule = {}
+    return {**rule, **given}
 
 
 def get(name: str) -> Head:
@@ -506,6 +515,40 @@ def short_params(params: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key.removeprefix("clf__")] = value
     return out
+
+
+def fitted_params(name: str, params: dict[str, Any], estimator: Any, *,
+                  class_weight: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """``params`` (short names) as head ``name`` was fitted from them into ``estimator`` (its
+    Pipeline, calibrated or not, fitted in memory): every setting that differs from the
+    pipeline ``build`` makes of ``params`` (what fewshot.adapt lowered for the data: the lda
+    step off, n_neighbors, early stopping, an ensemble member's calibration folds) replaces or
+    joins the requested values, so the fit summary and the head's manifest name what was
+    fitted, not what was asked for. A top-level preprocessing step turned off becomes the
+    ``prep`` of the steps left."""
+    pipe = estimator
+    while pipe is not None and not hasattr(pipe, "steps"):  # calibrated, frozen: unwrap
+        pipe = getattr(pipe, "estimator", None)
+    if pipe is None:
+        return dict(params)
+    built = build(name, params, class_weight=class_weight, seed=seed)
+    want, got = built.get_params(), pipe.get_params()
+    out = dict(params)
+    prep = [step for step, obj in built.steps[:-1] if step in PREPROCESSING]
+    kept = tuple(step for step in prep if got.get(step) != "passthrough")
+    if kept != tuple(prep):
+        out["prep"] = "+".join(kept) or "none"  # PREP_CHOICES' names
+    for key, value in got.items():
+        if key.startswith("clf__") and _plain(value) and repr(value) != repr(want.get(key)):
+            out[key.removeprefix("clf__")] = value
+    return out
+
+
+def _plain(value: Any) -> bool:
+    """A parameter value that is no estimator and holds none (numbers, text, tuples...)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return not hasattr(value, "get_params")
 
 
 def describe() -> list[dict[str, Any]]:

@@ -17,9 +17,9 @@ import numpy as np
 
 from .. import _io, checks
 from ..store.read import open_stores
-from . import artifacts, fewshot
+from . import artifacts, fewshot, stream
 from . import registry as heads
-from .fit import _fit_errors, _Quiet, convergence_note, fit_configuration
+from .fit import _as_fitted, _fit_errors, _Quiet, convergence_note, fit_configuration
 from .source import Labeled
 from .rows import TRAIN_SPLIT, min_class, select_rows, targets
 
@@ -57,11 +57,33 @@ def _calibration_split(source: Labeled, spec: Any,
     none = source.take(np.zeros(0, dtype=np.int64))
     if spec.native_proba or not source.streamed:
         return source, none, 0
-    cal = _calibration_rows(source.y, source.chunk_rows, seed)
-    k = min(CALIBRATION_FOLDS, min_class(source.y[cal])[1]) if len(cal) else 0
-    if k < 2 or len(np.unique(source.y[cal])) < len(np.unique(source.y)):
+    cal, k = _streamed_calibration(source.y, source.chunk_rows, seed)
+    if k < 2:
         return source, none, 0
     return source.take(np.setdiff1d(np.arange(len(source)), cal)), source.take(cal), k
+
+
+def _streamed_calibration(y: np.ndarray, chunk_rows: int, seed: int) -> tuple[np.ndarray, int]:
+    """The positions held out to calibrate a streamed head with targets ``y``
+    (_calibration_rows) and the folds over them; k < 2: no calibration is possible."""
+    cal = _calibration_rows(y, chunk_rows, seed)
+    k = min(CALIBRATION_FOLDS, min_class(y[cal])[1]) if len(cal) else 0
+    if len(np.unique(y[cal])) < len(np.unique(y)):
+        k = 0
+    return cal, k
+
+
+def calibrates(head: str, per_class: Sequence[int], seed: int = 0) -> bool:
+    """Whether `fit` gives ``head`` (one without native probabilities) temperature-calibrated
+    probabilities on training rows of ``per_class`` images in each class: as _calibrated
+    (in memory, fewshot.calibration_folds) and _calibration_split (streamed) decide."""
+    spec = heads.get(head)
+    y = np.repeat(np.arange(len(per_class)).astype(str), per_class)
+    if spec.native_proba or len(per_class) < 2:
+        return False
+    if spec.streaming:
+        return _streamed_calibration(y, stream.DEFAULT_CHUNK_ROWS, seed)[1] >= 2
+    return fewshot.calibration_folds(heads.build(head, seed=seed), y, CALIBRATION_FOLDS) >= 2
 
 
 def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
@@ -115,7 +137,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     rows (about 5x the fit time more). Raises reject.RejectError for a rate outside (0, 1) or
     a streaming head with a rate."""
     from ..progress import Progress
-    from . import reject, stream
+    from . import reject
 
     _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
     if reject_rate is not None and not 0 < reject_rate < 1:
@@ -181,6 +203,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
             bar.update(len(held))
         bar.note("training accuracy")
         pred, _, _ = source.predict(estimator, tick=bar.update)
+    chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed)  # as calibrated
     for n in dict.fromkeys(notes):
         say(f"note: {n}")
     if quiet.convergence:
