@@ -69,11 +69,15 @@ def test_every_head_fits_and_round_trips_without_manual_trust(head: str, fmnist_
 
 def test_fit_options_params_search_and_errors(fmnist_store: Path, tmp_path: Path):
     out = tmp_path / "svm.skops"
-    ok("fit", fmnist_store, "--head", "svm", "--param", "C=3", "--param", "pca=32",
+    ok("fit", fmnist_store, "--head", "svm", "--param", "C=30", "--param", "pca=32",
        "--class-weight", "balanced", "-o", out, "-q")
     m = artifacts.load(out).manifest
-    # the user's parameters, over the svm's defaults for this data (prep=l2: 20 rows/class)
-    assert m["params"] == {"C": 3, "pca": 32, "prep": "l2"} and m["class_weight"] == "balanced"
+    # the user's parameters, over the svm's defaults (L2 rows and C=3: no data rule)
+    assert m["params"] == {"C": 30, "pca": 32} and m["class_weight"] == "balanced"
+    pipe = artifacts.load(out).estimator
+    while not hasattr(pipe, "steps"):  # calibrated: the pipeline inside
+        pipe = pipe.estimator
+    assert [n for n, _ in pipe.steps] == ["l2", "pca", "clf"] and pipe["clf"].C == 30
     assert m["calibration"].startswith("temperature")
     ok("fit", fmnist_store, "--head", "ridge", "--search", "-o", tmp_path / "r.skops", "-q")
     assert "alpha" in artifacts.load(tmp_path / "r.skops").manifest["params"]
@@ -331,7 +335,7 @@ def test_prep_none_means_no_preprocessing_and_grids_follow_the_preprocessing(
         fmnist_store: Path, tmp_path: Path):
     """`--param prep=none` fits on the raw features (it was read as "the head's own" and the
     default Normalizer/StandardScaler stayed), and a --search grid is the one for the rows'
-    preprocessing: svm on L2 rows (its small-data rule) never tries the standardised grid's
+    preprocessing: svm on L2 rows (its default) never tries the standardised grid's
     gamma=0.0002, which makes the kernel nearly constant there."""
     for head in ("logreg", "linear-svm", "svm"):
         out = tmp_path / f"{head}.skops"
@@ -346,13 +350,14 @@ def test_prep_none_means_no_preprocessing_and_grids_follow_the_preprocessing(
         assert loaded.manifest["params"]["prep"] == "none"
     grid = heads.param_grid("svm", prep="l2")
     assert 0.0002 not in grid["clf__gamma"] and "scale" in grid["clf__gamma"]
-    assert heads.param_grid("svm")["clf__gamma"] == ["scale", 0.0002, 0.002]
+    assert heads.param_grid("svm")["clf__gamma"] == ["scale", 0.5, 2.0]  # L2 rows, its default
+    assert heads.param_grid("svm", prep="scale")["clf__gamma"] == ["scale", 0.0002, 0.002]
     assert heads.param_grid("logreg", prep="l2+scale")["clf__C"] == [0.01, 0.1, 1.0, 10.0]
     assert heads.param_grid("logreg")["clf__C"] == [1.0, 10.0, 100.0]
     out = tmp_path / "svm-search.skops"
     ok("fit", fmnist_store, "--head", "svm", "--search", "-o", out, "-q")
     params = artifacts.load(out).manifest["params"]
-    assert params["prep"] == "l2" and params["gamma"] in ("scale", 0.5, 2.0)
+    assert "prep" not in params and params["gamma"] in ("scale", 0.5, 2.0)  # its own: L2
 
 
 def test_the_lda_step_is_fitted_once_per_fold_in_a_search_and_never_saved_with_its_cache(
