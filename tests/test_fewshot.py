@@ -17,7 +17,7 @@ from embedpipe.heads import registry as heads
 from embedpipe.store import StoreWriter, open_store, read_identity
 
 ENSEMBLES = ["svm+logreg", "knn+ridge", "centroid+mlp", "sgd+logreg-sgd"]  # each calibrates
-ALL = [*HEADS, *ENSEMBLES]
+ALL = [*HEADS, *ENSEMBLES, "auto"]  # auto: on 2-3 per class its choice is a vote
 
 # (head, images per class, command) that must refuse in one line, with a word of the reason;
 # every other combination must succeed.

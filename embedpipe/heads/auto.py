@@ -188,6 +188,7 @@ def select(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, seed
 def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
             say: Callable[[str], None]) -> Selection:
     from ..evaluate.cv import make_folds
+    from . import fewshot
     from .compact import class_scores
     from .fit import _Quiet
     from .rows import scores as _scores
@@ -230,11 +231,13 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
                     if i > 0 and time.perf_counter() - t_start > budget:
                         cut = True  # over budget inside this candidate: drop it
                         break
-                    est = heads.build(head, params, seed=seed).fit(X[tr], y[tr])
+                    est = heads.build(head, params, seed=seed)
+                    fewshot.adapt(est, y[tr], head)  # as `fit` would on these rows
+                    est.fit(X[tr], y[tr])
                     s, _ = class_scores(est, X[te], use_proba=heads.get(head).native_proba)
                     cols = np.searchsorted(classes, np.asarray(est.classes_))
                     oof[np.ix_(te, cols)] = s
-        except (ValueError, np.linalg.LinAlgError) as e:  # e.g. a fold too small for a head
+        except (ValueError, np.linalg.LinAlgError, fewshot.FewShotError) as e:  # too few rows
             notes.append(f"{name} failed to fit ({type(e).__name__}); left out")
             continue
         cost[head] = time.perf_counter() - t0
@@ -358,9 +361,15 @@ def fit_auto(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, se
 
     from threadpoolctl import threadpool_limits
 
+    from . import fewshot
+
     sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
     with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
-        est = build_choice(sel.choice, seed).fit(X, y)
+        est = build_choice(sel.choice, seed)
+        for note in fewshot.adapt(est, y, "the vote" if sel.choice.get("members")
+                                  else sel.choice["head"]):
+            say(f"note: {note}")
+        est.fit(X, y)
     return heads.uncached(est), {"budget": budget, "choice": sel.choice["name"]}, sel
 
 
@@ -409,15 +418,22 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         if not choice.get("members") and not heads.get(choice["head"]).native_proba:
             from sklearn.calibration import CalibratedClassifierCV
 
-            k = min(CALIBRATION_FOLDS, int(counts.min()))
+            k = fewshot.calibration_folds(est, y, CALIBRATION_FOLDS)
             if k >= 2:  # temperature scaling on k-fold decision scores, as `fit` does
-                est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
-                                             cv=k).fit(X, y)
+                est = CalibratedClassifierCV(est, method="temperature", ensemble=False, cv=k)
+                for note in fewshot.adapt(est, y, choice["head"]):
+                    say(f"note: {note}")
+                est = est.fit(X, y)
                 calibration, probabilities = f"temperature scaling ({k}-fold)", "calibrated"
             else:
-                est, calibration, probabilities = est.fit(X, y), "none (a class has 1 image)", \
-                    "scores"
+                for note in fewshot.adapt(est, y, choice["head"]):
+                    say(f"note: {note}")
+                est, calibration, probabilities = est.fit(X, y), "none (too few images of a " \
+                    "class to calibrate)", "scores"
         else:
+            for note in fewshot.adapt(est, y, "the vote" if choice.get("members")
+                                      else choice["head"]):
+                say(f"note: {note}")
             est, calibration, probabilities = est.fit(X, y), "native", "native"
             if choice.get("members"):
                 calibration = "soft vote; members without probabilities temperature-scaled"
