@@ -155,20 +155,25 @@ def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
     assert _fitted(res, "mlp") == "early_stopping=False"
     assert _pipe(d / "c.skops")[-1].early_stopping is False
 
-    # knn+centroid on 3 per class: knn's k lowered to the 9 rows; the centroid member,
-    # calibrated on 3 folds of 2 images per class, loses its lda step
+    # knn+centroid on 3 per class: each member takes its few-row data rule, as alone (knn
+    # cosine k=5 on the rows as they are, centroid on L2 + standardised rows, no lda step), so
+    # nothing is lowered and the manifest records no member setting
     res = cli("fit", stores[3], "--head", "knn+centroid", "-o", d / "e.skops", "-q")
-    params = artifacts.load(d / "e.skops").manifest["params"]
-    assert params == {"knn__clf__n_neighbors": 9, "centroid__estimator__lda": "passthrough"}
-    assert _fitted(res, "knn+centroid") == ("centroid__estimator__lda=passthrough, "
-                                            "knn__clf__n_neighbors=9")
+    assert artifacts.load(d / "e.skops").manifest["params"] == {}
     voting = _pipe(d / "e.skops")[-1]
-    assert voting.get_params()["knn__clf__n_neighbors"] == 9
-    assert voting.get_params()["centroid__estimator__lda"] == "passthrough"
-    # what the manifest records builds the head that was fitted
-    rebuilt = heads.build("knn+centroid", params).get_params()
-    assert rebuilt["clf__knn__clf__n_neighbors"] == 9
-    assert rebuilt["clf__centroid__estimator__lda"] == "passthrough"
+    got = voting.get_params()
+    assert got["knn__clf__metric"] == "cosine" and got["knn__clf__n_neighbors"] == 5
+    assert "lda" not in got["centroid__estimator"].named_steps
+    # knn+logreg on 1 per class: knn's k=5 lowered to the 3 rows, recorded as the member's
+    res = cli("fit", stores[1], "--head", "knn+logreg", "-o", d / "f.skops", "-q")
+    params = artifacts.load(d / "f.skops").manifest["params"]
+    assert params == {"knn__clf__n_neighbors": 3}, res.output
+    assert _fitted(res, "knn+logreg") == "knn__clf__n_neighbors=3"
+    assert _pipe(d / "f.skops")[-1].get_params()["knn__clf__n_neighbors"] == 3
+    # what the manifest records builds the head that was fitted (on the same data)
+    rebuilt = heads.build("knn+logreg", params, data=(1, 1280)).get_params()
+    assert rebuilt["clf__knn__clf__n_neighbors"] == 3
+    assert rebuilt["clf__knn__clf__metric"] == "cosine"
 
 
 def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):

@@ -401,3 +401,30 @@ def test_the_lda_step_is_fitted_once_per_fold_in_a_search_and_never_saved_with_i
     loaded = artifacts.load(out)
     assert loaded.estimator.memory is None and pipe.memory is None
     np.testing.assert_array_equal(loaded.estimator.predict(X), pipe.predict(X))
+
+
+def test_an_ensembles_members_take_their_data_rules_as_alone(fmnist_store: Path,
+                                                             tmp_path: Path):
+    """`--head ridge+mlp` on 20 rows per class: each member is built as `--head ridge` and
+    `--head mlp` would be on these rows (their small-data rules: L2 rows and alpha=1 for ridge,
+    no early stopping for mlp), not with the registry defaults chosen on 10k rows; the
+    manifest's parameters rebuild the same members."""
+    out = tmp_path / "e.skops"
+    ok("fit", fmnist_store, "--head", "ridge+mlp", "-o", out, "-q")
+    head = artifacts.load(out)
+    vote = head.estimator.named_steps["clf"]
+    ridge = vote.named_estimators_["ridge"].estimator  # calibrated: the pipeline inside
+    mlp = vote.named_estimators_["mlp"]
+    assert [n for n, _ in ridge.steps] == ["l2", "pca", "clf"] and ridge["clf"].alpha == 1.0
+    assert mlp["clf"].early_stopping is False
+    for name in ("ridge", "mlp"):  # alone, the same settings
+        alone = tmp_path / f"{name}.skops"
+        ok("fit", fmnist_store, "--head", name, "-o", alone, "-q")
+        est = artifacts.load(alone).estimator
+        while not hasattr(est, "steps"):
+            est = est.estimator
+        member = ridge if name == "ridge" else mlp
+        assert [n for n, _ in est.steps] == [n for n, _ in member.steps]
+        assert repr(est["clf"].get_params()) == repr(member["clf"].get_params())
+    assert not any(k.startswith(("ridge__", "mlp__")) for k in head.manifest["params"]), \
+        head.manifest["params"]  # nothing differs from what the ensemble builds on this data

@@ -36,7 +36,8 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     user = dict(params or {})
     dim = source.X.shape[1] if source.X is not None else getattr(source.store, "dim", 0)
     params = heads.with_data_defaults(head, params, source.y, dim)
-    pipe = heads.build(head, params, class_weight=class_weight, seed=seed)
+    pipe = heads.build(head, params, class_weight=class_weight, seed=seed,
+                       data=heads.data_of(source.y, dim))  # an ensemble's members: their rules
     chosen = dict(params or {})
     grid = heads.param_grid(head, user, seed=seed, prep=params.get("prep")) if search else {}
     if not grid:
@@ -92,7 +93,9 @@ def _as_fitted(source: Labeled, head: str, params: dict[str, Any], estimator: An
     what fewshot.adapt lowered). A streamed fit is not adapted: ``params`` as they are."""
     if source.streamed:
         return params
-    return heads.fitted_params(head, params, estimator, class_weight=class_weight, seed=seed)
+    dim = source.X.shape[1] if source.X is not None else 0
+    return heads.fitted_params(head, params, estimator, class_weight=class_weight, seed=seed,
+                               data=heads.data_of(source.y, dim))
 
 
 INNER_FOLDS = 3

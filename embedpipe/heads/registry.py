@@ -116,6 +116,12 @@ def lda_step() -> LinearDiscriminantAnalysis:
     return LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto")
 
 
+# each PREPROCESSING step's unfitted transformer; a pipeline has them in its prep's order
+STEP_FACTORIES: dict[str, Callable[[], Any]] = {"l2": Normalizer, "scale": StandardScaler,
+                                                "lda": lda_step}
+assert set(STEP_FACTORIES) == set(PREPROCESSING)
+
+
 class HeadError(UserError):
     """An unknown head, parameter or value; one line naming it and the fix."""
 
@@ -322,6 +328,14 @@ def with_data_defaults(name: str, params: dict[str, Any] | None, y: Any,
     return {**rule, **given}
 
 
+def data_of(y: Any, dim: int) -> tuple[int, int]:
+    """(training rows of the smallest class in labels ``y``, ``dim``): what DATA_RULES read."""
+    import numpy as np
+
+    _, counts = np.unique(np.asarray(y), return_counts=True)
+    return (int(counts.min()) if len(counts) else 0, int(dim))
+
+
 def get(name: str) -> Head:
     """A registered head, ``auto``, or the soft-voting ensemble ``a+b+…`` of registered heads."""
     if name == AUTO.name:
@@ -349,17 +363,20 @@ def _ensemble(name: str) -> Head:
                 class_weight=any(h.class_weight for h in specs), members=tuple(names))
 
 
-def _voting(specs: list[Head], seed: int, class_weight: str | None) -> Any:
-    """Members with their defaults; those without native probabilities are calibrated by
-    temperature scaling on ENSEMBLE_CALIBRATION_FOLDS-fold CV of the ensemble's training data,
-    so every vote is a probability."""
+def _voting(specs: list[Head], seed: int, class_weight: str | None,
+            data: tuple[int, int] | None = None) -> Any:
+    """Members with their defaults (with ``data``, (rows per class of the smallest class,
+    feature dimension), their defaults for that data: DATA_RULES, as when fitted alone); those
+    without native probabilities are calibrated by temperature scaling on
+    ENSEMBLE_CALIBRATION_FOLDS-fold CV of the ensemble's training data, so every vote is a
+    probability."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.ensemble import VotingClassifier
 
     members = []
     for h in specs:
-        est: Any = build(h.name, class_weight=class_weight if h.class_weight else None,
-                         seed=seed)
+        est: Any = build(h.name, data_params(h.name, *data) if data else None,
+                         class_weight=class_weight if h.class_weight else None, seed=seed)
         if not h.native_proba:
             est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
                                          cv=ENSEMBLE_CALIBRATION_FOLDS)
@@ -443,21 +460,18 @@ def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, 
 
 
 def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str | None = None,
-          seed: int = 0) -> Pipeline:
-    """An unfitted pipeline for head ``name`` with its defaults, overridden by ``params``."""
+          seed: int = 0, data: tuple[int, int] | None = None) -> Pipeline:
+    """An unfitted pipeline for head ``name`` with its defaults, overridden by ``params``.
+    ``data`` (rows per class of the smallest class, feature dimension; see ``data_of``) gives
+    an ensemble's members their defaults for that data (DATA_RULES), as each has when fitted
+    alone; a single head takes its data defaults through ``params`` (with_data_defaults)."""
     head = get(name)
-    steps: list[tuple[str, Any]] = []
     prep = prep_steps(head, (params or {}).get("prep"))
-    if "l2" in prep:
-        steps.append(("l2", Normalizer()))
-    if "scale" in prep:
-        steps.append(("scale", StandardScaler()))
-    if "lda" in prep:
-        steps.append(("lda", lda_step()))
+    steps: list[tuple[str, Any]] = [(step, STEP_FACTORIES[step]()) for step in prep]
     if head.members:  # each member has its own preprocessing; class weights go to them
         if class_weight not in (None, "balanced"):
             raise HeadError(f"--class-weight {class_weight}: pass balanced (or leave it out)")
-        final = _voting([get(m) for m in head.members], seed, class_weight)
+        final = _voting([get(m) for m in head.members], seed, class_weight, data)
         class_weight = None
     else:
         final = head.make(seed)
@@ -521,7 +535,8 @@ def short_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def fitted_params(name: str, params: dict[str, Any], estimator: Any, *,
-                  class_weight: str | None = None, seed: int = 0) -> dict[str, Any]:
+                  class_weight: str | None = None, seed: int = 0,
+                  data: tuple[int, int] | None = None) -> dict[str, Any]:
     """``params`` (short names) as head ``name`` was fitted from them into ``estimator`` (its
     Pipeline, calibrated or not, fitted in memory): every setting that differs from the
     pipeline ``build`` makes of ``params`` (what fewshot.adapt lowered for the data: the lda
@@ -534,7 +549,7 @@ def fitted_params(name: str, params: dict[str, Any], estimator: Any, *,
         pipe = getattr(pipe, "estimator", None)
     if pipe is None:
         return dict(params)
-    built = build(name, params, class_weight=class_weight, seed=seed)
+    built = build(name, params, class_weight=class_weight, seed=seed, data=data)
     want, got = built.get_params(), pipe.get_params()
     out = dict(params)
     prep = [step for step, obj in built.steps[:-1] if step in PREPROCESSING]

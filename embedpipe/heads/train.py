@@ -240,8 +240,10 @@ def _reject_thresholds(X: np.ndarray, y: np.ndarray, class_names: list[str], hea
     scores of the same head configuration, calibrated as fit calibrates it)."""
     from . import reject
 
+    data = heads.data_of(y, X.shape[1])  # an ensemble's members: their rules, as fit had
+
     def fit_fold(Xf: np.ndarray, yf: np.ndarray) -> Any:  # as fit fits and calibrates it
-        base = heads.build(head, chosen, class_weight=class_weight, seed=seed)
+        base = heads.build(head, chosen, class_weight=class_weight, seed=seed, data=data)
         fold = Labeled.in_memory(Xf, yf)
         with _Quiet(count=False):
             if spec.native_proba:
