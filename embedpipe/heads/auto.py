@@ -49,9 +49,11 @@ MAX_ENSEMBLE = 3
 # Up to LARGE_ROWS rows auto's choice is the soft vote of the best configuration of each of
 # this many heads (the best by inner CV), whatever its own CV rank: mean test accuracy over
 # 20 random splits of the natural set and 5 draws of Fashion-MNIST at 10 and 50 per class
-# (bench/auto_policy.py), the vote of 4 heads 0.882 / 0.763 / 0.828 against 0.878 / 0.761 /
-# 0.826 for choosing the best CV row (singles and greedy ensembles). On a few hundred rows the
-# candidates' CV scores differ by less than their noise.
+# (bench/results/auto_policy.md), the vote of 4 heads 0.882 / 0.762 / 0.828 against 0.878 /
+# 0.759 / 0.826 for choosing the best CV row (singles and greedy ensembles); paired per split
+# +0.49 ± 0.39, +0.33 ± 0.35, +0.15 ± 0.12 points: small, but on every set, where 2, 3 or 5
+# heads or every head were not. On a few hundred rows the candidates' CV scores differ by less
+# than their noise.
 VOTE_HEADS = 4
 
 
