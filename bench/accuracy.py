@@ -231,6 +231,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5,
                     help="draws of the Fashion-MNIST few-shot rows for the repeated section")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--name", default="accuracy",
+                    help="results file name under bench/results/ (a partial rerun, e.g. "
+                         "--sets fmnist-all --name accuracy-10k, keeps the full file)")
     args = ap.parse_args()
     args.sets = args.sets or (["natural", "fmnist-10"] if args.quick else
                               ["natural", "fmnist-10", "fmnist-50", "fmnist-all"])
@@ -282,7 +285,7 @@ def main() -> None:
         text += repeated_text(name, how, rows)
     text += "\n## Compared with ANCHORS.md (quoted)\n\n" + "".join(f"- {a}\n" for a in ANCHORS)
     print(text)
-    out = bu.save_results("accuracy", text, {"sets": sizes, "rows": all_rows, "hand": all_hand,
+    out = bu.save_results(args.name, text, {"sets": sizes, "rows": all_rows, "hand": all_hand,
                                              "auto": records, "anchors": ANCHORS,
                                              "repeated": {n: {"how": h, "rows": r}
                                                           for n, (h, r) in repeated.items()}},

@@ -424,7 +424,7 @@ def fit(
                                              f"{DEFAULT_HEAD}: chosen by cross-validation; see "
                                              "`embedpipe heads`); several with --ensemble soft."),
     budget: Optional[str] = typer.Option(None, help="--head auto: seconds it may spend "
-                                         "choosing (default 60)."),
+                                         "choosing (default 120)."),
     ensemble: Optional[str] = typer.Option(None, help="soft: one soft-voting ensemble of the "
                                                       "--head heads (same as --head a+b+c)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file to write "
@@ -576,7 +576,7 @@ def cv(
                                              f"{' '.join(DEFAULT_CV_HEADS)}; see `embedpipe "
                                              "heads`)."),
     budget: Optional[str] = typer.Option(None, help="--head auto: seconds each choice may "
-                                         "spend (default 60; one choice per outer fold)."),
+                                         "spend (default 120; one choice per outer fold)."),
     folds: Folds = DEFAULT_FOLDS,
     repeats: Repeats = DEFAULT_REPEATS,
     search: Search = False,
