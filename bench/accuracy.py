@@ -139,6 +139,29 @@ def repeated_splits(args) -> dict[str, tuple[list[tuple], str]]:
     return out
 
 
+def repeated_args(quick: tuple[int, int] = (3, 2)):
+    """The command line of the scripts that run on the repeated sets only (bench/sgd_small.py,
+    bench/auto_policy.py): --splits, --draws, --quick (``quick`` splits and draws); the sets
+    natural, fmnist-10 and fmnist-50 of the 1000/200 store. Also sets one BLAS thread and
+    silences scikit-learn's warnings, as this script's fits run."""
+    import argparse
+
+    from threadpoolctl import threadpool_limits
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--splits", type=int, default=20)
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.splits, args.draws = quick
+    args.sets = ["natural", "fmnist-10", "fmnist-50"]
+    args.fmnist = [1000, 200]
+    threadpool_limits(1)
+    warnings.simplefilter("ignore")
+    return args
+
+
 def run_repeated(name, splits, args, log) -> list[dict]:
     """Every head's defaults and auto on each split: mean test accuracy and its standard
     error over the splits."""

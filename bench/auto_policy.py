@@ -26,10 +26,8 @@ Writes bench/results/auto_policy.md and auto_policy.json (--quick: scratch files
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,20 +107,8 @@ def policies(X, y, Xt, yt) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--splits", type=int, default=20)
-    ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    if args.quick:
-        args.splits, args.draws = 3, 2
-    args.sets = ["natural", "fmnist-10", "fmnist-50"]
-    args.fmnist = [1000, 200]
+    args = accuracy.repeated_args(quick=(3, 2))
     hdr = bu.Header("--head auto on few rows: best inner-CV row vs a vote of the best heads")
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-    warnings.simplefilter("ignore")
     text, payload = "", {}
     for name, (splits, how) in accuracy.repeated_splits(args).items():
         per: dict[str, list[float]] = {}

@@ -18,9 +18,7 @@ Writes bench/results/sgd_small.md and sgd_small.json (--quick: scratch files).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,20 +50,8 @@ CONFIGS = [  # (label, head, parameters; None = its defaults for the data, the r
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--splits", type=int, default=20)
-    ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    if args.quick:
-        args.splits, args.draws = 4, 2
-    args.sets = ["natural", "fmnist-10", "fmnist-50"]
-    args.fmnist = [1000, 200]
+    args = accuracy.repeated_args(quick=(4, 2))
     hdr = bu.Header("Streaming heads on small data: registry defaults vs the small-data rule")
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-    warnings.simplefilter("ignore")
     rows, text = [], ""
     for name, (splits, how) in accuracy.repeated_splits(args).items():
         table = []
