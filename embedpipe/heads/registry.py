@@ -199,8 +199,8 @@ HEADS: dict[str, Head] = {h.name: h for h in (
          {"n_neighbors": [1, 5, 10, 20], "metric": ["cosine", "euclidean"],
           "weights": ["uniform", "distance"]},
          # in the discriminant space distances are euclidean (the space whitens the
-         # within-class spread); every fit there refits the lda step (~1 s at 1280-d, any
-         # number of rows), so its grid keeps the metric euclidean: 8 fits per fold, not 16
+         # within-class spread), so its grid keeps the metric euclidean: 8 fits per fold, not
+         # 16 (the lda step itself is fitted once per fold: lda_cache)
          prep_grid={"lda": {"metric": ["euclidean"]}}),
     Head("ridge", "ridge regression classifier on standardised features",
          ("scale",), lambda seed: RidgeClassifier(alpha=100.0),
