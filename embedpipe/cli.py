@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from . import DEFAULT_MODEL
 from .data import DEFAULT_MAX_PIXELS
-from .errors import UserError, first_line
+from .errors import Interrupted, UserError, first_line
 from .evaluate import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
                        DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
 from .extract.options import ExtractOptions
@@ -68,11 +68,16 @@ class _OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:  # Ctrl-C outside extract's batch loop (start-up, fit, ...)
+        except (KeyboardInterrupt, Interrupted):  # Ctrl-C outside extract's batch loop
             if _DEBUG or ctx.invoked_subcommand == "serve":  # Ctrl-C is how a server stops
                 raise
-            typer.echo("interrupted: rerun the same command (extract continues where it "
-                       "stopped)", err=True)
+            why = {"fit": " (nothing was written: a head file is written whole at the end)",
+                   "cv": " (nothing was written: the report is written whole at the end)",
+                   "compare": " (nothing was written: the report is written whole at the end)",
+                   "extract": " (extract continues where it stopped)",
+                   "quickstart": " (extract continues where it stopped)"}
+            typer.echo("interrupted: rerun the same command"
+                       + why.get(ctx.invoked_subcommand or "", ""), err=True)
             _exit(130)
         except UsageError as e:
             if _DEBUG:
@@ -392,7 +397,7 @@ def heads(
     typer.echo("Override with --param NAME=VALUE (e.g. --param C=10 --param pca=128).")
     typer.echo("Ensembles: join heads with + (--head svm+logreg+knn, or fit --head svm --head "
                "logreg --ensemble soft):\nsoft voting over their probabilities, members with "
-               "their defaults; --param takes a member's scikit-learn path, e.g. logreg__clf__C=0.1, "
+               "their defaults for the data (their data rules, as alone); --param takes a member's scikit-learn path, e.g. logreg__clf__C=0.1, "
                "svm__estimator__clf__C=3 (calibrated members).")
 
 

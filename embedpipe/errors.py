@@ -5,6 +5,15 @@ class UserError(Exception):
     """Bad input, options or environment; str(e) is one line naming the file and the fix."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) during a head's fit (heads.fit._Quiet installs the handler that raises
+    it). Not a KeyboardInterrupt, on purpose: scikit-learn's MLPClassifier catches
+    KeyboardInterrupt, warns "Training interrupted by user" and returns the half-trained
+    model, which `fit` would then save and `cv` would score; and not an Exception, so that no
+    ``except Exception`` (GridSearchCV's error_score) turns it into a failed fit. The CLI treats
+    it as Ctrl-C: exit 130, nothing written."""
+
+
 RAY_MISSING = ("--engine ray needs Ray, which is not installed here: pip install "
                "'embedpipe[ray]' (or drop --engine ray to extract in-process)")
 

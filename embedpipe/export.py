@@ -682,8 +682,16 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     rule = rule_for(head.manifest, reject, str(head.path))
     name = str(head.manifest.get("head", "head"))
     dim = int(head.identity["feature_dim"])
-    hg = head_graph(head.estimator, dim, opset, name, rule)  # refuse unexportable heads before torch
-    err = check_head(hg, head.estimator, sample_features(head.estimator, dim), name, rule)
+    try:  # refuse unexportable heads before torch, naming the head file
+        hg = head_graph(head.estimator, dim, opset, name, rule)
+        err = check_head(hg, head.estimator, sample_features(head.estimator, dim), name, rule)
+    except ExportError as e:
+        from .heads.registry import ENSEMBLE_SEP
+
+        vote = ENSEMBLE_SEP in name
+        raise ExportError(f"{head.path}: {e}" + (
+            "; `fit --head auto` chooses such a vote on up to 5,000 rows: for ONNX fit one head, "
+            "e.g. `embedpipe fit STORE --head logreg`" if vote else "")) from None
     if say:
         say(f"head {name}: ONNX equals predict_proba within {err:.1g} on sample features")
     bb = _backbone(head, weights)

@@ -320,7 +320,11 @@ def test_soft_voting_ensemble_fits_predicts_and_scores_in_cv_next_to_its_members
     scored = {h["head"]: [f["accuracy"] for f in h["folds"]] for h in rep["heads"]}
     assert set(scored) == {"ridge", "centroid", "ridge+centroid"}
     Xtr, ytr = store.features[rows.train], targets(store, rows.train)
-    expected = cross_val_score(heads.build("ridge+centroid", seed=0), Xtr, ytr,
+    # members with their data rules for these rows (13-14 per class in each fold's training
+    # part: the same rules as the 20 of all train rows)
+    expected = cross_val_score(heads.build("ridge+centroid", seed=0,
+                                           data=heads.registry.data_of(ytr, Xtr.shape[1])),
+                               Xtr, ytr,
                                cv=StratifiedKFold(3, shuffle=True, random_state=0))
     assert scored["ridge+centroid"] == pytest.approx(list(expected), abs=1e-12)
 
@@ -381,18 +385,28 @@ def test_the_lda_step_is_fitted_once_per_fold_in_a_search_and_never_saved_with_i
     monkeypatch.setattr(LinearDiscriminantAnalysis, "fit",
                         lambda self, *a, **k: (fits.append(1), real(self, *a, **k))[1])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the cache goes
+    orphan = tmp_path / "embedpipe-lda-999999999-abc"  # left by a killed process (no such pid)
+    (orphan / "joblib").mkdir(parents=True)
+    mine = tmp_path / f"embedpipe-lda-{os.getpid()}-x"  # this process's own: not an orphan
+    mine.mkdir()
     fixed = {"metric": "euclidean", "weights": "distance"}
     est, chosen = fit_configuration(Labeled.in_memory(X, y), "knn", fixed, search=True)
     assert len(fits) == 3 + 1, len(fits)
     assert est.memory is None and chosen["n_neighbors"] in (1, 5, 10, 20)
-    assert not list(tmp_path.glob("embedpipe-lda-*"))  # removed with its block
+    assert list(tmp_path.glob("embedpipe-lda-*")) == [mine]  # its own gone, the orphan too
     fits.clear()
     monkeypatch.setattr(heads.registry, "LDA_CACHE_MAX_ROWS", 0)  # the cache off: as before
     fit_configuration(Labeled.in_memory(X, y), "knn", fixed, search=True)
     assert len(fits) == 4 * 3 + 1, len(fits)
+    fits.clear()  # too little free space for it: the same fit without the cache
+    monkeypatch.setattr(heads.registry, "LDA_CACHE_MAX_ROWS", 5000)
+    monkeypatch.setattr(heads.registry, "LDA_CACHE_MIN_FREE", 1 << 62)
+    fit_configuration(Labeled.in_memory(X, y), "knn", fixed, search=True)
+    assert len(fits) == 4 * 3 + 1, len(fits)
+    monkeypatch.setattr(heads.registry, "LDA_CACHE_MIN_FREE", 0)
 
     # a pipeline fitted inside the cache (as cv's and auto's are) saves without it
-    monkeypatch.setattr(heads.registry, "LDA_CACHE_MAX_ROWS", 20000)
+    monkeypatch.setattr(heads.registry, "LDA_CACHE_MAX_ROWS", 5000)
     with heads.registry.lda_cache(len(y)):
         pipe = heads.build("centroid")
         assert pipe.memory is not None
@@ -428,3 +442,47 @@ def test_an_ensembles_members_take_their_data_rules_as_alone(fmnist_store: Path,
         assert repr(est["clf"].get_params()) == repr(member["clf"].get_params())
     assert not any(k.startswith(("ridge__", "mlp__")) for k in head.manifest["params"]), \
         head.manifest["params"]  # nothing differs from what the ensemble builds on this data
+
+
+def test_ctrl_c_stops_a_fit_even_inside_an_mlp(fmnist_store: Path, tmp_path: Path):
+    """scikit-learn's MLPClassifier catches KeyboardInterrupt and returns the half-trained
+    model, which `fit` then saved with exit 0 (and `cv` scored). Inside a head's fit Ctrl-C
+    raises errors.Interrupted instead: in process, the fit raises; from the CLI, exit 130,
+    the one "interrupted" line and no head file."""
+    import signal
+    import threading
+    import time
+
+    from sklearn.neural_network import MLPClassifier
+
+    from embedpipe.errors import Interrupted
+    from embedpipe.heads.fit import _Quiet
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((400, 64)), rng.integers(0, 4, 400)
+    mlp = MLPClassifier(max_iter=100000, tol=0, n_iter_no_change=100000, random_state=0)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(Interrupted), _Quiet():
+        mlp.fit(X, y)
+    assert time.perf_counter() - t0 < 60
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    out = tmp_path / "mlp.skops"
+    from clitools import EMBEDPIPE
+
+    proc = subprocess.Popen([*EMBEDPIPE, "fit", fmnist_store, "--head", "mlp", "--param",
+                             "max_iter=100000", "--param", "tol=0", "--param",
+                             "n_iter_no_change=100000", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "fitting mlp" not in line:  # the fit has started (its progress lines: stderr)
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "fit ended before it started fitting"
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted: rerun the same command (nothing was written" in stderr, stderr
+    assert "Traceback" not in stderr and not out.exists()

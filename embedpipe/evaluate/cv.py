@@ -15,7 +15,7 @@ from ..env import versions
 from . import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
                DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
 from ..heads.source import Labeled, _nothing
-from ..heads.fit import INNER_FOLDS, _Quiet, fit_checked, resolve_params
+from ..heads.fit import INNER_FOLDS, _Quiet, blas_threads, fit_checked, resolve_params
 from ..heads.rows import METRICS, EvaluateError, min_class, scores, select_rows, targets
 
 
@@ -98,7 +98,7 @@ def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int, rows: in
     results: dict[Any, dict[str, Any]] = {}
     # in this process (jobs=1), heads with an lda step fit it once per fold, not once per head
     with Progress(len(tasks), label, enabled=progress, unit="fit") as bar, \
-            heads.lda_cache(rows):
+            heads.lda_cache(rows), blas_threads(rows):
         gen = Parallel(n_jobs=jobs, return_as="generator")(
             delayed(_cv_task)(*args(key, bar)) for key in tasks)
         for key, res in zip(tasks, gen):

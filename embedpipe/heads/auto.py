@@ -179,13 +179,12 @@ def select(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, seed
            metric: str = "accuracy", say: Callable[[str], None] = lambda m: None) -> Selection:
     """Score the candidates and their ensembles on (X, y) (N×D float, N labels) by stratified
     CV; returns the table, best first (see the module docstring)."""
-    from threadpoolctl import threadpool_limits
+    from .fit import blas_threads
 
     budget = check_budget(budget)
-    # one BLAS thread: the many small fits of a selection gain little from more, and on a busy
-    # machine two threads made logreg on 170 rows 90x slower (0.6 s vs 56 s wall, spin-waits)
-    with threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"), \
-            heads.lda_cache(len(y)):  # knn and centroid share each fold's lda fit
+    # one BLAS thread on small stores (fit.blas_threads); knn and centroid share each fold's
+    # lda fit (registry.lda_cache)
+    with blas_threads(len(y)), heads.lda_cache(len(y)):
         return _select(X, y, budget, seed, metric, say)
 
 
@@ -287,10 +286,17 @@ def _vote(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
     """The soft vote (mean temperature-scaled probabilities) of the best configuration of each
     of the VOTE_HEADS heads with the best inner-CV scores, with its own out-of-fold score; None
     when fewer than 2 heads were scored."""
+    from . import fewshot
+
     best_of: dict[str, dict[str, Any]] = {}
     for r in singles:
         best_of.setdefault(r["head"], r)
-    members = list(best_of.values())[:VOTE_HEADS]
+
+    def votable(r: dict[str, Any]) -> bool:  # a member without probabilities is calibrated
+        return heads.get(r["head"]).native_proba or fewshot.calibration_folds(
+            heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) >= 2
+
+    members = [r for r in best_of.values() if votable(r)][:VOTE_HEADS]
     if len(members) < 2:
         return None
     for r in members:
@@ -361,14 +367,11 @@ def fit_auto(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, se
              say: Callable[[str], None] = lambda m: None) -> tuple[Any, dict[str, Any], Selection]:
     """Select (``select``) and refit the choice on all of (X, y): (fitted estimator, the
     parameters to record — ``budget`` and ``choice`` —, the selection)."""
-    from .fit import _Quiet
-
-    from threadpoolctl import threadpool_limits
-
     from . import fewshot
+    from .fit import _Quiet, blas_threads
 
     sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
-    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
+    with _Quiet(count=False), blas_threads(len(y)):
         est = build_choice(sel.choice, seed)
         for note in fewshot.adapt(est, y, "the vote" if sel.choice.get("members")
                                   else sel.choice["head"]):
@@ -415,9 +418,9 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     for line in sel.lines():
         say(line)
     choice = sel.choice
-    from threadpoolctl import threadpool_limits
+    from .fit import blas_threads
 
-    with _Quiet(count=False), threadpool_limits(1 if len(y) <= LARGE_ROWS else None, user_api="blas"):
+    with _Quiet(count=False), blas_threads(len(y)):
         est = build_choice(choice, seed)
         if not choice.get("members") and not heads.get(choice["head"]).native_proba:
             from sklearn.calibration import CalibratedClassifierCV

@@ -19,7 +19,8 @@ from .. import _io, checks
 from ..store.read import open_stores
 from . import artifacts, fewshot, stream
 from . import registry as heads
-from .fit import _as_fitted, _fit_errors, _Quiet, convergence_note, fit_configuration
+from .fit import (_as_fitted, _fit_errors, _Quiet, blas_threads, convergence_note,
+                  fit_configuration)
 from .source import Labeled
 from .rows import TRAIN_SPLIT, min_class, select_rows, targets
 
@@ -182,7 +183,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                          len(fit_on), search=search, seed=seed) + len(held)
              + len(y) if source.streamed else 0)
     notes: list[str] = []
-    with _Quiet() as quiet, _fit_errors(head, params or {}, str(store.path)), \
+    with _Quiet() as quiet, blas_threads(len(y)), \
+            _fit_errors(head, params or {}, str(store.path)), \
             Progress(total, f"fit {head}", unit="row", enabled=progress and source.streamed) as bar:
         estimator = None
         if spec.native_proba or source.streamed:
