@@ -93,3 +93,29 @@ def test_heads_lists_auto_and_the_prep_parameter(fmnist_store, tmp_path):
     assert artifacts.load(out).manifest["params"]["prep"] == "l2"
     one_line_error(cli("fit", fmnist_store, "--head", "svm", "--param", "prep=x", "-o", out),
                    "prep=x")
+
+
+def test_search_with_auto_says_it_adds_nothing_and_a_head_file_is_not_a_store(fmnist_store,
+                                                                               tmp_path):
+    out = tmp_path / "a.skops"
+    res = ok("fit", fmnist_store, "--search", "--budget", "5", "-o", out)
+    assert "note: --search adds nothing to --head auto" in res.output
+    # a head file where a store belongs: one line that says what it is, for every command
+    for cmd in (["info", out], ["fit", out, "-o", tmp_path / "b.skops"], ["cv", out]):
+        one_line_error(cli(*cmd), str(out), "is a head file", "embedpipe predict")
+
+
+def test_auto_shows_each_fold_on_large_stores(fmnist_store, monkeypatch):
+    """Above LARGE_ROWS a candidate's folds take many seconds each: each one gets a line."""
+    from embedpipe.heads import auto
+    from embedpipe.heads.rows import select_rows, targets
+    from embedpipe.store import open_store
+
+    s = open_store(fmnist_store)
+    rows = select_rows(s).train
+    said = []
+    monkeypatch.setattr(auto, "LARGE_ROWS", 10)  # the fixture's 200 rows count as large
+    auto.select(s.features[rows], targets(s, rows), budget=5, say=said.append)
+    first = said[0].removeprefix("auto: scoring ")
+    assert said[:3] == [f"auto: scoring {first}", f"auto: scoring {first}, fold 2/3",
+                        f"auto: scoring {first}, fold 3/3"], said[:4]

@@ -230,7 +230,9 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         cut = False
         try:
             with _Quiet(count=False):
-                for tr, te in splits:
+                for f, (tr, te) in enumerate(splits):
+                    if len(y) > LARGE_ROWS and f:  # a fold takes many seconds here: show it
+                        say(f"auto: scoring {name}, fold {f + 1}/{k}")
                     if i > 0 and time.perf_counter() - t_start > budget:
                         cut = True  # over budget inside this candidate: drop it
                         break

@@ -150,6 +150,9 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                                      "the head auto chose (or any named head) with --head")
         from . import auto
 
+        if search:  # auto's own cross-validation already chooses the parameters
+            say("note: --search adds nothing to --head auto, which chooses the head and its "
+                "parameters by its own cross-validation (pass a named head to search its grid)")
         return auto.fit(store_path, out, params=params, class_weight=class_weight, seed=seed,
                         say=say)
     t0 = time.perf_counter()

@@ -47,6 +47,12 @@ def _open_swmr_read(path: Path) -> h5py.File:
         try:
             return h5py.File(path, "r")  # a store written by other HDF5 tools
         except OSError:
+            import zipfile
+
+            if zipfile.is_zipfile(path):  # a head file (skops: a zip) where a store belongs
+                raise StoreError(f"{path}: is a head file (made by `embedpipe fit`), not a "
+                                 "store; pass the store (.h5) made by `embedpipe extract`, and "
+                                 "use the head with `embedpipe predict`") from None
             raise StoreError(f"{path}: not a readable embedpipe store ({first_line(e)}); move it "
                              "aside and extract again") from None
 
