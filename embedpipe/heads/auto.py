@@ -282,27 +282,18 @@ def _row(name: str, head: str, params: dict[str, Any], oof: np.ndarray, y: np.nd
             "fit_seconds": float(fit_seconds), "oof": oof}
 
 
-def _vote(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
-          classes: np.ndarray, splits: list[Any], metric: str,
-          scores: Any) -> dict[str, Any] | None:
-    """The soft vote (mean temperature-scaled probabilities) of the best configuration of each
-    of the VOTE_HEADS heads with the best inner-CV scores, with its own out-of-fold score; None
-    when fewer than 2 heads were scored."""
-    from . import fewshot
-
+def _best_of_each_head(singles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The best row of each head, in the order of ``singles`` (best first)."""
     best_of: dict[str, dict[str, Any]] = {}
     for r in singles:
         best_of.setdefault(r["head"], r)
+    return list(best_of.values())
 
-    def votable(r: dict[str, Any]) -> bool:  # a member without probabilities is calibrated
-        return heads.get(r["head"]).native_proba or fewshot.calibration_folds(
-            heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) >= 2
 
-    members = [r for r in best_of.values() if votable(r)][:VOTE_HEADS]
-    if len(members) < 2:
-        return None
-    for r in members:
-        r["calibrated"] = _calibrate(r["oof"], _temperature(r["oof"], y_idx))
+def _vote_row(members: list[dict[str, Any]], y: np.ndarray, classes: np.ndarray,
+              splits: list[Any], metric: str, scores: Any) -> dict[str, Any]:
+    """The table row of the soft vote of ``members`` (rows with their temperature-scaled
+    out-of-fold scores in ``calibrated``): its out-of-fold metric and its members."""
     mean = np.mean([m["calibrated"] for m in members], axis=0)
     row = _row(" + ".join(m["name"] for m in members), heads.ENSEMBLE_SEP.join(
         m["head"] for m in members), {}, mean, y, classes, splits, metric, scores,
@@ -311,20 +302,41 @@ def _vote(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
     return row
 
 
+def _with_calibrated(rows: list[dict[str, Any]], y_idx: np.ndarray) -> list[dict[str, Any]]:
+    """``rows`` with their out-of-fold scores temperature-scaled in ``calibrated``."""
+    for r in rows:
+        r["calibrated"] = _calibrate(r["oof"], _temperature(r["oof"], y_idx))
+    return rows
+
+
+def _vote(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
+          classes: np.ndarray, splits: list[Any], metric: str,
+          scores: Any) -> dict[str, Any] | None:
+    """The soft vote (mean temperature-scaled probabilities) of the best configuration of each
+    of the VOTE_HEADS heads with the best inner-CV scores, with its own out-of-fold score; None
+    when fewer than 2 heads were scored."""
+    from . import fewshot
+
+    def votable(r: dict[str, Any]) -> bool:  # a member without probabilities is calibrated
+        return heads.get(r["head"]).native_proba or fewshot.calibration_folds(
+            heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) >= 2
+
+    members = [r for r in _best_of_each_head(singles) if votable(r)][:VOTE_HEADS]
+    if len(members) < 2:
+        return None
+    return _vote_row(_with_calibrated(members, y_idx), y, classes, splits, metric, scores)
+
+
 def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
                classes: np.ndarray, splits: list[Any], metric: str,
                scores: Any) -> list[dict[str, Any]]:
     """Greedy forward selection over the best configuration of each head: a member joins only
     if the soft vote's out-of-fold metric strictly improves. Returns the ensembles found
     (one row per accepted step; empty when no member helps)."""
-    best_of: dict[str, dict[str, Any]] = {}
-    for r in singles:
-        best_of.setdefault(r["head"], r)
-    pool = list(best_of.values())
+    pool = _best_of_each_head(singles)
     if len(pool) < 2:
         return []
-    for r in pool:
-        r["calibrated"] = _calibrate(r["oof"], _temperature(r["oof"], y_idx))
+    _with_calibrated(pool, y_idx)
     chosen = [pool[0]]
     score = pool[0]["mean"]
     out = []
@@ -332,12 +344,8 @@ def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
         if len(chosen) >= MAX_ENSEMBLE:
             break
         trial = chosen + [cand]
-        mean = np.mean([m["calibrated"] for m in trial], axis=0)
-        row = _row(" + ".join(m["name"] for m in trial), heads.ENSEMBLE_SEP.join(
-            m["head"] for m in trial), {}, mean, y, classes, splits, metric, scores,
-            sum(m["fit_seconds"] for m in trial))
+        row = _vote_row(trial, y, classes, splits, metric, scores)
         if row["mean"] > score:
-            row["members"] = [{"head": m["head"], "params": m["params"]} for m in trial]
             chosen, score = trial, row["mean"]
             out.append(row)
     return out
@@ -369,17 +377,41 @@ def fit_auto(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, se
              say: Callable[[str], None] = lambda m: None) -> tuple[Any, dict[str, Any], Selection]:
     """Select (``select``) and refit the choice on all of (X, y): (fitted estimator, the
     parameters to record — ``budget`` and ``choice`` —, the selection)."""
+    sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
+    est, _, _ = _refit(sel.choice, X, y, seed, say, calibrate_single=False)
+    return est, {"budget": budget, "choice": sel.choice["name"]}, sel
+
+
+def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
+           say: Callable[[str], None], *, calibrate_single: bool) -> tuple[Any, str, str]:
+    """Fit ``choice`` (a row of the table) on all of (X, y), its settings lowered to what the
+    rows support first (fewshot.adapt, a note for each). With ``calibrate_single``, a single
+    head without native probabilities is temperature-scaled on k-fold decision scores, as
+    `fit` does. Returns (fitted estimator, calibration, probabilities): the manifest's words."""
     from . import fewshot
     from .fit import _Quiet, blas_threads
+    from .train import CALIBRATION_FOLDS
 
-    sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
+    members = bool(choice.get("members"))
+    est = build_choice(choice, seed)
+    calibration = "soft vote; members without probabilities temperature-scaled" if members \
+        else "native"
+    probabilities = "native"
+    if not members and calibrate_single and not heads.get(choice["head"]).native_proba:
+        from sklearn.calibration import CalibratedClassifierCV
+
+        k = fewshot.calibration_folds(est, y, CALIBRATION_FOLDS)
+        if k >= 2:
+            est = CalibratedClassifierCV(est, method="temperature", ensemble=False, cv=k)
+            calibration, probabilities = f"temperature scaling ({k}-fold)", "calibrated"
+        else:
+            calibration, probabilities = "none (too few images of a class to calibrate)", \
+                "scores"
     with _Quiet(count=False), blas_threads(len(y)):
-        est = build_choice(sel.choice, seed)
-        for note in fewshot.adapt(est, y, "the vote" if sel.choice.get("members")
-                                  else sel.choice["head"]):
+        for note in fewshot.adapt(est, y, "the vote" if members else choice["head"]):
             say(f"note: {note}")
-        est.fit(X, y)
-    return heads.uncached(est), {"budget": budget, "choice": sel.choice["name"]}, sel
+        est = est.fit(X, y)
+    return heads.uncached(est), calibration, probabilities
 
 
 def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
@@ -391,11 +423,10 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     ``head`` reads 'auto → CHOICE'."""
     from ..store.read import open_stores
     from . import artifacts
-    from .fit import _Quiet
     from .rows import select_rows, targets
     from .. import checks
     from . import fewshot
-    from .train import CALIBRATION_FOLDS, FitResult, _check_sample, _paths, _training
+    from .train import FitResult, _check_sample, _paths, _training
 
     t0 = time.perf_counter()
     unknown = sorted(set(params or {}) - {"budget"})
@@ -420,32 +451,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     for line in sel.lines():
         say(line)
     choice = sel.choice
-    from .fit import blas_threads
-
-    with _Quiet(count=False), blas_threads(len(y)):
-        est = build_choice(choice, seed)
-        if not choice.get("members") and not heads.get(choice["head"]).native_proba:
-            from sklearn.calibration import CalibratedClassifierCV
-
-            k = fewshot.calibration_folds(est, y, CALIBRATION_FOLDS)
-            if k >= 2:  # temperature scaling on k-fold decision scores, as `fit` does
-                est = CalibratedClassifierCV(est, method="temperature", ensemble=False, cv=k)
-                for note in fewshot.adapt(est, y, choice["head"]):
-                    say(f"note: {note}")
-                est = est.fit(X, y)
-                calibration, probabilities = f"temperature scaling ({k}-fold)", "calibrated"
-            else:
-                for note in fewshot.adapt(est, y, choice["head"]):
-                    say(f"note: {note}")
-                est, calibration, probabilities = est.fit(X, y), "none (too few images of a " \
-                    "class to calibrate)", "scores"
-        else:
-            for note in fewshot.adapt(est, y, "the vote" if choice.get("members")
-                                      else choice["head"]):
-                say(f"note: {note}")
-            est, calibration, probabilities = est.fit(X, y), "native", "native"
-            if choice.get("members"):
-                calibration = "soft vote; members without probabilities temperature-scaled"
+    est, calibration, probabilities = _refit(choice, X, y, seed, say, calibrate_single=True)
     train_acc = float((est.predict(X) == y).mean())
     manifest = artifacts.new_manifest(
         head=choice["head"], params=choice["params"], class_weight=None, search=False,

@@ -355,13 +355,10 @@ def with_data_defaults(name: str, params: dict[str, Any] | None, y: Any,
     preprocessing (knn's cosine k=5 for unprocessed rows), so when the user's ``prep`` is
     another one, none of the rule applies and the head's registry defaults go with the
     user's preprocessing (knn ``prep=l2+lda``: euclidean, k=10)."""
-    import numpy as np
-
     given = dict(params or {})
     if name == AUTO.name or ENSEMBLE_SEP in name or name not in DATA_RULES:
         return given
-    _, counts = np.unique(np.asarray(y), return_counts=True)
-    rule = data_params(name, int(counts.min()) if len(counts) else 0, dim)
+    rule = data_params(name, *data_of(y, dim))
     if "prep" in rule and "prep" in given and given["prep"] != rule["prep"]:
         rule = {}
     return {**rule, **given}

@@ -208,7 +208,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
             bar.update(len(held))
         bar.note("training accuracy")
         pred, _, _ = source.predict(estimator, tick=bar.update)
-    chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed)  # as calibrated
+    if not spec.native_proba:  # fit_configuration named the others as fitted; these, too
+        chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed)
     for n in dict.fromkeys(notes):
         say(f"note: {n}")
     if quiet.convergence:
