@@ -202,11 +202,11 @@ HEADS: dict[str, Head] = {h.name: h for h in (
          ("l2",), lambda seed: LogisticRegression(C=10.0, max_iter=2000, random_state=seed),
          {"C": [1.0, 10.0, 100.0]}, class_weight=True,
          prep_grid={"scale": {"C": [0.01, 0.1, 1.0, 10.0]}}),
-    # svm: L2-normalised rows, C=3, at every size measured (mean test accuracy over 20 random
-    # splits of the natural set / 5 draws of Fashion-MNIST at 10 and 50 per class, and the
-    # 10k/2k split): C=3 0.886 / 0.751 / 0.826 / 0.893, C=10 0.886 / 0.753 / 0.825 / 0.884;
-    # standardised rows with C=10 (the default before, chosen on 10k rows) 0.872 at 10k; C=1
-    # 0.872 / 0.748 / 0.817 / 0.884
+    # svm: L2-normalised rows, C=3, at every size measured (bench/results/sgd_small.md: mean
+    # test accuracy over 20 random splits of the natural set / 5 draws of Fashion-MNIST at 10
+    # and 50 per class, and the 10k/2k split): C=3 0.886 / 0.751 / 0.826 / 0.892, C=10 0.886 /
+    # 0.753 / 0.825 / 0.884, C=1 0.872 / 0.748 / 0.817 / 0.882; standardised rows with C=10
+    # (the default before, chosen on 10k rows) 0.792 / 0.613 / 0.779 / 0.872
     Head("svm", "RBF-kernel support vector machine on L2-normalised rows",
          ("l2",), lambda seed: SVC(C=3.0, gamma="scale", random_state=seed),
          {"C": [1.0, 3.0, 10.0], "gamma": ["scale", 0.5, 2.0]},
