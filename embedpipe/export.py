@@ -15,11 +15,10 @@ The graph (``embedpipe export HEAD -o model.onnx``):
 Linear heads (logreg, ridge, linear-svm, centroid, sgd, logreg-sgd) and the preprocessing steps (l2, scale, PCA)
 are written as plain ONNX ops here, exactly (ridge, linear-svm, svm, centroid and sgd with the
 temperature-scaled probabilities `fit` gives them: one it left uncalibrated, on too few images
-per class, is refused by refuse_uncalibrated); svm, knn and mlp classifiers are converted with
-skl2onnx. Every exported head is checked against the fitted estimator on sample features
-before it is written; a head that does not match is refused with one line (in practice the
-default knn head: skl2onnx's float32 cosine distances with 1/distance weights move its
-probabilities by ~1e-2). A JSON sidecar
+per class, is refused by refuse_uncalibrated); knn is written as ops in float64 (_knn); svm and
+mlp classifiers are converted with skl2onnx. A soft vote is its members' graphs averaged with
+its weights. Every exported head is checked against the fitted estimator on sample features
+before it is written; a head that does not match is refused with one line. A JSON sidecar
 ``<out>.json`` (``svm.onnx`` → ``svm.onnx.json``, see sidecar_path) beside the model records the class names, the input spec, the head's
 provenance and versions. ``--int8`` quantizes the backbone with onnxruntime's tools: static
 QDQ quantization calibrated on images by default, or dynamic quantization (see quantize()).
@@ -184,6 +183,80 @@ def _softmax(g: _Graph, scores: str, n_out: int, beta: float = 1.0) -> str:
     return g.op("Softmax", [scores], "proba", axis=1)
 
 
+def _knn(g: _Graph, clf: Any, x: str, head_name: str) -> str:
+    """k-nearest-neighbour probabilities as ONNX ops, in float64 as scikit-learn computes them:
+    euclidean (||x||² − 2 x·t + ||t||², clipped at 0) or cosine (1 − cos, clipped to [0, 2])
+    distances to the stored training rows t, TopK smallest k, each neighbour's vote 1 (uniform)
+    or 1/distance (distance; a row with a zero distance counts only its zero-distance
+    neighbours, as KNeighborsClassifier._get_weights), summed per class and normalised.
+    skl2onnx's converter computes in float32, which moved the default head's probabilities by
+    up to ~3e-2 (1/distance amplifies rounding), so it is not used for knn."""
+    from onnx import TensorProto
+
+    metric, weights = clf.effective_metric_, clf.weights
+    if metric not in ("euclidean", "cosine") or weights not in ("uniform", "distance"):
+        raise ExportError(f"the {head_name} head uses metric={metric!r}, weights={weights!r}; "
+                          "knn is exportable with euclidean or cosine distances and uniform or "
+                          "distance weights: refit it with those --param values")
+    fit_x = np.asarray(clf._fit_X, dtype=np.float64)
+    n_classes = len(clf.classes_)
+    xd = g.op("Cast", [x], "x64", to=TensorProto.DOUBLE)
+    axis1 = g.const(np.array([1], dtype=np.int64), "axis1")
+
+    def dconst(value: Any, what: str) -> str:  # _Graph.const stores float32; these are float64
+        from onnx import numpy_helper
+
+        name = g.name(what)
+        g.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float64), name))
+        return name
+
+    if metric == "cosine":
+        norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [xd, xd], "sq"), axis1], "sqsum",
+                                  keepdims=1)], "norm")
+        xn = g.op("Div", [xd, g.op("Max", [norm, dconst(1e-300, "eps")], "norm_safe")], "xn")
+        tn = fit_x / np.maximum(np.linalg.norm(fit_x, axis=1, keepdims=True), 1e-300)
+        sim = g.op("MatMul", [xn, dconst(np.ascontiguousarray(tn.T), "train_t")], "cos")
+        dist = g.op("Clip", [g.op("Sub", [dconst(1.0, "one"), sim], "d"), dconst(0.0, "zero"),
+                             dconst(2.0, "two")], "dist")
+    else:
+        sq = g.op("ReduceSum", [g.op("Mul", [xd, xd], "sq"), axis1], "sqsum", keepdims=1)
+        cross = g.op("MatMul", [xd, dconst(np.ascontiguousarray(-2.0 * fit_x.T), "train_t")],
+                     "cross")
+        d2 = g.op("Add", [g.op("Add", [sq, cross], "d2a"),
+                          dconst((fit_x ** 2).sum(axis=1)[None, :], "train_sq")], "d2")
+        dist = g.op("Sqrt", [g.op("Max", [d2, dconst(0.0, "zero")], "d2pos")], "dist")
+    k = g.const(np.array([clf.n_neighbors], dtype=np.int64), "k")
+    near = g.name("near_dist")
+    idx = g.name("near_idx")
+    from onnx import helper
+
+    g.nodes.append(helper.make_node("TopK", [dist, k], [near, idx], name=g.name("TopK"),
+                                    axis=1, largest=0, sorted=1))
+    labels = g.op("Gather", [g.const(np.asarray(clf._y, dtype=np.int64), "train_y"), idx],
+                  "near_y")
+    onehot = g.op("Cast", [g.op("Equal", [
+        g.op("Unsqueeze", [labels, g.const(np.array([2], dtype=np.int64), "axis2")], "y3"),
+        g.const(np.arange(n_classes, dtype=np.int64).reshape(1, 1, -1), "classes")], "is_k")],
+        "onehot", to=TensorProto.DOUBLE)
+    if weights == "uniform":
+        votes = onehot
+    else:
+        zero = g.op("Cast", [g.op("Equal", [near, dconst(0.0, "zero_d")], "at0")], "at0d",
+                    to=TensorProto.DOUBLE)
+        any_zero = g.op("Greater", [g.op("ReduceSum", [zero, axis1], "n0", keepdims=1),
+                                    dconst(0.0, "none")], "any0")
+        inv = g.op("Div", [dconst(1.0, "one_w"), g.op("Max", [near, dconst(1e-300, "tiny")],
+                                                       "near_safe")], "inv")
+        w = g.op("Where", [any_zero, zero, inv], "w")
+        votes = g.op("Mul", [onehot, g.op("Unsqueeze", [w, g.const(np.array([2], dtype=np.int64),
+                                                                   "axis2w")], "w3")], "votes")
+    score = g.op("ReduceSum", [votes, axis1], "score", keepdims=0)
+    total = g.op("ReduceSum", [score, axis1], "total", keepdims=1)
+    total = g.op("Where", [g.op("Equal", [total, dconst(0.0, "zero_t")], "t0"),
+                           dconst(1.0, "one_t"), total], "total_safe")
+    return g.op("Cast", [g.op("Div", [score, total], "p64")], "proba", to=TensorProto.FLOAT)
+
+
 def _skl2onnx(g: _Graph, clf: Any, x: str, dim: int, opset: int, raw: bool) -> str:
     """Convert one fitted classifier with skl2onnx and inline its graph; returns the name of
     its score output (probabilities, or raw decision scores when ``raw``)."""
@@ -212,14 +285,11 @@ def _skl2onnx(g: _Graph, clf: Any, x: str, dim: int, opset: int, raw: bool) -> s
     return outs[1]  # (label, probabilities/scores)
 
 
-def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
-               head_name: str = "head", rule: Any = None) -> Any:
-    """The fitted head as an ONNX model: ``features`` (N x dim) → ``probabilities``, ``label``.
-
-    With ``rule`` (heads.reject.Rule, from `export --reject`), also ``unknown`` (bool, N):
-    max probability < rule.min_confidence, or cosine distance from the features to the nearest
-    training class centroid > rule.max_distance; ``label`` is -1 for those rows."""
-    from onnx import TensorProto, helper
+def _probs(g: _Graph, estimator: Any, x: str, dim: int, opset: int, head_name: str) -> str:
+    """Add ``estimator``'s predict_proba (a head pipeline, maybe calibrated, or a soft vote of
+    such pipelines) on the tensor ``x`` (N x dim) to ``g``; returns the name of its N x C
+    probabilities. Raises ExportError naming what cannot be exported."""
+    from sklearn.ensemble import VotingClassifier
     from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
     from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
     from sklearn.neural_network import MLPClassifier
@@ -227,8 +297,6 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
 
     pipe, clf, beta = _steps(estimator)
     n_classes = len(estimator.classes_)
-    g = _Graph()
-    x = FEATURES
     for _, step in pipe.steps[:-1]:
         x = _transform(g, step, x)
     width = (pipe[:-1].transform(np.zeros((1, dim), np.float32)).shape[1]
@@ -278,8 +346,22 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
     elif isinstance(clf, SVC) and beta is not None:
         scores = _skl2onnx(g, clf, x, width, opset, raw=True)
         probs = _softmax(g, scores, 1 if n_classes == 2 else n_classes, beta)
-    elif isinstance(clf, (KNeighborsClassifier, MLPClassifier)) and beta is None:
+    elif isinstance(clf, KNeighborsClassifier) and beta is None:
+        probs = _knn(g, clf, x, head_name)
+    elif isinstance(clf, MLPClassifier) and beta is None:
         probs = _skl2onnx(g, clf, x, width, opset, raw=False)
+    elif isinstance(clf, VotingClassifier) and clf.voting == "soft" and beta is None:
+        # predict_proba = the members' probabilities averaged with the vote's weights
+        # (np.average in scikit-learn's VotingClassifier); every member sees x after the steps
+        # before the vote and has classes 0..C-1 (the vote fitted them on encoded labels)
+        kept = [(i, name, est) for i, (name, est) in enumerate(clf.named_estimators_.items())
+                if est != "drop"]
+        w = np.array([1.0 if clf.weights is None else clf.weights[i] for i, _, _ in kept])
+        w = w / w.sum()
+        parts = [g.op("Mul", [_probs(g, est, x, width, opset, f"{head_name} ({name} member)"),
+                              g.const(np.float32(wi), "vote_weight")], "weighted")
+                 for (_, name, est), wi in zip(kept, w)]
+        probs = parts[0] if len(parts) == 1 else g.op("Sum", parts, "vote")
     else:
         kind = type(clf).__name__ + (" (calibrated)" if beta is not None else "")
         if beta is None and isinstance(clf, _score_classifiers()):
@@ -287,6 +369,21 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
         raise ExportError(f"the {head_name} head ({kind}) cannot be exported to ONNX; "
                           f"exportable heads: {', '.join(_native_heads())}, and, when `fit` "
                           "calibrated their probabilities, ridge, linear-svm, svm, sgd, centroid")
+    return probs
+
+
+def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
+               head_name: str = "head", rule: Any = None) -> Any:
+    """The fitted head as an ONNX model: ``features`` (N x dim) → ``probabilities``, ``label``.
+
+    With ``rule`` (heads.reject.Rule, from `export --reject`), also ``unknown`` (bool, N):
+    max probability < rule.min_confidence, or cosine distance from the features to the nearest
+    training class centroid > rule.max_distance; ``label`` is -1 for those rows."""
+    from onnx import TensorProto, helper
+
+    n_classes = len(estimator.classes_)
+    g = _Graph()
+    probs = _probs(g, estimator, FEATURES, dim, opset, head_name)
     g.op("Identity", [probs], out=PROBS)
     outputs = [helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["N", n_classes]),
                helper.make_tensor_value_info(LABEL, TensorProto.INT64, ["N"])]
@@ -347,8 +444,7 @@ def _native_heads() -> list[str]:
     caveat that skl2onnx must reproduce it)."""
     from .heads.registry import HEADS
 
-    return [h.name + (" (when skl2onnx reproduces it)" if h.name == "knn" else "")
-            for h in HEADS.values() if h.native_proba]
+    return [h.name for h in HEADS.values() if h.native_proba]
 
 
 def refuse_uncalibrated(head: artifacts.HeadFile) -> None:
@@ -690,8 +786,9 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
 
         vote = ENSEMBLE_SEP in name
         raise ExportError(f"{head.path}: {e}" + (
-            "; `fit --head auto` chooses such a vote on up to 5,000 rows: for ONNX fit one head, "
-            "e.g. `embedpipe fit STORE --head logreg`" if vote else "")) from None
+            "; a soft vote (`fit --head auto` on up to 5,000 rows, or `--head a+b`) exports "
+            "when each member does: fit a vote of exportable heads, or one head, e.g. "
+            "`embedpipe fit STORE --head logreg`" if vote else "")) from None
     if say:
         say(f"head {name}: ONNX equals predict_proba within {err:.1g} on sample features")
     bb = _backbone(head, weights)

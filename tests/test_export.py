@@ -26,18 +26,22 @@ INT8_MAX_MEAN_DP = 0.1  # measured ~0.04 mean |Δp| over all classes
 
 @pytest.fixture(scope="module")
 def work(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two heads (logreg: native probabilities; ridge: temperature-calibrated) fitted via the
-    CLI, and `embedpipe predict` CSVs (top 10) for the 50 test images."""
+    """Four heads fitted via the CLI (logreg: native probabilities; ridge: temperature-
+    calibrated; knn: its defaults, l2+lda rows and 1/distance weights, written in float64;
+    auto: on these 200 rows the soft vote of its 4 best heads, the default head of `fit`), and
+    `embedpipe predict` CSVs (top 10) for the 50 test images."""
     d = tmp_path_factory.mktemp("export")
     images = Path(open_store(fmnist_store, features=False).runs[0]["source"]) / "test"
     out: dict = {"dir": d, "images": images}
-    for head in ("logreg", "ridge"):
+    for head in ("logreg", "ridge", "knn", "auto"):
         ok("fit", fmnist_store, "--head", head, "-o", d / f"{head}.skops",
            "-q")
     kept = d / "kept.h5"
     ok("predict", d / "logreg.skops", images, "-o", d / "logreg.csv", "--top-k", "10",
        "--keep-store", kept, "-q")
-    ok("predict", d / "ridge.skops", "--store", kept, "-o", d / "ridge.csv", "--top-k", "10")
+    for head in ("ridge", "knn", "auto"):
+        ok("predict", d / f"{head}.skops", "--store", kept, "-o", d / f"{head}.csv",
+           "--top-k", "10")
     ok("export", d / "logreg.skops", "-o", d / "logreg.onnx", "-q")
     return out
 
@@ -61,13 +65,16 @@ def csv_probs(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
     return p
 
 
-@pytest.mark.parametrize("head", ["logreg", "ridge"])
+@pytest.mark.parametrize("head", ["logreg", "ridge", "knn", "auto"])
 def test_onnx_fp32_equals_embedpipe_predict_on_real_images(work: dict, head: str):
     d = work["dir"]
     model = d / f"{head}.onnx"
+    name = artifacts.load(d / f"{head}.skops").manifest["head"]
+    if head == "auto":  # the vote's members, each written as ONNX ops, averaged in the graph
+        assert len(name.split("+")) == 4, name
     if not model.exists():
         res = ok("export", d / f"{head}.skops", "-o", model)
-        assert "exported ridge head" in res.output and "fp32" in res.output
+        assert f"exported {name} head" in res.output and "fp32" in res.output
     rows = read_csv(d / f"{head}.csv")
     paths = [str(work["images"] / r["path"].split("/test/", 1)[-1])
              if not Path(r["path"]).is_file() else r["path"] for r in rows]
