@@ -203,3 +203,39 @@ def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
     text = cli("heads").output
     assert ("k=5 (without --param prep or with prep=none; with another prep the defaults above "
             "apply)") in text
+
+
+def test_every_refusal_of_a_head_names_the_store_and_the_fix(stores: dict):
+    """A head's own refusals (fewshot, --search, --reject-rate) know the rows, not the file:
+    `fit k1.h5 --head centroid` said "error: centroid: ...". The fit and cv contexts name the
+    store first (errors.naming), whichever head or check refused; cv also says why a store
+    with enough images fails (its folds train on fewer)."""
+    k1, k2, d = stores[1], stores[2], stores["dir"]
+    cls = sorted(open_store(k1, features=False).classes)[0]  # the smallest class: the first
+    calib = (f"its probabilities come from temperature scaling fitted by cross-validation, "
+             f"which needs 2 images of every class; class {cls!r} has 1: add images, or use "
+             "members with native probabilities (logreg, knn, mlp, logreg-sgd)")
+    centroid = ("centroid: nearest-centroid scores are distances scaled by the within-class "
+                f"spread, which is undefined with one image per class (class {cls!r} has 1); "
+                "add images, or use knn or logreg")
+    expected = {
+        ("fit", k1, "--head", "centroid"): f"error: {k1}: {centroid}",
+        ("fit", k1, "--head", "svm+logreg"): f"error: {k1}: svm+logreg member svm: {calib}",
+        ("fit", k1, "--head", "knn", "--search"):
+            f"error: {k1}: --search: class {cls!r} has 1 training image(s); the inner search "
+            "needs at least 2 per class: add images or drop --search",
+        ("fit", k1, "--head", "logreg", "--reject-rate", "0.05"):
+            f"error: {k1}: --reject-rate: a class has 1 training image; choosing thresholds "
+            "on out-of-fold rows needs at least 2 per class: add images or leave --reject-rate "
+            "out",
+        ("cv", k2, "--head", "centroid"):
+            f"error: {k2}: cross-validation fits on the training part of each fold, fewer "
+            f"images than the store has: {centroid}",
+        ("compare", k1, k2, "--head", "logreg"):
+            f"error: {k1}, {k2}: class {cls!r} has a single train image common to the stores; "
+            "cross-validation needs at least 2 per class: add images of it to every store, or "
+            "move its folder out of the data and extract again with --prune",
+    }
+    for args, line in expected.items():
+        out = ("-o", d / "refused.skops") if args[0] == "fit" else ()
+        assert one_line_error(cli(*args, *out, "-q")) == line

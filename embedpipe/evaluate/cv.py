@@ -12,6 +12,7 @@ from .. import checks
 from ..heads import fewshot
 from ..heads import registry as heads
 from ..env import versions
+from ..errors import located
 from . import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
                DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
 from ..heads.source import Labeled, _nothing
@@ -75,9 +76,8 @@ def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
             est, chosen = fit_checked(source.take(train), head, params, class_weight, search,
                                       metric, seed, where, note=note or _nothing, notes=notes)
         except fewshot.FewShotError as e:
-            raise fewshot.FewShotError(f"{where}: cross-validation fits on the training part "
-                                       f"of each fold, fewer images than the store has: {e}"
-                                       ) from None
+            raise located(e, where, "cross-validation fits on the training part of each fold, "
+                          "fewer images than the store has") from None
         seconds = time.perf_counter() - t0
         pred, conf, calibrated = source.take(test).predict(
             est, use_proba=heads.get(head).native_proba)
@@ -355,10 +355,10 @@ def _aligned_rows(stores: list[Any]) -> tuple[list[str], np.ndarray, list[np.nda
         if extra:
             notes.append(f"{extra} train rows of {s.path} are not in every store and are left out")
     for p in common:
-        labels = {m[p][1] for m in per_store}
-        if len(labels) > 1:
-            raise EvaluateError(f"{p}: labeled {' vs '.join(sorted(labels))} in the stores "
-                                f"being compared; compare stores of the same labeled data")
+        if len({m[p][1] for m in per_store}) > 1:
+            each = ", ".join(f"{m[p][1]} in {s.path}" for s, m in zip(stores, per_store))
+            raise EvaluateError(f"{p}: labeled {each}; compare stores of the same labeled data "
+                                "(extract each from the same folders)")
     if not common:
         raise EvaluateError(f"{', '.join(str(s.path) for s in stores)}: no train rows in "
                             "common (paths differ); compare stores extracted from the same data")
@@ -401,8 +401,10 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     fewshot.check_classes(y, ", ".join(str(s.path) for s in stores), "common train rows")
     cls, n = min_class(y)
     if n < 2:
-        raise EvaluateError(f"class {cls!r} has a single train image common to the stores; "
-                            "cross-validation needs at least 2 per class")
+        raise EvaluateError(f"{', '.join(str(s.path) for s in stores)}: class {cls!r} has a "
+                            "single train image common to the stores; cross-validation needs "
+                            "at least 2 per class: add images of it to every store, or move its "
+                            "folder out of the data and extract again with --prune")
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "common train")
     for s, i in zip(stores, idx):

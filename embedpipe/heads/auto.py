@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..errors import naming
 from . import registry as heads
 from .rows import EvaluateError, min_class
 
@@ -447,11 +448,13 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     checks.refuse_nonfinite(X, [store.paths[i] for i in rows.train], str(store.path))
     say(f"auto: choosing a head for {len(y)} rows ({rows.describe()}), {len(classes)} classes, "
         f"{X.shape[1]}-d, budget {budget:g} s")
-    sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
-    for line in sel.lines():
-        say(line)
-    choice = sel.choice
-    est, calibration, probabilities = _refit(choice, X, y, seed, say, calibrate_single=True)
+    with naming(str(store.path)):
+        sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
+        for line in sel.lines():
+            say(line)
+        choice = sel.choice
+        est, calibration, probabilities = _refit(choice, X, y, seed, say,
+                                                 calibrate_single=True)
     train_acc = float((est.predict(X) == y).mean())
     manifest = artifacts.new_manifest(
         head=choice["head"], params=choice["params"], class_weight=None, search=False,

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import _io, checks
+from ..errors import naming
 from ..store.read import open_stores
 from . import artifacts, fewshot, stream
 from . import registry as heads
@@ -218,9 +219,10 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     class_names = [str(c) for c in estimator.classes_]
     open_set = None if source.X is None else reject.summary(source.X, y, class_names)
     if reject_rate is not None and open_set is not None:
-        open_set["auto"] = _reject_thresholds(source.X, y, class_names, head, chosen, spec,
-                                              class_weight, seed, probabilities, reject_rate,
-                                              say)
+        with naming(str(store.path)):
+            open_set["auto"] = _reject_thresholds(source.X, y, class_names, head, chosen, spec,
+                                                  class_weight, seed, probabilities,
+                                                  reject_rate, say)
     streamed = ({"streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
                               "fitted_rows": int(len(fit_on)),
                               "calibration_rows": int(len(held))}} if source.streamed else {})
