@@ -21,9 +21,11 @@ How it chooses (``select``):
    ensemble is in the table only if it beats its best member on the same folds.
 5. The choice: up to 5,000 rows the vote, whatever its CV rank (on a few hundred rows the CV
    ranking is mostly noise, and over repeated splits the vote scored higher than the best CV
-   row: see VOTE_HEADS); above, the best row of the table (ties: the earlier, cheaper
-   candidate). It is refitted on all training rows; ``fit`` saves it like any head, with the
-   table in the manifest (``auto``).
+   row: see VOTE_HEADS); above, or when fewer than VOTE_HEADS heads could be scored within the
+   budget (or calibrated to vote: a note says so; there is no vote then, as a vote of 2 or 3
+   did not help), the best row of the table (ties: the earlier, cheaper candidate). It is
+   refitted on all training rows; ``fit`` saves it like any head, with the table in the
+   manifest (``auto``).
 
 Several stores (``fit A.h5 B.h5 --head auto``) are stacked side by side first, as for any head,
 so the candidates are scored on the stacked features.
@@ -256,8 +258,9 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
                          cost[head] / k))
     singles = sorted(rows, key=lambda r: -r["mean"])
-    vote = _vote(singles, y, y_idx, classes, splits, metric, _scores) if len(y) <= LARGE_ROWS \
-        else None
+    voters = _voters(singles, y) if len(y) <= LARGE_ROWS else []
+    vote = (_vote_row(_with_calibrated(voters, y_idx), y, classes, splits, metric, _scores)
+            if len(voters) == VOTE_HEADS else None)
     table = singles + ([vote] if vote else
                        _ensembles(singles, y, y_idx, classes, splits, metric, _scores))
     table.sort(key=lambda r: -r["mean"])  # stable: ties keep singles and cheap-first order
@@ -269,6 +272,11 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         notes.append(f"{len(y)} rows: the choice is the vote of the {len(vote['members'])} "
                      "best heads, not the best inner-CV score (on few rows that ranking is "
                      "mostly noise; bench/results/auto_policy.md)")
+    elif len(y) <= LARGE_ROWS:
+        notes.append(f"{len(y)} rows: only {len(voters)} head(s) could be scored and voted "
+                     f"(the vote takes the {VOTE_HEADS} best heads; a vote of 2 or 3 did not "
+                     "beat the best CV row: bench/results/auto_policy.md), so the choice is "
+                     "the best CV row")
     return Selection(table, k, metric, budget, time.perf_counter() - t_start, notes,
                      chosen=chosen)
 
@@ -310,22 +318,18 @@ def _with_calibrated(rows: list[dict[str, Any]], y_idx: np.ndarray) -> list[dict
     return rows
 
 
-def _vote(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
-          classes: np.ndarray, splits: list[Any], metric: str,
-          scores: Any) -> dict[str, Any] | None:
-    """The soft vote (mean temperature-scaled probabilities) of the best configuration of each
-    of the VOTE_HEADS heads with the best inner-CV scores, with its own out-of-fold score; None
-    when fewer than 2 heads were scored."""
+def _voters(singles: list[dict[str, Any]], y: np.ndarray) -> list[dict[str, Any]]:
+    """The members of the soft vote (mean temperature-scaled probabilities): the best
+    configuration of each of the VOTE_HEADS heads with the best inner-CV scores that can vote
+    on ``y`` (a member without probabilities must be calibrated); fewer when fewer heads were
+    scored (the budget) or can vote, and then there is no vote (see VOTE_HEADS)."""
     from . import fewshot
 
     def votable(r: dict[str, Any]) -> bool:  # a member without probabilities is calibrated
         return heads.get(r["head"]).native_proba or fewshot.calibration_folds(
             heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) >= 2
 
-    members = [r for r in _best_of_each_head(singles) if votable(r)][:VOTE_HEADS]
-    if len(members) < 2:
-        return None
-    return _vote_row(_with_calibrated(members, y_idx), y, classes, splits, metric, scores)
+    return [r for r in _best_of_each_head(singles) if votable(r)][:VOTE_HEADS]
 
 
 def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
