@@ -118,7 +118,7 @@ def test_one_class_is_refused_in_one_line_by_every_command(stores: dict, command
 
 
 def _fitted(res, head: str) -> str:
-    """The parameters the summary line of `fit --head HEAD` names ("defaults" when none)."""
+    """The parameters the summary line of `fit --head HEAD` names: every key one as fitted."""
     assert res.exit_code == 0, res.output
     found = re.search(rf"^fitted {re.escape(head)} \((.*?)\) on ", res.output, re.M)
     assert found, res.output
@@ -139,20 +139,23 @@ def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
     d = stores["dir"]
     res = cli("fit", stores[2], "--head", "knn", "--param", "prep=l2+lda", "-o", d / "a.skops")
     assert "lda step off" in res.output  # the note, on stderr
-    assert _fitted(res, "knn") == "n_neighbors=6, prep=l2"
+    assert _fitted(res, "knn") == ("prep=l2 algorithm=brute metric=euclidean n_neighbors=6 "
+                                   "weights=distance")
     assert artifacts.load(d / "a.skops").manifest["params"] == {"prep": "l2", "n_neighbors": 6}
     pipe = _pipe(d / "a.skops")
     assert pipe.named_steps["lda"] == "passthrough" and pipe[-1].n_neighbors == 6
 
     res = cli("fit", stores[2], "--head", "knn", "--param", "n_neighbors=50", "-o",
               d / "b.skops", "-q")
-    assert _fitted(res, "knn") == "metric=cosine, n_neighbors=6, prep=none"
+    assert _fitted(res, "knn") == ("prep=none algorithm=brute metric=cosine n_neighbors=6 "
+                                   "weights=distance")
     assert artifacts.load(d / "b.skops").manifest["params"] == {
         "prep": "none", "metric": "cosine", "n_neighbors": 6}
 
     res = cli("fit", stores[2], "--head", "mlp", "--param", "early_stopping=true", "-o",
               d / "c.skops", "-q")
-    assert _fitted(res, "mlp") == "early_stopping=False"
+    assert _fitted(res, "mlp") == ("prep=l2 alpha=0.001 early_stopping=False "
+                                   "hidden_layer_sizes=256 max_iter=300")
     assert _pipe(d / "c.skops")[-1].early_stopping is False
 
     # knn+centroid on 3 per class: each member takes its few-row data rule, as alone (knn
@@ -168,7 +171,9 @@ def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
     res = cli("fit", stores[1], "--head", "knn+logreg", "-o", d / "f.skops", "-q")
     params = artifacts.load(d / "f.skops").manifest["params"]
     assert params == {"knn__clf__n_neighbors": 3}, res.output
-    assert _fitted(res, "knn+logreg") == "knn__clf__n_neighbors=3"
+    assert _fitted(res, "knn+logreg") == ("knn: prep=none algorithm=brute metric=cosine "
+                                          "n_neighbors=3 weights=distance; logreg: prep=l2 C=10 "
+                                          "max_iter=2000")
     assert _pipe(d / "f.skops")[-1].get_params()["knn__clf__n_neighbors"] == 3
     # what the manifest records builds the head that was fitted (on the same data)
     rebuilt = heads.build("knn+logreg", params, data=(1, 1280)).get_params()
@@ -183,7 +188,8 @@ def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
     d = stores["dir"]
     res = cli("fit", stores[3], "--head", "knn", "--param", "prep=l2+lda", "-o",
               d / "l.skops", "-q")
-    assert _fitted(res, "knn") == "n_neighbors=9, prep=l2+lda"
+    assert _fitted(res, "knn") == ("prep=l2+lda algorithm=brute metric=euclidean n_neighbors=9 "
+                                   "weights=distance")
     assert artifacts.load(d / "l.skops").manifest["params"] == {"prep": "l2+lda",
                                                                   "n_neighbors": 9}
     pipe = _pipe(d / "l.skops")
@@ -192,7 +198,8 @@ def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
     # without prep (or with the rule's own, prep=none) the small-data rule applies whole
     for extra in ([], ["--param", "prep=none"]):
         res = cli("fit", stores[3], "--head", "knn", *extra, "-o", d / "r.skops", "-q")
-        assert _fitted(res, "knn") == "metric=cosine, n_neighbors=5, prep=none"
+        assert _fitted(res, "knn") == ("prep=none algorithm=brute metric=cosine n_neighbors=5 "
+                                       "weights=distance")
         assert _pipe(d / "r.skops")[-1].metric == "cosine"
     # ridge's rule (L2 rows, alpha=1) is one whole too
     y = ["a"] * 3 + ["b"] * 3

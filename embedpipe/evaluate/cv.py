@@ -81,9 +81,11 @@ def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
         seconds = time.perf_counter() - t0
         pred, conf, calibrated = source.take(test).predict(
             est, use_proba=heads.get(head).native_proba)
+    effective = chosen if head == heads.AUTO.name else heads.effective_params(head, est)
     return {"scores": scores(source.y[test], pred), "fit_seconds": seconds, "params": chosen,
-            "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
-            "convergence_warnings": quiet.convergence, "notes": notes}
+            "effective_params": effective, "pred": pred, "confidence": conf,
+            "calibrated": bool(calibrated), "convergence_warnings": quiet.convergence,
+            "notes": notes}
 
 
 def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int, rows: int,
@@ -105,6 +107,20 @@ def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int, rows: in
             results[key] = res
             bar.update(1)
     return results
+
+
+def _effective(fits: list[dict[str, Any]], head: str,
+               search: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The parameters as fitted (registry.effective_params) that every fit in ``fits`` (one
+    head's results over folds, and stores) shares, and per fit the ones it does not share
+    (what fewshot.adapt lowered on a fold's fewer rows) or that ``search`` chose (its grid's:
+    per fit even where every fit chose the same)."""
+    spec = heads.get(head)
+    searched = {*spec.grid, *(k for g in spec.prep_grid.values() for k in g)} if search else set()
+    got = [f["effective_params"] for f in fits]
+    common = {k: v for k, v in got[0].items()
+              if k not in searched and all(repr(g.get(k)) == repr(v) for g in got)}
+    return common, [{k: v for k, v in g.items() if k not in common} for g in got]
 
 
 def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[str]) -> None:
@@ -233,7 +249,11 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
             fold_rows.append({"repeat": i // folds, "fold": i % folds, **r["scores"],
                               "fit_seconds": r["fit_seconds"],
                               **({"params": r["params"]} if search else {})})
-        entry: dict[str, Any] = {"head": h, "params": per_params[h], "class_weight": cw[h]}
+        common, per_fold = _effective([results[(h, i)] for i in range(len(splits))], h, search)
+        for f, differs in zip(fold_rows, per_fold):
+            f["effective_params"] = differs
+        entry: dict[str, Any] = {"head": h, "params": per_params[h], "class_weight": cw[h],
+                                 "effective_params": common}
         for m in METRICS:
             v = np.array([f[m] for f in fold_rows])
             entry[m] = {"mean": float(v.mean()), "std": float(v.std())}
@@ -303,6 +323,8 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
                         yh, pred, [c for c in store.classes if c in seen]),
                 }
         heldout = {"head": best, "params": chosen, "class_weight": cw[best],
+                   "effective_params": (chosen if best == heads.AUTO.name
+                                        else heads.effective_params(best, est)),
                    "searched": search, "splits": heldout}
 
     counts = dict(zip(*np.unique(y, return_counts=True)))
@@ -424,7 +446,10 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     _fewshot_notes(results, warn, notes)
     table = []
     for h in names:
-        row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": []}
+        common, per_fit = _effective([results[key] for key in tasks if key[1] == h], h, search)
+        row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": [],
+                               "effective_params": common,
+                               "varies": sorted({k for d in per_fit for k in d})}
         for k in range(len(stores)):
             scores = [results[(k, h, f)]["scores"] for f in range(len(splits))]
             row["stores"].append({m: {"mean": float(np.mean([s[m] for s in scores])),

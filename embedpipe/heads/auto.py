@@ -425,7 +425,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     """``embedpipe fit --head auto``: select on the store's training rows, refit the choice on
     all of them (a single head without native probabilities is calibrated like ``fit`` does),
     and save it with the candidate table in the manifest's ``auto``. Returns a FitResult whose
-    ``head`` reads 'auto → CHOICE'."""
+    ``head`` reads 'auto → HEAD' (the chosen head, a+b+... for a vote)."""
     from ..store.read import open_stores
     from . import artifacts
     from .rows import select_rows, targets
@@ -460,14 +460,16 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         est, calibration, probabilities = _refit(choice, X, y, seed, say,
                                                  calibrate_single=True)
     train_acc = float((est.predict(X) == y).mean())
+    effective = heads.effective_params(choice["head"], est)
     manifest = artifacts.new_manifest(
-        head=choice["head"], params=choice["params"], class_weight=None, search=False,
+        head=choice["head"], params=choice["params"], effective_params=effective,
+        class_weight=None, search=False,
         seed=seed, calibration=calibration, probabilities=probabilities,
         classes=[str(c) for c in est.classes_], store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc),
         auto=sel.record())
     path = artifacts.save(out, est, manifest, check_rows=X[_check_sample(len(y))],
                           inputs=_paths(store_path))
-    return FitResult(path, f"auto → {choice['name']}", dict(choice["params"]), len(y),
+    return FitResult(path, f"auto → {choice['head']}", dict(choice["params"]), len(y),
                      [str(c) for c in classes], calibration, time.perf_counter() - t0,
-                     train_acc)
+                     train_acc, effective)

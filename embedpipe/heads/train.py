@@ -39,9 +39,10 @@ class FitResult:
     calibration: str
     seconds: float
     train_accuracy: float
+    effective: dict[str, Any]  # registry.effective_params: every key parameter as fitted
 
     def line(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "defaults"
+        params = heads.format_params(self.effective)
         return (f"fitted {self.head} ({params}) on {self.rows} rows, {len(self.classes)} "
                 f"classes in {self.seconds:.1f} s; training accuracy {self.train_accuracy:.3f}; "
                 f"probabilities: {self.calibration} → {self.path}")
@@ -226,9 +227,10 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     streamed = ({"streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
                               "fitted_rows": int(len(fit_on)),
                               "calibration_rows": int(len(held))}} if source.streamed else {})
+    effective = heads.effective_params(head, estimator)
     manifest = artifacts.new_manifest(
-        head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
-        calibration=calibration, probabilities=probabilities,
+        head=head, params=chosen, effective_params=effective, class_weight=class_weight,
+        search=search, seed=seed, calibration=calibration, probabilities=probabilities,
         classes=class_names,
         store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc, **streamed),
@@ -237,7 +239,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     check = source.take(_check_sample(len(y))).features()
     path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path))
     return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
-                     calibration, time.perf_counter() - t0, train_acc)
+                     calibration, time.perf_counter() - t0, train_acc, effective)
 
 
 def _reject_thresholds(X: np.ndarray, y: np.ndarray, class_names: list[str], head: str,
