@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clitools import cli, one_line_error, read_csv
-from embedpipe.heads import HEADS, artifacts
+from embedpipe.heads import HEADS, artifacts, fewshot
 from embedpipe.heads import registry as heads
 from embedpipe.store import StoreWriter, open_store, read_identity
 
@@ -246,3 +246,26 @@ def test_every_refusal_of_a_head_names_the_store_and_the_fix(stores: dict):
     for args, line in expected.items():
         out = ("-o", d / "refused.skops") if args[0] == "fit" else ()
         assert one_line_error(cli(*args, *out, "-q")) == line
+
+
+def test_a_search_grid_keeps_knn_within_the_rows_of_its_folds(stores: dict):
+    """`fit --head knn --search` on 3 images per class: the inner folds train on 6 rows, and
+    the grid's n_neighbors 10 and 20 failed there (scikit-learn refuses k above the rows; the
+    search quietly picked among the rest). They are lowered to 6, as fewshot.adapt lowers the
+    head's own k, with a note; the fitted k is one the folds could score."""
+    d = stores["dir"]
+    res = cli("fit", stores[3], "--head", "knn", "--search", "-o", d / "g.skops")
+    assert res.exit_code == 0, res.output
+    assert ("note: knn: the search grid's n_neighbors 10, 20 lowered to 6 (the search's folds "
+            "train on 6 rows)") in res.output.splitlines()
+    fitted = artifacts.load(d / "g.skops").manifest["effective_params"]["n_neighbors"]
+    assert fitted in (1, 5, 6) and _pipe(d / "g.skops")[-1].n_neighbors == fitted
+    grid = heads.param_grid("knn", prep="none")
+    assert fewshot.adapt_grid(grid, ["a"] * 2 + ["b"] * 2, "knn") and \
+        grid["clf__n_neighbors"] == [1, 4]
+    # in cv the same, in every outer fold's search (3 outer folds of 6 training rows, 2 per
+    # class: 2 inner folds of 3)
+    res = cli("cv", stores[3], "--head", "knn", "--search", "-q")
+    assert res.exit_code == 0, res.output
+    assert ("note: knn: the search grid's n_neighbors 5, 10, 20 lowered to 3 (the search's "
+            "folds train on 3 rows) (3 fits)") in res.output.splitlines()

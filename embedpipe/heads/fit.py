@@ -53,9 +53,11 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
                             "search needs at least 2 per class: add images or drop --search")
     folds = StratifiedKFold(k, shuffle=True, random_state=seed)
     if not source.streamed:
-        # the candidates are fitted on the inner folds' training parts: adapt to the smallest
+        # the candidates are fitted on the inner folds' training parts: adapt the head and its
+        # grid to the smallest
+        part = fewshot.fold_part(source.y, k)
         (notes if notes is not None else []).extend(
-            fewshot.adapt(pipe, fewshot.fold_part(source.y, k), head))
+            fewshot.adapt(pipe, part, head) + fewshot.adapt_grid(grid, part, head))
         with heads.lda_cache(len(source)):  # the lda step once per fold, not per grid point
             gs = GridSearchCV(heads.cached(pipe), grid, scoring=scoring, refit=True,
                               n_jobs=jobs, cv=folds)
