@@ -36,6 +36,18 @@ def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
     assert rec["members"] == [{"head": c["head"], "params": c["params"]} for c in top]
     assert m["head"] == "+".join(c["head"] for c in top)
     assert any("vote of the 4 best heads" in n for n in rec["notes"])
+    # its probabilities are said to be what they are: the mean of the members' own or
+    # temperature-scaled probabilities (3-fold CV, as registry ensembles), not "native"
+    how = [f"{c['head']} native" if heads.get(c["head"]).native_proba
+           else f"{c['head']} temperature-scaled (3-fold CV)" for c in top]
+    assert m["probabilities"] == "vote"
+    assert m["calibration"] == ("soft vote (equal weights) of its members' probabilities: "
+                                + ", ".join(how))
+    assert f"probabilities: {m['calibration']} → {out}" in res.output
+    # and the summary names each member's parameters as fitted, as the manifest records them
+    assert set(m["effective_params"]) == {c["head"] for c in top}
+    assert f"fitted auto → {m['head']} ({heads.format_params(m['effective_params'])}) on " \
+        in res.output
     table = [line for line in res.output.splitlines() if line.startswith("  ") and " s  " in line]
     assert len(table) == len(names) and [line.strip().startswith("→") for line in table] == [
         n == rec["choice"] for n in names]  # the arrow marks the choice, not the top row
@@ -45,6 +57,8 @@ def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
     rows = read_csv(csv_path)
     assert len(rows) == 50
     assert sum(r["label"] == r["predicted"] for r in rows) >= 30, rows[:5]
+    res = ok("predict", out, "--store", fmnist_store, "--split", "test", "-o", csv_path)
+    assert "no calibrated probabilities" not in res.output  # a vote's are probabilities
 
 
 def test_tiny_budget_still_gives_a_valid_head_and_says_so(fmnist_store, tmp_path):

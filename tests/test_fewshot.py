@@ -269,3 +269,18 @@ def test_a_search_grid_keeps_knn_within_the_rows_of_its_folds(stores: dict):
     assert res.exit_code == 0, res.output
     assert ("note: knn: the search grid's n_neighbors 5, 10, 20 lowered to 3 (the search's "
             "folds train on 3 rows) (3 fits)") in res.output.splitlines()
+
+
+def test_a_registry_ensembles_probabilities_are_named_as_a_vote(stores: dict):
+    """`fit --head knn+ridge`: the manifest said probabilities "native"; they are the mean of
+    knn's own and ridge's temperature-scaled probabilities (2 folds on 2 images per class),
+    and predict treats them as probabilities."""
+    d = stores["dir"]
+    res = cli("fit", stores[2], "--head", "knn+ridge", "-o", d / "v.skops")
+    assert res.exit_code == 0, res.output
+    m = artifacts.load(d / "v.skops").manifest
+    assert m["probabilities"] == "vote"
+    assert m["calibration"] == ("soft vote (equal weights) of its members' probabilities: knn "
+                                "native, ridge temperature-scaled (2-fold CV)")
+    res = cli("predict", d / "v.skops", "--store", stores[2], "-o", d / "v.csv")
+    assert res.exit_code == 0 and "no calibrated probabilities" not in res.output, res.output

@@ -399,9 +399,7 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
 
     members = bool(choice.get("members"))
     est = build_choice(choice, seed)
-    calibration = "soft vote; members without probabilities temperature-scaled" if members \
-        else "native"
-    probabilities = "native"
+    calibration, probabilities = "native", "native"
     if not members and calibrate_single and not heads.get(choice["head"]).native_proba:
         from sklearn.calibration import CalibratedClassifierCV
 
@@ -416,6 +414,8 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
         for note in fewshot.adapt(est, y, "the vote" if members else choice["head"]):
             say(f"note: {note}")
         est = est.fit(X, y)
+    if members:  # the folds of its members' calibration as fitted (fewshot.adapt may lower them)
+        calibration, probabilities = heads.vote_calibration(est), "vote"
     return heads.uncached(est), calibration, probabilities
 
 

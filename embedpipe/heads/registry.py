@@ -420,6 +420,22 @@ def _voting(specs: list[Head], seed: int, class_weight: str | None,
     return VotingClassifier(members, voting="soft")
 
 
+def vote_calibration(estimator: Any) -> str:
+    """What the probabilities of a soft-voting head (a Pipeline ending in a VotingClassifier:
+    ``_voting``'s or auto's vote) are, for its manifest's ``calibration``: the weighted mean of
+    its members' probabilities, each member's named as native (its own predict_proba) or
+    temperature-scaled on k-fold CV (the folds as fitted, after fewshot.adapt)."""
+    vote = _pipeline(estimator).steps[-1][1]
+    members = []
+    for name, est in vote.estimators:
+        cv = getattr(est, "cv", None)
+        members.append(f"{name} temperature-scaled ({cv}-fold CV)" if cv is not None
+                       else f"{name} native")
+    weights = ("equal weights" if vote.weights is None
+               else "weights " + ", ".join(f"{w:g}" for w in vote.weights))
+    return f"soft vote ({weights}) of its members' probabilities: {', '.join(members)}"
+
+
 def parse_value(text: str) -> Any:
     """'10' → 10, '0.5' → 0.5, 'inf' → inf, 'none' → None, 'true' → True, '256,128' →
     (256, 128), else str."""

@@ -202,7 +202,9 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                       if search else heads.with_data_defaults(head, params, fit_on.y,
                                                               store.dim))
         calibration, probabilities = "native", "native"
-        if not spec.native_proba:
+        if spec.members:
+            calibration, probabilities = heads.vote_calibration(estimator), "vote"
+        elif not spec.native_proba:
             bar.note("calibrating")
             estimator, calibration, probabilities = _calibrated(
                 estimator, heads.build(head, chosen, class_weight=class_weight, seed=seed),
@@ -262,7 +264,7 @@ def _reject_thresholds(X: np.ndarray, y: np.ndarray, class_names: list[str], hea
 
     say(f"choosing rejection thresholds for a {rate:.0%} false-reject rate on out-of-fold rows")
     conf, dist, k = reject.out_of_fold(X, y, class_names, fit_fold,
-                                       probabilities in ("native", "calibrated"), seed=seed)
+                                       probabilities != "scores", seed=seed)
     auto = {"rate": rate, "folds": k, "oof_rows": int(len(y)), **reject.choose(conf, dist, rate)}
     say(f"--reject auto: confidence < {auto['min_confidence']:.4f} or centroid distance > "
         f"{auto['max_distance']:.4f} (rejects {auto['false_reject']:.1%} of out-of-fold rows)")
