@@ -289,7 +289,7 @@ class Head:
     def _use_proba(self) -> bool:
         from .heads import artifacts
 
-        return artifacts.probability_kind(self.manifest) in ("native", "calibrated")
+        return artifacts.probability_kind(self.manifest) != "scores"
 
 
 def load_head(path: PathLike) -> Head:

@@ -1,8 +1,28 @@
 """The one base class of errors a user can fix: the CLI prints them as one line and exits 2."""
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class UserError(Exception):
     """Bad input, options or environment; str(e) is one line naming the file and the fix."""
+
+
+def located(e: UserError, where: str, why: str = "") -> UserError:
+    """``e`` (the same class) as a line that begins with ``where``, the file it concerns, and
+    ``why`` after it: '<where>: [<why>: ]<e without a leading "<where>: ">'."""
+    text = str(e).removeprefix(f"{where}: ")
+    return type(e)(f"{where}: {why + ': ' if why else ''}{text}")
+
+
+@contextmanager
+def naming(where: str) -> Iterator[None]:
+    """A UserError raised inside names ``where`` (the store being fitted on) first: the heads'
+    own refusals (fewshot, --search, streaming) know the rows, not the file they came from."""
+    try:
+        yield
+    except UserError as e:
+        raise located(e, where) from None
 
 
 class Interrupted(BaseException):

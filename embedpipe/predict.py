@@ -144,7 +144,7 @@ def predict_rows(head: artifacts.HeadFile, X: np.ndarray, top_k: int
     if X.shape[0] == 0:
         return [], np.zeros(0), [], True
     manifest = head.manifest
-    use_proba = artifacts.probability_kind(manifest) in ("native", "calibrated")
+    use_proba = artifacts.probability_kind(manifest) != "scores"
     pred, probs, conf, calibrated = predict_scored(head.estimator, X, use_proba=use_proba)
     predicted = [str(p) for p in pred]
     order = np.argsort(-probs, axis=1, kind="stable")[:, :max(1, top_k)]

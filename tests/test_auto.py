@@ -8,7 +8,8 @@ import json
 import pytest
 
 from clitools import cli, ok, one_line_error, read_csv
-from embedpipe.heads import artifacts
+from embedpipe.heads import artifacts, auto
+from embedpipe.heads import registry as heads
 
 
 def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
@@ -35,6 +36,18 @@ def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
     assert rec["members"] == [{"head": c["head"], "params": c["params"]} for c in top]
     assert m["head"] == "+".join(c["head"] for c in top)
     assert any("vote of the 4 best heads" in n for n in rec["notes"])
+    # its probabilities are said to be what they are: the mean of the members' own or
+    # temperature-scaled probabilities (3-fold CV, as registry ensembles), not "native"
+    how = [f"{c['head']} native" if heads.get(c["head"]).native_proba
+           else f"{c['head']} temperature-scaled (3-fold CV)" for c in top]
+    assert m["probabilities"] == "vote"
+    assert m["calibration"] == ("soft vote (equal weights) of its members' probabilities: "
+                                + ", ".join(how))
+    assert f"probabilities: {m['calibration']} → {out}" in res.output
+    # and the summary names each member's parameters as fitted, as the manifest records them
+    assert set(m["effective_params"]) == {c["head"] for c in top}
+    assert f"fitted auto → {m['head']} ({heads.format_params(m['effective_params'])}) on " \
+        in res.output
     table = [line for line in res.output.splitlines() if line.startswith("  ") and " s  " in line]
     assert len(table) == len(names) and [line.strip().startswith("→") for line in table] == [
         n == rec["choice"] for n in names]  # the arrow marks the choice, not the top row
@@ -44,6 +57,8 @@ def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
     rows = read_csv(csv_path)
     assert len(rows) == 50
     assert sum(r["label"] == r["predicted"] for r in rows) >= 30, rows[:5]
+    res = ok("predict", out, "--store", fmnist_store, "--split", "test", "-o", csv_path)
+    assert "no calibrated probabilities" not in res.output  # a vote's are probabilities
 
 
 def test_tiny_budget_still_gives_a_valid_head_and_says_so(fmnist_store, tmp_path):
@@ -54,6 +69,32 @@ def test_tiny_budget_still_gives_a_valid_head_and_says_so(fmnist_store, tmp_path
     assert len(rec["candidates"]) == 1  # only the first candidate ran
     assert any("cut the search" in n for n in rec["notes"])
     ok("predict", out, "--store", fmnist_store, "-o", tmp_path / "p.csv")
+
+
+def test_a_budget_that_scores_fewer_heads_than_the_vote_takes_chooses_the_best_row(
+        fmnist_store, tmp_path, monkeypatch):
+    """A budget that lets auto score only 2 heads built a "vote" of those 2, which the bench
+    found no better than the best CV row (bench/results/auto_policy.md: the vote of the 4 best
+    heads is). With fewer than VOTE_HEADS heads scored the choice is the best CV row, and the
+    note and the table say so. The clock is auto's own, ticking one second per reading, so
+    where the budget cuts does not depend on the machine's speed."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(auto, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: float(next(ticks)))}))
+    out = tmp_path / "cut.skops"
+    res = ok("fit", fmnist_store, "--head", "auto", "--budget", "30", "-o", out)
+    rec = artifacts.load(out).manifest["auto"]
+    scored = {c["head"] for c in rec["candidates"] if not c.get("members")}
+    assert 2 <= len(scored) < auto.VOTE_HEADS, rec["candidates"]
+    assert any("cut the search" in n for n in rec["notes"])
+    note = (f"200 rows: only {len(scored)} head(s) could be scored and voted (the vote takes "
+            f"the 4 best heads; a vote of 2 or 3 did not beat the best CV row: "
+            "bench/results/auto_policy.md), so the choice is the best CV row")
+    assert rec["notes"][-1] == note and f"  note: {note}" in res.output.splitlines()
+    assert rec["choice"] == rec["candidates"][0]["name"]  # the best row, marked in the table
+    table = [ln for ln in res.output.splitlines() if ln.startswith("  ") and " s  " in ln]
+    assert table[0].strip().startswith("→") and not any("→" in ln for ln in table[1:])
+    assert f"auto chose {rec['choice']}" in res.output
 
 
 def test_cv_head_auto_is_nested(fmnist_store, tmp_path):

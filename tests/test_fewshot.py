@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clitools import cli, one_line_error, read_csv
-from embedpipe.heads import HEADS, artifacts
+from embedpipe.heads import HEADS, artifacts, fewshot
 from embedpipe.heads import registry as heads
 from embedpipe.store import StoreWriter, open_store, read_identity
 
@@ -118,7 +118,7 @@ def test_one_class_is_refused_in_one_line_by_every_command(stores: dict, command
 
 
 def _fitted(res, head: str) -> str:
-    """The parameters the summary line of `fit --head HEAD` names ("defaults" when none)."""
+    """The parameters the summary line of `fit --head HEAD` names: every key one as fitted."""
     assert res.exit_code == 0, res.output
     found = re.search(rf"^fitted {re.escape(head)} \((.*?)\) on ", res.output, re.M)
     assert found, res.output
@@ -139,20 +139,23 @@ def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
     d = stores["dir"]
     res = cli("fit", stores[2], "--head", "knn", "--param", "prep=l2+lda", "-o", d / "a.skops")
     assert "lda step off" in res.output  # the note, on stderr
-    assert _fitted(res, "knn") == "n_neighbors=6, prep=l2"
+    assert _fitted(res, "knn") == ("prep=l2 algorithm=brute metric=euclidean n_neighbors=6 "
+                                   "weights=distance")
     assert artifacts.load(d / "a.skops").manifest["params"] == {"prep": "l2", "n_neighbors": 6}
     pipe = _pipe(d / "a.skops")
     assert pipe.named_steps["lda"] == "passthrough" and pipe[-1].n_neighbors == 6
 
     res = cli("fit", stores[2], "--head", "knn", "--param", "n_neighbors=50", "-o",
               d / "b.skops", "-q")
-    assert _fitted(res, "knn") == "metric=cosine, n_neighbors=6, prep=none"
+    assert _fitted(res, "knn") == ("prep=none algorithm=brute metric=cosine n_neighbors=6 "
+                                   "weights=distance")
     assert artifacts.load(d / "b.skops").manifest["params"] == {
         "prep": "none", "metric": "cosine", "n_neighbors": 6}
 
     res = cli("fit", stores[2], "--head", "mlp", "--param", "early_stopping=true", "-o",
               d / "c.skops", "-q")
-    assert _fitted(res, "mlp") == "early_stopping=False"
+    assert _fitted(res, "mlp") == ("prep=l2 alpha=0.001 early_stopping=False "
+                                   "hidden_layer_sizes=256 max_iter=300")
     assert _pipe(d / "c.skops")[-1].early_stopping is False
 
     # knn+centroid on 3 per class: each member takes its few-row data rule, as alone (knn
@@ -168,7 +171,9 @@ def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
     res = cli("fit", stores[1], "--head", "knn+logreg", "-o", d / "f.skops", "-q")
     params = artifacts.load(d / "f.skops").manifest["params"]
     assert params == {"knn__clf__n_neighbors": 3}, res.output
-    assert _fitted(res, "knn+logreg") == "knn__clf__n_neighbors=3"
+    assert _fitted(res, "knn+logreg") == ("knn: prep=none algorithm=brute metric=cosine "
+                                          "n_neighbors=3 weights=distance; logreg: prep=l2 C=10 "
+                                          "max_iter=2000")
     assert _pipe(d / "f.skops")[-1].get_params()["knn__clf__n_neighbors"] == 3
     # what the manifest records builds the head that was fitted (on the same data)
     rebuilt = heads.build("knn+logreg", params, data=(1, 1280)).get_params()
@@ -183,7 +188,8 @@ def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
     d = stores["dir"]
     res = cli("fit", stores[3], "--head", "knn", "--param", "prep=l2+lda", "-o",
               d / "l.skops", "-q")
-    assert _fitted(res, "knn") == "n_neighbors=9, prep=l2+lda"
+    assert _fitted(res, "knn") == ("prep=l2+lda algorithm=brute metric=euclidean n_neighbors=9 "
+                                   "weights=distance")
     assert artifacts.load(d / "l.skops").manifest["params"] == {"prep": "l2+lda",
                                                                   "n_neighbors": 9}
     pipe = _pipe(d / "l.skops")
@@ -192,7 +198,8 @@ def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
     # without prep (or with the rule's own, prep=none) the small-data rule applies whole
     for extra in ([], ["--param", "prep=none"]):
         res = cli("fit", stores[3], "--head", "knn", *extra, "-o", d / "r.skops", "-q")
-        assert _fitted(res, "knn") == "metric=cosine, n_neighbors=5, prep=none"
+        assert _fitted(res, "knn") == ("prep=none algorithm=brute metric=cosine n_neighbors=5 "
+                                       "weights=distance")
         assert _pipe(d / "r.skops")[-1].metric == "cosine"
     # ridge's rule (L2 rows, alpha=1) is one whole too
     y = ["a"] * 3 + ["b"] * 3
@@ -203,3 +210,77 @@ def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
     text = cli("heads").output
     assert ("k=5 (without --param prep or with prep=none; with another prep the defaults above "
             "apply)") in text
+
+
+def test_every_refusal_of_a_head_names_the_store_and_the_fix(stores: dict):
+    """A head's own refusals (fewshot, --search, --reject-rate) know the rows, not the file:
+    `fit k1.h5 --head centroid` said "error: centroid: ...". The fit and cv contexts name the
+    store first (errors.naming), whichever head or check refused; cv also says why a store
+    with enough images fails (its folds train on fewer)."""
+    k1, k2, d = stores[1], stores[2], stores["dir"]
+    cls = sorted(open_store(k1, features=False).classes)[0]  # the smallest class: the first
+    calib = (f"its probabilities come from temperature scaling fitted by cross-validation, "
+             f"which needs 2 images of every class; class {cls!r} has 1: add images, or use "
+             "members with native probabilities (logreg, knn, mlp, logreg-sgd)")
+    centroid = ("centroid: nearest-centroid scores are distances scaled by the within-class "
+                f"spread, which is undefined with one image per class (class {cls!r} has 1); "
+                "add images, or use knn or logreg")
+    expected = {
+        ("fit", k1, "--head", "centroid"): f"error: {k1}: {centroid}",
+        ("fit", k1, "--head", "svm+logreg"): f"error: {k1}: svm+logreg member svm: {calib}",
+        ("fit", k1, "--head", "knn", "--search"):
+            f"error: {k1}: --search: class {cls!r} has 1 training image(s); the inner search "
+            "needs at least 2 per class: add images or drop --search",
+        ("fit", k1, "--head", "logreg", "--reject-rate", "0.05"):
+            f"error: {k1}: --reject-rate: a class has 1 training image; choosing thresholds "
+            "on out-of-fold rows needs at least 2 per class: add images or leave --reject-rate "
+            "out",
+        ("cv", k2, "--head", "centroid"):
+            f"error: {k2}: cross-validation fits on the training part of each fold, fewer "
+            f"images than the store has: {centroid}",
+        ("compare", k1, k2, "--head", "logreg"):
+            f"error: {k1}, {k2}: class {cls!r} has a single train image common to the stores; "
+            "cross-validation needs at least 2 per class: add images of it to every store, or "
+            "move its folder out of the data and extract again with --prune",
+    }
+    for args, line in expected.items():
+        out = ("-o", d / "refused.skops") if args[0] == "fit" else ()
+        assert one_line_error(cli(*args, *out, "-q")) == line
+
+
+def test_a_search_grid_keeps_knn_within_the_rows_of_its_folds(stores: dict):
+    """`fit --head knn --search` on 3 images per class: the inner folds train on 6 rows, and
+    the grid's n_neighbors 10 and 20 failed there (scikit-learn refuses k above the rows; the
+    search quietly picked among the rest). They are lowered to 6, as fewshot.adapt lowers the
+    head's own k, with a note; the fitted k is one the folds could score."""
+    d = stores["dir"]
+    res = cli("fit", stores[3], "--head", "knn", "--search", "-o", d / "g.skops")
+    assert res.exit_code == 0, res.output
+    assert ("note: knn: the search grid's n_neighbors 10, 20 lowered to 6 (the search's folds "
+            "train on 6 rows)") in res.output.splitlines()
+    fitted = artifacts.load(d / "g.skops").manifest["effective_params"]["n_neighbors"]
+    assert fitted in (1, 5, 6) and _pipe(d / "g.skops")[-1].n_neighbors == fitted
+    grid = heads.param_grid("knn", prep="none")
+    assert fewshot.adapt_grid(grid, ["a"] * 2 + ["b"] * 2, "knn") and \
+        grid["clf__n_neighbors"] == [1, 4]
+    # in cv the same, in every outer fold's search (3 outer folds of 6 training rows, 2 per
+    # class: 2 inner folds of 3)
+    res = cli("cv", stores[3], "--head", "knn", "--search", "-q")
+    assert res.exit_code == 0, res.output
+    assert ("note: knn: the search grid's n_neighbors 5, 10, 20 lowered to 3 (the search's "
+            "folds train on 3 rows) (3 fits)") in res.output.splitlines()
+
+
+def test_a_registry_ensembles_probabilities_are_named_as_a_vote(stores: dict):
+    """`fit --head knn+ridge`: the manifest said probabilities "native"; they are the mean of
+    knn's own and ridge's temperature-scaled probabilities (2 folds on 2 images per class),
+    and predict treats them as probabilities."""
+    d = stores["dir"]
+    res = cli("fit", stores[2], "--head", "knn+ridge", "-o", d / "v.skops")
+    assert res.exit_code == 0, res.output
+    m = artifacts.load(d / "v.skops").manifest
+    assert m["probabilities"] == "vote"
+    assert m["calibration"] == ("soft vote (equal weights) of its members' probabilities: knn "
+                                "native, ridge temperature-scaled (2-fold CV)")
+    res = cli("predict", d / "v.skops", "--store", stores[2], "-o", d / "v.csv")
+    assert res.exit_code == 0 and "no calibrated probabilities" not in res.output, res.output

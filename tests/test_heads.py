@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -65,6 +66,35 @@ def test_every_head_fits_and_round_trips_without_manual_trust(head: str, fmnist_
     assert ident["pool"] and ident["precision"] == "fp32"
     assert m["training"]["rows"] == 200 and set(m["training"]["per_class"].values()) == {20}
     assert {"embedpipe", "scikit-learn", "numpy", "skops"} <= set(m["versions"])
+
+
+def test_the_fit_summary_names_every_heads_parameters_as_the_manifest_records_them(
+        fmnist_store: Path, tmp_path: Path):
+    """`fit --head svm` said "(defaults)": the summary line names the key parameters as fitted
+    (prep, the head's own defaults and grid parameters, its data rules), for every head, and
+    the manifest records the same (``effective_params``); they are those of the pipeline."""
+    lines = {}
+    for head in heads.HEADS:
+        out = tmp_path / f"{head}.skops"
+        res = ok("fit", fmnist_store, "--head", head, "-o", out, "-q")
+        m = artifacts.load(out).manifest
+        shown = heads.format_params(m["effective_params"])
+        assert f"fitted {head} ({shown}) on " in res.stdout and "defaults" not in res.stdout
+        pipe = artifacts.load(out).estimator
+        while not hasattr(pipe, "steps"):  # calibrated: the pipeline inside
+            pipe = pipe.estimator
+        got = pipe[-1].get_params()
+        for k, v in m["effective_params"].items():
+            if k != "prep":
+                assert json.loads(json.dumps(got[k])) == v, (head, k)
+        lines[head] = res.stdout.strip()
+    assert re.fullmatch(r"fitted svm \(prep=l2 C=3 gamma=scale\) on 200 rows, 10 classes in "
+                        r"[0-9.]+ s; training accuracy [0-9.]+; probabilities: temperature "
+                        r"scaling \(5-fold\) → " + re.escape(str(tmp_path / "svm.skops")),
+                        lines["svm"]), lines["svm"]
+    assert "(prep=l2+lda algorithm=brute metric=euclidean n_neighbors=10 weights=distance)" \
+        in lines["knn"]
+    assert "(prep=l2 alpha=1)" in lines["ridge"]  # its small-data rule
 
 
 def test_fit_options_params_search_and_errors(fmnist_store: Path, tmp_path: Path):

@@ -176,6 +176,35 @@ def test_cv_streams_sgd_heads_next_to_logreg(fmnist_store: Path, tmp_path: Path)
     assert alone["heldout"]["splits"]["test"]["rows"] == 50
 
 
+def test_cv_and_compare_name_the_parameters_as_applied(fmnist_store: Path, tmp_path: Path):
+    """`cv --head sgd` said "params: defaults" while the small-data rule (fewer than 500 rows
+    per class: L2-normalised rows, 20 epochs) had changed them. cv and compare name every key
+    parameter as fitted (registry.effective_params), as `fit` does: data rules and defaults."""
+    applied = {"sgd": "prep=l2 average=True max_iter=20 alpha=0.0001 loss=hinge",
+               "logreg-sgd": "prep=l2 average=True loss=log_loss max_iter=20 alpha=0.0001",
+               "svm": "prep=l2 C=3 gamma=scale"}
+    args = [a for h in applied for a in ("--head", h)]
+    res = ok("cv", fmnist_store, *args, "--folds", 2, "--json", tmp_path / "cv.json", "-q")
+    lines = res.stdout.splitlines()
+    for head, text in applied.items():
+        assert any(ln.startswith(f"  {head} ") and ln.endswith(f"  {text}") for ln in lines), \
+            (head, res.stdout)
+    assert "defaults" not in res.stdout
+    report = json.loads((tmp_path / "cv.json").read_text())
+    sgd = next(e for e in report["heads"] if e["head"] == "sgd")
+    assert sgd["params"] == {}  # what the user gave; effective_params: what was fitted
+    assert sgd["effective_params"] == {"prep": "l2", "average": True, "max_iter": 20,
+                                       "alpha": 0.0001, "loss": "hinge"}
+    assert report["heldout"]["effective_params"] == next(
+        e for e in report["heads"] if e["head"] == report["heldout"]["head"])["effective_params"]
+    copy = tmp_path / "copy.h5"
+    shutil.copy(fmnist_store, copy)
+    res = ok("compare", fmnist_store, copy, *args, "--folds", 2, "-q")
+    lines = res.stdout.splitlines()
+    at = lines.index("parameters as fitted (the same in every store and fold unless named):")
+    assert [ln.split(None, 1) for ln in lines[at + 1:]] == [[h, t] for h, t in applied.items()]
+
+
 def test_search_compare_and_class_weights_take_streaming_heads(fmnist_store: Path,
                                                                tmp_path: Path):
     out = tmp_path / "s.skops"

@@ -12,6 +12,7 @@ from .. import checks
 from ..heads import fewshot
 from ..heads import registry as heads
 from ..env import versions
+from ..errors import located
 from . import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
                DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
 from ..heads.source import Labeled, _nothing
@@ -75,15 +76,16 @@ def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
             est, chosen = fit_checked(source.take(train), head, params, class_weight, search,
                                       metric, seed, where, note=note or _nothing, notes=notes)
         except fewshot.FewShotError as e:
-            raise fewshot.FewShotError(f"{where}: cross-validation fits on the training part "
-                                       f"of each fold, fewer images than the store has: {e}"
-                                       ) from None
+            raise located(e, where, "cross-validation fits on the training part of each fold, "
+                          "fewer images than the store has") from None
         seconds = time.perf_counter() - t0
         pred, conf, calibrated = source.take(test).predict(
             est, use_proba=heads.get(head).native_proba)
+    effective = chosen if head == heads.AUTO.name else heads.effective_params(head, est)
     return {"scores": scores(source.y[test], pred), "fit_seconds": seconds, "params": chosen,
-            "pred": pred, "confidence": conf, "calibrated": bool(calibrated),
-            "convergence_warnings": quiet.convergence, "notes": notes}
+            "effective_params": effective, "pred": pred, "confidence": conf,
+            "calibrated": bool(calibrated), "convergence_warnings": quiet.convergence,
+            "notes": notes}
 
 
 def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int, rows: int,
@@ -105,6 +107,20 @@ def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int, rows: in
             results[key] = res
             bar.update(1)
     return results
+
+
+def _effective(fits: list[dict[str, Any]], head: str,
+               search: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The parameters as fitted (registry.effective_params) that every fit in ``fits`` (one
+    head's results over folds, and stores) shares, and per fit the ones it does not share
+    (what fewshot.adapt lowered on a fold's fewer rows) or that ``search`` chose (its grid's:
+    per fit even where every fit chose the same)."""
+    spec = heads.get(head)
+    searched = {*spec.grid, *(k for g in spec.prep_grid.values() for k in g)} if search else set()
+    got = [f["effective_params"] for f in fits]
+    common = {k: v for k, v in got[0].items()
+              if k not in searched and all(repr(g.get(k)) == repr(v) for g in got)}
+    return common, [{k: v for k, v in g.items() if k not in common} for g in got]
 
 
 def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[str]) -> None:
@@ -233,7 +249,11 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
             fold_rows.append({"repeat": i // folds, "fold": i % folds, **r["scores"],
                               "fit_seconds": r["fit_seconds"],
                               **({"params": r["params"]} if search else {})})
-        entry: dict[str, Any] = {"head": h, "params": per_params[h], "class_weight": cw[h]}
+        common, per_fold = _effective([results[(h, i)] for i in range(len(splits))], h, search)
+        for f, differs in zip(fold_rows, per_fold):
+            f["effective_params"] = differs
+        entry: dict[str, Any] = {"head": h, "params": per_params[h], "class_weight": cw[h],
+                                 "effective_params": common}
         for m in METRICS:
             v = np.array([f[m] for f in fold_rows])
             entry[m] = {"mean": float(v.mean()), "std": float(v.std())}
@@ -303,6 +323,8 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
                         yh, pred, [c for c in store.classes if c in seen]),
                 }
         heldout = {"head": best, "params": chosen, "class_weight": cw[best],
+                   "effective_params": (chosen if best == heads.AUTO.name
+                                        else heads.effective_params(best, est)),
                    "searched": search, "splits": heldout}
 
     counts = dict(zip(*np.unique(y, return_counts=True)))
@@ -355,10 +377,10 @@ def _aligned_rows(stores: list[Any]) -> tuple[list[str], np.ndarray, list[np.nda
         if extra:
             notes.append(f"{extra} train rows of {s.path} are not in every store and are left out")
     for p in common:
-        labels = {m[p][1] for m in per_store}
-        if len(labels) > 1:
-            raise EvaluateError(f"{p}: labeled {' vs '.join(sorted(labels))} in the stores "
-                                f"being compared; compare stores of the same labeled data")
+        if len({m[p][1] for m in per_store}) > 1:
+            each = ", ".join(f"{m[p][1]} in {s.path}" for s, m in zip(stores, per_store))
+            raise EvaluateError(f"{p}: labeled {each}; compare stores of the same labeled data "
+                                "(extract each from the same folders)")
     if not common:
         raise EvaluateError(f"{', '.join(str(s.path) for s in stores)}: no train rows in "
                             "common (paths differ); compare stores extracted from the same data")
@@ -401,8 +423,10 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     fewshot.check_classes(y, ", ".join(str(s.path) for s in stores), "common train rows")
     cls, n = min_class(y)
     if n < 2:
-        raise EvaluateError(f"class {cls!r} has a single train image common to the stores; "
-                            "cross-validation needs at least 2 per class")
+        raise EvaluateError(f"{', '.join(str(s.path) for s in stores)}: class {cls!r} has a "
+                            "single train image common to the stores; cross-validation needs "
+                            "at least 2 per class: add images of it to every store, or move its "
+                            "folder out of the data and extract again with --prune")
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "common train")
     for s, i in zip(stores, idx):
@@ -422,7 +446,10 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     _fewshot_notes(results, warn, notes)
     table = []
     for h in names:
-        row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": []}
+        common, per_fit = _effective([results[key] for key in tasks if key[1] == h], h, search)
+        row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": [],
+                               "effective_params": common,
+                               "varies": sorted({k for d in per_fit for k in d})}
         for k in range(len(stores)):
             scores = [results[(k, h, f)]["scores"] for f in range(len(splits))]
             row["stores"].append({m: {"mean": float(np.mean([s[m] for s in scores])),

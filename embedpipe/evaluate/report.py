@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..heads.registry import format_params
 from ..heads.rows import METRICS, EvaluateError
 
 PLOTS_HINT = "pip install 'embedpipe[plots]'"
@@ -21,14 +22,6 @@ def write_report(report: dict[str, Any], path: Any) -> None:
     stores = report.get("stores") or [report.get("store") or {}]
     _io.write_text(Path(path), json.dumps(report, indent=2) + "\n", flag="--json",
                    inputs=[s.get("path") for s in stores])
-
-
-def _fmt_params(params: dict[str, Any]) -> str:
-    def v(x: Any) -> str:
-        if isinstance(x, (list, tuple)):
-            return ",".join(str(i) for i in x)
-        return f"{x:g}" if isinstance(x, float) else str(x)
-    return " ".join(f"{k}={v(x)}" for k, x in params.items())
 
 
 def _fmt_matrix(cm: dict[str, Any], indent: str = "  ") -> list[str]:
@@ -66,17 +59,18 @@ def format_report(report: dict[str, Any]) -> str:
                f"{'fit s':>7}  params")
     for e in report["heads"]:
         cells = "".join(f"{e[m]['mean']:.3f} ± {e[m]['std']:.3f}".ljust(16) for m in METRICS)
-        extra = _fmt_params(e["params"])
+        extra = format_params(e["effective_params"])  # as fitted: defaults and data rules too
+        per_fold = [f["effective_params"] for f in e["folds"]]
         if report["search"]:
-            extra = (extra + "; " if extra else "") + "rest searched, per fold below"
-        extra = extra or "defaults"
+            extra += "; rest searched, per fold below"
+        elif any(per_fold):
+            extra += "; rest per fold below"
         if e["class_weight"]:
             extra += f" class_weight={e['class_weight']}"
         out.append(f"  {e['head']:<{hw}}{cells}{e['fit_seconds']:>7.2f}  {extra}")
-        if report["search"]:
-            chosen = [_fmt_params({k: v for k, v in f["params"].items()
-                                   if k not in e["params"]}) or "-" for f in e["folds"]]
-            out.append(f"  {'':<{hw}}chosen per fold: " + " | ".join(chosen))
+        if report["search"] or any(per_fold):
+            out.append(f"  {'':<{hw}}{'chosen' if report['search'] else 'as fitted'} per "
+                       "fold: " + " | ".join(format_params(p) for p in per_fold))
         if e["convergence_warnings"]:
             from ..heads.fit import convergence_note
 
@@ -104,9 +98,8 @@ def format_report(report: dict[str, Any]) -> str:
     h = report["heldout"]
     if h:
         how = "grid-searched on" if h["searched"] else "refit on"
-        params = _fmt_params(h["params"])
-        out += ["", f"held-out splits: {h['head']} {how} all {st['train_rows']} train rows"
-                + (f" ({params})" if params else "")]
+        out += ["", f"held-out splits: {h['head']} {how} all {st['train_rows']} train rows "
+                f"({format_params(h['effective_params'])})"]
         for split, s in h["splits"].items():
             out.append(f"  {split}: {s['rows']} rows, " + ", ".join(
                 f"{METRICS[m]} {s[m]:.3f}" for m in METRICS))
@@ -219,6 +212,11 @@ def format_compare(report: dict[str, Any]) -> str:
             line += (f"{d['mean']:+.3f} ± {d['std']:.3f}".ljust(21)
                      + f"{d['second_better']} / {d['first_better']}")
         out.append(line)
+    out += ["", "parameters as fitted (the same in every store and fold unless named):"]
+    for r in report["heads"]:
+        varies = f"; per {'search' if report['search'] else 'fold'}: {', '.join(r['varies'])}"
+        out.append(f"  {r['head']:<{hw}}{format_params(r['effective_params'])}"
+                   + (varies if r["varies"] else ""))
     return "\n".join(out)
 
 

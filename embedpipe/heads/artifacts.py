@@ -522,9 +522,11 @@ def _models(idents: list[dict[str, Any]]) -> str:
 
 
 #: What a head's class probabilities are (the manifest's ``probabilities``, which predict keys
-#: on): its own predict_proba, temperature-scaled decision values, or a plain softmax of decision
-#: values (no calibration was possible).
-PROBABILITIES = ("native", "calibrated", "scores")
+#: on): its own predict_proba, temperature-scaled decision values, a soft vote (the mean of its
+#: members' probabilities, each native or temperature-scaled: the manifest's ``calibration``
+#: names which), or a plain softmax of decision values (no calibration was possible: the only
+#: kind that is no probability).
+PROBABILITIES = ("native", "calibrated", "vote", "scores")
 
 
 def probability_kind(manifest: dict[str, Any]) -> str:

@@ -21,9 +21,11 @@ How it chooses (``select``):
    ensemble is in the table only if it beats its best member on the same folds.
 5. The choice: up to 5,000 rows the vote, whatever its CV rank (on a few hundred rows the CV
    ranking is mostly noise, and over repeated splits the vote scored higher than the best CV
-   row: see VOTE_HEADS); above, the best row of the table (ties: the earlier, cheaper
-   candidate). It is refitted on all training rows; ``fit`` saves it like any head, with the
-   table in the manifest (``auto``).
+   row: see VOTE_HEADS); above, or when fewer than VOTE_HEADS heads could be scored within the
+   budget (or calibrated to vote: a note says so; there is no vote then, as a vote of 2 or 3
+   did not help), the best row of the table (ties: the earlier, cheaper candidate). It is
+   refitted on all training rows; ``fit`` saves it like any head, with the table in the
+   manifest (``auto``).
 
 Several stores (``fit A.h5 B.h5 --head auto``) are stacked side by side first, as for any head,
 so the candidates are scored on the stacked features.
@@ -38,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..errors import naming
 from . import registry as heads
 from .rows import EvaluateError, min_class
 
@@ -255,8 +258,9 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
                          cost[head] / k))
     singles = sorted(rows, key=lambda r: -r["mean"])
-    vote = _vote(singles, y, y_idx, classes, splits, metric, _scores) if len(y) <= LARGE_ROWS \
-        else None
+    voters = _voters(singles, y) if len(y) <= LARGE_ROWS else []
+    vote = (_vote_row(_with_calibrated(voters, y_idx), y, classes, splits, metric, _scores)
+            if len(voters) == VOTE_HEADS else None)
     table = singles + ([vote] if vote else
                        _ensembles(singles, y, y_idx, classes, splits, metric, _scores))
     table.sort(key=lambda r: -r["mean"])  # stable: ties keep singles and cheap-first order
@@ -268,6 +272,11 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         notes.append(f"{len(y)} rows: the choice is the vote of the {len(vote['members'])} "
                      "best heads, not the best inner-CV score (on few rows that ranking is "
                      "mostly noise; bench/results/auto_policy.md)")
+    elif len(y) <= LARGE_ROWS:
+        notes.append(f"{len(y)} rows: only {len(voters)} head(s) could be scored and voted "
+                     f"(the vote takes the {VOTE_HEADS} best heads; a vote of 2 or 3 did not "
+                     "beat the best CV row: bench/results/auto_policy.md), so the choice is "
+                     "the best CV row")
     return Selection(table, k, metric, budget, time.perf_counter() - t_start, notes,
                      chosen=chosen)
 
@@ -309,22 +318,18 @@ def _with_calibrated(rows: list[dict[str, Any]], y_idx: np.ndarray) -> list[dict
     return rows
 
 
-def _vote(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
-          classes: np.ndarray, splits: list[Any], metric: str,
-          scores: Any) -> dict[str, Any] | None:
-    """The soft vote (mean temperature-scaled probabilities) of the best configuration of each
-    of the VOTE_HEADS heads with the best inner-CV scores, with its own out-of-fold score; None
-    when fewer than 2 heads were scored."""
+def _voters(singles: list[dict[str, Any]], y: np.ndarray) -> list[dict[str, Any]]:
+    """The members of the soft vote (mean temperature-scaled probabilities): the best
+    configuration of each of the VOTE_HEADS heads with the best inner-CV scores that can vote
+    on ``y`` (a member without probabilities must be calibrated); fewer when fewer heads were
+    scored (the budget) or can vote, and then there is no vote (see VOTE_HEADS)."""
     from . import fewshot
 
     def votable(r: dict[str, Any]) -> bool:  # a member without probabilities is calibrated
         return heads.get(r["head"]).native_proba or fewshot.calibration_folds(
             heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) >= 2
 
-    members = [r for r in _best_of_each_head(singles) if votable(r)][:VOTE_HEADS]
-    if len(members) < 2:
-        return None
-    return _vote_row(_with_calibrated(members, y_idx), y, classes, splits, metric, scores)
+    return [r for r in _best_of_each_head(singles) if votable(r)][:VOTE_HEADS]
 
 
 def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
@@ -394,9 +399,7 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
 
     members = bool(choice.get("members"))
     est = build_choice(choice, seed)
-    calibration = "soft vote; members without probabilities temperature-scaled" if members \
-        else "native"
-    probabilities = "native"
+    calibration, probabilities = "native", "native"
     if not members and calibrate_single and not heads.get(choice["head"]).native_proba:
         from sklearn.calibration import CalibratedClassifierCV
 
@@ -411,6 +414,8 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
         for note in fewshot.adapt(est, y, "the vote" if members else choice["head"]):
             say(f"note: {note}")
         est = est.fit(X, y)
+    if members:  # the folds of its members' calibration as fitted (fewshot.adapt may lower them)
+        calibration, probabilities = heads.vote_calibration(est), "vote"
     return heads.uncached(est), calibration, probabilities
 
 
@@ -420,7 +425,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     """``embedpipe fit --head auto``: select on the store's training rows, refit the choice on
     all of them (a single head without native probabilities is calibrated like ``fit`` does),
     and save it with the candidate table in the manifest's ``auto``. Returns a FitResult whose
-    ``head`` reads 'auto → CHOICE'."""
+    ``head`` reads 'auto → HEAD' (the chosen head, a+b+... for a vote)."""
     from ..store.read import open_stores
     from . import artifacts
     from .rows import select_rows, targets
@@ -447,20 +452,24 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     checks.refuse_nonfinite(X, [store.paths[i] for i in rows.train], str(store.path))
     say(f"auto: choosing a head for {len(y)} rows ({rows.describe()}), {len(classes)} classes, "
         f"{X.shape[1]}-d, budget {budget:g} s")
-    sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
-    for line in sel.lines():
-        say(line)
-    choice = sel.choice
-    est, calibration, probabilities = _refit(choice, X, y, seed, say, calibrate_single=True)
+    with naming(str(store.path)):
+        sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
+        for line in sel.lines():
+            say(line)
+        choice = sel.choice
+        est, calibration, probabilities = _refit(choice, X, y, seed, say,
+                                                 calibrate_single=True)
     train_acc = float((est.predict(X) == y).mean())
+    effective = heads.effective_params(choice["head"], est)
     manifest = artifacts.new_manifest(
-        head=choice["head"], params=choice["params"], class_weight=None, search=False,
+        head=choice["head"], params=choice["params"], effective_params=effective,
+        class_weight=None, search=False,
         seed=seed, calibration=calibration, probabilities=probabilities,
         classes=[str(c) for c in est.classes_], store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc),
         auto=sel.record())
     path = artifacts.save(out, est, manifest, check_rows=X[_check_sample(len(y))],
                           inputs=_paths(store_path))
-    return FitResult(path, f"auto → {choice['name']}", dict(choice["params"]), len(y),
+    return FitResult(path, f"auto → {choice['head']}", dict(choice["params"]), len(y),
                      [str(c) for c in classes], calibration, time.perf_counter() - t0,
-                     train_acc)
+                     train_acc, effective)

@@ -6,7 +6,8 @@ estimator just before it is fitted on targets ``y``, lowers the settings that th
 support and returns a note for each, or raises FewShotError (one line) when the head cannot be
 fitted on such data at all. What it changes (scikit-learn would otherwise raise deep inside):
 
-* ``KNeighborsClassifier``: ``n_neighbors`` is lowered to the number of training rows.
+* ``KNeighborsClassifier``: ``n_neighbors`` is lowered to the number of training rows, and
+  so are a ``--search`` grid's values (``adapt_grid``).
 * ``MLPClassifier``: ``early_stopping`` is turned off when its stratified validation split
   (``validation_fraction`` of the rows) cannot hold one image of every class, with the
   training part keeping one too.
@@ -142,6 +143,22 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
                                "within-class spread, which is undefined with one image per "
                                f"class (class {cls!r} has {smallest}); add images, or use knn "
                                "or logreg")
+
+
+def adapt_grid(grid: dict[str, list[Any]], y: np.ndarray, name: str = "") -> list[str]:
+    """Lower, in place, the values of a search grid (pipeline names: registry.param_grid) that
+    no fit on targets ``y`` (the training part of a search's fold: ``fold_part``) can take, as
+    ``adapt`` lowers the head's own setting: ``n_neighbors`` above the training rows becomes
+    their number (once). Returns one note per change; without it scikit-learn fails those grid
+    points and the search picks among the rest, never the value adapt chose."""
+    _, _, _, n = counts(y)
+    values = grid.get("clf__n_neighbors")
+    if not values or n < 1 or max(values) <= n:
+        return []
+    high = [v for v in values if v > n]
+    grid["clf__n_neighbors"] = list(dict.fromkeys(min(v, n) for v in values))
+    return [f"{name}: the search grid's n_neighbors {', '.join(map(str, high))} lowered to {n} "
+            f"(the search's folds train on {n} rows)"]
 
 
 def fold_part(y: np.ndarray, k: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import first_line
+from ..errors import first_line, naming
 from . import fewshot
 from . import registry as heads
 from .rows import EvaluateError, min_class, scores
@@ -53,9 +53,11 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
                             "search needs at least 2 per class: add images or drop --search")
     folds = StratifiedKFold(k, shuffle=True, random_state=seed)
     if not source.streamed:
-        # the candidates are fitted on the inner folds' training parts: adapt to the smallest
+        # the candidates are fitted on the inner folds' training parts: adapt the head and its
+        # grid to the smallest
+        part = fewshot.fold_part(source.y, k)
         (notes if notes is not None else []).extend(
-            fewshot.adapt(pipe, fewshot.fold_part(source.y, k), head))
+            fewshot.adapt(pipe, part, head) + fewshot.adapt_grid(grid, part, head))
         with heads.lda_cache(len(source)):  # the lda step once per fold, not per grid point
             gs = GridSearchCV(heads.cached(pipe), grid, scoring=scoring, refit=True,
                               n_jobs=jobs, cv=folds)
@@ -226,9 +228,11 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]:
-    """A fit that fails on a --param value (e.g. pca larger than the fold) is a user error."""
+    """A fit that fails on a --param value (e.g. pca larger than the fold) is a user error; a
+    refusal of the head (fewshot, --search, streaming) names the store ``where`` first."""
     try:
-        yield
+        with naming(where):
+            yield
     except (ValueError, TypeError) as e:
         if not params:
             raise
@@ -242,15 +246,17 @@ def fit_checked(source: Labeled, head: str, params: dict[str, Any],
                 class_weight: str | None, search: bool, metric: str, seed: int, where: str,
                 jobs: int | None = None, tick: Tick = _nothing, note: Note = _nothing,
                 notes: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
-    """fit_configuration with cv's inner folds, a fit that fails on a --param value turned
-    into one line naming ``where`` (_fit_errors). ``auto`` runs its own selection
-    (heads/auto.py) on the in-memory rows; --search adds nothing to it."""
+    """fit_configuration with cv's inner folds, a fit that fails on a --param value and any
+    refusal of the head turned into one line naming ``where`` (_fit_errors, errors.naming).
+    ``auto`` runs its own selection (heads/auto.py) on the in-memory rows; --search adds
+    nothing to it."""
     if head == heads.AUTO.name:
         from .auto import DEFAULT_BUDGET, fit_auto
 
-        est, chosen, _ = fit_auto(source.features(), source.y,
-                                  budget=params.get("budget", DEFAULT_BUDGET), seed=seed,
-                                  metric=metric)
+        with naming(where):
+            est, chosen, _ = fit_auto(source.features(), source.y,
+                                      budget=params.get("budget", DEFAULT_BUDGET), seed=seed,
+                                      metric=metric)
         return est, chosen
     with _fit_errors(head, params, where):
         return fit_configuration(source, head, params, class_weight=class_weight, search=search,

@@ -420,6 +420,22 @@ def _voting(specs: list[Head], seed: int, class_weight: str | None,
     return VotingClassifier(members, voting="soft")
 
 
+def vote_calibration(estimator: Any) -> str:
+    """What the probabilities of a soft-voting head (a Pipeline ending in a VotingClassifier:
+    ``_voting``'s or auto's vote) are, for its manifest's ``calibration``: the weighted mean of
+    its members' probabilities, each member's named as native (its own predict_proba) or
+    temperature-scaled on k-fold CV (the folds as fitted, after fewshot.adapt)."""
+    vote = _pipeline(estimator).steps[-1][1]
+    members = []
+    for name, est in vote.estimators:
+        cv = getattr(est, "cv", None)
+        members.append(f"{name} temperature-scaled ({cv}-fold CV)" if cv is not None
+                       else f"{name} native")
+    weights = ("equal weights" if vote.weights is None
+               else "weights " + ", ".join(f"{w:g}" for w in vote.weights))
+    return f"soft vote ({weights}) of its members' probabilities: {', '.join(members)}"
+
+
 def parse_value(text: str) -> Any:
     """'10' → 10, '0.5' → 0.5, 'inf' → inf, 'none' → None, 'true' → True, '256,128' →
     (256, 128), else str."""
@@ -582,9 +598,7 @@ def fitted_params(name: str, params: dict[str, Any], estimator: Any, *,
     joins the requested values, so the fit summary and the head's manifest name what was
     fitted, not what was asked for. A top-level preprocessing step turned off becomes the
     ``prep`` of the steps left."""
-    pipe = estimator
-    while pipe is not None and not hasattr(pipe, "steps"):  # calibrated, frozen: unwrap
-        pipe = getattr(pipe, "estimator", None)
+    pipe = _pipeline(estimator)
     if pipe is None:
         return dict(params)
     built = build(name, params, class_weight=class_weight, seed=seed, data=data)
@@ -598,6 +612,58 @@ def fitted_params(name: str, params: dict[str, Any], estimator: Any, *,
         if key.startswith("clf__") and _plain(value) and repr(value) != repr(want.get(key)):
             out[key.removeprefix("clf__")] = value
     return out
+
+
+def effective_params(name: str, estimator: Any) -> dict[str, Any]:
+    """The key parameters (short names) of head ``name`` as they are set in ``estimator`` (its
+    Pipeline, fitted or about to be: calibrated, frozen or streamable), whether they came from
+    the user, the head's defaults, its data rules or fewshot.adapt: ``prep`` (the preprocessing
+    steps left on, a PREP_CHOICES name), then the classifier's parameters that the head sets
+    (Head.defaults) or searches (its grids), then any other parameter that differs from the
+    head's own (``tol``...), and ``pca`` when on. For an ensemble: ``{member: its key
+    parameters}``. What the fit summary, the head's manifest (``effective_params``) and the
+    cv/compare reports show: what was fitted, defaults included."""
+    pipe = _pipeline(estimator)
+    head = get(name)
+    if pipe is None:
+        return {}
+    final = pipe.steps[-1][1]
+    if head.members and hasattr(final, "estimators"):
+        return {member: effective_params(member, est) for member, est in final.estimators}
+    steps = tuple(step for step, obj in pipe.steps[:-1]
+                  if step in PREPROCESSING and obj != "passthrough")
+    out: dict[str, Any] = {"prep": next((k for k, v in PREP_CHOICES.items() if v == steps),
+                                        "+".join(steps))}
+    got = final.get_params(deep=False)
+    own = head.make(0).get_params(deep=False)
+    keys = [*head.defaults(), *head.grid, *(k for g in head.prep_grid.values() for k in g)]
+    keys += [k for k in got if k not in ("random_state", "class_weight") and _plain(got[k])
+             and repr(got[k]) != repr(own.get(k))]
+    out.update({k: got[k] for k in dict.fromkeys(keys) if k in got})
+    pca = pipe.named_steps.get("pca", "passthrough")
+    if pca != "passthrough":
+        out["pca"] = pca.n_components
+    return out
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``{"prep": "l2", "C": 3.0}`` → 'prep=l2 C=3'; an ensemble's ``{member: params}`` →
+    'svm: prep=l2 C=3; logreg: ...'; '-' when empty."""
+    def value(x: Any) -> str:
+        if isinstance(x, (list, tuple)):
+            return ",".join(value(i) for i in x)
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    if any(isinstance(v, dict) for v in params.values()):
+        return "; ".join(f"{k}: {format_params(v)}" for k, v in params.items())
+    return " ".join(f"{k}={value(v)}" for k, v in params.items()) or "-"
+
+
+def _pipeline(estimator: Any) -> Any:
+    """The Pipeline inside ``estimator`` (calibrated, frozen: unwrapped), or None."""
+    while estimator is not None and not hasattr(estimator, "steps"):
+        estimator = getattr(estimator, "estimator", None)
+    return estimator
 
 
 def _plain(value: Any) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import _io, checks
+from ..errors import naming
 from ..store.read import open_stores
 from . import artifacts, fewshot, stream
 from . import registry as heads
@@ -38,9 +39,10 @@ class FitResult:
     calibration: str
     seconds: float
     train_accuracy: float
+    effective: dict[str, Any]  # registry.effective_params: every key parameter as fitted
 
     def line(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "defaults"
+        params = heads.format_params(self.effective)
         return (f"fitted {self.head} ({params}) on {self.rows} rows, {len(self.classes)} "
                 f"classes in {self.seconds:.1f} s; training accuracy {self.train_accuracy:.3f}; "
                 f"probabilities: {self.calibration} → {self.path}")
@@ -200,7 +202,9 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                       if search else heads.with_data_defaults(head, params, fit_on.y,
                                                               store.dim))
         calibration, probabilities = "native", "native"
-        if not spec.native_proba:
+        if spec.members:
+            calibration, probabilities = heads.vote_calibration(estimator), "vote"
+        elif not spec.native_proba:
             bar.note("calibrating")
             estimator, calibration, probabilities = _calibrated(
                 estimator, heads.build(head, chosen, class_weight=class_weight, seed=seed),
@@ -218,15 +222,17 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     class_names = [str(c) for c in estimator.classes_]
     open_set = None if source.X is None else reject.summary(source.X, y, class_names)
     if reject_rate is not None and open_set is not None:
-        open_set["auto"] = _reject_thresholds(source.X, y, class_names, head, chosen, spec,
-                                              class_weight, seed, probabilities, reject_rate,
-                                              say)
+        with naming(str(store.path)):
+            open_set["auto"] = _reject_thresholds(source.X, y, class_names, head, chosen, spec,
+                                                  class_weight, seed, probabilities,
+                                                  reject_rate, say)
     streamed = ({"streamed": {"chunk_rows": chunk_rows, "epochs": _epochs(estimator),
                               "fitted_rows": int(len(fit_on)),
                               "calibration_rows": int(len(held))}} if source.streamed else {})
+    effective = heads.effective_params(head, estimator)
     manifest = artifacts.new_manifest(
-        head=head, params=chosen, class_weight=class_weight, search=search, seed=seed,
-        calibration=calibration, probabilities=probabilities,
+        head=head, params=chosen, effective_params=effective, class_weight=class_weight,
+        search=search, seed=seed, calibration=calibration, probabilities=probabilities,
         classes=class_names,
         store_identity=store.identity,
         training=_training(store, rows, classes, counts, train_acc, **streamed),
@@ -235,7 +241,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     check = source.take(_check_sample(len(y))).features()
     path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path))
     return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
-                     calibration, time.perf_counter() - t0, train_acc)
+                     calibration, time.perf_counter() - t0, train_acc, effective)
 
 
 def _reject_thresholds(X: np.ndarray, y: np.ndarray, class_names: list[str], head: str,
@@ -258,7 +264,7 @@ def _reject_thresholds(X: np.ndarray, y: np.ndarray, class_names: list[str], hea
 
     say(f"choosing rejection thresholds for a {rate:.0%} false-reject rate on out-of-fold rows")
     conf, dist, k = reject.out_of_fold(X, y, class_names, fit_fold,
-                                       probabilities in ("native", "calibrated"), seed=seed)
+                                       probabilities != "scores", seed=seed)
     auto = {"rate": rate, "folds": k, "oof_rows": int(len(y)), **reject.choose(conf, dist, rate)}
     say(f"--reject auto: confidence < {auto['min_confidence']:.4f} or centroid distance > "
         f"{auto['max_distance']:.4f} (rejects {auto['false_reject']:.1%} of out-of-fold rows)")
