@@ -340,6 +340,18 @@ def save_results(name: str, text: str, payload: dict, quick: bool) -> Path:
     return out
 
 
+def finish(name: str, header: Header, extra: Sequence[str], body: str, payload: dict,
+           quick: bool) -> Path:
+    """The usual ending of a bench whose body is several sections: the header's facts plus
+    ``extra`` lines (and "QUICK run"), then ``body``; printed and saved (``save_results``).
+    Returns the markdown's path."""
+    text = header.render(list(extra) + (["QUICK run"] if quick else [])) + body
+    print(text)
+    out = save_results(name, text, payload, quick)
+    print(f"wrote {out}", file=sys.stderr)
+    return out
+
+
 def publish(name: str, header: Header, extra: Sequence[str], headers: Sequence[str],
             rows: Sequence[Sequence[object]], payload: dict, quick: bool) -> Path:
     """The usual ending of a one-table bench: the header's facts plus ``extra`` lines, the

@@ -189,13 +189,11 @@ def main() -> None:
                f"{len(cuts)} random stratified 170/71 splits, mean ± s.e.")
         text += (f"\n## {set_name}: {how}\n\n"
                  + bu.table(["features", "dim", *[f"{h} defaults" for h in heads]], table) + "\n")
-    text = hdr.render(["heads: `fit_configuration(..., head, None)`, each head's defaults for the "
-                       "data (their data rules applied), one BLAS thread",
-                       "accuracies do not depend on machine load (seeded, single-threaded fits)"]
-                      + (["QUICK run"] if args.quick else [])) + text
-    print(text)
-    out = bu.save_results("feature_levers", text, {"rows": rows}, args.quick)
-    print(f"wrote {out}", file=sys.stderr)
+    bu.finish("feature_levers", hdr,
+              ["heads: `fit_configuration(..., head, None)`, each head's defaults for the data "
+               "(their data rules applied), one BLAS thread",
+               "accuracies do not depend on machine load (seeded, single-threaded fits)"],
+              text, {"rows": rows}, args.quick)
 
 
 if __name__ == "__main__":

@@ -81,12 +81,9 @@ def main() -> None:
             table.append((label, f"{m:.3f}", f"{se:.3f}"))
         text += f"\n## {name}: {how}\n\n" + bu.table(["configuration", "mean test accuracy",
                                                        "± s.e."], table) + "\n"
-    text = hdr.render(["features: bundled EfficientNet-Lite0, 1280-d (the stores of "
-                       "bench/accuracy.py); one BLAS thread"]
-                      + (["QUICK run"] if args.quick else [])) + text
-    print(text)
-    out = bu.save_results("sgd_small", text, {"rows": rows}, args.quick)
-    print(f"wrote {out}", file=sys.stderr)
+    bu.finish("sgd_small", hdr, ["features: bundled EfficientNet-Lite0, 1280-d (the stores of "
+                                 "bench/accuracy.py); one BLAS thread"], text, {"rows": rows},
+              args.quick)
 
 
 if __name__ == "__main__":
