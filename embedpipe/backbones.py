@@ -16,7 +16,10 @@ import hashlib
 import importlib.util
 import io
 import json
+import pickle
 import socket
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -118,21 +121,74 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+# torch.save's format before torch 1.6 (no zip archive): a pickle that starts with this number
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+class TorchFileError(Exception):
+    """A file ``torch.load`` cannot read; ``str(e)`` says why in plain words, in one short
+    phrase (never torch's own multi-line text)."""
+
+
+def load_torch_file(path: Path) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` without torch's warnings
+    (pickle protocol notes). Raises TorchFileError naming what is wrong with the file, told
+    from its bytes: empty, cut off (an incomplete zip archive), a zip archive or pickle that
+    torch.save did not write, other data, or a torch file of pickled Python objects that
+    ``weights_only`` refuses (a whole saved model, a checkpoint holding its settings)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - told from the file itself, not torch's text
+        raise TorchFileError(_why_unreadable(path, e)) from None
+
+
+def _why_unreadable(path: Path, e: Exception) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_TORCH_MAGIC))
+    except OSError as err:
+        return f"cannot open it: {err.strerror or err}"
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip archive, or another zip
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return ("the file is cut off or corrupt: an incomplete zip archive, e.g. an "
+                    "interrupted copy")
+        if not any(n.endswith("/data.pkl") for n in names):
+            return "a zip archive that torch.save did not write"
+    elif not head.startswith(_LEGACY_TORCH_MAGIC):
+        return "not a torch file but " + ("a Python pickle" if head[0] == 0x80
+                                          else "text or other data")
+    if isinstance(e, pickle.UnpicklingError):
+        return ("a torch file of pickled Python objects besides tensors, such as a whole saved "
+                "model or a checkpoint holding its settings, which is not loaded for safety")
+    return "the torch file is corrupt: its records do not read back"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found; pass --weights with an existing "
+        what = "is a folder, not a weights file" if path.is_dir() else "weights file not found"
+        raise WeightsError(f"{path}: {what}; pass --weights with an existing "
                            ".pth/.pt/.safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    fix = "pass a state dict saved with torch.save(model.state_dict()) or a .safetensors file"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             sd: Any = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to parse is the same user error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{path}: cannot read weights ({first}); pass a state dict saved with "
-                           "torch.save(model.state_dict()) or a .safetensors file") from None
+        except Exception as e:  # noqa: BLE001 - any failure to parse is the same user error
+            raise WeightsError(f"{path}: cannot read weights (not a valid .safetensors file: "
+                               f"{first_line(e, 80)}); {fix}") from None
+    else:
+        try:
+            sd = load_torch_file(path)
+        except TorchFileError as e:
+            raise WeightsError(f"{path}: cannot read weights: {e}; {fix}") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -681,10 +737,26 @@ def decode_size(data_config: dict[str, Any]) -> tuple[int, int]:
     return s, s
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a failed allocation: MemoryError, torch.OutOfMemoryError (CUDA), or
+    the CPU allocator's RuntimeError ("can't allocate memory")."""
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
+
+
 @torch.inference_mode()
 def feature_dim(model: torch.nn.Module, data_config: dict[str, Any]) -> int:
-    x = torch.zeros(1, *data_config["input_size"])
-    out = model(x)
+    """The feature width, from one zero image through ``model``. WeightsError when that one
+    image does not fit in memory (an --img-size far too big)."""
+    h, w = data_config["input_size"][1:]
+    try:
+        out = model(torch.zeros(1, *data_config["input_size"]))
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        raise WeightsError(f"--img-size {h}: one {h}x{w} image does not fit in memory; pass a "
+                           "smaller --img-size (the model's default is used when omitted)"
+                           ) from None
     if out.ndim != 2:
         raise WeightsError(f"model output has shape {tuple(out.shape)}, not (batch, features); "
                            "pass a --pool that reduces spatial dimensions")

@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from . import DEFAULT_MODEL
 from .data import DEFAULT_MAX_PIXELS
-from .errors import Interrupted, UserError, first_line
+from .errors import Interrupted, InterruptedRun, UserError, first_line
 from .evaluate import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
                        DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
 from .extract.options import ExtractOptions
@@ -68,14 +68,18 @@ class _OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
-        except (KeyboardInterrupt, Interrupted):  # Ctrl-C outside extract's batch loop
+        except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C outside extract's batch loop
             if _DEBUG or ctx.invoked_subcommand == "serve":  # Ctrl-C is how a server stops
                 raise
+            if isinstance(e, InterruptedRun):  # the command said what it kept
+                typer.echo(str(e), err=True)
+                _exit(130)
             why = {"fit": " (nothing was written: a head file is written whole at the end)",
                    "cv": " (nothing was written: the report is written whole at the end)",
                    "compare": " (nothing was written: the report is written whole at the end)",
                    "extract": " (extract continues where it stopped)",
-                   "quickstart": " (extract continues where it stopped)"}
+                   "quickstart": " (extract continues where it stopped)",
+                   "finetune": " (nothing was written yet)"}
             typer.echo("interrupted: rerun the same command"
                        + why.get(ctx.invoked_subcommand or "", ""), err=True)
             _exit(130)

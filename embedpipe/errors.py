@@ -34,6 +34,12 @@ class Interrupted(BaseException):
     it as Ctrl-C: exit 130, nothing written."""
 
 
+class InterruptedRun(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) that a command caught to say what it kept and how to go on; str(e) is
+    the one line the CLI prints instead of its generic one (exit 130). Still a
+    KeyboardInterrupt, so a library caller's ``except KeyboardInterrupt`` sees Ctrl-C."""
+
+
 RAY_MISSING = ("--engine ray needs Ray, which is not installed here: pip install "
                "'embedpipe[ray]' (or drop --engine ray to extract in-process)")
 

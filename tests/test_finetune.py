@@ -7,7 +7,13 @@ one torch thread (two threads are many times slower when the other core is busy)
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +47,18 @@ def finetune_ok(*args: object):
     return res
 
 
-def one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
+def one_line_error(res, *needles: str, code: int = 2, start: str = "error: ") -> str:
+    assert res.exit_code == code, res.output
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert len(lines) == 1 and lines[0].startswith(start), res.stderr
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+def interrupted_line(res, *needles: str) -> str:
+    """The one line of a finetune that Ctrl-C stopped (exit 130)."""
+    return one_line_error(res, *needles, code=130, start="interrupted")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -239,6 +250,14 @@ def test_bad_inputs_give_one_line_errors(fmnist_src: Path, two_epoch_run: Path,
     one_line_error(cli("finetune", few, "-o", out, "-q", *FAST), "class 'sandal' has 1 usable",
                    "--val-fraction 0")
 
+    broken = tmp_path / "broken"  # a class whose every image fails: refused, not dropped
+    shutil.copytree(fmnist_src, broken)
+    (broken / "zzz").mkdir()
+    for name in ("a.png", "b.png"):
+        (broken / "zzz" / name).write_bytes(next((broken / "bag").iterdir()).read_bytes()[:100])
+    one_line_error(cli("finetune", broken, "-o", out, "-q", *FAST),
+                   "class 'zzz' has no training image that decodes (e.g. zzz/a.png: truncated")
+
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--model", "resnet_nope", "-q"),
                    "resnet_nope: not a timm model name")
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--unfreeze", "9", "-q", *FAST),
@@ -253,7 +272,7 @@ def test_bad_inputs_give_one_line_errors(fmnist_src: Path, two_epoch_run: Path,
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--resume", tmp_path / "nope.pt",
                        "-q"), "nope.pt", "no such checkpoint")
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--resume", two_epoch_run, "-q"),
-                   "not an `embedpipe finetune` checkpoint")
+                   "a bare state dict", "--weights PATH instead of --resume")
     first = two_epoch_run.parent / "tuned.checkpoints" / "epoch-001.pt"
     one_line_error(cli("finetune", fmnist_src, "-o", out, "--model", MODEL, "--epochs", "2",
                        "--head-epochs", "1", "--seed", "1", "--resume", first, "-q", *FAST),
@@ -452,9 +471,23 @@ def test_ctrl_c_names_only_a_checkpoint_on_disk_and_overwrite_keeps_the_old_run_
 
     with monkeypatch.context() as m:
         m.setattr(loop, "_train_epoch", interrupt)
-        line = one_line_error(cli("finetune", *args), "nothing to resume")
+        line = interrupted_line(cli("finetune", *args), "nothing to resume")
     assert "--resume" not in line
     assert sorted(p.name for p in ckdir.glob("epoch-*.pt")) == old  # still the earlier run's
+    # Ctrl-C while the new run's epoch-001.pt is written: the earlier run's file of that name
+    # is not this run's checkpoint, so it is not named either
+    from embedpipe.finetune import checkpoint
+
+    def interrupt_checkpoints(obj, path):
+        if path.parent == ckdir:
+            raise KeyboardInterrupt
+        return real_atomic_save(obj, path)
+
+    real_atomic_save = checkpoint._atomic_save
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_atomic_save", interrupt_checkpoints)
+        interrupted_line(cli("finetune", *args), "nothing to resume")
+    assert sorted(p.name for p in ckdir.glob("epoch-*.pt")) == old
     finetune_ok(fmnist_src, "-o", tmp_path / "check.pt", "--model", MODEL, "--epochs", "2",
                 "--head-epochs", "1", "--resume", ckdir / "epoch-001.pt", *FAST)
 
@@ -467,13 +500,19 @@ def test_ctrl_c_names_only_a_checkpoint_on_disk_and_overwrite_keeps_the_old_run_
 
     with monkeypatch.context() as m:
         m.setattr(loop, "_save_checkpoint", save_then_interrupt_at_epoch_2)
-        line = one_line_error(cli("finetune", *args), "--resume")
+        line = interrupted_line(cli("finetune", *args), "--resume")
     named = Path(line.rsplit("--resume ", 1)[1])
     assert named.name == "epoch-001.pt" and named.exists()
     # the new run's epoch 1 replaced the earlier run's checkpoints
     assert sorted(p.name for p in ckdir.glob("epoch-*.pt")) == ["epoch-001.pt"]
     assert torch.load(named, weights_only=False)["fingerprint"]["epochs"] == 3
-    finetune_ok(*args[:-len(FAST) - 2], "-q", "--resume", named, *FAST)
+    resumed = [*args[:-len(FAST) - 2], "-q", "--resume", named, *FAST]
+    with monkeypatch.context() as m:  # Ctrl-C before the resumed run's first new checkpoint
+        m.setattr(loop, "_train_epoch", interrupt)
+        assert interrupted_line(cli("finetune", *resumed)) == (
+            "interrupted before a new checkpoint was written; rerun the same command (it "
+            f"resumes from {named} again)")
+    finetune_ok(*resumed)
     manifest = json.loads((run / "tuned.json").read_text())
     history = json.loads((run / "tuned.history.json").read_text())
     rows = history["history"]
@@ -492,3 +531,199 @@ def test_head_epochs_covering_the_run_says_the_backbone_will_not_change(fmnist_s
     base = load_backbone().model.state_dict()
     tuned = torch.load(tmp_path / "t.pt", weights_only=True)
     assert all(torch.equal(base[k], tuned[k]) for k in base)  # what the note says
+
+
+# `embedpipe finetune` held inside epoch $EMBEDPIPE_TEST_HOLD_EPOCH, after its first batch,
+# until Ctrl-C; "held" on stderr says when (the loader workers are running then).
+_HELD_IN_EPOCH = r"""
+import os, sys, time
+import embedpipe.finetune.loop as loop
+label = "epoch " + os.environ["EMBEDPIPE_TEST_HOLD_EPOCH"] + "/"
+class Held(loop.Progress):
+    def update(self, n):
+        super().update(n)
+        if self.label.startswith(label):
+            print("held", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(0.05)
+loop.Progress = Held
+from embedpipe.cli import main
+main()
+"""
+
+
+def ctrl_c_in_epoch(epoch: int, *args: object) -> str:
+    """`embedpipe finetune ARGS` in its own process group, sent SIGINT inside ``epoch`` as a
+    terminal's Ctrl-C is (to the main process and its loader workers); its stderr after the
+    hold, once it exited 130 with nothing on stdout."""
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_IN_EPOCH, "finetune", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "EMBEDPIPE_TEST_HOLD_EPOCH": str(epoch)})
+    try:
+        before = []
+        for line in proc.stderr:
+            if line == "held\n":
+                break
+            before.append(line)
+        else:
+            pytest.fail(f"never reached epoch {epoch}: {''.join(before)}")
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and stdout == "", (proc.returncode, stdout, stderr)
+    return stderr
+
+
+def test_ctrl_c_in_epoch_1_leaves_nothing_behind_and_in_epoch_2_names_the_checkpoint(
+        fmnist_src: Path, tmp_path: Path):
+    """Ctrl-C before the first checkpoint: one line, exit 130, the folders this run made are
+    gone (the user's own empty folder stays) and the same command then runs from the start;
+    Ctrl-C after it: the checkpoint stays and the line says how to --resume, which finishes."""
+    mine = tmp_path / "mine"  # the user's, empty: never removed
+    mine.mkdir()
+    out = mine / "runs" / "a" / "tuned.pt"
+    args = [fmnist_src, "-o", out, "--model", MODEL, "--epochs", "2", "--head-epochs", "1",
+            "--keep-checkpoints", "0", "-q", *FAST, "--workers", "1"]
+    assert ctrl_c_in_epoch(1, *args) == ("interrupted before the first checkpoint of this run "
+                                         "was written; nothing to resume: rerun the same "
+                                         "command\n")
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+    first = out.parent / "tuned.checkpoints" / "epoch-001.pt"
+    assert ctrl_c_in_epoch(2, *args) == ("interrupted; the last checkpoint is epoch-001.pt: "
+                                         "continue with the same command plus --resume "
+                                         f"{first}\n")
+    assert sorted(p.name for p in first.parent.iterdir()) == ["epoch-001.pt"]
+    assert not out.exists()
+    finetune_ok(*args, "--resume", first)
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["epochs_run"] == 2 and len(manifest_history(out.parent)) == 2
+    assert manifest["weights_sha256"] == file_sha256(out)
+
+
+RESUME_FIX = ("pass a file from <output>.checkpoints/ (epoch-NNN.pt) written by `embedpipe "
+              "finetune`, or leave out --resume to start afresh")
+PICKLED = ("a torch file of pickled Python objects besides tensors, such as a whole saved model "
+           "or a checkpoint holding its settings, which is not loaded for safety")
+
+
+def _timm_train_checkpoint(path: Path) -> None:
+    """What timm's train.py (its CheckpointSaver) writes: the arguments are a Namespace."""
+    import argparse
+
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {"fc.bias": torch.zeros(2)},
+                "optimizer": {}, "version": 2, "args": argparse.Namespace(lr=0.1),
+                "metric": 0.5}, path)
+
+
+def _not_torch_zip(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+
+
+def _newer_format(path: Path, real: Path) -> None:
+    saved = ckpt(real)
+    saved["format"] = "embedpipe-finetune-checkpoint/2"
+    torch.save(saved, path)
+
+
+@pytest.mark.parametrize("make, what, fix", [
+    (lambda p, real, tuned: p.write_bytes(real.read_bytes()[:real.stat().st_size // 2]),
+     "the file is cut off or corrupt: an incomplete zip archive, e.g. an interrupted copy",
+     RESUME_FIX),
+    (lambda p, real, tuned: p.write_bytes(b""), "the file is empty (0 bytes)", RESUME_FIX),
+    (lambda p, real, tuned: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+     "not a torch file but text or other data", RESUME_FIX),
+    (lambda p, real, tuned: _not_torch_zip(p), "a zip archive that torch.save did not write",
+     RESUME_FIX),
+    (lambda p, real, tuned: p.write_bytes(pickle.dumps({"epoch": 3})),
+     "not a torch file but a Python pickle", RESUME_FIX),
+    (lambda p, real, tuned: torch.save(torch.nn.Linear(2, 2), p), PICKLED, RESUME_FIX),
+    (lambda p, real, tuned: _timm_train_checkpoint(p), PICKLED, RESUME_FIX),
+    (lambda p, real, tuned: torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {}}, p),
+     ("another tool's file (keys: arch, epoch, state_dict), not an `embedpipe finetune` "
+      "checkpoint"), RESUME_FIX),
+    (lambda p, real, tuned: torch.save([1, 2], p),
+     "it holds a list, not an `embedpipe finetune` checkpoint", RESUME_FIX),
+    (lambda p, real, tuned: shutil.copy(tuned, p),
+     ("a bare state dict (model weights only, such as a `finetune -o` output), not a "
+      "training checkpoint"),
+     ("pass a file from <output>.checkpoints/, or start a new run from these weights with "
+      "--weights PATH instead of --resume")),
+    (lambda p, real, tuned: _newer_format(p, real),
+     ("a checkpoint of format embedpipe-finetune-checkpoint/2, which this embedpipe does not "
+      "read (it reads embedpipe-finetune-checkpoint/1)"),
+     ("resume it with the embedpipe version that wrote it, or leave out --resume to start "
+      "afresh")),
+], ids=["truncated", "empty", "random-bytes", "zip-not-torch", "python-pickle", "whole-model",
+        "timm-train-checkpoint", "timm-weights-dict", "list", "bare-state-dict",
+        "newer-format"])
+def test_a_bad_resume_file_is_one_plain_line(make, what: str, fix: str, fmnist_src: Path,
+                                             two_epoch_run: Path, tmp_path: Path):
+    bad = tmp_path / "epoch-001.pt"
+    make(bad, two_epoch_run.parent / "tuned.checkpoints" / "epoch-001.pt", two_epoch_run)
+    res = cli("finetune", fmnist_src, "-o", tmp_path / "new" / "t.pt", "--resume", bad,
+              "--model", MODEL, "--epochs", "2", "--head-epochs", "1", *FAST)
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    assert res.stderr == f"error: --resume {bad}: {what}; {fix}\n"
+    assert not (tmp_path / "new").exists()  # the folder made for -o went again
+
+
+def test_bad_weights_outputs_and_options_are_refused_before_any_epoch(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch):
+    """Each in one line, exit 2, before an epoch runs, with no folder left behind for -o."""
+    out = tmp_path / "new" / "deeper" / "t.pt"
+
+    def refused(*args: object, to: Path = out) -> str:
+        line = one_line_error(cli("finetune", fmnist_src, "-o", to, "-q", *FAST, *args))
+        assert "Traceback" not in line and not (tmp_path / "new").exists()
+        return line
+
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(two_epoch_run.read_bytes()[:1000])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    fix = "pass a state dict saved with torch.save(model.state_dict()) or a .safetensors file"
+    for weights, what in ((cut, ("the file is cut off or corrupt: an incomplete zip archive, "
+                                 "e.g. an interrupted copy")),
+                          (empty, "the file is empty (0 bytes)"),
+                          (noise, "not a torch file but text or other data")):
+        assert refused("--weights", weights) == (f"error: {weights}: cannot read weights: "
+                                                 f"{what}; {fix}")
+    assert refused("--weights", tmp_path) == (f"error: {tmp_path}: is a folder, not a weights "
+                                              "file; pass --weights with an existing "
+                                              ".pth/.pt/.safetensors file")
+
+    assert "--img-size 0 is too small" in refused("--img-size", "0")
+    assert "--img-size 1000000: one 1000000x1000000 image does not fit in memory" in refused(
+        "--img-size", "1000000")
+    assert "--batch-size 1: pass 2 or more" in refused("--batch-size", "1")
+    assert "--warmup-epochs inf: pass 0 or more" in refused("--warmup-epochs", "inf")
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    assert refused(to=blocker / "t.pt") == (f"error: -o {blocker / 't.pt'}: {blocker} is a "
+                                            "file, not a folder; pass a path in a folder")
+    (tmp_path / "x.checkpoints").write_text("mine")
+    assert "x.checkpoints (its checkpoint folder) is a file" in refused(to=tmp_path / "x.pt")
+    (tmp_path / "y.json").mkdir()
+    assert "y.json (written beside it) is a folder" in refused(to=tmp_path / "y.pt")
+    if Path("/sys").is_dir():  # sysfs: nobody creates files there, root included
+        assert "-o /sys/t.pt: cannot write" in refused(to=Path("/sys/t.pt"))
+
+    from embedpipe.finetune import loop
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 9663676416 bytes.")
+
+    monkeypatch.setattr(loop, "_train_epoch", no_memory)
+    assert refused() == ("error: out of memory while training with --batch-size 16; pass a "
+                         "smaller --batch-size or --img-size")

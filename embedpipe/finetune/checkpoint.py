@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import _io
-from ..errors import first_line
+from ..backbones import TorchFileError, load_torch_file
 from .options import CHECKPOINT_FORMAT, FinetuneError, FinetuneOptions, Outputs
 
 
@@ -31,17 +31,54 @@ def find_checkpoint(resume: Path) -> Path:
     return resume
 
 
+# what every checkpoint holds (_save_checkpoint); "ema" is missing from older ones
+_KEYS = ("fingerprint", "soft", "epoch", "model", "optimizer", "scheduler", "scaler", "rng",
+         "history", "best", "bad_epochs", "stopped")
+_RESUME_FIX = ("pass a file from <output>.checkpoints/ (epoch-NNN.pt) written by `embedpipe "
+               "finetune`, or leave out --resume to start afresh")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``; FinetuneError (one line: what is wrong with the file in
+    plain words, and the fix) for a file that is unreadable, another tool's, or of another
+    checkpoint format."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        first = first_line(e, 120)
-        raise FinetuneError(f"--resume {path}: cannot read the checkpoint ({first}); pass a "
-                            "checkpoint written by `embedpipe finetune`") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise FinetuneError(f"--resume {path}: not an `embedpipe finetune` checkpoint; pass a "
-                            "file from <output>.checkpoints/")
+        ckpt = load_torch_file(path)
+    except TorchFileError as e:
+        raise FinetuneError(f"--resume {path}: {e}; {_RESUME_FIX}") from None
+    wrong = _not_a_checkpoint(ckpt)
+    if wrong is not None:
+        raise FinetuneError(f"--resume {path}: {wrong[0]}; {wrong[1]}")
     return ckpt
+
+
+def _not_a_checkpoint(ckpt: Any) -> tuple[str, str] | None:
+    """(what a loaded file holds instead of an `embedpipe finetune` checkpoint, the fix), or
+    None for a checkpoint."""
+    fix = _RESUME_FIX
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if not isinstance(ckpt, dict):
+        what = f"it holds a {type(ckpt).__name__}, not an `embedpipe finetune` checkpoint"
+    elif fmt == CHECKPOINT_FORMAT:
+        missing = [k for k in _KEYS if k not in ckpt]
+        if not missing:
+            return None
+        what = f"an incomplete checkpoint (no {', '.join(missing)})"
+    elif isinstance(fmt, str) and fmt.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/"):
+        what = (f"a checkpoint of format {fmt}, which this embedpipe does not read (it reads "
+                f"{CHECKPOINT_FORMAT})")
+        fix = ("resume it with the embedpipe version that wrote it, or leave out --resume to "
+               "start afresh")
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        what = ("a bare state dict (model weights only, such as a `finetune -o` output), not "
+                "a training checkpoint")
+        fix = ("pass a file from <output>.checkpoints/, or start a new run from these weights "
+               "with --weights PATH instead of --resume")
+    else:
+        keys = ", ".join(sorted(map(str, ckpt))[:5]) + (", …" if len(ckpt) > 5 else "")
+        what = (f"another tool's file (keys: {keys or 'none'}), not an `embedpipe finetune` "
+                "checkpoint")
+    return what, fix
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -110,7 +147,13 @@ def backbone_state_with_head(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerprint, soft, epoch,
                      model, optimizer, sched, scaler, history, best, bad_epochs, stopped,
                      ema: dict[str, Any] | None = None) -> None:
-    outs.checkpoints.mkdir(parents=True, exist_ok=True)
+    if not outs.checkpoints.is_dir():
+        try:
+            outs.checkpoints.mkdir()
+        except OSError as e:
+            raise _io.write_failed(path, e, flag="-o (its checkpoints)") from None
+        outs.made.insert(0, outs.checkpoints)
+    outs.saving = path
     _atomic_save({
         "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "soft": soft, "epoch": epoch,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -119,10 +162,11 @@ def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerpri
         "rng": _rng_state(), "history": history, "best": best, "bad_epochs": bad_epochs,
         "stopped": stopped, "ema": ema,
     }, path)
-    for old in outs.stale_checkpoints:  # the earlier run's (--overwrite), once this one has one
+    outs.last = path
+    stale, outs.stale_checkpoints = outs.stale_checkpoints, []
+    for old in stale:  # the earlier run's (--overwrite), once this one has one
         if old != path:
             old.unlink(missing_ok=True)
-    outs.stale_checkpoints = []
     if opts.keep_checkpoints:
         for old in sorted(outs.checkpoints.glob("epoch-*.pt"))[:-opts.keep_checkpoints]:
             if old != path:

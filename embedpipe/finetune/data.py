@@ -152,13 +152,13 @@ def plan_data(disc: Discovery, opts: FinetuneOptions, data_config: dict[str, Any
                                          collate_fn=_as_list)
     hashes: dict[int, str] = {}
     skipped = list(disc.ignored)
-    bad: set[int] = set()
+    bad: dict[int, str] = {}  # index in refs -> why it was skipped
     for batch in loader:
         for i, h, reason in batch:
             if reason is None:
                 hashes[i] = h
             else:
-                bad.add(i)
+                bad[i] = reason
                 skipped.append((refs[i].rel, reason))
     good_train = [(i, r) for i, r in enumerate(cand_train) if i not in bad]
     off = len(cand_train)
@@ -170,6 +170,12 @@ def plan_data(disc: Discovery, opts: FinetuneOptions, data_config: dict[str, Any
     if len(classes) < 2:
         raise FinetuneError(f"{disc.root}: the training images hold one class ({classes[0]}); "
                             "fine-tuning a classifier needs at least two: add a folder per class")
+    known = set(classes)
+    lost = next((i for i, r in enumerate(cand_train) if r.label not in known), None)
+    if lost is not None:  # never a class left out of the classifier without a word
+        r = cand_train[lost]
+        raise FinetuneError(f"{disc.root}: class '{r.label}' has no training image that "
+                            f"decodes (e.g. {r.rel}: {bad[lost]}); fix or remove its files")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({r.label for _, r in good_val if r.label not in index})
     if unknown:

@@ -21,12 +21,14 @@ from ..backbones import (
     file_sha256,
     build_backbone,
     make_transform,
+    out_of_memory,
 )
 from ..data import (
     discover,
 )
 from ..extract.loader import default_workers
 from ..env import EXTRACT, versions
+from ..errors import InterruptedRun
 from ..extract.runtime import _warn, resolve_device
 from ..progress import Progress, printer
 from .checkpoint import (
@@ -49,6 +51,7 @@ from .options import (
     FinetuneError,
     FinetuneOptions,
     FinetuneResult,
+    Outputs,
     check_options,
     check_output,
 )
@@ -154,7 +157,13 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
              say: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune ``opts.model`` on the labeled images under ``data``; write the tuned backbone
     weights to ``out`` (and the manifest, history, classifier, curves and checkpoints beside
-    it). ``resume``: a checkpoint file (or the checkpoint folder: its latest file)."""
+    it). ``resume``: a checkpoint file (or the checkpoint folder: its latest file).
+
+    Raises a UserError (FinetuneError, WeightsError, ...: one line naming the input and the fix)
+    for bad options, data, weights, checkpoints or outputs, and for running out of memory;
+    InterruptedRun on Ctrl-C, naming the checkpoint that --resume continues (or none). On any
+    failure the folders this call created are removed again while still empty, so a rerun of
+    the same command finds things as they were."""
     t0 = time.perf_counter()
     cpu0 = cpu_seconds()
     say = say or printer(progress)
@@ -167,6 +176,37 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
     ckpt_path = find_checkpoint(Path(resume)) if resume is not None else None
     outs = check_output(out, ckpt_path, overwrite, inputs=(
         data, None if opts.weights in (None, "bundled", "hub") else opts.weights))
+    outs.last = ckpt_path
+    try:
+        return _run(data, outs, opts, ckpt_path, progress, say, t0, cpu0)
+    except BaseException as e:
+        outs.remove_made()  # the folders this call made, if nothing was written in them
+        if isinstance(e, KeyboardInterrupt):
+            raise InterruptedRun(_interrupted(outs, ckpt_path)) from None
+        if out_of_memory(e):
+            raise FinetuneError(f"out of memory while training with --batch-size "
+                                f"{opts.batch_size}; pass a smaller --batch-size or --img-size"
+                                ) from None
+        raise
+
+
+def _interrupted(outs: Outputs, resumed: Path | None) -> str:
+    """What Ctrl-C kept, and how to go on: the checkpoint to --resume, else a rerun."""
+    done = outs.resumable()
+    if done is None:
+        return ("interrupted before the first checkpoint of this run was written; nothing to "
+                "resume: rerun the same command")
+    if done == resumed:
+        return (f"interrupted before a new checkpoint was written; rerun the same command "
+                f"(it resumes from {done} again)")
+    return (f"interrupted; the last checkpoint is {done.name}: continue with the same command "
+            f"plus --resume {done}")
+
+
+def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path | None,
+         progress: bool, say: Callable[[str], None], t0: float, cpu0: float) -> FinetuneResult:
+    """The run after the checks: load, train epoch by epoch, write the outputs to ``outs``."""
+    out = outs.weights
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
@@ -273,89 +313,76 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
 
     skipped_live: list[tuple[str, str]] = []
     epoch = start_epoch
-    last_ckpt, saving = ckpt_path, None
     by_budget, epoch_cpu = False, 0.0
-    try:
-        with _torch_settings(deterministic, opts.threads):
-            while epoch < opts.epochs and not stopped:
-                used = cpu_seconds() - cpu0
-                if (opts.budget is not None and epoch > start_epoch
-                        and used + epoch_cpu > opts.budget):
-                    by_budget = True  # the next epoch would not fit: stop at this boundary
-                    say(f"--budget {opts.budget:g}: {used:.1f} CPU s used, the next epoch "
-                        f"needs ~{epoch_cpu:.1f}; stopping after epoch {epoch} of "
-                        f"{opts.epochs} (continue with --resume {last_ckpt})")
-                    break
-                c0 = cpu_seconds()
-                k = unfrozen_at(epoch, opts)
-                apply_freeze(model, split.trainable(k))
-                stage = 1 if epoch < head_epochs or opts.unfreeze == 0 else 2
-                gen = _seed_epoch(opts.seed, epoch)
-                e0 = time.perf_counter()
-                tr = _train_epoch(model, train_ds, opts, workers, gen, drop_last, device, amp,
-                                  scaler, optimizer, sched, class_weight, mixup, progress,
-                                  f"epoch {epoch + 1}/{opts.epochs}", skipped_live, ema)
-                lrs = tr["lr"]
-                va = _evaluate(model, val_ds, opts, workers, device, amp) if n_val else None
-                va_ema = None
-                if ema is not None:
-                    va_ema = _evaluate_state(model, ema.state, val_ds, opts, workers, device,
-                                             amp) if n_val else None
-                # the epoch's candidate: the trained weights, or their EMA when it validates
-                # better (higher accuracy, then lower loss); without validation the EMA
-                use_ema = ema is not None and (va is None or (va_ema is not None and (
-                    va_ema["accuracy"], -va_ema["loss"]) > (va["accuracy"], -va["loss"])))
-                cand = va_ema if use_ema else va
-                epoch += 1
-                improved = False
-                if opts.keep == "last":  # improved: better than every earlier epoch (patience)
-                    prior = [v for v in map(_kept_val, history) if v[0] is not None]
-                    improved = cand is None or not prior or (
-                        (cand["accuracy"], -cand["loss"]) > max((a, -lo) for a, lo in prior))
-                elif cand is None:
-                    improved = True
-                elif (best["val_accuracy"] is None or cand["accuracy"] > best["val_accuracy"]
-                      or (cand["accuracy"] == best["val_accuracy"]
-                          and cand["loss"] < best["val_loss"])):
-                    improved = True
-                if improved or opts.keep == "last":
-                    best = {"epoch": epoch, "val_accuracy": cand["accuracy"] if cand else None,
-                            "val_loss": cand["loss"] if cand else None,
-                            "weights": "ema" if use_ema else "trained",
-                            "state": ({k: v.detach().cpu().clone() for k, v in ema.state.items()}
-                                      if use_ema else backbone_state_with_head(model))}
-                if stage == 2 and n_val and opts.patience:
-                    bad_epochs = 0 if improved else bad_epochs + 1
-                    stopped = bad_epochs >= opts.patience and epoch < opts.epochs
-                epoch_cpu = cpu_seconds() - c0  # this epoch's training and validation
-                row = {"epoch": epoch, "stage": stage, "unfrozen_stages": k,
-                       "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-                       "val_loss": va["loss"] if va else None,
-                       "val_accuracy": va["accuracy"] if va else None,
-                       "lr_head": lrs.get("head"), "lr_backbone": lrs.get("backbone") if k else 0.0,
-                       "images": tr["images"], "seconds": round(time.perf_counter() - e0, 2),
-                       "cpu_seconds": round(epoch_cpu, 2),
-                       "best": improved or opts.keep == "last"}
-                if ema is not None:
-                    row.update({"val_loss_ema": va_ema["loss"] if va_ema else None,
-                                "val_accuracy_ema": va_ema["accuracy"] if va_ema else None,
-                                "kept": "ema" if use_ema else "trained"})
-                history.append(row)
-                say(_epoch_line(row, opts.epochs) + ("  (early stop)" if stopped else ""))
-                saving = outs.checkpoint(epoch)
-                _save_checkpoint(saving, outs, opts, fingerprint, soft, epoch, model,
-                                 optimizer, sched, scaler, history, best, bad_epochs, stopped,
-                                 ema.saved() if ema is not None else None)
-                last_ckpt = saving
-    except KeyboardInterrupt:
-        # name only a checkpoint on disk: one being written is complete or absent (atomic)
-        done = [p for p in (saving, last_ckpt) if p is not None and Path(p).exists()]
-        if not done:
-            raise FinetuneError(f"interrupted in epoch {epoch + 1}, before any checkpoint of "
-                                "this run was written; nothing to resume: run the same "
-                                "command again") from None
-        raise FinetuneError(f"interrupted; the last checkpoint is {done[0].name}: continue with "
-                            f"the same command plus --resume {done[0]}") from None
+    with _torch_settings(deterministic, opts.threads):
+        while epoch < opts.epochs and not stopped:
+            used = cpu_seconds() - cpu0
+            if (opts.budget is not None and epoch > start_epoch
+                    and used + epoch_cpu > opts.budget):
+                by_budget = True  # the next epoch would not fit: stop at this boundary
+                say(f"--budget {opts.budget:g}: {used:.1f} CPU s used, the next epoch "
+                    f"needs ~{epoch_cpu:.1f}; stopping after epoch {epoch} of "
+                    f"{opts.epochs} (continue with --resume {outs.last})")
+                break
+            c0 = cpu_seconds()
+            k = unfrozen_at(epoch, opts)
+            apply_freeze(model, split.trainable(k))
+            stage = 1 if epoch < head_epochs or opts.unfreeze == 0 else 2
+            gen = _seed_epoch(opts.seed, epoch)
+            e0 = time.perf_counter()
+            tr = _train_epoch(model, train_ds, opts, workers, gen, drop_last, device, amp,
+                              scaler, optimizer, sched, class_weight, mixup, progress,
+                              f"epoch {epoch + 1}/{opts.epochs}", skipped_live, ema)
+            lrs = tr["lr"]
+            va = _evaluate(model, val_ds, opts, workers, device, amp) if n_val else None
+            va_ema = None
+            if ema is not None:
+                va_ema = _evaluate_state(model, ema.state, val_ds, opts, workers, device,
+                                         amp) if n_val else None
+            # the epoch's candidate: the trained weights, or their EMA when it validates
+            # better (higher accuracy, then lower loss); without validation the EMA
+            use_ema = ema is not None and (va is None or (va_ema is not None and (
+                va_ema["accuracy"], -va_ema["loss"]) > (va["accuracy"], -va["loss"])))
+            cand = va_ema if use_ema else va
+            epoch += 1
+            improved = False
+            if opts.keep == "last":  # improved: better than every earlier epoch (patience)
+                prior = [v for v in map(_kept_val, history) if v[0] is not None]
+                improved = cand is None or not prior or (
+                    (cand["accuracy"], -cand["loss"]) > max((a, -lo) for a, lo in prior))
+            elif cand is None:
+                improved = True
+            elif (best["val_accuracy"] is None or cand["accuracy"] > best["val_accuracy"]
+                  or (cand["accuracy"] == best["val_accuracy"]
+                      and cand["loss"] < best["val_loss"])):
+                improved = True
+            if improved or opts.keep == "last":
+                best = {"epoch": epoch, "val_accuracy": cand["accuracy"] if cand else None,
+                        "val_loss": cand["loss"] if cand else None,
+                        "weights": "ema" if use_ema else "trained",
+                        "state": ({k: v.detach().cpu().clone() for k, v in ema.state.items()}
+                                  if use_ema else backbone_state_with_head(model))}
+            if stage == 2 and n_val and opts.patience:
+                bad_epochs = 0 if improved else bad_epochs + 1
+                stopped = bad_epochs >= opts.patience and epoch < opts.epochs
+            epoch_cpu = cpu_seconds() - c0  # this epoch's training and validation
+            row = {"epoch": epoch, "stage": stage, "unfrozen_stages": k,
+                   "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+                   "val_loss": va["loss"] if va else None,
+                   "val_accuracy": va["accuracy"] if va else None,
+                   "lr_head": lrs.get("head"), "lr_backbone": lrs.get("backbone") if k else 0.0,
+                   "images": tr["images"], "seconds": round(time.perf_counter() - e0, 2),
+                   "cpu_seconds": round(epoch_cpu, 2),
+                   "best": improved or opts.keep == "last"}
+            if ema is not None:
+                row.update({"val_loss_ema": va_ema["loss"] if va_ema else None,
+                            "val_accuracy_ema": va_ema["accuracy"] if va_ema else None,
+                            "kept": "ema" if use_ema else "trained"})
+            history.append(row)
+            say(_epoch_line(row, opts.epochs) + ("  (early stop)" if stopped else ""))
+            _save_checkpoint(outs.checkpoint(epoch), outs, opts, fingerprint, soft, epoch, model,
+                             optimizer, sched, scaler, history, best, bad_epochs, stopped,
+                             ema.saved() if ema is not None else None)
 
     if best["state"] is None:  # resumed from a finished checkpoint without a best state
         best["state"] = backbone_state_with_head(model)
@@ -407,7 +434,7 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
         "versions": versions(*EXTRACT),
     }
     _atomic_text(json.dumps(manifest, indent=2) + "\n", outs.manifest)
-    return FinetuneResult(out, outs.manifest, outs.history, outs.classifier, curves, last_ckpt,
+    return FinetuneResult(out, outs.manifest, outs.history, outs.classifier, curves, outs.last,
                           opts.model, classes, n_train, n_val, best["epoch"],
                           best["val_accuracy"], epoch, manifest["stopped_early"], seconds, sha,
                           int(data_config["input_size"][1]), history,

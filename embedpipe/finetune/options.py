@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,15 +148,16 @@ def check_options(opts: FinetuneOptions) -> None:
             "feature stages to train")
     if opts.stage_epochs < 1:
         bad("--stage-epochs", opts.stage_epochs, "pass 1 or more")
-    if opts.batch_size < 1:
-        bad("--batch-size", opts.batch_size, "pass a positive number (16-32 is usual)")
+    if opts.batch_size < 2:  # loop._train_epoch skips batches of one
+        bad("--batch-size", opts.batch_size, "pass 2 or more (a batch of one image does not "
+            "train; 16-32 is usual)")
     for option, v in (("--lr", opts.lr), ("--head-lr", opts.head_lr)):
         if not v > 0 or not math.isfinite(v):
             bad(option, v, "pass a positive learning rate such as 1e-4")
     if not 0 <= opts.weight_decay < 1:
         bad("--weight-decay", opts.weight_decay, "pass a value in [0, 1), e.g. 0.05")
-    if not 0 <= opts.warmup_epochs:
-        bad("--warmup-epochs", opts.warmup_epochs, "pass 0 or more")
+    if not 0 <= opts.warmup_epochs < math.inf:
+        bad("--warmup-epochs", opts.warmup_epochs, "pass 0 or more (a number of epochs)")
     if not 0 <= opts.label_smoothing < 1:
         bad("--label-smoothing", opts.label_smoothing, "pass a value in [0, 1), e.g. 0.1")
     if not 0 <= opts.ema < 1 or not math.isfinite(opts.ema):
@@ -191,6 +194,26 @@ class Outputs:
     # an earlier run's checkpoints that --overwrite replaces: removed when this run has written
     # its first checkpoint (_save_checkpoint), so an interrupted start loses nothing
     stale_checkpoints: list[Path] = field(default_factory=list)
+    # folders this run created (deepest first): removed again, when still empty, if the run
+    # fails or is interrupted (remove_made), so a rerun finds things as they were
+    made: list[Path] = field(default_factory=list)
+    saving: Path | None = None  # the checkpoint being written
+    last: Path | None = None  # the last checkpoint written, or the one resumed from
+
+    def resumable(self) -> Path | None:
+        """The newest checkpoint on disk that continues this run: the one being written when
+        it exists (writes are atomic: complete or absent) and is not an earlier run's file of
+        the same name, else the last one written; None before the first."""
+        if self.saving is not None and self.saving not in self.stale_checkpoints \
+                and self.saving.exists():
+            return self.saving
+        return self.last if self.last is not None and self.last.exists() else None
+
+    def remove_made(self) -> None:
+        """Remove the folders this run created that are still empty (rmdir: never a file)."""
+        for folder in self.made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     @property
     def stem(self) -> Path:
@@ -229,19 +252,33 @@ def check_output(out: Path, resume: Path | None, overwrite: bool,
         raise FinetuneError(f"-o {out}: is a folder; pass a file name such as {out / 'tuned.pt'}")
     outs = Outputs(out)
     for path in (out, outs.manifest, outs.history, outs.classifier, outs.curves):
+        if path.is_dir():
+            raise FinetuneError(f"-o {out}: {path} (written beside it) is a folder; move it "
+                                "away or pass another -o")
         _io.refuse_inputs(path, [resume, *inputs], flag="-o" if path == out else
                           f"-o (its {path.name})")
+    if outs.checkpoints.exists() and not outs.checkpoints.is_dir():
+        raise FinetuneError(f"-o {out}: {outs.checkpoints} (its checkpoint folder) is a file; "
+                            "move it away or pass another -o")
     stale = [p for p in (out, outs.manifest) if p.exists()]
     stale += sorted(outs.checkpoints.glob("epoch-*.pt")) if outs.checkpoints.is_dir() else []
     if stale and resume is None and not overwrite:
         raise FinetuneError(f"-o {out}: {stale[0]} exists from an earlier run; pass --resume "
                             f"{outs.checkpoints} to continue it, --overwrite to start afresh, "
                             "or another -o")
+    outs.made = list(itertools.takewhile(lambda p: not p.exists(), out.parents))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        probe = _io.tmp_path(out, "probe")  # fail now, not after the first epoch
+        probe.touch()
+        probe.unlink()
     except OSError as e:
-        raise FinetuneError(f"-o {out}: cannot create {out.parent} ({e.strerror or e}); pass a "
-                            "writable location") from None
+        outs.remove_made()
+        file = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if file is not None:
+            raise FinetuneError(f"-o {out}: {file} is a file, not a folder; pass a path in a "
+                                "folder") from None
+        raise _io.write_failed(out, e, flag="-o") from None
     if resume is None:  # a fresh run: no checkpoint of the earlier one may be resumed by mistake
         outs.stale_checkpoints = [old for old in stale if old.parent == outs.checkpoints]
     return outs
