@@ -430,6 +430,14 @@ def limit_aspect(img: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
     return img
 
 
+def check_max_pixels(max_pixels: int | None, error: type[Exception]) -> None:
+    """Raise ``error`` (one line with the fix) for a --max-pixels below 1; None (no limit)
+    passes. The one check of extract and finetune."""
+    if max_pixels is not None and max_pixels < 1:
+        raise error(f"--max-pixels {max_pixels}: pass a positive number of pixels (default "
+                    f"{DEFAULT_MAX_PIXELS})")
+
+
 def bomb_reason(w: int, h: int, max_pixels: int) -> str:
     """The failure reason of an image of w x h pixels above ``max_pixels``. It records the
     limit it failed under, so a later run can tell whether its own limit lets the image

@@ -706,6 +706,7 @@ def test_bad_weights_outputs_and_options_are_refused_before_any_epoch(
         "--img-size", "1000000")
     assert "--batch-size 1: pass 2 or more" in refused("--batch-size", "1")
     assert "--warmup-epochs inf: pass 0 or more" in refused("--warmup-epochs", "inf")
+    assert "--max-pixels 0: pass a positive number" in refused("--max-pixels", "0")
 
     blocker = tmp_path / "afile"
     blocker.write_text("mine")

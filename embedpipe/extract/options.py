@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .. import DEFAULT_MODEL
 from ..data import (
     DEFAULT_MAX_PIXELS,
+    check_max_pixels,
 )
 from ..errors import UserError
 from ..provenance import options_for, parse_tta
@@ -114,9 +115,7 @@ def check_options(opts: ExtractOptions) -> None:
         raise ExtractError(f"--compile {opts.compile}: pass one of {', '.join(COMPILES)}")
     if opts.runtime not in RUNTIMES:
         raise ExtractError(f"--runtime {opts.runtime}: pass one of {', '.join(RUNTIMES)}")
-    if opts.max_pixels is not None and opts.max_pixels < 1:
-        raise ExtractError(f"--max-pixels {opts.max_pixels}: pass a positive number of pixels "
-                           f"(default {DEFAULT_MAX_PIXELS})")
+    check_max_pixels(opts.max_pixels, ExtractError)
     if opts.tta is not None:
         parse_tta(opts.tta)
 

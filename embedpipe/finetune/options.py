@@ -14,6 +14,7 @@ from .. import DEFAULT_MODEL, _io
 from ..data import (
     DEFAULT_MAX_PIXELS,
     LAYOUTS,
+    check_max_pixels,
 )
 from ..errors import UserError
 
@@ -176,6 +177,7 @@ def check_options(opts: FinetuneOptions) -> None:
         bad("--precision", opts.precision, f"pass one of {', '.join(PRECISIONS)}")
     if opts.layout not in LAYOUTS:
         bad("--layout", opts.layout, f"pass one of {', '.join(LAYOUTS)}")
+    check_max_pixels(opts.max_pixels, FinetuneError)
     if opts.keep_checkpoints < 0:
         bad("--keep-checkpoints", opts.keep_checkpoints, "pass 0 (keep all) or more")
     if opts.workers is not None and opts.workers < 0:
