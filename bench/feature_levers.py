@@ -14,13 +14,15 @@ defaults for the data, ``fit_configuration``) on each:
   1,280-d features, each row block L2-normalised, computed here in torch bf16. Its control row
   is the pooled features of the same torch forward (they differ from the OpenVINO-bf16 store by
   rounding only).
+- ``--head auto`` (``--auto-budget`` seconds) on the Fashion-MNIST default store and on the
+  two stacked stores.
 
 Sets: Fashion-MNIST 1,000 train / 200 test images per class (cache/bench-heads/fmnist-1000-200,
 bench/_benchutil.py; one split, 2,000 test images, 1 image = 0.05 points, binomial s.e. about
 0.7 points at 0.89) and the natural set (bench/natural.py: 241 photos, 8 classes; 20 random
 stratified 170/71 splits as bench/accuracy.py draws them, mean ± s.e.).
 
-    python bench/feature_levers.py            # both sets (about 15 min on 2 cores)
+    python bench/feature_levers.py            # both sets (about 30 min on 2 cores)
     python bench/feature_levers.py --quick    # natural set only, 4 splits
 
 Stores are kept under cache/levers/ (a rerun extracts nothing). Writes
@@ -146,12 +148,38 @@ def splits_of(set_name: str, rows: dict, n_splits: int) -> list[tuple[np.ndarray
     return [(idx[a], idx[b]) for a, b in cut.split(idx, y)]
 
 
+def auto_on(feats: dict[str, np.ndarray], y: np.ndarray, cut: tuple, budget: float,
+            rows: list[dict]) -> str:
+    """`fit --head auto` (heads.auto.fit_auto, wall-clock ``budget``) on the default store and
+    on the two stacked stores, scored on the test rows: the section's text."""
+    from embedpipe.heads.auto import fit_auto
+
+    a, b = cut
+    out = ["", f"`--head auto` (budget {budget:g} s of wall time, so how many candidates it "
+               "scores depends on the machine's load; its CV table is in the JSON):", ""]
+    for variant in ("defaults", " + ".join(STACKED) + " (2 stores stacked)"):
+        X = feats[variant]
+        t0 = time.time()
+        est, chosen, sel = fit_auto(X[a], y[a], budget=budget)
+        acc = float((np.asarray(est.predict(X[b])) == y[b]).mean())
+        line = (f"- {variant}: auto chose {chosen['choice']} (CV {sel.choice['mean']:.3f}, "
+                f"{len(sel.table)} rows scored), test accuracy **{acc:.3f}**, "
+                f"{time.time() - t0:.0f} s")
+        print(line, file=sys.stderr, flush=True)
+        out.append(line)
+        rows.append({"set": "fmnist", "variant": variant, "head": "auto", "mean": acc,
+                     "choice": chosen["choice"], "budget": budget, "table": sel.lines()})
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     from threadpoolctl import threadpool_limits
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--splits", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--auto-budget", type=float, default=400.0,
+                    help="seconds of `--head auto` on the Fashion-MNIST features (0: skip)")
     args = ap.parse_args()
     sets = {"natural": natural.build()}
     if args.quick:
@@ -189,6 +217,8 @@ def main() -> None:
                f"{len(cuts)} random stratified 170/71 splits, mean ± s.e.")
         text += (f"\n## {set_name}: {how}\n\n"
                  + bu.table(["features", "dim", *[f"{h} defaults" for h in heads]], table) + "\n")
+        if set_name == "fmnist" and args.auto_budget > 0:
+            text += auto_on(feats, y, cuts[0], args.auto_budget, rows)
     bu.finish("feature_levers", hdr,
               ["heads: `fit_configuration(..., head, None)`, each head's defaults for the data "
                "(their data rules applied), one BLAS thread",

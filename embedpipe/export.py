@@ -168,9 +168,17 @@ def _transform(g: _Graph, step: Any, x: str) -> str:
                       f"of {', '.join(PREP_CHOICES)}")
 
 
-def _linear(g: _Graph, x: str, coef: np.ndarray, intercept: np.ndarray) -> str:
-    z = g.op("MatMul", [x, g.const(np.asarray(coef, dtype=np.float64).T, "coef")], "xw")
+def _linear(g: _Graph, x: str, coef: np.ndarray, intercept: Any) -> str:
+    """x @ coef.T + intercept: N x K decision scores (K = 1 for a binary head, whose
+    scikit-learn ``coef_`` may be 1-D, e.g. RidgeClassifier's)."""
+    coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
+    z = g.op("MatMul", [x, g.const(coef.T, "coef")], "xw")
     return g.op("Add", [z, g.const(np.ravel(intercept), "intercept")], "decision")
+
+
+def _n_scores(coef: np.ndarray) -> int:
+    """How many decision scores a linear classifier gives: 1 (binary) or one per class."""
+    return np.atleast_2d(coef).shape[0]
 
 
 def _softmax(g: _Graph, scores: str, n_out: int, beta: float = 1.0) -> str:
@@ -190,7 +198,10 @@ def _knn(g: _Graph, clf: Any, x: str, head_name: str) -> str:
     or 1/distance (distance; a row with a zero distance counts only its zero-distance
     neighbours, as KNeighborsClassifier._get_weights), summed per class and normalised.
     skl2onnx's converter computes in float32, which moved the default head's probabilities by
-    up to ~3e-2 (1/distance amplifies rounding), so it is not used for knn."""
+    up to ~3e-2 (1/distance amplifies rounding), so it is not used for knn. One difference
+    stays: training rows at exactly the same distance across the k-th place (duplicate images
+    in several classes) are taken lowest index first here, in scikit-learn's partition order
+    there, so such a query's probabilities can differ."""
     from onnx import TensorProto
 
     metric, weights = clf.effective_metric_, clf.weights
@@ -315,7 +326,7 @@ def _probs(g: _Graph, estimator: Any, x: str, dim: int, opset: int, head_name: s
             probs = g.op("Softmax", [z], "proba", axis=1)
     elif isinstance(clf, (RidgeClassifier, LinearSVC, SGDClassifier)) and beta is not None:
         z = _linear(g, x, clf.coef_, clf.intercept_)
-        probs = _softmax(g, z, clf.coef_.shape[0], beta)
+        probs = _softmax(g, z, _n_scores(clf.coef_), beta)
     elif isinstance(clf, SGDClassifier) and clf.loss == "log_loss" and beta is None:
         # scikit-learn's one-vs-rest probabilities: sigmoid of each score, normalised
         p = g.op("Sigmoid", [_linear(g, x, clf.coef_, clf.intercept_)], "sigmoid")
@@ -331,21 +342,23 @@ def _probs(g: _Graph, estimator: Any, x: str, dim: int, opset: int, head_name: s
             raise ExportError(f"the {head_name} head measures {clf.metric} distances to the "
                               "class centroids; only euclidean ones are exportable: refit it "
                               "without --param metric (euclidean is its default)")
-        if n_classes < CENTROID_MIN_CLASSES:
-            raise ExportError(f"the {head_name} head has {n_classes} classes; a centroid head "
-                              f"is exportable with {CENTROID_MIN_CLASSES} or more: export a "
-                              "logreg, ridge, linear-svm, svm or mlp head of these classes")
         # score_k = -||(x - c_k)/s||^2 + 2 log prior_k (sklearn's discriminant); the ||x/s||^2
-        # term is the same for every class and cancels in the softmax: linear in x.
+        # term is the same for every class and cancels in the softmax: linear in x. Two
+        # classes: decision_function is score_1 - score_0, which the calibration pairs as
+        # (-d, d), as for any binary score
         s = np.asarray(clf.within_class_std_dev_, dtype=np.float64).copy()
         s[s == 0] = 1.0
         c = np.asarray(clf.centroids_, dtype=np.float64) / s
         coef = 2.0 * c / s
         intercept = -(c ** 2).sum(axis=1) + 2.0 * np.log(clf.class_prior_)
-        probs = _softmax(g, _linear(g, x, coef, intercept), n_classes, beta)
+        if n_classes == 2:
+            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+        probs = _softmax(g, _linear(g, x, coef, intercept), _n_scores(coef), beta)
     elif isinstance(clf, SVC) and beta is not None:
+        # skl2onnx's raw scores: one per class; two classes: (-d, d) already, as the
+        # calibration pairs decision_function's d
         scores = _skl2onnx(g, clf, x, width, opset, raw=True)
-        probs = _softmax(g, scores, 1 if n_classes == 2 else n_classes, beta)
+        probs = _softmax(g, scores, n_classes, beta)
     elif isinstance(clf, KNeighborsClassifier) and beta is None:
         probs = _knn(g, clf, x, head_name)
     elif isinstance(clf, MLPClassifier) and beta is None:
@@ -428,9 +441,6 @@ def head_graph(estimator: Any, dim: int, opset: int = DEFAULT_OPSET,
     return helper.make_model(graph, opset_imports=imports, producer_name="embedpipe")
 
 
-CENTROID_MIN_CLASSES = 3  # the calibrated centroid graph (head_graph) needs 3+ classes
-
-
 def _score_classifiers() -> tuple[type, ...]:
     from sklearn.linear_model import RidgeClassifier, SGDClassifier
     from sklearn.neighbors import NearestCentroid
@@ -461,8 +471,7 @@ def refuse_uncalibrated(head: artifacts.HeadFile) -> None:
     why = re.search(r"none \((.*?)(?::|\)$)", str(head.manifest.get("calibration", "")))
     able = _native_heads() + [
         h.name for h in registry.HEADS.values()
-        if not h.native_proba and per_class and train.calibrates(h.name, per_class)
-        and (h.name != "centroid" or len(per_class) >= CENTROID_MIN_CLASSES)]
+        if not h.native_proba and per_class and train.calibrates(h.name, per_class)]
     need = next((n for n in range(2, 100) if name in registry.HEADS and len(per_class) > 1
                  and train.calibrates(name, [n] * len(per_class))), None)
     more = f" (at least {need} of every class)" if need else ""
@@ -692,8 +701,9 @@ def quantize(src: Path, dst: Path, mode: str = "static",
     fp32. Weights and activations are both uint8 (U8U8): on CPUs without VNNI (this one:
     AVX2 only) int8 weights with uint8 activations saturate in the int16 accumulation
     (onnxruntime's quantization docs) and cost accuracy (bench/export.py measures the top-1
-    agreement: bench/results/export.md). dynamic: onnxruntime's quantize_dynamic of every supported op
-    (Conv → ConvInteger too): no calibration, but on conv nets much worse (bench/export.py).
+    agreement: bench/results/export.md). dynamic: onnxruntime's quantize_dynamic of the
+    backbone's supported ops (Conv → ConvInteger too; the head stays fp32 as in static): no
+    calibration, but on conv nets much worse (bench/export.py).
     """
     import logging
 
@@ -708,9 +718,12 @@ def quantize(src: Path, dst: Path, mode: str = "static",
     )
 
     logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing first" advice
-    if mode == "dynamic":
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
-        return "int8 dynamic (onnxruntime quantize_dynamic, all supported ops, uint8 weights)"
+    head_nodes = [n.name for n in onnx.load(str(src)).graph.node if n.name.startswith("head/")]
+    if mode == "dynamic":  # the head stays fp32 here too (knn's probabilities moved by 0.27)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8,
+                         nodes_to_exclude=head_nodes)
+        return ("int8 dynamic (onnxruntime quantize_dynamic, the backbone's supported ops, "
+                "uint8 weights; head in fp32)")
     if mode != "static":
         raise ExportError(f"--int8-mode {mode}: pass one of {', '.join(INT8_MODES)}")
     assert calib is not None
@@ -791,6 +804,10 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
             "`embedpipe fit STORE --head logreg`" if vote else "")) from None
     if say:
         say(f"head {name}: ONNX equals predict_proba within {err:.1g} on sample features")
+    notes = precision_notes(head.identity)
+    for note in notes:
+        if say:
+            say(f"note: {note}")
     bb = _backbone(head, weights)
     bg = backbone_graph(bb, opset)
     hg.ir_version = bg.ir_version
@@ -843,6 +860,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
                                           "meaning": "the head should not decide (--reject "
                                                      f"{rule.source})"}} if rule else {})},
             "reject": None if rule is None else rule.record(),
+            "notes": notes,
             "head": name, "head_file": str(Path(head_path)),
             "manifest": head.manifest,
             "backbone": {"model": bb.name, "weights_source": bb.weights.describe(),
@@ -854,4 +872,17 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
         _io.write_text(sidecar, json.dumps(side, indent=2, default=str) + "\n",
                        flag="--out (its sidecar)")
         size = tmp.stat().st_size
-    return ExportResult(out, sidecar, name, int8, size, int8_mode)
+    return ExportResult(out, sidecar, name, int8, size, int8_mode, notes)
+
+
+def precision_notes(identity: dict[str, Any]) -> list[str]:
+    """Why the exported graph's probabilities may differ from `predict --store`: the head was
+    fitted on (and the store holds) features computed in ``identity['precision']``; the graph's
+    backbone computes fp32. Empty for fp32 stores (there they agree within ~1e-5)."""
+    precision = str(identity.get("precision") or "")
+    if not precision or precision.startswith("fp32"):
+        return []
+    return [f"the head's store holds {precision} features and the ONNX backbone computes fp32, "
+            "so its probabilities can differ from `predict` on the store by a few hundredths "
+            "(knn with distance weights most, up to 0.4 for an image that is in the store); "
+            "for features the graph reproduces, extract with --precision fp32 and refit"]

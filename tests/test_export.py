@@ -104,6 +104,11 @@ def test_sidecar_records_classes_input_spec_and_provenance(work: dict):
     assert side["backbone"]["weights_sha256"] == ident["weights_sha256"]
     assert side["manifest"]["store_identity"]["weights_sha256"] == ident["weights_sha256"]
     assert set(side["outputs"]) == {"probabilities", "label"}
+    assert side["notes"] == []  # an fp32 store: the graph reproduces its features
+    from embedpipe.export import precision_notes
+
+    bf16 = precision_notes({**ident, "precision": "bf16-openvino"})
+    assert len(bf16) == 1 and "bf16-openvino features" in bf16[0] and "--precision fp32" in bf16[0]
     assert {"onnx", "onnxruntime", "torch", "scikit-learn"} <= set(side["versions"])
 
 
@@ -257,3 +262,44 @@ def test_uncalibrated_head_is_refused_naming_only_heads_exportable_from_its_rows
                    "sgd head has uncalibrated scores", "at least 4 of every class")
     ok("fit", small(3), "--head", "centroid", "-o", tmp_path / "c3.skops", "-q")
     ok("export", tmp_path / "c3.skops", "-o", tmp_path / "c3.onnx", "-q")  # 3 per class do
+
+
+def test_two_class_heads_export_exactly(fmnist_store: Path, tmp_path: Path):
+    """Binary heads: ridge's coef_ is 1-D, svm's skl2onnx scores are already (-d, d), and the
+    centroid's decision is score_1 - score_0 (each once crashed export or was refused), alone
+    and inside the vote `fit` chooses by default. The graph equals predict_proba on the
+    store's own features; auto's vote goes through the whole `export`."""
+    from clitools import copy_rows
+
+    from embedpipe.export import check_head, head_graph
+
+    s = open_store(fmnist_store)
+    keep = [i for i in range(len(s.paths)) if s.classes[s.labels[i]] in ("shirt", "t-shirt_top")]
+    two = copy_rows(fmnist_store, tmp_path / "two.h5", keep)
+    X = np.asarray(open_store(two).features, dtype=np.float32)
+    for head in ("ridge", "svm", "centroid", "linear-svm", "sgd", "knn", "logreg+ridge"):
+        ok("fit", two, "--head", head, "-o", tmp_path / f"{head}.skops", "-q")
+        h = artifacts.load(tmp_path / f"{head}.skops")
+        assert len(h.classes) == 2
+        err = check_head(head_graph(h.estimator, X.shape[1], head_name=head), h.estimator, X,
+                         head)
+        assert err < 1e-4, (head, err)
+    ok("fit", two, "-o", tmp_path / "auto.skops", "-q")  # the default head: auto
+    res = ok("export", tmp_path / "auto.skops", "-o", tmp_path / "auto.onnx")
+    assert "exported" in res.output and (tmp_path / "auto.onnx").is_file()
+
+
+def test_int8_dynamic_keeps_the_head_in_fp32(work: dict):
+    """`--int8-mode dynamic` quantizes the backbone only, as static does: quantize_dynamic of the
+    whole graph had turned the head's MatMuls into MatMulInteger (knn's probabilities moved by
+    up to 0.27)."""
+    import onnx
+
+    d = work["dir"]
+    ok("export", d / "logreg.skops", "-o", d / "dyn.onnx", "--int8", "--int8-mode", "dynamic",
+       "-q")
+    nodes = onnx.load(str(d / "dyn.onnx")).graph.node
+    quantized = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QLinearMatMul"}
+    assert any(n.op_type in quantized for n in nodes)  # the backbone is quantized
+    head = [(n.name, n.op_type) for n in nodes if n.name.startswith("head/")]
+    assert head and not [h for h in head if h[1] in quantized], head

@@ -99,8 +99,9 @@ def test_the_fit_summary_names_every_heads_parameters_as_the_manifest_records_th
 
 def test_fit_options_params_search_and_errors(fmnist_store: Path, tmp_path: Path):
     out = tmp_path / "svm.skops"
-    ok("fit", fmnist_store, "--head", "svm", "--param", "C=30", "--param", "pca=32",
-       "--class-weight", "balanced", "-o", out, "-q")
+    res = ok("fit", fmnist_store, "--head", "svm", "--param", "C=30", "--param", "pca=32",
+             "--class-weight", "balanced", "-o", out, "-q")
+    assert "(prep=l2 C=30 gamma=scale class_weight=balanced pca=32)" in res.output, res.output
     m = artifacts.load(out).manifest
     # the user's parameters, over the svm's defaults (L2 rows and C=3: no data rule)
     assert m["params"] == {"C": 30, "pca": 32} and m["class_weight"] == "balanced"

@@ -224,6 +224,8 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "training")
     if search:
+        for h in names:
+            heads.check_searchable(h)
         for i, (tr, _) in enumerate(splits):
             c, m = min_class(y[tr])
             if m < 2:

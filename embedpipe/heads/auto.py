@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import naming
+from ..errors import first_line, naming
 from . import registry as heads
 from .rows import EvaluateError, min_class
 
@@ -246,7 +246,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
                     cols = np.searchsorted(classes, np.asarray(est.classes_))
                     oof[np.ix_(te, cols)] = s
         except (ValueError, np.linalg.LinAlgError, fewshot.FewShotError) as e:  # too few rows
-            notes.append(f"{name} failed to fit ({type(e).__name__}); left out")
+            notes.append(f"{name} failed to fit on these rows ({first_line(e, 120)}); left out")
             continue
         cost[head] = time.perf_counter() - t0
         if cut:

@@ -15,6 +15,7 @@ without trusting any code of ours or anybody else's (see artifacts.py).
 from __future__ import annotations
 
 import ast
+import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -502,6 +503,8 @@ def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, 
             continue
         if key == "pca":
             out["pca"] = _pca(value, seed)
+        elif head.members and key in ("voting", "weights"):
+            out[f"clf__{key}"] = _vote_setting(head, key, value)
         elif key in valid:
             out[f"clf__{key}"] = value
         else:
@@ -511,6 +514,26 @@ def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, 
             raise HeadError(f"--param {key}: {head.name} has no such parameter; pass one of "
                             f"{shown}")
     return out
+
+
+def _vote_setting(head: Head, key: str, value: Any) -> Any:
+    """An ensemble's ``voting`` (soft only: every output of a head is a probability) or
+    ``weights`` (one non-negative number per member, not all 0), checked; HeadError if not."""
+    if key == "voting":
+        if value != "soft":
+            raise HeadError(f"--param voting={value}: {head.name} votes with its members' "
+                            "probabilities (soft), which predict, reject and export need; "
+                            "leave voting out")
+        return value
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    n = len(head.members)
+    if (len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    and math.isfinite(v) and v >= 0 for v in values)
+            or not sum(values) > 0):
+        raise HeadError(f"--param weights={','.join(map(str, values))}: pass {n} non-negative "
+                        f"numbers, not all 0, one per member of {head.name} in that order "
+                        f"(e.g. weights={','.join(['1'] * n)})")
+    return [float(v) for v in values]
 
 
 def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str | None = None,
@@ -557,6 +580,18 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
         first = first_line(e)
         raise HeadError(f"--param for {name}: {first} (see `embedpipe heads`)") from None
     return pipe
+
+
+def check_searchable(name: str) -> None:
+    """``--search`` needs a grid: an ensemble has none of its own (each member has its own,
+    searched alone). Raises HeadError with the ways to get a searched vote."""
+    head = get(name)
+    if head.members:
+        first = head.members[0]
+        raise HeadError(f"--search: {name} is an ensemble, which has no grid of its own; "
+                        f"search each member alone (`embedpipe fit STORE --head {first} "
+                        f"--search`) and pass what it chose as --param {first}__clf__NAME=VALUE, "
+                        "or use --head auto, which searches the heads and votes the best ones")
 
 
 def param_grid(name: str, fixed: dict[str, Any] | None = None, *,
@@ -640,6 +675,8 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     keys += [k for k in got if k not in ("random_state", "class_weight") and _plain(got[k])
              and repr(got[k]) != repr(own.get(k))]
     out.update({k: got[k] for k in dict.fromkeys(keys) if k in got})
+    if got.get("class_weight") is not None:  # --class-weight, when the head takes it
+        out["class_weight"] = got["class_weight"]
     pca = pipe.named_steps.get("pca", "passthrough")
     if pca != "passthrough":
         out["pca"] = pca.n_components

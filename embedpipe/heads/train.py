@@ -157,6 +157,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                 "parameters by its own cross-validation (pass a named head to search its grid)")
         return auto.fit(store_path, out, params=params, class_weight=class_weight, seed=seed,
                         say=say)
+    if search:
+        heads.check_searchable(head)
     t0 = time.perf_counter()
     spec = heads.get(head)
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
