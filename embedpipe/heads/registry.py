@@ -675,8 +675,8 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     keys += [k for k in got if k not in ("random_state", "class_weight") and _plain(got[k])
              and repr(got[k]) != repr(own.get(k))]
     out.update({k: got[k] for k in dict.fromkeys(keys) if k in got})
-    if got.get("class_weight") is not None:  # --class-weight, when the head takes it
-        out["class_weight"] = got["class_weight"]
+    if isinstance(got.get("class_weight"), str):  # --class-weight, when the head takes it
+        out["class_weight"] = got["class_weight"]  # (streaming heads hold it per class)
     pca = pipe.named_steps.get("pca", "passthrough")
     if pca != "passthrough":
         out["pca"] = pca.n_components
@@ -691,7 +691,7 @@ def format_params(params: dict[str, Any]) -> str:
             return ",".join(value(i) for i in x)
         return f"{x:g}" if isinstance(x, float) else str(x)
 
-    if any(isinstance(v, dict) for v in params.values()):
+    if params and all(isinstance(v, dict) for v in params.values()):
         return "; ".join(f"{k}: {format_params(v)}" for k, v in params.items())
     return " ".join(f"{k}={value(v)}" for k, v in params.items()) or "-"
 
