@@ -181,7 +181,7 @@ def test_an_interrupted_ray_run_resumes_from_its_shard_stores(ray_data: Path, re
     proc.send_signal(signal.SIGINT)
     code, stdout, stderr = finish(proc)
     assert code == 130, (stdout, stderr)
-    assert "interrupted" in stdout and "Traceback" not in stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr, (stdout, stderr)
     kept = committed_rows(shards[0])
     assert 8 <= kept < 42
     assert not out.exists()  # the merge runs only after every shard finished

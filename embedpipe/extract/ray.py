@@ -312,10 +312,15 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
                                      view_shape, summary, shard_summaries, bar, say)
                 if summary.interrupted:
                     break
+        except KeyboardInterrupt:  # outside the batch loop (a wave's start or its shards'
+            summary.interrupted = True  # closing): what was committed stays, as inside it
         finally:
             bar.close()
     finally:
-        cluster.close()
+        try:
+            cluster.close()
+        except KeyboardInterrupt:  # Ctrl-C during Ray's shutdown: the shards are closed
+            summary.interrupted = True
     for s in shard_summaries:
         for k in ("extracted", "replaced", "unchanged", "failed", "pruned"):
             setattr(summary, k, getattr(summary, k) + getattr(s, k))
