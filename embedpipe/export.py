@@ -90,12 +90,13 @@ class _Graph:
         self.n += 1
         return f"head/{what}_{self.n}"
 
-    def const(self, value: Any, what: str = "c") -> str:
+    def const(self, value: Any, what: str = "c", dtype: Any = None) -> str:
+        """An initializer: integers as int64, other numbers as float32 (or ``dtype``)."""
         from onnx import numpy_helper
 
         name = self.name(what)
         arr = np.asarray(value)
-        arr = arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float32)
+        arr = arr.astype(dtype or (np.int64 if arr.dtype.kind in "iu" else np.float32))
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
@@ -211,31 +212,28 @@ def _knn(g: _Graph, clf: Any, x: str, head_name: str) -> str:
                           "distance weights: refit it with those --param values")
     fit_x = np.asarray(clf._fit_X, dtype=np.float64)
     n_classes = len(clf.classes_)
+
+    def dconst(value: Any, what: str) -> str:  # float64, as scikit-learn computes
+        return g.const(value, what, dtype=np.float64)
+
     xd = g.op("Cast", [x], "x64", to=TensorProto.DOUBLE)
     axis1 = g.const(np.array([1], dtype=np.int64), "axis1")
-
-    def dconst(value: Any, what: str) -> str:  # _Graph.const stores float32; these are float64
-        from onnx import numpy_helper
-
-        name = g.name(what)
-        g.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float64), name))
-        return name
-
+    axis2 = g.const(np.array([2], dtype=np.int64), "axis2")
+    zero = dconst(0.0, "zero")
+    sq = g.op("ReduceSum", [g.op("Mul", [xd, xd], "sq"), axis1], "sqsum", keepdims=1)
     if metric == "cosine":
-        norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [xd, xd], "sq"), axis1], "sqsum",
-                                  keepdims=1)], "norm")
-        xn = g.op("Div", [xd, g.op("Max", [norm, dconst(1e-300, "eps")], "norm_safe")], "xn")
+        xn = g.op("Div", [xd, g.op("Max", [g.op("Sqrt", [sq], "norm"), dconst(1e-300, "eps")],
+                                   "norm_safe")], "xn")
         tn = fit_x / np.maximum(np.linalg.norm(fit_x, axis=1, keepdims=True), 1e-300)
         sim = g.op("MatMul", [xn, dconst(np.ascontiguousarray(tn.T), "train_t")], "cos")
-        dist = g.op("Clip", [g.op("Sub", [dconst(1.0, "one"), sim], "d"), dconst(0.0, "zero"),
+        dist = g.op("Clip", [g.op("Sub", [dconst(1.0, "one"), sim], "d"), zero,
                              dconst(2.0, "two")], "dist")
     else:
-        sq = g.op("ReduceSum", [g.op("Mul", [xd, xd], "sq"), axis1], "sqsum", keepdims=1)
         cross = g.op("MatMul", [xd, dconst(np.ascontiguousarray(-2.0 * fit_x.T), "train_t")],
                      "cross")
         d2 = g.op("Add", [g.op("Add", [sq, cross], "d2a"),
                           dconst((fit_x ** 2).sum(axis=1)[None, :], "train_sq")], "d2")
-        dist = g.op("Sqrt", [g.op("Max", [d2, dconst(0.0, "zero")], "d2pos")], "dist")
+        dist = g.op("Sqrt", [g.op("Max", [d2, zero], "d2pos")], "dist")
     k = g.const(np.array([clf.n_neighbors], dtype=np.int64), "k")
     near = g.name("near_dist")
     idx = g.name("near_idx")
@@ -246,25 +244,23 @@ def _knn(g: _Graph, clf: Any, x: str, head_name: str) -> str:
     labels = g.op("Gather", [g.const(np.asarray(clf._y, dtype=np.int64), "train_y"), idx],
                   "near_y")
     onehot = g.op("Cast", [g.op("Equal", [
-        g.op("Unsqueeze", [labels, g.const(np.array([2], dtype=np.int64), "axis2")], "y3"),
+        g.op("Unsqueeze", [labels, axis2], "y3"),
         g.const(np.arange(n_classes, dtype=np.int64).reshape(1, 1, -1), "classes")], "is_k")],
         "onehot", to=TensorProto.DOUBLE)
     if weights == "uniform":
         votes = onehot
     else:
-        zero = g.op("Cast", [g.op("Equal", [near, dconst(0.0, "zero_d")], "at0")], "at0d",
-                    to=TensorProto.DOUBLE)
-        any_zero = g.op("Greater", [g.op("ReduceSum", [zero, axis1], "n0", keepdims=1),
-                                    dconst(0.0, "none")], "any0")
+        at0 = g.op("Cast", [g.op("Equal", [near, zero], "at0")], "at0d", to=TensorProto.DOUBLE)
+        any_zero = g.op("Greater", [g.op("ReduceSum", [at0, axis1], "n0", keepdims=1), zero],
+                        "any0")
         inv = g.op("Div", [dconst(1.0, "one_w"), g.op("Max", [near, dconst(1e-300, "tiny")],
                                                        "near_safe")], "inv")
-        w = g.op("Where", [any_zero, zero, inv], "w")
-        votes = g.op("Mul", [onehot, g.op("Unsqueeze", [w, g.const(np.array([2], dtype=np.int64),
-                                                                   "axis2w")], "w3")], "votes")
+        w = g.op("Where", [any_zero, at0, inv], "w")
+        votes = g.op("Mul", [onehot, g.op("Unsqueeze", [w, axis2], "w3")], "votes")
     score = g.op("ReduceSum", [votes, axis1], "score", keepdims=0)
     total = g.op("ReduceSum", [score, axis1], "total", keepdims=1)
-    total = g.op("Where", [g.op("Equal", [total, dconst(0.0, "zero_t")], "t0"),
-                           dconst(1.0, "one_t"), total], "total_safe")
+    total = g.op("Where", [g.op("Equal", [total, zero], "t0"), dconst(1.0, "one_t"), total],
+                 "total_safe")
     return g.op("Cast", [g.op("Div", [score, total], "p64")], "proba", to=TensorProto.FLOAT)
 
 
@@ -450,8 +446,7 @@ def _score_classifiers() -> tuple[type, ...]:
 
 
 def _native_heads() -> list[str]:
-    """Heads exportable whatever their training rows: native probabilities (knn with the
-    caveat that skl2onnx must reproduce it)."""
+    """Heads exportable whatever their training rows: those with native probabilities."""
     from .heads.registry import HEADS
 
     return [h.name for h in HEADS.values() if h.native_proba]
@@ -707,7 +702,6 @@ def quantize(src: Path, dst: Path, mode: str = "static",
     """
     import logging
 
-    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -718,10 +712,9 @@ def quantize(src: Path, dst: Path, mode: str = "static",
     )
 
     logging.getLogger().setLevel(logging.ERROR)  # its "run pre-processing first" advice
-    head_nodes = [n.name for n in onnx.load(str(src)).graph.node if n.name.startswith("head/")]
     if mode == "dynamic":  # the head stays fp32 here too (knn's probabilities moved by 0.27)
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8,
-                         nodes_to_exclude=head_nodes)
+                         nodes_to_exclude=_head_nodes(src))
         return ("int8 dynamic (onnxruntime quantize_dynamic, the backbone's supported ops, "
                 "uint8 weights; head in fp32)")
     if mode != "static":
@@ -743,16 +736,23 @@ def quantize(src: Path, dst: Path, mode: str = "static",
     pre = pre or dst.with_name(f".{dst.name}.pre.tmp")
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("head/")]
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QUInt8, op_types_to_quantize=["Conv", "MatMul",
                                                                            "Gemm"],
-                        nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax)
+                        nodes_to_exclude=_head_nodes(pre),
+                        calibrate_method=CalibrationMethod.MinMax)
     finally:
         pre.unlink(missing_ok=True)
     return (f"int8 static (QDQ, per-channel uint8 weights, uint8 activations, MinMax over "
             f"{len(calib)} calibration images; head in fp32)")
+
+
+def _head_nodes(model_path: Path) -> list[str]:
+    """Names of the head's nodes (``head/*``, _Graph) in an ONNX file: kept fp32 by quantize."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(model_path)).graph.node if n.name.startswith("head/")]
 
 
 def sidecar_path(out: str | Path) -> Path:
@@ -805,8 +805,8 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     if say:
         say(f"head {name}: ONNX equals predict_proba within {err:.1g} on sample features")
     notes = precision_notes(head.identity)
-    for note in notes:
-        if say:
+    if say:
+        for note in notes:
             say(f"note: {note}")
     bb = _backbone(head, weights)
     bg = backbone_graph(bb, opset)

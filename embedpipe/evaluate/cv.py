@@ -115,8 +115,7 @@ def _effective(fits: list[dict[str, Any]], head: str,
     head's results over folds, and stores) shares, and per fit the ones it does not share
     (what fewshot.adapt lowered on a fold's fewer rows) or that ``search`` chose (its grid's:
     per fit even where every fit chose the same)."""
-    spec = heads.get(head)
-    searched = {*spec.grid, *(k for g in spec.prep_grid.values() for k in g)} if search else set()
+    searched = set(heads.get(head).searched()) if search else set()
     got = [f["effective_params"] for f in fits]
     common = {k: v for k, v in got[0].items()
               if k not in searched and all(repr(g.get(k)) == repr(v) for g in got)}

@@ -183,6 +183,10 @@ class Head:
     # partial_fit (see stream.py); max_iter is the number of epochs
     streaming: bool = False
 
+    def searched(self) -> list[str]:
+        """The short names of the parameters its grids search (``grid`` and ``prep_grid``)."""
+        return list(dict.fromkeys([*self.grid, *(k for g in self.prep_grid.values() for k in g)]))
+
     def defaults(self) -> dict[str, Any]:
         """The final estimator's parameters that differ from scikit-learn's own defaults."""
         est = self.make(0)
@@ -671,7 +675,7 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
                                         "+".join(steps))}
     got = final.get_params(deep=False)
     own = head.make(0).get_params(deep=False)
-    keys = [*head.defaults(), *head.grid, *(k for g in head.prep_grid.values() for k in g)]
+    keys = [*head.defaults(), *head.searched()]
     keys += [k for k in got if k not in ("random_state", "class_weight") and _plain(got[k])
              and repr(got[k]) != repr(own.get(k))]
     out.update({k: got[k] for k in dict.fromkeys(keys) if k in got})
