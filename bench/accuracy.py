@@ -326,10 +326,15 @@ def targets_text(name, rs, hs) -> str:
         bs = max(searched, key=lambda r: r["accuracy"])
         lines.append(f"- auto {a:.3f} vs best single head with --search ({bs['head']}) "
                      f"{bs['accuracy']:.3f}: {'met' if a >= bs['accuracy'] else 'not met'}")
-    if hs:
-        lines.append(f"- auto {a:.3f} vs best configuration by hand ({hs[0]['config']}) "
-                     f"{hs[0]['accuracy']:.3f}: "
-                     f"{'met' if a >= hs[0]['accuracy'] - 0.01 else 'not met'} (within 1 point)")
+    # by hand: the best test accuracy of anything a user could have fitted, auto's scored
+    # candidates and every head's defaults and --search rows alike (auto's table alone hides
+    # the heads its budget cut: 60k rows, 2026-11-30)
+    by_hand = [(h["config"], h["accuracy"]) for h in hs] + [
+        (f"{r['head']} {r['kind']}", r["accuracy"]) for r in rs if r["head"] != "auto"]
+    if by_hand:
+        cfg, best = max(by_hand, key=lambda t: t[1])
+        lines.append(f"- auto {a:.3f} vs best configuration by hand ({cfg}) {best:.3f}: "
+                     f"{'met' if a >= best - 0.01 else 'not met'} (within 1 point)")
     gap = best_default["accuracy"] - worst_default["accuracy"]
     lines.append(f"- defaults spread: best {best_default['head']} {best_default['accuracy']:.3f}, "
                  f"worst {worst_default['head']} {worst_default['accuracy']:.3f} "

@@ -160,3 +160,43 @@ def test_auto_shows_each_fold_on_large_stores(fmnist_store, monkeypatch):
     first = said[0].removeprefix("auto: scoring ")
     assert said[:3] == [f"auto: scoring {first}", f"auto: scoring {first}, fold 2/3",
                         f"auto: scoring {first}, fold 3/3"], said[:4]
+
+
+def test_large_stores_are_scored_on_a_stratified_sample_and_fitted_on_all_rows(
+        fmnist_store, tmp_path, monkeypatch):
+    """Above SELECT_ROWS rows the candidates are scored on a sample (a whole large store does
+    not fit the budget: 60k rows cut the search after its first candidate), and the choice is
+    fitted on every row; the note says so. The fixture's 200 rows stand in for a large store."""
+    from embedpipe.heads import fewshot
+
+    monkeypatch.setattr(auto, "SELECT_ROWS", 100)
+    monkeypatch.setattr(auto, "SAMPLE_MIN_PER_CLASS", 5)
+    fitted = []  # the rows of every fit: each candidate's folds, then the choice's refit
+    adapt = fewshot.adapt
+    monkeypatch.setattr(fewshot, "adapt", lambda est, y, *a, **k: (
+        fitted.append(len(y)), adapt(est, y, *a, **k))[1])
+    out = tmp_path / "a.skops"
+    res = ok("fit", fmnist_store, "-o", out, "--budget", "10000")
+    note = "200 rows: candidates scored on a stratified sample of 100 of them (seed 0); " \
+           "the choice is fitted on all 200"
+    assert f"note: {note}" in res.output
+    m = artifacts.load(out).manifest
+    assert note in m["auto"]["notes"]
+    assert m["training"]["rows"] == 200
+    assert len(fitted) > 5 and set(fitted[:-1]) == {80}  # 4/5 of the sample in each fold
+    assert fitted[-1] == 200  # the choice: every row
+
+
+def test_score_sample_keeps_each_class_share_and_small_classes_whole(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(auto, "SELECT_ROWS", 1000)
+    y = np.array(["a"] * 9000 + ["b"] * 1000 + ["c"] * 30 + ["d"] * 300)
+    s = auto.score_sample(y, seed=0)
+    got = dict(zip(*np.unique(y[s], return_counts=True)))
+    # shares of 1000 rows: a 871, b 97, c all 30 (under SAMPLE_MIN_PER_CLASS), d 29 -> 50
+    assert got == {"a": 871, "b": 97, "c": 30, "d": 50}, got
+    assert np.all(np.diff(s) > 0)  # sorted, no row twice
+    assert np.array_equal(s, auto.score_sample(y, seed=0))  # seeded
+    assert not np.array_equal(s, auto.score_sample(y, seed=1))
+    assert auto.score_sample(y[:1000], seed=0) is None  # up to SELECT_ROWS: every row
