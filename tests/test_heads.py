@@ -475,6 +475,45 @@ def test_an_ensembles_members_take_their_data_rules_as_alone(fmnist_store: Path,
         head.manifest["params"]  # nothing differs from what the ensemble builds on this data
 
 
+def test_param_shorthand_reaches_an_ensembles_members_and_shows_as_fitted(fmnist_store: Path,
+                                                                          tmp_path: Path):
+    """`--param knn:weights=uniform` sets knn's weights inside svm+knn, a plain `C=1` every
+    member that has C (svm), `pca=20` the PCA before the vote; the fit line, the manifest's
+    effective_params and cv show them (they used to be refused, and pca was not shown). A
+    member or a parameter that is not there is refused in one line naming what is."""
+    out = tmp_path / "e.skops"
+    res = ok("fit", fmnist_store, "--head", "svm+knn", "--param", "knn:weights=uniform",
+             "--param", "C=1", "--param", "pca=20", "-o", out, "-q")
+    line = res.output.strip().splitlines()[-1]
+    assert "(pca=20; svm: prep=l2 C=1 gamma=scale; knn: prep=l2+lda " in line, line
+    assert "weights=uniform)" in line, line
+    head = artifacts.load(out)
+    pipe = head.estimator
+    assert pipe.named_steps["pca"].n_components == 20
+    vote = pipe.named_steps["clf"]
+    assert vote.named_estimators_["knn"]["clf"].weights == "uniform"
+    assert vote.named_estimators_["svm"].estimator["clf"].C == 1  # calibrated: inside
+    eff = head.manifest["effective_params"]
+    assert eff["pca"] == 20 and eff["svm"]["C"] == 1 and eff["knn"]["weights"] == "uniform"
+    assert eff["knn"]["n_neighbors"] == 10  # the rest as the member alone
+
+    bad = tmp_path / "x.skops"
+    one_line_error(cli("fit", fmnist_store, "--head", "svm+knn", "-p", "logreg:C=1", "-o",
+                       bad), "logreg is not a member of svm+knn", "svm, knn")
+    one_line_error(cli("fit", fmnist_store, "--head", "svm+knn", "-p", "knn:C=1", "-o", bad),
+                   "knn has no parameter C", "n_neighbors")
+    one_line_error(cli("fit", fmnist_store, "--head", "svm+knn", "-p", "alpha=1", "-o", bad),
+                   "no member of svm+knn has a parameter alpha", "MEMBER:NAME=VALUE")
+    assert not bad.exists()
+
+    report = tmp_path / "cv.json"
+    ok("cv", fmnist_store, "--head", "knn", "--head", "svm+knn", "-p", "knn:n_neighbors=3",
+       "-p", "C=1", "--folds", "2", "--json", report, "-q")
+    got = {h["head"]: h["effective_params"] for h in json.loads(report.read_text())["heads"]}
+    assert got["knn"]["n_neighbors"] == 3 and got["svm+knn"]["knn"]["n_neighbors"] == 3
+    assert got["svm+knn"]["svm"]["C"] == 1
+
+
 def test_ctrl_c_stops_a_fit_even_inside_an_mlp(fmnist_store: Path, tmp_path: Path):
     """scikit-learn's MLPClassifier catches KeyboardInterrupt and returns the half-trained
     model, which `fit` then saved with exit 0 (and `cv` scored). Inside a head's fit Ctrl-C

@@ -106,20 +106,26 @@ INNER_FOLDS = 3
 def resolve_params(head_names: list[str], items: list[str] | None, *,
                    seed: int = 0) -> dict[str, dict[str, Any]]:
     """``--param`` items → parameters per head. ``NAME=VALUE`` goes to every head in
-    ``head_names`` that has parameter NAME (an error when none has it); ``HEAD:NAME=VALUE`` to
-    that head only, overriding the former. Values are validated by building each head."""
+    ``head_names`` that has parameter NAME (an ensemble has it when it or a member does: see
+    registry.member_params; an error when none has it); ``HEAD:NAME=VALUE`` to that head, and
+    to the member HEAD of every ensemble evaluated, overriding the former. Values are validated
+    by building each head."""
     out: dict[str, dict[str, Any]] = {h: {} for h in head_names}
     specific: list[tuple[str, str, Any]] = []
     for item in items or []:
         ((key, value),) = heads.parse_params([item]).items()
-        head, sep, name = key.partition(":")
+        head, sep, name = key.partition(heads.MEMBER_SEP)
+        head, name = head.strip(), name.strip()
         if sep:
-            heads.get(head.strip())
-            if head.strip() not in out:
-                raise heads.HeadError(f"--param {item}: {head.strip()} is not among the heads "
-                                      f"being evaluated ({', '.join(head_names)}); add --head "
-                                      f"{head.strip()} or drop the '{head.strip()}:' prefix")
-            specific.append((head.strip(), name.strip(), value))
+            heads.get(head)
+            within = [h for h in head_names if head in heads.get(h).members]
+            if head not in out and not within:
+                raise heads.HeadError(f"--param {item}: {head} is not among the heads "
+                                      f"being evaluated ({', '.join(head_names)}) nor a member "
+                                      f"of one; add --head {head} or drop the '{head}:' prefix")
+            if head in out:
+                specific.append((head, name, value))
+            specific += [(h, f"{head}{heads.MEMBER_SEP}{name}", value) for h in within]
             continue
         takers = [h for h in head_names if _has_param(h, key, seed)]
         if not takers:
@@ -150,9 +156,13 @@ def resolve_params(head_names: list[str], items: list[str] | None, *,
 def _has_param(head: str, name: str, seed: int) -> bool:
     if head == heads.AUTO.name:
         return name == "budget"
-    if name == "prep":
-        return not heads.get(head).members
-    return name == "pca" or name in heads.get(head).make(seed).get_params()
+    spec = heads.get(head)
+    if spec.members:  # its own (pca, weights...) or a member's (registry.member_params)
+        if name in heads.ENSEMBLE_OWN or "__" in name:
+            return name in heads.ENSEMBLE_OWN or name in spec.make(seed).get_params()
+        return name != "prep" and any(name in heads.param_names(heads.get(m))
+                                      for m in spec.members)
+    return name == "pca" or name in spec.make(seed).get_params()
 
 
 def convergence_note(head: str, count: int, where: str = "", param: str = "") -> str:

@@ -363,7 +363,12 @@ def with_data_defaults(name: str, params: dict[str, Any] | None, y: Any,
     given = dict(params or {})
     if name == AUTO.name or ENSEMBLE_SEP in name or name not in DATA_RULES:
         return given
-    rule = data_params(name, *data_of(y, dim))
+    return _over_rule(data_params(name, *data_of(y, dim)), given)
+
+
+def _over_rule(rule: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The user's parameters ``given`` over a data rule's (with_data_defaults: a rule that sets
+    ``prep`` is dropped whole when ``given`` sets another prep)."""
     if "prep" in rule and "prep" in given and given["prep"] != rule["prep"]:
         rule = {}
     return {**rule, **given}
@@ -405,9 +410,11 @@ def _ensemble(name: str) -> Head:
 
 
 def _voting(specs: list[Head], seed: int, class_weight: str | None,
-            data: tuple[int, int] | None = None) -> Any:
+            data: tuple[int, int] | None = None,
+            given: dict[str, dict[str, Any]] | None = None) -> Any:
     """Members with their defaults (with ``data``, (rows per class of the smallest class,
-    feature dimension), their defaults for that data: DATA_RULES, as when fitted alone); those
+    feature dimension), their defaults for that data: DATA_RULES, as when fitted alone) under
+    the parameters ``given`` to each (``{member: short params}``, member_params); those
     without native probabilities are calibrated by temperature scaling on
     ENSEMBLE_CALIBRATION_FOLDS-fold CV of the ensemble's training data, so every vote is a
     probability."""
@@ -416,7 +423,9 @@ def _voting(specs: list[Head], seed: int, class_weight: str | None,
 
     members = []
     for h in specs:
-        est: Any = build(h.name, data_params(h.name, *data) if data else None,
+        own = (given or {}).get(h.name, {})
+        params = _over_rule(data_params(h.name, *data), own) if data else own
+        est: Any = build(h.name, params or None,
                          class_weight=class_weight if h.class_weight else None, seed=seed)
         if not h.native_proba:
             est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
@@ -439,6 +448,64 @@ def vote_calibration(estimator: Any) -> str:
     weights = ("equal weights" if vote.weights is None
                else "weights " + ", ".join(f"{w:g}" for w in vote.weights))
     return f"soft vote ({weights}) of its members' probabilities: {', '.join(members)}"
+
+
+MEMBER_SEP = ":"  # --param MEMBER:NAME=VALUE sets NAME on one member of an ensemble
+# an ensemble's own parameters (a plain NAME=VALUE of these is not passed to its members): the
+# PCA before the vote and the VotingClassifier's voting and weights (knn's own weights is
+# knn:weights); scikit-learn paths (knn__clf__weights) are its own too
+ENSEMBLE_OWN = ("pca", "voting", "weights")
+
+
+def param_names(head: Head) -> list[str]:
+    """The short parameter names a single head takes: pca, prep and its final estimator's."""
+    return ["pca", "prep", *(k for k in head.make(0).get_params()
+                             if k != "memory" and not k.endswith("__memory"))]
+
+
+def _shown(names: list[str]) -> str:
+    names = sorted(names, key=lambda n: (n.count("__"), n))
+    return ", ".join(names[:16]) + (f" (and {len(names) - 16} more)" if len(names) > 16 else "")
+
+
+def member_params(head: Head,
+                  params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """An ensemble's ``--param`` items split into its own (ENSEMBLE_OWN, scikit-learn paths such
+    as ``knn__clf__n_neighbors``, and ``prep``, which prep_steps refuses) and each member's:
+    ``MEMBER:NAME`` sets NAME on that member; a plain ``NAME`` goes to every member that takes
+    it; ``MEMBER:NAME`` wins over a plain ``NAME``. Returns (own, {member: short params}).
+    Raises HeadError naming the members when MEMBER is not one, the member's parameters when it
+    has no NAME, and the ways to set one when no member has a plain NAME."""
+    own: dict[str, Any] = {}
+    per: dict[str, dict[str, Any]] = {m: {} for m in head.members}
+    specific: list[tuple[str, str, Any]] = []
+    for key, value in params.items():
+        member, sep, name = key.partition(MEMBER_SEP)
+        member, name = member.strip(), name.strip()
+        if sep:
+            if member not in head.members:
+                raise HeadError(f"--param {key}: {member} is not a member of {head.name}; pass "
+                                f"MEMBER{MEMBER_SEP}NAME=VALUE with MEMBER one of "
+                                f"{', '.join(head.members)}")
+            if name not in param_names(get(member)):
+                raise HeadError(f"--param {key}: the member {member} has no parameter {name}; "
+                                f"pass one of {_shown(param_names(get(member)))}")
+            specific.append((member, name, value))
+        elif key in ENSEMBLE_OWN or key == "prep" or "__" in key:
+            own[key] = value
+        else:
+            takers = [m for m in head.members if key in param_names(get(m))]
+            if not takers:
+                raise HeadError(f"--param {key}: no member of {head.name} has a parameter "
+                                f"{key}; pass a member's parameter (see `embedpipe heads`), as "
+                                f"MEMBER{MEMBER_SEP}NAME=VALUE for one member (e.g. "
+                                f"{head.members[0]}{MEMBER_SEP}NAME=VALUE), or one of the "
+                                f"ensemble's own: {', '.join(ENSEMBLE_OWN)}")
+            for m in takers:
+                per[m][key] = value
+    for m, name, value in specific:
+        per[m][name] = value
+    return own, per
 
 
 def parse_value(text: str) -> Any:
@@ -488,7 +555,8 @@ def prep_steps(head: Head, value: Any = None) -> tuple[str, ...]:
         return head.steps
     if head.members:
         raise HeadError(f"--param prep={value}: an ensemble's members keep their own "
-                        "preprocessing; set it on a single head")
+                        f"preprocessing; set it on one member (--param "
+                        f"{head.members[0]}{MEMBER_SEP}prep={value}) or on a single head")
     try:
         return PREP_CHOICES[str(value)]
     except KeyError:
@@ -498,6 +566,8 @@ def prep_steps(head: Head, value: Any = None) -> tuple[str, ...]:
 def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, Any]:
     """Short parameter names → pipeline names, validated against the final estimator
     (``prep`` is taken by ``build``: it chooses the steps, not a parameter of one)."""
+    if head.members:  # its members' short parameters are set by build (member_params)
+        params = member_params(head, params)[0]
     # an ensemble's members are Pipelines: their ``memory`` is lda_cache's, not a parameter
     valid = {k: v for k, v in head.make(seed).get_params().items()
              if k != "memory" and not k.endswith("__memory")}
@@ -512,11 +582,8 @@ def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, 
         elif key in valid:
             out[f"clf__{key}"] = value
         else:
-            names = sorted(["pca", "prep", *valid], key=lambda n: (n.count("__"), n))
-            shown = ", ".join(names[:16]) + (f" (and {len(names) - 16} more)"
-                                             if len(names) > 16 else "")
             raise HeadError(f"--param {key}: {head.name} has no such parameter; pass one of "
-                            f"{shown}")
+                            f"{_shown(['pca', 'prep', *valid])}")
     return out
 
 
@@ -545,14 +612,17 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
     """An unfitted pipeline for head ``name`` with its defaults, overridden by ``params``.
     ``data`` (rows per class of the smallest class, feature dimension; see ``data_of``) gives
     an ensemble's members their defaults for that data (DATA_RULES), as each has when fitted
-    alone; a single head takes its data defaults through ``params`` (with_data_defaults)."""
+    alone; a single head takes its data defaults through ``params`` (with_data_defaults).
+    An ensemble's ``params`` may set its members' (``knn:weights``, or a plain name for every
+    member that has it: member_params). Raises HeadError on an unknown name or a bad value."""
     head = get(name)
     prep = prep_steps(head, (params or {}).get("prep"))
     steps: list[tuple[str, Any]] = [(step, STEP_FACTORIES[step]()) for step in prep]
     if head.members:  # each member has its own preprocessing; class weights go to them
         if class_weight not in (None, "balanced"):
             raise HeadError(f"--class-weight {class_weight}: pass balanced (or leave it out)")
-        final = _voting([get(m) for m in head.members], seed, class_weight, data)
+        final = _voting([get(m) for m in head.members], seed, class_weight, data,
+                        member_params(head, params or {})[1])
         class_weight = None
     else:
         final = head.make(seed)
@@ -660,15 +730,18 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     steps left on, a PREP_CHOICES name), then the classifier's parameters that the head sets
     (Head.defaults) or searches (its grids), then any other parameter that differs from the
     head's own (``tol``...), and ``pca`` when on. For an ensemble: ``{member: its key
-    parameters}``. What the fit summary, the head's manifest (``effective_params``) and the
-    cv/compare reports show: what was fitted, defaults included."""
+    parameters}``, preceded by ``pca`` when a PCA runs before the vote. What the fit summary,
+    the head's manifest (``effective_params``) and the cv/compare reports show: what was
+    fitted, defaults included."""
     pipe = _pipeline(estimator)
     head = get(name)
     if pipe is None:
         return {}
     final = pipe.steps[-1][1]
+    pca = pipe.named_steps.get("pca", "passthrough")
     if head.members and hasattr(final, "estimators"):
-        return {member: effective_params(member, est) for member, est in final.estimators}
+        return {**({} if pca == "passthrough" else {"pca": pca.n_components}),
+                **{member: effective_params(member, est) for member, est in final.estimators}}
     steps = tuple(step for step, obj in pipe.steps[:-1]
                   if step in PREPROCESSING and obj != "passthrough")
     out: dict[str, Any] = {"prep": next((k for k, v in PREP_CHOICES.items() if v == steps),
@@ -681,7 +754,6 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     out.update({k: got[k] for k in dict.fromkeys(keys) if k in got})
     if isinstance(got.get("class_weight"), str):  # --class-weight, when the head takes it
         out["class_weight"] = got["class_weight"]  # (streaming heads hold it per class)
-    pca = pipe.named_steps.get("pca", "passthrough")
     if pca != "passthrough":
         out["pca"] = pca.n_components
     return out
@@ -689,15 +761,19 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
 
 def format_params(params: dict[str, Any]) -> str:
     """``{"prep": "l2", "C": 3.0}`` → 'prep=l2 C=3'; an ensemble's ``{member: params}`` →
-    'svm: prep=l2 C=3; logreg: ...'; '-' when empty."""
+    'svm: prep=l2 C=3; logreg: ...', led by its own settings (``{"pca": 20, ...}`` →
+    'pca=20; svm: ...'); '-' when empty."""
     def value(x: Any) -> str:
         if isinstance(x, (list, tuple)):
             return ",".join(value(i) for i in x)
         return f"{x:g}" if isinstance(x, float) else str(x)
 
-    if params and all(isinstance(v, dict) for v in params.values()):
-        return "; ".join(f"{k}: {format_params(v)}" for k, v in params.items())
-    return " ".join(f"{k}={value(v)}" for k, v in params.items()) or "-"
+    members = {k: v for k, v in params.items() if isinstance(v, dict)}
+    own = " ".join(f"{k}={value(v)}" for k, v in params.items() if k not in members)
+    if members:
+        return "; ".join([own] * bool(own) + [f"{k}: {format_params(v)}"
+                                               for k, v in members.items()])
+    return own or "-"
 
 
 def _pipeline(estimator: Any) -> Any:
