@@ -514,6 +514,23 @@ def test_param_shorthand_reaches_an_ensembles_members_and_shows_as_fitted(fmnist
     assert got["svm+knn"]["svm"]["C"] == 1
 
 
+def test_knn_shows_p_only_where_its_metric_uses_it(fmnist_store: Path, tmp_path: Path):
+    """knn's p is the Minkowski power: with the euclidean or cosine metric it does nothing, and
+    `fit` used to print `p=1` next to `metric=euclidean`; the same for svm's gamma with a
+    linear kernel."""
+    out = tmp_path / "k.skops"
+    line = ok("fit", fmnist_store, "--head", "knn", "-p", "p=1", "-o", out,
+              "-q").output.strip().splitlines()[-1]
+    assert "metric=euclidean" in line and " p=" not in line, line
+    assert "p" not in artifacts.load(out).manifest["effective_params"]
+    line = ok("fit", fmnist_store, "--head", "knn", "-p", "p=1", "-p", "metric=minkowski", "-o",
+              out, "-q").output.strip().splitlines()[-1]
+    assert "metric=minkowski" in line and " p=1" in line, line
+    line = ok("fit", fmnist_store, "--head", "svm", "-p", "kernel=linear", "-o", out,
+              "-q").output.strip().splitlines()[-1]
+    assert "kernel=linear" in line and "gamma" not in line, line
+
+
 def test_ctrl_c_stops_a_fit_even_inside_an_mlp(fmnist_store: Path, tmp_path: Path):
     """scikit-learn's MLPClassifier catches KeyboardInterrupt and returns the half-trained
     model, which `fit` then saved with exit 0 (and `cv` scored). Inside a head's fit Ctrl-C

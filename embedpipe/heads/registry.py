@@ -751,12 +751,46 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     keys = [*head.defaults(), *head.searched()]
     keys += [k for k in got if k not in ("random_state", "class_weight") and _plain(got[k])
              and repr(got[k]) != repr(own.get(k))]
-    out.update({k: got[k] for k in dict.fromkeys(keys) if k in got})
+    out.update({k: got[k] for k in dict.fromkeys(keys) if k in got and _used(final, k, got)})
     if isinstance(got.get("class_weight"), str):  # --class-weight, when the head takes it
         out["class_weight"] = got["class_weight"]  # (streaming heads hold it per class)
     if pca != "passthrough":
         out["pca"] = pca.n_components
     return out
+
+
+# Parameters that the final estimator ignores unless another is set so (scikit-learn's docs:
+# "only used when ..."): effective_params leaves them out otherwise, so that a report never
+# shows a setting that does nothing (knn's p with the euclidean or cosine metric). By class
+# name: parameter -> whether it is used, given the estimator's parameters.
+_SVC_KERNEL = {"gamma": lambda g: g.get("kernel") in ("rbf", "poly", "sigmoid"),
+               "degree": lambda g: g.get("kernel") == "poly",
+               "coef0": lambda g: g.get("kernel") in ("poly", "sigmoid")}
+_USED_WHEN: dict[str, dict[str, Callable[[dict[str, Any]], bool]]] = {
+    "KNeighborsClassifier": {"p": lambda g: g.get("metric") == "minkowski"},
+    "SVC": _SVC_KERNEL,
+    "MLPClassifier": {
+        **{k: (lambda g: g.get("solver") == "sgd")
+           for k in ("momentum", "nesterovs_momentum", "learning_rate", "power_t")},
+        **{k: (lambda g: g.get("solver") == "adam") for k in ("beta_1", "beta_2", "epsilon")},
+        **{k: (lambda g: g.get("solver") in ("sgd", "adam"))
+           for k in ("learning_rate_init", "shuffle", "n_iter_no_change", "batch_size")},
+        "max_fun": lambda g: g.get("solver") == "lbfgs",
+        "validation_fraction": lambda g: bool(g.get("early_stopping"))},
+    "SGDClassifier": {
+        "epsilon": lambda g: g.get("loss") in ("huber", "epsilon_insensitive",
+                                               "squared_epsilon_insensitive"),
+        "power_t": lambda g: g.get("learning_rate") == "invscaling",
+        "eta0": lambda g: g.get("learning_rate") != "optimal",
+        "l1_ratio": lambda g: g.get("penalty") == "elasticnet",
+        "validation_fraction": lambda g: bool(g.get("early_stopping"))},
+}
+
+
+def _used(estimator: Any, key: str, params: dict[str, Any]) -> bool:
+    """Whether ``estimator`` (``params``: its get_params) uses parameter ``key`` (_USED_WHEN)."""
+    rule = _USED_WHEN.get(type(estimator).__name__, {}).get(key)
+    return rule is None or rule(params)
 
 
 def format_params(params: dict[str, Any]) -> str:
