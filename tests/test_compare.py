@@ -73,3 +73,32 @@ def test_compare_refuses_stores_it_cannot_compare(fmnist_store: Path, tmp_path: 
                                    "each from the same folders)")
     res = cli("compare", fmnist_store, "--head", "centroid")
     assert res.exit_code == 2 and "at least two stores" in res.output
+
+
+def test_compare_shows_per_fold_values_of_what_varies_and_member_params(fmnist_store: Path,
+                                                                        tmp_path: Path):
+    """compare's parameter section named the parameters that differ across folds (`per
+    search: n_neighbors`) but not their values; it now prints them fold by fold for each
+    store, as cv does, and `--param knn:NAME=VALUE` reaches knn inside an ensemble."""
+    half = derived_store(fmnist_store, tmp_path / "half.h5")
+    out = tmp_path / "cmp.json"
+    res = cli("compare", fmnist_store, half, "--head", "knn", "--search", "--folds", "3",
+              "--json", out, "-q")
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.read_text())["heads"][0]
+    lines = res.stdout.splitlines()
+    for letter, store in zip("AB", row["stores"]):
+        chosen = store["effective_params"]
+        assert len(chosen) == 3 and all("n_neighbors" in p for p in chosen), chosen
+        (line,) = [ln for ln in lines if f"[{letter}] chosen per fold: " in ln]
+        cells = line.split("chosen per fold: ")[1].split(" | ")
+        assert len(cells) == 3, line
+        for cell, p in zip(cells, chosen):
+            assert f"n_neighbors={p['n_neighbors']}" in cell.split(), (cell, p)
+            assert f"weights={p['weights']}" in cell.split(), (cell, p)
+
+    res = cli("compare", fmnist_store, half, "--head", "svm+knn", "--folds", "2", "-p",
+              "knn:n_neighbors=3", "-p", "pca=16", "-q")
+    assert res.exit_code == 0, res.output
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("svm+knn  pca=16;")]
+    assert "knn: prep=l2+lda" in line and "n_neighbors=3" in line and "per fold" not in line

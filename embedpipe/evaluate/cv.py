@@ -456,6 +456,9 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
             row["stores"].append({m: {"mean": float(np.mean([s[m] for s in scores])),
                                       "std": float(np.std([s[m] for s in scores])),
                                       "folds": [s[m] for s in scores]} for m in METRICS})
+            # per fold, the parameters not in effective_params (what varies), as cv's folds
+            row["stores"][-1]["effective_params"] = per_fit[k * len(splits):
+                                                            (k + 1) * len(splits)]
         if len(stores) == 2:
             a = np.array(row["stores"][0][metric]["folds"])
             b = np.array(row["stores"][1][metric]["folds"])

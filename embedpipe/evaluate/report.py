@@ -38,6 +38,22 @@ def _fmt_matrix(cm: dict[str, Any], indent: str = "  ") -> list[str]:
     return lines
 
 
+def _params_per_fold(common: dict[str, Any], per_fold: dict[str, list[dict[str, Any]]],
+                     search: bool) -> tuple[str, list[str]]:
+    """One head's parameters as fitted, as cv and compare print them: the ones every fit shares
+    (``common``, registry.format_params) with a pointer to the lines below, and a line of the
+    rest per fold for each label of ``per_fold`` (compare's '[A] ', cv's ''), their values
+    fold by fold: ('prep=l2; rest searched, per fold below', ['chosen per fold: C=10 | C=1'])."""
+    varies = search or any(p for folds in per_fold.values() for p in folds)
+    if not varies:
+        return format_params(common), []
+    text = format_params(common) + ("; rest searched, per fold below" if search
+                                    else "; rest per fold below")
+    return text, [f"{label}{'chosen' if search else 'as fitted'} per fold: "
+                  + " | ".join(format_params(p) for p in folds)
+                  for label, folds in per_fold.items()]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     st, metric = report["store"], report["metric"]
@@ -59,18 +75,13 @@ def format_report(report: dict[str, Any]) -> str:
                f"{'fit s':>7}  params")
     for e in report["heads"]:
         cells = "".join(f"{e[m]['mean']:.3f} ± {e[m]['std']:.3f}".ljust(16) for m in METRICS)
-        extra = format_params(e["effective_params"])  # as fitted: defaults and data rules too
-        per_fold = [f["effective_params"] for f in e["folds"]]
-        if report["search"]:
-            extra += "; rest searched, per fold below"
-        elif any(per_fold):
-            extra += "; rest per fold below"
+        extra, per_fold = _params_per_fold(e["effective_params"],
+                                           {"": [f["effective_params"] for f in e["folds"]]},
+                                           report["search"])
         if e["class_weight"]:
             extra += f" class_weight={e['class_weight']}"
         out.append(f"  {e['head']:<{hw}}{cells}{e['fit_seconds']:>7.2f}  {extra}")
-        if report["search"] or any(per_fold):
-            out.append(f"  {'':<{hw}}{'chosen' if report['search'] else 'as fitted'} per "
-                       "fold: " + " | ".join(format_params(p) for p in per_fold))
+        out += [f"  {'':<{hw}}{line}" for line in per_fold]
         if e["convergence_warnings"]:
             from ..heads.fit import convergence_note
 
@@ -214,9 +225,11 @@ def format_compare(report: dict[str, Any]) -> str:
         out.append(line)
     out += ["", "parameters as fitted (the same in every store and fold unless named):"]
     for r in report["heads"]:
-        varies = f"; per {'search' if report['search'] else 'fold'}: {', '.join(r['varies'])}"
-        out.append(f"  {r['head']:<{hw}}{format_params(r['effective_params'])}"
-                   + (varies if r["varies"] else ""))
+        text, per_fold = _params_per_fold(
+            r["effective_params"], {f"[{x}] ": s["effective_params"]
+                                    for x, s in zip(letters, r["stores"])}, report["search"])
+        out.append(f"  {r['head']:<{hw}}{text}")
+        out += [f"  {'':<{hw}}{line}" for line in per_fold]
     return "\n".join(out)
 
 
