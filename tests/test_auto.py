@@ -4,12 +4,15 @@ on a small real store (Fashion-MNIST, bundled Lite0 features)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from clitools import cli, ok, one_line_error, read_csv
 from embedpipe.heads import artifacts, auto
 from embedpipe.heads import registry as heads
+
+NAN = re.compile(r"\bnan\b", re.IGNORECASE)  # "nan", "NaN", "nan ± nan" as a word
 
 
 def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
@@ -200,3 +203,47 @@ def test_score_sample_keeps_each_class_share_and_small_classes_whole(monkeypatch
     assert np.array_equal(s, auto.score_sample(y, seed=0))  # seeded
     assert not np.array_equal(s, auto.score_sample(y, seed=1))
     assert auto.score_sample(y[:1000], seed=0) is None  # up to SELECT_ROWS: every row
+
+
+def test_a_class_of_one_image_fits_the_first_candidate_and_says_why(
+        fmnist_store, tmp_path):
+    """auto with a class of 1 training image cannot cross-validate: it used to print a table
+    "scored by 0-fold CV" with "nan ± nan" (and keep NaN in the manifest). Like every named
+    head, auto still fits (it is fit's default, and fit works at 1 image per class), with one
+    line naming the class, what it fitted and the fix; `cv` refuses such a store, as before. In
+    cv on 2 images per class each fold's training part has 1: a note says auto could not
+    choose there. No "nan" anywhere."""
+    from clitools import copy_rows
+
+    from embedpipe.store import open_store
+
+    s = open_store(fmnist_store)
+    train = [i for i in range(len(s)) if s.splits[i] == "train"]
+    first = s.classes[s.labels[train[0]]]
+    mine = [i for i in train if s.classes[s.labels[i]] == first]
+
+    one = copy_rows(fmnist_store, tmp_path / "one.h5",
+                    [i for i in train if i not in mine[1:]])  # 1 row of `first`
+    out = tmp_path / "auto.skops"
+    res = ok("fit", one, "-o", out)
+    assert not NAN.search(res.output), res.output
+    said = [ln for ln in res.output.splitlines() if ln.startswith("auto: class")]
+    assert said == [f"auto: class {first!r} has 1 training image, too few to cross-validate "
+                    "(auto needs 2 per class), so it fitted logreg prep=l2 C=10.0 without "
+                    "choosing; add images of that class (or drop it) for auto to choose by CV, "
+                    "or pass a named --head"], res.output
+    assert "scored by" not in res.output and "fitted auto → logreg (prep=l2 C=10" in res.output
+    m = artifacts.load(out).manifest
+    assert m["auto"]["folds"] == 0 and not NAN.search(json.dumps(m))
+    assert [set(c) for c in m["auto"]["candidates"]] == [{"name", "head", "params",
+                                                          "fit_seconds"}]
+    one_line_error(cli("cv", one, "--head", "auto"), "single training image")
+
+    two = copy_rows(fmnist_store, tmp_path / "two.h5",
+                    [i for i in train if i not in mine[2:]])  # 2 rows: folds of 1
+    report = tmp_path / "cv.json"
+    res = cli("cv", two, "--head", "auto", "--head", "logreg", "--json", report, "-q")
+    assert res.exit_code == 0, res.output
+    assert not NAN.search(res.output) and not NAN.search(report.read_text()), res.output
+    assert f"note: auto: class {first!r} has 1 training image, too few to cross-validate" \
+        in res.output, res.output

@@ -134,7 +134,7 @@ def describe(head: str, params: dict[str, Any]) -> str:
 class Selection:
     """The outcome of ``select``: the table of candidates (best first) and notes."""
     table: list[dict[str, Any]]
-    folds: int
+    folds: int  # 0: no CV (a class of 1 row): the first candidate, unscored
     metric: str
     budget: float
     seconds: float
@@ -155,7 +155,10 @@ class Selection:
                 "candidates": [{k: r[k] for k in keep if k in r} for r in self.table]}
 
     def lines(self) -> list[str]:
-        """The table as text, best first."""
+        """The table as text, best first; without CV (folds 0: a class of 1 row) one line that
+        says so and what was fitted."""
+        if not self.folds:
+            return [f"auto: {n}" for n in self.notes]
         out = [f"auto: {len(self.table)} candidates scored by {self.folds}-fold CV "
                f"({self.metric}) in {self.seconds:.1f} s (budget {self.budget:g} s)"]
         for i, r in enumerate(self.table):
@@ -224,12 +227,15 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
     classes = np.unique(y)
     y_idx = np.searchsorted(classes, y)
     k = min(MAX_FOLDS if len(y) <= LARGE_ROWS else 3, smallest)
-    if k < 2:
+    if k < 2:  # no CV: the first candidate (the strongest measured), scored by nothing
         head, params = cands[0]
-        notes.append(f"a class has {smallest} training image: nothing to cross-validate, so "
-                     f"the first candidate ({describe(head, params)}) was taken untested")
+        cls, _ = min_class(y)
+        notes.append(f"class {cls!r} has {smallest} training image, too few to cross-validate "
+                     f"(auto needs 2 per class), so it fitted {describe(head, params)} without "
+                     "choosing; add images of that class (or drop it) for auto to choose by "
+                     "CV, or pass a named --head")
         row = {"name": describe(head, params), "head": head, "params": params,
-               "mean": float("nan"), "std": float("nan"), "fit_seconds": 0.0}
+               "fit_seconds": 0.0}  # no mean or std: nothing was scored
         return Selection([row], 0, metric, budget, time.perf_counter() - t_start, notes)
     splitter, _ = make_folds(k, 1, seed)
     splits = list(splitter.split(np.zeros((len(y), 1)), y))

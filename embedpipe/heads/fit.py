@@ -264,9 +264,11 @@ def fit_checked(source: Labeled, head: str, params: dict[str, Any],
         from .auto import DEFAULT_BUDGET, fit_auto
 
         with naming(where):
-            est, chosen, _ = fit_auto(source.features(), source.y,
-                                      budget=params.get("budget", DEFAULT_BUDGET), seed=seed,
-                                      metric=metric)
+            est, chosen, sel = fit_auto(source.features(), source.y,
+                                        budget=params.get("budget", DEFAULT_BUDGET), seed=seed,
+                                        metric=metric)
+        if not sel.folds and notes is not None:  # it could not choose: say so (cv's notes)
+            notes.extend(f"auto: {n}" for n in sel.notes)
         return est, chosen
     with _fit_errors(head, params, where):
         return fit_configuration(source, head, params, class_weight=class_weight, search=search,
