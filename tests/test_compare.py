@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import cli, one_line_error
+from clitools import cli, copy_rows, one_line_error
 
 from embedpipe.store import StoreWriter, open_store, read_identity
 
@@ -102,3 +102,18 @@ def test_compare_shows_per_fold_values_of_what_varies_and_member_params(fmnist_s
     assert res.exit_code == 0, res.output
     (line,) = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("svm+knn  pca=16;")]
     assert "knn: prep=l2+lda" in line and "n_neighbors=3" in line and "per fold" not in line
+
+
+def test_compare_refuses_search_as_cv_does_before_any_fit(fmnist_store: Path, tmp_path: Path):
+    """compare --search used to fit an ensemble unsearched (it has no grid) where cv refuses
+    it, and to fail inside a fit when a fold's training part kept 1 image of a class; both are
+    now cv's one-line refusals, before any fit."""
+    half = derived_store(fmnist_store, tmp_path / "half.h5")
+    one_line_error(cli("compare", fmnist_store, half, "--head", "logreg", "--head", "svm+knn",
+                       "--search", "-q"), "svm+knn is an ensemble", "--param svm:NAME=VALUE")
+    s = open_store(fmnist_store)
+    train = [i for i in range(len(s)) if s.splits[i] == "train"]
+    first = [i for i in train if s.labels[i] == s.labels[train[0]]]
+    two = copy_rows(fmnist_store, tmp_path / "two.h5", [i for i in train if i not in first[2:]])
+    one_line_error(cli("compare", two, half, "--head", "knn", "--search", "-q"),
+                   f"{two}, {half}: --search: class", "keeps only 1 image(s)")

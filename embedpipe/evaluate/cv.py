@@ -47,6 +47,20 @@ def _outer_splits(y: np.ndarray, folds: int, repeats: int, seed: int, notes: lis
     return folds, list(splitter.split(np.zeros((len(y), 1)), y)), text
 
 
+def _check_search(names: list[str], y: np.ndarray, splits: list[Any], where: str) -> None:
+    """--search, before any fit: every head has a grid (an ensemble has none:
+    registry.check_searchable) and every outer fold's training part keeps 2 rows of each class
+    for the inner folds; else one EvaluateError/HeadError line naming ``where``."""
+    for h in names:
+        heads.check_searchable(h)
+    for tr, _ in splits:
+        c, m = min_class(y[tr])
+        if m < 2:
+            raise EvaluateError(f"{where}: --search: class {c!r} keeps only {m} image(s) in "
+                                "the training part of an outer fold, and the inner search "
+                                "needs 2 per class; add images of it or drop --search")
+
+
 def _check_options(folds: int, repeats: int, metric: str, jobs: int, top_errors: int) -> None:
     if metric not in METRICS:
         raise EvaluateError(f"--metric {metric}: pass one of {', '.join(METRICS)}")
@@ -223,15 +237,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "training")
     if search:
-        for h in names:
-            heads.check_searchable(h)
-        for i, (tr, _) in enumerate(splits):
-            c, m = min_class(y[tr])
-            if m < 2:
-                raise EvaluateError(f"{where}: --search: class {c!r} keeps only {m} "
-                                    "image(s) in the training part of an outer fold, and the "
-                                    "inner search needs 2 per class; add images of it or "
-                                    "drop --search")
+        _check_search(names, y, splits, where)
 
     tasks = [(h, i) for h in names for i in range(len(splits))]
     say(f"cv: {len(names)} head(s) x {len(splits)} folds = {len(tasks)} fits on {len(y)} "
@@ -430,6 +436,8 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                             "folder out of the data and extract again with --prune")
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "common train")
+    if search:  # as cv: refused before any fit
+        _check_search(names, y, splits, ", ".join(str(s.path) for s in stores))
     for s, i in zip(stores, idx):
         if s.features_loaded:
             checks.refuse_nonfinite(s.features[i], [s.paths[j] for j in i], str(s.path))

@@ -664,7 +664,8 @@ def check_searchable(name: str) -> None:
         first = head.members[0]
         raise HeadError(f"--search: {name} is an ensemble, which has no grid of its own; "
                         f"search each member alone (`embedpipe fit STORE --head {first} "
-                        f"--search`) and pass what it chose as --param {first}__clf__NAME=VALUE, "
+                        f"--search`) and pass what it chose as --param "
+                        f"{first}{MEMBER_SEP}NAME=VALUE, "
                         "or use --head auto, which searches the heads and votes the best ones")
 
 
