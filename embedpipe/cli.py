@@ -401,9 +401,10 @@ def heads(
     typer.echo("Override with --param NAME=VALUE (e.g. --param C=10 --param pca=128).")
     typer.echo("Ensembles: join heads with + (--head svm+logreg+knn, or fit --head svm --head "
                "logreg --ensemble soft):\nsoft voting over their probabilities, members with "
-               "their defaults for the data (their data rules, as alone); --param takes a "
-               "member's scikit-learn path, e.g. logreg__clf__C=0.1, "
-               "svm__estimator__clf__C=3 (calibrated members).")
+               "their defaults for the data (their data rules, as alone); --param "
+               "MEMBER:NAME=VALUE sets one member's (e.g. logreg:C=0.1, knn:weights=uniform), "
+               "NAME=VALUE every member that has NAME (pca, weights and voting are the vote's "
+               "own).")
 
 
 def _head_name(names: list[str], ensemble: str | None) -> str:

@@ -513,6 +513,13 @@ def test_param_shorthand_reaches_an_ensembles_members_and_shows_as_fitted(fmnist
     assert got["knn"]["n_neighbors"] == 3 and got["svm+knn"]["knn"]["n_neighbors"] == 3
     assert got["svm+knn"]["svm"]["C"] == 1
 
+    # the convergence note names the member's parameter the same way, and it takes effect
+    res = ok("fit", fmnist_store, "--head", "logreg+knn", "-p", "logreg:max_iter=2", "-o",
+             out)
+    assert "try a larger --param logreg:max_iter=N" in res.output, res.output
+    vote = artifacts.load(out).estimator.named_steps["clf"]
+    assert vote.named_estimators_["logreg"]["clf"].max_iter == 2
+
 
 def test_knn_shows_p_only_where_its_metric_uses_it(fmnist_store: Path, tmp_path: Path):
     """knn's p is the Minkowski power: with the euclidean or cosine metric it does nothing, and

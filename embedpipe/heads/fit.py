@@ -169,9 +169,8 @@ def convergence_note(head: str, count: int, where: str = "", param: str = "") ->
     """The one line that summarises ``count`` ConvergenceWarnings of ``head`` (``where``: e.g.
     "in 2 of 5 folds"), for `fit` and `cv` alike, instead of scikit-learn's raw warnings."""
     names = ["max_iter"]
-    if heads.ENSEMBLE_SEP in head:  # a member's path (as `embedpipe heads` shows it)
-        names = [f"{m}__{'' if heads.get(m).native_proba else 'estimator__'}clf__max_iter"
-                 for m in head.split(heads.ENSEMBLE_SEP)
+    if heads.ENSEMBLE_SEP in head:  # a member's (registry.member_params)
+        names = [f"{m}{heads.MEMBER_SEP}max_iter" for m in head.split(heads.ENSEMBLE_SEP)
                  if "max_iter" in heads.get(m).make(0).get_params()] or names
     return (f"{count} ConvergenceWarning(s){' ' + where if where else ''}: the solver stopped "
             f"before converging; try a larger "
