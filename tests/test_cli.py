@@ -124,6 +124,17 @@ BAD_ARGS = [
     (["finetune", "{dir}/nope", "-o", "{dir}/ft.pt"], ["no such file or folder"]),
     (["serve", "{dir}/nope.skops"], ["no such head file", "embedpipe fit"]),
     (["export", "{dir}/nope.skops"], ["no such head file", "embedpipe fit"]),
+    # another embedpipe file where a head file belongs: said for what it is, with the command
+    # that makes a head (export once said "not a readable head file (BadZipFile)")
+    (["export", "{store}", "-o", "{dir}/x.onnx"],
+     ["fmnist.h5: is an embedpipe feature store", "not a head file",
+      "`embedpipe fit {store} --head logreg -o fmnist.skops`"]),
+    (["predict", "{store}", "--store", "{store}"],
+     ["is an embedpipe feature store", "`embedpipe fit {store}", "--store STORE"]),
+    (["serve", "{store}"], ["is an embedpipe feature store", "`embedpipe fit {store}"]),
+    (["export", "{dir}/tiny.pth", "-o", "{dir}/x.onnx"],
+     ["tiny.pth: is a PyTorch file", "--weights {dir}/tiny.pth", "embedpipe fit STORE.h5"]),
+    (["predict", "{dir}/empty", "--store", "{store}"], ["empty: is a folder", "embedpipe fit"]),
     # quickstart
     (["quickstart", "--per-class", "0", "--folder", "{dir}/qs", "-o", "{dir}/qs.h5"],
      ["--per-class", "at least"]),
@@ -138,7 +149,7 @@ def test_bad_arguments_fail_in_one_line_with_the_fix(args: list[str], needles: l
                                                     lite0_head: Path):
     values = {**{k: str(v) for k, v in bad_inputs.items()}, "head": str(lite0_head)}
     res = cli(*[a.format(**values) for a in args])
-    one_line(res.output, res.exit_code, *needles)
+    one_line(res.output, res.exit_code, *[n.format(**values) for n in needles])
 
 
 def test_debug_shows_the_traceback_and_unexpected_errors_exit_nonzero(tmp_path: Path,
