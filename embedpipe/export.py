@@ -796,17 +796,46 @@ def sidecar_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
+DEFAULT_CALIB_COUNT = 64
+
+
+def check_int8_options(int8: bool, int8_mode: str | None, calib: Sequence[Any] | None,
+                       calib_count: int | None) -> str:
+    """The int8 mode to use (static when not given); ExportError for an option that means
+    nothing with the others: --int8-mode without --int8, --calib or --calib-count without
+    --int8 or with --int8-mode dynamic (which uses no calibration images)."""
+    given = [flag for flag, v in (("--calib", calib), ("--calib-count", calib_count))
+             if v is not None and v != []]
+    if not int8:
+        for flag in (["--int8-mode"] if int8_mode is not None else []) + given:
+            raise ExportError(f"{flag} only applies to int8 quantization: add --int8 (or "
+                              f"leave {flag} out for an fp32 export)")
+        return ""
+    mode = int8_mode or "static"
+    if mode not in INT8_MODES:
+        raise ExportError(f"--int8-mode {mode}: pass one of {', '.join(INT8_MODES)}")
+    if mode == "dynamic" and given:
+        raise ExportError(f"{given[0]} is for --int8-mode static; dynamic quantization uses no "
+                          f"calibration images: leave {given[0]} out (or drop --int8-mode "
+                          "dynamic)")
+    if calib_count is not None and calib_count < 1:
+        raise ExportError(f"--calib-count {calib_count}: pass 1 or more (default "
+                          f"{DEFAULT_CALIB_COUNT}; a few dozen typical images)")
+    return mode
+
+
 def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
-           int8_mode: str = "static", calib: Sequence[str | Path] | None = None,
-           calib_count: int = 64, opset: int = DEFAULT_OPSET,
+           int8_mode: str | None = None, calib: Sequence[str | Path] | None = None,
+           calib_count: int | None = None, opset: int = DEFAULT_OPSET,
            weights: str | None = None, reject: str | None = None,
            say: Callable[[str], None] | None = None) -> ExportResult:
     """Write ``out`` (ONNX: backbone + head) and its sidecar (sidecar_path), each through a
     temporary file renamed into place once complete and checked, so an older export survives
     any failure. ``out`` or the sidecar being the head or the weights file is refused first
     (OutputError); a full or read-only disk ends in one line. ``reject`` (as `predict
-    --reject`) adds the output ``unknown`` and label -1 for it. ``calib``: see
-    calibration_paths.
+    --reject`) adds the output ``unknown`` and label -1 for it. ``int8_mode``: static (the
+    default with ``int8``) or dynamic; ``calib`` (calibration_paths) and ``calib_count``
+    (default 64) only with static int8 (check_int8_options).
 
     Everything that can be refused from the arguments and the head file (options, the head's
     backbone: stacked or imported features, a missing weights file; calibration images not
@@ -821,8 +850,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
                                  else None], flag=what)
     if not 13 <= opset <= 20:
         raise ExportError(f"--opset {opset}: pass 13 to 20 (default {DEFAULT_OPSET})")
-    if int8 and int8_mode not in INT8_MODES:
-        raise ExportError(f"--int8-mode {int8_mode}: pass one of {', '.join(INT8_MODES)}")
+    int8_mode = check_int8_options(int8, int8_mode, calib, calib_count)
     from .extract.options import options_for_identity
     from .heads.reject import rule_for
 
@@ -882,7 +910,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
             precision = "fp32"
             if int8:
                 images = (calibration_images(calib_paths, input_spec(bb.data_config),
-                                             calib_count)
+                                             calib_count or DEFAULT_CALIB_COUNT)
                           if calib_paths is not None else None)
                 if say and images is not None:
                     say(f"calibrating int8 ranges on {len(images)} images")
