@@ -608,7 +608,9 @@ def test_ctrl_c_in_epoch_1_leaves_nothing_behind_and_in_epoch_2_names_the_checkp
 RESUME_FIX = ("pass a file from <output>.checkpoints/ (epoch-NNN.pt) written by `embedpipe "
               "finetune`, or leave out --resume to start afresh")
 PICKLED = ("a torch file of pickled Python objects besides tensors, such as a whole saved model "
-           "or a checkpoint holding its settings, which is not loaded for safety")
+           "or a checkpoint holding objects other than its settings, which is not loaded for "
+           "safety")
+WEIGHTS_NOT_RESUME = "start a new run from its weights with --weights PATH instead of --resume"
 
 
 def _timm_train_checkpoint(path: Path) -> None:
@@ -643,7 +645,10 @@ def _newer_format(path: Path, real: Path) -> None:
     (lambda p, real, tuned: p.write_bytes(pickle.dumps({"epoch": 3})),
      "not a torch file but a Python pickle", RESUME_FIX),
     (lambda p, real, tuned: torch.save(torch.nn.Linear(2, 2), p), PICKLED, RESUME_FIX),
-    (lambda p, real, tuned: _timm_train_checkpoint(p), PICKLED, RESUME_FIX),
+    (lambda p, real, tuned: _timm_train_checkpoint(p),
+     ("another tool's checkpoint holding model weights (keys: arch, args, epoch, metric, "
+      "optimizer, …; e.g. timm's train.py), not an `embedpipe finetune` checkpoint"),
+     WEIGHTS_NOT_RESUME),
     (lambda p, real, tuned: torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {}}, p),
      ("another tool's file (keys: arch, epoch, state_dict), not an `embedpipe finetune` "
       "checkpoint"), RESUME_FIX),
@@ -728,3 +733,56 @@ def test_bad_weights_outputs_and_options_are_refused_before_any_epoch(
     monkeypatch.setattr(loop, "_train_epoch", no_memory)
     assert refused() == ("error: out of memory while training with --batch-size 16; pass a "
                          "smaller --batch-size or --img-size")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_timm_train_checkpoints_load_as_weights(fmnist_src: Path, tmp_path: Path):
+    """A checkpoint as timm's train.py saves it (CheckpointSaver: ``state_dict`` keyed with
+    DDP's ``module.`` prefix, ``args`` an argparse.Namespace, ``optimizer``, ``epoch``...) was
+    refused as "pickled Python objects"; it loads as --weights, with weights_only=True and
+    Namespace allowed (as timm's own loader does), taking the entry timm's load_state_dict
+    takes: ``state_dict_ema`` when present, else ``state_dict``. A Namespace carrying code is
+    still refused. Stage 1 only (head epochs), so the tuned backbone is the loaded one."""
+    import argparse
+    from collections import OrderedDict
+
+    base = load_backbone(MODEL, with_classifier=True).model.state_dict()
+    args = argparse.Namespace(model=MODEL, lr=0.1, epochs=3, aa="rand-m9-mstd0.5", smoothing=0.1,
+                              betas=(0.9, 0.999), img_size=None, model_ema=True,
+                              data_dir="/data/imagenet")
+    trained = OrderedDict((f"module.{k}", v) for k, v in base.items())
+    ck = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": MODEL, "state_dict": trained, "version": 2,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                "args": args, "metric": 61.2}, ck)
+    with pytest.raises(pickle.UnpicklingError):  # what a plain weights_only load says
+        torch.load(ck, weights_only=True)
+    common = ["--model", MODEL, "--epochs", "1", "--head-epochs", "1", "-q", *FAST]
+    out = tmp_path / "a.pt"
+    finetune_ok(fmnist_src, "-o", out, "--weights", ck, *common)
+    tuned = torch.load(out, weights_only=True)
+    assert tuned and all(torch.equal(v, base[k]) for k, v in tuned.items())
+    manifest = json.loads((tmp_path / "a.json").read_text())
+    assert manifest["base_weights"]["sha256"] == file_sha256(ck)
+
+    ema = {k: v * 0.5 if k == "conv_stem.weight" else v for k, v in base.items()}
+    with_ema = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 3, "state_dict": trained, "state_dict_ema": ema, "args": args},
+               with_ema)
+    finetune_ok(fmnist_src, "-o", tmp_path / "b.pt", "--weights", with_ema, *common)
+    tuned = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert torch.equal(tuned["conv_stem.weight"], base["conv_stem.weight"] * 0.5)
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": base, "args": argparse.Namespace(hook=_Payload(marker))}, evil)
+    one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "c.pt", "--weights", evil,
+                       "--model", MODEL, "-q", *FAST), str(evil), "not loaded for safety")
+    assert not marker.exists()
