@@ -165,6 +165,33 @@ def test_resume_from_epoch1_checkpoint_equals_uninterrupted_run(fmnist_src: Path
     assert file_sha256(two_epoch_run) == file_sha256(out)
 
 
+def test_resume_folder_skips_a_corrupt_newest_checkpoint(fmnist_src: Path, two_epoch_run: Path,
+                                                         tmp_path: Path):
+    """--resume FOLDER whose newest checkpoint is cut off goes back to the newest readable one,
+    saying in one line (even with -q) which file it skipped and why; the continuation equals
+    the uninterrupted run. With no readable checkpoint left: one error line naming the
+    folder, nothing written."""
+    folder = tmp_path / "copied.checkpoints"
+    shutil.copytree(two_epoch_run.parent / "tuned.checkpoints", folder)
+    newest = folder / "epoch-002.pt"
+    newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 3])
+    out = tmp_path / "resumed.pt"
+    args = ["--model", MODEL, "--epochs", "2", "--head-epochs", "1", "--keep-checkpoints", "0",
+            "-q", *FAST]
+    res = finetune_ok(fmnist_src, "-o", out, "--resume", folder, *args)
+    notes = [ln for ln in res.stderr.splitlines() if "skipped" in ln]
+    assert notes == [f"note: --resume {folder}: skipped epoch-002.pt (the file is cut off or "
+                     "corrupt: an incomplete zip archive, e.g. an interrupted copy); resuming "
+                     "from epoch-001.pt, the newest readable checkpoint"], res.stderr
+    assert file_sha256(out) == file_sha256(two_epoch_run)
+
+    (folder / "epoch-001.pt").write_bytes(b"")
+    res = cli("finetune", fmnist_src, "-o", tmp_path / "again.pt", "--resume", folder, *args)
+    one_line_error(res, f"--resume {folder}: none of its 2 checkpoint(s) can be read",
+                   "the newest, epoch-002.pt: the file is cut off", "leave out --resume")
+    assert not (tmp_path / "again.pt").exists()
+
+
 def test_reextraction_with_tuned_weights_is_a_new_store_with_other_features(
         fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
     common = ["--img-size", "64", "--precision", "fp32", "--workers", "0", "-q"]
