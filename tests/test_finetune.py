@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -813,3 +814,29 @@ def test_timm_train_checkpoints_load_as_weights(fmnist_src: Path, tmp_path: Path
     one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "c.pt", "--weights", evil,
                        "--model", MODEL, "-q", *FAST), str(evil), "not loaded for safety")
     assert not marker.exists()
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_any_epoch(fmnist_src: Path,
+                                                                tmp_path: Path):
+    """--img-size 2048 passes the one-image probe (inference, ~1.5 GiB) but a training batch of
+    50 such images needs far more memory than any machine here has (~120 GiB: measured on
+    the model's shapes, nothing allocated): refused in one line before any epoch, with the
+    largest batch size and input size that fit. It used to start and be OOM-killed."""
+    from clitools import EMBEDPIPE, run
+
+    out = tmp_path / "big.pt"
+    res = run(*EMBEDPIPE, "finetune", fmnist_src, "-o", out, "--img-size", "2048",
+              "--batch-size", "64", "--workers", "0", "-q")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and res.stdout == "", res.stderr
+    line = lines[0]
+    assert line.startswith("error: --img-size 2048 with --batch-size 64 (batches of 50, all "
+                           "the training images): a training step needs about "), line
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", line)[:2])
+    assert need > avail and "is available (" in line
+    sizes = [int(x) for x in re.findall(r"--img-size (\d+) or less", line)]
+    batches = [int(x) for x in re.findall(r"--batch-size (\d+) or less", line)]
+    assert sizes or batches, line
+    assert all(s < 2048 and s % 32 == 0 for s in sizes), line
+    assert all(2 <= b < 50 for b in batches), line
+    assert not out.exists() and not (tmp_path / "big.checkpoints").exists()

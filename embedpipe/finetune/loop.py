@@ -42,6 +42,7 @@ from .checkpoint import (
     resume_from,
 )
 from .data import _Images, _loader, plan_data, train_transform
+from .memory import check_fits
 from .options import (
     BEFORE_STUDY,
     FORMAT,
@@ -252,6 +253,7 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
             say(f"note: resuming with {', '.join(changed)}: the continuation is valid but not "
                 "bit-identical to an uninterrupted run")
 
+    check_fits(model, split, opts, data_config, device, len(plan.train))
     model.to(device)
     groups = _param_groups(model, split, opts)
     optimizer = torch.optim.AdamW(groups, lr=opts.head_lr, weight_decay=opts.weight_decay)
