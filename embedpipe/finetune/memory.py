@@ -159,7 +159,10 @@ def check_fits(model: torch.nn.Module, split: StageSplit, opts: FinetuneOptions,
         per = image_bytes(model, size, trainable, opts.bn_frozen)
         return fixed + n * per, per
 
-    total, per = need((h, w), batch)
+    try:
+        total, per = need((h, w), batch)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return  # an op the meta device cannot run (a custom kernel): no estimate, no refusal
     if total <= avail:
         return
     fits_batch = int((avail - fixed) // per) if per else batch
@@ -169,7 +172,11 @@ def check_fits(model: torch.nn.Module, split: StageSplit, opts: FinetuneOptions,
     for _ in range(8):  # activations grow about with the pixels: check the guess, step down
         if guess < SIZE_STEP:
             break
-        if need((guess, round(guess * w / h)), batch)[0] <= avail:
+        try:
+            fits = need((guess, round(guess * w / h)), batch)[0] <= avail
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            break  # e.g. a size the model cannot take: suggest the batch size only
+        if fits:
             size = guess
             break
         guess -= SIZE_STEP
