@@ -203,9 +203,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: not a state dict of tensors; pass a file saved with "
                            "torch.save(model.state_dict()) or a timm checkpoint")
-    from timm.models import clean_state_dict  # DDP's module. and torch.compile's _orig_mod.
+    from timm.models import clean_state_dict
 
-    return clean_state_dict(sd)
+    return clean_state_dict(sd)  # strips DDP's module. and torch.compile's _orig_mod.
 
 
 def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str,

@@ -181,9 +181,9 @@ def test_resume_folder_skips_a_corrupt_newest_checkpoint(fmnist_src: Path, two_e
             "-q", *FAST]
     res = finetune_ok(fmnist_src, "-o", out, "--resume", folder, *args)
     notes = [ln for ln in res.stderr.splitlines() if "skipped" in ln]
-    assert notes == [f"note: --resume {folder}: skipped epoch-002.pt (the file is cut off or "
-                     "corrupt: an incomplete zip archive, e.g. an interrupted copy); resuming "
-                     "from epoch-001.pt, the newest readable checkpoint"], res.stderr
+    assert notes == [(f"note: --resume {folder}: skipped epoch-002.pt (the file is cut off or "
+                      "corrupt: an incomplete zip archive, e.g. an interrupted copy); resuming "
+                      "from epoch-001.pt, the newest readable checkpoint")], res.stderr
     assert file_sha256(out) == file_sha256(two_epoch_run)
 
     (folder / "epoch-001.pt").write_bytes(b"")

@@ -161,7 +161,7 @@ def check_fits(model: torch.nn.Module, split: StageSplit, opts: FinetuneOptions,
 
     try:
         total, per = need((h, w), batch)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError):
         return  # an op the meta device cannot run (a custom kernel): no estimate, no refusal
     if total <= avail:
         return
@@ -174,7 +174,7 @@ def check_fits(model: torch.nn.Module, split: StageSplit, opts: FinetuneOptions,
             break
         try:
             fits = need((guess, round(guess * w / h)), batch)[0] <= avail
-        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError):
             break  # e.g. a size the model cannot take: suggest the batch size only
         if fits:
             size = guess

@@ -508,14 +508,12 @@ def _other_file(path: Path) -> str | None:
     # HDF5's signature is at offset 0, or after a user block of 512, 1024, 2048... bytes
     if any(head[at:at + 8] == _HDF5_SIGNATURE for at in (0, 512, 1024, 2048)):
         what = "an HDF5 file"
-        try:
+        with contextlib.suppress(Exception):  # unreadable HDF5: still not a head file
             import h5py
 
             with h5py.File(path, "r") as h:
                 if "features" in h and "class_names" in h:
                     what = "an embedpipe feature store (made by `embedpipe extract`)"
-        except Exception:  # noqa: BLE001 - unreadable HDF5: still not a head file
-            pass
         return (f"is {what}, not a head file; {fit}: make one from the store with "
                 f"`embedpipe fit {path} --head logreg -o {path.with_suffix(SUFFIX).name}` and "
                 "pass that (predict takes the store itself as `--store STORE`)")
