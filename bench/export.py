@@ -91,7 +91,9 @@ def main() -> None:
     y = np.array([classes.index(r.label) for r in refs])
 
     # -- the contenders -----------------------------------------------------------------------
-    bb = ex._backbone(head, None)
+    from embedpipe.extract.options import options_for_identity
+
+    bb = ex._backbone(head, options_for_identity(head.identity, what=str(head.path)))
     model = bb.model.eval().to(memory_format=torch.channels_last)
     mean = torch.tensor(bb.data_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(bb.data_config["std"]).view(1, 3, 1, 1)

@@ -11,6 +11,7 @@ Nothing here ever falls back silently from one source to another.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import importlib.util
@@ -132,12 +133,15 @@ class TorchFileError(Exception):
 
 def load_torch_file(path: Path) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` without torch's warnings
-    (pickle protocol notes). Raises TorchFileError naming what is wrong with the file, told
+    (pickle protocol notes), with ``argparse.Namespace`` allowed as timm's loader allows it
+    (``timm.models._helpers._torch_load``: timm's train.py saves its settings as a Namespace
+    under ``args``; rebuilding one sets attributes, it runs no code). Never
+    ``weights_only=False``. Raises TorchFileError naming what is wrong with the file, told
     from its bytes: empty, cut off (an incomplete zip archive), a zip archive or pickle that
     torch.save did not write, other data, or a torch file of pickled Python objects that
-    ``weights_only`` refuses (a whole saved model, a checkpoint holding its settings)."""
+    ``weights_only`` refuses (a whole saved model, a checkpoint holding other settings)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - told from the file itself, not torch's text
@@ -166,7 +170,8 @@ def _why_unreadable(path: Path, e: Exception) -> str:
                                           else "text or other data")
     if isinstance(e, pickle.UnpicklingError):
         return ("a torch file of pickled Python objects besides tensors, such as a whole saved "
-                "model or a checkpoint holding its settings, which is not loaded for safety")
+                "model or a checkpoint holding objects other than its settings, which is not "
+                "loaded for safety")
     return "the torch file is corrupt: its records do not read back"
 
 
@@ -189,6 +194,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = load_torch_file(path)
         except TorchFileError as e:
             raise WeightsError(f"{path}: cannot read weights: {e}; {fix}") from None
+    # the entry timm's load_state_dict takes (its default use_ema=True): the EMA weights when
+    # the checkpoint has them, else the trained ones
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -196,7 +203,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: not a state dict of tensors; pass a file saved with "
                            "torch.save(model.state_dict()) or a timm checkpoint")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    from timm.models import clean_state_dict
+
+    return clean_state_dict(sd)  # strips DDP's module. and torch.compile's _orig_mod.
 
 
 def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str,

@@ -470,8 +470,25 @@ def fit(
     typer.echo(result.line())
 
 
+def _given(ctx: typer.Context, *names: str) -> list[str]:
+    """The flags (--name) of those ``names`` that the command line (or the environment) set,
+    rather than left at their defaults."""
+    given = []
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.append("--" + name.replace("_", "-"))
+    return given
+
+
+# predict's options that only mean something for one of its two inputs
+PREDICT_STORE_ONLY = ("split", "chunk_rows")
+PREDICT_IMAGES_ONLY = ("weights", "keep_store", "device", "batch_size", "workers", "runtime")
+
+
 @app.command()
 def predict(
+    ctx: typer.Context,
     head: Path = typer.Argument(..., help="A head file made by `embedpipe fit`."),
     images: Optional[list[Path]] = typer.Argument(None, help="Image files, folders or CSV "
                                                   "manifests to classify end to end."),
@@ -503,6 +520,14 @@ def predict(
                         f"`embedpipe predict {head} photos/` or `--store cache/x.h5`"))
     if top_k < 1:
         _fail(UserError(f"--top-k {top_k}: pass 1 or more"))
+    moot = _given(ctx, *(PREDICT_IMAGES_ONLY if store else PREDICT_STORE_ONLY))
+    if moot:
+        _fail(UserError(
+            f"{moot[0]} only applies when classifying images (predict HEAD IMAGES...), not "
+            f"--store rows, whose features are already computed: leave {moot[0]} out"
+            if store else
+            f"{moot[0]} only applies to --store rows, not to IMAGES...: leave {moot[0]} out "
+            "(or classify a store's rows with --store STORE)"))
     from . import predict as pr
 
     if store:  # streamed: each chunk's rows are written as they are done
@@ -888,14 +913,15 @@ def export(
                                        "--int8); the sidecar <out>.json goes beside it."),
     int8: bool = typer.Option(False, "--int8", help="Quantize the backbone to int8 "
                               "(onnxruntime.quantization; the head stays fp32)."),
-    int8_mode: str = typer.Option("static", help="With --int8: static (calibrated on "
-                                  "images; default) or dynamic (no calibration, less "
-                                  "accurate on conv nets)."),
+    int8_mode: Optional[str] = typer.Option(None, help="With --int8: static (calibrated on "
+                                            "images; the default) or dynamic (no "
+                                            "calibration, less accurate on conv nets)."),
     calib: Optional[list[Path]] = typer.Option(None, "--calib", help="With --int8 static: "
-                                               "calibration images (files or folders; "
-                                               "default: the head's training images)."),
-    calib_count: int = typer.Option(64, help="With --int8 static: how many calibration "
-                                    "images to use."),
+                                               "calibration images (files, folders or a "
+                                               "store's .h5; default: the head's training "
+                                               "images)."),
+    calib_count: Optional[int] = typer.Option(None, help="With --int8 static: how many "
+                                              "calibration images to use (default 64)."),
     opset: int = typer.Option(17, help="ONNX opset (13-20)."),
     weights: MovedWeights = None,
     reject: Reject = None,

@@ -536,14 +536,13 @@ def check_head(model: Any, estimator: Any, X: np.ndarray, head_name: str,
 
 # -- the backbone -----------------------------------------------------------------------------
 
-def _backbone(head: artifacts.HeadFile, weights: str | None) -> Any:
-    """The head's backbone, rebuilt from its manifest and checked to give the head's features
-    (provenance: model, weights sha256, preprocessing, pool, feature dim)."""
+def _backbone(head: artifacts.HeadFile, opts: Any) -> Any:
+    """The head's backbone, rebuilt with ``opts`` (extract.options.options_for_identity of
+    the head's identity) and checked to give the head's features (provenance: model, weights
+    sha256, preprocessing, pool, feature dim)."""
     from .backbones import build_backbone
-    from .extract.options import options_for_identity
     from .provenance import identity_of
 
-    opts = options_for_identity(head.identity, weights=weights, what=str(head.path))
     bb = build_backbone(opts)
     _, ident = identity_of(bb, opts, opts.precision)
     artifacts.check_compatible(head, ident, f"the backbone rebuilt for {head.path}",
@@ -641,40 +640,74 @@ def preprocess(img: Any, spec: dict[str, Any]) -> np.ndarray:
 INT8_MODES = ("static", "dynamic")
 
 
-def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | None,
-                       spec: dict[str, Any], count: int = 64) -> np.ndarray:
-    """Model inputs for static quantization: ``count`` images spread evenly over ``calib``
-    (files/folders), or by default over the training rows of the store the head was fitted
-    on (its source images, where they still are)."""
-    from .data import DecodeError, fs_name, load_image
-
-    paths: list[Path] = []
+def calibration_paths(head: artifacts.HeadFile,
+                      calib: Sequence[str | Path] | None) -> list[Path]:
+    """The image files static quantization calibrates on: those under ``calib`` (image files,
+    folders, CSV manifests, or feature stores: a store's images where its extraction read
+    them), or by default the training images of the store the head was fitted on (recorded
+    in the head as given to `fit`: looked for from the working directory, then beside the
+    head). Cheap (no decoding), so ``export`` calls it before any work. Raises ExportError
+    naming every path it tried and the fix when there are none."""
+    fix = ("pass --calib FOLDER (a few dozen typical images) or --calib STORE.h5, run export "
+           "in the folder where `fit` ran, or pass --int8-mode dynamic (no calibration)")
     if calib:
         from .predict import gather_images
 
-        paths = [r.path for r in gather_images(list(calib)).items]
-    else:
-        from .store.read import open_store
+        stores = [Path(c) for c in calib if _is_store(Path(c))]
+        paths = [p for st in stores for p in _store_images(st, None, fix)]
+        rest = [c for c in calib if Path(c) not in stores]
+        if rest:
+            paths += [r.path for r in gather_images(list(rest)).items]
+        return paths
+    train = head.manifest.get("training", {}) or {}
+    if not train.get("store"):
+        raise ExportError(f"{head.path}: --int8 (static) calibrates on the head's training "
+                          f"images, but the head records no training store; {fix}")
+    where = Path(str(train["store"]))
+    tried = list(dict.fromkeys([where.absolute()] if where.is_absolute() else
+                               [where.absolute(), (head.path.parent / where).absolute()]))
+    found = next((c for c in tried if c.is_file()), None)
+    if found is None:
+        raise ExportError(f"--int8 (static) calibrates on the training images of the head's "
+                          f"store {where}, which is not at {' nor '.join(map(str, tried))}; "
+                          f"{fix}")
+    split = train.get("split")
+    return _store_images(found, None if split is None else str(split), fix)
 
-        train = head.manifest.get("training", {}) or {}
-        where = Path(str(train.get("store", "")))
-        for cand in (where, head.path.parent / where):
-            if train.get("store") and cand.is_file():
-                try:
-                    st = open_store(cand, features=False)
-                    src = Path(st.runs[0]["source"])
-                except Exception:  # noqa: BLE001 - unreadable store: ask for --calib
-                    break
-                split = train.get("split")
-                use_split = split in set(st.splits)  # else e.g. "all labeled rows"
-                paths = [src / fs_name(p) for p, sp in zip(st.paths, st.splits)
-                         if not use_split or sp == split]
-                paths = [p for p in paths if p.is_file()]
-                break
-    if not paths:
-        raise ExportError("--int8 (static) needs calibration images and the head's training "
-                          "images were not found; pass --calib FOLDER (a few dozen typical "
-                          "images) or --int8-mode dynamic")
+
+def _is_store(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in (".h5", ".hdf5")
+
+
+def _store_images(store: Path, split: str | None, fix: str) -> list[Path]:
+    """The image files behind ``store``'s rows (of ``split`` when the store has it, else all:
+    e.g. "all labeled rows"), where its first extraction read them and where they still are."""
+    from .data import fs_name
+    from .store import StoreError
+    from .store.read import open_store
+
+    try:
+        st = open_store(store, features=False)
+        src = Path(st.runs[0]["source"])
+    except (StoreError, IndexError, KeyError) as e:
+        raise ExportError(f"--int8 (static): cannot list the calibration images of {store} "
+                          f"({first_line(e, 160)}); {fix}") from None
+    use_split = split in set(st.splits)
+    paths = [src / fs_name(p) for p, sp in zip(st.paths, st.splits)
+             if not use_split or sp == split]
+    here = [p for p in paths if p.is_file()]
+    if not here:
+        raise ExportError(f"--int8 (static): the images of {store} are not in {src} (where "
+                          f"its extraction read them; none of {len(paths)} found); {fix}")
+    return here
+
+
+def calibration_images(paths: Sequence[Path], spec: dict[str, Any],
+                       count: int = 64) -> np.ndarray:
+    """Model inputs for static quantization: ``count`` of ``paths`` (calibration_paths),
+    spread evenly, decoded and preprocessed as the sidecar says; N x 3 x H x W float32."""
+    from .data import DecodeError, load_image
+
     pick = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
     out = []
     for p in pick:
@@ -683,7 +716,8 @@ def calibration_images(head: artifacts.HeadFile, calib: Sequence[str | Path] | N
         except DecodeError:
             continue
     if not out:
-        raise ExportError(f"--calib: none of the {len(pick)} calibration images could be read")
+        raise ExportError(f"--calib: none of the {len(pick)} calibration images could be read "
+                          f"(e.g. {pick[0]}); pass --calib FOLDER with readable images")
     return np.stack(out)
 
 
@@ -762,16 +796,50 @@ def sidecar_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
+DEFAULT_CALIB_COUNT = 64
+
+
+def check_int8_options(int8: bool, int8_mode: str | None, calib: Sequence[Any] | None,
+                       calib_count: int | None) -> str:
+    """The int8 mode to use (static when not given); ExportError for an option that means
+    nothing with the others: --int8-mode without --int8, --calib or --calib-count without
+    --int8 or with --int8-mode dynamic (which uses no calibration images)."""
+    given = [flag for flag, v in (("--calib", calib), ("--calib-count", calib_count))
+             if v is not None and v != []]
+    if not int8:
+        for flag in (["--int8-mode"] if int8_mode is not None else []) + given:
+            raise ExportError(f"{flag} only applies to int8 quantization: add --int8 (or "
+                              f"leave {flag} out for an fp32 export)")
+        return ""
+    mode = int8_mode or "static"
+    if mode not in INT8_MODES:
+        raise ExportError(f"--int8-mode {mode}: pass one of {', '.join(INT8_MODES)}")
+    if mode == "dynamic" and given:
+        raise ExportError(f"{given[0]} is for --int8-mode static; dynamic quantization uses no "
+                          f"calibration images: leave {given[0]} out (or drop --int8-mode "
+                          "dynamic)")
+    if calib_count is not None and calib_count < 1:
+        raise ExportError(f"--calib-count {calib_count}: pass 1 or more (default "
+                          f"{DEFAULT_CALIB_COUNT}; a few dozen typical images)")
+    return mode
+
+
 def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
-           int8_mode: str = "static", calib: Sequence[str | Path] | None = None,
-           calib_count: int = 64, opset: int = DEFAULT_OPSET, weights: str | None = None,
-           reject: str | None = None,
+           int8_mode: str | None = None, calib: Sequence[str | Path] | None = None,
+           calib_count: int | None = None, opset: int = DEFAULT_OPSET,
+           weights: str | None = None, reject: str | None = None,
            say: Callable[[str], None] | None = None) -> ExportResult:
     """Write ``out`` (ONNX: backbone + head) and its sidecar (sidecar_path), each through a
     temporary file renamed into place once complete and checked, so an older export survives
     any failure. ``out`` or the sidecar being the head or the weights file is refused first
     (OutputError); a full or read-only disk ends in one line. ``reject`` (as `predict
-    --reject`) adds the output ``unknown`` and label -1 for it."""
+    --reject`) adds the output ``unknown`` and label -1 for it. ``int8_mode``: static (the
+    default with ``int8``) or dynamic; ``calib`` (calibration_paths) and ``calib_count``
+    (default 64) only with static int8 (check_int8_options).
+
+    Everything that can be refused from the arguments and the head file (options, the head's
+    backbone: stacked or imported features, a missing weights file; calibration images not
+    found) is refused before any work or output; ExportError (a UserError) with one line."""
     import onnx
     from onnx import compose
 
@@ -782,13 +850,19 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
                                  else None], flag=what)
     if not 13 <= opset <= 20:
         raise ExportError(f"--opset {opset}: pass 13 to 20 (default {DEFAULT_OPSET})")
-    if int8 and int8_mode not in INT8_MODES:
-        raise ExportError(f"--int8-mode {int8_mode}: pass one of {', '.join(INT8_MODES)}")
+    int8_mode = check_int8_options(int8, int8_mode, calib, calib_count)
+    from .extract.options import options_for_identity
     from .heads.reject import rule_for
 
     head = artifacts.load(head_path)
     refuse_uncalibrated(head)
     rule = rule_for(head.manifest, reject, str(head.path))
+    # the backbone the head needs, from its manifest alone: a head on stacked stores or on
+    # imported features (no backbone), or whose weights file moved, is refused here, before
+    # the head's graph is built and checked (it once was after "ONNX equals ...")
+    opts = options_for_identity(head.identity, weights=weights, what=str(head.path))
+    calib_paths = (calibration_paths(head, calib) if int8 and int8_mode == "static"
+                   else None)
     name = str(head.manifest.get("head", "head"))
     dim = int(head.identity["feature_dim"])
     try:  # refuse unexportable heads before torch, naming the head file
@@ -808,7 +882,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     if say:
         for note in notes:
             say(f"note: {note}")
-    bb = _backbone(head, weights)
+    bb = _backbone(head, opts)
     bg = backbone_graph(bb, opset)
     hg.ir_version = bg.ir_version
     for imp in bg.opset_import:
@@ -835,8 +909,9 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
             onnx.save_model(model, str(fp32_path))
             precision = "fp32"
             if int8:
-                images = (calibration_images(head, calib, input_spec(bb.data_config),
-                                             calib_count) if int8_mode == "static" else None)
+                images = (calibration_images(calib_paths, input_spec(bb.data_config),
+                                             calib_count or DEFAULT_CALIB_COUNT)
+                          if calib_paths is not None else None)
                 if say and images is not None:
                     say(f"calibrating int8 ranges on {len(images)} images")
                 precision = quantize(fp32_path, tmp, int8_mode, images,

@@ -194,6 +194,8 @@ def test_library_errors_are_embedpipe_errors_not_exits(photos, photos_store, tmp
     raises(lambda: embedpipe.fit(photos_store, "logreg", C=-1), "C")
     raises(lambda: embedpipe.cv(photos_store, heads=["logreg"], folds=1), "folds")
     raises(lambda: embedpipe.load_head(tmp_path / "missing.skops"), "missing.skops")
+    raises(lambda: embedpipe.load_head(photos_store), "is an embedpipe feature store",
+           f"embedpipe fit {photos_store}")
     raises(lambda: embedpipe.fit(42), "int")
     head = embedpipe.fit(photos_store, "centroid")
     assert isinstance(head, Head)

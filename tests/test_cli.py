@@ -112,6 +112,21 @@ BAD_ARGS = [
     (["predict", "{head}", "--store", "{store}", "--top-k", "0"], ["--top-k 0", "1 or more"]),
     (["predict", "{head}", "--store", "{store}", "--split", "holdout"],
      ["holdout", "leave --split out"]),
+    # options that mean nothing for the input given are refused, not silently ignored
+    (["predict", "{head}", "{dir}/one.png", "--split", "test"],
+     ["--split only applies to --store rows", "leave --split out"]),
+    (["predict", "{head}", "{dir}/one.png", "--chunk-rows", "8"],
+     ["--chunk-rows only applies to --store rows"]),
+    (["predict", "{head}", "--store", "{store}", "--batch-size", "8"],
+     ["--batch-size only applies when classifying images", "leave --batch-size out"]),
+    (["predict", "{head}", "--store", "{store}", "--device", "cpu"], ["--device only applies"]),
+    (["predict", "{head}", "--store", "{store}", "--runtime", "torch"],
+     ["--runtime only applies"]),
+    (["predict", "{head}", "--store", "{store}", "--workers", "0"], ["--workers only applies"]),
+    (["predict", "{head}", "--store", "{store}", "--keep-store", "{dir}/k.h5"],
+     ["--keep-store only applies"]),
+    (["predict", "{head}", "--store", "{store}", "--weights", "{dir}/tiny.pth"],
+     ["--weights only applies"]),
     # cv
     (["cv", "{dir}/nope.h5"], ["no such store", "embedpipe extract"]),
     (["cv", "{store}", "--head", "forest"], ["forest", "logreg"]),
@@ -124,6 +139,28 @@ BAD_ARGS = [
     (["finetune", "{dir}/nope", "-o", "{dir}/ft.pt"], ["no such file or folder"]),
     (["serve", "{dir}/nope.skops"], ["no such head file", "embedpipe fit"]),
     (["export", "{dir}/nope.skops"], ["no such head file", "embedpipe fit"]),
+    # export's int8 options without --int8 (or --calib with dynamic int8) once did nothing
+    (["export", "{head}", "-o", "{dir}/x.onnx", "--calib", "{dir}"],
+     ["--calib only applies to int8", "add --int8"]),
+    (["export", "{head}", "-o", "{dir}/x.onnx", "--calib-count", "8"],
+     ["--calib-count only applies to int8"]),
+    (["export", "{head}", "-o", "{dir}/x.onnx", "--int8-mode", "dynamic"],
+     ["--int8-mode only applies to int8", "add --int8"]),
+    (["export", "{head}", "-o", "{dir}/x.onnx", "--int8", "--int8-mode", "dynamic", "--calib",
+      "{dir}"], ["--calib is for --int8-mode static", "leave --calib out"]),
+    (["export", "{head}", "-o", "{dir}/x.onnx", "--int8", "--calib-count", "0"],
+     ["--calib-count 0", "1 or more"]),
+    # another embedpipe file where a head file belongs: said for what it is, with the command
+    # that makes a head (export once said "not a readable head file (BadZipFile)")
+    (["export", "{store}", "-o", "{dir}/x.onnx"],
+     ["fmnist.h5: is an embedpipe feature store", "not a head file",
+      "`embedpipe fit {store} --head logreg -o fmnist.skops`"]),
+    (["predict", "{store}", "--store", "{store}"],
+     ["is an embedpipe feature store", "`embedpipe fit {store}", "--store STORE"]),
+    (["serve", "{store}"], ["is an embedpipe feature store", "`embedpipe fit {store}"]),
+    (["export", "{dir}/tiny.pth", "-o", "{dir}/x.onnx"],
+     ["tiny.pth: is a PyTorch file", "--weights {dir}/tiny.pth", "embedpipe fit STORE.h5"]),
+    (["predict", "{dir}/empty", "--store", "{store}"], ["empty: is a folder", "embedpipe fit"]),
     # quickstart
     (["quickstart", "--per-class", "0", "--folder", "{dir}/qs", "-o", "{dir}/qs.h5"],
      ["--per-class", "at least"]),
@@ -138,7 +175,7 @@ def test_bad_arguments_fail_in_one_line_with_the_fix(args: list[str], needles: l
                                                     lite0_head: Path):
     values = {**{k: str(v) for k, v in bad_inputs.items()}, "head": str(lite0_head)}
     res = cli(*[a.format(**values) for a in args])
-    one_line(res.output, res.exit_code, *needles)
+    one_line(res.output, res.exit_code, *[n.format(**values) for n in needles])
 
 
 def test_debug_shows_the_traceback_and_unexpected_errors_exit_nonzero(tmp_path: Path,

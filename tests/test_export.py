@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import cli, ok, one_line_error, read_csv
+from clitools import cli, ok, one_line, one_line_error, read_csv
 from imagegen import pattern
 
 from embedpipe.data import load_image
@@ -303,3 +304,41 @@ def test_int8_dynamic_keeps_the_head_in_fp32(work: dict):
     assert any(n.op_type in quantized for n in nodes)  # the backbone is quantized
     head = [(n.name, n.op_type) for n in nodes if n.name.startswith("head/")]
     assert head and not [h for h in head if h[1] in quantized], head
+
+
+def test_int8_names_where_it_looked_for_calibration_images_before_any_work(
+        fmnist_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A head fitted on a store given by a relative path, exported with --int8 from another
+    working directory: the calibration images (the store's training images) are not found;
+    one line names the store as recorded, each path tried and the fixes, before the head's
+    "ONNX equals" line or any output. `--calib STORE.h5` (the store itself) then works."""
+    monkeypatch.chdir(fmnist_store.parent)
+    head = tmp_path / "heads" / "logreg.skops"
+    ok("fit", fmnist_store.name, "--head", "logreg", "-o", head, "-q")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = cli("export", head, "--int8", "-o", tmp_path / "x.onnx")
+    one_line(res.output, res.exit_code, f"the head's store {fmnist_store.name}",
+             f"not at {elsewhere / fmnist_store.name} nor {head.parent / fmnist_store.name}",
+             "--calib FOLDER", "--calib STORE.h5", "where `fit` ran", "--int8-mode dynamic")
+    assert not list(tmp_path.glob("x.onnx*"))
+    res = ok("export", head, "--int8", "--calib", fmnist_store, "--calib-count", "8", "-o",
+             tmp_path / "x.onnx")
+    assert "calibrating int8 ranges on 8 images" in res.output, res.output
+    side = json.loads((tmp_path / "x.onnx.json").read_text(encoding="utf-8"))
+    assert side["precision"].startswith("int8 static") and "over 8 calibration" in \
+        side["precision"]
+
+
+def test_head_on_stacked_stores_is_refused_before_any_work(fmnist_store: Path, tmp_path: Path):
+    """export needs one backbone; a head fitted on stacked stores was refused only after the
+    head's graph was built and "ONNX equals predict_proba" printed: now the one line is all."""
+    twin = tmp_path / "twin.h5"
+    shutil.copy(fmnist_store, twin)
+    head = tmp_path / "stacked.skops"
+    ok("fit", fmnist_store, twin, "--head", "logreg", "-o", head, "-q")
+    res = cli("export", head, "-o", tmp_path / "s.onnx")
+    one_line(res.output, res.exit_code, "stacked.skops", "stacked features of 2 stores",
+             "fit one on one store")
+    assert not list(tmp_path.glob("s.onnx*"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,33 @@ def test_resume_from_epoch1_checkpoint_equals_uninterrupted_run(fmnist_src: Path
     ta, tb = torch.load(two_epoch_run, weights_only=True), torch.load(out, weights_only=True)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert file_sha256(two_epoch_run) == file_sha256(out)
+
+
+def test_resume_folder_skips_a_corrupt_newest_checkpoint(fmnist_src: Path, two_epoch_run: Path,
+                                                         tmp_path: Path):
+    """--resume FOLDER whose newest checkpoint is cut off goes back to the newest readable one,
+    saying in one line (even with -q) which file it skipped and why; the continuation equals
+    the uninterrupted run. With no readable checkpoint left: one error line naming the
+    folder, nothing written."""
+    folder = tmp_path / "copied.checkpoints"
+    shutil.copytree(two_epoch_run.parent / "tuned.checkpoints", folder)
+    newest = folder / "epoch-002.pt"
+    newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 3])
+    out = tmp_path / "resumed.pt"
+    args = ["--model", MODEL, "--epochs", "2", "--head-epochs", "1", "--keep-checkpoints", "0",
+            "-q", *FAST]
+    res = finetune_ok(fmnist_src, "-o", out, "--resume", folder, *args)
+    notes = [ln for ln in res.stderr.splitlines() if "skipped" in ln]
+    assert notes == [(f"note: --resume {folder}: skipped epoch-002.pt (the file is cut off or "
+                      "corrupt: an incomplete zip archive, e.g. an interrupted copy); resuming "
+                      "from epoch-001.pt, the newest readable checkpoint")], res.stderr
+    assert file_sha256(out) == file_sha256(two_epoch_run)
+
+    (folder / "epoch-001.pt").write_bytes(b"")
+    res = cli("finetune", fmnist_src, "-o", tmp_path / "again.pt", "--resume", folder, *args)
+    one_line_error(res, f"--resume {folder}: none of its 2 checkpoint(s) can be read",
+                   "the newest, epoch-002.pt: the file is cut off", "leave out --resume")
+    assert not (tmp_path / "again.pt").exists()
 
 
 def test_reextraction_with_tuned_weights_is_a_new_store_with_other_features(
@@ -608,7 +636,9 @@ def test_ctrl_c_in_epoch_1_leaves_nothing_behind_and_in_epoch_2_names_the_checkp
 RESUME_FIX = ("pass a file from <output>.checkpoints/ (epoch-NNN.pt) written by `embedpipe "
               "finetune`, or leave out --resume to start afresh")
 PICKLED = ("a torch file of pickled Python objects besides tensors, such as a whole saved model "
-           "or a checkpoint holding its settings, which is not loaded for safety")
+           "or a checkpoint holding objects other than its settings, which is not loaded for "
+           "safety")
+WEIGHTS_NOT_RESUME = "start a new run from its weights with --weights PATH instead of --resume"
 
 
 def _timm_train_checkpoint(path: Path) -> None:
@@ -643,7 +673,10 @@ def _newer_format(path: Path, real: Path) -> None:
     (lambda p, real, tuned: p.write_bytes(pickle.dumps({"epoch": 3})),
      "not a torch file but a Python pickle", RESUME_FIX),
     (lambda p, real, tuned: torch.save(torch.nn.Linear(2, 2), p), PICKLED, RESUME_FIX),
-    (lambda p, real, tuned: _timm_train_checkpoint(p), PICKLED, RESUME_FIX),
+    (lambda p, real, tuned: _timm_train_checkpoint(p),
+     ("another tool's checkpoint holding model weights (keys: arch, args, epoch, metric, "
+      "optimizer, …; e.g. timm's train.py), not an `embedpipe finetune` checkpoint"),
+     WEIGHTS_NOT_RESUME),
     (lambda p, real, tuned: torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {}}, p),
      ("another tool's file (keys: arch, epoch, state_dict), not an `embedpipe finetune` "
       "checkpoint"), RESUME_FIX),
@@ -728,3 +761,82 @@ def test_bad_weights_outputs_and_options_are_refused_before_any_epoch(
     monkeypatch.setattr(loop, "_train_epoch", no_memory)
     assert refused() == ("error: out of memory while training with --batch-size 16; pass a "
                          "smaller --batch-size or --img-size")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_timm_train_checkpoints_load_as_weights(fmnist_src: Path, tmp_path: Path):
+    """A checkpoint as timm's train.py saves it (CheckpointSaver: ``state_dict`` keyed with
+    DDP's ``module.`` prefix, ``args`` an argparse.Namespace, ``optimizer``, ``epoch``...) was
+    refused as "pickled Python objects"; it loads as --weights, with weights_only=True and
+    Namespace allowed (as timm's own loader does), taking the entry timm's load_state_dict
+    takes: ``state_dict_ema`` when present, else ``state_dict``. A Namespace carrying code is
+    still refused. Stage 1 only (head epochs), so the tuned backbone is the loaded one."""
+    import argparse
+    from collections import OrderedDict
+
+    base = load_backbone(MODEL, with_classifier=True).model.state_dict()
+    args = argparse.Namespace(model=MODEL, lr=0.1, epochs=3, aa="rand-m9-mstd0.5", smoothing=0.1,
+                              betas=(0.9, 0.999), img_size=None, model_ema=True,
+                              data_dir="/data/imagenet")
+    trained = OrderedDict((f"module.{k}", v) for k, v in base.items())
+    ck = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": MODEL, "state_dict": trained, "version": 2,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                "args": args, "metric": 61.2}, ck)
+    with pytest.raises(pickle.UnpicklingError):  # what a plain weights_only load says
+        torch.load(ck, weights_only=True)
+    common = ["--model", MODEL, "--epochs", "1", "--head-epochs", "1", "-q", *FAST]
+    out = tmp_path / "a.pt"
+    finetune_ok(fmnist_src, "-o", out, "--weights", ck, *common)
+    tuned = torch.load(out, weights_only=True)
+    assert tuned and all(torch.equal(v, base[k]) for k, v in tuned.items())
+    manifest = json.loads((tmp_path / "a.json").read_text())
+    assert manifest["base_weights"]["sha256"] == file_sha256(ck)
+
+    ema = {k: v * 0.5 if k == "conv_stem.weight" else v for k, v in base.items()}
+    with_ema = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 3, "state_dict": trained, "state_dict_ema": ema, "args": args},
+               with_ema)
+    finetune_ok(fmnist_src, "-o", tmp_path / "b.pt", "--weights", with_ema, *common)
+    tuned = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert torch.equal(tuned["conv_stem.weight"], base["conv_stem.weight"] * 0.5)
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": base, "args": argparse.Namespace(hook=_Payload(marker))}, evil)
+    one_line_error(cli("finetune", fmnist_src, "-o", tmp_path / "c.pt", "--weights", evil,
+                       "--model", MODEL, "-q", *FAST), str(evil), "not loaded for safety")
+    assert not marker.exists()
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_any_epoch(fmnist_src: Path,
+                                                                tmp_path: Path):
+    """--img-size 2048 passes the one-image probe (inference, ~1.5 GiB) but a training batch of
+    50 such images needs far more memory than any machine here has (~120 GiB: measured on
+    the model's shapes, nothing allocated): refused in one line before any epoch, with the
+    largest batch size and input size that fit. It used to start and be OOM-killed."""
+    from clitools import EMBEDPIPE, run
+
+    out = tmp_path / "big.pt"
+    res = run(*EMBEDPIPE, "finetune", fmnist_src, "-o", out, "--img-size", "2048",
+              "--batch-size", "64", "--workers", "0", "-q")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and res.stdout == "", res.stderr
+    line = lines[0]
+    assert line.startswith("error: --img-size 2048 with --batch-size 64 (batches of 50, all "
+                           "the training images): a training step needs about "), line
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", line)[:2])
+    assert need > avail and "is available (" in line
+    sizes = [int(x) for x in re.findall(r"--img-size (\d+) or less", line)]
+    batches = [int(x) for x in re.findall(r"--batch-size (\d+) or less", line)]
+    assert sizes or batches, line
+    assert all(s < 2048 and s % 32 == 0 for s in sizes), line
+    assert all(2 <= b < 50 for b in batches), line
+    assert not out.exists() and not (tmp_path / "big.checkpoints").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +18,38 @@ from ..backbones import TorchFileError, load_torch_file
 from .options import CHECKPOINT_FORMAT, FinetuneError, FinetuneOptions, Outputs
 
 
-def find_checkpoint(resume: Path) -> Path:
+def resume_from(resume: Path, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``--resume`` continues, loaded: ``resume`` itself when it is a file; for
+    a folder, its newest ``epoch-*.pt`` that can be read, each newer one that cannot (cut off,
+    empty, corrupt: TorchFileError) skipped with one ``say`` line naming it and why. Raises
+    FinetuneError (one line) for a missing path, a folder without checkpoints or with none
+    readable, and a file that is not an `embedpipe finetune` checkpoint (load_checkpoint)."""
     if resume.is_dir():
         found = sorted(resume.glob("epoch-*.pt"))
         if not found:
             raise FinetuneError(f"--resume {resume}: the folder holds no epoch-*.pt checkpoint; "
                                 "pass a checkpoint file, or leave out --resume to start afresh")
-        return found[-1]
+        skipped: list[tuple[Path, str]] = []
+        for path in reversed(found):
+            try:
+                ckpt = load_torch_file(path)
+            except TorchFileError as e:
+                skipped.append((path, str(e)))
+                continue
+            for bad, why in skipped:
+                say(f"note: --resume {resume}: skipped {bad.name} ({why}); resuming from "
+                    f"{path.name}, the newest readable checkpoint")
+            return path, _checked(path, ckpt)
+        newest, why = skipped[0]
+        raise FinetuneError(
+            f"--resume {resume}: none of its {len(found)} checkpoint(s) can be read (the newest, "
+            f"{newest.name}: {why}); leave out --resume to start afresh (with --overwrite), "
+            "or restore a checkpoint into the folder")
     if not resume.is_file():
         raise FinetuneError(f"--resume {resume}: no such checkpoint; pass a file from "
                             "<output>.checkpoints/ (epoch-NNN.pt), or leave out --resume to "
                             "start afresh")
-    return resume
+    return resume, load_checkpoint(resume)
 
 
 # what every checkpoint holds (_save_checkpoint); "ema" is missing from older ones
@@ -46,6 +67,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = load_torch_file(path)
     except TorchFileError as e:
         raise FinetuneError(f"--resume {path}: {e}; {_RESUME_FIX}") from None
+    return _checked(path, ckpt)
+
+
+def _checked(path: Path, ckpt: Any) -> dict[str, Any]:
+    """``ckpt`` (loaded from ``path``) when it is an `embedpipe finetune` checkpoint; else
+    FinetuneError naming what it is and the fix."""
     wrong = _not_a_checkpoint(ckpt)
     if wrong is not None:
         raise FinetuneError(f"--resume {path}: {wrong[0]}; {wrong[1]}")
@@ -74,6 +101,13 @@ def _not_a_checkpoint(ckpt: Any) -> tuple[str, str] | None:
                 "a training checkpoint")
         fix = ("pass a file from <output>.checkpoints/, or start a new run from these weights "
                "with --weights PATH instead of --resume")
+    elif any(isinstance(ckpt.get(k), dict) and ckpt[k] and all(
+            isinstance(v, torch.Tensor) for v in ckpt[k].values())
+            for k in ("state_dict_ema", "model_ema", "state_dict", "model")):
+        keys = ", ".join(sorted(map(str, ckpt))[:5]) + (", …" if len(ckpt) > 5 else "")
+        what = (f"another tool's checkpoint holding model weights (keys: {keys}; e.g. timm's "
+                "train.py), not an `embedpipe finetune` checkpoint")
+        fix = "start a new run from its weights with --weights PATH instead of --resume"
     else:
         keys = ", ".join(sorted(map(str, ckpt))[:5]) + (", …" if len(ckpt) > 5 else "")
         what = (f"another tool's file (keys: {keys or 'none'}), not an `embedpipe finetune` "

@@ -39,10 +39,10 @@ from .checkpoint import (
     _seed_epoch,
     _set_rng_state,
     backbone_state_with_head,
-    find_checkpoint,
-    load_checkpoint,
+    resume_from,
 )
 from .data import _Images, _loader, plan_data, train_transform
+from .memory import check_fits
 from .options import (
     BEFORE_STUDY,
     FORMAT,
@@ -173,12 +173,14 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
               "classifier trains, the backbone's weights stay the base model's (its features "
               "do not change); raise --epochs to fine-tune it")
     out = Path(out)
-    ckpt_path = find_checkpoint(Path(resume)) if resume is not None else None
+    # a skipped checkpoint is said even with -q (progress off): the run goes back further
+    ckpt_path, ckpt = (resume_from(Path(resume), _warn) if resume is not None
+                       else (None, None))
     outs = check_output(out, ckpt_path, overwrite, inputs=(
         data, None if opts.weights in (None, "bundled", "hub") else opts.weights))
     outs.last = ckpt_path
     try:
-        return _run(data, outs, opts, ckpt_path, progress, say, t0, cpu0)
+        return _run(data, outs, opts, ckpt_path, ckpt, progress, say, t0, cpu0)
     except BaseException as e:
         outs.remove_made()  # the folders this call made, if nothing was written in them
         if isinstance(e, KeyboardInterrupt):
@@ -204,10 +206,11 @@ def _interrupted(outs: Outputs, resumed: Path | None) -> str:
 
 
 def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path | None,
-         progress: bool, say: Callable[[str], None], t0: float, cpu0: float) -> FinetuneResult:
-    """The run after the checks: load, train epoch by epoch, write the outputs to ``outs``."""
+         ckpt: dict[str, Any] | None, progress: bool, say: Callable[[str], None], t0: float,
+         cpu0: float) -> FinetuneResult:
+    """The run after the checks: load, train epoch by epoch, write the outputs to ``outs``
+    (resuming from ``ckpt``, loaded from ``ckpt_path``, when given)."""
     out = outs.weights
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     deterministic = device.type == "cpu" if opts.deterministic is None else opts.deterministic
@@ -250,6 +253,7 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
             say(f"note: resuming with {', '.join(changed)}: the continuation is valid but not "
                 "bit-identical to an uninterrupted run")
 
+    check_fits(model, split, opts, data_config, device, len(plan.train))
     model.to(device)
     groups = _param_groups(model, split, opts)
     optimizer = torch.optim.AdamW(groups, lr=opts.head_lr, weight_decay=opts.weight_decay)

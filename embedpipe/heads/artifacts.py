@@ -440,8 +440,14 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
     ``compact``: its compact form, when it has one (enough to predict; see load_compact)."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise ArtifactError(f"{path}: is a folder, not a head file; pass the .skops file "
+                                "made by `embedpipe fit STORE --head NAME -o HEAD.skops`")
         raise ArtifactError(f"{path}: no such head file; make one with `embedpipe fit STORE "
                             f"--head NAME -o {path}`")
+    other = _other_file(path)
+    if other is not None:
+        raise ArtifactError(f"{path}: {other}")
     if compact:
         fast = load_compact(path)
         if fast is not None:
@@ -480,6 +486,62 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
                                       "inside it")
             _check_probe(path, z, head, obj["estimator"], "pipeline")
     return HeadFile(path, obj["estimator"], obj["manifest"])
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _other_file(path: Path) -> str | None:
+    """What ``path`` is when it is another of embedpipe's files where a head file belongs (a
+    feature store, backbone weights or a checkpoint, an ONNX export or its sidecar), as the
+    rest of a one-line error: what it is, that a head file from `embedpipe fit` is wanted, and
+    the command that makes one. None for anything else (``load`` then says why it cannot read
+    it). Told from the file's first bytes (and, for a store, its HDF5 datasets)."""
+    import zipfile
+
+    fit = "a head file made by `embedpipe fit` goes here"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2056)
+    except OSError:
+        return None
+    # HDF5's signature is at offset 0, or after a user block of 512, 1024, 2048... bytes
+    if any(head[at:at + 8] == _HDF5_SIGNATURE for at in (0, 512, 1024, 2048)):
+        what = "an HDF5 file"
+        with contextlib.suppress(Exception):  # unreadable HDF5: still not a head file
+            import h5py
+
+            with h5py.File(path, "r") as h:
+                if "features" in h and "class_names" in h:
+                    what = "an embedpipe feature store (made by `embedpipe extract`)"
+        return (f"is {what}, not a head file; {fit}: make one from the store with "
+                f"`embedpipe fit {path} --head logreg -o {path.with_suffix(SUFFIX).name}` and "
+                "pass that (predict takes the store itself as `--store STORE`)")
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None  # a cut-off zip: load says the head file is damaged
+        if any(n.endswith("/data.pkl") for n in names) and "schema.json" not in names:
+            return ("is a PyTorch file (backbone weights or a checkpoint, e.g. from `embedpipe "
+                    f"finetune`), not a head file; {fit}: extract features with it "
+                    f"(`embedpipe extract DATA --weights {path} -o STORE.h5`), fit a head on "
+                    "them (`embedpipe fit STORE.h5 -o HEAD.skops`) and pass that")
+        return None
+    side = path.with_name(path.name + ".json")  # export.sidecar_path: an ONNX export's
+    text = head.lstrip()[:1]
+    for cand in ((path, side) if text == b"{" else (side,)):
+        try:
+            info = json.loads(cand.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("format") == "embedpipe-onnx":
+            what = ("the JSON sidecar of an ONNX export" if cand == path
+                    else "an ONNX export (made by `embedpipe export`)")
+            return (f"is {what}, not a head file; {fit}: pass the head it was exported from "
+                    f"({info.get('head_file') or 'HEAD.skops'})")
+    return None
 
 
 def _why(e: BaseException) -> str:
