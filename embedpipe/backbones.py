@@ -753,10 +753,41 @@ def out_of_memory(e: BaseException) -> bool:
             or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
 
 
-@torch.inference_mode()
 def feature_dim(model: torch.nn.Module, data_config: dict[str, Any]) -> int:
-    """The feature width, from one zero image through ``model``. WeightsError when that one
-    image does not fit in memory (an --img-size far too big)."""
+    """The feature width (the second dim of ``model``'s output for one image), told on a
+    meta-device copy of the model (finetune/memory.py: inference_probe): nothing is allocated
+    and no real forward runs, so an absurd --img-size costs a fraction of a second, not the
+    forward itself (at 4096 px: ~28 s and ~7 GB). WeightsError when one image at this size
+    would need more memory than is available (memory.available_bytes: MemAvailable or the
+    cgroup's limit), or when the output is not (batch, features). A model the meta device
+    cannot run (a custom kernel) gets one real zero image instead, and WeightsError when that
+    fails to allocate."""
+    from .finetune.memory import available_bytes, inference_probe
+
+    h, w = data_config["input_size"][1:]
+    try:
+        shape, need = inference_probe(model, (h, w))
+    except (RuntimeError, NotImplementedError):
+        shape = None  # the meta device cannot run it: one real image
+    if shape is None:
+        shape = _real_output_shape(model, data_config)
+    else:
+        have = available_bytes(torch.device("cpu"))
+        if have is not None and need > have[0]:
+            raise WeightsError(
+                f"--img-size {h}: one {h}x{w} image does not fit in memory (it needs about "
+                f"{need / 2 ** 30:.1f} GiB through {type(model).__name__}, measured from its "
+                f"activations at this size, but {have[0] / 2 ** 30:.1f} GiB is available: "
+                f"{have[1]}); pass a smaller --img-size (the model's default is used when "
+                "omitted)")
+    if len(shape) != 2:
+        raise WeightsError(f"model output has shape {shape}, not (batch, features); "
+                           "pass a --pool that reduces spatial dimensions")
+    return int(shape[1])
+
+
+@torch.inference_mode()
+def _real_output_shape(model: torch.nn.Module, data_config: dict[str, Any]) -> tuple[int, ...]:
     h, w = data_config["input_size"][1:]
     try:
         out = model(torch.zeros(1, *data_config["input_size"]))
@@ -766,10 +797,7 @@ def feature_dim(model: torch.nn.Module, data_config: dict[str, Any]) -> int:
         raise WeightsError(f"--img-size {h}: one {h}x{w} image does not fit in memory; pass a "
                            "smaller --img-size (the model's default is used when omitted)"
                            ) from None
-    if out.ndim != 2:
-        raise WeightsError(f"model output has shape {tuple(out.shape)}, not (batch, features); "
-                           "pass a --pool that reduces spatial dimensions")
-    return int(out.shape[1])
+    return tuple(out.shape)
 
 
 def available_models() -> list[dict[str, Any]]:

@@ -840,3 +840,26 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_epoch(fmnist_src: Path
     assert all(s < 2048 and s % 32 == 0 for s in sizes), line
     assert all(2 <= b < 50 for b in batches), line
     assert not out.exists() and not (tmp_path / "big.checkpoints").exists()
+
+
+@pytest.mark.parametrize("size", [4096, 8192])
+def test_an_absurd_img_size_is_refused_without_a_real_forward(fmnist_src: Path, tmp_path: Path,
+                                                              size: int):
+    """The memory checks (the one-image probe, backbones.feature_dim, and finetune's
+    check_fits) run on the meta device, before any real forward at the asked size: one real
+    4096 px image used to take ~7 GB (and could be OOM-killed on a small machine) before the
+    refusal. The CLI process's peak RSS (ru_maxrss of the children) stays far below that."""
+    from clitools import run_measured
+
+    out = tmp_path / "big.pt"
+    res, peak_kib = run_measured("finetune", fmnist_src, "-o", out, "--epochs", "2",
+                                 "--head-epochs", "1", "--threads", "1", "--workers", "0",
+                                 "--img-size", str(size), "-q")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: --img-size {size}"), lines[0]
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", lines[0])[:2])
+    assert need > avail, lines[0]
+    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    assert not out.exists() and not (tmp_path / "big.checkpoints").exists()
+
