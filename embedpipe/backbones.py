@@ -19,6 +19,7 @@ import io
 import json
 import pickle
 import socket
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -175,7 +176,13 @@ def _why_unreadable(path: Path, e: Exception) -> str:
     return "the torch file is corrupt: its records do not read back"
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(the state dict in the weights file ``path``, None), or for a checkpoint of
+    `embedpipe finetune` (<output>.checkpoints/epoch-NNN.pt) (the entry its run kept at that
+    epoch: ``ema`` when its EMA of the weights scored better on validation, else ``model``,
+    the trained weights; {"model", "data_config" (the run's timm name and input size, from its
+    fingerprint), "entry", "line" (one line saying which entry was used)}). Raises
+    WeightsError (one line) for a missing or unreadable file or one without a state dict."""
     if not path.is_file():
         what = "is a folder, not a weights file" if path.is_dir() else "weights file not found"
         raise WeightsError(f"{path}: {what}; pass --weights with an existing "
@@ -194,6 +201,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = load_torch_file(path)
         except TorchFileError as e:
             raise WeightsError(f"{path}: cannot read weights: {e}; {fix}") from None
+    trained = _finetune_checkpoint(path, sd)
+    if trained is not None:
+        sd = trained.pop("state")
     # the entry timm's load_state_dict takes (its default use_ema=True): the EMA weights when
     # the checkpoint has them, else the trained ones
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -205,7 +215,42 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                            "torch.save(model.state_dict()) or a timm checkpoint")
     from timm.models import clean_state_dict
 
-    return clean_state_dict(sd)  # strips DDP's module. and torch.compile's _orig_mod.
+    return clean_state_dict(sd), trained  # strips DDP's module. and torch.compile's _orig_mod.
+
+
+def _finetune_checkpoint(path: Path, ckpt: Any) -> dict[str, Any] | None:
+    """For a loaded `embedpipe finetune` checkpoint (finetune/checkpoint.py: its format, a
+    fingerprint with the run's model and data_config, ``model`` and ``ema`` entries): the
+    state the run kept at its epoch (the history row's ``kept``: ``ema`` or the trained
+    ``model``), with what _read_state_dict returns about it; else None."""
+    from .finetune.options import CHECKPOINT_FORMAT
+
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
+        return None
+    fp = ckpt.get("fingerprint")
+    if not (isinstance(fp, dict) and isinstance(fp.get("data_config"), dict)
+            and isinstance(ckpt.get("model"), dict)):
+        raise WeightsError(f"{path}: an incomplete `embedpipe finetune` checkpoint (no "
+                           "fingerprint or model entry); pass another epoch-NNN.pt or the "
+                           "run's output .pt")
+    history = ckpt.get("history") or []
+    kept = history[-1].get("kept") if history and isinstance(history[-1], dict) else None
+    ema = ckpt.get("ema")
+    epoch = ckpt.get("epoch")
+    if kept == "ema" and isinstance(ema, dict) and isinstance(ema.get("state"), dict):
+        entry, state = "ema", ema["state"]
+        why = (f"the EMA of the weights, which scored better on validation than the trained "
+               f"weights at epoch {epoch}")
+    else:
+        entry, state = "model", ckpt["model"]
+        why = (f"the trained weights of epoch {epoch}"
+               + (", which scored better on validation than their EMA" if kept == "trained"
+                  else ""))
+    size = fp["data_config"].get("input_size", ["?"])[-1]
+    line = (f"weights: {path.name}'s {'EMA' if entry == 'ema' else 'model'} entry ({why}); "
+            f"trained at {size} px")
+    return {"model": fp.get("model"), "data_config": fp["data_config"], "entry": entry,
+            "line": line, "state": state}
 
 
 def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str,
@@ -366,7 +411,8 @@ def load_backbone(
                     path = Path(source).expanduser().resolve()
                     spec = WeightsSpec("file", str(path), file_sha256(path) if path.is_file()
                                        else "", {"file": path.name})
-                    tuned = finetune_manifest(path, spec.sha256)
+                    sd, trained = _read_state_dict(path)
+                    tuned = trained or finetune_manifest(path, spec.sha256)
                     if tuned is not None:
                         if tuned.get("model") != name:
                             raise WeightsError(
@@ -374,7 +420,11 @@ def load_backbone(
                                 f"finetune`, not {name}; pass --model {tuned.get('model')}")
                         if img_size is None:  # extract at the resolution it was tuned at
                             img_size = int(tuned["data_config"]["input_size"][-1])
-                sd = _read_state_dict(path)
+                    if trained is not None:  # which entry of the checkpoint, on stderr
+                        spec.meta["entry"] = trained["entry"]
+                        print(trained["line"], file=sys.stderr, flush=True)
+                if source == "bundled":
+                    sd, _ = _read_state_dict(path)
                 model.load_state_dict(_fit_state_dict(model, sd, str(path), name))
     except TypeError as e:  # e.g. a global_pool this architecture does not take
         raise WeightsError(f"{name}: cannot build with --pool {pool} ({e}); use a pool type the "
