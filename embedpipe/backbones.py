@@ -19,6 +19,7 @@ import io
 import json
 import pickle
 import socket
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -175,7 +176,13 @@ def _why_unreadable(path: Path, e: Exception) -> str:
     return "the torch file is corrupt: its records do not read back"
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(the state dict in the weights file ``path``, None), or for a checkpoint of
+    `embedpipe finetune` (<output>.checkpoints/epoch-NNN.pt) (the entry its run kept at that
+    epoch: ``ema`` when its EMA of the weights scored better on validation, else ``model``,
+    the trained weights; {"model", "data_config" (the run's timm name and input size, from its
+    fingerprint), "entry", "line" (one line saying which entry was used)}). Raises
+    WeightsError (one line) for a missing or unreadable file or one without a state dict."""
     if not path.is_file():
         what = "is a folder, not a weights file" if path.is_dir() else "weights file not found"
         raise WeightsError(f"{path}: {what}; pass --weights with an existing "
@@ -194,6 +201,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = load_torch_file(path)
         except TorchFileError as e:
             raise WeightsError(f"{path}: cannot read weights: {e}; {fix}") from None
+    trained = _finetune_checkpoint(path, sd)
+    if trained is not None:
+        sd = trained.pop("state")
     # the entry timm's load_state_dict takes (its default use_ema=True): the EMA weights when
     # the checkpoint has them, else the trained ones
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -205,7 +215,42 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                            "torch.save(model.state_dict()) or a timm checkpoint")
     from timm.models import clean_state_dict
 
-    return clean_state_dict(sd)  # strips DDP's module. and torch.compile's _orig_mod.
+    return clean_state_dict(sd), trained  # strips DDP's module. and torch.compile's _orig_mod.
+
+
+def _finetune_checkpoint(path: Path, ckpt: Any) -> dict[str, Any] | None:
+    """For a loaded `embedpipe finetune` checkpoint (finetune/checkpoint.py: its format, a
+    fingerprint with the run's model and data_config, ``model`` and ``ema`` entries): the
+    state the run kept at its epoch (the history row's ``kept``: ``ema`` or the trained
+    ``model``), with what _read_state_dict returns about it; else None."""
+    from .finetune.options import CHECKPOINT_FORMAT
+
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
+        return None
+    fp = ckpt.get("fingerprint")
+    if not (isinstance(fp, dict) and isinstance(fp.get("data_config"), dict)
+            and isinstance(ckpt.get("model"), dict)):
+        raise WeightsError(f"{path}: an incomplete `embedpipe finetune` checkpoint (no "
+                           "fingerprint or model entry); pass another epoch-NNN.pt or the "
+                           "run's output .pt")
+    history = ckpt.get("history") or []
+    kept = history[-1].get("kept") if history and isinstance(history[-1], dict) else None
+    ema = ckpt.get("ema")
+    epoch = ckpt.get("epoch")
+    if kept == "ema" and isinstance(ema, dict) and isinstance(ema.get("state"), dict):
+        entry, state = "ema", ema["state"]
+        why = (f"the EMA of the weights, which scored better on validation than the trained "
+               f"weights at epoch {epoch}")
+    else:
+        entry, state = "model", ckpt["model"]
+        why = (f"the trained weights of epoch {epoch}"
+               + (", which scored better on validation than their EMA" if kept == "trained"
+                  else ""))
+    size = fp["data_config"].get("input_size", ["?"])[-1]
+    line = (f"weights: {path.name}'s {'EMA' if entry == 'ema' else 'model'} entry ({why}); "
+            f"trained at {size} px")
+    return {"model": fp.get("model"), "data_config": fp["data_config"], "entry": entry,
+            "line": line, "state": state}
 
 
 def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str,
@@ -366,7 +411,8 @@ def load_backbone(
                     path = Path(source).expanduser().resolve()
                     spec = WeightsSpec("file", str(path), file_sha256(path) if path.is_file()
                                        else "", {"file": path.name})
-                    tuned = finetune_manifest(path, spec.sha256)
+                    sd, trained = _read_state_dict(path)
+                    tuned = trained or finetune_manifest(path, spec.sha256)
                     if tuned is not None:
                         if tuned.get("model") != name:
                             raise WeightsError(
@@ -374,7 +420,11 @@ def load_backbone(
                                 f"finetune`, not {name}; pass --model {tuned.get('model')}")
                         if img_size is None:  # extract at the resolution it was tuned at
                             img_size = int(tuned["data_config"]["input_size"][-1])
-                sd = _read_state_dict(path)
+                    if trained is not None:  # which entry of the checkpoint, on stderr
+                        spec.meta["entry"] = trained["entry"]
+                        print(trained["line"], file=sys.stderr, flush=True)
+                if source == "bundled":
+                    sd, _ = _read_state_dict(path)
                 model.load_state_dict(_fit_state_dict(model, sd, str(path), name))
     except TypeError as e:  # e.g. a global_pool this architecture does not take
         raise WeightsError(f"{name}: cannot build with --pool {pool} ({e}); use a pool type the "
@@ -753,10 +803,41 @@ def out_of_memory(e: BaseException) -> bool:
             or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
 
 
-@torch.inference_mode()
 def feature_dim(model: torch.nn.Module, data_config: dict[str, Any]) -> int:
-    """The feature width, from one zero image through ``model``. WeightsError when that one
-    image does not fit in memory (an --img-size far too big)."""
+    """The feature width (the second dim of ``model``'s output for one image), told on a
+    meta-device copy of the model (finetune/memory.py: inference_probe): nothing is allocated
+    and no real forward runs, so an absurd --img-size costs a fraction of a second, not the
+    forward itself (at 4096 px: ~28 s and ~7 GB). WeightsError when one image at this size
+    would need more memory than is available (memory.available_bytes: MemAvailable or the
+    cgroup's limit), or when the output is not (batch, features). A model the meta device
+    cannot run (a custom kernel) gets one real zero image instead, and WeightsError when that
+    fails to allocate."""
+    from .finetune.memory import available_bytes, inference_probe
+
+    h, w = data_config["input_size"][1:]
+    try:
+        shape, need = inference_probe(model, (h, w))
+    except (RuntimeError, NotImplementedError):
+        shape = None  # the meta device cannot run it: one real image
+    if shape is None:
+        shape = _real_output_shape(model, data_config)
+    else:
+        have = available_bytes(torch.device("cpu"))
+        if have is not None and need > have[0]:
+            raise WeightsError(
+                f"--img-size {h}: one {h}x{w} image does not fit in memory (it needs about "
+                f"{need / 2 ** 30:.1f} GiB through {type(model).__name__}, measured from its "
+                f"activations at this size, but {have[0] / 2 ** 30:.1f} GiB is available: "
+                f"{have[1]}); pass a smaller --img-size (the model's default is used when "
+                "omitted)")
+    if len(shape) != 2:
+        raise WeightsError(f"model output has shape {shape}, not (batch, features); "
+                           "pass a --pool that reduces spatial dimensions")
+    return int(shape[1])
+
+
+@torch.inference_mode()
+def _real_output_shape(model: torch.nn.Module, data_config: dict[str, Any]) -> tuple[int, ...]:
     h, w = data_config["input_size"][1:]
     try:
         out = model(torch.zeros(1, *data_config["input_size"]))
@@ -766,10 +847,7 @@ def feature_dim(model: torch.nn.Module, data_config: dict[str, Any]) -> int:
         raise WeightsError(f"--img-size {h}: one {h}x{w} image does not fit in memory; pass a "
                            "smaller --img-size (the model's default is used when omitted)"
                            ) from None
-    if out.ndim != 2:
-        raise WeightsError(f"model output has shape {tuple(out.shape)}, not (batch, features); "
-                           "pass a --pool that reduces spatial dimensions")
-    return int(out.shape[1])
+    return tuple(out.shape)
 
 
 def available_models() -> list[dict[str, Any]]:

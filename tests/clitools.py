@@ -63,6 +63,21 @@ def run(*args: object, timeout: float = 300, **kw) -> subprocess.CompletedProces
                           **kw)
 
 
+_MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); "
+            "sys.exit(rc)")
+
+
+def run_measured(*args: object, timeout: float = 300) -> tuple[subprocess.CompletedProcess, int]:
+    """``embedpipe ARGS`` as a subprocess of its own wrapper process: (its result, stdout without
+    the wrapper's line; its peak resident memory in KiB, ru_maxrss of the wrapper's children,
+    so no other process of the test run counts)."""
+    res = run(sys.executable, "-c", _MEASURE, *EMBEDPIPE, *args, timeout=timeout)
+    out, _, peak = res.stdout.rstrip("\n").rpartition("\n")
+    res.stdout = out + "\n" if out else ""
+    return res, int(peak)
+
+
 def rows_now(store: Path) -> int | None:
     """Committed rows as a reader sees them now (None while the store cannot be read)."""
     try:

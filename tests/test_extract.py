@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import timm
 import timm.data
 import torch
-from clitools import EMBEDPIPE, peek_committed, run
+from clitools import EMBEDPIPE, peek_committed, run, run_measured
 from imagegen import make_aspect_bombs, make_messy_folder
 from PIL import Image
 from typer.testing import CliRunner
@@ -854,3 +855,21 @@ def test_extract_with_spawned_loader_workers(fmnist: Path, tmp_path: Path, tta: 
     x, y = a.features.astype(np.float64), b.features[order].astype(np.float64)
     cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
     assert cos.min() > 0.9999, cos.min()
+
+
+def test_an_img_size_no_image_fits_is_refused_before_any_real_forward(fmnist: Path,
+                                                                      tmp_path: Path):
+    """extract's one-image probe (backbones.feature_dim) is told on the meta device: at
+    --img-size 16384 one image would need ~96 GiB, refused in one line naming the need and what
+    is available, with the process staying far below that (a real probe at 8192 px used to be
+    killed by SIGSEGV after growing past 20 GB)."""
+    out = tmp_path / "big.h5"
+    res, peak_kib = run_measured("extract", fmnist, "-o", out, "--img-size", "16384", "-q")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: --img-size 16384: one 16384x16384 image does not fit "), \
+        lines[0]
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", lines[0])[:2])
+    assert need > avail and "pass a smaller --img-size" in lines[0], lines[0]
+    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    assert not out.exists()

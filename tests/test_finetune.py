@@ -840,3 +840,71 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_epoch(fmnist_src: Path
     assert all(s < 2048 and s % 32 == 0 for s in sizes), line
     assert all(2 <= b < 50 for b in batches), line
     assert not out.exists() and not (tmp_path / "big.checkpoints").exists()
+
+
+@pytest.mark.parametrize("size", [4096, 8192])
+def test_an_absurd_img_size_is_refused_without_a_real_forward(fmnist_src: Path, tmp_path: Path,
+                                                              size: int):
+    """The memory checks (the one-image probe, backbones.feature_dim, and finetune's
+    check_fits) run on the meta device, before any real forward at the asked size: one real
+    4096 px image used to take ~7 GB (and could be OOM-killed on a small machine) before the
+    refusal. The CLI process's peak RSS (ru_maxrss of the children) stays far below that."""
+    from clitools import run_measured
+
+    out = tmp_path / "big.pt"
+    res, peak_kib = run_measured("finetune", fmnist_src, "-o", out, "--epochs", "2",
+                                 "--head-epochs", "1", "--threads", "1", "--workers", "0",
+                                 "--img-size", str(size), "-q")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: --img-size {size}"), lines[0]
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", lines[0])[:2])
+    assert need > avail, lines[0]
+    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    assert not out.exists() and not (tmp_path / "big.checkpoints").exists()
+
+
+def test_a_checkpoint_extracts_at_its_trained_size_from_the_entry_it_kept(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
+    """`predict CHECKPOINT` suggests `extract DATA --weights CHECKPOINT`; that extract takes the
+    run's input size (64 px, from the checkpoint's fingerprint, as a final .pt takes it from its
+    manifest), says in one line which entry (model or EMA) it used, and its features are those
+    of that entry's weights."""
+    from clitools import EMBEDPIPE, run
+
+    ckpt_path = two_epoch_run.parent / "tuned.checkpoints" / "epoch-002.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    kept = ckpt["history"][-1].get("kept", "trained")
+    entry = "EMA" if kept == "ema" else "model"
+    state = ckpt["ema"]["state"] if kept == "ema" else ckpt["model"]
+
+    store = tmp_path / "some.h5"
+    ok = run(*EMBEDPIPE, "extract", fmnist_src, "-o", store, "--img-size", "64", "-q")
+    assert ok.returncode == 0, ok.stderr
+    res = run(*EMBEDPIPE, "predict", ckpt_path, "--store", store)
+    assert res.returncode == 2, res.stderr
+    m = re.search(r"`(embedpipe extract DATA [^`]*)`", res.stderr)
+    assert m, res.stderr
+    suggested = m.group(1).split()
+    assert suggested[suggested.index("--weights") + 1] == str(ckpt_path), res.stderr
+    assert "--img-size" not in suggested
+
+    out = tmp_path / "ckpt.h5"
+    args = [fmnist_src if a == "DATA" else out if a == "STORE.h5" else a for a in suggested[2:]]
+    res = run(*EMBEDPIPE, "extract", *args, "--runtime", "torch", "--precision", "fp32")
+    assert res.returncode == 0, res.stderr
+    said = [ln for ln in res.stderr.splitlines() if ln.startswith("weights: ")]
+    assert len(said) == 1 and f"epoch-002.pt's {entry} entry" in said[0], res.stderr
+    got = open_store(out)
+    assert got.meta["data_config"]["input_size"] == [3, 64, 64]
+    # the same images through that entry's weights saved alone (headless) at 64 px
+    alone, ref_h5 = tmp_path / "entry.pt", tmp_path / "entry.h5"
+    torch.save({k: v for k, v in state.items() if not k.startswith("classifier.")}, alone)
+    res = run(*EMBEDPIPE, "extract", fmnist_src, "-o", ref_h5, "--weights", alone,
+              "--img-size", "64", "--runtime", "torch", "--precision", "fp32", "-q")
+    assert res.returncode == 0, res.stderr
+    ref = open_store(ref_h5)
+    fg, fr = dict(zip(got.paths, got.features)), dict(zip(ref.paths, ref.features))
+    assert fg.keys() == fr.keys() and len(fg) == 60
+    np.testing.assert_allclose(np.stack([fg[k] for k in fr]), np.stack(list(fr.values())),
+                               atol=1e-5)

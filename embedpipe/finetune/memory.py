@@ -48,6 +48,56 @@ def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+def _meta_forward(meta: torch.nn.Module, n: int, size: tuple[int, int]
+                  ) -> tuple[tuple[int, ...], int, int]:
+    """(output shape, bytes autograd saves, the largest input + output of one leaf module) of
+    a forward of ``n`` fp32 3 x H x W zero images through ``meta`` (a meta-device model, in the
+    grad mode of the caller)."""
+    saved: dict[int, int] = {}
+    peak = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[id(t)] = _nbytes(t)
+        return t
+
+    def hook(_mod: Any, inputs: Any, output: Any) -> None:
+        peak[0] = max(peak[0], _nbytes(inputs) + _nbytes(output))
+
+    leaves = [m for m in meta.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = meta(torch.zeros(n, 3, *size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+    return shape, sum(saved.values()), peak[0]
+
+
+def inference_probe(model: torch.nn.Module, size: tuple[int, int]) -> tuple[tuple[int, ...], int]:
+    """(output shape, bytes) of one fp32 3 x H x W image (``size``) through ``model`` in
+    inference, told on a meta-device copy (nothing allocated, a fraction of a second at any
+    size): the output's shape, e.g. (1, 1280) pooled features, and the memory the forward adds
+    at its peak, TRANSIENT_FACTOR x the largest input + output of one module (the weights are
+    already in memory). Raises what the meta device raises for a model or size it cannot run
+    (RuntimeError, NotImplementedError for a custom kernel; AssertionError, ValueError,
+    TypeError for a size the model refuses)."""
+    meta = _meta_copy(model)
+    meta.eval()
+    with torch.inference_mode(False), torch.no_grad():
+        shape, _, transient = _meta_forward(meta, 1, size)
+    return shape, TRANSIENT_FACTOR * transient
+
+
 def activation_bytes(model: torch.nn.Module, size: tuple[int, int], trainable: set[str],
                      bn_frozen: bool) -> tuple[int, int]:
     """(saved, transient) bytes per image (fp32, 3 x H x W input ``size``) of a training
@@ -61,38 +111,9 @@ def activation_bytes(model: torch.nn.Module, size: tuple[int, int], trainable: s
     apply_freeze(meta, trainable)
     set_train_mode(meta, bn_frozen)
 
-    def nbytes(x: Any) -> int:
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size()
-        if isinstance(x, (tuple, list)):
-            return sum(nbytes(v) for v in x)
-        return 0
-
-    def count(n: int) -> tuple[int, int]:
-        seen: dict[int, int] = {}
-        peak = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            seen[id(t)] = nbytes(t)
-            return t
-
-        def hook(_mod: Any, inputs: Any, output: Any) -> None:
-            peak[0] = max(peak[0], nbytes(inputs) + nbytes(output))
-
-        leaves = [m for m in meta.modules() if not any(True for _ in m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
-                    pack, lambda t: t):
-                out = meta(torch.zeros(n, 3, *size, device="meta"))
-            del out
-        finally:
-            for handle in handles:
-                handle.remove()
-        return sum(seen.values()), peak[0]
-
-    one, two = count(1), count(2)
-    return max(two[0] - one[0], 0), max(two[1] - one[1], 0)
+    with torch.enable_grad():
+        one, two = _meta_forward(meta, 1, size), _meta_forward(meta, 2, size)
+    return max(two[1] - one[1], 0), max(two[2] - one[2], 0)
 
 
 def image_bytes(model: torch.nn.Module, size: tuple[int, int], trainable: set[str],

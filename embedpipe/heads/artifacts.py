@@ -490,6 +490,24 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
+def _finetuned_model(path: Path) -> str | None:
+    """The timm model an `embedpipe finetune` output (RUN.pt) or one of its checkpoints
+    (RUN.checkpoints/epoch-NNN.pt) was tuned from, read from the run's manifest (RUN.json;
+    read as JSON, no torch); None when there is none."""
+    runs = [path.with_suffix(".json")]
+    if path.parent.name.endswith(".checkpoints"):
+        runs.append(path.parent.with_name(path.parent.name.removesuffix(".checkpoints")
+                                          + ".json"))
+    for cand in runs:
+        try:
+            m = json.loads(cand.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and str(m.get("format", "")).startswith("embedpipe-finetune") \
+                and isinstance(m.get("model"), str):
+            return m["model"]
+    return None
+
 
 def _other_file(path: Path) -> str | None:
     """What ``path`` is when it is another of embedpipe's files where a head file belongs (a
@@ -524,10 +542,12 @@ def _other_file(path: Path) -> str | None:
         except (zipfile.BadZipFile, OSError, ValueError):
             return None  # a cut-off zip: load says the head file is damaged
         if any(n.endswith("/data.pkl") for n in names) and "schema.json" not in names:
+            model = _finetuned_model(path)  # extract takes its run's --img-size itself
+            flag = f"--model {model} " if model else ""
             return ("is a PyTorch file (backbone weights or a checkpoint, e.g. from `embedpipe "
                     f"finetune`), not a head file; {fit}: extract features with it "
-                    f"(`embedpipe extract DATA --weights {path} -o STORE.h5`), fit a head on "
-                    "them (`embedpipe fit STORE.h5 -o HEAD.skops`) and pass that")
+                    f"(`embedpipe extract DATA {flag}--weights {path} -o STORE.h5`), fit a head "
+                    "on them (`embedpipe fit STORE.h5 -o HEAD.skops`) and pass that")
         return None
     side = path.with_name(path.name + ".json")  # export.sidecar_path: an ONNX export's
     text = head.lstrip()[:1]
