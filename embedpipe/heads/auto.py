@@ -25,7 +25,8 @@ How it chooses (``select``):
    ranking is mostly noise, and over repeated splits the vote scored higher than the best CV
    row: see VOTE_HEADS); above, or when fewer than VOTE_HEADS heads could be scored within the
    budget (or calibrated to vote: a note says so; there is no vote then, as a vote of 2 or 3
-   did not help), the best row of the table (ties: the earlier, cheaper candidate). It is
+   did not help), the best row of the table (ties: the earlier, cheaper candidate), which may
+   be a greedy ensemble of step 4 (the note then says so). It is
    refitted on all training rows; ``fit`` saves it like any head, with the table in the
    manifest (``auto``).
 
@@ -297,12 +298,22 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
                      "best heads, not the best inner-CV score (on few rows that ranking is "
                      "mostly noise; bench/results/auto_policy.md)")
     elif len(y) <= LARGE_ROWS:
-        notes.append(f"{len(y)} rows: only {len(voters)} head(s) could be scored and voted "
-                     f"(the vote takes the {VOTE_HEADS} best heads; a vote of 2 or 3 did not "
-                     "beat the best CV row: bench/results/auto_policy.md), so the choice is "
-                     "the best CV row")
+        notes.append(_no_vote_note(len(y), len(voters), table[0]))
     return Selection(table, k, metric, budget, time.perf_counter() - t_start, notes,
                      chosen=chosen)
+
+
+def _no_vote_note(rows: int, voters: int, best: dict[str, Any]) -> str:
+    """The note for a store of up to LARGE_ROWS rows where fewer than VOTE_HEADS heads could be
+    scored and voted: there is no vote, the choice is the table's best row (``best``), and when
+    that row is a greedy ensemble (``_ensembles``) the note says so and why it is there."""
+    text = (f"{rows} rows: only {voters} head(s) could be scored and voted, so there is no "
+            f"vote of the {VOTE_HEADS} best heads (a vote of 2 or 3 did not beat the best CV "
+            "row: bench/results/auto_policy.md); the choice is the best row of the table")
+    if best.get("members"):
+        text += (f", here a greedy soft-voting ensemble of {len(best['members'])} heads, which "
+                 "is in the table only because it beat its best member on the same folds")
+    return text
 
 
 def score_sample(y: np.ndarray, seed: int = 0) -> np.ndarray | None:
