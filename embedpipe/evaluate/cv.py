@@ -147,6 +147,18 @@ def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[st
         warn(f"note: {notes[-1]}")
 
 
+def _unused_notes(per_params: dict[str, dict[str, Any]], y: np.ndarray, dim: int, seed: int,
+                  warn: Any, notes: list[str]) -> None:
+    """cv's and compare's notes for the --param values a head ignores (registry.unused_notes,
+    the parameters named HEAD:NAME as --param takes them here), said now and kept in
+    ``notes``."""
+    found = [n for h, p in per_params.items()
+             for n in heads.unused_notes(h, p, y, dim, seed, qualified=True)]
+    for n in dict.fromkeys(found):  # knn:p on knn and on svm+knn's member: one note
+        notes.append(n)
+        warn(f"note: {n}")
+
+
 def _tasks_note(bar: Any, jobs: int, what: str) -> Any:
     """A progress note for a streamed fit run in this process (jobs == 1), else None."""
     if jobs != 1:
@@ -238,6 +250,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
                                                  "training")
     if search:
         _check_search(names, y, splits, where)
+    _unused_notes(per_params, y, store.dim, seed, warn, notes)
 
     tasks = [(h, i) for h in names for i in range(len(splits))]
     say(f"cv: {len(names)} head(s) x {len(splits)} folds = {len(tasks)} fits on {len(y)} "
@@ -438,6 +451,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                                                  "common train")
     if search:  # as cv: refused before any fit
         _check_search(names, y, splits, ", ".join(str(s.path) for s in stores))
+    _unused_notes(per_params, y, stores[0].dim, seed, warn, notes)  # rules read rows, not dim
     for s, i in zip(stores, idx):
         if s.features_loaded:
             checks.refuse_nonfinite(s.features[i], [s.paths[j] for j in i], str(s.path))

@@ -762,53 +762,105 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
 
 # Parameters that the final estimator ignores unless another is set so (scikit-learn's docs:
 # "only used when ..."): effective_params leaves them out otherwise, so that a report never
-# shows a setting that does nothing (knn's p with the euclidean or cosine metric). By class
-# name: parameter -> whether it is used, given the estimator's parameters.
-_SVC_KERNEL = {"gamma": lambda g: g.get("kernel") in ("rbf", "poly", "sigmoid"),
-               "degree": lambda g: g.get("kernel") == "poly",
-               "coef0": lambda g: g.get("kernel") in ("poly", "sigmoid")}
-_USED_WHEN: dict[str, dict[str, Callable[[dict[str, Any]], bool]]] = {
-    "KNeighborsClassifier": {"p": lambda g: g.get("metric") == "minkowski"},
+# shows a setting that does nothing (knn's p with the euclidean or cosine metric), and
+# unused_notes names the ones the user gave. By class name: parameter -> (the parameter that
+# governs it, whether it is used given the estimator's parameters, a value of the governing
+# parameter that uses it: the fix the note names).
+_Rule = tuple[str, Callable[[dict[str, Any]], bool], str]
+_SVC_KERNEL: dict[str, _Rule] = {
+    "gamma": ("kernel", lambda g: g.get("kernel") in ("rbf", "poly", "sigmoid"), "rbf"),
+    "degree": ("kernel", lambda g: g.get("kernel") == "poly", "poly"),
+    "coef0": ("kernel", lambda g: g.get("kernel") in ("poly", "sigmoid"), "poly")}
+_USED_WHEN: dict[str, dict[str, _Rule]] = {
+    "KNeighborsClassifier": {"p": ("metric", lambda g: g.get("metric") == "minkowski",
+                                   "minkowski")},
     "SVC": _SVC_KERNEL,
     "MLPClassifier": {
-        **{k: (lambda g: g.get("solver") == "sgd")
+        **{k: ("solver", lambda g: g.get("solver") == "sgd", "sgd")
            for k in ("momentum", "nesterovs_momentum", "learning_rate", "power_t")},
-        **{k: (lambda g: g.get("solver") == "adam") for k in ("beta_1", "beta_2", "epsilon")},
-        **{k: (lambda g: g.get("solver") in ("sgd", "adam"))
+        **{k: ("solver", lambda g: g.get("solver") == "adam", "adam")
+           for k in ("beta_1", "beta_2", "epsilon")},
+        **{k: ("solver", lambda g: g.get("solver") in ("sgd", "adam"), "adam")
            for k in ("learning_rate_init", "shuffle", "n_iter_no_change", "batch_size")},
-        "max_fun": lambda g: g.get("solver") == "lbfgs",
-        "validation_fraction": lambda g: bool(g.get("early_stopping"))},
+        "max_fun": ("solver", lambda g: g.get("solver") == "lbfgs", "lbfgs"),
+        "validation_fraction": ("early_stopping", lambda g: bool(g.get("early_stopping")),
+                                "true")},
     "SGDClassifier": {
-        "epsilon": lambda g: g.get("loss") in ("huber", "epsilon_insensitive",
-                                               "squared_epsilon_insensitive"),
-        "power_t": lambda g: g.get("learning_rate") == "invscaling",
-        "eta0": lambda g: g.get("learning_rate") != "optimal",
-        "l1_ratio": lambda g: g.get("penalty") == "elasticnet",
-        "validation_fraction": lambda g: bool(g.get("early_stopping"))},
+        "epsilon": ("loss", lambda g: g.get("loss") in (
+            "huber", "epsilon_insensitive", "squared_epsilon_insensitive"), "huber"),
+        "power_t": ("learning_rate", lambda g: g.get("learning_rate") == "invscaling",
+                    "invscaling"),
+        "eta0": ("learning_rate", lambda g: g.get("learning_rate") != "optimal", "constant"),
+        "l1_ratio": ("penalty", lambda g: g.get("penalty") == "elasticnet", "elasticnet"),
+        "validation_fraction": ("early_stopping", lambda g: bool(g.get("early_stopping")),
+                                "true")},
 }
 
 
 def _used(estimator: Any, key: str, params: dict[str, Any]) -> bool:
     """Whether ``estimator`` (``params``: its get_params) uses parameter ``key`` (_USED_WHEN)."""
     rule = _USED_WHEN.get(type(estimator).__name__, {}).get(key)
-    return rule is None or rule(params)
+    return rule is None or rule[1](params)
+
+
+def unused_notes(name: str, params: dict[str, Any] | None, y: Any, dim: int,
+                 seed: int = 0, *, qualified: bool = False) -> list[str]:
+    """One note per parameter the user gave (``params``, short names as ``--param`` takes them:
+    an ensemble's ``MEMBER:NAME`` or plain names, member_params) that head ``name`` would ignore
+    when fitted on labels ``y`` (N) of ``dim`` features (its data defaults applied, as fit
+    applies them): scikit-learn uses it only when another parameter is set so (_USED_WHEN), and
+    effective_params leaves it out of the reports. Each note names the parameter, the setting
+    that makes it do nothing and the fix, e.g. 'p=1 does nothing with metric=euclidean; pass
+    --param metric=minkowski to use it' ('knn:p=1 ...' for a member, and with ``qualified``
+    for a single head too: cv and compare, where --param HEAD:NAME=VALUE picks the head).
+    [] for auto."""
+    if not params or name == AUTO.name:
+        return []
+    head = get(name)
+    pipe = build(name, with_data_defaults(name, params, y, dim), seed=seed,
+                 data=data_of(y, dim))
+    final = pipe.steps[-1][1]
+    if head.members:
+        given = member_params(head, params)[1]
+        return [n for member, est in final.estimators
+                for n in _unused(_pipeline(est).steps[-1][1], given.get(member, {}),
+                                 f"{member}{MEMBER_SEP}")]
+    return _unused(final, params, f"{name}{MEMBER_SEP}" if qualified else "")
+
+
+def _unused(final: Any, given: dict[str, Any], prefix: str) -> list[str]:
+    """unused_notes for one final estimator and the parameters ``given`` to it; ``prefix``
+    ('knn:' for an ensemble's member) leads every parameter named."""
+    got = final.get_params(deep=False)
+    rules = _USED_WHEN.get(type(final).__name__, {})
+    out = []
+    for key, value in given.items():
+        if key not in rules or _used(final, key, got):
+            continue
+        governs, _, fix = rules[key]
+        out.append(f"{prefix}{key}={_text(value)} does nothing with "
+                   f"{prefix}{governs}={_text(got.get(governs))}; pass "
+                   f"--param {prefix}{governs}={fix} to use it")
+    return out
 
 
 def format_params(params: dict[str, Any]) -> str:
     """``{"prep": "l2", "C": 3.0}`` → 'prep=l2 C=3'; an ensemble's ``{member: params}`` →
     'svm: prep=l2 C=3; logreg: ...', led by its own settings (``{"pca": 20, ...}`` →
     'pca=20; svm: ...'); '-' when empty."""
-    def value(x: Any) -> str:
-        if isinstance(x, (list, tuple)):
-            return ",".join(value(i) for i in x)
-        return f"{x:g}" if isinstance(x, float) else str(x)
-
     members = {k: v for k, v in params.items() if isinstance(v, dict)}
-    own = " ".join(f"{k}={value(v)}" for k, v in params.items() if k not in members)
+    own = " ".join(f"{k}={_text(v)}" for k, v in params.items() if k not in members)
     if members:
         return "; ".join([own] * bool(own) + [f"{k}: {format_params(v)}"
                                                for k, v in members.items()])
     return own or "-"
+
+
+def _text(x: Any) -> str:
+    """A parameter value as the reports write it: 3.0 → '3', (256, 128) → '256,128'."""
+    if isinstance(x, (list, tuple)):
+        return ",".join(_text(i) for i in x)
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def _pipeline(estimator: Any) -> Any:

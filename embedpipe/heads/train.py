@@ -189,7 +189,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     total = (stream.work(head, heads.with_data_defaults(head, params, fit_on.y, store.dim),
                          len(fit_on), search=search, seed=seed) + len(held)
              + len(y) if source.streamed else 0)
-    notes: list[str] = []
+    notes = heads.unused_notes(head, params, fit_on.y, store.dim, seed)  # said with the rest
     with _Quiet() as quiet, blas_threads(len(y)), \
             _fit_errors(head, params or {}, str(store.path)), \
             Progress(total, f"fit {head}", unit="row", enabled=progress and source.streamed) as bar:
