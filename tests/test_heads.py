@@ -521,6 +521,26 @@ def test_param_shorthand_reaches_an_ensembles_members_and_shows_as_fitted(fmnist
     assert vote.named_estimators_["logreg"]["clf"].max_iter == 2
 
 
+def test_fit_takes_head_colon_name_for_the_head_it_fits_and_refuses_another_head(
+        fmnist_store: Path, tmp_path: Path):
+    """cv takes `--param HEAD:NAME=VALUE`; fit refused it on the head it fits (`logreg has no
+    such parameter`). It sets NAME on that head; another head's prefix is refused in one line
+    naming the head being fitted and both fixes."""
+    out = tmp_path / "l.skops"
+    line = ok("fit", fmnist_store, "--head", "logreg", "--param", "logreg:C=2", "-o", out,
+              "-q").output.strip().splitlines()[-1]
+    assert line.startswith("fitted logreg (prep=l2 C=2 "), line
+    m = artifacts.load(out).manifest
+    assert m["params"]["C"] == 2 and m["effective_params"]["C"] == 2
+    bad = tmp_path / "x.skops"
+    one_line_error(cli("fit", fmnist_store, "--head", "logreg", "--param", "svm:C=2", "-o",
+                       bad), "--param svm:C=2: svm is not the head being fitted (logreg)",
+                   "pass --param C=2 to set it on logreg, or --head svm to fit svm")
+    one_line_error(cli("fit", fmnist_store, "--head", "auto", "--param", "svm:C=2", "-o", bad),
+                   "svm is not the head being fitted (auto", "--head svm")
+    assert not bad.exists()
+
+
 def test_knn_shows_p_only_where_its_metric_uses_it(fmnist_store: Path, tmp_path: Path):
     """knn's p is the Minkowski power: with the euclidean or cosine metric it does nothing, and
     `fit` used to print `p=1` next to `metric=euclidean`; the same for svm's gamma with a

@@ -508,6 +508,30 @@ def member_params(head: Head,
     return own, per
 
 
+def own_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """``params`` for fitting head ``name`` alone, ``HEAD:NAME`` written as ``NAME`` where HEAD
+    is ``name`` (cv takes ``--param HEAD:NAME=VALUE`` for one of several heads; ``fit`` takes
+    it too). An ensemble keeps ``MEMBER:NAME`` for member_params. Raises HeadError when HEAD is
+    another head: it is not the one being fitted."""
+    out: dict[str, Any] = {}
+    for key, value in (params or {}).items():
+        prefix, sep, rest = key.partition(MEMBER_SEP)
+        prefix, rest = prefix.strip(), rest.strip()
+        if not sep or (ENSEMBLE_SEP in name and prefix != name):
+            out[key] = value
+        elif prefix == name:
+            out[rest] = value
+        elif name == AUTO.name:
+            raise HeadError(f"--param {key}={_text(value)}: {prefix} is not the head being "
+                            f"fitted (auto, which chooses the parameters itself); pass --head "
+                            f"{prefix} to fit {prefix} with {rest}={_text(value)}")
+        else:
+            raise HeadError(f"--param {key}={_text(value)}: {prefix} is not the head being "
+                            f"fitted ({name}); pass --param {rest}={_text(value)} to set it on "
+                            f"{name}, or --head {prefix} to fit {prefix}")
+    return out
+
+
 def parse_value(text: str) -> Any:
     """'10' → 10, '0.5' → 0.5, 'inf' → inf, 'none' → None, 'true' → True, '256,128' →
     (256, 128), else str."""

@@ -143,6 +143,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     from . import reject
 
     _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
+    params = heads.own_params(head, params)  # logreg:C=2 on logreg is C=2, as in cv
     if reject_rate is not None and not 0 < reject_rate < 1:
         raise reject.RejectError(f"--reject-rate {reject_rate}: pass a false-reject rate "
                                  "between 0 and 1, e.g. 0.05")
