@@ -91,6 +91,12 @@ BAD_ARGS = [
      ["--param voting=hard", "soft", "leave voting out"]),
     (["fit", "{store}", "--head", "knn+logreg", "--param", "weights=1,-1", "-o",
       "{dir}/x.skops"], ["--param weights=1,-1", "2 non-negative numbers", "weights=1,1"]),
+    # not numbers: the member that has weights of its own (knn: uniform/distance) is named
+    (["fit", "{store}", "--head", "svm+knn", "--param", "weights=distance", "-o",
+      "{dir}/x.skops"], ["--param weights=distance", "2 non-negative numbers", "weights=1,1",
+                         "to set a member's own weights, pass --param knn:weights=distance"]),
+    (["cv", "{store}", "--head", "svm+knn", "--param", "weights=distance"],
+     ["--param weights=distance", "--param knn:weights=distance"]),
     (["fit", "{store}", "--head", "knn+logreg", "--param", "weights=0,0", "-o",
       "{dir}/x.skops"], ["--param weights=0,0", "not all 0"]),
     (["fit", "{store}", "--head", "knn+logreg", "--param", "weights=1", "-o", "{dir}/x.skops"],

@@ -625,9 +625,15 @@ def _vote_setting(head: Head, key: str, value: Any) -> Any:
     if (len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                     and math.isfinite(v) and v >= 0 for v in values)
             or not sum(values) > 0):
-        raise HeadError(f"--param weights={','.join(map(str, values))}: pass {n} non-negative "
+        given = ",".join(map(str, values))
+        # not numbers: perhaps meant for a member's own weights (knn: uniform or distance)
+        takers = [m for m in head.members if "weights" in param_names(get(m))]
+        member = ("" if not takers or all(isinstance(v, (int, float)) for v in values) else
+                  "; to set a member's own weights, pass " + " or ".join(
+                      f"--param {m}{MEMBER_SEP}weights={given}" for m in takers))
+        raise HeadError(f"--param weights={given}: the vote's weights: pass {n} non-negative "
                         f"numbers, not all 0, one per member of {head.name} in that order "
-                        f"(e.g. weights={','.join(['1'] * n)})")
+                        f"(e.g. weights={','.join(['1'] * n)}){member}")
     return [float(v) for v in values]
 
 
