@@ -559,19 +559,19 @@ def test_knn_shows_p_only_where_its_metric_uses_it(fmnist_store: Path, tmp_path:
 
 
 @pytest.mark.parametrize("head,given,note", [
-    ("knn", ["p=1"], "p=1 does nothing with metric=euclidean; pass --param metric=minkowski "
-     "to use it"),
-    ("svm", ["degree=5"], "degree=5 does nothing with kernel=rbf; pass --param kernel=poly to "
-     "use it"),
-    ("svm", ["kernel=linear", "gamma=0.5"], "gamma=0.5 does nothing with kernel=linear; pass "
-     "--param kernel=rbf to use it"),
-    ("sgd", ["l1_ratio=0.5"], "l1_ratio=0.5 does nothing with penalty=l2; pass --param "
-     "penalty=elasticnet to use it"),
+    ("knn", ["p=1"], ("p=1 does nothing with metric=euclidean; pass --param metric=minkowski "
+     "to use it")),
+    ("svm", ["degree=5"], ("degree=5 does nothing with kernel=rbf; pass --param kernel=poly to "
+     "use it")),
+    ("svm", ["kernel=linear", "gamma=0.5"], ("gamma=0.5 does nothing with kernel=linear; pass "
+     "--param kernel=rbf to use it")),
+    ("sgd", ["l1_ratio=0.5"], ("l1_ratio=0.5 does nothing with penalty=l2; pass --param "
+     "penalty=elasticnet to use it")),
     # 20 rows per class: mlp's data rule turns early stopping off
-    ("mlp", ["validation_fraction=0.3", "max_iter=20"], "validation_fraction=0.3 does nothing "
-     "with early_stopping=False; pass --param early_stopping=true to use it"),
-    ("svm+knn", ["p=1", "svm:degree=3"], "knn:p=1 does nothing with knn:metric=euclidean; pass "
-     "--param knn:metric=minkowski to use it"),
+    ("mlp", ["validation_fraction=0.3", "max_iter=20"], ("validation_fraction=0.3 does nothing "
+     "with early_stopping=False; pass --param early_stopping=true to use it")),
+    ("svm+knn", ["p=1", "svm:degree=3"], ("knn:p=1 does nothing with knn:metric=euclidean; pass "
+     "--param knn:metric=minkowski to use it")),
 ])
 def test_a_given_parameter_that_does_nothing_gets_one_note_naming_the_fix(
         fmnist_store: Path, tmp_path: Path, head: str, given: list[str], note: str):
@@ -580,7 +580,7 @@ def test_a_given_parameter_that_does_nothing_gets_one_note_naming_the_fix(
     to vanish without a word), for an ensemble's members too."""
     args = [a for g in given for a in ("--param", g)]
     res = ok("fit", fmnist_store, "--head", head, *args, "-o", tmp_path / "h.skops")
-    notes = [ln for ln in res.output.splitlines() if ln.startswith("note:") and "does nothing" in ln]
+    notes = _unused_notes(res.output)
     assert f"note: {note}" in notes, res.output
     if head == "svm+knn":
         assert "note: svm:degree=3 does nothing with svm:kernel=rbf; pass --param "\
@@ -596,6 +596,11 @@ def test_a_given_parameter_that_does_nothing_gets_one_note_naming_the_fix(
     assert "does nothing" not in res.output.replace("svm:degree=3 does nothing", ""), res.output
 
 
+def _unused_notes(output: str) -> list[str]:
+    """The `note: NAME=VALUE does nothing ...` lines of a command's output."""
+    return [ln for ln in output.splitlines() if ln.startswith("note:") and "does nothing" in ln]
+
+
 def test_cv_and_compare_note_a_given_parameter_that_does_nothing(fmnist_store: Path,
                                                                  tmp_path: Path):
     """cv and compare say the same note as fit, the parameter named HEAD:NAME as their --param
@@ -605,15 +610,15 @@ def test_cv_and_compare_note_a_given_parameter_that_does_nothing(fmnist_store: P
     report = tmp_path / "cv.json"
     res = ok("cv", fmnist_store, "--head", "knn", "--head", "logreg+knn", "-p", "p=1",
              "--folds", "2", "--json", report)
-    assert [ln for ln in res.output.splitlines() if ln.startswith("note:") and "does nothing" in ln] == [note], res.output
+    assert _unused_notes(res.output) == [note], res.output
     assert note.removeprefix("note: ") in json.loads(report.read_text())["warnings"]  # and
     assert f"warning  {note.removeprefix('note: ')}" in res.output  # in the report's warnings
     other = tmp_path / "b.h5"
     shutil.copy(fmnist_store, other)
     res = ok("compare", fmnist_store, other, "--head", "svm", "-p", "degree=5", "--folds", "2")
-    assert [ln for ln in res.output.splitlines() if ln.startswith("note:") and "does nothing" in ln] == [
+    assert _unused_notes(res.output) == [(
         "note: svm:degree=5 does nothing with svm:kernel=rbf; pass --param svm:kernel=poly to "
-        "use it"], res.output
+        "use it")], res.output
 
 
 def test_ctrl_c_stops_a_fit_even_inside_an_mlp(fmnist_store: Path, tmp_path: Path):
