@@ -37,6 +37,8 @@ TRUSTED_EXTRA = (
     "sklearn.calibration._TemperatureScaling",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.utils._bunch.Bunch",  # a dict with attribute access (ensembles' named members)
+    # the held-out split of calibration on many rows (fewshot.holdout): its parameters only
+    "sklearn.model_selection._split.StratifiedShuffleSplit",
 )
 
 # What must agree between a head and the store (or images) it predicts: otherwise the features

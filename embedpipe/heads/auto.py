@@ -485,7 +485,7 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
         k = fewshot.calibration_folds(est, y, CALIBRATION_FOLDS)
         if k >= 2:
             est = CalibratedClassifierCV(est, method="temperature", ensemble=False, cv=k)
-            calibration, probabilities = f"temperature scaling ({k}-fold)", "calibrated"
+            calibration, probabilities = "", "calibrated"  # its words once fitted
         else:
             calibration, probabilities = "none (too few images of a class to calibrate)", \
                 "scores"
@@ -495,6 +495,8 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
         est = est.fit(X, y)
     if members:  # the folds of its members' calibration as fitted (fewshot.adapt may lower them)
         calibration, probabilities = heads.vote_calibration(est), "vote"
+    elif probabilities == "calibrated":  # k folds, or a held-out sample on many rows
+        calibration = fewshot.calibration_text(est)
     return heads.uncached(est), calibration, probabilities
 
 

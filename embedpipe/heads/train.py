@@ -97,7 +97,9 @@ def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
     In memory ``base`` (the unfitted head) is wrapped and fitted in up to CALIBRATION_FOLDS
     stratified folds of ``fit_on``, as many as the smallest class allows
     (fewshot.calibration_folds); with too few images for 2 folds, ``base`` itself is fitted,
-    uncalibrated. Streamed, the ``fitted`` head is frozen and only the temperature is fitted on
+    uncalibrated; above fewshot.HOLDOUT_ABOVE rows it is fitted once and calibrated on a
+    held-out sample (fewshot.holdout). Streamed, the ``fitted`` head is frozen and only the
+    temperature is fitted on
     the ``held`` rows in ``k`` folds (none held out: ``fitted`` as it is, uncalibrated)."""
     from sklearn.calibration import CalibratedClassifierCV
 
@@ -110,9 +112,11 @@ def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
                     "confidence is a softmax of scores)", "scores")
         # cv as a number (stratified, unshuffled folds): a splitter object would be stored in
         # the head file as a type that skops does not trust.
+        # (above fewshot.HOLDOUT_ABOVE rows fewshot.adapt turns the folds into one held-out
+        # sample: calibration_text says which was fitted)
         cal = CalibratedClassifierCV(base, method="temperature", ensemble=False, cv=k)
-        return fit_on.fit(cal, head, None, notes=notes), f"temperature scaling ({k}-fold)", \
-            "calibrated"
+        fitted = fit_on.fit(cal, head, None, notes=notes)
+        return fitted, fewshot.calibration_text(fitted), "calibrated"
     if k < 2:
         return fitted, "none (too few rows per class: confidence is a softmax of scores)", \
             "scores"
