@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from clitools import cli, ok, one_line_error, read_csv
@@ -85,7 +86,7 @@ def test_a_budget_that_scores_fewer_heads_than_the_vote_takes_chooses_the_best_r
     monkeypatch.setattr(auto, "time", type("Clock", (), {
         "perf_counter": staticmethod(lambda: float(next(ticks)))}))
     out = tmp_path / "cut.skops"
-    res = ok("fit", fmnist_store, "--head", "auto", "--budget", "30", "-o", out)
+    res = ok("fit", fmnist_store, "--head", "auto", "--budget", "80", "-o", out)
     rec = artifacts.load(out).manifest["auto"]
     scored = {c["head"] for c in rec["candidates"] if not c.get("members")}
     assert 2 <= len(scored) < auto.VOTE_HEADS, rec["candidates"]
@@ -296,3 +297,41 @@ def test_above_large_rows_a_member_joins_only_past_the_paired_standard_error(mon
     vote = scores_right_except(np.arange(10, 600))
     assert auto.paired_se(best, vote, y, classes, "balanced_accuracy") == pytest.approx(
         np.sqrt(10) / n)
+
+
+def test_budget_is_checked_before_each_fold_not_only_each_candidate(monkeypatch):
+    """A candidate whose folds are slower than the candidates before it was finished past the
+    budget (a fold started while seconds were left ran to its end): 40 s asked, 47 s spent in
+    an attack. With a clock that only moves when a head is fitted (1 s per logreg fold, 10 s per
+    ridge fold, 5 folds), budget 20: logreg takes 5 s; ridge is expected at 5 s, starts, and
+    its first fold ends at 15 s. Its second fold is expected to end at 25 s, so it is not
+    started: the search stops at 15 s, within the budget, ridge dropped with a note."""
+    from embedpipe.heads import auto
+    from embedpipe.heads import registry
+
+    clock = {"t": 0.0}
+    seconds = {"logreg": 1.0, "ridge": 10.0}
+    real_build = registry.build
+
+    def build(head, params=None, **kw):
+        est = real_build(head, params, **kw)
+        fit = est.fit
+
+        def timed_fit(X, y, **k):
+            clock["t"] += seconds[head]
+            return fit(X, y, **k)
+
+        est.fit = timed_fit
+        return est
+
+    monkeypatch.setattr(auto, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: clock["t"])}))
+    monkeypatch.setattr(registry, "build", build)
+    monkeypatch.setattr(auto, "candidates", lambda n, d: [("logreg", {}), ("ridge", {})])
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.array(["a", "b", "c"]), 20)
+    X = rng.normal(size=(60, 8)) + np.repeat(np.eye(3, 8) * 3, 20, axis=0)
+    sel = auto.select(X, y, budget=20)
+    assert sel.seconds == 15.0 <= sel.budget
+    assert [r["head"] for r in sel.table] == ["logreg"]
+    assert any("cut the search during candidate 2" in n for n in sel.notes), sel.notes

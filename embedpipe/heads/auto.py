@@ -14,7 +14,8 @@ How it chooses (``select``):
    on all rows: a whole large store does not fit the budget.
 3. Budget: before a candidate starts, if the seconds spent plus its expected cost (what the last
    candidate of the same head took, else the mean so far) exceed ``budget``, it and the rest are
-   skipped and a note says so. The first candidate always runs, so a tiny budget still yields a
+   skipped and a note says so; the same before each of its folds (expected: its last fold), so
+   a candidate is dropped rather than finished past the budget. The first candidate always runs, so a tiny budget still yields a
    valid head.
 4. Ensembles. Up to 5,000 rows: the soft vote (mean temperature-scaled probabilities) of the
    best configuration of each of the VOTE_HEADS (4) heads with the best CV scores, scored on
@@ -256,16 +257,20 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         name = describe(head, params)
         say(f"auto: scoring {name}")
         oof = np.zeros((len(y), len(classes)))
-        t0 = time.perf_counter()
+        t0 = t_fold = time.perf_counter()
         cut = False
         try:
             with _Quiet(count=False):
                 for f, (tr, te) in enumerate(splits):
                     if len(y) > LARGE_ROWS and f:  # a fold takes many seconds here: show it
                         say(f"auto: scoring {name}, fold {f + 1}/{k}")
-                    if i > 0 and time.perf_counter() - t_start > budget:
+                    # a fold expected to end past the budget is not started (its expected
+                    # seconds: this candidate's last fold, else a k-th of its expected cost)
+                    fold_expect = time.perf_counter() - t_fold if f else expect / k
+                    if i > 0 and time.perf_counter() - t_start + fold_expect > budget:
                         cut = True  # over budget inside this candidate: drop it
                         break
+                    t_fold = time.perf_counter()
                     est = heads.build(head, params, seed=seed)
                     fewshot.adapt(est, y[tr], head)  # as `fit` would on these rows
                     est.fit(X[tr], y[tr])

@@ -13,8 +13,9 @@ Covered (``export`` returns None for anything else, which then goes through scik
   * final estimators: ``LogisticRegression``, ``SGDClassifier``, ``RidgeClassifier``,
     ``LinearSVC`` (linear decision functions) and ``MLPClassifier``;
   * probabilities: native (softmax, logistic, one-vs-rest logistic) or temperature scaling
-    (``CalibratedClassifierCV(method="temperature", ensemble=False)``, how `fit` calibrates
-    heads without native probabilities).
+    (``CalibratedClassifierCV(method="temperature")`` with one calibrated copy: ``ensemble=False``
+    on k folds, or one held-out split on many rows, how `fit` calibrates heads without native
+    probabilities).
 SVC, kNN, nearest centroid and ensembles have no compact form.
 
 ``artifacts.save`` writes the compact form only after checking it against the estimator on
