@@ -190,8 +190,8 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     fingerprint), "entry", "line" (one line saying which entry was used)}). Raises
     WeightsError (one line) for a missing or unreadable file or one without a state dict."""
     if not path.is_file():
-        what = "is a folder, not a weights file" if path.is_dir() else "weights file not found"
-        raise WeightsError(f"{path}: {what}; pass --weights with an existing "
+        what = " is a folder, not a weights file" if path.is_dir() else ": weights file not found"
+        raise WeightsError(f"{path}{what}; pass --weights with an existing "
                            ".pth/.pt/.safetensors file")
     fix = "pass a state dict saved with torch.save(model.state_dict()) or a .safetensors file"
     if path.suffix == ".safetensors":

@@ -96,7 +96,7 @@ def discover(source: str | Path, layout: str = "auto") -> Discovery:
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataError(
-                f"{source}: is a file, not a folder; pass an image folder or a .csv manifest"
+                f"{source} is a file, not a folder; pass an image folder or a .csv manifest"
             )
         if layout not in ("auto", "manifest"):
             raise DataError(f"{source}: a .csv manifest needs --layout manifest (or auto), not {layout}")

@@ -638,27 +638,37 @@ def preprocess(img: Any, spec: dict[str, Any]) -> np.ndarray:
 
 
 INT8_MODES = ("static", "dynamic")
+DEFAULT_CALIB_COUNT = 64  # calibration images of static int8 (--calib-count)
 
 
-def calibration_paths(head: artifacts.HeadFile,
-                      calib: Sequence[str | Path] | None) -> list[Path]:
-    """The image files static quantization calibrates on: those under ``calib`` (image files,
-    folders, CSV manifests, or feature stores: a store's images where its extraction read
-    them), or by default the training images of the store the head was fitted on (recorded
-    in the head as given to `fit`: looked for from the working directory, then beside the
-    head). Cheap (no decoding), so ``export`` calls it before any work. Raises ExportError
-    naming every path it tried and the fix when there are none."""
+def calibration_paths(head: artifacts.HeadFile, calib: Sequence[str | Path] | None,
+                      count: int = DEFAULT_CALIB_COUNT) -> list[Path]:
+    """The image files static quantization calibrates on: ``count`` of those under ``calib``
+    (image files, folders, CSV manifests, or feature stores: a store's images where its
+    extraction read them), or by default of the training images of the store the head was
+    fitted on (recorded in the head as given to `fit`: looked for from the working directory,
+    then beside the head), spread evenly (as calibration_images picks them), each one's
+    image header read (Pillow; nothing decoded), so ``export`` calls it before any work.
+    Raises ExportError naming the path and the fix for: a --calib file that is one of
+    embedpipe's own files but no image (a head, a features file, weights, an ONNX export), a
+    store of imported features (no images), a store that cannot be read, no images found,
+    and picked files none of which is an image (a text file given as --calib)."""
     fix = ("pass --calib FOLDER (a few dozen typical images) or --calib STORE.h5, run export "
            "in the folder where `fit` ran, or pass --int8-mode dynamic (no calibration)")
     if calib:
         from .predict import gather_images
 
         stores = [Path(c) for c in calib if _is_store(Path(c))]
+        for c in calib:
+            if Path(c) not in stores and Path(c).is_file():
+                _refuse_non_image(Path(c), fix)
         paths = [p for st in stores for p in _store_images(st, None, fix)]
         rest = [c for c in calib if Path(c) not in stores]
         if rest:
             paths += [r.path for r in gather_images(list(rest)).items]
-        return paths
+        if not paths:
+            raise ExportError(f"--calib {' '.join(map(str, calib))}: no images found; {fix}")
+        return _readable(_spread(paths, count), fix)
     train = head.manifest.get("training", {}) or {}
     if not train.get("store"):
         raise ExportError(f"{head.path}: --int8 (static) calibrates on the head's training "
@@ -672,26 +682,95 @@ def calibration_paths(head: artifacts.HeadFile,
                           f"store {where}, which is not at {' nor '.join(map(str, tried))}; "
                           f"{fix}")
     split = train.get("split")
-    return _store_images(found, None if split is None else str(split), fix)
+    return _readable(_spread(_store_images(found, None if split is None else str(split), fix),
+                             count), fix)
+
+
+def _spread(paths: Sequence[Path], count: int) -> list[Path]:
+    """``count`` of ``paths`` spread evenly (first and last included); all when fewer."""
+    return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
+
+
+def _readable(paths: list[Path], fix: str) -> list[Path]:
+    """``paths`` whose image header Pillow can read (the image itself is not decoded); an
+    ExportError naming one of them when none can."""
+    from PIL import Image
+
+    good = []
+    why = ""
+    for p in paths:
+        try:
+            with Image.open(p):
+                good.append(p)
+        except Exception as e:  # noqa: BLE001 - not an image, unreadable: not a calibration image
+            why = why or first_line(e, 120)
+    if not good:
+        raise ExportError(f"--calib: none of the {len(paths)} calibration files is an image "
+                          f"(e.g. {paths[0]}: {why}); {fix}")
+    return good
+
+
+def _refuse_non_image(path: Path, fix: str) -> None:
+    """ExportError for a file named by --calib (not a store) that is no image: one of
+    embedpipe's own files (artifacts.file_kind: what it is and what to pass instead), or a
+    file whose image header Pillow cannot read (a text file, a damaged image). A .csv is a
+    manifest (gather_images reads it)."""
+    found = artifacts.file_kind(path)
+    if found is None:
+        if path.suffix.lower() == ".csv":
+            return
+        from PIL import Image
+
+        try:
+            with Image.open(path):
+                return
+        except Exception as e:  # noqa: BLE001 - whatever Pillow raises: not an image
+            raise ExportError(f"--calib {path}: not an image ({first_line(e, 120)}); "
+                              f"{fix}") from None
+    if found[1] == "store":
+        return
+    what, kind = found
+    hint = ("it holds features, not the images they came from" if kind == "features"
+            else "it holds no images")
+    raise ExportError(f"--calib {path} is {what}, not a calibration image; {hint}: pass "
+                      "--calib IMAGE_FOLDER (a few dozen typical images) or a store extracted "
+                      "from images (`embedpipe extract`), or --int8-mode dynamic (no "
+                      "calibration)")
 
 
 def _is_store(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in (".h5", ".hdf5")
+    if not path.is_file():
+        return False
+    found = artifacts.file_kind(path)
+    return path.suffix.lower() in (".h5", ".hdf5") or (found is not None and found[1] == "store")
 
 
 def _store_images(store: Path, split: str | None, fix: str) -> list[Path]:
     """The image files behind ``store``'s rows (of ``split`` when the store has it, else all:
-    e.g. "all labeled rows"), where its first extraction read them and where they still are."""
+    e.g. "all labeled rows"), where its first extraction read them and where they still are.
+    ExportError for a store that cannot be read, one of imported features (no images), and
+    one whose images are all gone."""
     from .data import fs_name
+    from .features_io import IMPORTED
     from .store import StoreError
     from .store.read import open_store
 
     try:
         st = open_store(store, features=False)
         src = Path(st.runs[0]["source"])
-    except (StoreError, IndexError, KeyError) as e:
+    except StoreError as e:
+        why = str(e).removeprefix(f"{store}: ").split("; ")[0]
+        raise ExportError(f"--int8 (static): cannot list the calibration images of {store}: "
+                          f"{why}; {fix}") from None
+    except (IndexError, KeyError) as e:
         raise ExportError(f"--int8 (static): cannot list the calibration images of {store} "
-                          f"({first_line(e, 160)}); {fix}") from None
+                          f"(its run records name no source: {first_line(e, 80)}); {fix}") from None
+    if str(st.meta.get("weights_source", "")).startswith(IMPORTED):
+        raise ExportError(f"--int8 (static): {store} is a store of imported features (from "
+                          f"{src.name}, by `embedpipe import-features`): it holds no images "
+                          "to calibrate on; pass --calib IMAGE_FOLDER (a few dozen typical "
+                          "images) or a store extracted from images (`embedpipe extract`), or "
+                          "--int8-mode dynamic (no calibration)")
     use_split = split in set(st.splits)
     paths = [src / fs_name(p) for p, sp in zip(st.paths, st.splits)
              if not use_split or sp == split]
@@ -708,7 +787,7 @@ def calibration_images(paths: Sequence[Path], spec: dict[str, Any],
     spread evenly, decoded and preprocessed as the sidecar says; N x 3 x H x W float32."""
     from .data import DecodeError, load_image
 
-    pick = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
+    pick = _spread(paths, count)
     out = []
     for p in pick:
         try:
@@ -796,7 +875,6 @@ def sidecar_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-DEFAULT_CALIB_COUNT = 64
 
 
 def check_int8_options(int8: bool, int8_mode: str | None, calib: Sequence[Any] | None,
@@ -861,8 +939,8 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     # imported features (no backbone), or whose weights file moved, is refused here, before
     # the head's graph is built and checked (it once was after "ONNX equals ...")
     opts = options_for_identity(head.identity, weights=weights, what=str(head.path))
-    calib_paths = (calibration_paths(head, calib) if int8 and int8_mode == "static"
-                   else None)
+    calib_paths = (calibration_paths(head, calib, calib_count or DEFAULT_CALIB_COUNT)
+                   if int8 and int8_mode == "static" else None)
     name = str(head.manifest.get("head", "head"))
     dim = int(head.identity["feature_dim"])
     try:  # refuse unexportable heads before torch, naming the head file

@@ -288,9 +288,34 @@ def to_csv(head_path: str | Path, store_path: StorePaths, out: str | Path | None
 
 # -- end to end from images ------------------------------------------------------------------
 
+def not_an_image(path: Path) -> str | None:
+    """A one-line error for one of embedpipe's own files (artifacts.file_kind: a feature
+    store, a features file, a head file, weights, an ONNX export) given where images belong:
+    what it is and what to do with it instead. None for any other file (an image, or a file
+    that is skipped as undecodable later). Torch-free; reads the file's first bytes only."""
+    found = artifacts.file_kind(path)
+    if found is None:
+        return None
+    what, kind = found
+    text = f"{path} is {what}, not an image; "
+    if kind == "store":
+        return text + (f"classify its rows with `embedpipe predict HEAD --store {path}` (a head "
+                       "fitted on the store's backbone), or pass image files or folders")
+    if kind == "features":
+        store = path.with_suffix(".h5")
+        return text + (f"import it into a store (`embedpipe import-features {path} -o {store}`) "
+                       f"and classify its rows with `embedpipe predict HEAD --store {store}` (a "
+                       "head fitted on those imported features), or pass image files or folders")
+    if kind == "head":
+        return text + ("pass one head first, then images: `embedpipe predict HEAD "
+                       "IMAGES...`")
+    return text + "pass image files, folders or a .csv manifest"
+
+
 def gather_images(inputs: Sequence[str | Path]) -> Any:
     """One Discovery over image files, folders (any layout: class folders give true labels)
-    and CSV manifests, keyed by the paths as the user wrote them."""
+    and CSV manifests, keyed by the paths as the user wrote them. PredictError (one line) for
+    a path that does not exist, or a file that is one of embedpipe's own (not_an_image)."""
     from .data import Discovery, ImageRef, discover, display_name
 
     items: dict[Path, ImageRef] = {}
@@ -308,6 +333,9 @@ def gather_images(inputs: Sequence[str | Path]) -> Any:
                                                               ref.split))
             ignored += [(prefix + r, why) for r, why in disc.ignored]
         elif p.is_file():
+            other = not_an_image(p)
+            if other is not None:
+                raise PredictError(other)
             items.setdefault(p.resolve(), ImageRef(p.resolve(), shown, None, None))
         else:
             raise PredictError(f"{given}: no such file or folder; pass image files, folders or "

@@ -159,14 +159,14 @@ BAD_ARGS = [
     # another embedpipe file where a head file belongs: said for what it is, with the command
     # that makes a head (export once said "not a readable head file (BadZipFile)")
     (["export", "{store}", "-o", "{dir}/x.onnx"],
-     ["fmnist.h5: is an embedpipe feature store", "not a head file",
+     ["fmnist.h5 is an embedpipe feature store", "not a head file",
       "`embedpipe fit {store} --head logreg -o fmnist.skops`"]),
     (["predict", "{store}", "--store", "{store}"],
      ["is an embedpipe feature store", "`embedpipe fit {store}", "--store STORE"]),
     (["serve", "{store}"], ["is an embedpipe feature store", "`embedpipe fit {store}"]),
     (["export", "{dir}/tiny.pth", "-o", "{dir}/x.onnx"],
-     ["tiny.pth: is a PyTorch file", "--weights {dir}/tiny.pth", "embedpipe fit STORE.h5"]),
-    (["predict", "{dir}/empty", "--store", "{store}"], ["empty: is a folder", "embedpipe fit"]),
+     ["tiny.pth is a PyTorch file", "--weights {dir}/tiny.pth", "embedpipe fit STORE.h5"]),
+    (["predict", "{dir}/empty", "--store", "{store}"], ["empty is a folder", "embedpipe fit"]),
     # quickstart
     (["quickstart", "--per-class", "0", "--folder", "{dir}/qs", "-o", "{dir}/qs.h5"],
      ["--per-class", "at least"]),

@@ -342,3 +342,38 @@ def test_head_on_stacked_stores_is_refused_before_any_work(fmnist_store: Path, t
     one_line(res.output, res.exit_code, "stacked.skops", "stacked features of 2 stores",
              "fit one on one store")
     assert not list(tmp_path.glob("s.onnx*"))
+
+
+def test_a_calib_without_images_is_refused_for_what_it_is_before_any_work(
+        work: dict, fmnist_store: Path, tmp_path: Path):
+    """Each --calib that cannot give calibration images is refused in one line before any
+    work (no "ONNX equals" line, no file written), saying what it is: a store of imported
+    features once got "the images of imp.h5 are not in feats.npz", a text file was found only
+    after the ONNX model was written and checked, and a damaged store's reason was cut off
+    mid-word. A features file or a head file given as --calib is named for what it is."""
+    head = work["dir"] / "logreg.skops"
+    feats, imported = tmp_path / "feats.npz", tmp_path / "imp.h5"
+    ok("export-features", fmnist_store, "-o", feats)
+    ok("import-features", feats, "-o", imported)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(fmnist_store.read_bytes()[:4096])
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    cases = [
+        (imported, ["imp.h5 is a store of imported features", "by `embedpipe import-features`",
+                    "holds no images", "--calib IMAGE_FOLDER",
+                    "a store extracted from images"]),
+        (text, [f"--calib {text}: not an image", "--calib FOLDER"]),
+        (damaged, [f"calibration images of {damaged}: the store is damaged",
+                   "--calib FOLDER"]),
+        (feats, [f"--calib {feats} is a features file", "holds features, not the images",
+                 "--calib IMAGE_FOLDER"]),
+        (head, [f"--calib {head} is a head file", "--calib IMAGE_FOLDER"]),
+    ]
+    for calib, needles in cases:
+        res = cli("export", head, "--int8", "--calib", calib, "-o", out)
+        line = one_line(res.output, res.exit_code, *needles)
+        assert line.endswith("(no calibration)"), line  # the whole line, nothing cut off
+        assert not list(out.parent.iterdir()), calib

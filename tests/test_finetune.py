@@ -730,7 +730,7 @@ def test_bad_weights_outputs_and_options_are_refused_before_any_epoch(
                           (noise, "not a torch file but text or other data")):
         assert refused("--weights", weights) == (f"error: {weights}: cannot read weights: "
                                                  f"{what}; {fix}")
-    assert refused("--weights", tmp_path) == (f"error: {tmp_path}: is a folder, not a weights "
+    assert refused("--weights", tmp_path) == (f"error: {tmp_path} is a folder, not a weights "
                                               "file; pass --weights with an existing "
                                               ".pth/.pt/.safetensors file")
 

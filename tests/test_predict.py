@@ -166,3 +166,31 @@ def test_nonfinite_features_are_refused_naming_the_rows(head: Path, fmnist_store
     one_line_error(cli("predict", head, "--store", bad, "-o", out, "-q"), str(bad),
                    "NaN or infinite", s.paths[3], s.paths[10])
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_embedpipe_files_where_a_head_or_images_belong_are_named_with_the_fix(
+        head: Path, store: Path, fmnist_src: Path, tmp_path: Path):
+    """A features file (`export-features`) given as the head once read "not a readable head
+    file (KeyError ...): it is damaged"; given among the images, like a store or a head, it
+    was skipped as "not an image" and predict exited 0 with 0 images. Each is now one line
+    saying what the file is and what to do with it, nothing written."""
+    feats = tmp_path / "feats.npz"
+    ok("export-features", store, "-o", feats)
+    image = next(fmnist_src.rglob("*.png"))
+    csv_out = tmp_path / "p.csv"
+    cases = [
+        (["predict", feats, fmnist_src], [f"{feats} is a features file", "not a head file",
+                                          f"embedpipe import-features {feats} -o",
+                                          "embedpipe fit"]),
+        (["predict", feats, "--store", store], [f"{feats} is a features file"]),
+        (["predict", head, image, feats], [f"{feats} is a features file", "not an image",
+                                           f"embedpipe import-features {feats} -o",
+                                           "--store"]),
+        (["predict", head, store], [f"{store} is an embedpipe feature store", "not an image",
+                                    f"embedpipe predict HEAD --store {store}"]),
+        (["predict", head, image, head], [f"{head} is a head file", "not an image",
+                                          "pass one head first"]),
+    ]
+    for args, needles in cases:
+        one_line_error(cli(*args, "-o", csv_out), *needles)
+        assert not csv_out.exists(), args

@@ -251,7 +251,7 @@ def check_output(out: Path, resume: Path | None, overwrite: bool,
         raise FinetuneError(f"-o {out}: pass a weights file name ending in .pt or .pth "
                             "(e.g. -o tuned.pt)")
     if out.is_dir():
-        raise FinetuneError(f"-o {out}: is a folder; pass a file name such as {out / 'tuned.pt'}")
+        raise FinetuneError(f"-o {out} is a folder; pass a file name such as {out / 'tuned.pt'}")
     outs = Outputs(out)
     for path in (out, outs.manifest, outs.history, outs.classifier, outs.curves):
         if path.is_dir():

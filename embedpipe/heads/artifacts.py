@@ -443,13 +443,13 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
-            raise ArtifactError(f"{path}: is a folder, not a head file; pass the .skops file "
+            raise ArtifactError(f"{path} is a folder, not a head file; pass the .skops file "
                                 "made by `embedpipe fit STORE --head NAME -o HEAD.skops`")
         raise ArtifactError(f"{path}: no such head file; make one with `embedpipe fit STORE "
                             f"--head NAME -o {path}`")
     other = _other_file(path)
     if other is not None:
-        raise ArtifactError(f"{path}: {other}")
+        raise ArtifactError(other)
     if compact:
         fast = load_compact(path)
         if fast is not None:
@@ -474,7 +474,7 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT
             and isinstance(obj.get("manifest"), dict) and hasattr(obj.get("estimator"),
                                                                    "predict")):
-        raise ArtifactError(f"{path}: a skops file, but not an embedpipe head; {fix}")
+        raise ArtifactError(f"{path} is a skops file, but not an embedpipe head; {fix}")
     if int(obj.get("format_version", 0)) > FORMAT_VERSION:
         raise ArtifactError(f"{path}: head format {obj['format_version']} is newer than this "
                             f"embedpipe ({FORMAT_VERSION}); upgrade embedpipe")
@@ -511,15 +511,20 @@ def _finetuned_model(path: Path) -> str | None:
     return None
 
 
-def _other_file(path: Path) -> str | None:
-    """What ``path`` is when it is another of embedpipe's files where a head file belongs (a
-    feature store, backbone weights or a checkpoint, an ONNX export or its sidecar), as the
-    rest of a one-line error: what it is, that a head file from `embedpipe fit` is wanted, and
-    the command that makes one. None for anything else (``load`` then says why it cannot read
-    it). Told from the file's first bytes (and, for a store, its HDF5 datasets)."""
+#: The kinds file_kind tells apart (the second item it returns).
+FILE_KINDS = ("store", "hdf5", "head", "torch", "features", "onnx", "sidecar")
+
+
+def file_kind(path: Path) -> tuple[str, str] | None:
+    """(what ``path`` is, as a noun phrase naming the command that makes it; its kind, one of
+    FILE_KINDS) for one of embedpipe's own files (a feature store or another HDF5 file, a head
+    file, backbone weights or a checkpoint, a features file of `export-features`, an ONNX
+    export or its sidecar), told from the file's first bytes (for a store, its HDF5 datasets;
+    for a features .npz, its array names); None for anything else or a file that cannot be
+    opened. Reads no more than a zip's directory: cheap enough to check an argument before
+    any work, and torch-free."""
     import zipfile
 
-    fit = "a head file made by `embedpipe fit` goes here"
     try:
         with open(path, "rb") as f:
             head = f.read(2056)
@@ -527,29 +532,30 @@ def _other_file(path: Path) -> str | None:
         return None
     # HDF5's signature is at offset 0, or after a user block of 512, 1024, 2048... bytes
     if any(head[at:at + 8] == _HDF5_SIGNATURE for at in (0, 512, 1024, 2048)):
-        what = "an HDF5 file"
-        with contextlib.suppress(Exception):  # unreadable HDF5: still not a head file
+        with contextlib.suppress(Exception):  # unreadable HDF5: still an HDF5 file
             import h5py
 
             with h5py.File(path, "r") as h:
                 if "features" in h and "class_names" in h:
-                    what = "an embedpipe feature store (made by `embedpipe extract`)"
-        return (f"is {what}, not a head file; {fit}: make one from the store with "
-                f"`embedpipe fit {path} --head logreg -o {path.with_suffix(SUFFIX).name}` and "
-                "pass that (predict takes the store itself as `--store STORE`)")
+                    return "an embedpipe feature store (made by `embedpipe extract`)", "store"
+        return "an HDF5 file", "hdf5"
+    if head.startswith(b"\x93NUMPY"):
+        return ("a features file (.npy, as `embedpipe export-features` writes)", "features")
+    if head.startswith(b"PAR1") and path.suffix.lower() == ".parquet":
+        return ("a features file (Parquet, as `embedpipe export-features` writes)", "features")
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError, ValueError):
-            return None  # a cut-off zip: load says the head file is damaged
-        if any(n.endswith("/data.pkl") for n in names) and "schema.json" not in names:
-            model = _finetuned_model(path)  # extract takes its run's --img-size itself
-            flag = f"--model {model} " if model else ""
-            return ("is a PyTorch file (backbone weights or a checkpoint, e.g. from `embedpipe "
-                    f"finetune`), not a head file; {fit}: extract features with it "
-                    f"(`embedpipe extract DATA {flag}--weights {path} -o STORE.h5`), fit a head "
-                    "on them (`embedpipe fit STORE.h5 -o HEAD.skops`) and pass that")
+            return None  # a cut-off zip: the reader says the file is damaged
+        if "schema.json" in names:
+            return "a head file (made by `embedpipe fit`)", "head"
+        if any(n.endswith("/data.pkl") for n in names):
+            return ("a PyTorch file (backbone weights or a checkpoint, e.g. from `embedpipe "
+                    "finetune`)", "torch")
+        if "features.npy" in names:
+            return ("a features file (.npz, as `embedpipe export-features` writes)", "features")
         return None
     side = path.with_name(path.name + ".json")  # export.sidecar_path: an ONNX export's
     text = head.lstrip()[:1]
@@ -559,11 +565,44 @@ def _other_file(path: Path) -> str | None:
         except (OSError, ValueError):
             continue
         if isinstance(info, dict) and info.get("format") == "embedpipe-onnx":
-            what = ("the JSON sidecar of an ONNX export" if cand == path
-                    else "an ONNX export (made by `embedpipe export`)")
-            return (f"is {what}, not a head file; {fit}: pass the head it was exported from "
-                    f"({info.get('head_file') or 'HEAD.skops'})")
+            if cand == path:
+                return "the JSON sidecar of an ONNX export", "sidecar"
+            return "an ONNX export (made by `embedpipe export`)", "onnx"
     return None
+
+
+def _other_file(path: Path) -> str | None:
+    """What ``path`` is when it is another of embedpipe's files where a head file belongs
+    (file_kind: a feature store, a features file, backbone weights or a checkpoint, an ONNX
+    export or its sidecar), as a one-line error: the file, what it is, that a head file from
+    `embedpipe fit` is wanted, and the command that makes one. None for a head file or
+    anything else (``load`` then says why it cannot read it)."""
+    found = file_kind(path)
+    if found is None or found[1] == "head":
+        return None
+    what, kind = found
+    fit = "a head file made by `embedpipe fit` goes here"
+    if kind in ("store", "hdf5"):
+        return (f"{path} is {what}, not a head file; {fit}: make one from the store with "
+                f"`embedpipe fit {path} --head logreg -o {path.with_suffix(SUFFIX).name}` and "
+                "pass that (predict takes the store itself as `--store STORE`)")
+    if kind == "features":
+        store = path.with_suffix(".h5")
+        return (f"{path} is {what}, not a head file; {fit}: import it into a store "
+                f"(`embedpipe import-features {path} -o {store}`), fit a head on that "
+                f"(`embedpipe fit {store} -o {path.with_suffix(SUFFIX).name}`) and pass the head")
+    if kind == "torch":
+        model = _finetuned_model(path)  # extract takes its run's --img-size itself
+        flag = f"--model {model} " if model else ""
+        return (f"{path} is {what}, not a head file; {fit}: extract features with it "
+                f"(`embedpipe extract DATA {flag}--weights {path} -o STORE.h5`), fit a head "
+                "on them (`embedpipe fit STORE.h5 -o HEAD.skops`) and pass that")
+    info = {}
+    with contextlib.suppress(OSError, ValueError):
+        side = path if kind == "sidecar" else path.with_name(path.name + ".json")
+        info = json.loads(side.read_text(encoding="utf-8"))
+    return (f"{path} is {what}, not a head file; {fit}: pass the head it was exported from "
+            f"({info.get('head_file') or 'HEAD.skops'})")
 
 
 def _why(e: BaseException) -> str:

@@ -34,7 +34,7 @@ def no_space(e: BaseException) -> bool:
 
 def _open_swmr_read(path: Path) -> h5py.File:
     if path.is_dir():
-        raise StoreError(f"{path}: is a folder, not a store; pass the .h5 file made by "
+        raise StoreError(f"{path} is a folder, not a store; pass the .h5 file made by "
                          "`embedpipe extract`")
     if not path.is_file():
         raise StoreError(f"{path}: no such store; create it with `embedpipe extract DATA -o {path}`")
@@ -50,7 +50,7 @@ def _open_swmr_read(path: Path) -> h5py.File:
             import zipfile
 
             if zipfile.is_zipfile(path):  # a head file (skops: a zip) where a store belongs
-                raise StoreError(f"{path}: is a head file (made by `embedpipe fit`), not a "
+                raise StoreError(f"{path} is a head file (made by `embedpipe fit`), not a "
                                  "store; pass the store (.h5) made by `embedpipe extract`, and "
                                  "use the head with `embedpipe predict`") from None
             raise StoreError(f"{path}: not a readable embedpipe store ({first_line(e)}); move it "
