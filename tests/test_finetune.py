@@ -166,30 +166,33 @@ def test_resume_from_epoch1_checkpoint_equals_uninterrupted_run(fmnist_src: Path
     assert file_sha256(two_epoch_run) == file_sha256(out)
 
 
-def test_resume_folder_skips_a_corrupt_newest_checkpoint(fmnist_src: Path, two_epoch_run: Path,
-                                                         tmp_path: Path):
-    """--resume FOLDER whose newest checkpoint is cut off goes back to the newest readable one,
-    saying in one line (even with -q) which file it skipped and why; the continuation equals
-    the uninterrupted run. With no readable checkpoint left: one error line naming the
-    folder, nothing written."""
+def test_resume_folder_skips_corrupt_newest_checkpoints(fmnist_src: Path, two_epoch_run: Path,
+                                                        tmp_path: Path):
+    """--resume FOLDER whose two newest checkpoints cannot be read (one cut off, one empty)
+    goes back to the newest readable one, saying in one line (even with -q) which files it
+    skipped and why, and the one it resumes from (it once said one note per skipped file);
+    the continuation equals the uninterrupted run. With no readable checkpoint left: one error
+    line naming the folder, nothing written."""
     folder = tmp_path / "copied.checkpoints"
     shutil.copytree(two_epoch_run.parent / "tuned.checkpoints", folder)
-    newest = folder / "epoch-002.pt"
-    newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 3])
+    second = folder / "epoch-002.pt"
+    second.write_bytes(second.read_bytes()[:second.stat().st_size // 3])
+    (folder / "epoch-003.pt").write_bytes(b"")  # e.g. a run killed as it began writing
     out = tmp_path / "resumed.pt"
     args = ["--model", MODEL, "--epochs", "2", "--head-epochs", "1", "--keep-checkpoints", "0",
             "-q", *FAST]
     res = finetune_ok(fmnist_src, "-o", out, "--resume", folder, *args)
     notes = [ln for ln in res.stderr.splitlines() if "skipped" in ln]
-    assert notes == [(f"note: --resume {folder}: skipped epoch-002.pt (the file is cut off or "
-                      "corrupt: an incomplete zip archive, e.g. an interrupted copy); resuming "
-                      "from epoch-001.pt, the newest readable checkpoint")], res.stderr
+    assert notes == [(f"note: --resume {folder}: skipped epoch-003.pt (the file is empty (0 "
+                      "bytes)) and epoch-002.pt (the file is cut off or corrupt: an incomplete "
+                      "zip archive, e.g. an interrupted copy); resuming from epoch-001.pt, the "
+                      "newest readable checkpoint")], res.stderr
     assert file_sha256(out) == file_sha256(two_epoch_run)
 
     (folder / "epoch-001.pt").write_bytes(b"")
     res = cli("finetune", fmnist_src, "-o", tmp_path / "again.pt", "--resume", folder, *args)
-    one_line_error(res, f"--resume {folder}: none of its 2 checkpoint(s) can be read",
-                   "the newest, epoch-002.pt: the file is cut off", "leave out --resume")
+    one_line_error(res, f"--resume {folder}: none of its 3 checkpoint(s) can be read",
+                   "the newest, epoch-003.pt: the file is empty", "leave out --resume")
     assert not (tmp_path / "again.pt").exists()
 
 

@@ -20,8 +20,9 @@ from .options import CHECKPOINT_FORMAT, FinetuneError, FinetuneOptions, Outputs
 
 def resume_from(resume: Path, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``--resume`` continues, loaded: ``resume`` itself when it is a file; for
-    a folder, its newest ``epoch-*.pt`` that can be read, each newer one that cannot (cut off,
-    empty, corrupt: TorchFileError) skipped with one ``say`` line naming it and why. Raises
+    a folder, its newest ``epoch-*.pt`` that can be read, the newer ones that cannot (cut off,
+    empty, corrupt: TorchFileError) skipped, with one ``say`` line naming each of them and
+    why, and the one resumed from. Raises
     FinetuneError (one line) for a missing path, a folder without checkpoints or with none
     readable, and a file that is not an `embedpipe finetune` checkpoint (load_checkpoint)."""
     if resume.is_dir():
@@ -36,9 +37,11 @@ def resume_from(resume: Path, say: Callable[[str], None]) -> tuple[Path, dict[st
             except TorchFileError as e:
                 skipped.append((path, str(e)))
                 continue
-            for bad, why in skipped:
-                say(f"note: --resume {resume}: skipped {bad.name} ({why}); resuming from "
-                    f"{path.name}, the newest readable checkpoint")
+            if skipped:
+                said = [f"{bad.name} ({why})" for bad, why in skipped]
+                listed = ", ".join(said[:-1]) + " and " + said[-1] if len(said) > 1 else said[0]
+                say(f"note: --resume {resume}: skipped {listed}; resuming from {path.name}, "
+                    "the newest readable checkpoint")
             return path, _checked(path, ckpt)
         newest, why = skipped[0]
         raise FinetuneError(
