@@ -189,6 +189,9 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     the trained weights; {"model", "data_config" (the run's timm name and input size, from its
     fingerprint), "entry", "line" (one line saying which entry was used)}). Raises
     WeightsError (one line) for a missing or unreadable file or one without a state dict."""
+    companion = _finetune_companion(path)
+    if companion is not None:
+        raise WeightsError(companion)
     if not path.is_file():
         what = " is a folder, not a weights file" if path.is_dir() else ": weights file not found"
         raise WeightsError(f"{path}{what}; pass --weights with an existing "
@@ -217,9 +220,53 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: not a state dict of tensors; pass a file saved with "
                            "torch.save(model.state_dict()) or a timm checkpoint")
+    if sd and set(sd) <= {"weight", "bias"}:  # a classifier's layer alone, without its run
+        raise WeightsError(f"{path} holds only one layer's weight and bias (such as the "
+                           "<run>.classifier.pt `embedpipe finetune` writes beside its tuned "
+                           "backbone), not backbone weights; pass --weights with the backbone's "
+                           "weights (the run's <run>.pt)")
     from timm.models import clean_state_dict
 
     return clean_state_dict(sd), trained  # strips DDP's module. and torch.compile's _orig_mod.
+
+
+# The files `embedpipe finetune` writes beside its weights (finetune.options.Outputs), as
+# (suffix after the run's stem, the manifest's field naming it, what it is)
+_FINETUNE_COMPANIONS = (
+    (".classifier.pt", "classifier_file",
+     "the new classifier (the weight and bias of its {n}-class layer) that `embedpipe "
+     "finetune` saved beside its tuned backbone"),
+    (".history.json", "history_file", "the training history of an `embedpipe finetune` run"),
+    (".curves.png", "curves_file", "the training curves of an `embedpipe finetune` run"),
+    (".checkpoints", None, "the checkpoint folder of an `embedpipe finetune` run"),
+    (".json", None, "the manifest of an `embedpipe finetune` run"),
+)
+
+
+def _finetune_companion(path: Path) -> str | None:
+    """A one-line error for a file (or the checkpoint folder) that `embedpipe finetune` wrote
+    beside its weights, given where weights belong: what it is and the run's weights file to
+    pass instead, told from the run's manifest (``<run>.json``, format embedpipe-finetune,
+    naming the file). None for anything else."""
+    for suffix, field, what in _FINETUNE_COMPANIONS:
+        if not path.name.endswith(suffix) or path.name == suffix:
+            continue
+        manifest = path.with_name(path.name[:-len(suffix)] + ".json")
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(m, dict) and str(m.get("format", "")).startswith("embedpipe-finetune")
+                and isinstance(m.get("weights_file"), str)):
+            continue
+        if field is not None and m.get(field) != path.name:
+            continue
+        weights = path.with_name(m["weights_file"])
+        also = (f" or one of its checkpoints ({path / 'epoch-NNN.pt'})"
+                if suffix == ".checkpoints" else "")
+        return (f"{path} is {what.format(n=len(m.get('classes') or []))}, not backbone "
+                f"weights; pass --weights {weights} (the run's tuned backbone){also}")
+    return None
 
 
 def _finetune_checkpoint(path: Path, ckpt: Any) -> dict[str, Any] | None:

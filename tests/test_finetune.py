@@ -911,3 +911,33 @@ def test_a_checkpoint_extracts_at_its_trained_size_from_the_entry_it_kept(
     assert fg.keys() == fr.keys() and len(fg) == 60
     np.testing.assert_allclose(np.stack([fg[k] for k in fr]), np.stack(list(fr.values())),
                                atol=1e-5)
+
+
+def test_the_files_beside_a_run_passed_as_weights_name_the_runs_weights_file(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
+    """`extract --weights RUN.classifier.pt` got "weights do not fit ... (294 of 294 tensors
+    missing)"; the classifier, the manifest, the history, the curves and the checkpoint folder
+    of a finetune run now each say what they are and the run's weights file to pass. A
+    classifier file copied away from its run (no manifest to name it) is told from its two
+    tensors. Nothing is written."""
+    run_dir = two_epoch_run.parent
+    lone = tmp_path / "lone.pt"
+    lone.write_bytes((run_dir / "tuned.classifier.pt").read_bytes())
+    out = tmp_path / "x.h5"
+    cases = [
+        ("tuned.classifier.pt", "is the new classifier (the weight and bias of its 10-class "
+                                "layer) that `embedpipe finetune` saved beside its tuned "
+                                "backbone"),
+        ("tuned.json", "is the manifest of an `embedpipe finetune` run"),
+        ("tuned.history.json", "is the training history of an `embedpipe finetune` run"),
+        ("tuned.checkpoints", "is the checkpoint folder of an `embedpipe finetune` run"),
+    ]
+    for name, what in cases:
+        res = cli("extract", fmnist_src, "--weights", run_dir / name, "-o", out, "-q")
+        one_line_error(res, f"{run_dir / name} {what}, not backbone weights",
+                       f"pass --weights {two_epoch_run}")
+        assert not out.exists()
+    res = cli("extract", fmnist_src, "--weights", lone, "-o", out, "-q")
+    one_line_error(res, f"{lone} holds only one layer's weight and bias",
+                   "<run>.classifier.pt", "not backbone weights")
+    assert not out.exists()
