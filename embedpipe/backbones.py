@@ -19,7 +19,6 @@ import io
 import json
 import pickle
 import socket
-import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -94,6 +93,9 @@ class Backbone:
     data_config: dict[str, Any]
     pool: str
     feature_dim: int
+    # what a user should be told about the weights, one line each (e.g. which entry of a
+    # finetune checkpoint was used): load_backbone prints nothing; a command says them
+    notes: list[str] = field(default_factory=list)
 
     def identity(self) -> dict[str, Any]:
         """What makes two feature sets comparable: stored in and checked against a store."""
@@ -234,8 +236,8 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 # (suffix after the run's stem, the manifest's field naming it, what it is)
 _FINETUNE_COMPANIONS = (
     (".classifier.pt", "classifier_file",
-     "the new classifier (the weight and bias of its {n}-class layer) that `embedpipe "
-     "finetune` saved beside its tuned backbone"),
+     ("the new classifier (the weight and bias of its {n}-class layer) that `embedpipe "
+      "finetune` saved beside its tuned backbone")),
     (".history.json", "history_file", "the training history of an `embedpipe finetune` run"),
     (".curves.png", "curves_file", "the training curves of an `embedpipe finetune` run"),
     (".checkpoints", None, "the checkpoint folder of an `embedpipe finetune` run"),
@@ -248,7 +250,7 @@ def _finetune_companion(path: Path) -> str | None:
     beside its weights, given where weights belong: what it is and the run's weights file to
     pass instead, told from the run's manifest (``<run>.json``, format embedpipe-finetune,
     naming the file). None for anything else."""
-    for suffix, field, what in _FINETUNE_COMPANIONS:
+    for suffix, named_in, what in _FINETUNE_COMPANIONS:
         if not path.name.endswith(suffix) or path.name == suffix:
             continue
         manifest = path.with_name(path.name[:-len(suffix)] + ".json")
@@ -259,7 +261,7 @@ def _finetune_companion(path: Path) -> str | None:
         if not (isinstance(m, dict) and str(m.get("format", "")).startswith("embedpipe-finetune")
                 and isinstance(m.get("weights_file"), str)):
             continue
-        if field is not None and m.get(field) != path.name:
+        if named_in is not None and m.get(named_in) != path.name:
             continue
         weights = path.with_name(m["weights_file"])
         also = (f" or one of its checkpoints ({path / 'epoch-NNN.pt'})"
@@ -429,7 +431,9 @@ def load_backbone(
     crop_pct: float | None = None,
     with_classifier: bool = False,
 ) -> Backbone:
-    """Build ``name`` from timm with real weights; pooled features unless ``with_classifier``."""
+    """Build ``name`` from timm with real weights; pooled features unless ``with_classifier``.
+    Prints nothing: what the user should be told about the weights (which entry of a finetune
+    checkpoint it used) is in the result's ``notes``, which the commands say."""
     if not timm.is_model(name.split(".")[0]) and not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -439,6 +443,7 @@ def load_backbone(
     if pool is not None:
         create_kw["global_pool"] = pool
     source = resolve_weights(name, weights, random_init)
+    notes: list[str] = []
     try:
         if source == "hub":
             model, spec = _load_hub(name, create_kw)
@@ -472,9 +477,9 @@ def load_backbone(
                                 f"finetune`, not {name}; pass --model {tuned.get('model')}")
                         if img_size is None:  # extract at the resolution it was tuned at
                             img_size = int(tuned["data_config"]["input_size"][-1])
-                    if trained is not None:  # which entry of the checkpoint, on stderr
+                    if trained is not None:  # which entry of the checkpoint: a note
                         spec.meta["entry"] = trained["entry"]
-                        print(trained["line"], file=sys.stderr, flush=True)
+                        notes.append(trained["line"])
                 model.load_state_dict(_fit_state_dict(model, sd, str(path), name))
     except TypeError as e:  # e.g. a global_pool this architecture does not take
         raise WeightsError(f"{name}: cannot build with --pool {pool} ({e}); use a pool type the "
@@ -487,7 +492,7 @@ def load_backbone(
     model.eval()
     data_config = resolve_data_config(model, img_size=img_size, crop_pct=crop_pct)
     return Backbone(model, name, spec, data_config, pool or _default_pool(model),
-                    feature_dim(model, data_config))
+                    feature_dim(model, data_config), notes)
 
 
 def build_backbone(opts: Any, *, with_classifier: bool = False) -> Backbone:

@@ -961,6 +961,9 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
         for note in notes:
             say(f"note: {note}")
     bb = _backbone(head, opts)
+    if say:
+        for note in bb.notes:  # e.g. which entry of a finetune checkpoint it used
+            say(note)
     bg = backbone_graph(bb, opset)
     hg.ir_version = bg.ir_version
     for imp in bg.opset_import:

@@ -503,7 +503,7 @@ def serve(head: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         t0 = time.perf_counter()
         model = Model(head, weights=weights, device=device, max_pixels=settings.max_pixels,
                       runtime=runtime, reject=settings.reject)
-        for note in model.notes:
+        for note in model.backbone.notes + model.notes:
             say(note)
         say(f"loaded {model.head.path} ({model.head.manifest.get('head', 'head')}, "
             f"{len(model.classes)} classes) on {model.backbone.name} "

@@ -6,6 +6,7 @@ one torch thread (two threads are many times slower when the other core is busy)
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -925,9 +926,9 @@ def test_the_files_beside_a_run_passed_as_weights_name_the_runs_weights_file(
     lone.write_bytes((run_dir / "tuned.classifier.pt").read_bytes())
     out = tmp_path / "x.h5"
     cases = [
-        ("tuned.classifier.pt", "is the new classifier (the weight and bias of its 10-class "
-                                "layer) that `embedpipe finetune` saved beside its tuned "
-                                "backbone"),
+        ("tuned.classifier.pt", ("is the new classifier (the weight and bias of its 10-class "
+                                 "layer) that `embedpipe finetune` saved beside its tuned "
+                                 "backbone")),
         ("tuned.json", "is the manifest of an `embedpipe finetune` run"),
         ("tuned.history.json", "is the training history of an `embedpipe finetune` run"),
         ("tuned.checkpoints", "is the checkpoint folder of an `embedpipe finetune` run"),
@@ -941,3 +942,32 @@ def test_the_files_beside_a_run_passed_as_weights_name_the_runs_weights_file(
     one_line_error(res, f"{lone} holds only one layer's weight and bias",
                    "<run>.classifier.pt", "not backbone weights")
     assert not out.exists()
+
+
+def test_a_library_caller_is_told_the_checkpoint_entry_in_notes_and_the_cli_says_it(
+        fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
+    """The "weights: epoch-002.pt's ... entry" line was printed from inside
+    backbones.load_backbone, so a script using embedpipe's API got it on stderr. The library
+    now prints nothing (the fact is in Backbone.notes and the store records the entry); the
+    CLI says it once, as before."""
+    from clitools import EMBEDPIPE, run
+
+    ckpt = two_epoch_run.parent / "tuned.checkpoints" / "epoch-002.pt"
+    script = ("import sys, embedpipe\n"
+              "from embedpipe.backbones import load_backbone\n"
+              "bb = load_backbone(sys.argv[4], weights=sys.argv[3])\n"
+              "print(repr(bb.notes))\n"
+              "embedpipe.extract(sys.argv[1], sys.argv[2], model=sys.argv[4], weights=sys.argv[3],"
+              " runtime='torch', precision='fp32', workers=0)\n")
+    lib = tmp_path / "lib.h5"
+    res = run(sys.executable, "-c", script, fmnist_src, lib, ckpt, MODEL)
+    assert res.returncode == 0, res.stderr
+    assert "weights: " not in res.stderr, res.stderr
+    notes = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    assert len(notes) == 1 and notes[0].startswith("weights: epoch-002.pt's "), notes
+    assert len(open_store(lib)) == 60
+
+    res = run(*EMBEDPIPE, "extract", fmnist_src, "-o", tmp_path / "cli.h5", "--model", MODEL,
+              "--weights", ckpt, "--runtime", "torch", "--precision", "fp32", "--workers", "0")
+    assert res.returncode == 0, res.stderr
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("weights: ")] == notes

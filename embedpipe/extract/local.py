@@ -116,6 +116,8 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
         say("note: fp16 on the CPU is emulated and slow; bf16 or fp32 are faster there")
     if backbone is None:
         backbone = build_backbone(opts)
+        for note in backbone.notes:  # e.g. which entry of a finetune checkpoint it used
+            say(note)
     data_config, identity = identity_of(backbone, opts, precision)
     # --compile on asks for torch.compile: auto then means torch (OpenVINO compiles anyway)
     runtime = "torch" if opts.runtime == "auto" and opts.compile == "on" else opts.runtime

@@ -278,6 +278,8 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
             print(f"note: --runtime auto uses torch: {why}", file=sys.stderr, flush=True)
         opts = replace(opts, runtime=runtime)
         backbone = build_backbone(opts)
+        for note in backbone.notes:  # the actors, which build it again, say nothing
+            say(note)
         data_config, identity = identity_of(backbone, opts, precision)
         identity["precision"] = stored_precision(precision, runtime)
         del backbone

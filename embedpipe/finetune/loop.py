@@ -217,6 +217,8 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
     workers = default_workers() if opts.workers is None else opts.workers
     disc = discover(data, opts.layout)
     backbone = build_backbone(opts)
+    for note in backbone.notes:  # base weights from a finetune checkpoint: its entry
+        say(note)
     base_keys = list(backbone.model.state_dict())
     data_config = backbone.data_config
     plan = plan_data(disc, opts, data_config, workers, say)

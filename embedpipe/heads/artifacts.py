@@ -540,7 +540,7 @@ def file_kind(path: Path) -> tuple[str, str] | None:
                     return "an embedpipe feature store (made by `embedpipe extract`)", "store"
         return "an HDF5 file", "hdf5"
     if head.startswith(b"\x93NUMPY"):
-        return ("a features file (.npy, as `embedpipe export-features` writes)", "features")
+        return "a features file (.npy, as `embedpipe export-features` writes)", "features"
     if head.startswith(b"PAR1") and path.suffix.lower() == ".parquet":
         return ("a features file (Parquet, as `embedpipe export-features` writes)", "features")
     if head.startswith(b"PK\x03\x04"):
@@ -552,10 +552,10 @@ def file_kind(path: Path) -> tuple[str, str] | None:
         if "schema.json" in names:
             return "a head file (made by `embedpipe fit`)", "head"
         if any(n.endswith("/data.pkl") for n in names):
-            return ("a PyTorch file (backbone weights or a checkpoint, e.g. from `embedpipe "
-                    "finetune`)", "torch")
+            return ("a PyTorch file (backbone weights or a checkpoint, e.g. from "
+                    "`embedpipe finetune`)"), "torch"
         if "features.npy" in names:
-            return ("a features file (.npz, as `embedpipe export-features` writes)", "features")
+            return "a features file (.npz, as `embedpipe export-features` writes)", "features"
         return None
     side = path.with_name(path.name + ".json")  # export.sidecar_path: an ONNX export's
     text = head.lstrip()[:1]
