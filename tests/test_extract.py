@@ -873,3 +873,40 @@ def test_an_img_size_no_image_fits_is_refused_before_any_real_forward(fmnist: Pa
     assert need > avail and "pass a smaller --img-size" in lines[0], lines[0]
     assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
     assert not out.exists()
+
+
+def test_a_batch_that_does_not_fit_is_refused_with_the_largest_batch_size_that_does(
+        fmnist: Path, tmp_path: Path):
+    """extract checked one image's memory only: an --img-size where one image fits but not a
+    batch of --batch-size went on to the real forward. Now a batch is measured too (the
+    model's activations on the meta device, finetune.memory.check_inference_fits) and refused
+    in one line before any work, naming the largest --batch-size that fits, with the process
+    far below the batch's need and no store written. The size is chosen so that one image
+    needs under a quarter of the memory available here and the 60 images' batch over twice
+    it."""
+    from embedpipe.finetune.memory import available_bytes, inference_probe
+
+    have = available_bytes(torch.device("cpu"))
+    assert have is not None
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    for size in (1024, 1536, 2048, 3072, 4096):
+        per = inference_probe(model, (size, size))[1] + 3 * size * size * 5
+        if 60 * per > 2 * have[0] and per < have[0] / 4:
+            break
+    else:
+        pytest.skip(f"no size fits one image but not 60 in {have[0] / 2 ** 30:.1f} GiB")
+    out = tmp_path / "big.h5"
+    res, peak_kib = run_measured("extract", fmnist, "-o", out, "--img-size", size,
+                                 "--batch-size", "60", "--workers", "0", "-q")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    line = lines[0]
+    assert line.startswith(f"error: --batch-size 60 at {size}x{size} px: a forward pass "
+                           "needs about "), line
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", line)[:2])
+    per_mib = float(re.search(r"~([0-9,]+) MiB per image", line).group(1).replace(",", ""))
+    fits = int(re.search(r"pass --batch-size (\d+) or less at this size", line).group(1))
+    assert need > avail and 1 <= fits < 60, line
+    assert fits * per_mib <= avail * 1024 * 1.01 < (fits + 1) * per_mib * 1.01, line
+    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    assert not out.exists()

@@ -27,7 +27,7 @@ from ..store.read import read_identity
 from ..store.schema import StoreError, StoreMismatch, describe_mismatch
 from ..store.write import StoreWriter
 from .loader import _close_in_worker, _collate, _Images, default_workers
-from .options import ExtractOptions, Summary, check_options
+from .options import ExtractError, ExtractOptions, Summary, check_options
 from .plan import Session, _same_as_last_run
 from .runtime import (
     CompiledForward,
@@ -64,7 +64,8 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         device, engine = None, None
         identity, data_config = stored, json.loads(stored["data_config"])
     else:
-        device, engine, data_config, identity = _load(opts, stored, say, backbone)
+        device, engine, data_config, identity = _load(opts, stored, say, backbone,
+                                                      images=len(disc.items))
     env = _versions(engine)
     summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                       ignored_files=list(disc.ignored),
@@ -76,7 +77,8 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         if engine is not None:
             session.record["runtime"] = engine.record()
         if lazy and session.tasks:  # new or changed files: now the backbone is needed
-            device, engine, data_config, identity = _load(opts, stored, say, None)
+            device, engine, data_config, identity = _load(opts, stored, say, None,
+                                                          images=len(session.tasks))
             mismatch = describe_mismatch(out, stored, identity)
             if mismatch:  # the same options no longer give the same features (e.g. weights)
                 raise StoreMismatch(mismatch)
@@ -105,9 +107,12 @@ def _versions(engine: Engine | None) -> dict[str, str]:
 
 
 def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], None],
-          backbone: Backbone | None) -> tuple[Any, Engine, dict[str, Any], dict[str, Any]]:
+          backbone: Backbone | None, images: int | None = None
+          ) -> tuple[Any, Engine, dict[str, Any], dict[str, Any]]:
     """Device, the backbone (loaded unless given) ready on its runtime, data config and store
-    identity (whose precision names the runtime's bf16: provenance.OV_BF16)."""
+    identity (whose precision names the runtime's bf16: provenance.OV_BF16). With ``images``
+    (how many are to be extracted), ExtractError before the runtime is built when a batch of
+    them does not fit in memory (_check_batch_memory)."""
     from ..backbones import build_backbone
 
     device = resolve_device(opts.device)
@@ -118,6 +123,8 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
         backbone = build_backbone(opts)
         for note in backbone.notes:  # e.g. which entry of a finetune checkpoint it used
             say(note)
+    if images:
+        _check_batch_memory(backbone, opts, device, images)
     data_config, identity = identity_of(backbone, opts, precision)
     # --compile on asks for torch.compile: auto then means torch (OpenVINO compiles anyway)
     runtime = "torch" if opts.runtime == "auto" and opts.compile == "on" else opts.runtime
@@ -126,6 +133,22 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
                           say=_warn)  # on stderr even with -q: it changes what runs
     identity["precision"] = engine.stored_precision
     return device, engine, data_config, identity
+
+
+def _check_batch_memory(backbone: Backbone, opts: ExtractOptions, device: Any,
+                        images: int) -> None:
+    """ExtractError (one line, with the largest --batch-size that fits) when a batch of
+    ``min(--batch-size, images)`` images at the backbone's input size, with --tta's views,
+    needs more memory than is available (finetune.memory.check_inference_fits: the model's
+    activations measured on the meta device; backbones.feature_dim checked one image)."""
+    from ..finetune.memory import check_inference_fits
+    from ..provenance import parse_tta
+
+    h, w = (int(v) for v in backbone.data_config["input_size"][1:])
+    tta = parse_tta(opts.tta) or ""
+    views = (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
+    check_inference_fits(backbone.model, (h, w), min(opts.batch_size, images), device,
+                         views=views, error=ExtractError)
 
 
 def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
