@@ -18,7 +18,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 from . import DEFAULT_MODEL
@@ -71,10 +71,13 @@ def extract_options(model: str = DEFAULT_MODEL, weights: str | None = None,
 def run_extract(source: PathLike, out: PathLike, opts: ExtractOptions, *,
                 engine: str = "in-process", address: str | None = None,
                 workers: int | None = None, gpus_per_worker: float = 0.0,
-                progress: bool = False) -> Summary:
+                progress: bool = False,
+                notice: Callable[[str], None] | None = None) -> Summary:
     """Run one extraction of ``source`` into the store ``out`` on ``engine`` and return its
     ``Summary`` (counts, skipped files, seconds, device, precision). ``embedpipe extract`` and
-    :func:`extract` both call this.
+    :func:`extract` both call this. ``notice``: a callable given each line the user should see
+    even without progress (which entry of a finetune checkpoint the weights are: the CLI prints
+    it); default: shown with the progress, so nothing by default.
 
     ``engine``: ``in-process`` (a DataLoader and one model in this process) or ``ray``
     (decoding as Ray tasks, the backbone on a pool of Ray actors; needs the ``ray`` extra).
@@ -93,13 +96,13 @@ def run_extract(source: PathLike, out: PathLike, opts: ExtractOptions, *,
         from .extract.ray import run as run_ray
 
         return run_ray(Path(source), Path(out), opts, address=address, workers=workers,
-                       gpus_per_worker=gpus_per_worker, progress=progress)
+                       gpus_per_worker=gpus_per_worker, progress=progress, notice=notice)
     if address is not None or gpus_per_worker:
         raise ExtractError("--address and --num-gpus-per-worker go with --engine ray; add "
                            "--engine ray or drop them")
     from .extract.local import run as run_local
 
-    return run_local(Path(source), Path(out), opts, progress=progress)
+    return run_local(Path(source), Path(out), opts, progress=progress, notice=notice)
 
 
 def extract(source: PathLike, out: PathLike | None = None, *, model: str = DEFAULT_MODEL,

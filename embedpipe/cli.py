@@ -178,6 +178,12 @@ def _fail(e: BaseException | str) -> None:
     _exit(2)
 
 
+def _notice(line: str) -> None:
+    """What a command says on stderr even with -q: facts the user did not choose explicitly,
+    such as which entry of a finetune checkpoint the weights are (Backbone.notes)."""
+    typer.echo(line, err=True)
+
+
 
 RUNTIME_HELP = ("Inference runtime: auto, torch or openvino. auto: OpenVINO on the CPU where "
                 "it is installed (`pip install 'embedpipe[openvino]'`) and runs the precision "
@@ -263,7 +269,8 @@ def extract(
                           compile=compile_, runtime=runtime)
     store = out or default_store_path(data, opts, CACHE_DIR)
     summary = run_extract(data, store, opts, engine=engine, address=address, workers=workers,
-                          gpus_per_worker=num_gpus_per_worker, progress=not quiet)
+                          gpus_per_worker=num_gpus_per_worker, progress=not quiet,
+                          notice=_notice)
     skipped = summary.failures + summary.ignored_files
     for path, reason in skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
@@ -536,7 +543,8 @@ def predict(
     else:
         preds = pr.from_images(head, images, top_k=top_k, weights=weights, device=device,
                                batch_size=batch_size, workers=workers, keep_store=keep_store,
-                               progress=not quiet, runtime=runtime, out=out, reject=reject)
+                               progress=not quiet, runtime=runtime, out=out, reject=reject,
+                               notice=_notice)
     for path, reason in preds.skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in preds.notes:
@@ -794,7 +802,7 @@ def finetune(
     opts = FinetuneOptions(**{f.name: given[f.name] for f in dataclasses.fields(FinetuneOptions)})
     dest = out or CACHE_DIR / f"{data.resolve().name}__{model.replace('/', '_')}__tuned.pt"
     result = ft_loop.finetune(data, dest, opts, resume=resume, overwrite=overwrite,
-                  progress=not quiet)
+                  progress=not quiet, notice=_notice)
     typer.echo(result.line())
     if not quiet:
         typer.echo(result.extract_hint(data), err=True)
@@ -935,7 +943,7 @@ def export(
     dest = out or head.with_suffix(".int8.onnx" if int8 else ".onnx")
     res = ex.export(head, dest, int8=int8, int8_mode=int8_mode, calib=calib,
                calib_count=calib_count, opset=opset, weights=weights, reject=reject,
-               say=None if quiet else (lambda m: typer.echo(m, err=True)))
+               say=None if quiet else (lambda m: typer.echo(m, err=True)), notice=_notice)
     typer.echo(res.line())
 
 

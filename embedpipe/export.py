@@ -906,12 +906,14 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
            int8_mode: str | None = None, calib: Sequence[str | Path] | None = None,
            calib_count: int | None = None, opset: int = DEFAULT_OPSET,
            weights: str | None = None, reject: str | None = None,
-           say: Callable[[str], None] | None = None) -> ExportResult:
+           say: Callable[[str], None] | None = None,
+           notice: Callable[[str], None] | None = None) -> ExportResult:
     """Write ``out`` (ONNX: backbone + head) and its sidecar (sidecar_path), each through a
     temporary file renamed into place once complete and checked, so an older export survives
     any failure. ``out`` or the sidecar being the head or the weights file is refused first
     (OutputError); a full or read-only disk ends in one line. ``reject`` (as `predict
-    --reject`) adds the output ``unknown`` and label -1 for it. ``int8_mode``: static (the
+    --reject`) adds the output ``unknown`` and label -1 for it. ``say``: progress lines;
+    ``notice``: the backbone's notes (which entry of a finetune checkpoint), default ``say``. ``int8_mode``: static (the
     default with ``int8``) or dynamic; ``calib`` (calibration_paths) and ``calib_count``
     (default 64) only with static int8 (check_int8_options).
 
@@ -961,9 +963,9 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
         for note in notes:
             say(f"note: {note}")
     bb = _backbone(head, opts)
-    if say:
-        for note in bb.notes:  # e.g. which entry of a finetune checkpoint it used
-            say(note)
+    for note in bb.notes:  # e.g. which entry of a finetune checkpoint it used
+        if notice or say:
+            (notice or say)(note)
     bg = backbone_graph(bb, opset)
     hg.ir_version = bg.ir_version
     for imp in bg.opset_import:

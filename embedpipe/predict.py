@@ -349,14 +349,15 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                 weights: str | None = None, device: str = "auto", batch_size: int = 32,
                 workers: int | None = None, keep_store: str | Path | None = None,
                 progress: bool = True, runtime: str = "auto", out: str | Path | None = None,
-                reject: str | None = None,
-                say: Callable[[str], None] | None = None) -> Predictions:
+                reject: str | None = None, say: Callable[[str], None] | None = None,
+                notice: Callable[[str], None] | None = None) -> Predictions:
     """Extract ``inputs`` with the head's own backbone and preprocessing, then classify.
     ``runtime`` auto: the runtime that made the head's features where it matters (bf16: torch
     or OpenVINO), else as `extract --runtime auto` (fp32 features are the same). ``out``: the
     CSV the caller will write (Predictions.write_csv); refused here, before any work, when it is
     the head or one of ``inputs`` (OutputError), as is a ``keep_store`` that is the head, the
-    CSV or an input. ``reject``: as predict --reject (heads.reject.rule_for)."""
+    CSV or an input. ``reject``: as predict --reject (heads.reject.rule_for). ``say`` and
+    ``notice``: as extract.local.run's."""
     from .extract.options import options_for_identity
 
     if out is not None and str(out) != "-":
@@ -379,7 +380,7 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                            "(jpg, png, ...) or folders holding them")
     with tempfile.TemporaryDirectory(prefix="embedpipe-predict-") as tmp:
         stores, skipped = extract_images(disc, options, Path(tmp), keep_store=keep_store,
-                                         progress=progress, say=say)
+                                         progress=progress, say=say, notice=notice)
         preds = from_store(head.path, stores, top_k=top_k, only={r.rel for r in disc.items},
                            reject=reject)
     preds.skipped = skipped
@@ -388,7 +389,8 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
 
 def extract_images(disc: Any, options: Sequence[Any], tmp: Path, *,
                    keep_store: str | Path | None = None, progress: bool = True,
-                   say: Callable[[str], None] | None = None
+                   say: Callable[[str], None] | None = None,
+                   notice: Callable[[str], None] | None = None
                    ) -> tuple[list[Path], list[tuple[str, str]]]:
     """Extract the images of ``disc`` (see gather_images) once per ExtractOptions in
     ``options`` (one per backbone), through extract.run, into stores under ``tmp`` (or
@@ -404,7 +406,7 @@ def extract_images(disc: Any, options: Sequence[Any], tmp: Path, *,
             store = Path(keep_store).with_suffix(f".{i + 1}{Path(keep_store).suffix}")
         else:
             store = Path(keep_store) if keep_store else Path(tmp) / f"features{i}.h5"
-        summary = run(disc, store, opts, progress=progress, say=say)
+        summary = run(disc, store, opts, progress=progress, say=say, notice=notice)
         if summary.interrupted:
             raise KeyboardInterrupt
         skipped.update(dict.fromkeys([*summary.failures, *summary.ignored_files]))

@@ -949,7 +949,7 @@ def test_a_library_caller_is_told_the_checkpoint_entry_in_notes_and_the_cli_says
     """The "weights: epoch-002.pt's ... entry" line was printed from inside
     backbones.load_backbone, so a script using embedpipe's API got it on stderr. The library
     now prints nothing (the fact is in Backbone.notes and the store records the entry); the
-    CLI says it once, as before."""
+    CLI says it once, as before, -q or not."""
     from clitools import EMBEDPIPE, run
 
     ckpt = two_epoch_run.parent / "tuned.checkpoints" / "epoch-002.pt"
@@ -968,6 +968,7 @@ def test_a_library_caller_is_told_the_checkpoint_entry_in_notes_and_the_cli_says
     assert len(open_store(lib)) == 60
 
     res = run(*EMBEDPIPE, "extract", fmnist_src, "-o", tmp_path / "cli.h5", "--model", MODEL,
-              "--weights", ckpt, "--runtime", "torch", "--precision", "fp32", "--workers", "0")
+              "--weights", ckpt, "--runtime", "torch", "--precision", "fp32", "--workers", "0",
+              "-q")
     assert res.returncode == 0, res.stderr
     assert [ln for ln in res.stderr.splitlines() if ln.startswith("weights: ")] == notes

@@ -47,10 +47,14 @@ if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or t
 
 def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *,
         progress: bool = True, say: Callable[[str], None] | None = None,
-        backbone: Backbone | None = None) -> Summary:
+        backbone: Backbone | None = None,
+        notice: Callable[[str], None] | None = None) -> Summary:
     """Extract features of every image under ``source`` (a folder, a CSV manifest, or images
-    already discovered) into the store ``out``."""
+    already discovered) into the store ``out``. ``say``: progress notes (default: stderr when
+    ``progress``); ``notice``: what the user should see even without progress (the backbone's
+    notes: which entry of a finetune checkpoint it uses; default ``say``)."""
     say = say or printer(progress)
+    notice = notice or say
     t0 = time.perf_counter()
     check_options(opts)
     out = Path(out)
@@ -65,7 +69,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
         identity, data_config = stored, json.loads(stored["data_config"])
     else:
         device, engine, data_config, identity = _load(opts, stored, say, backbone,
-                                                      images=len(disc.items))
+                                                      images=len(disc.items), notice=notice)
     env = _versions(engine)
     summary = Summary(out, total=len(disc.items), ignored=len(disc.ignored),
                       ignored_files=list(disc.ignored),
@@ -78,7 +82,8 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
             session.record["runtime"] = engine.record()
         if lazy and session.tasks:  # new or changed files: now the backbone is needed
             device, engine, data_config, identity = _load(opts, stored, say, None,
-                                                          images=len(session.tasks))
+                                                          images=len(session.tasks),
+                                                          notice=notice)
             mismatch = describe_mismatch(out, stored, identity)
             if mismatch:  # the same options no longer give the same features (e.g. weights)
                 raise StoreMismatch(mismatch)
@@ -107,12 +112,14 @@ def _versions(engine: Engine | None) -> dict[str, str]:
 
 
 def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], None],
-          backbone: Backbone | None, images: int | None = None
+          backbone: Backbone | None, images: int | None = None,
+          notice: Callable[[str], None] | None = None
           ) -> tuple[Any, Engine, dict[str, Any], dict[str, Any]]:
     """Device, the backbone (loaded unless given) ready on its runtime, data config and store
     identity (whose precision names the runtime's bf16: provenance.OV_BF16). With ``images``
     (how many are to be extracted), ExtractError before the runtime is built when a batch of
-    them does not fit in memory (_check_batch_memory)."""
+    them does not fit in memory (_check_batch_memory). The notes of a backbone it loads go to
+    ``notice`` (default ``say``)."""
     from ..backbones import build_backbone
 
     device = resolve_device(opts.device)
@@ -122,7 +129,7 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
     if backbone is None:
         backbone = build_backbone(opts)
         for note in backbone.notes:  # e.g. which entry of a finetune checkpoint it used
-            say(note)
+            (notice or say)(note)
     if images:
         _check_batch_memory(backbone, opts, device, images)
     data_config, identity = identity_of(backbone, opts, precision)

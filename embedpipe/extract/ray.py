@@ -234,9 +234,12 @@ def _probe(gpus: float) -> tuple[str, bool, bool]:
 
 def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: str | None,
         workers: int | None = None, gpus_per_worker: float = 0.0, progress: bool = True,
-        say: Callable[[str], None] | None = None) -> Summary:
-    """Extract every image under ``source`` into ``out`` on a Ray cluster (see the module)."""
+        say: Callable[[str], None] | None = None,
+        notice: Callable[[str], None] | None = None) -> Summary:
+    """Extract every image under ``source`` into ``out`` on a Ray cluster (see the module).
+    ``notice``: as local.run's (the backbone's notes; default ``say``)."""
     say = say or printer(progress)
+    notice = notice or say
     t0 = time.perf_counter()
     check_options(opts)
     if opts.shard:
@@ -279,7 +282,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         opts = replace(opts, runtime=runtime)
         backbone = build_backbone(opts)
         for note in backbone.notes:  # the actors, which build it again, say nothing
-            say(note)
+            notice(note)
         data_config, identity = identity_of(backbone, opts, precision)
         identity["precision"] = stored_precision(precision, runtime)
         del backbone

@@ -154,10 +154,13 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
              resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-             say: Callable[[str], None] | None = None) -> FinetuneResult:
+             say: Callable[[str], None] | None = None,
+             notice: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune ``opts.model`` on the labeled images under ``data``; write the tuned backbone
     weights to ``out`` (and the manifest, history, classifier, curves and checkpoints beside
     it). ``resume``: a checkpoint file (or the checkpoint folder: its latest file).
+    ``notice``: the base backbone's notes (weights from a finetune checkpoint: which entry),
+    default ``say``.
 
     Raises a UserError (FinetuneError, WeightsError, ...: one line naming the input and the fix)
     for bad options, data, weights, checkpoints or outputs, and for running out of memory;
@@ -180,7 +183,8 @@ def finetune(data: str | Path, out: str | Path, opts: FinetuneOptions, *,
         data, None if opts.weights in (None, "bundled", "hub") else opts.weights))
     outs.last = ckpt_path
     try:
-        return _run(data, outs, opts, ckpt_path, ckpt, progress, say, t0, cpu0)
+        return _run(data, outs, opts, ckpt_path, ckpt, progress, say, t0, cpu0,
+                    notice or say)
     except BaseException as e:
         outs.remove_made()  # the folders this call made, if nothing was written in them
         if isinstance(e, KeyboardInterrupt):
@@ -207,7 +211,7 @@ def _interrupted(outs: Outputs, resumed: Path | None) -> str:
 
 def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path | None,
          ckpt: dict[str, Any] | None, progress: bool, say: Callable[[str], None], t0: float,
-         cpu0: float) -> FinetuneResult:
+         cpu0: float, notice: Callable[[str], None]) -> FinetuneResult:
     """The run after the checks: load, train epoch by epoch, write the outputs to ``outs``
     (resuming from ``ckpt``, loaded from ``ckpt_path``, when given)."""
     out = outs.weights
@@ -218,7 +222,7 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
     disc = discover(data, opts.layout)
     backbone = build_backbone(opts)
     for note in backbone.notes:  # base weights from a finetune checkpoint: its entry
-        say(note)
+        notice(note)
     base_keys = list(backbone.model.state_dict())
     data_config = backbone.data_config
     plan = plan_data(disc, opts, data_config, workers, say)
