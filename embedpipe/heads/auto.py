@@ -163,7 +163,8 @@ class Selection:
         says so and what was fitted."""
         if not self.folds:
             return [f"auto: {n}" for n in self.notes]
-        out = [f"auto: {len(self.table)} candidates scored by {self.folds}-fold CV "
+        n = len(self.table)
+        out = [f"auto: {n} candidate{'s' if n != 1 else ''} scored by {self.folds}-fold CV "
                f"({self.metric}) in {self.seconds:.1f} s (budget {self.budget:g} s)"]
         for i, r in enumerate(self.table):
             mark = "→" if i == self.chosen else " "
