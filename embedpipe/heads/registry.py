@@ -329,13 +329,12 @@ _FEW = (f"fewer than {LDA_MIN_ROWS} training rows in the smallest class (too few
 DATA_RULES: dict[str, list[tuple[Callable[[int, int], bool], dict[str, Any], str]]] = {
     "knn": [(_too_few_for_lda, {"prep": "none", "metric": "cosine", "n_neighbors": 5},
              f"{_FEW}: cosine distance on the rows as they are, k=5"),
-            # more neighbours once every class has many rows (Fashion-MNIST, 10k test rows,
-            # k=10/20/30/50: 500/class 0.870/0.871/0.871/0.870, 2,000/class 0.880/0.883/0.883/
-            # 0.883, 6,000/class 0.886/0.888/0.888/0.889; 1,000/class, 2k test rows: 0.865/
-            # 0.871/0.874; from 50 to 200/class k=20 is 0.1 below k=10 on 3 draws)
+            # more neighbours once every class has many rows (bench/results/knn_k.md: Fashion-
+            # MNIST, 10k test rows, k=10/20: 1,000/class 0.873/0.874, 2,000 0.880/0.882, 6,000
+            # 0.886/0.888; from 50 to 500/class k=20 is within 0.2 points of k=10, 3 draws)
             (_large, {"n_neighbors": 20},
-             f"{_LARGE}: k=20 (Fashion-MNIST 6,000/class 0.888 vs 0.886 at k=10, 1,000/class "
-             "0.871 vs 0.865)")],
+             f"{_LARGE}: k=20 (Fashion-MNIST 6,000/class 0.888 vs 0.886 at k=10, 2,000/class "
+             "0.882 vs 0.880)")],
     "centroid": [(_too_few_for_lda, {"prep": "l2+scale"},
                   f"{_FEW}: L2-normalised, standardised rows")],
     "ridge": [(_small, {"prep": "l2", "alpha": 1.0},
