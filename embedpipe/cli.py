@@ -836,7 +836,8 @@ def similar(
         _fail(UserError(f"--format {fmt}: pass one of {', '.join(sim.FORMATS)}"))
     say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     res = sim.search(store, queries, k=k, method=index, weights=weights, device=device,
-                     batch_size=batch_size, workers=workers, progress=not quiet, say=say)
+                     batch_size=batch_size, workers=workers, progress=not quiet, say=say,
+                     notice=_notice)
     for path, reason in res.skipped[:20]:
         typer.echo(f"skipped {path}: {reason}", err=True)
     for note in res.notes:

@@ -298,7 +298,8 @@ def _stored_queries(store: FeatureStore, given: Sequence[str]
 
 def _embed_new(store: FeatureStore, inputs: Sequence[str], tmp: Path, *, weights: str | None,
                device: str, batch_size: int, workers: int | None, progress: bool,
-               say: Callable[[str], None] | None
+               say: Callable[[str], None] | None,
+               notice: Callable[[str], None] | None = None
                ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
     """Extract new images with the store's recorded backbone (same path as `predict HEAD
     IMAGES`). Returns (names, features (n, D), skipped, notes)."""
@@ -322,7 +323,8 @@ def _embed_new(store: FeatureStore, inputs: Sequence[str], tmp: Path, *, weights
     if not disc.items:
         raise SimilarError(f"{', '.join(inputs[:3])}: no images found; pass image files "
                            "(jpg, png, ...) or folders holding them")
-    (path,), skipped = extract_images(disc, [opts], tmp, progress=progress, say=say)
+    (path,), skipped = extract_images(disc, [opts], tmp, progress=progress, say=say,
+                                      notice=notice)
     new = open_store(path)
     hard = diff_fields(ident, new.identity, HEAD_KEYS)
     if hard:
@@ -341,8 +343,11 @@ def _embed_new(store: FeatureStore, inputs: Sequence[str], tmp: Path, *, weights
 def search(store_path: str | Path, queries: Sequence[str | Path], *, k: int = 10,
            method: str = "auto", weights: str | None = None, device: str = "auto",
            batch_size: int = 32, workers: int | None = None, progress: bool = False,
-           say: Callable[[str], None] | None = None) -> Result:
-    """`embedpipe similar`: the ``k`` nearest stored rows (cosine) of each query.
+           say: Callable[[str], None] | None = None,
+           notice: Callable[[str], None] | None = None) -> Result:
+    """`embedpipe similar`: the ``k`` nearest stored rows (cosine) of each query. ``say``:
+    progress notes; ``notice``: what the user should see even without progress (which entry
+    of a finetune checkpoint the backbone uses; default ``say``), as extract.local.run's.
 
     A query that is a path stored in the store uses its stored features (torch-free) and is
     left out of its own neighbours; any other query must be an image file, folder or CSV
@@ -375,7 +380,8 @@ def search(store_path: str | Path, queries: Sequence[str | Path], *, k: int = 10
         with tempfile.TemporaryDirectory(prefix="embedpipe-similar-") as tmp:
             got, X, skipped, more = _embed_new(store, new, Path(tmp), weights=weights,
                                                device=device, batch_size=batch_size,
-                                               workers=workers, progress=progress, say=say)
+                                               workers=workers, progress=progress, say=say,
+                                               notice=notice)
         names += got
         kinds += ["image"] * len(got)
         feats.append(X)
