@@ -14,6 +14,7 @@ choose the wording and the severity of what differs.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
@@ -185,3 +186,86 @@ def options_for(identity: dict[str, Any], *, weights: str | None = None,
                 precision=numeric_precision(identity["precision"]),
                 runtime=runtime_for(identity["precision"]), dtype=identity["dtype"],
                 exact_decode=not cfg.get("jpeg_draft", True), tta=cfg.get("tta"), **opts)
+
+
+def stack_order(head: dict[str, Any], given: dict[str, Any],
+                head_stores: list[str] | None = None) -> list[int] | None:
+    """Whether the stacked stores ``given`` (a stacked store's metadata: ``stacked``
+    identities and ``stores`` paths, store.stack) are the stores head identity ``head`` was
+    fitted on in another order, so that each store's features would land in another's
+    columns: for each of the head's stores in its order, the position of the given store that
+    holds its features; None when they are in order, or not a reordering of them (the other
+    checks name what differs). Told apart by identity (HEAD_KEYS: backbone, weights,
+    preprocessing, pool), or, for stores of one identity, by ``head_stores``: the files it was
+    fitted on (resolved paths, the head manifest's ``training.stores``)."""
+    from itertools import permutations
+
+    from ._io import same_file
+
+    mine, theirs = members(head), members(given)
+    n = len(mine)
+    if n < 2 or len(theirs) != n or "stacked" not in given:
+        return None
+    fits = [[not diff(theirs[j], mine[i], HEAD_KEYS) for j in range(n)] for i in range(n)]
+    files = list(given.get("stores") or [])
+    by_file = None
+    if head_stores and len(head_stores) == n and len(files) == n:
+        found = [[j for j, f in enumerate(files) if same_file(f, h)] for h in head_stores]
+        if all(len(f) == 1 for f in found):
+            by_file = [f[0] for f in found]
+    in_order = list(range(n))
+    if all(fits[i][i] for i in range(n)):  # in order by identity: perhaps not by file
+        if by_file and sorted(by_file) == in_order and by_file != in_order:
+            return by_file
+        return None
+    if by_file and sorted(by_file) == in_order and all(fits[i][by_file[i]] for i in range(n)):
+        return by_file
+    if n > 6:  # permutations of more stores than anyone stacks: leave it to the other checks
+        return None
+    return next((list(p) for p in permutations(range(n))
+                 if all(fits[i][p[i]] for i in range(n))), None)
+
+
+def stack_order_error(head: dict[str, Any], given: dict[str, Any],
+                      head_stores: list[str] | None, what: str, head_path: Any) -> str | None:
+    """The one line (after ``what``, the stores given) refusing stacked stores given in another
+    order than the head's (stack_order), naming the order to pass them in; None when they are
+    not a reordering."""
+    order = stack_order(head, given, head_stores)
+    if order is None:
+        return None
+    files = list(given["stores"])
+    mine = members(head)
+    kinds = _told_apart(mine)
+    if kinds:
+        why = f"head {head_path} was fitted on {' + '.join(kinds)}, in that order"
+    else:
+        why = (f"head {head_path} was fitted on "
+               f"{' + '.join(Path(str(files[j])).name for j in order)}, in that order (stores "
+               "of one backbone, told apart by their files)")
+    flags = " ".join(f"--store {files[j]}" for j in order)
+    return (f"{what}: the stacked stores are given in another order, which would put each "
+            f"store's features in another's columns; {why}: pass {flags}")
+
+
+def _told_apart(idents: list[dict[str, Any]]) -> list[str] | None:
+    """What tells identities ``idents`` apart, one text each: their models when those differ,
+    else the model with the settings that differ (``pool=max``, ``data_config.input_size=
+    [3, 240, 240]``, ``weights_sha256=579344248a93…``); None when nothing does."""
+    models = [str(m.get("model")) for m in idents]
+    if len(set(models)) > 1:
+        return models
+    out = [[m] for m in models]
+    for k in HEAD_KEYS:
+        values = [norm(i.get(k)) for i in idents]
+        if len({json.dumps(v, sort_keys=True) for v in values}) < 2:
+            continue
+        if all(isinstance(v, dict) for v in values):
+            fields = sorted({f for v in values for f in v
+                             if len({json.dumps(w.get(f), sort_keys=True) for w in values}) > 1})
+            for texts, v in zip(out, values):
+                texts += [f"{k}.{f}={v.get(f, '(none)')}" for f in fields]
+        else:
+            for texts, v in zip(out, values):
+                texts.append(f"{k}={str(v)[:12] + '…' if k == 'weights_sha256' else v}")
+    return [" ".join(t) for t in out] if any(len(t) > 1 for t in out) else None

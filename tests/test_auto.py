@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -149,11 +150,20 @@ def test_heads_lists_auto_and_the_prep_parameter(fmnist_store, tmp_path):
                    "prep=x")
 
 
-def test_search_with_auto_says_it_adds_nothing_and_a_head_file_is_not_a_store(fmnist_store,
-                                                                               tmp_path):
+def test_search_with_auto_is_refused_and_a_head_file_is_not_a_store(fmnist_store, tmp_path):
+    """--search on auto (fit's default head) was accepted and ignored, with a note: auto
+    searches by itself. Now refused before any work, naming how to search one head."""
     out = tmp_path / "a.skops"
-    res = ok("fit", fmnist_store, "--search", "--budget", "5", "-o", out)
-    assert "note: --search adds nothing to --head auto" in res.output
+    copy = shutil.copy(fmnist_store, tmp_path / "copy.h5")
+    for cmd in (["fit", fmnist_store, "-o", out, "--budget", "5"],
+                ["fit", fmnist_store, "--head", "auto", "-o", out],
+                ["cv", fmnist_store, "--head", "auto"],
+                ["cv", fmnist_store, "--head", "svm", "--head", "auto"],
+                ["compare", fmnist_store, copy, "--head", "auto"]):
+        one_line_error(cli(*cmd, "--search"), "--search", "--head auto already searches",
+                       "--head svm --search")
+    assert not out.exists()
+    ok("fit", fmnist_store, "--budget", "5", "-o", out, "-q")
     # a head file where a store belongs: one line that says what it is, for every command
     for cmd in (["info", out], ["fit", out, "-o", tmp_path / "b.skops"], ["cv", out]):
         one_line_error(cli(*cmd), str(out), "is a head file", "embedpipe predict")

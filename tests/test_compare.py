@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,58 @@ def test_compare_refuses_search_as_cv_does_before_any_fit(fmnist_store: Path, tm
     two = copy_rows(fmnist_store, tmp_path / "two.h5", [i for i in train if i not in first[2:]])
     one_line_error(cli("compare", two, half, "--head", "knn", "--search", "-q"),
                    f"{two}, {half}: --search: class", "keeps only 1 image(s)")
+
+
+def test_a_value_fixed_by_param_is_not_listed_as_chosen_by_the_search(fmnist_store: Path,
+                                                                      tmp_path: Path):
+    """`compare --search --param n_neighbors=3` listed n_neighbors=3 under "chosen per fold",
+    as if the search had chosen it; a fixed value is not searched (the grid leaves it out),
+    so it is shown once with the settings every fold shares, in compare and in cv."""
+    half = derived_store(fmnist_store, tmp_path / "half.h5")
+    res = cli("compare", fmnist_store, half, "--head", "knn", "--head", "logreg", "--search",
+              "--param", "n_neighbors=3", "--folds", "2", "-q")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    (knn,) = [ln for ln in lines if ln.startswith("  knn ") and "prep=" in ln]
+    assert "n_neighbors=3;" in knn.split(), knn  # shared by every fold: before the ";"
+    chosen = [ln for ln in lines if "chosen per fold:" in ln]
+    assert len(chosen) == 4, res.stdout  # knn and logreg, [A] and [B]
+    assert not any("n_neighbors" in ln for ln in chosen), chosen
+    assert all("weights=" in ln for ln in chosen[:2]) and all("C=" in ln for ln in chosen[2:])
+    out = tmp_path / "cv.json"
+    res = cli("cv", fmnist_store, "--head", "knn", "--search", "--param", "n_neighbors=3",
+              "--param", "weights=uniform", "--folds", "2", "--json", out, "-q")
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(out.read_text())["heads"]
+    assert row["effective_params"]["n_neighbors"] == 3
+    assert all("n_neighbors" not in f["effective_params"] and "weights" not in
+               f["effective_params"] for f in row["folds"]), row["folds"]
+    (line,) = [ln for ln in res.stdout.splitlines() if "chosen per fold:" in ln]
+    assert "n_neighbors" not in line and "weights" not in line and "metric=" in line, line
+
+
+def test_compare_refuses_the_same_store_file_twice_and_notes_a_copy(fmnist_store: Path,
+                                                                     tmp_path: Path):
+    """`compare S.h5 S.h5` (or another spelling of the path, a symlink, a hard link) printed
+    two identical columns without a word: compare scores one store against another, so the
+    same file twice is refused, naming it. A copy is another file (compare runs), with a note
+    that its features are the same."""
+    link = tmp_path / "link.h5"
+    link.symlink_to(fmnist_store)
+    spelled = fmnist_store.parent / ".." / fmnist_store.parent.name / fmnist_store.name
+    for twin, words in ((fmnist_store, ["the same store is given twice ([A] and [B])"]),
+                        (spelled, ["[B] is the same store file as [A]"]),
+                        (link, [f"{link}: [B] is the same store file as [A] {fmnist_store}"])):
+        one_line_error(cli("compare", fmnist_store, twin, "--head", "centroid", "-q"),
+                       *words, f"embedpipe cv {fmnist_store}")
+    half = derived_store(fmnist_store, tmp_path / "half.h5")
+    one_line_error(cli("compare", fmnist_store, half, link, "--head", "centroid", "-q"),
+                   f"{link}: [C] is the same store file as [A]")
+    copy = tmp_path / "copy.h5"
+    shutil.copy(fmnist_store, copy)
+    res = cli("compare", fmnist_store, copy, "--head", "centroid", "--folds", "2", "-q")
+    assert res.exit_code == 0, res.output
+    assert (f"note: [A] {fmnist_store} and [B] {copy} hold features of the same images made "
+            "the same way") in res.output, res.output
+    res = cli("compare", fmnist_store, half, "--head", "centroid", "--folds", "2", "-q")
+    assert res.exit_code == 0 and "made the same way" not in res.output, res.output  # float16

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,9 @@ def stores(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     classes = open_store(fmnist_store, features=False).classes[:3]
     out = {k: _small(fmnist_store, d / f"k{k}.h5", k, classes) for k in (1, 2, 3)}
     out["one"] = _small(fmnist_store, d / "one.h5", 5, classes[:1])
+    # compare takes two store files (the same file twice is refused): a copy of each
+    out["twin"] = {k: Path(shutil.copy(out[k], d / f"{Path(out[k]).stem}-twin.h5"))
+                   for k in (1, 2, 3, "one")}
     out["dir"] = d
     return out
 
@@ -90,7 +94,7 @@ def test_every_head_fits_predicts_and_cross_validates_or_refuses_in_one_line(
         assert all(math.isfinite(float(r["confidence"])) and 0 <= float(r["confidence"]) <= 1
                    for r in rows), rows
     _check(cli("cv", store, "--head", head, "-q"), head, k, "cv")
-    _check(cli("compare", store, store, "--head", head, "-q"), head, k, "compare")
+    _check(cli("compare", store, stores["twin"][k], "--head", head, "-q"), head, k, "compare")
 
 
 def test_few_shot_adjustments_are_said_as_notes(stores: dict):
@@ -112,7 +116,7 @@ def test_few_shot_adjustments_are_said_as_notes(stores: dict):
 def test_one_class_is_refused_in_one_line_by_every_command(stores: dict, command: str):
     one = stores["one"]
     args = {"fit": ["fit", one, "-o", stores["dir"] / "x.skops"], "cv": ["cv", one],
-            "compare": ["compare", one, one]}[command]
+            "compare": ["compare", one, stores["twin"]["one"]]}[command]
     for head in ("logreg", "svm", "sgd", "svm+logreg"):
         one_line_error(cli(*args, "--head", head, "-q"), str(one), "class", "two")
 

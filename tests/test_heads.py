@@ -663,3 +663,131 @@ def test_ctrl_c_stops_a_fit_even_inside_an_mlp(fmnist_store: Path, tmp_path: Pat
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted: rerun the same command (nothing was written" in stderr, stderr
     assert "Traceback" not in stderr and not out.exists()
+
+
+def test_fit_refuses_options_the_head_would_ignore(fmnist_store: Path, tmp_path: Path):
+    """--jobs (the parallel fits of --search) and --chunk-rows (a streaming head's chunks) were
+    accepted and ignored where they do nothing: on auto, without --search, on an in-memory
+    head. Each is one line naming the option and the fix, and nothing is written."""
+    out = tmp_path / "x.skops"
+    cases = [(["--head", "svm", "--jobs", "2"], ["--jobs 2", "add --search"]),
+             (["--head", "auto", "--jobs", "2"], ["--jobs 2", "--head auto", "leave it out"]),
+             (["--head", "sgd", "--search", "--jobs", "2"], ["--jobs 2", "streaming head sgd"]),
+             (["--head", "svm", "--chunk-rows", "64"], ["--chunk-rows 64", "--head svm",
+                                                         "into memory"]),
+             (["--chunk-rows", "64"], ["--chunk-rows 64", "--head auto"])]
+    for args, words in cases:
+        one_line_error(cli("fit", fmnist_store, *args, "-o", out), *words)
+    one_line_error(cli("cv", fmnist_store, "--head", "svm", "--head", "knn", "--chunk-rows",
+                       "64"), "--chunk-rows 64", "svm, knn load the rows into memory")
+    assert not out.exists()
+    ok("fit", fmnist_store, "--head", "ridge", "--search", "--jobs", "2", "-o", out, "-q")
+    assert artifacts.load(out).manifest["search"]
+
+
+def test_centroid_without_shrinkage_lists_no_shrink_threshold(fmnist_store: Path,
+                                                              tmp_path: Path):
+    """centroid's fit line and manifest said shrink_threshold=None: scikit-learn's None
+    there means no shrinkage, a setting left off, which the reports leave out (like a
+    parameter the head does not use); a value the user sets is shown."""
+    out = tmp_path / "c.skops"
+    res = ok("fit", fmnist_store, "--head", "centroid", "-o", out)
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("fitted centroid"))
+    assert line.startswith("fitted centroid (prep=l2+lda) on 200 rows"), line
+    assert artifacts.load(out).manifest["effective_params"] == {"prep": "l2+lda"}
+    res = ok("fit", fmnist_store, "--head", "centroid", "--param", "shrink_threshold=0.1",
+             "-o", out)
+    assert "fitted centroid (prep=l2+lda shrink_threshold=0.1) on" in res.output, res.output
+
+
+# --param values scikit-learn takes one at a time but refuses inside fit, with the heads'
+# defaults or the training rows (10 classes): each is our line (HeadError) naming the value
+# and the fix, before any work, instead of scikit-learn's text after loading the store.
+CONFLICTS = [
+    ("logreg", ["l1_ratio=0.5"], ["--param l1_ratio=0.5", "solver saga", "solver=saga"]),
+    ("logreg", ["l1_ratio=1"], ["--param l1_ratio=1", "saga or liblinear"]),
+    ("logreg", ["dual=true"], ["--param dual=True", "liblinear"]),
+    ("logreg", ["solver=liblinear"], ["fmnist.h5: --param solver=liblinear",
+                                      "two classes only", "have 10"]),
+    ("logreg", ["solver=liblinear", "C=inf"], ["--param solver=liblinear C=inf", "finite C"]),
+    ("linear-svm", ["penalty=l1", "loss=hinge"], ["--param penalty=l1 loss=hinge",
+                                                   "squared_hinge"]),
+    ("linear-svm", ["penalty=l1", "dual=true"], ["--param penalty=l1 dual=True", "dual=false"]),
+    ("linear-svm", ["loss=hinge", "dual=false"], ["--param loss=hinge dual=False", "dual=true"]),
+    ("svm", ["kernel=precomputed"], ["--param kernel=precomputed", "kernel=rbf"]),
+    ("knn", ["metric=pyfunc"], ["--param metric=pyfunc", "euclidean"]),
+    ("knn", ["metric=precomputed"], ["--param metric=precomputed", "feature rows"]),
+    ("ridge", ["solver=lbfgs"], ["--param solver=lbfgs", "positive=true"]),
+    ("ridge", ["positive=true", "solver=svd"], ["--param positive=True solver=svd", "lbfgs"]),
+    ("mlp", ["validation_fraction=0", "early_stopping=true"],
+     ["--param validation_fraction=0 early_stopping=True", "0.1"]),
+    ("sgd", ["alpha=0"], ["--param alpha=0", "learning_rate=optimal", "alpha=0.0001"]),
+    ("logreg-sgd", ["learning_rate=pa1"], ["--param learning_rate=pa1", "loss=hinge",
+                                           "log_loss"]),
+    ("sgd", ["early_stopping=true"], ["--param early_stopping=True", "partial_fit"]),
+]
+
+
+@pytest.mark.parametrize(("head", "params", "words"), CONFLICTS,
+                         ids=[f"{h}-{'-'.join(p)}" for h, p, _ in CONFLICTS])
+def test_a_param_scikit_learn_refuses_in_fit_is_our_one_line(fmnist_store: Path,
+                                                              tmp_path: Path, head: str,
+                                                              params: list[str],
+                                                              words: list[str]):
+    out = tmp_path / "x.skops"
+    given = [a for p in params for a in ("--param", p)]
+    line = one_line_error(cli("fit", fmnist_store, "--head", head, *given, "-o", out), *words)
+    assert "Solver" not in line and "Unsupported set of arguments" not in line, line
+    # cv refuses it the same way (HEAD:NAME picks the head among several), before any fit
+    one_line_error(cli("cv", fmnist_store, "--head", head, "--head", "centroid",
+                       *[a for p in params for a in ("--param", f"{head}:{p}")]), words[-1])
+    assert not out.exists()
+
+
+def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_store: Path):
+    """The sweep behind CONFLICTS, kept: every head, every parameter scikit-learn's constraints
+    list, each of its options (and a few numbers in its range), one at a time, on 30 real rows
+    of 3 classes. build or check_for_data refuses it (HeadError: the CLI's one line), or it
+    fits: no scikit-learn error is left for `fit` to pass on as its own text."""
+    import warnings
+
+    from sklearn.utils._param_validation import Interval, Options, StrOptions
+
+    from embedpipe.heads import registry
+
+    s = open_store(fmnist_store)
+    rows = select_rows(s).train
+    y_all = targets(s, rows)
+    keep = np.concatenate([np.flatnonzero(y_all == c)[:10] for c in np.unique(y_all)[:3]])
+    X, y = s.features[rows[keep]], y_all[keep]
+
+    def values(constraints):
+        for c in constraints:
+            if isinstance(c, (StrOptions, Options)):
+                yield from sorted(c.options - getattr(c, "deprecated", set()), key=repr)
+            elif isinstance(c, Interval):
+                yield from (v for v in ((0, 1, 2) if c.type is int else (0.0, 0.5, 1.0, 2.0))
+                            if c.is_satisfied_by(v))
+            elif c in ("boolean", bool):
+                yield from (True, False)
+
+    skip = {"random_state", "verbose", "n_jobs", "warm_start", "class_weight", "max_iter",
+            "batch_size", "hidden_layer_sizes"}  # no conflicts; or slow (max_iter=2 ...)
+    failed = []
+    for name, head in registry.HEADS.items():
+        for param, cons in type(head.make(0))._parameter_constraints.items():
+            if param in skip:
+                continue
+            for v in dict.fromkeys(values(cons)):
+                try:
+                    pipe = registry.build(name, {param: v})
+                    registry.check_for_data(name, {param: v}, y, X.shape[1])
+                except registry.HeadError:
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        pipe.fit(X, y)
+                    except ValueError as e:
+                        failed.append(f"{name} {param}={v!r}: {e}")
+    assert not failed, "\n".join(failed)

@@ -72,8 +72,49 @@ def test_predict_needs_the_same_stores_in_the_same_order(pair):
     one_line_error(cli("predict", pair["head"], "--store", pair["a"]),
                    "was fitted on features of tf_efficientnet_lite0 + tf_efficientnet_lite1",
                    "pass the 2 stores")
+    # swapped: each store's features would land in the other's columns; the line names the
+    # order to pass them in (it used to say "another backbone" of the first store)
     one_line_error(cli("predict", pair["head"], "--store", pair["b"], "--store", pair["a"]),
-                   "stacked store 1", "another backbone")
+                   "given in another order", "tf_efficientnet_lite0 + tf_efficientnet_lite1",
+                   f"pass --store {pair['a']} --store {pair['b']}")
+
+
+def test_stores_of_one_backbone_stacked_in_another_order_are_refused(pair, tmp_path: Path):
+    """Two stores of one backbone (same identity) of different images under the same paths
+    (here: the images mirrored) stack into a head whose columns differ by store; given in the
+    other order, predict used to concatenate them swapped without a word (the identities
+    match). The head records its store files, and predict names the order to pass them in."""
+    from PIL import Image, ImageOps
+
+    mirrored = tmp_path / "mirrored"
+    for f in sorted(pair["root"].joinpath("data").rglob("*.png")):
+        dst = mirrored / f.relative_to(pair["root"] / "data")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.mirror(Image.open(f)).save(dst)
+    m = tmp_path / "mirrored.h5"
+    assert run(mirrored, m, ExtractOptions(precision="fp32"), progress=False).extracted == 100
+    assert open_store(m).identity == open_store(pair["a"]).identity
+    head = tmp_path / "two-views.skops"
+    ok("fit", pair["a"], m, "--head", "logreg", "-o", head, "-q")
+    assert artifacts.load(head).manifest["training"]["stores"] == [
+        str(pair["a"].resolve()), str(m.resolve())]
+    out = tmp_path / "p.csv"
+    line = one_line_error(cli("predict", head, "--store", m, "--store", pair["a"], "-o", out),
+                          "given in another order", f"fitted on {pair['a'].name} + {m.name}",
+                          f"pass --store {pair['a']} --store {m}")
+    assert not out.exists(), line
+    # in order it predicts; swapped columns would have predicted otherwise
+    ok("predict", head, "--store", pair["a"], "--store", m, "--split", "test", "-o", out, "-q")
+    est = artifacts.load(head).estimator
+    a, b = open_store(pair["a"]), open_store(m)
+    rows = [p for p, s in zip(b.paths, b.splits) if s == "test"]
+    ia, ib = {p: i for i, p in enumerate(a.paths)}, {p: i for i, p in enumerate(b.paths)}
+    fa, fb = a.features[[ia[p] for p in rows]], b.features[[ib[p] for p in rows]]
+    right = dict(zip(rows, est.predict(np.hstack([fa, fb]))))
+    assert {r["path"]: r["predicted"] for r in read_csv(out)} == right
+    # the columns differ by store: swapped, the probabilities move
+    gap = np.abs(est.predict_proba(np.hstack([fa, fb])) - est.predict_proba(np.hstack([fb, fa])))
+    assert gap.max() > 0.01, gap.max()
 
 
 def test_stacked_head_predicts_images_end_to_end_like_its_stores(pair, tmp_path: Path):

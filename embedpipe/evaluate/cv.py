@@ -12,7 +12,7 @@ from .. import checks
 from ..heads import fewshot
 from ..heads import registry as heads
 from ..env import versions
-from ..errors import located
+from ..errors import located, naming
 from . import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_METRIC,
                DEFAULT_REPEATS, DEFAULT_TOP_ERRORS)
 from ..heads.source import Labeled, _nothing
@@ -59,6 +59,25 @@ def _check_search(names: list[str], y: np.ndarray, splits: list[Any], where: str
             raise EvaluateError(f"{where}: --search: class {c!r} keeps only {m} image(s) in "
                                 "the training part of an outer fold, and the inner search "
                                 "needs 2 per class; add images of it or drop --search")
+
+
+def _check_chunk_rows(names: list[str], chunk_rows: int | None) -> int:
+    """``--chunk-rows`` checked (stream.check_chunk_rows; the default when None), and refused
+    when none of the heads ``names`` is a streaming head, the only ones that read the store in
+    chunks (the others load the rows into memory): HeadError naming the fix."""
+    from ..heads import stream
+
+    if chunk_rows is None:
+        return stream.DEFAULT_CHUNK_ROWS
+    stream.check_chunk_rows(chunk_rows)
+    if not any(heads.get(h).streaming for h in names):
+        streaming = " or ".join(h.name for h in heads.HEADS.values() if h.streaming)
+        raise heads.HeadError(f"--chunk-rows {chunk_rows}: only the streaming heads "
+                              f"({streaming}) read the store in chunks, and none is evaluated "
+                              f"({', '.join(names)} load{'s' if len(names) == 1 else ''} "
+                              "the rows into memory); leave "
+                              "--chunk-rows out, or add --head sgd")
+    return chunk_rows
 
 
 def _check_options(folds: int, repeats: int, metric: str, jobs: int, top_errors: int) -> None:
@@ -123,14 +142,21 @@ def _run_tasks(tasks: list[Any], label: str, progress: bool, jobs: int, rows: in
     return results
 
 
-def _effective(fits: list[dict[str, Any]], head: str,
-               search: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _effective(fits: list[dict[str, Any]], head: str, search: bool,
+               fixed: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The parameters as fitted (registry.effective_params) that every fit in ``fits`` (one
     head's results over folds, and stores) shares, and per fit the ones it does not share
     (what fewshot.adapt lowered on a fold's fewer rows) or that ``search`` chose (its grid's:
-    per fit even where every fit chose the same)."""
-    searched = set(heads.get(head).searched()) if search else set()
+    per fit even where every fit chose the same). A grid parameter the user ``fixed`` (the
+    head's --param values, short names) was not searched (registry.param_grid leaves it out):
+    it is shared like any setting, not listed as chosen."""
+    searched = set(heads.get(head).searched()) - set(fixed) if search else set()
     got = [f["effective_params"] for f in fits]
+    # the search chose a setting left off (None, which effective_params leaves out: centroid's
+    # shrink_threshold): named all the same, as the grid's value chosen in that fold
+    got = [{**g, **{k: None for k, v in f.get("params", {}).items()
+                    if k in searched and v is None and k not in g}}
+           for f, g in zip(fits, got)]
     common = {k: v for k, v in got[0].items()
               if k not in searched and all(repr(g.get(k)) == repr(v) for g in got)}
     return common, [{k: v for k, v in g.items() if k not in common} for g in got]
@@ -145,6 +171,15 @@ def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[st
     for n, times in seen.items():
         notes.append(f"{n} ({times} fit{'s' if times > 1 else ''})")
         warn(f"note: {notes[-1]}")
+
+
+def _check_for_data(per_params: dict[str, dict[str, Any]], y: np.ndarray, dim: int,
+                    seed: int, where: str) -> None:
+    """Refuse, before any fit, the --param settings that no fit on these training rows could
+    take (registry.check_for_data: liblinear's two classes), in one line naming ``where``."""
+    for h, p in per_params.items():
+        with naming(where):
+            heads.check_for_data(h, p, y, dim, seed)
 
 
 def _unused_notes(per_params: dict[str, dict[str, Any]], y: np.ndarray, dim: int, seed: int,
@@ -212,11 +247,12 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     warn = warn or printer(True)
     say = printer(progress)
     _check_options(folds, repeats, metric, jobs, top_errors)
-    chunk_rows = stream.check_chunk_rows(stream.DEFAULT_CHUNK_ROWS if chunk_rows is None
-                                         else chunk_rows)
     names = list(dict.fromkeys(head_names or DEFAULT_CV_HEADS))
     for h in names:
         heads.get(h)
+        if search:  # auto and ensembles have no grid: refused before the store is read
+            heads.check_searchable(h)
+    chunk_rows = _check_chunk_rows(names, chunk_rows)
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)
     streamed = {h for h in names if heads.get(h).streaming}
@@ -250,6 +286,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
                                                  "training")
     if search:
         _check_search(names, y, splits, where)
+    _check_for_data(per_params, y, store.dim, seed, where)
     _unused_notes(per_params, y, store.dim, seed, warn, notes)
 
     tasks = [(h, i) for h in names for i in range(len(splits))]
@@ -269,7 +306,8 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
             fold_rows.append({"repeat": i // folds, "fold": i % folds, **r["scores"],
                               "fit_seconds": r["fit_seconds"],
                               **({"params": r["params"]} if search else {})})
-        common, per_fold = _effective([results[(h, i)] for i in range(len(splits))], h, search)
+        common, per_fold = _effective([results[(h, i)] for i in range(len(splits))], h, search,
+                                     per_params[h])
         for f, differs in zip(fold_rows, per_fold):
             f["effective_params"] = differs
         entry: dict[str, Any] = {"head": h, "params": per_params[h], "class_weight": cw[h],
@@ -409,6 +447,49 @@ def _aligned_rows(stores: list[Any]) -> tuple[list[str], np.ndarray, list[np.nda
     return common, y, idx, notes
 
 
+def _letter(k: int) -> str:
+    """The table's name of the ``k``-th store (0-based): [A], [B], ..."""
+    return f"[{chr(65 + k)}]"
+
+
+def _refuse_same_file(store_paths: list[Any]) -> None:
+    """compare scores one store against another: the same file given twice (another spelling
+    of its path, a symlink or a hard link: _io.same_file) would print identical columns.
+    Raises EvaluateError naming the file and both of its places."""
+    from .. import _io
+
+    for j, b in enumerate(store_paths):
+        for i, a in enumerate(store_paths[:j]):
+            if _io.same_file(a, b):
+                twice = (f"the same store is given twice ({_letter(i)} and {_letter(j)})"
+                         if str(a) == str(b) else
+                         f"{_letter(j)} is the same store file as {_letter(i)} {a}")
+                raise EvaluateError(
+                    f"{b}: {twice}; compare scores stores of the same images against each other "
+                    "(other backbones, weights or precisions): pass each store once, or score "
+                    f"heads on one store with `embedpipe cv {a}`")
+
+
+def _same_features(stores: list[Any], idx: list[np.ndarray]) -> list[str]:
+    """A note for each pair of (different) store files whose compared rows are the same images
+    (content hashes) with features made the same way (provenance: every identity key the
+    same): their columns can differ only by float rounding, e.g. a copy of a store."""
+    from ..provenance import diff
+
+    out = []
+    for j in range(len(stores)):
+        for i in range(j):
+            a, b = stores[i], stores[j]
+            if diff(a.identity, b.identity) or any(
+                    a.hashes[p] != b.hashes[q] for p, q in zip(idx[i], idx[j])):
+                continue
+            out.append(f"{_letter(i)} {a.path} and {_letter(j)} {b.path} hold features of the "
+                       "same images made the same way (backbone, weights, preprocessing, "
+                       "precision): they score alike up to float rounding; compare stores that "
+                       "differ in one of these")
+    return out
+
+
 def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                 folds: int = DEFAULT_FOLDS, repeats: int = DEFAULT_REPEATS,
                 search: bool = False, metric: str = DEFAULT_METRIC, params: list[str] | None = None,
@@ -421,7 +502,6 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     (store, head, fold) is fitted and scored on exactly those rows. With two stores the report
     also has the paired per-fold difference (second − first)."""
 
-    from ..heads import stream
     from ..progress import printer
     from ..store.read import open_store
 
@@ -430,9 +510,13 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     if len(store_paths) < 2:
         raise EvaluateError("compare needs at least two stores; pass STORE_A STORE_B [...]")
     _check_options(folds, repeats, metric, jobs, 0)
-    chunk_rows = stream.check_chunk_rows(stream.DEFAULT_CHUNK_ROWS if chunk_rows is None
-                                         else chunk_rows)
     names = list(dict.fromkeys(head_names or DEFAULT_COMPARE_HEADS))
+    for h in names:
+        heads.get(h)
+        if search:  # as cv
+            heads.check_searchable(h)
+    chunk_rows = _check_chunk_rows(names, chunk_rows)
+    _refuse_same_file(store_paths)
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)
     streamed = {h for h in names if heads.get(h).streaming}
@@ -440,6 +524,9 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     paths, y, idx, notes = _aligned_rows(stores)
     for n in notes:
         warn(f"warning: {n}")
+    for n in _same_features(stores, idx):
+        notes.append(n)
+        warn(f"note: {n}")
     fewshot.check_classes(y, ", ".join(str(s.path) for s in stores), "common train rows")
     cls, n = min_class(y)
     if n < 2:
@@ -451,6 +538,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
                                                  "common train")
     if search:  # as cv: refused before any fit
         _check_search(names, y, splits, ", ".join(str(s.path) for s in stores))
+    _check_for_data(per_params, y, stores[0].dim, seed, ", ".join(str(s.path) for s in stores))
     _unused_notes(per_params, y, stores[0].dim, seed, warn, notes)  # rules read rows, not dim
     for s, i in zip(stores, idx):
         if s.features_loaded:
@@ -469,7 +557,8 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     _fewshot_notes(results, warn, notes)
     table = []
     for h in names:
-        common, per_fit = _effective([results[key] for key in tasks if key[1] == h], h, search)
+        common, per_fit = _effective([results[key] for key in tasks if key[1] == h], h, search,
+                                    per_params[h])
         row: dict[str, Any] = {"head": h, "params": per_params[h], "stores": [],
                                "effective_params": common,
                                "varies": sorted({k for d in per_fit for k in d})}

@@ -44,7 +44,8 @@ def _params_per_fold(common: dict[str, Any], per_fold: dict[str, list[dict[str, 
     (``common``, registry.format_params) with a pointer to the lines below, and a line of the
     rest per fold for each label of ``per_fold`` (compare's '[A] ', cv's ''), their values
     fold by fold: ('prep=l2; rest searched, per fold below', ['chosen per fold: C=10 | C=1'])."""
-    varies = search or any(p for folds in per_fold.values() for p in folds)
+    # nothing per fold under --search: every grid parameter was fixed by --param
+    varies = any(p for folds in per_fold.values() for p in folds)
     if not varies:
         return format_params(common), []
     text = format_params(common) + ("; rest searched, per fold below" if search

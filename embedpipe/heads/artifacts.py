@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..env import HEADS, versions
-from ..provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff, members, short
+from ..provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff, members, short, stack_order_error
 from ..errors import UserError, first_line
 
 FORMAT = "embedpipe-head"
@@ -618,6 +618,10 @@ def check_compatible(head: HeadFile, other: dict[str, Any], what: str,
     fitted on stacked stores needs the same stores, stacked in the same order. ``fix``: what the
     error tells the user to do (default: extract with the head's backbone or fit a new head)."""
     mine, theirs = members(head.identity), members(other)
+    swapped = stack_order_error(head.identity, other, head.manifest.get("training", {}).get(
+        "stores"), what, head.path)
+    if swapped:  # the head's stores in another order: say which order, not "another backbone"
+        raise ArtifactError(swapped)
     if len(mine) != len(theirs):
         hint = (f"pass the {len(mine)} stores it was fitted on, in that order "
                 f"({_models(mine)}: `--store A --store B`)" if len(mine) > 1

@@ -700,12 +700,190 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
     except (ValueError, TypeError) as e:
         first = first_line(e)
         raise HeadError(f"--param for {name}: {first} (see `embedpipe heads`)") from None
+    if not head.members:  # an ensemble's members were checked as they were built
+        refuse_conflicts(head, pipe.steps[-1][1], params or {})
     return pipe
+
+
+# Settings that scikit-learn refuses only inside ``fit``: combinations of parameters (its
+# parameter constraints, which build checks first, take one parameter at a time). Found by
+# sweeping every head's parameters one --param at a time over the values scikit-learn 1.9
+# allows, then the pairs behind each failure. By class name: a function of the estimator's
+# get_params and the number of classes (None: not known yet) giving (the parameters involved,
+# why they cannot be fitted as set), or None. refuse_conflicts turns one into a line naming the
+# --param values and the fix, before any work.
+_Reason = tuple[tuple[str, ...], str] | None
+
+
+def _logreg_penalty(g: dict[str, Any]) -> str | None:
+    """LogisticRegression's penalty as scikit-learn 1.8+ derives it: from ``l1_ratio`` (0: l2,
+    1: l1, between: elasticnet) and ``C`` (inf: none), unless the deprecated ``penalty`` is
+    set."""
+    if g.get("penalty", "deprecated") != "deprecated":
+        return g["penalty"]
+    if g.get("C") == math.inf:
+        return None
+    ratio = g.get("l1_ratio")
+    return "l2" if ratio in (0, None) else "l1" if ratio == 1 else "elasticnet"
+
+
+def _logreg(g: dict[str, Any], classes: int | None) -> _Reason:
+    solver, penalty = g.get("solver"), _logreg_penalty(g)
+    if penalty == "elasticnet" and solver != "saga":
+        return ("l1_ratio", "penalty", "solver"), (
+            f"an elasticnet penalty (0 < l1_ratio < 1) is fitted by solver saga only, and the "
+            f"solver is {solver}; add --param solver=saga (or pass l1_ratio=0, the l2 penalty)")
+    if penalty == "l1" and solver not in ("saga", "liblinear"):
+        return ("l1_ratio", "penalty", "solver"), (
+            f"the l1 penalty (l1_ratio=1) is fitted by solver saga or liblinear only, and the "
+            f"solver is {solver}; add --param solver=saga")
+    if g.get("dual") and solver != "liblinear":
+        return ("dual", "solver"), (
+            f"dual=True is solved by solver liblinear only (two classes), and the solver is "
+            f"{solver}; leave dual out (false)")
+    if solver == "liblinear" and penalty is None:
+        return ("solver", "C", "penalty"), (
+            "solver liblinear needs a penalty, and C=inf turns it off; pass a finite C (10: "
+            "logreg's own), or leave solver out (lbfgs)")
+    if solver == "liblinear" and classes is not None and classes > 2:
+        return ("solver",), (
+            f"solver liblinear fits two classes only, and the training rows have {classes}; "
+            "leave solver out (lbfgs), or pass saga")
+    return None
+
+
+def _linear_svm(g: dict[str, Any], classes: int | None) -> _Reason:
+    penalty, loss, dual = g.get("penalty"), g.get("loss"), g.get("dual")
+    if penalty == "l1" and loss == "hinge":
+        return ("penalty", "loss"), (
+            "liblinear has no l1 penalty with the hinge loss; pass loss=squared_hinge (the "
+            "head's own) with penalty=l1, or penalty=l2 with loss=hinge")
+    if penalty == "l1" and dual is True:
+        return ("penalty", "dual"), ("the l1 penalty is solved in the primal only; pass "
+                                     "dual=false (or auto)")
+    if loss == "hinge" and dual is False:
+        return ("loss", "dual"), ("the hinge loss is solved in the dual only; pass dual=true "
+                                  "(or auto)")
+    return None
+
+
+def _svm(g: dict[str, Any], classes: int | None) -> _Reason:
+    if g.get("kernel") == "precomputed":
+        return ("kernel",), ("it is fitted on feature rows, not on a precomputed kernel "
+                             "matrix; pass kernel=rbf (its own), linear, poly or sigmoid")
+    return None
+
+
+def _knn(g: dict[str, Any], classes: int | None) -> _Reason:
+    from sklearn.neighbors import VALID_METRICS
+
+    metric = g.get("metric")
+    if metric == "precomputed":
+        return ("metric",), ("it is fitted on feature rows, not on a precomputed distance "
+                             "matrix; pass metric=euclidean (its own), cosine or minkowski")
+    if isinstance(metric, str) and metric not in VALID_METRICS["brute"]:
+        return ("metric",), (
+            f"its brute-force search has no metric {metric}; pass euclidean (its own), "
+            "cosine, manhattan, minkowski or another of scikit-learn's VALID_METRICS['brute']")
+    return None
+
+
+def _ridge(g: dict[str, Any], classes: int | None) -> _Reason:
+    solver, positive = g.get("solver"), g.get("positive")
+    if solver == "lbfgs" and not positive:
+        return ("solver", "positive"), (
+            "solver lbfgs fits positive coefficients only (positive=True); add --param "
+            "positive=true, or leave solver out (auto)")
+    if positive and solver not in ("auto", "lbfgs"):
+        return ("positive", "solver"), (
+            f"positive=True is fitted by solver lbfgs only, and the solver is {solver}; leave "
+            "solver out (auto picks lbfgs)")
+    return None
+
+
+def _mlp(g: dict[str, Any], classes: int | None) -> _Reason:
+    if g.get("early_stopping") and not g.get("validation_fraction"):
+        return ("validation_fraction", "early_stopping"), (
+            "early stopping holds out validation_fraction of the training rows, and 0 holds "
+            "out none; pass a fraction in (0, 1) such as 0.1 (the default), or "
+            "early_stopping=false")
+    return None
+
+
+def _sgd(g: dict[str, Any], classes: int | None) -> _Reason:
+    rate = g.get("learning_rate")
+    if rate == "optimal" and not g.get("alpha"):
+        return ("alpha", "learning_rate"), (
+            "learning_rate=optimal takes its step size from alpha (1 / (alpha * t)), so alpha "
+            "must be above 0; pass alpha=0.0001 (the head's own), or learning_rate=constant")
+    if rate in ("pa1", "pa2") and g.get("loss") != "hinge":
+        return ("learning_rate", "loss"), (
+            f"learning_rate={rate} (passive-aggressive) works with loss=hinge only, and the "
+            f"loss is {g.get('loss')}; leave learning_rate out (optimal)")
+    if g.get("early_stopping"):
+        return ("early_stopping",), (
+            "a streaming head is fitted chunk by chunk (partial_fit), which holds out no "
+            "validation rows; leave early_stopping out (max_iter sets the epochs)")
+    return None
+
+
+_CONFLICTS: dict[str, Callable[[dict[str, Any], int | None], _Reason]] = {
+    "LogisticRegression": _logreg, "LinearSVC": _linear_svm, "SVC": _svm,
+    "KNeighborsClassifier": _knn, "RidgeClassifier": _ridge, "MLPClassifier": _mlp,
+    "SGDClassifier": _sgd,
+}
+
+
+def refuse_conflicts(head: Head, final: Any, params: dict[str, Any],
+                     classes: int | None = None) -> None:
+    """Raise HeadError when ``final`` (head ``head``'s unfitted final estimator, set from
+    ``params``: short names) holds a combination of settings that scikit-learn would refuse
+    inside ``fit`` (_CONFLICTS), or one it refuses for ``classes`` classes (liblinear: two);
+    the line names the --param values involved, why, and the fix."""
+    why = _CONFLICTS.get(type(final).__name__)
+    found = why(final.get_params(deep=False), classes) if why is not None else None
+    if found is None:
+        return
+    keys, reason = found
+    got = final.get_params(deep=False)
+    named = [f"{k}={_text(params.get(k, got.get(k)))}" for k in keys if k in params] or \
+        [f"{k}={_text(got.get(k))}" for k in keys[:1]]
+    raise HeadError(f"--param {' '.join(named)}: {head.name}: {reason}")
+
+
+def check_for_data(name: str, params: dict[str, Any] | None, y: Any, dim: int,
+                   seed: int = 0) -> None:
+    """refuse_conflicts for head ``name`` fitted on labels ``y`` (N) of ``dim`` features, as
+    fit builds it there (its data defaults applied; an ensemble: each member): the refusals
+    that depend on the number of classes (liblinear's two). Raises HeadError; nothing for
+    auto."""
+    import numpy as np
+
+    if name == AUTO.name:
+        return
+    head = get(name)
+    classes = len(np.unique(np.asarray(y)))
+    pipe = build(name, with_data_defaults(name, params, y, dim), seed=seed,
+                 data=data_of(y, dim))
+    final = pipe.steps[-1][1]
+    if head.members:
+        given = member_params(head, params or {})[1]
+        for member, est in final.estimators:
+            refuse_conflicts(get(member), _pipeline(est).steps[-1][1], given.get(member, {}),
+                             classes)
+        return
+    refuse_conflicts(head, final, params or {}, classes)
 
 
 def check_searchable(name: str) -> None:
     """``--search`` needs a grid: an ensemble has none of its own (each member has its own,
-    searched alone). Raises HeadError with the ways to get a searched vote."""
+    searched alone), and ``auto`` searches by itself (its candidates are heads, their
+    parameters and preprocessing, scored by its own cross-validation). Raises HeadError with
+    the ways to get a searched vote, or to search one head."""
+    if name == AUTO.name:
+        raise HeadError("--search: --head auto already searches (it chooses the head, its "
+                        "parameters and preprocessing by its own cross-validation); drop "
+                        "--search, or search one head's grid with --head svm --search")
     head = get(name)
     if head.members:
         first = head.members[0]
@@ -799,7 +977,9 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     keys = [*head.defaults(), *head.searched()]
     keys += [k for k in got if k not in ("random_state", "class_weight") and _plain(got[k])
              and repr(got[k]) != repr(own.get(k))]
-    out.update({k: got[k] for k in dict.fromkeys(keys) if k in got and _used(final, k, got)})
+    base = type(final)().get_params(deep=False)
+    out.update({k: got[k] for k in dict.fromkeys(keys)
+                if k in got and _used(final, k, got) and not _off(k, got, base)})
     if isinstance(got.get("class_weight"), str):  # --class-weight, when the head takes it
         out["class_weight"] = got["class_weight"]  # (streaming heads hold it per class)
     if pca != "passthrough":
@@ -842,6 +1022,14 @@ _USED_WHEN: dict[str, dict[str, _Rule]] = {
         "validation_fraction": ("early_stopping", lambda g: bool(g.get("early_stopping")),
                                 "true")},
 }
+
+
+def _off(key: str, params: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether parameter ``key`` is None in ``params`` (an estimator's get_params) where
+    scikit-learn's default (``base``: the class's own get_params) is None too: a setting left
+    off (NearestCentroid's shrink_threshold, no shrinkage), which effective_params leaves out
+    as it leaves out the unused ones (_used)."""
+    return params.get(key) is None and key in base and base[key] is None
 
 
 def _used(estimator: Any, key: str, params: dict[str, Any]) -> bool:

@@ -148,6 +148,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
 
     _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
     params = heads.own_params(head, params)  # logreg:C=2 on logreg is C=2, as in cv
+    _refuse_moot(head, search, jobs, chunk_rows)
     if reject_rate is not None and not 0 < reject_rate < 1:
         raise reject.RejectError(f"--reject-rate {reject_rate}: pass a false-reject rate "
                                  "between 0 and 1, e.g. 0.05")
@@ -157,13 +158,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                                      "the head auto chose (or any named head) with --head")
         from . import auto
 
-        if search:  # auto's own cross-validation already chooses the parameters
-            say("note: --search adds nothing to --head auto, which chooses the head and its "
-                "parameters by its own cross-validation (pass a named head to search its grid)")
         return auto.fit(store_path, out, params=params, class_weight=class_weight, seed=seed,
                         say=say)
-    if search:
-        heads.check_searchable(head)
     t0 = time.perf_counter()
     spec = heads.get(head)
     heads.build(head, params, class_weight=class_weight, seed=seed)  # bad options fail first
@@ -182,6 +178,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     y = targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
     fewshot.check_classes(y, str(store.path))
+    with naming(str(store.path)):  # settings refused for this many classes (liblinear: 2)
+        heads.check_for_data(head, params, y, store.dim, seed)
     source = Labeled(store, rows.train, y,
                      None if spec.streaming else store.features[rows.train], chunk_rows)
     if not source.streamed:  # streamed: stream.fit_rows checks the chunks as it reads them
@@ -251,6 +249,36 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                      calibration, time.perf_counter() - t0, train_acc, effective)
 
 
+def _refuse_moot(head: str, search: bool, jobs: int | None, chunk_rows: int | None) -> None:
+    """Refuse, before any work, an option that fitting ``head`` would ignore: ``--search`` on
+    a head without a grid of its own (auto, an ensemble: registry.check_searchable), ``--jobs``
+    where no grid search runs in parallel (without --search, on auto, or on a streaming head,
+    whose search reads the store one fit at a time), ``--chunk-rows`` on a head that loads its
+    rows into memory (every head but the streaming ones). Raises HeadError naming the option
+    and the fix."""
+    spec = heads.get(head)
+    if search:
+        heads.check_searchable(head)
+    if jobs is not None:
+        if head == heads.AUTO.name:
+            raise heads.HeadError(f"--jobs {jobs}: --head auto scores its candidates one at a "
+                                  "time and takes no --jobs; leave it out")
+        if not search:
+            raise heads.HeadError(f"--jobs {jobs}: sets the parallel fits of --search, and "
+                                  "fit runs no search without it; add --search or leave --jobs "
+                                  "out")
+        if spec.streaming:
+            raise heads.HeadError(f"--jobs {jobs}: the streaming head {head} searches its grid "
+                                  "one fit at a time (each reads the store in chunks); leave "
+                                  "--jobs out")
+    if chunk_rows is not None and not spec.streaming:
+        streaming = " or ".join(h.name for h in heads.HEADS.values() if h.streaming)
+        raise heads.HeadError(f"--chunk-rows {chunk_rows}: only the streaming heads "
+                              f"({streaming}) read the store in chunks; --head {head} loads "
+                              "its training rows into memory: leave --chunk-rows out, or pass "
+                              "a streaming head")
+
+
 def _reject_thresholds(X: np.ndarray, y: np.ndarray, class_names: list[str], head: str,
                        chosen: dict[str, Any], spec: Any, class_weight: str | None, seed: int,
                        probabilities: str, rate: float,
@@ -287,11 +315,16 @@ def _check_sample(n: int, size: int = 512) -> np.ndarray:
 def _training(store: Any, rows: Any, classes: np.ndarray, counts: np.ndarray,
               train_acc: float, **extra: Any) -> dict[str, Any]:
     """The head manifest's record of what it was trained on."""
+    # stacked stores: each file (resolved), so that predict can tell stores of one backbone
+    # apart and refuse them in another order (provenance.stack_order)
+    stacked = ({"stores": [str(Path(p).resolve()) for p in store.meta["stores"]]}
+               if "stores" in store.meta else {})
     return {"store": str(store.path), "rows": int(counts.sum()),
             "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
             else "all labeled rows",
             "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
-            "train_accuracy": train_acc, "feature_runtimes": _runtimes(store), **extra}
+            "train_accuracy": train_acc, "feature_runtimes": _runtimes(store), **stacked,
+            **extra}
 
 
 def _runtimes(store: Any) -> list[str]:

@@ -169,7 +169,10 @@ def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
         return stores[0]
     first = stores[0]
     names = " + ".join(str(s.path) for s in stores)
-    if len({str(s.path.resolve()) for s in stores}) < len(stores):
+    from .._io import same_file
+
+    if any(same_file(a.path, b.path) for j, b in enumerate(stores) for a in stores[:j]):
+        # another spelling of its path, a symlink or a hard link to it: the same features twice
         raise StoreError(f"{names}: the same store is given twice; pass each store once")
     index = [{p: i for i, p in enumerate(s.paths)} for s in stores]
     common = [p for p in first.paths if all(p in m for m in index[1:])]
