@@ -747,8 +747,9 @@ def test_a_param_scikit_learn_refuses_in_fit_is_our_one_line(fmnist_store: Path,
 def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_store: Path):
     """The sweep behind CONFLICTS, kept: every head, every parameter scikit-learn's constraints
     list, each of its options (and a few numbers in its range), one at a time, on 30 real rows
-    of 3 classes. build or check_for_data refuses it (HeadError: the CLI's one line), or it
-    fits: no scikit-learn error is left for `fit` to pass on as its own text."""
+    of 3 classes (64 of their feature columns). build or check_for_data refuses it (HeadError:
+    the CLI's one line), or it fits: no scikit-learn error is left for `fit` to pass on as its
+    own text."""
     import warnings
 
     from sklearn.utils._param_validation import Interval, Options, StrOptions
@@ -759,7 +760,9 @@ def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_s
     rows = select_rows(s).train
     y_all = targets(s, rows)
     keep = np.concatenate([np.flatnonzero(y_all == c)[:10] for c in np.unique(y_all)[:3]])
-    X, y = s.features[rows[keep]], y_all[keep]
+    # the first 64 feature columns: the refusals do not depend on the width, and the lda step
+    # of knn and centroid costs about 0.5 s a fit at 1280-d (an eigendecomposition)
+    X, y = s.features[rows[keep], :64], y_all[keep]
 
     def values(constraints):
         for c in constraints:
@@ -788,6 +791,6 @@ def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_s
                     warnings.simplefilter("ignore")
                     try:
                         pipe.fit(X, y)
-                    except ValueError as e:
-                        failed.append(f"{name} {param}={v!r}: {e}")
+                    except Exception as e:  # noqa: BLE001 - any of them reaches the user
+                        failed.append(f"{name} {param}={v!r}: {type(e).__name__}: {e}")
     assert not failed, "\n".join(failed)
