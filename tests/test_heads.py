@@ -744,6 +744,17 @@ def test_a_param_scikit_learn_refuses_in_fit_is_our_one_line(fmnist_store: Path,
     assert not out.exists()
 
 
+def test_early_stopping_is_refused_only_where_partial_fit_runs(fmnist_store: Path,
+                                                               tmp_path: Path):
+    """sgd alone is fitted chunk by chunk (partial_fit refuses early stopping: refused in one
+    line, CONFLICTS); as an ensemble's member it is fitted in memory inside the vote, where
+    early stopping works, so the same --param is taken there."""
+    out = tmp_path / "vote.skops"
+    ok("fit", fmnist_store, "--head", "sgd+logreg", "--param", "sgd:early_stopping=true",
+       "-o", out, "-q")
+    assert artifacts.load(out).manifest["effective_params"]["sgd"]["early_stopping"] is True
+
+
 def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_store: Path):
     """The sweep behind CONFLICTS, kept: every head, every parameter scikit-learn's constraints
     list, each of its options (and a few numbers in its range), one at a time, on 30 real rows

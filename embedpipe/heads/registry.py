@@ -439,7 +439,7 @@ def _voting(specs: list[Head], seed: int, class_weight: str | None,
     for h in specs:
         own = (given or {}).get(h.name, {})
         params = _over_rule(data_params(h.name, *data), own) if data else own
-        est: Any = build(h.name, params or None,
+        est: Any = build(h.name, params or None, member=True,
                          class_weight=class_weight if h.class_weight else None, seed=seed)
         if not h.native_proba:
             est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
@@ -655,13 +655,15 @@ def _vote_setting(head: Head, key: str, value: Any) -> Any:
 
 
 def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str | None = None,
-          seed: int = 0, data: tuple[int, int] | None = None) -> Pipeline:
+          seed: int = 0, data: tuple[int, int] | None = None, member: bool = False) -> Pipeline:
     """An unfitted pipeline for head ``name`` with its defaults, overridden by ``params``.
     ``data`` (rows per class of the smallest class, feature dimension; see ``data_of``) gives
     an ensemble's members their defaults for that data (DATA_RULES), as each has when fitted
     alone; a single head takes its data defaults through ``params`` (with_data_defaults).
     An ensemble's ``params`` may set its members' (``knn:weights``, or a plain name for every
-    member that has it: member_params). Raises HeadError on an unknown name or a bad value."""
+    member that has it: member_params). ``member``: built as an ensemble's member, fitted in
+    memory inside the vote even when it is a streaming head (refuse_conflicts). Raises
+    HeadError on an unknown name, a bad value or a combination scikit-learn would refuse."""
     head = get(name)
     prep = prep_steps(head, (params or {}).get("prep"))
     steps: list[tuple[str, Any]] = [(step, STEP_FACTORIES[step]()) for step in prep]
@@ -701,7 +703,8 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
         first = first_line(e)
         raise HeadError(f"--param for {name}: {first} (see `embedpipe heads`)") from None
     if not head.members:  # an ensemble's members were checked as they were built
-        refuse_conflicts(head, pipe.steps[-1][1], params or {})
+        refuse_conflicts(head, pipe.steps[-1][1], params or {}, streamed=head.streaming and
+                         not member)
     return pipe
 
 
@@ -820,10 +823,6 @@ def _sgd(g: dict[str, Any], classes: int | None) -> _Reason:
         return ("learning_rate", "loss"), (
             f"learning_rate={rate} (passive-aggressive) works with loss=hinge only, and the "
             f"loss is {g.get('loss')}; leave learning_rate out (optimal)")
-    if g.get("early_stopping"):
-        return ("early_stopping",), (
-            "a streaming head is fitted chunk by chunk (partial_fit), which holds out no "
-            "validation rows; leave early_stopping out (max_iter sets the epochs)")
     return None
 
 
@@ -835,13 +834,19 @@ _CONFLICTS: dict[str, Callable[[dict[str, Any], int | None], _Reason]] = {
 
 
 def refuse_conflicts(head: Head, final: Any, params: dict[str, Any],
-                     classes: int | None = None) -> None:
+                     classes: int | None = None, *, streamed: bool = False) -> None:
     """Raise HeadError when ``final`` (head ``head``'s unfitted final estimator, set from
     ``params``: short names) holds a combination of settings that scikit-learn would refuse
     inside ``fit`` (_CONFLICTS), or one it refuses for ``classes`` classes (liblinear: two);
-    the line names the --param values involved, why, and the fix."""
+    the line names the --param values involved, why, and the fix. ``streamed``: the head is
+    fitted chunk by chunk with partial_fit (a streaming head alone, not an ensemble's member),
+    which refuses early stopping."""
     why = _CONFLICTS.get(type(final).__name__)
     found = why(final.get_params(deep=False), classes) if why is not None else None
+    if found is None and streamed and final.get_params().get("early_stopping"):
+        found = ("early_stopping",), (
+            "a streaming head is fitted chunk by chunk (partial_fit), which holds out no "
+            "validation rows; leave early_stopping out (max_iter sets the epochs)")
     if found is None:
         return
     keys, reason = found
@@ -872,7 +877,7 @@ def check_for_data(name: str, params: dict[str, Any] | None, y: Any, dim: int,
             refuse_conflicts(get(member), _pipeline(est).steps[-1][1], given.get(member, {}),
                              classes)
         return
-    refuse_conflicts(head, final, params or {}, classes)
+    refuse_conflicts(head, final, params or {}, classes, streamed=head.streaming)
 
 
 def check_searchable(name: str) -> None:
