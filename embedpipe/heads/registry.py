@@ -960,7 +960,8 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     the user, the head's defaults, its data rules or fewshot.adapt: ``prep`` (the preprocessing
     steps left on, a PREP_CHOICES name), then the classifier's parameters that the head sets
     (Head.defaults) or searches (its grids), then any other parameter that differs from the
-    head's own (``tol``...), and ``pca`` when on. For an ensemble: ``{member: its key
+    head's own (``tol``...), and ``pca`` when on; a parameter the estimator does not use
+    (_used) or leaves off (None, scikit-learn's default too: _off) is left out. For an ensemble: ``{member: its key
     parameters}``, preceded by ``pca`` when a PCA runs before the vote. What the fit summary,
     the head's manifest (``effective_params``) and the cv/compare reports show: what was
     fitted, defaults included."""
