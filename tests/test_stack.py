@@ -159,6 +159,17 @@ def test_stacking_refuses_stores_that_cannot_be_paired(pair, tmp_path: Path):
     assert not (tmp_path / "x.skops").exists()
 
 
+def test_stacking_a_copy_of_a_store_says_it_adds_nothing(pair, tmp_path: Path):
+    """A copy (another file: not refused as the same store twice) holds the same features:
+    stacking it repeated the columns without a word; now a note says so."""
+    copy = tmp_path / "copy.h5"
+    shutil.copy(pair["b"], copy)
+    res = ok("fit", pair["b"], copy, "--head", "logreg", "-o", tmp_path / "x.skops")
+    assert (f"note: {copy} holds the same features as {pair['b']}" in res.output), res.output
+    res = ok("fit", pair["a"], pair["b"], "--head", "logreg", "-o", tmp_path / "y.skops")
+    assert "holds the same features" not in res.output, res.output
+
+
 def test_commands_of_one_backbone_refuse_a_stacked_head(pair, tmp_path: Path):
     one_line_error(cli("export", pair["head"], "-o", tmp_path / "m.onnx"),
                    "stacked features of 2 stores", "fit one on one store")

@@ -471,17 +471,16 @@ def _refuse_same_file(store_paths: list[Any]) -> None:
 
 
 def _same_features(stores: list[Any], idx: list[np.ndarray]) -> list[str]:
-    """A note for each pair of (different) store files whose compared rows are the same images
-    (content hashes) with features made the same way (provenance: every identity key the
-    same): their columns can differ only by float rounding, e.g. a copy of a store."""
-    from ..provenance import diff
+    """A note for each pair of (different) store files whose compared rows (``idx``: each
+    store's) hold the same features (store.read.same_features: the same images, made the same
+    way): their columns can differ only by float rounding, e.g. a copy of a store."""
+    from ..store.read import same_features
 
     out = []
     for j in range(len(stores)):
         for i in range(j):
             a, b = stores[i], stores[j]
-            if diff(a.identity, b.identity) or any(
-                    a.hashes[p] != b.hashes[q] for p, q in zip(idx[i], idx[j])):
+            if not same_features(a, b, idx[i], idx[j]):
                 continue
             out.append(f"{_letter(i)} {a.path} and {_letter(j)} {b.path} hold features of the "
                        "same images made the same way (backbone, weights, preprocessing, "

@@ -191,6 +191,7 @@ def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
     notes = [note for s, m in zip(stores, index) for note in
              ([f"note: {len(m) - len(common)} rows of {s.path} are not in every stacked store "
                "and are left out"] if len(m) > len(common) else [])]
+    notes += _same_features_notes(stores, rows)
     dtype = np.result_type(*(s.features.dtype for s in stores), np.float32)
     features = np.concatenate([s.features[r].astype(dtype, copy=False)
                                for s, r in zip(stores, rows)], axis=1)
@@ -201,6 +202,31 @@ def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
         path=Path("+".join(str(s.path) for s in stores)), meta=meta, features=features, labels=first.labels[rows[0]],
         paths=common, hashes=[first.hashes[i] for i in rows[0]], splits=first.splits[rows[0]],
         classes=first.classes, errors=errors, runs=[], notes=notes)
+
+
+def same_features(a: FeatureStore, b: FeatureStore, rows_a: Sequence[int],
+                  rows_b: Sequence[int]) -> bool:
+    """Whether rows ``rows_a`` of store ``a`` and ``rows_b`` of ``b`` (the same paths, in the
+    same order) hold the same images (content hashes) with features made the same way (every
+    identity key: provenance.diff), e.g. in a copy of a store: features equal up to the float
+    rounding of another runtime."""
+    from ..provenance import diff
+
+    return not diff(a.identity, b.identity) and all(
+        a.hashes[p] == b.hashes[q] for p, q in zip(rows_a, rows_b))
+
+
+def _same_features_notes(stores: Sequence[FeatureStore], rows: list[np.ndarray]) -> list[str]:
+    """stack's note for each pair of stores (``rows``: each one's rows of the paths stacked)
+    with the same features (same_features): their columns repeat each other."""
+    out = []
+    for j, b in enumerate(stores):
+        for i, a in enumerate(stores[:j]):
+            if same_features(a, b, rows[i], rows[j]):
+                out.append(f"note: {b.path} holds the same features as {a.path} (the same "
+                           "images, backbone, weights, preprocessing and precision): stacking "
+                           "it repeats their columns and adds nothing; pass one of them")
+    return out
 
 
 def open_stores(paths: str | Path | Sequence[str | Path], *,
