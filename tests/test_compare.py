@@ -126,8 +126,10 @@ def test_a_value_fixed_by_param_is_not_listed_as_chosen_by_the_search(fmnist_sto
     as if the search had chosen it; a fixed value is not searched (the grid leaves it out),
     so it is shown once with the settings every fold shares, in compare and in cv."""
     half = derived_store(fmnist_store, tmp_path / "half.h5")
+    # prep=l2: knn without its lda step (0.5 s a fit at 1280-d), its grid metric x weights
+    # (a plain --param prep=... was refused by cv and compare: "none of the heads has prep")
     res = cli("compare", fmnist_store, half, "--head", "knn", "--search", "--param",
-              "n_neighbors=3", "--folds", "2", "-q")
+              "n_neighbors=3", "--param", "prep=l2", "--folds", "2", "-q")
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     (knn,) = [ln for ln in lines if ln.startswith("  knn ") and "prep=" in ln]
@@ -138,7 +140,8 @@ def test_a_value_fixed_by_param_is_not_listed_as_chosen_by_the_search(fmnist_sto
     assert all("weights=" in ln for ln in chosen), chosen  # what the search did choose
     out = tmp_path / "cv.json"
     res = cli("cv", fmnist_store, "--head", "knn", "--search", "--param", "n_neighbors=3",
-              "--param", "weights=uniform", "--folds", "2", "--json", out, "-q")
+              "--param", "weights=uniform", "--param", "prep=l2", "--folds", "2", "--json",
+              out, "-q")
     assert res.exit_code == 0, res.output
     (row,) = json.loads(out.read_text())["heads"]
     assert row["effective_params"]["n_neighbors"] == 3

@@ -162,7 +162,7 @@ def _has_param(head: str, name: str, seed: int) -> bool:
             return name in heads.ENSEMBLE_OWN or name in spec.make(seed).get_params()
         return name != "prep" and any(name in heads.param_names(heads.get(m))
                                       for m in spec.members)
-    return name == "pca" or name in spec.make(seed).get_params()
+    return name in ("pca", "prep") or name in spec.make(seed).get_params()
 
 
 def convergence_note(head: str, count: int, where: str = "", param: str = "") -> str:
