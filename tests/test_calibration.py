@@ -13,7 +13,7 @@ import pytest
 
 from clitools import ok, read_csv
 from embedpipe.datasets import load_fashion_mnist
-from embedpipe.heads import artifacts, fewshot
+from embedpipe.heads import artifacts, fewshot, train
 
 TRAIN = fewshot.HOLDOUT_ABOVE + 500
 TEST = 300
@@ -55,6 +55,9 @@ def test_fit_calibrates_on_held_out_rows(pixel_store: Path, tmp_path: Path) -> N
     h = artifacts.load(head)
     est, manifest = h.estimator, h.manifest
     assert manifest["calibration"] == words
+    # training accuracy on an even sample of the rows: predicting all can cost more than the fit
+    assert f"({train.TRAIN_ACCURACY_ROWS:,} of the rows)" in res.output
+    assert manifest["training"]["train_accuracy_rows"] == train.TRAIN_ACCURACY_ROWS
     # fitted once, on all but the held-out rows (the scaler saw them), one temperature
     assert len(est.calibrated_classifiers_) == 1
     scaler = est.calibrated_classifiers_[0].estimator.named_steps["scale"]
@@ -82,3 +85,12 @@ def test_heads_says_the_rule() -> None:
     rows = json.loads(ok("heads", "--json").output)
     svm = next(r for r in rows if r["head"] == "svm")
     assert f"above {fewshot.HOLDOUT_ABOVE:,} rows" in svm["probabilities"]
+
+
+def test_auto_measures_training_accuracy_on_a_sample(pixel_store: Path, tmp_path: Path) -> None:
+    head = tmp_path / "auto.skops"
+    res = ok("fit", pixel_store, "--head", "auto", "--budget", "1", "-o", head)
+    assert f"({train.TRAIN_ACCURACY_ROWS:,} of the rows)" in res.output
+    training = artifacts.load(head).manifest["training"]
+    assert training["train_accuracy_rows"] == train.TRAIN_ACCURACY_ROWS
+    assert training["rows"] == TRAIN and 0.7 < training["train_accuracy"] <= 1.0

@@ -518,7 +518,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     from .rows import select_rows, targets
     from .. import checks
     from . import fewshot
-    from .train import FitResult, _check_sample, _paths, _training
+    from .train import FitResult, _check_sample, _paths, _training, accuracy_rows
 
     t0 = time.perf_counter()
     unknown = sorted(set(params or {}) - {"budget"})
@@ -546,17 +546,19 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         choice = sel.choice
         est, calibration, probabilities = _refit(choice, X, y, seed, say,
                                                  calibrate_single=True)
-    train_acc = float((est.predict(X) == y).mean())
+    sub = accuracy_rows(len(y))  # predicting every row can cost more than the fit
+    train_acc = float((est.predict(X if sub is None else X[sub])
+                       == (y if sub is None else y[sub])).mean())
     effective = heads.effective_params(choice["head"], est)
     manifest = artifacts.new_manifest(
         head=choice["head"], params=choice["params"], effective_params=effective,
         class_weight=None, search=False,
         seed=seed, calibration=calibration, probabilities=probabilities,
         classes=[str(c) for c in est.classes_], store_identity=store.identity,
-        training=_training(store, rows, classes, counts, train_acc),
+        training=_training(store, rows, classes, counts, train_acc, sub),
         auto=sel.record())
     path = artifacts.save(out, est, manifest, check_rows=X[_check_sample(len(y))],
                           inputs=_paths(store_path))
     return FitResult(path, f"auto → {choice['head']}", dict(choice["params"]), len(y),
                      [str(c) for c in classes], calibration, time.perf_counter() - t0,
-                     train_acc, effective)
+                     train_acc, effective, 0 if sub is None else len(sub))
