@@ -280,6 +280,22 @@ def fmnist_features(train: int = 1000, test: int = 200, base: Path | None = None
     return data, store_path, summary
 
 
+def fmnist_split(train: int = 6000, test: int = 1000):
+    """(store path, train features (N, D) float32, train labels (N,) str, test features,
+    test labels) of ``fmnist_features(train, test)``: the store's train and test split."""
+    import numpy as np
+
+    from embedpipe.heads.rows import select_rows, targets
+    from embedpipe.store import open_store
+
+    _, path, _ = fmnist_features(train, test)
+    s = open_store(path)
+    r = select_rows(s)
+    te = r.heldout["test"]
+    return (path, np.asarray(s.features[r.train], np.float32), targets(s, r.train),
+            np.asarray(s.features[te], np.float32), targets(s, te))
+
+
 def pixels(root: Path, paths: Sequence[str]):
     """Raw pixels in [0, 1] of the stored images (784-d for Fashion-MNIST), in ``paths`` order."""
     import numpy as np

@@ -63,19 +63,11 @@ def run_one(head: str, how: str, X, y, Xte, yte) -> dict:
 
 
 def main() -> None:
-    from embedpipe.heads.rows import select_rows, targets
-    from embedpipe.store import open_store
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     head = bu.Header("Calibration on many rows: 5-fold vs one held-out sample")
-    _, path, _ = bu.fmnist_features(6000, 1000)
-    s = open_store(path)
-    r = select_rows(s)
-    te = r.heldout["test"]
-    X, y = np.asarray(s.features[r.train], np.float32), targets(s, r.train)
-    Xte, yte = np.asarray(s.features[te], np.float32), targets(s, te)
+    path, X, y, Xte, yte = bu.fmnist_split(6000, 1000)
     if args.quick:
         keep = np.sort(np.random.default_rng(0).choice(len(y), 25_000, replace=False))
         X, y = X[keep], y[keep]

@@ -30,19 +30,12 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     from embedpipe.heads import registry as heads
-    from embedpipe.heads.rows import select_rows, targets
-    from embedpipe.store import open_store
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     head = bu.Header("knn: accuracy by neighbour count and rows per class")
-    _, path, _ = bu.fmnist_features(6000, 1000)
-    s = open_store(path)
-    r = select_rows(s)
-    te = r.heldout["test"]
-    X, y = np.asarray(s.features[r.train], np.float32), targets(s, r.train)
-    Xte, yte = np.asarray(s.features[te], np.float32), targets(s, te)
+    path, X, y, Xte, yte = bu.fmnist_split(6000, 1000)
     sizes = [(50, 1), (500, 1)] if args.quick else [(50, 3), (200, 3), (500, 3), (1000, 1),
                                                      (2000, 1), (6000, 1)]
     rng = np.random.default_rng(0)
