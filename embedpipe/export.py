@@ -875,8 +875,6 @@ def sidecar_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-
-
 def check_int8_options(int8: bool, int8_mode: str | None, calib: Sequence[Any] | None,
                        calib_count: int | None) -> str:
     """The int8 mode to use (static when not given); ExportError for an option that means
@@ -913,8 +911,8 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     any failure. ``out`` or the sidecar being the head or the weights file is refused first
     (OutputError); a full or read-only disk ends in one line. ``reject`` (as `predict
     --reject`) adds the output ``unknown`` and label -1 for it. ``say``: progress lines;
-    ``notice``: the backbone's notes (which entry of a finetune checkpoint), default ``say``. ``int8_mode``: static (the
-    default with ``int8``) or dynamic; ``calib`` (calibration_paths) and ``calib_count``
+    ``notice``: the backbone's notes (which entry of a finetune checkpoint), default ``say``.
+    ``int8_mode``: static (the default with ``int8``) or dynamic; ``calib`` (calibration_paths) and ``calib_count``
     (default 64) only with static int8 (check_int8_options).
 
     Everything that can be refused from the arguments and the head file (options, the head's
@@ -963,9 +961,10 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
         for note in notes:
             say(f"note: {note}")
     bb = _backbone(head, opts)
-    for note in bb.notes:  # e.g. which entry of a finetune checkpoint it used
-        if notice or say:
-            (notice or say)(note)
+    tell = notice or say
+    if tell:
+        for note in bb.notes:  # e.g. which entry of a finetune checkpoint it used
+            tell(note)
     bg = backbone_graph(bb, opset)
     hg.ir_version = bg.ir_version
     for imp in bg.opset_import:

@@ -61,19 +61,25 @@ def _check_search(names: list[str], y: np.ndarray, splits: list[Any], where: str
                                 "needs 2 per class; add images of it or drop --search")
 
 
-def _check_chunk_rows(names: list[str], chunk_rows: int | None) -> int:
-    """``--chunk-rows`` checked (stream.check_chunk_rows; the default when None), and refused
-    when none of the heads ``names`` is a streaming head, the only ones that read the store in
-    chunks (the others load the rows into memory): HeadError naming the fix."""
+def _check_heads(names: list[str], search: bool, chunk_rows: int | None) -> int:
+    """cv's and compare's checks of the heads ``names`` before the store is read: each is
+    known (registry.get), has a grid of its own with ``search`` (auto and ensembles have
+    none: registry.check_searchable), and ``--chunk-rows`` is checked
+    (stream.check_chunk_rows) and refused when none of them is a streaming head, the only ones
+    that read the store in chunks (the others load the rows into memory). Returns the chunk
+    rows (the default when None); HeadError naming the fix."""
     from ..heads import stream
 
+    for h in names:
+        heads.get(h)
+        if search:
+            heads.check_searchable(h)
     if chunk_rows is None:
         return stream.DEFAULT_CHUNK_ROWS
     stream.check_chunk_rows(chunk_rows)
     if not any(heads.get(h).streaming for h in names):
-        streaming = " or ".join(h.name for h in heads.HEADS.values() if h.streaming)
         raise heads.HeadError(f"--chunk-rows {chunk_rows}: only the streaming heads "
-                              f"({streaming}) read the store in chunks, and none is evaluated "
+                              f"({heads.streaming_names()}) read the store in chunks, and none is evaluated "
                               f"({', '.join(names)} load{'s' if len(names) == 1 else ''} "
                               "the rows into memory); leave "
                               "--chunk-rows out, or add --head sgd")
@@ -248,11 +254,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
     say = printer(progress)
     _check_options(folds, repeats, metric, jobs, top_errors)
     names = list(dict.fromkeys(head_names or DEFAULT_CV_HEADS))
-    for h in names:
-        heads.get(h)
-        if search:  # auto and ensembles have no grid: refused before the store is read
-            heads.check_searchable(h)
-    chunk_rows = _check_chunk_rows(names, chunk_rows)
+    chunk_rows = _check_heads(names, search, chunk_rows)
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)
     streamed = {h for h in names if heads.get(h).streaming}
@@ -472,21 +474,14 @@ def _refuse_same_file(store_paths: list[Any]) -> None:
 
 def _same_features(stores: list[Any], idx: list[np.ndarray]) -> list[str]:
     """A note for each pair of (different) store files whose compared rows (``idx``: each
-    store's) hold the same features (store.read.same_features: the same images, made the same
-    way): their columns can differ only by float rounding, e.g. a copy of a store."""
-    from ..store.read import same_features
+    store's) hold the same features (store.read.same_feature_pairs: the same images, made the
+    same way): their columns can differ only by float rounding, e.g. a copy of a store."""
+    from ..store.read import same_feature_pairs
 
-    out = []
-    for j in range(len(stores)):
-        for i in range(j):
-            a, b = stores[i], stores[j]
-            if not same_features(a, b, idx[i], idx[j]):
-                continue
-            out.append(f"{_letter(i)} {a.path} and {_letter(j)} {b.path} hold features of the "
-                       "same images made the same way (backbone, weights, preprocessing, "
-                       "precision): they score alike up to float rounding; compare stores that "
-                       "differ in one of these")
-    return out
+    return [f"{_letter(i)} {stores[i].path} and {_letter(j)} {stores[j].path} hold features of "
+            "the same images made the same way (backbone, weights, preprocessing, precision): "
+            "they score alike up to float rounding; compare stores that differ in one of these"
+            for i, j in same_feature_pairs(stores, idx)]
 
 
 def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
@@ -510,11 +505,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
         raise EvaluateError("compare needs at least two stores; pass STORE_A STORE_B [...]")
     _check_options(folds, repeats, metric, jobs, 0)
     names = list(dict.fromkeys(head_names or DEFAULT_COMPARE_HEADS))
-    for h in names:
-        heads.get(h)
-        if search:  # as cv
-            heads.check_searchable(h)
-    chunk_rows = _check_chunk_rows(names, chunk_rows)
+    chunk_rows = _check_heads(names, search, chunk_rows)
     _refuse_same_file(store_paths)
     per_params = resolve_params(names, params, seed=seed)
     cw = _class_weights(names, class_weight, warn)

@@ -15,8 +15,8 @@ How it chooses (``select``):
 3. Budget: before a candidate starts, if the seconds spent plus its expected cost (what the last
    candidate of the same head took, else the mean so far) exceed ``budget``, it and the rest are
    skipped and a note says so; the same before each of its folds (expected: its last fold), so
-   a candidate is dropped rather than finished past the budget. The first candidate always runs, so a tiny budget still yields a
-   valid head.
+   a candidate is dropped rather than finished past the budget. The first candidate always
+   runs, so a tiny budget still yields a valid head.
 4. Ensembles. Up to 5,000 rows: the soft vote (mean temperature-scaled probabilities) of the
    best configuration of each of the VOTE_HEADS (4) heads with the best CV scores, scored on
    the same folds. Above: soft voting over the best configuration of each head, members added
@@ -547,8 +547,8 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         est, calibration, probabilities = _refit(choice, X, y, seed, say,
                                                  calibrate_single=True)
     sub = accuracy_rows(len(y))  # predicting every row can cost more than the fit
-    train_acc = float((est.predict(X if sub is None else X[sub])
-                       == (y if sub is None else y[sub])).mean())
+    pick = slice(None) if sub is None else sub
+    train_acc = float((est.predict(X[pick]) == y[pick]).mean())
     effective = heads.effective_params(choice["head"], est)
     manifest = artifacts.new_manifest(
         head=choice["head"], params=choice["params"], effective_params=effective,

@@ -396,6 +396,12 @@ def data_of(y: Any, dim: int) -> tuple[int, int]:
     return (int(counts.min()) if len(counts) else 0, int(dim))
 
 
+def streaming_names() -> str:
+    """The streaming heads (they read the store in chunks), as a refusal names them: 'sgd or
+    logreg-sgd'."""
+    return " or ".join(h.name for h in HEADS.values() if h.streaming)
+
+
 def get(name: str) -> Head:
     """A registered head, ``auto``, or the soft-voting ensemble ``a+b+…`` of registered heads."""
     if name == AUTO.name:
@@ -841,16 +847,16 @@ def refuse_conflicts(head: Head, final: Any, params: dict[str, Any],
     the line names the --param values involved, why, and the fix. ``streamed``: the head is
     fitted chunk by chunk with partial_fit (a streaming head alone, not an ensemble's member),
     which refuses early stopping."""
+    got = final.get_params(deep=False)
     why = _CONFLICTS.get(type(final).__name__)
-    found = why(final.get_params(deep=False), classes) if why is not None else None
-    if found is None and streamed and final.get_params().get("early_stopping"):
+    found = why(got, classes) if why is not None else None
+    if found is None and streamed and got.get("early_stopping"):
         found = ("early_stopping",), (
             "a streaming head is fitted chunk by chunk (partial_fit), which holds out no "
             "validation rows; leave early_stopping out (max_iter sets the epochs)")
     if found is None:
         return
     keys, reason = found
-    got = final.get_params(deep=False)
     named = [f"{k}={_text(params.get(k, got.get(k)))}" for k in keys if k in params] or \
         [f"{k}={_text(got.get(k))}" for k in keys[:1]]
     raise HeadError(f"--param {' '.join(named)}: {head.name}: {reason}")
@@ -866,18 +872,26 @@ def check_for_data(name: str, params: dict[str, Any] | None, y: Any, dim: int,
 
     if name == AUTO.name:
         return
-    head = get(name)
     classes = len(np.unique(np.asarray(y)))
+    for head, final, given, member in _finals(name, params or {}, y, dim, seed):
+        refuse_conflicts(head, final, given, classes, streamed=head.streaming and not member)
+
+
+def _finals(name: str, params: dict[str, Any], y: Any, dim: int,
+            seed: int) -> list[tuple[Head, Any, dict[str, Any], bool]]:
+    """The final estimators of head ``name`` as fit builds it on labels ``y`` (N) of ``dim``
+    features (its data defaults applied), each as (its head, the unfitted estimator, the
+    parameters given to it from ``params``, whether it is an ensemble's member): one for a
+    head, one per member for an ensemble (member_params splits ``params``)."""
     pipe = build(name, with_data_defaults(name, params, y, dim), seed=seed,
                  data=data_of(y, dim))
     final = pipe.steps[-1][1]
-    if head.members:
-        given = member_params(head, params or {})[1]
-        for member, est in final.estimators:
-            refuse_conflicts(get(member), _pipeline(est).steps[-1][1], given.get(member, {}),
-                             classes)
-        return
-    refuse_conflicts(head, final, params or {}, classes, streamed=head.streaming)
+    head = get(name)
+    if not head.members:
+        return [(head, final, params, False)]
+    given = member_params(head, params)[1]
+    return [(get(member), _pipeline(est).steps[-1][1], given.get(member, {}), True)
+            for member, est in final.estimators]
 
 
 def check_searchable(name: str) -> None:
@@ -961,8 +975,8 @@ def effective_params(name: str, estimator: Any) -> dict[str, Any]:
     steps left on, a PREP_CHOICES name), then the classifier's parameters that the head sets
     (Head.defaults) or searches (its grids), then any other parameter that differs from the
     head's own (``tol``...), and ``pca`` when on; a parameter the estimator does not use
-    (_used) or leaves off (None, scikit-learn's default too: _off) is left out. For an ensemble: ``{member: its key
-    parameters}``, preceded by ``pca`` when a PCA runs before the vote. What the fit summary,
+    (_used) or leaves off (None, scikit-learn's default too: _off) is left out. For an
+    ensemble: ``{member: its key parameters}``, preceded by ``pca`` when a PCA runs before the vote. What the fit summary,
     the head's manifest (``effective_params``) and the cv/compare reports show: what was
     fitted, defaults included."""
     pipe = _pipeline(estimator)
@@ -1057,16 +1071,9 @@ def unused_notes(name: str, params: dict[str, Any] | None, y: Any, dim: int,
     [] for auto."""
     if not params or name == AUTO.name:
         return []
-    head = get(name)
-    pipe = build(name, with_data_defaults(name, params, y, dim), seed=seed,
-                 data=data_of(y, dim))
-    final = pipe.steps[-1][1]
-    if head.members:
-        given = member_params(head, params)[1]
-        return [n for member, est in final.estimators
-                for n in _unused(_pipeline(est).steps[-1][1], given.get(member, {}),
-                                 f"{member}{MEMBER_SEP}")]
-    return _unused(final, params, f"{name}{MEMBER_SEP}" if qualified else "")
+    return [n for head, final, given, member in _finals(name, params, y, dim, seed)
+            for n in _unused(final, given, f"{head.name}{MEMBER_SEP}"
+                             if member or qualified else "")]
 
 
 def _unused(final: Any, given: dict[str, Any], prefix: str) -> list[str]:
@@ -1121,11 +1128,14 @@ def _plain(value: Any) -> bool:
 def _calibration_words(h: Head) -> str:
     """How `fit` calibrates head ``h`` (one without native probabilities), for `heads`."""
     from . import fewshot
+    from .train import CALIBRATION_FOLDS, CALIBRATION_FRACTION
 
     if h.streaming:
-        return "calibrated (temperature scaling on about 10% of the rows, held out)"
-    return (f"calibrated (temperature scaling on k-fold CV; above {fewshot.HOLDOUT_ABOVE:,} "
-            f"rows on {fewshot.HOLDOUT_ROWS:,} held-out rows, one fit instead of k+1)")
+        return (f"calibrated (temperature scaling on about {CALIBRATION_FRACTION:.0%} of the "
+                "rows, held out)")
+    return (f"calibrated (temperature scaling on {CALIBRATION_FOLDS}-fold CV; above "
+            f"{fewshot.HOLDOUT_ABOVE:,} rows on {fewshot.HOLDOUT_ROWS:,} held-out rows, one fit "
+            f"instead of {CALIBRATION_FOLDS + 1})")
 
 
 def describe() -> list[dict[str, Any]]:

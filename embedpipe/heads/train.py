@@ -277,9 +277,8 @@ def _refuse_moot(head: str, search: bool, jobs: int | None, chunk_rows: int | No
                                   "one fit at a time (each reads the store in chunks); leave "
                                   "--jobs out")
     if chunk_rows is not None and not spec.streaming:
-        streaming = " or ".join(h.name for h in heads.HEADS.values() if h.streaming)
         raise heads.HeadError(f"--chunk-rows {chunk_rows}: only the streaming heads "
-                              f"({streaming}) read the store in chunks; --head {head} loads "
+                              f"({heads.streaming_names()}) read the store in chunks; --head {head} loads "
                               "its training rows into memory: leave --chunk-rows out, or pass "
                               "a streaming head")
 

@@ -216,17 +216,21 @@ def same_features(a: FeatureStore, b: FeatureStore, rows_a: Sequence[int],
         a.hashes[p] == b.hashes[q] for p, q in zip(rows_a, rows_b))
 
 
+def same_feature_pairs(stores: Sequence[FeatureStore],
+                       rows: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, of ``stores`` whose rows ``rows[i]`` and ``rows[j]`` (the same
+    paths, in the same order) hold the same features (same_features)."""
+    return [(i, j) for j in range(len(stores)) for i in range(j)
+            if same_features(stores[i], stores[j], rows[i], rows[j])]
+
+
 def _same_features_notes(stores: Sequence[FeatureStore], rows: list[np.ndarray]) -> list[str]:
     """stack's note for each pair of stores (``rows``: each one's rows of the paths stacked)
-    with the same features (same_features): their columns repeat each other."""
-    out = []
-    for j, b in enumerate(stores):
-        for i, a in enumerate(stores[:j]):
-            if same_features(a, b, rows[i], rows[j]):
-                out.append(f"note: {b.path} holds the same features as {a.path} (the same "
-                           "images, backbone, weights, preprocessing and precision): stacking "
-                           "it repeats their columns and adds nothing; pass one of them")
-    return out
+    with the same features (same_feature_pairs): their columns repeat each other."""
+    return [f"note: {stores[j].path} holds the same features as {stores[i].path} (the same "
+            "images, backbone, weights, preprocessing and precision): stacking it repeats "
+            "their columns and adds nothing; pass one of them"
+            for i, j in same_feature_pairs(stores, rows)]
 
 
 def open_stores(paths: str | Path | Sequence[str | Path], *,
