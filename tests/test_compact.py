@@ -17,8 +17,10 @@ from embedpipe import heads
 from embedpipe.heads import artifacts, compact
 from embedpipe.store import open_store
 
-COMPACT = ["logreg", "mlp", "ridge", "linear-svm", "logreg-sgd", "sgd"]
-NOT_COMPACT = ["svm", "knn", "centroid", "logreg+knn"]
+COMPACT = ["logreg", "mlp", "ridge", "linear-svm", "logreg-sgd", "sgd", "svm", "knn",
+           "centroid", "svm+knn", "logreg+mlp+centroid+ridge", "auto"]
+NOT_COMPACT = ["knn-minkowski-p1"]  # manhattan distance: scikit-learn's own path
+SVM_KERNELS = ["poly", "sigmoid", "linear"]  # rbf is svm's default
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,18 @@ def fitted(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     """Head files fitted by `embedpipe fit` on the real Lite0 store, by head name."""
     d = tmp_path_factory.mktemp("compact")
     out = {name: d / f"{name}.skops" for name in COMPACT + NOT_COMPACT + ["logreg-pca"]}
-    for name in COMPACT + NOT_COMPACT:
+    for name in COMPACT:
         ok("fit", fmnist_store, "--head", name, "-o", out[name], "-q")
+    ok("fit", fmnist_store, "--head", "knn", "--param", "metric=minkowski", "--param", "p=1",
+       "-o", out["knn-minkowski-p1"], "-q")
+    # knn's rule for fewer than 5 rows per class: cosine distance on the rows as they are
+    out["knn-cosine"] = d / "knn-cosine.skops"
+    ok("fit", fmnist_store, "--head", "knn", "--param", "prep=none", "--param", "metric=cosine",
+       "--param", "n_neighbors=5", "--param", "weights=uniform", "-o", out["knn-cosine"], "-q")
+    for kernel in SVM_KERNELS:
+        out[f"svm-{kernel}"] = d / f"svm-{kernel}.skops"
+        ok("fit", fmnist_store, "--head", "svm", "--param", f"kernel={kernel}", "-o",
+           out[f"svm-{kernel}"], "-q")
     ok("fit", fmnist_store, "--head", "logreg", "--param", "pca=16", "-o", out["logreg-pca"],
        "-q")
     return out
@@ -42,7 +54,8 @@ def _predict(head: Path, store: Path, out: Path) -> list[dict[str, str]]:
     return read_csv(out)
 
 
-@pytest.mark.parametrize("name", COMPACT + ["logreg-pca"])
+@pytest.mark.parametrize("name", COMPACT + ["logreg-pca", "knn-cosine"]
+                         + [f"svm-{k}" for k in SVM_KERNELS])
 def test_compact_head_predicts_like_scikit_learn(name: str, fitted: dict[str, Path],
                                                  fmnist_store: Path, tmp_path: Path):
     head = fitted[name]
@@ -70,15 +83,16 @@ def test_other_heads_have_no_compact_form_and_predict_through_scikit_learn(
            list(est.predict(open_store(fmnist_store).features))
 
 
+@pytest.mark.parametrize("name", ["logreg", "svm", "auto"])
 def test_predict_store_with_a_compact_head_imports_neither_sklearn_nor_torch(
-        fitted: dict[str, Path], fmnist_store: Path, tmp_path: Path):
+        name: str, fitted: dict[str, Path], fmnist_store: Path, tmp_path: Path):
     code = ("import sys\nfrom embedpipe.cli import app\n"
             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
             "{'sklearn', 'scipy', 'skops', 'torch', 'pandas', 'timm'})\n"
             "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\nsys.exit(code)\n")
     out = tmp_path / "p.csv"
-    proc = subprocess.run([sys.executable, "-c", code, "predict", str(fitted["logreg"]),
+    proc = subprocess.run([sys.executable, "-c", code, "predict", str(fitted[name]),
                            "--store", str(fmnist_store), "-o", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -121,7 +135,23 @@ def test_a_compact_form_this_version_cannot_read_falls_back_to_scikit_learn(
         assert _predict(bad, fmnist_store, tmp_path / "got.csv") == want
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "ridge", "logreg-sgd", "sgd"])
+def test_an_svm_head_stores_its_support_vectors_once(fitted: dict[str, Path], tmp_path: Path):
+    """The compact form of an SVC reads the support vectors the skops pipeline already holds
+    (the same .npy bytes) instead of a second copy: the head file grows by its small arrays
+    only (at 60k rows the support vectors alone are 184 MB)."""
+    head = fitted["svm"]
+    spec = json.loads(zipfile.ZipFile(head).read(compact.SPEC_MEMBER))
+    sv = artifacts.load(head).estimator.calibrated_classifiers_[0].estimator[-1] \
+        .support_vectors_
+    assert sv.nbytes >= 1 << 16
+    shared = spec["members"]
+    assert len(shared) == 1 and not next(iter(shared.values())).startswith(compact.MEMBER_DIR)
+    plain = compact.strip(head, tmp_path / "plain.skops")
+    assert head.stat().st_size - plain.stat().st_size < sv.nbytes / 4
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "ridge", "logreg-sgd", "sgd", "svm", "knn",
+                                  "centroid"])
 def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
     """Two classes: scikit-learn's one-column decision functions and probabilities."""
     from embedpipe.heads.source import Labeled

@@ -232,11 +232,25 @@ def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) ->
     if not compact.agrees(estimator, compact.load(spec, arrays), np.asarray(rows)):
         return False
     with zipfile.ZipFile(path, "a") as z:
-        z.writestr(compact.SPEC_MEMBER, json.dumps(spec))
+        sizes: dict[int, list[str]] = {}  # the pipeline's own arrays, by size
+        for info in z.infolist():
+            if info.filename.endswith(".npy"):
+                sizes.setdefault(info.file_size, []).append(info.filename)
+        members, data = {}, {}
         for name, arr in arrays.items():
             buf = io.BytesIO()
             np.save(buf, arr, allow_pickle=False)
-            z.writestr(f"{compact.ARRAY_PREFIX}{name}.npy", buf.getvalue())
+            data[name] = buf.getvalue()
+            same = next((m for m in sizes.get(len(data[name]), ()) if z.read(m) == data[name]),
+                        None)
+            if same is not None and len(data[name]) >= 1 << 16:  # large ones: stored once
+                members[name] = same
+        if members:
+            spec = {**spec, "members": members}
+        z.writestr(compact.SPEC_MEMBER, json.dumps(spec))
+        for name, blob in data.items():
+            if name not in members:
+                z.writestr(f"{compact.ARRAY_PREFIX}{name}.npy", blob)
     return True
 
 
@@ -417,9 +431,8 @@ def load_compact(path: str | Path) -> HeadFile | None:
                 raise _disagree(path, "the manifest of its compact form differs from the "
                                       f"pipeline's in {', '.join(diff[:4])}")
             spec = json.loads(z.read(compact.SPEC_MEMBER))
-            wanted = {op[k] for op in spec["ops"] for k in ("a", "w") if k in op}
-            arrays = {n: np.load(io.BytesIO(z.read(f"{compact.ARRAY_PREFIX}{n}.npy")),
-                                 allow_pickle=False) for n in wanted}
+            arrays = {n: np.load(io.BytesIO(z.read(compact.array_member(spec, n))),
+                                 allow_pickle=False) for n in compact.array_names(spec)}
             fast = compact.load(spec, arrays)
             _check_probe(path, z, head, fast, "compact form")
         return HeadFile(Path(path), fast, head["manifest"])

@@ -9,14 +9,26 @@ chain into the head file (`artifacts.save`): JSON naming the operations and plai
 arrays, read back with ``allow_pickle=False``. Nothing in it can run code.
 
 Covered (``export`` returns None for anything else, which then goes through scikit-learn):
-  * steps: ``Normalizer`` (l2), ``StandardScaler``, ``PCA``, ``"passthrough"``;
+  * steps: ``Normalizer`` (l2), ``StandardScaler``, ``PCA``, ``LinearDiscriminantAnalysis``
+    (eigen or svd solver: its transform, in float64 as scikit-learn computes it),
+    ``"passthrough"``;
   * final estimators: ``LogisticRegression``, ``SGDClassifier``, ``RidgeClassifier``,
-    ``LinearSVC`` (linear decision functions) and ``MLPClassifier``;
-  * probabilities: native (softmax, logistic, one-vs-rest logistic) or temperature scaling
-    (``CalibratedClassifierCV(method="temperature")`` with one calibrated copy: ``ensemble=False``
-    on k folds, or one held-out split on many rows, how `fit` calibrates heads without native
-    probabilities).
-SVC, kNN, nearest centroid and ensembles have no compact form.
+    ``LinearSVC`` (linear decision functions), ``MLPClassifier``; ``SVC`` (any of libsvm's
+    kernels: its support vectors, dual coefficients and intercepts, one-vs-one decision values
+    turned one-vs-rest as scikit-learn does; its kernel rows come from one matrix product per
+    block of rows, where libsvm takes one dot product per pair: about 10x less CPU time for the
+    same values, bench/results/svm_predict.md); ``NearestCentroid`` (euclidean: its
+    discriminant scores); ``KNeighborsClassifier`` (brute force, euclidean or cosine distance,
+    uniform or distance weights: its predict_proba; the training rows it keeps are in the
+    file anyway);
+  * probabilities: native (softmax, logistic, one-vs-rest logistic, kNN's neighbour shares)
+    or temperature scaling (``CalibratedClassifierCV(method="temperature")`` with one
+    calibrated copy: ``ensemble=False`` on k folds, or one held-out split on many rows, how
+    `fit` calibrates heads without native probabilities);
+  * soft-voting ensembles (``VotingClassifier(voting="soft")``, weighted or not) whose members
+    are all covered: what `fit --head auto` and `--head a+b` write.
+Arrays the skops pipeline already holds byte for byte (an SVC's support vectors, a kNN's
+training rows) are referenced, not written twice (``spec["members"]``, see array_member).
 
 ``artifacts.save`` writes the compact form only after checking it against the estimator on
 the training rows it was given (same classes, probabilities within 1e-5), so a change in how
@@ -126,6 +138,14 @@ def _step(b: _Builder, step: Any) -> None:
         b.op("sub", a=b.array(np.reshape(step.mean_, (1, -1)) @ step.components_.T))  # sklearn
         if step.whiten:
             b.op("div", a=b.array(np.sqrt(step.explained_variance_)))
+    elif kind == "LinearDiscriminantAnalysis":  # its transform, as scikit-learn computes it
+        w = np.asarray(step.scalings_, np.float64)[:, :step._max_components]
+        if step.solver == "svd":
+            b.op("project", w=b.array(w), c=b.array(np.asarray(step.xbar_, np.float64)))
+        elif step.solver == "eigen":
+            b.op("project", w=b.array(w))
+        else:
+            raise _Unsupported(f"LinearDiscriminantAnalysis(solver={step.solver!r})")
     else:
         raise _Unsupported(kind)
 
@@ -150,7 +170,49 @@ def _decision(b: _Builder, est: Any) -> None:
                     raise _Unsupported(f"MLP activation {est.activation}")
                 b.op("act", f=est.activation)
         return
+    if kind == "SVC":
+        _svc(b, est)
+        return
+    if kind == "KNeighborsClassifier":
+        metric = "euclidean" if (est.effective_metric_ == "euclidean" or (
+            est.effective_metric_ == "minkowski" and est.effective_metric_params_.get("p") == 2)) \
+            else est.effective_metric_
+        if metric not in ("euclidean", "cosine") or est.weights not in ("uniform", "distance") \
+                or est.outputs_2d_:
+            raise _Unsupported(f"KNeighborsClassifier(metric={metric!r}, "
+                               f"weights={est.weights!r})")
+        b.op("knn", x=b.array(est._fit_X), y=b.array(np.asarray(est._y, np.int64)),
+             k=int(est.n_neighbors), weights=est.weights, metric=metric)
+        return
+    if kind == "NearestCentroid":  # its discriminant scores (ESL eq. 18.2, as scikit-learn)
+        if est.metric != "euclidean":
+            raise _Unsupported(f"NearestCentroid(metric={est.metric!r})")
+        std = np.asarray(est.within_class_std_dev_, np.float64)
+        scale = np.where(std != 0, std, 1.0)
+        b.op("centroid", c=b.array(np.asarray(est.centroids_, np.float64) / scale),
+             w=b.array(scale), a=b.array(2.0 * np.log(np.asarray(est.class_prior_, np.float64))))
+        return
     raise _Unsupported(kind)
+
+
+_KERNELS = ("linear", "poly", "rbf", "sigmoid")
+_OUTPUTS = {"MLPClassifier": "mlp", "SVC": "svc", "NearestCentroid": "centroid",
+            "KNeighborsClassifier": "knn"}
+_OUTPUT_KINDS = ("linear", "mlp", "svc", "centroid", "knn", "vote")
+
+
+def _svc(b: _Builder, est: Any) -> None:
+    """The "svc" operation: scikit-learn's ``SVC.decision_function`` from the fitted support
+    vectors (libsvm's model, as scikit-learn exposes it)."""
+    if est.kernel not in _KERNELS or (len(est.classes_) > 2
+                                      and est.decision_function_shape != "ovr"):
+        raise _Unsupported(f"SVC(kernel={est.kernel!r}, "
+                           f"decision_function_shape={est.decision_function_shape!r})")
+    b.op("svc", kernel=est.kernel, gamma=float(est._gamma), coef0=float(est.coef0),
+         degree=int(est.degree), sv=b.array(np.asarray(est.support_vectors_, np.float64)),
+         coef=b.array(np.asarray(est.dual_coef_, np.float64)),
+         b=b.array(np.asarray(est.intercept_, np.float64)),
+         nsv=b.array(np.asarray(est.n_support_, np.int64)))
 
 
 def _pipeline(b: _Builder, est: Any) -> Any:
@@ -170,25 +232,55 @@ def export(estimator: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]] | Non
     try:
         out: dict[str, Any] = {"version": VERSION,
                                "classes": [_plain(c) for c in estimator.classes_]}
-        if _type(estimator) == "CalibratedClassifierCV":
-            cals = estimator.calibrated_classifiers_
-            if estimator.method != "temperature" or len(cals) != 1:
-                return None
-            final = _pipeline(b, cals[0].estimator)
-            if _type(final) == "MLPClassifier":
-                return None  # scikit-learn would calibrate predict_proba's output instead
-            _decision(b, final)
-            out["proba"] = "temperature"
-            out["beta"] = float(np.asarray(cals[0].calibrators[0].beta_))
+        final = _pipeline(b, estimator) if _type(estimator) == "Pipeline" else None
+        if _type(final) == "VotingClassifier":
+            out.update(_vote(b, final))
         else:
-            final = _pipeline(b, estimator)
-            _decision(b, final)
-            out["proba"] = _native_proba(final)
-        out["output"] = "mlp" if _type(final) == "MLPClassifier" else "linear"
-    except (_Unsupported, AttributeError, IndexError):
+            b.ops = []
+            out.update(_single(b, estimator))
+    except (_Unsupported, AttributeError, IndexError, TypeError):
         return None
-    out["ops"] = b.ops
     return out, b.arrays
+
+
+def _single(b: _Builder, estimator: Any) -> dict[str, Any]:
+    """The spec (ops, output, proba, beta) of one head: a pipeline or a temperature-scaled
+    one (CalibratedClassifierCV with one calibrated copy)."""
+    out: dict[str, Any] = {}
+    if _type(estimator) == "CalibratedClassifierCV":
+        cals = estimator.calibrated_classifiers_
+        if estimator.method != "temperature" or len(cals) != 1:
+            raise _Unsupported(f"calibration {estimator.method} x{len(cals)}")
+        final = _pipeline(b, cals[0].estimator)
+        if _type(final) == "MLPClassifier":  # scikit-learn calibrates predict_proba's output
+            raise _Unsupported("calibrated MLP")
+        _decision(b, final)
+        out["proba"] = "temperature"
+        out["beta"] = float(np.asarray(cals[0].calibrators[0].beta_))
+    else:
+        final = _pipeline(b, estimator)
+        _decision(b, final)
+        out["proba"] = _native_proba(final)
+    out["output"] = _OUTPUTS.get(_type(final), "linear")
+    out["ops"] = b.ops
+    return out
+
+
+def _vote(b: _Builder, vote: Any) -> dict[str, Any]:
+    """The spec of a soft-voting ensemble (the steps before it are in ``b.ops``): each
+    member's spec, and the weighted mean of their probabilities (VotingClassifier's
+    predict_proba); every member must have probabilities."""
+    if vote.voting != "soft":
+        raise _Unsupported(f"voting={vote.voting!r}")
+    outer, members = b.ops, []
+    for est in vote.estimators_:
+        b.ops = []
+        members.append(_single(b, est))
+        if members[-1]["proba"] is None:
+            raise _Unsupported("a member without probabilities")
+    weights = None if vote.weights is None else [float(w) for w in vote.weights]
+    return {"ops": outer, "proba": "vote", "output": "vote",
+            "vote": {"weights": weights, "members": members}}
 
 
 def _native_proba(final: Any) -> str | None:
@@ -198,6 +290,10 @@ def _native_proba(final: Any) -> str | None:
     kind = _type(final)
     if kind in ("LogisticRegression", "MLPClassifier"):
         return "softmax"
+    if kind == "NearestCentroid":
+        raise _Unsupported("NearestCentroid's own probabilities")  # fit calibrates it
+    if kind == "KNeighborsClassifier":
+        return "given"  # the raw output is its predict_proba
     if kind == "SGDClassifier" and final.loss == "log_loss":
         return "ovr-logistic"
     return None
@@ -220,6 +316,121 @@ def _logistic(x: np.ndarray) -> np.ndarray:
 
 _ACTIVATIONS = {"relu": _relu, "tanh": np.tanh, "logistic": _logistic, "identity": lambda x: x}
 
+# The most kernel entries (rows x support vectors, float64) computed at once: 64 MB.
+SVC_BLOCK = 8_000_000
+
+
+def _kernel(x: np.ndarray, sv: np.ndarray, sv_sq: np.ndarray, op: dict[str, Any]) -> np.ndarray:
+    """libsvm's kernel between the rows ``x`` and the support vectors ``sv`` (float64)."""
+    dot = x @ sv.T
+    kind, gamma = op["kernel"], op["gamma"]
+    if kind == "linear":
+        return dot
+    if kind == "rbf":  # ||x - sv||^2 from the product: within 1e-12 of libsvm's own sums
+        d2 = np.einsum("ij,ij->i", x, x)[:, None] + sv_sq[None, :] - 2.0 * dot
+        return np.exp(-gamma * np.maximum(d2, 0.0, out=d2), out=d2)
+    z = gamma * dot + op["coef0"]
+    return z ** op["degree"] if kind == "poly" else np.tanh(z)
+
+
+def _ovo(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """libsvm's one-vs-one decision values, shape (rows, k(k-1)/2), float64: column p is the
+    pair (i, j), i < j, in scikit-learn's order, positive when class i wins; for two classes
+    scikit-learn's one column (positive when ``classes_[1]`` wins)."""
+    sv, coef, b = arrays[op["sv"]], arrays[op["coef"]], arrays[op["b"]]
+    start = np.concatenate([[0], np.cumsum(arrays[op["nsv"]])])
+    k = len(start) - 1
+    sv_sq = np.einsum("ij,ij->i", sv, sv)
+    x = np.asarray(x, dtype=np.float64)  # as scikit-learn's SVC: float64 whatever came in
+    out = np.empty((len(x), len(b)))
+    step = max(1, SVC_BLOCK // max(len(sv), 1))
+    for lo in range(0, len(x), step):
+        kern = _kernel(x[lo:lo + step], sv, sv_sq, op)
+        if k == 2:  # scikit-learn's binary sign: positive for classes_[1]
+            out[lo:lo + step, 0] = kern @ coef[0] + b[0]
+            continue
+        p = 0
+        for i in range(k):
+            for j in range(i + 1, k):
+                si, sj = slice(start[i], start[i + 1]), slice(start[j], start[j + 1])
+                out[lo:lo + step, p] = kern[:, si] @ coef[j - 1, si] + \
+                    kern[:, sj] @ coef[i, sj] + b[p]
+                p += 1
+    return out
+
+
+def _centroid_scores(x: np.ndarray, centroids: np.ndarray, scale: np.ndarray,
+                     bias: np.ndarray) -> np.ndarray:
+    """NearestCentroid's discriminant scores, float64: minus the squared euclidean distance
+    to each class mean, both divided by the within-class standard deviation, plus twice the
+    log prior; for two classes scikit-learn's one column (class 1 minus class 0)."""
+    x = np.asarray(x, np.float64) / scale
+    d2 = np.einsum("ij,ij->i", x, x)[:, None] + np.einsum("ij,ij->i", centroids, centroids)[
+        None, :] - 2.0 * (x @ centroids.T)
+    scores = bias[None, :] - np.maximum(d2, 0.0)
+    return scores[:, 1:] - scores[:, :1] if scores.shape[1] == 2 else scores
+
+
+def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
+               n_classes: int) -> np.ndarray:
+    """KNeighborsClassifier.predict_proba by brute force, float64: the ``k`` nearest training
+    rows (euclidean or cosine distance; ties in distance to the lower row index), each voting
+    for its class with weight 1 (uniform) or 1/distance (a row at distance 0 takes all the
+    weight, with any others at 0), normalised per row."""
+    fit_x, fit_y, k = arrays[op["x"]].astype(np.float64), arrays[op["y"]], int(op["k"])
+    x = np.asarray(x, np.float64)
+    if op["metric"] == "cosine":
+        def unit(a: np.ndarray) -> np.ndarray:
+            n = np.sqrt(np.einsum("ij,ij->i", a, a))
+            return a / np.where(n == 0, 1.0, n)[:, None]
+        x, fit_x = unit(x), unit(fit_x)
+    else:
+        fit_sq = np.einsum("ij,ij->i", fit_x, fit_x)
+    out = np.zeros((len(x), n_classes))
+    step = max(1, SVC_BLOCK // max(len(fit_x), 1))
+    for lo in range(0, len(x), step):
+        q = x[lo:lo + step]
+        if op["metric"] == "cosine":
+            d = np.clip(1.0 - q @ fit_x.T, 0.0, 2.0)
+        else:
+            d = np.einsum("ij,ij->i", q, q)[:, None] + fit_sq[None, :] - 2.0 * (q @ fit_x.T)
+            d = np.sqrt(np.maximum(d, 0.0, out=d), out=d)
+        near = np.argpartition(d, min(k, d.shape[1]) - 1, axis=1)[:, :k]
+        rows = np.arange(len(q))[:, None]
+        order = np.lexsort((near, d[rows, near]), axis=1)
+        near = near[rows, order]
+        dist = d[rows, near]
+        if op["weights"] == "distance":
+            with np.errstate(divide="ignore"):
+                w = 1.0 / dist
+            inf = np.isinf(w)
+            hit = inf.any(axis=1)
+            w[hit] = inf[hit]
+        else:
+            w = np.ones_like(dist)
+        proba = out[lo:lo + step]
+        for i in range(near.shape[1]):  # one neighbour per row at a time: no repeated index
+            proba[rows[:, 0], fit_y[near[:, i]]] += w[:, i]
+        proba /= proba.sum(axis=1, keepdims=True)
+    return out
+
+
+def _votes(ovo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(votes, summed confidences) per class from one-vs-one decision values, as
+    scikit-learn's ``_ovr_decision_function`` counts them."""
+    votes = np.zeros((len(ovo), k))
+    conf = np.zeros((len(ovo), k))
+    p = 0
+    for i in range(k):
+        for j in range(i + 1, k):
+            conf[:, i] += ovo[:, p]
+            conf[:, j] -= ovo[:, p]
+            lose = ovo[:, p] < 0
+            votes[~lose, i] += 1
+            votes[lose, j] += 1
+            p += 1
+    return votes, conf
+
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
@@ -233,23 +444,36 @@ class CompactHead:
     def __init__(self, spec: dict[str, Any], arrays: dict[str, np.ndarray]):
         if spec.get("version") != VERSION:
             raise ValueError(f"compact version {spec.get('version')} (this reads {VERSION})")
-        for op in spec["ops"]:  # fail at load, not at the first chunk
-            if op["op"] not in ("l2", "sub", "div", "add", "matmul", "act") or (
-                    op["op"] == "act" and op.get("f") not in _ACTIVATIONS):
-                raise ValueError(f"unknown operation {op}")
-            for key in ("a", "w"):
-                if key in op and op[key] not in arrays:
-                    raise ValueError(f"missing array {op[key]}")
-        if spec.get("proba") not in _PROBAS or spec.get("output") not in ("linear", "mlp"):
-            raise ValueError(f"unknown output {spec.get('output')}/{spec.get('proba')}")
+        _check(spec, arrays)  # fail at load, not at the first chunk
         self.spec, self.arrays = spec, arrays
         self.classes_ = np.asarray(spec["classes"])
+        # a soft vote's members (VotingClassifier fits them on the classes' indices)
+        self._members = [_CompactProba({**m, "version": VERSION,
+                                        "classes": list(range(len(self.classes_)))}, arrays)
+                         for m in spec.get("vote", {}).get("members", [])]
 
-    def _raw(self, X: np.ndarray) -> np.ndarray:
+    def _raw(self, X: np.ndarray, ovo: bool = False) -> np.ndarray:
+        """The final estimator's raw output; for an SVC its one-vs-rest decision function, or
+        with ``ovo`` its one-vs-one decision values."""
         x = np.array(X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
         for op in self.spec["ops"]:
             kind = op["op"]
-            if kind == "l2":
+            if kind == "svc":
+                x = _ovo(x, op, self.arrays)
+                if not ovo and x.shape[1] > 1:
+                    votes, conf = _votes(x, len(self.classes_))
+                    x = votes + conf / (3 * (np.abs(conf) + 1))  # scikit-learn's transform
+            elif kind == "project":  # float64 as scikit-learn's LDA transform (float64 arrays)
+                x = np.asarray(x, np.float64)
+                if "c" in op:
+                    x = x - self.arrays[op["c"]]
+                x = x @ self.arrays[op["w"]]
+            elif kind == "knn":
+                x = _knn_proba(x, op, self.arrays, len(self.classes_))
+            elif kind == "centroid":
+                x = _centroid_scores(x, self.arrays[op["c"]], self.arrays[op["w"]],
+                                     self.arrays[op["a"]])
+            elif kind == "l2":
                 norms = np.sqrt(np.einsum("ij,ij->i", x, x))
                 norms[norms == 0.0] = 1.0
                 x /= norms[:, None]
@@ -269,11 +493,18 @@ class CompactHead:
         return self.arrays[name].astype(x.dtype, copy=False)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        if self._members:
+            raise AttributeError("a soft vote has no decision function")  # as scikit-learn
         d = self._raw(X)
         return d[:, 0] if d.shape[1] == 1 else d
 
     def _probabilities(self, X: np.ndarray) -> np.ndarray:
         kind, d = self.spec["proba"], self._raw(X)
+        if kind == "given":  # the raw output is the probabilities (kNN)
+            return d
+        if kind == "vote":  # VotingClassifier(voting="soft").predict_proba
+            return np.average([m._probabilities(d) for m in self._members], axis=0,
+                              weights=self.spec["vote"]["weights"])
         if kind == "temperature":
             logits = np.asarray(d, dtype=np.float64)
             if logits.shape[1] == 1:
@@ -295,12 +526,15 @@ class CompactHead:
         return p / total
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        if self.spec["proba"] == "temperature" or self.spec["output"] == "mlp":
+        if self.spec["proba"] in ("temperature", "vote", "given") or \
+                self.spec["output"] == "mlp":
             scores = self._probabilities(X)
         else:
-            scores = self._raw(X)
+            scores = self._raw(X, ovo=self.spec["output"] == "svc")
             if scores.shape[1] == 1:
                 return self.classes_[(scores[:, 0] > 0).astype(int)]
+            if self.spec["output"] == "svc":  # libsvm's vote; a tie goes to the first class
+                scores = _votes(scores, len(self.classes_))[0]
         return self.classes_[np.argmax(scores, axis=1)]
 
 
@@ -309,7 +543,53 @@ class _CompactProba(CompactHead):
         return self._probabilities(X)
 
 
-_PROBAS = (None, "temperature", "softmax", "ovr-logistic")
+_PROBAS = (None, "temperature", "softmax", "ovr-logistic", "vote", "given")
+_OPS = ("l2", "sub", "div", "add", "matmul", "act", "svc", "project", "centroid", "knn")
+_ARRAY_KEYS = ("a", "w", "c", "sv", "coef", "b", "nsv", "x", "y")
+
+
+def _specs(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """``spec`` and, for a soft vote, its members' specs."""
+    return [spec, *spec.get("vote", {}).get("members", [])]
+
+
+def array_names(spec: dict[str, Any]) -> set[str]:
+    """The names of the arrays the operations of ``spec`` (and its members') read."""
+    return {op[k] for one in _specs(spec) for op in one["ops"] for k in _ARRAY_KEYS if k in op}
+
+
+def _check(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """ValueError unless every operation, array, output and probability kind of ``spec`` is
+    one this version computes (a newer embedpipe's file then goes through scikit-learn)."""
+    for one in _specs(spec):
+        for op in one["ops"]:
+            if op["op"] not in _OPS or (
+                    op["op"] == "act" and op.get("f") not in _ACTIVATIONS) or (
+                    op["op"] == "svc" and op.get("kernel") not in _KERNELS) or (
+                    op["op"] == "knn" and (op.get("metric") not in ("euclidean", "cosine")
+                                           or op.get("weights") not in ("uniform", "distance")
+                                           or int(op.get("k", 0)) < 1)):
+                raise ValueError(f"unknown operation {op}")
+        member = one is not spec
+        if (one.get("proba") not in _PROBAS or one.get("output") not in _OUTPUT_KINDS
+                or (one.get("proba") == "vote") != (one.get("output") == "vote")
+                or (member and one.get("proba") in (None, "vote"))):
+            raise ValueError(f"unknown output {one.get('output')}/{one.get('proba')}")
+    if spec.get("proba") == "vote":
+        weights = spec["vote"].get("weights")
+        if not spec["vote"]["members"] or (
+                weights is not None and len(weights) != len(spec["vote"]["members"])):
+            raise ValueError("a vote's members and weights do not match")
+    for name in array_names(spec):
+        if name not in arrays:
+            raise ValueError(f"missing array {name}")
+
+
+def array_member(spec: dict[str, Any], name: str) -> str:
+    """The head file's member holding array ``name``: its own ``.npy`` under ARRAY_PREFIX, or
+    the member of the skops pipeline holding the same bytes (``spec["members"]``: an SVC's
+    support vectors are written once, not twice)."""
+    return spec.get("members", {}).get(name, f"{ARRAY_PREFIX}{name}.npy")
 
 
 def load(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> CompactHead:
