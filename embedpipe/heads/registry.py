@@ -497,9 +497,10 @@ def member_params(head: Head,
     """An ensemble's ``--param`` items split into its own (ENSEMBLE_OWN and scikit-learn paths
     such as ``knn__clf__n_neighbors``) and each member's: ``MEMBER:NAME`` sets NAME on that
     member; a plain ``NAME`` goes to every member that takes it (``prep``, the preprocessing of
-    each member's own pipeline, to all of them); ``MEMBER:NAME`` wins over a plain ``NAME``. Returns (own, {member: short params}).
-    Raises HeadError naming the members when MEMBER is not one, the member's parameters when it
-    has no NAME, and the ways to set one when no member has a plain NAME."""
+    each member's own pipeline, to all of them); ``MEMBER:NAME`` wins over a plain ``NAME``.
+    Returns (own, {member: short params}). Raises HeadError naming the members when MEMBER is
+    not one, the member's parameters when it has no NAME, and the ways to set one when no
+    member has a plain NAME."""
     own: dict[str, Any] = {}
     per: dict[str, dict[str, Any]] = {m: {} for m in head.members}
     specific: list[tuple[str, str, Any]] = []
