@@ -768,55 +768,72 @@ def test_early_stopping_is_refused_only_where_partial_fit_runs(fmnist_store: Pat
     assert artifacts.load(out).manifest["effective_params"]["sgd"]["early_stopping"] is True
 
 
-def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_store: Path):
-    """The sweep behind CONFLICTS, kept: every head, every parameter scikit-learn's constraints
-    list, each of its options (and a few numbers in its range), one at a time, on 30 real rows
-    of 3 classes (64 of their feature columns). build or check_for_data refuses it (HeadError:
-    the CLI's one line), or it fits: no scikit-learn error is left for `fit` to pass on as its
-    own text."""
-    import warnings
-
-    from sklearn.utils._param_validation import Interval, Options, StrOptions
-
-    from embedpipe.heads import registry
-
-    s = open_store(fmnist_store)
+def _sweep_rows(store: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The sweeps' rows: 30 real training rows of 3 classes of ``store``, their first 64
+    feature columns (the refusals do not depend on the width, and the lda step of knn and
+    centroid costs about 0.5 s a fit at 1280-d: an eigendecomposition)."""
+    s = open_store(store)
     rows = select_rows(s).train
     y_all = targets(s, rows)
     keep = np.concatenate([np.flatnonzero(y_all == c)[:10] for c in np.unique(y_all)[:3]])
-    # the first 64 feature columns: the refusals do not depend on the width, and the lda step
-    # of knn and centroid costs about 0.5 s a fit at 1280-d (an eigendecomposition)
-    X, y = s.features[rows[keep], :64], y_all[keep]
+    return s.features[rows[keep], :64], y_all[keep]
 
-    def values(constraints):
-        for c in constraints:
-            if isinstance(c, (StrOptions, Options)):
-                yield from sorted(c.options - getattr(c, "deprecated", set()), key=repr)
-            elif isinstance(c, Interval):
-                yield from (v for v in ((0, 1, 2) if c.type is int else (0.0, 0.5, 1.0, 2.0))
-                            if c.is_satisfied_by(v))
-            elif c in ("boolean", bool):
-                yield from (True, False)
 
+def _allowed(constraints, *, edges: bool = False):
+    """Values scikit-learn's parameter ``constraints`` allow: every option, a few numbers in
+    range, both booleans; with ``edges`` also inf (in a float range) and None (if allowed)."""
+    from sklearn.utils._param_validation import Interval, Options, StrOptions
+
+    floats = (0.0, 0.5, 1.0, 2.0) + ((float("inf"),) if edges else ())
+    for c in constraints:
+        if isinstance(c, (StrOptions, Options)):
+            yield from sorted(c.options - getattr(c, "deprecated", set()), key=repr)
+        elif isinstance(c, Interval):
+            yield from (v for v in ((0, 1, 2) if c.type is int else floats)
+                        if c.is_satisfied_by(v))
+        elif c in ("boolean", bool):
+            yield from (True, False)
+        elif c is None and edges:
+            yield None
+
+
+def _refused_or_fits(name: str, params: dict, X: np.ndarray, y: np.ndarray) -> str | None:
+    """None when head ``name`` with ``params`` is refused by build or check_for_data
+    (HeadError: the CLI's one line) or fits on ``X``, ``y``; else scikit-learn's error, which
+    `fit` would pass on as its own text."""
+    import warnings
+
+    from embedpipe.heads import registry
+
+    try:
+        pipe = registry.build(name, params)
+        registry.check_for_data(name, params, y, X.shape[1])
+    except registry.HeadError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pipe.fit(X, y)
+        except Exception as e:  # noqa: BLE001 - any of them reaches the user
+            return f"{name} {params}: {type(e).__name__}: {e}"
+    return None
+
+
+def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_store: Path):
+    """The sweep behind CONFLICTS, kept: every head, every parameter scikit-learn's constraints
+    list, each of its options (and a few numbers in its range), one at a time, on 30 real rows
+    of 3 classes (_sweep_rows). build or check_for_data refuses it (HeadError: the CLI's one
+    line), or it fits: no scikit-learn error is left for `fit` to pass on as its own text."""
+    from embedpipe.heads import registry
+
+    X, y = _sweep_rows(fmnist_store)
     skip = {"random_state", "verbose", "n_jobs", "warm_start", "class_weight", "max_iter",
             "batch_size", "hidden_layer_sizes"}  # no conflicts; or slow (max_iter=2 ...)
-    failed = []
-    for name, head in registry.HEADS.items():
-        for param, cons in type(head.make(0))._parameter_constraints.items():
-            if param in skip:
-                continue
-            for v in dict.fromkeys(values(cons)):
-                try:
-                    pipe = registry.build(name, {param: v})
-                    registry.check_for_data(name, {param: v}, y, X.shape[1])
-                except registry.HeadError:
-                    continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        pipe.fit(X, y)
-                    except Exception as e:  # noqa: BLE001 - any of them reaches the user
-                        failed.append(f"{name} {param}={v!r}: {type(e).__name__}: {e}")
+    failed = [f for name, head in registry.HEADS.items()
+              for param, cons in type(head.make(0))._parameter_constraints.items()
+              if param not in skip
+              for v in dict.fromkeys(_allowed(cons))
+              for f in [_refused_or_fits(name, {param: v}, X, y)] if f]
     assert not failed, "\n".join(failed)
 
 
@@ -844,58 +861,27 @@ COMBINED = {
 def test_every_combination_of_params_users_combine_fits_or_is_refused_in_one_line(
         fmnist_store: Path):
     """The sweep of COMBINED: every combination of the values scikit-learn's constraints allow
-    for parameters that are set together (logreg's penalty, solver and l1_ratio, linear-svm's
-    penalty, loss and dual, ...), on 30 real rows of 3 classes (64 feature columns): refused by
+    (inf and None included) for parameters that are set together (logreg's penalty, solver and
+    l1_ratio, linear-svm's penalty, loss and dual, ...), on the rows of _sweep_rows: refused by
     build or check_for_data (the CLI's one line, before any work), or it fits."""
     import itertools
-    import warnings
-
-    from sklearn.utils._param_validation import Interval, Options, StrOptions
 
     from embedpipe.heads import registry
 
-    s = open_store(fmnist_store)
-    rows = select_rows(s).train
-    y_all = targets(s, rows)
-    keep = np.concatenate([np.flatnonzero(y_all == c)[:10] for c in np.unique(y_all)[:3]])
-    X, y = s.features[rows[keep], :64], y_all[keep]
-
-    def values(constraints):
-        for c in constraints:
-            if isinstance(c, (StrOptions, Options)):
-                yield from sorted(c.options - getattr(c, "deprecated", set()), key=repr)
-            elif isinstance(c, Interval):
-                yield from (v for v in ((0, 1, 2) if c.type is int
-                                        else (0.0, 0.5, 1.0, 2.0, float("inf")))
-                            if c.is_satisfied_by(v))
-            elif c in ("boolean", bool):
-                yield from (True, False)
-            elif c is None:
-                yield None
-
-    failed, fitted, refused = [], 0, 0
+    X, y = _sweep_rows(fmnist_store)
+    failed, tried = [], 0
     for name, groups in COMBINED.items():
         cons = type(registry.get(name).make(0))._parameter_constraints
         for group in groups:
             assert set(group) <= set(cons), (name, group)
-            for combo in itertools.product(*(list(dict.fromkeys(values(cons[p])))
+            for combo in itertools.product(*(list(dict.fromkeys(_allowed(cons[p], edges=True)))
                                              for p in group)):
-                p = dict(zip(group, combo))
-                try:
-                    pipe = registry.build(name, p)
-                    registry.check_for_data(name, p, y, X.shape[1])
-                except registry.HeadError:
-                    refused += 1
-                    continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        pipe.fit(X, y)
-                        fitted += 1
-                    except Exception as e:  # noqa: BLE001 - any of them reaches the user
-                        failed.append(f"{name} {p}: {type(e).__name__}: {e}")
+                tried += 1
+                found = _refused_or_fits(name, dict(zip(group, combo)), X, y)
+                if found:
+                    failed.append(found)
     assert not failed, "\n".join(failed)
-    assert fitted > 500 and refused > 50, (fitted, refused)  # the sweep ran through
+    assert tried > 1000, tried  # the sweep ran through
 
 
 def test_an_ensemble_members_parameter_is_named_as_member_colon_name(fmnist_store: Path,
