@@ -915,6 +915,12 @@ def test_an_ensemble_members_parameter_is_named_as_member_colon_name(fmnist_stor
     one_line_error(cli("fit", fmnist_store, "--head", "logreg", "--param", "l1_ratio=1", "-o",
                        out), "--param l1_ratio=1:", "add --param solver=saga")
     assert not out.exists()
+    # the notes too: what few-shot adaptation lowered, and what a member ignores
+    res = ok("fit", fmnist_store, "--head", "logreg+knn", "--param", "knn:n_neighbors=500",
+             "--param", "knn:p=1", "-o", out)
+    assert ("note: logreg+knn member knn: knn:n_neighbors lowered from 500 to 200 (only 200 "
+            "training rows)") in res.output, res.output
+    assert "knn:p=1 does nothing with knn:metric=euclidean" in res.output, res.output
 
 
 def test_a_plain_prep_goes_to_every_member_of_an_ensemble(fmnist_store: Path, tmp_path: Path):
