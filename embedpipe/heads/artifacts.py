@@ -675,8 +675,10 @@ def _unchecked_order(head: HeadFile, other: dict[str, Any], what: str) -> list[s
     if len(files) == n == len(fitted) and all(same_file(f, h) for f, h in zip(files, fitted)):
         return []  # the very files it was fitted on, in its order
     why = ("are other files than the ones it was fitted on" if known else
-           "were written before stores had a store_id" if not ids_known(ids, n) else
-           "were stacked into a head written before stores had a store_id")
+           "were stacked into a head written before stores had a store_id"
+           if ids_known(ids, n) else "are copies of one file (the same store_id)"
+           if all(ids or [None]) and len(ids or []) == n else
+           "were written before stores had a store_id")
     order = " + ".join(Path(str(f)).name for f in fitted) or "its training.stores"
     return [f"note: {what}: stores of one backbone and settings that {why}, so the order they "
             f"are given in cannot be checked: pass them in the order of the stores head "
