@@ -24,7 +24,7 @@ from .heads import artifacts
 from .heads.compact import predict_scored
 from .heads.reject import UNKNOWN, rule_for
 from .heads.stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
-from .provenance import members
+from .provenance import HEAD_KEYS, diff, members
 from .store.read import FeatureStore, open_stores
 
 StorePaths = str | Path | Sequence[str | Path]  # several: stacked side by side (store.stack)
@@ -368,6 +368,7 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
     head = artifacts.load(head_path)
     rule_for(head.manifest, reject, str(head.path))  # a bad --reject fails before extracting
     idents = members(head.identity)  # a head on stacked stores: each backbone's
+    _refuse_alike(head, idents)
     if weights is not None and len(idents) > 1:
         raise PredictError(f"--weights {weights}: {head.path} stacks {len(idents)} backbones; "
                            "--weights is for heads of one backbone: leave it out")
@@ -385,6 +386,26 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                            reject=reject)
     preds.skipped = skipped
     return preds
+
+
+def _refuse_alike(head: artifacts.HeadFile, idents: list[dict[str, Any]]) -> None:
+    """Refuse (PredictError) to predict images with a head stacked on stores of one backbone
+    and the same extraction options (identity: nothing but their files told them apart, e.g.
+    stores of other images under the same paths): from images, each would be extracted the
+    same way, which is not what it was fitted on. The line names the fix: predict from stores
+    made as its own were."""
+    alike = [(i, j) for j in range(len(idents)) for i in range(j)
+             if not diff(idents[i], idents[j], HEAD_KEYS)]
+    if not alike:
+        return
+    i, j = alike[0]
+    stores = head.manifest.get("training", {}).get("stores") or []
+    names = " + ".join(Path(str(s)).name for s in stores) or "its stores"
+    raise PredictError(f"{head.path}: stacked stores {i + 1} and {j + 1} ({names}) were made "
+                       "with the same backbone and extraction options, so from images both "
+                       "would be extracted alike, unlike the stores it was fitted on; make a "
+                       "store of the images for each as that store was made, and pass them "
+                       "with --store A --store B in the head's order")
 
 
 def extract_images(disc: Any, options: Sequence[Any], tmp: Path, *,

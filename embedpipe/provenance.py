@@ -189,15 +189,18 @@ def options_for(identity: dict[str, Any], *, weights: str | None = None,
 
 
 def stack_order(head: dict[str, Any], given: dict[str, Any],
-                head_stores: list[str] | None = None) -> list[int] | None:
+                head_stores: list[str] | None = None,
+                head_ids: list[str | None] | None = None) -> list[int] | None:
     """Whether the stacked stores ``given`` (a stacked store's metadata: ``stacked``
-    identities and ``stores`` paths, store.stack) are the stores head identity ``head`` was
-    fitted on in another order, so that each store's features would land in another's
-    columns: for each of the head's stores in its order, the position of the given store that
-    holds its features; None when they are in order, or not a reordering of them (the other
-    checks name what differs). Told apart by identity (HEAD_KEYS: backbone, weights,
-    preprocessing, pool), or, for stores of one identity, by ``head_stores``: the files it was
-    fitted on (resolved paths, the head manifest's ``training.stores``)."""
+    identities, ``stores`` paths and ``store_ids``, store.stack) are the stores head identity
+    ``head`` was fitted on in another order, so that each store's features would land in
+    another's columns: for each of the head's stores in its order, the position of the given
+    store that holds its features; None when they are in order, or not a reordering of them
+    (the other checks name what differs). Told apart by identity (HEAD_KEYS: backbone,
+    weights, preprocessing, pool), or, for stores of one identity, by their files: by
+    ``head_ids`` (the head manifest's ``training.store_ids``: each store's creation id, kept
+    when a store is renamed) when the head and every given store have one, else by
+    ``head_stores`` (the resolved paths it was fitted on, ``training.stores``)."""
     from itertools import permutations
 
     from ._io import same_file
@@ -208,11 +211,16 @@ def stack_order(head: dict[str, Any], given: dict[str, Any],
         return None
     fits = [[not diff(theirs[j], mine[i], HEAD_KEYS) for j in range(n)] for i in range(n)]
     files = list(given.get("stores") or [])
+    ids = list(given.get("store_ids") or [])
     by_file = None
-    if head_stores and len(head_stores) == n and len(files) == n:
+    if ids_known(head_ids, n) and ids_known(ids, n):
+        found = [[j for j, g in enumerate(ids) if g == h] for h in head_ids or []]
+    elif head_stores and len(head_stores) == n and len(files) == n:
         found = [[j for j, f in enumerate(files) if same_file(f, h)] for h in head_stores]
-        if all(len(f) == 1 for f in found):
-            by_file = [f[0] for f in found]
+    else:
+        found = []
+    if found and all(len(f) == 1 for f in found):
+        by_file = [f[0] for f in found]
     in_order = list(range(n))
     if all(fits[i][i] for i in range(n)):  # in order by identity: perhaps not by file
         if by_file and sorted(by_file) == in_order and by_file != in_order:
@@ -226,12 +234,21 @@ def stack_order(head: dict[str, Any], given: dict[str, Any],
                  if all(fits[i][p[i]] for i in range(n))), None)
 
 
+def ids_known(ids: Any, n: int) -> bool:
+    """Whether ``ids`` (store_id values, a stacked store's ``store_ids`` or a head's
+    ``training.store_ids``) names all ``n`` stores: none of them written before stores had
+    one, and no two alike (copies of one file)."""
+    ids = list(ids or [])
+    return len(ids) == n and all(ids) and len(set(ids)) == n
+
+
 def stack_order_error(head: dict[str, Any], given: dict[str, Any],
-                      head_stores: list[str] | None, what: str, head_path: Any) -> str | None:
+                      head_stores: list[str] | None, what: str, head_path: Any,
+                      head_ids: list[str | None] | None = None) -> str | None:
     """The one line (after ``what``, the stores given) refusing stacked stores given in another
     order than the head's (stack_order), naming the order to pass them in; None when they are
     not a reordering."""
-    order = stack_order(head, given, head_stores)
+    order = stack_order(head, given, head_stores, head_ids)
     if order is None:
         return None
     files = list(given["stores"])
@@ -241,6 +258,11 @@ def stack_order_error(head: dict[str, Any], given: dict[str, Any],
         why = f"head {head_path} was fitted on {' + '.join(kinds)}, in that order"
     else:
         why = (f"head {head_path} was fitted on "
+               f"{' + '.join(Path(str(files[j])).name for j in order)}, in that order (stores "
+               "of one backbone, told apart by their files' store_id, which a rename keeps)"
+               if ids_known(head_ids, len(order)) and ids_known(given.get("store_ids"),
+                                                                len(order)) else
+               f"head {head_path} was fitted on "
                f"{' + '.join(Path(str(files[j])).name for j in order)}, in that order (stores "
                "of one backbone, told apart by their files)")
     flags = " ".join(f"--store {files[j]}" for j in order)

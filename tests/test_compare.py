@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import cli, copy_rows, one_line_error
+from clitools import cli, copy_rows, ok, one_line_error
 
 from embedpipe.store import StoreWriter, open_store, read_identity
 
@@ -149,6 +149,40 @@ def test_a_value_fixed_by_param_is_not_listed_as_chosen_by_the_search(fmnist_sto
                f["effective_params"] for f in row["folds"]), row["folds"]
     (line,) = [ln for ln in res.stdout.splitlines() if "chosen per fold:" in ln]
     assert "n_neighbors" not in line and "weights" not in line and "metric=" in line, line
+
+
+def test_a_value_fixed_by_param_and_lowered_in_some_folds_says_so(fmnist_store: Path,
+                                                                   tmp_path: Path):
+    """`--param n_neighbors=172` on 200 train rows in 7 folds (171 or 172 training rows a
+    fold): fewshot.adapt lowers it to 171 in four folds, and the value showed under "chosen per
+    fold" (with --search) as if the search had chosen it. It has a line of its own now, naming
+    the --param value and that it was lowered to the fold's rows, with what each fold fitted;
+    the searched parameters stay under "chosen per fold"; the JSON keeps each fold's value."""
+    out = tmp_path / "cv.json"
+    res = ok("cv", fmnist_store, "--head", "knn", "--param", "n_neighbors=172", "--param",
+             "prep=l2", "--folds", "7", "--json", out, "-q")
+    lines = res.stdout.splitlines()
+    (row,) = [ln for ln in lines if ln.startswith("  knn ")]
+    assert "n_neighbors=172 (--param) lowered to fit the folds' rows" in row, row
+    (low,) = [ln for ln in lines if "--param n_neighbors=172, lowered to the fold's" in ln]
+    per_fold = low.partition("see the notes): ")[2].split(" | ")
+    assert sorted(per_fold) == ["n_neighbors=171"] * 4 + ["n_neighbors=172"] * 3, low
+    assert not any("per fold:" in ln for ln in lines), res.stdout  # nothing else varies
+    folds = json.loads(out.read_text())["heads"][0]["folds"]
+    assert sorted(f["effective_params"]["n_neighbors"] for f in folds) == [171] * 4 + [172] * 3
+    # with --search: not under "chosen per fold"
+    res = ok("cv", fmnist_store, "--head", "knn", "--search", "--param", "n_neighbors=172",
+             "--param", "prep=l2", "--folds", "7", "-q")
+    (chosen,) = [ln for ln in res.stdout.splitlines() if "chosen per fold:" in ln]
+    assert "n_neighbors" not in chosen and "metric=" in chosen, chosen
+    assert "--param n_neighbors=172, lowered to the fold's training rows" in res.stdout
+    half = derived_store(fmnist_store, tmp_path / "half.h5")
+    res = ok("compare", fmnist_store, half, "--head", "knn", "--search", "--param",
+             "n_neighbors=172", "--param", "prep=l2", "--folds", "7", "-q")
+    chosen = [ln for ln in res.stdout.splitlines() if "chosen per fold:" in ln]
+    assert len(chosen) == 2 and not any("n_neighbors" in ln for ln in chosen), res.stdout
+    low = [ln for ln in res.stdout.splitlines() if "--param n_neighbors=172, lowered" in ln]
+    assert [ln.split()[0] for ln in low] == ["[A]", "[B]"], res.stdout
 
 
 def test_compare_refuses_the_same_store_file_twice_and_notes_a_copy(fmnist_store: Path,

@@ -725,6 +725,14 @@ CONFLICTS = [
     ("logreg-sgd", ["learning_rate=pa1"], ["--param learning_rate=pa1", "loss=hinge",
                                            "log_loss"]),
     ("sgd", ["early_stopping=true"], ["--param early_stopping=True", "partial_fit"]),
+    # found by the sweep over combined parameters (below)
+    ("logreg", ["penalty=elasticnet", "solver=saga", "l1_ratio=none"],
+     ["--param penalty=elasticnet l1_ratio=None", "l1_ratio=0.5"]),
+    ("logreg", ["solver=saga", "C=inf", "l1_ratio=none"],
+     ["--param l1_ratio=None C=inf solver=saga", "l1_ratio=0"]),
+    ("sgd", ["penalty=elasticnet", "l1_ratio=none"],
+     ["--param penalty=elasticnet l1_ratio=None", "l1_ratio=0.15"]),
+    ("knn", ["metric=minkowski", "p=none"], ["--param p=None metric=minkowski", "p=2"]),
 ]
 
 
@@ -739,8 +747,13 @@ def test_a_param_scikit_learn_refuses_in_fit_is_our_one_line(fmnist_store: Path,
     line = one_line_error(cli("fit", fmnist_store, "--head", head, *given, "-o", out), *words)
     assert "Solver" not in line and "Unsupported set of arguments" not in line, line
     # cv refuses it the same way (HEAD:NAME picks the head among several), before any fit
-    one_line_error(cli("cv", fmnist_store, "--head", head, "--head", "centroid",
-                       *[a for p in params for a in ("--param", f"{head}:{p}")]), words[-1])
+    # cv refuses it the same way (HEAD:NAME picks the head among several), before any fit,
+    # naming each parameter as HEAD:NAME there
+    line = one_line_error(cli("cv", fmnist_store, "--head", head, "--head", "centroid",
+                              *[a for p in params for a in ("--param", f"{head}:{p}")]))
+    named = words[0].partition("--param ")[2].split()
+    assert "--param " + " ".join(f"{head}:{n}" for n in named) in line, line
+    assert all(f"{head}:" in fix for fix in re.findall(r"--param \S+", line)), line
     assert not out.exists()
 
 
@@ -755,53 +768,186 @@ def test_early_stopping_is_refused_only_where_partial_fit_runs(fmnist_store: Pat
     assert artifacts.load(out).manifest["effective_params"]["sgd"]["early_stopping"] is True
 
 
-def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_store: Path):
-    """The sweep behind CONFLICTS, kept: every head, every parameter scikit-learn's constraints
-    list, each of its options (and a few numbers in its range), one at a time, on 30 real rows
-    of 3 classes (64 of their feature columns). build or check_for_data refuses it (HeadError:
-    the CLI's one line), or it fits: no scikit-learn error is left for `fit` to pass on as its
-    own text."""
-    import warnings
-
-    from sklearn.utils._param_validation import Interval, Options, StrOptions
-
-    from embedpipe.heads import registry
-
-    s = open_store(fmnist_store)
+def _sweep_rows(store: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The sweeps' rows: 30 real training rows of 3 classes of ``store``, their first 64
+    feature columns (the refusals do not depend on the width, and the lda step of knn and
+    centroid costs about 0.5 s a fit at 1280-d: an eigendecomposition)."""
+    s = open_store(store)
     rows = select_rows(s).train
     y_all = targets(s, rows)
     keep = np.concatenate([np.flatnonzero(y_all == c)[:10] for c in np.unique(y_all)[:3]])
-    # the first 64 feature columns: the refusals do not depend on the width, and the lda step
-    # of knn and centroid costs about 0.5 s a fit at 1280-d (an eigendecomposition)
-    X, y = s.features[rows[keep], :64], y_all[keep]
+    return s.features[rows[keep], :64], y_all[keep]
 
-    def values(constraints):
-        for c in constraints:
-            if isinstance(c, (StrOptions, Options)):
-                yield from sorted(c.options - getattr(c, "deprecated", set()), key=repr)
-            elif isinstance(c, Interval):
-                yield from (v for v in ((0, 1, 2) if c.type is int else (0.0, 0.5, 1.0, 2.0))
-                            if c.is_satisfied_by(v))
-            elif c in ("boolean", bool):
-                yield from (True, False)
 
+def _allowed(constraints, *, edges: bool = False):
+    """Values scikit-learn's parameter ``constraints`` allow: every option, a few numbers in
+    range, both booleans; with ``edges`` also inf (in a float range) and None (if allowed)."""
+    from sklearn.utils._param_validation import Interval, Options, StrOptions
+
+    floats = (0.0, 0.5, 1.0, 2.0) + ((float("inf"),) if edges else ())
+    for c in constraints:
+        if isinstance(c, (StrOptions, Options)):
+            yield from sorted(c.options - getattr(c, "deprecated", set()), key=repr)
+        elif isinstance(c, Interval):
+            yield from (v for v in ((0, 1, 2) if c.type is int else floats)
+                        if c.is_satisfied_by(v))
+        elif c in ("boolean", bool):
+            yield from (True, False)
+        elif c is None and edges:
+            yield None
+
+
+def _refused_or_fits(name: str, params: dict, X: np.ndarray, y: np.ndarray) -> str | None:
+    """None when head ``name`` with ``params`` is refused by build or check_for_data
+    (HeadError: the CLI's one line) or fits on ``X``, ``y``; else scikit-learn's error, which
+    `fit` would pass on as its own text."""
+    import warnings
+
+    from embedpipe.heads import registry
+
+    try:
+        pipe = registry.build(name, params)
+        registry.check_for_data(name, params, y, X.shape[1])
+    except registry.HeadError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pipe.fit(X, y)
+        except Exception as e:  # noqa: BLE001 - any of them reaches the user
+            return f"{name} {params}: {type(e).__name__}: {e}"
+    return None
+
+
+def test_every_single_param_value_either_fits_or_is_refused_in_one_line(fmnist_store: Path):
+    """The sweep behind CONFLICTS, kept: every head, every parameter scikit-learn's constraints
+    list, each of its options (and a few numbers in its range), one at a time, on 30 real rows
+    of 3 classes (_sweep_rows). build or check_for_data refuses it (HeadError: the CLI's one
+    line), or it fits: no scikit-learn error is left for `fit` to pass on as its own text."""
+    from embedpipe.heads import registry
+
+    X, y = _sweep_rows(fmnist_store)
     skip = {"random_state", "verbose", "n_jobs", "warm_start", "class_weight", "max_iter",
             "batch_size", "hidden_layer_sizes"}  # no conflicts; or slow (max_iter=2 ...)
-    failed = []
-    for name, head in registry.HEADS.items():
-        for param, cons in type(head.make(0))._parameter_constraints.items():
-            if param in skip:
-                continue
-            for v in dict.fromkeys(values(cons)):
-                try:
-                    pipe = registry.build(name, {param: v})
-                    registry.check_for_data(name, {param: v}, y, X.shape[1])
-                except registry.HeadError:
-                    continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        pipe.fit(X, y)
-                    except Exception as e:  # noqa: BLE001 - any of them reaches the user
-                        failed.append(f"{name} {param}={v!r}: {type(e).__name__}: {e}")
+    failed = [f for name, head in registry.HEADS.items()
+              for param, cons in type(head.make(0))._parameter_constraints.items()
+              if param not in skip
+              for v in dict.fromkeys(_allowed(cons))
+              for f in [_refused_or_fits(name, {param: v}, X, y)] if f]
     assert not failed, "\n".join(failed)
+
+
+# The parameters users combine, swept together (every combination of their values, as in the
+# one-at-a-time sweep): a head's tuples below. Found logreg penalty=elasticnet without
+# l1_ratio, logreg sag/saga with C=inf and l1_ratio=none, sgd elasticnet without l1_ratio and
+# knn minkowski without p, which fitted into scikit-learn's own text (or a TypeError).
+COMBINED = {
+    "logreg": [("penalty", "solver", "l1_ratio"), ("solver", "C", "l1_ratio"),
+               ("dual", "solver", "penalty")],
+    "linear-svm": [("penalty", "loss", "dual"), ("fit_intercept", "intercept_scaling")],
+    "sgd": [("loss", "penalty", "learning_rate"), ("penalty", "l1_ratio"),
+            ("learning_rate", "eta0", "alpha")],
+    "logreg-sgd": [("penalty", "learning_rate", "alpha")],
+    "mlp": [("solver", "learning_rate", "early_stopping"),
+            ("early_stopping", "validation_fraction")],
+    "knn": [("metric", "p", "weights"), ("metric", "algorithm")],
+    "centroid": [("metric", "shrink_threshold", "priors")],
+    "ridge": [("solver", "positive", "fit_intercept")],
+    "svm": [("kernel", "gamma", "degree"),
+            ("probability", "decision_function_shape", "break_ties")],
+}
+
+
+def test_every_combination_of_params_users_combine_fits_or_is_refused_in_one_line(
+        fmnist_store: Path):
+    """The sweep of COMBINED: every combination of the values scikit-learn's constraints allow
+    (inf and None included) for parameters that are set together (logreg's penalty, solver and
+    l1_ratio, linear-svm's penalty, loss and dual, ...), on the rows of _sweep_rows: refused by
+    build or check_for_data (the CLI's one line, before any work), or it fits."""
+    import itertools
+
+    from embedpipe.heads import registry
+
+    X, y = _sweep_rows(fmnist_store)
+    failed, tried = [], 0
+    for name, groups in COMBINED.items():
+        cons = type(registry.get(name).make(0))._parameter_constraints
+        for group in groups:
+            assert set(group) <= set(cons), (name, group)
+            for combo in itertools.product(*(list(dict.fromkeys(_allowed(cons[p], edges=True)))
+                                             for p in group)):
+                tried += 1
+                found = _refused_or_fits(name, dict(zip(group, combo)), X, y)
+                if found:
+                    failed.append(found)
+    assert not failed, "\n".join(failed)
+    assert tried > 1000, tried  # the sweep ran through
+
+
+def test_an_ensemble_members_parameter_is_named_as_member_colon_name(fmnist_store: Path,
+                                                                     tmp_path: Path):
+    """`--param logreg:l1_ratio=1` on logreg+knn was refused as `--param l1_ratio=1 ... add
+    --param solver=saga`: a plain solver=saga goes to every member that has a solver, and the
+    line did not name what the user wrote. Every refusal of a member's parameter (conflicts,
+    bad values, knn's tree search, pca, prep) now names it MEMBER:NAME, fix included; cv names
+    a head's parameter HEAD:NAME, as it takes them."""
+    out = tmp_path / "x.skops"
+    for given, words in [
+            ("logreg:l1_ratio=1", ["--param logreg:l1_ratio=1:", "--param logreg:solver=saga"]),
+            ("logreg:l1_ratio=0.5", ["--param logreg:l1_ratio=0.5:", "logreg:solver=saga",
+                                     "pass logreg:l1_ratio=0"]),
+            ("knn:n_neighbors=-1", ["--param knn:n_neighbors=-1: knn: The 'n_neighbors'"]),
+            ("knn:algorithm=kd_tree", ["--param knn:algorithm=kd_tree:",
+                                       "leave knn:algorithm out"]),
+            ("knn:pca=-3", ["--param knn:pca=-3:"]),
+            ("knn:prep=foo", ["--param knn:prep=foo:", "knn:prep= one of l2"]),
+            ("knn:metric=precomputed", ["--param knn:metric=precomputed:",
+                                        "pass knn:metric=euclidean"])]:
+        line = one_line_error(cli("fit", fmnist_store, "--head", "logreg+knn", "--param", given,
+                                  "-o", out), *words)
+        assert not re.search(r"--param (?!logreg:|knn:)", line), line
+    one_line_error(cli("cv", fmnist_store, "--head", "logreg", "--head", "knn", "--param",
+                       "logreg:l1_ratio=1"),
+                   "--param logreg:l1_ratio=1:", "add --param logreg:solver=saga")
+    one_line_error(cli("cv", fmnist_store, "--head", "logreg", "--head", "knn", "--param",
+                       "n_neighbors=-1"), "--param knn:n_neighbors=-1:")
+    # fit of one head: the plain names it was given
+    one_line_error(cli("fit", fmnist_store, "--head", "logreg", "--param", "l1_ratio=1", "-o",
+                       out), "--param l1_ratio=1:", "add --param solver=saga")
+    assert not out.exists()
+    # the notes too: what few-shot adaptation lowered, and what a member ignores
+    res = ok("fit", fmnist_store, "--head", "logreg+knn", "--param", "knn:n_neighbors=500",
+             "--param", "knn:p=1", "-o", out)
+    assert ("note: logreg+knn member knn: knn:n_neighbors lowered from 500 to 200 (only 200 "
+            "training rows)") in res.output, res.output
+    assert "knn:p=1 does nothing with knn:metric=euclidean" in res.output, res.output
+
+
+def test_a_plain_prep_goes_to_every_member_of_an_ensemble(fmnist_store: Path, tmp_path: Path):
+    """`cv --head svm+knn --param prep=l2` said "none of the heads svm+knn has a parameter
+    prep", and fit refused it too ("an ensemble's members keep their own preprocessing"):
+    prep is a parameter of every member's pipeline, so a plain prep=... now goes to every
+    member, like any plain NAME=VALUE; MEMBER:prep=... wins for that member."""
+    out = tmp_path / "vote.skops"
+    ok("fit", fmnist_store, "--head", "svm+knn", "--param", "prep=scale", "-o", out, "-q")
+    eff = artifacts.load(out).manifest["effective_params"]
+    assert eff["svm"]["prep"] == "scale" and eff["knn"]["prep"] == "scale", eff
+    ok("fit", fmnist_store, "--head", "svm+knn", "--param", "prep=scale", "--param",
+       "knn:prep=l2", "-o", out, "-q")
+    eff = artifacts.load(out).manifest["effective_params"]
+    assert eff["svm"]["prep"] == "scale" and eff["knn"]["prep"] == "l2", eff
+    res = ok("cv", fmnist_store, "--head", "svm+knn", "--head", "logreg", "--param", "prep=l2",
+             "--folds", "2", "-q")
+    (vote,) = [ln for ln in res.stdout.splitlines() if ln.startswith("  svm+knn ")]
+    assert "svm: prep=l2 " in vote and "knn: prep=l2 " in vote, vote
+    (single,) = [ln for ln in res.stdout.splitlines() if ln.startswith("  logreg ")]
+    assert "prep=l2 " in single, single
+    copy = tmp_path / "copy.h5"
+    shutil.copy(fmnist_store, copy)
+    res = ok("compare", fmnist_store, copy, "--head", "svm+knn", "--param", "prep=l2",
+             "--folds", "2", "-q")
+    (vote,) = [ln for ln in res.stdout.splitlines()
+               if ln.startswith("  svm+knn ") and "prep=" in ln]
+    assert "knn: prep=l2 " in vote, res.stdout
+    one_line_error(cli("fit", fmnist_store, "--head", "svm+knn", "--param", "prep=foo", "-o",
+                       out), "prep=foo", "one of l2, scale")

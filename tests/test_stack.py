@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -159,13 +160,20 @@ def test_stacking_refuses_stores_that_cannot_be_paired(pair, tmp_path: Path):
     assert not (tmp_path / "x.skops").exists()
 
 
-def test_stacking_a_copy_of_a_store_says_it_adds_nothing(pair, tmp_path: Path):
+def test_stacking_a_copy_of_a_store_is_refused_by_fit_and_noted_by_cv(pair, tmp_path: Path):
     """A copy (another file: not refused as the same store twice) holds the same features:
-    stacking it repeated the columns without a word; now a note says so."""
+    stacking it repeated the columns without a word, then with a note; a head fitted on both
+    could not be told which is which, nor predict images (each would be extracted alike), so
+    fit refuses it (auto too) naming the fix; cv, which fits no head, keeps the note."""
     copy = tmp_path / "copy.h5"
     shutil.copy(pair["b"], copy)
-    res = ok("fit", pair["b"], copy, "--head", "logreg", "-o", tmp_path / "x.skops")
-    assert (f"note: {copy} holds the same features as {pair['b']}" in res.output), res.output
+    for head in ("logreg", "auto"):
+        one_line_error(cli("fit", pair["b"], copy, "--head", head, "-o", tmp_path / "x.skops"),
+                       f"error: {copy}: holds the same features as {pair['b']}",
+                       f"pass {pair['b']} alone", "other extraction options")
+    assert not (tmp_path / "x.skops").exists()
+    res = ok("cv", pair["b"], copy, "--head", "centroid", "--folds", "2", "-q")
+    assert f"note: {copy} holds the same features as {pair['b']}" in res.output, res.output
     res = ok("fit", pair["a"], pair["b"], "--head", "logreg", "-o", tmp_path / "y.skops")
     assert "holds the same features" not in res.output, res.output
 
@@ -197,3 +205,96 @@ def test_streaming_heads_fit_and_predict_stacked_stores(pair, tmp_path: Path):
     for k in ("confidence", "top1_prob", "top2_prob", "top3_prob"):
         np.testing.assert_allclose([float(r[k]) for r in got], [float(r[k]) for r in rows],
                                    atol=2e-6)
+
+
+def _strip_store_id(store: Path) -> None:
+    """Make ``store`` look written before stores had a store_id (the attribute removed)."""
+    import h5py
+
+    with h5py.File(store, "r+") as f:
+        del f.attrs["store_id"]
+
+
+def test_stores_of_one_backbone_renamed_and_swapped_are_refused(pair, tmp_path: Path):
+    """Two stores of one identity (the images and their mirror images under the same paths),
+    stacked into a head, then renamed and given swapped: the head told them apart by path
+    only, so predict concatenated them swapped without a word. Every store now carries a
+    store_id given at creation, which a rename keeps; the head records them and predict names
+    the order to pass. Stores written before (no store_id) still predict, with a note that
+    their order cannot be checked. From images such a head is refused: each store would be
+    extracted alike."""
+    from PIL import Image, ImageOps
+
+    mirrored = tmp_path / "mirrored"
+    for f in sorted(pair["root"].joinpath("data").rglob("*.png")):
+        dst = mirrored / f.relative_to(pair["root"] / "data")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.mirror(Image.open(f)).save(dst)
+    views = {"plain": tmp_path / "plain.h5", "mirror": tmp_path / "mirror.h5"}
+    shutil.copy(pair["a"], views["plain"])
+    os.chmod(views["plain"], 0o644)
+    assert run(mirrored, views["mirror"], ExtractOptions(precision="fp32"),
+               progress=False).extracted == 100
+    ids = [open_store(v).meta["store_id"] for v in views.values()]
+    assert all(len(i) == 32 for i in ids) and ids[0] != ids[1]
+    head = tmp_path / "views.skops"
+    ok("fit", views["plain"], views["mirror"], "--head", "logreg", "-o", head, "-q")
+    assert artifacts.load(head).manifest["training"]["store_ids"] == ids
+    r1, r2 = tmp_path / "r1.h5", tmp_path / "r2.h5"
+    views["plain"].rename(r1)
+    views["mirror"].rename(r2)
+    out = tmp_path / "p.csv"
+    one_line_error(cli("predict", head, "--store", r2, "--store", r1, "-o", out),
+                   "given in another order", "store_id, which a rename keeps",
+                   f"pass --store {r1} --store {r2}")
+    assert not out.exists()
+    ok("predict", head, "--store", r1, "--store", r2, "-o", out, "-q")
+    one_line_error(cli("predict", head, pair["src"] / "test", "-o", out),
+                   "were made with the same backbone and extraction options",
+                   "--store A --store B")
+    # written before store_id: they still work, and the note says the order is unchecked
+    for r in (r1, r2):
+        _strip_store_id(r)
+    old = tmp_path / "old.skops"
+    ok("fit", r1, r2, "--head", "logreg", "-o", old, "-q")
+    assert artifacts.load(old).manifest["training"]["store_ids"] == [None, None]
+    res = ok("predict", old, "--store", r1, "--store", r2, "-o", out)
+    assert "cannot be checked" not in res.output, res.output  # its own files, in order
+    o1, o2 = tmp_path / "o1.h5", tmp_path / "o2.h5"
+    r1.rename(o1)
+    r2.rename(o2)
+    res = ok("predict", old, "--store", o2, "--store", o1, "-o", out)
+    assert (f"note: {o2}+{o1}: stores of one backbone and settings that were written before "
+            "stores had a store_id, so the order they are given in cannot be checked: pass "
+            "them in the order of the stores head") in res.output, res.output
+    assert "(r1.h5 + r2.h5)" in res.output, res.output
+
+
+def test_stacked_stores_differing_in_crop_pct_predict_images_like_their_stores(
+        pair, tmp_path: Path):
+    """A head stacked on two stores of the bundled backbone that differ only in --crop-pct:
+    predicting images extracts them once per store with that store's own options (the kept
+    stores say which), and predicts what the stores' own rows predict."""
+    wide = tmp_path / "crop80.h5"
+    assert run(pair["src"], wide, ExtractOptions(precision="fp32", crop_pct=0.8),
+               progress=False).extracted == 250
+    head = tmp_path / "crops.skops"
+    ok("fit", pair["a"], wide, "--head", "logreg", "-o", head, "-q")
+    via_stores = tmp_path / "stores.csv"
+    ok("predict", head, "--store", pair["a"], "--store", wide, "--split", "test", "-o",
+       via_stores, "-q")
+    via_images = tmp_path / "images.csv"
+    ok("predict", head, pair["src"] / "test", "-o", via_images, "-q", "--keep-store",
+       tmp_path / "kept.h5")
+    crops = [open_store(tmp_path / f"kept.{k}.h5").meta["data_config"]["crop_pct"]
+             for k in (1, 2)]
+    assert crops == [0.875, 0.8], crops
+    assert open_store(tmp_path / "kept.1.h5").identity == open_store(pair["a"]).identity
+    assert open_store(tmp_path / "kept.2.h5").identity == open_store(wide).identity
+    by_name = {Path(r["path"]).name: r for r in read_csv(via_stores)}
+    rows = read_csv(via_images)
+    assert len(rows) == len(by_name) == 50
+    for r in rows:
+        mine = by_name[Path(r["path"]).name]
+        assert r["predicted"] == mine["predicted"], (r, mine)
+        assert abs(float(r["confidence"]) - float(mine["confidence"])) < 1e-3

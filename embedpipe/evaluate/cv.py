@@ -182,10 +182,11 @@ def _fewshot_notes(results: dict[Any, dict[str, Any]], warn: Any, notes: list[st
 def _check_for_data(per_params: dict[str, dict[str, Any]], y: np.ndarray, dim: int,
                     seed: int, where: str) -> None:
     """Refuse, before any fit, the --param settings that no fit on these training rows could
-    take (registry.check_for_data: liblinear's two classes), in one line naming ``where``."""
+    take (registry.check_for_data: liblinear's two classes), in one line naming ``where`` and
+    each parameter as HEAD:NAME, as --param takes it here."""
     for h, p in per_params.items():
         with naming(where):
-            heads.check_for_data(h, p, y, dim, seed)
+            heads.check_for_data(h, p, y, dim, seed, qualified=True)
 
 
 def _unused_notes(per_params: dict[str, dict[str, Any]], y: np.ndarray, dim: int, seed: int,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..heads.registry import format_params
+from ..heads.registry import _text, format_params
 from ..heads.rows import METRICS, EvaluateError
 
 PLOTS_HINT = "pip install 'embedpipe[plots]'"
@@ -39,20 +39,35 @@ def _fmt_matrix(cm: dict[str, Any], indent: str = "  ") -> list[str]:
 
 
 def _params_per_fold(common: dict[str, Any], per_fold: dict[str, list[dict[str, Any]]],
-                     search: bool) -> tuple[str, list[str]]:
+                     search: bool, fixed: dict[str, Any] | None = None
+                     ) -> tuple[str, list[str]]:
     """One head's parameters as fitted, as cv and compare print them: the ones every fit shares
     (``common``, registry.format_params) with a pointer to the lines below, and a line of the
     rest per fold for each label of ``per_fold`` (compare's '[A] ', cv's ''), their values
-    fold by fold: ('prep=l2; rest searched, per fold below', ['chosen per fold: C=10 | C=1'])."""
+    fold by fold: ('prep=l2; rest searched, per fold below', ['chosen per fold: C=10 | C=1']).
+    A value the user ``fixed`` (the head's --param values, short names) that differs by fold
+    was not searched: fewshot.adapt lowered it where a fold's training rows were too few
+    (knn's n_neighbors above them), so it has a line of its own saying so, with its value in
+    every fold, and is left out of the searched ones."""
+    own = {k: v for k, v in (fixed or {}).items() if not isinstance(common.get(k), dict)}
+    lowered = [k for k in own if any(k in p for folds in per_fold.values() for p in folds)]
+    rest = {label: [{k: v for k, v in p.items() if k not in lowered} for p in folds]
+            for label, folds in per_fold.items()}
+    text, lines = format_params(common), []
+    if lowered:
+        given = " ".join(f"{k}={_text(own[k])}" for k in lowered)
+        text += f"; {given} (--param) lowered to fit the folds' rows, per fold below"
+        lines = [f"{label}--param {given}, lowered to the fold's training rows (too few; see "
+                 f"the notes): "
+                 + " | ".join(format_params({k: p.get(k) for k in lowered}) for p in folds)
+                 for label, folds in per_fold.items()]
     # nothing per fold under --search: every grid parameter was fixed by --param
-    varies = any(p for folds in per_fold.values() for p in folds)
-    if not varies:
-        return format_params(common), []
-    text = format_params(common) + ("; rest searched, per fold below" if search
-                                    else "; rest per fold below")
-    return text, [f"{label}{'chosen' if search else 'as fitted'} per fold: "
-                  + " | ".join(format_params(p) for p in folds)
-                  for label, folds in per_fold.items()]
+    if not any(p for folds in rest.values() for p in folds):
+        return text, lines
+    text += "; rest searched, per fold below" if search else "; rest per fold below"
+    return text, lines + [f"{label}{'chosen' if search else 'as fitted'} per fold: "
+                          + " | ".join(format_params(p) for p in folds)
+                          for label, folds in rest.items()]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -78,7 +93,7 @@ def format_report(report: dict[str, Any]) -> str:
         cells = "".join(f"{e[m]['mean']:.3f} ± {e[m]['std']:.3f}".ljust(16) for m in METRICS)
         extra, per_fold = _params_per_fold(e["effective_params"],
                                            {"": [f["effective_params"] for f in e["folds"]]},
-                                           report["search"])
+                                           report["search"], e.get("params"))
         if e["class_weight"]:
             extra += f" class_weight={e['class_weight']}"
         out.append(f"  {e['head']:<{hw}}{cells}{e['fit_seconds']:>7.2f}  {extra}")
@@ -228,7 +243,8 @@ def format_compare(report: dict[str, Any]) -> str:
     for r in report["heads"]:
         text, per_fold = _params_per_fold(
             r["effective_params"], {f"[{x}] ": s["effective_params"]
-                                    for x, s in zip(letters, r["stores"])}, report["search"])
+                                    for x, s in zip(letters, r["stores"])}, report["search"],
+            r.get("params"))
         out.append(f"  {r['head']:<{hw}}{text}")
         out += [f"  {'':<{hw}}{line}" for line in per_fold]
     return "\n".join(out)

@@ -20,8 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .._io import same_file
 from ..env import HEADS, versions
-from ..provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff, members, short, stack_order_error
+from ..provenance import (
+    HEAD_KEYS,
+    HEAD_NOTE_KEYS,
+    diff,
+    ids_known,
+    members,
+    short,
+    stack_order_error,
+)
 from ..errors import UserError, first_line
 
 FORMAT = "embedpipe-head"
@@ -631,8 +640,9 @@ def check_compatible(head: HeadFile, other: dict[str, Any], what: str,
     fitted on stacked stores needs the same stores, stacked in the same order. ``fix``: what the
     error tells the user to do (default: extract with the head's backbone or fit a new head)."""
     mine, theirs = members(head.identity), members(other)
-    swapped = stack_order_error(head.identity, other, head.manifest.get("training", {}).get(
-        "stores"), what, head.path)
+    training = head.manifest.get("training", {})
+    swapped = stack_order_error(head.identity, other, training.get("stores"), what, head.path,
+                                training.get("store_ids"))
     if swapped:  # the head's stores in another order: say which order, not "another backbone"
         raise ArtifactError(swapped)
     if len(mine) != len(theirs):
@@ -654,7 +664,39 @@ def check_compatible(head: HeadFile, other: dict[str, Any], what: str,
                           f"{head.path} IMAGES...` does it for you) or fit a head on this store"))
         notes += [f"note: {where} has {k}={o.get(k)} while head {head.path} was trained on "
                   f"{k}={m.get(k)}; features differ slightly" for k, _, _ in diff(o, m, HEAD_NOTE_KEYS)]
-    return notes
+    return notes + _unchecked_order(head, other, what)
+
+
+def _unchecked_order(head: HeadFile, other: dict[str, Any], what: str) -> list[str]:
+    """A note when stacked stores ``other`` (a stacked store's metadata) hold stores of one
+    identity (nothing but their files tells them apart) and the order they are given in cannot
+    be checked (stack_order): the head or a store was written before stores had a store_id, or
+    the stores are other files than the head's (re-extracted), and they are not the head's own
+    files in its order. [] otherwise."""
+    mine = members(head.identity)
+    n = len(mine)
+    if n < 2 or "stacked" not in other or len(members(other)) != n:
+        return []
+    if all(diff(mine[i], mine[j], HEAD_KEYS) for j in range(n) for i in range(j)):
+        return []  # every store told apart by its identity
+    training = head.manifest.get("training", {})
+    head_ids, ids = training.get("store_ids"), other.get("store_ids")
+    known = ids_known(head_ids, n) and ids_known(ids, n)
+    if known and set(head_ids) == set(ids):
+        return []  # the head's stores (checked by stack_order), renamed or not
+    files, fitted = list(other.get("stores") or []), list(training.get("stores") or [])
+    if len(files) == n == len(fitted) and all(same_file(f, h) for f, h in zip(files, fitted)):
+        return []  # the very files it was fitted on, in its order
+    why = ("are other files than the ones it was fitted on" if known else
+           "were stacked into a head written before stores had a store_id"
+           if ids_known(ids, n) else "are copies of one file (the same store_id)"
+           if all(ids or [None]) and len(ids or []) == n else
+           "were written before stores had a store_id")
+    order = " + ".join(Path(str(f)).name for f in fitted) or "its training.stores"
+    return [f"note: {what}: stores of one backbone and settings that {why}, so the order they "
+            f"are given in cannot be checked: pass them in the order of the stores head "
+            f"{head.path} was fitted on ({order}), else each store's features land in "
+            "another's columns"]
 
 
 def _models(idents: list[dict[str, Any]]) -> str:

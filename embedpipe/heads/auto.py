@@ -513,7 +513,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     all of them (a single head without native probabilities is calibrated like ``fit`` does),
     and save it with the candidate table in the manifest's ``auto``. Returns a FitResult whose
     ``head`` reads 'auto → HEAD' (the chosen head, a+b+... for a vote)."""
-    from ..store.read import open_stores
+    from ..store.read import open_stores, refuse_duplicates
     from . import artifacts
     from .rows import select_rows, targets
     from .. import checks
@@ -530,6 +530,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
                               "weights; pass a named head that does (see `embedpipe heads`)")
     budget = check_budget((params or {}).get("budget", DEFAULT_BUDGET))
     store = open_stores(store_path)
+    refuse_duplicates(store)
     for note in store.notes:
         say(note)
     rows = select_rows(store)

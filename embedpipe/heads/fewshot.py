@@ -138,7 +138,9 @@ def adapt(estimator: Any, y: np.ndarray, name: str = "") -> list[str]:
 LDA_MIN_FIT_ROWS = 3  # 2 per class failed on every draw of Lite0 features tried, 3 on none
 
 
-def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
+def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "") -> None:
+    """adapt's walk; ``prefix`` ('knn:' inside an ensemble) leads a parameter a note names, as
+    --param takes it."""
     kind = type(est).__name__
     cls, smallest, n_classes, n = counts(y)
     if hasattr(est, "steps"):  # Pipeline: the last step is the classifier
@@ -149,17 +151,18 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
                          f"{smallest} training image(s), the linear discriminants need "
                          f"{LDA_MIN_FIT_ROWS} of every class")
             est.set_params(**{step: "passthrough" for step in lda})
-        _adapt(est.steps[-1][1], y, name, notes)
+        _adapt(est.steps[-1][1], y, name, notes, prefix)
     elif kind == "VotingClassifier":
         for member, sub in est.estimators:
-            _adapt(sub, y, f"{name} member {member}" if name else member, notes)
+            _adapt(sub, y, f"{name} member {member}" if name else member, notes,
+                   f"{member}:")
     elif kind == "CalibratedClassifierCV":
         base = est.estimator
         split = (holdout(y) if isinstance(est.cv, int)
                  and type(base).__name__ != "FrozenEstimator" else None)
         if split is not None:
             est.set_params(cv=split, ensemble=True)  # fitted once, on all but the held-out rows
-            _adapt(base, y, name, notes)
+            _adapt(base, y, name, notes, prefix)
         elif isinstance(est.cv, int) and type(base).__name__ != "FrozenEstimator":
             k = calibration_folds(base, y, est.cv)
             if k < 2:
@@ -173,15 +176,16 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str]) -> None:
                 notes.append(f"{name}: calibrated on {k} folds instead of {est.cv} (class "
                              f"{cls!r} has {smallest} images)")
                 est.set_params(cv=k)
-            _adapt(base, fold_part(y, k), name, notes)  # fitted on each fold's training part
+            _adapt(base, fold_part(y, k), name, notes, prefix)  # on each fold's training part
     elif kind == "KNeighborsClassifier":
         if est.n_neighbors > n >= 1:
-            notes.append(f"{name}: n_neighbors lowered from {est.n_neighbors} to {n} (only {n} "
-                         "training rows)")
+            notes.append(f"{name}: {prefix}n_neighbors lowered from {est.n_neighbors} to {n} "
+                         f"(only {n} training rows)")
             est.set_params(n_neighbors=n)
     elif kind == "MLPClassifier":
         if est.early_stopping and not _mlp_split_ok(y, est.validation_fraction):
-            notes.append(f"{name}: early stopping off: a {est.validation_fraction:.0%} "
+            notes.append(f"{name}: early stopping off ({prefix}early_stopping=false): a "
+                         f"{est.validation_fraction:.0%} "
                          f"validation split of {n} rows cannot hold every one of the "
                          f"{n_classes} classes (trains for max_iter={est.max_iter} epochs)")
             est.set_params(early_stopping=False)

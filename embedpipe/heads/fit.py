@@ -136,7 +136,8 @@ def resolve_params(head_names: list[str], items: list[str] | None, *,
             out[h][key] = value
     for head, name, value in specific:
         if head != heads.AUTO.name:  # auto's are checked below
-            heads.pipeline_params(heads.get(head), {name: value}, seed)  # names the valid ones
+            heads.pipeline_params(heads.get(head), {name: value}, seed,  # names the valid
+                                  f"{head}{heads.MEMBER_SEP}")  # ones
         out[head][name] = value
     for h in head_names:
         if h == heads.AUTO.name:
@@ -149,7 +150,8 @@ def resolve_params(head_names: list[str], items: list[str] | None, *,
             if "budget" in out[h]:
                 check_budget(out[h]["budget"])
             continue
-        heads.build(h, out[h], seed=seed)  # bad values fail here, before any work
+        # bad values fail here, before any work, named as --param takes them here (HEAD:NAME)
+        heads.build(h, out[h], seed=seed, prefix=f"{h}{heads.MEMBER_SEP}")
     return out
 
 
@@ -160,8 +162,7 @@ def _has_param(head: str, name: str, seed: int) -> bool:
     if spec.members:  # its own (pca, weights...) or a member's (registry.member_params)
         if name in heads.ENSEMBLE_OWN or "__" in name:
             return name in heads.ENSEMBLE_OWN or name in spec.make(seed).get_params()
-        return name != "prep" and any(name in heads.param_names(heads.get(m))
-                                      for m in spec.members)
+        return any(name in heads.param_names(heads.get(m)) for m in spec.members)
     return name in ("pca", "prep") or name in spec.make(seed).get_params()
 
 

@@ -446,7 +446,8 @@ def _voting(specs: list[Head], seed: int, class_weight: str | None,
         own = (given or {}).get(h.name, {})
         params = _over_rule(data_params(h.name, *data), own) if data else own
         est: Any = build(h.name, params or None, member=True,
-                         class_weight=class_weight if h.class_weight else None, seed=seed)
+                         class_weight=class_weight if h.class_weight else None, seed=seed,
+                         prefix=f"{h.name}{MEMBER_SEP}")
         if not h.native_proba:
             est = CalibratedClassifierCV(est, method="temperature", ensemble=False,
                                          cv=ENSEMBLE_CALIBRATION_FOLDS)
@@ -493,12 +494,13 @@ def _shown(names: list[str]) -> str:
 
 def member_params(head: Head,
                   params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """An ensemble's ``--param`` items split into its own (ENSEMBLE_OWN, scikit-learn paths such
-    as ``knn__clf__n_neighbors``, and ``prep``, which prep_steps refuses) and each member's:
-    ``MEMBER:NAME`` sets NAME on that member; a plain ``NAME`` goes to every member that takes
-    it; ``MEMBER:NAME`` wins over a plain ``NAME``. Returns (own, {member: short params}).
-    Raises HeadError naming the members when MEMBER is not one, the member's parameters when it
-    has no NAME, and the ways to set one when no member has a plain NAME."""
+    """An ensemble's ``--param`` items split into its own (ENSEMBLE_OWN and scikit-learn paths
+    such as ``knn__clf__n_neighbors``) and each member's: ``MEMBER:NAME`` sets NAME on that
+    member; a plain ``NAME`` goes to every member that takes it (``prep``, the preprocessing of
+    each member's own pipeline, to all of them); ``MEMBER:NAME`` wins over a plain ``NAME``.
+    Returns (own, {member: short params}). Raises HeadError naming the members when MEMBER is
+    not one, the member's parameters when it has no NAME, and the ways to set one when no
+    member has a plain NAME."""
     own: dict[str, Any] = {}
     per: dict[str, dict[str, Any]] = {m: {} for m in head.members}
     specific: list[tuple[str, str, Any]] = []
@@ -514,7 +516,7 @@ def member_params(head: Head,
                 raise HeadError(f"--param {key}: the member {member} has no parameter {name}; "
                                 f"pass one of {_shown(param_names(get(member)))}")
             specific.append((member, name, value))
-        elif key in ENSEMBLE_OWN or key == "prep" or "__" in key:
+        elif key in ENSEMBLE_OWN or "__" in key:
             own[key] = value
         else:
             takers = [m for m in head.members if key in param_names(get(m))]
@@ -585,34 +587,35 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _pca(value: Any, seed: int) -> Any:
+def _pca(value: Any, seed: int, prefix: str = "") -> Any:
     if value in (None, 0, False, "none"):
         return "passthrough"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
             isinstance(value, float) and value >= 1):
-        raise HeadError(f"--param pca={value}: pass a number of components (e.g. 128) or a "
+        raise HeadError(f"--param {prefix}pca={value}: pass a number of components (e.g. 128) or a "
                         "variance fraction in (0, 1) (e.g. 0.95), or none")
     return PCA(n_components=value, random_state=seed)
 
 
-def prep_steps(head: Head, value: Any = None) -> tuple[str, ...]:
+def prep_steps(head: Head, value: Any = None, prefix: str = "") -> tuple[str, ...]:
     """The preprocessing steps (names from PREPROCESSING) for ``prep=value``, or the head's own
-    when ``value`` is None."""
-    if value is None:
+    when ``value`` is None; none for an ensemble, whose members each have their own (a ``prep``
+    given to it goes to them: member_params). ``prefix`` ('knn:') leads the parameter's name in
+    the HeadError raised for an unknown value."""
+    if value is None or head.members:
         return head.steps
-    if head.members:
-        raise HeadError(f"--param prep={value}: an ensemble's members keep their own "
-                        f"preprocessing; set it on one member (--param "
-                        f"{head.members[0]}{MEMBER_SEP}prep={value}) or on a single head")
     try:
         return PREP_CHOICES[str(value)]
     except KeyError:
-        raise HeadError(f"--param prep={value}: pass one of {', '.join(PREP_CHOICES)}") from None
+        raise HeadError(f"--param {prefix}prep={value}: pass {prefix}prep= one of "
+                        f"{', '.join(PREP_CHOICES)}") from None
 
 
-def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, Any]:
+def pipeline_params(head: Head, params: dict[str, Any], seed: int,
+                    prefix: str = "") -> dict[str, Any]:
     """Short parameter names → pipeline names, validated against the final estimator
-    (``prep`` is taken by ``build``: it chooses the steps, not a parameter of one)."""
+    (``prep`` is taken by ``build``: it chooses the steps, not a parameter of one). ``prefix``
+    ('knn:', as --param names a member's parameter) leads the names in a HeadError."""
     if head.members:  # its members' short parameters are set by build (member_params)
         params = member_params(head, params)[0]
     # an ensemble's members are Pipelines: their ``memory`` is lda_cache's, not a parameter
@@ -623,14 +626,14 @@ def pipeline_params(head: Head, params: dict[str, Any], seed: int) -> dict[str, 
         if key == "prep":
             continue
         if key == "pca":
-            out["pca"] = _pca(value, seed)
+            out["pca"] = _pca(value, seed, prefix)
         elif head.members and key in ("voting", "weights"):
             out[f"clf__{key}"] = _vote_setting(head, key, value)
         elif key in valid:
             out[f"clf__{key}"] = value
         else:
-            raise HeadError(f"--param {key}: {head.name} has no such parameter; pass one of "
-                            f"{_shown(['pca', 'prep', *valid])}")
+            raise HeadError(f"--param {prefix}{key}: {head.name} has no such parameter; pass "
+                            f"one of {_shown(['pca', 'prep', *valid])}")
     return out
 
 
@@ -661,17 +664,20 @@ def _vote_setting(head: Head, key: str, value: Any) -> Any:
 
 
 def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str | None = None,
-          seed: int = 0, data: tuple[int, int] | None = None, member: bool = False) -> Pipeline:
+          seed: int = 0, data: tuple[int, int] | None = None, member: bool = False,
+          prefix: str = "") -> Pipeline:
     """An unfitted pipeline for head ``name`` with its defaults, overridden by ``params``.
     ``data`` (rows per class of the smallest class, feature dimension; see ``data_of``) gives
     an ensemble's members their defaults for that data (DATA_RULES), as each has when fitted
     alone; a single head takes its data defaults through ``params`` (with_data_defaults).
     An ensemble's ``params`` may set its members' (``knn:weights``, or a plain name for every
     member that has it: member_params). ``member``: built as an ensemble's member, fitted in
-    memory inside the vote even when it is a streaming head (refuse_conflicts). Raises
-    HeadError on an unknown name, a bad value or a combination scikit-learn would refuse."""
+    memory inside the vote even when it is a streaming head (refuse_conflicts). ``prefix`` leads
+    every parameter a HeadError names, as --param takes it there: 'knn:' for an ensemble's
+    member (build gives it to its members), 'logreg:' for one of cv's heads. Raises HeadError
+    on an unknown name, a bad value or a combination scikit-learn would refuse."""
     head = get(name)
-    prep = prep_steps(head, (params or {}).get("prep"))
+    prep = prep_steps(head, (params or {}).get("prep"), prefix)
     steps: list[tuple[str, Any]] = [(step, STEP_FACTORIES[step]()) for step in prep]
     if head.members:  # each member has its own preprocessing; class weights go to them
         if class_weight not in (None, "balanced"):
@@ -696,32 +702,50 @@ def build(name: str, params: dict[str, Any] | None = None, *, class_weight: str 
         # kd_tree/ball_tree (and auto, which may pick them) store a KDTree/BallTree, whose raw
         # index arrays skops does not trust (read without bounds checks, like its Tree): no
         # head file could hold them safely, so `predict` would refuse what `fit` wrote.
-        raise HeadError(f"--param algorithm={algorithm}: the knn head searches by brute force "
-                        "only (a KDTree or BallTree cannot be saved in a safe head file); "
-                        "leave algorithm out (brute)")
+        raise HeadError(f"--param {prefix}algorithm={algorithm}: the knn head searches by "
+                        "brute force only (a KDTree or BallTree cannot be saved in a safe head "
+                        f"file); leave {prefix}algorithm out (brute)")
     try:
-        pipe.set_params(**pipeline_params(head, params or {}, seed))
+        pipe.set_params(**pipeline_params(head, params or {}, seed, prefix))
         for _, step in pipe.steps:  # bad values (C=abc, C=-1) fail now, not inside a fit
             check = getattr(step, "_validate_params", None)  # scikit-learn >= 1.2
             if check is not None:
                 check()
     except (ValueError, TypeError) as e:
-        first = first_line(e)
-        raise HeadError(f"--param for {name}: {first} (see `embedpipe heads`)") from None
+        raise HeadError(_bad_value(name, params or {}, first_line(e), prefix)) from None
     if not head.members:  # an ensemble's members were checked as they were built
         refuse_conflicts(head, pipe.steps[-1][1], params or {}, streamed=head.streaming and
-                         not member)
+                         not member, prefix=prefix)
     return pipe
+
+
+def _bad_value(name: str, params: dict[str, Any], text: str, prefix: str) -> str:
+    """The line for a --param value scikit-learn's parameter constraints refuse (``text``: its
+    first line, "The 'C' parameter of SVC must be ... Got -1 instead."), naming the parameter
+    as --param takes it (``prefix``: 'knn:' for a member) when the text names one given."""
+    import re
+
+    found = re.search(r"The '(\w+)' parameter", text)
+    key = found.group(1) if found else None
+    if key in params:
+        return (f"--param {prefix}{key}={_text(params[key])}: {name}: {text} (see "
+                "`embedpipe heads`)")
+    return f"--param for {name}: {text} (see `embedpipe heads`)"
 
 
 # Settings that scikit-learn refuses only inside ``fit``: combinations of parameters (its
 # parameter constraints, which build checks first, take one parameter at a time). Found by
 # sweeping every head's parameters one --param at a time over the values scikit-learn 1.9
-# allows, then the pairs behind each failure. By class name: a function of the estimator's
-# get_params and the number of classes (None: not known yet) giving (the parameters involved,
-# why they cannot be fitted as set), or None. refuse_conflicts turns one into a line naming the
-# --param values and the fix, before any work.
+# allows, then the pairs (and a few triples) that are combined in practice (logreg's
+# penalty/solver/l1_ratio/dual/C, linear-svm's penalty/loss/dual, sgd's loss/penalty/
+# learning_rate/l1_ratio, mlp's solver/learning_rate/early_stopping, knn's metric/algorithm/p,
+# centroid's metric/shrink_threshold; tests/test_heads.py keeps both sweeps). By class name: a
+# function of the estimator's get_params, the number of classes (None: not known yet) and
+# ``q``, which writes a parameter's name as --param takes it ('logreg:solver' for an ensemble's
+# member), giving (the parameters involved, why they cannot be fitted as set, with the fix),
+# or None. refuse_conflicts turns one into a line naming the --param values, before any work.
 _Reason = tuple[tuple[str, ...], str] | None
+_Name = Callable[[str], str]
 
 
 def _logreg_penalty(g: dict[str, Any]) -> str | None:
@@ -736,103 +760,124 @@ def _logreg_penalty(g: dict[str, Any]) -> str | None:
     return "l2" if ratio in (0, None) else "l1" if ratio == 1 else "elasticnet"
 
 
-def _logreg(g: dict[str, Any], classes: int | None) -> _Reason:
+def _logreg(g: dict[str, Any], classes: int | None, q: _Name) -> _Reason:
     solver, penalty = g.get("solver"), _logreg_penalty(g)
     if penalty == "elasticnet" and solver != "saga":
         return ("l1_ratio", "penalty", "solver"), (
             f"an elasticnet penalty (0 < l1_ratio < 1) is fitted by solver saga only, and the "
-            f"solver is {solver}; add --param solver=saga (or pass l1_ratio=0, the l2 penalty)")
+            f"solver is {solver}; add --param {q('solver')}=saga (or pass {q('l1_ratio')}=0, "
+            "the l2 penalty)")
+    if penalty == "elasticnet" and g.get("l1_ratio") is None:
+        return ("penalty", "l1_ratio"), (
+            f"the elasticnet penalty mixes l1 and l2 by l1_ratio, which is none; pass "
+            f"{q('l1_ratio')}=0.5 (a number in (0, 1)) and leave {q('penalty')} out")
     if penalty == "l1" and solver not in ("saga", "liblinear"):
         return ("l1_ratio", "penalty", "solver"), (
             f"the l1 penalty (l1_ratio=1) is fitted by solver saga or liblinear only, and the "
-            f"solver is {solver}; add --param solver=saga")
+            f"solver is {solver}; add --param {q('solver')}=saga")
     if g.get("dual") and solver != "liblinear":
         return ("dual", "solver"), (
             f"dual=True is solved by solver liblinear only (two classes), and the solver is "
-            f"{solver}; leave dual out (false)")
+            f"{solver}; leave {q('dual')} out (false)")
     if solver == "liblinear" and penalty is None:
         return ("solver", "C", "penalty"), (
-            "solver liblinear needs a penalty, and C=inf turns it off; pass a finite C (10: "
-            "logreg's own), or leave solver out (lbfgs)")
+            f"solver liblinear needs a penalty, and C=inf turns it off; pass a finite "
+            f"{q('C')} (10: logreg's own), or leave {q('solver')} out (lbfgs)")
+    if solver in ("sag", "saga") and penalty is None and g.get("l1_ratio") is None:
+        return ("l1_ratio", "C", "solver"), (
+            f"solver {solver} with C=inf (no penalty) still reads l1_ratio, which is none; "
+            f"pass {q('l1_ratio')}=0 (logreg's own), or a finite {q('C')}")
     if solver == "liblinear" and classes is not None and classes > 2:
         return ("solver",), (
             f"solver liblinear fits two classes only, and the training rows have {classes}; "
-            "leave solver out (lbfgs), or pass saga")
+            f"leave {q('solver')} out (lbfgs), or pass {q('solver')}=saga")
     return None
 
 
-def _linear_svm(g: dict[str, Any], classes: int | None) -> _Reason:
+def _linear_svm(g: dict[str, Any], classes: int | None, q: _Name) -> _Reason:
     penalty, loss, dual = g.get("penalty"), g.get("loss"), g.get("dual")
     if penalty == "l1" and loss == "hinge":
         return ("penalty", "loss"), (
-            "liblinear has no l1 penalty with the hinge loss; pass loss=squared_hinge (the "
-            "head's own) with penalty=l1, or penalty=l2 with loss=hinge")
+            f"liblinear has no l1 penalty with the hinge loss; pass {q('loss')}=squared_hinge "
+            f"(the head's own) with {q('penalty')}=l1, or {q('penalty')}=l2 with "
+            f"{q('loss')}=hinge")
     if penalty == "l1" and dual is True:
-        return ("penalty", "dual"), ("the l1 penalty is solved in the primal only; pass "
-                                     "dual=false (or auto)")
+        return ("penalty", "dual"), (f"the l1 penalty is solved in the primal only; pass "
+                                     f"{q('dual')}=false (or auto)")
     if loss == "hinge" and dual is False:
-        return ("loss", "dual"), ("the hinge loss is solved in the dual only; pass dual=true "
-                                  "(or auto)")
+        return ("loss", "dual"), (f"the hinge loss is solved in the dual only; pass "
+                                  f"{q('dual')}=true (or auto)")
     return None
 
 
-def _svm(g: dict[str, Any], classes: int | None) -> _Reason:
+def _svm(g: dict[str, Any], classes: int | None, q: _Name) -> _Reason:
     if g.get("kernel") == "precomputed":
         return ("kernel",), ("it is fitted on feature rows, not on a precomputed kernel "
-                             "matrix; pass kernel=rbf (its own), linear, poly or sigmoid")
+                             f"matrix; pass {q('kernel')}=rbf (its own), linear, poly or sigmoid")
     return None
 
 
-def _knn(g: dict[str, Any], classes: int | None) -> _Reason:
+def _knn(g: dict[str, Any], classes: int | None, q: _Name) -> _Reason:
     from sklearn.neighbors import VALID_METRICS
 
     metric = g.get("metric")
     if metric == "precomputed":
         return ("metric",), ("it is fitted on feature rows, not on a precomputed distance "
-                             "matrix; pass metric=euclidean (its own), cosine or minkowski")
+                             f"matrix; pass {q('metric')}=euclidean (its own), cosine or "
+                             "minkowski")
     if isinstance(metric, str) and metric not in VALID_METRICS["brute"]:
         return ("metric",), (
-            f"its brute-force search has no metric {metric}; pass euclidean (its own), "
-            "cosine, manhattan, minkowski or another of scikit-learn's VALID_METRICS['brute']")
+            f"its brute-force search has no metric {metric}; pass {q('metric')}=euclidean (its "
+            "own), cosine, manhattan, minkowski or another of scikit-learn's "
+            "VALID_METRICS['brute']")
+    if metric == "minkowski" and g.get("p") is None:
+        return ("p", "metric"), (
+            f"the minkowski distance needs its power p, which is none; pass {q('p')}=2 "
+            f"(euclidean) or {q('p')}=1 (manhattan)")
     return None
 
 
-def _ridge(g: dict[str, Any], classes: int | None) -> _Reason:
+def _ridge(g: dict[str, Any], classes: int | None, q: _Name) -> _Reason:
     solver, positive = g.get("solver"), g.get("positive")
     if solver == "lbfgs" and not positive:
         return ("solver", "positive"), (
-            "solver lbfgs fits positive coefficients only (positive=True); add --param "
-            "positive=true, or leave solver out (auto)")
+            f"solver lbfgs fits positive coefficients only (positive=True); add --param "
+            f"{q('positive')}=true, or leave {q('solver')} out (auto)")
     if positive and solver not in ("auto", "lbfgs"):
         return ("positive", "solver"), (
             f"positive=True is fitted by solver lbfgs only, and the solver is {solver}; leave "
-            "solver out (auto picks lbfgs)")
+            f"{q('solver')} out (auto picks lbfgs)")
     return None
 
 
-def _mlp(g: dict[str, Any], classes: int | None) -> _Reason:
+def _mlp(g: dict[str, Any], classes: int | None, q: _Name) -> _Reason:
     if g.get("early_stopping") and not g.get("validation_fraction"):
         return ("validation_fraction", "early_stopping"), (
             "early stopping holds out validation_fraction of the training rows, and 0 holds "
-            "out none; pass a fraction in (0, 1) such as 0.1 (the default), or "
-            "early_stopping=false")
+            f"out none; pass {q('validation_fraction')}= a fraction in (0, 1) such as 0.1 (the "
+            f"default), or {q('early_stopping')}=false")
     return None
 
 
-def _sgd(g: dict[str, Any], classes: int | None) -> _Reason:
+def _sgd(g: dict[str, Any], classes: int | None, q: _Name) -> _Reason:
     rate = g.get("learning_rate")
     if rate == "optimal" and not g.get("alpha"):
         return ("alpha", "learning_rate"), (
             "learning_rate=optimal takes its step size from alpha (1 / (alpha * t)), so alpha "
-            "must be above 0; pass alpha=0.0001 (the head's own), or learning_rate=constant")
+            f"must be above 0; pass {q('alpha')}=0.0001 (the head's own), or "
+            f"{q('learning_rate')}=constant")
     if rate in ("pa1", "pa2") and g.get("loss") != "hinge":
         return ("learning_rate", "loss"), (
             f"learning_rate={rate} (passive-aggressive) works with loss=hinge only, and the "
-            f"loss is {g.get('loss')}; leave learning_rate out (optimal)")
+            f"loss is {g.get('loss')}; leave {q('learning_rate')} out (optimal)")
+    if g.get("penalty") == "elasticnet" and g.get("l1_ratio") is None:
+        return ("penalty", "l1_ratio"), (
+            "the elasticnet penalty mixes l1 and l2 by l1_ratio, which is none; pass "
+            f"{q('l1_ratio')}=0.15 (scikit-learn's default) or another number in [0, 1]")
     return None
 
 
-_CONFLICTS: dict[str, Callable[[dict[str, Any], int | None], _Reason]] = {
+_CONFLICTS: dict[str, Callable[[dict[str, Any], int | None, _Name], _Reason]] = {
     "LogisticRegression": _logreg, "LinearSVC": _linear_svm, "SVC": _svm,
     "KNeighborsClassifier": _knn, "RidgeClassifier": _ridge, "MLPClassifier": _mlp,
     "SGDClassifier": _sgd,
@@ -840,33 +885,41 @@ _CONFLICTS: dict[str, Callable[[dict[str, Any], int | None], _Reason]] = {
 
 
 def refuse_conflicts(head: Head, final: Any, params: dict[str, Any],
-                     classes: int | None = None, *, streamed: bool = False) -> None:
+                     classes: int | None = None, *, streamed: bool = False,
+                     prefix: str = "") -> None:
     """Raise HeadError when ``final`` (head ``head``'s unfitted final estimator, set from
     ``params``: short names) holds a combination of settings that scikit-learn would refuse
     inside ``fit`` (_CONFLICTS), or one it refuses for ``classes`` classes (liblinear: two);
-    the line names the --param values involved, why, and the fix. ``streamed``: the head is
-    fitted chunk by chunk with partial_fit (a streaming head alone, not an ensemble's member),
-    which refuses early stopping."""
+    the line names the --param values involved, why, and the fix, every parameter led by
+    ``prefix`` as --param takes it ('logreg:' for an ensemble's member or one of cv's heads).
+    ``streamed``: the head is fitted chunk by chunk with partial_fit (a streaming head alone,
+    not an ensemble's member), which refuses early stopping."""
     got = final.get_params(deep=False)
     why = _CONFLICTS.get(type(final).__name__)
-    found = why(got, classes) if why is not None else None
+
+    def q(key: str) -> str:
+        return f"{prefix}{key}"
+
+    found = why(got, classes, q) if why is not None else None
     if found is None and streamed and got.get("early_stopping"):
         found = ("early_stopping",), (
             "a streaming head is fitted chunk by chunk (partial_fit), which holds out no "
-            "validation rows; leave early_stopping out (max_iter sets the epochs)")
+            f"validation rows; leave {q('early_stopping')} out (max_iter sets the epochs)")
     if found is None:
         return
     keys, reason = found
-    named = [f"{k}={_text(params.get(k, got.get(k)))}" for k in keys if k in params] or \
-        [f"{k}={_text(got.get(k))}" for k in keys[:1]]
+    named = [f"{q(k)}={_text(params.get(k, got.get(k)))}" for k in keys if k in params] or \
+        [f"{q(k)}={_text(got.get(k))}" for k in keys[:1]]
     raise HeadError(f"--param {' '.join(named)}: {head.name}: {reason}")
 
 
 def check_for_data(name: str, params: dict[str, Any] | None, y: Any, dim: int,
-                   seed: int = 0) -> None:
+                   seed: int = 0, *, qualified: bool = False) -> None:
     """refuse_conflicts for head ``name`` fitted on labels ``y`` (N) of ``dim`` features, as
     fit builds it there (its data defaults applied; an ensemble: each member): the refusals
-    that depend on the number of classes (liblinear's two). Raises HeadError; nothing for
+    that depend on the number of classes (liblinear's two). The parameters are named as
+    --param takes them: ``MEMBER:NAME`` for an ensemble's member, and with ``qualified``
+    ``HEAD:NAME`` for a single head too (cv and compare). Raises HeadError; nothing for
     auto."""
     import numpy as np
 
@@ -874,7 +927,8 @@ def check_for_data(name: str, params: dict[str, Any] | None, y: Any, dim: int,
         return
     classes = len(np.unique(np.asarray(y)))
     for head, final, given, member in _finals(name, params or {}, y, dim, seed):
-        refuse_conflicts(head, final, given, classes, streamed=head.streaming and not member)
+        refuse_conflicts(head, final, given, classes, streamed=head.streaming and not member,
+                         prefix=f"{head.name}{MEMBER_SEP}" if member or qualified else "")
 
 
 def _finals(name: str, params: dict[str, Any], y: Any, dim: int,

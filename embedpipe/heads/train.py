@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _io, checks
 from ..errors import naming
-from ..store.read import open_stores
+from ..store.read import open_stores, refuse_duplicates
 from . import artifacts, fewshot, stream
 from . import registry as heads
 from .fit import (_as_fitted, _fit_errors, _Quiet, blas_threads, convergence_note,
@@ -174,6 +174,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
                                  "--reject with a confidence threshold")
     # a streaming head reads labels, paths and splits now, its features chunk by chunk later
     store = open_stores(store_path, features=not spec.streaming)
+    refuse_duplicates(store)
     for note in store.notes:
         say(note)
     rows = select_rows(store)
@@ -335,9 +336,12 @@ def _training(store: Any, rows: Any, classes: np.ndarray, counts: np.ndarray,
               **extra: Any) -> dict[str, Any]:
     """The head manifest's record of what it was trained on (``accuracy_on``: the rows its
     training accuracy was measured on, accuracy_rows; None: all)."""
-    # stacked stores: each file (resolved), so that predict can tell stores of one backbone
-    # apart and refuse them in another order (provenance.stack_order)
-    stacked = ({"stores": [str(Path(p).resolve()) for p in store.meta["stores"]]}
+    # stacked stores: each file (resolved) and its creation id (store_id; None for a store
+    # written before stores had one), so that predict can tell stores of one backbone apart,
+    # renamed or not, and refuse them in another order (provenance.stack_order)
+    stacked = ({"stores": [str(Path(p).resolve()) for p in store.meta["stores"]],
+                "store_ids": list(store.meta.get("store_ids") or [None] * len(store.meta[
+                    "stores"]))}
                if "stores" in store.meta else {})
     return {"store": str(store.path), "rows": int(counts.sum()),
             "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()

@@ -25,6 +25,7 @@ from ._hdf5 import (
 from .schema import (
     ERROR_FIELDS,
     ROW_FIELDS,
+    STORE_ID,
     StoreError,
     _check_schema,
     _chunk_rows,
@@ -191,12 +192,17 @@ def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
     notes = [note for s, m in zip(stores, index) for note in
              ([f"note: {len(m) - len(common)} rows of {s.path} are not in every stacked store "
                "and are left out"] if len(m) > len(common) else [])]
-    notes += _same_features_notes(stores, rows)
+    same = same_feature_pairs(stores, rows)
+    notes += _same_features_notes(stores, same)
     dtype = np.result_type(*(s.features.dtype for s in stores), np.float32)
     features = np.concatenate([s.features[r].astype(dtype, copy=False)
                                for s, r in zip(stores, rows)], axis=1)
     errors = list(dict.fromkeys(e for s in stores for e in s.errors))
     meta = {"stacked": [s.identity for s in stores], "stores": [str(s.path) for s in stores],
+            # each file's creation id (None: written before stores had one), so that a head
+            # can tell stores of one identity apart whatever their names (provenance.stack_order)
+            "store_ids": [s.meta.get(STORE_ID) for s in stores],
+            "same_features": [list(p) for p in same],  # same_feature_pairs: duplicates
             "feature_dim": int(features.shape[1])}
     return FeatureStore(  # path: for messages only ("a.h5+b.h5"), never opened
         path=Path("+".join(str(s.path) for s in stores)), meta=meta, features=features, labels=first.labels[rows[0]],
@@ -224,13 +230,35 @@ def same_feature_pairs(stores: Sequence[FeatureStore],
             if same_features(stores[i], stores[j], rows[i], rows[j])]
 
 
-def _same_features_notes(stores: Sequence[FeatureStore], rows: list[np.ndarray]) -> list[str]:
-    """stack's note for each pair of stores (``rows``: each one's rows of the paths stacked)
-    with the same features (same_feature_pairs): their columns repeat each other."""
+def _same_features_notes(stores: Sequence[FeatureStore],
+                         pairs: Sequence[tuple[int, int]]) -> list[str]:
+    """stack's note for each pair (i, j) of ``stores`` with the same features
+    (same_feature_pairs): their columns repeat each other."""
     return [f"note: {stores[j].path} holds the same features as {stores[i].path} (the same "
             "images, backbone, weights, preprocessing and precision): stacking it repeats "
             "their columns and adds nothing; pass one of them"
-            for i, j in same_feature_pairs(stores, rows)]
+            for i, j in pairs]
+
+
+def refuse_duplicates(store: FeatureStore) -> None:
+    """Refuse (StoreError) stacked stores (stack) two of which hold the same features (the
+    same images, made the same way: same_feature_pairs), before a head is fitted on them: its
+    columns would repeat each other, and nothing but the file would tell the two apart when
+    it predicts from images (each would be extracted the same way). The line names both and
+    the fix: pass one of them. Nothing for a single store."""
+    pairs = store.meta.get("same_features") or []
+    if not pairs:
+        return
+    files = store.meta["stores"]
+    i, j = pairs[0]
+    keep = [f for k, f in enumerate(files) if k != j]
+    raise StoreError(f"{files[j]}: holds the same features as {files[i]} (the same images, "
+                     "backbone, weights, preprocessing and precision): a head stacked on both "
+                     "repeats their columns and adds nothing; pass "
+                     + (f"{keep[0]} alone" if len(keep) == 1 else " ".join(map(str, keep)))
+                     + f", or stack {files[i]} with a store of these images made with other "
+                       "extraction options (another backbone, --img-size, --crop-pct, --pool, "
+                       "--tta or precision)")
 
 
 def open_stores(paths: str | Path | Sequence[str | Path], *,

@@ -11,7 +11,9 @@
   /runs       utf-8 str (R,)     one JSON record per extract run (options, counts, versions)
   /committed  int64 (2,)         [rows, errors] that are complete; everything past them is junk
   attributes  identity (embedpipe.provenance.IDENTITY_KEYS) and identity_sha256,
-              schema_version, created, versions
+              schema_version, created, versions, store_id (a random id given at creation,
+              kept by every later write: tells apart files of one identity, e.g. two stacked
+              stores renamed; absent from stores written before it was added)
 
 Fixed-size datasets carry HDF5 Fletcher-32 checksums (HDF5 cannot filter variable-length
 strings), so damaged features are refused when read instead of being used.
@@ -31,6 +33,7 @@ from ..errors import UserError
 from ..provenance import IDENTITY_KEYS, diff
 
 SCHEMA_VERSION = 1
+STORE_ID = "store_id"  # the attribute naming this file (a uuid4's hex, given at creation)
 ROW_FIELDS = ("labels", "paths", "hash", "split", "mtime_ns", "size")
 ERROR_FIELDS = ("path", "reason", "hash", "mtime_ns", "size")
 _STR = h5py.string_dtype("utf-8")

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -52,6 +53,7 @@ from .schema import (
     ERROR_FIELDS,
     ROW_FIELDS,
     SCHEMA_VERSION,
+    STORE_ID,
     StoreBusy,
     StoreError,
     StoreFull,
@@ -438,6 +440,7 @@ def _create(path: Path, identity: dict[str, Any], versions: dict[str, str]) -> N
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["versions"] = json.dumps(versions, sort_keys=True)
             f.attrs["identity_sha256"] = _identity_digest(f.attrs)
+            f.attrs[STORE_ID] = uuid.uuid4().hex  # this file, whatever its name (schema.py)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
