@@ -163,38 +163,62 @@ def repeated_args(quick: tuple[int, int] = (3, 2)):
 
 
 def run_repeated(name, splits, args, log) -> list[dict]:
-    """Every head's defaults and auto on each split: mean test accuracy and its standard
-    error over the splits."""
+    """Every head's defaults and (unless --no-search) its --search, and auto, on each split:
+    mean test accuracy and its standard error over the splits; each split's accuracies are
+    kept in split order, so that two rows can be compared split by split (paired)."""
     rows = []
-    for head in [*args.heads, "auto"]:
+    kinds = ["defaults"] + ([] if args.no_search else ["--search"])
+    for head, kind in [(h, k) for h in args.heads for k in kinds] + [("auto", "auto")]:
         accs = []
         for Xtr, ytr, Xte, yte in splits:
             if head == "auto":
                 make = lambda X, y: (lambda r: (r[0], {}))(auto.fit_auto(X, y, budget=args.budget))  # noqa: E731,E501
             else:
-                make = lambda X, y: fit_configuration(Labeled.in_memory(X, y), head, None)  # noqa: E731,B023,E501
+                make = lambda X, y: fit_configuration(Labeled.in_memory(X, y), head, None,  # noqa: E731,B023,E501
+                                                     search=kind == "--search")  # noqa: B023
             accs.append(_fit_score(make, Xtr, ytr, Xte, yte)[0])
         m, se = float(np.mean(accs)), float(np.std(accs, ddof=1) / np.sqrt(len(accs)))
-        log(f"{name} (repeated): {head} {m:.3f} ± {se:.3f}")
-        rows.append({"set": name, "head": head, "mean": m, "se": se, "accuracies": accs})
+        log(f"{name} (repeated): {head} {kind} {m:.3f} ± {se:.3f}")
+        rows.append({"set": name, "head": head, "kind": kind, "mean": m, "se": se,
+                     "accuracies": accs})
     return rows
+
+
+def _paired(a: dict, b: dict) -> str:
+    """a's mean minus b's, in points, ± the standard error of the split-by-split difference."""
+    d = np.asarray(a["accuracies"]) - np.asarray(b["accuracies"])
+    return f"{100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f} points"
 
 
 def repeated_text(name, how, rows) -> str:
     text = f"\n## {name}, repeated: {how}\n\n" + bu.table(
-        ["head (defaults)", "mean test accuracy", "± s.e.", "min–max"],
-        [(r["head"], f"{r['mean']:.3f}", f"{r['se']:.3f}",
+        ["head", "kind", "mean test accuracy", "± s.e.", "min–max"],
+        [(r["head"], r.get("kind", "defaults"), f"{r['mean']:.3f}", f"{r['se']:.3f}",
           f"{min(r['accuracies']):.3f}–{max(r['accuracies']):.3f}") for r in rows]) + "\n"
-    heads_only = [r for r in rows if r["head"] != "auto"]
-    best = max(heads_only, key=lambda r: r["mean"])
-    worst = min(heads_only, key=lambda r: r["mean"])
+    defaults = [r for r in rows if r.get("kind", "defaults") == "defaults"]
+    best = max(defaults, key=lambda r: r["mean"])
+    worst = min(defaults, key=lambda r: r["mean"])
     gap = best["mean"] - worst["mean"]
     a = next(r for r in rows if r["head"] == "auto")
-    text += (f"\ntargets on {name} (means over the splits):\n"
+    text += (f"\ntargets on {name} (means over the splits; differences paired split by "
+             "split):\n"
              f"- defaults spread: best {best['head']} {best['mean']:.3f}, worst {worst['head']} "
              f"{worst['mean']:.3f} ({100 * gap:.1f} points): "
              f"{'met' if gap <= 0.03 else 'not met'} (≤ 3 points)\n"
-             f"- auto {a['mean']:.3f} vs the best head's defaults {best['mean']:.3f}\n")
+             f"- auto {a['mean']:.3f} vs the best head's defaults ({best['head']}) "
+             f"{best['mean']:.3f}: {_paired(a, best)}\n")
+    searched = [r for r in rows if r.get("kind") == "--search"]
+    if searched:
+        bs = max(searched, key=lambda r: r["mean"])
+        text += (f"- auto {a['mean']:.3f} vs the best single head with --search ({bs['head']}) "
+                 f"{bs['mean']:.3f}: {_paired(a, bs)}: "
+                 f"{'met' if a['mean'] >= bs['mean'] else 'not met'} (at least as good)\n")
+        by_hand = max(rows[:-1], key=lambda r: r["mean"])
+        text += (f"- auto vs the best configuration by hand ({by_hand['head']} "
+                 f"{by_hand.get('kind', 'defaults')}) {by_hand['mean']:.3f}: "
+                 f"{_paired(a, by_hand)}: "
+                 f"{'met' if a['mean'] >= by_hand['mean'] - 0.01 else 'not met'} "
+                 "(within 1 point)\n")
     return text
 
 

@@ -238,7 +238,11 @@ def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) ->
     if exported is None:
         return False
     spec, arrays = exported
-    if not compact.agrees(estimator, compact.load(spec, arrays), np.asarray(rows)):
+    rows = np.asarray(rows)
+    # the training rows, and the midpoints of neighbouring ones: rows the head has not seen
+    # (a kNN's training rows are their own nearest neighbours, at distance 0)
+    rows = np.concatenate([rows, (rows[:-1] + rows[1:]) / 2]).astype(rows.dtype, copy=False)
+    if not compact.agrees(estimator, compact.load(spec, arrays), rows):
         return False
     with zipfile.ZipFile(path, "a") as z:
         sizes: dict[int, list[str]] = {}  # the pipeline's own arrays, by size

@@ -316,8 +316,9 @@ def _logistic(x: np.ndarray) -> np.ndarray:
 
 _ACTIVATIONS = {"relu": _relu, "tanh": np.tanh, "logistic": _logistic, "identity": lambda x: x}
 
-# The most kernel entries (rows x support vectors, float64) computed at once: 64 MB.
-SVC_BLOCK = 8_000_000
+# The most kernel or distance entries (rows x support vectors or kept rows, float64)
+# computed at once: 64 MB.
+BLOCK_ENTRIES = 8_000_000
 
 
 def _kernel(x: np.ndarray, sv: np.ndarray, sv_sq: np.ndarray, op: dict[str, Any]) -> np.ndarray:
@@ -343,7 +344,7 @@ def _ovo(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray]) -> np
     sv_sq = np.einsum("ij,ij->i", sv, sv)
     x = np.asarray(x, dtype=np.float64)  # as scikit-learn's SVC: float64 whatever came in
     out = np.empty((len(x), len(b)))
-    step = max(1, SVC_BLOCK // max(len(sv), 1))
+    step = max(1, BLOCK_ENTRIES // max(len(sv), 1))
     for lo in range(0, len(x), step):
         kern = _kernel(x[lo:lo + step], sv, sv_sq, op)
         if k == 2:  # scikit-learn's binary sign: positive for classes_[1]
@@ -387,7 +388,7 @@ def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
     else:
         fit_sq = np.einsum("ij,ij->i", fit_x, fit_x)
     out = np.zeros((len(x), n_classes))
-    step = max(1, SVC_BLOCK // max(len(fit_x), 1))
+    step = max(1, BLOCK_ENTRIES // max(len(fit_x), 1))
     for lo in range(0, len(x), step):
         q = x[lo:lo + step]
         if op["metric"] == "cosine":
