@@ -365,7 +365,7 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
     if keep_store is not None:
         _io.refuse_inputs(keep_store, [head_path, *inputs], flag="--keep-store")
 
-    head = artifacts.load(head_path)
+    head = artifacts.load(head_path, compact=True)  # its manifest: no scikit-learn needed
     rule_for(head.manifest, reject, str(head.path))  # a bad --reject fails before extracting
     idents = members(head.identity)  # a head on stacked stores: each backbone's
     _refuse_alike(head, idents)

@@ -16,7 +16,7 @@ Covered (``export`` returns None for anything else, which then goes through scik
     ``LinearSVC`` (linear decision functions), ``MLPClassifier``; ``SVC`` (any of libsvm's
     kernels: its support vectors, dual coefficients and intercepts, one-vs-one decision values
     turned one-vs-rest as scikit-learn does; its kernel rows come from one matrix product per
-    block of rows, where libsvm takes one dot product per pair: about 10x less CPU time for the
+    block of rows, where libsvm takes one dot product per pair: 6-9x less CPU time for the
     same values, bench/results/svm_predict.md); ``NearestCentroid`` (euclidean: its
     discriminant scores); ``KNeighborsClassifier`` (brute force, euclidean or cosine distance,
     uniform or distance weights: its predict_proba; the training rows it keeps are in the
