@@ -642,17 +642,21 @@ DEFAULT_CALIB_COUNT = 64  # calibration images of static int8 (--calib-count)
 
 
 def calibration_paths(head: artifacts.HeadFile, calib: Sequence[str | Path] | None,
-                      count: int = DEFAULT_CALIB_COUNT) -> list[Path]:
+                      count: int = DEFAULT_CALIB_COUNT,
+                      note: Callable[[str], None] | None = None) -> list[Path]:
     """The image files static quantization calibrates on: ``count`` of those under ``calib``
     (image files, folders, CSV manifests, or feature stores: a store's images where its
     extraction read them), or by default of the training images of the store the head was
     fitted on (recorded in the head as given to `fit`: looked for from the working directory,
-    then beside the head), spread evenly (as calibration_images picks them), each one's
-    image header read (Pillow; nothing decoded), so ``export`` calls it before any work.
-    Raises ExportError naming the path and the fix for: a --calib file that is one of
-    embedpipe's own files but no image (a head, a features file, weights, an ONNX export), a
-    store of imported features (no images), a store that cannot be read, no images found,
-    and picked files none of which is an image (a text file given as --calib)."""
+    then beside the head), spread evenly (as calibration_images picks them), each one decoded
+    whole (data.load_image, as calibration_images will: a truncated JPEG or PNG has a valid
+    header and fails only in its pixel data), so ``export`` calls it before any work. Picked
+    files that do not decode are left out with one ``note`` naming them (and why), when at
+    least half of the picked ones decode (_decodable). Raises ExportError naming the path and
+    the fix for: a --calib file that is one of embedpipe's own files but no image (a head, a
+    features file, weights, an ONNX export), a store of imported features (no images), a
+    store that cannot be read, no images found, and picked files fewer than half of which
+    decode (a text file given as --calib, a folder of truncated images)."""
     fix = ("pass --calib FOLDER (a few dozen typical images) or --calib STORE.h5, run export "
            "in the folder where `fit` ran, or pass --int8-mode dynamic (no calibration)")
     if calib:
@@ -668,7 +672,7 @@ def calibration_paths(head: artifacts.HeadFile, calib: Sequence[str | Path] | No
             paths += [r.path for r in gather_images(list(rest)).items]
         if not paths:
             raise ExportError(f"--calib {' '.join(map(str, calib))}: no images found; {fix}")
-        return _readable(_spread(paths, count), fix)
+        return _decodable(_spread(paths, count), fix, note)
     train = head.manifest.get("training", {}) or {}
     if not train.get("store"):
         raise ExportError(f"{head.path}: --int8 (static) calibrates on the head's training "
@@ -682,8 +686,8 @@ def calibration_paths(head: artifacts.HeadFile, calib: Sequence[str | Path] | No
                           f"store {where}, which is not at {' nor '.join(map(str, tried))}; "
                           f"{fix}")
     split = train.get("split")
-    return _readable(_spread(_store_images(found, None if split is None else str(split), fix),
-                             count), fix)
+    return _decodable(_spread(_store_images(found, None if split is None else str(split),
+                                            fix), count), fix, note)
 
 
 def _spread(paths: Sequence[Path], count: int) -> list[Path]:
@@ -691,22 +695,35 @@ def _spread(paths: Sequence[Path], count: int) -> list[Path]:
     return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
 
 
-def _readable(paths: list[Path], fix: str) -> list[Path]:
-    """``paths`` whose image header Pillow can read (the image itself is not decoded); an
-    ExportError naming one of them when none can."""
-    from PIL import Image
+def _decodable(paths: list[Path], fix: str,
+               note: Callable[[str], None] | None = None) -> list[Path]:
+    """``paths`` that decode whole (data.load_image: header and pixel data, as
+    calibration_images decodes them; the images are not kept). When some do not, ``note``
+    gets one line naming them and why, if at least half of ``paths`` decode; else ExportError
+    naming the first that does not, its reason and the fix (calibration ranges from a few of
+    the images asked for would not be the ranges of the images the model will see)."""
+    from .data import DecodeError, load_image
 
-    good = []
-    why = ""
+    good: list[Path] = []
+    bad: list[tuple[Path, str]] = []
     for p in paths:
         try:
-            with Image.open(p):
-                good.append(p)
-        except Exception as e:  # noqa: BLE001 - not an image, unreadable: not a calibration image
-            why = why or first_line(e, 120)
-    if not good:
-        raise ExportError(f"--calib: none of the {len(paths)} calibration files is an image "
-                          f"(e.g. {paths[0]}: {why}); {fix}")
+            load_image(p).close()
+            good.append(p)
+        except DecodeError as e:  # not an image, truncated, unreadable
+            bad.append((p, first_line(e, 120)))
+    if not bad:
+        return good
+    first, why = bad[0]
+    if 2 * len(good) < len(paths):
+        what = ("none" if not good else f"only {len(good)}") + f" of the {len(paths)}"
+        raise ExportError(f"--calib: {what} calibration images decode (e.g. {first}: {why}); "
+                          f"replace or remove the damaged images, or {fix}")
+    if note:
+        shown = "; ".join(f"{p} ({w})" for p, w in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        note(f"note: calibrating int8 ranges on {len(good)} of the {len(paths)} picked images: "
+             f"{len(bad)} do not decode and are skipped: {shown}{more}")
     return good
 
 
@@ -939,7 +956,8 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     # imported features (no backbone), or whose weights file moved, is refused here, before
     # the head's graph is built and checked (it once was after "ONNX equals ...")
     opts = options_for_identity(head.identity, weights=weights, what=str(head.path))
-    calib_paths = (calibration_paths(head, calib, calib_count or DEFAULT_CALIB_COUNT)
+    calib_paths = (calibration_paths(head, calib, calib_count or DEFAULT_CALIB_COUNT,
+                                     note=notice or say)
                    if int8 and int8_mode == "static" else None)
     name = str(head.manifest.get("head", "head"))
     dim = int(head.identity["feature_dim"])

@@ -377,3 +377,60 @@ def test_a_calib_without_images_is_refused_for_what_it_is_before_any_work(
         line = one_line(res.output, res.exit_code, *needles)
         assert line.endswith("(no calibration)"), line  # the whole line, nothing cut off
         assert not list(out.parent.iterdir()), calib
+
+
+def test_calibration_images_that_fail_to_decode_are_told_before_any_work(work: dict,
+                                                                         tmp_path: Path):
+    """Truncated images (header valid, pixel data cut: a JPEG and a PNG) in --calib passed the
+    header check and were found only when calibrating, after the ONNX model was written and
+    checked, with no reason given; a few among good ones were dropped without a word. Now the
+    picked images are decoded first: a folder where fewer than half decode is refused in one
+    line naming a file and why, before any work (no "ONNX equals" line, nothing written);
+    a folder where most decode is exported on those, with one note naming the skipped ones."""
+    from PIL import Image
+
+    head = work["dir"] / "logreg.skops"
+    good = sorted(work["images"].rglob("*.png"))[:6]
+
+    def cut(src: Path, dst: Path) -> Path:
+        if dst.suffix == ".jpg":
+            buf = tmp_path / "whole.jpg"
+            Image.open(src).convert("RGB").save(buf, quality=95)
+            data = buf.read_bytes()
+            end = data.index(b"\xff\xda") + 40  # a few bytes into the scan data
+        else:
+            data = src.read_bytes()
+            end = len(data) // 2  # inside IDAT
+        dst.write_bytes(data[:end])
+        with Image.open(dst) as im:  # the header still reads: only decoding fails
+            assert im.size == (28, 28)
+        return dst
+
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    cut(good[0], bad_dir / "a.jpg")
+    cut(good[1], bad_dir / "b.png")
+    shutil.copy(good[2], bad_dir / "c.png")
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    res = cli("export", head, "--int8", "--calib", bad_dir, "-o", out)
+    line = one_line(res.output, res.exit_code, "--calib: only 1 of the 3 calibration images "
+                    f"decode (e.g. {bad_dir / 'a.jpg'}: truncated", "replace or remove the "
+                    "damaged images", "--int8-mode dynamic")
+    assert line.endswith("(no calibration)"), line
+    assert not list(out.parent.iterdir())
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, p in enumerate(good):
+        shutil.copy(p, mixed / f"{i}.png")
+    cut(good[0], mixed / "cut-0.jpg")
+    cut(good[1], mixed / "cut-1.png")
+    res = ok("export", head, "--int8", "--calib", mixed, "-o", out, "-q")
+    notes = [ln for ln in res.output.splitlines() if ln.startswith("note: calibrating")]
+    assert len(notes) == 1 and "Traceback" not in res.output, res.output
+    assert notes[0].startswith("note: calibrating int8 ranges on 6 of the 8 picked images: 2 "
+                               "do not decode and are skipped: "), notes[0]
+    assert str(mixed / "cut-0.jpg") in notes[0] and str(mixed / "cut-1.png") in notes[0], notes[0]
+    side = json.loads(out.with_name("m.onnx.json").read_text(encoding="utf-8"))
+    assert "over 6 calibration images" in side["precision"], side["precision"]
