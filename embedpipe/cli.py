@@ -10,11 +10,43 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
-import typer
+# What an interrupted command says (exit 130) when it did not say what it kept itself.
+_INTERRUPTED_WHY = {
+    "fit": " (nothing was written: a head file is written whole at the end)",
+    "cv": " (nothing was written: the report is written whole at the end)",
+    "compare": " (nothing was written: the report is written whole at the end)",
+    "extract": " (extract continues where it stopped)",
+    "quickstart": " (extract continues where it stopped)",
+    "finetune": " (nothing was written yet)"}
+
+
+def _interrupted_line(command: str | None) -> str:
+    return "interrupted: rerun the same command" + _INTERRUPTED_WHY.get(command or "", "")
+
+
+def _interrupted_while_importing(signum: int, frame: Any) -> None:
+    """Ctrl-C while the `embedpipe` command imports its dependencies (h5py, scikit-learn...,
+    about a second, before any command runs; a KeyboardInterrupt there ended in Python's
+    traceback): nothing was done; the same line and exit status as a command interrupted
+    later."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    sys.stderr.write(_interrupted_line(command) + "\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+# Only as the command (`embedpipe`, `python -m embedpipe[.cli]`), not when imported by a
+# program, and only over Python's default handler (not a SIGINT ignored by `nohup`).
+_AS_COMMAND = (__name__ == "__main__" or Path(sys.argv[0]).name in ("embedpipe", "__main__.py"))
+if _AS_COMMAND and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
+
+import typer  # noqa: E402 - after the handler above: Ctrl-C while importing is one line
 from typer.core import TyperGroup
 
 from . import DEFAULT_MODEL
@@ -74,14 +106,7 @@ class _OneLineErrors(TyperGroup):
             if isinstance(e, InterruptedRun):  # the command said what it kept
                 typer.echo(str(e), err=True)
                 _exit(130)
-            why = {"fit": " (nothing was written: a head file is written whole at the end)",
-                   "cv": " (nothing was written: the report is written whole at the end)",
-                   "compare": " (nothing was written: the report is written whole at the end)",
-                   "extract": " (extract continues where it stopped)",
-                   "quickstart": " (extract continues where it stopped)",
-                   "finetune": " (nothing was written yet)"}
-            typer.echo("interrupted: rerun the same command"
-                       + why.get(ctx.invoked_subcommand or "", ""), err=True)
+            typer.echo(_interrupted_line(ctx.invoked_subcommand), err=True)
             _exit(130)
         except UsageError as e:
             if _DEBUG:
@@ -981,8 +1006,28 @@ def audit(
     typer.echo(res.line())
 
 
+if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:  # imported: as before
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
-    app()
+    """The `embedpipe` command. An interrupted command (exit 130: it already said what it
+    kept) ends through os._exit once the atexit handlers have run and the output is flushed:
+    after a Ctrl-C that landed inside code run by exec() (dataclasses and namedtuples build
+    their methods so, e.g. while torch is imported), CPython's main loop still counts the
+    KeyboardInterrupt as unhandled and ends a `python -m embedpipe.cli` process by SIGINT
+    (-2, and no exit status 130) after it said "interrupted"."""
+    try:
+        app()
+    except SystemExit as e:
+        if e.code != 130:
+            raise
+        import atexit
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -102,13 +102,19 @@ class Model:
 
     def __init__(self, head_path: str | Path, *, weights: str | None = None,
                  device: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 runtime: str = "auto", reject: str | None = None):
+                 runtime: str = "auto", reject: str | None = None,
+                 max_batch: int | None = None):
+        """Raises ServeError (one line) for a head that cannot be served here and, with
+        ``max_batch`` (--max-batch), when a batch of that many images does not fit in the
+        memory available now (extract.runtime.check_batch_memory, before the runtime is
+        built), naming the largest --max-batch that does."""
         import torch
 
         from .heads.reject import rule_for
 
         from .backbones import decode_size, build_backbone, make_views_transform
-        from .extract.runtime import build_engine, resolve_device, resolve_precision
+        from .extract.runtime import (build_engine, check_batch_memory, resolve_device,
+                                      resolve_precision)
         from .extract.options import options_for_identity
         from .provenance import identity_of
 
@@ -119,6 +125,9 @@ class Model:
         self.device = resolve_device(opts.device)
         self.precision = resolve_precision(opts.precision, self.device)
         self.backbone = build_backbone(opts)
+        if max_batch:  # a batch of --max-batch uploads (and their --tta views) in one forward
+            check_batch_memory(self.backbone, opts, self.device, max_batch, error=ServeError,
+                               flag="--max-batch")
         data_config, identity = identity_of(self.backbone, opts, self.precision)
         # As extract sets up its model (the forward itself is runtime.embed, via the engine).
         self.engine = build_engine(self.backbone, self.device, self.precision, opts.runtime,
@@ -495,14 +504,16 @@ def url_of(sock: socket.socket) -> str:
 def serve(head: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           settings: Settings | None = None, weights: str | None = None, device: str = "auto",
           runtime: str = "auto", say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
-    """Load the model, listen, and serve until Ctrl-C (SIGINT) or SIGTERM."""
+    """Load the model, listen, and serve until Ctrl-C (SIGINT) or SIGTERM. The port is bound
+    first (a busy one is refused before the model loads) and listened on only once the model
+    is loaded and a batch of --max-batch images is known to fit in memory (Model)."""
     settings = settings or Settings()
     settings.check()
     sock = bind(host, port)
     try:
         t0 = time.perf_counter()
         model = Model(head, weights=weights, device=device, max_pixels=settings.max_pixels,
-                      runtime=runtime, reject=settings.reject)
+                      runtime=runtime, reject=settings.reject, max_batch=settings.max_batch)
         for note in model.backbone.notes + model.notes:
             say(note)
         say(f"loaded {model.head.path} ({model.head.manifest.get('head', 'head')}, "

@@ -18,7 +18,7 @@ import pytest
 import timm
 import timm.data
 import torch
-from clitools import EMBEDPIPE, peek_committed, run, run_measured
+from clitools import EMBEDPIPE, peek_committed, rows_now, run, run_measured
 from imagegen import make_aspect_bombs, make_messy_folder
 from PIL import Image
 from typer.testing import CliRunner
@@ -910,3 +910,65 @@ def test_a_batch_that_does_not_fit_is_refused_with_the_largest_batch_size_that_d
     assert fits * per_mib <= avail * 1024 * 1.01 < (fits + 1) * per_mib * 1.01, line
     assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
     assert not out.exists()
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` now (the loader's workers once forked)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with open(task / "children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def test_ctrl_c_at_any_moment_ends_in_the_resume_line_and_keeps_the_batches(tmp_path: Path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) at several moments
+    of an `extract --workers 2` run: while torch is imported, the instant the loader's worker
+    processes appear (a worker that died of it while handing over a batch printed a
+    multiprocessing resource_sharer traceback), after the first batches and later. Each
+    time: exit status 130 (a Ctrl-C inside torch's import used to end `python -m
+    embedpipe.cli` by SIGINT itself, -2), no traceback, one of the two documented
+    "interrupted" lines, every batch it counted kept in the store; then the same command
+    finishes the store."""
+    src = write_fashion_mnist_folder(tmp_path / "data", per_class=16, seed=5)
+    out = tmp_path / "s.h5"
+    cmd = [*EMBEDPIPE, "extract", str(src), "-o", str(out), "--precision", "fp32",
+           "--batch-size", "8", "--workers", "2", "-q"]
+
+    def importing_torch(proc: subprocess.Popen) -> bool:
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            return "libtorch" in maps.read()
+
+    moments = {"importing torch": importing_torch,
+               "workers forked": lambda proc: bool(_children(proc.pid)),
+               "8 more rows": lambda proc: (rows_now(out) or 0) >= before + 8,
+               "40 more rows": lambda proc: (rows_now(out) or 0) >= before + 40}
+    for moment, reached in moments.items():
+        before = rows_now(out) or 0  # each run continues the store of the one before
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and not reached(proc):
+            assert time.monotonic() < deadline, moment
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        said = stdout + stderr
+        if proc.returncode == 0:  # it finished first: nothing to test at this moment
+            assert rows_now(out) == 160, said
+            break
+        assert proc.returncode == 130, (moment, said)
+        assert "Traceback" not in said and "Exception" not in said, (moment, said)
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert lines and lines[-1] in (
+            "interrupted: every finished batch is in the store; rerun the same command to "
+            "continue", "interrupted: rerun the same command (extract continues where it "
+            "stopped)"), (moment, said)
+        kept = rows_now(out) or 0
+        if stdout.startswith("interrupted: "):  # "interrupted: N extracted, ...": N are kept
+            assert before + int(stdout.split()[1]) <= kept, (moment, said)
+        assert kept >= before and kept % 8 == 0, (moment, kept)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    paths = open_store(out, features=False).paths
+    assert len(paths) == len(set(paths)) == 160, len(paths)

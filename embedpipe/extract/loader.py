@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,9 +99,53 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _close_in_worker(fd: int | None, worker_id: int) -> None:
-    """A loader worker's start: close its copy of the store's writer lock (see
-    StoreWriter.inherited_lock), so that it never holds the lock of a killed run."""
+def _start_worker(fd: int | None, worker_id: int) -> None:
+    """A loader worker's start (DataLoader's worker_init_fn): ignore SIGINT, and close its copy
+    of the store's writer lock (see StoreWriter.inherited_lock), so that it never holds the
+    lock of a killed run. Ctrl-C at a terminal reaches the whole process group; the main
+    process alone acts on it (CtrlC) and shuts the workers down, where a worker that died of
+    it in the middle of handing over a batch printed a multiprocessing traceback
+    (resource_sharer). Between the fork and this call a worker has the main's CtrlC handler,
+    which only counts the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if fd is not None:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+class CtrlC:
+    """Ctrl-C (SIGINT) in a batch loop, acted on between batches: while active (a context
+    manager, in the main thread, where SIGINT has Python's default handler), the first SIGINT
+    is counted and ``check()`` raises KeyboardInterrupt at the next batch boundary, so a
+    batch being handed over by a loader worker or written is never cut in half; a second one
+    raises at once (a loop stuck in a batch still stops). Installed before the loader forks
+    its workers, which inherit it until _start_worker ignores SIGINT in them. Elsewhere
+    (another thread, SIGINT ignored by a `nohup` or set by a library caller) it changes
+    nothing."""
+
+    def __init__(self) -> None:
+        self.pressed = 0
+        self._previous: Any = None
+
+    def __enter__(self) -> "CtrlC":
+        import threading
+
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.pressed += 1
+        if self.pressed > 1:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """KeyboardInterrupt when Ctrl-C was pressed since the loop began."""
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

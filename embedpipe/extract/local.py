@@ -26,13 +26,14 @@ from ..store.ops import prune
 from ..store.read import read_identity
 from ..store.schema import StoreError, StoreMismatch, describe_mismatch
 from ..store.write import StoreWriter
-from .loader import _close_in_worker, _collate, _Images, default_workers
+from .loader import CtrlC, _collate, _Images, _start_worker, default_workers
 from .options import ExtractError, ExtractOptions, Summary, check_options
 from .plan import Session, _same_as_last_run
 from .runtime import (
     CompiledForward,
     _warn,
     build_engine,
+    check_batch_memory,
     resolve_compile,
     resolve_device,
     resolve_precision,
@@ -118,7 +119,7 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
     """Device, the backbone (loaded unless given) ready on its runtime, data config and store
     identity (whose precision names the runtime's bf16: provenance.OV_BF16). With ``images``
     (how many are to be extracted), ExtractError before the runtime is built when a batch of
-    them does not fit in memory (_check_batch_memory). The notes of a backbone it loads go to
+    them does not fit in memory (runtime.check_batch_memory). The notes of a backbone it loads go to
     ``notice`` (default ``say``)."""
     from ..backbones import build_backbone
 
@@ -131,7 +132,7 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
         for note in backbone.notes:  # e.g. which entry of a finetune checkpoint it used
             (notice or say)(note)
     if images:
-        _check_batch_memory(backbone, opts, device, images)
+        check_batch_memory(backbone, opts, device, min(opts.batch_size, images))
     data_config, identity = identity_of(backbone, opts, precision)
     # --compile on asks for torch.compile: auto then means torch (OpenVINO compiles anyway)
     runtime = "torch" if opts.runtime == "auto" and opts.compile == "on" else opts.runtime
@@ -140,22 +141,6 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
                           say=_warn)  # on stderr even with -q: it changes what runs
     identity["precision"] = engine.stored_precision
     return device, engine, data_config, identity
-
-
-def _check_batch_memory(backbone: Backbone, opts: ExtractOptions, device: Any,
-                        images: int) -> None:
-    """ExtractError (one line, with the largest --batch-size that fits) when a batch of
-    ``min(--batch-size, images)`` images at the backbone's input size, with --tta's views,
-    needs more memory than is available (finetune.memory.check_inference_fits: the model's
-    activations measured on the meta device; backbones.feature_dim checked one image)."""
-    from ..finetune.memory import check_inference_fits
-    from ..provenance import parse_tta
-
-    h, w = (int(v) for v in backbone.data_config["input_size"][1:])
-    tta = parse_tta(opts.tta) or ""
-    views = (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
-    check_inference_fits(backbone.model, (h, w), min(opts.batch_size, images), device,
-                         views=views, error=ExtractError)
 
 
 def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
@@ -178,7 +163,7 @@ def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
         dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
-        worker_init_fn=functools.partial(_close_in_worker, session.writer.inherited_lock()),
+        worker_init_fn=functools.partial(_start_worker, session.writer.inherited_lock()),
     )
     tta = data_config.get("tta") or ""
     forwards = len(tasks) * (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
@@ -210,7 +195,10 @@ def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
     # next batch is submitted before this one is written, so no stream idles between them.
     # At most one batch is in flight, and it is written on Ctrl-C or an error too.
     inflight: tuple[dict[str, Any], Callable[[], Any] | None] | None = None
-    with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode():
+    # Ctrl-C stops the loop between batches (CtrlC; its handler is in place before the loader
+    # forks its workers, which ignore SIGINT), so the batches taken so far are written.
+    with Progress(len(tasks), "extract", enabled=progress) as bar, torch.inference_mode(), \
+            CtrlC() as ctrl_c:
         try:
             for batch in loader:
                 result = None
@@ -224,6 +212,7 @@ def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
                     inflight = (batch, result)
                 else:
                     write(batch, result)
+                ctrl_c.check()
             if inflight is not None:
                 last, inflight = inflight, None
                 write(*last)

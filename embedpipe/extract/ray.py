@@ -266,6 +266,11 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         stored = read_identity(first) if first is not None else {}
     cluster = _Cluster(ray, address, workers, gpus_per_worker, say)
     try:
+        backbone = build_backbone(opts)  # as the actors will (the runtime is theirs alone)
+        for note in backbone.notes:  # the actors, which build it again, say nothing
+            notice(note)
+        # before Ray starts: the actors of a local cluster would share this machine's memory
+        _check_memory(backbone, opts, cluster, cluster.device(opts.device), len(disc.items))
         known = (sdir / "shards.json").exists()
         if opts.precision == "auto" and not stored.get("precision") or not known:
             cluster.up()  # a first run, or the precision depends on the workers' hardware
@@ -280,9 +285,6 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         if why:
             print(f"note: --runtime auto uses torch: {why}", file=sys.stderr, flush=True)
         opts = replace(opts, runtime=runtime)
-        backbone = build_backbone(opts)
-        for note in backbone.notes:  # the actors, which build it again, say nothing
-            notice(note)
         data_config, identity = identity_of(backbone, opts, precision)
         identity["precision"] = stored_precision(precision, runtime)
         del backbone
@@ -343,6 +345,24 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     return summary
 
 
+def _check_memory(backbone: Any, opts: ExtractOptions, cluster: "_Cluster", device: str,
+                  images: int) -> None:
+    """ExtractError (one line, before Ray starts) when the backbone actors of a new local
+    cluster on the CPU, each with a batch of min(--batch-size, images) in its forward,
+    need more memory than this machine has available (runtime.check_batch_memory, the check
+    of a local extract, x the actors). The actors of a remote cluster (--address, RAY_ADDRESS)
+    or on GPUs run where the driver cannot measure before they start: not checked here."""
+    if device != "cpu" or not cluster.local or not images:
+        return
+    import torch
+
+    from ..extract.runtime import check_batch_memory
+
+    actors = cluster.workers or 1  # up() makes it 1 on a CPU cluster when --workers is not given
+    check_batch_memory(backbone, opts, torch.device("cpu"), min(opts.batch_size, images),
+                       copies=actors, copies_what=f"{actors} backbone actors (--workers)")
+
+
 class _Cluster:
     """The Ray cluster, connected (or started) on first need: a rerun with nothing to do
     never starts Ray."""
@@ -353,6 +373,12 @@ class _Cluster:
         self.ready = self.started = False
         self.cpus = 1.0
         self.probed: tuple[str, bool, bool] | None = None
+
+    @property
+    def local(self) -> bool:
+        """Whether the actors run on this machine: a new local cluster (no --address, or
+        `local`, and no RAY_ADDRESS), as _init_ray starts it."""
+        return self.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
 
     def up(self) -> None:
         if self.ready:

@@ -73,6 +73,26 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def check_batch_memory(backbone: Backbone, opts: Any, device: Any, batch: int, *,
+                       error: type[Exception] = ExtractError, flag: str = "--batch-size",
+                       copies: int = 1, copies_what: str = "") -> None:
+    """``error`` (one line, with the largest ``flag`` value that fits) when ``copies`` batches
+    of ``batch`` images at the backbone's input size, with ``opts.tta``'s views (5 crops x 2
+    flips at most), need more memory than ``device`` has available now
+    (finetune.memory.check_inference_fits: the model's activations measured on the meta
+    device, nothing allocated; backbones.feature_dim checked one image). Called before any
+    work by extract (--batch-size), serve (--max-batch, before it listens) and the Ray engine
+    (--batch-size x the backbone actors of a local cluster, before they start)."""
+    from ..finetune.memory import check_inference_fits
+    from ..provenance import parse_tta
+
+    h, w = (int(v) for v in backbone.data_config["input_size"][1:])
+    tta = parse_tta(opts.tta) or ""
+    views = (5 if "crops" in tta else 1) * (2 if "flip" in tta else 1)
+    check_inference_fits(backbone.model, (h, w), batch, device, views=views, error=error,
+                         flag=flag, copies=copies, copies_what=copies_what)
+
+
 def cpu_has_native_bf16() -> bool:
     """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX), where it is measured faster
     than fp32 (bench/precision.py); elsewhere bf16 is emulated and slower."""

@@ -100,16 +100,19 @@ def inference_probe(model: torch.nn.Module, size: tuple[int, int]) -> tuple[tupl
 
 def check_inference_fits(model: torch.nn.Module, size: tuple[int, int], batch: int,
                          device: torch.device, *, views: int = 1,
-                         error: type[Exception] = FinetuneError) -> None:
+                         error: type[Exception] = FinetuneError, flag: str = "--batch-size",
+                         copies: int = 1, copies_what: str = "") -> None:
     """``error`` (one line) when an inference batch of ``batch`` images (3 x H x W, ``size``)
     would need more memory than is available now (available_bytes): per image, the forward's
     peak (inference_probe: TRANSIENT_FACTOR x the largest module input + output, which grows
     with the batch) plus its ``views`` model inputs (test-time augmentation: crops x flips),
-    each held as uint8 pixels and float32 (3 x H x W x 5 bytes), all x ``batch``. On
-    EfficientNet-Lite0 (fp32, torch, this CPU) the peak's growth measured 0.94-0.96 of the
-    forward's part (448 px x 8 and x 16, 224 px x 64). The line gives the largest --batch-size
-    that fits (backbones.feature_dim refuses a size where one image does not). No refusal when
-    the memory available cannot be told or the meta device cannot run the model."""
+    each held as uint8 pixels and float32 (3 x H x W x 5 bytes), all x ``batch``, x
+    ``copies`` (batches in memory at once: ``copies_what`` names them, e.g. "2 Ray actors").
+    On EfficientNet-Lite0 (fp32, torch, this CPU) the peak's growth measured 0.94-0.96 of the
+    forward's part (448 px x 8 and x 16, 224 px x 64). The line names the option ``flag``
+    (--batch-size; serve's --max-batch) and the largest value of it that fits
+    (backbones.feature_dim refuses a size where one image does not). No refusal when the
+    memory available cannot be told or the meta device cannot run the model."""
     have = available_bytes(device)
     if have is None or batch <= 1:
         return
@@ -120,17 +123,19 @@ def check_inference_fits(model: torch.nn.Module, size: tuple[int, int], batch: i
     except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError):
         return  # an op the meta device cannot run (a custom kernel): no estimate, no refusal
     per = forward + views * 3 * h * w * 5
-    total = batch * per
+    copies = max(1, copies)
+    total = copies * batch * per
     if total <= avail:
         return
-    fits = int(avail // per) if per else batch
-    fix = (f"--batch-size {fits} or less at this size" if fits >= 1 else
+    fits = int(avail // (copies * per)) if per else batch
+    fix = (f"{flag} {fits} or less at this size" if fits >= 1 else
            "a smaller --img-size")
     tta = f", {views} views each" if views > 1 else ""
-    raise error(f"--batch-size {batch} at {h}x{w} px{tta}: a forward pass needs about "
-                f"{_gib(total)} (~{per / 2 ** 20:,.0f} MiB per image, measured from the model's "
-                f"activations at this size) but {_gib(avail)} is available ({where}); pass "
-                f"{fix}")
+    at_once = f", {copies_what} at once" if copies > 1 else ""
+    pass_ = "a forward pass needs" if copies == 1 else f"{copies} forward passes need"
+    raise error(f"{flag} {batch} at {h}x{w} px{tta}{at_once}: {pass_} about {_gib(total)} "
+                f"(~{per / 2 ** 20:,.0f} MiB per image, measured from the model's activations "
+                f"at this size) but {_gib(avail)} is available ({where}); pass {fix}")
 
 
 def activation_bytes(model: torch.nn.Module, size: tuple[int, int], trainable: set[str],
