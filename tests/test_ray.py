@@ -213,3 +213,47 @@ def test_ray_options_without_engine_ray_are_refused(tmp_path: Path, ray_data: Pa
                                    "--engine", "spark"])
     assert res.exit_code == 2 and "--engine spark" in res.output
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_a_batch_the_local_actors_cannot_hold_is_refused_before_ray_starts(tmp_path: Path,
+                                                                         ray_data: Path):
+    """The Ray engine's actors each run a --batch-size batch: a size no local cluster could
+    hold went on to start Ray and its actors. Now, on a local cluster, the batch is measured
+    as a local extract measures it (extract.runtime.check_batch_memory), times the actors
+    (--workers 2), and refused in one line before Ray starts, naming the largest --batch-size
+    that fits; no shard store or store is written and the process stays far below the need.
+    The size is chosen so that one image needs under a quarter of the memory available here
+    and the two actors' batches over twice it."""
+    pytest.importorskip("ray")
+    import re
+
+    import timm
+    import torch
+    from clitools import run_measured
+
+    from embedpipe.finetune.memory import available_bytes, inference_probe
+
+    have = available_bytes(torch.device("cpu"))
+    assert have is not None
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    for size in (512, 768, 1024, 1536, 2048, 3072):
+        per = inference_probe(model, (size, size))[1] + 3 * size * size * 5
+        if 2 * 40 * per > 2 * have[0] and per < have[0] / 4:
+            break
+    else:
+        pytest.skip(f"no size fits one image but not 2 x 40 in {have[0] / 2 ** 30:.1f} GiB")
+    out = tmp_path / "s.h5"
+    res, peak_kib = run_measured("extract", ray_data, "-o", out, "--engine", "ray",
+                                 "--workers", "2", "--img-size", size, "--batch-size", "40",
+                                 "-q")
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+    line = lines[0]
+    assert line.startswith(f"error: --batch-size 40 at {size}x{size} px, 2 backbone actors "
+                           "(--workers) at once: 2 forward passes need about "), line
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", line)[:2])
+    fits = int(re.search(r"pass --batch-size (\d+) or less at this size", line).group(1))
+    assert need > avail and 1 <= fits < 40, line
+    assert abs(fits - avail * 2 ** 30 / (2 * per)) <= max(1.0, 0.02 * fits), (line, per)
+    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    assert not out.exists() and not (tmp_path / "s.h5.shards").exists()
