@@ -1011,23 +1011,34 @@ if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:  # imported:
 
 
 def main() -> None:
-    """The `embedpipe` command. An interrupted command (exit 130: it already said what it
-    kept) ends through os._exit once the atexit handlers have run and the output is flushed:
-    after a Ctrl-C that landed inside code run by exec() (dataclasses and namedtuples build
-    their methods so, e.g. while torch is imported), CPython's main loop still counts the
-    KeyboardInterrupt as unhandled and ends a `python -m embedpipe.cli` process by SIGINT
-    (-2, and no exit status 130) after it said "interrupted"."""
+    """The `embedpipe` command. Once a command has ended, a Ctrl-C while the interpreter
+    shuts down (torch and OpenVINO take most of a second) is ignored: it ended the process
+    by SIGINT, with no exit status, after "done" was printed. An interrupted command (exit
+    130: it already said what it kept) ends through os._exit once the atexit handlers have
+    run and the output is flushed: after a Ctrl-C that landed inside code run by exec()
+    (dataclasses and namedtuples build their methods so, e.g. while torch is imported),
+    CPython's main loop still counts the KeyboardInterrupt as unhandled and ended a `python -m
+    embedpipe.cli` process by SIGINT after it said "interrupted"."""
     try:
         app()
     except SystemExit as e:
-        if e.code != 130:
-            raise
-        import atexit
+        if e.code == 130:
+            import atexit
 
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(130)
+            atexit._run_exitfuncs()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(130)
+        _ignore_late_ctrl_c()
+        raise
+    _ignore_late_ctrl_c()
+
+
+def _ignore_late_ctrl_c() -> None:
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
