@@ -129,3 +129,35 @@ def copy_images(src: Path, dst: Path, n: int, start: int = 0) -> Path:
         (dst / f.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, dst / f.parent.name / f.name)
     return dst
+
+
+def lite0_image_bytes(size: int) -> int:
+    """Bytes one size x size image adds to an inference batch of the bundled EfficientNet-Lite0,
+    as finetune.memory.check_inference_fits counts them (one view): the forward's peak on the
+    meta device plus its uint8 and float32 pixels."""
+    import timm
+
+    from embedpipe.finetune.memory import inference_probe
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    return inference_probe(model, (size, size))[1] + 3 * size * size * 5
+
+
+def refused_for_memory(res: subprocess.CompletedProcess, peak_kib: int, start: str,
+                       flag: str) -> tuple[str, float, int]:
+    """The one line of a command refused, before any work, because its batch does not fit in
+    memory (finetune.memory.check_inference_fits), checked: exit 2, nothing else said, the line
+    begins with ``start``, the need it names exceeds what is available, and the process
+    (run_measured) stayed under 2 GiB. Returns (the line, the bytes available as it says
+    them, the largest value of ``flag`` it says fits)."""
+    import re
+
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+    line = lines[0]
+    assert line.startswith(start), line
+    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", line)[:2])
+    fits = int(re.search(rf"pass {flag} (\d+) or less at this size", line).group(1))
+    assert need > avail and fits >= 1, line
+    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    return line, avail * 2 ** 30, fits

@@ -225,19 +225,15 @@ def test_a_batch_the_local_actors_cannot_hold_is_refused_before_ray_starts(tmp_p
     The size is chosen so that one image needs under a quarter of the memory available here
     and the two actors' batches over twice it."""
     pytest.importorskip("ray")
-    import re
-
-    import timm
     import torch
-    from clitools import run_measured
+    from clitools import lite0_image_bytes, refused_for_memory, run_measured
 
-    from embedpipe.finetune.memory import available_bytes, inference_probe
+    from embedpipe.finetune.memory import available_bytes
 
     have = available_bytes(torch.device("cpu"))
     assert have is not None
-    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
     for size in (512, 768, 1024, 1536, 2048, 3072):
-        per = inference_probe(model, (size, size))[1] + 3 * size * size * 5
+        per = lite0_image_bytes(size)
         if 2 * 40 * per > 2 * have[0] and per < have[0] / 4:
             break
     else:
@@ -246,14 +242,8 @@ def test_a_batch_the_local_actors_cannot_hold_is_refused_before_ray_starts(tmp_p
     res, peak_kib = run_measured("extract", ray_data, "-o", out, "--engine", "ray",
                                  "--workers", "2", "--img-size", size, "--batch-size", "40",
                                  "-q")
-    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
-    assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
-    line = lines[0]
-    assert line.startswith(f"error: --batch-size 40 at {size}x{size} px, 2 backbone actors "
-                           "(--workers) at once: 2 forward passes need about "), line
-    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", line)[:2])
-    fits = int(re.search(r"pass --batch-size (\d+) or less at this size", line).group(1))
-    assert need > avail and 1 <= fits < 40, line
-    assert abs(fits - avail * 2 ** 30 / (2 * per)) <= max(1.0, 0.02 * fits), (line, per)
-    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    line, avail, fits = refused_for_memory(
+        res, peak_kib, f"error: --batch-size 40 at {size}x{size} px, 2 backbone actors "
+        "(--workers) at once: 2 forward passes need about ", "--batch-size")
+    assert fits < 40 and abs(fits - avail / (2 * per)) <= max(1.0, 0.02 * fits), (line, per)
     assert not out.exists() and not (tmp_path / "s.h5.shards").exists()

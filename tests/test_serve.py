@@ -356,31 +356,23 @@ def test_a_max_batch_that_does_not_fit_is_refused_before_listening(head: Path):
     --batch-size`: extract.runtime.check_batch_memory) and refused in one line, before the
     server listens, naming the largest --max-batch that fits; the process stays far below
     the batch's need."""
-    import timm
     import torch
-    from clitools import run_measured
+    from clitools import lite0_image_bytes, refused_for_memory, run_measured
 
-    from embedpipe.finetune.memory import available_bytes, inference_probe
+    from embedpipe.finetune.memory import available_bytes
 
     have = available_bytes(torch.device("cpu"))
     assert have is not None
-    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
-    per = inference_probe(model, (224, 224))[1] + 3 * 224 * 224 * 5
+    per = lite0_image_bytes(224)
     batch = int(2 * have[0] / per) + 1  # needs over twice the memory available
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     res, peak_kib = run_measured("serve", head, "--port", port, "--max-batch", batch)
-    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
-    assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
-    line = lines[0]
-    assert line.startswith(f"error: --max-batch {batch} at 224x224 px: a forward pass needs "
-                           "about "), line
-    need, avail = (float(x) for x in re.findall(r"([0-9.]+) GiB", line)[:2])
-    fits = int(re.search(r"pass --max-batch (\d+) or less at this size", line).group(1))
-    assert need > avail and 1 <= fits < batch, line
-    assert abs(fits - avail * 2 ** 30 / per) <= 0.02 * fits, (line, per)  # GiB shown to 0.1
-    assert peak_kib < 2 * 2 ** 20, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
+    line, avail, fits = refused_for_memory(
+        res, peak_kib, f"error: --max-batch {batch} at 224x224 px: a forward pass needs about ",
+        "--max-batch")
+    assert fits < batch and abs(fits - avail / per) <= 0.02 * fits, (line, per)  # GiB to 0.1
 
 
 def test_ctrl_c_stops_cleanly(server_proc: Server, url: str):
