@@ -372,3 +372,23 @@ def test_torch_ops_around_openvino_run_on_one_thread_and_the_count_is_restored(c
     finally:
         torch.set_num_threads(before)
 
+
+
+def test_the_openvino_runtime_reports_nothing_to_openvino_telemetry(fmnist: Path,
+                                                                    tmp_path: Path):
+    """OpenVINO's model conversion counted each call in ~/intel/stats and forked a process
+    that posted a usage event to Google Analytics (on Ctrl-C that process printed its own
+    traceback). embedpipe now imports OpenVINO with its telemetry stubbed out: an extraction
+    with --runtime openvino (which converts the model, HOME empty so nothing is cached)
+    leaves no ~/intel folder behind."""
+    import os
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("XDG_CACHE_HOME", None)
+    res = subprocess.run([sys.executable, "-m", "embedpipe.cli", "extract", str(fmnist), "-o",
+                          str(tmp_path / "s.h5"), "--runtime", "openvino", "-q"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0 and "60 extracted" in res.stdout, res.stdout + res.stderr
+    assert not (home / "intel").exists(), sorted(p.name for p in (home / "intel").iterdir())

@@ -146,10 +146,25 @@ def openvino_version() -> str | None:
         return "unknown"
 
 
+def _import_openvino() -> Any:
+    """``import openvino`` without its usage telemetry. Importing openvino imports
+    openvino_telemetry, and each ov.convert_model call then counted itself in ~/intel/stats and
+    forked a process that posts an event to Google Analytics (it fails where there is no
+    network; on Ctrl-C that process printed a traceback of its own). OpenVINO falls back to its
+    no-op stub (openvino.tools.ovc.telemetry_stub) when openvino_telemetry does not import:
+    embedpipe makes it so, before OpenVINO is first imported in the process (a program that
+    imported OpenVINO or its telemetry itself keeps what it chose)."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino
+
+    return openvino
+
+
 def _openvino_missing() -> str | None:
     """Why OpenVINO cannot be used here (None when it imports)."""
     try:
-        import openvino  # noqa: F401
+        _import_openvino()
     except ImportError as e:
         return f"openvino is not installed ({e.name or e}): pip install 'embedpipe[openvino]'"
     except Exception as e:  # noqa: BLE001 - a broken install is the same for the user
@@ -421,7 +436,7 @@ class OpenVINOForward:
         self.request = self.compiled.create_infer_request()
         self.queue = None
         if self.streams > 1:
-            import openvino as ov
+            ov = _import_openvino()
 
             self.queue = ov.AsyncInferQueue(self.compiled,
                                             OV_REQUESTS_PER_STREAM * self.streams)
@@ -491,7 +506,7 @@ def openvino_core() -> Any:
     global _CORE
     with _CORE_LOCK:
         if _CORE is None:
-            import openvino as ov
+            ov = _import_openvino()
 
             _CORE = ov.Core()
         return _CORE
@@ -511,8 +526,9 @@ def build_openvino(backbone: Backbone, precision: str, *, threads: int | None = 
     folder that cannot be written only costs the next run the conversion. Raises ExtractError
     when the model does not convert or bf16 is asked on a CPU where OpenVINO would not run it.
     """
-    import openvino as ov
     import torch
+
+    ov = _import_openvino()
 
     version = ov.get_version().split("-")[0]
     key = ov_cache_key(backbone, version)
