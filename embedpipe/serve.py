@@ -118,7 +118,7 @@ class Model:
         from .extract.options import options_for_identity
         from .provenance import identity_of
 
-        self.head = artifacts.load(head_path)
+        self.head = artifacts.load(head_path, compact=True)  # its compact form when it has one
         self.rule = rule_for(self.head.manifest, reject, str(self.head.path))
         opts = options_for_identity(self.head.identity, weights=weights, device=device,
                                     what=str(self.head.path), runtime=runtime)
