@@ -135,6 +135,16 @@ def test_a_compact_form_this_version_cannot_read_falls_back_to_scikit_learn(
         assert _predict(bad, fmnist_store, tmp_path / "got.csv") == want
 
 
+@pytest.mark.parametrize("name", ["logreg-pca", "svm", "logreg+mlp+centroid+ridge"])
+def test_a_compact_form_holds_only_the_arrays_it_reads(name: str, fitted: dict[str, Path]):
+    with zipfile.ZipFile(fitted[name]) as z:
+        spec = json.loads(z.read(compact.SPEC_MEMBER))
+        own = {n for n in z.namelist() if n.startswith(compact.ARRAY_PREFIX)}
+    read = {compact.array_member(spec, n) for n in compact.array_names(spec)}
+    assert own == {m for m in read if m.startswith(compact.ARRAY_PREFIX)}
+    assert own, name
+
+
 def test_an_svm_head_stores_its_support_vectors_once(fitted: dict[str, Path], tmp_path: Path):
     """The compact form of an SVC reads the support vectors the skops pipeline already holds
     (the same .npy bytes) instead of a second copy: the head file grows by its small arrays

@@ -236,7 +236,7 @@ def export(estimator: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]] | Non
         if _type(final) == "VotingClassifier":
             out.update(_vote(b, final))
         else:
-            b.ops = []
+            b = _Builder()  # not a vote: the head's own steps, from the start
             out.update(_single(b, estimator))
     except (_Unsupported, AttributeError, IndexError, TypeError):
         return None
