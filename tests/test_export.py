@@ -333,9 +333,13 @@ def test_int8_names_where_it_looked_for_calibration_images_before_any_work(
 
 def test_head_on_stacked_stores_is_refused_before_any_work(fmnist_store: Path, tmp_path: Path):
     """export needs one backbone; a head fitted on stacked stores was refused only after the
-    head's graph was built and "ONNX equals predict_proba" printed: now the one line is all."""
-    twin = tmp_path / "twin.h5"
-    shutil.copy(fmnist_store, twin)
+    head's graph was built and "ONNX equals predict_proba" printed: now the one line is all.
+    The second store holds the same images cropped otherwise (fit refuses stacking a copy)."""
+    from embedpipe.extract import ExtractOptions, run
+
+    twin = tmp_path / "crop80.h5"
+    assert run(fmnist_store.parent / "data", twin, ExtractOptions(precision="fp32", crop_pct=0.8),
+               progress=False).extracted == 250
     head = tmp_path / "stacked.skops"
     ok("fit", fmnist_store, twin, "--head", "logreg", "-o", head, "-q")
     res = cli("export", head, "-o", tmp_path / "s.onnx")
