@@ -19,7 +19,9 @@ from embedpipe.store import open_store
 
 COMPACT = ["logreg", "mlp", "ridge", "linear-svm", "logreg-sgd", "sgd", "svm", "knn",
            "centroid", "svm+knn", "logreg+mlp+centroid+ridge", "auto"]
-NOT_COMPACT = ["knn-minkowski-p1"]  # manhattan distance: scikit-learn's own path
+# manhattan distance; cosine on the float32 rows as they are (knn's rule below 5 rows per
+# class), whose distances scikit-learn rounds in float32: scikit-learn's own path
+NOT_COMPACT = ["knn-minkowski-p1", "knn-cosine"]
 SVM_KERNELS = ["poly", "sigmoid", "linear"]  # rbf is svm's default
 
 
@@ -54,7 +56,7 @@ def _predict(head: Path, store: Path, out: Path) -> list[dict[str, str]]:
     return read_csv(out)
 
 
-@pytest.mark.parametrize("name", COMPACT + ["logreg-pca", "knn-cosine"]
+@pytest.mark.parametrize("name", COMPACT + ["logreg-pca"]
                          + [f"svm-{k}" for k in SVM_KERNELS])
 def test_compact_head_predicts_like_scikit_learn(name: str, fitted: dict[str, Path],
                                                  fmnist_store: Path, tmp_path: Path):

@@ -19,8 +19,8 @@ Covered (``export`` returns None for anything else, which then goes through scik
     block of rows, where libsvm takes one dot product per pair: 6-9x less CPU time for the
     same values, bench/results/svm_predict.md); ``NearestCentroid`` (euclidean: its
     discriminant scores); ``KNeighborsClassifier`` (brute force, euclidean or cosine distance,
-    uniform or distance weights: its predict_proba; the training rows it keeps are in the
-    file anyway);
+    uniform or distance weights, on float64 rows such as its default discriminant space: its
+    predict_proba; the training rows it keeps are in the file anyway);
   * probabilities: native (softmax, logistic, one-vs-rest logistic, kNN's neighbour shares)
     or temperature scaling (``CalibratedClassifierCV(method="temperature")`` with one
     calibrated copy: ``ensemble=False`` on k folds, or one held-out split on many rows, how
@@ -177,8 +177,11 @@ def _decision(b: _Builder, est: Any) -> None:
         metric = "euclidean" if (est.effective_metric_ == "euclidean" or (
             est.effective_metric_ == "minkowski" and est.effective_metric_params_.get("p") == 2)) \
             else est.effective_metric_
+        # float64 rows only (the default knn's discriminant space): on float32 rows
+        # scikit-learn's distances carry float32 rounding that float64 would not reproduce
+        # (cosine to a query of norm 1e-6: every distance 1 +- 6e-7, probabilities 0.5 apart)
         if metric not in ("euclidean", "cosine") or est.weights not in ("uniform", "distance") \
-                or est.outputs_2d_:
+                or est.outputs_2d_ or np.asarray(est._fit_X).dtype != np.float64:
             raise _Unsupported(f"KNeighborsClassifier(metric={metric!r}, "
                                f"weights={est.weights!r})")
         b.op("knn", x=b.array(est._fit_X), y=b.array(np.asarray(est._y, np.int64)),
@@ -388,7 +391,7 @@ def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
     else:
         fit_sq = np.einsum("ij,ij->i", fit_x, fit_x)
     out = np.zeros((len(x), n_classes))
-    step = max(1, BLOCK_ENTRIES // max(len(fit_x), 1))
+    step = max(1, BLOCK_ENTRIES // max(len(fit_x), fit_x.shape[1], 1))
     for lo in range(0, len(x), step):
         q = x[lo:lo + step]
         if op["metric"] == "cosine":
@@ -398,6 +401,17 @@ def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
             d = np.sqrt(np.maximum(d, 0.0, out=d), out=d)
         near = np.argpartition(d, min(k, d.shape[1]) - 1, axis=1)[:, :k]
         rows = np.arange(len(q))[:, None]
+        if op["metric"] == "euclidean":  # the chosen neighbours' distances from differences,
+            # and 0 below the product form's resolution (1e-8 of the rows' norms), where
+            # scikit-learn's squared distances round to 0: a query equal to a training row up
+            # to rounding then gets all the weight, the other classes exactly 0 (the product
+            # form left ~1e-8, and the classes' order in top-k differed)
+            qq = np.einsum("ij,ij->i", q, q)
+            for i in range(near.shape[1]):
+                diff = q - fit_x[near[:, i]]
+                exact = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+                exact[exact <= 1e-8 * np.sqrt(qq + fit_sq[near[:, i]])] = 0.0
+                d[rows[:, 0], near[:, i]] = exact
         order = np.lexsort((near, d[rows, near]), axis=1)
         near = near[rows, order]
         dist = d[rows, near]
