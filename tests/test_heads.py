@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import cli, ok, one_line_error, read_csv
+from clitools import cli, ok, one_line, one_line_error, read_csv
 
 from embedpipe import heads
 from embedpipe.heads import artifacts
@@ -951,3 +951,29 @@ def test_a_plain_prep_goes_to_every_member_of_an_ensemble(fmnist_store: Path, tm
     assert "knn: prep=l2 " in vote, res.stdout
     one_line_error(cli("fit", fmnist_store, "--head", "svm+knn", "--param", "prep=foo", "-o",
                        out), "prep=foo", "one of l2, scale")
+
+
+def test_classes_of_identical_rows_are_refused_in_one_line_for_what_they_are(
+        fmnist_store: Path, tmp_path: Path):
+    """Every row of a class the same (real Lite0 rows, each repeated): the lda step of knn and
+    centroid meets a singular within-class covariance. That was 'unexpected LinAlgError ... a
+    bug in embedpipe' (exit 1), or, with any --param, a line blaming that --param; now one
+    line naming the data and the fix, which then fits."""
+    from embedpipe.store import open_store
+
+    st = open_store(fmnist_store)
+    labels = np.asarray(st.label_names())
+    first = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)[:4]]
+    rows = np.repeat(first, 5)
+    f = tmp_path / "same.npz"
+    np.savez(f, features=np.asarray(st.features)[rows],
+             path=np.array([f"img/{i:03d}.png" for i in range(len(rows))]),
+             label=labels[rows])
+    store = tmp_path / "same.h5"
+    ok("import-features", f, "-o", store, "-q")
+    for head, extra in (("knn", ()), ("centroid", ()), ("knn", ("--param", "n_neighbors=3"))):
+        res = cli("fit", store, "--head", head, *extra, "-o", tmp_path / "h.skops", "-q")
+        one_line(res.output, res.exit_code, "same.h5", f"{head} cannot be fitted on these rows",
+                 "singular matrix", "--param prep=l2")
+        assert not (tmp_path / "h.skops").exists()
+    ok("fit", store, "--head", "knn", "--param", "prep=l2", "-o", tmp_path / "h.skops", "-q")

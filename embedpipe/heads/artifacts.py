@@ -400,6 +400,9 @@ def _check_probe(path: Any, z: Any, head: dict[str, Any], estimator: Any, form: 
     if not (np.array_equal(got[0], pred.astype("U")) and got[1].shape == scores.shape
             and np.allclose(got[1], scores, rtol=1e-5, atol=1e-6, equal_nan=True)):
         n = int((got[0] != pred.astype("U")).sum()) if got[0].shape == pred.shape else -1
+        if n == 0:  # the same classes: only the scores differ
+            raise _disagree(path, f"its {form} scores the {len(X)} rows recorded with it "
+                                  "differently (the same classes, scores beyond 1e-5)")
         raise _disagree(path, f"its {form} predicts {'differently' if n < 0 else n} of the "
                               f"{len(X)} rows recorded with it "
                               f"{'differently' if n >= 0 else ''}".rstrip())

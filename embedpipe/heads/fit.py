@@ -243,6 +243,12 @@ def _fit_errors(head: str, params: dict[str, Any], where: str) -> Iterator[None]
     try:
         with naming(where):
             yield
+    except np.linalg.LinAlgError as e:  # the data, not a --param: e.g. identical rows per class
+        raise EvaluateError(f"{where}: {head} cannot be fitted on these rows: a linear-algebra "
+                            f"step found a singular matrix ({first_line(e)}), as when every row "
+                            "of a class is the same; check the features (`embedpipe audit "
+                            "STORE` finds duplicates), or for knn and centroid leave out their "
+                            "lda step with --param prep=l2") from None
     except (ValueError, TypeError) as e:
         if not params:
             raise
