@@ -128,11 +128,11 @@ def save(path: str | Path, estimator: Any, manifest: dict[str, Any],
     ArtifactError names what the file would hold."""
     from .. import _io
 
-    from .registry import uncached
+    from .registry import as_saved
 
     sio = _skops_io()
     path = Path(path)
-    uncached(estimator)  # never a cache directory of registry.lda_cache in a head file
+    as_saved(estimator)  # no lda_cache directory in a head file; arrays laid out as loaded
     manifest = json.loads(json.dumps(manifest, default=_jsonable))  # plain data only
     head = {"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest}
     with _io.atomic_output(path, inputs=inputs) as tmp:

@@ -127,14 +127,49 @@ def uncached(estimator: Any) -> Any:
     """``estimator`` with every Pipeline inside it (members of an ensemble, calibrated clones
     included) set to ``memory=None``: a fitted head never refers to lda_cache's temporary
     directory. Returns the same object."""
+    return _walk(estimator, lambda obj: setattr(obj, "memory", None)
+                 if isinstance(obj, Pipeline) else None)
+
+
+def as_saved(estimator: Any) -> Any:
+    """``estimator`` uncached, with every fitted array inside it that is neither C- nor
+    Fortran-contiguous (a strided view, e.g. PCA's ``components_``, a slice of the SVD's Vt)
+    replaced by a C-contiguous copy, which is the layout a head file gives it when loaded
+    (np.save writes such arrays in C order). The values are unchanged; float32 BLAS products
+    depend on the layout (a PCA transform differed by 1.4e-6, which a kNN's distance weights on
+    its own rows amplified past 1e-5), so the head predicts in memory exactly as when loaded.
+    Returns the same object."""
+    import numpy as np
+
+    def contiguous(v: Any) -> Any:
+        if isinstance(v, np.ndarray) and not (v.flags.c_contiguous or v.flags.f_contiguous):
+            return np.ascontiguousarray(v)
+        return v
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, Pipeline):
+            obj.memory = None
+        if isinstance(obj, list):
+            obj[:] = [contiguous(v) for v in obj]
+        elif isinstance(obj, dict):
+            obj.update({k: contiguous(v) for k, v in obj.items()})
+        elif type(obj).__module__.startswith("sklearn") and hasattr(obj, "__dict__"):
+            vars(obj).update({k: contiguous(v) for k, v in vars(obj).items()})
+
+    return _walk(estimator, visit)
+
+
+def _walk(estimator: Any, visit: Any) -> Any:
+    """Call ``visit`` on ``estimator`` and on every object inside it: scikit-learn objects'
+    attributes, lists, tuples and dicts (members of an ensemble, calibrated clones, fitted
+    steps). Returns ``estimator``."""
     seen: set[int] = set()
 
     def walk(obj: Any) -> None:
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        if isinstance(obj, Pipeline):
-            obj.memory = None
+        visit(obj)
         if isinstance(obj, (list, tuple)):
             for v in obj:
                 walk(v)
