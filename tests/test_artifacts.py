@@ -242,6 +242,47 @@ def _arrays(obj, seen=None):
             yield from _arrays(v, seen)
 
 
+def _arrays_owners(obj, seen=None):
+    """Every scikit-learn object inside a fitted estimator."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple, dict)):
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            yield from _arrays_owners(v, seen)
+    elif type(obj).__module__.startswith("sklearn"):
+        yield obj
+        for v in getattr(obj, "__dict__", {}).values():
+            yield from _arrays_owners(v, seen)
+
+
+def test_knn_and_centroid_head_files_hold_no_d_by_d_matrices(fmnist_store: Path,
+                                                              tmp_path: Path):
+    """The lda step of knn and centroid kept covariance_ and every column of scalings_: two
+    1280 x 1280 float64 matrices, a 26.8 MB head file for 200 training rows (269 MB at
+    4096-d). What `fit` writes now holds D x (classes - 1) and predicts the same."""
+    from embedpipe.heads.fit import fit_configuration
+    from embedpipe.heads.registry import as_saved
+    from embedpipe.heads.source import Labeled
+
+    store = open_store(fmnist_store)
+    X, y = store.features, np.asarray(store.classes)[store.labels]
+    for head in ("knn", "centroid"):
+        est, _ = fit_configuration(Labeled.in_memory(X[store.splits == "train"],
+                                                     y[store.splits == "train"]), head, {})
+        before = artifacts._scored(est, X)
+        after = artifacts._scored(as_saved(est), X)
+        assert np.array_equal(before[0], after[0])
+        np.testing.assert_allclose(before[1], after[1], rtol=1e-6, atol=1e-9)
+        out = tmp_path / f"{head}.skops"
+        ok("fit", fmnist_store, "--head", head, "-o", out, "-q")
+        assert out.stat().st_size < 2_000_000, (head, out.stat().st_size)
+        res = ok("predict", out, "--store", fmnist_store, "--split", "test", "-o",
+                 tmp_path / f"{head}.csv")
+        assert "accuracy on the 50 labeled ones" in res.output
+
+
 @pytest.mark.parametrize("head", ["logreg", "svm", "knn", "centroid", "ridge", "mlp",
                                   "svm+knn"])
 def test_a_saved_head_predicts_in_memory_exactly_as_when_loaded(head: str, fmnist_store: Path,
@@ -266,6 +307,10 @@ def test_a_saved_head_predicts_in_memory_exactly_as_when_loaded(head: str, fmnis
     loaded = artifacts.load(out).estimator
     (want, want_scores), (got, got_scores) = (artifacts._scored(e, X) for e in (est, loaded))
     assert np.array_equal(want, got) and np.array_equal(want_scores, got_scores)
+    if head in ("knn", "centroid"):  # their lda step keeps what its transform reads
+        lda = next(s for s in _arrays_owners(loaded) if type(s).__name__ ==
+                   "LinearDiscriminantAnalysis")
+        assert lda.scalings_.shape == (X.shape[1], 9) and not hasattr(lda, "covariance_")
     if head == "svm+knn":  # the user's command, end to end
         ok("fit", fmnist_store, "--head", head, "--param", "pca=3", "-o", tmp_path / "c.skops")
         res = predict_store(tmp_path / "c.skops", fmnist_store, tmp_path / "p.csv")
