@@ -180,3 +180,51 @@ def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
     exported = compact.export(est)
     assert exported is not None
     assert compact.agrees(est, compact.load(*exported), X)
+
+
+def test_svm_heads_score_many_rows_through_their_compact_form(fitted: dict[str, Path],
+                                                              fmnist_store: Path, monkeypatch):
+    """cv, auto's selection, fit's training accuracy, the API and the reject calibration score
+    rows with compact.predict_scored / class_scores: for a head holding an SVC (libsvm sums
+    each kernel value alone) they go through its compact form from FAST_ENTRIES kernel values
+    (rows x support vectors), with the same classes and scores, and through scikit-learn when
+    the form would not agree."""
+    X = open_store(fmnist_store).features  # 250 rows
+    default = compact.FAST_ENTRIES
+    for name in ("svm", "svm+knn", "svm-poly"):
+        monkeypatch.setattr(compact, "FAST_ENTRIES", default)
+        est = artifacts.load(fitted[name]).estimator
+        n_sv = compact._support_vectors(est)
+        assert 0 < n_sv <= 200 and len(X) * n_sv < compact.FAST_ENTRIES
+        assert compact.fast_form(est, X) is est  # a small head: as it is
+        monkeypatch.setattr(compact, "FAST_ENTRIES", len(X) * n_sv)
+        assert isinstance(compact.fast_form(est, X), compact.CompactHead), name
+        assert compact.fast_form(est, X[:-1]) is est
+        fast = compact.predict_scored(est, X)
+        monkeypatch.setattr(compact, "FAST_ENTRIES", 10**12)  # scikit-learn's own scoring
+        slow = compact.predict_scored(est, X)
+        assert np.array_equal(fast[0], slow[0]) and fast[3] == slow[3]
+        np.testing.assert_allclose(fast[1], slow[1], rtol=1e-5, atol=1e-6)
+        monkeypatch.setattr(compact, "FAST_ENTRIES", 1)
+        with monkeypatch.context() as m:  # a form that would not agree is not used
+            m.setattr(compact, "agrees", lambda *a: False)
+            assert compact.fast_form(est, X) is est
+    for name in ("logreg", "knn", "auto"):  # no SVC inside (auto chose none here)
+        est = artifacts.load(fitted[name]).estimator
+        assert compact._support_vectors(est) == 0 and compact.fast_form(est, X) is est
+
+
+def test_cv_of_an_svm_is_the_same_through_the_compact_form(fmnist_store: Path, monkeypatch):
+    """`embedpipe cv --head svm` prints the same per-fold numbers whether its folds are scored
+    through the compact form (FAST_ENTRIES lowered to 1) or by scikit-learn."""
+    monkeypatch.setattr(compact, "FAST_ENTRIES", 1)
+    fast = ok("cv", fmnist_store, "--head", "svm", "--folds", "3").output
+    monkeypatch.setattr(compact, "FAST_ENTRIES", 10**12)
+    slow = ok("cv", fmnist_store, "--head", "svm", "--folds", "3").output
+    import re
+
+    def untimed(out: str) -> list[str]:  # the table's fit seconds differ from run to run
+        return [re.sub(r" +\d+\.\d+  (?=prep=)", " ", line) for line in out.splitlines()]
+
+    assert untimed(fast) == untimed(slow)
+    assert "most confidently misclassified" in fast and "test: 50 rows, accuracy" in fast

@@ -549,7 +549,10 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
                                                  calibrate_single=True)
     sub = accuracy_rows(len(y))  # predicting every row can cost more than the fit
     pick = slice(None) if sub is None else sub
-    train_acc = float((est.predict(X[pick]) == y[pick]).mean())
+    from .compact import predict_scored
+
+    pred = predict_scored(est, X[pick])[0]  # an SVC through its compact form (fast_form)
+    train_acc = float((pred == np.asarray(y[pick]).astype(str)).mean())
     effective = heads.effective_params(choice["head"], est)
     manifest = artifacts.new_manifest(
         head=choice["head"], params=choice["params"], effective_params=effective,
