@@ -305,6 +305,18 @@ def pixels(root: Path, paths: Sequence[str]):
                      for p in paths])
 
 
+def reps_args(default: int):
+    """(args, repetitions) of a bench that takes only ``--reps N`` (default ``default``) and
+    ``--quick`` (one repetition, scratch output)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=default)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    return args, 1 if args.quick else args.reps
+
+
 def cli_command() -> list[str]:
     """How a user runs the CLI: the installed `embedpipe` script beside this interpreter (it
     imports embedpipe from PYTHONPATH first, like `python -m embedpipe.cli`)."""

@@ -20,7 +20,6 @@ Writes bench/results/serve.md (with --quick: a file in the temp dir instead).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -150,11 +149,7 @@ def load(url: str, payloads: list[tuple[bytes, str]], n: int, concurrency: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    reps = 1 if args.quick else args.reps
+    args, reps = bu.reps_args(2)
     count = {1: 20, 4: 40, 16: 80} if args.quick else {1: 40, 4: 80, 16: 160}
     hdr = bu.Header("`embedpipe serve`: loopback load test (latency, throughput, batching)")
     work = ROOT / "cache" / "bench-serve"

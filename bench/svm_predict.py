@@ -26,7 +26,6 @@ Writes bench/results/svm_predict.md and svm_predict.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -51,12 +50,8 @@ def main() -> None:
 
     from embedpipe.heads import artifacts, compact
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+    args, reps = bu.reps_args(3)
     sizes = [(1000, 200)] if args.quick else [(1000, 200), (6000, 1000)]
-    reps = 1 if args.quick else args.reps
     hdr = bu.Header("svm head prediction: scikit-learn (libsvm) vs the compact form")
     tmp = Path(tempfile.mkdtemp(prefix="bench-svm-predict-"))
     rows, cli_rows, payload = [], [], {"sizes": []}
