@@ -315,3 +315,54 @@ def test_a_saved_head_predicts_in_memory_exactly_as_when_loaded(head: str, fmnis
         ok("fit", fmnist_store, "--head", head, "--param", "pca=3", "-o", tmp_path / "c.skops")
         res = predict_store(tmp_path / "c.skops", fmnist_store, tmp_path / "p.csv")
         assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("args", [("knn", "pca=1"), ("knn", "pca=2"), ("mlp+knn", "pca=17"),
+                                  ("svm+knn", "pca=32")])
+def test_knn_heads_after_a_few_dimensions_are_saved(args: tuple[str, str], fmnist_store: Path,
+                                                    tmp_path: Path):
+    """A kNN scores its own training rows from a distance of 0 or of a rounding error, which
+    its distance weights blow up: after a few dimensions (pca=1, 2, 17, 32) a transform's last
+    bits moved a training row's scores past 1e-5, and the head file recorded its predictions on
+    training rows, so these fits were refused at save (found by helper-29's attack). The file
+    records them on rows between training rows; each of these now saves and predicts."""
+    head, param = args
+    out = tmp_path / "h.skops"
+    ok("fit", fmnist_store, "--head", head, "--param", param, "-o", out, "-q")
+    assert compact_member(out)
+    res = ok("predict", out, "--store", fmnist_store, "--split", "test", "-o", tmp_path / "p.csv")
+    assert "accuracy on the 50 labeled ones" in res.output
+
+
+def compact_member(path: Path) -> bool:
+    return "embedpipe/compact.json" in zipfile.ZipFile(path).namelist()
+
+
+def test_a_compact_form_that_disagrees_after_saving_is_left_out_not_the_head(
+        fmnist_store: Path, tmp_path: Path, monkeypatch):
+    """The compact form is optional: one that loads or predicts otherwise than the head once
+    saved (here: its probe check made to fail) is left out of the file, which is written
+    and predicts through scikit-learn, as any head without one."""
+    original = artifacts._check_probe
+
+    def failing(path, z, head, estimator, form):
+        if form == "compact form":
+            raise artifacts._disagree(path, "its compact form scores ... differently")
+        return original(path, z, head, estimator, form)
+
+    monkeypatch.setattr(artifacts, "_check_probe", failing)
+    out = tmp_path / "svm.skops"
+    ok("fit", fmnist_store, "--head", "svm", "-o", out, "-q")
+    assert out.is_file() and not compact_member(out)
+    monkeypatch.undo()
+    assert artifacts.load_compact(out) is None
+    res = ok("predict", out, "--store", fmnist_store, "--split", "test", "-o", tmp_path / "p.csv")
+    assert "accuracy on the 50 labeled ones" in res.output
+    # a pipeline that would not load as it was fitted is still refused, in one line
+    monkeypatch.setattr(artifacts, "_check_probe", lambda path, z, head, est, form: (
+        _ for _ in ()).throw(artifacts._disagree(path, f"its {form} scores the 16 rows "
+                                                      "recorded with it differently")))
+    res = cli("fit", fmnist_store, "--head", "svm", "-o", tmp_path / "x.skops", "-q")
+    line = one_line_error(res, "cannot be saved so that `predict` loads it",
+                          "its pipeline scores the 16 rows", "other --param values")
+    assert "damaged or edited" not in line and not (tmp_path / "x.skops").exists()

@@ -58,6 +58,19 @@ class ArtifactError(UserError):
     """A head file that cannot be used; one line naming the file and the fix."""
 
 
+class _Disagree(ArtifactError):
+    """The parts of a sealed head file disagree (_disagree); ``what``: how, without the fix."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
+class _CompactDisagrees(Exception):
+    """While saving: the compact form does not load or predict as the head does (save then
+    writes the head without it)."""
+
+
 @dataclass
 class HeadFile:
     path: Path
@@ -135,28 +148,42 @@ def save(path: str | Path, estimator: Any, manifest: dict[str, Any],
     as_saved(estimator)  # no lda_cache directory in a head file; arrays laid out as loaded
     manifest = json.loads(json.dumps(manifest, default=_jsonable))  # plain data only
     head = {"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest}
+    rows = None if check_rows is None else _probe_rows(check_rows)
     with _io.atomic_output(path, inputs=inputs) as tmp:
-        sio.dump({**head, "estimator": estimator}, tmp)
-        rows = None if check_rows is None else _probe_rows(check_rows)
-        if check_rows is not None:
-            _add_compact(tmp, estimator, head, check_rows)
-        _seal(tmp, estimator, head, rows)
-        _verify_saved(tmp, path, estimator, rows)
+        for with_compact in (check_rows is not None, False):
+            sio.dump({**head, "estimator": estimator}, tmp)  # a new file each time
+            if with_compact:
+                with_compact = _add_compact(tmp, estimator, head, check_rows)
+            _seal(tmp, estimator, head, rows)
+            try:
+                _verify_saved(tmp, path, estimator, rows)
+                break
+            except _CompactDisagrees:  # the compact form is optional: the head goes without
+                if not with_compact:
+                    raise
     return path
 
 
-PROBE_ROWS = 16  # training rows whose predictions a head file records (see _seal)
+PROBE_ROWS = 16  # rows (between training rows) whose predictions a head file records (_seal)
 PROBE_X = "embedpipe/probe/X.npy"
 PROBE_PREDICTED = "embedpipe/probe/predicted.npy"
 PROBE_SCORES = "embedpipe/probe/scores.npy"
 
 
 def _probe_rows(rows: Any) -> Any:
+    """PROBE_ROWS rows to record a head's predictions on: midpoints of neighbouring rows among
+    PROBE_ROWS + 1 spread over ``rows`` (training rows), in their dtype; the rows themselves
+    when there are fewer than 2. Rows the head has not seen: a kNN's training rows are their
+    own nearest neighbours, at a distance of 0 or of a rounding error, which its distance
+    weights turn into scores that move with the last bits of any transform before it."""
     import numpy as np
 
     rows = np.asarray(rows)
-    pick = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), PROBE_ROWS)).astype(int))
-    return np.ascontiguousarray(rows[pick]) if len(rows) else rows
+    if len(rows) < 2:
+        return np.ascontiguousarray(rows)
+    pick = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), PROBE_ROWS + 1)).astype(int))
+    mid = (rows[pick[:-1]].astype(np.float64) + rows[pick[1:]]) / 2
+    return np.ascontiguousarray(mid.astype(rows.dtype, copy=False))
 
 
 def _npy(arr: Any) -> bytes:
@@ -202,15 +229,23 @@ def _seal(path: Path, estimator: Any, head: dict[str, Any], rows: Any) -> None:
 
 def _verify_saved(tmp: Path, path: Path, estimator: Any, rows: Any) -> None:
     """Load the file just written as `predict` will (both forms) and check it predicts like
-    ``estimator``; ArtifactError (naming ``path``) when it does not."""
+    ``estimator``; ArtifactError (naming ``path``) when its pipeline does not,
+    _CompactDisagrees when only its compact form does not."""
+    def refused(why: str) -> ArtifactError:
+        return ArtifactError(f"{path}: this head cannot be saved so that `predict` loads it "
+                             f"({why[:300]}); fit it with other --param values (see "
+                             "`embedpipe heads`)")
+
     try:
         full = load(tmp)
-        fast = load_compact(tmp)
+    except _Disagree as e:
+        raise refused(e.what) from None
     except ArtifactError as e:
-        why = str(e).split(": ", 1)[-1]
-        raise ArtifactError(f"{path}: this head cannot be saved so that `predict` loads it "
-                            f"({why[:300]}); fit it with other --param values (see "
-                            "`embedpipe heads`)") from None
+        raise refused(str(e).split(": ", 1)[-1]) from None
+    try:
+        fast = load_compact(tmp)
+    except ArtifactError:
+        raise _CompactDisagrees() from None
     if rows is not None and len(rows):
         import numpy as np
 
@@ -221,6 +256,8 @@ def _verify_saved(tmp: Path, path: Path, estimator: Any, rows: Any) -> None:
             got = _scored(form.estimator, rows)
             if not (np.array_equal(got[0], want[0]) and np.allclose(
                     got[1], want[1], rtol=1e-5, atol=1e-6, equal_nan=True)):
+                if form is fast:
+                    raise _CompactDisagrees()
                 raise ArtifactError(f"{path}: the saved head predicts differently from the "
                                     "fitted one (a bug in embedpipe or skops: please report "
                                     "it); nothing was written")
@@ -348,9 +385,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _disagree(path: Any, what: str) -> ArtifactError:
-    return ArtifactError(f"{path}: the parts of this head file disagree ({what}); it was "
-                         "damaged or edited after `embedpipe fit` wrote it: make the head "
-                         "again with `embedpipe fit`")
+    return _Disagree(f"{path}: the parts of this head file disagree ({what}); it was "
+                     "damaged or edited after `embedpipe fit` wrote it: make the head "
+                     "again with `embedpipe fit`", what)
 
 
 def _read_seal(path: Any, z: Any) -> dict[str, Any] | None:

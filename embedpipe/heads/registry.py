@@ -142,8 +142,11 @@ def as_saved(estimator: Any) -> Any:
     its first ``_max_components`` columns (D x (classes - 1), as transform cuts its output) and
     no ``covariance_`` (D x D, read by no method after fit). Together they were two D x D
     float64 arrays: 26.8 MB of a 26.8 MB knn or centroid head on 200 rows of 1280-d features,
-    269 MB at 4096-d. Transforms agree to the last bits of float64 (the same products, fewer
-    columns). Returns the same object."""
+    269 MB at 4096-d. Transforms agree within float64 rounding (the same products, fewer
+    columns: up to 3e-14 apart on small batches). A kNN's stored rows were transformed before
+    this, so its own training rows, at a distance of 0 or of a rounding error from themselves,
+    may score differently in the last digits: artifacts._probe_rows records a head's
+    predictions on rows between training rows. Returns the same object."""
     import numpy as np
 
     def slim(obj: Any) -> None:
