@@ -973,7 +973,13 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
             "when each member does: fit a vote of exportable heads, or one head, e.g. "
             "`embedpipe fit STORE --head logreg`" if vote else "")) from None
     if say:
-        say(f"head {name}: ONNX equals predict_proba within {err:.1g} on sample features")
+        from .heads.registry import holds
+
+        say(f"head {name}: ONNX equals predict_proba within {err:.1g} on 64 sample feature "
+            "rows" + (
+                " (on its own training rows a knn can differ more: their distance to "
+                "themselves is a rounding error, which its distance weights enlarge)"
+                if holds(head.estimator, "KNeighborsClassifier") else ""))
     notes = precision_notes(head.identity)
     if say:
         for note in notes:

@@ -174,6 +174,14 @@ def as_saved(estimator: Any) -> Any:
     return _walk(estimator, visit)
 
 
+def holds(estimator: Any, kind: str) -> bool:
+    """Whether a scikit-learn object of type name ``kind`` is inside ``estimator`` (a pipeline
+    step, an ensemble member, a calibrated copy; see _walk)."""
+    found: list[bool] = []
+    _walk(estimator, lambda obj: found.append(True) if type(obj).__name__ == kind else None)
+    return bool(found)
+
+
 def _walk(estimator: Any, visit: Any) -> Any:
     """Call ``visit`` on ``estimator`` and on every object inside it: scikit-learn objects'
     attributes, lists, tuples and dicts (members of an ensemble, calibrated clones, fitted
