@@ -228,3 +228,63 @@ def test_cv_of_an_svm_is_the_same_through_the_compact_form(fmnist_store: Path, m
 
     assert untimed(fast) == untimed(slow)
     assert "most confidently misclassified" in fast and "test: 50 rows, accuracy" in fast
+
+
+def test_svc_predict_follows_libsvm_on_exact_ties_and_break_ties():
+    """libsvm gives a pair whose decision value is exactly 0 to its second class (the compact
+    form gave it to the first), scikit-learn's binary predict is classes_[1] at 0, and
+    ``break_ties=True`` predicts the argmax of the one-vs-rest decision function: the compact
+    form predicts as scikit-learn in each case (found by helper-30's attack)."""
+    from sklearn.svm import SVC
+
+    eye = np.eye(3)
+    far = np.array([[10.0, 10.0, 10.0], [0.9, 0.1, 0.0], [1.0, 0.0, 0.0]])  # row 0: all 0
+    for break_ties in (False, True):
+        m = SVC(gamma=100, break_ties=break_ties).fit(eye, ["a", "b", "c"])
+        assert (m.decision_function(far[:1]) == [[2.0, 1.0, 0.0]]).all()  # a 3-way tie
+        form = compact.load(*compact.export(m))
+        assert list(form.predict(far)) == list(m.predict(far))
+        assert m.predict(far[:1])[0] == ("a" if break_ties else "c")  # each case differs
+    m = SVC(kernel="linear").fit(np.array([[-1.0, 0.0], [1.0, 0.0]]), ["a", "b"])
+    origin = np.zeros((1, 2))
+    assert m.decision_function(origin)[0] == 0 and m.predict(origin)[0] == "b"
+    assert compact.load(*compact.export(m)).predict(origin)[0] == "b"
+
+
+def test_cv_with_break_ties_is_the_same_through_the_compact_form(fmnist_store: Path,
+                                                                 monkeypatch):
+    """`cv --head svm --param break_ties=true` scored through the compact form predicted as
+    plain svm (the setting was dropped): the same output either way."""
+    import re
+
+    def run(entries: int) -> list[str]:
+        monkeypatch.setattr(compact, "FAST_ENTRIES", entries)
+        out = ok("cv", fmnist_store, "--head", "svm", "--param", "break_ties=true",
+                 "--folds", "3").output
+        return [re.sub(r" +\d+\.\d+  (?=prep=)", " ", line) for line in out.splitlines()]
+
+    assert run(1) == run(10**12)
+
+
+def test_a_knn_with_identical_rows_under_different_classes_has_no_compact_form():
+    """Which of several rows at one distance fill a query's last neighbour places is up to
+    scikit-learn's partial sort (blank images in several class folders: probabilities 0.1
+    apart between the two paths, found by helper-30's attack): such a knn predicts through
+    scikit-learn; the same rows under one class keep the compact form."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 4))
+    y = np.repeat(["a", "b", "c"], 20)
+    X[[0, 25, 45]] = X[0]  # one point in every class
+    for metric in ("euclidean", "cosine"):
+        knn = KNeighborsClassifier(n_neighbors=5, metric=metric, algorithm="brute")
+        assert compact.export(knn.fit(X, y)) is None
+    X[[25, 45]] = rng.standard_normal((2, 4))
+    X[[0, 1]] = X[0]  # the same point twice in one class
+    assert compact.export(KNeighborsClassifier(n_neighbors=5, algorithm="brute").fit(X, y))
+    X2 = X.copy()
+    X2[30] = 2.0 * X2[0]  # the same direction in another class: cosine only
+    assert compact.export(KNeighborsClassifier(n_neighbors=5, algorithm="brute").fit(X2, y))
+    assert compact.export(KNeighborsClassifier(n_neighbors=5, algorithm="brute",
+                                               metric="cosine").fit(X2, y)) is None

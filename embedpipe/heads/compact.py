@@ -127,7 +127,9 @@ def fast_form(estimator: Any, X: Any) -> Any:
     ``agrees``); else ``estimator`` itself. The form is made afresh on every call from the
     estimator's arrays (an SVC's support vectors are not copied), so a head refitted since
     is never scored by an older form."""
-    n = len(X) if hasattr(X, "__len__") else 0
+    if not isinstance(X, np.ndarray):  # lists and the like: scikit-learn converts them
+        return estimator
+    n = len(X)
     if n * _support_vectors(estimator) < FAST_ENTRIES:
         return estimator
     exported = export(estimator)
@@ -250,6 +252,8 @@ def _decision(b: _Builder, est: Any) -> None:
                 or est.outputs_2d_ or np.asarray(est._fit_X).dtype != np.float64:
             raise _Unsupported(f"KNeighborsClassifier(metric={metric!r}, "
                                f"weights={est.weights!r})")
+        if _duplicates_across_classes(np.asarray(est._fit_X), np.asarray(est._y), metric):
+            raise _Unsupported("identical training rows under different classes")
         b.op("knn", x=b.array(est._fit_X), y=b.array(np.asarray(est._y, np.int64)),
              k=int(est.n_neighbors), weights=est.weights, metric=metric)
         return
@@ -262,6 +266,20 @@ def _decision(b: _Builder, est: Any) -> None:
              w=b.array(scale), a=b.array(2.0 * np.log(np.asarray(est.class_prior_, np.float64))))
         return
     raise _Unsupported(kind)
+
+
+def _duplicates_across_classes(rows: np.ndarray, y: np.ndarray, metric: str) -> bool:
+    """Whether some training rows of a kNN are the same point (for cosine: the same direction)
+    under different classes. A query then finds them all at one distance, and which of them
+    fill its last neighbour places is up to scikit-learn's partial sort, which the compact
+    form cannot reproduce (e.g. blank images in several class folders: their probabilities
+    were 0.1 apart, found by helper-30's attack)."""
+    if metric == "cosine":
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
+        rows = rows / np.where(norms == 0, 1.0, norms)
+    _, point = np.unique(rows, axis=0, return_inverse=True)
+    pairs = np.unique(np.stack([point.ravel(), y.ravel()], axis=1), axis=0)
+    return len(pairs) > len(np.unique(pairs[:, 0]))
 
 
 _KERNELS = ("linear", "poly", "rbf", "sigmoid")
@@ -278,7 +296,8 @@ def _svc(b: _Builder, est: Any) -> None:
         raise _Unsupported(f"SVC(kernel={est.kernel!r}, "
                            f"decision_function_shape={est.decision_function_shape!r})")
     b.op("svc", kernel=est.kernel, gamma=float(est._gamma), coef0=float(est.coef0),
-         degree=int(est.degree), sv=b.array(np.asarray(est.support_vectors_, np.float64)),
+         degree=int(est.degree), break_ties=bool(est.break_ties),
+         sv=b.array(np.asarray(est.support_vectors_, np.float64)),
          coef=b.array(np.asarray(est.dual_coef_, np.float64)),
          b=b.array(np.asarray(est.intercept_, np.float64)),
          nsv=b.array(np.asarray(est.n_support_, np.int64)))
@@ -610,13 +629,36 @@ class CompactHead:
         if self.spec["proba"] in ("temperature", "vote", "given") or \
                 self.spec["output"] == "mlp":
             scores = self._probabilities(X)
+        elif self.spec["output"] == "svc":
+            return self.classes_[self._svc_predict(X)]
         else:
-            scores = self._raw(X, ovo=self.spec["output"] == "svc")
+            scores = self._raw(X)
             if scores.shape[1] == 1:
                 return self.classes_[(scores[:, 0] > 0).astype(int)]
-            if self.spec["output"] == "svc":  # libsvm's vote; a tie goes to the first class
-                scores = _votes(scores, len(self.classes_))[0]
         return self.classes_[np.argmax(scores, axis=1)]
+
+    def _svc_predict(self, X: np.ndarray) -> np.ndarray:
+        """SVC.predict's class indices: with ``break_ties`` (more than two classes) the argmax
+        of the one-vs-rest decision function, as scikit-learn; else libsvm's own vote, in
+        which a pair whose decision value is not above 0 (exactly 0 included) votes for its
+        second class, and equal votes go to the first class. For two classes: libsvm's sign,
+        classes_[1] from a decision value of 0 up (scikit-learn's is libsvm's negated)."""
+        op = next(o for o in self.spec["ops"] if o["op"] == "svc")
+        k = len(self.classes_)
+        if k > 2 and op.get("break_ties"):
+            return np.argmax(self._raw(X), axis=1)
+        ovo = self._raw(X, ovo=True)
+        if ovo.shape[1] == 1:
+            return (ovo[:, 0] >= 0).astype(int)
+        votes = np.zeros((len(ovo), k))
+        p = 0
+        for i in range(k):
+            for j in range(i + 1, k):
+                win = ovo[:, p] > 0
+                votes[win, i] += 1
+                votes[~win, j] += 1
+                p += 1
+        return np.argmax(votes, axis=1)
 
 
 class _CompactProba(CompactHead):
