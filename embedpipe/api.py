@@ -251,6 +251,11 @@ class Head:
                 raise PredictError(f"X has shape {X.shape}; head {self._name} expects "
                                    f"(n, {self.feature_dim}) features of "
                                    f"{self._file.identity.get('model')}")
+            bad = ~np.isfinite(X).all(axis=1)
+            if bad.any():
+                raise PredictError(f"X has {int(bad.sum())} row(s) with NaN or infinite "
+                                   f"values (the first: row {int(np.argmax(bad))}); a head "
+                                   "scores finite features only: drop or re-extract them")
             return X.astype(np.float32, copy=False)
         paths = _store_paths(X_or_store)
         store = X_or_store if (isinstance(X_or_store, FeatureStore)
@@ -269,9 +274,13 @@ class Head:
         all its rows, in store order). A store made with another backbone, weights,
         preprocessing or pool than the head's is refused (ArtifactError); another precision
         or dtype gives a UserWarning. Raises PredictError for an array of the wrong width."""
+        import numpy as np
+
         from .heads.compact import predict_scored
 
         X = self._features(X_or_store)
+        if not len(X):  # scikit-learn refuses 0 rows; the answer is 0 predictions
+            return np.asarray(self.classes_, dtype=str)[:0]
         pred, _, _, _ = predict_scored(self.estimator, X, use_proba=self._use_proba)
         return pred
 
@@ -282,9 +291,13 @@ class Head:
         ``probabilities``: ``native`` or ``calibrated``, temperature scaling fitted by `fit`);
         for ``scores`` (a class too small to calibrate) a softmax of decision scores: a
         ranking, not a calibrated probability. ``predict`` is the argmax of these."""
+        import numpy as np
+
         from .heads.compact import predict_scored
 
         X = self._features(X_or_store)
+        if not len(X):
+            return np.zeros((0, len(self.classes_)))
         _, scores, _, _ = predict_scored(self.estimator, X, use_proba=self._use_proba)
         return scores
 

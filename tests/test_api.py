@@ -344,3 +344,22 @@ def test_embedder_clones_and_pickles_without_its_backbone(photos):
     assert getattr(back, "_runtime", None) is None and back.get_params() == embed.get_params()
     np.testing.assert_array_equal(back.transform(_paths(photos)[:2]), X)
     assert repr(embed).startswith("Embedder(")
+
+
+def test_a_head_predicts_zero_rows_and_refuses_non_finite_rows_in_one_line(fmnist_store: Path,
+                                                                           tmp_path: Path):
+    """``Head.predict`` on 0 rows gave scikit-learn's "Found array with 0 sample(s) ...
+    Normalizer", and NaN rows a multi-line scikit-learn error (found by helper-30's attack):
+    0 rows give 0 predictions, a non-finite row an EmbedpipeError naming it."""
+    out = tmp_path / "logreg.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
+    head = embedpipe.load_head(out)
+    empty = np.zeros((0, 1280), np.float32)
+    assert head.predict(empty).shape == (0,)
+    assert head.predict_proba(empty).shape == (0, len(head.classes_))
+    X = embedpipe.open_store(fmnist_store).features[:5].copy()
+    X[3, 7] = np.nan
+    with pytest.raises(embedpipe.EmbedpipeError) as e:
+        head.predict(X)
+    assert "1 row(s) with NaN or infinite values (the first: row 3)" in str(e.value)
+    assert "\n" not in str(e.value)
