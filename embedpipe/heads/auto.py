@@ -515,6 +515,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     ``head`` reads 'auto → HEAD' (the chosen head, a+b+... for a vote)."""
     from ..store.read import open_stores, refuse_duplicates
     from . import artifacts
+    from .compact import predict_scored
     from .rows import select_rows, targets
     from .. import checks
     from . import fewshot
@@ -549,8 +550,6 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
                                                  calibrate_single=True)
     sub = accuracy_rows(len(y))  # predicting every row can cost more than the fit
     pick = slice(None) if sub is None else sub
-    from .compact import predict_scored
-
     pred = predict_scored(est, X[pick])[0]  # an SVC through its compact form (fast_form)
     train_acc = float((pred == np.asarray(y[pick]).astype(str)).mean())
     effective = heads.effective_params(choice["head"], est)

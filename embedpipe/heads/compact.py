@@ -63,7 +63,11 @@ def class_scores(estimator: Any, X: np.ndarray, *,
 
     A head holding an SVC scores ``X`` through its compact form when that saves time (see
     fast_form): the same scores within 1e-5, 6-9x less CPU."""
-    estimator = fast_form(estimator, X)
+    return _class_scores(fast_form(estimator, X), X, use_proba)
+
+
+def _class_scores(estimator: Any, X: np.ndarray, use_proba: bool) -> tuple[np.ndarray, bool]:
+    """class_scores of ``estimator`` as it is (fast_form already chosen)."""
     if use_proba and hasattr(estimator, "predict_proba"):
         try:
             return estimator.predict_proba(X), True
@@ -88,7 +92,7 @@ def predict_scored(estimator: Any, X: np.ndarray, *, use_proba: bool = True
     kernel rows are most of its prediction time); any other estimator predicts itself. A head
     holding an SVC predicts many rows through its compact form (fast_form)."""
     fast = fast_form(estimator, X)
-    scores, calibrated = class_scores(fast, X, use_proba=use_proba)
+    scores, calibrated = _class_scores(fast, X, use_proba)
     classes = np.asarray(estimator.classes_).astype(str)
     if calibrated and _argmax_of_proba(estimator):
         best = np.argmax(scores, axis=1)
@@ -136,29 +140,41 @@ def fast_form(estimator: Any, X: Any) -> Any:
     if exported is None:
         return estimator
     form = load(*exported)
-    check = np.asarray(X)[np.unique(np.linspace(0, n - 1, FAST_CHECK_ROWS).astype(int))]
+    check = X[np.unique(np.linspace(0, n - 1, FAST_CHECK_ROWS).astype(int))]
     return form if agrees(estimator, form, check) else estimator
 
 
 def _support_vectors(estimator: Any) -> int:
-    """The support vectors of every fitted SVC inside ``estimator`` (pipeline steps,
-    calibrated copies, ensemble members), found by type name: no scikit-learn import."""
+    """The support vectors of every fitted SVC inside ``estimator`` (see walk)."""
+    total = [0]
+
+    def count(obj: Any) -> None:
+        if _type(obj) == "SVC":
+            total[0] += len(getattr(obj, "support_vectors_", ()))
+
+    walk(estimator, count)
+    return total[0]
+
+
+def walk(estimator: Any, visit: Any) -> Any:
+    """Call ``visit`` on ``estimator`` and on every object inside it, once each: scikit-learn
+    objects' attributes, lists, tuples and dicts (pipeline steps, ensemble members,
+    calibrated copies), found by module name: no scikit-learn import. Returns ``estimator``."""
     seen: set[int] = set()
-    todo, total = [estimator], 0
+    todo = [estimator]
     while todo:
         obj = todo.pop()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if _type(obj) == "SVC":
-            total += len(getattr(obj, "support_vectors_", ()))
-        elif isinstance(obj, (list, tuple)):
+        visit(obj)
+        if isinstance(obj, (list, tuple)):
             todo.extend(obj)
         elif isinstance(obj, dict):
             todo.extend(obj.values())
         elif type(obj).__module__.startswith("sklearn"):
-            todo.extend(getattr(obj, "__dict__", {}).values())
-    return total
+            todo.extend(getattr(obj, "__dict__", {}).values())  # some have __slots__ only
+    return estimator
 
 
 # -- from a fitted scikit-learn estimator ------------------------------------------------------
@@ -275,8 +291,7 @@ def _duplicates_across_classes(rows: np.ndarray, y: np.ndarray, metric: str) -> 
     form cannot reproduce (e.g. blank images in several class folders: their probabilities
     were 0.1 apart, found by helper-30's attack)."""
     if metric == "cosine":
-        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
-        rows = rows / np.where(norms == 0, 1.0, norms)
+        rows = _unit(rows)
     _, point = np.unique(rows, axis=0, return_inverse=True)
     pairs = np.unique(np.stack([point.ravel(), y.ravel()], axis=1), axis=0)
     return len(pairs) > len(np.unique(pairs[:, 0]))
@@ -460,6 +475,12 @@ def _centroid_scores(x: np.ndarray, centroids: np.ndarray, scale: np.ndarray,
     return scores[:, 1:] - scores[:, :1] if scores.shape[1] == 2 else scores
 
 
+def _unit(a: np.ndarray) -> np.ndarray:
+    """The rows of ``a`` divided by their euclidean norms (rows of norm 0 as they are)."""
+    n = np.sqrt(np.einsum("ij,ij->i", a, a))
+    return a / np.where(n == 0, 1.0, n)[:, None]
+
+
 def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
                n_classes: int) -> np.ndarray:
     """KNeighborsClassifier.predict_proba by brute force, float64: the ``k`` nearest training
@@ -469,10 +490,7 @@ def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
     fit_x, fit_y, k = arrays[op["x"]].astype(np.float64), arrays[op["y"]], int(op["k"])
     x = np.asarray(x, np.float64)
     if op["metric"] == "cosine":
-        def unit(a: np.ndarray) -> np.ndarray:
-            n = np.sqrt(np.einsum("ij,ij->i", a, a))
-            return a / np.where(n == 0, 1.0, n)[:, None]
-        x, fit_x = unit(x), unit(fit_x)
+        x, fit_x = _unit(x), _unit(fit_x)
     else:
         fit_sq = np.einsum("ij,ij->i", fit_x, fit_x)
     out = np.zeros((len(x), n_classes))
@@ -515,9 +533,11 @@ def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
     return out
 
 
-def _votes(ovo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _votes(ovo: np.ndarray, k: int, *, libsvm: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(votes, summed confidences) per class from one-vs-one decision values, as
-    scikit-learn's ``_ovr_decision_function`` counts them."""
+    scikit-learn's ``_ovr_decision_function`` counts them: a pair whose value is exactly 0
+    votes for its first class; with ``libsvm``, as libsvm's predict counts them: for its
+    second."""
     votes = np.zeros((len(ovo), k))
     conf = np.zeros((len(ovo), k))
     p = 0
@@ -525,9 +545,9 @@ def _votes(ovo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         for j in range(i + 1, k):
             conf[:, i] += ovo[:, p]
             conf[:, j] -= ovo[:, p]
-            lose = ovo[:, p] < 0
-            votes[~lose, i] += 1
-            votes[lose, j] += 1
+            second = ovo[:, p] <= 0 if libsvm else ovo[:, p] < 0
+            votes[~second, i] += 1
+            votes[second, j] += 1
             p += 1
     return votes, conf
 
@@ -650,15 +670,7 @@ class CompactHead:
         ovo = self._raw(X, ovo=True)
         if ovo.shape[1] == 1:
             return (ovo[:, 0] >= 0).astype(int)
-        votes = np.zeros((len(ovo), k))
-        p = 0
-        for i in range(k):
-            for j in range(i + 1, k):
-                win = ovo[:, p] > 0
-                votes[win, i] += 1
-                votes[~win, j] += 1
-                p += 1
-        return np.argmax(votes, axis=1)
+        return np.argmax(_votes(ovo, k, libsvm=True)[0], axis=1)
 
 
 class _CompactProba(CompactHead):

@@ -32,6 +32,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from ..errors import UserError, first_line
 from .compact import class_scores  # noqa: F401 - part of this module's API
+from .compact import walk
 
 PREPROCESSING = {"l2": "L2-normalise each row", "scale": "standardise each feature",
                  "lda": "project onto the classes' linear discriminants (classes - 1 "
@@ -127,8 +128,13 @@ def uncached(estimator: Any) -> Any:
     """``estimator`` with every Pipeline inside it (members of an ensemble, calibrated clones
     included) set to ``memory=None``: a fitted head never refers to lda_cache's temporary
     directory. Returns the same object."""
-    return _walk(estimator, lambda obj: setattr(obj, "memory", None)
-                 if isinstance(obj, Pipeline) else None)
+    return walk(estimator, _uncache)
+
+
+def _uncache(obj: Any) -> None:
+    """A Pipeline without its cache directory (see uncached); anything else as it is."""
+    if isinstance(obj, Pipeline):
+        obj.memory = None
 
 
 def as_saved(estimator: Any) -> Any:
@@ -161,8 +167,7 @@ def as_saved(estimator: Any) -> Any:
         return v
 
     def visit(obj: Any) -> None:
-        if isinstance(obj, Pipeline):
-            obj.memory = None
+        _uncache(obj)
         slim(obj)
         if isinstance(obj, list):
             obj[:] = [contiguous(v) for v in obj]
@@ -171,40 +176,15 @@ def as_saved(estimator: Any) -> Any:
         elif type(obj).__module__.startswith("sklearn") and hasattr(obj, "__dict__"):
             vars(obj).update({k: contiguous(v) for k, v in vars(obj).items()})
 
-    return _walk(estimator, visit)
+    return walk(estimator, visit)
 
 
 def holds(estimator: Any, kind: str) -> bool:
     """Whether a scikit-learn object of type name ``kind`` is inside ``estimator`` (a pipeline
-    step, an ensemble member, a calibrated copy; see _walk)."""
+    step, an ensemble member, a calibrated copy; see compact.walk)."""
     found: list[bool] = []
-    _walk(estimator, lambda obj: found.append(True) if type(obj).__name__ == kind else None)
+    walk(estimator, lambda obj: found.append(True) if type(obj).__name__ == kind else None)
     return bool(found)
-
-
-def _walk(estimator: Any, visit: Any) -> Any:
-    """Call ``visit`` on ``estimator`` and on every object inside it: scikit-learn objects'
-    attributes, lists, tuples and dicts (members of an ensemble, calibrated clones, fitted
-    steps). Returns ``estimator``."""
-    seen: set[int] = set()
-
-    def walk(obj: Any) -> None:
-        if id(obj) in seen:
-            return
-        seen.add(id(obj))
-        visit(obj)
-        if isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v)
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif type(obj).__module__.startswith("sklearn"):
-            for v in getattr(obj, "__dict__", {}).values():  # some have __slots__ only
-                walk(v)
-
-    walk(estimator)
-    return estimator
 
 
 def lda_step() -> LinearDiscriminantAnalysis:
