@@ -138,8 +138,13 @@ def _transform(g: _Graph, step: Any, x: str) -> str:
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.preprocessing import Normalizer, StandardScaler
 
+    from .heads.transforms import SignedSqrt
+
     if step is None or step == "passthrough":
         return x
+    if isinstance(step, SignedSqrt):  # sign(x) * sqrt(|x|)
+        root = g.op("Sqrt", [g.op("Abs", [x], "abs")], "sqrt_abs")
+        return g.op("Mul", [g.op("Sign", [x], "sign"), root], "signed_sqrt")
     if isinstance(step, Normalizer) and step.norm == "l2":
         return g.op("LpNormalization", [x], "l2", axis=1, p=2)
     if isinstance(step, StandardScaler):
@@ -164,8 +169,8 @@ def _transform(g: _Graph, step: Any, x: str) -> str:
         return x
     from .heads.registry import PREP_CHOICES
 
-    raise ExportError(f"pipeline step {type(step).__name__} is not exportable (l2, scale, lda "
-                      "and pca are): refit the head with `embedpipe fit`, its --param prep one "
+    raise ExportError(f"pipeline step {type(step).__name__} is not exportable (sqrt, l2, scale, "
+                      "lda and pca are): refit the head with `embedpipe fit`, its --param prep one "
                       f"of {', '.join(PREP_CHOICES)}")
 
 
@@ -497,6 +502,8 @@ def sample_features(estimator: Any, dim: int, n: int = 64, seed: int = 0) -> np.
         X = fit_x[rng.integers(0, len(fit_x), n)] * (1 + 0.05 * rng.standard_normal((n, dim)))
     elif scaler is not None and getattr(scaler, "mean_", None) is not None:
         X = scaler.mean_ + scaler.scale_ * rng.standard_normal((n, dim))
+        if "sqrt" in dict(pipe.steps):  # the scaler saw signed square roots: undo it
+            X = np.copysign(X * X, X)
     else:
         X = np.abs(rng.standard_normal((n, dim)))
     return X.astype(np.float32)

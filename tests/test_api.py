@@ -148,9 +148,11 @@ def test_cv_fit_predict_and_the_cli_agree(photos_store, tmp_path):
 
     store = embedpipe.open_store(photos_store)
     head = embedpipe.fit(store, "logreg", C=0.5)
-    # the params the head used: the user's C over logreg's defaults (L2-normalised rows)
+    # the params the head used: the user's C over logreg's defaults (power- and L2-normalised
+    # rows)
     assert head.path is None and head.manifest["params"] == {"C": 0.5}
-    assert type(head.estimator.steps[0][1]).__name__ == "Normalizer"
+    assert [type(s).__name__ for _, s in head.estimator.steps[:2]] == ["SignedSqrt",
+                                                                       "Normalizer"]
     assert list(head.classes_) == sorted(store.classes)
     pred = head.predict(store)
     np.testing.assert_array_equal(pred, head.predict(store.features))

@@ -249,10 +249,10 @@ def test_a_class_of_one_image_fits_the_first_candidate_and_says_why(
     assert not NAN.search(res.output), res.output
     said = [ln for ln in res.output.splitlines() if ln.startswith("auto: class")]
     assert said == [f"auto: class {first!r} has 1 training image, too few to cross-validate "
-                    "(auto needs 2 per class), so it fitted logreg prep=l2 C=10.0 without "
+                    "(auto needs 2 per class), so it fitted logreg prep=sqrt+l2 without "
                     "choosing; add images of that class (or drop it) for auto to choose by CV, "
                     "or pass a named --head"], res.output
-    assert "scored by" not in res.output and "fitted auto → logreg (prep=l2 C=10" in res.output
+    assert "scored by" not in res.output and "fitted auto → logreg (prep=sqrt+l2 C=10" in res.output
     m = artifacts.load(out).manifest
     assert m["auto"]["folds"] == 0 and not NAN.search(json.dumps(m))
     assert [set(c) for c in m["auto"]["candidates"]] == [{"name", "head", "params",

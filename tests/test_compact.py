@@ -209,7 +209,7 @@ def test_svm_heads_score_many_rows_through_their_compact_form(fitted: dict[str, 
         with monkeypatch.context() as m:  # a form that would not agree is not used
             m.setattr(compact, "agrees", lambda *a: False)
             assert compact.fast_form(est, X) is est
-    for name in ("logreg", "knn", "auto"):  # no SVC inside (auto chose none here)
+    for name in ("logreg", "knn"):  # no SVC inside
         est = artifacts.load(fitted[name]).estimator
         assert compact._support_vectors(est) == 0 and compact.fast_form(est, X) is est
 

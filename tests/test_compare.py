@@ -102,7 +102,7 @@ def test_compare_shows_per_fold_values_of_what_varies_and_member_params(fmnist_s
               "knn:n_neighbors=3", "-p", "pca=16", "-q")
     assert res.exit_code == 0, res.output
     (line,) = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("svm+knn  pca=16;")]
-    assert "knn: prep=l2+lda" in line and "n_neighbors=3" in line and "per fold" not in line
+    assert "knn: prep=sqrt+l2+lda" in line and "n_neighbors=3" in line and "per fold" not in line
 
 
 def test_compare_refuses_search_as_cv_does_before_any_fit(fmnist_store: Path, tmp_path: Path):

@@ -102,10 +102,12 @@ def test_fold_scores_equal_cross_val_score(fmnist_store: Path, logreg_cv):
     _, report = logreg_cv
     assert report["splitter"] == "StratifiedKFold(n_splits=5, shuffle=True, random_state=0)"
     X, y, _ = train_xy(fmnist_store)
-    # the pipeline cv fits: logreg with its defaults (L2-normalised rows, C=10; no data rule)
+    # the pipeline cv fits: logreg with its defaults (power- and L2-normalised rows, C=10; no
+    # data rule)
     assert heads.with_data_defaults("logreg", None, y, X.shape[1]) == {}
     pipe = heads.build("logreg", seed=0)
-    assert type(pipe.steps[0][1]).__name__ == "Normalizer" and pipe[-1].C == 10.0
+    assert [type(s).__name__ for _, s in pipe.steps[:2]] == ["SignedSqrt", "Normalizer"]
+    assert pipe[-1].C == 10.0
     expected = cross_val_score(pipe, X, y,
                                cv=StratifiedKFold(5, shuffle=True, random_state=0))
     assert fold_scores(report, "logreg") == expected.tolist()

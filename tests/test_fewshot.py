@@ -158,7 +158,7 @@ def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
 
     res = cli("fit", stores[2], "--head", "mlp", "--param", "early_stopping=true", "-o",
               d / "c.skops", "-q")
-    assert _fitted(res, "mlp") == ("prep=l2 alpha=0.001 early_stopping=False "
+    assert _fitted(res, "mlp") == ("prep=sqrt+l2 alpha=0.001 early_stopping=False "
                                    "hidden_layer_sizes=256 max_iter=300")
     assert _pipe(d / "c.skops")[-1].early_stopping is False
 
@@ -176,8 +176,8 @@ def test_fit_summary_and_manifest_name_the_parameters_as_fitted(stores: dict):
     params = artifacts.load(d / "f.skops").manifest["params"]
     assert params == {"knn__clf__n_neighbors": 3}, res.output
     assert _fitted(res, "knn+logreg") == ("knn: prep=none algorithm=brute metric=cosine "
-                                          "n_neighbors=3 weights=distance; logreg: prep=l2 C=10 "
-                                          "max_iter=2000")
+                                          "n_neighbors=3 weights=distance; logreg: "
+                                          "prep=sqrt+l2 C=10 max_iter=2000")
     assert _pipe(d / "f.skops")[-1].get_params()["knn__clf__n_neighbors"] == 3
     # what the manifest records builds the head that was fitted (on the same data)
     rebuilt = heads.build("knn+logreg", params, data=(1, 1280)).get_params()
@@ -205,12 +205,15 @@ def test_an_explicit_prep_sets_the_small_data_rule_aside(stores: dict):
         assert _fitted(res, "knn") == ("prep=none algorithm=brute metric=cosine n_neighbors=5 "
                                        "weights=distance")
         assert _pipe(d / "r.skops")[-1].metric == "cosine"
-    # ridge's rule (L2 rows, alpha=1) is one whole too
+    # ridge's rule (power- and L2-normalised rows, alpha=1) is one whole too: another prep,
+    # even its L2 rows without the square root, sets it aside
     y = ["a"] * 3 + ["b"] * 3
     assert heads.with_data_defaults("ridge", {"prep": "scale"}, y, 8) == {"prep": "scale"}
-    assert heads.with_data_defaults("ridge", {"prep": "l2"}, y, 8) == {"prep": "l2",
-                                                                       "alpha": 1.0}
-    assert heads.with_data_defaults("ridge", {"alpha": 3}, y, 8) == {"prep": "l2", "alpha": 3}
+    assert heads.with_data_defaults("ridge", {"prep": "l2"}, y, 8) == {"prep": "l2"}
+    assert heads.with_data_defaults("ridge", {"prep": "sqrt+l2"}, y, 8) == {
+        "prep": "sqrt+l2", "alpha": 1.0}
+    assert heads.with_data_defaults("ridge", {"alpha": 3}, y, 8) == {"prep": "sqrt+l2",
+                                                                      "alpha": 3}
     text = cli("heads").output
     assert ("k=5 (without --param prep or with prep=none; with another prep the defaults above "
             "apply)") in text

@@ -88,27 +88,27 @@ def test_the_fit_summary_names_every_heads_parameters_as_the_manifest_records_th
             if k != "prep":
                 assert json.loads(json.dumps(got[k])) == v, (head, k)
         lines[head] = res.stdout.strip()
-    assert re.fullmatch(r"fitted svm \(prep=l2 C=3 gamma=scale\) on 200 rows, 10 classes in "
+    assert re.fullmatch(r"fitted svm \(prep=sqrt\+l2 C=3 gamma=scale\) on 200 rows, 10 classes in "
                         r"[0-9.]+ s; training accuracy [0-9.]+; probabilities: temperature "
                         r"scaling \(5-fold\) → " + re.escape(str(tmp_path / "svm.skops")),
                         lines["svm"]), lines["svm"]
-    assert "(prep=l2+lda algorithm=brute metric=euclidean n_neighbors=10 weights=distance)" \
+    assert "(prep=sqrt+l2+lda algorithm=brute metric=euclidean n_neighbors=10 weights=distance)" \
         in lines["knn"]
-    assert "(prep=l2 alpha=1)" in lines["ridge"]  # its small-data rule
+    assert "(prep=sqrt+l2 alpha=1)" in lines["ridge"]  # its small-data rule
 
 
 def test_fit_options_params_search_and_errors(fmnist_store: Path, tmp_path: Path):
     out = tmp_path / "svm.skops"
     res = ok("fit", fmnist_store, "--head", "svm", "--param", "C=30", "--param", "pca=32",
              "--class-weight", "balanced", "-o", out, "-q")
-    assert "(prep=l2 C=30 gamma=scale class_weight=balanced pca=32)" in res.output, res.output
+    assert "(prep=sqrt+l2 C=30 gamma=scale class_weight=balanced pca=32)" in res.output, res.output
     m = artifacts.load(out).manifest
     # the user's parameters, over the svm's defaults (L2 rows and C=3: no data rule)
     assert m["params"] == {"C": 30, "pca": 32} and m["class_weight"] == "balanced"
     pipe = artifacts.load(out).estimator
     while not hasattr(pipe, "steps"):  # calibrated: the pipeline inside
         pipe = pipe.estimator
-    assert [n for n, _ in pipe.steps] == ["l2", "pca", "clf"] and pipe["clf"].C == 30
+    assert [n for n, _ in pipe.steps] == ["sqrt", "l2", "pca", "clf"] and pipe["clf"].C == 30
     assert m["calibration"].startswith("temperature")
     ok("fit", fmnist_store, "--head", "ridge", "--search", "-o", tmp_path / "r.skops", "-q")
     assert "alpha" in artifacts.load(tmp_path / "r.skops").manifest["params"]
@@ -460,7 +460,8 @@ def test_an_ensembles_members_take_their_data_rules_as_alone(fmnist_store: Path,
     vote = head.estimator.named_steps["clf"]
     ridge = vote.named_estimators_["ridge"].estimator  # calibrated: the pipeline inside
     mlp = vote.named_estimators_["mlp"]
-    assert [n for n, _ in ridge.steps] == ["l2", "pca", "clf"] and ridge["clf"].alpha == 1.0
+    assert [n for n, _ in ridge.steps] == ["sqrt", "l2", "pca", "clf"]
+    assert ridge["clf"].alpha == 1.0
     assert mlp["clf"].early_stopping is False
     for name in ("ridge", "mlp"):  # alone, the same settings
         alone = tmp_path / f"{name}.skops"
@@ -485,7 +486,7 @@ def test_param_shorthand_reaches_an_ensembles_members_and_shows_as_fitted(fmnist
     res = ok("fit", fmnist_store, "--head", "svm+knn", "--param", "knn:weights=uniform",
              "--param", "C=1", "--param", "pca=20", "-o", out, "-q")
     line = res.output.strip().splitlines()[-1]
-    assert "(pca=20; svm: prep=l2 C=1 gamma=scale; knn: prep=l2+lda " in line, line
+    assert "(pca=20; svm: prep=sqrt+l2 C=1 gamma=scale; knn: prep=sqrt+l2+lda " in line, line
     assert "weights=uniform)" in line, line
     head = artifacts.load(out)
     pipe = head.estimator
@@ -529,7 +530,7 @@ def test_fit_takes_head_colon_name_for_the_head_it_fits_and_refuses_another_head
     out = tmp_path / "l.skops"
     line = ok("fit", fmnist_store, "--head", "logreg", "--param", "logreg:C=2", "-o", out,
               "-q").output.strip().splitlines()[-1]
-    assert line.startswith("fitted logreg (prep=l2 C=2 "), line
+    assert line.startswith("fitted logreg (prep=sqrt+l2 C=2 "), line
     m = artifacts.load(out).manifest
     assert m["params"]["C"] == 2 and m["effective_params"]["C"] == 2
     bad = tmp_path / "x.skops"
@@ -693,11 +694,11 @@ def test_centroid_without_shrinkage_lists_no_shrink_threshold(fmnist_store: Path
     out = tmp_path / "c.skops"
     res = ok("fit", fmnist_store, "--head", "centroid", "-o", out)
     line = next(ln for ln in res.output.splitlines() if ln.startswith("fitted centroid"))
-    assert line.startswith("fitted centroid (prep=l2+lda) on 200 rows"), line
-    assert artifacts.load(out).manifest["effective_params"] == {"prep": "l2+lda"}
+    assert line.startswith("fitted centroid (prep=sqrt+l2+lda) on 200 rows"), line
+    assert artifacts.load(out).manifest["effective_params"] == {"prep": "sqrt+l2+lda"}
     res = ok("fit", fmnist_store, "--head", "centroid", "--param", "shrink_threshold=0.1",
              "-o", out)
-    assert "fitted centroid (prep=l2+lda shrink_threshold=0.1) on" in res.output, res.output
+    assert "fitted centroid (prep=sqrt+l2+lda shrink_threshold=0.1) on" in res.output, res.output
 
 
 # --param values scikit-learn takes one at a time but refuses inside fit, with the heads'
@@ -900,7 +901,7 @@ def test_an_ensemble_members_parameter_is_named_as_member_colon_name(fmnist_stor
             ("knn:algorithm=kd_tree", ["--param knn:algorithm=kd_tree:",
                                        "leave knn:algorithm out"]),
             ("knn:pca=-3", ["--param knn:pca=-3:"]),
-            ("knn:prep=foo", ["--param knn:prep=foo:", "knn:prep= one of l2"]),
+            ("knn:prep=foo", ["--param knn:prep=foo:", "knn:prep= one of sqrt+l2, sqrt+scale"]),
             ("knn:metric=precomputed", ["--param knn:metric=precomputed:",
                                         "pass knn:metric=euclidean"])]:
         line = one_line_error(cli("fit", fmnist_store, "--head", "logreg+knn", "--param", given,
@@ -950,7 +951,7 @@ def test_a_plain_prep_goes_to_every_member_of_an_ensemble(fmnist_store: Path, tm
                if ln.startswith("  svm+knn ") and "prep=" in ln]
     assert "knn: prep=l2 " in vote, res.stdout
     one_line_error(cli("fit", fmnist_store, "--head", "svm+knn", "--param", "prep=foo", "-o",
-                       out), "prep=foo", "one of l2, scale")
+                       out), "prep=foo", "one of sqrt+l2, sqrt+scale")
 
 
 def test_classes_of_identical_rows_are_refused_in_one_line_for_what_they_are(

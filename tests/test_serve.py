@@ -296,7 +296,7 @@ def test_info_describes_backbone_head_and_classes(url: str, head: Path):
     assert info["head"]["head"] == "logreg"
     # the parameters as fitted, defaults included, as the head's manifest records them
     assert info["head"]["effective_params"] == h.manifest["effective_params"]
-    assert info["head"]["effective_params"]["prep"] == "l2"
+    assert info["head"]["effective_params"]["prep"] == "sqrt+l2"
     assert info["head"]["probabilities"] == "native"
     assert info["classes"] == h.classes and len(info["classes"]) == 10
     assert info["versions"]["head"] == h.manifest["versions"]

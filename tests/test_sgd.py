@@ -183,7 +183,7 @@ def test_cv_and_compare_name_the_parameters_as_applied(fmnist_store: Path, tmp_p
     parameter as fitted (registry.effective_params), as `fit` does: data rules and defaults."""
     applied = {"sgd": "prep=l2 average=True max_iter=20 alpha=0.0001 loss=hinge",
                "logreg-sgd": "prep=l2 average=True loss=log_loss max_iter=20 alpha=0.0001",
-               "svm": "prep=l2 C=3 gamma=scale"}
+               "svm": "prep=sqrt+l2 C=3 gamma=scale"}
     args = [a for h in applied for a in ("--head", h)]
     res = ok("cv", fmnist_store, *args, "--folds", 2, "--json", tmp_path / "cv.json", "-q")
     lines = res.stdout.splitlines()

@@ -48,6 +48,8 @@ TRUSTED_EXTRA = (
     "sklearn.utils._bunch.Bunch",  # a dict with attribute access (ensembles' named members)
     # the held-out split of calibration on many rows (fewshot.holdout): its parameters only
     "sklearn.model_selection._split.StratifiedShuffleSplit",
+    # our stateless power-normalisation step (heads/transforms.py): its n_features_in_ only
+    "embedpipe.heads.transforms.SignedSqrt",
 )
 
 # What must agree between a head and the store (or images) it predicts: otherwise the features

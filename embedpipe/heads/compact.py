@@ -9,7 +9,7 @@ chain into the head file (`artifacts.save`): JSON naming the operations and plai
 arrays, read back with ``allow_pickle=False``. Nothing in it can run code.
 
 Covered (``export`` returns None for anything else, which then goes through scikit-learn):
-  * steps: ``Normalizer`` (l2), ``StandardScaler``, ``PCA``, ``LinearDiscriminantAnalysis``
+  * steps: ``SignedSqrt`` (sqrt), ``Normalizer`` (l2), ``StandardScaler``, ``PCA``, ``LinearDiscriminantAnalysis``
     (eigen or svd solver: its transform, in float64 as scikit-learn computes it),
     ``"passthrough"``;
   * final estimators: ``LogisticRegression``, ``SGDClassifier``, ``RidgeClassifier``,
@@ -208,7 +208,9 @@ def _step(b: _Builder, step: Any) -> None:
     kind = _type(step)
     if step is None or step == "passthrough":
         return
-    if kind == "Normalizer":
+    if kind == "SignedSqrt":
+        b.op("sqrt")
+    elif kind == "Normalizer":
         if step.norm != "l2":
             raise _Unsupported(f"Normalizer(norm={step.norm})")
         b.op("l2")
@@ -593,6 +595,8 @@ class CompactHead:
             elif kind == "centroid":
                 x = _centroid_scores(x, self.arrays[op["c"]], self.arrays[op["w"]],
                                      self.arrays[op["a"]])
+            elif kind == "sqrt":  # transforms.signed_sqrt, which numpy-only code cannot import
+                x = np.copysign(np.sqrt(np.abs(x)), x)
             elif kind == "l2":
                 norms = np.sqrt(np.einsum("ij,ij->i", x, x))
                 norms[norms == 0.0] = 1.0
@@ -679,7 +683,7 @@ class _CompactProba(CompactHead):
 
 
 _PROBAS = (None, "temperature", "softmax", "ovr-logistic", "vote", "given")
-_OPS = ("l2", "sub", "div", "add", "matmul", "act", "svc", "project", "centroid", "knn")
+_OPS = ("sqrt", "l2", "sub", "div", "add", "matmul", "act", "svc", "project", "centroid", "knn")
 _ARRAY_KEYS = ("a", "w", "c", "sv", "coef", "b", "nsv", "x", "y")
 
 
