@@ -978,3 +978,19 @@ def test_classes_of_identical_rows_are_refused_in_one_line_for_what_they_are(
                  "singular matrix", "--param prep=l2")
         assert not (tmp_path / "h.skops").exists()
     ok("fit", store, "--head", "knn", "--param", "prep=l2", "-o", tmp_path / "h.skops", "-q")
+
+
+def test_prep_keeps_its_text_for_a_member_and_from_the_api():
+    """``MEMBER:prep=none`` is no preprocessing for that member (parse_value made it None, the
+    member's own preprocessing, silently), and the API's quoted ``prep='sqrt'``
+    (api._param_items writes repr) is the choice sqrt, not the unknown "'sqrt'" (found by
+    helper-31's attack)."""
+    from embedpipe.api import _param_items
+
+    got = heads.parse_params(["knn:prep=none", "svm:prep=SQRT+L2", "prep=None"])
+    assert got == {"knn:prep": "none", "svm:prep": "sqrt+l2", "prep": "none"}
+    assert heads.parse_params(_param_items({"prep": "sqrt", "logreg:prep": "l2"})) == {
+        "prep": "sqrt", "logreg:prep": "l2"}
+    assert heads.parse_params(["knn:prep='l2'", "C=10"]) == {"knn:prep": "l2", "C": 10}
+    _, per = heads.member_params(heads.get("svm+knn"), got)
+    assert heads.prep_steps(heads.get("knn"), per["knn"]["prep"]) == ()

@@ -628,15 +628,22 @@ def parse_value(text: str) -> Any:
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """``["C=10", "pca=64"]`` → ``{"C": 10, "pca": 64}``. ``prep`` keeps its text
-    (``prep=none`` is "no preprocessing", not "the head's own")."""
+    """``["C=10", "pca=64"]`` → ``{"C": 10, "pca": 64}``. ``prep`` and ``MEMBER:prep`` keep
+    their text, lowercased and unquoted (``prep=none`` is "no preprocessing", not "the head's
+    own"; the API writes ``prep='l2'``)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise HeadError(f"--param {item}: write NAME=VALUE, e.g. --param C=10")
         key = key.strip()
-        out[key] = value.strip().lower() if key == "prep" else parse_value(value)
+        if key.rpartition(MEMBER_SEP)[2].strip() == "prep":
+            text = value.strip()
+            if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+                text = text[1:-1].strip()
+            out[key] = text.lower()
+        else:
+            out[key] = parse_value(value)
     return out
 
 
