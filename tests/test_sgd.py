@@ -379,3 +379,29 @@ def test_streamed_fit_under_a_memory_cap_smaller_than_the_feature_matrix(fmnist_
           f"logreg-sgd {sgd_acc:.3f}, in-memory logreg {ref_acc:.3f}")
     assert abs(sgd_acc - ref_acc) <= 0.08, (sgd_acc, ref_acc)  # 50 images: 4 of them
     assert ref_acc > 0.6
+
+
+@pytest.mark.parametrize("prep", [None, "sqrt", "sqrt+scale"])
+def test_a_streamed_fit_refuses_nonfinite_rows_whatever_its_first_step(
+        fmnist_store: Path, tmp_path: Path, prep: str | None):
+    """The streamed fit checked the raw features only in a stateful step's pass that came
+    first, so a stateless first step (sgd's small-store prep=l2, any prep=sqrt+...) met the
+    NaN itself: "unexpected ValueError ... a bug in embedpipe" (exit 1), or "failed to fit
+    (Input X contains NaN.); fix that --param value". Now one line naming the rows, whichever
+    pass reads them first (found by helper-31's attack)."""
+    from embedpipe.store import StoreWriter
+
+    s = open_store(fmnist_store)
+    train = [i for i, sp in enumerate(s.splits) if sp == "train"]
+    X = s.features.copy()
+    X[train[0], 5] = np.nan  # the row a stateless step is fitted on
+    X[train[20], 0] = np.inf
+    bad = tmp_path / "bad.h5"
+    with StoreWriter.open(bad, read_identity(fmnist_store), versions={}) as w:
+        ids = w.class_ids(s.classes)
+        w.append(X, paths=s.paths, labels=[ids[s.classes[i]] for i in s.labels],
+                 hashes=s.hashes, splits=s.splits, mtime_ns=[0] * len(s),
+                 size=[0] * len(s))
+    extra = ["--param", f"prep={prep}"] if prep else []
+    one_line_error(cli("fit", bad, "--head", "sgd", *extra, "-o", tmp_path / "h.skops", "-q"),
+                   str(bad), "NaN or infinite", s.paths[train[0]])

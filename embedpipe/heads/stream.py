@@ -120,11 +120,18 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
     rows = np.asarray(rows, dtype=np.int64)
     pipe = build(head, params, y, class_weight=class_weight, seed=seed)
     fitted: list[Any] = []
+    checked = False  # whether a whole pass has seen every row finite
+
+    def finite(idx: np.ndarray, X: np.ndarray, of: np.ndarray = rows) -> None:
+        if not checked:  # NaN/inf stop the first pass over the raw features (whichever it is)
+            checks.refuse_nonfinite(X, [store.paths[i] for i in of[idx]], str(store.path))
+
     for name, step in pipe.steps[:-1]:
         if step == "passthrough":
             continue
-        if not hasattr(step, "partial_fit"):  # stateless (Normalizer): fit on one chunk
-            for _, X in store.iter_feature_chunks(rows[:1], 1):
+        if not hasattr(step, "partial_fit"):  # stateless (Normalizer, SignedSqrt): one row
+            for idx, X in store.iter_feature_chunks(rows[:1], 1):
+                finite(idx, X, rows[:1])
                 step.fit(_transform(fitted, X))
             fitted.append(step)
             continue
@@ -132,9 +139,7 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
         need = getattr(step, "n_components", None) or 1  # IncrementalPCA's first batch
         held: list[np.ndarray] = []
         for idx, X in store.iter_feature_chunks(rows, chunk_rows):
-            if not fitted:  # the first pass over the raw features: NaN/inf stop it here
-                checks.refuse_nonfinite(X, [store.paths[i] for i in rows[idx]],
-                                        str(store.path))
+            finite(idx, X)
             held.append(_transform(fitted, X))
             if sum(len(h) for h in held) >= need or hasattr(step, "components_"):
                 step.partial_fit(np.concatenate(held) if len(held) > 1 else held[0])
@@ -146,6 +151,7 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
                                   f"{len(rows)} training rows; pass a smaller pca")
             step.partial_fit(np.concatenate(held))
         fitted.append(step)
+        checked = True
     clf = pipe.steps[-1][1]
     epochs = int(clf.max_iter)
     classes = np.unique(y)
@@ -153,8 +159,10 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
     for epoch in range(epochs):
         note(f"epoch {epoch + 1}/{epochs}")
         for idx, X in store.iter_feature_chunks(rows, chunk_rows, rng=rng):
+            finite(idx, X)  # no stateful step: the first epoch is the first pass
             clf.partial_fit(_transform(fitted, X), y[idx], classes=classes)
             tick(len(idx))
+        checked = True
     return pipe
 
 
