@@ -37,7 +37,7 @@ def test_heads_lists_every_head_with_defaults_and_grid():
     assert rows["svm"]["grid"]["C"] and rows["knn"]["defaults"]["metric"] == "euclidean"
     assert rows["knn"]["preprocessing"][-1].startswith("project onto the classes' linear")
     rules = {r["params"]["prep"]: r["rule"] for r in rows["centroid"]["data_rules"]}
-    assert "fewer than 5 training rows" in rules["l2+scale"]  # too few rows for the lda step
+    assert "fewer than 5 training rows" in rules["sqrt+l2+scale"]  # too few rows for the lda step
     text = ok("heads").output
     assert "search grid" in text and "linear-svm" in text
 

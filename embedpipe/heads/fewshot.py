@@ -147,7 +147,7 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
         lda = [step for step, obj in est.steps[:-1]
                if type(obj).__name__ == "LinearDiscriminantAnalysis"]
         if lda and smallest < LDA_MIN_FIT_ROWS:
-            notes.append(f"{name}: lda step off (rows stay L2-normalised): class {cls!r} has "
+            notes.append(f"{name}: lda step off (the steps before it stay): class {cls!r} has "
                          f"{smallest} training image(s), the linear discriminants need "
                          f"{LDA_MIN_FIT_ROWS} of every class")
             est.set_params(**{step: "passthrough" for step in lda})

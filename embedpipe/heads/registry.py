@@ -433,10 +433,21 @@ def with_data_defaults(name: str, params: dict[str, Any] | None, y: Any,
     return _over_rule(data_params(name, *data_of(y, dim)), given)
 
 
+def _without_sqrt(prep: Any) -> str:
+    """A prep choice's name without the power normalisation in front: 'sqrt+l2' → 'l2',
+    'sqrt' → 'none'."""
+    steps = [s for s in str(prep).split("+") if s not in ("sqrt", "none")]
+    return "+".join(steps) or "none"
+
+
 def _over_rule(rule: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """The user's parameters ``given`` over a data rule's (with_data_defaults: a rule that sets
-    ``prep`` is dropped whole when ``given`` sets another prep)."""
-    if "prep" in rule and "prep" in given and given["prep"] != rule["prep"]:
+    ``prep`` is dropped whole when ``given`` sets another prep). A prep that differs from the
+    rule's only by the square root in front (``prep=l2`` against ridge's small-data
+    ``sqrt+l2``, ``sqrt+l2`` against sgd's ``l2``) is the same rows for the rule's other
+    parameters: they stay (ridge's alpha=1, sgd's 20 epochs), with the user's prep."""
+    if ("prep" in rule and "prep" in given and given["prep"] != rule["prep"]
+            and _without_sqrt(given["prep"]) != _without_sqrt(rule["prep"])):
         rule = {}
     return {**rule, **given}
 

@@ -64,7 +64,8 @@ def build(head: str, params: dict[str, Any] | None, y: np.ndarray, *,
     if "lda" in pipe.named_steps:  # it needs every row's class statistics at once
         raise StreamError(f"--param prep={(params or {}).get('prep')}: the streaming head "
                           f"{head} cannot learn the lda step chunk by chunk; pass prep=l2, "
-                          "scale, l2+scale or none, or use an in-memory head (logreg, knn, ...)")
+                          "scale, l2+scale, sqrt+l2, sqrt+scale or none, or use an in-memory "
+                          "head (logreg, knn, ...)")
     pca = pipe.named_steps["pca"]
     if pca != "passthrough":
         n = pca.n_components
