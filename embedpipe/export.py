@@ -146,7 +146,15 @@ def _transform(g: _Graph, step: Any, x: str) -> str:
         root = g.op("Sqrt", [g.op("Abs", [x], "abs")], "sqrt_abs")
         return g.op("Mul", [g.op("Sign", [x], "sign"), root], "signed_sqrt")
     if isinstance(step, Normalizer) and step.norm == "l2":
-        return g.op("LpNormalization", [x], "l2", axis=1, p=2)
+        # x / ||x||, as scikit-learn's normalize: a row whose norm is under 10 eps of float32
+        # (1.2e-6) stays as it is (ONNX's LpNormalization would divide by it)
+        norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [x, x], "l2_sq"),
+                                                 g.const(np.array([1], np.int64), "l2_axis")],
+                                   "l2_sqsum", keepdims=1)], "l2_norm")
+        tiny = g.op("Less", [norm, g.const(np.float32(10 * np.finfo(np.float32).eps),
+                                           "l2_tiny")], "l2_is_tiny")
+        safe = g.op("Where", [tiny, g.const(np.float32(1.0), "l2_one"), norm], "l2_norm_safe")
+        return g.op("Div", [x, safe], "l2")
     if isinstance(step, StandardScaler):
         if step.mean_ is not None and step.with_mean:
             x = g.op("Sub", [x, g.const(step.mean_, "mean")], "centred")

@@ -114,3 +114,27 @@ def test_heads_lists_the_power_normalisation(tmp_path: Path):
     rows = {r["head"]: r for r in json.loads(res.stdout)}
     assert rows["svm"]["preprocessing"][0].startswith("signed square root")
     assert rows["sgd"]["preprocessing"][0] == "standardise each feature"
+
+
+def test_rows_of_tiny_norm_are_left_as_scikit_learn_leaves_them(fmnist_store: Path):
+    """scikit-learn's Normalizer leaves a row whose norm is under 10 eps (1.2e-6 in float32) as
+    it is; the compact form and the ONNX graph divided by it, and probabilities differed by up
+    to 1.0 (helper-31's finding 4: features scaled by 1e-8 with prep=l2; with the square root
+    in front, rows of about 1e-30)."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from embedpipe.export import head_graph
+
+    s = open_store(fmnist_store)
+    X = np.asarray(s.features, np.float32)
+    y = np.asarray(s.labels)
+    est = heads.build("logreg", {"prep": "l2"}).fit(X, y)
+    Q = np.vstack([X[:8] * np.float32(1e-8), X[8:16], np.zeros((1, X.shape[1]), np.float32)])
+    want = est.predict_proba(Q)
+    form = compact.load(*compact.export(est))
+    np.testing.assert_allclose(form.predict_proba(Q), want, rtol=1e-5, atol=1e-6)
+    sess = ort.InferenceSession(head_graph(est, X.shape[1]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["probabilities"], {"features": Q})[0], want,
+                               atol=2e-5)

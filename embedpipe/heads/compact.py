@@ -479,8 +479,8 @@ def _centroid_scores(x: np.ndarray, centroids: np.ndarray, scale: np.ndarray,
 
 def _unit(a: np.ndarray) -> np.ndarray:
     """The rows of ``a`` divided by their euclidean norms (rows of norm 0 as they are)."""
-    n = np.sqrt(np.einsum("ij,ij->i", a, a))
-    return a / np.where(n == 0, 1.0, n)[:, None]
+    n = np.sqrt(np.einsum("ij,ij->i", a, a))  # as scikit-learn's normalize: under 10 eps,
+    return a / np.where(n < 10 * np.finfo(n.dtype).eps, 1.0, n)[:, None]  # the row as it is
 
 
 def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
@@ -599,7 +599,9 @@ class CompactHead:
                 x = np.copysign(np.sqrt(np.abs(x)), x)
             elif kind == "l2":
                 norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-                norms[norms == 0.0] = 1.0
+                # scikit-learn's normalize leaves a row whose norm is under 10 eps as it is
+                # (_handle_zeros_in_scale): 1.2e-6 for float32 rows
+                norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
                 x /= norms[:, None]
             elif kind == "sub":  # scikit-learn casts its arrays to the features' dtype
                 x -= self._cast(op["a"], x)
