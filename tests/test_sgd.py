@@ -67,13 +67,13 @@ def test_streaming_heads_fit_and_predict_close_to_logreg(fitted: dict[str, Path]
         assert acc[head] >= acc["logreg"] - 0.06, acc  # 3 images
     assert acc["logreg"] > 0.6, acc  # chance is 0.1
     lsgd, sgd = artifacts.load(fitted["logreg-sgd"]), artifacts.load(fitted["sgd"])
-    # plain scikit-learn objects: a Pipeline (l2, pca, SGDClassifier): 20 rows per class, so
-    # the small-data rule's L2-normalised rows and 20 epochs ...
-    assert [n for n, _ in lsgd.estimator.steps] == ["l2", "pca", "clf"]
+    # a Pipeline (sqrt, l2, pca, SGDClassifier): 20 rows per class, so the small-data rule's
+    # power- and L2-normalised rows and 20 epochs ...
+    assert [n for n, _ in lsgd.estimator.steps] == ["sqrt", "l2", "pca", "clf"]
     assert type(lsgd.estimator.named_steps["clf"]).__name__ == "SGDClassifier"
     m = lsgd.manifest
     assert m["calibration"] == "native" and m["training"]["rows"] == 200
-    assert m["params"]["max_iter"] == 20 and m["params"]["prep"] == "l2"
+    assert m["params"]["max_iter"] == 20 and m["params"]["prep"] == "sqrt+l2"
     assert m["training"]["streamed"] == {"chunk_rows": 64, "epochs": 20, "fitted_rows": 200,
                                          "calibration_rows": 0}
     # ... and the hinge head calibrated on train rows it was not fitted on
@@ -181,8 +181,8 @@ def test_cv_and_compare_name_the_parameters_as_applied(fmnist_store: Path, tmp_p
     """`cv --head sgd` said "params: defaults" while the small-data rule (fewer than 500 rows
     per class: L2-normalised rows, 20 epochs) had changed them. cv and compare name every key
     parameter as fitted (registry.effective_params), as `fit` does: data rules and defaults."""
-    applied = {"sgd": "prep=l2 average=True max_iter=20 alpha=0.0001 loss=hinge",
-               "logreg-sgd": "prep=l2 average=True loss=log_loss max_iter=20 alpha=0.0001",
+    applied = {"sgd": "prep=sqrt+l2 average=True max_iter=20 alpha=0.0001 loss=hinge",
+               "logreg-sgd": "prep=sqrt+l2 average=True loss=log_loss max_iter=20 alpha=0.0001",
                "svm": "prep=sqrt+l2 C=3 gamma=scale"}
     args = [a for h in applied for a in ("--head", h)]
     res = ok("cv", fmnist_store, *args, "--folds", 2, "--json", tmp_path / "cv.json", "-q")
@@ -194,7 +194,7 @@ def test_cv_and_compare_name_the_parameters_as_applied(fmnist_store: Path, tmp_p
     report = json.loads((tmp_path / "cv.json").read_text())
     sgd = next(e for e in report["heads"] if e["head"] == "sgd")
     assert sgd["params"] == {}  # what the user gave; effective_params: what was fitted
-    assert sgd["effective_params"] == {"prep": "l2", "average": True, "max_iter": 20,
+    assert sgd["effective_params"] == {"prep": "sqrt+l2", "average": True, "max_iter": 20,
                                        "alpha": 0.0001, "loss": "hinge"}
     assert report["heldout"]["effective_params"] == next(
         e for e in report["heads"] if e["head"] == report["heldout"]["head"])["effective_params"]
