@@ -46,9 +46,8 @@ def variants(head: str, y: np.ndarray, dim: int) -> tuple[dict, dict, bool]:
 
     rule = heads.data_params(head, *heads.data_of(y, dim))
     prep = rule.get("prep") or "+".join(heads.get(head).steps) or "none"
-    steps = [s for s in prep.split("+") if s not in (SQRT, "none")]
-    without = "+".join(steps) or "none"
-    with_ = "+".join([SQRT, *steps])
+    without = heads.without_sqrt(prep)
+    with_ = SQRT if without == "none" else f"{SQRT}+{without}"
     return {**rule, "prep": with_}, {**rule, "prep": without}, prep.startswith(SQRT)
 
 

@@ -396,7 +396,7 @@ def heads(
     as_json: AsJson = False,
 ) -> None:
     """List the classification heads with their preprocessing, defaults and search grids."""
-    from .heads.registry import PREP_CHOICES, _without_sqrt, describe
+    from .heads.registry import PREP_CHOICES, describe, without_sqrt
 
     rows = describe()
     if as_json:
@@ -422,7 +422,7 @@ def heads(
         for rule in r["data_rules"]:
             prep = rule["params"].get("prep")
             if prep:  # the same rows but for the square root keep the rule (_over_rule)
-                other = (_without_sqrt(prep) if prep.startswith("sqrt") else
+                other = (without_sqrt(prep) if prep.startswith("sqrt") else
                          "sqrt" if prep == "none" else f"sqrt+{prep}")
             typer.echo(f"{'':<11} data rule: {rule['rule']}" + (
                 f" (without --param prep or with prep={prep} or {other}; with another prep "

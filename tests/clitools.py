@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 from typer.testing import CliRunner
@@ -97,12 +98,13 @@ def wait_rows(store: Path, n: int, proc: subprocess.Popen, timeout: float = 180)
     raise AssertionError(f"{store}: {n} rows not committed in {timeout} s")
 
 
-def copy_rows(src: Path, dst: Path, keep: list[int]) -> Path:
-    """A new store (same identity) holding rows ``keep`` of ``src``."""
+def copy_rows(src: Path, dst: Path, keep: list[int], features: Any = None) -> Path:
+    """A new store (same identity) holding rows ``keep`` of ``src``, with ``features`` (rows
+    of the whole store, e.g. edited ones) in place of its own when given."""
     s = open_store(src)
     with StoreWriter.open(dst, read_identity(src), versions={}) as w:
         ids = w.class_ids({s.classes[s.labels[i]] for i in keep})
-        w.append(s.features[keep], paths=[s.paths[i] for i in keep],
+        w.append((s.features if features is None else features)[keep], paths=[s.paths[i] for i in keep],
                  labels=[ids[s.classes[s.labels[i]]] for i in keep],
                  hashes=[s.hashes[i] for i in keep], splits=[s.splits[i] for i in keep],
                  mtime_ns=[0] * len(keep), size=[0] * len(keep))

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clitools import cli, ok, one_line_error, read_csv
-from embedpipe.store import StoreWriter, open_store, read_identity
+from clitools import cli, copy_rows, ok, one_line_error, read_csv
+from embedpipe.store import open_store
 
 
 def sha(path: Path) -> str:
@@ -157,11 +157,7 @@ def test_nonfinite_features_are_refused_naming_the_rows(head: Path, fmnist_store
     X[3, 7] = np.nan
     X[10, 0] = np.inf
     bad = tmp_path / "bad.h5"
-    with StoreWriter.open(bad, read_identity(fmnist_store), versions={}) as w:
-        ids = w.class_ids(s.classes)
-        w.append(X, paths=s.paths, labels=[ids[s.classes[i]] for i in s.labels],
-                 hashes=s.hashes, splits=s.splits, mtime_ns=[0] * len(s),
-                 size=[0] * len(s))
+    copy_rows(fmnist_store, bad, list(range(len(s))), features=X)
     out = tmp_path / "p.csv"
     one_line_error(cli("predict", head, "--store", bad, "-o", out, "-q"), str(bad),
                    "NaN or infinite", s.paths[3], s.paths[10])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import cli, ok, one_line_error
+from clitools import cli, copy_rows, ok, one_line_error
 
 from embedpipe import heads
 from embedpipe.heads import artifacts, stream
@@ -389,19 +389,13 @@ def test_a_streamed_fit_refuses_nonfinite_rows_whatever_its_first_step(
     NaN itself: "unexpected ValueError ... a bug in embedpipe" (exit 1), or "failed to fit
     (Input X contains NaN.); fix that --param value". Now one line naming the rows, whichever
     pass reads them first (found by helper-31's attack)."""
-    from embedpipe.store import StoreWriter
-
     s = open_store(fmnist_store)
     train = [i for i, sp in enumerate(s.splits) if sp == "train"]
     X = s.features.copy()
     X[train[0], 5] = np.nan  # the row a stateless step is fitted on
     X[train[20], 0] = np.inf
     bad = tmp_path / "bad.h5"
-    with StoreWriter.open(bad, read_identity(fmnist_store), versions={}) as w:
-        ids = w.class_ids(s.classes)
-        w.append(X, paths=s.paths, labels=[ids[s.classes[i]] for i in s.labels],
-                 hashes=s.hashes, splits=s.splits, mtime_ns=[0] * len(s),
-                 size=[0] * len(s))
+    copy_rows(fmnist_store, bad, list(range(len(s))), features=X)
     extra = ["--param", f"prep={prep}"] if prep else []
     one_line_error(cli("fit", bad, "--head", "sgd", *extra, "-o", tmp_path / "h.skops", "-q"),
                    str(bad), "NaN or infinite", s.paths[train[0]])

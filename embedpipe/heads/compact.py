@@ -479,8 +479,16 @@ def _centroid_scores(x: np.ndarray, centroids: np.ndarray, scale: np.ndarray,
 
 def _unit(a: np.ndarray) -> np.ndarray:
     """The rows of ``a`` divided by their euclidean norms (rows of norm 0 as they are)."""
-    n = np.sqrt(np.einsum("ij,ij->i", a, a))  # as scikit-learn's normalize: under 10 eps,
-    return a / np.where(n < 10 * np.finfo(n.dtype).eps, 1.0, n)[:, None]  # the row as it is
+    n = np.sqrt(np.einsum("ij,ij->i", a, a))
+    # as scikit-learn's normalize (_handle_zeros_in_scale): a row whose norm is under 10 eps
+    # of its dtype (1.2e-6 in float32) stays as it is
+    return a / np.where(n < 10 * np.finfo(n.dtype).eps, 1.0, n)[:, None]
+
+
+def signed_sqrt(x: np.ndarray) -> np.ndarray:
+    """``sign(x) * sqrt(|x|)`` of a float array (any shape), in its dtype: a new array (the
+    ``sqrt`` step, heads/transforms.py's SignedSqrt, and its compact op)."""
+    return np.copysign(np.sqrt(np.abs(x)), x)
 
 
 def _knn_proba(x: np.ndarray, op: dict[str, Any], arrays: dict[str, np.ndarray],
@@ -595,14 +603,10 @@ class CompactHead:
             elif kind == "centroid":
                 x = _centroid_scores(x, self.arrays[op["c"]], self.arrays[op["w"]],
                                      self.arrays[op["a"]])
-            elif kind == "sqrt":  # transforms.signed_sqrt, which numpy-only code cannot import
-                x = np.copysign(np.sqrt(np.abs(x)), x)
+            elif kind == "sqrt":
+                x = signed_sqrt(x)
             elif kind == "l2":
-                norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-                # scikit-learn's normalize leaves a row whose norm is under 10 eps as it is
-                # (_handle_zeros_in_scale): 1.2e-6 for float32 rows
-                norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
-                x /= norms[:, None]
+                x = _unit(x)
             elif kind == "sub":  # scikit-learn casts its arrays to the features' dtype
                 x -= self._cast(op["a"], x)
             elif kind == "div":

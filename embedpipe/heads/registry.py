@@ -439,7 +439,7 @@ def with_data_defaults(name: str, params: dict[str, Any] | None, y: Any,
     return _over_rule(data_params(name, *data_of(y, dim)), given)
 
 
-def _without_sqrt(prep: Any) -> str:
+def without_sqrt(prep: Any) -> str:
     """A prep choice's name without the power normalisation in front: 'sqrt+l2' → 'l2',
     'sqrt' → 'none'."""
     steps = [s for s in str(prep).split("+") if s not in ("sqrt", "none")]
@@ -453,7 +453,7 @@ def _over_rule(rule: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     ``sqrt+l2``, ``sqrt+l2`` against sgd's ``l2``) is the same rows for the rule's other
     parameters: they stay (ridge's alpha=1, sgd's 20 epochs), with the user's prep."""
     if ("prep" in rule and "prep" in given and given["prep"] != rule["prep"]
-            and _without_sqrt(given["prep"]) != _without_sqrt(rule["prep"])):
+            and without_sqrt(given["prep"]) != without_sqrt(rule["prep"])):
         rule = {}
     return {**rule, **given}
 

@@ -21,10 +21,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-
-def signed_sqrt(x: np.ndarray) -> np.ndarray:
-    """``sign(x) * sqrt(|x|)`` of a float array (any shape), in its dtype: a new array."""
-    return np.copysign(np.sqrt(np.abs(x)), x)
+from .compact import signed_sqrt
 
 
 class SignedSqrt(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
