@@ -241,22 +241,41 @@ class Head:
         """A float32 (n, D) matrix from an array or a store (checked against the head)."""
         import numpy as np
 
+        from .errors import first_line
         from .heads import artifacts
         from .predict import PredictError
         from .store.read import FeatureStore, open_stores
 
+        rows = (isinstance(X_or_store, Sequence) and not isinstance(X_or_store, str)
+                and len(X_or_store) and not isinstance(X_or_store[0], (str, os.PathLike)))
+        if rows or (not isinstance(X_or_store, (np.ndarray, FeatureStore, str, os.PathLike,
+                                                Sequence))
+                    and hasattr(X_or_store, "__array__")):  # rows, a DataFrame, a tensor
+            try:
+                X_or_store = np.asarray(X_or_store)
+            except (ValueError, TypeError) as e:
+                raise PredictError(f"X ({type(X_or_store).__name__}) is not an (n, D) array "
+                                   f"({first_line(e, 100)}); pass equal-length rows of "
+                                   "numbers") from None
         if isinstance(X_or_store, np.ndarray):
             X = X_or_store
             if X.ndim != 2 or (self.feature_dim and X.shape[1] != self.feature_dim):
                 raise PredictError(f"X has shape {X.shape}; head {self._name} expects "
                                    f"(n, {self.feature_dim}) features of "
                                    f"{self._file.identity.get('model')}")
+            if X.dtype.kind not in "biuf":
+                raise PredictError(f"X has dtype {X.dtype}; head {self._name} scores numeric "
+                                   "features (float32, as stores keep them): convert it, e.g. "
+                                   "X.astype('float32')")
+            with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+                X = X.astype(np.float32, copy=False)
             bad = ~np.isfinite(X).all(axis=1)
             if bad.any():
                 raise PredictError(f"X has {int(bad.sum())} row(s) with NaN or infinite "
-                                   f"values (the first: row {int(np.argmax(bad))}); a head "
-                                   "scores finite features only: drop or re-extract them")
-            return X.astype(np.float32, copy=False)
+                                   f"values, or values beyond float32's range (the first: row "
+                                   f"{int(np.argmax(bad))}); a head scores finite features "
+                                   "only: drop or re-extract them")
+            return X
         paths = _store_paths(X_or_store)
         store = X_or_store if (isinstance(X_or_store, FeatureStore)
                                and X_or_store.features_loaded) else open_stores(paths)
@@ -270,10 +289,12 @@ class Head:
 
     def predict(self, X_or_store: Any) -> np.ndarray:
         """Predicted class names (str ndarray, shape (n,)) of the rows of ``X_or_store``: an
-        (n, D) feature array, or a store (path, paths of stacked stores, or a store object;
+        (n, D) feature array (or what ``numpy.asarray`` makes one of: a list of rows, a
+        DataFrame, a CPU tensor; numeric, cast to float32), or a store (path, paths of stacked stores, or a store object;
         all its rows, in store order). A store made with another backbone, weights,
         preprocessing or pool than the head's is refused (ArtifactError); another precision
-        or dtype gives a UserWarning. Raises PredictError for an array of the wrong width."""
+        or dtype gives a UserWarning. Raises PredictError for an array of the wrong width or a
+        non-numeric dtype, or with rows not finite in float32."""
         import numpy as np
 
         from .heads.compact import predict_scored

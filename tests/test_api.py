@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -363,5 +364,23 @@ def test_a_head_predicts_zero_rows_and_refuses_non_finite_rows_in_one_line(fmnis
     X[3, 7] = np.nan
     with pytest.raises(embedpipe.EmbedpipeError) as e:
         head.predict(X)
-    assert "1 row(s) with NaN or infinite values (the first: row 3)" in str(e.value)
+    assert "1 row(s) with NaN or infinite values, or values beyond float32's range (the " \
+        "first: row 3)" in str(e.value)
     assert "\n" not in str(e.value)
+    # what numpy turns into rows is taken as rows (a list of rows: the same predictions);
+    # a non-numeric array, ragged rows and float64 beyond float32's range are refused in one
+    # line (an object array gave a raw TypeError from np.isfinite; 1e300 a RuntimeWarning)
+    good = np.asarray(embedpipe.open_store(fmnist_store).features[:5])
+    assert list(head.predict(good.tolist())) == list(head.predict(good))
+    huge = good.astype(np.float64)
+    huge[2, 0] = 1e300
+    for bad, needle in [(good.astype(object), "X has dtype object"),
+                        (good.astype(complex), "X has dtype complex128"),
+                        ([[1.0, 2.0], [3.0]], "X (list) is not an (n, D) array"),
+                        (huge, "1 row(s) with NaN or infinite values, or values beyond "
+                               "float32's range (the first: row 2)")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no RuntimeWarning on the way
+            with pytest.raises(embedpipe.EmbedpipeError) as e:
+                head.predict(bad)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
