@@ -118,10 +118,12 @@ def repeated_splits(args) -> dict[str, tuple[list[tuple], str]]:
         _, path = natural.features()
         Xtr, ytr, Xte, yte = _train_test(path)
         X, y = np.concatenate([Xtr, Xte]), np.concatenate([ytr, yte])
-        cut = StratifiedShuffleSplit(n_splits=args.splits, test_size=len(yte), random_state=0)
+        cut = StratifiedShuffleSplit(n_splits=args.splits, test_size=len(yte),
+                                     random_state=args.seed0)
         out["natural"] = ([(X[a], y[a], X[b], y[b]) for a, b in cut.split(X, y)],
                           f"{args.splits} random stratified {len(ytr)}/{len(yte)} splits of "
-                          f"the {len(y)} images")
+                          f"the {len(y)} images" + (f" (random_state {args.seed0})"
+                                                    if args.seed0 else ""))
     want = [n for n in args.sets if n.startswith("fmnist") and n != "fmnist-all"]
     if want:
         _, path, _ = bu.fmnist_features(*args.fmnist)
@@ -129,21 +131,23 @@ def repeated_splits(args) -> dict[str, tuple[list[tuple], str]]:
         for name in want:
             k = int(name.split("-")[1])
             draws = []
-            for seed in range(1, args.draws + 1):
+            seeds = range(args.seed0 + 1, args.seed0 + args.draws + 1)
+            for seed in seeds:
                 rng = np.random.default_rng(seed)
                 idx = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False)
                                       for c in np.unique(y)])
                 draws.append((X[idx], y[idx], Xte, yte))
-            out[name] = (draws, f"{args.draws} draws of {k} train rows per class (seeds 1-"
-                                f"{args.draws}), the same {len(yte)} test rows")
+            out[name] = (draws, f"{args.draws} draws of {k} train rows per class (seeds "
+                                f"{seeds[0]}-{seeds[-1]}), the same {len(yte)} test rows")
     return out
 
 
-def repeated_args(quick: tuple[int, int] = (3, 2)):
+def repeated_args(quick: tuple[int, int] = (3, 2), extra=None):
     """The command line of the scripts that run on the repeated sets only (bench/sgd_small.py,
     bench/auto_policy.py): --splits, --draws, --quick (``quick`` splits and draws); the sets
-    natural, fmnist-10 and fmnist-50 of the 1000/200 store. Also sets one BLAS thread and
-    silences scikit-learn's warnings, as this script's fits run."""
+    natural, fmnist-10 and fmnist-50 of the 1000/200 store; ``extra(parser)`` adds a script's
+    own options. Also sets one BLAS thread and silences scikit-learn's warnings, as this
+    script's fits run."""
     import argparse
 
     from threadpoolctl import threadpool_limits
@@ -152,6 +156,11 @@ def repeated_args(quick: tuple[int, int] = (3, 2)):
     ap.add_argument("--splits", type=int, default=20)
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed0", type=int, default=0,
+                    help="fresh splits: the natural set's random_state and the draws' first "
+                         "seed - 1 (default 0: the splits of the committed results)")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     if args.quick:
         args.splits, args.draws = quick
@@ -277,6 +286,9 @@ def main() -> None:
                     help="random splits of the natural set for the repeated section")
     ap.add_argument("--draws", type=int, default=5,
                     help="draws of the Fashion-MNIST few-shot rows for the repeated section")
+    ap.add_argument("--seed0", type=int, default=0,
+                    help="fresh repeated splits: the natural set's random_state and the draws' "
+                         "first seed - 1 (default 0)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default="accuracy",
                     help="results file name under bench/results/ (a partial rerun, e.g. "

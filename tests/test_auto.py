@@ -30,17 +30,17 @@ def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
     assert means == sorted(means, reverse=True)
     assert m["head"] == rec["head"] and m["params"] == rec["params"]
     assert rec["folds"] == 5 and rec["metric"] == "accuracy"
-    # 200 rows: the choice is the vote of the best configuration of each of the 4 heads with
-    # the best CV scores, whatever the vote's own rank
-    singles = [c for c in rec["candidates"] if not c.get("members")]
-    best_of = {}
-    for c in singles:
-        best_of.setdefault(c["head"], c)
-    top = list(best_of.values())[:4]
+    # 200 rows (20 per class): the choice is the soft vote of every head's defaults for this
+    # data, in CV order, whatever the vote's own rank
+    default_names = {auto.describe(h, p) for h, p in auto.defaults(20, 1280)}
+    assert len(default_names) == len(auto.VOTE_ORDER) == 7
+    top = [c for c in rec["candidates"] if not c.get("members") and c["name"] in default_names]
+    assert {c["head"] for c in top} == set(auto.VOTE_ORDER)
     assert rec["choice"] == " + ".join(c["name"] for c in top) and rec["choice"] in names
     assert rec["members"] == [{"head": c["head"], "params": c["params"]} for c in top]
     assert m["head"] == "+".join(c["head"] for c in top)
-    assert any("vote of the 4 best heads" in n for n in rec["notes"])
+    assert any(n.startswith("200 rows: the choice is the soft vote of every head's defaults "
+                            "(7 heads), not the best inner-CV score") for n in rec["notes"])
     # its probabilities are said to be what they are: the mean of the members' own or
     # temperature-scaled probabilities (3-fold CV, as registry ensembles), not "native"
     how = [f"{c['head']} native" if heads.get(c["head"]).native_proba
@@ -79,23 +79,24 @@ def test_tiny_budget_still_gives_a_valid_head_and_says_so(fmnist_store, tmp_path
 def test_a_budget_that_scores_fewer_heads_than_the_vote_takes_chooses_the_best_row(
         fmnist_store, tmp_path, monkeypatch):
     """A budget that lets auto score only 2 heads built a "vote" of those 2, which the bench
-    found no better than the best CV row (bench/results/auto_policy.md: the vote of the 4 best
-    heads is). With fewer than VOTE_HEADS heads scored the choice is the best CV row, and the
-    note and the table say so. The clock is auto's own, ticking one second per reading, so
+    found no better than the best CV row (bench/results/auto_policy.md: the vote of every
+    head's defaults is). With fewer than MIN_VOTERS heads' defaults scored the choice is the
+    best CV row, and the note and the table say so. The clock is auto's own, ticking one second per reading, so
     where the budget cuts does not depend on the machine's speed."""
     ticks = iter(range(10**6))
     monkeypatch.setattr(auto, "time", type("Clock", (), {
         "perf_counter": staticmethod(lambda: float(next(ticks)))}))
     out = tmp_path / "cut.skops"
-    res = ok("fit", fmnist_store, "--head", "auto", "--budget", "80", "-o", out)
+    res = ok("fit", fmnist_store, "--head", "auto", "--budget", "40", "-o", out)
     rec = artifacts.load(out).manifest["auto"]
     scored = {c["head"] for c in rec["candidates"] if not c.get("members")}
-    assert 2 <= len(scored) < auto.VOTE_HEADS, rec["candidates"]
+    assert 2 <= len(scored) < auto.MIN_VOTERS, rec["candidates"]
     assert any("cut the search" in n for n in rec["notes"])
     best = rec["candidates"][0]
-    note = (f"200 rows: only {len(scored)} head(s) could be scored and voted, so there is no "
-            "vote of the 4 best heads (a vote of 2 or 3 did not beat the best CV row: "
-            "bench/results/auto_policy.md); the choice is the best row of the table")
+    note = (f"200 rows: only {len(scored)} head(s)' defaults could be scored and voted, so "
+            "there is no vote of every head's defaults (it takes at least 4: a vote of 2 or 3 "
+            "did not beat the best CV row, bench/results/auto_policy.md); the choice is the "
+            "best row of the table")
     if best.get("members"):  # a greedy ensemble: the note says so, and it is what was fitted
         note += (f", here a greedy soft-voting ensemble of {len(best['members'])} heads, which "
                  "is in the table only because it beat its best member on the same folds")

@@ -14,7 +14,7 @@ from clitools import cli, ok, one_line, one_line_error, read_csv
 from imagegen import pattern
 
 from embedpipe.data import load_image
-from embedpipe.heads import artifacts
+from embedpipe.heads import artifacts, auto
 from embedpipe.store import open_store
 
 ort = pytest.importorskip("onnxruntime")
@@ -29,7 +29,7 @@ INT8_MAX_MEAN_DP = 0.1  # measured ~0.04 mean |Δp| over all classes
 def work(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Four heads fitted via the CLI (logreg: native probabilities; ridge: temperature-
     calibrated; knn: its defaults, l2+lda rows and 1/distance weights, written in float64;
-    auto: on these 200 rows the soft vote of its 4 best heads, the default head of `fit`), and
+    auto: on these 200 rows the soft vote of every head's defaults, the default head of `fit`), and
     `embedpipe predict` CSVs (top 10) for the 50 test images."""
     d = tmp_path_factory.mktemp("export")
     images = Path(open_store(fmnist_store, features=False).runs[0]["source"]) / "test"
@@ -72,7 +72,7 @@ def test_onnx_fp32_equals_embedpipe_predict_on_real_images(work: dict, head: str
     model = d / f"{head}.onnx"
     name = artifacts.load(d / f"{head}.skops").manifest["head"]
     if head == "auto":  # the vote's members, each written as ONNX ops, averaged in the graph
-        assert len(name.split("+")) == 4, name
+        assert len(name.split("+")) == len(auto.VOTE_ORDER), name
     if not model.exists():
         res = ok("export", d / f"{head}.skops", "-o", model)
         assert f"exported {name} head" in res.output and "fp32" in res.output

@@ -3,10 +3,11 @@ the training rows, within a time budget (no torch).
 
 How it chooses (``select``):
 
-1. Candidates (``candidates``): a fixed list of (head, parameters) configurations, strongest and
-   cheapest first — every head's data-dependent defaults (``registry.data_params``) plus the
-   alternatives that measured best on the bench sets (bench/results/accuracy.md), e.g. logistic
-   regression on L2-normalised features with weak regularisation.
+1. Candidates (``candidates``): a fixed list of (head, parameters) configurations — first
+   every in-memory head's data-dependent defaults (``defaults``: ``registry.data_params``),
+   cheapest first, then the alternatives that measured best on the bench sets
+   (bench/results/accuracy.md), e.g. logistic regression on L2-normalised features with weak
+   regularisation.
 2. Each candidate is scored by stratified k-fold CV on the training rows (k = 5, or the size of
    the smallest class; 3 above 5,000 rows), folds from ``evaluate.cv.make_folds`` and shared by
    all candidates. Its out-of-fold class scores are kept. Above SELECT_ROWS (10,000) rows they
@@ -17,19 +18,20 @@ How it chooses (``select``):
    skipped and a note says so; the same before each of its folds (expected: its last fold), so
    a candidate is dropped rather than finished past the budget. The first candidate always
    runs, so a tiny budget still yields a valid head.
-4. Ensembles. Up to 5,000 rows: the soft vote (mean temperature-scaled probabilities) of the
-   best configuration of each of the VOTE_HEADS (4) heads with the best CV scores, scored on
-   the same folds. Above: soft voting over the best configuration of each head, members added
+4. Ensembles. Up to 5,000 rows: the soft vote (mean temperature-scaled probabilities) of every
+   head's defaults (7 heads), scored on the same folds. Above: soft voting over the best
+   configuration of each head, members added
    greedily (best first) only while the out-of-fold metric strictly improves (above 5,000
    rows, by more than one standard error of the paired difference: a member's fit is costly
    there), so such an ensemble is in the table only if it beats its best member on the same
    folds.
 5. The choice: up to 5,000 rows the vote, whatever its CV rank (on a few hundred rows the CV
-   ranking is mostly noise, and over repeated splits the vote scored higher than the best CV
-   row: see VOTE_HEADS); above, or when fewer than VOTE_HEADS heads could be scored within the
-   budget (or calibrated to vote: a note says so; there is no vote then, as a vote of 2 or 3
-   did not help), the best row of the table (ties: the earlier, cheaper candidate), which may
-   be a greedy ensemble of step 4 (the note then says so). It is
+   ranking is mostly noise, and over repeated splits the vote of the defaults scored higher
+   than the best CV row and than a vote of the heads ranked best by CV: see MIN_VOTERS);
+   above, or when fewer than MIN_VOTERS heads' defaults could be scored within the budget (or
+   calibrated to vote: a note says so; there is no vote then, as a vote of 2 or 3 did not
+   help), the best row of the table (ties: the earlier, cheaper candidate), which may be a
+   greedy ensemble of step 4 (the note then says so). It is
    refitted on all training rows; ``fit`` saves it like any head, with the table in the
    manifest (``auto``).
 
@@ -66,15 +68,17 @@ LARGE_ROWS = 5000  # above this, 3 folds
 SELECT_ROWS = 10_000
 SAMPLE_MIN_PER_CLASS = 50
 MAX_ENSEMBLE = 3
-# Up to LARGE_ROWS rows auto's choice is the soft vote of the best configuration of each of
-# this many heads (the best by inner CV), whatever its own CV rank: mean test accuracy over
-# 20 random splits of the natural set and 5 draws of Fashion-MNIST at 10 and 50 per class
-# (bench/results/auto_policy.md), the vote of 4 heads 0.882 / 0.762 / 0.828 against 0.878 /
-# 0.759 / 0.826 for choosing the best CV row (singles and greedy ensembles); paired per split
-# +0.49 ± 0.39, +0.33 ± 0.35, +0.15 ± 0.12 points: small, but on every set, where 2, 3 or 5
-# heads or every head were not. On a few hundred rows the candidates' CV scores differ by less
-# than their noise.
-VOTE_HEADS = 4
+# Up to LARGE_ROWS rows auto's choice is the soft vote of every head's defaults (``defaults``),
+# whatever its own CV rank; with fewer than MIN_VOTERS of them scored (the budget) there is no
+# vote. Mean test accuracy over 20 random splits of the natural set and 10 draws of
+# Fashion-MNIST at 10 and 50 per class (bench/results/auto_policy.md, power-normalised
+# defaults): the vote of the defaults 0.887 / 0.772 / 0.833 against 0.882 / 0.771 / 0.828 for
+# choosing the best CV row, and 0.882 / 0.771 / 0.832 for the vote of the 4 heads best by CV
+# (the policy before: it left out centroid and knn, the best heads on the natural set, whose
+# inner CV on 136 rows ranks them low); confirmed on fresh splits (auto_policy-fresh.md). On a
+# few hundred rows the candidates' CV scores differ by less than their noise, so choosing
+# members by CV adds noise, not skill. A vote of 2 or 3 heads did not beat the best CV row.
+MIN_VOTERS = 4
 
 
 class BudgetError(EvaluateError):
@@ -92,32 +96,37 @@ def check_budget(budget: Any) -> float:
     return b
 
 
-def candidates(n_per_class: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
-    """The configurations auto scores, in order: (head name, short parameters). Every head's
-    defaults for this data (``registry.data_params``) are among them."""
-    def d(h: str, **extra: Any) -> tuple[str, dict[str, Any]]:
-        return h, {**heads.data_params(h, n_per_class, dim), **extra}
+# the in-memory heads whose defaults auto scores first and votes on few rows, cheapest first
+# (the streamed sgd heads are for stores larger than memory)
+VOTE_ORDER = ("logreg", "centroid", "ridge", "knn", "linear-svm", "svm", "mlp")
 
+
+def defaults(n_per_class: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every in-memory head's defaults for this data (``registry.data_params``), in the order
+    auto scores them: (head name, short parameters); on large stores (SMALL_DATA_ROWS or more
+    rows in the smallest class) the RBF SVM, the strongest head there, second (10k
+    Fashion-MNIST rows: 0.892 vs logreg's 0.878)."""
+    order = list(VOTE_ORDER)
+    if n_per_class >= heads.SMALL_DATA_ROWS:
+        order.remove("svm")
+        order.insert(1, "svm")
+    return [(h, heads.data_params(h, n_per_class, dim)) for h in order]
+
+
+def candidates(n_per_class: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
+    """The configurations auto scores, in order: (head name, short parameters). First every
+    head's defaults for this data (``defaults``), then the alternatives."""
     # the heads' defaults power-normalise (prep=sqrt+...); a configuration without it for the
     # heads where it helps least (bench/results/power_norm.md: svm -0.2 points on 10k
     # Fashion-MNIST rows, logreg the least of the linear heads on the natural set)
-    out = [
-        d("logreg"),
+    out = defaults(n_per_class, dim) + [
         ("logreg", {"prep": "sqrt+l2", "C": 100.0}),
         ("logreg", {"prep": "l2", "C": 10.0}),
         ("logreg", {"prep": "scale", "C": 1.0}),
-        d("centroid"),
-        d("ridge"),
         ("ridge", {"prep": "sqrt+l2", "alpha": 1.0}),
-        d("knn"),
         ("knn", {"n_neighbors": 10, "metric": "cosine", "weights": "distance"}),
-        d("linear-svm"),
-        d("svm"),
         ("svm", {"prep": "l2", "C": 10.0}),
-        d("mlp"),
     ]
-    if n_per_class >= heads.SMALL_DATA_ROWS:  # the strongest head on large stores goes second
-        out.insert(1, d("svm"))  # (10k Fashion-MNIST rows: 0.892 vs logreg's 0.878)
     seen: set[str] = set()
     unique = []
     for h, p in out:  # the same pipeline twice (e.g. C=10 given and C=10 by default) once
@@ -223,6 +232,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
     t_start = time.perf_counter()
     _, smallest = min_class(y)
     cands = candidates(smallest, X.shape[1])  # the defaults of the data the choice is fitted on
+    default_names = [describe(h, p) for h, p in defaults(smallest, X.shape[1])]
     notes: list[str] = []
     sample = score_sample(y, seed)
     if sample is not None:
@@ -293,9 +303,9 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
                          cost[head] / k))
     singles = sorted(rows, key=lambda r: -r["mean"])
-    voters = _voters(singles, y) if len(y) <= LARGE_ROWS else []
+    voters = _voters(singles, y, default_names) if len(y) <= LARGE_ROWS else []
     vote = (_vote_row(_with_calibrated(voters, y_idx), y, classes, splits, metric, _scores)
-            if len(voters) == VOTE_HEADS else None)
+            if len(voters) >= MIN_VOTERS else None)
     table = singles + ([vote] if vote else
                        _ensembles(singles, y, y_idx, classes, splits, metric, _scores))
     table.sort(key=lambda r: -r["mean"])  # stable: ties keep singles and cheap-first order
@@ -304,9 +314,12 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         r.pop("calibrated", None)
     chosen = table.index(vote) if vote else 0
     if vote:
-        notes.append(f"{len(y)} rows: the choice is the vote of the {len(vote['members'])} "
-                     "best heads, not the best inner-CV score (on few rows that ranking is "
-                     "mostly noise; bench/results/auto_policy.md)")
+        left = [n for n in default_names if n not in {v["name"] for v in voters}]
+        notes.append(f"{len(y)} rows: the choice is the soft vote of every head's defaults "
+                     f"({len(voters)} heads), not the best inner-CV score (on few rows that "
+                     "ranking is mostly noise; bench/results/auto_policy.md)"
+                     + (f"; not in it (not scored within the budget, or unable to vote): "
+                        f"{', '.join(left)}" if left else ""))
     elif len(y) <= LARGE_ROWS:
         notes.append(_no_vote_note(len(y), len(voters), table[0]))
     return Selection(table, k, metric, budget, time.perf_counter() - t_start, notes,
@@ -314,12 +327,14 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
 
 
 def _no_vote_note(rows: int, voters: int, best: dict[str, Any]) -> str:
-    """The note for a store of up to LARGE_ROWS rows where fewer than VOTE_HEADS heads could be
-    scored and voted: there is no vote, the choice is the table's best row (``best``), and when
-    that row is a greedy ensemble (``_ensembles``) the note says so and why it is there."""
-    text = (f"{rows} rows: only {voters} head(s) could be scored and voted, so there is no "
-            f"vote of the {VOTE_HEADS} best heads (a vote of 2 or 3 did not beat the best CV "
-            "row: bench/results/auto_policy.md); the choice is the best row of the table")
+    """The note for a store of up to LARGE_ROWS rows where fewer than MIN_VOTERS heads'
+    defaults could be scored and voted: there is no vote, the choice is the table's best row
+    (``best``), and when that row is a greedy ensemble (``_ensembles``) the note says so and
+    why it is there."""
+    text = (f"{rows} rows: only {voters} head(s)' defaults could be scored and voted, so there "
+            f"is no vote of every head's defaults (it takes at least {MIN_VOTERS}: a vote of 2 "
+            "or 3 did not beat the best CV row, bench/results/auto_policy.md); the choice is "
+            "the best row of the table")
     if best.get("members"):
         text += (f", here a greedy soft-voting ensemble of {len(best['members'])} heads, which "
                  "is in the table only because it beat its best member on the same folds")
@@ -380,18 +395,20 @@ def _with_calibrated(rows: list[dict[str, Any]], y_idx: np.ndarray) -> list[dict
     return rows
 
 
-def _voters(singles: list[dict[str, Any]], y: np.ndarray) -> list[dict[str, Any]]:
-    """The members of the soft vote (mean temperature-scaled probabilities): the best
-    configuration of each of the VOTE_HEADS heads with the best inner-CV scores that can vote
-    on ``y`` (a member without probabilities must be calibrated); fewer when fewer heads were
-    scored (the budget) or can vote, and then there is no vote (see VOTE_HEADS)."""
+def _voters(singles: list[dict[str, Any]], y: np.ndarray,
+            default_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The members of the soft vote (mean temperature-scaled probabilities): the rows of
+    ``singles`` (best inner-CV score first) that are a head's defaults (``default_names``,
+    ``describe`` of ``defaults``) and can vote on ``y`` (a member without probabilities must
+    be calibrated); fewer than the heads when some were not scored (the budget) or cannot
+    vote, and with fewer than MIN_VOTERS there is no vote."""
     from . import fewshot
 
     def votable(r: dict[str, Any]) -> bool:  # a member without probabilities is calibrated
         return heads.get(r["head"]).native_proba or fewshot.calibration_folds(
             heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) >= 2
 
-    return [r for r in _best_of_each_head(singles) if votable(r)][:VOTE_HEADS]
+    return [r for r in singles if r["name"] in default_names and votable(r)]
 
 
 def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,

@@ -341,9 +341,9 @@ def _not_a_pipeline(seed: int) -> Any:
 
 # not in HEADS (it is not one pipeline): `fit`/`cv --head auto` hand it to heads/auto.py
 AUTO = Head("auto", "choose the head, its parameters and preprocessing by cross-validation on "
-            "the training rows within --budget seconds: up to 5,000 rows the soft vote of the 4 "
-            "heads with the best scores, above it the best configuration (or a soft-voting "
-            "ensemble when it beats its best member)", (), _not_a_pipeline)
+            "the training rows within --budget seconds: up to 5,000 rows the soft vote of every "
+            "head's defaults, above it the best configuration (or a soft-voting ensemble when "
+            "it beats its best member)", (), _not_a_pipeline)
 
 
 # Defaults that depend on the data (rows per class of the smallest class, feature dimension):
