@@ -253,12 +253,15 @@ class Head:
                     and hasattr(X_or_store, "__array__")):  # rows, a DataFrame, a tensor
             try:
                 X_or_store = np.asarray(X_or_store)
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: torch's
+                # "Can't call numpy() on Tensor that requires grad"
                 raise PredictError(f"X ({type(X_or_store).__name__}) is not an (n, D) array "
                                    f"({first_line(e, 100)}); pass equal-length rows of "
                                    "numbers") from None
         if isinstance(X_or_store, np.ndarray):
-            X = X_or_store
+            # a subclass as a plain array: np.matrix (scikit-learn refuses it) or a masked
+            # array (np.isfinite would skip its masked NaNs, which scikit-learn then meets)
+            X = np.asarray(X_or_store)
             if X.ndim != 2 or (self.feature_dim and X.shape[1] != self.feature_dim):
                 raise PredictError(f"X has shape {X.shape}; head {self._name} expects "
                                    f"(n, {self.feature_dim}) features of "

@@ -384,3 +384,30 @@ def test_a_head_predicts_zero_rows_and_refuses_non_finite_rows_in_one_line(fmnis
             with pytest.raises(embedpipe.EmbedpipeError) as e:
                 head.predict(bad)
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_head_predict_takes_ndarray_subclasses_and_refuses_grad_tensors_in_one_line(
+        fmnist_store: Path, tmp_path: Path):
+    """helper-32's attack: an np.matrix reached scikit-learn, which raised a raw TypeError; a
+    masked array's masked NaN passed the finite check (np.isfinite skips masked entries) and
+    scikit-learn raised a multi-line ValueError; a torch tensor that requires grad raised
+    torch's raw RuntimeError from numpy.asarray. Now the matrix predicts as its array, the
+    masked NaN is refused like any NaN, and the tensor is refused in one line saying what to
+    do."""
+    import torch
+
+    out = tmp_path / "logreg.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
+    head = embedpipe.load_head(out)
+    X = np.asarray(embedpipe.open_store(fmnist_store).features[:5], dtype=np.float32)
+    assert list(head.predict(np.matrix(X))) == list(head.predict(X))
+    np.testing.assert_allclose(head.predict_proba(np.matrix(X)), head.predict_proba(X))
+    bad = X.copy()
+    bad[2, 5] = np.nan
+    with pytest.raises(embedpipe.EmbedpipeError) as e:
+        head.predict(np.ma.masked_invalid(bad))
+    assert "1 row(s) with NaN or infinite values" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(embedpipe.EmbedpipeError) as e:
+        head.predict_proba(torch.from_numpy(X).requires_grad_(True))
+    assert "X (Tensor) is not an (n, D) array" in str(e.value) and "detach()" in str(e.value)
+    assert "\n" not in str(e.value)
