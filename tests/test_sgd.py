@@ -399,3 +399,23 @@ def test_a_streamed_fit_refuses_nonfinite_rows_whatever_its_first_step(
     extra = ["--param", f"prep={prep}"] if prep else []
     one_line_error(cli("fit", bad, "--head", "sgd", *extra, "-o", tmp_path / "h.skops", "-q"),
                    str(bad), "NaN or infinite", s.paths[train[0]])
+
+
+def test_the_small_store_rule_reads_the_training_rows_not_what_calibration_leaves(
+        fmnist_store: Path, tmp_path: Path, monkeypatch):
+    """sgd holds out about 10% of its training rows to calibrate, and the data rule read the
+    rows left: a store of 500-555 rows per class took the small-store rule (prep=sqrt+l2, 20
+    epochs) although every class had 500 or more, which logreg-sgd (nothing held out) did not
+    (helper-32's attack). Here the threshold is lowered to the fixture's 20 training rows per
+    class, so 18 are left after the hold-out: the rule must not apply, for either head."""
+    from embedpipe.heads import registry
+
+    monkeypatch.setattr(registry, "SMALL_DATA_ROWS", 20)
+    for head in ("sgd", "logreg-sgd"):
+        out = tmp_path / f"{head}.skops"
+        res = ok("fit", fmnist_store, "--head", head, "-o", out)
+        m = artifacts.load(out).manifest
+        assert m["effective_params"]["prep"] == "sqrt+scale", (head, res.output)
+        assert m["effective_params"]["max_iter"] == 5, (head, res.output)
+        if head == "sgd":  # the case: rows held out, 18 per class left
+            assert "fitting sgd on 180 rows" in res.output and "20 rows held out" in res.output

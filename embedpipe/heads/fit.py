@@ -19,7 +19,8 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
                       class_weight: str | None = None, search: bool = False,
                       inner_folds: int = 3, scoring: str = "accuracy", seed: int = 0,
                       jobs: int | None = None, tick: Tick = _nothing, note: Note = _nothing,
-                      notes: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+                      notes: list[str] | None = None,
+                      rule_y: Any = None) -> tuple[Any, dict[str, Any]]:
     """Fit ``head`` on the rows of ``source`` (in memory or streamed: source.Labeled). With
     ``search``, pick its grid's best parameters by stratified ``inner_folds``-fold CV on these
     rows only (``scoring``: a key of rows.METRICS), then refit on all of them. Returns the
@@ -32,18 +33,22 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
     a class has fewer than 2 rows to search on. The head's data-dependent defaults
     (``registry.data_params``) fill the parameters the user did not set, and are recorded in the
     parameters returned (the grid is still searched over them), as is every setting that
-    fewshot.adapt lowered (registry.fitted_params): they name what was fitted."""
+    fewshot.adapt lowered (registry.fitted_params): they name what was fitted. ``rule_y``: the
+    labels whose smallest class picks those rules (default: ``source.y``; `fit` passes the
+    store's training labels, so that rows held out to calibrate do not move a store across a
+    rule's threshold)."""
     user = dict(params or {})
     dim = source.X.shape[1] if source.X is not None else getattr(source.store, "dim", 0)
-    params = heads.with_data_defaults(head, params, source.y, dim)
+    rule_y = source.y if rule_y is None else rule_y
+    params = heads.with_data_defaults(head, params, rule_y, dim)
     pipe = heads.build(head, params, class_weight=class_weight, seed=seed,
-                       data=heads.data_of(source.y, dim))  # an ensemble's members: their rules
+                       data=heads.data_of(rule_y, dim))  # an ensemble's members: their rules
     chosen = dict(params or {})
     grid = heads.param_grid(head, user, seed=seed, prep=params.get("prep")) if search else {}
     if not grid:
         est = source.fit(pipe, head, params, class_weight=class_weight, seed=seed, tick=tick,
                          note=note, notes=notes)
-        return est, _as_fitted(source, head, chosen, est, class_weight, seed)
+        return est, _as_fitted(source, head, chosen, est, class_weight, seed, rule_y)
     from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 
     cls, n = min_class(source.y)
@@ -64,7 +69,8 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
             gs.fit(source.X, source.y)
         chosen.update(heads.short_params(gs.best_params_))
         best_est = heads.uncached(gs.best_estimator_)
-        return best_est, _as_fitted(source, head, chosen, best_est, class_weight, seed)
+        return best_est, _as_fitted(source, head, chosen, best_est, class_weight, seed,
+                                   rule_y)
     splits = list(folds.split(np.zeros((len(source), 1)), source.y))
     cands = [heads.short_params(c) for c in ParameterGrid(grid)]
     best: tuple[float, dict[str, Any]] | None = None
@@ -90,14 +96,14 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
 
 
 def _as_fitted(source: Labeled, head: str, params: dict[str, Any], estimator: Any,
-               class_weight: str | None, seed: int) -> dict[str, Any]:
+               class_weight: str | None, seed: int, rule_y: Any) -> dict[str, Any]:
     """The parameters ``estimator`` was fitted with (registry.fitted_params: ``params`` with
     what fewshot.adapt lowered). A streamed fit is not adapted: ``params`` as they are."""
     if source.streamed:
         return params
     dim = source.X.shape[1] if source.X is not None else 0
     return heads.fitted_params(head, params, estimator, class_weight=class_weight, seed=seed,
-                               data=heads.data_of(source.y, dim))
+                               data=heads.data_of(rule_y, dim))
 
 
 INNER_FOLDS = 3

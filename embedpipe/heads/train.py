@@ -192,10 +192,12 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         + (f", streamed in chunks of {chunk_rows} rows" if source.streamed else "")
         + (f", {len(held)} rows held out to calibrate" if len(held) else "")
         + (", searching its grid" if search else ""))
-    total = (stream.work(head, heads.with_data_defaults(head, params, fit_on.y, store.dim),
+    # the data rules read the store's training rows (y), not what is left after the rows held
+    # out to calibrate: a store of 500-555 rows per class fitted sgd by its small-store rule
+    total = (stream.work(head, heads.with_data_defaults(head, params, y, store.dim),
                          len(fit_on), search=search, seed=seed) + len(held)
              + len(y) if source.streamed else 0)
-    notes = heads.unused_notes(head, params, fit_on.y, store.dim, seed)  # said with the rest
+    notes = heads.unused_notes(head, params, y, store.dim, seed)  # said with the rest
     with _Quiet() as quiet, blas_threads(len(y)), \
             _fit_errors(head, params or {}, str(store.path)), \
             Progress(total, f"fit {head}", unit="row", enabled=progress and source.streamed) as bar:
@@ -203,12 +205,13 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         if spec.native_proba or source.streamed:
             estimator, chosen = fit_configuration(fit_on, head, params, class_weight=class_weight,
                                                   search=search, seed=seed, jobs=jobs,
-                                                  tick=bar.update, note=bar.note, notes=notes)
+                                                  tick=bar.update, note=bar.note, notes=notes,
+                                                  rule_y=y)
         else:  # in memory: the search (if any) on the bare head, then the chosen one calibrated
             chosen = (fit_configuration(fit_on, head, params, class_weight=class_weight,
-                                        search=True, seed=seed, jobs=jobs, notes=notes)[1]
-                      if search else heads.with_data_defaults(head, params, fit_on.y,
-                                                              store.dim))
+                                        search=True, seed=seed, jobs=jobs, notes=notes,
+                                        rule_y=y)[1]
+                      if search else heads.with_data_defaults(head, params, y, store.dim))
         calibration, probabilities = "native", "native"
         if spec.members:
             calibration, probabilities = heads.vote_calibration(estimator), "vote"
@@ -223,7 +226,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         pred, _, _ = (source if sub is None else source.take(sub)).predict(estimator,
                                                                            tick=bar.update)
     if not spec.native_proba:  # fit_configuration named the others as fitted; these, too
-        chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed)
+        chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed, y)
     for n in dict.fromkeys(notes):
         say(f"note: {n}")
     if quiet.convergence:
