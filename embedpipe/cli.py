@@ -470,7 +470,8 @@ def fit(
                                              f"{DEFAULT_HEAD}: chosen by cross-validation; see "
                                              "`embedpipe heads`); several with --ensemble soft."),
     budget: Optional[str] = typer.Option(None, help="--head auto: seconds it may spend "
-                                         "choosing (default 120)."),
+                                         "choosing (default 120; the final fit of the "
+                                         "choice on all rows comes after)."),
     ensemble: Optional[str] = typer.Option(None, help="soft: one soft-voting ensemble of the "
                                                       "--head heads (same as --head a+b+c)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file to write "
@@ -606,7 +607,8 @@ def quickstart(
     out: Path = typer.Option(CACHE_DIR / "quickstart.h5", "--out", "-o"),
 ) -> None:
     """Offline demo of the whole pipeline on real Fashion-MNIST images: extract with the
-    bundled backbone → cv of three heads → fit the best → predict the test images end to end."""
+    bundled backbone → cv of three heads → fit `--head auto` (on this few images the soft vote
+    of every head's defaults, the cv table next to it) → predict the test images end to end."""
     from . import predict as pr
     from .datasets import write_fashion_mnist_folder
     from .evaluate import cv as ev_cv
@@ -627,8 +629,9 @@ def quickstart(
                   progress=False, warn=lambda m: typer.echo(m, err=True))
     typer.echo(ev_report.format_report(report))
     head_file = out.with_name(f"{out.stem}__{DEFAULT_HEAD}.skops")
-    typer.echo(f"\n4/4 embedpipe fit {out} -o {head_file} (--head {DEFAULT_HEAD}: cv picks the "
-               f"head); then embedpipe predict {head_file} {folder / 'test'}")
+    typer.echo(f"\n4/4 embedpipe fit {out} -o {head_file} (--head {DEFAULT_HEAD}: it scores "
+               "every head by cv and, on a few hundred rows, fits the soft vote of their "
+               f"defaults); then embedpipe predict {head_file} {folder / 'test'}")
     typer.echo(train.fit(out, DEFAULT_HEAD, head_file,
                          say=lambda m: typer.echo(m) if m.startswith(("  ", "auto chose"))
                          else None).line())

@@ -346,3 +346,34 @@ def test_budget_is_checked_before_each_fold_not_only_each_candidate(monkeypatch)
     assert sel.seconds == 15.0 <= sel.budget
     assert [r["head"] for r in sel.table] == ["logreg"]
     assert any("cut the search during candidate 2" in n for n in sel.notes), sel.notes
+
+
+def test_the_vote_leaves_knn_out_when_an_image_is_under_two_classes(fmnist_store, tmp_path):
+    """The same image in two class folders: knn's neighbours tie at that point, so a knn head
+    has no exact numpy-only or ONNX form, and since the vote holds every head's defaults the
+    default head of `fit` could not be exported (helper-32's attack). The vote leaves knn out
+    and says why; the head has its compact form (numpy-only `predict --store`)."""
+    from embedpipe.heads import compact
+    from embedpipe.store import open_store
+    from clitools import copy_rows
+
+    s = open_store(fmnist_store)
+    train = [i for i in range(len(s)) if s.splits[i] == "train"]
+    a = train[0]
+    b = next(i for i in train if s.labels[i] != s.labels[a])
+    X = np.array(s.features, copy=True)
+    X[b] = X[a]  # row b: row a's image, under another class
+    dup = copy_rows(fmnist_store, tmp_path / "dup.h5", list(range(len(s))), features=X)
+    out = tmp_path / "dup.skops"
+    res = ok("fit", dup, "-o", out)
+    head = artifacts.load(out)
+    rec = head.manifest["auto"]
+    assert [m["head"] for m in rec["members"]] == [
+        h for h in head.manifest["head"].split("+")] and "knn" not in head.manifest["head"]
+    assert len(rec["members"]) == len(auto.VOTE_ORDER) - 1
+    assert ("knn prep=sqrt+l2+lda is not in it: some training rows are the same image under "
+            "two classes") in res.output
+    assert compact.export(head.estimator) is not None
+    # the same store without the duplicate votes with knn
+    ok("fit", fmnist_store, "-o", tmp_path / "plain.skops", "-q")
+    assert "knn" in artifacts.load(tmp_path / "plain.skops").manifest["head"].split("+")

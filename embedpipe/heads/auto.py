@@ -96,9 +96,11 @@ def check_budget(budget: Any) -> float:
     return b
 
 
-# the in-memory heads whose defaults auto scores first and votes on few rows, cheapest first
-# (the streamed sgd heads are for stores larger than memory)
-VOTE_ORDER = ("logreg", "centroid", "ridge", "knn", "linear-svm", "svm", "mlp")
+# the in-memory heads whose defaults auto scores first and votes on few rows, cheapest first on
+# a few hundred rows (so a small --budget still scores enough of them to vote: knn and centroid
+# fit an LDA, once per fold for both, and mlp is the slowest); the streamed sgd heads are for
+# stores larger than memory
+VOTE_ORDER = ("logreg", "ridge", "linear-svm", "svm", "knn", "centroid", "mlp")
 
 
 def defaults(n_per_class: int, dim: int) -> list[tuple[str, dict[str, Any]]]:
@@ -291,7 +293,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
                     cols = np.searchsorted(classes, np.asarray(est.classes_))
                     oof[np.ix_(te, cols)] = s
         except (ValueError, np.linalg.LinAlgError, fewshot.FewShotError) as e:  # too few rows
-            notes.append(f"{name} failed to fit on these rows ({first_line(e, 120)}); left out")
+            notes.append(f"{name} failed to fit on these rows ({first_line(e, 240)}); left out")
             continue
         cost[head] = time.perf_counter() - t0
         if cut:
@@ -303,7 +305,8 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
                          cost[head] / k))
     singles = sorted(rows, key=lambda r: -r["mean"])
-    voters = _voters(singles, y, default_names) if len(y) <= LARGE_ROWS else []
+    voters, left_out = (_voters(singles, X, y, default_names) if len(y) <= LARGE_ROWS
+                        else ([], {}))
     vote = (_vote_row(_with_calibrated(voters, y_idx), y, classes, splits, metric, _scores)
             if len(voters) >= MIN_VOTERS else None)
     table = singles + ([vote] if vote else
@@ -314,12 +317,14 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         r.pop("calibrated", None)
     chosen = table.index(vote) if vote else 0
     if vote:
-        left = [n for n in default_names if n not in {v["name"] for v in voters}]
+        scored = {r["name"] for r in singles}
+        for n in default_names:
+            if n not in scored:
+                left_out.setdefault(n, "not scored (the budget, or it failed to fit: see above)")
         notes.append(f"{len(y)} rows: the choice is the soft vote of every head's defaults "
                      f"({len(voters)} heads), not the best inner-CV score (on few rows that "
                      "ranking is mostly noise; bench/results/auto_policy.md)"
-                     + (f"; not in it (not scored within the budget, or unable to vote): "
-                        f"{', '.join(left)}" if left else ""))
+                     + "".join(f"; {n} is not in it: {why}" for n, why in left_out.items()))
     elif len(y) <= LARGE_ROWS:
         notes.append(_no_vote_note(len(y), len(voters), table[0]))
     return Selection(table, k, metric, budget, time.perf_counter() - t_start, notes,
@@ -395,20 +400,42 @@ def _with_calibrated(rows: list[dict[str, Any]], y_idx: np.ndarray) -> list[dict
     return rows
 
 
-def _voters(singles: list[dict[str, Any]], y: np.ndarray,
-            default_names: Sequence[str]) -> list[dict[str, Any]]:
-    """The members of the soft vote (mean temperature-scaled probabilities): the rows of
-    ``singles`` (best inner-CV score first) that are a head's defaults (``default_names``,
-    ``describe`` of ``defaults``) and can vote on ``y`` (a member without probabilities must
-    be calibrated); fewer than the heads when some were not scored (the budget) or cannot
-    vote, and with fewer than MIN_VOTERS there is no vote."""
+def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
+            default_names: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The members of the soft vote (mean temperature-scaled probabilities) and, by name, the
+    scored defaults left out of it and why: the rows of ``singles`` (best inner-CV score
+    first) that are a head's defaults (``default_names``, ``describe`` of ``defaults``) and can
+    vote on rows ``X`` (N×D), labels ``y``:
+
+    - a member without probabilities must be calibrated (enough rows in every class for
+      heads.ENSEMBLE_CALIBRATION_FOLDS folds);
+    - knn is left out when some training rows are the same point under two classes (the same
+      image in two class folders): its neighbours tie there, so the head would have no exact
+      numpy-only or ONNX form (compact.duplicates_across_classes) and the default head of
+      `fit` could not be exported.
+
+    Fewer than the heads when some were not scored (the budget) or cannot vote; with fewer
+    than MIN_VOTERS there is no vote."""
     from . import fewshot
+    from .compact import duplicates_across_classes
 
-    def votable(r: dict[str, Any]) -> bool:  # a member without probabilities is calibrated
-        return heads.get(r["head"]).native_proba or fewshot.calibration_folds(
-            heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) >= 2
-
-    return [r for r in singles if r["name"] in default_names and votable(r)]
+    out, left = [], {}
+    for r in singles:
+        if r["name"] not in default_names:
+            continue
+        spec = heads.get(r["head"])
+        if not spec.native_proba and fewshot.calibration_folds(
+                heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) < 2:
+            cls, n = min_class(y)
+            left[r["name"]] = (f"class {cls!r} has {n} training row(s), too few to calibrate "
+                               f"it for the vote ({heads.ENSEMBLE_CALIBRATION_FOLDS} folds)")
+        elif r["head"] == "knn" and duplicates_across_classes(X, y, "euclidean"):
+            left[r["name"]] = ("some training rows are the same image under two classes (its "
+                               "neighbours would tie there, so the head would have no exact "
+                               "numpy-only or ONNX form); `embedpipe audit` lists them")
+        else:
+            out.append(r)
+    return out, left
 
 
 def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,

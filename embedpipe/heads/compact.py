@@ -270,7 +270,7 @@ def _decision(b: _Builder, est: Any) -> None:
                 or est.outputs_2d_ or np.asarray(est._fit_X).dtype != np.float64:
             raise _Unsupported(f"KNeighborsClassifier(metric={metric!r}, "
                                f"weights={est.weights!r})")
-        if _duplicates_across_classes(np.asarray(est._fit_X), np.asarray(est._y), metric):
+        if duplicates_across_classes(np.asarray(est._fit_X), np.asarray(est._y), metric):
             raise _Unsupported("identical training rows under different classes")
         b.op("knn", x=b.array(est._fit_X), y=b.array(np.asarray(est._y, np.int64)),
              k=int(est.n_neighbors), weights=est.weights, metric=metric)
@@ -286,7 +286,7 @@ def _decision(b: _Builder, est: Any) -> None:
     raise _Unsupported(kind)
 
 
-def _duplicates_across_classes(rows: np.ndarray, y: np.ndarray, metric: str) -> bool:
+def duplicates_across_classes(rows: np.ndarray, y: np.ndarray, metric: str) -> bool:
     """Whether some training rows of a kNN are the same point (for cosine: the same direction)
     under different classes. A query then finds them all at one distance, and which of them
     fill its last neighbour places is up to scikit-learn's partial sort, which the compact
