@@ -246,6 +246,15 @@ class Head:
         from .predict import PredictError
         from .store.read import FeatureStore, open_stores
 
+        if isinstance(X_or_store, (list, tuple)) and not X_or_store:  # no rows: no answers
+            return np.zeros((0, self.feature_dim), np.float32)
+        if all(hasattr(X_or_store, a) for a in ("detach", "cpu", "device")):  # a torch tensor
+            if getattr(X_or_store.device, "type", "") == "meta":
+                raise PredictError("X is a tensor on the meta device, which holds no values: "
+                                   "pass the features themselves")
+            X_or_store = X_or_store.detach().cpu()
+            if not X_or_store.is_floating_point() or X_or_store.element_size() < 4:
+                X_or_store = X_or_store.float()  # bf16/fp16 (numpy has no bf16), ints
         rows = (isinstance(X_or_store, Sequence) and not isinstance(X_or_store, str)
                 and len(X_or_store) and not isinstance(X_or_store[0], (str, os.PathLike)))
         if rows or (not isinstance(X_or_store, (np.ndarray, FeatureStore, str, os.PathLike,

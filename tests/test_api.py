@@ -386,28 +386,40 @@ def test_a_head_predicts_zero_rows_and_refuses_non_finite_rows_in_one_line(fmnis
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_head_predict_takes_ndarray_subclasses_and_refuses_grad_tensors_in_one_line(
-        fmnist_store: Path, tmp_path: Path):
+def test_head_predict_takes_ndarray_subclasses_tensors_and_no_rows(fmnist_store: Path,
+                                                                    tmp_path: Path):
     """helper-32's attack: an np.matrix reached scikit-learn, which raised a raw TypeError; a
     masked array's masked NaN passed the finite check (np.isfinite skips masked entries) and
     scikit-learn raised a multi-line ValueError; a torch tensor that requires grad raised
-    torch's raw RuntimeError from numpy.asarray. Now the matrix predicts as its array, the
-    masked NaN is refused like any NaN, and the tensor is refused in one line saying what to
-    do."""
+    torch's raw RuntimeError from numpy.asarray, a bf16 one was refused as "not an (n, D)
+    array", a meta one with a message cut mid-word; an empty list of rows was refused as a bad
+    store while a (0, D) array gave 0 predictions. Now the matrix and every tensor (detached,
+    on the CPU, as float32) predict as their arrays, the masked NaN is refused like any NaN,
+    a meta tensor in one line, and no rows give no predictions."""
     import torch
 
     out = tmp_path / "logreg.skops"
     ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
     head = embedpipe.load_head(out)
     X = np.asarray(embedpipe.open_store(fmnist_store).features[:5], dtype=np.float32)
-    assert list(head.predict(np.matrix(X))) == list(head.predict(X))
+    want = list(head.predict(X))
+    assert list(head.predict(np.matrix(X))) == want
     np.testing.assert_allclose(head.predict_proba(np.matrix(X)), head.predict_proba(X))
     bad = X.copy()
     bad[2, 5] = np.nan
     with pytest.raises(embedpipe.EmbedpipeError) as e:
         head.predict(np.ma.masked_invalid(bad))
     assert "1 row(s) with NaN or infinite values" in str(e.value) and "\n" not in str(e.value)
+    t = torch.from_numpy(X)
+    for tensor in (t.clone().requires_grad_(True), t.double(), t.half()):
+        assert list(head.predict(tensor)) == want
+    assert head.predict(t.bfloat16()).shape == (5,)  # bf16 rounds the features a little
+    np.testing.assert_allclose(head.predict_proba(t.clone().requires_grad_(True)),
+                               head.predict_proba(X))
     with pytest.raises(embedpipe.EmbedpipeError) as e:
-        head.predict_proba(torch.from_numpy(X).requires_grad_(True))
-    assert "X (Tensor) is not an (n, D) array" in str(e.value) and "detach()" in str(e.value)
-    assert "\n" not in str(e.value)
+        head.predict(torch.empty(2, X.shape[1], device="meta"))
+    assert str(e.value) == ("X is a tensor on the meta device, which holds no values: pass "
+                            "the features themselves")
+    for none in ([], ()):
+        assert head.predict(none).shape == (0,)
+        assert head.predict_proba(none).shape == (0, len(head.classes_))
