@@ -252,18 +252,18 @@ class Head:
             if getattr(X_or_store.device, "type", "") == "meta":
                 raise PredictError("X is a tensor on the meta device, which holds no values: "
                                    "pass the features themselves")
-            X_or_store = X_or_store.detach().cpu()
-            if not X_or_store.is_floating_point() or X_or_store.element_size() < 4:
-                X_or_store = X_or_store.float()  # bf16/fp16 (numpy has no bf16), ints
+            t = X_or_store.detach().cpu()
+            if not t.is_floating_point() or t.element_size() < 4:
+                t = t.float()  # bf16/fp16 (numpy has no bf16), ints
+            X_or_store = t.numpy()
         rows = (isinstance(X_or_store, Sequence) and not isinstance(X_or_store, str)
                 and len(X_or_store) and not isinstance(X_or_store[0], (str, os.PathLike)))
         if rows or (not isinstance(X_or_store, (np.ndarray, FeatureStore, str, os.PathLike,
                                                 Sequence))
-                    and hasattr(X_or_store, "__array__")):  # rows, a DataFrame, a tensor
+                    and hasattr(X_or_store, "__array__")):  # rows, a DataFrame
             try:
                 X_or_store = np.asarray(X_or_store)
-            except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: torch's
-                # "Can't call numpy() on Tensor that requires grad"
+            except (ValueError, TypeError, RuntimeError) as e:  # an array-like's __array__
                 raise PredictError(f"X ({type(X_or_store).__name__}) is not an (n, D) array "
                                    f"({first_line(e, 100)}); pass equal-length rows of "
                                    "numbers") from None

@@ -317,10 +317,6 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         r.pop("calibrated", None)
     chosen = table.index(vote) if vote else 0
     if vote:
-        scored = {r["name"] for r in singles}
-        for n in default_names:
-            if n not in scored:
-                left_out.setdefault(n, "not scored (the budget, or it failed to fit: see above)")
         notes.append(f"{len(y)} rows: the choice is the soft vote of every head's defaults "
                      f"({len(voters)} heads), not the best inner-CV score (on few rows that "
                      "ranking is mostly noise; bench/results/auto_policy.md)"
@@ -403,9 +399,9 @@ def _with_calibrated(rows: list[dict[str, Any]], y_idx: np.ndarray) -> list[dict
 def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
             default_names: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The members of the soft vote (mean temperature-scaled probabilities) and, by name, the
-    scored defaults left out of it and why: the rows of ``singles`` (best inner-CV score
-    first) that are a head's defaults (``default_names``, ``describe`` of ``defaults``) and can
-    vote on rows ``X`` (N×D), labels ``y``:
+    defaults left out of it and why (not scored: the budget, or a failed fit): the rows of
+    ``singles`` (best inner-CV score first) that are a head's defaults (``default_names``,
+    ``describe`` of ``defaults``) and can vote on rows ``X`` (N×D), labels ``y``:
 
     - a member without probabilities must be calibrated (enough rows in every class for
       heads.ENSEMBLE_CALIBRATION_FOLDS folds);
@@ -435,6 +431,10 @@ def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
                                "numpy-only or ONNX form); `embedpipe audit` lists them")
         else:
             out.append(r)
+    scored = {r["name"] for r in singles}
+    for n in default_names:
+        if n not in scored:
+            left[n] = "not scored (the budget, or it failed to fit: see above)"
     return out, left
 
 
