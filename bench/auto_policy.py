@@ -78,11 +78,7 @@ def score_split(X, y, Xt, yt) -> dict:
     splitter, _ = make_folds(k, 1, 0)
     folds = list(splitter.split(np.zeros((len(y), 1)), y))
 
-    def key(h, p):  # as auto.candidates names a configuration once
-        own = heads.get(h).make(0).get_params()
-        return auto.describe(h, {a: b for a, b in p.items() if not (a in own and own[a] == b)})
-
-    defaults = {key(h, heads.data_params(h, smallest, X.shape[1])) for h in heads.HEADS}
+    defaults = {auto.describe(h, p) for h, p in auto.defaults(smallest, X.shape[1])}
     rows = []
     for head, params in auto.candidates(smallest, X.shape[1]):
         oof = np.zeros((len(y), len(classes)))
@@ -94,7 +90,7 @@ def score_split(X, y, Xt, yt) -> dict:
                       "accuracy", metric_scores, 0.0)
         t = auto._temperature(oof, y_idx)
         r["test"], r["test_cal"] = test, auto._calibrate(test, t)
-        r["default"] = key(head, params) in defaults
+        r["default"] = r["name"] in defaults  # as auto._select tells its voters
         rows.append(r)
     return {"rows": rows, "y": y, "yt": yt, "classes": classes, "folds": folds}
 
@@ -131,8 +127,8 @@ def policies(split: dict) -> dict[str, float]:
     out["vote of every candidate"] = vote(rows)
     dflt = [r for r in rows if r["default"]]
     out["vote of every head's defaults"] = vote(dflt)
-    sqrt_pool = list({r["head"]: r for r in reversed(singles)
-                      if r["params"].get("prep", "").startswith("sqrt")}.values())
+    sqrt_pool = list({r["head"]: r for r in reversed(singles)  # prep as given or the head's
+                      if " prep=sqrt" in r["name"]}.values())
     sqrt_pool.sort(key=lambda r: -r["mean"])
     out["vote of the 4 best heads, sqrt prep only"] = vote(sqrt_pool[:4])
     fam = {}
