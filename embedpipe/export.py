@@ -371,7 +371,9 @@ def _probs(g: _Graph, estimator: Any, x: str, dim: int, opset: int, head_name: s
     elif isinstance(clf, KNeighborsClassifier) and beta is None:
         probs = _knn(g, clf, x, head_name)
     elif isinstance(clf, MLPClassifier) and beta is None:
-        probs = _skl2onnx(g, clf, x, width, opset, raw=False)
+        # skl2onnx looks converters up by exact type: ours (heads/mlp.py) as scikit-learn's
+        plain = clf.sklearn_copy() if hasattr(clf, "sklearn_copy") else clf
+        probs = _skl2onnx(g, plain, x, width, opset, raw=False)
     elif isinstance(clf, VotingClassifier) and clf.voting == "soft" and beta is None:
         # predict_proba = the members' probabilities averaged with the vote's weights
         # (np.average in scikit-learn's VotingClassifier); every member sees x after the steps

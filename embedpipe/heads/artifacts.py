@@ -50,6 +50,8 @@ TRUSTED_EXTRA = (
     "sklearn.model_selection._split.StratifiedShuffleSplit",
     # our stateless power-normalisation step (heads/transforms.py): its n_features_in_ only
     "embedpipe.heads.transforms.SignedSqrt",
+    # the mlp head's network: scikit-learn's, trained in float64 (heads/mlp.py); no own state
+    "embedpipe.heads.mlp.MLPClassifier",
 )
 
 # What must agree between a head and the store (or images) it predicts: otherwise the features

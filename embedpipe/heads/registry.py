@@ -25,7 +25,6 @@ from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
-from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
@@ -33,6 +32,7 @@ from sklearn.svm import SVC, LinearSVC
 from ..errors import UserError, first_line
 from .compact import class_scores  # noqa: F401 - part of this module's API
 from .compact import walk
+from .mlp import MLPClassifier
 from .transforms import SignedSqrt
 
 PREPROCESSING = {"sqrt": "signed square root of each feature (power normalisation)",
