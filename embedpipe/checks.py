@@ -24,18 +24,35 @@ def nonfinite_rows(X: Any) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(X).all(axis=1))
 
 
-def refuse_nonfinite(X: Any, paths: Sequence[str], where: str, *, total: int | None = None
-                     ) -> None:
+def refuse_nonfinite(X: Any, paths: Sequence[str], where: str) -> None:
     """Raise InputError naming the rows of ``X`` whose features are NaN or infinite (the first
     five paths and how many in all): no head can be fitted on them or predict them, and
     scikit-learn would stop with a ValueError deep inside (or print NaN confidences).
     ``paths[i]`` names row i of ``X``; ``where`` is the store."""
     bad = nonfinite_rows(X)
-    if not len(bad):
+    if len(bad):
+        raise _nonfinite_error(where, [str(paths[i]) for i in bad[:5]], len(bad))
+
+
+def refuse_nonfinite_chunk(X: Any, store: Any, over: Any, chunk_rows: int) -> None:
+    """``refuse_nonfinite`` for one chunk ``X`` of a pass that streams rows of ``store`` (a
+    FeatureStore). A chunk with NaN or infinite rows holds only some of them: the error counts
+    and names them over all of ``over`` (store row indices: the rows the command reads) in one
+    more pass, in store order, ``chunk_rows`` at a time, as the in-memory commands do."""
+    if not len(nonfinite_rows(X)):
         return
-    shown = ", ".join(str(paths[i]) for i in bad[:5])
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    raise InputError(f"{where}: {len(bad)} row(s) hold NaN or infinite features ({shown}{more})"
-                     f"; the store is damaged or the backbone overflowed (fp16): re-extract "
-                     "those images into a new store (e.g. with --precision fp32), or remove "
-                     "them from the folder and rerun extract with --prune")
+    rows = np.asarray(over, dtype=np.int64)
+    bad: list[int] = []
+    for idx, chunk in store.iter_feature_chunks(rows, chunk_rows):
+        bad.extend(int(r) for r in rows[idx[nonfinite_rows(chunk)]])
+    bad.sort()
+    raise _nonfinite_error(str(store.path), [str(store.paths[r]) for r in bad[:5]], len(bad))
+
+
+def _nonfinite_error(where: str, shown: list[str], count: int) -> InputError:
+    more = f" and {count - len(shown)} more" if count > len(shown) else ""
+    return InputError(f"{where}: {count} row(s) hold NaN or infinite features "
+                      f"({', '.join(shown)}{more}); the store is damaged or the backbone "
+                      "overflowed (fp16): re-extract those images into a new store (e.g. with "
+                      "--precision fp32), or remove them from the folder and rerun extract "
+                      "with --prune")

@@ -159,9 +159,10 @@ def test_nonfinite_features_are_refused_naming_the_rows(head: Path, fmnist_store
     bad = tmp_path / "bad.h5"
     copy_rows(fmnist_store, bad, list(range(len(s))), features=X)
     out = tmp_path / "p.csv"
-    one_line_error(cli("predict", head, "--store", bad, "-o", out, "-q"), str(bad),
-                   "NaN or infinite", s.paths[3], s.paths[10])
-    assert not out.exists() and leftovers(tmp_path) == []
+    for chunk in ([], ["--chunk-rows", "4"]):  # 4: the rows are in two chunks, both counted
+        one_line_error(cli("predict", head, "--store", bad, "-o", out, "-q", *chunk), str(bad),
+                       "2 row(s) hold NaN or infinite", s.paths[3], s.paths[10])
+        assert not out.exists() and leftovers(tmp_path) == []
 
 
 def test_embedpipe_files_where_a_head_or_images_belong_are_named_with_the_fix(

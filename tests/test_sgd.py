@@ -398,7 +398,15 @@ def test_a_streamed_fit_refuses_nonfinite_rows_whatever_its_first_step(
     copy_rows(fmnist_store, bad, list(range(len(s))), features=X)
     extra = ["--param", f"prep={prep}"] if prep else []
     one_line_error(cli("fit", bad, "--head", "sgd", *extra, "-o", tmp_path / "h.skops", "-q"),
-                   str(bad), "NaN or infinite", s.paths[train[0]])
+                   str(bad), "2 row(s) hold NaN or infinite", s.paths[train[0]],
+                   s.paths[train[20]])
+    # chunks of 8 rows: the first bad chunk holds one of the two, and the line still counts
+    # and names both (it counted the chunk's only: helper-32's attack)
+    one_line_error(cli("fit", bad, "--head", "sgd", *extra, "--chunk-rows", "8", "-o",
+                       tmp_path / "h.skops", "-q"),
+                   str(bad), "2 row(s) hold NaN or infinite", s.paths[train[0]],
+                   s.paths[train[20]])
+    assert not (tmp_path / "h.skops").exists()
 
 
 def test_the_small_store_rule_reads_the_training_rows_not_what_calibration_leaves(

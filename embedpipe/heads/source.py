@@ -31,13 +31,17 @@ def _nothing(*_: Any) -> None:
 class Labeled:
     """Labeled rows: ``rows`` (store row indices, int64, shape (n,)), ``y`` (their class names,
     str, shape (n,)), and ``X`` (their features, shape (n, D), float32/float64) when in memory,
-    or None when streamed from ``store`` in chunks of ``chunk_rows`` rows."""
+    or None when streamed from ``store`` in chunks of ``chunk_rows`` rows. ``scope``: the rows
+    these were taken from (``take``; None: these rows), over which a streamed fit that meets NaN
+    or infinite features counts and names them (checks.refuse_nonfinite_chunk): the user's
+    training rows, not the part a calibration hold-out or a fold left."""
 
     store: FeatureStore | None
     rows: np.ndarray
     y: np.ndarray
     X: np.ndarray | None = None
     chunk_rows: int = stream.DEFAULT_CHUNK_ROWS
+    scope: np.ndarray | None = None
 
     @classmethod
     def in_memory(cls, X: np.ndarray, y: np.ndarray) -> "Labeled":
@@ -55,7 +59,8 @@ class Labeled:
         """The rows at positions ``pos`` (into these rows), in that order."""
         pos = np.asarray(pos, dtype=np.int64)
         return Labeled(self.store, self.rows[pos], self.y[pos],
-                       None if self.X is None else self.X[pos], self.chunk_rows)
+                       None if self.X is None else self.X[pos], self.chunk_rows,
+                       self.rows if self.scope is None else self.scope)
 
     def features(self) -> np.ndarray:
         """The features of these rows in memory (streamed rows are read whole: for a few rows
@@ -81,7 +86,8 @@ class Labeled:
         assert self.store is not None
         return stream.fit_rows(self.store, self.rows, self.y, head, params,
                                class_weight=class_weight, seed=seed,
-                               chunk_rows=self.chunk_rows, tick=tick, note=note)
+                               chunk_rows=self.chunk_rows, tick=tick, note=note,
+                               scope=self.scope)
 
     def predict(self, estimator: Any, *, use_proba: bool = True,
                 tick: Tick = _nothing) -> tuple[np.ndarray, np.ndarray, bool]:

@@ -116,23 +116,26 @@ def _transform(steps: list[Any], X: np.ndarray) -> np.ndarray:
 def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
              params: dict[str, Any] | None = None, *, class_weight: str | None = None,
              seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS, tick: Tick = _nothing,
-             note: Note = _nothing) -> Any:
-    """Fit ``head`` on store rows ``rows`` (labels ``y``, aligned) by streaming them."""
+             note: Note = _nothing, scope: np.ndarray | None = None) -> Any:
+    """Fit ``head`` on store rows ``rows`` (labels ``y``, aligned) by streaming them. The first
+    pass refuses NaN or infinite features (InputError), counting and naming them over ``scope``
+    (store row indices; None: ``rows``)."""
     rows = np.asarray(rows, dtype=np.int64)
     pipe = build(head, params, y, class_weight=class_weight, seed=seed)
     fitted: list[Any] = []
     checked = False  # whether a whole pass has seen every row finite
 
-    def finite(idx: np.ndarray, X: np.ndarray, of: np.ndarray = rows) -> None:
+    def finite(X: np.ndarray) -> None:
         if not checked:  # NaN/inf stop the first pass over the raw features (whichever it is)
-            checks.refuse_nonfinite(X, [store.paths[i] for i in of[idx]], str(store.path))
+            checks.refuse_nonfinite_chunk(X, store, rows if scope is None else scope,
+                                          chunk_rows)
 
     for name, step in pipe.steps[:-1]:
         if step == "passthrough":
             continue
         if not hasattr(step, "partial_fit"):  # stateless (Normalizer, SignedSqrt): one row
-            for idx, X in store.iter_feature_chunks(rows[:1], 1):
-                finite(idx, X, rows[:1])
+            for _, X in store.iter_feature_chunks(rows[:1], 1):
+                finite(X)
                 step.fit(_transform(fitted, X))
             fitted.append(step)
             continue
@@ -140,7 +143,7 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
         need = getattr(step, "n_components", None) or 1  # IncrementalPCA's first batch
         held: list[np.ndarray] = []
         for idx, X in store.iter_feature_chunks(rows, chunk_rows):
-            finite(idx, X)
+            finite(X)
             held.append(_transform(fitted, X))
             if sum(len(h) for h in held) >= need or hasattr(step, "components_"):
                 step.partial_fit(np.concatenate(held) if len(held) > 1 else held[0])
@@ -160,7 +163,7 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
     for epoch in range(epochs):
         note(f"epoch {epoch + 1}/{epochs}")
         for idx, X in store.iter_feature_chunks(rows, chunk_rows, rng=rng):
-            finite(idx, X)  # no stateful step: the first epoch is the first pass
+            finite(X)  # no stateful step: the first epoch is the first pass
             clf.partial_fit(_transform(fitted, X), y[idx], classes=classes)
             tick(len(idx))
         checked = True
