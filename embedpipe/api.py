@@ -21,7 +21,7 @@ from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, checks
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -281,12 +281,12 @@ class Head:
                                    "X.astype('float32')")
             with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
                 X = X.astype(np.float32, copy=False)
-            bad = ~np.isfinite(X).all(axis=1)
-            if bad.any():
-                raise PredictError(f"X has {int(bad.sum())} row(s) with NaN or infinite "
-                                   f"values, or values beyond float32's range (the first: row "
-                                   f"{int(np.argmax(bad))}); a head scores finite features "
-                                   "only: drop or re-extract them")
+            bad = checks.unusable_rows(X)
+            if len(bad):
+                raise PredictError(f"X has {len(bad)} row(s) with NaN or infinite values, or "
+                                   f"values beyond ±{checks.FEATURE_LIMIT:.0e} (the first: row "
+                                   f"{int(bad[0])}); a head scores embeddings, finite and "
+                                   "far below that: drop or re-extract those rows")
             return X
         paths = _store_paths(X_or_store)
         store = X_or_store if (isinstance(X_or_store, FeatureStore)

@@ -16,43 +16,62 @@ class InputError(UserError):
     """Input data a command cannot use; one line naming it and the fix."""
 
 
-def nonfinite_rows(X: Any) -> np.ndarray:
-    """Positions (int64) of the rows of ``X`` (N x D) holding a NaN or an infinity."""
+# Beyond this magnitude a feature value is not an embedding: no backbone's pooled features come
+# near it (fp16 stops at 65,504), and heads computing in float32 overflow on it. Measured with
+# every in-memory head fitted with prep=scale on Fashion-MNIST Lite0 features (a scratch run; the
+# knn case is tests/test_predict.py):
+# rows with values of 1e12 and 1e15 predict; at 1e17 knn's squared distances to standardised
+# rows overflow (scikit-learn raises ValueError), and from 1e20 heads answer with confidence 1.0
+# or NaN.
+FEATURE_LIMIT = 1e12
+
+
+def unusable_rows(X: Any) -> np.ndarray:
+    """Positions (int64) of the rows of ``X`` (N x D) holding a NaN, an infinity or a value
+    beyond ±FEATURE_LIMIT."""
     X = np.asarray(X)
     if X.size == 0 or np.issubdtype(X.dtype, np.integer):
         return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(~np.isfinite(X).all(axis=1))
+    ok = np.empty(len(X), dtype=bool)
+    step = max(1, (1 << 22) // max(1, X[0].size))  # ~4M values (16 MiB of float32) at a time
+    for i in range(0, len(X), step):
+        with np.errstate(invalid="ignore"):  # NaN compares False, as it should here
+            ok[i:i + step] = (np.abs(X[i:i + step]) <= FEATURE_LIMIT).reshape(
+                len(X[i:i + step]), -1).all(axis=1)
+    return np.flatnonzero(~ok)
 
 
-def refuse_nonfinite(X: Any, paths: Sequence[str], where: str) -> None:
-    """Raise InputError naming the rows of ``X`` whose features are NaN or infinite (the first
-    five paths and how many in all): no head can be fitted on them or predict them, and
-    scikit-learn would stop with a ValueError deep inside (or print NaN confidences).
+def refuse_unusable(X: Any, paths: Sequence[str], where: str) -> None:
+    """Raise InputError naming the rows of ``X`` whose features are NaN, infinite or beyond
+    ±FEATURE_LIMIT (the first five paths and how many in all): no head can be fitted on them or
+    predict them, and scikit-learn would stop with a ValueError deep inside (or print NaN or
+    1.0 confidences).
     ``paths[i]`` names row i of ``X``; ``where`` is the store."""
-    bad = nonfinite_rows(X)
+    bad = unusable_rows(X)
     if len(bad):
-        raise _nonfinite_error(where, [str(paths[i]) for i in bad[:5]], len(bad))
+        raise _unusable_error(where, [str(paths[i]) for i in bad[:5]], len(bad))
 
 
-def refuse_nonfinite_chunk(X: Any, store: Any, over: Any, chunk_rows: int) -> None:
-    """``refuse_nonfinite`` for one chunk ``X`` of a pass that streams rows of ``store`` (a
-    FeatureStore). A chunk with NaN or infinite rows holds only some of them: the error counts
+def refuse_unusable_chunk(X: Any, store: Any, over: Any, chunk_rows: int) -> None:
+    """``refuse_unusable`` for one chunk ``X`` of a pass that streams rows of ``store`` (a
+    FeatureStore). A chunk with unusable rows holds only some of them: the error counts
     and names them over all of ``over`` (store row indices: the rows the command reads) in one
     more pass, in store order, ``chunk_rows`` at a time, as the in-memory commands do."""
-    if not len(nonfinite_rows(X)):
+    if not len(unusable_rows(X)):
         return
     rows = np.asarray(over, dtype=np.int64)
     bad: list[int] = []
     for idx, chunk in store.iter_feature_chunks(rows, chunk_rows):
-        bad.extend(int(r) for r in rows[idx[nonfinite_rows(chunk)]])
+        bad.extend(int(r) for r in rows[idx[unusable_rows(chunk)]])
     bad.sort()
-    raise _nonfinite_error(str(store.path), [str(store.paths[r]) for r in bad[:5]], len(bad))
+    raise _unusable_error(str(store.path), [str(store.paths[r]) for r in bad[:5]], len(bad))
 
 
-def _nonfinite_error(where: str, shown: list[str], count: int) -> InputError:
+def _unusable_error(where: str, shown: list[str], count: int) -> InputError:
     more = f" and {count - len(shown)} more" if count > len(shown) else ""
-    return InputError(f"{where}: {count} row(s) hold NaN or infinite features "
-                      f"({', '.join(shown)}{more}); the store is damaged or the backbone "
+    return InputError(f"{where}: {count} row(s) hold NaN or infinite features, or values "
+                      f"beyond ±{FEATURE_LIMIT:.0e} ({', '.join(shown)}{more}); the store is "
+                      "damaged or the backbone "
                       "overflowed (fp16): re-extract those images into a new store (e.g. with "
                       "--precision fp32), or remove them from the folder and rerun extract "
                       "with --prune")

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _io
+from . import _io, checks
 from .errors import UserError
 from .store.read import open_store
 
@@ -255,11 +255,11 @@ def _read_parquet(path: Path) -> dict[str, Any]:
 
 
 def _check_values(X: np.ndarray, paths: list[str], path: Path) -> None:
-    bad = ~np.isfinite(X).all(axis=1) if X.dtype.kind == "f" else np.zeros(len(X), bool)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise FeaturesFileError(f"{path}: {int(bad.sum())} rows have NaN or infinite features "
-                                f"(first: {paths[i]!r}); drop or recompute them")
+    bad = checks.unusable_rows(X) if X.dtype.kind == "f" else np.zeros(0, np.int64)
+    if len(bad):
+        raise FeaturesFileError(f"{path}: {len(bad)} rows have NaN or infinite features, or "
+                                f"values beyond ±{checks.FEATURE_LIMIT:.0e} (first: "
+                                f"{paths[int(bad[0])]!r}); drop or recompute them")
     seen: dict[str, int] = {}
     for p in paths:
         if not p:

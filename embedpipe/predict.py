@@ -204,7 +204,7 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
             for idx, X in store.iter_feature_chunks(rows, chunk_rows):
                 sel = rows[idx]
                 # NaN/inf features would come out as confidence "nan": refuse, naming them
-                checks.refuse_nonfinite_chunk(X, store, rows, chunk_rows)
+                checks.refuse_unusable_chunk(X, store, rows, chunk_rows)
                 X = X.astype(np.float32, copy=False)
                 predicted, conf, top, cal = predict_rows(head, X, top_k)
                 calibrated &= cal

@@ -364,8 +364,8 @@ def test_a_head_predicts_zero_rows_and_refuses_non_finite_rows_in_one_line(fmnis
     X[3, 7] = np.nan
     with pytest.raises(embedpipe.EmbedpipeError) as e:
         head.predict(X)
-    assert "1 row(s) with NaN or infinite values, or values beyond float32's range (the " \
-        "first: row 3)" in str(e.value)
+    assert "1 row(s) with NaN or infinite values, or values beyond ±1e+12 (the first: row 3)" \
+        in str(e.value)
     assert "\n" not in str(e.value)
     # what numpy turns into rows is taken as rows (a list of rows: the same predictions);
     # a non-numeric array, ragged rows and float64 beyond float32's range are refused in one
@@ -378,7 +378,7 @@ def test_a_head_predicts_zero_rows_and_refuses_non_finite_rows_in_one_line(fmnis
                         (good.astype(complex), "X has dtype complex128"),
                         ([[1.0, 2.0], [3.0]], "X (list) is not an (n, D) array"),
                         (huge, "1 row(s) with NaN or infinite values, or values beyond "
-                               "float32's range (the first: row 2)")]:
+                               "±1e+12 (the first: row 2)")]:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no RuntimeWarning on the way
             with pytest.raises(embedpipe.EmbedpipeError) as e:

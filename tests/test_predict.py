@@ -165,6 +165,45 @@ def test_nonfinite_features_are_refused_naming_the_rows(head: Path, fmnist_store
         assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_features_far_beyond_any_embedding_are_refused_like_nan(fmnist_store: Path,
+                                                                tmp_path: Path):
+    """Finite values no backbone produces (1e17, 1e20: a damaged store or a bad import) went
+    through: a knn head on standardised rows stopped with scikit-learn's raw ValueError ("a bug
+    in embedpipe"), the others wrote confidences of 1.0 or nan (helper-32's F8). They are
+    refused as NaN rows are, in fit, predict --store and Head.predict; 1e6 still predicts."""
+    import embedpipe
+
+    s = open_store(fmnist_store)
+    knn = tmp_path / "knn.skops"
+    ok("fit", fmnist_store, "--head", "knn", "--param", "prep=scale", "-o", knn, "-q")
+    X = s.features.copy()
+    test = [i for i, sp in enumerate(s.splits) if sp == "test"]
+    X[test[0], :] = 1e17
+    X[test[1], 3] = -1e20
+    X[test[2], :] = 1e6  # large, still usable
+    bad = tmp_path / "big.h5"
+    copy_rows(fmnist_store, bad, list(range(len(s))), features=X)
+    out = tmp_path / "p.csv"
+    one_line_error(cli("predict", knn, "--store", bad, "-o", out, "-q"), str(bad),
+                   "2 row(s) hold NaN or infinite features, or values beyond ±1e+12",
+                   s.paths[test[0]], s.paths[test[1]])
+    assert not out.exists()
+    X[test[:2]] = s.features[test[:2]]
+    train = [i for i, sp in enumerate(s.splits) if sp == "train"]
+    X[train[4], 0] = 3e13
+    copy_rows(fmnist_store, bad, list(range(len(s))), features=X)
+    one_line_error(cli("fit", bad, "--head", "logreg", "-o", tmp_path / "h.skops", "-q"),
+                   "1 row(s) hold NaN or infinite features, or values beyond ±1e+12",
+                   s.paths[train[4]])
+    head = embedpipe.load_head(knn)
+    rows = np.asarray(X[test[2:5]], np.float32)
+    assert len(head.predict(rows)) == 3  # the 1e6 row
+    rows[1, 0] = 2e12
+    with pytest.raises(embedpipe.EmbedpipeError, match=r"1 row\(s\) .* beyond ±1e\+12 "
+                                                       r"\(the first: row 1\)"):
+        head.predict(rows)
+
+
 def test_embedpipe_files_where_a_head_or_images_belong_are_named_with_the_fix(
         head: Path, store: Path, fmnist_src: Path, tmp_path: Path):
     """A features file (`export-features`) given as the head once read "not a readable head

@@ -584,7 +584,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     X, y = store.features[rows.train], targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
     fewshot.check_classes(y, str(store.path))  # the same refusals as any other head's fit
-    checks.refuse_nonfinite(X, [store.paths[i] for i in rows.train], str(store.path))
+    checks.refuse_unusable(X, [store.paths[i] for i in rows.train], str(store.path))
     say(f"auto: choosing a head for {len(y)} rows ({rows.describe()}), {len(classes)} classes, "
         f"{X.shape[1]}-d, budget {budget:g} s")
     with naming(str(store.path)):

@@ -127,7 +127,7 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
 
     def finite(X: np.ndarray) -> None:
         if not checked:  # NaN/inf stop the first pass over the raw features (whichever it is)
-            checks.refuse_nonfinite_chunk(X, store, rows if scope is None else scope,
+            checks.refuse_unusable_chunk(X, store, rows if scope is None else scope,
                                           chunk_rows)
 
     for name, step in pipe.steps[:-1]:

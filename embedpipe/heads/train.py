@@ -186,7 +186,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     source = Labeled(store, rows.train, y,
                      None if spec.streaming else store.features[rows.train], chunk_rows)
     if not source.streamed:  # streamed: stream.fit_rows checks the chunks as it reads them
-        checks.refuse_nonfinite(source.X, [store.paths[i] for i in rows.train], str(store.path))
+        checks.refuse_unusable(source.X, [store.paths[i] for i in rows.train], str(store.path))
     fit_on, held, k = _calibration_split(source, spec, seed)
     say(f"fitting {head} on {len(fit_on)} rows ({rows.describe()}), {len(classes)} classes"
         + (f", streamed in chunks of {chunk_rows} rows" if source.streamed else "")
