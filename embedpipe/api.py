@@ -171,6 +171,44 @@ def _store_paths(store: StoreLike) -> list[Path]:
                    "or a store from embedpipe.open_store / embedpipe.extract")
 
 
+def _from_pandas(X: Any) -> Any:
+    """A pandas DataFrame or Series of features as a float32 array (n, D), or ``X`` as it is
+    when it is neither. A DataFrame with a ``features`` column (the layout `embedpipe
+    export-features` writes: one array per row) gives that column stacked; any other DataFrame
+    its numeric columns in their order (column names are not matched to features: a store's
+    features have no names), nullable dtypes (Float64, Int64) with missing values as NaN,
+    refused below. A Series of equal-length arrays is stacked. Raises PredictError naming
+    non-numeric columns or ragged rows."""
+    import numpy as np
+
+    from .predict import PredictError
+
+    def stacked(values: Any, what: str) -> Any:
+        try:
+            return np.stack([np.asarray(v, dtype=np.float32) for v in values])
+        except (ValueError, TypeError) as e:
+            raise PredictError(f"X's {what} does not hold equal-length numeric rows "
+                               f"({str(e).splitlines()[0][:100]}); pass one array of D "
+                               "features per row") from None
+
+    kind = type(X).__name__
+    if kind == "DataFrame":
+        if "features" in X.columns and X["features"].dtype == object:
+            return stacked(X["features"], "'features' column")
+        other = [str(c) for c in X.select_dtypes(exclude=["number", "bool"]).columns]
+        if other:
+            shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4
+                                            else "")
+            raise PredictError(f"X (DataFrame) has non-numeric columns ({shown}); pass the "
+                               "feature columns only, e.g. X.drop(columns=[...]), or a "
+                               "'features' column of arrays as export-features writes")
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused as non-finite
+            return np.ascontiguousarray(X.to_numpy(dtype=np.float32, na_value=np.nan))
+    if kind == "Series" and X.dtype == object:
+        return stacked(X, "Series")
+    return X
+
+
 class Head:
     """A fitted head: a scikit-learn pipeline on stored features plus its manifest.
 
@@ -256,6 +294,8 @@ class Head:
             if not t.is_floating_point() or t.element_size() < 4:
                 t = t.float()  # bf16/fp16 (numpy has no bf16), ints
             X_or_store = t.numpy()
+        if type(X_or_store).__module__.split(".")[0] == "pandas":
+            X_or_store = _from_pandas(X_or_store)
         rows = (isinstance(X_or_store, Sequence) and not isinstance(X_or_store, str)
                 and len(X_or_store) and not isinstance(X_or_store[0], (str, os.PathLike)))
         if rows or (not isinstance(X_or_store, (np.ndarray, FeatureStore, str, os.PathLike,

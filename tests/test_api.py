@@ -423,3 +423,32 @@ def test_head_predict_takes_ndarray_subclasses_tensors_and_no_rows(fmnist_store:
     for none in ([], ()):
         assert head.predict(none).shape == (0,)
         assert head.predict_proba(none).shape == (0, len(head.classes_))
+
+
+def test_head_predict_takes_pandas_as_users_hold_features(fmnist_store: Path, tmp_path: Path):
+    """helper-32's attack: a nullable-dtype DataFrame (Float64, what pandas' readers give) was
+    refused as "dtype object", a Series of per-row arrays by its shape, and the DataFrame
+    `export-features` writes (a 'features' column of arrays beside path/label/split) as
+    "dtype object". Now all three predict as their arrays; a missing value is refused as NaN,
+    ragged rows and non-numeric columns in one line naming them."""
+    pd = pytest.importorskip("pandas")
+    out = tmp_path / "logreg.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
+    head = embedpipe.load_head(out)
+    X = np.asarray(embedpipe.open_store(fmnist_store).features[:5], dtype=np.float32)
+    want = list(head.predict(X))
+    nullable = pd.DataFrame(X).astype("Float64")
+    assert list(head.predict(nullable)) == want
+    np.testing.assert_array_equal(head.predict_proba(nullable), head.predict_proba(X))
+    exported = pd.DataFrame({"path": [f"{i}.png" for i in range(5)], "label": ["x"] * 5,
+                             "features": list(X)})
+    assert list(head.predict(exported)) == want
+    assert list(head.predict(pd.Series(list(X)))) == want
+    nullable.iloc[2, 7] = pd.NA
+    for bad, needle in [(nullable, "1 row(s) with NaN or infinite values"),
+                        (pd.Series([X[0], X[1][:9]]), "X's Series does not hold equal-length"),
+                        (exported.drop(columns="features").assign(f0=1.0),
+                         "non-numeric columns (path, label)")]:
+        with pytest.raises(embedpipe.EmbedpipeError) as e:
+            head.predict(bad)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
