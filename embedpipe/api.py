@@ -342,11 +342,14 @@ class Head:
     def predict(self, X_or_store: Any) -> np.ndarray:
         """Predicted class names (str ndarray, shape (n,)) of the rows of ``X_or_store``: an
         (n, D) feature array (or what ``numpy.asarray`` makes one of: a list of rows, a
-        DataFrame, a CPU tensor; numeric, cast to float32), or a store (path, paths of stacked stores, or a store object;
-        all its rows, in store order). A store made with another backbone, weights,
-        preprocessing or pool than the head's is refused (ArtifactError); another precision
-        or dtype gives a UserWarning. Raises PredictError for an array of the wrong width or a
-        non-numeric dtype, or with rows not finite in float32."""
+        torch tensor on any device, in any float dtype; a pandas DataFrame of numeric columns
+        in feature order or with a ``features`` column of arrays, a Series of arrays; cast to
+        float32), or a store (path, paths of stacked stores, or a store object; all its rows,
+        in store order). A store made with another backbone, weights, preprocessing or pool
+        than the head's is refused (ArtifactError); another precision or dtype gives a
+        UserWarning. Raises PredictError for an array of the wrong width or a non-numeric
+        dtype, ragged rows, or rows holding NaN, infinities or values beyond ±1e12
+        (checks.FEATURE_LIMIT)."""
         import numpy as np
 
         from .heads.compact import predict_scored
