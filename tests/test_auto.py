@@ -94,12 +94,13 @@ def test_a_budget_that_scores_fewer_heads_than_the_vote_takes_chooses_the_best_r
     assert any("cut the search" in n for n in rec["notes"])
     best = rec["candidates"][0]
     note = (f"200 rows: only {len(scored)} head(s)' defaults could be scored and voted, so "
-            "there is no vote of every head's defaults (it takes at least 4: a vote of 2 or 3 "
-            "did not beat the best CV row, bench/results/auto_policy.md); the choice is the "
-            "best row of the table")
+            "there is no vote of every head's defaults (it takes at least 4: on the benches a "
+            "vote of whichever 2 or 3 heads' defaults there are did not beat the best CV row, "
+            "bench/results/auto_policy.md); the choice is the best row of the table")
     if best.get("members"):  # a greedy ensemble: the note says so, and it is what was fitted
-        note += (f", here a greedy soft-voting ensemble of {len(best['members'])} heads, which "
-                 "is in the table only because it beat its best member on the same folds")
+        note += (f", here a greedy soft-voting ensemble of {len(best['members'])} heads: "
+                 "unlike that vote, its members were added one at a time, each only because it "
+                 "raised the CV score on the same folds")
         assert f"fitted auto → {'+'.join(m['head'] for m in best['members'])} " in res.output
         singles = [c for c in rec["candidates"] if not c.get("members")]
         assert best["mean"] > max(c["mean"] for c in singles)

@@ -29,9 +29,10 @@ How it chooses (``select``):
    ranking is mostly noise, and over repeated splits the vote of the defaults scored higher
    than the best CV row and than a vote of the heads ranked best by CV: see MIN_VOTERS);
    above, or when fewer than MIN_VOTERS heads' defaults could be scored within the budget (or
-   calibrated to vote: a note says so; there is no vote then, as a vote of 2 or 3 did not
-   help), the best row of the table (ties: the earlier, cheaper candidate), which may be a
-   greedy ensemble of step 4 (the note then says so). It is
+   calibrated to vote: a note says so; there is no vote then, as an unselected vote of
+   whichever 2 or 3 defaults there are did not help), the best row of the table (ties: the
+   earlier, cheaper candidate), which may be a greedy ensemble of step 4, whose members each
+   joined because they raised the CV score (the note then says so). It is
    refitted on all training rows; ``fit`` saves it like any head, with the table in the
    manifest (``auto``).
 
@@ -333,12 +334,14 @@ def _no_vote_note(rows: int, voters: int, best: dict[str, Any]) -> str:
     (``best``), and when that row is a greedy ensemble (``_ensembles``) the note says so and
     why it is there."""
     text = (f"{rows} rows: only {voters} head(s)' defaults could be scored and voted, so there "
-            f"is no vote of every head's defaults (it takes at least {MIN_VOTERS}: a vote of 2 "
-            "or 3 did not beat the best CV row, bench/results/auto_policy.md); the choice is "
-            "the best row of the table")
+            f"is no vote of every head's defaults (it takes at least {MIN_VOTERS}: on the "
+            "benches a vote of whichever 2 or 3 heads' defaults there are did not beat the "
+            "best CV row, bench/results/auto_policy.md); the choice is the best row of the "
+            "table")
     if best.get("members"):
-        text += (f", here a greedy soft-voting ensemble of {len(best['members'])} heads, which "
-                 "is in the table only because it beat its best member on the same folds")
+        text += (f", here a greedy soft-voting ensemble of {len(best['members'])} heads: unlike "
+                 "that vote, its members were added one at a time, each only because it "
+                 "raised the CV score on the same folds")
     return text
 
 
