@@ -1,5 +1,7 @@
 """The mlp head trained in float64 (embedpipe.heads.mlp) vs in float32 (scikit-learn's
-MLPClassifier on our float32 rows, the head before), as ``fit`` fits it.
+MLPClassifier on our float32 rows, the head before), as ``fit`` fits it; and which of the two
+the head's rule picks for each set (float64 when the fit may take more than
+mlp.FLOAT32_MAX_STEPS Adam steps).
 
 Why: float32 weights turn subnormal after about 1,500 Adam steps and epochs then cost 8-14x
 more CPU (bench/results/mlp_subnormal.md). float64 weights stay normal but every epoch costs
@@ -43,15 +45,30 @@ def _subnormal(net) -> float:
 
 
 def _pipe(dtype: str, y: np.ndarray, dim: int, seed: int):
+    """The head's pipeline for labels ``y``; its network trained in ``dtype`` whatever the
+    head's own rule (mlp.FLOAT32_MAX_STEPS) would pick."""
     from sklearn.neural_network import MLPClassifier as SklearnMLP
 
+    from embedpipe.heads import mlp
     from embedpipe.heads.registry import build, with_data_defaults
 
     pipe = build("mlp", with_data_defaults("mlp", {}, y, dim), seed=seed)
+    ours = pipe.steps[-1][1]
     if dtype == "float32":  # the head before: scikit-learn's class, trained in X's dtype
-        ours = pipe.steps[-1][1]
         pipe.steps[-1] = ("clf", SklearnMLP(**ours.get_params()))
+    else:  # ours, made to cast whatever its step bound
+        pipe.steps[-1] = ("clf", type("Float64MLP", (mlp.MLPClassifier,), {
+            "max_steps": lambda self, rows: mlp.FLOAT32_MAX_STEPS + 1})(**ours.get_params()))
     return pipe
+
+
+def _rule(y: np.ndarray, dim: int) -> str:
+    """The dtype `fit` trains the head in on these labels (the step bound of heads/mlp.py)."""
+    from embedpipe.heads import mlp
+    from embedpipe.heads.registry import build, with_data_defaults
+
+    net = build("mlp", with_data_defaults("mlp", {}, y, dim)).steps[-1][1]
+    return "float64" if net.max_steps(len(y)) > mlp.FLOAT32_MAX_STEPS else "float32"
 
 
 def _draw(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -101,18 +118,22 @@ def main() -> None:
                                   if p["set"] == name and p["weights"] == d]))
                 for d in cpu}
         ratios.append((name, f"{np.sum(cpu['float32']):.1f}", f"{np.sum(cpu['float64']):.1f}",
-                       f"{r:.2f}", f"{accs['float32']:.4f}", f"{accs['float64']:.4f}"))
+                       f"{r:.2f}", f"{accs['float32']:.4f}", f"{accs['float64']:.4f}",
+                       _rule(b[idx], A.shape[1])))
     body = ("\n## Each fit\n\n"
             + bu.table(["set", "train rows", "seed", "weights", "CPU s", "wall s", "epochs",
                         "subnormal weights", "test accuracy"], rows)
             + "\n\n## Per set (sums over seeds)\n\n"
             + bu.table(["set", "float32 CPU s", "float64 CPU s", "float64 / float32",
-                        "float32 mean accuracy", "float64 mean accuracy"], ratios) + "\n")
+                        "float32 mean accuracy", "float64 mean accuracy", "`fit` trains in"],
+                       ratios) + "\n")
     bu.finish("mlp_float64", hdr, [
         "head: `mlp` as `fit` builds it for the data (registry.build with with_data_defaults: "
         "below 500 rows per class no early stopping), default threads",
         "float32: scikit-learn's MLPClassifier on the float32 rows (the head before); "
-        "float64: embedpipe.heads.mlp.MLPClassifier (casts the rows to float64 in fit)"],
+        "float64: embedpipe.heads.mlp.MLPClassifier made to cast the rows to float64 in fit; "
+        "`fit trains in`: what the head's rule picks (float64 above "
+        "mlp.FLOAT32_MAX_STEPS = 1,000 possible Adam steps)"],
         body, {"fits": payload}, args.quick)
 
 

@@ -1,6 +1,7 @@
-"""The mlp head trains in float64 (embedpipe.heads.mlp): its weights do not turn subnormal, and
-its head file, compact form and ONNX graph work as scikit-learn's MLP's did; head files written
-with scikit-learn's own class (before) still load."""
+"""The mlp head trains in float64 when its fit may be long enough for float32 weights to turn
+subnormal (embedpipe.heads.mlp), in float32 when it cannot be; either way its head file, compact
+form and ONNX graph work as scikit-learn's MLP's did; head files written with scikit-learn's
+own class (before) still load."""
 
 from __future__ import annotations
 
@@ -50,28 +51,57 @@ def test_float32_rows_train_float64_weights_that_never_turn_subnormal():
     assert not hasattr(MLPClassifier(solver="lbfgs"), "partial_fit")  # as scikit-learn's
 
 
+def test_a_fit_too_short_to_reach_subnormal_weights_stays_float32():
+    """float64 costs 1.45-1.7x per epoch: a fit of at most FLOAT32_MAX_STEPS Adam steps (batches
+    per epoch x max_iter, known before it starts) keeps float32 weights; one step more, float64.
+    The bound counts early stopping's validation split and the batch size as scikit-learn
+    does."""
+    from embedpipe.heads.mlp import FLOAT32_MAX_STEPS
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 16)).astype(np.float32)
+    y = rng.integers(0, 3, 500)
+    assert FLOAT32_MAX_STEPS == 1000
+    short = MLPClassifier(hidden_layer_sizes=(8,), early_stopping=False, max_iter=333)
+    assert short.max_steps(500) == 999  # 3 batches of at most 200 rows x 333 epochs
+    long = MLPClassifier(hidden_layer_sizes=(8,), early_stopping=False, max_iter=334)
+    assert long.max_steps(500) == 1002
+    # early stopping holds out 10%: 450 rows, 3 batches; batch_size=50: 9 (of 450) per epoch
+    assert MLPClassifier(early_stopping=True, max_iter=100).max_steps(500) == 300
+    assert MLPClassifier(early_stopping=True, batch_size=50, max_iter=100).max_steps(500) == 900
+    assert MLPClassifier(solver="lbfgs").max_steps(10) > FLOAT32_MAX_STEPS  # not Adam: float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning of a short fit
+        assert short.set_params(max_iter=5).fit(X, y).coefs_[0].dtype == np.float32
+        long.set_params(max_iter=5, batch_size=1)  # 500 batches x 5 epochs
+        assert long.fit(X, y).coefs_[0].dtype == np.float64
+
+
 def test_a_fitted_mlp_head_agrees_through_its_head_file_compact_form_and_onnx(
         fmnist_store: Path, tmp_path: Path):
-    """`fit --head mlp` writes our float64 network; the safe loader trusts it by its full name;
+    """`fit --head mlp` writes our network (float32 here: 1 batch of 200 rows x 300 epochs are
+    300 steps at most; batches of 4 rows x 25 epochs are 1,250, float64); the safe loader trusts it by its full name;
     the compact form (torch- and scikit-learn-free predict) and the exported graph give the same
-    probabilities as scikit-learn on the store's rows."""
+    probabilities as scikit-learn on the store's rows, in either dtype."""
     from embedpipe.export import check_head, head_graph
 
-    out = tmp_path / "mlp.skops"
-    ok("fit", fmnist_store, "--head", "mlp", "-o", out, "-q")
-    head = artifacts.load(out, compact=False)
-    net = head.estimator
-    while not hasattr(net, "coefs_"):
-        net = net.steps[-1][1] if hasattr(net, "steps") else net.estimator
-    assert type(net) is MLPClassifier and net.coefs_[0].dtype == np.float64
     X = np.asarray(open_store(fmnist_store).features, np.float32)
-    fast = artifacts.load(out, compact=True)
-    assert isinstance(fast.estimator, compact.CompactHead)
-    np.testing.assert_allclose(fast.estimator.predict_proba(X), head.estimator.predict_proba(X),
-                               rtol=1e-5, atol=1e-6)
-    err = check_head(head_graph(head.estimator, X.shape[1], head_name="mlp"), head.estimator, X,
-                     "mlp")
-    assert err < 1e-4, err
+    for extra, dtype in (([], np.float32), (["--param", "batch_size=4", "--param",
+                                             "max_iter=25"], np.float64)):
+        out = tmp_path / "mlp.skops"
+        ok("fit", fmnist_store, "--head", "mlp", *extra, "-o", out, "-q")
+        head = artifacts.load(out, compact=False)
+        net = head.estimator
+        while not hasattr(net, "coefs_"):
+            net = net.steps[-1][1] if hasattr(net, "steps") else net.estimator
+        assert type(net) is MLPClassifier and net.coefs_[0].dtype == dtype
+        fast = artifacts.load(out, compact=True)
+        assert isinstance(fast.estimator, compact.CompactHead)
+        np.testing.assert_allclose(fast.estimator.predict_proba(X),
+                                   head.estimator.predict_proba(X), rtol=1e-5, atol=1e-6)
+        err = check_head(head_graph(head.estimator, X.shape[1], head_name="mlp"),
+                         head.estimator, X, "mlp")
+        assert err < 1e-4, err
 
 
 def test_a_head_file_with_scikit_learns_own_mlp_still_loads(fmnist_store: Path,

@@ -1,4 +1,5 @@
-"""The mlp head's network: scikit-learn's ``MLPClassifier``, trained in float64.
+"""The mlp head's network: scikit-learn's ``MLPClassifier``, trained in float64 when the fit
+is long enough for float32 weights to turn subnormal.
 
 scikit-learn trains an MLP in the dtype of its input, and our rows are float32. After about
 1,500 Adam steps, the weights that only the L2 penalty moves (those of input channels that are
@@ -15,11 +16,22 @@ type name (compact forms, parameter rules, the few-shot adaptations) and every `
 check treats it as scikit-learn's MLP, and ``heads`` shows the name users know. Head files
 name it by its full name, ``embedpipe.heads.mlp.MLPClassifier``, which the head-file loader
 trusts (``artifacts.TRUSTED_EXTRA``); it adds no state to scikit-learn's.
+
+float64 costs 1.45-1.7x the CPU of float32 per epoch, so a fit that cannot reach the subnormal
+onset stays in float32: one of at most FLOAT32_MAX_STEPS Adam steps (batches per epoch x
+``max_iter``, an upper bound known before the fit). Fashion-MNIST Lite0 features, the head as
+``fit`` builds it (bench/results/mlp_float64.md): 500 rows (at most 900 steps) float32; 2,000
+rows 2x, 4,000 rows 4.7x and 60,000 rows 5.5x less CPU in float64 (9-17% of the float32
+weights subnormal by the end); 10,000 rows, where early stopping ended at 28-30 epochs just
+before the onset, 1.7x more CPU in float64: the price of not betting on where early stopping
+ends.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import numpy as np
 from sklearn.neural_network import MLPClassifier as _SklearnMLPClassifier
@@ -35,14 +47,43 @@ def _float64(X: Any) -> Any:
     return X
 
 
+# Adam steps within which no float32 weight turned subnormal in any fit measured: the onset
+# came at about 1,500 steps (bench/results/mlp_subnormal.md: 10,000 rows, epoch 31 of 50
+# batches; bench/results/mlp_float64.md: 9-17% subnormal after 2,210-3,000 steps)
+FLOAT32_MAX_STEPS = 1000
+
+
 class MLPClassifier(_SklearnMLPClassifier):
     """scikit-learn's ``MLPClassifier`` whose weights are float64 whatever the input's float
-    dtype: ``fit`` and ``partial_fit`` cast float32 rows ((N, D), a copy of 8·N·D bytes) to
-    float64 first. Parameters, attributes, errors and predictions are scikit-learn's; predict
-    on float32 rows computes in float64 (numpy's promotion)."""
+    dtype, unless the fit is too short for float32 weights to turn subnormal: ``fit`` casts
+    float32 rows ((N, D), a copy of 8·N·D bytes) to float64 first when ``max_steps(N)`` exceeds
+    FLOAT32_MAX_STEPS; ``partial_fit`` (an unknown number of calls) always does. Parameters,
+    attributes, errors and predictions are scikit-learn's; predict on float32 rows with float64
+    weights computes in float64 (numpy's promotion)."""
+
+    def max_steps(self, rows: int) -> int:
+        """The most optimizer steps ``fit`` on ``rows`` rows can take: batches per epoch (of
+        the rows left after early stopping's validation split, in batches of ``batch_size``,
+        "auto" = min(200, rows), as scikit-learn splits them) times ``max_iter``. lbfgs (no
+        batches): a large number, as its iterations are not bounded the same way."""
+        unbounded = 1 << 62
+        if self.solver == "lbfgs":
+            return unbounded
+        try:
+            if self.early_stopping:
+                rows -= math.ceil(rows * self.validation_fraction)
+            rows = max(rows, 1)
+            batch = (min(200, rows) if self.batch_size == "auto"
+                     else min(max(int(self.batch_size), 1), rows))
+            return math.ceil(rows / batch) * int(self.max_iter)
+        except (TypeError, ValueError):  # a bad value: scikit-learn's fit names it
+            return unbounded
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPClassifier":
-        return super().fit(_float64(X), y, sample_weight=sample_weight)
+        rows = getattr(X, "shape", (len(X),))[0]
+        if self.max_steps(rows) > FLOAT32_MAX_STEPS:
+            X = _float64(X)
+        return super().fit(X, y, sample_weight=sample_weight)
 
     @available_if(lambda est: est._check_solver())
     def partial_fit(self, X: Any, y: Any, sample_weight: Any = None,

@@ -32,8 +32,8 @@ class Labeled:
     """Labeled rows: ``rows`` (store row indices, int64, shape (n,)), ``y`` (their class names,
     str, shape (n,)), and ``X`` (their features, shape (n, D), float32/float64) when in memory,
     or None when streamed from ``store`` in chunks of ``chunk_rows`` rows. ``scope``: the rows
-    these were taken from (``take``; None: these rows), over which a streamed fit that meets NaN
-    or infinite features counts and names them (checks.refuse_unusable_chunk): the user's
+    these were taken from (``take``; None: these rows), over which a streamed fit that meets NaN,
+    infinite or huge features counts and names them (checks.refuse_unusable_chunk): the user's
     training rows, not the part a calibration hold-out or a fold left."""
 
     store: FeatureStore | None

@@ -118,15 +118,15 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
              seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS, tick: Tick = _nothing,
              note: Note = _nothing, scope: np.ndarray | None = None) -> Any:
     """Fit ``head`` on store rows ``rows`` (labels ``y``, aligned) by streaming them. The first
-    pass refuses NaN or infinite features (InputError), counting and naming them over ``scope``
-    (store row indices; None: ``rows``)."""
+    pass refuses NaN, infinite or huge features (checks.unusable_rows; InputError), counting and
+    naming them over ``scope`` (store row indices; None: ``rows``)."""
     rows = np.asarray(rows, dtype=np.int64)
     pipe = build(head, params, y, class_weight=class_weight, seed=seed)
     fitted: list[Any] = []
     checked = False  # whether a whole pass has seen every row finite
 
     def finite(X: np.ndarray) -> None:
-        if not checked:  # NaN/inf stop the first pass over the raw features (whichever it is)
+        if not checked:  # unusable rows stop the first pass over the raw features (whichever)
             checks.refuse_unusable_chunk(X, store, rows if scope is None else scope,
                                           chunk_rows)
 
