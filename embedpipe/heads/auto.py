@@ -532,22 +532,25 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
     from .train import CALIBRATION_FOLDS
 
     members = bool(choice.get("members"))
-    est = build_choice(choice, seed)
-    calibration, probabilities = "native", "native"
-    if not members and calibrate_single and not heads.get(choice["head"]).native_proba:
-        from sklearn.calibration import CalibratedClassifierCV
+    # built and fitted inside lda_cache: a vote's members with the same lda step (knn and
+    # centroid) fit it once per calibration fold and once on all rows, not once each
+    with heads.lda_cache(len(y)):
+        est = build_choice(choice, seed)
+        calibration, probabilities = "native", "native"
+        if not members and calibrate_single and not heads.get(choice["head"]).native_proba:
+            from sklearn.calibration import CalibratedClassifierCV
 
-        k = fewshot.calibration_folds(est, y, CALIBRATION_FOLDS)
-        if k >= 2:
-            est = CalibratedClassifierCV(est, method="temperature", ensemble=False, cv=k)
-            calibration, probabilities = "", "calibrated"  # its words once fitted
-        else:
-            calibration, probabilities = "none (too few images of a class to calibrate)", \
-                "scores"
-    with _Quiet(count=False), blas_threads(len(y)):
-        for note in fewshot.adapt(est, y, "the vote" if members else choice["head"]):
-            say(f"note: {note}")
-        est = est.fit(X, y)
+            k = fewshot.calibration_folds(est, y, CALIBRATION_FOLDS)
+            if k >= 2:
+                est = CalibratedClassifierCV(est, method="temperature", ensemble=False, cv=k)
+                calibration, probabilities = "", "calibrated"  # its words once fitted
+            else:
+                calibration, probabilities = ("none (too few images of a class to "
+                                              "calibrate)", "scores")
+        with _Quiet(count=False), blas_threads(len(y)):
+            for note in fewshot.adapt(est, y, "the vote" if members else choice["head"]):
+                say(f"note: {note}")
+            est = est.fit(X, y)
     if members:  # the folds of its members' calibration as fitted (fewshot.adapt may lower them)
         calibration, probabilities = heads.vote_calibration(est), "vote"
     elif probabilities == "calibrated":  # k folds, or a held-out sample on many rows
