@@ -21,7 +21,7 @@ from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
-from . import DEFAULT_MODEL, checks
+from . import DEFAULT_MODEL
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -321,6 +321,7 @@ class Head:
                                    "X.astype('float32')")
             with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
                 X = X.astype(np.float32, copy=False)
+            from . import checks  # numpy-bound: `import embedpipe` stays light
             bad = checks.unusable_rows(X)
             if len(bad):
                 raise PredictError(f"X has {len(bad)} row(s) with NaN or infinite values, or "

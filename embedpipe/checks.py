@@ -33,11 +33,18 @@ def unusable_rows(X: Any) -> np.ndarray:
     if X.size == 0 or np.issubdtype(X.dtype, np.integer):
         return np.zeros(0, dtype=np.int64)
     ok = np.empty(len(X), dtype=bool)
+    # a dtype whose largest value is within the limit (float16, an fp16 store's rows) has
+    # only NaN and infinities to refuse; comparing it with 1e12 would cast the limit to inf
+    narrow = np.issubdtype(X.dtype, np.floating) and float(np.finfo(X.dtype).max) <= FEATURE_LIMIT
     step = max(1, (1 << 22) // max(1, X[0].size))  # ~4M values (16 MiB of float32) at a time
     for i in range(0, len(X), step):
-        with np.errstate(invalid="ignore"):  # NaN compares False, as it should here
-            ok[i:i + step] = (np.abs(X[i:i + step]) <= FEATURE_LIMIT).reshape(
-                len(X[i:i + step]), -1).all(axis=1)
+        block = X[i:i + step]
+        if narrow:  # float16: the limit is not representable (it would become inf)
+            good = np.isfinite(block)
+        else:
+            with np.errstate(invalid="ignore"):  # NaN compares False, as it should here
+                good = np.abs(block) <= FEATURE_LIMIT
+        ok[i:i + step] = good.reshape(len(block), -1).all(axis=1)
     return np.flatnonzero(~ok)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -202,6 +203,36 @@ def test_features_far_beyond_any_embedding_are_refused_like_nan(fmnist_store: Pa
     with pytest.raises(embedpipe.EmbedpipeError, match=r"1 row\(s\) .* beyond ±1e\+12 "
                                                        r"\(the first: row 1\)"):
         head.predict(rows)
+
+
+def test_float16_store_rows_holding_inf_are_refused(fmnist_store: Path, tmp_path: Path):
+    """An fp16 store (`extract --dtype float16`): comparing its rows with the ±1e12 limit cast
+    the limit to float16, i.e. inf (numpy's overflow warning in CI), so an inf row passed as
+    usable. Its NaN and inf rows are refused as a float32 store's are, without a warning."""
+    import warnings
+
+    from test_compare import derived_store
+
+    from embedpipe import checks
+
+    half = derived_store(fmnist_store, tmp_path / "half.h5")
+    s = open_store(half)
+    X = np.asarray(s.features)
+    assert X.dtype == np.float16
+    train = [i for i, sp in enumerate(s.splits) if sp == "train"]
+    X[train[1], 2] = np.inf
+    X[train[3], 0] = -np.inf
+    X[train[5], 7] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(checks.unusable_rows(X)) == [train[1], train[3], train[5]]
+    bad = derived_store(fmnist_store, tmp_path / "bad.h5")
+    with h5py.File(bad, "r+") as f:
+        f["features"][...] = X
+    one_line_error(cli("fit", bad, "--head", "ridge", "-o", tmp_path / "h.skops", "-q"),
+                   "3 row(s) hold NaN or infinite features", s.paths[train[1]],
+                   s.paths[train[3]])
+    assert not (tmp_path / "h.skops").exists()
 
 
 def test_embedpipe_files_where_a_head_or_images_belong_are_named_with_the_fix(
