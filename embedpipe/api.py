@@ -181,30 +181,51 @@ def _from_pandas(X: Any) -> Any:
     non-numeric columns or ragged rows."""
     import numpy as np
 
+    from .errors import first_line
     from .predict import PredictError
 
     def stacked(values: Any, what: str) -> Any:
-        try:
-            return np.stack([np.asarray(v, dtype=np.float32) for v in values])
-        except (ValueError, TypeError) as e:
-            raise PredictError(f"X's {what} does not hold equal-length numeric rows "
-                               f"({str(e).splitlines()[0][:100]}); pass one array of D "
-                               "features per row") from None
+        rows, shape = [], None
+        for i, v in enumerate(values):
+            try:
+                if v is None or (np.ndim(v) == 0 and v != v):  # None, NaN, pd.NA
+                    raise ValueError("it is missing")
+                a = np.asarray(v)
+                if a.dtype.kind not in "biuf":
+                    raise ValueError(f"dtype {a.dtype}")
+                a = a.astype(np.float32)
+            except (ValueError, TypeError) as e:
+                raise PredictError(f"X's {what}: row {i} is not a numeric array "
+                                   f"({first_line(e, 100)}); pass one array of D features per "
+                                   "row") from None
+            if shape is None:
+                shape = a.shape
+            elif a.shape != shape:
+                raise PredictError(f"X's {what}: row {i} has shape {a.shape}, row 0 {shape}; "
+                                   "pass one array of D features per row") from None
+            rows.append(a)
+        return np.stack(rows) if rows else []  # no rows: no predictions
 
     kind = type(X).__name__
     if kind == "DataFrame":
-        if "features" in X.columns and X["features"].dtype == object:
+        if "features" in X.columns and getattr(X["features"].dtype, "kind", "O") not in "biuf":
+            # export-features' layout: object arrays, or pyarrow lists (dtype_backend="pyarrow")
             return stacked(X["features"], "'features' column")
-        other = [str(c) for c in X.select_dtypes(exclude=["number", "bool"]).columns]
+        # numeric: numpy's and pandas' nullable kinds (Float64 'f', Int64 'i', boolean 'b');
+        # not complex, timedelta or datetime values, whose cast would drop or invent values
+        other = [str(c) for c, t in X.dtypes.items()
+                 if getattr(t, "kind", "O") not in "biuf"]
         if other:
             shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4
                                             else "")
             raise PredictError(f"X (DataFrame) has non-numeric columns ({shown}); pass the "
                                "feature columns only, e.g. X.drop(columns=[...]), or a "
                                "'features' column of arrays as export-features writes")
+        if not len(X):
+            return []
         with np.errstate(over="ignore"):  # beyond float32: inf, refused as non-finite
             return np.ascontiguousarray(X.to_numpy(dtype=np.float32, na_value=np.nan))
-    if kind == "Series" and X.dtype == object:
+    if kind == "Series" and getattr(X.dtype, "kind", "O") not in "biuf":
         return stacked(X, "Series")
     return X
 
@@ -291,11 +312,16 @@ class Head:
                 raise PredictError("X is a tensor on the meta device, which holds no values: "
                                    "pass the features themselves")
             t = X_or_store.detach().cpu()
+            if t.is_complex():
+                raise PredictError(f"X is a complex tensor ({t.dtype}); a head scores real "
+                                   "features: pass the features themselves")
             if not t.is_floating_point() or t.element_size() < 4:
                 t = t.float()  # bf16/fp16 (numpy has no bf16), ints
             X_or_store = t.numpy()
         if type(X_or_store).__module__.split(".")[0] == "pandas":
             X_or_store = _from_pandas(X_or_store)
+            if isinstance(X_or_store, list):  # no rows
+                return np.zeros((0, self.feature_dim), np.float32)
         rows = (isinstance(X_or_store, Sequence) and not isinstance(X_or_store, str)
                 and len(X_or_store) and not isinstance(X_or_store[0], (str, os.PathLike)))
         if rows or (not isinstance(X_or_store, (np.ndarray, FeatureStore, str, os.PathLike,
@@ -334,6 +360,9 @@ class Head:
                                and X_or_store.features_loaded) else open_stores(paths)
         for note in artifacts.check_compatible(self._file, store.meta, str(store.path)):
             warnings.warn(note, UserWarning, stacklevel=3)
+        from . import checks
+
+        checks.refuse_unusable(store.features, store.paths, str(store.path), store)
         return store.features.astype(np.float32, copy=False)
 
     @property
@@ -376,7 +405,7 @@ class Head:
         if not len(X):
             return np.zeros((0, len(self.classes_)))
         _, scores, _, _ = predict_scored(self.estimator, X, use_proba=self._use_proba)
-        return scores
+        return np.asarray(scores, dtype=np.float64)  # one dtype whatever the head computes in
 
     @property
     def _use_proba(self) -> bool:

@@ -255,9 +255,9 @@ def _read_parquet(path: Path) -> dict[str, Any]:
 
 
 def _check_values(X: np.ndarray, paths: list[str], path: Path) -> None:
-    bad = checks.unusable_rows(X) if X.dtype.kind == "f" else np.zeros(0, np.int64)
+    bad = checks.unusable_rows(X)
     if len(bad):
-        raise FeaturesFileError(f"{path}: {len(bad)} rows have NaN or infinite features, or "
+        raise FeaturesFileError(f"{path}: {len(bad)} row(s) have NaN or infinite features, or "
                                 f"values beyond ±{checks.FEATURE_LIMIT:.0e} (first: "
                                 f"{paths[int(bad[0])]!r}); drop or recompute them")
     seen: dict[str, int] = {}

@@ -446,9 +446,48 @@ def test_head_predict_takes_pandas_as_users_hold_features(fmnist_store: Path, tm
     assert list(head.predict(pd.Series(list(X)))) == want
     nullable.iloc[2, 7] = pd.NA
     for bad, needle in [(nullable, "1 row(s) with NaN or infinite values"),
-                        (pd.Series([X[0], X[1][:9]]), "X's Series does not hold equal-length"),
+                        (pd.Series([X[0], X[1][:9]]), "X's Series: row 1 has shape (9,)"),
                         (exported.drop(columns="features").assign(f0=1.0),
                          "non-numeric columns (path, label)")]:
         with pytest.raises(embedpipe.EmbedpipeError) as e:
             head.predict(bad)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_head_predict_takes_every_pandas_layout_of_export_features_and_no_rows(
+        fmnist_store: Path, tmp_path: Path):
+    """helper-34's attack: export-features' parquet read with dtype_backend="pyarrow" (its
+    'features' column a list<float> column) was refused with advice to pass what it was; an
+    empty frame or Series was refused where an empty array gives 0 predictions; a complex column
+    or tensor was cast (imaginary part dropped) and a timedelta column counted as numeric; a
+    missing row was refused without saying which."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    import torch
+
+    out = tmp_path / "logreg.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
+    head = embedpipe.load_head(out)
+    feats = tmp_path / "f.parquet"
+    ok("export-features", fmnist_store, "-o", feats, "-q")
+    X = np.asarray(embedpipe.open_store(fmnist_store).features, dtype=np.float32)
+    want = list(head.predict(X))
+    arrow = pd.read_parquet(feats, dtype_backend="pyarrow")
+    assert "list<" in str(arrow["features"].dtype)  # fixed_size_list<element: float>[1280]
+    assert list(head.predict(arrow)) == want
+    assert list(head.predict(pd.read_parquet(feats))) == want
+    for empty in (arrow.iloc[:0], pd.Series([], dtype=object), pd.DataFrame(X[:0])):
+        assert head.predict(empty).shape == (0,)
+        assert head.predict_proba(empty).shape == (0, 10)
+    frame = pd.DataFrame({"features": list(X[:3])})
+    frame.loc[1, "features"] = None
+    timed = pd.DataFrame(X[:3]).assign(t=pd.to_timedelta([1, 2, 3], unit="s"))
+    for bad, needle in [(pd.DataFrame(X[:3].astype(np.complex64)), "non-numeric columns (0, 1"),
+                        (timed, "non-numeric columns (t)"),
+                        (frame, "'features' column: row 1 is not a numeric array"),
+                        (torch.from_numpy(X[:3]).to(torch.complex64), "complex tensor")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(embedpipe.EmbedpipeError) as e:
+                head.predict(bad)
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -270,7 +270,14 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
         X = X.astype(np.float32)
     y = targets(store, rows.train)
     if store.features_loaded:
-        checks.refuse_unusable(X, [store.paths[i] for i in rows.train], where)
+        checks.refuse_unusable(X, [store.paths[i] for i in rows.train], where, store)
+    # the held-out rows cv scores after its folds: refused now, before any fit
+    for idx in rows.heldout.values():
+        if store.features_loaded:
+            checks.refuse_unusable(store.features[idx], [store.paths[i] for i in idx], where,
+                                   store)
+        else:
+            checks.refuse_unusable_stored(store, idx, chunk_rows or stream.DEFAULT_CHUNK_ROWS)
     # the training rows in memory (for the in-memory heads), or streamed from the store
     sources = {False: Labeled(None, rows.train, y, X),
                True: Labeled(store, rows.train, y, None, chunk_rows)}
@@ -533,7 +540,7 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     _unused_notes(per_params, y, stores[0].dim, seed, warn, notes)  # rules read rows, not dim
     for s, i in zip(stores, idx):
         if s.features_loaded:
-            checks.refuse_unusable(s.features[i], [s.paths[j] for j in i], str(s.path))
+            checks.refuse_unusable(s.features[i], [s.paths[j] for j in i], str(s.path), s)
     # each store's common train rows: in memory (in-memory heads) or streamed (streaming heads)
     sources = [{False: Labeled(None, i, y, s.features[i] if s.features_loaded else None),
                 True: Labeled(s, i, y, None, chunk_rows)} for s, i in zip(stores, idx)]

@@ -32,9 +32,11 @@ class Labeled:
     """Labeled rows: ``rows`` (store row indices, int64, shape (n,)), ``y`` (their class names,
     str, shape (n,)), and ``X`` (their features, shape (n, D), float32/float64) when in memory,
     or None when streamed from ``store`` in chunks of ``chunk_rows`` rows. ``scope``: the rows
-    these were taken from (``take``; None: these rows), over which a streamed fit that meets NaN,
-    infinite or huge features counts and names them (checks.refuse_unusable_chunk): the user's
-    training rows, not the part a calibration hold-out or a fold left."""
+    these were taken from (``take``; None: these rows), over which a streamed fit, read or
+    prediction that meets NaN, infinite or huge features counts and names them
+    (checks.refuse_unusable_chunk): the user's training rows, not the part a calibration
+    hold-out or a fold left. In memory, the command that makes ``X`` checks it
+    (checks.refuse_unusable) before any fit."""
 
     store: FeatureStore | None
     rows: np.ndarray
@@ -68,7 +70,7 @@ class Labeled:
         if self.X is not None:
             return self.X
         assert self.store is not None
-        return stream.read_rows(self.store, self.rows, self.chunk_rows)
+        return stream.read_rows(self.store, self.rows, self.chunk_rows, self.scope)
 
     def fit(self, pipe: Any, head: str, params: dict[str, Any] | None, *,
             class_weight: str | None = None, seed: int = 0, tick: Tick = _nothing,
@@ -99,4 +101,5 @@ class Labeled:
             return np.asarray(pred).astype(str), conf, bool(calibrated)
         assert self.store is not None
         return stream.predict_rows(estimator, self.store, self.rows,
-                                   chunk_rows=self.chunk_rows, use_proba=use_proba, tick=tick)
+                                   chunk_rows=self.chunk_rows, use_proba=use_proba, tick=tick,
+                                   scope=self.scope)

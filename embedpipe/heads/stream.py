@@ -172,24 +172,32 @@ def fit_rows(store: FeatureStore, rows: np.ndarray, y: np.ndarray, head: str,
 
 def predict_rows(estimator: Any, store: FeatureStore, rows: np.ndarray, *,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, use_proba: bool = True,
-                 tick: Tick = _nothing) -> tuple[np.ndarray, np.ndarray, bool]:
+                 tick: Tick = _nothing, scope: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Predicted class (str) and its score for each of ``rows``, in store order, chunk by
-    chunk; and whether the scores are probabilities (see compact.class_scores)."""
+    chunk; and whether the scores are probabilities (see compact.class_scores). A chunk holding
+    NaN, infinite or huge features is refused (InputError) before it is scored, counting and
+    naming them over ``scope`` (store row indices; None: ``rows``)."""
     rows = np.asarray(rows, dtype=np.int64)
     pred = np.empty(len(rows), dtype=object)
     conf = np.zeros(len(rows))
     calibrated = True
     for idx, X in store.iter_feature_chunks(rows, chunk_rows):
+        checks.refuse_unusable_chunk(X, store, rows if scope is None else scope, chunk_rows)
         pred[idx], _, conf[idx], cal = predict_scored(estimator, X, use_proba=use_proba)
         calibrated &= cal
         tick(len(idx))
     return pred.astype(str), conf, bool(calibrated)
 
 
-def read_rows(store: FeatureStore, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
-    """The features of ``rows`` in that order, in memory (for a few rows only)."""
+def read_rows(store: FeatureStore, rows: np.ndarray, chunk_rows: int,
+              scope: np.ndarray | None = None) -> np.ndarray:
+    """The features of ``rows`` in that order, in memory (for a few rows only: a calibration
+    hold-out). NaN, infinite or huge features are refused (InputError), counted and named over
+    ``scope`` (store row indices; None: ``rows``)."""
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), store.dim), dtype=store.features.dtype)
     for idx, X in store.iter_feature_chunks(rows, chunk_rows):
+        checks.refuse_unusable_chunk(X, store, rows if scope is None else scope, chunk_rows)
         out[idx] = X
     return out

@@ -186,8 +186,11 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     source = Labeled(store, rows.train, y,
                      None if spec.streaming else store.features[rows.train], chunk_rows)
     if not source.streamed:  # streamed: stream.fit_rows checks the chunks as it reads them
-        checks.refuse_unusable(source.X, [store.paths[i] for i in rows.train], str(store.path))
+        checks.refuse_unusable(source.X, [store.paths[i] for i in rows.train], str(store.path),
+                               store)
     fit_on, held, k = _calibration_split(source, spec, seed)
+    if len(held):  # streamed: the hold-out (<= one chunk) is read after the fit; refuse its bad
+        held.features()  # rows now, before any work (counted over all training rows)
     say(f"fitting {head} on {len(fit_on)} rows ({rows.describe()}), {len(classes)} classes"
         + (f", streamed in chunks of {chunk_rows} rows" if source.streamed else "")
         + (f", {len(held)} rows held out to calibrate" if len(held) else "")

@@ -199,6 +199,7 @@ def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
                                for s, r in zip(stores, rows)], axis=1)
     errors = list(dict.fromkeys(e for s in stores for e in s.errors))
     meta = {"stacked": [s.identity for s in stores], "stores": [str(s.path) for s in stores],
+            "feature_dims": [int(s.features.shape[1]) for s in stores],  # their column spans
             # each file's creation id (None: written before stores had one), so that a head
             # can tell stores of one identity apart whatever their names (provenance.stack_order)
             "store_ids": [s.meta.get(STORE_ID) for s in stores],
