@@ -45,6 +45,9 @@ TRUSTED_EXTRA = (
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._TemperatureScaling",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    # mlp with --param solver=sgd (head files of embedpipe's MLPClassifier no longer hold an
+    # optimizer; scikit-learn's class in older files does): learning rates and velocities only
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
     "sklearn.utils._bunch.Bunch",  # a dict with attribute access (ensembles' named members)
     # the held-out split of calibration on many rows (fewshot.holdout): its parameters only
     "sklearn.model_selection._split.StratifiedShuffleSplit",

@@ -17,7 +17,8 @@ check treats it as scikit-learn's MLP, and ``heads`` shows the name users know. 
 name it by its full name, ``embedpipe.heads.mlp.MLPClassifier``, which the head-file loader
 trusts (``artifacts.TRUSTED_EXTRA``); it adds no state to scikit-learn's.
 
-float64 costs 1.45-1.7x the CPU of float32 per epoch, so a fit that cannot reach the subnormal
+float64 costs 1.45-2x the CPU of float32 (1.45-1.7x measured with BLAS's 2 threads, ~2x with
+one thread on 700 rows), so a fit that cannot reach the subnormal
 onset stays in float32: one of at most FLOAT32_MAX_STEPS Adam steps (batches per epoch x
 ``max_iter``, an upper bound known before the fit). Fashion-MNIST Lite0 features, the head as
 ``fit`` builds it (bench/results/mlp_float64.md): 500 rows (at most 900 steps) float32; 2,000
@@ -39,10 +40,19 @@ from sklearn.utils.metaestimators import available_if
 
 
 def _float64(X: Any) -> Any:
-    """``X`` as float64 when it is a float32 (or float16) array or sparse matrix; else as is
-    (scikit-learn's own validation converts lists and integer arrays to float64)."""
-    dtype = getattr(X, "dtype", None)
-    if dtype is not None and dtype.kind == "f" and dtype.itemsize < 8:
+    """``X`` as float64 when its values are float32 (or float16): an array, a scipy sparse
+    matrix, or anything numpy makes an array of (a DataFrame, a CPU tensor, lists). Anything
+    else as is (scikit-learn's own validation converts or refuses it; integer rows become
+    float64 there)."""
+    if hasattr(X, "tocsr"):  # scipy sparse
+        kind = getattr(X, "dtype", None)
+        return X.astype(np.float64) if kind is not None and kind.kind == "f" and kind.itemsize < 8 else X
+    if not isinstance(X, np.ndarray):
+        try:
+            X = np.asarray(X)
+        except Exception:  # noqa: BLE001 - e.g. a GPU tensor: scikit-learn names the problem
+            return X
+    if X.dtype.kind == "f" and X.dtype.itemsize < 8:
         return X.astype(np.float64)
     return X
 
@@ -57,9 +67,12 @@ class MLPClassifier(_SklearnMLPClassifier):
     """scikit-learn's ``MLPClassifier`` whose weights are float64 whatever the input's float
     dtype, unless the fit is too short for float32 weights to turn subnormal: ``fit`` casts
     float32 rows ((N, D), a copy of 8·N·D bytes) to float64 first when ``max_steps(N)`` exceeds
-    FLOAT32_MAX_STEPS; ``partial_fit`` (an unknown number of calls) always does. Parameters,
+    FLOAT32_MAX_STEPS; ``partial_fit`` (an unknown number of calls) always does, so a network it
+    starts is float64 (one a short float32 ``fit`` started keeps its float32 weights under
+    ``partial_fit`` or a warm-started ``fit``: scikit-learn updates them in place). Parameters,
     attributes, errors and predictions are scikit-learn's; predict on float32 rows with float64
-    weights computes in float64 (numpy's promotion)."""
+    weights computes in float64 (numpy's promotion). Pickles and head files leave out the
+    optimizer's state (``__getstate__``)."""
 
     def max_steps(self, rows: int) -> int:
         """The most optimizer steps ``fit`` on ``rows`` rows can take: batches per epoch (of
@@ -80,7 +93,7 @@ class MLPClassifier(_SklearnMLPClassifier):
             return unbounded
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPClassifier":
-        rows = getattr(X, "shape", (len(X),))[0]
+        rows = X.shape[0] if hasattr(X, "shape") else len(X)  # sparse matrices have no len
         if self.max_steps(rows) > FLOAT32_MAX_STEPS:
             X = _float64(X)
         return super().fit(X, y, sample_weight=sample_weight)
@@ -89,6 +102,20 @@ class MLPClassifier(_SklearnMLPClassifier):
     def partial_fit(self, X: Any, y: Any, sample_weight: Any = None,
                     classes: Any = None) -> "MLPClassifier":
         return super().partial_fit(_float64(X), y, sample_weight=sample_weight, classes=classes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """scikit-learn's state without what only a running fit reads: the optimizer's moments
+        (Adam keeps two arrays the size of the weights) and, when they differ, the weights at
+        the best training loss (a fit without early stopping ends with ``coefs_``; with early
+        stopping they are the same arrays). Head files and pickles are ~1/4 the size; a
+        ``partial_fit`` or warm-started ``fit`` of an unpickled network starts a new optimizer
+        (as scikit-learn does for a new fit)."""
+        state = super().__getstate__()
+        state.pop("_optimizer", None)
+        for best, final in (("_best_coefs", "coefs_"), ("_best_intercepts", "intercepts_")):
+            if best in state and final in state:
+                state[best] = state[final]
+        return state
 
     def sklearn_copy(self) -> _SklearnMLPClassifier:
         """A scikit-learn ``MLPClassifier`` with this one's parameters and fitted state (shared
