@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Set
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -177,9 +178,13 @@ class Selection:
         says so and what was fitted."""
         if not self.folds:
             return [f"auto: {n}" for n in self.notes]
-        n = len(self.table)
-        out = [f"auto: {n} candidate{'s' if n != 1 else ''} scored by {self.folds}-fold CV "
-               f"({self.metric}) in {self.seconds:.1f} s (budget {self.budget:g} s)"]
+        n = sum(not r.get("members") for r in self.table)  # the vote or ensembles: below
+        combined = len(self.table) - n
+        out = [f"auto: {n} candidate{'s' if n != 1 else ''}"
+               + (f" and {combined} combination{'s' if combined != 1 else ''} of them"
+                  if combined else "")
+               + f" scored by {self.folds}-fold CV ({self.metric}) in {self.seconds:.1f} s "
+               f"(budget {self.budget:g} s)"]
         for i, r in enumerate(self.table):
             mark = "→" if i == self.chosen else " "
             out.append(f"  {mark} {r['mean']:.3f} ± {r['std']:.3f}  {r['fit_seconds']:6.2f} s  "
@@ -261,6 +266,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
     splits = list(splitter.split(np.zeros((len(y), 1)), y))
     rows: list[dict[str, Any]] = []
     cost: dict[str, float] = {}
+    failed: set[str] = set()
     for i, (head, params) in enumerate(cands):
         spent = time.perf_counter() - t_start
         expect = cost.get(head, float(np.mean(list(cost.values()))) if cost else 0.0)
@@ -295,6 +301,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
                     oof[np.ix_(te, cols)] = s
         except (ValueError, np.linalg.LinAlgError, fewshot.FewShotError) as e:  # too few rows
             notes.append(f"{name} failed to fit on these rows ({first_line(e, 240)}); left out")
+            failed.add(name)
             continue
         cost[head] = time.perf_counter() - t0
         if cut:
@@ -306,7 +313,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
                          cost[head] / k))
     singles = sorted(rows, key=lambda r: -r["mean"])
-    voters, left_out = (_voters(singles, X, y, default_names) if len(y) <= LARGE_ROWS
+    voters, left_out = (_voters(singles, X, y, default_names, failed) if len(y) <= LARGE_ROWS
                         else ([], {}))
     vote = (_vote_row(_with_calibrated(voters, y_idx), y, classes, splits, metric, _scores)
             if len(voters) >= MIN_VOTERS else None)
@@ -333,7 +340,8 @@ def _no_vote_note(rows: int, voters: int, best: dict[str, Any]) -> str:
     defaults could be scored and voted: there is no vote, the choice is the table's best row
     (``best``), and when that row is a greedy ensemble (``_ensembles``) the note says so and
     why it is there."""
-    text = (f"{rows} rows: only {voters} head(s)' defaults could be scored and voted, so there "
+    text = (f"{rows} rows: only {voters} head{'s' if voters != 1 else ''}' defaults could be "
+            "scored and voted, so there "
             f"is no vote of every head's defaults (it takes at least {MIN_VOTERS}: on the "
             "benches a vote of whichever 2 or 3 heads' defaults there are did not beat the "
             "best CV row, bench/results/auto_policy.md); the choice is the best row of the "
@@ -400,7 +408,8 @@ def _with_calibrated(rows: list[dict[str, Any]], y_idx: np.ndarray) -> list[dict
 
 
 def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
-            default_names: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+            default_names: Sequence[str], failed: Set[str] = frozenset()
+            ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The members of the soft vote (mean temperature-scaled probabilities) and, by name, the
     defaults left out of it and why (not scored: the budget, or a failed fit): the rows of
     ``singles`` (best inner-CV score first) that are a head's defaults (``default_names``,
@@ -426,8 +435,11 @@ def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
         if not spec.native_proba and fewshot.calibration_folds(
                 heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) < 2:
             cls, n = min_class(y)
-            left[r["name"]] = (f"class {cls!r} has {n} training row(s), too few to calibrate "
-                               f"it for the vote ({heads.ENSEMBLE_CALIBRATION_FOLDS} folds)")
+            # a nearest-centroid head needs 2 rows of every class in each calibration fold's
+            # training part, so 3 of every class in all; the others calibrate from 2 (2 folds)
+            need = 3 if fewshot.needs_two_per_fold(heads.build(r["head"], r["params"])) else 2
+            left[r["name"]] = (f"its calibration for the vote needs {need} training rows of "
+                               f"every class, and class {cls!r} has {n}")
         elif r["head"] == "knn" and duplicates_across_classes(X, y, "euclidean"):
             left[r["name"]] = ("some training rows are the same image under two classes (its "
                                "neighbours would tie there, so the head would have no exact "
@@ -437,8 +449,10 @@ def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
     scored = {r["name"] for r in singles}
     for n in default_names:
         if n not in scored:
-            left[n] = "not scored (the budget, or it failed to fit: see above)"
-    return out, left
+            left[n] = ("it failed to fit on these rows (see above)" if n in failed
+                       else "not scored (the budget)")
+    order = {n: i for i, n in enumerate(default_names)}  # one order whatever the CV ranks:
+    return sorted(out, key=lambda r: order[r["name"]]), left  # cv's folds name one vote alike
 
 
 def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
@@ -590,7 +604,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     X, y = store.features[rows.train], targets(store, rows.train)
     classes, counts = np.unique(y, return_counts=True)
     fewshot.check_classes(y, str(store.path))  # the same refusals as any other head's fit
-    checks.refuse_unusable(X, [store.paths[i] for i in rows.train], str(store.path))
+    checks.refuse_unusable(X, [store.paths[i] for i in rows.train], str(store.path), store)
     say(f"auto: choosing a head for {len(y)} rows ({rows.describe()}), {len(classes)} classes, "
         f"{X.shape[1]}-d, budget {budget:g} s")
     with naming(str(store.path)):

@@ -65,7 +65,7 @@ def check_classes(y: np.ndarray, where: str, what: str = "training rows") -> Non
                            "classes: add images of other classes")
 
 
-def _needs_two_per_fold(estimator: Any) -> bool:
+def needs_two_per_fold(estimator: Any) -> bool:
     """Whether ``estimator`` (or the pipeline ending in it) is a NearestCentroid."""
     last = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
     return type(last).__name__ == "NearestCentroid"
@@ -77,7 +77,7 @@ def calibration_folds(estimator: Any, y: np.ndarray, wanted: int) -> int:
     every class in each training part. Below 2 no calibration is possible."""
     _, smallest, _, _ = counts(y)
     k = min(wanted, smallest)
-    if _needs_two_per_fold(estimator):
+    if needs_two_per_fold(estimator):
         while k >= 2 and smallest - math.ceil(smallest / k) < 2:
             k -= 1
     return k
@@ -166,7 +166,7 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
         elif isinstance(est.cv, int) and type(base).__name__ != "FrozenEstimator":
             k = calibration_folds(base, y, est.cv)
             if k < 2:
-                need = 3 if _needs_two_per_fold(base) else 2
+                need = 3 if needs_two_per_fold(base) else 2
                 raise FewShotError(
                     f"{name}: its probabilities come from temperature scaling fitted by "
                     f"cross-validation, which needs {need} images of every class; class "
