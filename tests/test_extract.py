@@ -972,3 +972,46 @@ def test_ctrl_c_at_any_moment_ends_in_the_resume_line_and_keeps_the_batches(tmp_
     assert done.returncode == 0, done.stderr
     paths = open_store(out, features=False).paths
     assert len(paths) == len(set(paths)) == 160, len(paths)
+
+
+def test_images_whose_features_overflow_are_skipped_as_failures(fmnist: Path, tmp_path: Path,
+                                                                monkeypatch):
+    """A backbone that overflows (fp16, a broken --weights file) gave rows of inf or NaN that
+    were stored as features: every later command refused the store ("damaged"), and predict
+    from images named a temporary store. Such an image is now a failure like an undecodable
+    one: skipped with the reason and the fix, listed by the store and by the next run; the
+    other images of its batch are stored."""
+    from embedpipe.extract import runtime
+
+    real = runtime.Engine.__call__
+    poisoned = {"first": True}
+
+    def overflowing(self, views, **kw):
+        feats = real(self, views, **kw)
+        if poisoned["first"]:  # the first batch's second image
+            feats[1, 7] = float("inf")
+            poisoned["first"] = False
+        return feats
+
+    monkeypatch.setattr(runtime.Engine, "__call__", overflowing)
+    out = tmp_path / "s.h5"
+    res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
+                     "--batch-size", "4", "--workers", "0", "--runtime", "torch")
+    files = _bag_files(fmnist)
+    skipped = [ln for ln in res.output.splitlines() if ln.startswith("skipped ")]
+    assert len(skipped) == 1, res.output
+    assert "NaN, infinite or huge features" in skipped[0] and "--precision fp32" in skipped[0]
+    store = open_store(out)
+    assert len(store) == len(files) - 1 and np.isfinite(store.features).all()
+    gone = skipped[0].split()[1].rstrip(":")
+    assert gone not in store.paths and gone in {f.name for f in files}
+    # the next run (same options: same features) reports it again without loading the model,
+    # as it does an image that does not decode; a store made another way extracts it anew
+    res = extract_ok(fmnist / "bag", "-o", out, "--layout", "unlabeled", "--precision", "fp32",
+                     "--batch-size", "4", "--workers", "0", "--runtime", "torch")
+    assert f"skipped {gone}: the backbone gave NaN" in res.output and "1 failed" in res.output
+    assert len(open_store(out)) == len(files) - 1
+    res = extract_ok(fmnist / "bag", "-o", tmp_path / "t.h5", "--layout", "unlabeled",
+                     "--precision", "fp32", "--batch-size", "4", "--workers", "0",
+                     "--runtime", "torch")
+    assert sorted(open_store(tmp_path / "t.h5").paths) == sorted(f.name for f in files)

@@ -258,11 +258,38 @@ def _same_as_last_run(out: Path, opts: ExtractOptions, stored: dict[str, Any]) -
             and was.get("timm") == version_of("timm"))
 
 
+# A per-image failure, as a decode error is: the image is listed (extract's summary, `info`,
+# predict's skipped images; the next run with the same options, which would compute the same
+# features, lists it again) and no command meets its features
+UNUSABLE_FEATURES = ("the backbone gave NaN, infinite or huge features (beyond ±{limit:.0e}) "
+                     "for this image, a numeric overflow: extract it with --precision fp32 "
+                     "(or check the --weights)")
+
+
+def _refuse_unusable_features(items: dict[int, dict[str, Any]], good: list[int],
+                              feats: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """``good`` and ``feats`` without the rows whose features are unusable
+    (checks.unusable_rows); their items become errors (status, reason) in place."""
+    from .. import checks
+
+    bad = checks.unusable_rows(feats)
+    if not len(bad):
+        return good, feats
+    for k in bad:
+        it = items[good[int(k)]]
+        it["status"] = "error"
+        it["reason"] = UNUSABLE_FEATURES.format(limit=checks.FEATURE_LIMIT)
+    keep = np.setdiff1d(np.arange(len(good)), bad)
+    return [good[int(k)] for k in keep], feats[keep]
+
+
 def _commit_batch(writer: StoreWriter, tasks: list[Task], rows_of: dict[int, int],
                   batch: dict[str, Any], feats: np.ndarray | None, retry: set[str],
                   summary: Summary) -> None:
     items = {it["i"]: it for it in batch["items"]}
     good = batch["good"]
+    if feats is not None and len(good):
+        good, feats = _refuse_unusable_features(items, good, feats)
     new_pos = [k for k, i in enumerate(good) if id(tasks[i]) not in rows_of]
     old_pos = [k for k, i in enumerate(good) if id(tasks[i]) in rows_of]
 
