@@ -152,8 +152,8 @@ class Model:
         from PIL import Image
 
         side = int(self.backbone.data_config["input_size"][-1])
-        self.calibrated = self.run([self.transform(Image.new("RGB", (side, side)))])[0][
-            "calibrated"]
+        self.calibrated = self.run([self.transform(Image.new("RGB", (side, side)))])[0].get(
+            "calibrated", True)
 
     @property
     def classes(self) -> list[str]:
@@ -182,14 +182,28 @@ class Model:
                                 chunk=max(1, views.shape[0] * views.shape[1])).cpu().numpy()
         # Round through the head's store dtype, as `embedpipe predict` reads its store.
         X = feats.astype(self.dtype, copy=False).astype(np.float32, copy=False)
+        # an upload whose features overflowed gets extraction's per-image failure, not a head's
+        # ValueError for the whole batch (checks.unusable_rows; extract.plan)
+        from . import checks
+        from .extract.plan import UNUSABLE_FEATURES
+
+        bad = checks.unusable_rows(X)
+        out: list[dict[str, Any]] = [
+            {"error": UNUSABLE_FEATURES.format(limit=checks.FEATURE_LIMIT)} for _ in X]
+        good = np.setdiff1d(np.arange(len(X)), bad)
+        if not len(good):
+            return out
+        X = X[good]
         predicted, conf, top, calibrated = predict_rows(self.head, X, len(self.classes))
         if self.rule is not None:  # --reject: as `embedpipe predict --reject`
             from .heads.reject import UNKNOWN
 
             unknown = self.rule.mask(conf, X)
             predicted = [UNKNOWN if u else p for p, u in zip(predicted, unknown)]
-        return [{"class": p, "confidence": float(c), "top": t, "calibrated": calibrated}
-                for p, c, t in zip(predicted, conf, top)]
+        for i, p, c, t in zip(good, predicted, conf, top):
+            out[int(i)] = {"class": p, "confidence": float(c), "top": t,
+                           "calibrated": calibrated}
+        return out
 
     def info(self) -> dict[str, Any]:
         w = self.backbone.weights
@@ -471,6 +485,9 @@ def create_app(model: Model, settings: Settings) -> Any:
         stats.requests += 1
         stats.images += len(tensors)
         results = await batcher.submit(tensors)
+        failed = [(n, r["error"]) for n, r in zip(names, results) if "error" in r]
+        if failed:  # as an upload that does not decode: 422 naming it
+            return reject(422, f"{failed[0][0]}: {failed[0][1]}")
         return {"predictions": [
             {"filename": n, "class": r["class"], "confidence": r["confidence"],
              "top_k": [{"class": c, "probability": p} for c, p in r["top"][:k]]}

@@ -383,3 +383,40 @@ def test_ctrl_c_stops_cleanly(server_proc: Server, url: str):
     server_proc._reader.join(5)
     assert "stopped" in server_proc.output and "Traceback" not in server_proc.output, \
         server_proc.output
+
+
+def test_an_upload_whose_features_overflow_gets_422_naming_it(head: Path, images: list[Path],
+                                                               monkeypatch):
+    """A backbone that overflows (fp16, a broken --weights file) for one upload of a batch:
+    the upload was classified from NaN features (this logreg head's compact form answered a
+    class with confidence nan). Now it is answered as an upload that does not decode (422
+    naming it, extraction's reason and fix), and the others of its batch are classified."""
+    from starlette.testclient import TestClient
+
+    from embedpipe.extract import runtime
+    from embedpipe.serve import Model, Settings, create_app
+
+    model = Model(head, runtime="torch")
+    real = runtime.Engine.__call__
+    poison = {"row": None}
+
+    def overflowing(self, views, **kw):
+        feats = real(self, views, **kw)
+        if poison["row"] is not None and len(feats) > poison["row"]:
+            feats[poison["row"], 3] = float("nan")
+        return feats
+
+    monkeypatch.setattr(runtime.Engine, "__call__", overflowing)
+    tensors = [model.preprocess(p.read_bytes()) for p in images[:3]]
+    clean = model.run(tensors)
+    poison["row"] = 1
+    got = model.run(tensors)
+    assert got[0] == clean[0] and got[2] == clean[2]
+    assert "NaN, infinite or huge features" in got[1]["error"]
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in images[:2]]
+    with TestClient(create_app(model, Settings())) as client:  # its lifespan starts the batcher
+        res = client.post("/predict", files=files)
+        assert res.status_code == 422, res.text
+        assert res.json()["detail"].startswith(f"{images[1].name}: the backbone gave NaN")
+        poison["row"] = None
+        assert client.post("/predict", files=files).status_code == 200
