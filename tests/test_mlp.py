@@ -153,6 +153,14 @@ def test_head_files_leave_out_training_state_and_solver_sgd_saves(fmnist_store: 
             np.array_equal(a, b) for a, b in zip(net._best_coefs, net.coefs_))
         again = pickle.loads(pickle.dumps(est))
         np.testing.assert_array_equal(again.predict_proba(X), est.predict_proba(X))
+    # pickling a network in training leaves it as it was (its optimizer, its best weights)
+    fresh = MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning
+        fresh.fit(X[:60], np.arange(60) % 3)
+    before = set(vars(fresh))
+    pickle.dumps(fresh)
+    assert set(vars(fresh)) == before and hasattr(fresh, "_optimizer")
     # float64 weights (max_iter=2000): about the weights' size, not 4x it
     weights = sum(c.nbytes + b.nbytes for c, b in zip(net.coefs_, net.intercepts_))
     assert net.coefs_[0].dtype == np.float64 and out.stat().st_size < 1.5 * weights

@@ -110,7 +110,9 @@ class MLPClassifier(_SklearnMLPClassifier):
         stopping they are the same arrays). Head files and pickles are ~1/4 the size; a
         ``partial_fit`` or warm-started ``fit`` of an unpickled network starts a new optimizer
         (as scikit-learn does for a new fit)."""
-        state = super().__getstate__()
+        # a copy: for a class outside sklearn.*, BaseEstimator.__getstate__ returns the live
+        # __dict__ (object.__getstate__), and popping from it would strip the fitted network
+        state = dict(super().__getstate__())
         state.pop("_optimizer", None)
         for best, final in (("_best_coefs", "coefs_"), ("_best_intercepts", "intercepts_")):
             if best in state and final in state:
