@@ -92,6 +92,8 @@ def export_features(store_path: str | Path, out: str | Path, *, chunk_rows: int 
         if suf == ".npz":
             X = np.empty((n, dim), dtype=dtype)
             for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+                # import-features would refuse the file: nothing is written (atomic_output)
+                checks.refuse_unusable_chunk(block, store, rows, chunk_rows)
                 X[pos] = block
                 bar.update(len(pos))
             with open(tmp, "wb") as f:
@@ -102,6 +104,8 @@ def export_features(store_path: str | Path, out: str | Path, *, chunk_rows: int 
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=rec, shape=(n,))
             arr["path"], arr["label"], arr["split"] = paths, labels, splits
             for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+                # import-features would refuse the file: nothing is written (atomic_output)
+                checks.refuse_unusable_chunk(block, store, rows, chunk_rows)
                 arr["features"][pos] = block
                 bar.update(len(pos))
             arr.flush()
@@ -126,6 +130,8 @@ def _write_parquet(store: Any, tmp: Path, paths: np.ndarray, labels: np.ndarray,
     rows = np.arange(len(store), dtype=np.int64)
     with pq.ParquetWriter(tmp, schema) as w:
         for pos, block in store.iter_feature_chunks(rows, chunk_rows):
+            # import-features would refuse the file: nothing is written (atomic_output)
+            checks.refuse_unusable_chunk(block, store, rows, chunk_rows)
             flat = pa.array(np.ascontiguousarray(block).reshape(-1), type=ftype)
             feats = pa.FixedSizeListArray.from_arrays(flat, dim)
             w.write_table(pa.Table.from_arrays(

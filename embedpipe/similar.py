@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import _io
+from . import _io, checks
 from .errors import UserError
 from .provenance import HEAD_KEYS, HEAD_NOTE_KEYS, diff_fields
 from .store.read import FeatureStore, open_store
@@ -144,6 +144,7 @@ def exact_search(store: FeatureStore, queries: np.ndarray, k: int, *,
     step = block_rows or block_rows_for(store.dim)
     with Progress(n, "search", enabled=progress, unit="row") as bar:
         for pos, block in store.iter_feature_chunks(rows, step):
+            checks.refuse_unusable_chunk(block, store, rows, step)  # NaN rows sort anywhere
             sel = rows[pos]
             sims = qn @ normalise(block).T  # (q, b)
             if ex is not None:
@@ -199,6 +200,8 @@ def build_index(store: FeatureStore, *, m: int = 32, ef_construction: int = 80,
                                                     block_rows_for(store.dim)):
             if not np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))):
                 raise AssertionError("store blocks out of order")  # HNSW ids are row numbers
+            checks.refuse_unusable_chunk(block, store, rows,
+                                         block_rows or block_rows_for(store.dim))
             index.add(normalise(block))
             bar.update(len(pos))
     return index
@@ -371,6 +374,8 @@ def search(store_path: str | Path, queries: Sequence[str | Path], *, k: int = 10
         qrows = np.array([r for r, _ in stored], dtype=np.int64)
         X = np.empty((len(qrows), store.dim), dtype=np.float32)
         for pos, block in store.iter_feature_chunks(qrows, 4096):
+            # a query row that cannot be searched: refused, counting every such row of the store
+            checks.refuse_unusable_chunk(block, store, np.arange(len(store)), 4096)
             X[pos] = block
         names += [p for _, p in stored]
         kinds += ["stored"] * len(stored)

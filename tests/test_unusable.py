@@ -124,3 +124,28 @@ def test_import_features_refuses_integer_values_beyond_the_limit(fmnist_store: P
     np.savez(tmp_path / "ints.npz", **data)
     ok("import-features", tmp_path / "ints.npz", "-o", out, "-q")
     assert open_store(out).features[3, 0] == pytest.approx(1e11)
+
+
+def test_audit_similar_and_export_features_refuse_bad_rows_before_any_output(
+        fmnist_store: Path, tmp_path: Path):
+    """helper-35's attack: audit stopped with "a bug in embedpipe" (exit 1) and left an empty
+    folder; similar answered a NaN query with itself at similarity -inf and hid the bad row from
+    other queries; export-features wrote a file import-features refuses. Each now refuses the
+    store in the usual line, writing nothing."""
+    from embedpipe import similar
+
+    bad, paths, train, test = _edited(fmnist_store, tmp_path / "b.h5",
+                                      lambda X, tr, te: X.__setitem__((te[-1], 4), -np.inf))
+    name = paths[test[-1]]
+    one_line_error(cli("audit", bad, "-o", tmp_path / "aud", "--no-map"), str(bad), name)
+    assert not (tmp_path / "aud").exists()
+    for query in (name, paths[train[0]]):  # the bad row as query, or any
+        one_line_error(cli("similar", bad, query, "-k", "4"), str(bad), "1 row(s)", name)
+    with pytest.raises(embedpipe.EmbedpipeError, match="1 row"):
+        similar.build_index(open_store(bad))  # the approximate search's index
+    from test_features_io import _formats
+
+    for suffix in _formats():
+        out = tmp_path / f"f.{suffix}"
+        one_line_error(cli("export-features", bad, "-o", out), str(bad), name)
+        assert not out.exists() and not list(tmp_path.glob(f"*f.{suffix}*"))

@@ -172,6 +172,9 @@ def run_audit(store_path: str | Path, out: str | Path | None = None, *,
     store = open_store(store_path)
     if len(store) == 0:
         raise AuditError(f"{store_path}: the store has no rows; extract some images first")
+    from .. import checks
+
+    checks.refuse_unusable(store.features, store.paths, str(store.path))  # before any output
     dest = _out_dir(store_path, Path(out) if out is not None else None)
     root = _images_root(store, Path(images) if images is not None else None)
     notes: list[str] = []
