@@ -164,6 +164,35 @@ def _notes(head: artifacts.HeadFile, labels: set[str], calibrated: bool) -> list
     return notes
 
 
+def _fitted_rows_note(head: artifacts.HeadFile, store: FeatureStore, rows: np.ndarray,
+                      split: str | None, only: set[str] | None) -> list[str]:
+    """A note when ``rows`` of ``store`` include the rows ``head`` was fitted on (the store it
+    was fitted on, by its store_id or the same file; the train split, or every labeled row when
+    it had none): its accuracy on them overrates it. [] otherwise."""
+    from .store.schema import STORE_ID
+
+    training = head.manifest.get("training", {})
+    if only is not None or "stores" in training or not training.get("store"):
+        return []
+    sid = training.get("store_id")
+    same = (store.meta.get(STORE_ID) == sid if sid else False) or _io.same_file(
+        store.path, training["store"])
+    if not same:
+        return []
+    labeled = store.labels[rows] >= 0
+    if training.get("split") == "train":
+        labeled &= np.asarray(store.splits, dtype=object)[rows] == "train"
+    n = int(labeled.sum())
+    if not n:
+        return []
+    held = sorted({str(s) for s in np.asarray(store.splits, dtype=object)[rows]
+                   if s and s != "train"})
+    fix = (f"pass --split {held[0]} to score the held-out rows only" if held
+           else "`embedpipe cv` estimates its accuracy on images it has not seen")
+    return [f"note: {n} of these rows are the ones {head.path} was fitted on, so the accuracy "
+            f"over them overrates it; {fix}"]
+
+
 def _rows(store: FeatureStore, split: str | None, only: set[str] | None) -> np.ndarray:
     keep = np.ones(len(store), dtype=bool)
     if split is not None:
@@ -197,6 +226,7 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
     notes = artifacts.check_compatible(head, store.meta, str(store.path)) + store.notes
     rows = _rows(store, split, only)
     names = store.label_names()
+    notes += _fitted_rows_note(head, store, rows, split, only)
 
     def chunks() -> Iterator[Predictions]:
         calibrated = True

@@ -261,3 +261,22 @@ def test_embedpipe_files_where_a_head_or_images_belong_are_named_with_the_fix(
     for args, needles in cases:
         one_line_error(cli(*args, "-o", csv_out), *needles)
         assert not csv_out.exists(), args
+
+
+def test_predict_on_the_store_a_head_was_fitted_on_says_its_training_rows_are_scored(
+        fmnist_store: Path, tmp_path: Path):
+    """helper-35's new-user pass: `predict HEAD --store STORE` (the README's example) printed
+    "accuracy on the 250 labeled ones" over the 200 rows the head was fitted on too, with
+    nothing saying so. A note counts them and names --split test; the test split alone, or
+    another store, gets none."""
+    head = tmp_path / "h.skops"
+    ok("fit", fmnist_store, "--head", "ridge", "-o", head, "-q")
+    note = (f"note: 200 of these rows are the ones {head} was fitted on, so the accuracy over "
+            "them overrates it; pass --split test to score the held-out rows only")
+    res = ok("predict", head, "--store", fmnist_store, "-o", tmp_path / "a.csv")
+    assert note in res.output, res.output
+    res = ok("predict", head, "--store", fmnist_store, "--split", "test", "-o", tmp_path / "b.csv")
+    assert "fitted on" not in res.output, res.output
+    other = copy_rows(fmnist_store, tmp_path / "other.h5", list(range(250)))  # another file
+    res = ok("predict", head, "--store", other, "-o", tmp_path / "c.csv")
+    assert "fitted on" not in res.output, res.output

@@ -349,7 +349,10 @@ def _training(store: Any, rows: Any, classes: np.ndarray, counts: np.ndarray,
                 "store_ids": list(store.meta.get("store_ids") or [None] * len(store.meta[
                     "stores"]))}
                if "stores" in store.meta else {})
-    return {"store": str(store.path), "rows": int(counts.sum()),
+    from ..store.schema import STORE_ID
+
+    own = {} if stacked else {"store_id": store.meta.get(STORE_ID)}  # predict tells it again
+    return {"store": str(store.path), **own, "rows": int(counts.sum()),
             "split": "train" if (store.splits[rows.train] == TRAIN_SPLIT).all()
             else "all labeled rows",
             "per_class": {str(c): int(n) for c, n in zip(classes, counts)},
