@@ -188,8 +188,8 @@ def _from_pandas(X: Any) -> Any:
         rows, shape = [], None
         for i, v in enumerate(values):
             try:
-                if v is None or (np.ndim(v) == 0 and v != v):  # None, NaN, pd.NA
-                    raise ValueError("it is missing")
+                if v is None or np.ndim(v) == 0:  # None, NaN, pd.NA, a pyarrow null, 3.0
+                    raise ValueError("a missing value or a single number")
                 a = np.asarray(v)
                 if a.dtype.kind not in "biuf":
                     raise ValueError(f"dtype {a.dtype}")
@@ -208,6 +208,10 @@ def _from_pandas(X: Any) -> Any:
 
     kind = type(X).__name__
     if kind == "DataFrame":
+        twice = sorted({str(c) for c in X.columns[X.columns.duplicated()]})
+        if twice:
+            raise PredictError(f"X (DataFrame) has columns named more than once "
+                               f"({', '.join(twice[:4])}); give each column one name")
         if "features" in X.columns and getattr(X["features"].dtype, "kind", "O") not in "biuf":
             # export-features' layout: object arrays, or pyarrow lists (dtype_backend="pyarrow")
             return stacked(X["features"], "'features' column")

@@ -12,6 +12,8 @@ def located(e: UserError, where: str, why: str = "") -> UserError:
     """``e`` (the same class) as a line that begins with ``where``, the file it concerns, and
     ``why`` after it: '<where>: [<why>: ]<e without a leading "<where>: ">'."""
     text = str(e).removeprefix(f"{where}: ")
+    if f"(stacked as {where}): " in text:  # it names the stacked store(s) already, first
+        return e
     return type(e)(f"{where}: {why + ': ' if why else ''}{text}")
 
 

@@ -485,6 +485,8 @@ def test_head_predict_takes_every_pandas_layout_of_export_features_and_no_rows(
     for bad, needle in [(pd.DataFrame(X[:3].astype(np.complex64)), "non-numeric columns (0, 1"),
                         (timed, "non-numeric columns (t)"),
                         (frame, "'features' column: row 1 is not a numeric array"),
+                        (pd.DataFrame({"features": [X[0], pd.NA]}), "row 1 is not a numeric"),
+                        (pd.concat([frame, frame], axis=1), "named more than once (features)"),
                         (torch.from_numpy(X[:3]).to(torch.complex64), "complex tensor")]:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
