@@ -277,7 +277,7 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
             checks.refuse_unusable(store.features[idx], [store.paths[i] for i in idx], where,
                                    store)
         else:
-            checks.refuse_unusable_stored(store, idx, chunk_rows or stream.DEFAULT_CHUNK_ROWS)
+            checks.refuse_unusable_stored(store, idx, chunk_rows)  # resolved by _check_heads
     # the training rows in memory (for the in-memory heads), or streamed from the store
     sources = {False: Labeled(None, rows.train, y, X),
                True: Labeled(store, rows.train, y, None, chunk_rows)}
