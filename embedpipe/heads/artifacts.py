@@ -283,10 +283,12 @@ def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) ->
         return False
     spec, arrays = exported
     rows = np.asarray(rows)
-    # the training rows, and the midpoints of neighbouring ones: rows the head has not seen
-    # (a kNN's training rows are their own nearest neighbours, at distance 0)
-    rows = np.concatenate([rows, (rows[:-1] + rows[1:]) / 2]).astype(rows.dtype, copy=False)
-    if not compact.agrees(estimator, compact.load(spec, arrays), rows):
+    # scored on the midpoints of neighbouring training rows, rows the head has not seen (a
+    # kNN's training rows are their own nearest neighbours, at distance 0 or of a rounding
+    # error: their scores are ill-conditioned); the training rows' classes are checked too
+    mids = ((rows[:-1] + rows[1:]) / 2).astype(rows.dtype, copy=False)
+    if not compact.agrees(estimator, compact.load(spec, arrays), mids if len(mids) else rows,
+                          classes_only=rows):
         return False
     with zipfile.ZipFile(path, "a") as z:
         sizes: dict[int, list[str]] = {}  # the pipeline's own arrays, by size

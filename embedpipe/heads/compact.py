@@ -742,10 +742,18 @@ def load(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> CompactHead:
     return (CompactHead if spec.get("proba") is None else _CompactProba)(spec, arrays)
 
 
-def agrees(estimator: Any, compact: CompactHead, X: np.ndarray) -> bool:
+def agrees(estimator: Any, compact: CompactHead, X: np.ndarray,
+           classes_only: np.ndarray | None = None) -> bool:
     """Whether ``compact`` predicts like ``estimator`` on ``X``: same classes, and the same
-    probabilities and decision values (those the estimator has) within 1e-5."""
-    if len(X) == 0 or not np.array_equal(np.asarray(estimator.predict(X)), compact.predict(X)):
+    probabilities and decision values (those the estimator has) within 1e-5; on the rows of
+    ``classes_only`` (when given), the same classes only. Those are a head's training rows:
+    a distance-weighted kNN scores each from its distance to itself, 0 in one form and a
+    rounding error in the other (whose weight, 1/d, then decides the score's last digits:
+    2.7e-6 apart after pca=2 on an AVX2 CPU, 0 on AVX-512), so only rows between training
+    rows tell two forms' scores apart."""
+    rows = X if classes_only is None else np.concatenate([X, classes_only])
+    if len(X) == 0 or not np.array_equal(np.asarray(estimator.predict(rows)),
+                                         compact.predict(rows)):
         return False
     for name in ("predict_proba", "decision_function"):
         if not hasattr(estimator, name):
