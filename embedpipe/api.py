@@ -322,6 +322,8 @@ class Head:
             if not t.is_floating_point() or t.element_size() < 4:
                 t = t.float()  # bf16/fp16 (numpy has no bf16), ints
             X_or_store = t.numpy()
+        if type(X_or_store).__module__.startswith("scipy.sparse"):  # a sparse matrix/array
+            X_or_store = X_or_store.toarray()  # checked and cast below, as any array
         if type(X_or_store).__module__.split(".")[0] == "pandas":
             X_or_store = _from_pandas(X_or_store)
             if isinstance(X_or_store, list):  # no rows
@@ -360,6 +362,16 @@ class Head:
                                    "far below that: drop or re-extract those rows")
             return X
         paths = _store_paths(X_or_store)
+        from .data import IMAGE_EXTENSIONS
+
+        images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if images:
+            model = self._file.identity.get("model")
+            how = (f"head.predict(embedpipe.Embedder({model!r}).transform(paths)), or "
+                   if model and "stacked" not in self._file.identity else "")
+            raise PredictError(f"{images[0]} is an image; a head scores features (an array or a "
+                               "store): embed the images with the head's backbone first, e.g. "
+                               f"{how}run `embedpipe predict HEAD IMAGES...`")
         store = X_or_store if (isinstance(X_or_store, FeatureStore)
                                and X_or_store.features_loaded) else open_stores(paths)
         for note in artifacts.check_compatible(self._file, store.meta, str(store.path)):
@@ -376,10 +388,11 @@ class Head:
     def predict(self, X_or_store: Any) -> np.ndarray:
         """Predicted class names (str ndarray, shape (n,)) of the rows of ``X_or_store``: an
         (n, D) feature array (or what ``numpy.asarray`` makes one of: a list of rows, a
-        torch tensor on any device, in any float dtype; a pandas DataFrame of numeric columns
-        in feature order or with a ``features`` column of arrays, a Series of arrays; cast to
-        float32), or a store (path, paths of stacked stores, or a store object; all its rows,
-        in store order). A store made with another backbone, weights, preprocessing or pool
+        torch tensor on any device, in any float dtype; a scipy sparse matrix, made dense; a
+        pandas DataFrame of numeric columns in feature order or with a ``features`` column of
+        arrays, a Series of arrays; cast to float32), or a store (path, paths of stacked
+        stores, or a store object; all its rows, in store order); image paths are refused
+        (PredictError naming ``Embedder``: a head scores features). A store made with another backbone, weights, preprocessing or pool
         than the head's is refused (ArtifactError); another precision or dtype gives a
         UserWarning. Raises PredictError for an array of the wrong width or a non-numeric
         dtype, ragged rows, or rows holding NaN, infinities or values beyond ±1e12

@@ -423,6 +423,22 @@ def test_head_predict_takes_ndarray_subclasses_tensors_and_no_rows(fmnist_store:
     for none in ([], ()):
         assert head.predict(none).shape == (0,)
         assert head.predict_proba(none).shape == (0, len(head.classes_))
+    # helper-34's F14: a scipy sparse matrix was refused as "store csr_matrix: pass a store
+    # path"; image paths as "not a readable embedpipe store ... move it aside and extract
+    # again". Now sparse rows predict as their dense array, and images are named as images
+    import scipy.sparse
+    from PIL import Image
+
+    for sparse in (scipy.sparse.csr_matrix(X), scipy.sparse.coo_array(X)):
+        assert list(head.predict(sparse)) == want
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+    for given in (str(img), [img], [str(img), str(img)]):
+        with pytest.raises(embedpipe.EmbedpipeError) as e:
+            head.predict(given)
+        assert str(e.value).startswith(f"{img} is an image; a head scores features")
+        assert "embedpipe.Embedder('tf_efficientnet_lite0').transform(paths)" in str(e.value)
+        assert "\n" not in str(e.value)
 
 
 def test_head_predict_takes_pandas_as_users_hold_features(fmnist_store: Path, tmp_path: Path):

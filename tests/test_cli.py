@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from clitools import EMBEDPIPE, cli, copy_rows, one_line, run, runner
@@ -29,6 +30,7 @@ def bad_inputs(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     (d / "empty").mkdir()
     (d / "junk.h5").write_bytes(b"not an HDF5 file")
     (d / "text.txt").write_text("hello")
+    np.save(d / "feats.npy", np.zeros((2, 4), np.float32))
     (d / "one.png").write_bytes(encode(__import__("PIL.Image").Image.new("RGB", (8, 8)), "PNG"))
     sd = {"conv_stem.weight": torch.zeros(2, 2)}
     torch.save(sd, d / "tiny.pth")
@@ -57,7 +59,8 @@ BAD_ARGS = [
     (["extract", "{dir}", "--crop-pct", "2"], ["--crop-pct 2", "range"]),
     (["extract", "{dir}", "--pool", "median", "-o", "{dir}/p.h5"], ["--pool median", "avg"]),
     (["extract", "{dir}", "-o", "{dir}/empty"], ["is a folder", ".h5"]),
-    (["extract", "{dir}", "-o", "{dir}/junk.h5"], ["junk.h5", "not a readable"]),
+    (["extract", "{dir}", "-o", "{dir}/junk.h5"], ["junk.h5", "not an HDF5 file",
+                                                   "move this file aside"]),
     (["extract", "{dir}", "-o", "{dir}/text.txt/s.h5"], ["cannot create this folder",
                                                        "--out"]),
     (["extract", "{dir}", "--batch-size", "many"], ["--batch-size", "extract --help"]),
@@ -65,10 +68,14 @@ BAD_ARGS = [
     # info, merge, models, heads
     (["info", "{dir}/nope.h5"], ["no such store", "embedpipe extract"]),
     (["info", "{dir}/empty"], ["is a folder", ".h5"]),
-    (["info", "{dir}/junk.h5"], ["not a readable embedpipe store", "extract again"]),
+    (["info", "{dir}/junk.h5"], ["junk.h5 is not an HDF5 file", "made by `embedpipe extract`"]),
+    # an image or a features file where a store belongs: what it is and the command to use
+    (["info", "{dir}/one.png"], ["one.png is an image, not a feature store",
+                                 "embedpipe extract FOLDER", "embedpipe predict HEAD"]),
+    (["fit", "{dir}/feats.npy"], ["feats.npy is a features file", "embedpipe import-features"]),
     (["info"], ["Missing argument", "info --help"]),
     (["merge", "{dir}/m.h5", "{dir}/nope.h5"], ["nope.h5", "no such store"]),
-    (["merge", "{dir}/m.h5", "{dir}/junk.h5"], ["junk.h5", "not a readable"]),
+    (["merge", "{dir}/m.h5", "{dir}/junk.h5"], ["junk.h5", "not an HDF5 file"]),
     (["merge", "{dir}/m.h5"], ["Missing argument", "merge --help"]),
     (["models", "--all"], ["No such option", "models --help"]),
     (["heads", "--head", "svm"], ["No such option", "heads --help"]),

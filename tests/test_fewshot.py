@@ -100,7 +100,8 @@ def test_every_head_fits_predicts_and_cross_validates_or_refuses_in_one_line(
 def test_few_shot_adjustments_are_said_as_notes(stores: dict):
     """What the data cannot support is lowered with a note, never silently."""
     res = cli("fit", stores[1], "--head", "knn", "-o", stores["dir"] / "n.skops")
-    assert res.exit_code == 0 and "n_neighbors lowered from 5 to 3" in res.output, res.output
+    assert res.exit_code == 0 and ("n_neighbors lowered from 5 to 3 (only 3 training rows)"
+                                   in res.output), res.output
     # (the registry's small-data rule already leaves early stopping off: ask for it to see
     # the few-shot adjustment)
     res = cli("fit", stores[2], "--head", "mlp", "--param", "early_stopping=True", "-o",
@@ -110,6 +111,10 @@ def test_few_shot_adjustments_are_said_as_notes(stores: dict):
     assert res.exit_code == 0 and "too few to calibrate" in res.output, res.output
     res = cli("cv", stores[3], "--head", "svm+logreg")
     assert res.exit_code == 0 and "calibrated on 2 folds instead of 3" in res.output, res.output
+    # helper-35's F7: a note in cv quoted a fold's count as if it were the class's (3 images
+    # each here, 2 in each fold's training part) and said nothing of the fold
+    assert re.search(r"calibrated on 2 folds instead of 3 \(class '[^']+' has 2 images in a "
+                     r"cross-validation fold's training part\)", res.output), res.output
 
 
 @pytest.mark.parametrize("command", ["fit", "cv", "compare"])

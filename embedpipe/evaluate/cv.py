@@ -112,8 +112,9 @@ def _cv_task(source: Labeled, train: np.ndarray, test: np.ndarray, head: str,
         t0 = time.perf_counter()
         notes: list[str] = []
         try:
-            est, chosen = fit_checked(source.take(train), head, params, class_weight, search,
-                                      metric, seed, where, note=note or _nothing, notes=notes)
+            fold = source.take(train, "a cross-validation fold's training part")
+            est, chosen = fit_checked(fold, head, params, class_weight, search, metric, seed,
+                                      where, note=note or _nothing, notes=notes)
         except fewshot.FewShotError as e:
             raise located(e, where, "cross-validation fits on the training part of each fold, "
                           "fewer images than the store has") from None

@@ -126,21 +126,26 @@ def _mlp_split_ok(y: np.ndarray, fraction: float) -> bool:
     return smallest >= 2 and n_val >= max(2, n_classes) and n - n_val >= n_classes
 
 
-def adapt(estimator: Any, y: np.ndarray, name: str = "") -> list[str]:
+def adapt(estimator: Any, y: np.ndarray, name: str = "", part: str = "") -> list[str]:
     """Lower, in place, the settings of unfitted ``estimator`` (a head's Pipeline, an
     ensemble, a calibrated head) that targets ``y`` cannot support; return one note per change.
+    ``part``: what ``y`` is when it is not the user's training rows (e.g. "a cross-validation
+    fold's training part"), so that a note's counts are not read as the class's size.
     Raises FewShotError when the head cannot be fitted on ``y`` (see the module docstring)."""
     notes: list[str] = []
-    _adapt(estimator, np.asarray(y), name or type(estimator).__name__, notes)
+    _adapt(estimator, np.asarray(y), name or type(estimator).__name__, notes,
+           where=f" in {part}" if part else "")
     return notes
 
 
 LDA_MIN_FIT_ROWS = 3  # 2 per class failed on every draw of Lite0 features tried, 3 on none
 
 
-def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "") -> None:
+def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "",
+           where: str = "") -> None:
     """adapt's walk; ``prefix`` ('knn:' inside an ensemble) leads a parameter a note names, as
-    --param takes it."""
+    --param takes it; ``where`` (" in ...": adapt's ``part``) follows the counts a note
+    quotes."""
     kind = type(est).__name__
     cls, smallest, n_classes, n = counts(y)
     if hasattr(est, "steps"):  # Pipeline: the last step is the classifier
@@ -148,21 +153,21 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
                if type(obj).__name__ == "LinearDiscriminantAnalysis"]
         if lda and smallest < LDA_MIN_FIT_ROWS:
             notes.append(f"{name}: lda step off (the steps before it stay): class {cls!r} has "
-                         f"{smallest} training image(s), the linear discriminants need "
+                         f"{smallest} training image(s){where}, the linear discriminants need "
                          f"{LDA_MIN_FIT_ROWS} of every class")
             est.set_params(**{step: "passthrough" for step in lda})
-        _adapt(est.steps[-1][1], y, name, notes, prefix)
+        _adapt(est.steps[-1][1], y, name, notes, prefix, where)
     elif kind == "VotingClassifier":
         for member, sub in est.estimators:
             _adapt(sub, y, f"{name} member {member}" if name else member, notes,
-                   f"{member}:")
+                   f"{member}:", where)
     elif kind == "CalibratedClassifierCV":
         base = est.estimator
         split = (holdout(y) if isinstance(est.cv, int)
                  and type(base).__name__ != "FrozenEstimator" else None)
         if split is not None:
             est.set_params(cv=split, ensemble=True)  # fitted once, on all but the held-out rows
-            _adapt(base, y, name, notes, prefix)
+            _adapt(base, y, name, notes, prefix, where)
         elif isinstance(est.cv, int) and type(base).__name__ != "FrozenEstimator":
             k = calibration_folds(base, y, est.cv)
             if k < 2:
@@ -170,30 +175,31 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
                 raise FewShotError(
                     f"{name}: its probabilities come from temperature scaling fitted by "
                     f"cross-validation, which needs {need} images of every class; class "
-                    f"{cls!r} has {smallest}: add images, or use members with native "
+                    f"{cls!r} has {smallest}{where}: add images, or use members with native "
                     "probabilities (logreg, knn, mlp, logreg-sgd)")
             if k != est.cv:
                 notes.append(f"{name}: calibrated on {k} folds instead of {est.cv} (class "
-                             f"{cls!r} has {smallest} images)")
+                             f"{cls!r} has {smallest} images{where})")
                 est.set_params(cv=k)
-            _adapt(base, fold_part(y, k), name, notes, prefix)  # on each fold's training part
+            _adapt(base, fold_part(y, k), name, notes, prefix,  # each fold's training part
+                   " in a calibration fold's training part")
     elif kind == "KNeighborsClassifier":
         if est.n_neighbors > n >= 1:
             notes.append(f"{name}: {prefix}n_neighbors lowered from {est.n_neighbors} to {n} "
-                         f"(only {n} training rows)")
+                         f"(only {n} training rows{where})")
             est.set_params(n_neighbors=n)
     elif kind == "MLPClassifier":
         if est.early_stopping and not _mlp_split_ok(y, est.validation_fraction):
             notes.append(f"{name}: early stopping off ({prefix}early_stopping=false): a "
                          f"{est.validation_fraction:.0%} "
-                         f"validation split of {n} rows cannot hold every one of the "
+                         f"validation split of {n} rows{where} cannot hold every one of the "
                          f"{n_classes} classes (trains for max_iter={est.max_iter} epochs)")
             est.set_params(early_stopping=False)
     elif kind == "NearestCentroid":
         if 0 < smallest < 2 and n == n_classes:
             raise FewShotError(f"{name}: nearest-centroid scores are distances scaled by the "
                                "within-class spread, which is undefined with one image per "
-                               f"class (class {cls!r} has {smallest}); add images, or use knn "
+                               f"class (class {cls!r} has {smallest}{where}); add images, or use knn "
                                "or logreg")
 
 

@@ -62,7 +62,8 @@ def fit_configuration(source: Labeled, head: str, params: dict[str, Any] | None,
         # grid to the smallest
         part = fewshot.fold_part(source.y, k)
         (notes if notes is not None else []).extend(
-            fewshot.adapt(pipe, part, head) + fewshot.adapt_grid(grid, part, head))
+            fewshot.adapt(pipe, part, head, "an inner search fold's training part")
+            + fewshot.adapt_grid(grid, part, head))
         with heads.lda_cache(len(source)):  # the lda step once per fold, not per grid point
             gs = GridSearchCV(heads.cached(pipe), grid, scoring=scoring, refit=True,
                               n_jobs=jobs, cv=folds)

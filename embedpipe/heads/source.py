@@ -44,6 +44,7 @@ class Labeled:
     X: np.ndarray | None = None
     chunk_rows: int = stream.DEFAULT_CHUNK_ROWS
     scope: np.ndarray | None = None
+    part: str = ""  # what these rows are when taken for a purpose (take), for notes
 
     @classmethod
     def in_memory(cls, X: np.ndarray, y: np.ndarray) -> "Labeled":
@@ -57,12 +58,14 @@ class Labeled:
     def __len__(self) -> int:
         return len(self.y)
 
-    def take(self, pos: np.ndarray) -> "Labeled":
-        """The rows at positions ``pos`` (into these rows), in that order."""
+    def take(self, pos: np.ndarray, part: str = "") -> "Labeled":
+        """The rows at positions ``pos`` (into these rows), in that order. ``part``: what they
+        are (e.g. "a cross-validation fold's training part"), which the few-shot notes of a fit
+        on them name (fewshot.adapt)."""
         pos = np.asarray(pos, dtype=np.int64)
         return Labeled(self.store, self.rows[pos], self.y[pos],
                        None if self.X is None else self.X[pos], self.chunk_rows,
-                       self.rows if self.scope is None else self.scope)
+                       self.rows if self.scope is None else self.scope, part)
 
     def features(self) -> np.ndarray:
         """The features of these rows in memory (streamed rows are read whole: for a few rows
@@ -81,7 +84,7 @@ class Labeled:
         these rows cannot support are lowered first (fewshot.adapt, a note for each appended to
         ``notes``) or the head is refused (FewShotError)."""
         if self.X is not None:
-            found = fewshot.adapt(pipe, self.y, head)
+            found = fewshot.adapt(pipe, self.y, head, self.part)
             if notes is not None:
                 notes.extend(found)
             return pipe.fit(self.X, self.y)

@@ -53,8 +53,34 @@ def _open_swmr_read(path: Path) -> h5py.File:
                 raise StoreError(f"{path} is a head file (made by `embedpipe fit`), not a "
                                  "store; pass the store (.h5) made by `embedpipe extract`, and "
                                  "use the head with `embedpipe predict`") from None
+            other = _not_hdf5(path)
+            if other is not None:
+                raise StoreError(other) from None
             raise StoreError(f"{path}: not a readable embedpipe store ({first_line(e)}); move it "
                              "aside and extract again") from None
+
+
+def _not_hdf5(path: Path) -> str | None:
+    """The one-line error for a file given as a store that is no HDF5 file at all (an image, a
+    features file, anything else), naming what to do instead; None for an HDF5 file (a damaged
+    one is the caller's "move it aside" case: extracting again is the fix there, not here)."""
+    try:
+        if h5py.is_hdf5(path):
+            return None
+    except OSError:
+        return None
+    from ..data import IMAGE_EXTENSIONS
+
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return (f"{path} is an image, not a feature store; make a store of the images "
+                "(`embedpipe extract FOLDER -o store.h5`) and pass that, or classify images with "
+                f"`embedpipe predict HEAD {path}`")
+    if suffix in (".npy", ".npz", ".parquet"):
+        return (f"{path} is a features file, not a feature store; import it into one: "
+                f"`embedpipe import-features {path} -o {path.with_suffix('.h5')}`")
+    return (f"{path} is not an HDF5 file, so not a feature store; pass the .h5 file made by "
+            "`embedpipe extract` (to extract into this path, move this file aside first)")
 
 
 _SWMR_READ_ATTEMPTS = 16
