@@ -175,7 +175,7 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
                 raise FewShotError(
                     f"{name}: its probabilities come from temperature scaling fitted by "
                     f"cross-validation, which needs {need} images of every class; class "
-                    f"{cls!r} has {smallest}{where}: add images, or use members with native "
+                    f"{cls!r} has {smallest}: add images, or use members with native "
                     "probabilities (logreg, knn, mlp, logreg-sgd)")
             if k != est.cv:
                 notes.append(f"{name}: calibrated on {k} folds instead of {est.cv} (class "
@@ -199,7 +199,7 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
         if 0 < smallest < 2 and n == n_classes:
             raise FewShotError(f"{name}: nearest-centroid scores are distances scaled by the "
                                "within-class spread, which is undefined with one image per "
-                               f"class (class {cls!r} has {smallest}{where}); add images, or use knn "
+                               f"class (class {cls!r} has {smallest}); add images, or use knn "
                                "or logreg")
 
 
