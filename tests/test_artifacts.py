@@ -171,7 +171,7 @@ def test_fit_refuses_to_write_over_its_store_and_a_killed_fit_leaves_nothing(
         one_line_error(cli("fit", store, "-o", out, "-q"), f"--out {out}", "input")
     assert hashlib.sha256(store.read_bytes()).hexdigest() == digest
     head = tmp_path / "h.skops"
-    ok("fit", store, "-o", head, "-q")
+    ok("fit", store, "--head", "centroid", "-o", head, "-q")  # any head: the file is the point
     before = head.read_bytes()
     stale = tmp_path / ".h.skops.999999999.embedpipe.tmp"  # no such pid
     stale.write_bytes(b"PK half a zip")
@@ -194,7 +194,7 @@ def test_fit_on_a_full_or_read_only_disk_is_one_line_and_keeps_the_older_head(
     from embedpipe.heads import artifacts
 
     head = tmp_path / "h.skops"
-    ok("fit", fmnist_store, "-o", head, "-q")
+    ok("fit", fmnist_store, "--head", "centroid", "-o", head, "-q")  # any head writes alike
     before = head.read_bytes()
     sio = artifacts._skops_io()
     real_dump = sio.dump
@@ -204,7 +204,8 @@ def test_fit_on_a_full_or_read_only_disk_is_one_line_and_keeps_the_older_head(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(sio, "dump", full_dump)
-    one_line_error(cli("fit", fmnist_store, "-o", head, "-q"), f"--out {head}", "disk full",
+    one_line_error(cli("fit", fmnist_store, "--head", "centroid", "-o", head, "-q"),
+                   f"--out {head}", "disk full",
                    "free space")
     monkeypatch.setattr(sio, "dump", real_dump)
     assert head.read_bytes() == before
@@ -217,7 +218,8 @@ def test_fit_on_a_full_or_read_only_disk_is_one_line_and_keeps_the_older_head(
     if res.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here ({res.stderr.strip()})")
     try:
-        one_line_error(cli("fit", fmnist_store, "-o", ro / "h.skops", "-q"),
+        one_line_error(cli("fit", fmnist_store, "--head", "centroid", "-o", ro / "h.skops",
+                           "-q"),
                        f"--out {ro / 'h.skops'}", "cannot write there", "writable folder")
     finally:
         subprocess.run(["umount", "-l", str(ro)], timeout=30)

@@ -209,7 +209,8 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("blocked", ["torch", "torch,cleanlab,umap"])
+@pytest.mark.parametrize("blocked", [pytest.param("torch", marks=pytest.mark.slow),  # ~24 s
+                                     "torch,cleanlab,umap"])
 def test_audit_runs_without_torch_and_without_the_optional_extra(planted, tmp_path, blocked):
     """torch is never imported; without cleanlab and umap-learn the audit falls back to its
     own confident-learning ranking and t-SNE and still finds the flipped labels."""

@@ -17,10 +17,19 @@ from embedpipe.heads import registry as heads
 NAN = re.compile(r"\bnan\b", re.IGNORECASE)  # "nan", "NaN", "nan ± nan" as a word
 
 
-def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
-    out = tmp_path / "auto.skops"
-    res = ok("fit", fmnist_store, "-o", out, "--budget", "10000")  # no --head: auto
-    assert "auto chose" in res.output and "fitted auto → " in res.output
+@pytest.fixture(scope="module")
+def auto_fit(fmnist_store, tmp_path_factory):
+    """`embedpipe fit STORE -o auto.skops --budget 10000` (no --head: auto) on the fixture's
+    store, once for the tests that read it (read-only): (the head file, the command's output)."""
+    out = tmp_path_factory.mktemp("auto") / "auto.skops"
+    res = ok("fit", fmnist_store, "-o", out, "--budget", "10000")
+    return out, res.output
+
+
+def test_fit_auto_is_the_default_and_records_its_choice(auto_fit, fmnist_store,
+                                                         tmp_path):
+    out, output = auto_fit
+    assert "auto chose" in output and "fitted auto → " in output
     m = artifacts.load(out).manifest
     rec = m["auto"]
     names = [c["name"] for c in rec["candidates"]]
@@ -50,12 +59,12 @@ def test_fit_auto_is_the_default_and_records_its_choice(fmnist_store, tmp_path):
     assert m["probabilities"] == "vote"
     assert m["calibration"] == ("soft vote (equal weights) of its members' probabilities: "
                                 + ", ".join(how))
-    assert f"probabilities: {m['calibration']} → {out}" in res.output
+    assert f"probabilities: {m['calibration']} → {out}" in output
     # and the summary names each member's parameters as fitted, as the manifest records them
     assert set(m["effective_params"]) == {c["head"] for c in top}
     assert f"fitted auto → {m['head']} ({heads.format_params(m['effective_params'])}) on " \
-        in res.output
-    table = [line for line in res.output.splitlines() if line.startswith("  ") and " s  " in line]
+        in output
+    table = [line for line in output.splitlines() if line.startswith("  ") and " s  " in line]
     assert len(table) == len(names) and [line.strip().startswith("→") for line in table] == [
         n == rec["choice"] for n in names]  # the arrow marks the choice, not the top row
     # predict loads it and classifies the held-out rows
@@ -154,7 +163,8 @@ def test_heads_lists_auto_and_the_prep_parameter(fmnist_store, tmp_path):
                    "prep=x")
 
 
-def test_search_with_auto_is_refused_and_a_head_file_is_not_a_store(fmnist_store, tmp_path):
+def test_search_with_auto_is_refused_and_a_head_file_is_not_a_store(fmnist_store, auto_fit,
+                                                                   tmp_path):
     """--search on auto (fit's default head) was accepted and ignored, with a note: auto
     searches by itself. Now refused before any work, naming how to search one head."""
     out = tmp_path / "a.skops"
@@ -167,7 +177,7 @@ def test_search_with_auto_is_refused_and_a_head_file_is_not_a_store(fmnist_store
         one_line_error(cli(*cmd, "--search"), "--search", "--head auto already searches",
                        "--head svm --search")
     assert not out.exists()
-    ok("fit", fmnist_store, "--budget", "5", "-o", out, "-q")
+    out = auto_fit[0]
     # a head file where a store belongs: one line that says what it is, for every command
     for cmd in (["info", out], ["fit", out, "-o", tmp_path / "b.skops"], ["cv", out]):
         one_line_error(cli(*cmd), str(out), "is a head file", "embedpipe predict")
@@ -351,7 +361,8 @@ def test_budget_is_checked_before_each_fold_not_only_each_candidate(monkeypatch)
     assert any("cut the search during candidate 2" in n for n in sel.notes), sel.notes
 
 
-def test_the_vote_leaves_knn_out_when_an_image_is_under_two_classes(fmnist_store, tmp_path):
+def test_the_vote_leaves_knn_out_when_an_image_is_under_two_classes(fmnist_store, auto_fit,
+                                                                    tmp_path):
     """The same image in two class folders: knn's neighbours tie at that point, so a knn head
     has no exact numpy-only or ONNX form, and since the vote holds every head's defaults the
     default head of `fit` could not be exported (helper-32's attack). The vote leaves knn out
@@ -378,8 +389,7 @@ def test_the_vote_leaves_knn_out_when_an_image_is_under_two_classes(fmnist_store
             "two classes") in res.output
     assert compact.export(head.estimator) is not None
     # the same store without the duplicate votes with knn
-    ok("fit", fmnist_store, "-o", tmp_path / "plain.skops", "-q")
-    assert "knn" in artifacts.load(tmp_path / "plain.skops").manifest["head"].split("+")
+    assert "knn" in artifacts.load(auto_fit[0]).manifest["head"].split("+")
 
 
 def test_the_report_counts_candidates_apart_from_their_vote_and_names_each_reason(

@@ -87,6 +87,7 @@ def test_heads_says_the_rule() -> None:
     assert f"above {fewshot.HOLDOUT_ABOVE:,} rows" in svm["probabilities"]
 
 
+@pytest.mark.slow  # ~30 s
 def test_auto_measures_training_accuracy_on_a_sample(pixel_store: Path, tmp_path: Path) -> None:
     head = tmp_path / "auto.skops"
     res = ok("fit", pixel_store, "--head", "auto", "--budget", "1", "-o", head)

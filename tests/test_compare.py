@@ -76,6 +76,7 @@ def test_compare_refuses_stores_it_cannot_compare(fmnist_store: Path, tmp_path: 
     assert res.exit_code == 2 and "at least two stores" in res.output
 
 
+@pytest.mark.slow  # ~32 s; the other compare tests stay in the default job
 def test_compare_shows_per_fold_values_of_what_varies_and_member_params(fmnist_store: Path,
                                                                         tmp_path: Path):
     """compare's parameter section named the parameters that differ across folds (`per

@@ -269,6 +269,7 @@ def test_uncalibrated_head_is_refused_naming_only_heads_exportable_from_its_rows
     ok("export", tmp_path / "c3.skops", "-o", tmp_path / "c3.onnx", "-q")  # 3 per class do
 
 
+@pytest.mark.slow  # ~22 s, with an auto fit
 def test_two_class_heads_export_exactly(fmnist_store: Path, tmp_path: Path):
     """Binary heads: ridge's coef_ is 1-D, svm's skl2onnx scores are already (-d, d), and the
     centroid's decision is score_1 - score_0 (each once crashed export or was refused), alone

@@ -836,7 +836,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("tta", ["", "crops"])
+@pytest.mark.parametrize("tta", ["", pytest.param("crops", marks=pytest.mark.slow)])  # ~29 s
 def test_extract_with_spawned_loader_workers(fmnist: Path, tmp_path: Path, tta: str):
     """macOS's and Windows' default start method is spawn: the loader workers get the dataset
     (and its views transform) by pickling. Before, the transform was a closure and every
@@ -921,6 +921,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # Ctrl-C at many moments (~33 s); test_ctrl_c_keeps_finished_batches_and_says_how_to_continue stays in the default job
 def test_ctrl_c_at_any_moment_ends_in_the_resume_line_and_keeps_the_batches(tmp_path: Path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) at several moments
     of an `extract --workers 2` run: while torch is imported, the instant the loader's worker

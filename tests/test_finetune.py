@@ -482,6 +482,7 @@ def test_a_checkpoint_from_before_ema_bn_frozen_and_keep_resumes_with_their_old_
     assert "resuming from" in res.stderr and "epoch 2/2" in res.stderr
 
 
+@pytest.mark.slow  # ~21 s; test_ctrl_c_in_epoch_1_leaves_nothing_behind_and_in_epoch_2_names_the_checkpoint stays in the default job
 def test_ctrl_c_names_only_a_checkpoint_on_disk_and_overwrite_keeps_the_old_run_until_the_new_one_has_one(
         fmnist_src: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Ctrl-C (KeyboardInterrupt) at the start of an --overwrite run leaves the earlier run's
@@ -944,6 +945,7 @@ def test_the_files_beside_a_run_passed_as_weights_name_the_runs_weights_file(
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~20 s of fine-tuning
 def test_a_library_caller_is_told_the_checkpoint_entry_in_notes_and_the_cli_says_it(
         fmnist_src: Path, two_epoch_run: Path, tmp_path: Path):
     """The "weights: epoch-002.pt's ... entry" line was printed from inside

@@ -324,6 +324,7 @@ def test_uncalibrated_scores_rank_rather_than_saturate(fmnist_store: Path):
     assert np.median(top) < 0.99 and len(np.unique(top.round(6))) > 10
 
 
+@pytest.mark.slow  # ~33 s; the auto vote's tests fit and predict soft votes in the default job
 def test_soft_voting_ensemble_fits_predicts_and_scores_in_cv_next_to_its_members(
         fmnist_store: Path, tmp_path: Path):
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -395,6 +396,7 @@ def test_prep_none_means_no_preprocessing_and_grids_follow_the_preprocessing(
     assert "prep" not in params and params["gamma"] in ("scale", 0.5, 2.0)  # its own: L2
 
 
+@pytest.mark.slow  # ~31 s of searches
 def test_the_lda_step_is_fitted_once_per_fold_in_a_search_and_never_saved_with_its_cache(
         fmnist_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """knn's grid used to refit the lda step (about 0.5 s at 1280-d) at every grid point.

@@ -110,6 +110,7 @@ def test_openvino_bf16_is_its_own_precision(small: Path, tmp_path: Path, cache: 
     assert len(open_store(ov)) == 13 and read_identity(ov)["precision"] == "bf16-openvino"
 
 
+@pytest.mark.slow  # ~31 s of OpenVINO compiles
 def test_second_run_reads_the_cache_and_a_damaged_entry_is_rebuilt(small: Path,
                                                                      tmp_path: Path,
                                                                      cache: Path):
@@ -191,6 +192,7 @@ def test_runtime_rules_on_cuda_and_bad_values(small: Path, tmp_path: Path):
                        "--precision", "fp16"), "--runtime openvino", "--runtime torch")
 
 
+@pytest.mark.slow  # ~28 s; the torch runtime's resume is in test_extract's default tests
 def test_interrupted_openvino_run_resumes_without_losing_a_batch(fmnist: Path, tmp_path: Path,
                                                                   cache: Path):
     store = tmp_path / "s.h5"
@@ -374,6 +376,7 @@ def test_torch_ops_around_openvino_run_on_one_thread_and_the_count_is_restored(c
 
 
 
+@pytest.mark.slow  # ~20 s
 def test_the_openvino_runtime_reports_nothing_to_openvino_telemetry(fmnist: Path,
                                                                     tmp_path: Path):
     """OpenVINO's model conversion counted each call in ~/intel/stats and forked a process

@@ -324,6 +324,7 @@ def tiled_store(src: Path, dst: Path, copies: int, noise: float = 0.05, seed: in
     return (copies * len(tr) + len(te)) * s.dim * 4
 
 
+@pytest.mark.slow  # ~35 s: a 30,000-row store fitted under an address-space cap
 def test_streamed_fit_under_a_memory_cap_smaller_than_the_feature_matrix(fmnist_store: Path,
                                                                          tmp_path: Path):
     """The issue's out-of-core check, with the kernel enforcing the memory bound.
