@@ -392,11 +392,11 @@ class Head:
         pandas DataFrame of numeric columns in feature order or with a ``features`` column of
         arrays, a Series of arrays; cast to float32), or a store (path, paths of stacked
         stores, or a store object; all its rows, in store order); image paths are refused
-        (PredictError naming ``Embedder``: a head scores features). A store made with another backbone, weights, preprocessing or pool
-        than the head's is refused (ArtifactError); another precision or dtype gives a
-        UserWarning. Raises PredictError for an array of the wrong width or a non-numeric
-        dtype, ragged rows, or rows holding NaN, infinities or values beyond ±1e12
-        (checks.FEATURE_LIMIT)."""
+        (PredictError naming ``Embedder``: a head scores features). A store made with another
+        backbone, weights, preprocessing or pool than the head's is refused (ArtifactError);
+        another precision or dtype gives a UserWarning. Raises PredictError for an array of
+        the wrong width or a non-numeric dtype, ragged rows, or rows holding NaN, infinities or
+        values beyond ±1e12 (checks.FEATURE_LIMIT)."""
         import numpy as np
 
         from .heads.compact import predict_scored

@@ -921,7 +921,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow  # Ctrl-C at many moments (~33 s); test_ctrl_c_keeps_finished_batches_and_says_how_to_continue stays in the default job
+# slow: Ctrl-C at many moments (~33 s); test_ctrl_c_keeps_finished_batches_and_says_how_to_continue
+# stays in the default job
+@pytest.mark.slow
 def test_ctrl_c_at_any_moment_ends_in_the_resume_line_and_keeps_the_batches(tmp_path: Path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) at several moments
     of an `extract --workers 2` run: while torch is imported, the instant the loader's worker

@@ -482,7 +482,9 @@ def test_a_checkpoint_from_before_ema_bn_frozen_and_keep_resumes_with_their_old_
     assert "resuming from" in res.stderr and "epoch 2/2" in res.stderr
 
 
-@pytest.mark.slow  # ~21 s; test_ctrl_c_in_epoch_1_leaves_nothing_behind_and_in_epoch_2_names_the_checkpoint stays in the default job
+# slow: ~21 s; test_ctrl_c_in_epoch_1_leaves_nothing_behind_and_in_epoch_2_names_the_checkpoint
+# stays in the default job
+@pytest.mark.slow
 def test_ctrl_c_names_only_a_checkpoint_on_disk_and_overwrite_keeps_the_old_run_until_the_new_one_has_one(
         fmnist_src: Path, two_epoch_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Ctrl-C (KeyboardInterrupt) at the start of an --overwrite run leaves the earlier run's

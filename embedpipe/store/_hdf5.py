@@ -70,13 +70,14 @@ def _not_hdf5(path: Path) -> str | None:
     except OSError:
         return None
     from ..data import IMAGE_EXTENSIONS
+    from ..features_io import SUFFIXES as FEATURES_SUFFIXES
 
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         return (f"{path} is an image, not a feature store; make a store of the images "
                 "(`embedpipe extract FOLDER -o store.h5`) and pass that, or classify images with "
                 f"`embedpipe predict HEAD {path}`")
-    if suffix in (".npy", ".npz", ".parquet"):
+    if suffix in FEATURES_SUFFIXES:
         return (f"{path} is a features file, not a feature store; import it into one: "
                 f"`embedpipe import-features {path} -o {path.with_suffix('.h5')}`")
     return (f"{path} is not an HDF5 file, so not a feature store; pass the .h5 file made by "
