@@ -272,9 +272,12 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         expect = cost.get(head, float(np.mean(list(cost.values()))) if cost else 0.0)
         if i > 0 and spent + expect > budget:
             left = [describe(h, p) for h, p in cands[i:]]
+            # the first candidate is always scored: say so where it alone overran the budget
+            over = (f"; the first alone took {spent:.3g} s, more than the budget (auto always "
+                    "scores one)" if i == 1 and spent > budget else f" ({spent:.1f} s spent)")
             notes.append(f"the budget ({budget:g} s) cut the search after {i} of {len(cands)} "
-                         f"candidates ({spent:.1f} s spent); not scored: {', '.join(left)}; "
-                         "pass a larger --budget to score them")
+                         f"candidates{over}; not scored: {', '.join(left)}; pass a larger "
+                         "--budget to score them")
             break
         name = describe(head, params)
         say(f"auto: scoring {name}")
