@@ -53,9 +53,10 @@ def test_fit_auto_is_the_default_and_records_its_choice(auto_fit, fmnist_store,
     assert any(n.startswith("200 rows: the choice is the soft vote of every head's defaults "
                             "(7 heads), not the best inner-CV score") for n in rec["notes"])
     # its probabilities are said to be what they are: the mean of the members' own or
-    # temperature-scaled probabilities (3-fold CV, as registry ensembles), not "native"
+    # temperature-scaled probabilities, not "native"; the temperatures fitted on the
+    # out-of-fold decision values of auto's own 5 folds (calibrated_from_oof)
     how = [f"{c['head']} native" if heads.get(c["head"]).native_proba
-           else f"{c['head']} temperature-scaled (3-fold CV)" for c in top]
+           else f"{c['head']} temperature-scaled (5-fold CV)" for c in top]
     assert m["probabilities"] == "vote"
     assert m["calibration"] == ("soft vote (equal weights) of its members' probabilities: "
                                 + ", ".join(how))
@@ -431,3 +432,81 @@ def test_the_report_counts_candidates_apart_from_their_vote_and_names_each_reaso
     done = int(cut.group(1)) - 1 if cut.group(1) else int(cut.group(2))
     assert int(scored.group(1)) == done, res.output
     assert "not scored (the budget)" in res.output and "or it failed" not in res.output
+
+
+def _train_rows(store):
+    from embedpipe.heads.rows import select_rows, targets
+    from embedpipe.store import open_store
+
+    s = open_store(store)
+    rows = select_rows(s)
+    return (s.features[rows.train].astype(np.float64), targets(s, rows.train),
+            s.features[rows.heldout["test"]].astype(np.float64))
+
+
+@pytest.mark.parametrize("head", ["svm", "ridge", "centroid"])
+@pytest.mark.parametrize("n_classes", [10, 2])
+def test_calibrated_from_oof_equals_scikit_learns_own_fit(fmnist_store, head, n_classes):
+    """The final fit's temperature scaling from auto's out-of-fold decision values is what
+    CalibratedClassifierCV's own fit gives on the same folds (it fits the head k+1 times; this
+    once): the same probabilities on held-out rows, binary and multiclass. Fails when
+    scikit-learn's internals that calibrated_from_oof rebuilds change."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    X, y, X_test = _train_rows(fmnist_store)
+    keep = np.isin(y, np.unique(y)[:n_classes])
+    X, y = X[keep], y[keep]
+    splits = list(StratifiedKFold(3, shuffle=True, random_state=1).split(X, y))
+    y_enc = np.searchsorted(np.unique(y), y)
+    decision = cross_val_predict(heads.build(head), X, y_enc, cv=splits,
+                                 method="decision_function")
+    assert decision.ndim == (1 if n_classes == 2 else 2)
+    expected = CalibratedClassifierCV(heads.build(head), method="temperature",
+                                      ensemble=False, cv=splits).fit(X, y)
+    got = auto.calibrated_from_oof(CalibratedClassifierCV(
+        heads.build(head), method="temperature", ensemble=False, cv=3), X, y, decision)
+    assert list(got.classes_) == list(expected.classes_)
+    assert got.cv == 3  # the folds the manifest names
+    p, q = got.predict_proba(X_test), expected.predict_proba(X_test)
+    assert p.shape == (len(X_test), n_classes)
+    np.testing.assert_allclose(p, q, rtol=1e-7, atol=1e-10)
+    # a temperature was fitted (not the identity): the probabilities differ from T = 1
+    beta = got.calibrated_classifiers_[0].calibrators[0].beta_
+    assert abs(beta - 1.0) > 1e-3
+    assert (got.predict(X_test) == expected.predict(X_test)).all()
+
+
+def test_auto_final_fit_calibrates_from_its_own_cv_not_again(fmnist_store, tmp_path,
+                                                               monkeypatch):
+    """The vote's members without probabilities (svm, linear-svm, ridge, centroid) and a
+    chosen single head are temperature-scaled on the out-of-fold decision values auto's CV
+    already computed: no cross_val_predict of their own in the final fit, each fitted once
+    there; the head file loads and predicts calibrated probabilities."""
+    import sklearn.calibration
+
+    def refused(*a, **k):
+        raise AssertionError("the final fit cross-validated a member again")
+
+    monkeypatch.setattr(sklearn.calibration, "cross_val_predict", refused)
+    out = tmp_path / "vote.skops"
+    ok("fit", fmnist_store, "-o", out, "--budget", "10000")
+    loaded = artifacts.load(out)
+    m = loaded.manifest
+    assert m["probabilities"] == "vote" and "temperature-scaled (5-fold CV)" in m["calibration"]
+    X, y, X_test = _train_rows(fmnist_store)
+    p = loaded.estimator.predict_proba(X_test)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-9)
+    assert (np.asarray(loaded.estimator.classes_)[p.argmax(axis=1)]
+            == loaded.estimator.predict(X_test)).all()
+    # a single chosen head without probabilities: svm alone
+    monkeypatch.setattr(auto, "candidates", lambda n, d: [("svm", {})])
+    monkeypatch.setattr(auto, "defaults", lambda n, d: [("svm", {})])
+    one = tmp_path / "one.skops"
+    ok("fit", fmnist_store, "-o", one, "--budget", "10000")
+    loaded = artifacts.load(one)
+    m = loaded.manifest
+    assert m["head"] == "svm" and m["probabilities"] == "calibrated"
+    assert m["calibration"] == "temperature scaling (5-fold)"
+    p = loaded.estimator.predict_proba(X_test)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-9)
