@@ -70,10 +70,23 @@ def _class_scores(estimator: Any, X: np.ndarray, use_proba: bool) -> tuple[np.nd
     """class_scores of ``estimator`` as it is (fast_form already chosen)."""
     if use_proba and hasattr(estimator, "predict_proba"):
         try:
-            return estimator.predict_proba(X), True
+            p = estimator.predict_proba(X)
         except AttributeError:  # e.g. a pipeline whose final step has no predict_proba
             pass
+        else:
+            return normalised(p), True
     return softmax_of_decision(estimator.decision_function(X)), False
+
+
+def normalised(proba: Any) -> np.ndarray:
+    """Probabilities (N×K) as float64 rows that sum to 1 within float64 rounding. A head fitted
+    on float32 features computes them in float32 (logreg, logreg-sgd; ridge's temperature
+    scaling of float32 decision values): its rows summed to 1 only within 2.4e-7, which
+    scikit-learn's log_loss warns about (it checks 1.5e-8 for float64). A row of zeros stays
+    zeros."""
+    p = np.asarray(proba, dtype=np.float64)
+    total = p.sum(axis=1, keepdims=True)
+    return np.divide(p, total, out=p.copy(), where=total > 0)
 
 
 def decision_values(estimator: Any, X: np.ndarray) -> np.ndarray:
