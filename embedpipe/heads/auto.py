@@ -84,6 +84,11 @@ MAX_ENSEMBLE = 3
 # few hundred rows the candidates' CV scores differ by less than their noise, so choosing
 # members by CV adds noise, not skill. A vote of 2 or 3 heads did not beat the best CV row.
 MIN_VOTERS = 4
+# The out-of-fold decision values kept for the final fit's calibration (Selection.decisions)
+# take N×K float64 values per configuration without probabilities: 6 MB in all at 10,000 rows
+# of 10 classes, 480 MB at 1,000 classes. Past this many bytes the rest are not kept (their
+# heads, if chosen, are calibrated by their own folds, as before).
+DECISIONS_MAX_BYTES = 256 * 2**20
 
 
 class BudgetError(EvaluateError):
@@ -342,7 +347,8 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
                          cost[head] / k))
         if (decision is not None and sample is None and not lowered
-                and np.isfinite(decision).all()):
+                and np.isfinite(decision).all() and decision.nbytes + sum(
+                    d.nbytes for d in decisions.values()) <= DECISIONS_MAX_BYTES):
             decisions[name] = decision
     singles = sorted(rows, key=lambda r: -r["mean"])
     voters, left_out = (_voters(singles, X, y, default_names, failed) if len(y) <= LARGE_ROWS
@@ -350,7 +356,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
     vote = (_vote_row(_with_calibrated(voters, y_idx), y, classes, splits, metric, _scores)
             if len(voters) >= MIN_VOTERS else None)
     table = singles + ([vote] if vote else
-                       _ensembles(singles, y, y_idx, classes, splits, metric, _scores))
+                       _ensembles(singles, X, y, y_idx, classes, splits, metric, _scores))
     table.sort(key=lambda r: -r["mean"])  # stable: ties keep singles and cheap-first order
     for r in table:
         r.pop("oof", None)
@@ -372,7 +378,8 @@ def _no_vote_note(rows: int, voters: int, best: dict[str, Any]) -> str:
     defaults could be scored and voted: there is no vote, the choice is the table's best row
     (``best``), and when that row is a greedy ensemble (``_ensembles``) the note says so and
     why it is there."""
-    text = (f"{rows} rows: only {voters} head{'s' if voters != 1 else ''}' defaults could be "
+    whose = "heads'" if voters != 1 else "head's"
+    text = (f"{rows} rows: only {voters} {whose} defaults could be "
             "scored and voted, so there "
             f"is no vote of every head's defaults (it takes at least {MIN_VOTERS}: on the "
             "benches a vote of whichever 2 or 3 heads' defaults there are did not beat the "
@@ -445,37 +452,19 @@ def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
     """The members of the soft vote (mean temperature-scaled probabilities) and, by name, the
     defaults left out of it and why (not scored: the budget, or a failed fit): the rows of
     ``singles`` (best inner-CV score first) that are a head's defaults (``default_names``,
-    ``describe`` of ``defaults``) and can vote on rows ``X`` (N×D), labels ``y``:
-
-    - a member without probabilities must be calibrated (enough rows in every class for
-      heads.ENSEMBLE_CALIBRATION_FOLDS folds);
-    - knn is left out when some training rows are the same point under two classes (the same
-      image in two class folders): its neighbours tie there, so the head would have no exact
-      numpy-only or ONNX form (compact.duplicates_across_classes) and the default head of
-      `fit` could not be exported.
+    ``describe`` of ``defaults``) and can vote on rows ``X`` (N×D), labels ``y``
+    (``_cannot_vote``: a member without probabilities must be calibrated; knn not where the
+    same image is under two classes, or the default head of `fit` could not be exported).
 
     Fewer than the heads when some were not scored (the budget) or cannot vote; with fewer
     than MIN_VOTERS there is no vote."""
-    from . import fewshot
-    from .compact import duplicates_across_classes
-
     out, left = [], {}
     for r in singles:
         if r["name"] not in default_names:
             continue
-        spec = heads.get(r["head"])
-        if not spec.native_proba and fewshot.calibration_folds(
-                heads.build(r["head"], r["params"]), y, heads.ENSEMBLE_CALIBRATION_FOLDS) < 2:
-            cls, n = min_class(y)
-            # a nearest-centroid head needs 2 rows of every class in each calibration fold's
-            # training part, so 3 of every class in all; the others calibrate from 2 (2 folds)
-            need = 3 if fewshot.needs_two_per_fold(heads.build(r["head"], r["params"])) else 2
-            left[r["name"]] = (f"its calibration for the vote needs {need} training rows of "
-                               f"every class, and class {cls!r} has {n}")
-        elif r["head"] == "knn" and duplicates_across_classes(X, y, "euclidean"):
-            left[r["name"]] = ("some training rows are the same image under two classes (its "
-                               "neighbours would tie there, so the head would have no exact "
-                               "numpy-only or ONNX form); `embedpipe audit` lists them")
+        why = _cannot_vote(r, X, y)
+        if why:
+            left[r["name"]] = why
         else:
             out.append(r)
     scored = {r["name"] for r in singles}
@@ -487,7 +476,35 @@ def _voters(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
     return sorted(out, key=lambda r: order[r["name"]]), left  # cv's folds name one vote alike
 
 
-def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
+def _cannot_vote(row: dict[str, Any], X: np.ndarray, y: np.ndarray) -> str:
+    """Why the configuration of table row ``row`` cannot be a member of a soft vote fitted on
+    rows ``X`` (N×D), labels ``y`` ('' when it can):
+
+    - a member without probabilities must be calibrated (enough rows in every class for
+      heads.ENSEMBLE_CALIBRATION_FOLDS folds);
+    - knn is left out when some training rows are the same point under two classes (the same
+      image in two class folders): its neighbours tie there, so the head would have no exact
+      numpy-only or ONNX form (compact.duplicates_across_classes)."""
+    from . import fewshot
+    from .compact import duplicates_across_classes
+
+    head, params = row["head"], row["params"]
+    if not heads.get(head).native_proba and fewshot.calibration_folds(
+            heads.build(head, params), y, heads.ENSEMBLE_CALIBRATION_FOLDS) < 2:
+        cls, n = min_class(y)
+        # a nearest-centroid head needs 2 rows of every class in each calibration fold's
+        # training part, so 3 of every class in all; the others calibrate from 2 (2 folds)
+        need = 3 if fewshot.needs_two_per_fold(heads.build(head, params)) else 2
+        return (f"its calibration for the vote needs {need} training rows of every class, "
+                f"and class {cls!r} has {n}")
+    if head == "knn" and duplicates_across_classes(X, y, "euclidean"):
+        return ("some training rows are the same image under two classes (its neighbours "
+                "would tie there, so the head would have no exact numpy-only or ONNX form); "
+                "`embedpipe audit` lists them")
+    return ""
+
+
+def _ensembles(singles: list[dict[str, Any]], X: np.ndarray, y: np.ndarray, y_idx: np.ndarray,
                classes: np.ndarray, splits: list[Any], metric: str,
                scores: Any) -> list[dict[str, Any]]:
     """Greedy forward selection over the best configuration of each head: a member joins only
@@ -496,8 +513,10 @@ def _ensembles(singles: list[dict[str, Any]], y: np.ndarray, y_idx: np.ndarray,
     final fit costs its head's fit again plus 3 for its calibration, and on 60k Fashion-MNIST
     rows a vote that had joined on a tie (0.894 both) took 16 minutes against svm's 3.5 and
     scored 0.912 against its 0.919 (bench/results/accuracy-60k.md). Returns the ensembles
-    found (one row per accepted step; empty when no member helps)."""
-    pool = _best_of_each_head(singles)
+    found (one row per accepted step; empty when no member helps). Only configurations that
+    can vote on these rows (``_cannot_vote``) are in the pool: a member the final fit cannot
+    calibrate would fail it after the whole selection."""
+    pool = [r for r in _best_of_each_head(singles) if not _cannot_vote(r, X, y)]
     if len(pool) < 2:
         return []
     _with_calibrated(pool, y_idx)
@@ -575,11 +594,13 @@ def calibrated_from_oof(spec: Any, X: np.ndarray, y: np.ndarray,
     ``decision`` — the head's out-of-fold decision values over the same N rows (N, or N×K in
     np.unique(y) order), which auto's cross-validation computed — instead of on a
     ``cross_val_predict`` of its own: the head is fitted once, on all rows, not k+1 times (at
-    10,000 Fashion-MNIST rows the 3-fold calibration of an svm + ridge vote was 115 of the
-    final fit's 177 s). Equal to ``spec.fit`` with ``cv`` set to the folds that gave
-    ``decision`` (tests/test_auto.py checks it). Built as scikit-learn's fit builds it
-    (``sklearn.calibration._fit_calibrator``); returns None where that is not available, so
-    that the caller fits ``spec`` itself."""
+    10,000 Fashion-MNIST rows an svm's 5-fold calibration took 67 of its 75 s,
+    bench/results/auto_refit.md). Equal to ``spec.fit`` with ``cv`` set to the folds that gave
+    ``decision`` (tests/test_auto.py checks it), except that labels are always encoded
+    0..K-1 before the head is fitted (scikit-learn 1.9.1 encodes only strings, and its
+    temperature scaling goes wrong on integer labels that are not 0..K-1). Built as
+    scikit-learn's fit builds it (``sklearn.calibration._fit_calibrator``); returns None where
+    that is not available as used here, so that the caller fits ``spec`` itself."""
     from sklearn.base import clone
 
     try:
@@ -588,60 +609,81 @@ def calibrated_from_oof(spec: Any, X: np.ndarray, y: np.ndarray,
         return None
     out = clone(spec)
     classes = np.unique(y)
-    # as CalibratedClassifierCV.fit: string labels encoded before the head is fitted
-    y_fit = np.searchsorted(classes, y) if isinstance(y[0], str) else y
+    y_fit = np.searchsorted(classes, y)
     base = clone(out.estimator).fit(X, y_fit)
     pred = decision.reshape(-1, 1) if decision.ndim == 1 else decision
-    out.calibrated_classifiers_ = [_fit_calibrator(base, pred, y_fit, classes, out.method,
-                                                   xp=np)]
+    try:
+        calibrated = _fit_calibrator(base, pred, y_fit, classes, out.method, xp=np)
+    except TypeError:  # its private signature changed: calibrate by its own CV instead
+        return None
+    out.calibrated_classifiers_ = [calibrated]
     out.classes_ = classes
     if hasattr(base, "n_features_in_"):
         out.n_features_in_ = base.n_features_in_
     return out
 
 
-def _calibrate_members_from_oof(est: Any, members: list[dict[str, Any]], X: np.ndarray,
-                                y: np.ndarray, decisions: dict[str, np.ndarray],
-                                folds: int) -> list[Any] | None:
-    """Before a vote (``est``: build_choice's Pipeline) is fitted: each member calibrated by
-    temperature scaling whose out-of-fold decision values are in ``decisions`` (by ``describe``
-    name) fitted now (calibrated_from_oof, on the vote's encoded labels, as its own fit sees
-    them) and put in the vote frozen, so the vote's fit keeps it. Returns the members as they
-    were (to put back once fitted: ``_thaw``), or None where nothing was done."""
+def _calibrated_specs(est: Any, choice: dict[str, Any]) -> list[tuple[Any, str]]:
+    """The unfitted ``CalibratedClassifierCV`` objects of ``est`` (build_choice's estimator,
+    or a single head wrapped for calibration) with the ``describe`` name of the configuration
+    each calibrates: the estimator itself, or a vote's members."""
+    if type(est).__name__ == "CalibratedClassifierCV":
+        return [(est, choice["name"])]
+    if not choice.get("members"):
+        return []
+    vote = est.steps[-1][1]
+    return [(sub, describe(m["head"], m["params"]))
+            for (_, sub), m in zip(vote.estimators, choice["members"])
+            if type(sub).__name__ == "CalibratedClassifierCV"]
+
+
+def _reused(est: Any, choice: dict[str, Any], decisions: dict[str, np.ndarray],
+            folds: int) -> dict[int, np.ndarray]:
+    """Before fewshot.adapt: each calibration of ``est`` whose configuration's out-of-fold
+    decision values are in ``decisions`` set to auto's ``folds`` (the manifest's words and
+    the adapt notes then name the folds that gave them). Returns them by id()."""
+    out = {}
+    for spec, name in _calibrated_specs(est, choice):
+        if name in decisions and isinstance(spec.cv, int):
+            spec.set_params(cv=folds)
+            out[id(spec)] = decisions[name]
+    return out
+
+
+def _fit_reusing(est: Any, choice: dict[str, Any], X: np.ndarray, y: np.ndarray,
+                 reused: dict[int, np.ndarray], folds: int) -> Any:
+    """Fit ``est`` on (X, y), each calibration marked by ``_reused`` whose folds fewshot.adapt
+    left at ``folds`` fitted from its decision values (calibrated_from_oof) instead of its own
+    CV: a single head directly; a vote's members fitted first and put in the vote frozen, so
+    that the vote's fit keeps them, then unwrapped."""
     from sklearn.frozen import FrozenEstimator
 
-    if not decisions or est.steps[0][1] != "passthrough":
-        return None
+    def usable(spec: Any) -> np.ndarray | None:
+        return reused.get(id(spec)) if spec.cv == folds else None
+
+    if type(est).__name__ == "CalibratedClassifierCV":
+        d = usable(est)
+        fitted = None if d is None else calibrated_from_oof(est, X, y, d)
+        return fitted if fitted is not None else est.fit(X, y)
+    if not choice.get("members") or est.steps[0][1] != "passthrough":
+        return est.fit(X, y)
     vote = est.steps[-1][1]
     specs = list(vote.estimators)
-    y_enc = np.searchsorted(np.unique(y), y)  # the vote's LabelEncoder
-    swapped = []
-    for (name, sub), m in zip(specs, members):
-        d = decisions.get(describe(m["head"], m["params"]))
-        if (type(sub).__name__ == "CalibratedClassifierCV" and d is not None
-                and isinstance(sub.cv, int)):
-            sub.set_params(cv=folds)  # what the manifest's words say: k-fold out-of-fold
-            fitted = calibrated_from_oof(sub, X, y_enc, d)
-            if fitted is not None:
-                swapped.append((name, FrozenEstimator(fitted)))
-                continue
-        swapped.append((name, sub))
-    vote.estimators = swapped
-    return specs
-
-
-def _thaw(est: Any, specs: list[Any]) -> None:
-    """A vote fitted with frozen members (``_calibrate_members_from_oof``) as if fitted
-    plainly: the fitted members unwrapped, its ``estimators`` the unfitted ones again."""
-    from sklearn.frozen import FrozenEstimator
-
-    vote = est.steps[-1][1]
+    y_enc = np.searchsorted(np.unique(y), y)  # the labels the vote's members are fitted on
+    members = []
+    for name, sub in specs:
+        d = usable(sub) if type(sub).__name__ == "CalibratedClassifierCV" else None
+        fitted = None if d is None else calibrated_from_oof(sub, X, y_enc, d)
+        members.append((name, sub if fitted is None else FrozenEstimator(fitted)))
+    vote.estimators = members
+    est.fit(X, y)
     vote.estimators_ = [e.estimator if isinstance(e, FrozenEstimator) else e
                         for e in vote.estimators_]
     for name, e in list(vote.named_estimators_.items()):
         if isinstance(e, FrozenEstimator):
             vote.named_estimators_[name] = e.estimator
-    vote.estimators = specs
+    vote.estimators = specs  # the unfitted members again, as a plain fit leaves them
+    return est
 
 
 def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
@@ -661,7 +703,6 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
     from .train import CALIBRATION_FOLDS
 
     members = bool(choice.get("members"))
-    decisions = decisions or {}
     # built and fitted inside lda_cache: a vote's members with the same lda step (knn and
     # centroid) fit it once per calibration fold and once on all rows, not once each
     with heads.lda_cache(len(y)):
@@ -677,22 +718,11 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
             else:
                 calibration, probabilities = ("none (too few images of a class to "
                                               "calibrate)", "scores")
+        reused = _reused(est, choice, decisions or {}, folds)
         with _Quiet(count=False), blas_threads(len(y)):
             for note in fewshot.adapt(est, y, "the vote" if members else choice["head"]):
                 say(f"note: {note}")
-            d = decisions.get(choice["name"])
-            if probabilities == "calibrated" and d is not None and isinstance(est.cv, int):
-                est.set_params(cv=folds)  # the manifest's words: folds-fold out-of-fold
-                fitted = calibrated_from_oof(est, X, y, d)
-                est = fitted if fitted is not None else est.fit(X, y)
-            elif members:
-                specs = _calibrate_members_from_oof(est, choice["members"], X, y, decisions,
-                                                    folds)
-                est = est.fit(X, y)
-                if specs is not None:
-                    _thaw(est, specs)
-            else:
-                est = est.fit(X, y)
+            est = _fit_reusing(est, choice, X, y, reused, folds)
     if members:  # the folds of its members' calibration as fitted (fewshot.adapt may lower them)
         calibration, probabilities = heads.vote_calibration(est), "vote"
     elif probabilities == "calibrated":  # k folds, or a held-out sample on many rows
