@@ -301,7 +301,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         # the final fit's temperature is fitted without its own cross-validation
         # (calibrated_from_oof)
         decision: np.ndarray | None = None
-        lowered = False
+        reusable = True  # False: the folds' pipeline or classes differ from the final fit's
         t0 = t_fold = time.perf_counter()
         cut = False
         try:
@@ -318,7 +318,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
                     t_fold = time.perf_counter()
                     est = heads.build(head, params, seed=seed)
                     if fewshot.adapt(est, y[tr], head):  # as `fit` would on these rows
-                        lowered = True  # not the pipeline the final fit is: no reuse
+                        reusable = False  # not the pipeline the final fit is
                     est.fit(X[tr], y[tr])
                     cols = np.searchsorted(classes, np.asarray(est.classes_))
                     if native:
@@ -330,8 +330,8 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
                             decision = np.zeros((len(y),) + d.shape[1:])
                         if d.ndim == 1 or len(cols) == len(classes):
                             decision[te] = d
-                        else:  # a class missing from a fold's training part: no reuse
-                            decision = np.full((len(y),) + d.shape[1:], np.nan)
+                        else:  # a class missing from a fold's training part
+                            reusable = False
                     oof[np.ix_(te, cols)] = s
         except (ValueError, np.linalg.LinAlgError, fewshot.FewShotError) as e:  # too few rows
             notes.append(f"{name} failed to fit on these rows ({first_line(e, 240)}); left out")
@@ -346,7 +346,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
             break
         rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
                          cost[head] / k))
-        if (decision is not None and sample is None and not lowered
+        if (decision is not None and sample is None and reusable
                 and np.isfinite(decision).all() and decision.nbytes + sum(
                     d.nbytes for d in decisions.values()) <= DECISIONS_MAX_BYTES):
             decisions[name] = decision
@@ -489,12 +489,13 @@ def _cannot_vote(row: dict[str, Any], X: np.ndarray, y: np.ndarray) -> str:
     from .compact import duplicates_across_classes
 
     head, params = row["head"], row["params"]
+    est = heads.build(head, params)
     if not heads.get(head).native_proba and fewshot.calibration_folds(
-            heads.build(head, params), y, heads.ENSEMBLE_CALIBRATION_FOLDS) < 2:
+            est, y, heads.ENSEMBLE_CALIBRATION_FOLDS) < 2:
         cls, n = min_class(y)
         # a nearest-centroid head needs 2 rows of every class in each calibration fold's
         # training part, so 3 of every class in all; the others calibrate from 2 (2 folds)
-        need = 3 if fewshot.needs_two_per_fold(heads.build(head, params)) else 2
+        need = 3 if fewshot.needs_two_per_fold(est) else 2
         return (f"its calibration for the vote needs {need} training rows of every class, "
                 f"and class {cls!r} has {n}")
     if head == "knn" and duplicates_across_classes(X, y, "euclidean"):
