@@ -1,6 +1,6 @@
 """The final fit of `fit --head auto` on 10,000 rows: the chosen head's (or its vote members')
 temperature scaling fitted on the out-of-fold decision values auto's cross-validation already
-computed (``auto.calibrated_from_oof``: the head fitted once, on all rows) against a
+computed (``calibration.calibrated_from_oof``: the head fitted once, on all rows) against a
 cross-validation of its own (CalibratedClassifierCV's k folds: the head fitted k+1 times).
 Fit seconds (wall and CPU), test accuracy, log loss and top-label ECE on the same rows, the two
 fits of each choice one after the other.
@@ -59,7 +59,7 @@ def fold_draws(X, y, Xte, yte) -> list[dict]:
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from threadpoolctl import threadpool_limits
 
-    from embedpipe.heads import auto
+    from embedpipe.heads import calibration as temperature
     from embedpipe.heads import registry as heads
 
     classes = np.unique(y)
@@ -69,7 +69,7 @@ def fold_draws(X, y, Xte, yte) -> list[dict]:
             splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y))
             d = cross_val_predict(heads.build("svm"), X, np.searchsorted(classes, y),
                                   cv=splits, method="decision_function")
-            cal = auto.calibrated_from_oof(CalibratedClassifierCV(
+            cal = temperature.calibrated_from_oof(CalibratedClassifierCV(
                 heads.build("svm"), method="temperature", ensemble=False, cv=k), X, y, d)
             p = cal.predict_proba(Xte)
             out.append({"folds": k, "seed": seed,

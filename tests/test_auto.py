@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clitools import cli, ok, one_line_error, read_csv
-from embedpipe.heads import artifacts, auto
+from embedpipe.heads import artifacts, auto, calibration, fewshot
 from embedpipe.heads import registry as heads
 
 NAN = re.compile(r"\bnan\b", re.IGNORECASE)  # "nan", "NaN", "nan ± nan" as a word
@@ -467,7 +467,7 @@ def test_calibrated_from_oof_equals_scikit_learns_own_fit(fmnist_store, head, n_
     assert decision.ndim == (1 if n_classes == 2 else 2)
     expected = CalibratedClassifierCV(heads.build(head), method="temperature",
                                       ensemble=False, cv=splits).fit(X, y)
-    got = auto.calibrated_from_oof(CalibratedClassifierCV(
+    got = calibration.calibrated_from_oof(CalibratedClassifierCV(
         heads.build(head), method="temperature", ensemble=False, cv=3), X, y, decision)
     assert list(got.classes_) == list(expected.classes_)
     assert got.cv == 3  # the folds the manifest names
@@ -492,6 +492,9 @@ def test_auto_final_fit_calibrates_from_its_own_cv_not_again(fmnist_store, tmp_p
         raise AssertionError("the final fit cross-validated a member again")
 
     monkeypatch.setattr(sklearn.calibration, "cross_val_predict", refused)
+    # these 200 rows in the range where a calibration holds a fifth out and refits
+    # (fewshot.refit_split): auto's own out-of-fold values still win (one fit, every row)
+    monkeypatch.setattr(fewshot, "REFIT_ABOVE", 100)
     out = tmp_path / "vote.skops"
     ok("fit", fmnist_store, "-o", out, "--budget", "10000")
     loaded = artifacts.load(out)

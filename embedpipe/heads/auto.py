@@ -36,8 +36,9 @@ How it chooses (``select``):
    refitted on all training rows; ``fit`` saves it like any head, with the table in the
    manifest (``auto``). A head without probabilities (the choice, or a vote member) is
    temperature-scaled on the out-of-fold decision values its CV here gave
-   (``calibrated_from_oof``), so the final fit fits it once instead of k+1 times; where the
-   CV did not cover every row (``score_sample``) it is calibrated by its own folds.
+   (``calibration.calibrated_from_oof``), so the final fit fits it once instead of k+1
+   times; where the CV did not cover every row (``score_sample``) it is calibrated as `fit`
+   calibrates it (k folds, or on many rows a held-out part: calibration.py).
 
 Several stores (``fit A.h5 B.h5 --head auto``) are stacked side by side first, as for any head,
 so the candidates are scored on the stacked features.
@@ -54,6 +55,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import first_line, naming
+from . import calibration as calibrations  # (``calibration`` is the manifest's words here)
 from . import registry as heads
 from .rows import EvaluateError, min_class
 
@@ -170,7 +172,8 @@ class Selection:
     # the out-of-fold decision values (N, or N×K in np.unique(y) order, float64) of the scored
     # configurations without probabilities, by name (``describe``), where the CV covered every
     # row (no score_sample) with the pipeline the final fit fits: the choice's (or its vote
-    # members') temperature scaling is fitted on them (calibrated_from_oof); not in ``record``
+    # members') temperature scaling is fitted on them (calibration.calibrated_from_oof); not
+    # in ``record``
     decisions: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -278,7 +281,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
     splitter, _ = make_folds(k, 1, seed)
     splits = list(splitter.split(np.zeros((len(y), 1)), y))
     rows: list[dict[str, Any]] = []
-    decisions: dict[str, np.ndarray] = {}  # by candidate name (see calibrated_from_oof)
+    decisions: dict[str, np.ndarray] = {}  # by candidate name (see calibration.calibrated_from_oof)
     cost: dict[str, float] = {}
     failed: set[str] = set()
     for i, (head, params) in enumerate(cands):
@@ -299,7 +302,7 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         native = heads.get(head).native_proba
         # a head without probabilities: its raw out-of-fold decision values too, from which
         # the final fit's temperature is fitted without its own cross-validation
-        # (calibrated_from_oof)
+        # (calibration.calibrated_from_oof)
         decision: np.ndarray | None = None
         reusable = True  # False: the folds' pipeline or classes differ from the final fit's
         t0 = t_fold = time.perf_counter()
@@ -588,42 +591,6 @@ def fit_auto(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, se
     return est, {"budget": budget, "choice": sel.choice["name"]}, sel
 
 
-def calibrated_from_oof(spec: Any, X: np.ndarray, y: np.ndarray,
-                        decision: np.ndarray) -> Any:
-    """``spec`` (an unfitted ``CalibratedClassifierCV(method="temperature", ensemble=False)``)
-    fitted on (X, y) as its own ``fit`` would, except that the temperature is fitted on
-    ``decision`` — the head's out-of-fold decision values over the same N rows (N, or N×K in
-    np.unique(y) order), which auto's cross-validation computed — instead of on a
-    ``cross_val_predict`` of its own: the head is fitted once, on all rows, not k+1 times (at
-    10,000 Fashion-MNIST rows an svm's 5-fold calibration took 67 of its 75 s,
-    bench/results/auto_refit.md). Equal to ``spec.fit`` with ``cv`` set to the folds that gave
-    ``decision`` (tests/test_auto.py checks it), except that labels are always encoded
-    0..K-1 before the head is fitted (scikit-learn 1.9.1 encodes only strings, and its
-    temperature scaling goes wrong on integer labels that are not 0..K-1). Built as
-    scikit-learn's fit builds it (``sklearn.calibration._fit_calibrator``); returns None where
-    that is not available as used here, so that the caller fits ``spec`` itself."""
-    from sklearn.base import clone
-
-    try:
-        from sklearn.calibration import _fit_calibrator
-    except ImportError:  # scikit-learn moved it: calibrate by its own CV instead
-        return None
-    out = clone(spec)
-    classes = np.unique(y)
-    y_fit = np.searchsorted(classes, y)
-    base = clone(out.estimator).fit(X, y_fit)
-    pred = decision.reshape(-1, 1) if decision.ndim == 1 else decision
-    try:
-        calibrated = _fit_calibrator(base, pred, y_fit, classes, out.method, xp=np)
-    except TypeError:  # its private signature changed: calibrate by its own CV instead
-        return None
-    out.calibrated_classifiers_ = [calibrated]
-    out.classes_ = classes
-    if hasattr(base, "n_features_in_"):
-        out.n_features_in_ = base.n_features_in_
-    return out
-
-
 def _calibrated_specs(est: Any, choice: dict[str, Any]) -> list[tuple[Any, str]]:
     """The unfitted ``CalibratedClassifierCV`` objects of ``est`` (build_choice's estimator,
     or a single head wrapped for calibration) with the ``describe`` name of the configuration
@@ -651,40 +618,20 @@ def _reused(est: Any, choice: dict[str, Any], decisions: dict[str, np.ndarray],
     return out
 
 
-def _fit_reusing(est: Any, choice: dict[str, Any], X: np.ndarray, y: np.ndarray,
-                 reused: dict[int, np.ndarray], folds: int) -> Any:
-    """Fit ``est`` on (X, y), each calibration marked by ``_reused`` whose folds fewshot.adapt
-    left at ``folds`` fitted from its decision values (calibrated_from_oof) instead of its own
-    CV: a single head directly; a vote's members fitted first and put in the vote frozen, so
-    that the vote's fit keeps them, then unwrapped."""
-    from sklearn.frozen import FrozenEstimator
+def _given(reused: dict[int, np.ndarray], folds: int) -> Any:
+    """calibration.fit's ``given``: a calibration marked by ``_reused`` gets its out-of-fold
+    decision values unless fewshot.adapt lowered its folds (then they are not the pipeline's);
+    one that adapt set to hold a fifth out and refit (fewshot.refit_split) is set back to
+    auto's folds, which already gave every row's value."""
+    from . import fewshot
 
-    def usable(spec: Any) -> np.ndarray | None:
-        return reused.get(id(spec)) if spec.cv == folds else None
+    def given(spec: Any) -> np.ndarray | None:
+        d = reused.get(id(spec))
+        if d is not None and fewshot.refits(spec):
+            spec.set_params(cv=folds)
+        return d if d is not None and spec.cv == folds else None
 
-    if type(est).__name__ == "CalibratedClassifierCV":
-        d = usable(est)
-        fitted = None if d is None else calibrated_from_oof(est, X, y, d)
-        return fitted if fitted is not None else est.fit(X, y)
-    if not choice.get("members") or est.steps[0][1] != "passthrough":
-        return est.fit(X, y)
-    vote = est.steps[-1][1]
-    specs = list(vote.estimators)
-    y_enc = np.searchsorted(np.unique(y), y)  # the labels the vote's members are fitted on
-    members = []
-    for name, sub in specs:
-        d = usable(sub) if type(sub).__name__ == "CalibratedClassifierCV" else None
-        fitted = None if d is None else calibrated_from_oof(sub, X, y_enc, d)
-        members.append((name, sub if fitted is None else FrozenEstimator(fitted)))
-    vote.estimators = members
-    est.fit(X, y)
-    vote.estimators_ = [e.estimator if isinstance(e, FrozenEstimator) else e
-                        for e in vote.estimators_]
-    for name, e in list(vote.named_estimators_.items()):
-        if isinstance(e, FrozenEstimator):
-            vote.named_estimators_[name] = e.estimator
-    vote.estimators = specs  # the unfitted members again, as a plain fit leaves them
-    return est
+    return given
 
 
 def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
@@ -697,7 +644,7 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
     `fit` does. A head (or vote member) whose out-of-fold decision values are in
     ``decisions`` (``Selection.decisions``, from ``folds``-fold CV on these rows) is
     temperature-scaled on those instead of on a cross-validation of its own
-    (calibrated_from_oof). Returns (fitted estimator, calibration, probabilities): the
+    (calibration.calibrated_from_oof). Returns (fitted estimator, calibration, probabilities): the
     manifest's words."""
     from . import fewshot
     from .fit import _Quiet, blas_threads
@@ -723,7 +670,7 @@ def _refit(choice: dict[str, Any], X: np.ndarray, y: np.ndarray, seed: int,
         with _Quiet(count=False), blas_threads(len(y)):
             for note in fewshot.adapt(est, y, "the vote" if members else choice["head"]):
                 say(f"note: {note}")
-            est = _fit_reusing(est, choice, X, y, reused, folds)
+            est = calibrations.fit(est, X, y, _given(reused, folds))
     if members:  # the folds of its members' calibration as fitted (fewshot.adapt may lower them)
         calibration, probabilities = heads.vote_calibration(est), "vote"
     elif probabilities == "calibrated":  # k folds, or a held-out sample on many rows

@@ -27,10 +27,12 @@ fitted on such data at all. What it changes (scikit-learn would otherwise raise 
 And ``check_classes(y, where)`` is the one refusal of training rows holding a single class.
 
 At the other end, ``adapt`` also decides how a ``CalibratedClassifierCV`` calibrates on many
-rows: above ``HOLDOUT_ABOVE`` training rows (every class with at least ``HOLDOUT_MIN_CLASS``)
-the head is fitted once on all but a stratified sample of ``HOLDOUT_ROWS`` rows and the
-temperature on that sample (scikit-learn's ``StratifiedShuffleSplit``, one split), instead of
-k+1 fits (k folds and the final one): see ``holdout``.
+rows (every class with at least ``HOLDOUT_MIN_CLASS``): above ``REFIT_ABOVE`` training rows the
+head is fitted on a stratified 4/5 of them, the temperature on the other fifth and the head
+refitted on all rows (2 fits: ``refit_split``, fitted by calibration.fit); above
+``HOLDOUT_ABOVE`` it is fitted once, on all but a stratified sample of ``HOLDOUT_ROWS`` rows,
+and the temperature on that sample (``holdout``), instead of k+1 fits (k folds and the final
+one).
 """
 
 from __future__ import annotations
@@ -94,6 +96,41 @@ HOLDOUT_ROWS = 2_000
 HOLDOUT_MIN_CLASS = 20  # every class keeps rows on both sides of the stratified split
 
 
+# Between REFIT_ABOVE and HOLDOUT_ABOVE rows the k folds still cost k+1 fits (an RBF svm on
+# 10,000 Fashion-MNIST rows: 61 of its 67 s, bench/results/auto_refit.md) for one number. The
+# head is fitted on a stratified (REFIT_FOLDS-1)/REFIT_FOLDS of the rows (what each of 5 folds
+# trains on), the temperature on its decision values for the rest, then the head on all rows:
+# 2 fits, the same final head (and so the same predicted classes), a temperature from 1/5 of
+# the rows instead of all of them (bench/calibration_refit.py measures both side by side).
+# Below REFIT_ABOVE rows the k folds take seconds and every row's value counts.
+REFIT_ABOVE = 5_000
+REFIT_FOLDS = 5
+
+
+def refit_split(y: np.ndarray, seed: int = 0) -> Any:
+    """The one split a CalibratedClassifierCV on targets ``y`` holds a fifth of the rows out
+    by, to be refitted on all of them afterwards (calibration.held_out_then_refitted), or None
+    to keep its folds: from REFIT_ABOVE to HOLDOUT_ABOVE rows with at least HOLDOUT_MIN_CLASS
+    rows in every class, a ``StratifiedShuffleSplit`` holding out ceil(N / REFIT_FOLDS) rows
+    (an int: the manifest names the count). Used with ``ensemble=False``, a combination
+    scikit-learn's own fit refuses (its cross_val_predict takes partitions): ``refits``."""
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    _, smallest, _, n = counts(y)
+    if not REFIT_ABOVE < n <= HOLDOUT_ABOVE or smallest < HOLDOUT_MIN_CLASS:
+        return None
+    return StratifiedShuffleSplit(n_splits=1, test_size=math.ceil(n / REFIT_FOLDS),
+                                  random_state=seed)
+
+
+def refits(estimator: Any) -> bool:
+    """Whether CalibratedClassifierCV ``estimator`` is set to hold rows out and refit on all
+    (refit_split): a splitter with ``ensemble=False``."""
+    return (type(estimator).__name__ == "CalibratedClassifierCV"
+            and not isinstance(estimator.cv, int) and not estimator.ensemble
+            and hasattr(estimator.cv, "test_size"))
+
+
 def holdout(y: np.ndarray, seed: int = 0) -> Any:
     """The cross-validator a CalibratedClassifierCV on targets ``y`` uses in place of k folds,
     or None to keep its folds: above HOLDOUT_ABOVE rows with at least HOLDOUT_MIN_CLASS rows in
@@ -116,6 +153,9 @@ def calibration_text(estimator: Any) -> str:
     cv = estimator.cv
     if isinstance(cv, int):
         return f"temperature scaling ({cv}-fold)"
+    if refits(estimator):
+        return (f"temperature scaling on {cv.test_size:,} held-out training rows, then the "
+                "head refitted on all rows")
     return (f"temperature scaling on {cv.test_size:,} held-out training rows (not trained "
             "on)")
 
@@ -142,10 +182,12 @@ LDA_MIN_FIT_ROWS = 3  # 2 per class failed on every draw of Lite0 features tried
 
 
 def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "",
-           where: str = "") -> None:
+           where: str = "", refit: bool = True) -> None:
     """adapt's walk; ``prefix`` ('knn:' inside an ensemble) leads a parameter a note names, as
     --param takes it; ``where`` (" in ...": adapt's ``part``) follows the counts a note
-    quotes."""
+    quotes; ``refit``: False for a vote's members behind a step of the vote's own (``--param
+    pca=N``), which scikit-learn fits, so they keep their folds (refit_split needs
+    calibration.fit)."""
     kind = type(est).__name__
     cls, smallest, n_classes, n = counts(y)
     if hasattr(est, "steps"):  # Pipeline: the last step is the classifier
@@ -156,19 +198,27 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
                          f"{smallest} training image(s){where}, the linear discriminants need "
                          f"{LDA_MIN_FIT_ROWS} of every class")
             est.set_params(**{step: "passthrough" for step in lda})
-        _adapt(est.steps[-1][1], y, name, notes, prefix, where)
+        behind = any(obj not in ("passthrough", None) for _, obj in est.steps[:-1])
+        _adapt(est.steps[-1][1], y, name, notes, prefix, where, refit=not behind)
     elif kind == "VotingClassifier":
         for member, sub in est.estimators:
             _adapt(sub, y, f"{name} member {member}" if name else member, notes,
-                   f"{member}:", where)
+                   f"{member}:", where, refit)
     elif kind == "CalibratedClassifierCV":
         base = est.estimator
-        split = (holdout(y) if isinstance(est.cv, int)
-                 and type(base).__name__ != "FrozenEstimator" else None)
+        if refits(est):  # a fitted head's settings fitted again: decided for these rows anew
+            est.set_params(cv=REFIT_FOLDS)
+        own = isinstance(est.cv, int) and type(base).__name__ != "FrozenEstimator"
+        split = holdout(y) if own else None
+        fifth = refit_split(y) if own and split is None and refit else None
         if split is not None:
             est.set_params(cv=split, ensemble=True)  # fitted once, on all but the held-out rows
             _adapt(base, y, name, notes, prefix, where)
-        elif isinstance(est.cv, int) and type(base).__name__ != "FrozenEstimator":
+        elif fifth is not None:  # 4/5, then all rows: calibration.fit
+            est.set_params(cv=fifth, ensemble=False)
+            _adapt(base, fold_part(y, REFIT_FOLDS), name, notes, prefix,
+                   " in a calibration fold's training part")
+        elif own:
             k = calibration_folds(base, y, est.cv)
             if k < 2:
                 need = 3 if needs_two_per_fold(base) else 2

@@ -536,13 +536,16 @@ def vote_calibration(estimator: Any) -> str:
     its members' probabilities, each member's named as native (its own predict_proba) or
     temperature-scaled on k-fold CV or, on many rows, on a held-out sample (as fitted, after
     fewshot.adapt)."""
+    from . import fewshot
+
     vote = _pipeline(estimator).steps[-1][1]
     members = []
     for name, est in vote.estimators:
         cv = getattr(est, "cv", None)
-        held = getattr(cv, "test_size", None)  # fewshot.holdout on many rows
+        held = getattr(cv, "test_size", None)  # fewshot.holdout or refit_split on many rows
+        then = " then refitted on all" if cv is not None and fewshot.refits(est) else ""
         members.append(f"{name} native" if cv is None
-                       else f"{name} temperature-scaled on {held:,} held-out rows"
+                       else f"{name} temperature-scaled on {held:,} held-out rows{then}"
                        if held is not None else f"{name} temperature-scaled ({cv}-fold CV)")
     weights = ("equal weights" if vote.weights is None
                else "weights " + ", ".join(f"{w:g}" for w in vote.weights))
@@ -1270,8 +1273,9 @@ def _calibration_words(h: Head) -> str:
         return (f"calibrated (temperature scaling on about {CALIBRATION_FRACTION:.0%} of the "
                 "rows, held out)")
     return (f"calibrated (temperature scaling on {CALIBRATION_FOLDS}-fold CV; above "
-            f"{fewshot.HOLDOUT_ABOVE:,} rows on {fewshot.HOLDOUT_ROWS:,} held-out rows, one fit "
-            f"instead of {CALIBRATION_FOLDS + 1})")
+            f"{fewshot.REFIT_ABOVE:,} rows on a held-out fifth, then refitted on all rows, 2 "
+            f"fits instead of {CALIBRATION_FOLDS + 1}; above {fewshot.HOLDOUT_ABOVE:,} rows on "
+            f"{fewshot.HOLDOUT_ROWS:,} held-out rows, one fit)")
 
 
 def describe() -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 ``Labeled`` is the one row source of ``fit``, ``cv``, ``compare``, the grid search and
 calibration: the same code fits a head and predicts with it either way, and only this module
 (through stream.py) knows the difference. In memory, ``X`` holds the rows' features and a fit is
-scikit-learn's ``Pipeline.fit``; streamed (``X`` is None), the rows are read from the store
+scikit-learn's ``Pipeline.fit`` (its temperature scalings fitted by calibration.fit); streamed
+(``X`` is None), the rows are read from the store
 ``chunk_rows`` at a time and the head (a streaming head: sgd, logreg-sgd) is fitted with
 ``partial_fit`` (stream.fit_rows), so memory is bounded by the chunk, not by the store.
 """
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..store.read import FeatureStore
-from . import fewshot, stream
+from . import calibration, fewshot, stream
 from .compact import predict_scored
 
 Tick = Callable[[int], None]
@@ -87,7 +88,7 @@ class Labeled:
             found = fewshot.adapt(pipe, self.y, head, self.part)
             if notes is not None:
                 notes.extend(found)
-            return pipe.fit(self.X, self.y)
+            return calibration.fit(pipe, self.X, self.y)
         assert self.store is not None
         return stream.fit_rows(self.store, self.rows, self.y, head, params,
                                class_weight=class_weight, seed=seed,

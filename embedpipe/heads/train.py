@@ -1,8 +1,9 @@
 """`embedpipe fit`: train one head on a store's training rows and write its head file (no torch).
 
 Training rows are those of the ``train`` split, or every labeled row when the store has no
-train split (evaluate.select_rows). Heads without native probabilities (svm, linear-svm, ridge)
-are wrapped in temperature scaling fitted on cross-validated decision scores, so `predict`
+train split (evaluate.select_rows). Heads without native probabilities (svm, linear-svm, ridge,
+centroid) are wrapped in temperature scaling fitted on decision scores of rows the head was not
+fitted on (cross-validated, or a held-out part on many rows: calibration.py), so `predict`
 reports calibrated confidences; the wrapped head predicts the same classes as the bare one.
 """
 
@@ -99,8 +100,10 @@ def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
     In memory ``base`` (the unfitted head) is wrapped and fitted in up to CALIBRATION_FOLDS
     stratified folds of ``fit_on``, as many as the smallest class allows
     (fewshot.calibration_folds); with too few images for 2 folds, ``base`` itself is fitted,
-    uncalibrated; above fewshot.HOLDOUT_ABOVE rows it is fitted once and calibrated on a
-    held-out sample (fewshot.holdout). Streamed, the ``fitted`` head is frozen and only the
+    uncalibrated; above fewshot.REFIT_ABOVE rows it is fitted on 4/5 of them, calibrated on the
+    other fifth and refitted on all (fewshot.refit_split, calibration.fit), above
+    fewshot.HOLDOUT_ABOVE fitted once and calibrated on a held-out sample (fewshot.holdout).
+    Streamed, the ``fitted`` head is frozen and only the
     temperature is fitted on
     the ``held`` rows in ``k`` folds (none held out: ``fitted`` as it is, uncalibrated)."""
     from sklearn.calibration import CalibratedClassifierCV
@@ -114,8 +117,8 @@ def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
                     "confidence is a softmax of scores)", "scores")
         # cv as a number (stratified, unshuffled folds): a splitter object would be stored in
         # the head file as a type that skops does not trust.
-        # (above fewshot.HOLDOUT_ABOVE rows fewshot.adapt turns the folds into one held-out
-        # sample: calibration_text says which was fitted)
+        # (on many rows fewshot.adapt turns the folds into one held-out split, refitted or
+        # not: calibration_text says which was fitted)
         cal = CalibratedClassifierCV(base, method="temperature", ensemble=False, cv=k)
         fitted = fit_on.fit(cal, head, None, notes=notes)
         return fitted, fewshot.calibration_text(fitted), "calibrated"
