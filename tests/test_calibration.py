@@ -94,6 +94,7 @@ def test_fit_between_the_thresholds_holds_a_fifth_out_then_refits(mid_store: Pat
     is the one fitted on all rows, so it predicts the classes the 5-fold calibrated head
     does; predict reads the file."""
     import sklearn.calibration
+    from sklearn.base import clone
     from sklearn.calibration import CalibratedClassifierCV
     from embedpipe.heads import registry as heads
 
@@ -113,6 +114,8 @@ def test_fit_between_the_thresholds_holds_a_fifth_out_then_refits(mid_store: Pat
     assert len(est.calibrated_classifiers_) == 1
     fitted = est.calibrated_classifiers_[0].estimator
     assert fitted.named_steps["scale"].n_samples_seen_ == MID  # refitted on every row
+    # the saved setting is 5 folds (scikit-learn can refit a clone), how it was fitted beside
+    assert est.cv == 5 and getattr(est, fewshot.REFIT_HELD_OUT) == -(-MID // 5)
     monkeypatch.undo()
     X, y = _store_rows(mid_store, "train")
     X_test, y_test = _store_rows(mid_store, "test")
@@ -140,6 +143,10 @@ def test_fit_between_the_thresholds_holds_a_fifth_out_then_refits(mid_store: Pat
     out = tmp_path / "p.csv"
     ok("predict", head, "--store", mid_store, "--split", "test", "-o", out, "-q")
     assert [r["predicted"] for r in read_csv(out)] == list(est.predict(X_test))
+    # a user's scikit-learn refit of a clone of the loaded head: its own 5 folds
+    again = clone(est).fit(X[:600], y[:600])
+    assert again.cv == 5 and not hasattr(again, fewshot.REFIT_HELD_OUT)
+    assert again.predict(X_test[:5]).shape == (5,)
 
 
 def test_vote_members_between_the_thresholds_refit(mid_store: Path, tmp_path: Path,
@@ -148,6 +155,7 @@ def test_vote_members_between_the_thresholds_refit(mid_store: Path, tmp_path: Pa
     own 3 folds before); behind a PCA of the vote's own, the members keep their folds (the
     vote is fitted by scikit-learn there) and the manifest says so."""
     import sklearn.calibration
+    from sklearn.base import clone
 
     calls = []
     real = sklearn.calibration.cross_val_predict
@@ -166,6 +174,9 @@ def test_vote_members_between_the_thresholds_refit(mid_store: Path, tmp_path: Pa
     X_test, _ = _store_rows(mid_store, "test")
     scores, calibrated = class_scores(h.estimator, X_test)  # what predict reports
     assert calibrated and np.allclose(scores.sum(axis=1), 1.0, rtol=1e-12)
+    X, y = _store_rows(mid_store, "train")
+    again = clone(h.estimator).fit(X[:600], y[:600])  # scikit-learn refits a clone
+    assert again.predict(X_test[:5]).shape == (5,)
     pca = tmp_path / "pca.skops"
     ok("fit", mid_store, "--head", "ridge+logreg-sgd", "--param", "pca=16", "-o", pca, "-q")
     m = artifacts.load(pca).manifest
@@ -174,8 +185,9 @@ def test_vote_members_between_the_thresholds_refit(mid_store: Path, tmp_path: Pa
 
 
 def test_a_fitted_refit_calibration_is_decided_anew_for_other_rows(mid_store: Path) -> None:
-    """fewshot.adapt on a clone of a head fitted the refit way, for rows below the
-    threshold: k folds again (scikit-learn's own fit can then fit it)."""
+    """fewshot.adapt on a clone of a head fitted the refit way decides for the rows it is
+    given: a fifth held out again on as many rows, k folds below the threshold (scikit-learn's
+    own fit can then fit it); an unfitted spec set to refit, adapted for fewer rows: folds."""
     from sklearn.base import clone
     from sklearn.calibration import CalibratedClassifierCV
     from embedpipe.heads import registry as heads
@@ -187,9 +199,14 @@ def test_a_fitted_refit_calibration_is_decided_anew_for_other_rows(mid_store: Pa
     assert fewshot.refits(spec)
     fitted = calibration.fit(spec, X, y)
     again = clone(fitted)
-    fewshot.adapt(again, y[:300])
+    fewshot.adapt(again, y)
+    assert fewshot.refits(again)
+    few = clone(fitted)
+    fewshot.adapt(few, y[:300])
+    assert few.cv == 5 and not fewshot.refits(few)
+    assert few.fit(X[:300], y[:300]).predict(X[:5]).shape == (5,)
+    fewshot.adapt(again, y[:300])  # the unfitted spec set to refit
     assert again.cv == 5 and not fewshot.refits(again)
-    assert again.fit(X[:300], y[:300]).predict(X[:5]).shape == (5,)
 
 
 def test_fit_calibrates_on_held_out_rows(pixel_store: Path, tmp_path: Path) -> None:

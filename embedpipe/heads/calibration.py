@@ -11,11 +11,14 @@ copy of the head, so loading, compact forms and ONNX export do not depend on whi
 * **k-fold** (``cv=k``, ``ensemble=False``, up to fewshot.REFIT_ABOVE rows, or where a class is
   too small to hold rows out): scikit-learn's own fit, the k folds' out-of-fold values, then the
   head on all rows (k+1 fits).
-* **held out, then refitted** (``cv`` a one-split ``StratifiedShuffleSplit``, ``ensemble=False``,
-  up to fewshot.HOLDOUT_ABOVE rows): the head fitted on a stratified 4/5 of the rows (what each of
-  5 folds trains on), the temperature on its decision values for the other fifth, and the head
-  refitted on all rows (2 fits). scikit-learn's fit does not do this (its ``cross_val_predict``
-  takes partitions only): ``fit`` below does, and every in-memory fit goes through it.
+* **held out, then refitted** (set by fewshot.adapt as ``cv`` a one-split
+  ``StratifiedShuffleSplit`` with ``ensemble=False``, up to fewshot.HOLDOUT_ABOVE rows): the head
+  fitted on a stratified 4/5 of the rows (what each of 5 folds trains on), the temperature on
+  its decision values for the other fifth, and the head refitted on all rows (2 fits).
+  scikit-learn's fit does not do this (its ``cross_val_predict`` takes partitions only): ``fit``
+  below does, and every in-memory fit goes through it. Once fitted, ``cv`` is 5 folds again
+  (scikit-learn can refit a clone of the saved head) and the fitted attribute
+  ``fewshot.REFIT_HELD_OUT`` holds the count of held-out rows, which the manifest's words name.
 * **held out** (``cv`` a one-split splitter, ``ensemble=True``, above fewshot.HOLDOUT_ABOVE
   rows): scikit-learn's own fit, the head fitted once on all but the held-out rows.
 * **from given out-of-fold values** (auto's final fit): the values its cross-validation already
@@ -95,7 +98,13 @@ def held_out_then_refitted(spec: Any, X: np.ndarray, y: np.ndarray) -> Any:
     train, held = next(spec.cv.split(X, y_fit))
     part = clone(spec.estimator).fit(X[train], y_fit[train])
     decision = decision_values(part, X[held])
-    return calibrated_from_oof(spec, X, y, decision, rows=held)
+    out = calibrated_from_oof(spec, X, y, decision, rows=held)
+    if out is not None:
+        # fitted, it keeps k folds as its setting, which scikit-learn's own fit takes (a
+        # clone of the saved head refits), and says how it was fitted in REFIT_HELD_OUT
+        out.set_params(cv=fewshot.REFIT_FOLDS)
+        setattr(out, fewshot.REFIT_HELD_OUT, int(len(held)))
+    return out
 
 
 def _fitted(spec: Any, X: np.ndarray, y: np.ndarray, given: Given | None) -> Any:
@@ -106,9 +115,8 @@ def _fitted(spec: Any, X: np.ndarray, y: np.ndarray, given: Given | None) -> Any
         return calibrated_from_oof(spec, X, y, d)
     if fewshot.refits(spec):
         out = held_out_then_refitted(spec, X, y)
-        if out is None:  # scikit-learn's internals moved: its own k folds
-            spec.set_params(cv=fewshot.REFIT_FOLDS)
-        return out
+        spec.set_params(cv=fewshot.REFIT_FOLDS)  # a vote's unfitted member as the saved one;
+        return out  # None: scikit-learn's internals moved, its own k folds
     return None
 
 

@@ -105,6 +105,9 @@ HOLDOUT_MIN_CLASS = 20  # every class keeps rows on both sides of the stratified
 # Below REFIT_ABOVE rows the k folds take seconds and every row's value counts.
 REFIT_ABOVE = 5_000
 REFIT_FOLDS = 5
+# the fitted attribute of a CalibratedClassifierCV fitted that way: the rows held out (its cv
+# is REFIT_FOLDS again once fitted, so that scikit-learn can refit a clone)
+REFIT_HELD_OUT = "embedpipe_held_out_rows_"
 
 
 def refit_split(y: np.ndarray, seed: int = 0) -> Any:
@@ -151,11 +154,13 @@ def calibration_text(estimator: Any) -> str:
     'temperature scaling (K-fold)' or 'temperature scaling on N held-out training rows (not
     trained on)', the manifest's ``calibration`` words."""
     cv = estimator.cv
+    held = getattr(estimator, REFIT_HELD_OUT, None) or (cv.test_size if refits(estimator)
+                                                        else None)
+    if held is not None:
+        return (f"temperature scaling on {held:,} held-out training rows, then the head "
+                "refitted on all rows")
     if isinstance(cv, int):
         return f"temperature scaling ({cv}-fold)"
-    if refits(estimator):
-        return (f"temperature scaling on {cv.test_size:,} held-out training rows, then the "
-                "head refitted on all rows")
     return (f"temperature scaling on {cv.test_size:,} held-out training rows (not trained "
             "on)")
 

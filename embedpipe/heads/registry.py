@@ -540,10 +540,14 @@ def vote_calibration(estimator: Any) -> str:
 
     vote = _pipeline(estimator).steps[-1][1]
     members = []
+    fitted = getattr(vote, "named_estimators_", {})
     for name, est in vote.estimators:
         cv = getattr(est, "cv", None)
         held = getattr(cv, "test_size", None)  # fewshot.holdout or refit_split on many rows
-        then = " then refitted on all" if cv is not None and fewshot.refits(est) else ""
+        refit = getattr(fitted.get(name), fewshot.REFIT_HELD_OUT, None)
+        then = ""
+        if refit is not None or (cv is not None and fewshot.refits(est)):
+            held, then = refit or held, " then refitted on all"
         members.append(f"{name} native" if cv is None
                        else f"{name} temperature-scaled on {held:,} held-out rows{then}"
                        if held is not None else f"{name} temperature-scaled ({cv}-fold CV)")
