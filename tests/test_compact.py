@@ -182,6 +182,41 @@ def test_binary_heads_export_and_agree(name: str, fmnist_store: Path):
     assert compact.agrees(est, compact.load(*exported), X)
 
 
+@pytest.mark.parametrize("name", ["svm", "svm+knn"])
+def test_agrees_tells_a_form_that_predicts_otherwise(name: str, fitted: dict[str, Path],
+                                                     fmnist_store: Path):
+    """A calibrated head and a soft vote (predict = argmax of predict_proba, which agrees
+    scores once) are checked on their classes and their probabilities alike: a form whose
+    probabilities move by 1e-3 on one row, or whose class differs on one of the
+    ``classes_only`` rows, disagrees; the form itself agrees."""
+    X = open_store(fmnist_store).features
+    est = artifacts.load(fitted[name]).estimator
+    assert compact._argmax_of_proba(est)
+    form = compact.load(*compact.export(est))
+    mids, rows = X[:100], X[100:]
+    assert compact.agrees(est, form, mids, classes_only=rows)
+
+    class Moved:
+        def __init__(self, where: str):
+            self.where = where
+
+        def predict(self, Z):
+            out = form.predict(Z).copy()
+            if self.where == "class" and len(Z) > len(mids):
+                out[len(mids) + 3] = next(c for c in est.classes_ if c != out[len(mids) + 3])
+            return out
+
+        def predict_proba(self, Z):
+            p = form.predict_proba(Z).copy()
+            if self.where == "proba":
+                p[7] += 1e-3
+            return p
+
+    assert not compact.agrees(est, Moved("proba"), mids, classes_only=rows)
+    assert not compact.agrees(est, Moved("class"), mids, classes_only=rows)
+    assert compact.agrees(est, Moved("neither"), mids, classes_only=rows)
+
+
 def test_svm_heads_score_many_rows_through_their_compact_form(fitted: dict[str, Path],
                                                               fmnist_store: Path, monkeypatch):
     """cv, auto's selection, fit's training accuracy, the API and the reject calibration score

@@ -778,8 +778,15 @@ def agrees(estimator: Any, compact: CompactHead, X: np.ndarray,
     2.7e-6 apart after pca=2 on an AVX2 CPU, 0 on AVX-512), so only rows between training
     rows tell two forms' scores apart."""
     rows = X if classes_only is None else np.concatenate([X, classes_only])
-    if len(X) == 0 or not np.array_equal(np.asarray(estimator.predict(rows)),
-                                         compact.predict(rows)):
+    if len(X) == 0:
+        return False
+    proba = None
+    if _argmax_of_proba(estimator):  # its predict is the argmax of these: one pass, not two
+        proba = np.asarray(estimator.predict_proba(rows), dtype=np.float64)
+        predicted = np.asarray(estimator.classes_)[np.argmax(proba, axis=1)]
+    else:
+        predicted = np.asarray(estimator.predict(rows))
+    if not np.array_equal(predicted, compact.predict(rows)):
         return False
     for name in ("predict_proba", "decision_function"):
         if not hasattr(estimator, name):
@@ -787,7 +794,8 @@ def agrees(estimator: Any, compact: CompactHead, X: np.ndarray,
                 return False
             continue
         try:
-            want = np.asarray(getattr(estimator, name)(X), dtype=np.float64)
+            want = (proba[:len(X)] if name == "predict_proba" and proba is not None
+                    else np.asarray(getattr(estimator, name)(X), dtype=np.float64))
         except AttributeError:  # a pipeline whose final step lacks it
             continue
         if not hasattr(compact, name):
