@@ -185,28 +185,42 @@ def test_vote_members_between_the_thresholds_refit(mid_store: Path, tmp_path: Pa
 
 
 def test_a_fitted_refit_calibration_is_decided_anew_for_other_rows(mid_store: Path) -> None:
-    """fewshot.adapt on a clone of a head fitted the refit way decides for the rows it is
-    given: a fifth held out again on as many rows, k folds below the threshold (scikit-learn's
-    own fit can then fit it); an unfitted spec set to refit, adapted for fewer rows: folds."""
+    """The way is decided by the rows at each fit (calibration.refits), not stored in the
+    head's settings: a clone of a head fitted the refit way holds a fifth out again on as many
+    rows, takes its k folds on 300 rows, and scikit-learn's own fit fits it; fewshot.adapt
+    leaves the folds as they are."""
     from sklearn.base import clone
     from sklearn.calibration import CalibratedClassifierCV
     from embedpipe.heads import registry as heads
 
     X, y = _store_rows(mid_store, "train")
     spec = CalibratedClassifierCV(heads.build("ridge"), method="temperature", ensemble=False,
-                                  cv=5)
+                                  cv=3)
     fewshot.adapt(spec, y)
-    assert fewshot.refits(spec)
+    assert spec.cv == 3 and calibration.refits(spec, y)
     fitted = calibration.fit(spec, X, y)
-    again = clone(fitted)
-    fewshot.adapt(again, y)
-    assert fewshot.refits(again)
-    few = clone(fitted)
-    fewshot.adapt(few, y[:300])
-    assert few.cv == 5 and not fewshot.refits(few)
-    assert few.fit(X[:300], y[:300]).predict(X[:5]).shape == (5,)
-    fewshot.adapt(again, y[:300])  # the unfitted spec set to refit
-    assert again.cv == 5 and not fewshot.refits(again)
+    assert fitted.cv == 3 and getattr(fitted, fewshot.REFIT_HELD_OUT) == -(-MID // 5)
+    assert calibration.refits(clone(fitted), y) and not calibration.refits(fitted, y[:300])
+    few = calibration.fit(clone(fitted), X[:300], y[:300])
+    assert few.cv == 3 and not hasattr(few, fewshot.REFIT_HELD_OUT)
+    assert fewshot.calibration_text(few) == "temperature scaling (3-fold)"
+    assert clone(fitted).fit(X[:300], y[:300]).predict(X[:5]).shape == (5,)
+
+
+def test_a_votes_params_record_no_calibration_object(mid_store: Path, pixel_store: Path,
+                                                     tmp_path: Path) -> None:
+    """A vote's manifest ``params`` and `cv --json` record what --param can set, not the way
+    the rows made its members calibrate (a held-out sample's splitter object made `cv --json`
+    fail after its whole run: 'not JSON serializable'); the members' 3 folds stay theirs."""
+    for store in (mid_store, pixel_store):
+        head = tmp_path / "vote.skops"
+        ok("fit", store, "--head", "ridge+centroid", "-o", head, "-q")
+        params = artifacts.load(head).manifest["params"]
+        assert not any(k.endswith(("__cv", "__ensemble")) for k in params), params
+        out = tmp_path / "cv.json"
+        ok("cv", store, "--head", "ridge+centroid", "--folds", "2", "-q", "--json", out)
+        report = json.loads(out.read_text())
+        assert "ridge__cv" not in json.dumps(report)
 
 
 def test_fit_calibrates_on_held_out_rows(pixel_store: Path, tmp_path: Path) -> None:

@@ -217,6 +217,32 @@ def test_agrees_tells_a_form_that_predicts_otherwise(name: str, fitted: dict[str
     assert compact.agrees(est, Moved("neither"), mids, classes_only=rows)
 
 
+def test_saving_checks_training_rows_classes_only_for_a_knn(fitted: dict[str, Path],
+                                                            fmnist_store: Path, tmp_path: Path,
+                                                            monkeypatch):
+    """artifacts.save checks the compact form on midpoints of the check rows, and the check
+    rows' own classes too where the head holds a kNN (ill-conditioned on its training rows);
+    an svm's training rows are scored as any row, not twice."""
+    X = open_store(fmnist_store).features[:64]
+    seen = {}
+    real = compact.agrees
+
+    def spy(est, form, mids, classes_only=None):
+        seen["mids"], seen["classes_only"] = len(mids), classes_only
+        return real(est, form, mids, classes_only=classes_only)
+
+    monkeypatch.setattr(compact, "agrees", spy)
+    for name, knn in (("svm", False), ("svm+knn", True), ("knn", True), ("logreg", False)):
+        est = artifacts.load(fitted[name]).estimator
+        assert compact.scores_training_rows_apart(est) is knn
+        out = artifacts.save(tmp_path / f"{name}.skops", est, {"head": name}, check_rows=X)
+        assert seen["mids"] == 63
+        assert (seen["classes_only"] is not None) is knn, name
+        if knn:
+            assert len(seen["classes_only"]) == 64
+        assert compact.SPEC_MEMBER in zipfile.ZipFile(out).namelist()
+
+
 def test_svm_heads_score_many_rows_through_their_compact_form(fitted: dict[str, Path],
                                                               fmnist_store: Path, monkeypatch):
     """cv, auto's selection, fit's training accuracy, the API and the reject calibration score

@@ -285,10 +285,13 @@ def _add_compact(path: Path, estimator: Any, head: dict[str, Any], rows: Any) ->
     rows = np.asarray(rows)
     # scored on the midpoints of neighbouring training rows, rows the head has not seen (a
     # kNN's training rows are their own nearest neighbours, at distance 0 or of a rounding
-    # error: their scores are ill-conditioned); the training rows' classes are checked too
+    # error: their scores are ill-conditioned); a kNN's training rows' classes are checked too
+    # (other heads score them as any row: checking them too doubled an RBF svm's check, whose
+    # kernel rows against every support vector are most of a save, bench/results/save_check.md)
     mids = ((rows[:-1] + rows[1:]) / 2).astype(rows.dtype, copy=False)
     if not compact.agrees(estimator, compact.load(spec, arrays), mids if len(mids) else rows,
-                          classes_only=rows):
+                          classes_only=(rows if compact.scores_training_rows_apart(estimator)
+                                        else None)):
         return False
     with zipfile.ZipFile(path, "a") as z:
         sizes: dict[int, list[str]] = {}  # the pipeline's own arrays, by size

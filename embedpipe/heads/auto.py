@@ -620,15 +620,11 @@ def _reused(est: Any, choice: dict[str, Any], decisions: dict[str, np.ndarray],
 
 def _given(reused: dict[int, np.ndarray], folds: int) -> Any:
     """calibration.fit's ``given``: a calibration marked by ``_reused`` gets its out-of-fold
-    decision values unless fewshot.adapt lowered its folds (then they are not the pipeline's);
-    one that adapt set to hold a fifth out and refit (fewshot.refit_split) is set back to
-    auto's folds, which already gave every row's value."""
-    from . import fewshot
+    decision values unless fewshot.adapt lowered its folds (then they are not the pipeline's),
+    before any other way of fitting it (a held-out fifth on many rows: one fit, not two)."""
 
     def given(spec: Any) -> np.ndarray | None:
         d = reused.get(id(spec))
-        if d is not None and fewshot.refits(spec):
-            spec.set_params(cv=folds)
         return d if d is not None and spec.cv == folds else None
 
     return given

@@ -5,20 +5,21 @@ svm, linear-svm, ridge and centroid have no probabilities of their own: ``fit`` 
 an ensemble its members) in scikit-learn's ``CalibratedClassifierCV(method="temperature")``,
 whose one parameter, a temperature, is fitted on decision values the head gave rows it was not
 fitted on. fewshot.adapt decides how those values are made, by the rows (fewshot's module
-docstring); the head file always holds a plain ``CalibratedClassifierCV`` with one calibrated
-copy of the head, so loading, compact forms and ONNX export do not depend on which:
+docstring) and ``refits`` below; the head file always holds a plain ``CalibratedClassifierCV``
+with one calibrated copy of the head, so loading, compact forms and ONNX export do not depend
+on which:
 
 * **k-fold** (``cv=k``, ``ensemble=False``, up to fewshot.REFIT_ABOVE rows, or where a class is
   too small to hold rows out): scikit-learn's own fit, the k folds' out-of-fold values, then the
   head on all rows (k+1 fits).
-* **held out, then refitted** (set by fewshot.adapt as ``cv`` a one-split
-  ``StratifiedShuffleSplit`` with ``ensemble=False``, up to fewshot.HOLDOUT_ABOVE rows): the head
-  fitted on a stratified 4/5 of the rows (what each of 5 folds trains on), the temperature on
-  its decision values for the other fifth, and the head refitted on all rows (2 fits).
-  scikit-learn's fit does not do this (its ``cross_val_predict`` takes partitions only): ``fit``
-  below does, and every in-memory fit goes through it. Once fitted, ``cv`` is 5 folds again
-  (scikit-learn can refit a clone of the saved head) and the fitted attribute
-  ``fewshot.REFIT_HELD_OUT`` holds the count of held-out rows, which the manifest's words name.
+* **held out, then refitted** (above fewshot.REFIT_ABOVE and up to fewshot.HOLDOUT_ABOVE rows,
+  ``refits``): the head fitted on a stratified 4/5 of the rows (what each of 5 folds trains
+  on), the temperature on its decision values for the other fifth, and the head refitted on
+  all rows (2 fits). scikit-learn's fit does not do this (its ``cross_val_predict`` takes
+  partitions only): ``fit`` below does, and every in-memory fit goes through it. The fitted
+  head keeps its k folds as its setting (scikit-learn's refit of a clone of the saved head
+  takes them) and the count of held-out rows in the fitted attribute
+  ``fewshot.REFIT_HELD_OUT``, which the manifest's words name.
 * **held out** (``cv`` a one-split splitter, ``ensemble=True``, above fewshot.HOLDOUT_ABOVE
   rows): scikit-learn's own fit, the head fitted once on all but the held-out rows.
 * **from given out-of-fold values** (auto's final fit): the values its cross-validation already
@@ -83,26 +84,35 @@ def calibrated_from_oof(spec: Any, X: np.ndarray, y: np.ndarray, decision: np.nd
     return out
 
 
+def refits(spec: Any, y: np.ndarray) -> bool:
+    """Whether unfitted ``spec`` is fitted the held-out-then-refitted way on targets ``y``: a
+    ``CalibratedClassifierCV`` of k folds (fewshot.adapt left them: not a held-out sample on
+    many rows, nor a frozen head) on rows fewshot.refit_split holds a fifth of."""
+    return (_is_calibration(spec) and isinstance(spec.cv, int) and spec.ensemble is False
+            and type(spec.estimator).__name__ != "FrozenEstimator"
+            and fewshot.refit_split(y) is not None)
+
+
 def held_out_then_refitted(spec: Any, X: np.ndarray, y: np.ndarray) -> Any:
-    """``spec`` (an unfitted ``CalibratedClassifierCV`` that fewshot.adapt set to refit:
-    ``fewshot.refits``) fitted on (X, y): its head fitted on the training part of ``spec.cv``'s
-    one stratified split, the temperature on that head's decision values for the held-out part,
-    then the head refitted on all rows (calibrated_from_oof). 2 fits instead of k+1. Returns
-    None where calibrated_from_oof cannot build it (the caller then fits k folds instead)."""
+    """``spec`` (an unfitted ``CalibratedClassifierCV`` that ``refits`` on ``y``) fitted on
+    (X, y): its head fitted on the training part of fewshot.refit_split's one stratified split,
+    the temperature on that head's decision values for the held-out part, then the head
+    refitted on all rows (calibrated_from_oof). 2 fits instead of k+1. The fitted estimator
+    keeps ``spec``'s k folds as its setting (a clone refitted by scikit-learn takes them) and
+    holds the count of held-out rows in the fitted attribute fewshot.REFIT_HELD_OUT, which the
+    manifest's words name. Returns None where calibrated_from_oof cannot build it (the caller
+    then fits k folds instead)."""
     from sklearn.base import clone
 
     from .compact import decision_values
 
     classes = np.unique(y)
     y_fit = np.searchsorted(classes, y)
-    train, held = next(spec.cv.split(X, y_fit))
+    train, held = next(fewshot.refit_split(y).split(X, y_fit))
     part = clone(spec.estimator).fit(X[train], y_fit[train])
     decision = decision_values(part, X[held])
     out = calibrated_from_oof(spec, X, y, decision, rows=held)
     if out is not None:
-        # fitted, it keeps k folds as its setting, which scikit-learn's own fit takes (a
-        # clone of the saved head refits), and says how it was fitted in REFIT_HELD_OUT
-        out.set_params(cv=fewshot.REFIT_FOLDS)
         setattr(out, fewshot.REFIT_HELD_OUT, int(len(held)))
     return out
 
@@ -113,10 +123,8 @@ def _fitted(spec: Any, X: np.ndarray, y: np.ndarray, given: Given | None) -> Any
     d = given(spec) if given is not None else None
     if d is not None:
         return calibrated_from_oof(spec, X, y, d)
-    if fewshot.refits(spec):
-        out = held_out_then_refitted(spec, X, y)
-        spec.set_params(cv=fewshot.REFIT_FOLDS)  # a vote's unfitted member as the saved one;
-        return out  # None: scikit-learn's internals moved, its own k folds
+    if refits(spec, y):
+        return held_out_then_refitted(spec, X, y)  # None: scikit-learn's internals moved
     return None
 
 
@@ -127,38 +135,34 @@ def fit(est: Any, X: np.ndarray, y: np.ndarray, given: Given | None = None) -> A
     scaling in it fitted the cheapest way that applies (module docstring; ``given``: auto's
     out-of-fold values). A vote's members are fitted first and put in the vote frozen, so that
     the vote's own fit keeps them, then unwrapped: the fitted vote is the one ``est.fit`` makes.
-    A vote behind a step of its own (``--param pca=N``) is fitted by scikit-learn (fewshot.adapt
-    leaves its members' folds; one set to refit all the same is set back to k folds, as the
-    manifest then says)."""
+    A vote behind a step of its own (``--param pca=N``) is fitted by scikit-learn, its members
+    calibrated by their k folds."""
     from sklearn.frozen import FrozenEstimator
 
     if _is_calibration(est):
         out = _fitted(est, X, y, given)
         return out if out is not None else est.fit(X, y)
     vote = est.steps[-1][1] if hasattr(est, "steps") else None
-    if type(vote).__name__ != "VotingClassifier":
+    if type(vote).__name__ != "VotingClassifier" or any(
+            step not in ("passthrough", None) for _, step in est.steps[:-1]):
         return est.fit(X, y)
     specs = list(vote.estimators)
-    cal = [(name, sub) for name, sub in specs if _is_calibration(sub)]
-    if any(step not in ("passthrough", None) for _, step in est.steps[:-1]):
-        for _, sub in cal:
-            if fewshot.refits(sub):
-                sub.set_params(cv=fewshot.REFIT_FOLDS)
-        return est.fit(X, y)
-    if not any(fewshot.refits(sub) or (given is not None and given(sub) is not None)
-               for _, sub in cal):
-        return est.fit(X, y)
     y_enc = np.searchsorted(np.unique(y), y)  # the labels the vote fits its members on
+    if not any(refits(sub, y_enc) or (given is not None and given(sub) is not None)
+               for _, sub in specs):
+        return est.fit(X, y)
     members = []
     for name, sub in specs:
         fitted = _fitted(sub, X, y_enc, given) if _is_calibration(sub) else None
         members.append((name, sub if fitted is None else FrozenEstimator(fitted)))
     vote.estimators = members
-    est.fit(X, y)
+    try:
+        est.fit(X, y)
+    finally:
+        vote.estimators = specs  # the unfitted members again, as a plain fit leaves them
     vote.estimators_ = [e.estimator if isinstance(e, FrozenEstimator) else e
                         for e in vote.estimators_]
     for name, e in list(vote.named_estimators_.items()):
         if isinstance(e, FrozenEstimator):
             vote.named_estimators_[name] = e.estimator
-    vote.estimators = specs  # the unfitted members again, as a plain fit leaves them
     return est

@@ -768,6 +768,20 @@ def load(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> CompactHead:
     return (CompactHead if spec.get("proba") is None else _CompactProba)(spec, arrays)
 
 
+def scores_training_rows_apart(estimator: Any) -> bool:
+    """Whether ``estimator`` holds a kNN, whose scores on its own training rows (their own
+    nearest neighbours, at a distance of 0 or of a rounding error) are ill-conditioned: the
+    classes of training rows are then checked too (``agrees``' ``classes_only``). Other heads
+    score a training row as any other, which the midpoints between them already check."""
+    found = [False]
+
+    def visit(obj: Any) -> None:
+        found[0] = found[0] or _type(obj) == "KNeighborsClassifier"
+
+    walk(estimator, visit)
+    return found[0]
+
+
 def agrees(estimator: Any, compact: CompactHead, X: np.ndarray,
            classes_only: np.ndarray | None = None) -> bool:
     """Whether ``compact`` predicts like ``estimator`` on ``X``: same classes, and the same

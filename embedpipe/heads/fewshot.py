@@ -27,12 +27,11 @@ fitted on such data at all. What it changes (scikit-learn would otherwise raise 
 And ``check_classes(y, where)`` is the one refusal of training rows holding a single class.
 
 At the other end, ``adapt`` also decides how a ``CalibratedClassifierCV`` calibrates on many
-rows (every class with at least ``HOLDOUT_MIN_CLASS``): above ``REFIT_ABOVE`` training rows the
-head is fitted on a stratified 4/5 of them, the temperature on the other fifth and the head
-refitted on all rows (2 fits: ``refit_split``, fitted by calibration.fit); above
-``HOLDOUT_ABOVE`` it is fitted once, on all but a stratified sample of ``HOLDOUT_ROWS`` rows,
-and the temperature on that sample (``holdout``), instead of k+1 fits (k folds and the final
-one).
+rows (every class with at least ``HOLDOUT_MIN_CLASS``): above ``HOLDOUT_ABOVE`` it is fitted
+once, on all but a stratified sample of ``HOLDOUT_ROWS`` rows, and the temperature on that
+sample (``holdout``), instead of k+1 fits (k folds and the final one). Above ``REFIT_ABOVE``
+rows calibration.fit (every in-memory fit) fits the head on a stratified 4/5 of them, the
+temperature on the other fifth, and the head on all rows: 2 fits (``refit_split``).
 """
 
 from __future__ import annotations
@@ -105,18 +104,19 @@ HOLDOUT_MIN_CLASS = 20  # every class keeps rows on both sides of the stratified
 # Below REFIT_ABOVE rows the k folds take seconds and every row's value counts.
 REFIT_ABOVE = 5_000
 REFIT_FOLDS = 5
-# the fitted attribute of a CalibratedClassifierCV fitted that way: the rows held out (its cv
-# is REFIT_FOLDS again once fitted, so that scikit-learn can refit a clone)
+# the fitted attribute of a CalibratedClassifierCV fitted that way: the rows held out (its
+# ``cv`` stays k folds, which scikit-learn's refit of a clone takes)
 REFIT_HELD_OUT = "embedpipe_held_out_rows_"
 
 
 def refit_split(y: np.ndarray, seed: int = 0) -> Any:
-    """The one split a CalibratedClassifierCV on targets ``y`` holds a fifth of the rows out
-    by, to be refitted on all of them afterwards (calibration.held_out_then_refitted), or None
-    to keep its folds: from REFIT_ABOVE to HOLDOUT_ABOVE rows with at least HOLDOUT_MIN_CLASS
-    rows in every class, a ``StratifiedShuffleSplit`` holding out ceil(N / REFIT_FOLDS) rows
-    (an int: the manifest names the count). Used with ``ensemble=False``, a combination
-    scikit-learn's own fit refuses (its cross_val_predict takes partitions): ``refits``."""
+    """The one split by which calibration.fit holds a fifth of the rows out to fit a
+    CalibratedClassifierCV's temperature on targets ``y``, then refits the head on all of them
+    (calibration.held_out_then_refitted), or None to keep its folds: above REFIT_ABOVE and up
+    to HOLDOUT_ABOVE rows with at least HOLDOUT_MIN_CLASS rows in every class, a
+    ``StratifiedShuffleSplit`` holding out ceil(N / REFIT_FOLDS) rows. The CalibratedClassifierCV
+    keeps its k folds as its setting (scikit-learn's own fit, which cannot do this, takes
+    them)."""
     from sklearn.model_selection import StratifiedShuffleSplit
 
     _, smallest, _, n = counts(y)
@@ -124,14 +124,6 @@ def refit_split(y: np.ndarray, seed: int = 0) -> Any:
         return None
     return StratifiedShuffleSplit(n_splits=1, test_size=math.ceil(n / REFIT_FOLDS),
                                   random_state=seed)
-
-
-def refits(estimator: Any) -> bool:
-    """Whether CalibratedClassifierCV ``estimator`` is set to hold rows out and refit on all
-    (refit_split): a splitter with ``ensemble=False``."""
-    return (type(estimator).__name__ == "CalibratedClassifierCV"
-            and not isinstance(estimator.cv, int) and not estimator.ensemble
-            and hasattr(estimator.cv, "test_size"))
 
 
 def holdout(y: np.ndarray, seed: int = 0) -> Any:
@@ -151,11 +143,12 @@ def holdout(y: np.ndarray, seed: int = 0) -> Any:
 
 def calibration_text(estimator: Any) -> str:
     """How a CalibratedClassifierCV ``estimator`` calibrates (as configured, after ``adapt``):
-    'temperature scaling (K-fold)' or 'temperature scaling on N held-out training rows (not
-    trained on)', the manifest's ``calibration`` words."""
+    'temperature scaling (K-fold)', 'temperature scaling on N held-out training rows, then the
+    head refitted on all rows' (calibration.fit, above REFIT_ABOVE rows) or 'temperature
+    scaling on N held-out training rows (not trained on)' (holdout), the manifest's
+    ``calibration`` words."""
     cv = estimator.cv
-    held = getattr(estimator, REFIT_HELD_OUT, None) or (cv.test_size if refits(estimator)
-                                                        else None)
+    held = getattr(estimator, REFIT_HELD_OUT, None)
     if held is not None:
         return (f"temperature scaling on {held:,} held-out training rows, then the head "
                 "refitted on all rows")
@@ -187,12 +180,10 @@ LDA_MIN_FIT_ROWS = 3  # 2 per class failed on every draw of Lite0 features tried
 
 
 def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "",
-           where: str = "", refit: bool = True) -> None:
+           where: str = "") -> None:
     """adapt's walk; ``prefix`` ('knn:' inside an ensemble) leads a parameter a note names, as
     --param takes it; ``where`` (" in ...": adapt's ``part``) follows the counts a note
-    quotes; ``refit``: False for a vote's members behind a step of the vote's own (``--param
-    pca=N``), which scikit-learn fits, so they keep their folds (refit_split needs
-    calibration.fit)."""
+    quotes."""
     kind = type(est).__name__
     cls, smallest, n_classes, n = counts(y)
     if hasattr(est, "steps"):  # Pipeline: the last step is the classifier
@@ -203,27 +194,20 @@ def _adapt(est: Any, y: np.ndarray, name: str, notes: list[str], prefix: str = "
                          f"{smallest} training image(s){where}, the linear discriminants need "
                          f"{LDA_MIN_FIT_ROWS} of every class")
             est.set_params(**{step: "passthrough" for step in lda})
-        behind = any(obj not in ("passthrough", None) for _, obj in est.steps[:-1])
-        _adapt(est.steps[-1][1], y, name, notes, prefix, where, refit=not behind)
+        _adapt(est.steps[-1][1], y, name, notes, prefix, where)
     elif kind == "VotingClassifier":
         for member, sub in est.estimators:
             _adapt(sub, y, f"{name} member {member}" if name else member, notes,
-                   f"{member}:", where, refit)
+                   f"{member}:", where)
     elif kind == "CalibratedClassifierCV":
         base = est.estimator
-        if refits(est):  # a fitted head's settings fitted again: decided for these rows anew
-            est.set_params(cv=REFIT_FOLDS)
         own = isinstance(est.cv, int) and type(base).__name__ != "FrozenEstimator"
         split = holdout(y) if own else None
-        fifth = refit_split(y) if own and split is None and refit else None
         if split is not None:
             est.set_params(cv=split, ensemble=True)  # fitted once, on all but the held-out rows
             _adapt(base, y, name, notes, prefix, where)
-        elif fifth is not None:  # 4/5, then all rows: calibration.fit
-            est.set_params(cv=fifth, ensemble=False)
-            _adapt(base, fold_part(y, REFIT_FOLDS), name, notes, prefix,
-                   " in a calibration fold's training part")
-        elif own:
+        elif own:  # k folds; on many rows calibration.fit holds a fifth out instead
+            # (refit_split), whose training part is larger than a fold's
             k = calibration_folds(base, y, est.cv)
             if k < 2:
                 need = 3 if needs_two_per_fold(base) else 2

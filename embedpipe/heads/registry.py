@@ -543,11 +543,11 @@ def vote_calibration(estimator: Any) -> str:
     fitted = getattr(vote, "named_estimators_", {})
     for name, est in vote.estimators:
         cv = getattr(est, "cv", None)
-        held = getattr(cv, "test_size", None)  # fewshot.holdout or refit_split on many rows
-        refit = getattr(fitted.get(name), fewshot.REFIT_HELD_OUT, None)
+        held = getattr(cv, "test_size", None)  # fewshot.holdout on many rows
+        refit = getattr(fitted.get(name), fewshot.REFIT_HELD_OUT, None)  # calibration.fit
         then = ""
-        if refit is not None or (cv is not None and fewshot.refits(est)):
-            held, then = refit or held, " then refitted on all"
+        if refit is not None:
+            held, then = refit, " then refitted on all"
         members.append(f"{name} native" if cv is None
                        else f"{name} temperature-scaled on {held:,} held-out rows{then}"
                        if held is not None else f"{name} temperature-scaled ({cv}-fold CV)")
@@ -1106,9 +1106,25 @@ def fitted_params(name: str, params: dict[str, Any], estimator: Any, *,
     if kept != tuple(prep):
         out["prep"] = "+".join(kept) or "none"  # PREP_CHOICES' names
     for key, value in got.items():
-        if key.startswith("clf__") and _plain(value) and repr(value) != repr(want.get(key)):
+        if (key.startswith("clf__") and _recordable(value) and not key.endswith("__ensemble")
+                and repr(value) != repr(want.get(key))):  # ensemble: holdout's, as cv
             out[key.removeprefix("clf__")] = value
     return out
+
+
+def _recordable(value: Any) -> bool:
+    """A setting fitted_params may record: plain data that a manifest, a JSON report and
+    ``--param`` can hold (numbers, text, booleans, None, and lists, tuples and dicts of them).
+    Not an estimator, nor a splitter object such as the held-out sample a calibration uses on
+    many rows (fewshot.holdout), which the manifest's ``calibration`` words describe instead
+    (a ``cv --json`` report of such a vote raised 'not JSON serializable' after its run)."""
+    import numbers
+
+    if isinstance(value, (list, tuple)):
+        return all(_recordable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _recordable(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, bool, numbers.Number))
 
 
 def effective_params(name: str, estimator: Any) -> dict[str, Any]:
@@ -1279,7 +1295,8 @@ def _calibration_words(h: Head) -> str:
     return (f"calibrated (temperature scaling on {CALIBRATION_FOLDS}-fold CV; above "
             f"{fewshot.REFIT_ABOVE:,} rows on a held-out fifth, then refitted on all rows, 2 "
             f"fits instead of {CALIBRATION_FOLDS + 1}; above {fewshot.HOLDOUT_ABOVE:,} rows on "
-            f"{fewshot.HOLDOUT_ROWS:,} held-out rows, one fit)")
+            f"{fewshot.HOLDOUT_ROWS:,} held-out rows, one fit; those two where every class has "
+            f"{fewshot.HOLDOUT_MIN_CLASS} rows)")
 
 
 def describe() -> list[dict[str, Any]]:
