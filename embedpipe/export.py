@@ -990,7 +990,7 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
             "when each member does: fit a vote of exportable heads, or one head, e.g. "
             "`embedpipe fit STORE --head logreg`" if vote else "")) from None
     if say:
-        from .heads.registry import holds
+        from .heads.compact import holds
 
         say(f"head {name}: ONNX equals predict_proba within {err:.1g} on 64 sample feature "
             "rows" + (

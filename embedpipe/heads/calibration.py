@@ -148,14 +148,11 @@ def fit(est: Any, X: np.ndarray, y: np.ndarray, given: Given | None = None) -> A
         return est.fit(X, y)
     specs = list(vote.estimators)
     y_enc = np.searchsorted(np.unique(y), y)  # the labels the vote fits its members on
-    if not any(refits(sub, y_enc) or (given is not None and given(sub) is not None)
-               for _, sub in specs):
+    fitted = [_fitted(sub, X, y_enc, given) for _, sub in specs]  # None: the vote fits it
+    if all(f is None for f in fitted):
         return est.fit(X, y)
-    members = []
-    for name, sub in specs:
-        fitted = _fitted(sub, X, y_enc, given) if _is_calibration(sub) else None
-        members.append((name, sub if fitted is None else FrozenEstimator(fitted)))
-    vote.estimators = members
+    vote.estimators = [(name, sub if f is None else FrozenEstimator(f))
+                       for (name, sub), f in zip(specs, fitted)]
     try:
         est.fit(X, y)
     finally:

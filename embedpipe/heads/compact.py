@@ -182,6 +182,14 @@ def _support_vectors(estimator: Any) -> int:
     return total[0]
 
 
+def holds(estimator: Any, kind: str) -> bool:
+    """Whether a scikit-learn object of type name ``kind`` is inside ``estimator`` (a pipeline
+    step, an ensemble member, a calibrated copy; see walk)."""
+    found: list[bool] = []
+    walk(estimator, lambda obj: found.append(True) if type(obj).__name__ == kind else None)
+    return bool(found)
+
+
 def walk(estimator: Any, visit: Any) -> Any:
     """Call ``visit`` on ``estimator`` and on every object inside it, once each: scikit-learn
     objects' attributes, lists, tuples and dicts (pipeline steps, ensemble members,
@@ -773,13 +781,7 @@ def scores_training_rows_apart(estimator: Any) -> bool:
     nearest neighbours, at a distance of 0 or of a rounding error) are ill-conditioned: the
     classes of training rows are then checked too (``agrees``' ``classes_only``). Other heads
     score a training row as any other, which the midpoints between them already check."""
-    found = [False]
-
-    def visit(obj: Any) -> None:
-        found[0] = found[0] or _type(obj) == "KNeighborsClassifier"
-
-    walk(estimator, visit)
-    return found[0]
+    return holds(estimator, "KNeighborsClassifier")
 
 
 def agrees(estimator: Any, compact: CompactHead, X: np.ndarray,

@@ -183,14 +183,6 @@ def as_saved(estimator: Any) -> Any:
     return walk(estimator, visit)
 
 
-def holds(estimator: Any, kind: str) -> bool:
-    """Whether a scikit-learn object of type name ``kind`` is inside ``estimator`` (a pipeline
-    step, an ensemble member, a calibrated copy; see compact.walk)."""
-    found: list[bool] = []
-    walk(estimator, lambda obj: found.append(True) if type(obj).__name__ == kind else None)
-    return bool(found)
-
-
 def lda_step() -> LinearDiscriminantAnalysis:
     """The ``lda`` preprocessing step: scikit-learn's LDA as a transformer (eigen solver, the
     one with both shrinkage and ``transform``; ``shrinkage="auto"``: Ledoit-Wolf)."""

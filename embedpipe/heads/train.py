@@ -117,8 +117,9 @@ def _calibrated(fitted: Any, base: Any, fit_on: Labeled, held: Labeled, k: int,
                     "confidence is a softmax of scores)", "scores")
         # cv as a number (stratified, unshuffled folds): a splitter object would be stored in
         # the head file as a type that skops does not trust.
-        # (on many rows fewshot.adapt turns the folds into one held-out split, refitted or
-        # not: calibration_text says which was fitted)
+        # (on many rows calibration.fit holds a fifth out and refits, and above
+        # fewshot.HOLDOUT_ABOVE fewshot.adapt turns the folds into one held-out sample:
+        # calibration_text says which was fitted)
         cal = CalibratedClassifierCV(base, method="temperature", ensemble=False, cv=k)
         fitted = fit_on.fit(cal, head, None, notes=notes)
         return fitted, fewshot.calibration_text(fitted), "calibrated"
