@@ -1,4 +1,5 @@
-"""Versions of what made an output, for run records, head manifests and reports.
+"""Versions of what made an output, for run records, head manifests and reports; and the cores
+this process may use (``usable_cores``).
 
 Read from package metadata (importlib.metadata), never by importing the package: asking for
 torch's version costs no torch import, so torch-free paths stay torch-free.
@@ -49,3 +50,12 @@ def versions(*extras: str) -> dict[str, str]:
 EXTRACT = ("torch", "timm", "h5py", "pillow")
 #: The packages whose versions decide a fitted head.
 HEADS = ("scikit-learn", "skops")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, as under
+    taskset or a container's cpuset; else os.cpu_count()), at least 1."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)

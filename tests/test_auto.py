@@ -570,3 +570,122 @@ def test_a_vote_on_a_class_of_two_names_the_folds_its_temperatures_came_from(
     calibrated = [c for c in m["auto"]["members"] if not heads.get(c["head"]).native_proba]
     assert calibrated and all(f"{c['head']} temperature-scaled (2-fold CV)" in m["calibration"]
                               for c in calibrated), m["calibration"]
+
+
+def _train_rows(fmnist_store):
+    from embedpipe.heads.rows import select_rows, targets
+    from embedpipe.store import open_store
+
+    s = open_store(fmnist_store)
+    rows = select_rows(s).train
+    return np.asarray(s.features[rows]), targets(s, rows)
+
+
+def test_folds_in_worker_threads_give_the_same_selection_as_one_after_another(
+        fmnist_store, monkeypatch):
+    """Above PARALLEL_ROWS auto fits score_workers folds at once in threads: the same table
+    (every candidate's mean CV score to the last digit), choice and out-of-fold decision
+    values (what the final fit's temperature comes from) as one fold after another."""
+    X, y = _train_rows(fmnist_store)
+    real = auto.candidates
+    monkeypatch.setattr(auto, "candidates", lambda n, d: real(n, d)[:5])
+    got = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(auto, "score_workers", lambda rows, w=workers: w)
+        got[workers] = auto.select(X, y, budget=10000)
+    one, three = got[1], got[3]
+    assert [(r["name"], r["mean"], r["std"]) for r in one.table] == \
+        [(r["name"], r["mean"], r["std"]) for r in three.table]
+    assert one.choice["name"] == three.choice["name"] and one.notes == three.notes
+    assert one.decisions.keys() == three.decisions.keys() and one.decisions
+    for name, d in one.decisions.items():
+        np.testing.assert_allclose(three.decisions[name], d, rtol=1e-9, atol=1e-12)
+
+
+def test_a_fold_failing_in_a_worker_leaves_its_candidate_out_and_a_bug_is_raised(
+        fmnist_store, monkeypatch):
+    """A candidate whose fit raises for its rows (a ValueError, as scikit-learn raises for too
+    few rows) is left out with a note, the others scored, as with one thread; any other
+    exception in a worker thread is a bug and reaches the caller."""
+    X, y = _train_rows(fmnist_store)
+    monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
+    monkeypatch.setattr(auto, "candidates", lambda n, d: [
+        ("logreg", {}), ("svm", {}), ("ridge", {})])
+    real_build = heads.build
+    error = {"svm": ValueError}
+
+    def build(head, params=None, **kw):
+        est = real_build(head, params, **kw)
+        if head in error:
+            def broken(*a, **k):
+                raise error[head]("cannot fit these rows\nsecond line")
+            est.fit = broken
+        return est
+
+    monkeypatch.setattr(heads, "build", build)
+    sel = auto.select(X, y, budget=10000)
+    assert sorted(r["head"] for r in sel.table if not r.get("members")) == ["logreg", "ridge"]
+    svm = auto.describe("svm", {})
+    assert f"{svm} failed to fit on these rows (cannot fit these rows); left out" in sel.notes, \
+        sel.notes
+
+    error["svm"] = RuntimeError
+    with pytest.raises(RuntimeError, match="cannot fit these rows"):
+        auto.select(X, y, budget=10000)
+
+
+def test_workers_keep_the_budget_and_always_score_the_first_candidate(fmnist_store,
+                                                                      monkeypatch):
+    """With folds in worker threads a budget too small for anything still scores the first
+    candidate on every fold, and no other: the next candidate is expected to end past it."""
+    X, y = _train_rows(fmnist_store)
+    monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
+    sel = auto.select(X, y, budget=0.001)
+    first = auto.describe(*auto.candidates(20, X.shape[1])[0])
+    assert [r["name"] for r in sel.table] == [first]
+    assert sel.folds == 5
+    assert any(n.startswith("the budget (0.001 s) cut the search after 1 of ") for n in
+               sel.notes), sel.notes
+
+
+def test_ctrl_c_stops_auto_with_folds_in_worker_threads(monkeypatch):
+    """Ctrl-C while worker threads fit folds raises errors.Interrupted in the caller at once
+    (the threads are daemons: the command does not wait for their fits), and Python's own
+    SIGINT handler is back afterwards."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from embedpipe.errors import Interrupted
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4).astype(str), 1500)
+    X = rng.normal(size=(len(y), 256)) + np.repeat(np.eye(4, 256), 1500, axis=0)
+    monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
+    monkeypatch.setattr(auto, "candidates", lambda n, d: [("svm", {})] * 4)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(Interrupted):
+        auto.select(X, y, budget=10000)
+    assert time.perf_counter() - t0 < 60
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_score_workers_one_per_core_above_parallel_rows_capped_by_omp_num_threads(
+        monkeypatch):
+    """Folds run one per usable core above PARALLEL_ROWS rows, at most MAX_WORKERS, and at most
+    OMP_NUM_THREADS where it is set (joblib sets it in its workers: cv --jobs N), else 1."""
+    from embedpipe import env
+
+    monkeypatch.setattr(env, "usable_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert auto.score_workers(auto.PARALLEL_ROWS) == 1
+    assert auto.score_workers(auto.PARALLEL_ROWS + 1) == auto.MAX_WORKERS == 8
+    monkeypatch.setattr(env, "usable_cores", lambda: 2)
+    assert auto.score_workers(10_000) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert auto.score_workers(10_000) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert auto.score_workers(10_000) == 2

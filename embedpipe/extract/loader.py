@@ -17,6 +17,7 @@ from ..data import (
     decode_image,
     read_file,
 )
+from ..env import usable_cores
 from .plan import Task
 
 if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
@@ -29,8 +30,7 @@ def default_workers() -> int:
     """Loader worker processes by default: one core for decoding, the others for inference
     (cores − 1, at least 1, at most 8). On 2 cores 1 worker beat 2 with OpenVINO's streams on
     the other threads (about 400 vs 370-395 img/s steady, Lite0 bf16, 224-px JPEGs)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) - 1))
+    return max(1, min(8, usable_cores() - 1))
 
 
 class _Images:

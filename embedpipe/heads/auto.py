@@ -12,12 +12,15 @@ How it chooses (``select``):
    the smallest class; 3 above 5,000 rows), folds from ``evaluate.cv.make_folds`` and shared by
    all candidates. Its out-of-fold class scores are kept. Above SELECT_ROWS (10,000) rows they
    are scored on a stratified sample of that many (``score_sample``) and the choice is fitted
-   on all rows: a whole large store does not fit the budget.
-3. Budget: before a candidate starts, if the seconds spent plus its expected cost (what the last
-   candidate of the same head took, else the mean so far) exceed ``budget``, it and the rest are
-   skipped and a note says so; the same before each of its folds (expected: its last fold), so
-   a candidate is dropped rather than finished past the budget. The first candidate always
-   runs, so a tiny budget still yields a valid head.
+   on all rows: a whole large store does not fit the budget. Above PARALLEL_ROWS rows the
+   folds run several at once, in worker threads (``score_workers``: one per usable core; the
+   fits release the GIL), with the same results as one after another.
+3. Budget: before a candidate starts, if the seconds spent plus its expected cost (a fold of
+   the last candidate of the same head, else the mean fold so far, times the rounds its folds
+   take on the workers) exceed ``budget``, it and the rest are skipped and a note says so; the
+   same before each of its folds (expected: its folds done, else as before), so a candidate is
+   dropped rather than finished past the budget. The first candidate always runs, so a tiny
+   budget still yields a valid head.
 4. Ensembles. Up to 5,000 rows: the soft vote (mean temperature-scaled probabilities) of every
    head's defaults (7 heads), scored on the same folds. Above: soft voting over the best
    configuration of each head, members added
@@ -46,6 +49,7 @@ so the candidates are scored on the stacked features.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,9 +252,6 @@ def select(X: np.ndarray, y: np.ndarray, *, budget: float = DEFAULT_BUDGET, seed
 def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
             say: Callable[[str], None]) -> Selection:
     from ..evaluate.cv import make_folds
-    from . import fewshot
-    from .compact import class_scores, decision_values, softmax_of_decision
-    from .fit import _Quiet
     from .rows import scores as _scores
 
     t_start = time.perf_counter()
@@ -280,79 +281,24 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         return Selection([row], 0, metric, budget, time.perf_counter() - t_start, notes)
     splitter, _ = make_folds(k, 1, seed)
     splits = list(splitter.split(np.zeros((len(y), 1)), y))
+    scored, cut_note = _score_candidates(cands, X, y, classes, splits, budget, seed, t_start,
+                                         say)
     rows: list[dict[str, Any]] = []
     decisions: dict[str, np.ndarray] = {}  # by candidate name (see calibration.calibrated_from_oof)
-    cost: dict[str, float] = {}
     failed: set[str] = set()
-    for i, (head, params) in enumerate(cands):
-        spent = time.perf_counter() - t_start
-        expect = cost.get(head, float(np.mean(list(cost.values()))) if cost else 0.0)
-        if i > 0 and spent + expect > budget:
-            left = [describe(h, p) for h, p in cands[i:]]
-            # the first candidate is always scored: say so where it alone overran the budget
-            over = (f"; the first alone took {spent:.3g} s, more than the budget (auto always "
-                    "scores one)" if i == 1 and spent > budget else f" ({spent:.1f} s spent)")
-            notes.append(f"the budget ({budget:g} s) cut the search after {i} of {len(cands)} "
-                         f"candidates{over}; not scored: {', '.join(left)}; pass a larger "
-                         "--budget to score them")
-            break
-        name = describe(head, params)
-        say(f"auto: scoring {name}")
-        oof = np.zeros((len(y), len(classes)))
-        native = heads.get(head).native_proba
-        # a head without probabilities: its raw out-of-fold decision values too, from which
-        # the final fit's temperature is fitted without its own cross-validation
-        # (calibration.calibrated_from_oof)
-        decision: np.ndarray | None = None
-        reusable = True  # False: the folds' pipeline or classes differ from the final fit's
-        t0 = t_fold = time.perf_counter()
-        cut = False
-        try:
-            with _Quiet(count=False):
-                for f, (tr, te) in enumerate(splits):
-                    if len(y) > LARGE_ROWS and f:  # a fold takes many seconds here: show it
-                        say(f"auto: scoring {name}, fold {f + 1}/{k}")
-                    # a fold expected to end past the budget is not started (its expected
-                    # seconds: this candidate's last fold, else a k-th of its expected cost)
-                    fold_expect = time.perf_counter() - t_fold if f else expect / k
-                    if i > 0 and time.perf_counter() - t_start + fold_expect > budget:
-                        cut = True  # over budget inside this candidate: drop it
-                        break
-                    t_fold = time.perf_counter()
-                    est = heads.build(head, params, seed=seed)
-                    if fewshot.adapt(est, y[tr], head):  # as `fit` would on these rows
-                        reusable = False  # not the pipeline the final fit is
-                    est.fit(X[tr], y[tr])
-                    cols = np.searchsorted(classes, np.asarray(est.classes_))
-                    if native:
-                        s, _ = class_scores(est, X[te])
-                    else:
-                        d = decision_values(est, X[te])
-                        s = softmax_of_decision(d)
-                        if decision is None:
-                            decision = np.zeros((len(y),) + d.shape[1:])
-                        if d.ndim == 1 or len(cols) == len(classes):
-                            decision[te] = d
-                        else:  # a class missing from a fold's training part
-                            reusable = False
-                    oof[np.ix_(te, cols)] = s
-        except (ValueError, np.linalg.LinAlgError, fewshot.FewShotError) as e:  # too few rows
-            notes.append(f"{name} failed to fit on these rows ({first_line(e, 240)}); left out")
-            failed.add(name)
+    for c in scored:
+        if c.error is not None:
+            notes.append(f"{c.name} failed to fit on these rows ({c.error}); left out")
+            failed.add(c.name)
             continue
-        cost[head] = time.perf_counter() - t0
-        if cut:
-            left = [describe(h, p) for h, p in cands[i:]]
-            notes.append(f"the budget ({budget:g} s) cut the search during candidate {i + 1} "
-                         f"of {len(cands)}; not scored: {', '.join(left)}; pass a larger "
-                         "--budget to score them")
-            break
-        rows.append(_row(name, head, params, oof, y, classes, splits, metric, _scores,
-                         cost[head] / k))
-        if (decision is not None and sample is None and reusable
-                and np.isfinite(decision).all() and decision.nbytes + sum(
+        rows.append(_row(c.name, c.head, c.params, c.oof, y, classes, splits, metric, _scores,
+                         c.seconds / k))
+        if (c.decision is not None and sample is None and c.reusable
+                and np.isfinite(c.decision).all() and c.decision.nbytes + sum(
                     d.nbytes for d in decisions.values()) <= DECISIONS_MAX_BYTES):
-            decisions[name] = decision
+            decisions[c.name] = c.decision
+    if cut_note:
+        notes.append(cut_note)
     singles = sorted(rows, key=lambda r: -r["mean"])
     voters, left_out = (_voters(singles, X, y, default_names, failed) if len(y) <= LARGE_ROWS
                         else ([], {}))
@@ -374,6 +320,313 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
         notes.append(_no_vote_note(len(y), len(voters), table[0]))
     return Selection(table, k, metric, budget, time.perf_counter() - t_start, notes,
                      chosen=chosen, decisions=decisions)
+
+
+@dataclass
+class _Scored:
+    """One candidate's cross-validation (``_score_candidates``): its out-of-fold class scores
+    (N×C float64, columns in np.unique(y) order), its raw out-of-fold decision values for a
+    head without probabilities, and the seconds its folds took in all (each fold timed in the
+    thread that fitted it); or ``error``, the first line of why a fold failed to fit."""
+    name: str
+    head: str
+    params: dict[str, Any]
+    oof: np.ndarray
+    decision: np.ndarray | None = None
+    reusable: bool = True  # False: the folds' pipeline or classes differ from the final fit's
+    seconds: float = 0.0
+    folds_done: int = 0
+    error: str | None = None
+
+
+#: Up to this many training rows auto scores its folds one after another in this thread: a
+#: fold fits in well under a second there (natural set, 170 rows: 13 candidates in 8 s), less
+#: than a worker thread would save.
+PARALLEL_ROWS = 1000
+MAX_WORKERS = 8
+
+
+def score_workers(rows: int) -> int:
+    """How many folds auto fits at once on ``rows`` training rows: 1 up to PARALLEL_ROWS,
+    else one per usable core (os.sched_getaffinity), at most MAX_WORKERS and at most
+    OMP_NUM_THREADS where that is set (the usual way to cap a process's threads; joblib sets it
+    in its worker processes, e.g. `cv --jobs N`'s, to cores // N). Each runs in a thread of
+    this process (the fits spend their time in compiled code that releases the GIL: libsvm,
+    BLAS, scikit-learn's Cython loops), with cores // workers BLAS/OpenMP threads."""
+    import os
+
+    from ..env import usable_cores
+
+    if rows <= PARALLEL_ROWS:
+        return 1
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    cores = min(usable_cores(), int(cap)) if cap.isdigit() and int(cap) > 0 else usable_cores()
+    return min(MAX_WORKERS, cores)
+
+
+def _fit_fold(head: str, params: dict[str, Any], seed: int, X: np.ndarray, y: np.ndarray,
+              tr: np.ndarray, te: np.ndarray, classes: np.ndarray, native: bool
+              ) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """One fold of one candidate, as `fit` would fit it on the fold's training rows: (whether
+    fewshot.adapt changed the pipeline, the fitted classes' columns in ``classes``, the
+    held-out rows' class scores, their raw decision values (None for a head with native
+    probabilities), seconds)."""
+    from . import fewshot
+    from .compact import class_scores, decision_values, softmax_of_decision
+
+    t0 = time.perf_counter()
+    est = heads.build(head, params, seed=seed)
+    adapted = bool(fewshot.adapt(est, y[tr], head))  # as `fit` would on these rows
+    with _C_RAND.held(_C_RAND.user(est)):
+        est.fit(X[tr], y[tr])
+    cols = np.searchsorted(classes, np.asarray(est.classes_))
+    if native:
+        s, _ = class_scores(est, X[te])
+        d = None
+    else:
+        d = decision_values(est, X[te])
+        s = softmax_of_decision(d)
+    return adapted, cols, s, d, time.perf_counter() - t0
+
+
+class _CRand:
+    """C's rand() is one generator per process. libsvm and liblinear seed it (srand) when they
+    start a fit, and liblinear draws from it while it fits (the order of its coordinate
+    descent), so a liblinear fit (LinearSVC: the linear-svm head; LogisticRegression with
+    solver liblinear) next to any other libsvm or liblinear fit in another thread would draw
+    another sequence and end elsewhere (3e-5 apart in an out-of-fold decision value, measured).
+    ``held(user(est))`` around a fit: a liblinear fit runs alone among them, libsvm fits (SVC:
+    rand unused without probability=True) side by side; waiting liblinear fits go first."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting = 0  # liblinear fits waiting to run alone
+
+    @staticmethod
+    def user(est: Any) -> str | None:
+        """"liblinear", "libsvm" or None: which of them fitting ``est`` seeds or draws rand()."""
+        from .compact import walk
+
+        found: set[str] = set()
+
+        def visit(obj: Any) -> None:
+            kind = type(obj).__name__
+            if kind in ("LinearSVC", "LinearSVR") or (
+                    kind == "LogisticRegression" and getattr(obj, "solver", "") == "liblinear"):
+                found.add("liblinear")
+            elif kind in ("SVC", "NuSVC", "SVR", "NuSVR", "OneClassSVM"):
+                found.add("libsvm")
+
+        walk(est, visit)
+        return "liblinear" if "liblinear" in found else ("libsvm" if found else None)
+
+    @contextlib.contextmanager
+    def held(self, user: str | None) -> Any:
+        if user is None:
+            yield
+            return
+        alone = user == "liblinear"
+        with self._cond:
+            if alone:
+                self._waiting += 1
+                self._cond.wait_for(lambda: not self._alone and not self._shared)
+                self._waiting -= 1
+                self._alone = True
+            else:
+                self._cond.wait_for(lambda: not self._alone and not self._waiting)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if alone:
+                    self._alone = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
+
+
+_C_RAND = _CRand()
+
+
+class _Workers:
+    """``n`` daemon threads fitting folds (``submit``), each task in a copy of the submitting
+    thread's context (registry.lda_cache is a context variable); ``n`` = 1 runs each task in
+    the calling thread when it is submitted. Daemon threads: a Ctrl-C ends the command without
+    waiting for the fits in flight."""
+
+    def __init__(self, n: int):
+        import queue
+
+        self.n = n
+        self.done: Any = queue.Queue()
+        self._todo: Any = queue.Queue()
+        self._threads = []
+        if n > 1:
+            import threading
+
+            for i in range(n):
+                t = threading.Thread(target=self._work, name=f"embedpipe-auto-{i}",
+                                     daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _work(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            key, ctx, fn, args = item
+            self.done.put(self._run(key, ctx, fn, args))
+
+    @staticmethod
+    def _run(key: Any, ctx: Any, fn: Any, args: tuple) -> tuple[Any, Any, BaseException | None]:
+        try:
+            return key, ctx.run(fn, *args), None
+        except Exception as e:  # handed to the caller, which decides
+            return key, None, e
+
+    def submit(self, key: Any, fn: Any, *args: Any) -> None:
+        import contextvars
+
+        ctx = contextvars.copy_context()
+        if self.n > 1:
+            self._todo.put((key, ctx, fn, args))
+        else:
+            self.done.put(self._run(key, ctx, fn, args))
+
+    def next_done(self) -> tuple[Any, Any, BaseException | None]:
+        import queue
+
+        while True:  # a timeout, so that Ctrl-C reaches this thread while it waits
+            try:
+                return self.done.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._todo.put(None)
+
+
+def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y: np.ndarray,
+                      classes: np.ndarray, splits: list[Any], budget: float, seed: int,
+                      t_start: float, say: Callable[[str], None]
+                      ) -> tuple[list[_Scored], str | None]:
+    """Cross-validate ``cands`` in order on ``splits`` within ``budget`` seconds from
+    ``t_start`` (module docstring, step 3), ``score_workers`` folds at a time: the candidates
+    scored or failed, in their order (not those the budget cut), and the budget's note or
+    None. Expected seconds: a fold of the same head's last candidate (or of this candidate's
+    folds done), else the mean fold so far; a candidate starts only when its folds are
+    expected to end within the budget on the workers, a fold only when it is expected to end
+    within it, and a candidate that loses a fold to the budget is dropped, with the rest."""
+    from threadpoolctl import threadpool_limits
+
+    from ..env import usable_cores
+    from . import fewshot
+    from .fit import _Quiet
+
+    k = len(splits)
+    workers = score_workers(len(y))
+    state: list[_Scored] = []
+    fold_s: dict[str, float] = {}  # head -> seconds of a fold of its last candidate
+    all_folds: list[float] = []
+    in_flight = 0
+    note: str | None = None
+    stop = False
+    tasks = ((i, f) for i in range(len(cands)) for f in range(k))
+    pool = _Workers(workers)
+
+    def expected(i: int) -> float:
+        c = state[i] if i < len(state) else None
+        if c is not None and c.folds_done:
+            return c.seconds / c.folds_done
+        head = cands[i][0]
+        return fold_s.get(head, float(np.mean(all_folds)) if all_folds else 0.0)
+
+    try:
+        # the fits in flight share the cores: BLAS and OpenMP get cores // workers threads each
+        with _Quiet(count=False), threadpool_limits(
+                max(1, usable_cores() // workers) if workers > 1 else None):
+            while True:
+                while not stop and in_flight < workers:
+                    nxt = next(tasks, None)
+                    if nxt is None:
+                        stop = True
+                        break
+                    i, f = nxt
+                    head, params = cands[i]
+                    name = describe(head, params)
+                    if f == 0:
+                        spent = time.perf_counter() - t_start
+                        if i > 0 and spent + expected(i) * -(-k // workers) > budget:
+                            left = [describe(h, p) for h, p in cands[i:]]
+                            # the first candidate is always scored: say so where it alone
+                            # overran the budget
+                            over = (f"; the first alone took {spent:.3g} s, more than the "
+                                    "budget (auto always scores one)" if i == 1
+                                    and spent > budget else f" ({spent:.1f} s spent)")
+                            note = (f"the budget ({budget:g} s) cut the search after {i} of "
+                                    f"{len(cands)} candidates{over}; not scored: "
+                                    f"{', '.join(left)}; pass a larger --budget to score them")
+                            stop = True
+                            break
+                        state.append(_Scored(name, head, params,
+                                             np.zeros((len(y), len(classes)))))
+                        say(f"auto: scoring {name}")
+                    c = state[i]
+                    if c.error is not None:
+                        continue  # a fold failed: its other folds are not fitted
+                    if i > 0 and time.perf_counter() - t_start + expected(i) > budget:
+                        left = [describe(h, p) for h, p in cands[i:]]
+                        note = (f"the budget ({budget:g} s) cut the search during candidate "
+                                f"{i + 1} of {len(cands)}; not scored: {', '.join(left)}; "
+                                "pass a larger --budget to score them")
+                        c.error = ""  # over budget inside this candidate: dropped
+                        stop = True
+                        break
+                    if len(y) > LARGE_ROWS and f:  # a fold takes many seconds here: show it
+                        say(f"auto: scoring {name}, fold {f + 1}/{k}")
+                    tr, te = splits[f]
+                    pool.submit((i, f), _fit_fold, head, params, seed, X, y, tr, te, classes,
+                                heads.get(head).native_proba)
+                    in_flight += 1
+                if not in_flight:
+                    break
+                (i, f), out, err = pool.next_done()
+                in_flight -= 1
+                c = state[i]
+                if err is not None:
+                    if not isinstance(err, (ValueError, np.linalg.LinAlgError,
+                                            fewshot.FewShotError)):
+                        raise err  # a bug, not too few rows
+                    if c.error is None:
+                        c.error = first_line(err, 240)
+                    continue
+                adapted, cols, s, d, seconds = out
+                c.seconds += seconds
+                c.folds_done += 1
+                all_folds.append(seconds)
+                fold_s[c.head] = c.seconds / c.folds_done
+                if adapted:
+                    c.reusable = False  # not the pipeline the final fit is
+                _, te = splits[f]
+                if d is not None:
+                    if c.decision is None:
+                        c.decision = np.zeros((len(y),) + d.shape[1:])
+                    if d.ndim == 1 or len(cols) == len(classes):
+                        c.decision[te] = d
+                    else:  # a class missing from a fold's training part
+                        c.reusable = False
+                c.oof[np.ix_(te, cols)] = s
+    finally:
+        pool.close()
+    # scored (every fold) or failed; a candidate the budget cut (error "") is left out
+    return [c for c in state if c.error or (c.error is None and c.folds_done == k)], note
 
 
 def _no_vote_note(rows: int, voters: int, best: dict[str, Any]) -> str:
