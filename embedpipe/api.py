@@ -518,6 +518,13 @@ class CVReport:
                 return float(h[self.metric]["mean"])
         raise ApiError(f"cv report: no head {name!r}; it has {', '.join(self.heads)}")
 
+    @property
+    def finetuned_rows(self) -> dict[str, Any]:
+        """How many scored rows are images the store's backbone was fine-tuned on (`embedpipe
+        finetune` weights; 0 for others): ``{"cross_validated": N, "heldout": {split: N}}``.
+        Scores over such rows overrate the model; cv also says so on stderr."""
+        return copy.deepcopy(self._report["finetuned_rows"])
+
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the whole report (JSON-ready: str keys, lists, numbers)."""
         return copy.deepcopy(self._report)

@@ -681,7 +681,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     all of them (a single head without native probabilities is calibrated like ``fit`` does),
     and save it with the candidate table in the manifest's ``auto``. Returns a FitResult whose
     ``head`` reads 'auto → HEAD' (the chosen head, a+b+... for a vote)."""
-    from ..store.read import open_stores, refuse_duplicates
+    from ..store.read import finetuned_note, open_stores, refuse_duplicates
     from . import artifacts
     from .compact import predict_scored
     from .rows import select_rows, targets
@@ -713,6 +713,10 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
         for line in sel.lines():
             say(line)
+        seen = finetuned_note(store, rows.train, "rows of this cross-validation table (and "
+                              "of the training accuracy)")[1]
+        if seen:
+            say(f"note: {seen}")
         choice = sel.choice
         est, calibration, probabilities = _refit(choice, X, y, seed, say,
                                                  calibrate_single=True,

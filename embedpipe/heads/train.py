@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _io, checks
 from ..errors import naming
-from ..store.read import open_stores, refuse_duplicates
+from ..store.read import finetuned_note, open_stores, refuse_duplicates
 from . import artifacts, fewshot, stream
 from . import registry as heads
 from .fit import (_as_fitted, _fit_errors, _Quiet, blas_threads, convergence_note,
@@ -236,6 +236,10 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed, y)
     for n in dict.fromkeys(notes):
         say(f"note: {n}")
+    seen = finetuned_note(store, rows.train, "training rows (of the training accuracy"
+                          + (" and the search's cross-validation" if search else "") + ")")[1]
+    if seen:
+        say(f"note: {seen}")
     if quiet.convergence:
         say(convergence_note(head, quiet.convergence))
     train_acc = float((pred == (y if sub is None else y[sub])).mean())
