@@ -467,13 +467,19 @@ def fit(store: StoreLike, head: str = "auto", *, out: PathLike | None = None,
     src: Any = paths[0] if len(paths) == 1 else paths
     say = (lambda m: None) if not progress else _stderr
     if out is not None:
-        train.fit(src, head, Path(out), params=params, class_weight=class_weight, search=search,
-                  seed=seed, jobs=jobs, chunk_rows=chunk_rows, progress=progress, say=say)
+        res = train.fit(src, head, Path(out), params=params, class_weight=class_weight,
+                        search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
+                        progress=progress, say=say)
+        if res.finetuned:  # the backbone was fine-tuned on rows it was fitted and scored on
+            warnings.warn(res.finetuned, UserWarning, stacklevel=2)
         return load_head(out)
     with tempfile.TemporaryDirectory(prefix="embedpipe-fit-") as tmp:
         dest = Path(tmp) / f"{head}{artifacts.SUFFIX}"
-        train.fit(src, head, dest, params=params, class_weight=class_weight, search=search,
-                  seed=seed, jobs=jobs, chunk_rows=chunk_rows, progress=progress, say=say)
+        res = train.fit(src, head, dest, params=params, class_weight=class_weight,
+                        search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
+                        progress=progress, say=say)
+        if res.finetuned:
+            warnings.warn(res.finetuned, UserWarning, stacklevel=2)
         data = dest.read_bytes()
         return Head(artifacts.load(dest), saved=False, data=data)
 

@@ -1051,10 +1051,18 @@ def test_finetune_records_its_training_images_and_cv_fit_predict_say_when_they_a
                                                            "heldout": {"test": 0}}
 
     head = tmp_path / "h.skops"
-    res = cli("fit", store, "--head", "logreg", "-o", head)
+    res = cli("fit", store, "--head", "logreg", "-o", head, "-q")  # said even with -q
     assert res.exit_code == 0, res.output
     said = seen_notes(res.stderr)
     assert len(said) == 1 and said[0].startswith("note: 30 of the 40 training rows"), res.stderr
+
+    # the library: the cv report counts them, fit warns
+    import embedpipe
+
+    assert embedpipe.cv(store, "logreg", folds=2).finetuned_rows == {
+        "cross_validated": 30, "heldout": {"test": 0}}
+    with pytest.warns(UserWarning, match="^note: 30 of the 40 training rows"):
+        embedpipe.fit(store, "logreg")
 
     res = cli("predict", head, "--store", store, "-q")
     assert res.exit_code == 0, res.output

@@ -715,8 +715,6 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
             say(line)
         seen = finetuned_note(store, rows.train, "rows of this cross-validation table (and "
                               "of the training accuracy)")[1]
-        if seen:
-            say(f"note: {seen}")
         choice = sel.choice
         est, calibration, probabilities = _refit(choice, X, y, seed, say,
                                                  calibrate_single=True,
@@ -737,4 +735,5 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
                           inputs=_paths(store_path))
     return FitResult(path, f"auto → {choice['head']}", dict(choice["params"]), len(y),
                      [str(c) for c in classes], calibration, time.perf_counter() - t0,
-                     train_acc, effective, 0 if sub is None else len(sub))
+                     train_acc, effective, 0 if sub is None else len(sub),
+                     f"note: {seen}" if seen else None)

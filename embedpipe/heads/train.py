@@ -42,6 +42,9 @@ class FitResult:
     train_accuracy: float
     effective: dict[str, Any]  # registry.effective_params: every key parameter as fitted
     accuracy_rows: int = 0  # the training rows train_accuracy was measured on (0: all)
+    # store.read.finetuned_note over the training rows (the backbone was fine-tuned on some of
+    # them: the CV table and training accuracy overrate it), "note: ..."; said whatever -q says
+    finetuned: str | None = None
 
     def line(self) -> str:
         params = heads.format_params(self.effective)
@@ -238,8 +241,6 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         say(f"note: {n}")
     seen = finetuned_note(store, rows.train, "training rows (of the training accuracy"
                           + (" and the search's cross-validation" if search else "") + ")")[1]
-    if seen:
-        say(f"note: {seen}")
     if quiet.convergence:
         say(convergence_note(head, quiet.convergence))
     train_acc = float((pred == (y if sub is None else y[sub])).mean())
@@ -266,7 +267,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path))
     return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
                      calibration, time.perf_counter() - t0, train_acc, effective,
-                     0 if sub is None else len(sub))
+                     0 if sub is None else len(sub), f"note: {seen}" if seen else None)
 
 
 def _refuse_moot(head: str, search: bool, jobs: int | None, chunk_rows: int | None) -> None:
