@@ -1127,6 +1127,15 @@ def test_the_record_survives_shards_merge_prune_and_a_moved_run(
     assert res.exit_code == 0, res.output
     p = open_store(pruned)
     assert len(p) == 59 and sorted(p.finetune_hashes.astype(str)) == want
+    # a store written before stores kept the record gets it at its next extract (no new file)
+    import h5py
+
+    with h5py.File(pruned, "r+") as f:
+        del f["finetune_train_hash"]
+    assert open_store(pruned).finetune_hashes is None
+    assert cli("extract", copy, "-o", pruned, *common).exit_code == 0
+    p = open_store(pruned)
+    assert len(p) == 59 and sorted(p.finetune_hashes.astype(str)) == want
 
     # a checkpoint of the run names the same record
     ck = tmp_path / "ck.h5"

@@ -24,6 +24,7 @@ from ._hdf5 import (
 )
 from .schema import (
     ERROR_FIELDS,
+    FINETUNE_HASHES,
     ROW_FIELDS,
     STORE_ID,
     StoreError,
@@ -435,6 +436,12 @@ def verify(path: str | Path, block_rows: int = 8192) -> int:
 def read_identity(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     return _reading(path, lambda f: {k: _decode(f.attrs.get(k)) for k in IDENTITY_KEYS})
+
+
+def has_finetune_record(path: str | Path) -> bool:
+    """Whether the store holds the record of the images its fine-tuned backbone was trained
+    on (schema.FINETUNE_HASHES), without reading it."""
+    return _reading(Path(path), lambda f: FINETUNE_HASHES in f)
 
 
 def read_runs(path: str | Path) -> list[dict[str, Any]]:
