@@ -943,6 +943,8 @@ def test_the_files_beside_a_run_passed_as_weights_name_the_runs_weights_file(
         ("tuned.json", "is the manifest of an `embedpipe finetune` run"),
         ("tuned.history.json", "is the training history of an `embedpipe finetune` run"),
         ("tuned.checkpoints", "is the checkpoint folder of an `embedpipe finetune` run"),
+        ("tuned.train-hashes", "is the record of the images an `embedpipe finetune` run "
+                               "trained on"),
     ]
     for name, what in cases:
         res = cli("extract", fmnist_src, "--weights", run_dir / name, "-o", out, "-q")
