@@ -467,13 +467,19 @@ def fit(store: StoreLike, head: str = "auto", *, out: PathLike | None = None,
     src: Any = paths[0] if len(paths) == 1 else paths
     say = (lambda m: None) if not progress else _stderr
     if out is not None:
-        train.fit(src, head, Path(out), params=params, class_weight=class_weight, search=search,
-                  seed=seed, jobs=jobs, chunk_rows=chunk_rows, progress=progress, say=say)
+        res = train.fit(src, head, Path(out), params=params, class_weight=class_weight,
+                        search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
+                        progress=progress, say=say)
+        if res.finetuned:  # the backbone was fine-tuned on rows it was fitted and scored on
+            warnings.warn(res.finetuned, UserWarning, stacklevel=2)
         return load_head(out)
     with tempfile.TemporaryDirectory(prefix="embedpipe-fit-") as tmp:
         dest = Path(tmp) / f"{head}{artifacts.SUFFIX}"
-        train.fit(src, head, dest, params=params, class_weight=class_weight, search=search,
-                  seed=seed, jobs=jobs, chunk_rows=chunk_rows, progress=progress, say=say)
+        res = train.fit(src, head, dest, params=params, class_weight=class_weight,
+                        search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
+                        progress=progress, say=say)
+        if res.finetuned:
+            warnings.warn(res.finetuned, UserWarning, stacklevel=2)
         data = dest.read_bytes()
         return Head(artifacts.load(dest), saved=False, data=data)
 
@@ -517,6 +523,13 @@ class CVReport:
             if h["head"] == name:
                 return float(h[self.metric]["mean"])
         raise ApiError(f"cv report: no head {name!r}; it has {', '.join(self.heads)}")
+
+    @property
+    def finetuned_rows(self) -> dict[str, Any]:
+        """How many scored rows are images the store's backbone was fine-tuned on (`embedpipe
+        finetune` weights; 0 for others): ``{"cross_validated": N, "heldout": {split: N}}``.
+        Scores over such rows overrate the model; cv also says so on stderr."""
+        return copy.deepcopy(self._report["finetuned_rows"])
 
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the whole report (JSON-ready: str keys, lists, numbers)."""

@@ -24,7 +24,7 @@ import zipfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import timm
 import timm.data
@@ -96,6 +96,9 @@ class Backbone:
     # what a user should be told about the weights, one line each (e.g. which entry of a
     # finetune checkpoint was used): load_backbone prints nothing; a command says them
     notes: list[str] = field(default_factory=list)
+    # weights of an `embedpipe finetune` run: the sha256 (S64, sorted) of every image it was
+    # trained on, from the run's <run>.train-hashes (finetune_hashes); None for other weights
+    finetune_hashes: Any = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two feature sets comparable: stored in and checked against a store."""
@@ -241,6 +244,8 @@ _FINETUNE_COMPANIONS = (
     (".history.json", "history_file", "the training history of an `embedpipe finetune` run"),
     (".curves.png", "curves_file", "the training curves of an `embedpipe finetune` run"),
     (".checkpoints", None, "the checkpoint folder of an `embedpipe finetune` run"),
+    (".train-hashes", "train_hashes_file",
+     "the record of the images an `embedpipe finetune` run trained on"),
     (".json", None, "the manifest of an `embedpipe finetune` run"),
 )
 
@@ -303,7 +308,39 @@ def _finetune_checkpoint(path: Path, ckpt: Any) -> dict[str, Any] | None:
     line = (f"weights: {path.name}'s {'EMA' if entry == 'ema' else 'model'} entry ({why}); "
             f"trained at {size} px")
     return {"model": fp.get("model"), "data_config": fp["data_config"], "entry": entry,
-            "line": line, "state": state}
+            "line": line, "state": state,
+            **{k: ckpt[k] for k in ("train_hashes_file", "train_hashes_sha256") if k in ckpt}}
+
+
+def finetune_hashes(weights: Path, tuned: dict[str, Any], folders: Sequence[Path]
+                    ) -> tuple[Any, str | None]:
+    """The record of the images an `embedpipe finetune` run trained on, for its weights
+    ``weights`` (the run's output, described by ``tuned``: its manifest or checkpoint, which
+    name the file and its sha256): (sorted S64 array of the sha256 digests, None), found in
+    the first of ``folders`` holding the file with that sha256; else (None, a note saying that
+    accuracies over this store's rows cannot tell which ones the backbone was trained on, and
+    the fix)."""
+    import numpy as np
+
+    name, sha = tuned.get("train_hashes_file"), tuned.get("train_hashes_sha256")
+    cannot = ("so accuracies over rows of its store cannot say which images the backbone was "
+              "trained on")
+    if not isinstance(name, str) or not isinstance(sha, str) or "/" in name or "\\" in name:
+        return None, (f"note: {weights.name} is from an `embedpipe finetune` run that recorded "
+                      f"no list of its training images (an older embedpipe), {cannot}; rerun "
+                      "finetune with this embedpipe to get one")
+    for folder in folders:
+        path = folder / name
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() != sha:
+            continue
+        return np.unique(np.array(data.split(), dtype="S64")), None
+    return None, (f"note: {name}, the record of the images {weights.name} was fine-tuned on, is "
+                  f"not beside it (or was changed), {cannot}; keep the run's {name} next to "
+                  f"{weights.name}")
 
 
 def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str,
@@ -444,6 +481,7 @@ def load_backbone(
         create_kw["global_pool"] = pool
     source = resolve_weights(name, weights, random_init)
     notes: list[str] = []
+    seen = None  # finetune_hashes
     try:
         if source == "hub":
             model, spec = _load_hub(name, create_kw)
@@ -480,6 +518,11 @@ def load_backbone(
                     if trained is not None:  # which entry of the checkpoint: a note
                         spec.meta["entry"] = trained["entry"]
                         notes.append(trained["line"])
+                    if tuned is not None:  # what it was trained on (a checkpoint's run
+                        # folder is the parent of <run>.checkpoints/)
+                        seen, note = finetune_hashes(path, tuned, [path.parent,
+                                                                   path.parent.parent])
+                        notes += [note] if note else []
                 model.load_state_dict(_fit_state_dict(model, sd, str(path), name))
     except TypeError as e:  # e.g. a global_pool this architecture does not take
         raise WeightsError(f"{name}: cannot build with --pool {pool} ({e}); use a pool type the "
@@ -492,7 +535,7 @@ def load_backbone(
     model.eval()
     data_config = resolve_data_config(model, img_size=img_size, crop_pct=crop_pct)
     return Backbone(model, name, spec, data_config, pool or _default_pool(model),
-                    feature_dim(model, data_config), notes)
+                    feature_dim(model, data_config), notes, seen)
 
 
 def build_backbone(opts: Any, *, with_classifier: bool = False) -> Backbone:

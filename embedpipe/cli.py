@@ -503,6 +503,8 @@ def fit(
                   search=search, seed=seed, jobs=jobs, chunk_rows=chunk_rows,
                   reject_rate=reject_rate, progress=not quiet,
                   say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    if result.finetuned:  # the backbone was tuned on these rows: said even with -q
+        typer.echo(result.finetuned, err=True)
     typer.echo(result.line())
 
 

@@ -25,7 +25,7 @@ from .heads.compact import predict_scored
 from .heads.reject import UNKNOWN, rule_for
 from .heads.stream import DEFAULT_CHUNK_ROWS, check_chunk_rows
 from .provenance import HEAD_KEYS, diff, members
-from .store.read import FeatureStore, open_stores
+from .store.read import FeatureStore, finetuned_note, open_stores
 
 StorePaths = str | Path | Sequence[str | Path]  # several: stacked side by side (store.stack)
 
@@ -227,6 +227,9 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
     rows = _rows(store, split, only)
     names = store.label_names()
     notes += _fitted_rows_note(head, store, rows, split, only)
+    # the accuracy is over the labeled rows: those the backbone was fine-tuned on overrate it
+    _, seen = finetuned_note(store, rows[store.labels[rows] >= 0], "labeled rows scored")
+    notes += [f"note: {seen}"] if seen else []
 
     def chunks() -> Iterator[Predictions]:
         calibrated = True

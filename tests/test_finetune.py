@@ -165,6 +165,14 @@ def test_resume_from_epoch1_checkpoint_equals_uninterrupted_run(fmnist_src: Path
     ta, tb = torch.load(two_epoch_run, weights_only=True), torch.load(out, weights_only=True)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert file_sha256(two_epoch_run) == file_sha256(out)
+    # the record of the training images: the same bytes, named alike by manifest and checkpoint
+    rec_a = two_epoch_run.with_name("tuned.train-hashes").read_bytes()
+    assert tmp_path.joinpath("resumed.train-hashes").read_bytes() == rec_a
+    ma, mb = (json.loads(p.with_suffix(".json").read_text()) for p in (two_epoch_run, out))
+    assert ma["train_hashes_sha256"] == mb["train_hashes_sha256"] == a["train_hashes_sha256"] \
+        == b["train_hashes_sha256"]
+    assert ma["train_hashes_images"] == mb["train_hashes_images"] == len(rec_a.split())
+    assert mb["train_hashes_file"] == "resumed.train-hashes" == b["train_hashes_file"]
 
 
 def test_resume_folder_skips_corrupt_newest_checkpoints(fmnist_src: Path, two_epoch_run: Path,
@@ -935,6 +943,8 @@ def test_the_files_beside_a_run_passed_as_weights_name_the_runs_weights_file(
         ("tuned.json", "is the manifest of an `embedpipe finetune` run"),
         ("tuned.history.json", "is the training history of an `embedpipe finetune` run"),
         ("tuned.checkpoints", "is the checkpoint folder of an `embedpipe finetune` run"),
+        ("tuned.train-hashes", "is the record of the images an `embedpipe finetune` run "
+                               "trained on"),
     ]
     for name, what in cases:
         res = cli("extract", fmnist_src, "--weights", run_dir / name, "-o", out, "-q")
@@ -976,3 +986,176 @@ def test_a_library_caller_is_told_the_checkpoint_entry_in_notes_and_the_cli_says
               "-q")
     assert res.returncode == 0, res.stderr
     assert [ln for ln in res.stderr.splitlines() if ln.startswith("weights: ")] == notes
+
+
+# -- the record of what a run trained on, and the accuracies over those images ---------------
+
+SEEN = "are images the backbone of"
+
+
+def seen_notes(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if SEEN in ln]
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(data with train/ (4 per class) and test/ (2 per class) folders, a 1-epoch finetune on
+    it, the store of the whole folder extracted with the tuned weights)."""
+    from embedpipe.datasets import write_fashion_mnist_folder
+
+    root = tmp_path_factory.mktemp("ft_seen")
+    data = write_fashion_mnist_folder(root / "data", splits={"train": 4, "test": 2})
+    out = root / "run" / "tuned.pt"
+    finetune_ok(data, "-o", out, "--model", MODEL, "--epochs", "1", "--head-epochs", "1",
+                "--keep-checkpoints", "0", "-q", *FAST)
+    store = root / "tuned.h5"
+    res = cli("extract", data, "-o", store, "--weights", out, "--precision", "fp32",
+              "--workers", "0", "-q")
+    assert res.exit_code == 0, res.output
+    return data, out, store
+
+
+def test_finetune_records_its_training_images_and_cv_fit_predict_say_when_they_are_scored(
+        split_run: tuple[Path, Path, Path], tmp_path: Path):
+    """finetune writes RUN.train-hashes (sha256 of each training image, validation images
+    excluded), extract copies it into the store, and cv (text and --json), fit and
+    predict --store count the scored rows the backbone was trained on, exactly; a split it did
+    not train on (test) and a store of the base weights get no note."""
+    import hashlib
+
+    data, out, store = split_run
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    side = out.parent / manifest["train_hashes_file"]
+    assert side.name == "tuned.train-hashes"
+    record = side.read_text().split()
+    n_train = sum(manifest["data"]["train_per_class"].values())
+    n_val = sum(manifest["data"]["val_per_class"].values())
+    assert n_train == 30 and n_val == 10  # 4 per class, a stratified fifth (1 each) validates
+    assert record == sorted(set(record)) and len(record) == n_train
+    assert manifest["train_hashes_images"] == n_train
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.rglob("*.png")}
+    train = {h for p, h in digest.items() if "train" in p.relative_to(data).parts}
+    test = {h for p, h in digest.items() if "test" in p.relative_to(data).parts}
+    assert set(record) < train and not set(record) & test
+
+    s = open_store(store)
+    assert s.finetune_hashes is not None and sorted(s.finetune_hashes.astype(str)) == record
+    assert int(s.finetuned_rows(np.arange(len(s))).sum()) == 30
+
+    js = tmp_path / "cv.json"
+    res = cli("cv", store, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+    assert res.exit_code == 0, res.output
+    said = seen_notes(res.stderr)
+    assert len(said) == 1 and said[0].startswith(f"note: 30 of the 40 cross-validated rows "
+                                                 f"{SEEN} {store} was fine-tuned on"), res.stderr
+    assert "'test' split instead" in said[0] and "--split test" in said[0]
+    assert json.loads(js.read_text())["finetuned_rows"] == {"cross_validated": 30,
+                                                           "heldout": {"test": 0}}
+
+    head = tmp_path / "h.skops"
+    res = cli("fit", store, "--head", "logreg", "-o", head, "-q")  # said even with -q
+    assert res.exit_code == 0, res.output
+    said = seen_notes(res.stderr)
+    assert len(said) == 1 and said[0].startswith("note: 30 of the 40 training rows"), res.stderr
+
+    # the library: the cv report counts them, fit warns
+    import embedpipe
+
+    assert embedpipe.cv(store, "logreg", folds=2).finetuned_rows == {
+        "cross_validated": 30, "heldout": {"test": 0}}
+    with pytest.warns(UserWarning, match="^note: 30 of the 40 training rows"):
+        embedpipe.fit(store, "logreg")
+
+    res = cli("predict", head, "--store", store, "-q")
+    assert res.exit_code == 0, res.output
+    said = seen_notes(res.stderr)
+    assert len(said) == 1 and said[0].startswith("note: 30 of the 60 labeled rows scored"), \
+        res.stderr
+    res = cli("predict", head, "--store", store, "--split", "test", "-q")
+    assert res.exit_code == 0, res.output
+    assert seen_notes(res.stderr) == [] and "accuracy" in res.output, res.output
+
+    # the base weights' store of the same images: nothing recorded, nothing said
+    base = tmp_path / "base.h5"
+    res = cli("extract", data, "-o", base, "--img-size", "64", "--precision", "fp32",
+              "--workers", "0", "-q")
+    assert res.exit_code == 0, res.output
+    assert open_store(base).finetune_hashes is None
+    js = tmp_path / "base.json"
+    res = cli("cv", base, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+    assert res.exit_code == 0, res.output
+    assert seen_notes(res.stderr) == [] and seen_notes(res.output) == []
+    assert json.loads(js.read_text())["finetuned_rows"]["cross_validated"] == 0
+
+    # compare: per store
+    js = tmp_path / "cmp.json"
+    res = cli("compare", base, store, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+    assert res.exit_code == 0, res.output
+    said = seen_notes(res.stderr)
+    assert len(said) == 1 and said[0].startswith("note: 30 of the 40 common cross-validated "
+                                                 f"rows {SEEN} {store}"), res.stderr
+    assert [x["finetuned_rows"] for x in json.loads(js.read_text())["stores"]] == [0, 30]
+
+
+def test_the_record_survives_shards_merge_prune_and_a_moved_run(
+        split_run: tuple[Path, Path, Path], tmp_path: Path):
+    """Shard stores of the tuned weights each carry the record, their merge keeps it (cv says
+    30 again), a store rewritten by --prune keeps it, a checkpoint's store has it; weights whose
+    record is gone extract with one note saying so, and their store has none."""
+    data, out, store = split_run
+    want = sorted(out.with_name("tuned.train-hashes").read_text().split())
+    common = ["--weights", out, "--precision", "fp32", "--workers", "0", "-q"]
+    shards = [tmp_path / f"s{k}.h5" for k in range(2)]
+    for k, sh in enumerate(shards):
+        res = cli("extract", data, "-o", sh, "--shard", f"{k}/2", *common)
+        assert res.exit_code == 0, res.output
+        assert sorted(open_store(sh).finetune_hashes.astype(str)) == want
+    merged = tmp_path / "merged.h5"
+    res = cli("merge", *shards, "-o", merged)
+    assert res.exit_code == 0, res.output
+    m = open_store(merged)
+    assert len(m) == 60 and sorted(m.finetune_hashes.astype(str)) == want
+    res = cli("cv", merged, "--head", "logreg", "--folds", "2", "-q")
+    assert res.exit_code == 0, res.output
+    assert [ln.split(" of the")[0] for ln in seen_notes(res.stderr)] == ["note: 30"]
+
+    # an incremental re-extraction that prunes a vanished file rewrites the store: kept
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    pruned = tmp_path / "pruned.h5"
+    assert cli("extract", copy, "-o", pruned, *common).exit_code == 0
+    next(iter(sorted((copy / "test").rglob("*.png")))).unlink()
+    res = cli("extract", copy, "-o", pruned, "--prune", *common)
+    assert res.exit_code == 0, res.output
+    p = open_store(pruned)
+    assert len(p) == 59 and sorted(p.finetune_hashes.astype(str)) == want
+    # a store written before stores kept the record gets it at its next extract (no new file)
+    import h5py
+
+    with h5py.File(pruned, "r+") as f:
+        del f["finetune_train_hash"]
+    assert open_store(pruned).finetune_hashes is None
+    assert cli("extract", copy, "-o", pruned, *common).exit_code == 0
+    p = open_store(pruned)
+    assert len(p) == 59 and sorted(p.finetune_hashes.astype(str)) == want
+
+    # a checkpoint of the run names the same record
+    ck = tmp_path / "ck.h5"
+    res = cli("extract", data, "-o", ck, "--weights",
+              out.parent / "tuned.checkpoints" / "epoch-001.pt", *common[2:])
+    assert res.exit_code == 0, res.output
+    assert sorted(open_store(ck).finetune_hashes.astype(str)) == want
+
+    # the run's weights moved without their record: one note, no record in the store
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("tuned.pt", "tuned.json"):
+        shutil.copy(out.parent / name, moved / name)
+    lone = tmp_path / "lone.h5"
+    res = cli("extract", data, "-o", lone, "--weights", moved / "tuned.pt", *common[2:])
+    assert res.exit_code == 0, res.output
+    notes = [ln for ln in res.stderr.splitlines() if "tuned.train-hashes" in ln]
+    assert len(notes) == 1 and notes[0].startswith("note: tuned.train-hashes, the record of "
+                                                   "the images tuned.pt was fine-tuned on"), \
+        res.stderr
+    assert open_store(lone).finetune_hashes is None

@@ -18,6 +18,7 @@ from . import (DEFAULT_COMPARE_HEADS, DEFAULT_CV_HEADS, DEFAULT_FOLDS, DEFAULT_M
 from ..heads.source import Labeled, _nothing
 from ..heads.fit import INNER_FOLDS, _Quiet, blas_threads, fit_checked, resolve_params
 from ..heads.rows import METRICS, EvaluateError, min_class, scores, select_rows, targets
+from ..store.read import finetuned_note
 
 
 
@@ -292,6 +293,18 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
                             "move its folder out of the data and run `embedpipe extract DATA "
                             f"-o {where} --prune`")
     notes: list[str] = []
+    # rows the backbone was fine-tuned on: every fold's score over them overrates it
+    tuned: dict[str, Any] = {"heldout": {}}
+    for split, idx in [(None, rows.train), *rows.heldout.items()]:
+        k, n = finetuned_note(store, idx, "cross-validated rows" if split is None
+                              else f"rows of the held-out split {split!r}")
+        if split is None:
+            tuned["cross_validated"] = k
+        else:
+            tuned["heldout"][split] = k
+        if n:
+            notes.append(n)
+            warn(f"note: {n}")
     asked = folds
     folds, splits, splitter_text = _outer_splits(y, folds, repeats, seed, notes, warn,
                                                  "training")
@@ -410,6 +423,8 @@ def run_cv(store_path: Any, head_names: list[str] | None = None, *,
         "chance": {"majority_accuracy": float(max(counts.values()) / len(y)),
                    "balanced_accuracy": 1.0 / len(labels)},
         "warnings": notes, "heads": table, "best": best_report, "heldout": heldout,
+        # how many scored rows are images the backbone was fine-tuned on (finetuned_note)
+        "finetuned_rows": tuned,
         "versions": versions("sklearn", "scipy", "joblib"),
     }
     return _jsonable(report)
@@ -526,6 +541,13 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
     for n in _same_features(stores, idx):
         notes.append(n)
         warn(f"note: {n}")
+    tuned = []  # per store: the common rows its backbone was fine-tuned on (finetuned_note)
+    for s, i in zip(stores, idx):
+        k, n = finetuned_note(s, i, "common cross-validated rows")
+        tuned.append(k)
+        if n:
+            notes.append(n)
+            warn(f"note: {n}")
     fewshot.check_classes(y, ", ".join(str(s.path) for s in stores), "common train rows")
     cls, n = min_class(y)
     if n < 2:
@@ -581,8 +603,9 @@ def run_compare(store_paths: list[Any], head_names: list[str] | None = None, *,
         "stores": [{"path": str(s.path), "model": s.meta.get("model"),
                     "weights": s.meta.get("weights_source"),
                     "weights_sha256": s.meta.get("weights_sha256"),
-                    "feature_dim": s.dim, "precision": s.meta.get("precision")}
-                   for s in stores],
+                    "feature_dim": s.dim, "precision": s.meta.get("precision"),
+                    "finetuned_rows": k}
+                   for s, k in zip(stores, tuned)],
         "rows": int(len(y)), "classes": sorted(set(y.tolist())), "folds": folds,
         "repeats": repeats, "seed": seed, "splitter": splitter_text, "metric": metric,
         "search": search, "warnings": notes, "heads": table, "versions": versions("sklearn", "scipy", "joblib"),

@@ -76,7 +76,10 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
                       ignored_files=list(disc.ignored),
                       device=str(device or "no model loaded"), precision=identity["precision"],
                       runtime=engine.describe() if engine else "")
-    with StoreWriter.open(out, identity, versions=env, progress=say) as writer:
+    # a store of a fine-tuned backbone records the images it was trained on (a lazy rerun:
+    # the store has it from its first run)
+    with StoreWriter.open(out, identity, versions=env, progress=say,
+                          finetune_hashes=engine and engine.finetune_hashes) as writer:
         session = Session(writer, disc, opts, summary.device, env, summary,
                           settle_touched=lazy)
         if engine is not None:
@@ -140,6 +143,7 @@ def _load(opts: ExtractOptions, stored: dict[str, Any], say: Callable[[str], Non
                           channels_last=opts.channels_last, stored=stored.get("precision"),
                           say=_warn)  # on stderr even with -q: it changes what runs
     identity["precision"] = engine.stored_precision
+    engine.finetune_hashes = backbone.finetune_hashes
     return device, engine, data_config, identity
 
 

@@ -35,7 +35,7 @@ from ..data import (
     passes_max_pixels,
     read_file,
 )
-from ..store.read import read_runs
+from ..store.read import has_finetune_record, read_runs
 from ..store.schema import StoreError
 from ..store.write import StoreWriter
 from .options import _IDENTITY_OPTIONS, ExtractOptions, Summary
@@ -228,6 +228,24 @@ def _weights_stat(weights: str | None) -> list[int] | None:
 
 
 
+def _from_finetune(weights: str | None) -> bool:
+    """Whether --weights is (by its name and the manifest beside it; nothing loaded) the
+    output or a checkpoint of an `embedpipe finetune` run, whose store records the images
+    the run trained on."""
+    if weights in (None, "auto", "bundled", "hub"):
+        return False
+    path = Path(weights)
+    if path.parent.name.endswith(".checkpoints"):
+        return True
+    try:
+        import json
+
+        m = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and str(m.get("format", "")).startswith("embedpipe-finetune")
+
+
 def _same_as_last_run(out: Path, opts: ExtractOptions, stored: dict[str, Any]) -> bool:
     """True when ``opts`` would give the store's identity for sure, known without loading the
     backbone: the store's last run used the same feature-deciding options, the same weights file
@@ -253,6 +271,8 @@ def _same_as_last_run(out: Path, opts: ExtractOptions, stored: dict[str, Any]) -
         return False
     if last.get("weights_stat") != _weights_stat(opts.weights):
         return False
+    if _from_finetune(opts.weights) and not has_finetune_record(out):
+        return False  # a store of before the record: the full check adds it (StoreWriter.open)
     was = last.get("versions") or {}
     return (was.get("embedpipe") == __version__
             and was.get("timm") == version_of("timm"))

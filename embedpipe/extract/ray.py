@@ -287,6 +287,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         opts = replace(opts, runtime=runtime)
         data_config, identity = identity_of(backbone, opts, precision)
         identity["precision"] = stored_precision(precision, runtime)
+        tuned_on = backbone.finetune_hashes  # every shard store records it; merge keeps it
         del backbone
         if stored:
             diffs = diff_fields(stored, identity)
@@ -316,7 +317,8 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
                 wave = range(lo, min(n_shards, lo + MAX_OPEN_SHARDS))
                 changed |= _run_wave(cluster, wave, parts, sdir, n_shards, opts, identity,
                                      data_config, env, device, precision, min_size,
-                                     view_shape, summary, shard_summaries, bar, say)
+                                     view_shape, summary, shard_summaries, bar, say,
+                                     finetune_hashes=tuned_on)
                 if summary.interrupted:
                     break
         except KeyboardInterrupt:  # outside the batch loop (a wave's start or its shards'
@@ -455,7 +457,7 @@ def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_sh
               env: dict[str, str], device: str, precision: str,
               min_size: tuple[int, int] | None, view_shape: tuple[Any, ...],  # (*shape, dtype)
               summary: Summary, shard_summaries: list[Summary],
-              bar: Progress, say: Callable[[str], None]) -> bool:
+              bar: Progress, say: Callable[[str], None], finetune_hashes: Any = None) -> bool:
     """Plan the shards of ``wave``, run their work through one Ray Data pipeline, commit it to
     the shard stores. Returns whether any shard changed."""
     sessions: dict[int, Session] = {}
@@ -469,7 +471,8 @@ def _run_wave(cluster: _Cluster, wave: range, parts: list[Any], sdir: Path, n_sh
     try:
         for k in wave:
             s = Summary(shard_path(sdir, k, n_shards), total=len(parts[k].items))
-            w = StoreWriter.open(s.store, identity, versions=env, progress=say)
+            w = StoreWriter.open(s.store, identity, versions=env, progress=say,
+                                 finetune_hashes=finetune_hashes)
             writers.append(w)
             sess = Session(w, parts[k], opts, f"ray:{device}", env, s)
             sess.record["runtime"] = {"name": opts.runtime, "precision": precision,

@@ -653,6 +653,9 @@ class Engine:
     precision: str  # numeric: fp32, bf16 or fp16
     note: str | None = None  # why auto chose torch on the CPU
     normalize: Normalization | None = None  # of uint8 views (backbones.input_normalization)
+    # the backbone's Backbone.finetune_hashes (weights of an `embedpipe finetune` run): what a
+    # new store of its features records (StoreWriter.open); None for other weights
+    finetune_hashes: Any = None
 
     @property
     def stored_precision(self) -> str:

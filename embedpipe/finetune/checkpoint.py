@@ -4,6 +4,7 @@ history), and atomic writes of the outputs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from collections.abc import Callable
@@ -183,7 +184,8 @@ def backbone_state_with_head(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerprint, soft, epoch,
                      model, optimizer, sched, scaler, history, best, bad_epochs, stopped,
-                     ema: dict[str, Any] | None = None) -> None:
+                     ema: dict[str, Any] | None = None,
+                     train_hashes: dict[str, Any] | None = None) -> None:
     if not outs.checkpoints.is_dir():
         try:
             outs.checkpoints.mkdir()
@@ -198,6 +200,8 @@ def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerpri
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "rng": _rng_state(), "history": history, "best": best, "bad_epochs": bad_epochs,
         "stopped": stopped, "ema": ema,
+        # the run's record of its training images (write_train_hashes): file name and sha256
+        **(train_hashes or {}),
     }, path)
     outs.last = path
     stale, outs.stale_checkpoints = outs.stale_checkpoints, []
@@ -208,3 +212,16 @@ def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerpri
         for old in sorted(outs.checkpoints.glob("epoch-*.pt"))[:-opts.keep_checkpoints]:
             if old != path:
                 old.unlink(missing_ok=True)
+
+
+def write_train_hashes(outs: Outputs, hashes: Any) -> dict[str, Any]:
+    """Write ``outs.train_hashes``: the sha256 (data.content_hash, the digest a store keeps
+    per row) of every image the run trains on, sorted and unique, one a line (65 bytes an
+    image: 65 MB for a million). The same plan gives the same bytes, so a resumed run ends
+    with the same record. Returns what the manifest and each checkpoint name it by."""
+    lines = sorted(set(hashes))
+    data = "".join(h + "\n" for h in lines).encode("ascii")
+    _io.write_bytes(outs.train_hashes, data, flag="-o")
+    return {"train_hashes_file": outs.train_hashes.name,
+            "train_hashes_sha256": hashlib.sha256(data).hexdigest(),
+            "train_hashes_images": len(lines)}

@@ -40,6 +40,7 @@ from .checkpoint import (
     _set_rng_state,
     backbone_state_with_head,
     resume_from,
+    write_train_hashes,
 )
 from .data import _Images, _loader, plan_data, train_transform
 from .memory import check_fits
@@ -322,6 +323,12 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
                                                    for s, n in sorted(plan.left_out.items())))
 
     skipped_live: list[tuple[str, str]] = []
+    # what the run trains on (a base that was itself fine-tuned: its images too), written
+    # before the first checkpoint so that a checkpoint's store can carry it as well
+    trained_on = [h for _, _, h in plan.train] + [
+        h.decode() for h in (backbone.finetune_hashes if backbone.finetune_hashes is not None
+                             else [])]
+    record: dict[str, Any] | None = None
     epoch = start_epoch
     by_budget, epoch_cpu = False, 0.0
     with _torch_settings(deterministic, opts.threads):
@@ -390,9 +397,10 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
                             "kept": "ema" if use_ema else "trained"})
             history.append(row)
             say(_epoch_line(row, opts.epochs) + ("  (early stop)" if stopped else ""))
+            record = record or write_train_hashes(outs, trained_on)
             _save_checkpoint(outs.checkpoint(epoch), outs, opts, fingerprint, soft, epoch, model,
                              optimizer, sched, scaler, history, best, bad_epochs, stopped,
-                             ema.saved() if ema is not None else None)
+                             ema.saved() if ema is not None else None, record)
 
     if best["state"] is None:  # resumed from a finished checkpoint without a best state
         best["state"] = backbone_state_with_head(model)
@@ -406,6 +414,7 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
             if k.startswith(prefix + ".")}
     _atomic_save(tuned, out)
     _atomic_save(head, outs.classifier)
+    record = record or write_train_hashes(outs, trained_on)
     sha = file_sha256(out)
     history_doc = {"format": FORMAT, "classes": classes, "history": history,
                    "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"]}
@@ -416,6 +425,9 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
         "format": FORMAT,
         "weights_file": out.name, "weights_sha256": sha,
         "classifier_file": outs.classifier.name,
+        # the sha256 of every training image (not the validation ones), one a line: `extract
+        # --weights` copies it into the store, so accuracies over those rows say they overrate
+        **record,
         "model": opts.model,
         "base_weights": {"source": backbone.weights.describe(),
                          "sha256": backbone.weights.sha256},

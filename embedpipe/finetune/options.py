@@ -238,6 +238,12 @@ class Outputs:
         return self.stem.with_name(self.stem.name + ".curves.png")
 
     @property
+    def train_hashes(self) -> Path:
+        """The sha256 of every image the run trains on, one hex digest a line, sorted: what
+        `extract --weights` copies into a store so accuracies over those rows say so."""
+        return self.stem.with_name(self.stem.name + ".train-hashes")
+
+    @property
     def checkpoints(self) -> Path:
         return self.stem.with_name(self.stem.name + ".checkpoints")
 
@@ -253,7 +259,8 @@ def check_output(out: Path, resume: Path | None, overwrite: bool,
     if out.is_dir():
         raise FinetuneError(f"-o {out} is a folder; pass a file name such as {out / 'tuned.pt'}")
     outs = Outputs(out)
-    for path in (out, outs.manifest, outs.history, outs.classifier, outs.curves):
+    for path in (out, outs.manifest, outs.history, outs.classifier, outs.curves,
+                 outs.train_hashes):
         if path.is_dir():
             raise FinetuneError(f"-o {out}: {path} (written beside it) is a folder; move it "
                                 "away or pass another -o")

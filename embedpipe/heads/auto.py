@@ -934,7 +934,7 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
     all of them (a single head without native probabilities is calibrated like ``fit`` does),
     and save it with the candidate table in the manifest's ``auto``. Returns a FitResult whose
     ``head`` reads 'auto → HEAD' (the chosen head, a+b+... for a vote)."""
-    from ..store.read import open_stores, refuse_duplicates
+    from ..store.read import finetuned_note, open_stores, refuse_duplicates
     from . import artifacts
     from .compact import predict_scored
     from .rows import select_rows, targets
@@ -966,6 +966,8 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         sel = select(X, y, budget=budget, seed=seed, metric=metric, say=say)
         for line in sel.lines():
             say(line)
+        seen = finetuned_note(store, rows.train, "rows of this cross-validation table (and "
+                              "of the training accuracy)")[1]
         choice = sel.choice
         est, calibration, probabilities = _refit(choice, X, y, seed, say,
                                                  calibrate_single=True,
@@ -986,4 +988,5 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
                           inputs=_paths(store_path))
     return FitResult(path, f"auto → {choice['head']}", dict(choice["params"]), len(y),
                      [str(c) for c in classes], calibration, time.perf_counter() - t0,
-                     train_acc, effective, 0 if sub is None else len(sub))
+                     train_acc, effective, 0 if sub is None else len(sub),
+                     f"note: {seen}" if seen else None)

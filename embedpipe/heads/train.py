@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _io, checks
 from ..errors import naming
-from ..store.read import open_stores, refuse_duplicates
+from ..store.read import finetuned_note, open_stores, refuse_duplicates
 from . import artifacts, fewshot, stream
 from . import registry as heads
 from .fit import (_as_fitted, _fit_errors, _Quiet, blas_threads, convergence_note,
@@ -42,6 +42,9 @@ class FitResult:
     train_accuracy: float
     effective: dict[str, Any]  # registry.effective_params: every key parameter as fitted
     accuracy_rows: int = 0  # the training rows train_accuracy was measured on (0: all)
+    # store.read.finetuned_note over the training rows (the backbone was fine-tuned on some of
+    # them: the CV table and training accuracy overrate it), "note: ..."; said whatever -q says
+    finetuned: str | None = None
 
     def line(self) -> str:
         params = heads.format_params(self.effective)
@@ -236,6 +239,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         chosen = _as_fitted(source, head, chosen, estimator, class_weight, seed, y)
     for n in dict.fromkeys(notes):
         say(f"note: {n}")
+    seen = finetuned_note(store, rows.train, "training rows (of the training accuracy"
+                          + (" and the search's cross-validation" if search else "") + ")")[1]
     if quiet.convergence:
         say(convergence_note(head, quiet.convergence))
     train_acc = float((pred == (y if sub is None else y[sub])).mean())
@@ -262,7 +267,7 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path))
     return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
                      calibration, time.perf_counter() - t0, train_acc, effective,
-                     0 if sub is None else len(sub))
+                     0 if sub is None else len(sub), f"note: {seen}" if seen else None)
 
 
 def _refuse_moot(head: str, search: bool, jobs: int | None, chunk_rows: int | None) -> None:

@@ -20,10 +20,11 @@ from ._hdf5 import (
     _lock_path,
     _make_parent,
     _open_swmr_read,
+    _reading,
     _unlock,
     real_path,
 )
-from .read import read_identity, verify
+from .read import _union, read_identity, verify
 from .schema import (
     ERROR_FIELDS,
     ROW_FIELDS,
@@ -31,6 +32,7 @@ from .schema import (
     StoreMismatch,
     _check_schema,
     _decode,
+    get_finetune_hashes,
 )
 from .write import StoreWriter, _rewrite, _Unreadable
 
@@ -113,6 +115,9 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
         verify(p)
         with _open_swmr_read(Path(p)) as src:
             _check_labels(Path(p), src["labels"][:_committed(src)[0]], len(src["class_names"]))
+    # the record of the images a fine-tuned backbone was trained on travels with its rows
+    # (one identity is one set of weights, so the inputs' records are one run's: their union)
+    tuned = _union([_reading(Path(p), get_finetune_hashes) for p in inputs])
     prefixes = _qualifiers(inputs) if on_conflict == "qualify" else [""] * len(inputs)
     conflicts = _conflicts(out if out.exists() and not rebuild else None, inputs, prefixes)
     if conflicts and on_conflict != "first":
@@ -125,7 +130,8 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
             "under <store name>/<path>, or --on-conflict first to keep the first of each "
             "(the dropped ones are recorded and listed by `embedpipe info`)")
     if not rebuild:
-        with StoreWriter.open(out, identity, versions=versions, progress=progress) as w:
+        with StoreWriter.open(out, identity, versions=versions, progress=progress,
+                              finetune_hashes=tuned) as w:
             return _merge_into(w, out, inputs, block_rows, prefixes)
     _make_parent(out)
     lock = _lock(out)
@@ -135,7 +141,8 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
         for leftover in (tmp, _lock_path(tmp)):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        with StoreWriter.open(tmp, identity, versions=versions, progress=progress) as w:
+        with StoreWriter.open(tmp, identity, versions=versions, progress=progress,
+                              finetune_hashes=tuned) as w:
             counts = _merge_into(w, out, inputs, block_rows, prefixes)
         os.replace(tmp, out)
         return counts

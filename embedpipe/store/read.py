@@ -24,12 +24,14 @@ from ._hdf5 import (
 )
 from .schema import (
     ERROR_FIELDS,
+    FINETUNE_HASHES,
     ROW_FIELDS,
     STORE_ID,
     StoreError,
     _check_schema,
     _chunk_rows,
     _decode,
+    get_finetune_hashes,
     read_meta,
 )
 
@@ -50,6 +52,9 @@ class FeatureStore:
     runs: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)  # what stacking left out (see stack)
     block_rows: int = 0  # rows per HDF5 chunk of /features (the unit of a read); 0: unknown
+    # sha256 (sorted S64) of the images the store's backbone was fine-tuned on (`embedpipe
+    # finetune` weights; stacked: any member's); None for other weights (schema.py)
+    finetune_hashes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -121,6 +126,18 @@ class FeatureStore:
         return {**self.identity, "created": self.meta.get("created"),
                 "versions": self.meta.get("versions")}
 
+    def finetuned_rows(self, rows: Any) -> np.ndarray:
+        """The rows among ``rows`` (store row indices) whose image the store's backbone was
+        fine-tuned on (its content hash is in the fine-tuning record): a boolean mask aligned
+        with ``rows``; all False for a store of other weights."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rec = self.finetune_hashes
+        if rec is None or not len(rec) or not len(rows):
+            return np.zeros(len(rows), dtype=bool)
+        h = np.array([self.hashes[i] for i in rows], dtype="S64")
+        at = np.minimum(np.searchsorted(rec, h), len(rec) - 1)
+        return rec[at] == h
+
     def label_names(self) -> list[str | None]:
         return [self.classes[i] if i >= 0 else None for i in self.labels]
 
@@ -152,6 +169,7 @@ def open_store(path: str | Path, *, features: bool = True) -> FeatureStore:
                     zip(f["errors/path"][:n_err], f["errors/reason"][:n_err])],
             runs=[json.loads(_decode(r)) for r in f["runs"][:]],
             block_rows=int((f["features"].chunks or (0,))[0]),
+            finetune_hashes=get_finetune_hashes(f),
         )
         if len(store.labels) and not (-1 <= store.labels.min() and
                                       store.labels.max() < len(store.classes)):
@@ -208,7 +226,44 @@ def stack(stores: Sequence[FeatureStore]) -> FeatureStore:
     return FeatureStore(  # path: for messages only ("a.h5+b.h5"), never opened
         path=Path("+".join(str(s.path) for s in stores)), meta=meta, features=features, labels=first.labels[rows[0]],
         paths=common, hashes=[first.hashes[i] for i in rows[0]], splits=first.splits[rows[0]],
-        classes=first.classes, errors=errors, runs=[], notes=notes)
+        classes=first.classes, errors=errors, runs=[], notes=notes,
+        finetune_hashes=_union([s.finetune_hashes for s in stores]))
+
+
+def _union(records: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """The fine-tuning records of stacked stores as one (a row any member's backbone was tuned
+    on is a seen row of the stack); None when no member has one."""
+    have = [r for r in records if r is not None]
+    return np.unique(np.concatenate(have)) if have else None
+
+
+def finetuned_note(store: FeatureStore, rows: Any, scored: str = "rows scored",
+                   fix: str | None = None) -> tuple[int, str | None]:
+    """How many of ``rows`` (store row indices: the rows an accuracy is measured on) are
+    images the store's backbone was fine-tuned on, and the one line that says so (without a
+    ``note:`` prefix; None when there are none): the accuracy over them overrates the model,
+    and what to do instead (``fix``; default: score a split with none of them, named when the
+    store has one, or extract a store of images the run did not see). Every command that
+    reports an accuracy over store rows says this line (cv, compare, fit, predict --store)."""
+    seen = store.finetuned_rows(rows)
+    n = int(seen.sum())
+    if not n:
+        return 0, None
+    if fix is None:
+        splits = np.asarray(store.splits, dtype=object)
+        mask = store.finetuned_rows(np.arange(len(store)))
+        labeled = store.labels >= 0
+        clean = sorted({str(sp) for sp in splits[labeled & ~mask] if sp}
+                       - {str(sp) for sp in splits[mask]})
+        pick = "test" if "test" in clean else (clean[0] if clean else None)
+        fix = ((f"score the {pick!r} split instead, which finetune did not train on (e.g. "
+                f"`embedpipe predict HEAD --store {store.path} --split {pick}`)")
+               if pick else "")
+        fix += ((", or " if fix else "") + "extract a store of images finetune did not see "
+                "(`embedpipe extract OTHER --weights RUN.pt`) and score that")
+    return n, (f"{n} of the {len(seen)} {scored} are images the backbone of {store.path} was "
+               "fine-tuned on (`embedpipe finetune`), so the accuracy over them overrates "
+               f"the model; {fix}")
 
 
 def same_features(a: FeatureStore, b: FeatureStore, rows_a: Sequence[int],
@@ -381,6 +436,12 @@ def verify(path: str | Path, block_rows: int = 8192) -> int:
 def read_identity(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     return _reading(path, lambda f: {k: _decode(f.attrs.get(k)) for k in IDENTITY_KEYS})
+
+
+def has_finetune_record(path: str | Path) -> bool:
+    """Whether the store holds the record of the images its fine-tuned backbone was trained
+    on (schema.FINETUNE_HASHES), without reading it."""
+    return _reading(Path(path), lambda f: FINETUNE_HASHES in f)
 
 
 def read_runs(path: str | Path) -> list[dict[str, Any]]:

@@ -10,6 +10,9 @@
   /errors/{path,reason,hash,mtime_ns,size}   files that could not be used, and why
   /runs       utf-8 str (R,)     one JSON record per extract run (options, counts, versions)
   /committed  int64 (2,)         [rows, errors] that are complete; everything past them is junk
+  /finetune_train_hash  ascii (K,)  only in a store of `embedpipe finetune` weights: the sha256
+              of every image that run trained on (sorted, unique; the same digest as /hash), so
+              an accuracy over rows the backbone was tuned on can say so (read.finetuned_note)
   attributes  identity (embedpipe.provenance.IDENTITY_KEYS) and identity_sha256,
               schema_version, created, versions, store_id (a random id given at creation,
               kept by every later write: tells apart files of one identity, e.g. two stacked
@@ -38,6 +41,8 @@ ROW_FIELDS = ("labels", "paths", "hash", "split", "mtime_ns", "size")
 ERROR_FIELDS = ("path", "reason", "hash", "mtime_ns", "size")
 _STR = h5py.string_dtype("utf-8")
 _HASH = h5py.string_dtype("ascii", 64)
+# the record of the images a fine-tuned backbone was trained on (see the layout above)
+FINETUNE_HASHES = "finetune_train_hash"
 
 
 class StoreError(UserError):
@@ -141,3 +146,23 @@ def _make_layout(f: h5py.File, dim: int, dtype: np.dtype, n: int = 0, n_err: int
                      chunks=(256,))
     f.create_dataset("runs", shape=(n_runs,), maxshape=(None,), dtype=_STR, chunks=(64,))
     f.create_dataset("committed", data=np.array([n, n_err], dtype="i8"))
+
+
+def put_finetune_hashes(f: h5py.File, hashes: Any) -> None:
+    """Write the record of the images the store's fine-tuned backbone was trained on
+    (``/finetune_train_hash``: sorted unique sha256 hex digests, Fletcher-32 checksummed).
+    Nothing for None; a store that has one keeps it (the identity fixes the weights, and the
+    weights fix the run that trained them)."""
+    if hashes is None or FINETUNE_HASHES in f:
+        return
+    arr = np.unique(np.asarray(hashes, dtype="S64"))
+    f.create_dataset(FINETUNE_HASHES, data=arr.astype(_HASH), dtype=_HASH,
+                     chunks=(max(1, min(len(arr), 65536)),), fletcher32=True)
+
+
+def get_finetune_hashes(f: h5py.File) -> np.ndarray | None:
+    """The store's record of the images its fine-tuned backbone was trained on, as a sorted
+    ``S64`` array; None when it has none (other weights, or a store written before records)."""
+    if FINETUNE_HASHES not in f:
+        return None
+    return np.asarray(f[FINETUNE_HASHES][:], dtype="S64")

@@ -51,6 +51,7 @@ from .schema import (
     _DATASETS,
     _HASH,
     ERROR_FIELDS,
+    FINETUNE_HASHES,
     ROW_FIELDS,
     SCHEMA_VERSION,
     STORE_ID,
@@ -60,6 +61,8 @@ from .schema import (
     StoreMismatch,
     _check_schema,
     _decode,
+    get_finetune_hashes,
+    put_finetune_hashes,
     _identity_digest,
     _make_layout,
     describe_mismatch,
@@ -124,8 +127,11 @@ class StoreWriter:
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, identity: dict[str, Any], *, versions: dict[str, str],
-             progress: Any = None) -> "StoreWriter":
+             progress: Any = None, finetune_hashes: Any = None) -> "StoreWriter":
         """Open ``path`` for appending, creating it for ``identity`` if it does not exist.
+        ``finetune_hashes``: for the weights of an `embedpipe finetune` run, the sha256 of the
+        images it trained on (schema.put_finetune_hashes), written into a store that has no
+        such record yet.
 
         Fails with StoreMismatch when the store was made with another identity, StoreBusy when
         another process is writing it.
@@ -141,8 +147,10 @@ class StoreWriter:
                 msg = describe_mismatch(path, stored, identity)
                 if msg:
                     raise StoreMismatch(msg)
+                if finetune_hashes is not None:
+                    _add_finetune_hashes(path, finetune_hashes)
             else:
-                _create(path, identity, versions)
+                _create(path, identity, versions, finetune_hashes)
             f = _open_swmr_write(path, progress)
             try:
                 return cls(path, f, lock)
@@ -427,7 +435,23 @@ class StoreWriter:
 _LEAKED: list[Any] = []
 
 
-def _create(path: Path, identity: dict[str, Any], versions: dict[str, str]) -> None:
+def _add_finetune_hashes(path: Path, hashes: Any) -> None:
+    """Add the fine-tuning record to an existing store that lacks it (one written before
+    records, or from weights whose record was missing then), before the SWMR writer opens it
+    (SWMR cannot create datasets). A store left marked by a dead writer is recovered first by
+    the writer and keeps going without it: the record is a note's source, never a row's."""
+    try:
+        with h5py.File(path, "r") as f:
+            if FINETUNE_HASHES in f:
+                return
+        with h5py.File(path, "r+", libver="latest") as f:
+            put_finetune_hashes(f, hashes)
+    except (OSError, RuntimeError):
+        return
+
+
+def _create(path: Path, identity: dict[str, Any], versions: dict[str, str],
+            finetune_hashes: Any = None) -> None:
     dim = int(identity["feature_dim"])
     dtype = np.dtype(identity["dtype"])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -441,6 +465,7 @@ def _create(path: Path, identity: dict[str, Any], versions: dict[str, str]) -> N
             f.attrs["versions"] = json.dumps(versions, sort_keys=True)
             f.attrs["identity_sha256"] = _identity_digest(f.attrs)
             f.attrs[STORE_ID] = uuid.uuid4().hex  # this file, whatever its name (schema.py)
+            put_finetune_hashes(f, finetune_hashes)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
@@ -593,6 +618,7 @@ def _rewrite(src: h5py.File, path: Path, *, keep: np.ndarray | None, n: int, n_e
                 dst["class_names"][:] = classes
             if len(runs):
                 dst["runs"][:] = runs
+            put_finetune_hashes(dst, _read(lambda: get_finetune_hashes(src)))
             dst["committed"][:] = [len(rows), len(errs)]
         os.replace(tmp, path)
     except _Unreadable:
