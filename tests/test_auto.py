@@ -602,35 +602,25 @@ def test_folds_in_worker_threads_give_the_same_selection_as_one_after_another(
         np.testing.assert_allclose(three.decisions[name], d, rtol=1e-9, atol=1e-12)
 
 
-def test_a_fold_failing_in_a_worker_leaves_its_candidate_out_and_a_bug_is_raised(
+def test_a_fold_failing_in_a_worker_leaves_its_candidate_out_and_other_errors_are_raised(
         fmnist_store, monkeypatch):
-    """A candidate whose fit raises for its rows (a ValueError, as scikit-learn raises for too
-    few rows) is left out with a note, the others scored, as with one thread; any other
-    exception in a worker thread is a bug and reaches the caller."""
+    """A candidate whose fit raises a ValueError in a worker process (here a PCA larger than
+    the fold's rows, as scikit-learn says it) is left out with that note, the others scored,
+    as in one process; any other exception in a worker (here registry.build refusing C=-1)
+    reaches the caller as itself, with its message."""
     X, y = _train_rows(fmnist_store)
     monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
     monkeypatch.setattr(auto, "candidates", lambda n, d: [
-        ("logreg", {}), ("svm", {}), ("ridge", {})])
-    real_build = heads.build
-    error = {"svm": ValueError}
-
-    def build(head, params=None, **kw):
-        est = real_build(head, params, **kw)
-        if head in error:
-            def broken(*a, **k):
-                raise error[head]("cannot fit these rows\nsecond line")
-            est.fit = broken
-        return est
-
-    monkeypatch.setattr(heads, "build", build)
+        ("logreg", {}), ("svm", {"pca": 5000}), ("ridge", {})])
     sel = auto.select(X, y, budget=10000)
     assert sorted(r["head"] for r in sel.table if not r.get("members")) == ["logreg", "ridge"]
-    svm = auto.describe("svm", {})
-    assert f"{svm} failed to fit on these rows (cannot fit these rows); left out" in sel.notes, \
+    svm = auto.describe("svm", {"pca": 5000})
+    assert (f"{svm} failed to fit on these rows (n_components=5000 must be between 0 and "
+            "min(n_samples, n_features)=160 with svd_solver='full'); left out") in sel.notes, \
         sel.notes
 
-    error["svm"] = RuntimeError
-    with pytest.raises(RuntimeError, match="cannot fit these rows"):
+    monkeypatch.setattr(auto, "candidates", lambda n, d: [("logreg", {}), ("svm", {"C": -1.0})])
+    with pytest.raises(heads.HeadError, match="C"):
         auto.select(X, y, budget=10000)
 
 
@@ -689,3 +679,29 @@ def test_score_workers_one_per_core_above_parallel_rows_capped_by_omp_num_thread
     assert auto.score_workers(10_000) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
     assert auto.score_workers(10_000) == 2
+
+
+def test_a_worker_process_that_dies_is_a_one_line_error_naming_the_fix(fmnist_store,
+                                                                       monkeypatch):
+    """A worker process killed mid-fit (the OOM killer, say) breaks the pool: one line naming
+    the candidate and the fix (OMP_NUM_THREADS=1: one fold at a time, in-process), no
+    traceback of loky's."""
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    from embedpipe.heads.rows import EvaluateError
+
+    X, y = _train_rows(fmnist_store)
+    monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
+    monkeypatch.setattr(auto, "candidates", lambda n, d: [("logreg", {})])
+
+    def died(self, key, fn, *args):
+        self.done.put((key, None, TerminatedWorkerError("A worker process managed by the "
+                                                        "executor was unexpectedly terminated.")))
+
+    monkeypatch.setattr(auto._Workers, "submit", died)
+    with pytest.raises(EvaluateError) as e:
+        auto.select(X, y, budget=10000)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        f"auto: a worker process died while it fitted {auto.describe('logreg', {})} (A worker")
+    assert msg.endswith("rerun with OMP_NUM_THREADS=1 (one fold at a time, in this process)")

@@ -13,8 +13,8 @@ How it chooses (``select``):
    all candidates. Its out-of-fold class scores are kept. Above SELECT_ROWS (10,000) rows they
    are scored on a stratified sample of that many (``score_sample``) and the choice is fitted
    on all rows: a whole large store does not fit the budget. Above PARALLEL_ROWS rows the
-   folds run several at once, in worker threads (``score_workers``: one per usable core; the
-   fits release the GIL), with the same results as one after another.
+   folds run several at once, in worker processes (``score_workers``: one per usable core),
+   with the same results as one after another.
 3. Budget: before a candidate starts, if the seconds spent plus its expected cost (a fold of
    the last candidate of the same head, else the mean fold so far, times the rounds its folds
    take on the workers) exceed ``budget``, it and the rest are skipped and a note says so; the
@@ -339,9 +339,9 @@ class _Scored:
     error: str | None = None
 
 
-#: Up to this many training rows auto scores its folds one after another in this thread: a
-#: fold fits in well under a second there (natural set, 170 rows: 13 candidates in 8 s), less
-#: than a worker thread would save.
+#: Up to this many training rows auto scores its folds one after another in this process: a
+#: fold fits in well under a second there (natural set, 170 rows: 13 candidates in 8 s), and
+#: starting worker processes (each imports scikit-learn) takes a few.
 PARALLEL_ROWS = 1000
 MAX_WORKERS = 8
 
@@ -350,9 +350,8 @@ def score_workers(rows: int) -> int:
     """How many folds auto fits at once on ``rows`` training rows: 1 up to PARALLEL_ROWS,
     else one per usable core (os.sched_getaffinity), at most MAX_WORKERS and at most
     OMP_NUM_THREADS where that is set (the usual way to cap a process's threads; joblib sets it
-    in its worker processes, e.g. `cv --jobs N`'s, to cores // N). Each runs in a thread of
-    this process (the fits spend their time in compiled code that releases the GIL: libsvm,
-    BLAS, scikit-learn's Cython loops), with cores // workers BLAS/OpenMP threads."""
+    in its worker processes, e.g. `cv --jobs N`'s, to cores // N). Each is a worker process
+    (_Workers) with cores // workers BLAS/OpenMP threads."""
     import os
 
     from ..env import usable_cores
@@ -364,7 +363,7 @@ def score_workers(rows: int) -> int:
     return min(MAX_WORKERS, cores)
 
 
-def _fit_fold(head: str, params: dict[str, Any], seed: int, X: np.ndarray, y: np.ndarray,
+def _fit_fold(X: np.ndarray, head: str, params: dict[str, Any], seed: int, y: np.ndarray,
               tr: np.ndarray, te: np.ndarray, classes: np.ndarray, native: bool
               ) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray | None, float]:
     """One fold of one candidate, as `fit` would fit it on the fold's training rows: (whether
@@ -377,8 +376,7 @@ def _fit_fold(head: str, params: dict[str, Any], seed: int, X: np.ndarray, y: np
     t0 = time.perf_counter()
     est = heads.build(head, params, seed=seed)
     adapted = bool(fewshot.adapt(est, y[tr], head))  # as `fit` would on these rows
-    with _C_RAND.held(_C_RAND.user(est)):
-        est.fit(X[tr], y[tr])
+    est.fit(X[tr], y[tr])
     cols = np.searchsorted(classes, np.asarray(est.classes_))
     if native:
         s, _ = class_scores(est, X[te])
@@ -389,115 +387,46 @@ def _fit_fold(head: str, params: dict[str, Any], seed: int, X: np.ndarray, y: np
     return adapted, cols, s, d, time.perf_counter() - t0
 
 
-class _CRand:
-    """C's rand() is one generator per process. libsvm and liblinear seed it (srand) when they
-    start a fit, and liblinear draws from it while it fits (the order of its coordinate
-    descent), so a liblinear fit (LinearSVC: the linear-svm head; LogisticRegression with
-    solver liblinear) next to any other libsvm or liblinear fit in another thread would draw
-    another sequence and end elsewhere (3e-5 apart in an out-of-fold decision value, measured).
-    ``held(user(est))`` around a fit: a liblinear fit runs alone among them, libsvm fits (SVC:
-    rand unused without probability=True) side by side; waiting liblinear fits go first."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._alone = False
-        self._waiting = 0  # liblinear fits waiting to run alone
-
-    @staticmethod
-    def user(est: Any) -> str | None:
-        """"liblinear", "libsvm" or None: which of them fitting ``est`` seeds or draws rand()."""
-        from .compact import walk
-
-        found: set[str] = set()
-
-        def visit(obj: Any) -> None:
-            kind = type(obj).__name__
-            if kind in ("LinearSVC", "LinearSVR") or (
-                    kind == "LogisticRegression" and getattr(obj, "solver", "") == "liblinear"):
-                found.add("liblinear")
-            elif kind in ("SVC", "NuSVC", "SVR", "NuSVR", "OneClassSVM"):
-                found.add("libsvm")
-
-        walk(est, visit)
-        return "liblinear" if "liblinear" in found else ("libsvm" if found else None)
-
-    @contextlib.contextmanager
-    def held(self, user: str | None) -> Any:
-        if user is None:
-            yield
-            return
-        alone = user == "liblinear"
-        with self._cond:
-            if alone:
-                self._waiting += 1
-                self._cond.wait_for(lambda: not self._alone and not self._shared)
-                self._waiting -= 1
-                self._alone = True
-            else:
-                self._cond.wait_for(lambda: not self._alone and not self._waiting)
-                self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                if alone:
-                    self._alone = False
-                else:
-                    self._shared -= 1
-                self._cond.notify_all()
-
-
-_C_RAND = _CRand()
-
-
 class _Workers:
-    """``n`` daemon threads fitting folds (``submit``), each task in a copy of the submitting
-    thread's context (registry.lda_cache is a context variable); ``n`` = 1 runs each task in
-    the calling thread when it is submitted. Daemon threads: a Ctrl-C ends the command without
-    waiting for the fits in flight."""
+    """Where the folds are fitted (``submit``, then ``next_done`` for each): ``n`` = 1 runs
+    each task in this thread when it is submitted; ``n`` > 1, in ``n`` worker processes
+    (loky, joblib's reusable executor, as scikit-learn's n_jobs uses), not threads: libsvm
+    holds the GIL while it fits and predicts (two SVC fits in two threads took as long as one
+    after the other, measured), and C's rand(), which liblinear draws from while libsvm and
+    liblinear reseed it, is one per process. The rows go to the workers once, as a .npy file
+    they map read-only (registry.scratch_dir: removed at the end, or by a later run if this
+    process is killed); each task carries the row indices of its fold."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, X: np.ndarray, blas: int):
         import queue
 
-        self.n = n
         self.done: Any = queue.Queue()
-        self._todo: Any = queue.Queue()
-        self._threads = []
-        if n > 1:
-            import threading
+        self._X = X
+        self._executor: Any = None
+        self._stack = contextlib.ExitStack()
+        if n > 1:  # without a temporary directory for the rows: one fold at a time
+            d = self._stack.enter_context(heads.scratch_dir("auto", X.nbytes + (64 << 20)))
+            if d is not None:
+                from joblib.externals.loky import get_reusable_executor
 
-            for i in range(n):
-                t = threading.Thread(target=self._work, name=f"embedpipe-auto-{i}",
-                                     daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _work(self) -> None:
-        while True:
-            item = self._todo.get()
-            if item is None:
-                return
-            key, ctx, fn, args = item
-            self.done.put(self._run(key, ctx, fn, args))
-
-    @staticmethod
-    def _run(key: Any, ctx: Any, fn: Any, args: tuple) -> tuple[Any, Any, BaseException | None]:
-        try:
-            return key, ctx.run(fn, *args), None
-        except Exception as e:  # handed to the caller, which decides
-            return key, None, e
+                self._path = str(Path(d) / "rows.npy")
+                np.save(self._path, np.ascontiguousarray(X))
+                self._blas = blas
+                self._lda = heads.lda_cache_location()
+                self._executor = get_reusable_executor(max_workers=n)
 
     def submit(self, key: Any, fn: Any, *args: Any) -> None:
-        import contextvars
-
-        ctx = contextvars.copy_context()
-        if self.n > 1:
-            self._todo.put((key, ctx, fn, args))
-        else:
-            self.done.put(self._run(key, ctx, fn, args))
+        if self._executor is None:
+            try:
+                out: tuple[Any, Any, BaseException | None] = (key, fn(self._X, *args), None)
+            except Exception as e:  # handed to the caller, which decides
+                out = (key, None, e)
+            self.done.put(out)
+            return
+        fut = self._executor.submit(_in_worker, self._path, self._blas, self._lda, fn, args)
+        fut.add_done_callback(lambda f: self.done.put(
+            (key, None, f.exception()) if f.exception() is not None else
+            (key, f.result(), None)))
 
     def next_done(self) -> tuple[Any, Any, BaseException | None]:
         import queue
@@ -508,9 +437,30 @@ class _Workers:
             except queue.Empty:
                 continue
 
-    def close(self) -> None:
-        for _ in self._threads:
-            self._todo.put(None)
+    def close(self, failed: bool) -> None:
+        """Remove the rows' file; after a failure or Ctrl-C, stop the fits still running."""
+        if self._executor is not None and failed:
+            self._executor.shutdown(wait=True, kill_workers=True)
+        self._stack.close()
+
+
+_WORKER_ROWS: dict[str, np.ndarray] = {}  # in a worker process: the rows' file, mapped once
+
+
+def _in_worker(path: str, blas: int, lda: str | None, fn: Any, args: tuple) -> Any:
+    """A task in a worker process: ``fn(rows, *args)`` with the rows mapped from ``path``,
+    ``blas`` BLAS/OpenMP threads, scikit-learn's warnings silenced (as in the caller), and the
+    caller's lda cache (its directory) in use."""
+    import warnings
+
+    from threadpoolctl import threadpool_limits
+
+    if path not in _WORKER_ROWS:
+        _WORKER_ROWS.clear()
+        _WORKER_ROWS[path] = np.load(path, mmap_mode="r")
+    with warnings.catch_warnings(), threadpool_limits(blas), heads.using_lda_cache(lda):
+        warnings.simplefilter("ignore")
+        return fn(_WORKER_ROWS[path], *args)
 
 
 def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y: np.ndarray,
@@ -524,7 +474,7 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
     folds done), else the mean fold so far; a candidate starts only when its folds are
     expected to end within the budget on the workers, a fold only when it is expected to end
     within it, and a candidate that loses a fold to the budget is dropped, with the rest."""
-    from threadpoolctl import threadpool_limits
+    from concurrent.futures import BrokenExecutor
 
     from ..env import usable_cores
     from . import fewshot
@@ -539,7 +489,8 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
     note: str | None = None
     stop = False
     tasks = ((i, f) for i in range(len(cands)) for f in range(k))
-    pool = _Workers(workers)
+    pool = _Workers(workers, X, max(1, usable_cores() // workers))
+    failed = True
 
     def expected(i: int) -> float:
         c = state[i] if i < len(state) else None
@@ -550,8 +501,7 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
 
     try:
         # the fits in flight share the cores: BLAS and OpenMP get cores // workers threads each
-        with _Quiet(count=False), threadpool_limits(
-                max(1, usable_cores() // workers) if workers > 1 else None):
+        with _Quiet(count=False):
             while True:
                 while not stop and in_flight < workers:
                     nxt = next(tasks, None)
@@ -592,7 +542,7 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
                     if len(y) > LARGE_ROWS and f:  # a fold takes many seconds here: show it
                         say(f"auto: scoring {name}, fold {f + 1}/{k}")
                     tr, te = splits[f]
-                    pool.submit((i, f), _fit_fold, head, params, seed, X, y, tr, te, classes,
+                    pool.submit((i, f), _fit_fold, head, params, seed, y, tr, te, classes,
                                 heads.get(head).native_proba)
                     in_flight += 1
                 if not in_flight:
@@ -601,6 +551,12 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
                 in_flight -= 1
                 c = state[i]
                 if err is not None:
+                    if isinstance(err, BrokenExecutor):  # killed: out of memory, say
+                        raise EvaluateError(
+                            f"auto: a worker process died while it fitted {c.name} "
+                            f"({first_line(err, 160)}); the system may have run out of "
+                            "memory: rerun with OMP_NUM_THREADS=1 (one fold at a time, in "
+                            "this process)") from err
                     if not isinstance(err, (ValueError, np.linalg.LinAlgError,
                                             fewshot.FewShotError)):
                         raise err  # a bug, not too few rows
@@ -623,8 +579,9 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
                     else:  # a class missing from a fold's training part
                         c.reusable = False
                 c.oof[np.ix_(te, cols)] = s
+        failed = False
     finally:
-        pool.close()
+        pool.close(failed)
     # scored (every fold) or failed; a candidate the budget cut (error "") is left out
     return [c for c in state if c.error or (c.error is None and c.folds_done == k)], note
 

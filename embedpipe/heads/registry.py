@@ -62,59 +62,95 @@ _LDA_CACHE: ContextVar[Any] = ContextVar("embedpipe_lda_cache", default=None)
 # fit itself is a smaller share of a large fold's work.
 LDA_CACHE_MAX_ROWS = 5000
 LDA_CACHE_MIN_FREE = 2 << 30  # bytes free in the temporary directory, else no cache
-_LDA_PREFIX = "embedpipe-lda-"
 
 
 @contextmanager
 def lda_cache(rows: int) -> Iterator[None]:
     """Within this block (for ``rows`` training rows), pipelines that ``build`` makes with an
     lda step cache the fit of their preprocessing steps in a temporary directory
-    (``embedpipe-lda-PID-…`` in the system's temporary directory), deleted at the end; keyed by
-    the step's parameters and the exact rows (joblib hashes), so a cached fit is only reused on
-    identical input. It is only a speed-up: with too little free space there (LDA_CACHE_MIN_FREE)
-    or no directory to be had, the block runs without it. Directories left by processes that
-    are gone (killed by SIGTERM or SIGKILL) are removed when a block starts. Nested blocks share
-    the outer cache. Estimators fitted inside must go through ``uncached`` before they leave."""
+    (``embedpipe-lda-PID-…`` in the system's temporary directory, scratch_dir), deleted at the
+    end; keyed by the step's parameters and the exact rows (joblib hashes), so a cached fit is
+    only reused on identical input. It is only a speed-up: with too little free space there
+    (LDA_CACHE_MIN_FREE) or no directory to be had, the block runs without it. Nested blocks
+    share the outer cache. Estimators fitted inside must go through ``uncached`` before they
+    leave."""
     if _LDA_CACHE.get() is not None or rows > LDA_CACHE_MAX_ROWS:
         yield
         return
-    import os
-    import shutil
-    import tempfile
+    with scratch_dir("lda", LDA_CACHE_MIN_FREE) as d, using_lda_cache(d):
+        yield
 
-    from joblib import Memory
 
-    try:
-        root = tempfile.gettempdir()
-        _remove_orphans(root)
-        if shutil.disk_usage(root).free < LDA_CACHE_MIN_FREE:
-            raise OSError("too little free space for a cache")
-        d = tempfile.mkdtemp(prefix=f"{_LDA_PREFIX}{os.getpid()}-", dir=root)
-    except OSError:
+def lda_cache_location() -> str | None:
+    """The directory of the active lda_cache, None outside one (a worker process takes it to
+    share the cache: using_lda_cache)."""
+    memory = _LDA_CACHE.get()
+    return None if memory is None else str(memory.location)
+
+
+@contextmanager
+def using_lda_cache(location: str | None) -> Iterator[None]:
+    """Within this block, pipelines that ``build`` makes with an lda step cache in the
+    directory ``location`` (an lda_cache's, e.g. the caller's, in a worker process); nothing
+    for None."""
+    if location is None:
         yield
         return
-    token = _LDA_CACHE.set(Memory(d, verbose=0))
+    from joblib import Memory
+
+    token = _LDA_CACHE.set(Memory(location, verbose=0))
     try:
         yield
     finally:
         _LDA_CACHE.reset(token)
+
+
+_SCRATCH_KINDS = ("lda", "auto")  # embedpipe-KIND-PID-... directories (scratch_dir)
+
+
+@contextmanager
+def scratch_dir(kind: str, min_free: int = 0) -> Iterator[str | None]:
+    """A temporary directory ``embedpipe-KIND-PID-…`` in the system's temporary directory
+    (``kind``: one of _SCRATCH_KINDS), removed at the end of the block; None when there is
+    none to be had (no directory, or less than ``min_free`` bytes free there). Directories of
+    every kind left by processes that are gone (killed by SIGTERM or SIGKILL) are removed
+    first."""
+    import os
+    import shutil
+    import tempfile
+
+    try:
+        root = tempfile.gettempdir()
+        _remove_orphans(root)
+        if min_free and shutil.disk_usage(root).free < min_free:
+            raise OSError("too little free space")
+        d = tempfile.mkdtemp(prefix=f"embedpipe-{kind}-{os.getpid()}-", dir=root)
+    except OSError:
+        yield None
+        return
+    try:
+        yield d
+    finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
 def _remove_orphans(root: str) -> None:
-    """Remove ``embedpipe-lda-PID-*`` directories in ``root`` whose process is gone."""
+    """Remove ``embedpipe-KIND-PID-*`` directories (scratch_dir) in ``root`` whose process is
+    gone."""
     import os
     import shutil
 
     for entry in os.scandir(root):
-        if not entry.name.startswith(_LDA_PREFIX) or not entry.is_dir(follow_symlinks=False):
+        kind = next((k for k in _SCRATCH_KINDS if entry.name.startswith(f"embedpipe-{k}-")),
+                    None)
+        if kind is None or not entry.is_dir(follow_symlinks=False):
             continue
-        pid = entry.name[len(_LDA_PREFIX):].split("-", 1)[0]
+        pid = entry.name[len(f"embedpipe-{kind}-"):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:  # gone: its cache is an orphan
+        except ProcessLookupError:  # gone: its directory is an orphan
             shutil.rmtree(entry.path, ignore_errors=True)
         except OSError:  # alive (another user's process, say): leave it
             pass
