@@ -572,7 +572,8 @@ def test_a_vote_on_a_class_of_two_names_the_folds_its_temperatures_came_from(
                               for c in calibrated), m["calibration"]
 
 
-def _train_rows(fmnist_store):
+def _train_features(fmnist_store):
+    """(train rows' features as stored (float32), their labels) of the fixture's store."""
     from embedpipe.heads.rows import select_rows, targets
     from embedpipe.store import open_store
 
@@ -581,12 +582,13 @@ def _train_rows(fmnist_store):
     return np.asarray(s.features[rows]), targets(s, rows)
 
 
-def test_folds_in_worker_threads_give_the_same_selection_as_one_after_another(
+def test_folds_in_worker_processes_give_the_same_selection_as_one_after_another(
         fmnist_store, monkeypatch):
-    """Above PARALLEL_ROWS auto fits score_workers folds at once in threads: the same table
+    """Above PARALLEL_ROWS auto fits score_workers folds at once in worker processes: the same
+    table
     (every candidate's mean CV score to the last digit), choice and out-of-fold decision
     values (what the final fit's temperature comes from) as one fold after another."""
-    X, y = _train_rows(fmnist_store)
+    X, y = _train_features(fmnist_store)
     real = auto.candidates
     monkeypatch.setattr(auto, "candidates", lambda n, d: real(n, d)[:5])
     got = {}
@@ -608,7 +610,7 @@ def test_a_fold_failing_in_a_worker_leaves_its_candidate_out_and_other_errors_ar
     the fold's rows, as scikit-learn says it) is left out with that note, the others scored,
     as in one process; any other exception in a worker (here registry.build refusing C=-1)
     reaches the caller as itself, with its message."""
-    X, y = _train_rows(fmnist_store)
+    X, y = _train_features(fmnist_store)
     monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
     monkeypatch.setattr(auto, "candidates", lambda n, d: [
         ("logreg", {}), ("svm", {"pca": 5000}), ("ridge", {})])
@@ -626,9 +628,9 @@ def test_a_fold_failing_in_a_worker_leaves_its_candidate_out_and_other_errors_ar
 
 def test_workers_keep_the_budget_and_always_score_the_first_candidate(fmnist_store,
                                                                       monkeypatch):
-    """With folds in worker threads a budget too small for anything still scores the first
+    """With folds in worker processes a budget too small for anything still scores the first
     candidate on every fold, and no other: the next candidate is expected to end past it."""
-    X, y = _train_rows(fmnist_store)
+    X, y = _train_features(fmnist_store)
     monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
     sel = auto.select(X, y, budget=0.001)
     first = auto.describe(*auto.candidates(20, X.shape[1])[0])
@@ -638,10 +640,10 @@ def test_workers_keep_the_budget_and_always_score_the_first_candidate(fmnist_sto
                sel.notes), sel.notes
 
 
-def test_ctrl_c_stops_auto_with_folds_in_worker_threads(monkeypatch):
-    """Ctrl-C while worker threads fit folds raises errors.Interrupted in the caller at once
-    (the threads are daemons: the command does not wait for their fits), and Python's own
-    SIGINT handler is back afterwards."""
+def test_ctrl_c_stops_auto_with_folds_in_worker_processes(monkeypatch):
+    """Ctrl-C while worker processes fit folds raises errors.Interrupted in the caller at once
+    (the workers still fitting are stopped, not waited for), and Python's own SIGINT handler
+    is back afterwards."""
     import os
     import signal
     import threading
@@ -681,6 +683,22 @@ def test_score_workers_one_per_core_above_parallel_rows_capped_by_omp_num_thread
     assert auto.score_workers(10_000) == 2
 
 
+def test_workers_blas_threads_add_up_to_the_cores_auto_may_use(monkeypatch):
+    """Each worker's BLAS/OpenMP threads: 1 up to fit.ONE_BLAS_THREAD_ROWS rows (fit's rule),
+    else the cores shared out, OMP_NUM_THREADS included: 4 workers under OMP_NUM_THREADS=4 on
+    16 cores get 1 thread each (4 in all), not 16 // 4 (an attack measured 16)."""
+    from embedpipe import env
+    from embedpipe.heads.fit import ONE_BLAS_THREAD_ROWS
+
+    monkeypatch.setattr(env, "usable_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert auto.worker_blas_threads(ONE_BLAS_THREAD_ROWS, 8) == 1
+    assert auto.worker_blas_threads(ONE_BLAS_THREAD_ROWS + 1, 8) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    workers = auto.score_workers(10_000)
+    assert workers == 4 and auto.worker_blas_threads(10_000, workers) == 1
+
+
 def test_a_worker_process_that_dies_is_a_one_line_error_naming_the_fix(fmnist_store,
                                                                        monkeypatch):
     """A worker process killed mid-fit (the OOM killer, say) breaks the pool: one line naming
@@ -690,7 +708,7 @@ def test_a_worker_process_that_dies_is_a_one_line_error_naming_the_fix(fmnist_st
 
     from embedpipe.heads.rows import EvaluateError
 
-    X, y = _train_rows(fmnist_store)
+    X, y = _train_features(fmnist_store)
     monkeypatch.setattr(auto, "score_workers", lambda rows: 2)
     monkeypatch.setattr(auto, "candidates", lambda n, d: [("logreg", {})])
 

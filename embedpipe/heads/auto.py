@@ -346,21 +346,32 @@ PARALLEL_ROWS = 1000
 MAX_WORKERS = 8
 
 
-def score_workers(rows: int) -> int:
-    """How many folds auto fits at once on ``rows`` training rows: 1 up to PARALLEL_ROWS,
-    else one per usable core (os.sched_getaffinity), at most MAX_WORKERS and at most
+def _cores() -> int:
+    """The cores auto's fits may use: the usable cores (env.usable_cores), at most
     OMP_NUM_THREADS where that is set (the usual way to cap a process's threads; joblib sets it
-    in its worker processes, e.g. `cv --jobs N`'s, to cores // N). Each is a worker process
-    (_Workers) with cores // workers BLAS/OpenMP threads."""
+    in its worker processes, e.g. `cv --jobs N`'s, to cores // N)."""
     import os
 
     from ..env import usable_cores
 
-    if rows <= PARALLEL_ROWS:
-        return 1
     cap = os.environ.get("OMP_NUM_THREADS", "").strip()
-    cores = min(usable_cores(), int(cap)) if cap.isdigit() and int(cap) > 0 else usable_cores()
-    return min(MAX_WORKERS, cores)
+    return min(usable_cores(), int(cap)) if cap.isdigit() and int(cap) > 0 else usable_cores()
+
+
+def score_workers(rows: int) -> int:
+    """How many folds auto fits at once on ``rows`` training rows: 1 up to PARALLEL_ROWS,
+    else one per core it may use (_cores), at most MAX_WORKERS. Each is a worker process
+    (_Workers) with worker_blas_threads BLAS/OpenMP threads."""
+    return 1 if rows <= PARALLEL_ROWS else min(MAX_WORKERS, _cores())
+
+
+def worker_blas_threads(rows: int, workers: int) -> int:
+    """BLAS/OpenMP threads of each of ``workers`` worker processes fitting folds of ``rows``
+    rows: 1 up to fit.ONE_BLAS_THREAD_ROWS (the rule of fit.blas_threads), else the cores
+    auto may use shared out (at least 1), so that the workers' threads add up to them."""
+    from .fit import ONE_BLAS_THREAD_ROWS
+
+    return 1 if rows <= ONE_BLAS_THREAD_ROWS else max(1, _cores() // workers)
 
 
 def _fit_fold(X: np.ndarray, head: str, params: dict[str, Any], seed: int, y: np.ndarray,
@@ -476,7 +487,6 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
     within it, and a candidate that loses a fold to the budget is dropped, with the rest."""
     from concurrent.futures import BrokenExecutor
 
-    from ..env import usable_cores
     from . import fewshot
     from .fit import _Quiet
 
@@ -489,7 +499,7 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
     note: str | None = None
     stop = False
     tasks = ((i, f) for i in range(len(cands)) for f in range(k))
-    pool = _Workers(workers, X, max(1, usable_cores() // workers))
+    pool = _Workers(workers, X, worker_blas_threads(len(y), workers))
     failed = True
 
     def expected(i: int) -> float:
