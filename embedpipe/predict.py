@@ -209,14 +209,15 @@ def _rows(store: FeatureStore, split: str | None, only: set[str] | None) -> np.n
 def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
                split: str | None = None, only: set[str] | None = None,
                chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False,
-               reject: str | None = None
+               reject: str | None = None, from_images: bool = False
                ) -> tuple[artifacts.HeadFile, int, list[str], Iterator[Predictions]]:
     """Classify the rows of a store (optionally one split, or only the given paths) in chunks
     of ``chunk_rows`` rows, in store order: (head, rows, notes, one Predictions per chunk).
     Memory is bounded by the chunk, not the store (stacked stores, several paths, are held in
     memory). ``notes`` fills as chunks are made. ``reject`` (auto, none or a confidence; see
     heads.reject.rule_for) labels ``unknown`` the rows the head should not decide; their
-    confidence and top-k stay as the head scored them."""
+    confidence and top-k stay as the head scored them. ``from_images``: the store is one
+    predict_images extracted for this call (temporary), so notes name the head and images."""
     from .progress import Progress
 
     check_chunk_rows(chunk_rows)
@@ -228,7 +229,10 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
     names = store.label_names()
     notes += _fitted_rows_note(head, store, rows, split, only)
     # the accuracy is over the labeled rows: those the backbone was fine-tuned on overrate it
-    _, seen = finetuned_note(store, rows[store.labels[rows] >= 0], "labeled rows scored")
+    _, seen = (finetuned_note(store, rows[store.labels[rows] >= 0], "labeled images scored",
+                              fix="predict images finetune did not see", of=str(head.path))
+               if from_images else
+               finetuned_note(store, rows[store.labels[rows] >= 0], "labeled rows scored"))
     notes += [f"note: {seen}"] if seen else []
 
     def chunks() -> Iterator[Predictions]:
@@ -261,11 +265,13 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
 
 def from_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
                split: str | None = None, only: set[str] | None = None,
-               chunk_rows: int = DEFAULT_CHUNK_ROWS, reject: str | None = None) -> Predictions:
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, reject: str | None = None,
+               from_images: bool = False) -> Predictions:
     """Classify the rows of a store (optionally one split, or only the given paths), all
     collected in memory (see iter_store and to_csv for the streamed form)."""
     head, _, notes, chunks = iter_store(head_path, store_path, top_k=top_k, split=split,
-                                        only=only, chunk_rows=chunk_rows, reject=reject)
+                                        only=only, chunk_rows=chunk_rows, reject=reject,
+                                        from_images=from_images)
     out = Predictions(head.path, head.classes, [], [], [], np.zeros(0), [], True, notes)
     confs = []
     for p in chunks:
@@ -416,7 +422,7 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
         stores, skipped = extract_images(disc, options, Path(tmp), keep_store=keep_store,
                                          progress=progress, say=say, notice=notice)
         preds = from_store(head.path, stores, top_k=top_k, only={r.rel for r in disc.items},
-                           reject=reject)
+                           reject=reject, from_images=True)
     preds.skipped = skipped
     return preds
 

@@ -999,14 +999,15 @@ def seen_notes(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(data with train/ (4 per class) and test/ (2 per class) folders, a 1-epoch finetune on
-    it, the store of the whole folder extracted with the tuned weights)."""
+    """(data with train/ (4 per class) and test/ (2 per class) folders, a 2-epoch finetune on
+    it (the backbone trains in the second), the store of the whole folder extracted with the
+    tuned weights)."""
     from embedpipe.datasets import write_fashion_mnist_folder
 
     root = tmp_path_factory.mktemp("ft_seen")
     data = write_fashion_mnist_folder(root / "data", splits={"train": 4, "test": 2})
     out = root / "run" / "tuned.pt"
-    finetune_ok(data, "-o", out, "--model", MODEL, "--epochs", "1", "--head-epochs", "1",
+    finetune_ok(data, "-o", out, "--model", MODEL, "--epochs", "2", "--head-epochs", "1",
                 "--keep-checkpoints", "0", "-q", *FAST)
     store = root / "tuned.h5"
     res = cli("extract", data, "-o", store, "--weights", out, "--precision", "fp32",
@@ -1074,6 +1075,13 @@ def test_finetune_records_its_training_images_and_cv_fit_predict_say_when_they_a
     res = cli("predict", head, "--store", store, "--split", "test", "-q")
     assert res.exit_code == 0, res.output
     assert seen_notes(res.stderr) == [] and "accuracy" in res.output, res.output
+    # from images: the line names the head (its store is a temporary file) and images
+    res = cli("predict", head, data / "train", "-q")
+    assert res.exit_code == 0, res.output
+    said = seen_notes(res.stderr)
+    assert said == [f"note: 30 of the 40 labeled images scored are images the backbone of "
+                    f"{head} was fine-tuned on (`embedpipe finetune`), so the accuracy over them "
+                    "overrates the model; predict images finetune did not see"], res.stderr
 
     # the base weights' store of the same images: nothing recorded, nothing said
     base = tmp_path / "base.h5"
@@ -1159,3 +1167,27 @@ def test_the_record_survives_shards_merge_prune_and_a_moved_run(
                                                    "the images tuned.pt was fine-tuned on"), \
         res.stderr
     assert open_store(lone).finetune_hashes is None
+
+
+def test_a_run_that_trains_only_the_classifier_records_none_of_its_images(split_run, tmp_path):
+    """--head-epochs >= --epochs trains only the new classifier: the backbone's weights stay
+    the base's, byte for byte, so its features are the base's and its images are not in the
+    record (helper-38's F9: the same weights carried two records, and cv said the rows
+    overrated the model). A chained run on top of a fine-tuned base keeps the base's record."""
+    from embedpipe.datasets import write_fashion_mnist_folder
+
+    _, base_run, _ = split_run
+    other = write_fashion_mnist_folder(tmp_path / "other", per_class=4, split="train")
+    out = tmp_path / "head-only.pt"
+    finetune_ok(other, "-o", out, "--model", MODEL, "--weights", base_run, "--epochs", "1",
+                "--head-epochs", "1", "--keep-checkpoints", "0", "-q", *FAST)
+    assert out.read_bytes() == base_run.read_bytes()  # the backbone did not move
+    base = base_run.with_name(base_run.stem + ".train-hashes").read_text().split()
+    assert out.with_name(out.stem + ".train-hashes").read_text().split() == base
+    store = tmp_path / "head-only.h5"
+    res = cli("extract", other, "-o", store, "--weights", out, "--precision", "fp32",
+              "--workers", "0", "-q")
+    assert res.exit_code == 0, res.output
+    res = cli("cv", store, "--head", "logreg", "--folds", "2")
+    assert res.exit_code == 0, res.output
+    assert seen_notes(res.output) == []  # other/'s images: the backbone never trained on them

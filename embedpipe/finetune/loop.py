@@ -324,8 +324,11 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
 
     skipped_live: list[tuple[str, str]] = []
     # what the run trains on (a base that was itself fine-tuned: its images too), written
-    # before the first checkpoint so that a checkpoint's store can carry it as well
-    trained_on = [h for _, _, h in plan.train] + [
+    # before the first checkpoint so that a checkpoint's store can carry it as well; a run
+    # whose backbone does not train (only the new classifier: no --unfreeze, or --head-epochs
+    # >= --epochs) leaves the features the base's, so its own images are not in the record
+    tunes_backbone = bool(opts.unfreeze) and opts.head_epochs < opts.epochs
+    trained_on = [h for _, _, h in plan.train if tunes_backbone] + [
         h.decode() for h in (backbone.finetune_hashes if backbone.finetune_hashes is not None
                              else [])]
     record: dict[str, Any] | None = None

@@ -238,13 +238,15 @@ def _union(records: Sequence[np.ndarray | None]) -> np.ndarray | None:
 
 
 def finetuned_note(store: FeatureStore, rows: Any, scored: str = "rows scored",
-                   fix: str | None = None) -> tuple[int, str | None]:
+                   fix: str | None = None, of: str | None = None) -> tuple[int, str | None]:
     """How many of ``rows`` (store row indices: the rows an accuracy is measured on) are
     images the store's backbone was fine-tuned on, and the one line that says so (without a
     ``note:`` prefix; None when there are none): the accuracy over them overrates the model,
     and what to do instead (``fix``; default: score a split with none of them, named when the
     store has one, or extract a store of images the run did not see). Every command that
-    reports an accuracy over store rows says this line (cv, compare, fit, predict --store)."""
+    reports an accuracy over store rows says this line (cv, compare, fit, predict --store).
+    ``of``: whose backbone, as the line names it (default: the store's path; predict from
+    images names the head, its store being temporary)."""
     seen = store.finetuned_rows(rows)
     n = int(seen.sum())
     if not n:
@@ -261,9 +263,9 @@ def finetuned_note(store: FeatureStore, rows: Any, scored: str = "rows scored",
                if pick else "")
         fix += ((", or " if fix else "") + "extract a store of images finetune did not see "
                 "(`embedpipe extract OTHER --weights RUN.pt`) and score that")
-    return n, (f"{n} of the {len(seen)} {scored} are images the backbone of {store.path} was "
-               "fine-tuned on (`embedpipe finetune`), so the accuracy over them overrates "
-               f"the model; {fix}")
+    return n, (f"{n} of the {len(seen)} {scored} are images the backbone of "
+               f"{of or store.path} was fine-tuned on (`embedpipe finetune`), so the accuracy "
+               f"over them overrates the model; {fix}")
 
 
 def same_features(a: FeatureStore, b: FeatureStore, rows_a: Sequence[int],
