@@ -1042,6 +1042,14 @@ def test_finetune_records_its_training_images_and_cv_fit_predict_say_when_they_a
     s = open_store(store)
     assert s.finetune_hashes is not None and sorted(s.finetune_hashes.astype(str)) == record
     assert int(s.finetuned_rows(np.arange(len(s))).sum()) == 30
+    # info shows the record and how many rows of each split it covers (helper-38's F5)
+    res = cli("info", store)
+    assert res.exit_code == 0, res.output
+    assert ("tuned on   30 images (the run's record); rows among them: test=0 of 20, "
+            "train=30 of 40 (accuracies over those overrate the model)") in res.output, res.output
+    res = cli("info", store, "--json")
+    assert json.loads(res.stdout)["finetuned_on"] == {"images": 30,
+                                                      "rows": {"test": 0, "train": 30}}
 
     js = tmp_path / "cv.json"
     res = cli("cv", store, "--head", "logreg", "--folds", "2", "--json", js, "-q")

@@ -15,12 +15,19 @@ def describe(path: str | Path) -> dict[str, Any]:
     dtype, classes (name → rows), unlabeled rows, splits (name → rows), the identity (model,
     weights source and sha256, pool, precision, data_config), created, versions, the number of
     run records and the last one (``last_run``: what it was, when, its status and where), the
-    skipped files with their reasons, and the rows merges dropped (``dropped_by_merge``: path,
-    the store it came from, its hash; ``merge --on-conflict first``). Raises StoreError as
-    open_store."""
+    skipped files with their reasons, the rows merges dropped (``dropped_by_merge``: path,
+    the store it came from, its hash; ``merge --on-conflict first``), and for a store of
+    `embedpipe finetune` weights ``finetuned_on``: the images its record lists and, per split,
+    how many of the store's rows are among them (the rows whose accuracy would overrate the
+    model; None for other weights). Raises StoreError as open_store."""
     s = open_store(path, features=False)
-    names, counts = np.unique(np.array([sp or "(none)" for sp in s.splits], dtype=object),
-                              return_counts=True)
+    split_of = np.array([sp or "(none)" for sp in s.splits], dtype=object)
+    names, counts = np.unique(split_of, return_counts=True)
+    tuned = None
+    if s.finetune_hashes is not None:
+        seen = s.finetuned_rows(np.arange(len(s)))
+        tuned = {"images": int(len(s.finetune_hashes)),
+                 "rows": {str(k): int(seen[split_of == k].sum()) for k in names}}
     return {
         "store": str(path), "rows": len(s), "feature_dim": s.meta.get("feature_dim"),
         "dtype": s.meta.get("dtype"), "classes": s.class_counts(),
@@ -35,6 +42,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "last_run": _last_run(s.runs[-1]) if s.runs else None,
         "skipped": [{"path": p, "reason": r} for p, r in s.errors],
         "dropped_by_merge": [d for r in s.runs for d in (r.get("dropped") or [])],
+        "finetuned_on": tuned,
     }
 
 
@@ -58,6 +66,16 @@ def _run_line(last: dict[str, Any]) -> str:
     return f"{when} {status}" + (f" on {last['device']}" if last.get("device") else "")
 
 
+def _tuned_lines(tuned: dict[str, Any] | None, splits: dict[str, int]) -> list[str]:
+    """The info line of a store of fine-tuned weights: how many images the backbone was tuned
+    on, and how many of each split's rows are among them ([] for other weights)."""
+    if tuned is None:
+        return []
+    per = ", ".join(f"{k}={tuned['rows'].get(k, 0)} of {n}" for k, n in sorted(splits.items()))
+    return [f"tuned on   {tuned['images']} images (the run's record); rows among them: {per} "
+            "(accuracies over those overrate the model)"]
+
+
 def format_info(report: dict[str, Any], show: int = 50) -> str:
     """The text of ``embedpipe info``: ``report`` (from ``describe``) with at most ``show``
     skipped files (and rows dropped by merges) listed."""
@@ -69,6 +87,7 @@ def format_info(report: dict[str, Any], show: int = 50) -> str:
         f"rows       {report['rows']} × {report['feature_dim']} ({report['dtype']})",
         f"model      {report['model']}  pool={report['pool']}  precision={report['precision']}",
         f"weights    {report['weights']['source']}  sha256={report['weights']['sha256']}",
+        *_tuned_lines(report.get("finetuned_on"), report["splits"]),
         "preprocess " + ", ".join(f"{k}={v}" for k, v in sorted(dc.items())),
         f"classes    {len(classes)}" + (f" (+{unlabeled} unlabeled)" if unlabeled else ""),
     ]
