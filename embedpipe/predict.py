@@ -229,10 +229,10 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
     names = store.label_names()
     notes += _fitted_rows_note(head, store, rows, split, only)
     # the accuracy is over the labeled rows: those the backbone was fine-tuned on overrate it
-    _, seen = (finetuned_note(store, rows[store.labels[rows] >= 0], "labeled images scored",
-                              fix="predict images finetune did not see", of=str(head.path))
-               if from_images else
-               finetuned_note(store, rows[store.labels[rows] >= 0], "labeled rows scored"))
+    labeled = rows[store.labels[rows] >= 0]
+    _, seen = (finetuned_note(store, labeled, "labeled images scored", of=str(head.path),
+                              fix="predict images finetune did not see") if from_images
+               else finetuned_note(store, labeled, "labeled rows scored"))
     notes += [f"note: {seen}"] if seen else []
 
     def chunks() -> Iterator[Predictions]:

@@ -326,8 +326,9 @@ def _select(X: np.ndarray, y: np.ndarray, budget: float, seed: int, metric: str,
 class _Scored:
     """One candidate's cross-validation (``_score_candidates``): its out-of-fold class scores
     (N×C float64, columns in np.unique(y) order), its raw out-of-fold decision values for a
-    head without probabilities, and the seconds its folds took in all (each fold timed in the
-    thread that fitted it); or ``error``, the first line of why a fold failed to fit."""
+    head without probabilities, and the seconds its folds took in all (each fold timed where
+    it was fitted: this process or a worker); or ``error``, the first line of why a fold
+    failed to fit ("" for a candidate the budget cut)."""
     name: str
     head: str
     params: dict[str, Any]
@@ -510,7 +511,6 @@ def _score_candidates(cands: list[tuple[str, dict[str, Any]]], X: np.ndarray, y:
         return fold_s.get(head, float(np.mean(all_folds)) if all_folds else 0.0)
 
     try:
-        # the fits in flight share the cores: BLAS and OpenMP get cores // workers threads each
         with _Quiet(count=False):
             while True:
                 while not stop and in_flight < workers:
