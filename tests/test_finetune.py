@@ -1276,6 +1276,74 @@ def test_a_run_stopped_by_its_budget_before_the_backbone_trained_keeps_the_bases
         assert seen_notes(res.output) == []  # other/'s images: no backbone trained on them
 
 
+def _parquet_or_skip(fmt: str) -> None:
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "parquet"])
+def test_the_record_survives_export_and_import_of_the_features(split_run, tmp_path, fmt):
+    """export-features → import-features keeps the record and each row's image hash (F6: the
+    imported store lost /finetune_train_hash, and cv no longer said 30 of its rows were seen
+    by the backbone): cv's finetuned_rows and info's finetuned_on equal the original's."""
+    _parquet_or_skip(fmt)
+    _, out, store = split_run
+    f = tmp_path / f"feats.{fmt}"
+    res = cli("export-features", store, "-o", f, "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""  # nothing lost, nothing to say
+    imported = tmp_path / "imported.h5"
+    res = cli("import-features", f, "-o", imported)
+    assert res.exit_code == 0, res.output
+    assert "fine-tuning record: 30 images" in res.stderr, res.stderr
+    want = sorted(out.with_name("tuned.train-hashes").read_text().split())
+    assert sorted(open_store(imported).finetune_hashes.astype(str)) == want
+    assert open_store(imported).hashes == open_store(store).hashes
+
+    def finetuned(path: Path) -> tuple[dict, dict]:
+        js = tmp_path / f"{path.stem}.cv.json"
+        res = cli("cv", path, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+        assert res.exit_code == 0, res.output
+        info = cli("info", path, "--json")
+        assert info.exit_code == 0, info.output
+        return (json.loads(js.read_text())["finetuned_rows"],
+                json.loads(info.stdout)["finetuned_on"])
+
+    rows, tuned_on = finetuned(imported)
+    assert (rows, tuned_on) == finetuned(store)
+    assert rows == {"cross_validated": 30, "heldout": {"test": 0}}
+    assert tuned_on == {"images": 30, "rows": {"test": 0, "train": 30}}
+    res = cli("cv", imported, "--head", "logreg", "--folds", "2", "-q")
+    said = seen_notes(res.stderr)
+    assert len(said) == 1 and said[0].startswith(
+        f"note: 30 of the 40 cross-validated rows {SEEN} {imported}"), res.stderr
+
+
+def test_an_npy_export_says_it_loses_the_record_and_its_import_has_none(split_run, tmp_path):
+    """.npy (one structured array) cannot hold the record: export says so in one line, even
+    with -q, naming the formats that can; the imported store has no record (none invented),
+    and its cv and info say nothing about fine-tuned rows."""
+    _, _, store = split_run
+    f = tmp_path / "feats.npy"
+    res = cli("export-features", store, "-o", f, "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == [
+        f"note: feats.npy cannot hold the record of the 30 images the backbone of {store} was "
+        "fine-tuned on, so a store imported from it will not say which rows an accuracy "
+        "overrates; export to .npz or .parquet to keep it"]
+    imported = tmp_path / "imported.h5"
+    res = cli("import-features", f, "-o", imported, "-q")
+    assert res.exit_code == 0, res.output
+    s = open_store(imported)
+    assert s.finetune_hashes is None and s.hashes == open_store(store).hashes
+    assert json.loads(cli("info", imported, "--json").stdout)["finetuned_on"] is None
+    js = tmp_path / "cv.json"
+    res = cli("cv", imported, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+    assert res.exit_code == 0, res.output
+    assert seen_notes(res.stderr) == []
+    assert json.loads(js.read_text())["finetuned_rows"]["cross_validated"] == 0
+
+
 def test_a_run_that_trains_only_the_classifier_records_none_of_its_images(split_run, tmp_path):
     """--head-epochs >= --epochs trains only the new classifier: the backbone's weights stay
     the base's, byte for byte, so its features are the base's and its images are not in the
