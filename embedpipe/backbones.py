@@ -309,22 +309,35 @@ def _finetune_checkpoint(path: Path, ckpt: Any) -> dict[str, Any] | None:
             f"trained at {size} px")
     return {"model": fp.get("model"), "data_config": fp["data_config"], "entry": entry,
             "line": line, "state": state,
-            **{k: ckpt[k] for k in ("train_hashes_file", "train_hashes_sha256") if k in ckpt}}
+            **{k: ckpt[k] for k in ("train_hashes", "train_hashes_file", "train_hashes_sha256")
+               if k in ckpt}}
 
 
 def finetune_hashes(weights: Path, tuned: dict[str, Any], folders: Sequence[Path]
                     ) -> tuple[Any, str | None]:
-    """The record of the images an `embedpipe finetune` run trained on, for its weights
-    ``weights`` (the run's output, described by ``tuned``: its manifest or checkpoint, which
-    name the file and its sha256): (sorted S64 array of the sha256 digests, None), found in
-    the first of ``folders`` holding the file with that sha256; else (None, a note saying that
-    accuracies over this store's rows cannot tell which ones the backbone was trained on, and
-    the fix)."""
+    """The record of the images the backbone of an `embedpipe finetune` run's weights
+    ``weights`` was trained on, described by ``tuned`` (the run's manifest, which names the
+    file and its sha256, or a checkpoint, which holds its epoch's record as ``train_hashes``:
+    uint8 (K, 32), finetune.checkpoint.record_tensor; older checkpoints name the run's file):
+    (sorted S64 array of the sha256 hex digests, None), a named file found in the first of
+    ``folders`` holding it with that sha256; else (None, a note saying that accuracies over
+    this store's rows cannot tell which ones the backbone was trained on, and the fix)."""
+    import binascii
+
     import numpy as np
 
-    name, sha = tuned.get("train_hashes_file"), tuned.get("train_hashes_sha256")
     cannot = ("so accuracies over rows of its store cannot say which images the backbone was "
               "trained on")
+    held = tuned.get("train_hashes")
+    if held is not None:
+        if not (isinstance(held, torch.Tensor) and held.dtype == torch.uint8
+                and held.ndim == 2 and held.shape[1] == 32):
+            return None, (f"note: {weights.name}'s record of its training images is not a list "
+                          f"of sha256 digests (damaged?), {cannot}; use another checkpoint or "
+                          "the run's output weights")
+        hexes = binascii.hexlify(held.contiguous().numpy().tobytes())
+        return np.unique(np.frombuffer(hexes, dtype="S64")), None
+    name, sha = tuned.get("train_hashes_file"), tuned.get("train_hashes_sha256")
     if not isinstance(name, str) or not isinstance(sha, str) or "/" in name or "\\" in name:
         return None, (f"note: {weights.name} is from an `embedpipe finetune` run that recorded "
                       f"no list of its training images (an older embedpipe), {cannot}; rerun "

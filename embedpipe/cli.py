@@ -884,14 +884,18 @@ def similar(
 def export_features(
     store: Path = typer.Argument(..., help="A feature store."),
     out: Path = typer.Option(..., "--out", "-o", help="x.parquet (pyarrow), x.npz or x.npy: "
-                             "columns path, label, split, features."),
+                             "columns path, label, split, hash, features; a fine-tuned "
+                             "backbone's record in .parquet and .npz."),
     chunk_rows: int = typer.Option(8192, help="Rows read and written at a time."),
     quiet: Quiet = False,
 ) -> None:
-    """Write a store's rows (path, label, split, features) to Parquet, .npz or .npy."""
+    """Write a store's rows (path, label, split, hash, features) to Parquet, .npz or .npy,
+    and the record of the images a fine-tuned backbone was trained on (.parquet, .npz)."""
     from . import features_io as fio
 
-    n = fio.export_features(store, out, chunk_rows=chunk_rows, progress=not quiet)
+    # a record .npy cannot hold is said even with -q: the imported store will lack it
+    n = fio.export_features(store, out, chunk_rows=chunk_rows, progress=not quiet,
+                            notice=lambda m: typer.echo(m, err=True))
     typer.echo(f"exported {n} rows of {store} → {out}")
 
 
@@ -899,7 +903,8 @@ def export_features(
 def import_features(
     file: Path = typer.Argument(..., help="A .parquet, .npz or .npy with columns path, label "
                                 "(class name; empty: unlabeled), features (D floats per row) "
-                                "and optionally split."),
+                                "and optionally split and hash (the image's sha256); a "
+                                "fine-tuned backbone's record (export-features) is kept."),
     out: Path = typer.Option(..., "--out", "-o", help="The new store to write."),
     model_name: Optional[str] = typer.Option(None, help="What made the features, for the "
                                              "record (default: the file's stem); the store's "

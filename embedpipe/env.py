@@ -53,9 +53,18 @@ HEADS = ("scikit-learn", "skops")
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one, as under
-    taskset or a container's cpuset; else os.cpu_count()), at least 1."""
-    import os
+    """The CPU cores this process may use, at least 1: the fewest of the CPUs in the machine
+    (``os.cpu_count``), its affinity mask (``taskset``, a container's cpuset) and a CPU
+    bandwidth quota of the cgroup a container sees as its own (cgroup v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us`` under /sys/fs/cgroup: ``docker --cpus N``), a
+    fractional quota rounded up (``--cpus 1.5``: 2), and ``LOKY_MAX_CPU_COUNT`` where set.
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
+    This is joblib's own count (its vendored loky's ``cpu_count``: what ``n_jobs=-1`` uses in
+    joblib and scikit-learn, so ``cv --jobs -1`` and auto's workers count alike). Not seen: the
+    quota of a nested cgroup that is not mounted as the root of /sys/fs/cgroup (a systemd
+    unit's ``CPUQuota=`` on a host without cgroup namespaces): cap it with
+    ``LOKY_MAX_CPU_COUNT`` there. joblib is imported here, not at module import: scikit-learn
+    imports it anyway, and extract imports it only when it starts loader workers."""
+    from joblib.externals.loky import cpu_count
+
+    return max(1, int(cpu_count()))

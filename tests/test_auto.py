@@ -699,6 +699,92 @@ def test_workers_blas_threads_add_up_to_the_cores_auto_may_use(monkeypatch):
     assert workers == 4 and auto.worker_blas_threads(10_000, workers) == 1
 
 
+class _Host:
+    """The ``os`` module as joblib's loky sees it on a 64-core machine whose cgroup files are
+    ``files`` (path → content; the rest of /sys/fs/cgroup is absent)."""
+
+    def __init__(self, files: dict[str, str], affinity: int = 64):
+        import types
+
+        self.files, self.affinity = files, affinity
+        self.path = types.SimpleNamespace(exists=lambda p: p in files)
+
+    def __getattr__(self, name: str):
+        import os
+
+        return getattr(os, name)
+
+    def cpu_count(self) -> int:
+        return 64
+
+    def sched_getaffinity(self, pid: int) -> set[int]:
+        return set(range(self.affinity))
+
+
+def _on_host(monkeypatch, files: dict[str, str], affinity: int = 64) -> None:
+    """Make loky's cpu_count read ``files`` as the cgroup files of a 64-core machine."""
+    import io
+
+    from joblib.externals.loky.backend import context
+
+    host = _Host(files, affinity)
+    monkeypatch.setattr(context, "os", host)
+    monkeypatch.setattr(context, "open", lambda p, *a, **k: io.StringIO(host.files[p]),
+                        raising=False)
+
+
+def test_a_container_cpu_quota_sets_the_usable_cores_and_auto_workers(monkeypatch):
+    """`docker --cpus 2` on a 64-core machine (cgroup v2 cpu.max "200000 100000"): 2 usable
+    cores, so auto fits 2 folds at once with 1 BLAS thread each and extract starts 1 loader
+    worker, not 8 and 8 (usable_cores read only the affinity mask). A fractional quota is
+    rounded up (1.5 CPUs: 2), cgroup v1's cfs quota counts the same, "max" or -1 is no quota,
+    and an affinity mask smaller than the quota wins."""
+    from embedpipe import env
+    from embedpipe.extract.loader import default_workers
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOKY_MAX_CPU_COUNT", raising=False)
+    v2, quota, period = ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+                         "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    _on_host(monkeypatch, {})
+    assert env.usable_cores() == 64
+    assert auto.score_workers(10_000) == auto.MAX_WORKERS == 8 and default_workers() == 8
+    _on_host(monkeypatch, {v2: "200000 100000\n"})
+    assert env.usable_cores() == 2
+    assert auto.score_workers(10_000) == 2 and auto.worker_blas_threads(10_000, 2) == 1
+    assert default_workers() == 1
+    _on_host(monkeypatch, {v2: "150000 100000\n"})
+    assert env.usable_cores() == 2 and auto.score_workers(10_000) == 2
+    _on_host(monkeypatch, {v2: "50000 100000\n"})
+    assert env.usable_cores() == 1 and auto.score_workers(10_000) == 1
+    _on_host(monkeypatch, {v2: "max 100000\n"})
+    assert env.usable_cores() == 64
+    _on_host(monkeypatch, {quota: "300000\n", period: "100000\n"})
+    assert env.usable_cores() == 3 and auto.score_workers(10_000) == 3
+    _on_host(monkeypatch, {quota: "-1\n", period: "100000\n"})
+    assert env.usable_cores() == 64
+    _on_host(monkeypatch, {v2: "800000 100000\n"}, affinity=3)
+    assert env.usable_cores() == 3
+
+
+def test_usable_cores_follow_the_affinity_mask_in_a_real_process(tmp_path):
+    """taskset -c 0: one usable core, whatever the machine has (a real process, no patching)."""
+    import os
+    import subprocess
+    import sys
+
+    if shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs taskset (util-linux) and sched_getaffinity")
+    code = ("from embedpipe.env import usable_cores; from embedpipe.heads import auto; "
+            "print(usable_cores(), auto.score_workers(10_000))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "LOKY_MAX_CPU_COUNT")}
+    res = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "1"]
+
+
 def test_a_worker_process_that_dies_is_a_one_line_error_naming_the_fix(fmnist_store,
                                                                        monkeypatch):
     """A worker process killed mid-fit (the OOM killer, say) breaks the pool: one line naming

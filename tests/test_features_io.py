@@ -38,6 +38,9 @@ def test_round_trip(fmnist_store: Path, tmp_path: Path, fmt: str) -> None:
     assert list(b.splits) == list(a.splits)
     assert b.features.dtype == a.features.dtype
     np.testing.assert_array_equal(b.features, a.features)
+    # each row keeps its image's sha256; a store of other weights has no record, nor its import
+    assert b.hashes == a.hashes and len(set(b.hashes)) > 1
+    assert a.finetune_hashes is None and b.finetune_hashes is None
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     assert b.meta["model"] == "imported:lite0-elsewhere"
     assert b.meta["weights_source"] == f"imported:{sha}"
@@ -114,6 +117,25 @@ def test_bad_inputs_one_line(tmp_path: Path) -> None:
         "'path' has shape")
     np.save(tmp_path / "plain.npy", X)
     err(tmp_path / "plain.npy", "structured array")
+    digests = np.array([hashlib.sha256(bytes([i])).hexdigest() for i in range(6)])
+    upper = digests.copy()
+    upper[3] = upper[3].upper()
+    err(_npz(tmp_path / "badhash.npz", path=paths, label=labels, hash=upper, features=X),
+        "'hash' holds", "not a sha256", "64 lowercase hex")
+    err(_npz(tmp_path / "nohash.npz", path=paths, label=labels, features=X,
+             finetune_train_hash=digests[:2]), "fine-tuning record", "no 'hash' column")
+    err(_npz(tmp_path / "badrec.npz", path=paths, label=labels, hash=digests, features=X,
+             finetune_train_hash=np.array(["not a digest"])), "'finetune_train_hash' holds",
+        "not a sha256")
+    # a file of our own columns without a record imports without one; with one, it is kept
+    ok("import-features", _npz(tmp_path / "rec.npz", path=paths, label=labels, hash=digests,
+                               features=X, finetune_train_hash=digests[[4, 1]]), "-o", out,
+       "-q")
+    s = open_store(out)
+    assert s.hashes == list(digests)
+    assert s.finetune_hashes.astype(str).tolist() == sorted(digests[[1, 4]])
+    assert s.finetuned_rows(np.arange(6)).tolist() == [False, True, False, False, True, False]
+    out.unlink()
     (tmp_path / "x.csv").write_text("path,label\n")
     err(tmp_path / "x.csv", "unknown format")
     try:

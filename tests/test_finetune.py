@@ -165,14 +165,17 @@ def test_resume_from_epoch1_checkpoint_equals_uninterrupted_run(fmnist_src: Path
     ta, tb = torch.load(two_epoch_run, weights_only=True), torch.load(out, weights_only=True)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert file_sha256(two_epoch_run) == file_sha256(out)
-    # the record of the training images: the same bytes, named alike by manifest and checkpoint
+    # the record of the training images: the same bytes, and the same in the epoch-2
+    # checkpoints (which hold their epoch's record: the backbone trained in epoch 2)
     rec_a = two_epoch_run.with_name("tuned.train-hashes").read_bytes()
     assert tmp_path.joinpath("resumed.train-hashes").read_bytes() == rec_a
     ma, mb = (json.loads(p.with_suffix(".json").read_text()) for p in (two_epoch_run, out))
-    assert ma["train_hashes_sha256"] == mb["train_hashes_sha256"] == a["train_hashes_sha256"] \
-        == b["train_hashes_sha256"]
-    assert ma["train_hashes_images"] == mb["train_hashes_images"] == len(rec_a.split())
-    assert mb["train_hashes_file"] == "resumed.train-hashes" == b["train_hashes_file"]
+    assert ma["train_hashes_sha256"] == mb["train_hashes_sha256"]
+    assert ma["train_hashes_images"] == mb["train_hashes_images"] == len(rec_a.split()) > 0
+    assert mb["train_hashes_file"] == "resumed.train-hashes"
+    assert torch.equal(a["train_hashes"], b["train_hashes"])
+    assert [bytes(r).hex() for r in a["train_hashes"].numpy()] == rec_a.decode().split()
+    assert ckpt(first)["train_hashes"].shape == (0, 32)  # head-only: the bundled base's, none
 
 
 def test_resume_folder_skips_corrupt_newest_checkpoints(fmnist_src: Path, two_epoch_run: Path,
@@ -1155,12 +1158,16 @@ def test_the_record_survives_shards_merge_prune_and_a_moved_run(
     p = open_store(pruned)
     assert len(p) == 59 and sorted(p.finetune_hashes.astype(str)) == want
 
-    # a checkpoint of the run names the same record
-    ck = tmp_path / "ck.h5"
-    res = cli("extract", data, "-o", ck, "--weights",
-              out.parent / "tuned.checkpoints" / "epoch-001.pt", *common[2:])
-    assert res.exit_code == 0, res.output
-    assert sorted(open_store(ck).finetune_hashes.astype(str)) == want
+    # a checkpoint holds its epoch's record: epoch 2 trained the backbone (the run's record),
+    # epoch 1 only the classifier (the base's: bundled weights, none), even moved away
+    ckdir = tmp_path / "checkpoints"
+    shutil.copytree(out.parent / "tuned.checkpoints", ckdir)
+    for name, record in (("epoch-002.pt", want), ("epoch-001.pt", [])):
+        ck = tmp_path / f"{name}.h5"
+        res = cli("extract", data, "-o", ck, "--weights", ckdir / name, *common[2:])
+        assert res.exit_code == 0, res.output
+        assert "tuned.train-hashes" not in res.stderr, res.stderr
+        assert sorted(open_store(ck).finetune_hashes.astype(str)) == record
 
     # the run's weights moved without their record: one note, no record in the store
     moved = tmp_path / "moved"
@@ -1175,6 +1182,166 @@ def test_the_record_survives_shards_merge_prune_and_a_moved_run(
                                                    "the images tuned.pt was fine-tuned on"), \
         res.stderr
     assert open_store(lone).finetune_hashes is None
+
+
+def _record_of(path: Path) -> list[str]:
+    return path.with_name(path.stem + ".train-hashes").read_text().split()
+
+
+def test_a_run_keeping_its_best_epoch_records_the_images_of_that_epochs_backbone(
+        split_run, tmp_path, monkeypatch):
+    """--keep best that keeps the head-only epoch 1 (validation forced to favour it: 1.0 while
+    the backbone is frozen, 0.0 once it trains): the kept backbone is the base's, so the run
+    records none of its images, says so in one note, and the store's cv and info say nothing
+    is tuned. Epoch 2's checkpoint, whose backbone trained, still records the 30 images, and
+    cv over its store says so."""
+    from embedpipe.finetune import loop
+
+    data, _, _ = split_run
+    real = loop._evaluate
+
+    def favour_the_frozen_backbone(model, *args):
+        real(model, *args)
+        frozen = not any(p.requires_grad for n, p in model.named_parameters()
+                         if not n.startswith("classifier."))
+        return {"accuracy": 1.0, "loss": 0.5} if frozen else {"accuracy": 0.0, "loss": 9.0}
+
+    monkeypatch.setattr(loop, "_evaluate", favour_the_frozen_backbone)
+    out = tmp_path / "best.pt"
+    res = finetune_ok(data, "-o", out, "--model", MODEL, "--epochs", "2", "--head-epochs",
+                      "1", "--keep", "best", "--keep-checkpoints", "0", "-q", *FAST)
+    monkeypatch.undo()
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["best_epoch"] == 1 and manifest["epochs_run"] == 2
+    assert _record_of(out) == [] and manifest["train_hashes_images"] == 0
+    assert [ln for ln in res.stderr.splitlines() if "kept weights" in ln] == [
+        "note: the kept weights are epoch 1's (--keep best chose it over the later epochs), "
+        "from before the backbone is unfrozen at epoch 2: the backbone is the base model's, "
+        "byte for byte, so best.train-hashes records none of this run's images"]
+    base = load_backbone(MODEL).model.state_dict()
+    tuned = torch.load(out, weights_only=True)
+    assert tuned.keys() == base.keys() and all(torch.equal(tuned[k], base[k]) for k in base)
+
+    own = sorted(_record_of(split_run[1]))  # the same 30 training images as split_run's
+    common = ["--precision", "fp32", "--workers", "0", "-q"]
+    for weights, record in ((out, []), (out.parent / "best.checkpoints" / "epoch-001.pt", []),
+                            (out.parent / "best.checkpoints" / "epoch-002.pt", own)):
+        store = tmp_path / f"{weights.name}.h5"
+        res = cli("extract", data, "-o", store, "--weights", weights, *common)
+        assert res.exit_code == 0, res.output
+        assert sorted(open_store(store).finetune_hashes.astype(str)) == record
+        js = tmp_path / f"{weights.name}.json"
+        res = cli("cv", store, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+        assert res.exit_code == 0, res.output
+        seen = json.loads(js.read_text())["finetuned_rows"]["cross_validated"]
+        assert seen == (30 if record else 0), (weights, res.stderr)
+        assert len(seen_notes(res.stderr)) == (1 if record else 0), res.stderr
+    info = cli("info", tmp_path / "best.pt.h5")
+    assert ("tuned on   0 images (the run's record: its backbone did not train, so no row's "
+            "accuracy is overrated)") in info.output, info.output
+
+
+def test_a_run_stopped_by_its_budget_before_the_backbone_trained_keeps_the_bases_record(
+        split_run, tmp_path):
+    """--budget that stops a chained run (base: split_run's tuned weights) after its head-only
+    first epoch: the output is the base backbone byte for byte, its record and its checkpoint's
+    are the base's (not this run's images), a note says why and how to go on, and cv over a
+    store of this run's images says nothing is tuned."""
+    from embedpipe.datasets import write_fashion_mnist_folder
+
+    _, base_run, _ = split_run
+    other = write_fashion_mnist_folder(tmp_path / "other", per_class=4, split="train")
+    out = tmp_path / "stopped.pt"
+    res = finetune_ok(other, "-o", out, "--model", MODEL, "--weights", base_run, "--epochs",
+                      "2", "--head-epochs", "1", "--budget", "0.001", "-q", *FAST)
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["stopped_by_budget"] and manifest["epochs_run"] == 1
+    assert out.read_bytes() == base_run.read_bytes()  # the backbone did not move
+    base = _record_of(base_run)
+    assert len(base) == 30 and _record_of(out) == base
+    ckpt = out.parent / "stopped.checkpoints" / "epoch-001.pt"
+    assert [ln for ln in res.stderr.splitlines() if "kept weights" in ln] == [
+        "note: the kept weights are epoch 1's (the run stopped before the backbone trained), "
+        "from before the backbone is unfrozen at epoch 2: the backbone is the base model's, "
+        "byte for byte, so stopped.train-hashes records none of this run's images; continue "
+        f"with --resume {ckpt} to fine-tune it"]
+    for weights in (out, ckpt):
+        store = tmp_path / f"{weights.name}.h5"
+        res = cli("extract", other, "-o", store, "--weights", weights, "--precision", "fp32",
+                  "--workers", "0", "-q")
+        assert res.exit_code == 0, res.output
+        assert sorted(open_store(store).finetune_hashes.astype(str)) == base
+        res = cli("cv", store, "--head", "logreg", "--folds", "2")
+        assert res.exit_code == 0, res.output
+        assert seen_notes(res.output) == []  # other/'s images: no backbone trained on them
+
+
+def _parquet_or_skip(fmt: str) -> None:
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "parquet"])
+def test_the_record_survives_export_and_import_of_the_features(split_run, tmp_path, fmt):
+    """export-features → import-features keeps the record and each row's image hash (F6: the
+    imported store lost /finetune_train_hash, and cv no longer said 30 of its rows were seen
+    by the backbone): cv's finetuned_rows and info's finetuned_on equal the original's."""
+    _parquet_or_skip(fmt)
+    _, out, store = split_run
+    f = tmp_path / f"feats.{fmt}"
+    res = cli("export-features", store, "-o", f, "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""  # nothing lost, nothing to say
+    imported = tmp_path / "imported.h5"
+    res = cli("import-features", f, "-o", imported)
+    assert res.exit_code == 0, res.output
+    assert "fine-tuning record: 30 images" in res.stderr, res.stderr
+    want = sorted(out.with_name("tuned.train-hashes").read_text().split())
+    assert sorted(open_store(imported).finetune_hashes.astype(str)) == want
+    assert open_store(imported).hashes == open_store(store).hashes
+
+    def finetuned(path: Path) -> tuple[dict, dict]:
+        js = tmp_path / f"{path.stem}.cv.json"
+        res = cli("cv", path, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+        assert res.exit_code == 0, res.output
+        info = cli("info", path, "--json")
+        assert info.exit_code == 0, info.output
+        return (json.loads(js.read_text())["finetuned_rows"],
+                json.loads(info.stdout)["finetuned_on"])
+
+    rows, tuned_on = finetuned(imported)
+    assert (rows, tuned_on) == finetuned(store)
+    assert rows == {"cross_validated": 30, "heldout": {"test": 0}}
+    assert tuned_on == {"images": 30, "rows": {"test": 0, "train": 30}}
+    res = cli("cv", imported, "--head", "logreg", "--folds", "2", "-q")
+    said = seen_notes(res.stderr)
+    assert len(said) == 1 and said[0].startswith(
+        f"note: 30 of the 40 cross-validated rows {SEEN} {imported}"), res.stderr
+
+
+def test_an_npy_export_says_it_loses_the_record_and_its_import_has_none(split_run, tmp_path):
+    """.npy (one structured array) cannot hold the record: export says so in one line, even
+    with -q, naming the formats that can; the imported store has no record (none invented),
+    and its cv and info say nothing about fine-tuned rows."""
+    _, _, store = split_run
+    f = tmp_path / "feats.npy"
+    res = cli("export-features", store, "-o", f, "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == [
+        f"note: feats.npy cannot hold the record of the 30 images the backbone of {store} was "
+        "fine-tuned on, so a store imported from it will not say which rows an accuracy "
+        "overrates; export to .npz or .parquet to keep it"]
+    imported = tmp_path / "imported.h5"
+    res = cli("import-features", f, "-o", imported, "-q")
+    assert res.exit_code == 0, res.output
+    s = open_store(imported)
+    assert s.finetune_hashes is None and s.hashes == open_store(store).hashes
+    assert json.loads(cli("info", imported, "--json").stdout)["finetuned_on"] is None
+    js = tmp_path / "cv.json"
+    res = cli("cv", imported, "--head", "logreg", "--folds", "2", "--json", js, "-q")
+    assert res.exit_code == 0, res.output
+    assert seen_notes(res.stderr) == []
+    assert json.loads(js.read_text())["finetuned_rows"]["cross_validated"] == 0
 
 
 def test_a_run_that_trains_only_the_classifier_records_none_of_its_images(split_run, tmp_path):

@@ -185,7 +185,11 @@ def backbone_state_with_head(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerprint, soft, epoch,
                      model, optimizer, sched, scaler, history, best, bad_epochs, stopped,
                      ema: dict[str, Any] | None = None,
-                     train_hashes: dict[str, Any] | None = None) -> None:
+                     train_hashes: torch.Tensor | None = None) -> None:
+    """Write the checkpoint of ``epoch`` to ``path`` (atomic), then drop the earlier run's and
+    those past --keep-checkpoints. ``train_hashes``: the record of the images the backbone of
+    this epoch's weights was trained on (record_tensor), held in the checkpoint itself: the
+    weights of a head-only epoch have the base's record, a later epoch's the run's too."""
     if not outs.checkpoints.is_dir():
         try:
             outs.checkpoints.mkdir()
@@ -200,8 +204,7 @@ def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerpri
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "rng": _rng_state(), "history": history, "best": best, "bad_epochs": bad_epochs,
         "stopped": stopped, "ema": ema,
-        # the run's record of its training images (write_train_hashes): file name and sha256
-        **(train_hashes or {}),
+        **({} if train_hashes is None else {"train_hashes": train_hashes}),
     }, path)
     outs.last = path
     stale, outs.stale_checkpoints = outs.stale_checkpoints, []
@@ -214,11 +217,21 @@ def _save_checkpoint(path: Path, outs: Outputs, opts: FinetuneOptions, fingerpri
                 old.unlink(missing_ok=True)
 
 
+def record_tensor(hashes: Any) -> torch.Tensor:
+    """A record of training images (sha256 hex digests) as a checkpoint holds it: the sorted
+    unique digests as a uint8 tensor (K, 32), 32 bytes an image (backbones.finetune_hashes
+    reads it back)."""
+    lines = sorted(set(hashes))
+    raw = bytes.fromhex("".join(lines))
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).reshape(len(lines), 32)
+
+
 def write_train_hashes(outs: Outputs, hashes: Any) -> dict[str, Any]:
     """Write ``outs.train_hashes``: the sha256 (data.content_hash, the digest a store keeps
-    per row) of every image the run trains on, sorted and unique, one a line (65 bytes an
-    image: 65 MB for a million). The same plan gives the same bytes, so a resumed run ends
-    with the same record. Returns what the manifest and each checkpoint name it by."""
+    per row) of every image the backbone of the run's output weights was trained on, sorted
+    and unique, one a line (65 bytes an image: 65 MB for a million). The same plan and kept
+    epoch give the same bytes, so a resumed run ends with the same record. Returns what the
+    manifest names it by."""
     lines = sorted(set(hashes))
     data = "".join(h + "\n" for h in lines).encode("ascii")
     _io.write_bytes(outs.train_hashes, data, flag="-o")

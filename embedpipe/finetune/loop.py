@@ -39,6 +39,7 @@ from .checkpoint import (
     _seed_epoch,
     _set_rng_state,
     backbone_state_with_head,
+    record_tensor,
     resume_from,
     write_train_hashes,
 )
@@ -61,6 +62,7 @@ from .stages import (
     WarmupCosine,
     _param_groups,
     apply_freeze,
+    backbone_trained_by,
     build_model,
     classifier_prefix,
     feature_stages,
@@ -323,15 +325,21 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
                                                    for s, n in sorted(plan.left_out.items())))
 
     skipped_live: list[tuple[str, str]] = []
-    # what the run trains on (a base that was itself fine-tuned: its images too), written
-    # before the first checkpoint so that a checkpoint's store can carry it as well; a run
-    # whose backbone does not train (only the new classifier: no --unfreeze, or --head-epochs
-    # >= --epochs) leaves the features the base's, so its own images are not in the record
-    tunes_backbone = bool(opts.unfreeze) and opts.head_epochs < opts.epochs
-    trained_on = [h for _, _, h in plan.train if tunes_backbone] + [
-        h.decode() for h in (backbone.finetune_hashes if backbone.finetune_hashes is not None
-                             else [])]
-    record: dict[str, Any] | None = None
+    # The record of the images the backbone of an epoch's weights was trained on: this run's
+    # training images once a stage of the backbone has trained, plus a fine-tuned base's
+    # record. Until then (head-only epochs; all of them without --unfreeze or with
+    # --head-epochs >= --epochs) only the new classifier trains and the backbone is the
+    # base's byte for byte, so the record is the base's alone. Each checkpoint holds its
+    # epoch's; RUN.train-hashes is the kept epoch's (helper-38's F9, and a kept head-only
+    # epoch: --keep best, --budget).
+    base_record = [h.decode() for h in (backbone.finetune_hashes
+                                        if backbone.finetune_hashes is not None else [])]
+    own = [h for _, _, h in plan.train]
+
+    def trained_on(epochs: int) -> list[str]:
+        return own + base_record if backbone_trained_by(epochs, opts) else base_record
+
+    records: dict[bool, torch.Tensor] = {}  # checkpoints' records, by backbone_trained_by
     epoch = start_epoch
     by_budget, epoch_cpu = False, 0.0
     with _torch_settings(deterministic, opts.threads):
@@ -400,10 +408,12 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
                             "kept": "ema" if use_ema else "trained"})
             history.append(row)
             say(_epoch_line(row, opts.epochs) + ("  (early stop)" if stopped else ""))
-            record = record or write_train_hashes(outs, trained_on)
+            tuned_yet = backbone_trained_by(epoch, opts)
+            if tuned_yet not in records:
+                records[tuned_yet] = record_tensor(trained_on(epoch))
             _save_checkpoint(outs.checkpoint(epoch), outs, opts, fingerprint, soft, epoch, model,
                              optimizer, sched, scaler, history, best, bad_epochs, stopped,
-                             ema.saved() if ema is not None else None, record)
+                             ema.saved() if ema is not None else None, records[tuned_yet])
 
     if best["state"] is None:  # resumed from a finished checkpoint without a best state
         best["state"] = backbone_state_with_head(model)
@@ -417,7 +427,19 @@ def _run(data: str | Path, outs: Outputs, opts: FinetuneOptions, ckpt_path: Path
             if k.startswith(prefix + ".")}
     _atomic_save(tuned, out)
     _atomic_save(head, outs.classifier)
-    record = record or write_train_hashes(outs, trained_on)
+    kept = best["epoch"] or epoch
+    if not backbone_trained_by(kept, opts) and backbone_trained_by(opts.epochs, opts):
+        # the run was to fine-tune the backbone, but the weights it keeps are a head-only
+        # epoch's: said even with -q, as the --head-epochs >= --epochs note
+        why, fix = ((f"--keep {opts.keep} chose it over the later epochs", "")
+                    if backbone_trained_by(epoch, opts) else
+                    ("the run stopped before the backbone trained",
+                     f"; continue with --resume {outs.last} to fine-tune it"))
+        _warn(f"note: the kept weights are epoch {kept}'s ({why}), from before the backbone "
+              f"is unfrozen at epoch {opts.head_epochs + 1}: the backbone is the base model's, "
+              f"byte for byte, so {outs.train_hashes.name} records none of this run's "
+              f"images{fix}")
+    record = write_train_hashes(outs, trained_on(kept))
     sha = file_sha256(out)
     history_doc = {"format": FORMAT, "classes": classes, "history": history,
                    "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"]}

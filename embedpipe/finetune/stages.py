@@ -238,6 +238,15 @@ def _param_groups(model: torch.nn.Module, split: StageSplit, opts: FinetuneOptio
     return groups
 
 
+def backbone_trained_by(epochs: int, opts: FinetuneOptions) -> bool:
+    """Whether the backbone's weights after ``epochs`` epochs differ from the base's: a
+    stage trained in one of them (unfrozen_at > 0; unfreezing only grows, so the last one
+    decides). Until then only the new classifier trains; the frozen backbone stays in eval
+    mode (set_train_mode), so its BatchNorm statistics do not move either, and its weights,
+    their EMA included, are the base's byte for byte."""
+    return epochs > 0 and unfrozen_at(epochs - 1, opts) > 0
+
+
 def unfrozen_at(epoch: int, opts: FinetuneOptions) -> int:
     """How many of the last feature stages train in ``epoch`` (0-based)."""
     if epoch < opts.head_epochs or opts.unfreeze == 0:

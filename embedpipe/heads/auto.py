@@ -348,9 +348,10 @@ MAX_WORKERS = 8
 
 
 def _cores() -> int:
-    """The cores auto's fits may use: the usable cores (env.usable_cores), at most
-    OMP_NUM_THREADS where that is set (the usual way to cap a process's threads; joblib sets it
-    in its worker processes, e.g. `cv --jobs N`'s, to cores // N)."""
+    """The cores auto's fits may use: the usable cores (env.usable_cores: the affinity mask
+    and a container's CPU quota, rounded up), at most OMP_NUM_THREADS where that is set (the
+    usual way to cap a process's threads; joblib sets it in its worker processes, e.g. `cv
+    --jobs N`'s, to cores // N)."""
     import os
 
     from ..env import usable_cores

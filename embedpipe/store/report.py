@@ -71,6 +71,9 @@ def _tuned_lines(tuned: dict[str, Any] | None, splits: dict[str, int]) -> list[s
     on, and how many of each split's rows are among them ([] for other weights)."""
     if tuned is None:
         return []
+    if not tuned["images"]:  # a run whose kept backbone never trained (only its classifier)
+        return ["tuned on   0 images (the run's record: its backbone did not train, so no "
+                "row's accuracy is overrated)"]
     per = ", ".join(f"{k}={tuned['rows'].get(k, 0)} of {n}" for k, n in sorted(splits.items()))
     return [f"tuned on   {tuned['images']} images (the run's record); rows among them: {per} "
             "(accuracies over those overrate the model)"]

@@ -156,8 +156,11 @@ def put_finetune_hashes(f: h5py.File, hashes: Any) -> None:
     if hashes is None or FINETUNE_HASHES in f:
         return
     arr = np.unique(np.asarray(hashes, dtype="S64"))
+    # an empty record (a run whose backbone never trained, of a base without one) is a
+    # record too; HDF5 takes a chunk larger than the data only with an unlimited maxshape
     f.create_dataset(FINETUNE_HASHES, data=arr.astype(_HASH), dtype=_HASH,
-                     chunks=(max(1, min(len(arr), 65536)),), fletcher32=True)
+                     chunks=(max(1, min(len(arr), 65536)),), fletcher32=True,
+                     maxshape=(None,))
 
 
 def get_finetune_hashes(f: h5py.File) -> np.ndarray | None:
