@@ -240,6 +240,11 @@ def test_truncated_and_bit_flipped_stores_are_refused_in_one_line(store_copy: Pa
                  ("merge", tmp_path / "m.h5", trunc)):
         res = cli(*args)
         one_line(res.output, res.exit_code, str(trunc), "extract")
+    # extract into it: damaged, not "open in another process" (HDF5's message names
+    # "sblock", which a test for "lock" took for a lock held by another writer)
+    res = cli("extract", fmnist_src, "-o", trunc)
+    one_line(res.output, res.exit_code, str(trunc), "damaged", "move it aside")
+    assert "another process" not in res.output
     # a bit flipped in the feature data: the chunk's checksum fails, readers of features
     # refuse the store (info, which reads no features, still shows it)
     feats = tmp_path / "feats.h5"

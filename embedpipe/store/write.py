@@ -497,12 +497,16 @@ def _open_swmr_write(path: Path, progress: Any = None) -> h5py.File:
         f = _open()
     except OSError as e:
         msg = str(e)
-        if "lock" in msg.lower():
+        low = msg.lower()
+        # HDF5's own file lock ("unable to lock file, errno = 11"); not any "lock" in the text:
+        # a truncated file's message names "sblock->base_addr"
+        if "unable to lock file" in low:
             raise StoreBusy(f"{path}: the store is open in another process (another extract "
                             "running?); wait for it to finish or pass another --out") from None
         if "already open for write" not in msg:
-            raise StoreError(f"{path}: cannot open store for writing ({first_line(e)}); move it "
-                             "aside and extract again") from None
+            if "permission denied" in low or "read-only file system" in low:
+                raise _write_failed(path, e, "cannot open the store for writing") from None
+            raise _damaged(path, e) from None  # truncated, not HDF5, a broken superblock
         # The last writer died (a live one would hold the lock we hold). Its committed rows are
         # intact and readable in SWMR-read mode; copy them into a fresh file, since HDF5 refuses
         # to reopen the marked file for writing.
