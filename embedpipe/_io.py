@@ -4,6 +4,11 @@
   so same file system); the caller writes it; on success it is renamed over ``path``
   (``os.replace``: a reader sees the old file or the new one, never half of one), on any
   failure it is removed and an older ``path`` is left as it was.
+* **Checked before the work.** ``check_output(path, inputs)`` is every check that can be made
+  before a command spends minutes: not an input, not a folder, not a feature store, and a
+  folder it can write in.
+* **Never over a feature store.** A head, CSV, ONNX or JSON file is never written over an
+  HDF5 file (refuse_store): a typo in ``-o`` must not destroy hours of extraction.
 * **Never over an input.** ``refuse_inputs(out, inputs)`` raises OutputError when ``out`` is
   one of the command's own inputs: the same resolved path, or the same file under another
   name (``os.path.samefile``: a symlink or a hard link to it).
@@ -108,6 +113,62 @@ def refuse_inputs(out: str | Path, inputs: Iterable[str | Path | None], *,
                               "writing it would destroy it: pass another output path")
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first 8 bytes of an HDF5 file (an embedpipe store)
+
+
+def _is_hdf5(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_SIGNATURE
+    return False
+
+
+def refuse_store(out: str | Path, *, flag: str = "--out", kind: str = "this file") -> None:
+    """Raise OutputError when ``out`` is an existing HDF5 file (a feature store: hours of
+    extraction) that a command writing ``kind`` (a head, a CSV, an ONNX file) would replace."""
+    out = Path(out)
+    if out.is_file() and _is_hdf5(out):
+        raise OutputError(f"{flag} {out}: is a feature store (HDF5); writing {kind} over it "
+                          "would destroy its features: pass another path")
+
+
+def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *,
+                 flag: str = "--out", kind: str = "this file", example: str = "out") -> None:
+    """Every check of an output path that can be made before any work starts, so that a
+    command does not fit, cross-validate or export for minutes and then fail to write: not one
+    of ``inputs`` (refuse_inputs), not an existing folder (``example``: a file name to
+    suggest in it), not a feature store (refuse_store), and a folder this process can create a
+    file in (a probe file, created and removed at once; a folder not made yet: its nearest
+    existing parent must be writable). Raises OutputError, one line naming ``flag``."""
+    out = Path(out)
+    refuse_inputs(out, inputs, flag=flag)
+    if out.is_dir():
+        raise OutputError(f"{flag} {out}: is a folder; pass a file name such as "
+                          f"{out / example}")
+    refuse_store(out, flag=flag, kind=kind)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.exists():
+        up = folder
+        while not up.exists() and up.parent != up:
+            up = up.parent
+        if not up.is_dir() or not os.access(up, os.W_OK | os.X_OK):
+            raise OutputError(f"{flag} {out}: cannot create its folder ({up} is not a "
+                              "writable folder); pass a path in a writable folder")
+        return
+    if not folder.is_dir():
+        raise OutputError(f"{flag} {out}: {folder} is not a folder; pass another path")
+    probe = tmp_path(out, "probe")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError as e:
+        raise write_failed(out, e, flag=flag) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
 def write_failed(path: str | Path, e: OSError, *, flag: str = "--out") -> OutputError:
     """The one-line error for an OSError while writing ``path``."""
     code = getattr(e, "errno", None)
@@ -135,6 +196,7 @@ def atomic_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (),
     Removes temporaries of ``path`` left by killed runs first (clean_stale)."""
     path = Path(path)
     refuse_inputs(path, inputs, flag=flag)
+    refuse_store(path, flag=flag)  # no command writes a store through here
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -958,8 +958,9 @@ def export(head_path: str | Path, out: str | Path, *, int8: bool = False,
     out = Path(out)
     sidecar = sidecar_path(out)
     for what, path in (("--out", out), ("--out (its sidecar)", sidecar)):
-        _io.refuse_inputs(path, [head_path, weights if weights not in ("bundled", "hub")
-                                 else None], flag=what)
+        _io.check_output(path, [head_path, weights if weights not in ("bundled", "hub")
+                                else None], flag=what, kind="an ONNX model",
+                         example="model.onnx")
     if not 13 <= opset <= 20:
         raise ExportError(f"--opset {opset}: pass 13 to 20 (default {DEFAULT_OPSET})")
     int8_mode = check_int8_options(int8, int8_mode, calib, calib_count)

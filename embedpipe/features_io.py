@@ -101,6 +101,8 @@ def export_features(store_path: str | Path, out: str | Path, *, chunk_rows: int 
 
     out = Path(out)
     suf = _suffix(out, "-o")
+    _io.check_output(out, [store_path], flag="-o", kind="a features file",
+                     example=f"features{suf}")
     store = open_store(store_path, features=False)
     if "stacked" in store.meta:  # pragma: no cover - open_store never stacks
         raise FeaturesFileError(f"{store.path}: pass one store")

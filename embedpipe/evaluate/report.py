@@ -257,8 +257,9 @@ def check_outputs(json_path: Any = None, plots_dir: Any = None, inputs: Any = ()
 
     from .. import _io
 
-    if json_path is not None:
-        _io.refuse_inputs(json_path, inputs, flag="--json")
+    if json_path is not None:  # every check before the cross-validation, not after it
+        _io.check_output(json_path, inputs, flag="--json", kind="a JSON report",
+                         example="cv.json")
 
     if plots_dir is not None:
         try:
@@ -269,6 +270,3 @@ def check_outputs(json_path: Any = None, plots_dir: Any = None, inputs: Any = ()
         if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
             raise EvaluateError(f"--plots {plots_dir}: exists and is not a folder; pass a "
                                 "folder to write the PNGs into")
-    if json_path is not None and Path(json_path).is_dir():
-        raise EvaluateError(f"--json {json_path}: is a folder; pass a file name such as "
-                            f"{Path(json_path) / 'cv.json'}")

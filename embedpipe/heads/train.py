@@ -155,7 +155,9 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
     from ..progress import Progress
     from . import reject
 
-    _io.refuse_inputs(out, _paths(store_path))  # before any work: -o STORE would destroy it
+    # before any work: -o STORE would destroy it, and a folder or an unwritable path would
+    # fail only after the fit
+    _io.check_output(out, _paths(store_path), kind="a head", example="head.skops")
     params = heads.own_params(head, params)  # logreg:C=2 on logreg is C=2, as in cv
     _refuse_moot(head, search, jobs, chunk_rows)
     if reject_rate is not None and not 0 < reject_rate < 1:

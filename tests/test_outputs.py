@@ -1,0 +1,114 @@
+"""Outputs are checked before the work (a new user's attack, findings 2 and 9): a head, CSV,
+ONNX, JSON or features file is never written over a feature store (a typo in -o must not
+destroy hours of extraction), and an output that is a folder or in a folder that cannot be
+written is refused before fitting, cross-validating or exporting, in one line (exit 2)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from clitools import cli, ok, one_line_error
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def head(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("outputs") / "logreg.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
+    return out
+
+
+@pytest.fixture
+def other_store(fmnist_store: Path, tmp_path: Path) -> Path:
+    """A second store: the finished extraction a typo in -o would have destroyed."""
+    dst = tmp_path / "other.h5"
+    dst.write_bytes(fmnist_store.read_bytes())
+    return dst
+
+
+def commands(store: Path, head: Path, out: Path) -> list[tuple[str, tuple]]:
+    """(the output flag, the command) of every command that writes a file other than a store."""
+    return [("--out", ("fit", store, "--head", "logreg", "-o", out, "-q")),
+            ("--out", ("fit", store, "-o", out, "-q")),  # --head auto, the default
+            ("--out", ("predict", head, "--store", store, "-o", out, "-q")),
+            ("--json", ("cv", store, "--head", "centroid", "--json", out)),
+            ("--json", ("compare", store, store, "--head", "centroid", "--json", out)),
+            ("--out", ("export", head, "-o", out)),
+            ("-o", ("export-features", store, "-o", out))]
+
+
+def test_no_command_writes_over_a_feature_store(fmnist_store: Path, head: Path,
+                                                other_store: Path, tmp_path: Path):
+    before = sha(other_store)
+    for flag, args in commands(fmnist_store, head, other_store):
+        if args[0] == "export-features":  # its suffix decides the format: .h5 is refused first
+            continue
+        one_line_error(cli(*args), f"{flag} {other_store}", "is a feature store",
+                       "another path")
+    # a store under a name that does not look like one is recognised by its bytes
+    for name in ("store.csv", "store.npz"):
+        disguised = tmp_path / name
+        os.replace(other_store, disguised)
+        args = (("predict", head, "--store", fmnist_store, "-o", disguised, "-q")
+                if name.endswith(".csv") else ("export-features", fmnist_store, "-o", disguised))
+        one_line_error(cli(*args), str(disguised), "is a feature store")
+        assert sha(disguised) == before
+        other_store = disguised
+
+
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace the work of each command by a function that fails the test: its output checks
+    must come first."""
+    import embedpipe.evaluate.cv as cv_mod
+    import embedpipe.features_io as fio
+    import embedpipe.heads.auto as auto_mod
+    import embedpipe.heads.train as train_mod
+    import embedpipe.predict as predict_mod
+
+    def no_work(*a, **k):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(auto_mod, "fit", no_work)
+    monkeypatch.setattr(train_mod, "open_stores", no_work)
+    monkeypatch.setattr(predict_mod, "iter_store", no_work)
+    monkeypatch.setattr(cv_mod, "run_cv", no_work)
+    monkeypatch.setattr(cv_mod, "run_compare", no_work)
+    monkeypatch.setattr(fio, "open_store", no_work)
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(
+        fmnist_store: Path, head: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _no_work(monkeypatch)
+    folder = tmp_path / "a-folder.npz"  # a suffix export-features takes
+    folder.mkdir()
+    for flag, args in commands(fmnist_store, head, folder):
+        one_line_error(cli(*args), f"{flag} {folder}", "is a folder", "file name such as")
+    assert list(folder.iterdir()) == []
+
+
+def test_an_unwritable_folder_is_refused_before_any_work(
+        fmnist_store: Path, head: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A read-only folder is simulated at the probe file: tests may run as root, whom chmod
+    does not stop."""
+    _no_work(monkeypatch)
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if ".probe." in os.fspath(path):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", read_only)
+    out = tmp_path / "ro" / "x.npz"
+    out.parent.mkdir()
+    for flag, args in commands(fmnist_store, head, out):
+        one_line_error(cli(*args), f"{flag} {out}", "cannot write there", "writable folder")
+    assert list(out.parent.iterdir()) == []
