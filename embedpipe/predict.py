@@ -310,7 +310,7 @@ def to_csv(head_path: str | Path, store_path: StorePaths, out: str | Path | None
     the head or one of the stores is refused before anything is read (OutputError)."""
     stores = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
     if out is not None and str(out) != "-":
-        _io.refuse_inputs(out, [head_path, *stores])
+        _io.check_output(out, [head_path, *stores], kind="a CSV", example="predictions.csv")
     head, n, notes, chunks = iter_store(head_path, store_path, top_k=top_k, split=split,
                                         chunk_rows=chunk_rows, progress=progress, reject=reject)
     labeled = correct = rejected = 0
@@ -400,7 +400,8 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
     from .extract.options import options_for_identity
 
     if out is not None and str(out) != "-":
-        _io.refuse_inputs(out, [head_path, *inputs, keep_store])
+        _io.check_output(out, [head_path, *inputs, keep_store], kind="a CSV",
+                         example="predictions.csv")
     if keep_store is not None:
         _io.refuse_inputs(keep_store, [head_path, *inputs], flag="--keep-store")
 
@@ -470,5 +471,18 @@ def extract_images(disc: Any, options: Sequence[Any], tmp: Path, *,
         if summary.interrupted:
             raise KeyboardInterrupt
         skipped.update(dict.fromkeys([*summary.failures, *summary.ignored_files]))
+        if summary.extracted + summary.replaced + summary.unchanged == 0:
+            raise none_usable(disc, list(skipped))
         stores.append(store)
     return stores, list(skipped)
+
+
+def none_usable(disc: Any, skipped: list[tuple[str, str]]) -> PredictError:
+    """The one-line error when not one of the images given could be read (all of them
+    skipped): predicting or searching nothing and exiting 0 would look like success."""
+    n = len(disc.items)
+    why = "; ".join(f"{p}: {r}" for p, r in skipped[:2])
+    more = f"; and {len(skipped) - 2} more" if len(skipped) > 2 else ""
+    return PredictError(f"none of the {n} image{'s' if n != 1 else ''} given could be read "
+                        f"({why}{more}); pass image files that open "
+                        "(jpg, png, ...)")

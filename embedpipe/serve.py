@@ -499,7 +499,11 @@ def create_app(model: Model, settings: Settings) -> Any:
 # -- running -----------------------------------------------------------------------------------
 
 def bind(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket, so a busy port fails before the model loads."""
+    """A bound (not yet listening) TCP socket, so a busy port fails before the model loads.
+    Raises ServeError for a port outside 0-65535 (socket raises OverflowError for those) or one
+    that cannot be bound (in use, not allowed, an unknown host)."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port {port}: pass a TCP port from 0 to 65535 (0 for any free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -280,3 +280,26 @@ def test_predict_on_the_store_a_head_was_fitted_on_says_its_training_rows_are_sc
     other = copy_rows(fmnist_store, tmp_path / "other.h5", list(range(250)))  # another file
     res = ok("predict", head, "--store", other, "-o", tmp_path / "c.csv")
     assert "fitted on" not in res.output, res.output
+
+
+def test_when_no_image_given_can_be_read_predict_and_similar_fail_in_one_line(
+        head: Path, store: Path, tmp_path: Path):
+    """A new user's attack (finding 8): every input unusable exited 0 with an empty CSV or an
+    empty table. Now one line naming the files, exit 2, no CSV; one good image among bad ones
+    is still predicted (the bad ones skipped)."""
+    zero, text = tmp_path / "zero.png", tmp_path / "not.jpg"
+    zero.write_bytes(b"")
+    text.write_text("hi\n")
+    out = tmp_path / "p.csv"
+    line = one_line_error(cli("predict", head, zero, text, "-o", out, "-q"),
+                          "none of the 2 images given could be read", "zero.png",
+                          "pass image files")
+    assert "not.jpg" in line
+    assert not out.exists()
+    one_line_error(cli("similar", store, zero, "-q"), "none of the 1 image given could be read",
+                   "zero.png")
+    image = next(Path(open_store(store, features=False).runs[0]["source"]).rglob("*.png"))
+    good = tmp_path / "good.png"
+    good.write_bytes(image.read_bytes())
+    res = ok("predict", head, zero, good, "-o", out, "-q")
+    assert [Path(r["path"]).name for r in read_csv(out)] == ["good.png"], res.output

@@ -347,6 +347,10 @@ def test_cli_errors_are_one_line(head: Path, tmp_path: Path):
         busy.close()
     res = runner.invoke(app, ["serve", str(head), "--port", "0", "--max-batch", "0"])
     assert res.exit_code == 2 and "--max-batch" in res.output, res.output
+    for port in ("70000", "-1", "65536"):  # socket raised OverflowError: "a bug in embedpipe"
+        res = runner.invoke(app, ["serve", str(head), "--port", port])
+        assert res.exit_code == 2 and f"--port {port}: pass a TCP port from 0 to 65535" in \
+            res.output and "bug" not in res.output, res.output
 
 
 def test_a_max_batch_that_does_not_fit_is_refused_before_listening(head: Path):
