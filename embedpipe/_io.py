@@ -146,6 +146,13 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *,
         raise OutputError(f"{flag} {out}: is a folder; pass a file name such as "
                           f"{out / example}")
     refuse_store(out, flag=flag, kind=kind)
+    check_writable(out, flag=flag)
+
+
+def check_writable(out: str | Path, *, flag: str = "--out") -> None:
+    """Raise OutputError unless this process can create ``out``'s folder or a file in it (a
+    probe file, created and removed at once)."""
+    out = Path(out)
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.exists():
         up = folder

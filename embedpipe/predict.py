@@ -404,6 +404,7 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
                          example="predictions.csv")
     if keep_store is not None:
         _io.refuse_inputs(keep_store, [head_path, *inputs], flag="--keep-store")
+        _io.check_writable(keep_store, flag="--keep-store")  # an existing store is reused
 
     head = artifacts.load(head_path, compact=True)  # its manifest: no scikit-learn needed
     rule_for(head.manifest, reject, str(head.path))  # a bad --reject fails before extracting

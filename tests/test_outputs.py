@@ -112,3 +112,21 @@ def test_an_unwritable_folder_is_refused_before_any_work(
     for flag, args in commands(fmnist_store, head, out):
         one_line_error(cli(*args), f"{flag} {out}", "cannot write there", "writable folder")
     assert list(out.parent.iterdir()) == []
+
+
+def test_keep_store_in_an_unwritable_folder_names_keep_store(
+        fmnist_store: Path, head: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Finding 10: it said "pass an --out" where the option to change is --keep-store."""
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if ".probe." in os.fspath(path):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", read_only)
+    image = next(Path(fmnist_store).parent.rglob("*.png"), None) or tmp_path / "x.png"
+    kept = tmp_path / "ro" / "k.h5"
+    kept.parent.mkdir()
+    one_line_error(cli("predict", head, image, "--keep-store", kept, "-q"),
+                   f"--keep-store {kept}", "cannot write there")

@@ -259,7 +259,7 @@ def _lock(path: Path) -> int | None:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as e:
         raise StoreError(f"{path}: cannot create its lock file {lock_path} "
-                         f"({e.strerror}); pass an --out in a writable folder") from None
+                         f"({e.strerror}); pass a store path in a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -305,7 +305,7 @@ def _make_parent(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"{path.parent}: cannot create this folder for the store "
-                         f"({e.strerror}); pass an --out in a writable place") from None
+                         f"({e.strerror}); pass a store path in a writable place") from None
 
 
 def _remove_stale_tmp(path: Path) -> None:
