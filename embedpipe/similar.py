@@ -340,6 +340,17 @@ def _embed_new(store: FeatureStore, inputs: Sequence[str], tmp: Path, *, weights
         notes.append(f"note: query features differ slightly from the store's ({soft[0]})")
     wanted = {r.rel for r in disc.items}
     rows = [i for i, p in enumerate(new.paths) if p in wanted]
+    # a query image that is byte for byte a stored one (the same sha256 as the store's /hash
+    # of that row) finds itself first: said, so a user does not take it for a near-duplicate
+    stored_at = {h: i for i, h in enumerate(store.hashes)}
+    same = [stored_at.get(new.hashes[i], -1) for i in rows]
+    if any(r >= 0 for r in same):
+        hits = [(new.paths[i], store.paths[r]) for i, r in zip(rows, same) if r >= 0]
+        first = f"{hits[0][0]} is {hits[0][1]}"
+        notes.append(f"note: {len(hits)} quer{'ies are' if len(hits) > 1 else 'y is'} the same "
+                     f"file as a stored image ({first}{', ...' if len(hits) > 1 else ''}), "
+                     "so that image is its nearest neighbour; to leave it out, query by its "
+                     "stored path instead")
     return [new.paths[i] for i in rows], new.features[rows].astype(np.float32), skipped, notes
 
 

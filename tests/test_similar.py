@@ -88,7 +88,10 @@ def test_new_image_finds_its_stored_copy(fmnist_store: Path, tmp_path: Path) -> 
     copy = tmp_path / "query.png"
     shutil.copy(data / target, copy)
     out = tmp_path / "nn.json"
-    ok("similar", fmnist_store, copy, st.paths[7], "-k", 3, "--format", "json", "-o", out, "-q")
+    res = ok("similar", fmnist_store, copy, st.paths[7], "-k", 3, "--format", "json", "-o", out,
+             "-q")
+    # said, so that a user does not take its own copy for a near-duplicate (an attack's #16)
+    assert f"1 query is the same file as a stored image ({copy} is {target})" in res.output
     got = json.loads(out.read_text())["queries"]
     kinds = {q["kind"]: q for q in got}
     assert set(kinds) == {"stored", "image"}
