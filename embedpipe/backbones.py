@@ -171,6 +171,8 @@ def _why_unreadable(path: Path, e: Exception) -> str:
                     "interrupted copy")
         if not any(n.endswith("/data.pkl") for n in names):
             return "a zip archive that torch.save did not write"
+    elif head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "an HDF5 file (an embedpipe feature store?), not weights"
     elif not head.startswith(_LEGACY_TORCH_MAGIC):
         return "not a torch file but " + ("a Python pickle" if head[0] == 0x80
                                           else "text or other data")

@@ -160,7 +160,8 @@ def _notes(head: artifacts.HeadFile, labels: set[str], calibrated: bool) -> list
     unknown = sorted(labels - set(head.classes))
     if unknown:
         notes.append(f"note: {len(unknown)} true class(es) are unknown to the head "
-                     f"({', '.join(unknown[:5])}); those images count as errors")
+                     f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); "
+                     "those images count as errors")
     return notes
 
 

@@ -741,10 +741,15 @@ def test_bad_weights_outputs_and_options_are_refused_before_any_epoch(
     empty.write_bytes(b"")
     noise = tmp_path / "noise.pth"
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    store = tmp_path / "store.h5"  # a store passed as weights (an attack's finding 17)
+    import h5py
+    with h5py.File(store, "w") as f:
+        f["features"] = np.zeros((2, 3), np.float32)
     fix = "pass a state dict saved with torch.save(model.state_dict()) or a .safetensors file"
     for weights, what in ((cut, ("the file is cut off or corrupt: an incomplete zip archive, "
                                  "e.g. an interrupted copy")),
                           (empty, "the file is empty (0 bytes)"),
+                          (store, "an HDF5 file (an embedpipe feature store?), not weights"),
                           (noise, "not a torch file but text or other data")):
         assert refused("--weights", weights) == (f"error: {weights}: cannot read weights: "
                                                  f"{what}; {fix}")

@@ -303,3 +303,16 @@ def test_when_no_image_given_can_be_read_predict_and_similar_fail_in_one_line(
     good.write_bytes(image.read_bytes())
     res = ok("predict", head, zero, good, "-o", out, "-q")
     assert [Path(r["path"]).name for r in read_csv(out)] == ["good.png"], res.output
+
+
+def test_the_unknown_classes_note_says_when_it_lists_only_some():
+    """It named 5 of 8 unknown classes as if they were all (an attack's finding 17)."""
+    from types import SimpleNamespace
+
+    from embedpipe.predict import _notes
+
+    head = SimpleNamespace(path="h.skops", classes=["a", "b"])
+    (note,) = _notes(head, {"a", *"cdefghij"}, calibrated=True)
+    assert "8 true class(es) are unknown to the head (c, d, e, f, g, ...)" in note
+    (note,) = _notes(head, {"a", "c", "d"}, calibrated=True)
+    assert "2 true class(es) are unknown to the head (c, d); " in note
