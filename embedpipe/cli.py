@@ -366,6 +366,11 @@ def merge(
     if counts.get("qualified"):
         typer.echo("paths qualified by store: " + ", ".join(
             f"{p} → {q}/" for p, q in counts["qualified"].items()), err=True)
+    if counts.get("twice"):
+        typer.echo(f"note: {counts['twice']} images have the same path and content in several "
+                   f"stores (e.g. {counts['twice_example']}) and are kept once per store under "
+                   "qualified paths: cross-validation can put a copy and its original in "
+                   "different folds; --on-conflict first keeps each once", err=True)
     typer.echo(f"merged {len(stores)} stores into {out}: {counts['added']} rows added, "
                f"{counts['skipped']} already there, {len(conflicts)} conflicting duplicates "
                f"dropped, {counts['errors']} skipped-file records")

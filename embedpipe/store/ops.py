@@ -92,7 +92,9 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
       different stores never share a path; a conflict left after that is refused as by error.
 
     Counts: added, skipped (duplicates with the same content), conflicts (list of dropped
-    paths, ``first`` only), errors, qualified (input → name, ``qualify`` only). Streams in
+    paths, ``first`` only), errors, qualified (input → name, ``qualify`` only), twice (rows
+    ``qualify`` kept once per store although the same path held the same image in an earlier
+    input; twice_example: one such path, unqualified). Streams in
     blocks of ``block_rows``."""
     out = Path(out)
     if not inputs:
@@ -207,6 +209,10 @@ def _merge_into(w: "StoreWriter", out: Path, inputs: Sequence[str | Path],
             all_classes.update(_decode(c) for c in src["class_names"][:])
     w.class_ids(all_classes)  # one sorted append, as a single extract run would do
     errors: dict[str, tuple[Any, ...]] = {}
+    # qualify: rows whose unqualified path held the same image in an earlier input (which a
+    # merge without qualify would have kept once) are kept once per store: counted, said
+    plain: dict[str, str] = {}
+    counts["twice"], counts["twice_example"] = 0, None
     for src_path, prefix in zip(inputs, prefixes):
         with _open_swmr_read(Path(src_path)) as src:
             _check_schema(src, Path(src_path))
@@ -230,6 +236,14 @@ def _merge_into(w: "StoreWriter", out: Path, inputs: Sequence[str | Path],
                         continue
                     have[p] = h
                     take.append(j)
+                    if prefix:
+                        bare = p[len(prefix):]
+                        first = plain.get(bare)
+                        if first is None:
+                            plain[bare] = h
+                        elif first == h:
+                            counts["twice"] += 1
+                            counts["twice_example"] = counts["twice_example"] or bare
                 if not take:
                     continue
                 feats = src["features"][lo:hi][take]
