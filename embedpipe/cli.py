@@ -1021,6 +1021,8 @@ def audit(
     res = au.run_audit(store, out, threshold=cut, k=k, folds=folds, head=head, seed=seed,
                        images=images, draw_map=not no_map, fix_plan=fix_plan,
                        progress=not quiet)
+    for note in res.data.get("notes", []):  # in the report too; said here, even with -q
+        typer.echo(f"note: {note}", err=True)
     typer.echo(res.line())
 
 

@@ -188,6 +188,12 @@ def test_missing_image_files_show_as_missing_and_images_option(planted, tmp_path
     report = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert report["images_root"] == str(moved) and report["map"] == {"skipped": "--no-map"}
     assert '<section id="map">' in text
+    # the images moved and no --images: the report has no thumbnails, and the terminal says
+    # so even with -q (an attack's finding 12: only the HTML said it)
+    res = audit_ok(store, "--out", tmp_path / "b", "--images", tmp_path / "elsewhere",
+                   "--no-map", "-q")
+    assert (f"note: image folder {tmp_path / 'elsewhere'} not found: thumbnails are missing "
+            "(pass --images DIR if the images moved)") in res.output, res.output
 
 
 _BLOCKED_RUN = """
