@@ -44,7 +44,11 @@ def cpu_flags(wanted: Sequence[str] = ("avx512f", "avx512_bf16", "amx_bf16", "am
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use, as embedpipe counts them (env.usable_cores: affinity
+    mask and a container's CPU quota), so results say what the code under test saw."""
+    from embedpipe.env import usable_cores
+
+    return usable_cores()
 
 
 def load_snapshot() -> str:
