@@ -166,10 +166,19 @@ def _notes(head: artifacts.HeadFile, labels: set[str], calibrated: bool) -> list
 
 
 def _fitted_rows_note(head: artifacts.HeadFile, store: FeatureStore, rows: np.ndarray,
-                      split: str | None, only: set[str] | None) -> list[str]:
-    """A note when ``rows`` of ``store`` include the rows ``head`` was fitted on (the store it
-    was fitted on, by its store_id or the same file; the train split, or every labeled row when
-    it had none): its accuracy on them overrates it. [] otherwise."""
+                      split: str | None, only: set[str] | None,
+                      from_images: bool = False) -> list[str]:
+    """A note when ``rows`` of ``store`` include rows ``head`` was fitted on: its accuracy on
+    them overrates it. [] otherwise.
+
+    A head that records its training rows (artifacts.save's ``fitted_rows``: their images'
+    content hashes) counts the labeled rows whose image is among them, in any store (a copy,
+    a store that grew after the fit, the images of `predict HEAD IMAGES`). An older head
+    without the record falls back to the store it was fitted on (by its store_id or the same
+    file): its train split, or every labeled row when it had none."""
+    record = head.fitted_row_keys()
+    if record is not None:
+        return _recorded_rows_note(head, store, rows, record, from_images)
     from .store.schema import STORE_ID
 
     training = head.manifest.get("training", {})
@@ -192,6 +201,31 @@ def _fitted_rows_note(head: artifacts.HeadFile, store: FeatureStore, rows: np.nd
            else "`embedpipe cv` estimates its accuracy on images it has not seen")
     return [f"note: {n} of these rows are the ones {head.path} was fitted on, so the accuracy "
             f"over them overrates it; {fix}"]
+
+
+def _recorded_rows_note(head: artifacts.HeadFile, store: FeatureStore, rows: np.ndarray,
+                        record: np.ndarray, from_images: bool) -> list[str]:
+    """_fitted_rows_note for a head with a record of its training rows (``record``:
+    HeadFile.fitted_row_keys): the labeled ``rows`` whose image hash is in it."""
+    labeled = rows[store.labels[rows] >= 0]
+    seen = artifacts.fitted_mask(record, [store.hashes[i] for i in labeled])
+    n = int(seen.sum())
+    if not n:
+        return []
+    what = "images" if from_images else "rows"
+    if from_images:
+        fix = "predict images it was not fitted on to measure it"
+    else:  # a split of the store whose labeled rows are all unseen, else cv
+        splits = np.asarray(store.splits, dtype=object)
+        every = np.flatnonzero(store.labels >= 0)
+        mask = artifacts.fitted_mask(record, [store.hashes[i] for i in every])
+        clean = sorted({str(sp) for sp in splits[every[~mask]] if sp}
+                       - {str(sp) for sp in splits[every[mask]]})
+        pick = "test" if "test" in clean else (clean[0] if clean else None)
+        fix = (f"pass --split {pick} to score rows it was not fitted on" if pick
+               else "`embedpipe cv` estimates its accuracy on images it has not seen")
+    return [f"note: {n} of the {len(labeled)} labeled {what} scored are images {head.path} was "
+            f"fitted on, so the accuracy over them overrates it; {fix}"]
 
 
 def _rows(store: FeatureStore, split: str | None, only: set[str] | None) -> np.ndarray:
@@ -228,7 +262,7 @@ def iter_store(head_path: str | Path, store_path: StorePaths, *, top_k: int = 3,
     notes = artifacts.check_compatible(head, store.meta, str(store.path)) + store.notes
     rows = _rows(store, split, only)
     names = store.label_names()
-    notes += _fitted_rows_note(head, store, rows, split, only)
+    notes += _fitted_rows_note(head, store, rows, split, only, from_images)
     # the accuracy is over the labeled rows: those the backbone was fine-tuned on overrate it
     labeled = rows[store.labels[rows] >= 0]
     _, seen = (finetuned_note(store, labeled, "labeled images scored", of=str(head.path),

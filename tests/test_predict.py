@@ -268,16 +268,18 @@ def test_predict_on_the_store_a_head_was_fitted_on_says_its_training_rows_are_sc
     """helper-35's new-user pass: `predict HEAD --store STORE` (the README's example) printed
     "accuracy on the 250 labeled ones" over the 200 rows the head was fitted on too, with
     nothing saying so. A note counts them and names --split test; the test split alone, or
-    another store, gets none."""
+    a store of other images, gets none."""
     head = tmp_path / "h.skops"
     ok("fit", fmnist_store, "--head", "ridge", "-o", head, "-q")
-    note = (f"note: 200 of these rows are the ones {head} was fitted on, so the accuracy over "
-            "them overrates it; pass --split test to score the held-out rows only")
+    note = (f"note: 200 of the 250 labeled rows scored are images {head} was fitted on, so the "
+            "accuracy over them overrates it; pass --split test to score rows it was not "
+            "fitted on")
     res = ok("predict", head, "--store", fmnist_store, "-o", tmp_path / "a.csv")
     assert note in res.output, res.output
     res = ok("predict", head, "--store", fmnist_store, "--split", "test", "-o", tmp_path / "b.csv")
     assert "fitted on" not in res.output, res.output
-    other = copy_rows(fmnist_store, tmp_path / "other.h5", list(range(250)))  # another file
+    test_rows = [i for i, s in enumerate(open_store(fmnist_store).splits) if s == "test"]
+    other = copy_rows(fmnist_store, tmp_path / "other.h5", test_rows)  # other images
     res = ok("predict", head, "--store", other, "-o", tmp_path / "c.csv")
     assert "fitted on" not in res.output, res.output
 
@@ -316,3 +318,112 @@ def test_the_unknown_classes_note_says_when_it_lists_only_some():
     assert "8 true class(es) are unknown to the head (c, d, e, f, g, ...)" in note
     (note,) = _notes(head, {"a", "c", "d"}, calibrated=True)
     assert "2 true class(es) are unknown to the head (c, d); " in note
+
+
+def _append_rows(src: Path, dst: Path, keep: list[int]) -> None:
+    """Rows ``keep`` of ``src`` appended to the store ``dst`` (as an incremental extract of
+    new images into it would)."""
+    from embedpipe.store import StoreWriter, read_identity
+
+    s = open_store(src)
+    with StoreWriter.open(dst, read_identity(dst), versions={}) as w:
+        ids = w.class_ids({s.classes[s.labels[i]] for i in keep})
+        w.append(s.features[keep], paths=[s.paths[i] for i in keep],
+                 labels=[ids[s.classes[s.labels[i]]] for i in keep],
+                 hashes=[s.hashes[i] for i in keep], splits=[s.splits[i] for i in keep],
+                 mtime_ns=[0] * len(keep), size=[0] * len(keep))
+
+
+def test_the_fitted_rows_note_counts_the_rows_the_head_was_fitted_on_by_image(
+        fmnist_store: Path, tmp_path: Path):
+    """helper-42's finding #6: the note counted the store's train split, not the rows the head
+    was fitted on. After new train images were extracted into the store it said 470 where the
+    head had been fitted on 300, and on a fresh store of the very training images it said
+    nothing. A head now records its training rows by their images' sha256 and the note counts
+    matching rows, in any store of them."""
+    full = open_store(fmnist_store)
+    train = [i for i, s in enumerate(full.splits) if s == "train"]
+    test = [i for i, s in enumerate(full.splits) if s == "test"]
+    grown = copy_rows(fmnist_store, tmp_path / "grown.h5", train[::2] + test)  # 100 + 50
+    head = tmp_path / "g.skops"
+    ok("fit", grown, "--head", "logreg", "-o", head, "-q")
+    _append_rows(fmnist_store, grown, train[1::2])  # 100 new train images, after the fit
+    assert len(open_store(grown)) == 250
+
+    def note(res, n: int, total: int = 250) -> None:
+        want = (f"note: {n} of the {total} labeled rows scored are images {head} was fitted "
+                "on, so the accuracy over them overrates it")
+        assert want in res.output, res.output
+        assert res.output.count("was fitted on") == 1, res.output
+
+    note(ok("predict", head, "--store", grown, "-o", tmp_path / "a.csv"), 100)
+    # a fresh store of the same images (another file, another store_id): the same 100
+    fresh = copy_rows(fmnist_store, tmp_path / "fresh.h5", list(range(len(full))))
+    note(ok("predict", head, "--store", fresh, "-o", tmp_path / "b.csv"), 100)
+    note(ok("predict", head, "--store", fresh, "--split", "train", "-o", tmp_path / "c.csv"),
+         100, 200)
+    res = ok("predict", head, "--store", fresh, "--split", "test", "-o", tmp_path / "d.csv")
+    assert "fitted on" not in res.output, res.output
+
+
+def test_fitted_rows_of_imported_and_stacked_stores_and_heads_without_a_record(
+        fmnist_store: Path, tmp_path: Path):
+    """Imported stores (row hashes from the file, or of the features when it has none) and
+    stacked stores record and count their rows like any store; a head written before heads
+    recorded their rows (no record) keeps the old by-split note and predicts as before."""
+    import json
+    import zipfile
+
+    src = tmp_path / "f.npz"
+    ok("export-features", fmnist_store, "-o", src, "-q")
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files if k != "hash"}  # no image hashes: features' sha256
+    bare = tmp_path / "bare.npz"
+    np.savez(bare, **arrays)
+    imported = tmp_path / "imp.h5"
+    ok("import-features", bare, "-o", imported, "-q")
+    head = tmp_path / "imp.skops"
+    ok("fit", imported, "--head", "logreg", "-o", head, "-q")
+    res = ok("predict", head, "--store", imported, "-o", tmp_path / "a.csv")
+    assert f"200 of the 250 labeled rows scored are images {head} was fitted" in res.output
+
+    stacked = tmp_path / "st.skops"  # the extracted store beside the imported one
+    ok("fit", fmnist_store, imported, "--head", "logreg", "-o", stacked, "-q")
+    res = ok("predict", stacked, "--store", fmnist_store, "--store", imported, "-o",
+             tmp_path / "b.csv")
+    assert f"200 of the 250 labeled rows scored are images {stacked} was fitted" in res.output
+
+    # the record is one member of the head file, 8 bytes a row, described in the manifest
+    with zipfile.ZipFile(head) as z:
+        keys = np.load(z.open("embedpipe/fitted_rows.npy"))
+        manifest = json.loads(z.read("embedpipe/head.json"))["manifest"]
+    assert keys.dtype == np.uint64 and len(keys) == 200 and (np.diff(keys) > 0).all()
+    assert manifest["training"]["row_hashes"]["rows"] == 200
+
+    from embedpipe.heads import artifacts
+
+    # a head as fit wrote them before the record: the by-split rule on its own store
+    mine = tmp_path / "mine.skops"
+    ok("fit", fmnist_store, "--head", "logreg", "-o", mine, "-q")
+    loaded = artifacts.load(mine)
+    assert len(loaded.fitted_row_keys()) == 200
+    training = {k: v for k, v in loaded.manifest["training"].items() if k != "row_hashes"}
+    older = artifacts.save(tmp_path / "older.skops", loaded.estimator,
+                           {**loaded.manifest, "training": training},
+                           check_rows=open_store(fmnist_store).features[:32])
+    assert artifacts.load(older).fitted_row_keys() is None
+    res = ok("predict", older, "--store", fmnist_store, "-o", tmp_path / "c.csv")
+    assert (f"note: 200 of these rows are the ones {older} was fitted on, so the accuracy "
+            "over them overrates it; pass --split test") in res.output, res.output
+
+
+def test_predicting_the_training_images_themselves_says_so(fmnist: Path, tmp_path: Path):
+    """`predict HEAD IMAGES` on the images the head was fitted on (extracted again into a
+    temporary store) said nothing before heads recorded their rows; now the note counts them."""
+    store, head = tmp_path / "s.h5", tmp_path / "h.skops"
+    ok("extract", fmnist, "-o", store, "--precision", "fp32", "-q")
+    ok("fit", store, "--head", "logreg", "-o", head, "-q")
+    res = ok("predict", head, fmnist, "-o", tmp_path / "p.csv")
+    assert (f"note: 60 of the 60 labeled images scored are images {head} was fitted on, so "
+            "the accuracy over them overrates it; predict images it was not fitted on"
+            ) in res.output, res.output

@@ -192,7 +192,12 @@ def run_audit(store_path: str | Path, out: str | Path | None = None, *,
 
     phase = {"read": round(time.perf_counter() - t0, 2)}
     t = time.perf_counter()
-    with Progress(n, "duplicates and neighbours", enabled=progress, unit="rows") as bar:
+    from ..heads.fit import blas_threads
+
+    # the thread rule of cv and fit (heads.fit.blas_threads) for every part that calls BLAS:
+    # the similarity blocks, the label search's fits (labels.py) and the map's PCA
+    with Progress(n, "duplicates and neighbours", enabled=progress, unit="rows") as bar, \
+            blas_threads(n):
         sc = neighbors.scan(Xn, neighbors.duplicate_view(store.features), store.labels,
                             reference, threshold=threshold, k=k, tick=bar.update)
     groups = [_dups.describe(g, store.paths, splits, label_names, TRAIN_SPLIT)
@@ -239,8 +244,9 @@ def run_audit(store_path: str | Path, out: str | Path | None = None, *,
     t = time.perf_counter()
     if draw_map:
         say(f"map: {embedmap.method()} of {min(n, embedmap.MAP_MAX_ROWS)} rows ...")
-        m = embedmap.build(Xn, labels=label_names, flags=flags, paths=store.paths,
-                           classes=store.classes, seed=seed)
+        with blas_threads(min(n, embedmap.MAP_MAX_ROWS)):
+            m = embedmap.build(Xn, labels=label_names, flags=flags, paths=store.paths,
+                               classes=store.classes, seed=seed)
         map_svg = m.pop("svg")
         map_sec = m
     phase["map"] = round(time.perf_counter() - t, 2)

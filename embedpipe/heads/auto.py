@@ -953,7 +953,8 @@ def fit(store_path: str | Path | Sequence[str | Path], out: str | Path, *,
         training=_training(store, rows, classes, counts, train_acc, sub),
         auto=sel.record())
     path = artifacts.save(out, est, manifest, check_rows=X[_check_sample(len(y))],
-                          inputs=_paths(store_path))
+                          inputs=_paths(store_path),
+                          fitted_rows=[store.hashes[i] for i in rows.train])
     return FitResult(path, f"auto → {choice['head']}", dict(choice["params"]), len(y),
                      [str(c) for c in classes], calibration, time.perf_counter() - t0,
                      train_acc, effective, 0 if sub is None else len(sub),

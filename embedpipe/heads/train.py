@@ -266,7 +266,8 @@ def fit(store_path: str | Path | Sequence[str | Path], head: str, out: str | Pat
         **({"open_set": open_set} if open_set is not None else {}),
     )
     check = source.take(_check_sample(len(y))).features()
-    path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path))
+    path = artifacts.save(out, estimator, manifest, check_rows=check, inputs=_paths(store_path),
+                          fitted_rows=[store.hashes[i] for i in rows.train])
     return FitResult(path, head, chosen, int(len(fit_on)), [str(c) for c in classes],
                      calibration, time.perf_counter() - t0, train_acc, effective,
                      0 if sub is None else len(sub), f"note: {seen}" if seen else None)
