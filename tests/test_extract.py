@@ -1018,3 +1018,20 @@ def test_images_whose_features_overflow_are_skipped_as_failures(fmnist: Path, tm
                      "--precision", "fp32", "--batch-size", "4", "--workers", "0",
                      "--runtime", "torch")
     assert sorted(open_store(tmp_path / "t.h5").paths) == sorted(f.name for f in files)
+
+
+def _error_line(res) -> str:
+    """The one `error: ...` line of a refused run (exit 2, no traceback)."""
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("cmd", ["extract", "predict"])
+def test_negative_workers_are_refused(fmnist: Path, tmp_path: Path, lite0_head: Path, cmd: str):
+    """--workers -1 was silently taken as 0 (h42 #17); it is refused like --batch-size -3."""
+    args = (["extract", fmnist, "-o", tmp_path / "s.h5"] if cmd == "extract" else
+            ["predict", lite0_head, fmnist / "bag", "-o", tmp_path / "p.csv"])
+    line = _error_line(cli(*args, "--workers", "-1", "-q"))
+    assert line.startswith("error: --workers -1: pass 0") and "or more" in line, line
+    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.csv"))

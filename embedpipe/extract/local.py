@@ -159,7 +159,7 @@ def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
 
     min_size = None if opts.exact_decode else decode_size(data_config)
     dataset = _Images(tasks, make_views_transform(data_config), min_size, opts.max_pixels)
-    workers = default_workers() if opts.workers is None else max(0, opts.workers)
+    workers = default_workers() if opts.workers is None else opts.workers
     session.summary.pipeline = (f"{workers} decode worker{'s' if workers > 1 else ''}"
                                 if workers else "decode in-process")
     session.record["decode_workers"] = workers

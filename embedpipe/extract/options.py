@@ -109,6 +109,9 @@ def check_options(opts: ExtractOptions) -> None:
     """Fail on a bad option before anything is loaded."""
     if opts.batch_size < 1:
         raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
+    if opts.workers is not None and opts.workers < 0:
+        raise ExtractError(f"--workers {opts.workers}: pass 0 (decode in the main process) or "
+                           "more, or leave it out for the default")
     if opts.dtype not in DTYPES:
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
     if opts.compile not in COMPILES:

@@ -241,12 +241,12 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     say = say or printer(progress)
     notice = notice or say
     t0 = time.perf_counter()
+    if workers is not None and workers < 1:  # before check_options: here they are actors
+        raise ExtractError(f"--workers {workers}: pass at least 1 backbone actor")
     check_options(opts)
     if opts.shard:
         raise ExtractError("--shard with --engine ray: the Ray engine shards the files itself; "
                            "drop --shard")
-    if workers is not None and workers < 1:
-        raise ExtractError(f"--workers {workers}: pass at least 1 backbone actor")
     if gpus_per_worker < 0:
         raise ExtractError(f"--num-gpus-per-worker {gpus_per_worker}: pass 0 or more")
     if opts.device not in ("auto", "cpu", "cuda"):
