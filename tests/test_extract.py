@@ -1027,6 +1027,19 @@ def _error_line(res) -> str:
     return lines[0]
 
 
+def test_a_settings_mismatch_names_the_differing_key(fmnist: Path, tmp_path: Path):
+    """extract used to print both data_config JSONs whole; now it names the key, as merge does
+    (h42 #14)."""
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist / "bag", "-o", out, "-q", "--precision", "fp32")
+    line = _error_line(cli("extract", fmnist / "bag", "-o", out, "-q", "--tta", "flip"))
+    assert "data_config.tta: the store has none, this run asks for 'flip'" in line, line
+    assert '"mean"' not in line  # no JSON dump of the whole config
+    line = _error_line(cli("extract", fmnist / "bag", "-o", out, "-q", "--img-size", "160"))
+    assert "data_config.input_size: the store has [3, 224, 224], this run asks for " \
+           "[3, 160, 160]" in line, line
+
+
 @pytest.mark.parametrize("cmd", ["extract", "predict"])
 def test_negative_workers_are_refused(fmnist: Path, tmp_path: Path, lite0_head: Path, cmd: str):
     """--workers -1 was silently taken as 0 (h42 #17); it is refused like --batch-size -3."""

@@ -55,7 +55,7 @@ from ..provenance import diff_fields
 from ..store._hdf5 import check_not_busy
 from ..store.ops import merge, prune
 from ..store.read import read_identity
-from ..store.schema import StoreError
+from ..store.schema import StoreError, StoreMismatch, describe_mismatch
 from ..store.write import StoreWriter
 
 MAX_OPEN_SHARDS = 64  # shard stores written at once (one pipeline); more run in waves
@@ -290,11 +290,9 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         tuned_on = backbone.finetune_hashes  # every shard store records it; merge keeps it
         del backbone
         if stored:
-            diffs = diff_fields(stored, identity)
-            if diffs:
-                raise StoreError(f"{out}: store was made with other settings "
-                                 f"({'; '.join(diffs[:3])}); a store never mixes them — pass "
-                                 "another --out, or the options the store was made with")
+            mismatch = describe_mismatch(out, stored, identity)
+            if mismatch:
+                raise StoreMismatch(mismatch)
         from PIL import Image
 
         probe = make_views_transform(data_config)(Image.new("RGB", (8, 8)))
