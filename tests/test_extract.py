@@ -1027,6 +1027,73 @@ def _error_line(res) -> str:
     return lines[0]
 
 
+def test_another_folder_into_a_store_is_refused_before_any_work(fmnist: Path, tmp_path: Path):
+    """A wrong -o used to merge a second dataset into the store, list every stored row as
+    vanished and advise --prune, which would have deleted them all (h42 #3). Now a folder none
+    of whose files is in the store is refused in one line naming the store, what it holds and
+    the fixes, and the store is left byte-identical; the same folder moved elsewhere, with an
+    image removed and one added, still extends the store."""
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    other = write_fashion_mnist_folder(tmp_path / "other", splits={"train": 1})
+    before = out.read_bytes()
+    line = _error_line(cli("extract", other, "-o", out, "-q"))
+    assert str(out) in line and "holds 60 rows" in line and str(fmnist) in line, line
+    assert "another -o" in line and "embedpipe merge" in line and "--prune" not in line, line
+    assert out.read_bytes() == before
+    # a manifest of other files is another dataset too
+    manifest = tmp_path / "other.csv"
+    manifest.write_text("path,label\n" + "".join(
+        f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in sorted(other.rglob("*.png"))))
+    assert "another -o" in _error_line(cli("extract", manifest, "-o", out, "-q"))
+    assert out.read_bytes() == before
+    # the same images moved to another place, one removed and one added: not refused
+    moved = tmp_path / "moved"
+    shutil.move(str(fmnist), moved)
+    bags = sorted((moved / "bag").glob("*.png"))
+    bags[0].unlink()
+    shutil.copy(bags[1], moved / "bag" / "added.png")
+    res = extract_ok(moved, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 1 extracted, 59 already in store" in res.output and "1 vanished" in res.output
+    assert "rerun with --prune" in res.output  # one image really is gone: prune is right
+    assert len(open_store(out)) == 61
+
+
+def test_a_run_that_finds_none_of_the_stored_files_never_prunes_or_advises_prune(
+        fmnist: Path, tmp_path: Path):
+    """A --shard run saw every other shard's stored rows as vanished, and --prune deleted
+    them. Files of the folder are never vanished, whichever shard runs; and a library run on
+    images none of which is stored (a Discovery: no refusal there) keeps the stored rows under
+    prune=True (it used to empty the store) and warns without advising prune."""
+    import warnings
+
+    from embedpipe.data import discover
+    from embedpipe.extract import ExtractOptions, run as extract_run
+
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32", "--shard", "0/2")
+    first = set(open_store(out).paths)
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32", "--shard", "1/2", "--prune")
+    assert "vanished" not in res.output and "pruned" not in res.output, res.output
+    assert set(open_store(out).paths) > first and len(open_store(out)) == 60
+    other = write_fashion_mnist_folder(tmp_path / "other", splits={"train": 1})
+    summary = extract_run(discover(other), out, ExtractOptions(precision="fp32", prune=True),
+                          progress=False)
+    assert summary.all_vanished and summary.pruned == 0 and len(open_store(out)) == 70
+    import embedpipe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embedpipe.extract(fmnist / "bag", tmp_path / "b.h5", precision="fp32")
+        shutil.move(str(fmnist / "bag"), tmp_path / "elsewhere")
+        (tmp_path / "elsewhere" / "sub").mkdir()
+        for f in (tmp_path / "elsewhere").glob("*.png"):
+            f.rename(tmp_path / "elsewhere" / "sub" / f.name)
+        with pytest.raises(embedpipe.extract.ExtractError, match="images moved"):
+            embedpipe.extract(tmp_path / "elsewhere", tmp_path / "b.h5", precision="fp32")
+    assert not [w for w in caught if "prune" in str(w.message)]
+
+
 def test_a_settings_mismatch_names_the_differing_key(fmnist: Path, tmp_path: Path):
     """extract used to print both data_config JSONs whole; now it names the key, as merge does
     (h42 #14)."""

@@ -67,6 +67,9 @@ class Summary:
     failed: int = 0
     ignored: int = 0
     vanished: list[str] = field(default_factory=list)
+    # every stored row vanished (none of the store's files is among this run's): another
+    # dataset or moved images, never a case for --prune (which would empty the store)
+    all_vanished: bool = False
     stale: list[str] = field(default_factory=list)  # changed files that no longer decode
     pruned: int = 0
     seconds: float = 0.0

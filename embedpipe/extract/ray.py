@@ -45,7 +45,7 @@ from ..data import discover
 from ..errors import RAY_MISSING, first_line
 from ..extract.loader import load_one
 from ..extract.options import ExtractError, ExtractOptions, Summary, check_options
-from ..extract.plan import Session
+from ..extract.plan import Session, refuse_other_dataset
 from ..env import EXTRACT, versions
 from ..extract.runtime import auto_precision, choose_runtime, resolve_precision
 from ..provenance import STORED_PRECISIONS, stored_precision
@@ -256,6 +256,7 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     out = Path(out)
     disc = discover(source, opts.layout)
     check_not_busy(out)
+    refuse_other_dataset(out, disc, source)
     stored = read_identity(out) if out.exists() else {}
 
     from ..backbones import decode_size, build_backbone, make_views_transform
