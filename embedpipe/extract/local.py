@@ -61,6 +61,8 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     out = Path(out)
     disc = source if isinstance(source, Discovery) else discover(source, opts.layout)
     check_not_busy(out)  # fail now rather than after loading the backbone
+    for note in disc.notes:  # e.g. a class folder whose name ends with a space
+        notice(note)
     if not isinstance(source, Discovery):  # a data folder or manifest (predict's images and
         refuse_other_dataset(out, disc, source)  # the embedder's cache add to their stores)
     whole = disc  # a stored file of another --shard has not vanished

@@ -256,6 +256,8 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     out = Path(out)
     disc = discover(source, opts.layout)
     check_not_busy(out)
+    for note in disc.notes:  # e.g. a class folder whose name ends with a space
+        notice(note)
     refuse_other_dataset(out, disc, source)
     stored = read_identity(out) if out.exists() else {}
 
