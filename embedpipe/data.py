@@ -381,6 +381,21 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_stat(path: str | Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of the file a run reads, the key of its record in a store; None when
+    nothing is there. A symlink whose target cannot be stat-ed (dangling, a loop) is keyed by
+    the link itself (lstat), so its failure is recorded like any other and not retried until
+    the link or its target changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+    return st.st_mtime_ns, st.st_size
+
+
 def read_file(path: Path) -> bytes:
     """Read a whole regular file; OS errors become DecodeError('unreadable: <reason>').
 

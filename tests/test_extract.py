@@ -1115,3 +1115,25 @@ def test_negative_workers_are_refused(fmnist: Path, tmp_path: Path, lite0_head: 
     line = _error_line(cli(*args, "--workers", "-1", "-q"))
     assert line.startswith("error: --workers -1: pass 0") and "or more" in line, line
     assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.csv"))
+
+
+def test_a_dangling_symlink_is_recorded_once_and_a_rerun_loads_no_model(
+        fmnist: Path, tmp_path: Path):
+    """A dangling symlink has no stat of its own target, so it was retried by every rerun and
+    each "nothing to do" rerun loaded the model (h42 #11). It is keyed by the link itself: the
+    unchanged rerun reports it again without loading the model, and once its target exists it
+    is extracted."""
+    target = tmp_path / "later.png"
+    (fmnist / "bag" / "dangling.png").symlink_to(target)
+    out = tmp_path / "s.h5"
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 60 extracted, 0 already in store, 1 failed" in res.output
+    assert "skipped bag/dangling.png" in res.output
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 0 extracted, 60 already in store, 1 failed" in res.output, res.output
+    assert "no model loaded" in res.output and "skipped bag/dangling.png" in res.output
+    shutil.copy(next((fmnist / "coat").glob("*.png")), target)
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 1 extracted, 60 already in store, 0 failed" in res.output, res.output
+    assert "bag/dangling.png" in open_store(out, features=False).paths
+

@@ -32,6 +32,7 @@ from ..data import (
     Discovery,
     ImageRef,
     content_hash,
+    file_stat,
     passes_max_pixels,
     read_file,
 )
@@ -93,11 +94,7 @@ def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None 
     new, check, relabel, failing, retry = [], [], [], [], []
     unchanged = 0
     for ref in disc.items:
-        try:
-            st = os.stat(ref.path)
-            stat = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stat = None
+        stat = file_stat(ref.path)  # as the loader records it (a dangling link: its own)
         row = idx.row.get(ref.rel)
         if row is not None:
             same = stat is not None and (int(idx.mtime_ns[row]), int(idx.size[row])) == stat
