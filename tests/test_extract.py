@@ -1137,3 +1137,34 @@ def test_a_dangling_symlink_is_recorded_once_and_a_rerun_loads_no_model(
     assert "done: 1 extracted, 60 already in store, 0 failed" in res.output, res.output
     assert "bag/dangling.png" in open_store(out, features=False).paths
 
+
+def test_info_tells_a_live_run_from_a_killed_one_and_a_no_op_run(tmp_path: Path):
+    """`info` showed a kill -9'd run as `running on no model loaded` and a no-op rerun as `done
+    on no model loaded` (h42 #7). The store's writer lock tells whether the writer lives: a
+    live run shows its device and runtime, a killed one `interrupted` with the fix, a run
+    that had nothing to extract says so."""
+    src = write_fashion_mnist_folder(tmp_path / "data", per_class=8, seed=2)
+    out = tmp_path / "s.h5"
+    cmd = [sys.executable, "-m", "embedpipe.cli", "extract", str(src), "-o", str(out),
+           "--precision", "fp32", "--runtime", "torch", "--batch-size", "4", "--workers", "0",
+           "-q"]
+    proc = subprocess.Popen(cmd)
+    try:
+        _wait_for_rows(out, 8, proc)
+        live = cli("info", out).output
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    line = next(ln for ln in live.splitlines() if ln.startswith("last run"))
+    assert re.search(r" running on cpu \(torch\)$", line), line
+    res = cli("info", out)
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("last run"))
+    assert " interrupted on cpu (torch) (its writer is gone" in line and "rerun" in line, line
+    assert "no model loaded" not in line
+    assert json.loads(cli("info", out, "--json").output)["last_run"]["status"] == "interrupted"
+    subprocess.run(cmd, check=True)
+    line = next(ln for ln in cli("info", out).output.splitlines() if ln.startswith("last run"))
+    assert re.search(r" done on cpu \(torch\)$", line), line
+    subprocess.run(cmd, check=True)  # nothing new: no model loaded
+    line = next(ln for ln in cli("info", out).output.splitlines() if ln.startswith("last run"))
+    assert line.endswith(" done: nothing new to extract (no model loaded)"), line

@@ -89,6 +89,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
                           settle_touched=lazy, present=whole)
         if engine is not None:
             session.record["runtime"] = engine.record()
+            writer.log_run({**session.record, "status": "running"})  # what runs, for `info`
         if lazy and session.tasks:  # new or changed files: now the backbone is needed
             device, engine, data_config, identity = _load(opts, stored, say, None,
                                                           images=len(session.tasks),
@@ -100,6 +101,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
             summary.runtime = engine.describe()
             session.record.update(device=summary.device, versions=_versions(engine),
                                   runtime=engine.record())
+            writer.log_run({**session.record, "status": "running"})  # no longer "no model"
         try:
             _extract(session, engine, data_config, opts, progress)
         except KeyboardInterrupt:
