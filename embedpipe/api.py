@@ -145,7 +145,11 @@ def extract(source: PathLike, out: PathLike | None = None, *, model: str = DEFAU
         warnings.warn(f"{len(summary.stale)} files changed and no longer decode; their rows "
                       "still hold the old features (pass prune=True to remove them)",
                       UserWarning, stacklevel=2)
-    if summary.vanished and not summary.pruned:
+    if summary.all_vanished:
+        warnings.warn(f"none of the {len(summary.vanished)} stored files is in {source} (e.g. "
+                      f"{summary.vanished[0]}): another dataset, or the images moved; their rows "
+                      "are kept", UserWarning, stacklevel=2)
+    elif summary.vanished and not summary.pruned:
         warnings.warn(f"{len(summary.vanished)} stored files are gone from {source} (e.g. "
                       f"{summary.vanished[0]}); pass prune=True to remove their rows",
                       UserWarning, stacklevel=2)

@@ -304,7 +304,12 @@ def extract(
     if summary.stale and not summary.pruned:
         typer.echo(f"{len(summary.stale)} files changed and no longer decode; their rows still "
                    "hold the old features (rerun with --prune to remove them)", err=True)
-    if summary.vanished and not summary.pruned:
+    if summary.all_vanished:  # never advise --prune: it would delete every stored row
+        typer.echo(f"note: none of the {len(summary.vanished)} stored files is in {data} (e.g. "
+                   f"{summary.vanished[0]}): {data} looks like another dataset, or the images "
+                   "moved; their rows are kept (pass the folder they are in now to update "
+                   "them)", err=True)
+    elif summary.vanished and not summary.pruned:
         shown = ", ".join(summary.vanished[:5])
         more = f" and {len(summary.vanished) - 5} more" if len(summary.vanished) > 5 else ""
         typer.echo(f"{len(summary.vanished)} stored files are gone from {data}: {shown}{more} "

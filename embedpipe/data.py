@@ -17,7 +17,7 @@ import posixpath
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,7 @@ class Discovery:
     items: list[ImageRef]  # sorted by rel
     class_names: list[str]  # sorted unique labels
     ignored: list[tuple[str, str]]  # sorted (rel, reason) of files skipped during discovery
+    notes: list[str] = field(default_factory=list)  # what the user should know (one line each)
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,8 +107,40 @@ def discover(source: str | Path, layout: str = "auto") -> Discovery:
     return _discover_folder(source, layout)
 
 
+def _control_char(text: str) -> str | None:
+    """The first control character (C0 or DEL) of ``text``, or None."""
+    return next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+
+
+def _refuse_control_chars(root: Path, rels: Iterable[str]) -> None:
+    """DataError naming the first folder or file under ``root`` whose name holds a control
+    character (a newline, a tab, ...): as a class name it would break every table and log
+    line, and HDF5 cuts a string at a NUL; a manifest's labels and paths are refused alike."""
+    for rel in sorted(rels):
+        parts = rel.split("/")
+        for k, part in enumerate(parts):
+            bad = _control_char(part)
+            if bad is not None:
+                what = "file" if k == len(parts) - 1 else "folder"
+                where = "/".join(parts[:k + 1])
+                raise DataError(f"{root}: the {what} name {where!r} holds the control character "
+                                f"{bad!r}; rename the {what} (no class, split or file name may "
+                                "hold one)")
+
+
+def _space_notes(items: list[ImageRef]) -> list[str]:
+    """A note per class or split folder whose name starts or ends with spaces: the name is
+    kept as it is (a folder of that name exists, and renaming classes silently would hide
+    them), but 'coat ' and 'coat' are then two classes that look alike in every table."""
+    names = sorted({n for r in items for n in (r.label, r.split) if n and n != n.strip()})
+    return [f"note: the folder name {n!r} starts or ends with spaces, kept in the class/split "
+            f"name (a manifest's labels are stripped); rename the folder if they are a mistake"
+            for n in names]
+
+
 def _discover_folder(root: Path, layout: str) -> Discovery:
     files, ignored = _scan(root)
+    _refuse_control_chars(root, [rel for rel, _ in files] + [rel for rel, _ in ignored])
     images: list[tuple[str, str]] = []
     for rel, path in files:
         ext = os.path.splitext(rel)[1].lower()
@@ -136,7 +169,9 @@ def _discover_folder(root: Path, layout: str) -> Discovery:
             f"{root}: no images usable as {layout} layout ({len(layout_skipped)} skipped, "
             f"e.g. {rel}: {reason}); pick another --layout"
         )
-    return _discovery(root, layout, items, ignored + layout_skipped)
+    disc = _discovery(root, layout, items, ignored + layout_skipped)
+    disc.notes += _space_notes(items)
+    return disc
 
 
 def _scan(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -290,7 +325,7 @@ def _discover_manifest(csv_path: Path) -> Discovery:
     def cell(row: list[str], column: str) -> str:
         i = columns.get(column)
         text = row[i].strip() if i is not None and i < len(row) else ""
-        bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+        bad = _control_char(text)
         if bad is not None:
             # HDF5 strings end at a NUL (a label would be stored blank, for good), and no
             # path, class or split name holds control characters: refuse before any work
@@ -344,6 +379,21 @@ def _discovery(
 def content_hash(data: bytes) -> str:
     """SHA-256 hex digest of the file bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+def file_stat(path: str | Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of the file a run reads, the key of its record in a store; None when
+    nothing is there. A symlink whose target cannot be stat-ed (dangling, a loop) is keyed by
+    the link itself (lstat), so its failure is recorded like any other and not retried until
+    the link or its target changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+    return st.st_mtime_ns, st.st_size
 
 
 def read_file(path: Path) -> bytes:

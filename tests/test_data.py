@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clitools import ok
+from clitools import cli, ok
 from imagegen import (
     GREEN,
     RED,
@@ -813,3 +813,40 @@ def test_the_views_transform_uses_the_fused_geometry_and_leaves_tta_crops_alone(
     squash = {**cfg, "crop_mode": "squash"}
     assert np.array_equal(backbones.make_views_transform(squash)(img)[0].numpy(),
                           np.asarray(backbones._split_normalize(squash)[0](img)))
+
+
+@pytest.mark.parametrize("name, what", [
+    ("line\nbreak/a.png", "folder name 'line\\nbreak'"),
+    ("tab\tx/a.png", "folder name 'tab\\tx'"),
+    ("train/co\x7fat/a.png", "folder name 'train/co\\x7fat'"),
+    ("bag/new\nline.png", "file name 'bag/new\\nline.png'"),
+    ("bag/notes\t.txt", "file name 'bag/notes\\t.txt'"),
+])
+def test_folder_and_file_names_with_control_characters_are_refused(
+        fmnist: Path, tmp_path: Path, name: str, what: str) -> None:
+    """A class folder named 'line\\nbreak' was stored as a class that broke `info`'s table and
+    every log line (h42 #13), while a manifest label holding one is refused. Folder names follow
+    the manifest's rule: `extract` refuses in one line naming the folder (or file), before any
+    work, and writes no store."""
+    (fmnist / name).parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".png"):
+        touch_png(fmnist / name)
+    else:
+        (fmnist / name).write_text("not an image")
+    out = tmp_path / "s.h5"
+    res = cli("extract", fmnist, "-o", out, "-q")
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith(f"error: {fmnist}: the {what} holds the control character")
+    assert "rename the" in lines[0] and not out.exists()
+
+
+def test_a_class_folder_with_outer_spaces_is_kept_with_a_note(fmnist: Path, tmp_path: Path):
+    """' bag ' is a valid folder name, so the class keeps it (a rename would hide which folder
+    it is), but it looks like 'bag' in every table: extract says so, even with -q."""
+    (fmnist / "bag").rename(fmnist / " bag ")
+    out = tmp_path / "s.h5"
+    res = ok("extract", fmnist, "-o", out, "-q")
+    notes = [ln for ln in res.output.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "' bag '" in notes[0] and "starts or ends with spaces" in notes[0]
+    assert " bag " in open_store(out, features=False).classes

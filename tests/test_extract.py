@@ -1018,3 +1018,153 @@ def test_images_whose_features_overflow_are_skipped_as_failures(fmnist: Path, tm
                      "--precision", "fp32", "--batch-size", "4", "--workers", "0",
                      "--runtime", "torch")
     assert sorted(open_store(tmp_path / "t.h5").paths) == sorted(f.name for f in files)
+
+
+def _error_line(res) -> str:
+    """The one `error: ...` line of a refused run (exit 2, no traceback)."""
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+def test_another_folder_into_a_store_is_refused_before_any_work(fmnist: Path, tmp_path: Path):
+    """A wrong -o used to merge a second dataset into the store, list every stored row as
+    vanished and advise --prune, which would have deleted them all (h42 #3). Now a folder none
+    of whose files is in the store is refused in one line naming the store, what it holds and
+    the fixes, and the store is left byte-identical; the same folder moved elsewhere, with an
+    image removed and one added, still extends the store."""
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    other = write_fashion_mnist_folder(tmp_path / "other", splits={"train": 1})
+    before = out.read_bytes()
+    line = _error_line(cli("extract", other, "-o", out, "-q"))
+    assert str(out) in line and "holds 60 rows" in line and str(fmnist) in line, line
+    assert "another -o" in line and "embedpipe merge" in line and "--prune" not in line, line
+    assert out.read_bytes() == before
+    # a manifest of other files is another dataset too
+    manifest = tmp_path / "other.csv"
+    manifest.write_text("path,label\n" + "".join(
+        f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in sorted(other.rglob("*.png"))))
+    assert "another -o" in _error_line(cli("extract", manifest, "-o", out, "-q"))
+    assert out.read_bytes() == before
+    # the same images moved to another place, one removed and one added: not refused
+    moved = tmp_path / "moved"
+    shutil.move(str(fmnist), moved)
+    bags = sorted((moved / "bag").glob("*.png"))
+    bags[0].unlink()
+    shutil.copy(bags[1], moved / "bag" / "added.png")
+    res = extract_ok(moved, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 1 extracted, 59 already in store" in res.output and "1 vanished" in res.output
+    assert "rerun with --prune" in res.output  # one image really is gone: prune is right
+    assert len(open_store(out)) == 61
+
+
+def test_a_run_that_finds_none_of_the_stored_files_never_prunes_or_advises_prune(
+        fmnist: Path, tmp_path: Path):
+    """A --shard run saw every other shard's stored rows as vanished, and --prune deleted
+    them. Files of the folder are never vanished, whichever shard runs; and a library run on
+    images none of which is stored (a Discovery: no refusal there) keeps the stored rows under
+    prune=True (it used to empty the store) and warns without advising prune."""
+    import warnings
+
+    from embedpipe.data import discover
+    from embedpipe.extract import ExtractOptions, run as extract_run
+
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32", "--shard", "0/2")
+    first = set(open_store(out).paths)
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32", "--shard", "1/2", "--prune")
+    assert "vanished" not in res.output and "pruned" not in res.output, res.output
+    assert set(open_store(out).paths) > first and len(open_store(out)) == 60
+    other = write_fashion_mnist_folder(tmp_path / "other", splits={"train": 1})
+    summary = extract_run(discover(other), out, ExtractOptions(precision="fp32", prune=True),
+                          progress=False)
+    assert summary.all_vanished and summary.pruned == 0 and len(open_store(out)) == 70
+    import embedpipe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embedpipe.extract(fmnist / "bag", tmp_path / "b.h5", precision="fp32")
+        shutil.move(str(fmnist / "bag"), tmp_path / "elsewhere")
+        (tmp_path / "elsewhere" / "sub").mkdir()
+        for f in (tmp_path / "elsewhere").glob("*.png"):
+            f.rename(tmp_path / "elsewhere" / "sub" / f.name)
+        with pytest.raises(embedpipe.extract.ExtractError, match="images moved"):
+            embedpipe.extract(tmp_path / "elsewhere", tmp_path / "b.h5", precision="fp32")
+    assert not [w for w in caught if "prune" in str(w.message)]
+
+
+def test_a_settings_mismatch_names_the_differing_key(fmnist: Path, tmp_path: Path):
+    """extract used to print both data_config JSONs whole; now it names the key, as merge does
+    (h42 #14)."""
+    out = tmp_path / "s.h5"
+    extract_ok(fmnist / "bag", "-o", out, "-q", "--precision", "fp32")
+    line = _error_line(cli("extract", fmnist / "bag", "-o", out, "-q", "--tta", "flip"))
+    assert "data_config.tta: the store has none, this run asks for 'flip'" in line, line
+    assert '"mean"' not in line  # no JSON dump of the whole config
+    line = _error_line(cli("extract", fmnist / "bag", "-o", out, "-q", "--img-size", "160"))
+    assert "data_config.input_size: the store has [3, 224, 224], this run asks for " \
+           "[3, 160, 160]" in line, line
+
+
+@pytest.mark.parametrize("cmd", ["extract", "predict"])
+def test_negative_workers_are_refused(fmnist: Path, tmp_path: Path, lite0_head: Path, cmd: str):
+    """--workers -1 was silently taken as 0 (h42 #17); it is refused like --batch-size -3."""
+    args = (["extract", fmnist, "-o", tmp_path / "s.h5"] if cmd == "extract" else
+            ["predict", lite0_head, fmnist / "bag", "-o", tmp_path / "p.csv"])
+    line = _error_line(cli(*args, "--workers", "-1", "-q"))
+    assert line.startswith("error: --workers -1: pass 0") and "or more" in line, line
+    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.csv"))
+
+
+def test_a_dangling_symlink_is_recorded_once_and_a_rerun_loads_no_model(
+        fmnist: Path, tmp_path: Path):
+    """A dangling symlink has no stat of its own target, so it was retried by every rerun and
+    each "nothing to do" rerun loaded the model (h42 #11). It is keyed by the link itself: the
+    unchanged rerun reports it again without loading the model, and once its target exists it
+    is extracted."""
+    target = tmp_path / "later.png"
+    (fmnist / "bag" / "dangling.png").symlink_to(target)
+    out = tmp_path / "s.h5"
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 60 extracted, 0 already in store, 1 failed" in res.output
+    assert "skipped bag/dangling.png" in res.output
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 0 extracted, 60 already in store, 1 failed" in res.output, res.output
+    assert "no model loaded" in res.output and "skipped bag/dangling.png" in res.output
+    shutil.copy(next((fmnist / "coat").glob("*.png")), target)
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    assert "done: 1 extracted, 60 already in store, 0 failed" in res.output, res.output
+    assert "bag/dangling.png" in open_store(out, features=False).paths
+
+
+def test_info_tells_a_live_run_from_a_killed_one_and_a_no_op_run(tmp_path: Path):
+    """`info` showed a kill -9'd run as `running on no model loaded` and a no-op rerun as `done
+    on no model loaded` (h42 #7). The store's writer lock tells whether the writer lives: a
+    live run shows its device and runtime, a killed one `interrupted` with the fix, a run
+    that had nothing to extract says so."""
+    src = write_fashion_mnist_folder(tmp_path / "data", per_class=8, seed=2)
+    out = tmp_path / "s.h5"
+    cmd = [sys.executable, "-m", "embedpipe.cli", "extract", str(src), "-o", str(out),
+           "--precision", "fp32", "--runtime", "torch", "--batch-size", "4", "--workers", "0",
+           "-q"]
+    proc = subprocess.Popen(cmd)
+    try:
+        _wait_for_rows(out, 8, proc)
+        live = cli("info", out).output
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    line = next(ln for ln in live.splitlines() if ln.startswith("last run"))
+    assert re.search(r" running on cpu \(torch\)$", line), line
+    res = cli("info", out)
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("last run"))
+    assert " interrupted on cpu (torch) (its writer is gone" in line and "rerun" in line, line
+    assert "no model loaded" not in line
+    assert json.loads(cli("info", out, "--json").output)["last_run"]["status"] == "interrupted"
+    subprocess.run(cmd, check=True)
+    line = next(ln for ln in cli("info", out).output.splitlines() if ln.startswith("last run"))
+    assert re.search(r" done on cpu \(torch\)$", line), line
+    subprocess.run(cmd, check=True)  # nothing new: no model loaded
+    line = next(ln for ln in cli("info", out).output.splitlines() if ln.startswith("last run"))
+    assert line.endswith(" done: nothing new to extract (no model loaded)"), line

@@ -76,7 +76,7 @@ def test_extract_into_an_imported_store_is_refused(fmnist_store: Path, tmp_path:
     ok("import-features", f, "-o", store, "-q")
     before = store.read_bytes()
     data = tmp_path / "data"
-    shutil.copytree(fmnist_store.parent / "data" / "test", data)
+    shutil.copytree(fmnist_store.parent / "data", data)  # the store's own images
     one_line_error(cli("extract", data, "-o", store, "-q"), str(store), "other settings")
     assert store.read_bytes() == before
     # and a second import over it is refused too: a store never mixes features

@@ -315,7 +315,7 @@ def test_recovery_after_a_kill_keeps_the_rows_before_a_torn_chunk(store_copy: Pa
 
 
 def test_store_attributes_edited_to_claim_another_backbone(store_copy: Path, lite0_head: Path,
-                                                           fmnist_src: Path):
+                                                           fmnist_store: Path, tmp_path: Path):
     from embedpipe.store.schema import _identity_digest
 
     def edit(forge: bool, **attrs: object) -> None:
@@ -334,7 +334,12 @@ def test_store_attributes_edited_to_claim_another_backbone(store_copy: Path, lit
     edit(True)
     res = cli("predict", lite0_head, "--store", store_copy)
     one_line(res.output, res.exit_code, str(store_copy), "another backbone", "resnet50")
-    res = cli("extract", fmnist_src, "-o", store_copy)  # the real backbone may not extend it
+    # the store's images and a new one (extract loads the backbone only when there is work):
+    # the real backbone may not extend it
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_store.parent / "data", data)
+    shutil.copy(next((data / "test" / "bag").glob("*.png")), data / "test" / "bag" / "new.png")
+    res = cli("extract", data, "-o", store_copy)
     one_line(res.output, res.exit_code, str(store_copy), "other settings", "resnet50")
     # a feature_dim the stored features contradict
     edit(True, model="tf_efficientnet_lite0", weights_source="bundled:efficientnet-lite0-"
@@ -349,19 +354,17 @@ def test_store_attributes_edited_to_claim_another_backbone(store_copy: Path, lit
 
 @pytest.fixture(scope="module")
 def two_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """Two disjoint Fashion-MNIST folders (15 and 35 images) and a store of the first."""
+    """A Fashion-MNIST folder of 50 images, a folder of its first three classes (15 images)
+    and a store of those: extracting the whole folder into the store extends it by 35 rows (a
+    folder none of whose files is in the store is another dataset, refused)."""
     root = tmp_path_factory.mktemp("lock")
     both = write_fashion_mnist_folder(root / "both", per_class=5)
-    first, second = root / "first", root / "second"
-    for cls in sorted(p.name for p in both.iterdir()):
-        files = sorted((both / cls).iterdir())
-        dst = (first if cls < "d" else second) / cls  # three classes, then seven
-        dst.mkdir(parents=True)
-        for f in files:
-            shutil.copy(f, dst / f.name)
+    first = root / "first"
+    for cls in sorted(p.name for p in both.iterdir() if p.name < "d"):  # three classes
+        shutil.copytree(both / cls, first / cls)
     store = root / "first.h5"
     ok("extract", first, "-o", store, "-q")
-    return first, second, store
+    return first, both, store
 
 
 def _rows(path: Path) -> int:
@@ -377,7 +380,7 @@ def test_a_writer_of_the_real_file_locks_out_its_symlinks_and_the_reverse(
     """`extract -o alias.h5` (alias.h5 -> real.h5) while another writer holds real.h5 is refused,
     and the reverse; before, the first "recovered" the live store and renamed a copy over it,
     and the second reported "done" with rows missing."""
-    first, second, src = two_folders
+    first, grown, src = two_folders
     real = tmp_path / "real.h5"
     shutil.copy(src, real)
     n = _rows(real)
@@ -392,16 +395,16 @@ def test_a_writer_of_the_real_file_locks_out_its_symlinks_and_the_reverse(
                          (via_dir, [real, alias])):
         with StoreWriter.open(held, read_identity(real), versions={}):
             for name in others:
-                _busy(cli("extract", second, "-o", name, "-q"), name)
+                _busy(cli("extract", grown, "-o", name, "-q"), name)
                 _busy(cli("merge", other, "-o", name), name)
                 _busy(cli("extract", first, "-o", name, "--prune", "-q"), name)
         assert _rows(real) == n and alias.is_symlink()
     assert sorted(p.name for p in tmp_path.glob(".*.lock")) == [".real.h5.lock"]
 
     # with nobody writing, a write through the alias goes to the real file, the link stays
-    res = ok("extract", second, "-o", alias, "-q")
+    res = ok("extract", grown, "-o", alias, "-q")
     assert alias.is_symlink() and os.readlink(alias) == "real.h5"
-    assert _rows(real) == n + sum(1 for _ in second.rglob("*.png")), res.output
+    assert _rows(real) == sum(1 for _ in grown.rglob("*.png")) > n, res.output
     assert sorted(p.name for p in tmp_path.glob(".*.lock")) == [".real.h5.lock"]
 
 
@@ -409,18 +412,18 @@ def test_a_store_with_hard_links_is_not_written(two_folders: tuple[Path, Path, P
                                                 tmp_path: Path):
     """A hard link is another name the lock beside one name cannot see: refused in one line,
     the store untouched."""
-    _, second, src = two_folders
+    _, grown, src = two_folders
     real = tmp_path / "real.h5"
     shutil.copy(src, real)
     n = _rows(real)
     link = tmp_path / "link.h5"
     os.link(real, link)
     for name in (real, link):
-        one_line_error(cli("extract", second, "-o", name, "-q"), str(name), "2 hard links")
+        one_line_error(cli("extract", grown, "-o", name, "-q"), str(name), "2 hard links")
         one_line_error(cli("merge", src, "-o", name), str(name), "2 hard links")
     assert _rows(real) == n
     link.unlink()
-    ok("extract", second, "-o", real, "-q")
+    ok("extract", grown, "-o", real, "-q")
     assert _rows(real) > n
 # the free-space check says what is free and what is needed
 

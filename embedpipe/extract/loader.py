@@ -14,6 +14,7 @@ import numpy as np
 from ..data import (
     DecodeError,
     content_hash,
+    file_stat,
     decode_image,
     read_file,
 )
@@ -65,11 +66,9 @@ def load_one(path: str | Path, expect_hash: str | None, transform: Any,
     (content equals ``expect_hash``: nothing to extract) or error (and its ``reason``), plus
     hash, mtime_ns and size. Never raises for a bad file (both engines use this)."""
     out: dict[str, Any] = {"hash": "", "mtime_ns": 0, "size": 0}
-    try:
-        st = os.stat(path)
-        out["mtime_ns"], out["size"] = st.st_mtime_ns, st.st_size
-    except OSError:
-        pass
+    stat = file_stat(path)  # a dangling symlink: the link's own (data.file_stat)
+    if stat is not None:
+        out["mtime_ns"], out["size"] = stat
     try:
         data = read_file(path)
         out["hash"] = content_hash(data)

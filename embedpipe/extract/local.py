@@ -28,7 +28,7 @@ from ..store.schema import StoreError, StoreMismatch, describe_mismatch
 from ..store.write import StoreWriter
 from .loader import CtrlC, _collate, _Images, _start_worker, default_workers
 from .options import ExtractError, ExtractOptions, Summary, check_options
-from .plan import Session, _same_as_last_run
+from .plan import Session, _same_as_last_run, refuse_other_dataset
 from .runtime import (
     CompiledForward,
     _warn,
@@ -60,9 +60,14 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     check_options(opts)
     out = Path(out)
     disc = source if isinstance(source, Discovery) else discover(source, opts.layout)
+    check_not_busy(out)  # fail now rather than after loading the backbone
+    for note in disc.notes:  # e.g. a class folder whose name ends with a space
+        notice(note)
+    if not isinstance(source, Discovery):  # a data folder or manifest (predict's images and
+        refuse_other_dataset(out, disc, source)  # the embedder's cache add to their stores)
+    whole = disc  # a stored file of another --shard has not vanished
     if opts.shard:
         disc = select_shard(disc, opts.shard)
-    check_not_busy(out)  # fail now rather than after loading the backbone
     stored = read_identity(out) if out.exists() else {}
     lazy = backbone is None and _same_as_last_run(out, opts, stored)
     if lazy:  # plan against the store first; load the backbone only if there is work
@@ -81,9 +86,10 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
     with StoreWriter.open(out, identity, versions=env, progress=say,
                           finetune_hashes=engine and engine.finetune_hashes) as writer:
         session = Session(writer, disc, opts, summary.device, env, summary,
-                          settle_touched=lazy)
+                          settle_touched=lazy, present=whole)
         if engine is not None:
             session.record["runtime"] = engine.record()
+            writer.log_run({**session.record, "status": "running"})  # what runs, for `info`
         if lazy and session.tasks:  # new or changed files: now the backbone is needed
             device, engine, data_config, identity = _load(opts, stored, say, None,
                                                           images=len(session.tasks),
@@ -95,6 +101,7 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
             summary.runtime = engine.describe()
             session.record.update(device=summary.device, versions=_versions(engine),
                                   runtime=engine.record())
+            writer.log_run({**session.record, "status": "running"})  # no longer "no model"
         try:
             _extract(session, engine, data_config, opts, progress)
         except KeyboardInterrupt:
@@ -104,7 +111,9 @@ def run(source: str | Path | Discovery, out: str | Path, opts: ExtractOptions, *
             raise
         session.finish(time.perf_counter() - t0)
     if opts.prune and (summary.vanished or summary.stale) and not summary.interrupted:
-        summary.pruned = len(prune(out, set(summary.vanished) | set(summary.stale)))
+        # never every stored row (a Discovery of other images, or moved ones: see Summary)
+        gone = set(summary.stale) | (set() if summary.all_vanished else set(summary.vanished))
+        summary.pruned = len(prune(out, gone)) if gone else 0
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -159,7 +168,7 @@ def _extract(session: Session, engine: Engine, data_config: dict[str, Any],
 
     min_size = None if opts.exact_decode else decode_size(data_config)
     dataset = _Images(tasks, make_views_transform(data_config), min_size, opts.max_pixels)
-    workers = default_workers() if opts.workers is None else max(0, opts.workers)
+    workers = default_workers() if opts.workers is None else opts.workers
     session.summary.pipeline = (f"{workers} decode worker{'s' if workers > 1 else ''}"
                                 if workers else "decode in-process")
     session.record["decode_workers"] = workers

@@ -67,6 +67,9 @@ class Summary:
     failed: int = 0
     ignored: int = 0
     vanished: list[str] = field(default_factory=list)
+    # every stored row vanished (none of the store's files is among this run's): another
+    # dataset or moved images, never a case for --prune (which would empty the store)
+    all_vanished: bool = False
     stale: list[str] = field(default_factory=list)  # changed files that no longer decode
     pruned: int = 0
     seconds: float = 0.0
@@ -109,6 +112,9 @@ def check_options(opts: ExtractOptions) -> None:
     """Fail on a bad option before anything is loaded."""
     if opts.batch_size < 1:
         raise ExtractError(f"--batch-size {opts.batch_size}: pass a positive number")
+    if opts.workers is not None and opts.workers < 0:
+        raise ExtractError(f"--workers {opts.workers}: pass 0 (decode in the main process) or "
+                           "more, or leave it out for the default")
     if opts.dtype not in DTYPES:
         raise ExtractError(f"--dtype {opts.dtype}: pass float32 or float16")
     if opts.compile not in COMPILES:

@@ -32,13 +32,14 @@ from ..data import (
     Discovery,
     ImageRef,
     content_hash,
+    file_stat,
     passes_max_pixels,
     read_file,
 )
-from ..store.read import has_finetune_record, read_runs
+from ..store.read import has_finetune_record, open_store, read_runs
 from ..store.schema import StoreError
 from ..store.write import StoreWriter
-from .options import _IDENTITY_OPTIONS, ExtractOptions, Summary
+from .options import _IDENTITY_OPTIONS, ExtractError, ExtractOptions, Summary
 
 if TYPE_CHECKING:  # imported where used: a no-op rerun never imports torch or timm
 
@@ -81,20 +82,19 @@ def _option_verdict(reason: str, opts: ExtractOptions | None) -> tuple[bool, str
     return passes_max_pixels(reason, opts.max_pixels)
 
 
-def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None = None) -> Plan:
+def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None = None, *,
+              present: Discovery | None = None) -> Plan:
     """What a run has to do; a file that failed before with the same size and mtime is retried
-    only when this run's options would now let it through (``opts``; see _option_verdict)."""
+    only when this run's options would now let it through (``opts``; see _option_verdict).
+    ``present``: every file of the data when ``disc`` is a part of it (--shard): a stored file
+    of another part has not vanished."""
     idx = writer.index()
     reworded = []
     classes = {c: i for i, c in enumerate(writer.classes)}
     new, check, relabel, failing, retry = [], [], [], [], []
     unchanged = 0
     for ref in disc.items:
-        try:
-            st = os.stat(ref.path)
-            stat = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stat = None
+        stat = file_stat(ref.path)  # as the loader records it (a dangling link: its own)
         row = idx.row.get(ref.rel)
         if row is not None:
             same = stat is not None and (int(idx.mtime_ns[row]), int(idx.size[row])) == stat
@@ -118,11 +118,37 @@ def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None 
         if err is not None:
             retry.append(ref.rel)
         new.append(Task(ref, None))
-    seen = {r.rel for r in disc.items} | {p for p, _ in disc.ignored}
+    whole = present or disc
+    seen = {r.rel for r in whole.items} | {p for p, _ in whole.ignored}
     vanished = sorted(p for p in idx.row if p not in seen)
     vanished_err = sorted(p for p in idx.errors if p not in seen)
     return Plan(new, check, relabel, failing, retry, unchanged, vanished, vanished_err,
                 reworded)
+
+
+def refuse_other_dataset(out: Path, disc: Discovery, source: str | Path) -> None:
+    """ExtractError, before any work, when ``out`` holds rows and not one of their paths is
+    among the files discovered under ``source``: the folder is another dataset (a wrong -o),
+    or the store's images moved to another folder structure. Extracting anyway would mix the
+    two datasets in one store and list every stored row as vanished (whose --prune would
+    delete them all). Stored paths are relative to the data root, so the same folder moved or
+    copied elsewhere, images added or removed, and a manifest keep working. ``disc``: the whole
+    discovery (before --shard selects a part of it)."""
+    if not out.exists() or not disc.items:
+        return
+    store = open_store(out, features=False)
+    if not store.paths:
+        return
+    seen = {r.rel for r in disc.items} | {p for p, _ in disc.ignored}
+    if any(p in seen for p in store.paths):
+        return
+    was = next((r.get("source") for r in reversed(store.runs) if r.get("source")), None)
+    origin = f" extracted from {was}" if was else ""
+    raise ExtractError(
+        f"{out}: the store holds {len(store.paths)} rows{origin} (e.g. {store.paths[0]}), "
+        f"and not one of them is among the {len(disc.items)} images of {source}: to extract "
+        f"another dataset pass another -o (`embedpipe merge` combines stores); if the store's "
+        f"images moved, pass the folder they are in now")
 
 
 def _settle_touched(writer: StoreWriter, plan: Plan, summary: Summary) -> None:
@@ -161,10 +187,13 @@ class Session:
     The in-process engine runs one; the Ray engine one per shard store."""
 
     def __init__(self, writer: StoreWriter, disc: Discovery, opts: ExtractOptions, device: str,
-                 env: dict[str, str], summary: Summary, *, settle_touched: bool = False):
+                 env: dict[str, str], summary: Summary, *, settle_touched: bool = False,
+                 present: Discovery | None = None):
         self.writer, self.summary = writer, summary
-        self.plan = plan = make_plan(disc, writer, opts)
+        self.plan = plan = make_plan(disc, writer, opts, present=present)
         summary.unchanged = plan.unchanged
+        # (before _settle_touched empties plan.check of the touched files)
+        summary.all_vanished = bool(plan.vanished) and not plan.unchanged and not plan.check
         if settle_touched and plan.check:  # without a model: hash touched files here
             _settle_touched(writer, plan, summary)
         summary.vanished = plan.vanished

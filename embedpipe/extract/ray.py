@@ -45,7 +45,7 @@ from ..data import discover
 from ..errors import RAY_MISSING, first_line
 from ..extract.loader import load_one
 from ..extract.options import ExtractError, ExtractOptions, Summary, check_options
-from ..extract.plan import Session
+from ..extract.plan import Session, refuse_other_dataset
 from ..env import EXTRACT, versions
 from ..extract.runtime import auto_precision, choose_runtime, resolve_precision
 from ..provenance import STORED_PRECISIONS, stored_precision
@@ -55,7 +55,7 @@ from ..provenance import diff_fields
 from ..store._hdf5 import check_not_busy
 from ..store.ops import merge, prune
 from ..store.read import read_identity
-from ..store.schema import StoreError
+from ..store.schema import StoreError, StoreMismatch, describe_mismatch
 from ..store.write import StoreWriter
 
 MAX_OPEN_SHARDS = 64  # shard stores written at once (one pipeline); more run in waves
@@ -241,12 +241,12 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     say = say or printer(progress)
     notice = notice or say
     t0 = time.perf_counter()
+    if workers is not None and workers < 1:  # before check_options: here they are actors
+        raise ExtractError(f"--workers {workers}: pass at least 1 backbone actor")
     check_options(opts)
     if opts.shard:
         raise ExtractError("--shard with --engine ray: the Ray engine shards the files itself; "
                            "drop --shard")
-    if workers is not None and workers < 1:
-        raise ExtractError(f"--workers {workers}: pass at least 1 backbone actor")
     if gpus_per_worker < 0:
         raise ExtractError(f"--num-gpus-per-worker {gpus_per_worker}: pass 0 or more")
     if opts.device not in ("auto", "cpu", "cuda"):
@@ -256,6 +256,9 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
     out = Path(out)
     disc = discover(source, opts.layout)
     check_not_busy(out)
+    for note in disc.notes:  # e.g. a class folder whose name ends with a space
+        notice(note)
+    refuse_other_dataset(out, disc, source)
     stored = read_identity(out) if out.exists() else {}
 
     from ..backbones import decode_size, build_backbone, make_views_transform
@@ -290,11 +293,9 @@ def run(source: str | Path, out: str | Path, opts: ExtractOptions, *, address: s
         tuned_on = backbone.finetune_hashes  # every shard store records it; merge keeps it
         del backbone
         if stored:
-            diffs = diff_fields(stored, identity)
-            if diffs:
-                raise StoreError(f"{out}: store was made with other settings "
-                                 f"({'; '.join(diffs[:3])}); a store never mixes them — pass "
-                                 "another --out, or the options the store was made with")
+            mismatch = describe_mismatch(out, stored, identity)
+            if mismatch:
+                raise StoreMismatch(mismatch)
         from PIL import Image
 
         probe = make_views_transform(data_config)(Image.new("RGB", (8, 8)))

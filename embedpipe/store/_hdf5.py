@@ -300,6 +300,28 @@ def check_not_busy(path: str | Path) -> None:
     _check_one_name(path)
 
 
+def writer_alive(path: str | Path) -> bool | None:
+    """Whether a process holds ``path``'s writer lock now (an extract or merge writing it):
+    True, False, or None where this cannot be known (no advisory locks here). A run record
+    that says "running" while no writer holds the lock is of a killed run. Creates no file;
+    the probe takes a shared lock for an instant, as check_not_busy does."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(_lock_path(Path(path)), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False  # no lock file: no writer ever took it here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return True if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)
+    return False
+
+
 def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

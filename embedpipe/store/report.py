@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ._hdf5 import writer_alive
 from .read import open_store
 
 
@@ -39,22 +40,41 @@ def describe(path: str | Path) -> dict[str, Any]:
         "pool": s.meta.get("pool"), "precision": s.meta.get("precision"),
         "data_config": s.meta.get("data_config"), "created": s.meta.get("created"),
         "versions": s.meta.get("versions"), "runs": len(s.runs),
-        "last_run": _last_run(s.runs[-1]) if s.runs else None,
+        "last_run": _last_run(s.runs[-1], path) if s.runs else None,
         "skipped": [{"path": p, "reason": r} for p, r in s.errors],
         "dropped_by_merge": [d for r in s.runs for d in (r.get("dropped") or [])],
         "finetuned_on": tuned,
     }
 
 
-def _last_run(run: dict[str, Any]) -> dict[str, Any]:
-    """What a run record says, for one line: an extraction (when it started, status, device) or
-    a merge (when it finished, status, how many stores); only the fields the record has."""
+NO_MODEL = "no model loaded"  # the device of an extract run that had nothing to extract
+
+
+def _last_run(run: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """What a run record says, for one line: an extraction (when it started, status, device,
+    runtime, and how many files it extracted) or a merge (when it finished, status, how many
+    stores); only the fields the record has. A record still "running" whose writer no longer
+    holds the store's lock (killed: kill -9, a crash, power) has status "interrupted" and
+    ``writer: gone``; a live one ``writer: alive``."""
     out = {"kind": "merge" if "merged" in run else "extract",
            "when": run.get("started") or run.get("finished"), "status": run.get("status")}
     if "merged" in run:
         out["stores"] = len(run["merged"])
-    elif run.get("device"):
-        out["device"] = run["device"]
+    else:
+        if run.get("device"):
+            out["device"] = run["device"]
+        runtime = run.get("runtime")
+        if isinstance(runtime, dict) and runtime.get("name"):
+            out["runtime"] = str(runtime["name"])
+        summary = run.get("summary") or {}
+        if "extracted" in summary:
+            out["extracted"] = int(summary.get("extracted", 0)) + int(summary.get("replaced", 0))
+    if out["status"] == "running":
+        alive = writer_alive(path)
+        if alive is not None:
+            out["writer"] = "alive" if alive else "gone"
+        if alive is False:
+            out["status"] = "interrupted"
     return out
 
 
@@ -62,8 +82,23 @@ def _run_line(last: dict[str, Any]) -> str:
     when = last.get("when") or "(time not recorded)"
     status = last.get("status") or "(status not recorded)"
     if last["kind"] == "merge":
+        if last.get("writer") == "gone":
+            return (f"merge of {last['stores']} store(s) started at {when}, interrupted (its "
+                    "writer is gone; run the merge again)")
         return f"merge of {last['stores']} store(s) {status} at {when}"
-    return f"{when} {status}" + (f" on {last['device']}" if last.get("device") else "")
+    device = last.get("device")
+    on = ""
+    if device and device != NO_MODEL:
+        on = f" on {device}" + (f" ({last['runtime']})" if last.get("runtime") else "")
+    if last.get("writer") == "gone":
+        return (f"{when} interrupted{on} (its writer is gone: killed or crashed; rerun the same "
+                "extract to continue, every committed row is kept)")
+    if device == NO_MODEL:
+        if status == "running":
+            return f"{when} running (planning; no model loaded yet)"
+        if not last.get("extracted"):
+            return f"{when} {status}: nothing new to extract (no model loaded)"
+    return f"{when} {status}{on}"
 
 
 def _tuned_lines(tuned: dict[str, Any] | None, splits: dict[str, int]) -> list[str]:

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
-from ..provenance import IDENTITY_KEYS, diff
+from ..provenance import IDENTITY_KEYS, diff, short
 
 SCHEMA_VERSION = 1
 STORE_ID = "store_id"  # the attribute naming this file (a uuid4's hex, given at creation)
@@ -121,10 +121,25 @@ def describe_mismatch(path: Path, stored: dict[str, Any], wanted: dict[str, Any]
     diffs = diff(stored, wanted)
     if not diffs:
         return None
-    parts = "; ".join(f"{k}: store has {stored.get(k)!r}, this run asks for {wanted.get(k)!r}"
-                      for k, _, _ in diffs[:3])
+    fields = []
+    for k, va, vb in diffs:
+        if isinstance(va, dict) and isinstance(vb, dict):  # data_config: name its fields
+            fields += [(f"{k}.{f}", va.get(f), vb.get(f))
+                       for f in sorted(set(va) | set(vb)) if va.get(f) != vb.get(f)]
+        else:
+            fields.append((k, va, vb))
+    parts = "; ".join(f"{k}: the store has {_value(a)}, this run asks for {_value(b)}"
+                      for k, a, b in fields[:3])
+    if len(fields) > 3:
+        parts += f"; and {len(fields) - 3} more"
     return (f"{path}: store was made with other settings ({parts}); a store never mixes them — "
             "pass another --out, or the options the store was made with")
+
+
+def _value(v: Any) -> str:
+    """An identity value for a mismatch message: ``none`` for a missing one, else its repr
+    (shortened: provenance.short)."""
+    return "none" if v is None else short(v)
 
 
 _DATASETS = ("features", *ROW_FIELDS, *(f"errors/{x}" for x in ERROR_FIELDS), "class_names",
