@@ -41,6 +41,13 @@ def one_line_error(res, *needles: str) -> str:
     return lines[0]
 
 
+def sha(path: Path) -> str:
+    """The sha256 of a file's bytes: asserting a file is unchanged."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))

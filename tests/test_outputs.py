@@ -6,24 +6,18 @@ written is refused before fitting, cross-validating or exporting, in one line (e
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from clitools import cli, ok, one_line_error
+from clitools import cli, one_line_error, sha
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def head(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("outputs") / "logreg.skops"
-    ok("fit", fmnist_store, "--head", "logreg", "-o", out, "-q")
-    return out
+@pytest.fixture
+def head(lite0_head: Path) -> Path:
+    """A head to predict and export with (the session's centroid head)."""
+    return lite0_head
 
 
 @pytest.fixture
@@ -94,11 +88,10 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(
     assert list(folder.iterdir()) == []
 
 
-def test_an_unwritable_folder_is_refused_before_any_work(
-        fmnist_store: Path, head: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A read-only folder is simulated at the probe file: tests may run as root, whom chmod
-    does not stop."""
-    _no_work(monkeypatch)
+@pytest.fixture
+def read_only_folders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every folder refuses new files at check_writable's probe (EROFS), as a read-only mount
+    does: tests may run as root, whom chmod does not stop."""
     real_open = os.open
 
     def read_only(path, flags, *a):
@@ -107,6 +100,12 @@ def test_an_unwritable_folder_is_refused_before_any_work(
         return real_open(path, flags, *a)
 
     monkeypatch.setattr(os, "open", read_only)
+
+
+def test_an_unwritable_folder_is_refused_before_any_work(
+        fmnist_store: Path, head: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        read_only_folders: None):
+    _no_work(monkeypatch)
     out = tmp_path / "ro" / "x.npz"
     out.parent.mkdir()
     for flag, args in commands(fmnist_store, head, out):
@@ -115,16 +114,8 @@ def test_an_unwritable_folder_is_refused_before_any_work(
 
 
 def test_keep_store_in_an_unwritable_folder_names_keep_store(
-        fmnist_store: Path, head: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        fmnist_store: Path, head: Path, tmp_path: Path, read_only_folders: None):
     """Finding 10: it said "pass an --out" where the option to change is --keep-store."""
-    real_open = os.open
-
-    def read_only(path, flags, *a):
-        if ".probe." in os.fspath(path):
-            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", read_only)
     image = next(Path(fmnist_store).parent.rglob("*.png"), None) or tmp_path / "x.png"
     kept = tmp_path / "ro" / "k.h5"
     kept.parent.mkdir()

@@ -4,7 +4,6 @@ full or read-only disk, or features that are not finite, end in one line (exit 2
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
 import sys
@@ -14,12 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from clitools import cli, copy_rows, ok, one_line_error, read_csv
+from clitools import cli, copy_rows, ok, one_line_error, read_csv, sha
 from embedpipe.store import open_store
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
