@@ -137,7 +137,8 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *,
     """Every check of an output path that can be made before any work starts, so that a
     command does not fit, cross-validate or export for minutes and then fail to write: not one
     of ``inputs`` (refuse_inputs), not an existing folder (``example``: a file name to
-    suggest in it), not a feature store (refuse_store), and a folder this process can create a
+    suggest in it), not a feature store (refuse_store), not a head file unless ``kind`` is
+    "a head" (a refit replaces its head), and a folder this process can create a
     file in (a probe file, created and removed at once; a folder not made yet: its nearest
     existing parent must be writable). Raises OutputError, one line naming ``flag``."""
     out = Path(out)
@@ -146,7 +147,26 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *,
         raise OutputError(f"{flag} {out}: is a folder; pass a file name such as "
                           f"{out / example}")
     refuse_store(out, flag=flag, kind=kind)
+    if kind != "a head" and _is_head(out):
+        raise OutputError(f"{flag} {out}: is a head file; writing {kind} over it would destroy "
+                          "the fitted head: pass another path")
     check_writable(out, flag=flag)
+
+
+def _is_head(path: Path) -> bool:
+    """Whether ``path`` is an embedpipe head file (a skops zip holding schema.json and
+    embedpipe's own members)."""
+    import zipfile
+
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+        with contextlib.suppress(zipfile.BadZipFile, OSError):
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            return "schema.json" in names and any(n.startswith("embedpipe/") for n in names)
+    return False
 
 
 def check_writable(out: str | Path, *, flag: str = "--out") -> None:
@@ -176,6 +196,23 @@ def check_writable(out: str | Path, *, flag: str = "--out") -> None:
         os.unlink(probe)
 
 
+def refuse_among(out: str | Path, files: Iterable[str | Path], *, flag: str = "--out",
+                 what: str = "one of the images given") -> None:
+    """Raise OutputError when ``out`` is one of ``files`` (e.g. the images a folder or a
+    manifest given as input holds): an input named on the command line is refused by
+    refuse_inputs, an image inside an input folder only here, once the folder is read."""
+    out = Path(out)
+    try:
+        target = out.resolve()
+    except (OSError, RuntimeError):
+        return
+    for f in files:
+        with contextlib.suppress(OSError, RuntimeError):
+            if Path(f).resolve() == target:
+                raise OutputError(f"{flag} {out}: that is {what} ({f}); writing it would "
+                                  "destroy it: pass another output path")
+
+
 def write_failed(path: str | Path, e: OSError, *, flag: str = "--out") -> OutputError:
     """The one-line error for an OSError while writing ``path``."""
     code = getattr(e, "errno", None)
@@ -200,9 +237,12 @@ def atomic_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (),
     """Yield a temporary path beside ``path`` to write; rename it to ``path`` when the block
     ends without an exception, remove it otherwise. Refuses (OutputError) a ``path`` that is
     one of ``inputs``; an OSError of a full or read-only disk becomes one line (OutputError).
-    Removes temporaries of ``path`` left by killed runs first (clean_stale)."""
+    Removes temporaries of ``path`` left by killed runs first (clean_stale). A ``path`` that
+    is a symlink writes the file it names (the link stays a link)."""
     path = Path(path)
     refuse_inputs(path, inputs, flag=flag)
+    if path.is_symlink():  # write the file it names, not a regular file in the link's place
+        path = Path(os.path.realpath(path))
     refuse_store(path, flag=flag)  # no command writes a store through here
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -372,10 +372,11 @@ def merge(
         typer.echo("paths qualified by store: " + ", ".join(
             f"{p} → {q}/" for p, q in counts["qualified"].items()), err=True)
     if counts.get("twice"):
-        typer.echo(f"note: {counts['twice']} images have the same path and content in several "
-                   f"stores (e.g. {counts['twice_example']}) and are kept once per store under "
-                   "qualified paths: cross-validation can put a copy and its original in "
-                   "different folds; --on-conflict first keeps each once", err=True)
+        typer.echo(f"note: {counts['twice']} rows added are images another of the stores "
+                   f"already holds under another path (e.g. {counts['twice_example']}), so "
+                   "each is kept once per path: cross-validation can put a copy and its "
+                   "original in different folds (`embedpipe audit` lists them as exact "
+                   "duplicates)", err=True)
     typer.echo(f"merged {len(stores)} stores into {out}: {counts['added']} rows added, "
                f"{counts['skipped']} already there, {len(conflicts)} conflicting duplicates "
                f"dropped, {counts['errors']} skipped-file records")
@@ -878,7 +879,8 @@ def similar(
     if fmt not in sim.FORMATS:
         _fail(UserError(f"--format {fmt}: pass one of {', '.join(sim.FORMATS)}"))
     say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
-    res = sim.search(store, queries, k=k, method=index, weights=weights, device=device,
+    res = sim.search(store, queries, k=k, out=out, method=index, weights=weights,
+                     device=device,
                      batch_size=batch_size, workers=workers, progress=not quiet, say=say,
                      notice=_notice)
     for path, reason in res.skipped[:20]:

@@ -455,6 +455,8 @@ def from_images(head_path: str | Path, inputs: Sequence[str | Path], *, top_k: i
     if not disc.items:
         raise PredictError(f"{', '.join(map(str, inputs))}: no images found; pass image files "
                            "(jpg, png, ...) or folders holding them")
+    if out is not None and str(out) != "-":  # an image inside a folder (or manifest) given
+        _io.refuse_among(out, [r.path for r in disc.items])
     with tempfile.TemporaryDirectory(prefix="embedpipe-predict-") as tmp:
         stores, skipped = extract_images(disc, options, Path(tmp), keep_store=keep_store,
                                          progress=progress, say=say, notice=notice)

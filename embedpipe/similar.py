@@ -302,7 +302,7 @@ def _stored_queries(store: FeatureStore, given: Sequence[str]
 def _embed_new(store: FeatureStore, inputs: Sequence[str], tmp: Path, *, weights: str | None,
                device: str, batch_size: int, workers: int | None, progress: bool,
                say: Callable[[str], None] | None,
-               notice: Callable[[str], None] | None = None
+               notice: Callable[[str], None] | None = None, out: str | Path | None = None
                ) -> tuple[list[str], np.ndarray, list[tuple[str, str]], list[str]]:
     """Extract new images with the store's recorded backbone (same path as `predict HEAD
     IMAGES`). Returns (names, features (n, D), skipped, notes)."""
@@ -326,6 +326,8 @@ def _embed_new(store: FeatureStore, inputs: Sequence[str], tmp: Path, *, weights
     if not disc.items:
         raise SimilarError(f"{', '.join(inputs[:3])}: no images found; pass image files "
                            "(jpg, png, ...) or folders holding them")
+    if out is not None and str(out) != "-":  # an image of a folder (or manifest) given
+        _io.refuse_among(out, [r.path for r in disc.items], flag="-o")
     (path,), skipped = extract_images(disc, [opts], tmp, progress=progress, say=say,
                                       notice=notice)
     new = open_store(path)
@@ -355,6 +357,7 @@ def _embed_new(store: FeatureStore, inputs: Sequence[str], tmp: Path, *, weights
 
 
 def search(store_path: str | Path, queries: Sequence[str | Path], *, k: int = 10,
+           out: str | Path | None = None,
            method: str = "auto", weights: str | None = None, device: str = "auto",
            batch_size: int = 32, workers: int | None = None, progress: bool = False,
            say: Callable[[str], None] | None = None,
@@ -365,12 +368,17 @@ def search(store_path: str | Path, queries: Sequence[str | Path], *, k: int = 10
 
     A query that is a path stored in the store uses its stored features (torch-free) and is
     left out of its own neighbours; any other query must be an image file, folder or CSV
-    manifest, embedded with the store's backbone. Raises SimilarError (k < 1, nothing to
-    search, unknown path) and StoreError (damaged store)."""
+    manifest, embedded with the store's backbone. ``out``: where the caller will write the
+    results (write), checked here before any work (OutputError: an input, an image of an input
+    folder, a store, a folder, unwritable). Raises SimilarError (k < 1, nothing to search,
+    unknown path) and StoreError (damaged store)."""
     if k < 1:
         raise SimilarError(f"-k {k}: pass 1 or more")
     if not queries:
         raise SimilarError("no queries: pass stored paths or image files after the store")
+    if out is not None and str(out) != "-":  # before any work: not an input, a store, a folder
+        _io.check_output(out, [store_path, *queries], flag="-o", kind="the results",
+                         example="similar.csv")
     store = open_store(store_path, features=False)
     if not len(store):
         raise SimilarError(f"{store.path}: the store has no rows; extract images into it first")
@@ -394,7 +402,7 @@ def search(store_path: str | Path, queries: Sequence[str | Path], *, k: int = 10
         exclude += [int(r) for r in qrows]
     if new:
         with tempfile.TemporaryDirectory(prefix="embedpipe-similar-") as tmp:
-            got, X, skipped, more = _embed_new(store, new, Path(tmp), weights=weights,
+            got, X, skipped, more = _embed_new(store, new, Path(tmp), weights=weights, out=out,
                                                device=device, batch_size=batch_size,
                                                workers=workers, progress=progress, say=say,
                                                notice=notice)

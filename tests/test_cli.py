@@ -62,7 +62,7 @@ BAD_ARGS = [
     (["extract", "{dir}", "-o", "{dir}/junk.h5"], ["junk.h5", "not an HDF5 file",
                                                    "move this file aside"]),
     (["extract", "{dir}", "-o", "{dir}/text.txt/s.h5"], ["cannot create this folder",
-                                                       "--out"]),
+                                                       "pass a store path"]),
     (["extract", "{dir}", "--batch-size", "many"], ["--batch-size", "extract --help"]),
     (["extract"], ["Missing argument", "extract --help"]),
     # info, merge, models, heads

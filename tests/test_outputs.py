@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clitools import cli, one_line_error, sha
+from clitools import cli, ok, one_line_error, sha
 
 
 @pytest.fixture
@@ -121,3 +121,37 @@ def test_keep_store_in_an_unwritable_folder_names_keep_store(
     kept.parent.mkdir()
     one_line_error(cli("predict", head, image, "--keep-store", kept, "-q"),
                    f"--keep-store {kept}", "cannot write there")
+
+
+def test_an_image_inside_an_input_folder_and_a_head_are_not_overwritten(
+        fmnist_store: Path, head: Path, tmp_path: Path):
+    """A second attack's findings: `predict HEAD FOLDER -o FOLDER/img.png` (and similar's -o)
+    replaced that image with the CSV, exit 0; `cv --json HEAD` replaced a head with JSON."""
+    from embedpipe.store import open_store
+
+    image = next(Path(open_store(fmnist_store, features=False).runs[0]["source"]).rglob("*.png"))
+    folder = tmp_path / "q"
+    folder.mkdir()
+    target = folder / image.name
+    target.write_bytes(image.read_bytes())
+    before = sha(target)
+    one_line_error(cli("predict", head, folder, "-o", target, "-q"), f"--out {target}",
+                   "one of the images given", "another output path")
+    one_line_error(cli("similar", fmnist_store, folder, "-o", target, "-q"), f"-o {target}",
+                   "one of the images given")
+    assert sha(target) == before
+    held = sha(head)
+    one_line_error(cli("cv", fmnist_store, "--head", "centroid", "--json", head),
+                   f"--json {head}", "is a head file")
+    assert sha(head) == held
+
+
+def test_an_output_through_a_symlink_writes_the_file_it_names(fmnist_store: Path, head: Path,
+                                                              tmp_path: Path):
+    """`-o link.csv` replaced the symlink with a regular file and left its target stale."""
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    ok("predict", head, "--store", fmnist_store, "-o", link, "-q")
+    assert link.is_symlink() and real.read_text().startswith("path,")

@@ -93,8 +93,8 @@ def merge(out: str | Path, inputs: Sequence[str | Path], *, versions: dict[str, 
 
     Counts: added, skipped (duplicates with the same content), conflicts (list of dropped
     paths, ``first`` only), errors, qualified (input → name, ``qualify`` only), twice (rows
-    ``qualify`` kept once per store although the same path held the same image in an earlier
-    input; twice_example: one such path, unqualified). Streams in
+    added whose image another input, or ``out``, already holds under another path: qualify's
+    ``<store>/<path>`` or another folder layout; twice_example: one such path). Streams in
     blocks of ``block_rows``."""
     out = Path(out)
     if not inputs:
@@ -209,11 +209,12 @@ def _merge_into(w: "StoreWriter", out: Path, inputs: Sequence[str | Path],
             all_classes.update(_decode(c) for c in src["class_names"][:])
     w.class_ids(all_classes)  # one sorted append, as a single extract run would do
     errors: dict[str, tuple[Any, ...]] = {}
-    # qualify: rows whose unqualified path held the same image in an earlier input (which a
-    # merge without qualify would have kept once) are kept once per store: counted, said
-    plain: dict[str, str] = {}
+    # rows of an image that another store (or the target) already holds under another path
+    # (qualify's <store>/<path>, or another folder layout) are kept once per path: counted,
+    # said, since cross-validation can then put a copy and its original in different folds
+    holder = {h: -1 for h in have.values()}  # image hash -> the input that added it (-1: out)
     counts["twice"], counts["twice_example"] = 0, None
-    for src_path, prefix in zip(inputs, prefixes):
+    for src_i, (src_path, prefix) in enumerate(zip(inputs, prefixes)):
         with _open_swmr_read(Path(src_path)) as src:
             _check_schema(src, Path(src_path))
             n, n_err = _committed(src)
@@ -236,14 +237,9 @@ def _merge_into(w: "StoreWriter", out: Path, inputs: Sequence[str | Path],
                         continue
                     have[p] = h
                     take.append(j)
-                    if prefix:
-                        bare = p[len(prefix):]
-                        first = plain.get(bare)
-                        if first is None:
-                            plain[bare] = h
-                        elif first == h:
-                            counts["twice"] += 1
-                            counts["twice_example"] = counts["twice_example"] or bare
+                    if holder.setdefault(h, src_i) != src_i:
+                        counts["twice"] += 1
+                        counts["twice_example"] = counts["twice_example"] or p
                 if not take:
                     continue
                 feats = src["features"][lo:hi][take]
