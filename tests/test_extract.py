@@ -1136,6 +1136,16 @@ def test_a_dangling_symlink_is_recorded_once_and_a_rerun_loads_no_model(
     res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
     assert "done: 1 extracted, 60 already in store, 0 failed" in res.output, res.output
     assert "bag/dangling.png" in open_store(out, features=False).paths
+    # its target deleted after it was extracted (a second attack's finding): the changed file
+    # fails once, its old row kept; the reruns after it are "nothing to do", with no model
+    target.unlink()
+    res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+    assert "1 changed but undecodable (old rows kept)" in res.output, res.output
+    for _ in range(2):
+        res = extract_ok(fmnist, "-o", out, "-q", "--precision", "fp32")
+        assert "no model loaded" in res.output, res.output
+        assert "1 failed" in res.output and "1 changed but undecodable" in res.output
+    assert "bag/dangling.png" in open_store(out, features=False).paths
 
 
 def test_info_tells_a_live_run_from_a_killed_one_and_a_no_op_run(tmp_path: Path):

@@ -69,6 +69,9 @@ class Plan:
     vanished_errors: list[str]
     # still failing under an option whose value changed: the record, reworded for it
     reworded: list[tuple[str, str, str, int, int]] = field(default_factory=list)
+    # stored files that changed and failed to decode in an earlier run, unchanged since (their
+    # old rows kept; in still_failing too): not retried, so a rerun needs no model for them
+    stale: list[str] = field(default_factory=list)
 
 
 def _option_verdict(reason: str, opts: ExtractOptions | None) -> tuple[bool, str] | None:
@@ -91,7 +94,7 @@ def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None 
     idx = writer.index()
     reworded = []
     classes = {c: i for i, c in enumerate(writer.classes)}
-    new, check, relabel, failing, retry = [], [], [], [], []
+    new, check, relabel, failing, retry, stale = [], [], [], [], [], []
     unchanged = 0
     for ref in disc.items:
         stat = file_stat(ref.path)  # as the loader records it (a dangling link: its own)
@@ -103,18 +106,15 @@ def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None 
                 label = classes.get(ref.label, -2) if ref.label is not None else -1
                 if label != int(idx.label[row]) or (ref.split or "") != idx.split[row]:
                     relabel.append((row, ref.label, ref.split))
+            elif _still_failing(ref.rel, idx.errors.get(ref.rel), stat, opts, failing,
+                                reworded):
+                stale.append(ref.rel)  # changed, failed since, unchanged since that failure
             else:
                 check.append((Task(ref, idx.hash[row]), row))
             continue
         err = idx.errors.get(ref.rel)
-        if err is not None and stat is not None and (err[2], err[3]) == stat:
-            verdict = _option_verdict(err[0], opts)
-            if verdict is None or not verdict[0]:
-                reason = err[0] if verdict is None else verdict[1]
-                failing.append((ref.rel, reason))
-                if reason != err[0]:
-                    reworded.append((ref.rel, reason, *err[1:]))
-                continue
+        if _still_failing(ref.rel, err, stat, opts, failing, reworded):
+            continue
         if err is not None:
             retry.append(ref.rel)
         new.append(Task(ref, None))
@@ -123,7 +123,24 @@ def make_plan(disc: Discovery, writer: StoreWriter, opts: ExtractOptions | None 
     vanished = sorted(p for p in idx.row if p not in seen)
     vanished_err = sorted(p for p in idx.errors if p not in seen)
     return Plan(new, check, relabel, failing, retry, unchanged, vanished, vanished_err,
-                reworded)
+                reworded, stale)
+
+
+def _still_failing(rel: str, err: Any, stat: tuple[int, int] | None,
+                   opts: ExtractOptions | None, failing: list, reworded: list) -> bool:
+    """Whether the file ``rel`` failed before (its record ``err``) with the size and mtime it
+    has now (``stat``) and this run's options would fail it again (_option_verdict): then it
+    is added to ``failing`` (and ``reworded`` when an option's new value rewords why)."""
+    if err is None or stat is None or (err[2], err[3]) != stat:
+        return False
+    verdict = _option_verdict(err[0], opts)
+    if verdict is not None and verdict[0]:
+        return False
+    reason = err[0] if verdict is None else verdict[1]
+    failing.append((rel, reason))
+    if reason != err[0]:
+        reworded.append((rel, reason, *err[1:]))
+    return True
 
 
 def refuse_other_dataset(out: Path, disc: Discovery, source: str | Path) -> None:
@@ -209,6 +226,7 @@ class Session:
                            [s or "" for _, _, s in plan.relabel])
         writer.record_errors([(p, r, "", 0, 0) for p, r in disc.ignored] + plan.reworded)
         summary.failures = list(plan.still_failing)
+        summary.stale = list(plan.stale)
         self.tasks = [t for t, _ in plan.check] + plan.new
         self.rows_of = {id(t): row for t, row in plan.check}
         self.retry = set(plan.retry_fixed)
