@@ -31,6 +31,7 @@ import timm.data
 import torch
 
 from . import DEFAULT_MODEL  # noqa: F401 - re-exported; defined in __init__ (torch-free)
+from ._io import HDF5_SIGNATURE
 from .errors import UserError, first_line
 
 RANDOM_SEED = 0
@@ -171,7 +172,7 @@ def _why_unreadable(path: Path, e: Exception) -> str:
                     "interrupted copy")
         if not any(n.endswith("/data.pkl") for n in names):
             return "a zip archive that torch.save did not write"
-    elif head.startswith(b"\x89HDF\r\n\x1a\n"):
+    elif head.startswith(HDF5_SIGNATURE):
         return "an HDF5 file (an embedpipe feature store?), not weights"
     elif not head.startswith(_LEGACY_TORCH_MAGIC):
         return "not a torch file but " + ("a Python pickle" if head[0] == 0x80

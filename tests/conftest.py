@@ -54,6 +54,14 @@ def fmnist_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def store_copy(fmnist_store: Path, tmp_path: Path) -> Path:
+    """A copy of the session's store that a test may change or destroy."""
+    dst = tmp_path / "copy.h5"
+    shutil.copyfile(fmnist_store, dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def lite0_head(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("head") / "centroid.skops"

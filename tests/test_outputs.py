@@ -21,11 +21,9 @@ def head(lite0_head: Path) -> Path:
 
 
 @pytest.fixture
-def other_store(fmnist_store: Path, tmp_path: Path) -> Path:
+def other_store(store_copy: Path) -> Path:
     """A second store: the finished extraction a typo in -o would have destroyed."""
-    dst = tmp_path / "other.h5"
-    dst.write_bytes(fmnist_store.read_bytes())
-    return dst
+    return store_copy
 
 
 def commands(store: Path, head: Path, out: Path) -> list[tuple[str, tuple]]:

@@ -25,10 +25,8 @@ def head(fmnist_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def store(fmnist_store: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "s.h5"
-    dst.write_bytes(fmnist_store.read_bytes())
-    return dst
+def store(store_copy: Path) -> Path:
+    return store_copy
 
 
 def leftovers(folder: Path) -> list[str]:

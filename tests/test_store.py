@@ -212,13 +212,6 @@ def test_second_writer_is_refused_while_readers_use_the_live_store(fmnist_src: P
 # 6. tampered stores and weights
 
 
-@pytest.fixture
-def store_copy(fmnist_store: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "copy.h5"
-    shutil.copyfile(fmnist_store, dst)
-    return dst
-
-
 def _flip(path: Path, offset: int, bit: int = 0x10) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)

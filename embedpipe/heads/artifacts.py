@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .._io import same_file
+from .._io import HDF5_SIGNATURE, same_file
 from ..env import HEADS, versions
 from ..provenance import (
     HEAD_KEYS,
@@ -674,8 +674,6 @@ def load(path: str | Path, *, compact: bool = False) -> HeadFile:
     return HeadFile(path, obj["estimator"], obj["manifest"])
 
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
 def _finetuned_model(path: Path) -> str | None:
     """The timm model an `embedpipe finetune` output (RUN.pt) or one of its checkpoints
     (RUN.checkpoints/epoch-NNN.pt) was tuned from, read from the run's manifest (RUN.json;
@@ -715,7 +713,7 @@ def file_kind(path: Path) -> tuple[str, str] | None:
     except OSError:
         return None
     # HDF5's signature is at offset 0, or after a user block of 512, 1024, 2048... bytes
-    if any(head[at:at + 8] == _HDF5_SIGNATURE for at in (0, 512, 1024, 2048)):
+    if any(head[at:at + 8] == HDF5_SIGNATURE for at in (0, 512, 1024, 2048)):
         with contextlib.suppress(Exception):  # unreadable HDF5: still an HDF5 file
             import h5py
 
